@@ -1,0 +1,93 @@
+#pragma once
+// The Qwen3.5 MoE weight map: which tensors a config implies (names, shapes), validation of a
+// checkpoint against it, and loading into host fp32 for the CPU reference.
+//
+// Checkpoint names (P = "model.language_model." or "model." for text-only checkpoints,
+// L = P + "layers.{i}."), see shared/spec §3. Experts come fused
+// (L+"mlp.experts.gate_up_proj" [E, 2I, H], L+"mlp.experts.down_proj" [E, H, I]) or per expert
+// (L+"mlp.experts.{e}.{gate,up,down}_proj.weight"); both load into the fused form below.
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "models/qwen35/config.h"
+
+namespace q35 {
+class Checkpoint;
+}
+
+namespace q35::qwen35 {
+
+// A dense fp32 host tensor, row-major.
+struct HostTensor {
+  std::vector<int64_t> shape;
+  std::vector<float> data;
+  int64_t numel() const;
+};
+
+struct FullAttentionWeights {
+  HostTensor q_proj;  // [num_heads * head_dim * 2, H]  per head: rows [q (head_dim) | gate (head_dim)]
+  HostTensor k_proj;  // [num_kv_heads * head_dim, H]
+  HostTensor v_proj;  // [num_kv_heads * head_dim, H]
+  HostTensor o_proj;  // [H, num_heads * head_dim]
+  HostTensor q_norm;  // [head_dim]   zero-centred: scale is (1 + w)
+  HostTensor k_norm;  // [head_dim]   zero-centred
+};
+
+struct LinearAttentionWeights {
+  HostTensor in_proj_qkv;  // [2 * Hk * dk + Hv * dv, H]  rows [q | k | v], flat
+  HostTensor in_proj_z;    // [Hv * dv, H]
+  HostTensor in_proj_b;    // [Hv, H]
+  HostTensor in_proj_a;    // [Hv, H]
+  HostTensor conv1d;       // [conv_dim, 1, conv_kernel]
+  HostTensor dt_bias;      // [Hv]
+  HostTensor A_log;        // [Hv]
+  HostTensor norm;         // [dv]  plain scale (not 1 + w), shared by all heads
+  HostTensor out_proj;     // [H, Hv * dv]
+};
+
+struct MoeWeights {
+  HostTensor router;              // [E, H]            mlp.gate.weight
+  HostTensor experts_gate_up;     // [E, 2I, H]        rows [gate (I) | up (I)]
+  HostTensor experts_down;        // [E, H, I]
+  HostTensor shared_gate;         // [Is, H]
+  HostTensor shared_up;           // [Is, H]
+  HostTensor shared_down;         // [H, Is]
+  HostTensor shared_expert_gate;  // [1, H]
+};
+
+struct LayerWeights {
+  LayerType type = LayerType::LinearAttention;
+  HostTensor input_layernorm;           // [H] zero-centred
+  HostTensor post_attention_layernorm;  // [H] zero-centred
+  FullAttentionWeights attn;            // filled iff type == FullAttention
+  LinearAttentionWeights linear;        // filled iff type == LinearAttention
+  MoeWeights moe;
+};
+
+struct HostWeights {
+  HostTensor embed_tokens;  // [vocab, H]
+  HostTensor final_norm;    // [H] zero-centred
+  HostTensor lm_head;       // [vocab, H] (a copy of embed_tokens when tied)
+  std::vector<LayerWeights> layers;
+};
+
+enum class ExpertLayout : uint8_t { Fused, PerExpert };
+
+struct TensorSpec {
+  std::string name;             // full checkpoint name
+  std::vector<int64_t> shape;   // expected shape
+};
+
+// Every tensor the config implies, with its expected shape, for the layout and prefix found in
+// `ckpt`. Throws Error naming the missing tensor when the layout or prefix cannot be determined.
+std::vector<TensorSpec> expected_tensors(const Config& config, const Checkpoint& ckpt);
+
+// Checks every expected tensor exists with the expected shape and a float dtype
+// (error names tensor, expected and found shape/dtype, and the shard file).
+void validate_checkpoint(const Config& config, const Checkpoint& ckpt);
+
+// Loads everything as fp32 (bf16/f16/f32 on disk). For small models and the CPU reference.
+HostWeights load_host_weights(const Config& config, const Checkpoint& ckpt);
+
+}  // namespace q35::qwen35
