@@ -79,12 +79,28 @@ struct TensorSpec {
   std::vector<int64_t> shape;   // expected shape
 };
 
+// How a checkpoint names the language model: prefix "model.language_model." (multimodal
+// Qwen3_5MoeForConditionalGeneration) or "model." (text-only Qwen3_5MoeForCausalLM), and the expert layout.
+struct CheckpointLayout {
+  std::string prefix;
+  ExpertLayout experts = ExpertLayout::Fused;
+};
+
+// Finds the prefix (from embed_tokens) and the expert layout (from layer 0). Throws Error naming
+// the tensor looked for when neither form is present.
+CheckpointLayout detect_layout(const Checkpoint& ckpt);
+
+// Every tensor the config implies, with its expected shape, under a given layout.
+std::vector<TensorSpec> expected_tensors(const Config& config, const CheckpointLayout& layout);
+
 // Every tensor the config implies, with its expected shape, for the layout and prefix found in
 // `ckpt`. Throws Error naming the missing tensor when the layout or prefix cannot be determined.
 std::vector<TensorSpec> expected_tensors(const Config& config, const Checkpoint& ckpt);
 
 // Checks every expected tensor exists with the expected shape and a float dtype
-// (error names tensor, expected and found shape/dtype, and the shard file).
+// (error names tensor, expected and found shape/dtype, and the shard file), and that the
+// checkpoint holds nothing the config contradicts (layers beyond num_layers, experts beyond
+// num_experts, attention weights of the other layer type). Reads headers only, no tensor data.
 void validate_checkpoint(const Config& config, const Checkpoint& ckpt);
 
 // Loads everything as fp32 (bf16/f16/f32 on disk). For small models and the CPU reference.

@@ -75,6 +75,8 @@ class Checkpoint {
   explicit Checkpoint(const std::filesystem::path& dir);  // throws Error naming dir / file
 
   const std::filesystem::path& dir() const { return dir_; }
+  // The file that lists the tensors: model.safetensors.index.json, or the single model.safetensors.
+  const std::filesystem::path& source() const { return source_; }
   bool has(const std::string& name) const;
   TensorRef get(const std::string& name) const;  // throws Error naming the tensor when missing
   std::vector<std::string> names() const;        // sorted
@@ -82,6 +84,7 @@ class Checkpoint {
 
  private:
   std::filesystem::path dir_;
+  std::filesystem::path source_;
   std::vector<std::unique_ptr<SafetensorsFile>> files_;
   std::map<std::string, std::pair<size_t, const TensorInfo*>> where_;  // name -> (file, entry)
 };

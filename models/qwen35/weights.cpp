@@ -1,0 +1,238 @@
+#include "models/qwen35/weights.h"
+
+#include <algorithm>
+#include <charconv>
+#include <cstring>
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include "runtime/core/error.h"
+#include "runtime/io/safetensors.h"
+
+namespace q35::qwen35 {
+
+namespace {
+
+constexpr const char* kPrefixes[] = {"model.language_model.", "model."};
+
+std::string layer_prefix(const CheckpointLayout& layout, int64_t i) {
+  return fmt::format("{}layers.{}.", layout.prefix, i);
+}
+
+std::string per_expert(const std::string& L, int64_t e, const char* proj) {
+  return fmt::format("{}mlp.experts.{}.{}.weight", L, e, proj);
+}
+
+bool is_float(DType t) { return t == DType::F32 || t == DType::F16 || t == DType::BF16; }
+
+// Reads a leading decimal index from `s` ("12.mlp..." -> 12, rest "mlp..."); nullopt if none.
+std::optional<int64_t> leading_index(std::string_view s, std::string_view* rest) {
+  int64_t v = 0;
+  auto [p, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
+  if (ec != std::errc() || p == s.data() || p == s.data() + s.size() || *p != '.') return std::nullopt;
+  *rest = s.substr(size_t(p - s.data()) + 1);
+  return v;
+}
+
+// Tensors the config contradicts: a layer index >= num_layers, an expert index >= num_experts,
+// or attention weights of the type the config does not give that layer.
+void check_no_contradiction(const Config& c, const CheckpointLayout& layout, const Checkpoint& ckpt) {
+  const std::string layers = layout.prefix + "layers.";
+  for (const std::string& name : ckpt.names()) {
+    if (name.rfind(layers, 0) != 0) continue;
+    std::string_view rest;
+    std::optional<int64_t> i = leading_index(std::string_view(name).substr(layers.size()), &rest);
+    if (!i) continue;
+    const std::string file = ckpt.get(name).file->path().string();
+    if (*i >= c.num_layers)
+      fail("tensor \"{}\" in {}: layer {} is present, but the config has num_hidden_layers = {}", name, file,
+           *i, c.num_layers);
+    const LayerType t = c.layer_types[size_t(*i)];
+    const bool attn = rest.rfind("self_attn.", 0) == 0, linear = rest.rfind("linear_attn.", 0) == 0;
+    if ((attn && t != LayerType::FullAttention) || (linear && t != LayerType::LinearAttention))
+      fail("tensor \"{}\" in {}: the config says layer {} is {}, but this is a {} weight", name, file, *i,
+           t == LayerType::FullAttention ? "full_attention" : "linear_attention",
+           attn ? "full_attention" : "linear_attention");
+    if (rest.rfind("mlp.experts.", 0) == 0) {
+      std::string_view expert_rest;
+      std::optional<int64_t> e = leading_index(rest.substr(12), &expert_rest);
+      if (e && *e >= c.num_experts)
+        fail("tensor \"{}\" in {}: expert {} is present, but the config has num_experts = {}", name, file, *e,
+             c.num_experts);
+    }
+  }
+}
+
+HostTensor load(const Checkpoint& ckpt, const std::string& name) {
+  TensorRef t = ckpt.get(name);
+  HostTensor out{t.info->shape, to_f32(t)};
+  t.file->release(*t.info);
+  return out;
+}
+
+// Copies a per-expert [rows, cols] tensor into `dst` (a slice of the fused tensor), then drops its pages.
+void load_into(const Checkpoint& ckpt, const std::string& name, float* dst) {
+  TensorRef t = ckpt.get(name);
+  std::vector<float> v = to_f32(t);
+  std::memcpy(dst, v.data(), v.size() * sizeof(float));
+  t.file->release(*t.info);
+}
+
+}  // namespace
+
+int64_t HostTensor::numel() const {
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  return n;
+}
+
+CheckpointLayout detect_layout(const Checkpoint& ckpt) {
+  CheckpointLayout layout;
+  for (const char* p : kPrefixes)
+    if (ckpt.has(std::string(p) + "embed_tokens.weight")) {
+      layout.prefix = p;
+      break;
+    }
+  if (layout.prefix.empty())
+    fail("tensor \"{}embed_tokens.weight\" (or \"{}embed_tokens.weight\" for a text-only checkpoint) not found "
+         "in {}",
+         kPrefixes[0], kPrefixes[1], ckpt.source().string());
+  const std::string L = layer_prefix(layout, 0);
+  if (ckpt.has(L + "mlp.experts.gate_up_proj")) layout.experts = ExpertLayout::Fused;
+  else if (ckpt.has(per_expert(L, 0, "gate_proj"))) layout.experts = ExpertLayout::PerExpert;
+  else
+    fail("tensor \"{}mlp.experts.gate_up_proj\" (or per-expert \"{}\") not found in {}", L,
+         per_expert(L, 0, "gate_proj"), ckpt.source().string());
+  return layout;
+}
+
+std::vector<TensorSpec> expected_tensors(const Config& c, const CheckpointLayout& layout) {
+  const int64_t H = c.hidden_size, E = c.num_experts, I = c.moe_intermediate_size;
+  const int64_t Is = c.shared_expert_intermediate_size, Hv = c.linear_num_value_heads;
+  const std::string& P = layout.prefix;
+  if (int64_t(c.layer_types.size()) != c.num_layers)
+    fail("config: layer_types has {} entries, expected num_layers = {}", c.layer_types.size(), c.num_layers);
+  std::vector<TensorSpec> out;
+  auto add = [&](std::string name, std::vector<int64_t> shape) {
+    out.push_back({std::move(name), std::move(shape)});
+  };
+
+  add(P + "embed_tokens.weight", {c.vocab_size, H});
+  for (int64_t i = 0; i < c.num_layers; ++i) {
+    const std::string L = layer_prefix(layout, i);
+    add(L + "input_layernorm.weight", {H});
+    add(L + "post_attention_layernorm.weight", {H});
+    if (c.layer_types[size_t(i)] == LayerType::FullAttention) {
+      add(L + "self_attn.q_proj.weight", {c.q_proj_rows(), H});
+      add(L + "self_attn.k_proj.weight", {c.kv_dim(), H});
+      add(L + "self_attn.v_proj.weight", {c.kv_dim(), H});
+      add(L + "self_attn.o_proj.weight", {H, c.attn_out_dim()});
+      add(L + "self_attn.q_norm.weight", {c.head_dim});
+      add(L + "self_attn.k_norm.weight", {c.head_dim});
+    } else {
+      add(L + "linear_attn.in_proj_qkv.weight", {c.linear_conv_dim(), H});
+      add(L + "linear_attn.in_proj_z.weight", {c.linear_value_dim(), H});
+      add(L + "linear_attn.in_proj_b.weight", {Hv, H});
+      add(L + "linear_attn.in_proj_a.weight", {Hv, H});
+      add(L + "linear_attn.conv1d.weight", {c.linear_conv_dim(), 1, c.linear_conv_kernel_dim});
+      add(L + "linear_attn.dt_bias", {Hv});
+      add(L + "linear_attn.A_log", {Hv});
+      add(L + "linear_attn.norm.weight", {c.linear_value_head_dim});
+      add(L + "linear_attn.out_proj.weight", {H, c.linear_value_dim()});
+    }
+    add(L + "mlp.gate.weight", {E, H});
+    if (layout.experts == ExpertLayout::Fused) {
+      add(L + "mlp.experts.gate_up_proj", {E, 2 * I, H});
+      add(L + "mlp.experts.down_proj", {E, H, I});
+    } else {
+      for (int64_t e = 0; e < E; ++e) {
+        add(per_expert(L, e, "gate_proj"), {I, H});
+        add(per_expert(L, e, "up_proj"), {I, H});
+        add(per_expert(L, e, "down_proj"), {H, I});
+      }
+    }
+    add(L + "mlp.shared_expert.gate_proj.weight", {Is, H});
+    add(L + "mlp.shared_expert.up_proj.weight", {Is, H});
+    add(L + "mlp.shared_expert.down_proj.weight", {H, Is});
+    add(L + "mlp.shared_expert_gate.weight", {1, H});
+  }
+  add(P + "norm.weight", {H});
+  if (!c.tie_word_embeddings) add("lm_head.weight", {c.vocab_size, H});
+  return out;
+}
+
+std::vector<TensorSpec> expected_tensors(const Config& config, const Checkpoint& ckpt) {
+  return expected_tensors(config, detect_layout(ckpt));
+}
+
+void validate_checkpoint(const Config& config, const Checkpoint& ckpt) {
+  const CheckpointLayout layout = detect_layout(ckpt);
+  check_no_contradiction(config, layout, ckpt);
+  for (const TensorSpec& spec : expected_tensors(config, layout)) {
+    if (!ckpt.has(spec.name))
+      fail("tensor \"{}\" [{}] not found in {}{}", spec.name, fmt::join(spec.shape, ", "), ckpt.source().string(),
+           spec.name == "lm_head.weight" ? " (the config has tie_word_embeddings = false)" : "");
+    const TensorRef t = ckpt.get(spec.name);
+    if (t.info->shape != spec.shape || !is_float(t.info->dtype))
+      fail("tensor \"{}\": expected [{}] F32/F16/BF16, found [{}] {} in {}", spec.name,
+           fmt::join(spec.shape, ", "), fmt::join(t.info->shape, ", "), dtype_name(t.info->dtype),
+           t.file->path().string());
+  }
+}
+
+HostWeights load_host_weights(const Config& c, const Checkpoint& ckpt) {
+  validate_checkpoint(c, ckpt);
+  const CheckpointLayout layout = detect_layout(ckpt);
+  const int64_t H = c.hidden_size, E = c.num_experts, I = c.moe_intermediate_size;
+  const std::string& P = layout.prefix;
+
+  HostWeights w;
+  w.embed_tokens = load(ckpt, P + "embed_tokens.weight");
+  w.final_norm = load(ckpt, P + "norm.weight");
+  w.lm_head = c.tie_word_embeddings ? w.embed_tokens : load(ckpt, "lm_head.weight");
+  w.layers.resize(size_t(c.num_layers));
+  for (int64_t i = 0; i < c.num_layers; ++i) {
+    const std::string L = layer_prefix(layout, i);
+    LayerWeights& lw = w.layers[size_t(i)];
+    lw.type = c.layer_types[size_t(i)];
+    lw.input_layernorm = load(ckpt, L + "input_layernorm.weight");
+    lw.post_attention_layernorm = load(ckpt, L + "post_attention_layernorm.weight");
+    if (lw.type == LayerType::FullAttention) {
+      const std::string A = L + "self_attn.";
+      lw.attn = {load(ckpt, A + "q_proj.weight"), load(ckpt, A + "k_proj.weight"),
+                 load(ckpt, A + "v_proj.weight"), load(ckpt, A + "o_proj.weight"),
+                 load(ckpt, A + "q_norm.weight"), load(ckpt, A + "k_norm.weight")};
+    } else {
+      const std::string A = L + "linear_attn.";
+      lw.linear = {load(ckpt, A + "in_proj_qkv.weight"), load(ckpt, A + "in_proj_z.weight"),
+                   load(ckpt, A + "in_proj_b.weight"),   load(ckpt, A + "in_proj_a.weight"),
+                   load(ckpt, A + "conv1d.weight"),      load(ckpt, A + "dt_bias"),
+                   load(ckpt, A + "A_log"),              load(ckpt, A + "norm.weight"),
+                   load(ckpt, A + "out_proj.weight")};
+    }
+    MoeWeights& m = lw.moe;
+    m.router = load(ckpt, L + "mlp.gate.weight");
+    if (layout.experts == ExpertLayout::Fused) {
+      m.experts_gate_up = load(ckpt, L + "mlp.experts.gate_up_proj");
+      m.experts_down = load(ckpt, L + "mlp.experts.down_proj");
+    } else {
+      // Stack per-expert weights: gate_up[e] = [gate (I rows) | up (I rows)], down[e] = down.
+      m.experts_gate_up = {{E, 2 * I, H}, std::vector<float>(size_t(E * 2 * I * H))};  // [E, 2I, H]
+      m.experts_down = {{E, H, I}, std::vector<float>(size_t(E * H * I))};              // [E, H, I]
+      for (int64_t e = 0; e < E; ++e) {
+        float* gu = m.experts_gate_up.data.data() + e * 2 * I * H;
+        load_into(ckpt, per_expert(L, e, "gate_proj"), gu);
+        load_into(ckpt, per_expert(L, e, "up_proj"), gu + I * H);
+        load_into(ckpt, per_expert(L, e, "down_proj"), m.experts_down.data.data() + e * H * I);
+      }
+    }
+    m.shared_gate = load(ckpt, L + "mlp.shared_expert.gate_proj.weight");
+    m.shared_up = load(ckpt, L + "mlp.shared_expert.up_proj.weight");
+    m.shared_down = load(ckpt, L + "mlp.shared_expert.down_proj.weight");
+    m.shared_expert_gate = load(ckpt, L + "mlp.shared_expert_gate.weight");
+  }
+  return w;
+}
+
+}  // namespace q35::qwen35
