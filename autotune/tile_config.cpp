@@ -26,11 +26,12 @@ std::string why_invalid(const EmbeddingTile& tile, int64_t hidden) {
 
 std::string why_invalid(const RmsnormTile& tile, int64_t hidden) {
   if (!is_block_size(tile.threads)) return fmt::format("threads = {} is not a multiple of 32 in [32, 1024]", tile.threads);
-  if (hidden <= 0 || hidden % (8 * tile.threads) != 0)
-    return fmt::format("H = {} is not a multiple of 8 * threads = {}", hidden, 8 * tile.threads);
-  // Each thread keeps H / threads fp32 values in registers.
-  if (hidden / tile.threads > 64)
-    return fmt::format("H / threads = {} values per thread exceeds 64 (registers)", hidden / tile.threads);
+  if (hidden <= 0 || hidden % 8 != 0) return fmt::format("H = {} is not a positive multiple of 8", hidden);
+  // Each thread keeps ceil(H / (8 * threads)) 16-byte vectors as fp32 in registers.
+  const int64_t per_thread = (hidden + 8 * tile.threads - 1) / (8 * tile.threads) * 8;
+  if (per_thread > 64) return fmt::format("{} values per thread exceeds 64 (registers)", per_thread);
+  if (8 * int64_t(tile.threads) > hidden + 8 * 31)
+    return fmt::format("threads = {} leaves whole warps idle for H = {}", tile.threads, hidden);
   if (tile.smem_bytes() > kStaticSmemLimit)
     return fmt::format("{} B of shared memory exceeds {} B", tile.smem_bytes(), kStaticSmemLimit);
   return {};
@@ -58,11 +59,12 @@ EmbeddingTile default_embedding_tile(int64_t hidden) {
 }
 
 RmsnormTile default_rmsnorm_tile(int64_t hidden) {
-  // The largest valid block: fewest values per thread (H % (8 * threads) == 0 bounds it by H / 8).
-  for (int threads = 1024; threads >= 32; threads /= 2)
-    if (why_invalid(RmsnormTile{threads}, hidden).empty()) return RmsnormTile{threads};
-  fail("rmsnorm: unsupported hidden size H = {}: expected a multiple of 256 (8 values x 32 threads), at most {}",
-       hidden, 64 * 1024);
+  // One 16-byte vector per thread, in whole warps, at most 1024 threads; unguarded when 8 * threads
+  // divides H (e.g. H = 2048 -> 256 threads).
+  RmsnormTile tile{int(std::clamp<int64_t>((hidden / 8 + 31) / 32 * 32, 32, 1024))};
+  if (std::string why = why_invalid(tile, hidden); !why.empty())
+    fail("rmsnorm: unsupported hidden size H = {}: {}", hidden, why);
+  return tile;
 }
 
 GemvTile default_gemv_tile(int64_t n, int64_t k, int m) {

@@ -7,7 +7,8 @@
 // h is rounded to bf16 before it is normalized, as in PyTorch where the residual stream is a bf16
 // tensor. 1/sqrtf (IEEE) rather than rsqrtf (approximate) keeps the result within rounding of the
 // CPU reference. Also used per head (q_norm / k_norm over head_dim): rows = tokens * heads.
-// Grid: (rows), block: THREADS; each thread keeps H / THREADS values in registers.
+// Grid: (rows), block: THREADS; each thread keeps up to CHUNKS * 8 values in registers. H need only
+// be a multiple of 8: when 8 * THREADS does not divide it, the last chunk is guarded.
 #include "common.cuh"
 
 template <int H, int THREADS, bool ADD_RESIDUAL>
@@ -17,8 +18,8 @@ rmsnorm(const q35k::bf16* __restrict__ x,   // [rows, H]
         const q35k::bf16* __restrict__ w,   // [H]
         q35k::bf16* __restrict__ y,         // [rows, H]
         float eps) {
-  static_assert(H % (8 * THREADS) == 0, "rmsnorm: H must be a multiple of 8 * THREADS");
-  constexpr int CHUNKS = H / (8 * THREADS);  // 16-byte vectors per thread
+  static_assert(H % 8 == 0, "rmsnorm: H must be a multiple of 8 (16-byte vectors)");
+  constexpr int CHUNKS = (H + 8 * THREADS - 1) / (8 * THREADS);  // 16-byte vectors per thread
   __shared__ float scratch[THREADS / 32];
   const size_t row = blockIdx.x;
 
@@ -27,6 +28,11 @@ rmsnorm(const q35k::bf16* __restrict__ x,   // [rows, H]
 #pragma unroll
   for (int c = 0; c < CHUNKS; ++c) {
     const int col = (c * THREADS + threadIdx.x) * 8;
+    if (H % (8 * THREADS) != 0 && col >= H) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) h[c][i] = 0.f;
+      continue;
+    }
     q35k::unpack8(q35k::ld_global_16(x + row * H + col), h[c]);
     if constexpr (ADD_RESIDUAL) {
       float r[8];
@@ -45,6 +51,7 @@ rmsnorm(const q35k::bf16* __restrict__ x,   // [rows, H]
 #pragma unroll
   for (int c = 0; c < CHUNKS; ++c) {
     const int col = (c * THREADS + threadIdx.x) * 8;
+    if (H % (8 * THREADS) != 0 && col >= H) continue;
     float wf[8], out[8];
     q35k::unpack8(q35k::ld_global_16(w + col), wf);
 #pragma unroll

@@ -353,13 +353,15 @@ TEST_CASE("tile configs: validity rules and heuristic defaults") {
   CHECK(why_invalid(GemvTile{16, 8, 4}, 2048, 2048).find("128 accumulators") != std::string::npos);
   CHECK(why_invalid(GemvTile{17, 1, 4}, 2048, 2048).find("m_tile = 17") != std::string::npos);
   CHECK(why_invalid(RmsnormTile{256}, 2048).empty());
-  CHECK(why_invalid(RmsnormTile{512}, 2048).find("8 * threads = 4096") != std::string::npos);
+  CHECK(why_invalid(RmsnormTile{512}, 2048).find("leaves whole warps idle") != std::string::npos);
   CHECK(why_invalid(RmsnormTile{48}, 2304).find("threads = 48") != std::string::npos);
   CHECK(why_invalid(EmbeddingTile{128}, 2047).find("H = 2047") != std::string::npos);
 
   CHECK(default_rmsnorm_tile(2048).threads == 256);
   CHECK(default_rmsnorm_tile(256).threads == 32);
-  CHECK(default_rmsnorm_tile(2560).threads == 64);  // 5 vectors per thread
+  CHECK(default_rmsnorm_tile(2560).threads == 320);  // one vector per thread, 10 warps
+  CHECK(default_rmsnorm_tile(128).threads == 32);   // 16 active threads, last chunk guarded
+  CHECK(why_invalid(RmsnormTile{32}, 8 * 32 * 9).find("values per thread exceeds 64") != std::string::npos);
   CHECK(error_of([] { default_rmsnorm_tile(100); }).find("H = 100") != std::string::npos);
 
   GemvTile t = default_gemv_tile(2048, 2048, 1);  // 256 blocks of 8 rows

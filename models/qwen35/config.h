@@ -52,7 +52,11 @@ struct Config {
   int num_layers_of(LayerType t) const;
 
   // Parses `path` (a config.json). Throws Error naming the file and the key on a missing or
-  // ill-typed key or an inconsistent value.
+  // ill-typed key or an inconsistent value. Rope keys may be flat or in rope_parameters (both
+  // present must agree; rope_type "default" or "mrope"). Defaults as in transformers:
+  // partial_rotary_factor 0.25, attn_output_gate true, rms_norm_eps 1e-6,
+  // max_position_embeddings 32768. layer_types, or full_attention_interval, is required.
+  // attention_bias, a hidden_act other than silu and non-empty mlp_only_layers are rejected.
   static Config from_file(const std::filesystem::path& path);
 };
 

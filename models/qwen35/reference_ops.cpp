@@ -46,20 +46,24 @@ void dot4(const float* x, const float* w, int64_t K, float* y, int64_t y_stride)
   }
 }
 
-// y[:, n0:n1] of y[M, N] = x[M, K] . W[N, K]^T.
+// y[:, n0:n1] of y[M, N] = x[M, K] . W[N, K]^T, in blocks of 16 W rows that stay in cache
+// while every x row passes over them.
 void matmul_columns(const float* x, const float* W, float* y, int64_t M, int64_t N, int64_t K,
                     int64_t n0, int64_t n1) {
-  int64_t m = 0;
-  for (; m + 4 <= M; m += 4)
-    for (int64_t n = n0; n < n1; ++n) dot4(x + m * K, W + n * K, K, y + m * N + n, N);
-  for (; m < M; ++m)
-    for (int64_t n = n0; n < n1; ++n) y[m * N + n] = dot(x + m * K, W + n * K, K);
+  for (int64_t nb = n0; nb < n1; nb += 16) {
+    int64_t ne = std::min(n1, nb + 16);
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4)
+      for (int64_t n = nb; n < ne; ++n) dot4(x + m * K, W + n * K, K, y + m * N + n, N);
+    for (; m < M; ++m)
+      for (int64_t n = nb; n < ne; ++n) y[m * N + n] = dot(x + m * K, W + n * K, K);
+  }
 }
 
 // Below this many multiply-adds a matmul runs on the calling thread (a thread start costs ~20 us).
 constexpr int64_t kMinParallelWork = int64_t(1) << 20;
 
-// y[T, n] = x * rsqrt(mean(x^2) + eps) * scale(i), scale(i) = (1 + w[i]) or w[i].
+// y[rows, n] = x * rsqrt(mean(x^2) + eps) * scale(i), scale(i) = (1 + w[i]) or w[i].
 void rmsnorm_rows(const float* x, const float* w, float* y, int64_t rows, int64_t n, float eps,
                   bool zero_centred) {
   for (int64_t r = 0; r < rows; ++r) {

@@ -6,7 +6,7 @@
 #include <cerrno>
 #include <cstring>
 #include <fstream>
-#include <set>
+#include <optional>
 
 #include <fmt/ranges.h>
 #include <nlohmann/json.hpp>

@@ -276,12 +276,15 @@ void JitEngine::write_disk_entry(const std::string& key, const Entry& entry) con
   if (ec) fail("JIT cache folder {}: cannot create it: {} (set Q35JIT_CACHE_DIR)", cache_dir_.string(), ec.message());
 
   std::vector<uint8_t> payload;
+  payload.reserve(8 + key.size() + entry.lowered_name.size() + entry.cubin.size());
   put_u32(payload, uint32_t(key.size()));
   payload.insert(payload.end(), key.begin(), key.end());
   put_u32(payload, uint32_t(entry.lowered_name.size()));
   payload.insert(payload.end(), entry.lowered_name.begin(), entry.lowered_name.end());
   payload.insert(payload.end(), entry.cubin.begin(), entry.cubin.end());
-  std::vector<uint8_t> file(kEntryMagic, kEntryMagic + 8);
+  std::vector<uint8_t> file;
+  file.reserve(kEntryHeaderBytes + payload.size());
+  file.insert(file.end(), kEntryMagic, kEntryMagic + 8);
   put_u32(file, kEntryVersion);
   put_u64(file, payload.size());
   Sha256Digest digest = sha256(payload);

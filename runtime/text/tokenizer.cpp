@@ -24,8 +24,7 @@ using json = nlohmann::json;
 // ByteLevel's pre-tokenizer regex when use_regex=true (GPT-2's).
 constexpr const char* kGpt2Pattern =
     R"('s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+)";
-constexpr size_t kCacheMaxWordBytes = 256;     // longer pieces are not cached (as HF's BPE cache)
-constexpr size_t kCacheMaxIds = size_t(1) << 22;  // cache pool size that triggers a reset
+constexpr size_t kCacheMaxWordBytes = 256;  // longer pieces are not cached (as HF's BPE cache)
 
 // ---------------------------------------------------------------- UTF-8 helpers
 
@@ -104,16 +103,64 @@ bool is_word_char(char32_t c) {
   }
 }
 
-// NFC of valid UTF-8. Returns `s` itself when it cannot change (every code point below U+0300, so
-// every byte below 0xCC: nothing there decomposes or composes), else the normalized copy in storage.
+// True when NFC leaves the code point alone and it cannot combine with a neighbour: a starter
+// (combining class 0) without a canonical decomposition that is never the second half of a
+// composition (utf8proc marks those with comb_index >= 0x8000). Hangul jamo compose algorithmically.
+bool nfc_inert(char32_t c) {
+  if (c >= 0x1100 && c <= 0x11FF) return false;
+  const utf8proc_property_t* p = utf8proc_get_property(utf8proc_int32_t(c));
+  bool canonical_decomposition = p->decomp_seqindex != UINT16_MAX && p->decomp_type == 0;
+  bool composition_second = p->comb_index != UINT16_MAX && p->comb_index >= 0x8000;
+  return p->combining_class == 0 && !canonical_decomposition && !composition_second;
+}
+
+// Steps over the character at s[i] of valid UTF-8; true when NFC cannot change it or join it with
+// what comes before (a character below U+0300, which all are such starters, or an inert one).
+bool step_stable_starter(std::string_view s, size_t& i) {
+  uint8_t lead = uint8_t(s[i]);
+  if (lead < 0x80) {
+    i += 1;
+    return true;
+  }
+  if (lead < 0xCC) {  // two-byte character below U+0300
+    i += 2;
+    return true;
+  }
+  return nfc_inert(next_code_point(s, i));
+}
+
+// NFC of valid UTF-8. Normalization only reaches from one stable starter to the next, so only the
+// spans around characters that are not stable starters go through utf8proc. Returns `s` itself
+// when nothing changes, else the normalized text in `storage`.
 std::string_view nfc(std::string_view s, std::string& storage) {
-  if (std::none_of(s.begin(), s.end(), [](char c) { return uint8_t(c) >= 0xCC; })) return s;
-  utf8proc_uint8_t* out = nullptr;
-  utf8proc_ssize_t n = utf8proc_map(reinterpret_cast<const utf8proc_uint8_t*>(s.data()), utf8proc_ssize_t(s.size()),
-                                    &out, utf8proc_option_t(UTF8PROC_STABLE | UTF8PROC_COMPOSE));
-  if (n < 0) fail("NFC normalization failed: {}", utf8proc_errmsg(n));
-  storage.assign(reinterpret_cast<const char*>(out), size_t(n));
-  std::free(out);
+  size_t emitted = 0, boundary = 0, i = 0;  // s[0, emitted) is in storage; a stable starter begins at boundary
+  bool changed = false;
+  while (i < s.size()) {
+    size_t at = i;
+    if (step_stable_starter(s, i)) {
+      boundary = at;
+      continue;
+    }
+    size_t end = i;  // the span to normalize runs from the last stable starter to the next one
+    while (end < s.size()) {
+      size_t next = end;
+      if (step_stable_starter(s, next)) break;
+      end = next;
+    }
+    if (!changed) storage.clear();
+    changed = true;
+    storage.append(s.substr(emitted, boundary - emitted));
+    utf8proc_uint8_t* out = nullptr;
+    utf8proc_ssize_t n = utf8proc_map(reinterpret_cast<const utf8proc_uint8_t*>(s.data() + boundary),
+                                      utf8proc_ssize_t(end - boundary), &out,
+                                      utf8proc_option_t(UTF8PROC_STABLE | UTF8PROC_COMPOSE));
+    if (n < 0) fail("NFC normalization failed: {}", utf8proc_errmsg(n));
+    storage.append(reinterpret_cast<const char*>(out), size_t(n));
+    std::free(out);
+    emitted = boundary = i = end;
+  }
+  if (!changed) return s;
+  storage.append(s.substr(emitted));
   return storage;
 }
 
@@ -152,41 +199,35 @@ struct ByteLevelAlphabet {
 
 class Regex {
  public:
-  Regex(const std::string& pattern, const std::string& where) {
+  // `where` names the pattern's origin (file and field) for error messages.
+  Regex(const std::string& pattern, std::string where) : where_(std::move(where)) {
     int err = 0;
     PCRE2_SIZE err_offset = 0;
-    code_ = pcre2_compile(reinterpret_cast<PCRE2_SPTR>(pattern.data()), pattern.size(), PCRE2_UTF | PCRE2_UCP, &err,
-                          &err_offset, nullptr);
-    if (!code_) fail("{}: cannot compile regex at offset {}: {}", where, err_offset, message(err));
-    jit_ = pcre2_jit_compile(code_, PCRE2_JIT_COMPLETE) == 0;
-    match_data_ = pcre2_match_data_create_from_pattern(code_, nullptr);
-    context_ = pcre2_match_context_create(nullptr);
+    code_.reset(pcre2_compile(reinterpret_cast<PCRE2_SPTR>(pattern.data()), pattern.size(), PCRE2_UTF | PCRE2_UCP,
+                              &err, &err_offset, nullptr));
+    if (!code_) fail("{}: cannot compile the regex at offset {}: {}", where_, err_offset, message(err));
+    jit_ = pcre2_jit_compile(code_.get(), PCRE2_JIT_COMPLETE) == 0;
+    match_data_.reset(pcre2_match_data_create_from_pattern(code_.get(), nullptr));
+    context_.reset(pcre2_match_context_create(nullptr));
     // Long whitespace runs backtrack through \s+(?!\S); the default 32 KiB JIT stack is too small.
-    stack_ = pcre2_jit_stack_create(32 * 1024, 64 * 1024 * 1024, nullptr);
-    if (!match_data_ || !context_ || !stack_) fail("{}: out of memory for the regex matcher", where);
-    pcre2_jit_stack_assign(context_, nullptr, stack_);
+    stack_.reset(pcre2_jit_stack_create(32 * 1024, 64 * 1024 * 1024, nullptr));
+    if (!match_data_ || !context_ || !stack_) fail("{}: out of memory for the regex matcher", where_);
+    pcre2_jit_stack_assign(context_.get(), nullptr, stack_.get());
   }
-  ~Regex() {
-    pcre2_jit_stack_free(stack_);
-    pcre2_match_context_free(context_);
-    pcre2_match_data_free(match_data_);
-    pcre2_code_free(code_);
-  }
-  Regex(const Regex&) = delete;
-  Regex& operator=(const Regex&) = delete;
 
   // HF Split(behavior=Isolated): every match and every gap between matches is a piece. Calls
   // piece(std::string_view) for each non-empty piece in order. Not reentrant (one match buffer).
   template <typename F>
   void split(std::string_view s, F&& piece) const {
+    auto subject = reinterpret_cast<PCRE2_SPTR>(s.data());
     size_t gap = 0, at = 0;
     while (at < s.size()) {
-      auto subject = reinterpret_cast<PCRE2_SPTR>(s.data());
-      int rc = jit_ ? pcre2_jit_match(code_, subject, s.size(), at, 0, match_data_, context_)
-                    : pcre2_match(code_, subject, s.size(), at, PCRE2_NO_UTF_CHECK, match_data_, context_);
+      int rc = jit_ ? pcre2_jit_match(code_.get(), subject, s.size(), at, 0, match_data_.get(), context_.get())
+                    : pcre2_match(code_.get(), subject, s.size(), at, PCRE2_NO_UTF_CHECK, match_data_.get(),
+                                  context_.get());
       if (rc == PCRE2_ERROR_NOMATCH) break;
-      if (rc < 0) fail("pre-tokenizer regex failed on a {}-byte text: {}", s.size(), message(rc));
-      const PCRE2_SIZE* ov = pcre2_get_ovector_pointer(match_data_);
+      if (rc < 0) fail("{}: matching a {}-byte text failed: {}", where_, s.size(), message(rc));
+      const PCRE2_SIZE* ov = pcre2_get_ovector_pointer(match_data_.get());
       size_t begin = ov[0], end = ov[1];
       if (end == begin) {  // an empty match splits nothing: step over one character
         at = begin + size_t(std::max(1, utf8_lead(uint8_t(s[begin])).length));
@@ -205,11 +246,16 @@ class Regex {
     int n = pcre2_get_error_message(code, buf, sizeof buf);
     return n < 0 ? fmt::format("PCRE2 error {}", code) : std::string(reinterpret_cast<const char*>(buf), size_t(n));
   }
+  template <typename T, void (*Free)(T*)>
+  struct Deleter {
+    void operator()(T* p) const { Free(p); }
+  };
 
-  pcre2_code* code_ = nullptr;
-  pcre2_match_data* match_data_ = nullptr;
-  pcre2_match_context* context_ = nullptr;
-  pcre2_jit_stack* stack_ = nullptr;
+  std::string where_;
+  std::unique_ptr<pcre2_code, Deleter<pcre2_code, pcre2_code_free>> code_;
+  std::unique_ptr<pcre2_match_data, Deleter<pcre2_match_data, pcre2_match_data_free>> match_data_;
+  std::unique_ptr<pcre2_match_context, Deleter<pcre2_match_context, pcre2_match_context_free>> context_;
+  std::unique_ptr<pcre2_jit_stack, Deleter<pcre2_jit_stack, pcre2_jit_stack_free>> stack_;
   bool jit_ = false;
 };
 
@@ -257,6 +303,80 @@ class MergeTable {
   int shift_ = 60;
 };
 
+// ---------------------------------------------------------------- BPE cache
+
+// BPE result per pre-token piece: raw bytes -> ids. Open addressing over (hash, key, ids) with the
+// keys and ids in two arenas; grows to kMaxSlots, then starts over empty.
+class WordCache {
+ public:
+  static uint64_t hash(std::string_view s) {
+    uint64_t h = 0x9E3779B97F4A7C15ull ^ s.size();
+    size_t i = 0;
+    for (; i + 8 <= s.size(); i += 8) {
+      uint64_t w;
+      std::memcpy(&w, s.data() + i, 8);
+      h = (h ^ w) * 0xBF58476D1CE4E5B9ull;
+      h ^= h >> 31;
+    }
+    uint64_t tail = 0;
+    std::memcpy(&tail, s.data() + i, s.size() - i);
+    h = (h ^ tail) * 0x94D049BB133111EBull;
+    h ^= h >> 29;
+    return h | 1;  // 0 marks an empty slot
+  }
+
+  std::optional<std::span<const int32_t>> find(std::string_view word, uint64_t h) const {
+    if (slots_.empty()) return std::nullopt;
+    for (size_t i = h & (slots_.size() - 1);; i = (i + 1) & (slots_.size() - 1)) {
+      const Slot& s = slots_[i];
+      if (s.hash == 0) return std::nullopt;
+      if (s.hash == h && std::string_view(keys_).substr(s.key_offset, s.key_length) == word)
+        return std::span<const int32_t>(ids_.data() + s.ids_offset, s.ids_length);
+    }
+  }
+
+  void insert(std::string_view word, uint64_t h, std::span<const int32_t> ids) {
+    if (2 * (count_ + 1) > slots_.size()) {
+      if (slots_.size() >= kMaxSlots) {
+        slots_.assign(kMaxSlots, Slot{});
+        keys_.clear();
+        ids_.clear();
+        count_ = 0;
+      } else {
+        grow();
+      }
+    }
+    place({h, uint32_t(keys_.size()), uint32_t(word.size()), uint32_t(ids_.size()), uint32_t(ids.size())});
+    keys_ += word;
+    ids_.insert(ids_.end(), ids.begin(), ids.end());
+    ++count_;
+  }
+
+ private:
+  static constexpr size_t kMaxSlots = size_t(1) << 20;
+  struct Slot {
+    uint64_t hash = 0;
+    uint32_t key_offset = 0, key_length = 0, ids_offset = 0, ids_length = 0;
+  };
+
+  void place(const Slot& slot) {
+    size_t i = slot.hash & (slots_.size() - 1);
+    while (slots_[i].hash != 0) i = (i + 1) & (slots_.size() - 1);
+    slots_[i] = slot;
+  }
+  void grow() {
+    std::vector<Slot> old = std::move(slots_);
+    slots_.assign(std::max<size_t>(4096, 2 * old.size()), Slot{});
+    for (const Slot& s : old)
+      if (s.hash != 0) place(s);
+  }
+
+  std::vector<Slot> slots_;  // power-of-two size, at most half full
+  std::string keys_;
+  std::vector<int32_t> ids_;
+  size_t count_ = 0;
+};
+
 // ---------------------------------------------------------------- JSON access with file/field errors
 
 struct JsonReader {
@@ -295,7 +415,9 @@ struct JsonReader {
       fail("{}: {}: expected a token id (an integer >= 0), found {}", file, field, describe(v));
     return int32_t(v.get<int64_t>());
   }
-  std::string type(const json& obj, const std::string& field) const { return string(object(obj, field), "type", field); }
+  std::string type(const json& obj, const std::string& field) const {
+    return string(object(obj, field), "type", field);
+  }
   void unsupported(const std::string& field, const std::string& found, const char* expected) const {
     fail("{}: {}: unsupported {}; expected {}", file, field, found, expected);
   }
@@ -355,11 +477,9 @@ struct Tokenizer::Impl {
   std::vector<AddedToken> added;
   AddedMatcher raw_matcher, normalized_matcher;
 
-  // Per-piece BPE cache: raw bytes -> [offset, offset+count) in cache_ids. Guarded by mutex, which
-  // encode() holds throughout (the regex match buffers are shared too).
+  // Guarded by mutex, which encode() holds throughout (the regex match buffers are shared too).
   mutable std::mutex mutex;
-  mutable StringMap<std::pair<uint32_t, uint32_t>> cache;
-  mutable std::vector<int32_t> cache_ids;
+  mutable WordCache cache;
 
   static constexpr uint8_t kUnassigned = 0, kVocab = 1, kAdded = 2, kSpecial = 3;
 
@@ -631,19 +751,14 @@ void Tokenizer::Impl::bpe(std::string_view word, std::vector<int32_t>& ids) cons
     return;
   }
   if (word.size() > kCacheMaxWordBytes) return bpe_merge(word, ids);
-  if (auto it = cache.find(word); it != cache.end()) {
-    ids.insert(ids.end(), cache_ids.begin() + it->second.first,
-               cache_ids.begin() + it->second.first + it->second.second);
+  uint64_t h = WordCache::hash(word);
+  if (auto hit = cache.find(word, h)) {
+    ids.insert(ids.end(), hit->begin(), hit->end());
     return;
   }
   size_t first = ids.size();
   bpe_merge(word, ids);
-  if (cache_ids.size() + (ids.size() - first) > kCacheMaxIds) {
-    cache.clear();
-    cache_ids.clear();
-  }
-  cache.emplace(std::string(word), std::pair{uint32_t(cache_ids.size()), uint32_t(ids.size() - first)});
-  cache_ids.insert(cache_ids.end(), ids.begin() + ptrdiff_t(first), ids.end());
+  cache.insert(word, h, std::span<const int32_t>(ids).subspan(first));
 }
 
 // HF BPE Word::merge_all: repeatedly merge the pair with the lowest rank (leftmost on ties), with

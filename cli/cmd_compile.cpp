@@ -1,0 +1,77 @@
+// q35jit compile: compile (and cache) every kernel a checkpoint needs, from config.json alone.
+// Needs no GPU and no weights.
+#include <chrono>
+#include <cstdio>
+#include <thread>
+
+#include "cli/args.h"
+#include "cli/commands.h"
+#include "cli/session.h"
+#include "models/qwen35/kernels.h"
+#include "runtime/core/error.h"
+#include "runtime/cuda/driver.h"
+#include "runtime/jit/jit_engine.h"
+
+namespace q35::cli {
+
+namespace {
+
+const std::vector<FlagSpec> kCompileFlags = {
+    {"model", "DIR", "model folder (only config.json is read)"},
+    {"arch", "ARCH", "target, e.g. sm_90a or sm_80 (default: the GPU's, else sm_90a)"},
+    {"threads", "N", "parallel NVRTC compiles (default: hardware threads)"},
+    {"cache-dir", "DIR", "kernel cache folder (default $Q35JIT_CACHE_DIR, $XDG_CACHE_HOME/q35jit, ~/.cache/q35jit)"},
+    {"verbose", "", "list every kernel"},
+};
+
+bool valid_arch(const std::string& a) {
+  if (a.size() < 5 || a.rfind("sm_", 0) != 0) return false;
+  for (size_t i = 3; i < a.size(); ++i)
+    if (!std::isdigit(static_cast<unsigned char>(a[i])) && !(i + 1 == a.size() && a[i] == 'a')) return false;
+  return true;
+}
+
+}  // namespace
+
+int cmd_compile(int argc, char** argv) {
+  Args args("compile", kCompileFlags, argc, argv, 2);
+  if (args.help()) {
+    std::printf("usage: q35jit compile --model DIR [--arch sm_90a] [--threads N]\n\n%s", args.usage().c_str());
+    return 0;
+  }
+  const std::string dir = args.require("model");
+  std::string arch;
+  if (auto a = args.get("arch")) {
+    if (!valid_arch(*a)) fail("q35jit compile: --arch must look like sm_90a or sm_80, got '{}'", *a);
+    arch = *a;
+  } else {
+    try {
+      Driver driver;
+      arch = driver.device_info(0).arch();
+    } catch (const Error& e) {
+      arch = "sm_90a";
+      std::fprintf(stderr, "[q35jit] %s; compiling for %s (use --arch to choose)\n", e.what(), arch.c_str());
+    }
+  }
+  const int hw = int(std::max(1u, std::thread::hardware_concurrency()));
+  const int threads = int(args.get_int("threads", hw, 1, 1024));
+
+  ModelInfo info = load_model_info(dir);
+  std::vector<KernelSpec> specs = qwen35::required_kernels(info.config);
+  JitEngine jit(args.get("cache-dir") ? std::filesystem::path(*args.get("cache-dir")) : default_cache_dir());
+
+  auto t0 = std::chrono::steady_clock::now();
+  std::vector<CompiledKernel> out = jit.compile_all(specs, arch, threads);
+  const double ms = ms_since(t0);
+  if (args.flag("verbose"))
+    for (size_t i = 0; i < specs.size(); ++i)
+      std::printf("  %-70s %8.1f ms%s\n", specs[i].str().c_str(), out[i].compile_ms,
+                  out[i].from_cache ? "  (cached)" : "");
+  JitStats s = jit.stats();
+  std::printf("compiled %zu kernels for %s in %.0f ms on %d threads: %d cache hits, %d compiled (NVRTC %s, cache %s)\n",
+              specs.size(), arch.c_str(), ms, threads, s.cache_hits(), s.compiled, JitEngine::nvrtc_version().c_str(),
+              jit.cache_dir().c_str());
+  return 0;
+}
+
+}  // namespace q35::cli
