@@ -33,7 +33,7 @@ goldens: test-deps
 	fi
 
 test: build goldens
-	cd $(BUILD) && Q35_GOLDENS_DIR=$(CURDIR)/$(BUILD)/goldens ctest --output-on-failure -j $(JOBS)
+	cd $(BUILD) && Q35_GOLDENS_DIR=$(CURDIR)/$(BUILD)/goldens ctest --output-on-failure -LE gpu -j $(JOBS)
 
 clean:
 	rm -rf $(BUILD)
