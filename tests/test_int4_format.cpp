@@ -35,7 +35,7 @@ TEST_CASE("int4: a hand-made group packs to the expected word and scale") {
 TEST_CASE("int4: round-trip error is within half a step per group") {
   const int64_t N = 6, K = 256;
   for (int64_t G : {32, 64, 128}) {
-    std::mt19937 rng(unsigned(G));
+    std::mt19937 rng{unsigned(G)};
     std::normal_distribution<float> d(0.f, 0.02f);
     std::vector<float> w(size_t(N * K));
     for (auto& x : w) x = round_bf16(d(rng));
@@ -45,7 +45,8 @@ TEST_CASE("int4: round-trip error is within half a step per group") {
       for (int64_t k = 0; k < K; ++k) {
         const float s = bf16_to_f32(q.scales[size_t(n * (K / G) + k / G)]);
         const float e = std::fabs(back[size_t(n * K + k)] - w[size_t(n * K + k)]);
-        CHECK(e <= 0.5f * s * 1.02f + 1e-9f);  // half a step (+ the bf16 rounding of the scale)
+        // Half a step, plus 7.5 steps times the bf16 rounding of the scale (clamped extremes).
+        CHECK(e <= 0.5f * s + 7.5f * s / 256.f);
       }
   }
 }

@@ -52,7 +52,7 @@ from transformers.models.qwen3_5_moe import modeling_qwen3_5_moe as hf_qwen
 REPO = Path(__file__).resolve().parents[2]
 LIN, FULL = "linear_attention", "full_attention"
 
-# Spec §4: the Qwen3.5 pre-tokenizer regex and the 33 added special tokens, in id order.
+# Spec §4: the Qwen3.5 pre-tokenizer regex and the 33 added tokens, in id order.
 QWEN35_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}"""
                 r"""| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
 SPECIAL_TOKENS = [
@@ -64,6 +64,10 @@ SPECIAL_TOKENS = [
     "<|audio_start|>", "<|audio_end|>", "<tts_pad>", "<tts_text_bos>", "<tts_text_eod>",
     "<tts_text_bos_single>", "<|audio_pad|>",
 ]
+# Added tokens that decode(skip_special_tokens=True) keeps, as in the Qwen2/3/3.5 tokenizer.json
+# (the shipped Qwen3.5 file has 33 added tokens, 21 of them special).
+NOT_SPECIAL = {"<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
+               "<|repo_name|>", "<|file_sep|>", "<tool_response>", "</tool_response>", "<think>", "</think>"}
 BPE_VOCAB_SIZE = 1480  # 256 bytes + merges; + 33 specials = 1513 ids, padded to 1536 rows
 TOKENIZER_SEED = 20240611
 
@@ -204,19 +208,25 @@ def make_tokenizer():
     tok.train_from_iterator(make_corpus(random.Random(TOKENIZER_SEED)), trainer=trainer)
     n_bpe = tok.get_vocab_size()
     assert n_bpe == BPE_VOCAB_SIZE, f"BPE training: expected {BPE_VOCAB_SIZE} tokens, found {n_bpe}"
-    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIAL_TOKENS])
+    for s in SPECIAL_TOKENS:  # one at a time: the ids follow the order
+        if s in NOT_SPECIAL:
+            tok.add_tokens([AddedToken(s, special=False, normalized=False)])
+        else:
+            tok.add_special_tokens([AddedToken(s, special=True, normalized=False)])
     for i, s in enumerate(SPECIAL_TOKENS):
         found = tok.token_to_id(s)
         assert found == n_bpe + i, f"special token {s}: expected id {n_bpe + i}, found {found}"
-    # The decoder as in the Qwen tokenizer.json (the Python decoders.ByteLevel ignores these options).
+    # Decoder and post-processor as in the Qwen tokenizer.json (decoders.ByteLevel takes no options).
     j = json.loads(tok.to_str())
     j["decoder"] = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
+    j["post_processor"] = dict(j["decoder"])
     return Tokenizer.from_str(json.dumps(j))
 
 
 def tokenizer_config(tok):
     added = {str(tok.token_to_id(s)): {"content": s, "lstrip": False, "normalized": False, "rstrip": False,
-                                         "single_word": False, "special": True} for s in SPECIAL_TOKENS}
+                                         "single_word": False, "special": s not in NOT_SPECIAL}
+             for s in SPECIAL_TOKENS}
     return {
         "add_bos_token": False, "add_prefix_space": False, "added_tokens_decoder": added,
         "bos_token": None, "chat_template": CHAT_TEMPLATE, "clean_up_tokenization_spaces": False,

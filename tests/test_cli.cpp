@@ -1,0 +1,223 @@
+// The q35jit command line, run as a user would: exit codes, one-line errors, and outputs checked
+// against the transformers goldens of the tiny fixture.
+#include <doctest/doctest.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <string>
+
+#include <nlohmann/json.hpp>
+
+#include "runtime/io/safetensors.h"
+#include "runtime/text/tokenizer.h"
+#include "tests/synthetic_checkpoint.h"
+
+namespace fs = std::filesystem;
+using q35::test::TempDir;
+
+namespace {
+
+const std::string kBin = std::string(Q35_BINARY_DIR) + "/q35jit";
+const std::string kModel = std::string(Q35_SOURCE_DIR) + "/tests/fixtures/tiny-qwen35moe";
+const std::string kGoldens = std::string(Q35_SOURCE_DIR) + "/tests/fixtures/goldens/tiny-qwen35moe";
+
+struct Result {
+  int code;
+  std::string out, err;
+};
+
+std::string slurp(const fs::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+// Runs `q35jit <args>` with stdin from /dev/null (or `stdin_text`), capturing both streams.
+Result q35jit(const std::string& args, const std::string& stdin_text = "") {
+  TempDir tmp("cli");
+  const fs::path out = tmp.path() / "out", err = tmp.path() / "err", in = tmp.path() / "in";
+  std::ofstream(in) << stdin_text;
+  const std::string cmd = kBin + " " + args + " <" + in.string() + " >" + out.string() + " 2>" + err.string();
+  const int status = std::system(cmd.c_str());
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, slurp(out), slurp(err)};
+}
+
+std::string quote(const std::string& s) { return "'" + s + "'"; }
+
+int count_lines(const std::string& s) {
+  int n = 0;
+  for (char c : s) n += c == '\n';
+  return n;
+}
+
+}  // namespace
+
+TEST_CASE("q35jit --help lists the commands; each command has --help") {
+  Result r = q35jit("--help");
+  CHECK(r.code == 0);
+  for (const char* c : {"run", "eval", "compile"}) CHECK(r.out.find(c) != std::string::npos);
+  for (const char* c : {"run", "eval", "compile"}) {
+    Result h = q35jit(std::string(c) + " --help");
+    CHECK(h.code == 0);
+    CHECK(h.out.find("--model") != std::string::npos);
+  }
+  CHECK(q35jit("").code == 2);
+  Result bad = q35jit("frobnicate");
+  CHECK(bad.code == 2);
+  CHECK(bad.err.find("unknown command 'frobnicate'") != std::string::npos);
+}
+
+TEST_CASE("bad flags and bad input are one-line errors naming the flag or file") {
+  Result r = q35jit("run --model " + kModel + " --prompt hi --bogus 3");
+  CHECK(r.code == 1);
+  CHECK(r.err == "error: q35jit run: unknown flag --bogus (see q35jit run --help)\n");
+
+  r = q35jit("run --prompt hi");
+  CHECK(r.code == 1);
+  CHECK(r.err.find("--model is required") != std::string::npos);
+
+  r = q35jit("run --model /no/such/dir --prompt hi");
+  CHECK(r.code == 1);
+  CHECK(r.err == "error: model directory /no/such/dir does not exist\n");
+
+  r = q35jit("run --model " + kModel + " --prompt hi --max-new-tokens abc");
+  CHECK(r.err.find("--max-new-tokens expects an integer, got 'abc'") != std::string::npos);
+
+  r = q35jit("run --model " + kModel + " --prompt hi --device tpu");
+  CHECK(r.err.find("--device must be cpu or cuda") != std::string::npos);
+
+  r = q35jit("eval --model " + kModel + " --tokens /no/such/file --out /tmp/x.safetensors");
+  CHECK(r.code == 1);
+  CHECK(r.err.find("--tokens /no/such/file: cannot read the file") != std::string::npos);
+
+  TempDir tmp("cli-bad");
+  std::ofstream(tmp.path() / "toks.txt") << "1 2 99999 3";
+  r = q35jit("eval --model " + kModel + " --tokens " + (tmp.path() / "toks.txt").string() + " --out " +
+             (tmp.path() / "o.safetensors").string());
+  CHECK(r.code == 1);
+  CHECK(r.err.find("toks.txt: token 2 is id 99999, outside the vocabulary [0, 1536)") != std::string::npos);
+  CHECK(count_lines(r.err) == 1);
+  CHECK(!fs::exists(tmp.path() / "o.safetensors"));
+
+  std::ofstream(tmp.path() / "words.txt") << "1 two 3";
+  r = q35jit("eval --model " + kModel + " --tokens " + (tmp.path() / "words.txt").string() + " --out " +
+             (tmp.path() / "o.safetensors").string());
+  CHECK(r.err.find("token 1 is 'two', not an integer") != std::string::npos);
+
+  // A model folder whose config is broken: the error names the file.
+  fs::create_directories(tmp.path() / "m");
+  std::ofstream(tmp.path() / "m" / "config.json") << "{ not json";
+  r = q35jit("run --model " + (tmp.path() / "m").string() + " --prompt hi");
+  CHECK(r.code == 1);
+  CHECK(r.err.find("config.json") != std::string::npos);
+  CHECK(count_lines(r.err) == 1);
+}
+
+TEST_CASE("eval writes the transformers logits, in prefill and in decode mode") {
+  q35::SafetensorsFile goldens(kGoldens + ".safetensors");
+  q35::TensorRef ids_ref{goldens.find("prompt_ids"), {}, &goldens};
+  REQUIRE(ids_ref.info);
+  ids_ref.bytes = goldens.data(*ids_ref.info);
+  const auto* ids = reinterpret_cast<const int32_t*>(ids_ref.bytes.data());
+  const int64_t T = ids_ref.info->shape[0];
+  q35::TensorRef want_ref{goldens.find("prompt_logits"), {}, &goldens};
+  want_ref.bytes = goldens.data(*want_ref.info);
+  std::vector<float> want = q35::to_f32(want_ref);
+
+  TempDir tmp("cli-eval");
+  std::ofstream toks(tmp.path() / "prompt.txt");
+  for (int64_t t = 0; t < T; ++t) toks << ids[t] << (t % 10 == 9 ? "\n" : " ");
+  toks.close();
+  for (const char* mode : {"prefill", "decode"}) {
+    CAPTURE(mode);
+    const fs::path out = tmp.path() / (std::string(mode) + ".safetensors");
+    Result r = q35jit("eval --model " + kModel + " --tokens " + (tmp.path() / "prompt.txt").string() + " --out " +
+                      out.string() + " --mode " + mode);
+    REQUIRE_MESSAGE(r.code == 0, r.err);
+    q35::SafetensorsFile got_file(out);
+    const q35::TensorInfo* info = got_file.find("logits");
+    REQUIRE(info);
+    CHECK(info->shape == std::vector<int64_t>{T, 1536});
+    std::vector<float> got = q35::to_f32({info, got_file.data(*info), &got_file});
+    double max_diff = 0, max_abs = 0;
+    for (size_t i = 0; i < want.size(); ++i) {
+      max_diff = std::max(max_diff, double(std::fabs(got[i] - want[i])));
+      max_abs = std::max(max_abs, double(std::fabs(want[i])));
+    }
+    CHECK(max_diff / max_abs <= 1e-4);
+  }
+}
+
+TEST_CASE("run --temperature 0 streams the transformers greedy continuation") {
+  nlohmann::json g = nlohmann::json::parse(slurp(kGoldens + ".json"));
+  const std::string prompt = g["prompt_text"];
+  std::vector<int32_t> greedy = g["greedy_ids"].get<std::vector<int32_t>>();
+  q35::Tokenizer tok = q35::Tokenizer::from_file(kModel + "/tokenizer.json");
+  const std::string want = tok.decode(greedy);
+
+  TempDir tmp("cli-run");
+  std::ofstream(tmp.path() / "prompt.txt", std::ios::binary) << prompt;
+  Result r = q35jit("run --model " + kModel + " --prompt-file " + (tmp.path() / "prompt.txt").string() +
+                    " --temperature 0 --max-new-tokens " + std::to_string(greedy.size()));
+  REQUIRE_MESSAGE(r.code == 0, r.err);
+  CHECK(r.out == want);
+  CHECK(r.err.find("time to first token") != std::string::npos);
+  CHECK(r.err.find("tok/s") != std::string::npos);
+
+  // Seeded sampling is reproducible, and another seed gives another text.
+  auto sample = [&](int seed) {
+    return q35jit("run --model " + kModel + " --prompt 'The quick brown fox' --temperature 1.5 --top-k 50 --top-p 0.95 " +
+                  "--max-new-tokens 24 --seed " + std::to_string(seed));
+  };
+  Result a = sample(1), b = sample(1), c = sample(2);
+  CHECK(a.code == 0);
+  CHECK(a.out == b.out);
+  CHECK(a.out != c.out);
+}
+
+TEST_CASE("run --chat: one-shot and interactive multi-turn on stdin") {
+  Result one = q35jit("run --model " + kModel + " --chat --no-think --system 'Be brief.' --prompt hello "
+                      "--temperature 0 --max-new-tokens 8");
+  CHECK_MESSAGE(one.code == 0, one.err);
+  CHECK(!one.out.empty());
+  // Interactive: two turns from stdin; the first turn's reply equals the one-shot reply.
+  Result chat = q35jit("run --model " + kModel + " --chat --no-think --system 'Be brief.' --temperature 0 "
+                       "--max-new-tokens 8", "hello\nand again\n");
+  CHECK_MESSAGE(chat.code == 0, chat.err);
+  CHECK(chat.out.rfind(one.out, 0) == 0);
+  CHECK(chat.out.size() > one.out.size());
+  CHECK(q35jit("run --model " + kModel + " --no-think --prompt hi").err.find("need --chat") != std::string::npos);
+}
+
+TEST_CASE("run: context overflow is one clear line") {
+  Result r = q35jit("run --model " + kModel + " --prompt 'a b c d e f g h' --max-context 4 --temperature 0");
+  CHECK(r.code == 1);
+  CHECK(r.err.find("context overflow") != std::string::npos);
+  CHECK(count_lines(r.err) <= 2);  // the load line, then the error
+}
+
+TEST_CASE("compile: every kernel of the fixture for sm_80 and sm_90a, then all cache hits") {
+  TempDir cache("cli-compile");
+  for (const char* arch : {"sm_80", "sm_90a"}) {
+    CAPTURE(arch);
+    const std::string args = "compile --model " + kModel + " --arch " + arch + " --cache-dir " + cache.path().string();
+    Result cold = q35jit(args);
+    REQUIRE_MESSAGE(cold.code == 0, cold.err);
+    CHECK(cold.out.find(" 0 cache hits") != std::string::npos);
+    Result warm = q35jit(args);
+    REQUIRE(warm.code == 0);
+    CHECK(warm.out.find(" 0 compiled") != std::string::npos);
+  }
+  CHECK(q35jit("compile --model " + kModel + " --arch sm90").err.find("--arch must look like") != std::string::npos);
+}
+
+TEST_CASE("--device cuda on a machine without a driver is one line") {
+  if (fs::exists("/dev/nvidiactl")) return;  // a GPU machine: the GPU script covers this path
+  Result r = q35jit("run --model " + kModel + " --prompt hi --device cuda");
+  CHECK(r.code == 1);
+  CHECK(count_lines(r.err) == 1);
+}
