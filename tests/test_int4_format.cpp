@@ -19,11 +19,11 @@ TEST_CASE("int4: nibble slots hold offsets 0,2,4,6,1,3,5,7") {
 
 TEST_CASE("int4: a hand-made group packs to the expected word and scale") {
   // One row, K = G = 8: amax = 7.5 -> scale 1.0 exactly; q = rint(w) clamped to [-8, 7].
-  std::vector<float> w = {7.5f, -8.f, 0.5f, 1.5f, -0.49f, 2.f, 3.f, -7.f};
+  std::vector<float> w = {7.5f, -7.5f, 0.5f, 1.5f, -0.49f, 2.f, 3.f, -7.f};
   int4::Quantized q = int4::quantize(w, 1, 8, 8);
   REQUIRE(q.scales.size() == 1);
   CHECK(bf16_to_f32(q.scales[0]) == 1.0f);
-  // q = {7 (8 clamped), -8, 0 (half to even), 2 (1.5 -> 2), 0, 2, 3, -7}; u = q + 8.
+  // q = {7 (rint 8, clamped), -8 (rint -7.5 to even), 0 (half to even), 2, 0, 2, 3, -7}; u = q + 8.
   const int u[8] = {15, 0, 8, 10, 8, 10, 11, 1};
   uint32_t want = 0;
   for (int r = 0; r < 8; ++r) want |= uint32_t(u[r]) << (4 * int4::nibble_slot(r));
