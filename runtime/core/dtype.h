@@ -7,12 +7,12 @@
 
 namespace q35 {
 
-enum class DType : uint8_t { F64, F32, F16, BF16, I64, I32, I16, I8, U8, BOOL };
+enum class DType : uint8_t { F64, F32, F16, BF16, I64, I32, U32, I16, I8, U8, BOOL };
 
 constexpr size_t dtype_size(DType t) {
   switch (t) {
     case DType::F64: case DType::I64: return 8;
-    case DType::F32: case DType::I32: return 4;
+    case DType::F32: case DType::I32: case DType::U32: return 4;
     case DType::F16: case DType::BF16: case DType::I16: return 2;
     case DType::I8: case DType::U8: case DType::BOOL: return 1;
   }
@@ -27,6 +27,7 @@ constexpr std::string_view dtype_name(DType t) {
     case DType::BF16: return "BF16";
     case DType::I64: return "I64";
     case DType::I32: return "I32";
+    case DType::U32: return "U32";
     case DType::I16: return "I16";
     case DType::I8: return "I8";
     case DType::U8: return "U8";
@@ -37,7 +38,7 @@ constexpr std::string_view dtype_name(DType t) {
 
 constexpr std::optional<DType> dtype_from_name(std::string_view s) {
   for (DType t : {DType::F64, DType::F32, DType::F16, DType::BF16, DType::I64, DType::I32,
-                  DType::I16, DType::I8, DType::U8, DType::BOOL})
+                  DType::U32, DType::I16, DType::I8, DType::U8, DType::BOOL})
     if (dtype_name(t) == s) return t;
   return std::nullopt;
 }

@@ -1,0 +1,73 @@
+#pragma once
+// Tile configurations of the dense-projection kernels (bf16 GEMM, W4A16 GEMV, INT4 quantize /
+// dequantize, argmax and sampling over the logits): the template parameters beyond the shapes,
+// the rule that says whether a config is valid for a shape, a heuristic default per (shape, M), and
+// the KernelSpec naming the instantiation. Shapes: y[M, N] = x[M, K] . W[N, K]^T.
+#include <cstdint>
+#include <string>
+
+#include "runtime/jit/kernel_spec.h"
+
+namespace q35 {
+
+// kernel_templates/gemm_bf16.cuh: gemm_bf16<N, K, BM, BN, BK, WARPS_M, WARPS_N, STAGES, OUT_F32>;
+// grid (ceil(M / bm), ceil(N / bn)), block 32 * warps_m * warps_n, dynamic smem smem_bytes().
+struct GemmTile {
+  int bm = 128, bn = 128, bk = 64;  // block tile (rows of x, rows of W, K step)
+  int warps_m = 2, warps_n = 4;     // warp grid; a warp owns (bm / warps_m) x (bn / warps_n)
+  int stages = 4;                   // cp.async pipeline depth
+  int threads() const { return 32 * warps_m * warps_n; }
+  int smem_bytes() const { return stages * (bm + bn) * bk * 2; }
+};
+
+// kernel_templates/gemv_w4a16.cuh: gemv_w4a16<N, K, G, M_TILE, ROWS, ROW_WARPS, K_WARPS, OUT_F32>;
+// grid (ceil(N / rows_per_block), ceil(T / m_tile)), block 32 * row_warps * k_warps.
+// A warp owns `rows` rows of W; the k_warps warps of a row set split K (reduced in shared memory).
+struct W4GemvTile {
+  int m_tile = 1;     // tokens per block (1..16)
+  int rows = 4;       // W rows per warp
+  int row_warps = 4;  // warps side by side over rows
+  int k_warps = 1;    // warps splitting K
+  int rows_per_block() const { return rows * row_warps; }
+  int threads() const { return 32 * row_warps * k_warps; }
+};
+
+// kernel_templates/quantize_w4.cuh: quantize_w4<K, G, THREADS> and dequantize_w4<K, G, THREADS>;
+// one thread per 8 values (one qweight word); grid ceil(rows * K / 8 / threads).
+struct QuantizeTile {
+  int threads = 256;
+};
+
+// kernel_templates/sample.cuh: argmax_f32<V, THREADS, BLOCKS> (grid BLOCKS, the last block to finish
+// reduces) and sample_f32<V, THREADS> (one block).
+struct SampleTile {
+  int threads = 1024;  // per block
+  int blocks = 128;    // argmax only
+};
+
+// Empty when valid, else why not.
+std::string why_invalid(const GemmTile& tile, int64_t n, int64_t k);
+std::string why_invalid(const W4GemvTile& tile, int64_t n, int64_t k, int64_t group);
+std::string why_invalid(const QuantizeTile& tile, int64_t k, int64_t group);
+std::string why_invalid(const SampleTile& tile, int64_t vocab);
+
+// Heuristic defaults (valid for the shape; Error if the shape itself is unsupported).
+// m = rows of x per call (the GEMM is specialised for N, K only; m picks the tile).
+GemmTile default_gemm_tile(int64_t n, int64_t k, int64_t m);
+// m = tokens per call (1..16).
+W4GemvTile default_w4_gemv_tile(int64_t n, int64_t k, int64_t group, int m);
+QuantizeTile default_quantize_tile(int64_t k, int64_t group);
+SampleTile default_sample_tile(int64_t vocab);
+
+// The instantiations; Error naming the family, shape and reason when the tile is invalid.
+// out_f32: fp32 output (logits) instead of bf16.
+KernelSpec gemm_bf16_spec(int64_t n, int64_t k, const GemmTile& tile, bool out_f32 = false);
+KernelSpec gemv_w4a16_spec(int64_t n, int64_t k, int64_t group, const W4GemvTile& tile, bool out_f32 = false);
+// kernel_templates/gemv_bf16.cuh with fp32 output (the bf16 lm_head); the tile is autotune/tile_config.h's.
+KernelSpec gemv_bf16_f32_spec(int64_t n, int64_t k, int m_tile, int rows_per_warp, int warps);
+KernelSpec quantize_w4_spec(int64_t k, int64_t group, const QuantizeTile& tile);
+KernelSpec dequantize_w4_spec(int64_t k, int64_t group, const QuantizeTile& tile);
+KernelSpec argmax_spec(int64_t vocab, const SampleTile& tile);
+KernelSpec sample_spec(int64_t vocab, const SampleTile& tile);
+
+}  // namespace q35

@@ -1,0 +1,198 @@
+#pragma once
+// Gated delta rule, token by token (spec §2.4 step 8), fp32 state:
+//   S = exp(g) S;  u = S^T k;  delta = beta (v - u);  S += k delta^T;  o = S^T q  (updated S)
+// State layout [HV, DV, DK] fp32 (k contiguous): one state row S[j, r, :] is a row over k, so
+// the decay, S.k, the update and S.q are row-local. A warp owns ROWS / WARPS rows; a lane holds
+// DK / 32 k-elements of each (float4 at k = 128 m + 4 lane), reductions are warp shuffles.
+// Grid: (HV, DV / ROWS): value head j, rows [y ROWS, (y+1) ROWS); value head j reads key head
+// j / (HV / HK). The state stays in registers across the tokens of a call.
+//
+// Two entry points:
+//   gdn_recurrent  any T, inputs from gdn_prologue (q, k normalised, bf16 [T, C]; g, beta fp32).
+//   gdn_decode     one token, with the prologue fused: conv + SiLU + L2 norm + gates computed from
+//                  the projection row and the ring conv state (each CTA recomputes the 2 DK q/k
+//                  channels of its key head and its own v rows; one CTA per key head writes the
+//                  q/k ring slot, every CTA the slots of its v rows).
+#include "gdn_common.cuh"
+
+namespace q35k {
+
+template <int DK>
+struct GdnKeyVec {  // one lane's share of a DK vector: k = 128 m + 4 lane + e
+  static_assert(DK % 128 == 0, "gdn: DK must be a multiple of 128 (float4 per lane)");
+  static constexpr int M = DK / 128;
+  float x[M][4];
+  __device__ __forceinline__ static int index(int m, int lane, int e) { return 128 * m + 4 * lane + e; }
+};
+
+// One token's update of a warp's RPW rows; s [RPW] row shares, q and k the lane's shares, v [RPW].
+template <int DK, int RPW>
+__device__ __forceinline__ void gdn_step(GdnKeyVec<DK> (&s)[RPW], const GdnKeyVec<DK>& q, const GdnKeyVec<DK>& k,
+                                         const float (&v)[RPW], float g, float beta, float (&o)[RPW]) {
+  const float decay = expf(g);
+  float u[RPW];
+#pragma unroll
+  for (int r = 0; r < RPW; ++r) {
+    float acc = 0.f;
+#pragma unroll
+    for (int m = 0; m < GdnKeyVec<DK>::M; ++m)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[r].x[m][e] *= decay;
+        acc += s[r].x[m][e] * k.x[m][e];
+      }
+    u[r] = acc;
+  }
+#pragma unroll
+  for (int r = 0; r < RPW; ++r) u[r] = warp_sum(u[r]);
+#pragma unroll
+  for (int r = 0; r < RPW; ++r) {
+    const float delta = beta * (v[r] - u[r]);
+    float acc = 0.f;
+#pragma unroll
+    for (int m = 0; m < GdnKeyVec<DK>::M; ++m)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[r].x[m][e] += k.x[m][e] * delta;
+        acc += s[r].x[m][e] * q.x[m][e];
+      }
+    o[r] = acc;
+  }
+#pragma unroll
+  for (int r = 0; r < RPW; ++r) o[r] = warp_sum(o[r]);
+}
+
+template <int DK, int RPW>
+__device__ __forceinline__ void gdn_load_state(GdnKeyVec<DK> (&s)[RPW], const float* rows, int lane) {
+#pragma unroll
+  for (int r = 0; r < RPW; ++r)
+#pragma unroll
+    for (int m = 0; m < GdnKeyVec<DK>::M; ++m) {
+      const float4 f = *reinterpret_cast<const float4*>(rows + r * DK + GdnKeyVec<DK>::index(m, lane, 0));
+      s[r].x[m][0] = f.x; s[r].x[m][1] = f.y; s[r].x[m][2] = f.z; s[r].x[m][3] = f.w;
+    }
+}
+
+template <int DK, int RPW>
+__device__ __forceinline__ void gdn_store_state(const GdnKeyVec<DK> (&s)[RPW], float* rows, int lane) {
+#pragma unroll
+  for (int r = 0; r < RPW; ++r)
+#pragma unroll
+    for (int m = 0; m < GdnKeyVec<DK>::M; ++m)
+      *reinterpret_cast<float4*>(rows + r * DK + GdnKeyVec<DK>::index(m, lane, 0)) =
+          make_float4(s[r].x[m][0], s[r].x[m][1], s[r].x[m][2], s[r].x[m][3]);
+}
+
+// x * rsqrt(sum x^2 + 1e-6) * scale over the warp's DK vector.
+template <int DK>
+__device__ __forceinline__ void gdn_l2norm(GdnKeyVec<DK>& x, float scale) {
+  float ss = 0.f;
+#pragma unroll
+  for (int m = 0; m < GdnKeyVec<DK>::M; ++m)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) ss += x.x[m][e] * x.x[m][e];
+  const float inv = 1.f / sqrtf(warp_sum(ss) + 1e-6f) * scale;
+#pragma unroll
+  for (int m = 0; m < GdnKeyVec<DK>::M; ++m)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) x.x[m][e] *= inv;
+}
+
+}  // namespace q35k
+
+// Any T. qkv [T, C] bf16 from gdn_prologue (C = 2*HK*DK + HV*DV); g, beta [T, HV] fp32;
+// state [HV, DV, DK] fp32 in/out; out [T, HV, DV] fp32.
+template <int HK, int HV, int DK, int DV, int ROWS, int WARPS>
+__global__ void __launch_bounds__(WARPS * 32)
+gdn_recurrent(const q35k::bf16* __restrict__ qkv, const float* __restrict__ g, const float* __restrict__ beta,
+              float* __restrict__ state, float* __restrict__ out, int T) {
+  constexpr int C = 2 * HK * DK + HV * DV, RPW = ROWS / WARPS;
+  static_assert(ROWS % WARPS == 0 && DV % ROWS == 0 && HV % HK == 0, "gdn_recurrent: bad tiling");
+  q35k::gdn_pdl_wait();
+  q35k::gdn_pdl_launch_dependents();
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int j = blockIdx.x, kh = j / (HV / HK);
+  const int r0 = blockIdx.y * ROWS + warp * RPW;  // the warp's first row
+  float* rows = state + (size_t(j) * DV + r0) * DK;
+
+  q35k::GdnKeyVec<DK> s[RPW];
+  q35k::gdn_load_state<DK, RPW>(s, rows, lane);
+  for (int t = 0; t < T; ++t) {
+    const q35k::bf16* x = qkv + size_t(t) * C;
+    q35k::GdnKeyVec<DK> q, k;
+#pragma unroll
+    for (int m = 0; m < q35k::GdnKeyVec<DK>::M; ++m) {
+      const int i = kh * DK + q35k::GdnKeyVec<DK>::index(m, lane, 0);
+      const uint2 qw = *reinterpret_cast<const uint2*>(x + i);
+      const uint2 kw = *reinterpret_cast<const uint2*>(x + HK * DK + i);
+      q.x[m][0] = q35k::bf16x2_lo(qw.x); q.x[m][1] = q35k::bf16x2_hi(qw.x);
+      q.x[m][2] = q35k::bf16x2_lo(qw.y); q.x[m][3] = q35k::bf16x2_hi(qw.y);
+      k.x[m][0] = q35k::bf16x2_lo(kw.x); k.x[m][1] = q35k::bf16x2_hi(kw.x);
+      k.x[m][2] = q35k::bf16x2_lo(kw.y); k.x[m][3] = q35k::bf16x2_hi(kw.y);
+    }
+    float v[RPW], o[RPW];
+#pragma unroll
+    for (int r = 0; r < RPW; ++r) v[r] = q35k::bf16_to_f32(x[2 * HK * DK + j * DV + r0 + r]);
+    q35k::gdn_step<DK, RPW>(s, q, k, v, g[size_t(t) * HV + j], beta[size_t(t) * HV + j], o);
+#pragma unroll
+    for (int r = 0; r < RPW; ++r)
+      if (lane == r % 32) out[(size_t(t) * HV + j) * DV + r0 + r] = o[r];
+  }
+  q35k::gdn_store_state<DK, RPW>(s, rows, lane);
+}
+
+// One token with the prologue fused (see the top comment). proj [1, row_stride] bf16 laid out as in
+// gdn_prologue.cuh; conv_w [C, KC] bf16; A_log, dt_bias [HV] fp32; ring [KC, C] bf16 in/out;
+// pos0 [1] int32 (the token's position); state [HV, DV, DK] fp32 in/out; out [1, HV, DV] fp32.
+template <int HK, int HV, int DK, int DV, int KC, int ROWS, int WARPS>
+__global__ void __launch_bounds__(WARPS * 32)
+gdn_decode(const q35k::bf16* __restrict__ proj, const q35k::bf16* __restrict__ conv_w,
+           const float* __restrict__ A_log, const float* __restrict__ dt_bias, q35k::bf16* ring,
+           const int* __restrict__ pos0_ptr, float* __restrict__ state, float* __restrict__ out) {
+  constexpr int C = 2 * HK * DK + HV * DV, RPW = ROWS / WARPS;
+  static_assert(ROWS % WARPS == 0 && DV % ROWS == 0 && HV % HK == 0 && RPW <= 32, "gdn_decode: bad tiling");
+  q35k::gdn_pdl_wait();
+  q35k::gdn_pdl_launch_dependents();
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int j = blockIdx.x, kh = j / (HV / HK);
+  const int r0 = blockIdx.y * ROWS + warp * RPW;
+  const int pos0 = *pos0_ptr;
+  float* rows = state + (size_t(j) * DV + r0) * DK;
+
+  q35k::GdnKeyVec<DK> s[RPW];
+  q35k::gdn_load_state<DK, RPW>(s, rows, lane);
+
+  q35k::GdnKeyVec<DK> q, k;
+#pragma unroll
+  for (int m = 0; m < q35k::GdnKeyVec<DK>::M; ++m)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int i = kh * DK + q35k::GdnKeyVec<DK>::index(m, lane, e);
+      q.x[m][e] = q35k::gdn_conv_silu<C, KC>(proj, 0, ring, conv_w, pos0, 0, i);
+      k.x[m][e] = q35k::gdn_conv_silu<C, KC>(proj, 0, ring, conv_w, pos0, 0, HK * DK + i);
+    }
+  q35k::gdn_l2norm<DK>(q, rsqrtf(float(DK)));
+  q35k::gdn_l2norm<DK>(k, 1.f);
+  const int cv = 2 * HK * DK + j * DV + r0;  // channel of the warp's first v row
+  float v[RPW], o[RPW];
+#pragma unroll
+  for (int r = 0; r < RPW; ++r) v[r] = q35k::gdn_conv_silu<C, KC>(proj, 0, ring, conv_w, pos0, 0, cv + r);
+  const q35k::bf16* gates = proj + C + HV * DV;  // b [HV] | a [HV]
+  const float g = q35k::gdn_log_decay(q35k::bf16_to_f32(gates[HV + j]), A_log[j], dt_bias[j]);
+  const float beta = q35k::gdn_sigmoid(q35k::bf16_to_f32(gates[j]));
+
+  // This token's inputs into its ring slot (the reads above use the other KC-1 slots).
+  q35k::bf16* slot = ring + size_t(q35k::gdn_ring_slot<KC>(pos0)) * C;
+  if (lane < RPW) slot[cv + lane] = proj[cv + lane];
+  if (j % (HV / HK) == 0 && blockIdx.y == 0 && warp == 0)
+    for (int i = lane; i < DK; i += 32) {
+      slot[kh * DK + i] = proj[kh * DK + i];
+      slot[HK * DK + kh * DK + i] = proj[HK * DK + kh * DK + i];
+    }
+
+  q35k::gdn_step<DK, RPW>(s, q, k, v, g, beta, o);
+#pragma unroll
+  for (int r = 0; r < RPW; ++r)
+    if (lane == r % 32) out[size_t(j) * DV + r0 + r] = o[r];
+  q35k::gdn_store_state<DK, RPW>(s, rows, lane);
+}
