@@ -6,5 +6,6 @@ namespace q35::cli {
 int cmd_run(int argc, char** argv);
 int cmd_eval(int argc, char** argv);
 int cmd_compile(int argc, char** argv);
+int cmd_quantize(int argc, char** argv);
 
 }  // namespace q35::cli

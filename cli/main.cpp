@@ -20,6 +20,7 @@ constexpr std::string_view kUsage =
     "  run       generate text from a prompt, or chat interactively\n"
     "  eval      write the logits of a token sequence to a safetensors file\n"
     "  compile   compile (and cache) every kernel a checkpoint needs, no GPU required\n"
+    "  quantize  write a W4A16 checkpoint that run/eval load directly\n"
     "\n"
     "Run 'q35jit <command> --help' for the flags of a command.\n";
 
@@ -39,6 +40,7 @@ int main(int argc, char** argv) {
     if (command == "run") return q35::cli::cmd_run(argc, argv);
     if (command == "eval") return q35::cli::cmd_eval(argc, argv);
     if (command == "compile") return q35::cli::cmd_compile(argc, argv);
+    if (command == "quantize") return q35::cli::cmd_quantize(argc, argv);
     std::fprintf(stderr, "q35jit: unknown command '%.*s'\n\n%s", int(command.size()), command.data(), kUsage.data());
     return 2;
   } catch (const q35::Error& e) {

@@ -1,7 +1,7 @@
 #pragma once
 // bf16 GEMV for few tokens: y[t, n] = bf16( sum_k x[t, k] * W[n, k] ), fp32 accumulation.
-//   W [N, K] bf16 (a torch Linear weight, row-major), x [T, K] bf16, y [T, N] bf16; K % 8 == 0,
-//   W and x 16-byte aligned.
+//   W [N, K] bf16 (a torch Linear weight, row-major), x [T, K] bf16, y [T, N] bf16 (fp32 if OUT_F32:
+//   the lm_head's logits); K % 8 == 0, W and x 16-byte aligned.
 // Tiling: a block has WARPS warps; each warp owns ROWS_PER_WARP consecutive rows of W and computes
 // them for M_TILE tokens at once, so every weight byte is read once per M_TILE tokens. A lane reads
 // 16-byte vectors (8 values) at k = lane*8 + 256*i, weights with the streaming load (read once,
@@ -10,11 +10,11 @@
 // Grid: (ceil(N / (WARPS * ROWS_PER_WARP)), ceil(T / M_TILE)), block: WARPS * 32.
 #include "common.cuh"
 
-template <int N, int K, int M_TILE, int ROWS_PER_WARP, int WARPS>
+template <int N, int K, int M_TILE, int ROWS_PER_WARP, int WARPS, bool OUT_F32 = false>
 __global__ void __launch_bounds__(WARPS * 32)
 gemv_bf16(const q35k::bf16* __restrict__ W,  // [N, K]
           const q35k::bf16* __restrict__ x,  // [T, K]
-          q35k::bf16* __restrict__ y,        // [T, N]
+          void* __restrict__ y,              // [T, N] bf16, or fp32 if OUT_F32
           int T) {
   static_assert(K % 8 == 0, "gemv_bf16: K must be a multiple of 8 (16-byte rows)");
   static_assert(M_TILE >= 1 && ROWS_PER_WARP >= 1 && M_TILE * ROWS_PER_WARP <= 64,
@@ -55,7 +55,12 @@ gemv_bf16(const q35k::bf16* __restrict__ W,  // [N, K]
     for (int r = 0; r < ROWS_PER_WARP; ++r) {
       const float sum = q35k::warp_sum(acc[m][r]);
       // Spread the stores over the lanes.
-      if (lane == (m * ROWS_PER_WARP + r) % 32 && t0 + m < T && n0 + r < N)
-        y[size_t(t0 + m) * N + n0 + r] = q35k::f32_to_bf16(sum);
+      if (lane == (m * ROWS_PER_WARP + r) % 32 && t0 + m < T && n0 + r < N) {
+        const size_t at = size_t(t0 + m) * N + n0 + r;
+        if constexpr (OUT_F32)
+          static_cast<float*>(y)[at] = sum;
+        else
+          static_cast<q35k::bf16*>(y)[at] = q35k::f32_to_bf16(sum);
+      }
     }
 }

@@ -44,7 +44,9 @@ class Uploader {
   Uploader(const Driver& driver, const Stream& stream, const Checkpoint& ckpt, const UploadOptions& options,
            size_t max_tensor_bytes)
       : driver_(driver), stream_(stream), ckpt_(ckpt), options_(options) {
-    if (options.format == WeightFormat::W4A16) {
+    if (options.prequantized && options.format != WeightFormat::W4A16)
+      fail("{} is a W4A16 checkpoint: it loads only with --quant w4a16", ckpt.dir().string());
+    if (options.format == WeightFormat::W4A16 && !options.prequantized) {
       if (!options.quantize) fail("upload_weights: W4A16 needs a quantize function");
       staging_ = DeviceBuffer(driver, max_tensor_bytes);
     }
@@ -90,6 +92,7 @@ class Uploader {
   // Writes checkpoint tensor `name` (rows [rows, K], or a stack of experts) at row `row0` of
   // expert `expert` of `m`. `kind` names the tensor type for the quantization-error report.
   void put(GpuMatrix& m, const std::string& name, int64_t expert, int64_t row0, const std::string& kind) {
+    if (options_.prequantized) return put_quantized(m, name, expert, row0);
     Bf16View v = read_bf16(ckpt_, name);
     const size_t values = v.bytes.size() / 2;
     if (values % size_t(m.K) != 0) fail("tensor {}: {} values is not a multiple of K = {}", name, values, m.K);
@@ -104,6 +107,17 @@ class Uploader {
       if (options_.report_error) sample_error(v, m.K, m.group, kind);
     }
     finish(v);
+  }
+
+  // A tensor already quantized on disk: its packed rows and scales are copied as they are.
+  void put_quantized(GpuMatrix& m, const std::string& name, int64_t expert, int64_t row0) {
+    TensorRef q = ckpt_.get(name + ".qweight"), s = ckpt_.get(name + ".scales");
+    const size_t base_row = size_t(std::max<int64_t>(expert, 0) * m.N + row0);
+    m.qweight.upload(q.bytes.data(), q.bytes.size(), stream_, base_row * size_t(m.K / 8) * 4);
+    m.scales.upload(s.bytes.data(), s.bytes.size(), stream_, base_row * size_t(m.K / m.group) * 2);
+    stream_.synchronize();
+    q.file->release(*q.info);
+    s.file->release(*s.info);
   }
 
   // Relative Frobenius error of the INT4 quantization, per tensor kind, sampled on the first 64

@@ -78,7 +78,8 @@ using QuantizeFn = std::function<void(CUdeviceptr src, int64_t rows, int64_t K, 
 struct UploadOptions {
   WeightFormat format = WeightFormat::W4A16;
   int group = 128;
-  QuantizeFn quantize;  // required for W4A16
+  QuantizeFn quantize;        // required for W4A16 from a bf16 checkpoint
+  bool prequantized = false;  // the checkpoint holds <name>.qweight / .scales (models/qwen35/quantized.h)
   // Per tensor type: relative Frobenius error of the quantization (W4A16, when set).
   std::function<void(const std::string& kind, double rel_error)> report_error;
 };

@@ -100,8 +100,10 @@ CheckpointLayout detect_layout(const Checkpoint& ckpt) {
          "in {}",
          kPrefixes[0], kPrefixes[1], ckpt.source().string());
   const std::string L = layer_prefix(layout, 0);
-  if (ckpt.has(L + "mlp.experts.gate_up_proj")) layout.experts = ExpertLayout::Fused;
-  else if (ckpt.has(per_expert(L, 0, "gate_proj"))) layout.experts = ExpertLayout::PerExpert;
+  // A quantized checkpoint (models/qwen35/quantized.h) stores the same names + ".qweight".
+  auto has = [&](const std::string& name) { return ckpt.has(name) || ckpt.has(name + ".qweight"); };
+  if (has(L + "mlp.experts.gate_up_proj")) layout.experts = ExpertLayout::Fused;
+  else if (has(per_expert(L, 0, "gate_proj"))) layout.experts = ExpertLayout::PerExpert;
   else
     fail("tensor \"{}mlp.experts.gate_up_proj\" (or per-expert \"{}\") not found in {}", L,
          per_expert(L, 0, "gate_proj"), ckpt.source().string());

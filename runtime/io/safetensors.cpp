@@ -175,52 +175,71 @@ std::vector<float> to_f32(const TensorRef& t) {
   return out;
 }
 
-void write_safetensors(const std::filesystem::path& path, const std::vector<TensorToWrite>& tensors,
-                       const std::map<std::string, std::string>& metadata) {
+SafetensorsWriter::SafetensorsWriter(std::filesystem::path path, std::vector<TensorDecl> tensors,
+                                     const std::map<std::string, std::string>& metadata)
+    : path_(std::move(path)), tensors_(std::move(tensors)) {
   json header = json::object();
   if (!metadata.empty()) header["__metadata__"] = metadata;
   uint64_t offset = 0;
-  for (const TensorToWrite& t : tensors) {
+  for (const TensorDecl& t : tensors_) {
     if (t.name == "__metadata__" || header.contains(t.name))
-      fail("{}: cannot write tensor \"{}\": duplicate or reserved name", path.string(), t.name);
+      fail("{}: cannot write tensor \"{}\": duplicate or reserved name", path_.string(), t.name);
     auto bytes = byte_size(t.shape, t.dtype);
-    if (!bytes || *bytes != t.bytes.size())
-      fail("{}: cannot write tensor \"{}\": shape [{}] {} needs {} bytes, given {}", path.string(), t.name,
-           fmt::join(t.shape, ", "), dtype_name(t.dtype), bytes ? fmt::to_string(*bytes) : "overflowing",
-           t.bytes.size());
-    header[t.name] = {{"dtype", dtype_name(t.dtype)},
-                      {"shape", t.shape},
-                      {"data_offsets", {offset, offset + t.bytes.size()}}};
-    offset += t.bytes.size();
+    if (!bytes) fail("{}: cannot write tensor \"{}\": shape [{}] overflows", path_.string(), t.name, fmt::join(t.shape, ", "));
+    header[t.name] = {{"dtype", dtype_name(t.dtype)}, {"shape", t.shape}, {"data_offsets", {offset, offset + *bytes}}};
+    sizes_.push_back(*bytes);
+    offset += *bytes;
   }
   std::string text = header.dump();
   text.append((8 - text.size() % 8) % 8, ' ');  // the data section starts 8-byte aligned
   uint8_t len[8];
   for (int i = 0; i < 8; ++i) len[i] = uint8_t(uint64_t(text.size()) >> (8 * i));
+  tmp_ = path_.parent_path() / fmt::format("{}.tmp.{}", path_.filename().string(), ::getpid());
+  out_.open(tmp_, std::ios::binary | std::ios::trunc);
+  if (!out_) fail("cannot create {}: {}", tmp_.string(), std::strerror(errno));
+  out_.write(reinterpret_cast<const char*>(len), 8);
+  out_.write(text.data(), std::streamsize(text.size()));
+}
 
-  const std::filesystem::path tmp =
-      path.parent_path() / fmt::format("{}.tmp.{}", path.filename().string(), ::getpid());
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    if (!out) fail("cannot create {}: {}", tmp.string(), std::strerror(errno));
-    out.write(reinterpret_cast<const char*>(len), 8);
-    out.write(text.data(), std::streamsize(text.size()));
-    for (const TensorToWrite& t : tensors)
-      out.write(reinterpret_cast<const char*>(t.bytes.data()), std::streamsize(t.bytes.size()));
-    out.close();
-    if (!out) {
-      std::error_code ec;
-      std::filesystem::remove(tmp, ec);
-      fail("cannot write {}: {}", tmp.string(), std::strerror(errno));
-    }
+SafetensorsWriter::~SafetensorsWriter() {
+  if (!committed_) {
+    out_.close();
+    std::error_code ec;
+    std::filesystem::remove(tmp_, ec);
   }
+}
+
+void SafetensorsWriter::write(const std::string& name, std::span<const uint8_t> bytes) {
+  if (next_ >= tensors_.size() || tensors_[next_].name != name)
+    fail("{}: tensor \"{}\" written out of order (expected \"{}\")", path_.string(), name,
+         next_ < tensors_.size() ? tensors_[next_].name : std::string("none"));
+  const TensorDecl& t = tensors_[next_];
+  if (bytes.size() != sizes_[next_])
+    fail("{}: cannot write tensor \"{}\": shape [{}] {} needs {} bytes, given {}", path_.string(), name,
+         fmt::join(t.shape, ", "), dtype_name(t.dtype), sizes_[next_], bytes.size());
+  out_.write(reinterpret_cast<const char*>(bytes.data()), std::streamsize(bytes.size()));
+  if (!out_) fail("cannot write {}: {}", tmp_.string(), std::strerror(errno));
+  ++next_;
+}
+
+void SafetensorsWriter::commit() {
+  if (next_ != tensors_.size())
+    fail("{}: {} of {} tensors written before commit", path_.string(), next_, tensors_.size());
+  out_.close();
+  if (!out_) fail("cannot write {}: {}", tmp_.string(), std::strerror(errno));
   std::error_code ec;
-  std::filesystem::rename(tmp, path, ec);
-  if (ec) {
-    std::error_code ignored;
-    std::filesystem::remove(tmp, ignored);
-    fail("cannot rename {} to {}: {}", tmp.string(), path.string(), ec.message());
-  }
+  std::filesystem::rename(tmp_, path_, ec);
+  if (ec) fail("cannot rename {} to {}: {}", tmp_.string(), path_.string(), ec.message());
+  committed_ = true;
+}
+
+void write_safetensors(const std::filesystem::path& path, const std::vector<TensorToWrite>& tensors,
+                       const std::map<std::string, std::string>& metadata) {
+  std::vector<TensorDecl> decls;
+  for (const TensorToWrite& t : tensors) decls.push_back({t.name, t.dtype, t.shape});
+  SafetensorsWriter w(path, std::move(decls), metadata);
+  for (const TensorToWrite& t : tensors) w.write(t.name, t.bytes);
+  w.commit();
 }
 
 Checkpoint::Checkpoint(const std::filesystem::path& dir) : dir_(dir) {

@@ -5,6 +5,7 @@
 // (JSON, dtypes, shapes, offsets inside the file, sizes = numel * dtype size, no overlaps).
 #include <cstdint>
 #include <filesystem>
+#include <fstream>
 #include <map>
 #include <memory>
 #include <span>
@@ -61,6 +62,34 @@ struct TensorToWrite {
   DType dtype = DType::F32;
   std::vector<int64_t> shape;
   std::span<const uint8_t> bytes;
+};
+
+// Streams a safetensors file: the header (from the declarations) first, then each tensor's bytes
+// in declaration order, so only one tensor need be in memory. Written to a temp file in the same
+// folder and renamed by commit(); destroyed without commit, the temp file is removed.
+struct TensorDecl {
+  std::string name;
+  DType dtype = DType::F32;
+  std::vector<int64_t> shape;
+};
+
+class SafetensorsWriter {
+ public:
+  SafetensorsWriter(std::filesystem::path path, std::vector<TensorDecl> tensors,
+                    const std::map<std::string, std::string>& metadata = {});
+  ~SafetensorsWriter();
+  SafetensorsWriter(const SafetensorsWriter&) = delete;
+  SafetensorsWriter& operator=(const SafetensorsWriter&) = delete;
+  void write(const std::string& name, std::span<const uint8_t> bytes);  // Error on order or size
+  void commit();
+
+ private:
+  std::filesystem::path path_, tmp_;
+  std::vector<TensorDecl> tensors_;
+  std::vector<uint64_t> sizes_;
+  std::ofstream out_;
+  size_t next_ = 0;
+  bool committed_ = false;
 };
 
 // Writes a safetensors file atomically (temp file in the same folder, then rename).

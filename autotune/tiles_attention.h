@@ -1,0 +1,59 @@
+#pragma once
+// Tile configurations of the gated full-attention kernels (kernel_templates/attention.cuh): the
+// template parameters beyond the shapes, their validity rules, heuristic defaults and the
+// KernelSpecs. Shapes: hq / hkv query / kv heads, d = head_dim, rotary = rotary_dim.
+#include <cstdint>
+#include <string>
+
+#include "runtime/jit/kernel_spec.h"
+
+namespace q35 {
+
+// qk_norm_rope<HQ, HKV, D, ROTARY, WARPS>; grid (T), block 32 * warps (one warp per head, looping).
+struct QkNormRopeTile {
+  int warps = 8;
+  int threads() const { return 32 * warps; }
+};
+
+// attention_prefill<HQ, HKV, D, BLOCK_N, WARPS>; grid (hq, ceil(T / block_m)), block 32 * warps,
+// dynamic shared memory smem_bytes(d) (Q tile + two stages of K and V tiles, bf16).
+struct AttentionPrefillTile {
+  int warps = 8;     // each warp owns 16 query rows
+  int block_n = 32;  // keys per tile
+  int block_m() const { return 16 * warps; }
+  int threads() const { return 32 * warps; }
+  int64_t smem_bytes(int64_t d) const { return 2 * d * (block_m() + 4 * int64_t(block_n)); }
+};
+
+// attention_decode<HQ, HKV, D, WARPS>; grid (hkv, splits), block 32 * warps, static shared memory
+// smem_bytes(d); attention_decode_merge<HQ, HKV, D, WARPS> (same warps); grid (T * hq), block d.
+struct AttentionDecodeTile {
+  int warps = 4;  // each warp takes blocks of 16 keys of its split
+  int threads() const { return 32 * warps; }
+  int64_t smem_bytes(int64_t d) const { return int64_t(warps) * kRows * (d + 2) * 4; }
+  static constexpr int kRows = 8;  // query rows per kv head in one call: (hq / hkv) * T <= 8
+};
+
+// Shared memory a block may use on every supported GPU (sm_80: 163 KiB opt-in; sm_90: 227 KiB).
+constexpr int64_t kAttentionSmemLimitSm80 = 163 * 1024;
+constexpr int64_t kAttentionSmemLimitSm90 = 227 * 1024;
+
+// Empty when valid, else why not.
+std::string why_invalid(const QkNormRopeTile& tile, int64_t hq, int64_t hkv, int64_t d, int64_t rotary);
+std::string why_invalid(const AttentionPrefillTile& tile, int64_t hq, int64_t hkv, int64_t d,
+                        int64_t smem_limit = kAttentionSmemLimitSm80);
+std::string why_invalid(const AttentionDecodeTile& tile, int64_t hq, int64_t hkv, int64_t d);
+
+// Heuristic defaults (valid for the shape; Error naming the shape if the shape is unsupported).
+QkNormRopeTile default_qk_norm_rope_tile(int64_t hq, int64_t hkv, int64_t d, int64_t rotary);
+AttentionPrefillTile default_attention_prefill_tile(int64_t hq, int64_t hkv, int64_t d,
+                                                    int64_t smem_limit = kAttentionSmemLimitSm80);
+AttentionDecodeTile default_attention_decode_tile(int64_t hq, int64_t hkv, int64_t d);
+
+// The instantiations; Error naming the kernel, shape and reason if the tile is invalid.
+KernelSpec qk_norm_rope_spec(int64_t hq, int64_t hkv, int64_t d, int64_t rotary, const QkNormRopeTile& tile);
+KernelSpec attention_prefill_spec(int64_t hq, int64_t hkv, int64_t d, const AttentionPrefillTile& tile);
+KernelSpec attention_decode_spec(int64_t hq, int64_t hkv, int64_t d, const AttentionDecodeTile& tile);
+KernelSpec attention_decode_merge_spec(int64_t hq, int64_t hkv, int64_t d, const AttentionDecodeTile& tile);
+
+}  // namespace q35

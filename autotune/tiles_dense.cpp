@@ -1,0 +1,193 @@
+#include "autotune/tiles_dense.h"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+
+#include "runtime/core/error.h"
+
+namespace q35 {
+
+namespace {
+
+// Dynamic shared memory a block may opt into: sm_80 has 163 KiB, sm_90 227 KiB; stay under both.
+constexpr int kMaxDynamicSmem = 160 * 1024;
+// Decode GEMV blocks wanted: ~4 per SM on a 132-SM H100 keeps every SM streaming.
+constexpr int64_t kW4TargetBlocks = 512;
+
+bool is_pow2(int v) { return v > 0 && (v & (v - 1)) == 0; }
+std::string str(int64_t v) { return std::to_string(v); }
+
+}  // namespace
+
+std::string why_invalid(const GemmTile& t, int64_t n, int64_t k) {
+  if (n <= 0) return fmt::format("N = {} is not positive", n);
+  if (k <= 0 || k % 8 != 0) return fmt::format("K = {} is not a positive multiple of 8 (16-byte rows)", k);
+  if (t.bk != 32 && t.bk != 64 && t.bk != 128) return fmt::format("bk = {} is not 32, 64 or 128", t.bk);
+  if (t.warps_m < 1 || t.warps_n < 1 || t.threads() > 1024)
+    return fmt::format("warps {} x {} is not a block of 1..32 warps", t.warps_m, t.warps_n);
+  if (t.bm <= 0 || t.bm % (16 * t.warps_m) != 0)
+    return fmt::format("bm = {} is not a multiple of 16 * warps_m = {}", t.bm, 16 * t.warps_m);
+  if (t.bn <= 0 || t.bn % (16 * t.warps_n) != 0)
+    return fmt::format("bn = {} is not a multiple of 16 * warps_n = {}", t.bn, 16 * t.warps_n);
+  if ((t.bm * t.bk / 8) % t.threads() != 0 || (t.bn * t.bk / 8) % t.threads() != 0)
+    return fmt::format("{} threads do not split the {} x {} and {} x {} tiles into whole 16-byte chunks",
+                       t.threads(), t.bm, t.bk, t.bn, t.bk);
+  // Accumulators per thread: (bm / warps_m) * (bn / warps_n) / 32 fp32.
+  const int acc = t.bm / t.warps_m * t.bn / t.warps_n / 32;
+  if (acc > 128) return fmt::format("{} accumulators per thread exceeds 128 (registers)", acc);
+  if (t.stages < 2 || t.stages > 8) return fmt::format("stages = {} is not in [2, 8]", t.stages);
+  if (t.smem_bytes() > kMaxDynamicSmem)
+    return fmt::format("{} B of shared memory exceeds {} B", t.smem_bytes(), kMaxDynamicSmem);
+  return {};
+}
+
+std::string why_invalid(const W4GemvTile& t, int64_t n, int64_t k, int64_t group) {
+  if (n <= 0) return fmt::format("N = {} is not positive", n);
+  if (group != 32 && group != 64 && group != 128) return fmt::format("group size {} is not 32, 64 or 128", group);
+  if (k <= 0 || k % group != 0) return fmt::format("K = {} is not a positive multiple of the group size {}", k, group);
+  if (t.m_tile < 1 || t.m_tile > 16) return fmt::format("m_tile = {} is not in [1, 16]", t.m_tile);
+  if (t.rows < 1 || t.rows > 8) return fmt::format("rows = {} is not in [1, 8]", t.rows);
+  if (t.m_tile * t.rows > 32)
+    return fmt::format("m_tile * rows = {} accumulators per lane exceeds 32 (registers)", t.m_tile * t.rows);
+  if (t.row_warps < 1 || t.k_warps < 1 || t.row_warps * t.k_warps > 32)
+    return fmt::format("row_warps * k_warps = {} * {} is not a block of 1..32 warps", t.row_warps, t.k_warps);
+  return {};
+}
+
+std::string why_invalid(const QuantizeTile& t, int64_t k, int64_t group) {
+  if (group <= 0 || group % 8 != 0 || 32 % (group / 8) != 0)
+    return fmt::format("group size {} is not 8, 16, 32, 64, 128 or 256", group);
+  if (k <= 0 || k % group != 0) return fmt::format("K = {} is not a positive multiple of the group size {}", k, group);
+  if (t.threads < 32 || t.threads > 1024 || t.threads % 32 != 0)
+    return fmt::format("threads = {} is not a multiple of 32 in [32, 1024]", t.threads);
+  return {};
+}
+
+std::string why_invalid(const SampleTile& t, int64_t vocab) {
+  if (vocab <= 0 || vocab >= (int64_t(1) << 24))
+    return fmt::format("vocab = {} is not in [1, 2^24) (fp32 counts stay exact)", vocab);
+  if (t.threads < 32 || t.threads > 1024 || t.threads % 32 != 0)
+    return fmt::format("threads = {} is not a multiple of 32 in [32, 1024]", t.threads);
+  if (t.blocks < 1 || t.blocks > 1024) return fmt::format("blocks = {} is not in [1, 1024]", t.blocks);
+  return {};
+}
+
+GemmTile default_gemm_tile(int64_t n, int64_t k, int64_t m) {
+  if (m < 1) fail("gemm_bf16: rows per call m = {} is not positive", m);
+  // 128 x 128 x 64, 8 warps (64 x 32 warp tiles), 4 stages (128 KiB). Small M or N: 64-row tiles so
+  // more blocks run; K not a multiple of 64 (e.g. 32): bk 32.
+  GemmTile t;
+  if (m <= 64) t.bm = 64, t.warps_m = 2, t.warps_n = 4;
+  if (n <= 64) t.bn = 64, t.warps_n = 2;
+  if (k % 64 != 0) t.bk = 32;
+  if (std::string why = why_invalid(t, n, k); !why.empty())
+    fail("gemm_bf16 [N = {}, K = {}]: unsupported shape: {}", n, k, why);
+  return t;
+}
+
+W4GemvTile default_w4_gemv_tile(int64_t n, int64_t k, int64_t group, int m) {
+  if (m < 1 || m > 16) fail("gemv_w4a16: tokens per call m = {} is not in [1, 16]", m);
+  W4GemvTile t;
+  t.m_tile = 1;
+  while (t.m_tile < m) t.m_tile *= 2;
+  t.rows = std::min(4, 32 / t.m_tile);
+  // Warps split K while every lane still gets a chunk (32 lanes x 32 k per warp pass), 4 warps.
+  const int64_t chunks = k / 32;
+  t.k_warps = 1;
+  while (t.k_warps < 4 && chunks >= 64 * t.k_warps) t.k_warps *= 2;
+  t.row_warps = 4 / t.k_warps;
+  // Fewer rows per warp (more blocks) while the grid is short of the target.
+  while (t.rows > 1 && (n + t.rows_per_block() - 1) / t.rows_per_block() < kW4TargetBlocks) t.rows /= 2;
+  if (std::string why = why_invalid(t, n, k, group); !why.empty())
+    fail("gemv_w4a16 [N = {}, K = {}, G = {}]: unsupported shape: {}", n, k, group, why);
+  return t;
+}
+
+QuantizeTile default_quantize_tile(int64_t k, int64_t group) {
+  QuantizeTile t;
+  if (std::string why = why_invalid(t, k, group); !why.empty())
+    fail("quantize_w4 [K = {}, G = {}]: unsupported shape: {}", k, group, why);
+  return t;
+}
+
+SampleTile default_sample_tile(int64_t vocab) {
+  SampleTile t;
+  // argmax: ~2K logits per block (2 per thread at 1024 threads); sampling: one block.
+  t.blocks = int(std::clamp<int64_t>((vocab + 2047) / 2048, 1, 1024));
+  t.threads = vocab >= 1024 * 8 ? 1024 : 256;
+  if (std::string why = why_invalid(t, vocab); !why.empty()) fail("sample [V = {}]: unsupported shape: {}", vocab, why);
+  return t;
+}
+
+KernelSpec gemm_bf16_spec(int64_t n, int64_t k, const GemmTile& t, bool out_f32) {
+  if (std::string why = why_invalid(t, n, k); !why.empty())
+    fail("gemm_bf16 [N = {}, K = {}]: invalid tile: {}", n, k, why);
+  return {"gemm_bf16",
+          "gemm_bf16",
+          {{"N", str(n)},
+           {"K", str(k)},
+           {"BM", str(t.bm)},
+           {"BN", str(t.bn)},
+           {"BK", str(t.bk)},
+           {"WARPS_M", str(t.warps_m)},
+           {"WARPS_N", str(t.warps_n)},
+           {"STAGES", str(t.stages)},
+           {"OUT_F32", out_f32 ? "true" : "false"}}};
+}
+
+KernelSpec gemv_w4a16_spec(int64_t n, int64_t k, int64_t group, const W4GemvTile& t, bool out_f32) {
+  if (std::string why = why_invalid(t, n, k, group); !why.empty())
+    fail("gemv_w4a16 [N = {}, K = {}, G = {}]: invalid tile: {}", n, k, group, why);
+  return {"gemv_w4a16",
+          "gemv_w4a16",
+          {{"N", str(n)},
+           {"K", str(k)},
+           {"G", str(group)},
+           {"M_TILE", str(t.m_tile)},
+           {"ROWS", str(t.rows)},
+           {"ROW_WARPS", str(t.row_warps)},
+           {"K_WARPS", str(t.k_warps)},
+           {"OUT_F32", out_f32 ? "true" : "false"}}};
+}
+
+KernelSpec gemv_bf16_f32_spec(int64_t n, int64_t k, int m_tile, int rows_per_warp, int warps) {
+  if (n <= 0 || k <= 0 || k % 8 != 0 || m_tile < 1 || m_tile > 16 || rows_per_warp < 1 ||
+      m_tile * rows_per_warp > 64 || warps < 1 || warps > 32)
+    fail("gemv_bf16 (fp32 out) [N = {}, K = {}]: invalid shape or tile m_tile {} rows_per_warp {} warps {}", n, k,
+         m_tile, rows_per_warp, warps);
+  return {"gemv_bf16",
+          "gemv_bf16",
+          {{"N", str(n)},
+           {"K", str(k)},
+           {"M_TILE", str(m_tile)},
+           {"ROWS_PER_WARP", str(rows_per_warp)},
+           {"WARPS", str(warps)},
+           {"OUT_F32", "true"}}};
+}
+
+static KernelSpec quantize_family_spec(const char* kernel, int64_t k, int64_t group, const QuantizeTile& t) {
+  if (std::string why = why_invalid(t, k, group); !why.empty())
+    fail("{} [K = {}, G = {}]: invalid tile: {}", kernel, k, group, why);
+  return {"quantize_w4", kernel, {{"K", str(k)}, {"G", str(group)}, {"THREADS", str(t.threads)}}};
+}
+
+KernelSpec quantize_w4_spec(int64_t k, int64_t group, const QuantizeTile& t) {
+  return quantize_family_spec("quantize_w4", k, group, t);
+}
+
+KernelSpec dequantize_w4_spec(int64_t k, int64_t group, const QuantizeTile& t) {
+  return quantize_family_spec("dequantize_w4", k, group, t);
+}
+
+KernelSpec argmax_spec(int64_t vocab, const SampleTile& t) {
+  if (std::string why = why_invalid(t, vocab); !why.empty()) fail("argmax [V = {}]: invalid tile: {}", vocab, why);
+  return {"sample", "argmax_f32", {{"V", str(vocab)}, {"THREADS", str(t.threads)}, {"BLOCKS", str(t.blocks)}}};
+}
+
+KernelSpec sample_spec(int64_t vocab, const SampleTile& t) {
+  if (std::string why = why_invalid(t, vocab); !why.empty()) fail("sample [V = {}]: invalid tile: {}", vocab, why);
+  return {"sample", "sample_f32", {{"V", str(vocab)}, {"THREADS", str(t.threads)}}};
+}
+
+}  // namespace q35

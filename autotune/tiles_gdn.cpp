@@ -1,0 +1,103 @@
+#include "autotune/tiles_gdn.h"
+
+#include <fmt/format.h>
+
+#include "runtime/core/error.h"
+
+namespace q35 {
+
+namespace {
+
+// Opt-in dynamic shared memory per block on sm_80 (A100); sm_90 allows 227 KiB. Staying under the
+// smaller limit keeps one cubin per tile valid on both.
+constexpr int kSmemLimit = 163 * 1024;
+constexpr int kChunk = 64;  // q35k::kGdnChunk
+
+bool is_warp_count(int warps) { return warps >= 1 && warps <= 32; }
+
+}  // namespace
+
+std::string why_unsupported(const GdnShape& s) {
+  if (s.hk <= 0 || s.hv <= 0 || s.hv % s.hk != 0)
+    return fmt::format("value heads {} are not a positive multiple of key heads {}", s.hv, s.hk);
+  if (s.dk <= 0 || s.dk % 128 != 0) return fmt::format("key head dim {} is not a multiple of 128", s.dk);
+  if (s.dv <= 0 || s.dv % 128 != 0) return fmt::format("value head dim {} is not a multiple of 128", s.dv);
+  if (s.kc < 2 || s.kc > 8) return fmt::format("conv kernel size {} is not in [2, 8]", s.kc);
+  return {};
+}
+
+std::string why_invalid(const GdnPrologueTile& tile, const GdnShape& s) {
+  if (std::string why = why_unsupported(s); !why.empty()) return why;
+  if (!is_warp_count(tile.warps)) return fmt::format("warps = {} is not in [1, 32]", tile.warps);
+  if (tile.tokens < s.kc - 1 || tile.tokens > 1024)
+    return fmt::format("tokens = {} is not in [kc - 1 = {}, 1024] (the first block must hold every ring reader)",
+                       tile.tokens, s.kc - 1);
+  return {};
+}
+
+std::string why_invalid(const GdnRecurrentTile& tile, const GdnShape& s) {
+  if (std::string why = why_unsupported(s); !why.empty()) return why;
+  if (!is_warp_count(tile.warps)) return fmt::format("warps = {} is not in [1, 32]", tile.warps);
+  if (tile.rows <= 0 || tile.rows % tile.warps != 0)
+    return fmt::format("rows = {} is not a positive multiple of warps = {}", tile.rows, tile.warps);
+  if (s.dv % tile.rows != 0) return fmt::format("rows = {} does not divide dv = {}", tile.rows, s.dv);
+  // A lane keeps rows / warps state rows of dk / 32 fp32 values.
+  const int64_t per_lane = tile.rows / tile.warps * s.dk / 32;
+  if (per_lane > 64) return fmt::format("{} state values per lane exceeds 64 (registers)", per_lane);
+  return {};
+}
+
+std::string why_invalid(const GdnChunkTile& tile, const GdnShape& s) {
+  if (std::string why = why_unsupported(s); !why.empty()) return why;
+  if (tile.vs != 16 && tile.vs != 32 && tile.vs != 64) return fmt::format("vs = {} is not 16, 32 or 64", tile.vs);
+  if (s.dv % tile.vs != 0) return fmt::format("vs = {} does not divide dv = {}", tile.vs, s.dv);
+  if (const int prep = gdn_chunk_prepare_smem_bytes(s); prep > kSmemLimit)
+    return fmt::format("gdn_chunk_prepare needs {} B of shared memory, more than {} B", prep, kSmemLimit);
+  if (const int smem = gdn_chunk_state_smem_bytes(s, tile); smem > kSmemLimit)
+    return fmt::format("gdn_chunk_state needs {} B of shared memory, more than {} B", smem, kSmemLimit);
+  return {};
+}
+
+std::string why_invalid(const GatedRmsnormTile& tile, const GdnShape& s) {
+  if (std::string why = why_unsupported(s); !why.empty()) return why;
+  if (!is_warp_count(tile.heads) || s.hv % tile.heads != 0)
+    return fmt::format("heads = {} is not in [1, 32] or does not divide hv = {}", tile.heads, s.hv);
+  return {};
+}
+
+GdnPrologueTile default_gdn_prologue_tile(const GdnShape& s) {
+  GdnPrologueTile tile{16, 4};
+  if (std::string why = why_invalid(tile, s); !why.empty()) fail("gdn_prologue: unsupported shape: {}", why);
+  return tile;
+}
+
+GdnRecurrentTile default_gdn_recurrent_tile(const GdnShape& s) {
+  // 16 rows in 4 warps: hv x dv / 16 CTAs (256 for 32 heads of 128), 4 rows of dk per warp.
+  GdnRecurrentTile tile{16, 4};
+  if (std::string why = why_invalid(tile, s); !why.empty()) fail("gdn_recurrent: unsupported shape: {}", why);
+  return tile;
+}
+
+GdnChunkTile default_gdn_chunk_tile(const GdnShape& s) {
+  // One CTA per SM (the shared memory of vs = 32 allows one): 32 columns when that still gives
+  // >= 64 CTAs (128 for 32 heads of 128), else 16.
+  GdnChunkTile tile{s.hv * s.dv / 32 >= 64 ? 32 : 16};
+  if (std::string why = why_invalid(tile, s); !why.empty()) fail("gdn_chunk_state: unsupported shape: {}", why);
+  return tile;
+}
+
+GatedRmsnormTile default_gated_rmsnorm_tile(const GdnShape& s) {
+  GatedRmsnormTile tile{s.hv % 4 == 0 ? 4 : 1};
+  if (std::string why = why_invalid(tile, s); !why.empty()) fail("gated_rmsnorm: unsupported shape: {}", why);
+  return tile;
+}
+
+int gdn_chunk_prepare_smem_bytes(const GdnShape& s) {
+  return int((2 * kChunk * (s.dk + 1) + kChunk * (kChunk + 1) + 2 * kChunk) * 4);
+}
+
+int gdn_chunk_state_smem_bytes(const GdnShape& s, const GdnChunkTile& tile) {
+  return int((s.dk * (tile.vs + 1) + 3 * kChunk * (s.dk + 1) + kChunk * (tile.vs + 1) + kChunk * (kChunk + 1) + kChunk) * 4);
+}
+
+}  // namespace q35

@@ -1,0 +1,242 @@
+#include "autotune/tiles_moe.h"
+
+#include <fmt/format.h>
+
+#include "runtime/core/error.h"
+
+namespace q35 {
+
+namespace {
+
+constexpr int kStaticSmemLimit = 48 * 1024;  // bytes of static shared memory per block
+
+// warp_rows_dot (moe.cuh) spreads a row of K values over min(C, 32) lanes, C = 16-byte vectors per row.
+std::string why_bad_row(int64_t k, int group, const char* what) {
+  const int vals = group == 0 ? 8 : 32;
+  if (k <= 0 || k % vals != 0) return fmt::format("{} = {} is not a positive multiple of {}", what, k, vals);
+  const int64_t c = k / vals;
+  if (c % 32 != 0 && 32 % c != 0)
+    return fmt::format("{} = {} is {} vectors of {} values: neither a divisor nor a multiple of 32", what, k, c, vals);
+  return {};
+}
+
+std::string describe(const MoeShape& s) {
+  return fmt::format("H = {}, E = {}, k = {}, I = {}, Is = {}, {}", s.hidden, s.experts, s.top_k, s.inter,
+                     s.shared_inter, s.group == 0 ? std::string("bf16") : fmt::format("W4A16 g{}", s.group));
+}
+
+void require_valid(const std::string& why, const char* kernel, const MoeShape& s) {
+  if (!why.empty()) fail("{} [{}]: {}", kernel, describe(s), why);
+}
+
+std::string str(int64_t v) { return std::to_string(v); }
+
+}  // namespace
+
+const char* name(MoeGemm g) {
+  switch (g) {
+    case MoeGemm::RoutedGateUp: return "routed gate_up";
+    case MoeGemm::RoutedDown: return "routed down";
+    case MoeGemm::SharedGateUp: return "shared gate_up";
+    case MoeGemm::SharedDown: return "shared down";
+  }
+  return "?";
+}
+
+std::string why_invalid(const MoeShape& s) {
+  if (s.group != 0 && s.group != 32 && s.group != 64 && s.group != 128)
+    return fmt::format("weight group {} is not 0 (bf16), 32, 64 or 128", s.group);
+  if (s.experts < 1 || s.experts > 1024) return fmt::format("E = {} is not in [1, 1024]", s.experts);
+  if (s.top_k < 1 || s.top_k > std::min<int64_t>(s.experts, 32))
+    return fmt::format("k = {} is not in [1, min(E, 32)]", s.top_k);
+  if (s.inter <= 0 || s.shared_inter <= 0) return fmt::format("I = {} and Is = {} must be positive", s.inter, s.shared_inter);
+  for (auto [k, what] : {std::pair{s.hidden, "H"}, {s.inter, "I"}, {s.shared_inter, "Is"}}) {
+    if (s.group != 0 && k % s.group != 0) return fmt::format("{} = {} is not a multiple of the group {}", what, k, s.group);
+    if (std::string why = why_bad_row(k, s.group, what); !why.empty()) return why;
+  }
+  if (std::string why = why_bad_row(s.hidden, 0, "H (router)"); !why.empty()) return why;
+  return {};
+}
+
+std::string why_invalid(const MoeRouterTile& t, const MoeShape& s) {
+  if (std::string why = why_invalid(s); !why.empty()) return why;
+  if (t.m_tile < 1 || t.m_tile > 16) return fmt::format("m_tile = {} is not in [1, 16]", t.m_tile);
+  if (t.rows_per_warp < 1 || t.rows_per_warp > 8) return fmt::format("rows_per_warp = {} is not in [1, 8]", t.rows_per_warp);
+  if (s.experts % t.rows_per_warp != 0)
+    return fmt::format("E = {} is not a multiple of rows_per_warp = {}", s.experts, t.rows_per_warp);
+  if (t.warps < 1 || t.warps > 32) return fmt::format("warps = {} is not in [1, 32]", t.warps);
+  if (t.m_tile * t.rows_per_warp > 64)
+    return fmt::format("m_tile * rows_per_warp = {} accumulators per lane exceeds 64", t.m_tile * t.rows_per_warp);
+  return {};
+}
+
+std::string why_invalid_gate_up(const MoeGemvTile& t, const MoeShape& s) {
+  if (std::string why = why_invalid(s); !why.empty()) return why;
+  if (t.rows_per_warp < 1 || t.rows_per_warp > 8) return fmt::format("rows_per_warp = {} is not in [1, 8]", t.rows_per_warp);
+  if (s.inter % t.rows_per_warp != 0 || s.shared_inter % t.rows_per_warp != 0)
+    return fmt::format("I = {} and Is = {} must be multiples of rows_per_warp = {}", s.inter, s.shared_inter, t.rows_per_warp);
+  if (t.warps < 1 || t.warps > 32) return fmt::format("warps = {} is not in [1, 32]", t.warps);
+  return {};
+}
+
+std::string why_invalid_down(const MoeGemvTile& t, const MoeShape& s) {
+  if (std::string why = why_invalid(s); !why.empty()) return why;
+  if (t.rows_per_warp < 1 || t.rows_per_warp > 16) return fmt::format("rows_per_warp = {} is not in [1, 16]", t.rows_per_warp);
+  if (s.hidden % t.rows_per_warp != 0)
+    return fmt::format("H = {} is not a multiple of rows_per_warp = {}", s.hidden, t.rows_per_warp);
+  if (t.warps < 1 || t.warps > 32) return fmt::format("warps = {} is not in [1, 32]", t.warps);
+  return {};
+}
+
+int64_t moe_gemm_n(const MoeShape& s, MoeGemm g) {
+  switch (g) {
+    case MoeGemm::RoutedGateUp: return 2 * s.inter;
+    case MoeGemm::SharedGateUp: return 2 * s.shared_inter;
+    case MoeGemm::RoutedDown:
+    case MoeGemm::SharedDown: return s.hidden;
+  }
+  return 0;
+}
+
+int64_t moe_gemm_k(const MoeShape& s, MoeGemm g) {
+  switch (g) {
+    case MoeGemm::RoutedGateUp:
+    case MoeGemm::SharedGateUp: return s.hidden;
+    case MoeGemm::RoutedDown: return s.inter;
+    case MoeGemm::SharedDown: return s.shared_inter;
+  }
+  return 0;
+}
+
+std::string why_invalid(const MoeGemmTile& t, const MoeShape& s, MoeGemm g) {
+  if (std::string why = why_invalid(s); !why.empty()) return why;
+  const int64_t n = moe_gemm_n(s, g), k = moe_gemm_k(s, g);
+  if (t.warps_m < 1 || t.warps_n < 1 || t.threads() > 1024)
+    return fmt::format("warps {} x {} is not a block of 1..32 warps", t.warps_m, t.warps_n);
+  if (t.block_m % (16 * t.warps_m) != 0 || t.block_n % (16 * t.warps_n) != 0)
+    return fmt::format("block {} x {} does not split into {} x {} warp tiles of multiples of 16 x 16", t.block_m,
+                       t.block_n, t.warps_m, t.warps_n);
+  if (t.block_k < 16 || t.block_k % (s.group == 0 ? 16 : 32) != 0)
+    return fmt::format("block_k = {} is not a positive multiple of {}", t.block_k, s.group == 0 ? 16 : 32);
+  if (n % t.block_n != 0) return fmt::format("{}: N = {} is not a multiple of block_n = {}", name(g), n, t.block_n);
+  if (k % t.block_k != 0) return fmt::format("{}: K = {} is not a multiple of block_k = {}", name(g), k, t.block_k);
+  const int vals = s.group == 0 ? 8 : 32;
+  if (t.block_m * t.block_k / 8 % t.threads() != 0 || t.block_n * t.block_k / vals % t.threads() != 0)
+    return fmt::format("tiles {} x {} and {} x {} do not split into 16-byte vectors over {} threads", t.block_m,
+                       t.block_k, t.block_n, t.block_k, t.threads());
+  const int acc = t.block_m / t.warps_m * t.block_n / t.warps_n / 32;
+  if (acc > 128) return fmt::format("{} fp32 accumulators per thread exceeds 128 (registers)", acc);
+  if (t.smem_bytes() > kStaticSmemLimit)
+    return fmt::format("{} B of shared memory exceeds {} B", t.smem_bytes(), kStaticSmemLimit);
+  return {};
+}
+
+MoeRouterTile default_moe_router_tile(const MoeShape& s, int64_t tokens) {
+  if (tokens < 1) fail("moe_router: tokens = {} must be positive", tokens);
+  MoeRouterTile t;
+  t.m_tile = tokens <= 1 ? 1 : tokens <= kMoeDecodeMaxTokens ? 8 : 16;
+  t.rows_per_warp = s.experts % 2 == 0 ? 2 : 1;
+  t.warps = 4;
+  require_valid(why_invalid(t, s), "moe_router", s);
+  return t;
+}
+
+MoeGemvTile default_moe_gate_up_tile(const MoeShape& s) {
+  MoeGemvTile t{s.inter % 2 == 0 && s.shared_inter % 2 == 0 ? 2 : 1, 4};
+  require_valid(why_invalid_gate_up(t, s), "moe_decode_gate_up", s);
+  return t;
+}
+
+MoeGemvTile default_moe_down_tile(const MoeShape& s) {
+  MoeGemvTile t{s.hidden % 2 == 0 ? 2 : 1, 4};
+  require_valid(why_invalid_down(t, s), "moe_decode_down", s);
+  return t;
+}
+
+MoeGemmTile default_moe_gemm_tile(const MoeShape& s) {
+  // One tile for all four GEMMs (the align kernel's BLOCK_M must match the routed ones).
+  for (MoeGemmTile t : {MoeGemmTile{64, 128, 32, 2, 2}, MoeGemmTile{64, 64, 32, 2, 2}, MoeGemmTile{32, 32, 32, 2, 2}}) {
+    bool ok = true;
+    for (MoeGemm g : {MoeGemm::RoutedGateUp, MoeGemm::RoutedDown, MoeGemm::SharedGateUp, MoeGemm::SharedDown})
+      ok = ok && why_invalid(t, s, g).empty();
+    if (ok) return t;
+  }
+  const MoeGemmTile t{32, 32, 32, 2, 2};
+  for (MoeGemm g : {MoeGemm::RoutedGateUp, MoeGemm::RoutedDown, MoeGemm::SharedGateUp, MoeGemm::SharedDown})
+    require_valid(why_invalid(t, s, g), "moe_gemm", s);
+  return t;
+}
+
+KernelSpec moe_router_spec(const MoeShape& s, const MoeRouterTile& t) {
+  require_valid(why_invalid(t, s), "moe_router", s);
+  return {"moe",
+          "moe_router",
+          {{"H", str(s.hidden)},
+           {"E", str(s.experts)},
+           {"TOPK", str(s.top_k)},
+           {"M_TILE", str(t.m_tile)},
+           {"ROWS", str(t.rows_per_warp)},
+           {"WARPS", str(t.warps)}}};
+}
+
+namespace {
+KernelSpec decode_spec(const char* kernel, const MoeShape& s, const MoeGemvTile& t) {
+  return {"moe",
+          kernel,
+          {{"GROUP", str(s.group)},
+           {"H", str(s.hidden)},
+           {"I", str(s.inter)},
+           {"IS", str(s.shared_inter)},
+           {"TOPK", str(s.top_k)},
+           {"ROWS", str(t.rows_per_warp)},
+           {"WARPS", str(t.warps)}}};
+}
+}  // namespace
+
+KernelSpec moe_decode_gate_up_spec(const MoeShape& s, const MoeGemvTile& t) {
+  require_valid(why_invalid_gate_up(t, s), "moe_decode_gate_up", s);
+  return decode_spec("moe_decode_gate_up", s, t);
+}
+
+KernelSpec moe_decode_down_spec(const MoeShape& s, const MoeGemvTile& t) {
+  require_valid(why_invalid_down(t, s), "moe_decode_down", s);
+  return decode_spec("moe_decode_down", s, t);
+}
+
+KernelSpec moe_align_spec(const MoeShape& s, const MoeGemmTile& t) {
+  require_valid(why_invalid(t, s, MoeGemm::RoutedGateUp), "moe_align", s);
+  return {"moe",
+          "moe_align",
+          {{"E", str(s.experts)},
+           {"TOPK", str(s.top_k)},
+           {"BLOCK_M", str(t.block_m)},
+           {"THREADS", str(kMoeAlignThreads)}}};
+}
+
+KernelSpec moe_gemm_spec(const MoeShape& s, MoeGemm g, const MoeGemmTile& t) {
+  require_valid(why_invalid(t, s, g), "moe_gemm", s);
+  const bool gate_up = g == MoeGemm::RoutedGateUp || g == MoeGemm::SharedGateUp;
+  const bool routed = g == MoeGemm::RoutedGateUp || g == MoeGemm::RoutedDown;
+  return {"moe_gemm",
+          "moe_gemm",
+          {{"GROUP", str(s.group)},
+           {"N", str(moe_gemm_n(s, g))},
+           {"K", str(moe_gemm_k(s, g))},
+           {"TOPK", str(s.top_k)},
+           {"GATE_UP", gate_up ? "true" : "false"},
+           {"ROUTED", routed ? "true" : "false"},
+           {"BM", str(t.block_m)},
+           {"BN", str(t.block_n)},
+           {"BK", str(t.block_k)},
+           {"WM", str(t.warps_m)},
+           {"WN", str(t.warps_n)}}};
+}
+
+KernelSpec moe_combine_spec(const MoeShape& s) {
+  require_valid(why_invalid(s), "moe_combine", s);
+  return {"moe",
+          "moe_combine",
+          {{"H", str(s.hidden)}, {"TOPK", str(s.top_k)}, {"THREADS", str(kMoeCombineThreads)}}};
+}
+
+}  // namespace q35

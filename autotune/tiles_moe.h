@@ -1,0 +1,81 @@
+#pragma once
+// Tile configurations of the MoE kernels (kernel_templates/moe.cuh, moe_gemm.cuh): validity rules,
+// heuristic defaults and the KernelSpecs. Shapes come as a MoeShape (sizes of one MoE layer and the
+// weight format), so nothing here knows the model.
+#include <cstdint>
+#include <string>
+
+#include "runtime/jit/kernel_spec.h"
+
+namespace q35 {
+
+struct MoeShape {
+  int64_t hidden = 0;        // H
+  int64_t experts = 0;       // E
+  int64_t top_k = 0;         // k
+  int64_t inter = 0;         // I, routed expert intermediate size
+  int64_t shared_inter = 0;  // Is, shared expert intermediate size
+  int group = 0;             // weight format of the experts and the shared expert: 0 = bf16, else W4A16 group
+};
+
+// moe_router<H, E, TOPK, M_TILE, ROWS, WARPS>; grid (ceil((E / rows_per_warp + 1) / warps), ceil(T / m_tile)).
+struct MoeRouterTile {
+  int m_tile = 1;         // tokens per block (1..16)
+  int rows_per_warp = 2;  // router rows per warp
+  int warps = 4;
+  int threads() const { return 32 * warps; }
+  unsigned blocks_x(int64_t experts) const { return unsigned((experts / rows_per_warp + 1 + warps - 1) / warps); }
+};
+
+// moe_decode_gate_up / moe_decode_down <GROUP, H, I, IS, TOPK, ROWS, WARPS>;
+// grid (ceil(rows / (rows_per_warp * warps)), T) with rows = k*I + Is (gate_up) or H (down).
+struct MoeGemvTile {
+  int rows_per_warp = 2;
+  int warps = 4;
+  int rows_per_block() const { return rows_per_warp * warps; }
+  int threads() const { return 32 * warps; }
+};
+
+// moe_gemm<GROUP, N, K, TOPK, GATE_UP, ROUTED, BM, BN, BK, WM, WN>; grid (N / block_n, row blocks).
+struct MoeGemmTile {
+  int block_m = 64, block_n = 128, block_k = 32;
+  int warps_m = 2, warps_n = 2;
+  int threads() const { return 32 * warps_m * warps_n; }
+  int smem_bytes() const { return 2 * (block_m + block_n) * (block_k + 8) * 2; }  // 2 stages, padded rows
+};
+
+// The four GEMMs of the prefill path.
+enum class MoeGemm { RoutedGateUp, RoutedDown, SharedGateUp, SharedDown };
+const char* name(MoeGemm g);
+
+// Largest T that takes the decode path (gate_up + down GEMVs); more tokens take the prefill path.
+constexpr int64_t kMoeDecodeMaxTokens = 8;
+constexpr int kMoeAlignThreads = 1024;
+constexpr int kMoeCombineThreads = 256;
+
+// Empty when valid, else why not.
+std::string why_invalid(const MoeShape& s);  // sizes and format, independent of tiles
+std::string why_invalid(const MoeRouterTile& tile, const MoeShape& s);
+std::string why_invalid_gate_up(const MoeGemvTile& tile, const MoeShape& s);
+std::string why_invalid_down(const MoeGemvTile& tile, const MoeShape& s);
+std::string why_invalid(const MoeGemmTile& tile, const MoeShape& s, MoeGemm gemm);
+
+// Heuristic defaults (valid for the shape; Error naming the reason if the shape is unsupported).
+// tokens: T of the call (the router's m_tile follows it: 1 for T = 1, 8 up to kMoeDecodeMaxTokens, 16 above).
+MoeRouterTile default_moe_router_tile(const MoeShape& s, int64_t tokens);
+MoeGemvTile default_moe_gate_up_tile(const MoeShape& s);
+MoeGemvTile default_moe_down_tile(const MoeShape& s);
+MoeGemmTile default_moe_gemm_tile(const MoeShape& s);
+
+// GEMM sizes: weight rows N and reduction K.
+int64_t moe_gemm_n(const MoeShape& s, MoeGemm gemm);
+int64_t moe_gemm_k(const MoeShape& s, MoeGemm gemm);
+
+KernelSpec moe_router_spec(const MoeShape& s, const MoeRouterTile& tile);
+KernelSpec moe_decode_gate_up_spec(const MoeShape& s, const MoeGemvTile& tile);
+KernelSpec moe_decode_down_spec(const MoeShape& s, const MoeGemvTile& tile);
+KernelSpec moe_align_spec(const MoeShape& s, const MoeGemmTile& tile);
+KernelSpec moe_gemm_spec(const MoeShape& s, MoeGemm gemm, const MoeGemmTile& tile);
+KernelSpec moe_combine_spec(const MoeShape& s);
+
+}  // namespace q35

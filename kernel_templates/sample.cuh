@@ -1,0 +1,256 @@
+#pragma once
+// Token selection from fp32 logits [V] on the GPU, graph-replayable (no host round trip).
+// Semantics of runtime/core/sampler.cpp (the host reference):
+//   greedy (temperature <= 0 or top_k == 1): argmax, the lowest id on ties;
+//   sampled: candidates sorted by (logit desc, id asc); keep the first top_k (0 = all); softmax at
+//   the temperature over them; keep the smallest prefix whose mass reaches top_p; draw one.
+// argmax_f32: BLOCKS blocks each reduce a slice to (max, lowest id); the last block to finish (an
+//   atomic ticket) reduces the partials, writes the id and re-arms the ticket.
+// sample_f32: one block; the top-k and top-p boundaries are found by radix selection on the
+//   order-preserving 32-bit key of each logit (4 passes of 8 bits: counts for top-k, probability
+//   mass for top-p), ties at a boundary are taken in id order (a block scan over contiguous id
+//   ranges), then the draw walks the kept set in id order. The uniform number comes from a hash
+//   of (seed, step) read from device memory; the kernel advances step, so a replayed graph draws
+//   a fresh number each time.
+#include "common.cuh"
+
+namespace q35k {
+
+// Larger float -> larger key (negative values bit-flipped).
+__device__ __forceinline__ u32 order_key(float f) {
+  const u32 u = __float_as_uint(f);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// (value, id) pair order for argmax: larger value, then lower id.
+__device__ __forceinline__ bool beats(float v, int i, float bv, int bi) { return v > bv || (v == bv && i < bi); }
+
+__device__ __forceinline__ void warp_argmax(float& v, int& i) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    const float ov = __shfl_xor_sync(0xffffffffu, v, off);
+    const int oi = __shfl_xor_sync(0xffffffffu, i, off);
+    if (beats(ov, oi, v, i)) v = ov, i = oi;
+  }
+}
+
+// Block-wide (max, lowest id); every thread gets it. scratch_v / scratch_i hold THREADS / 32 entries.
+template <int THREADS>
+__device__ __forceinline__ void block_argmax(float& v, int& i, float* scratch_v, int* scratch_i) {
+  warp_argmax(v, i);
+  __syncthreads();
+  if (threadIdx.x % 32 == 0) scratch_v[threadIdx.x / 32] = v, scratch_i[threadIdx.x / 32] = i;
+  __syncthreads();
+  v = scratch_v[0], i = scratch_i[0];
+  for (int w = 1; w < THREADS / 32; ++w)
+    if (beats(scratch_v[w], scratch_i[w], v, i)) v = scratch_v[w], i = scratch_i[w];
+}
+
+// Exclusive prefix sum over the block in thread order; `total` gets the block's sum.
+// scratch holds THREADS / 32 floats.
+template <int THREADS>
+__device__ __forceinline__ float block_exclusive_scan(float v, float* scratch, float& total) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  float incl = v;
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const float o = __shfl_up_sync(0xffffffffu, incl, off);
+    if (lane >= off) incl += o;
+  }
+  __syncthreads();
+  if (lane == 31) scratch[warp] = incl;
+  __syncthreads();
+  float before = 0.f;
+  total = 0.f;
+  for (int w = 0; w < THREADS / 32; ++w) {
+    if (w < warp) before += scratch[w];
+    total += scratch[w];
+  }
+  return before + incl - v;
+}
+
+__device__ __forceinline__ unsigned long long splitmix64(unsigned long long z) {
+  z += 0x9e3779b97f4a7c15ull;
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+}  // namespace q35k
+
+template <int V, int THREADS, int BLOCKS>
+__global__ void __launch_bounds__(THREADS)
+argmax_f32(const float* __restrict__ logits,  // [V]
+           int* __restrict__ out_id,          // [1]
+           float* partial_v,                  // [BLOCKS] workspace
+           int* partial_i,                    // [BLOCKS] workspace
+           unsigned* ticket) {                // [1] workspace, 0 between launches
+  using namespace q35k;
+  constexpr int SLICE = (V + BLOCKS - 1) / BLOCKS;
+  __shared__ float sv[THREADS / 32];
+  __shared__ int si[THREADS / 32];
+  __shared__ bool last;
+  const int begin = blockIdx.x * SLICE, end = min(V, begin + SLICE);
+  float v = -INFINITY;
+  int i = 0x7fffffff;
+  for (int j = begin + threadIdx.x; j < end; j += THREADS) {
+    const float l = logits[j];
+    if (beats(l, j, v, i)) v = l, i = j;
+  }
+  block_argmax<THREADS>(v, i, sv, si);
+  if (threadIdx.x == 0) {
+    partial_v[blockIdx.x] = v;
+    partial_i[blockIdx.x] = i;
+    __threadfence();
+    last = atomicAdd(ticket, 1u) == BLOCKS - 1;
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  v = -INFINITY, i = 0x7fffffff;
+  for (int b = threadIdx.x; b < BLOCKS; b += THREADS) {
+    const float pv = static_cast<volatile float*>(partial_v)[b];
+    const int pi = static_cast<volatile int*>(partial_i)[b];
+    if (beats(pv, pi, v, i)) v = pv, i = pi;
+  }
+  block_argmax<THREADS>(v, i, sv, si);
+  if (threadIdx.x == 0) {
+    *out_id = i;
+    *ticket = 0;
+  }
+}
+
+template <int V, int THREADS>
+__global__ void __launch_bounds__(THREADS)
+sample_f32(const float* __restrict__ logits,  // [V]
+           int* __restrict__ out_id,          // [1]
+           unsigned long long* rng,           // [2]: seed, step (step is incremented)
+           float temperature, int top_k, float top_p) {
+  using namespace q35k;
+  constexpr int PER = (V + THREADS - 1) / THREADS;  // contiguous ids per thread (id order = thread order)
+  __shared__ float sv[THREADS / 32], scan[THREADS / 32];
+  __shared__ int si[THREADS / 32];
+  __shared__ float hist[256];
+  __shared__ u32 sel_prefix;
+  __shared__ float sel_left;
+  __shared__ int chosen;
+  const int begin = min(V, int(threadIdx.x) * PER), end = min(V, begin + PER);
+
+  // Greedy, and the max logit for a stable softmax.
+  float m = -INFINITY;
+  int best = 0x7fffffff;
+  for (int j = begin; j < end; ++j)
+    if (beats(logits[j], j, m, best)) m = logits[j], best = j;
+  block_argmax<THREADS>(m, best, sv, si);
+  if (temperature <= 0.f || top_k == 1) {
+    if (threadIdx.x == 0) *out_id = best, rng[1] += 1;
+    return;
+  }
+  const float inv_t = 1.f / temperature;
+
+  // Radix selection over keys passing `in`: the boundary key b such that the weight (count, or
+  // mass) of keys > b is below `target` and adding the keys == b reaches it. Returns b and sets
+  // `left` = target minus the weight above b (what the ties at b must supply, in id order).
+  auto select = [&](auto in, auto weight, float target, float& left) -> u32 {
+    u32 prefix = 0, mask = 0;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+      for (int b = threadIdx.x; b < 256; b += THREADS) hist[b] = 0.f;
+      __syncthreads();
+      for (int j = begin; j < end; ++j) {
+        const u32 key = order_key(logits[j]);
+        if ((key & mask) == prefix && in(j, key)) atomicAdd(&hist[(key >> shift) & 255u], weight(j));
+      }
+      __syncthreads();
+      if (threadIdx.x == 0) {
+        int lowest = 0;  // lowest non-empty bucket: taken when rounding leaves the target unreached
+        while (lowest < 255 && hist[lowest] == 0.f) ++lowest;
+        int b = 255;
+        for (; b > lowest; --b) {
+          if (hist[b] >= target) break;
+          target -= hist[b];
+        }
+        sel_prefix = prefix | (u32(b) << shift);
+        sel_left = target;
+      }
+      __syncthreads();
+      prefix = sel_prefix, target = sel_left;
+      mask |= 255u << shift;
+      __syncthreads();
+    }
+    left = target;
+    return prefix;
+  };
+  // The last id of this thread's slice that is among the first `take` ids (in id order, over the
+  // whole vocabulary) with key == b passing `in`; -1 if none.
+  auto tie_cutoff = [&](auto in, u32 b, float take) -> int {
+    float n = 0.f, total;
+    for (int j = begin; j < end; ++j) n += order_key(logits[j]) == b && in(j, b);
+    float seen = block_exclusive_scan<THREADS>(n, scan, total);
+    int cut = -1;
+    for (int j = begin; j < end && seen < take; ++j)
+      if (order_key(logits[j]) == b && in(j, b)) cut = j, seen += 1.f;
+    return cut;
+  };
+  auto prob = [&](int j) { return expf((logits[j] - m) * inv_t); };
+
+  // Top-k: keys above kth, and ids up to k_cut among the keys equal to it.
+  u32 kth = 0;
+  int k_cut = V;
+  if (top_k > 0 && top_k < V) {
+    auto all = [](int, u32) { return true; };
+    float take;
+    kth = select(all, [](int) { return 1.f; }, float(top_k), take);
+    k_cut = tie_cutoff(all, kth, take);
+  }
+  auto kept = [&](int j, u32 key) { return key > kth || (key == kth && j <= k_cut); };
+
+  // Softmax normaliser over the kept set.
+  float z = 0.f, total;
+  for (int j = begin; j < end; ++j)
+    if (kept(j, order_key(logits[j]))) z += prob(j);
+  block_exclusive_scan<THREADS>(z, scan, total);
+  z = total;
+
+  // Top-p: the smallest (value desc, id asc) prefix of the kept set whose mass reaches top_p * z.
+  u32 pth = 0;
+  int p_cut = V;
+  if (top_p < 1.f) {
+    float left;
+    pth = select(kept, prob, top_p * z, left);
+    const float p_eq = expf((__uint_as_float((pth & 0x80000000u) ? (pth & 0x7fffffffu) : ~pth) - m) * inv_t);
+    p_cut = tie_cutoff(kept, pth, fmaxf(1.f, ceilf(left / p_eq)));
+  }
+  auto in_final = [&](int j, u32 key) {
+    return kept(j, key) && (key > pth || (key == pth && j <= p_cut));
+  };
+
+  // Draw: u in [0, mass of the final set), found by a scan in id order.
+  float mass = 0.f;
+  int last_in = -1;
+  for (int j = begin; j < end; ++j)
+    if (in_final(j, order_key(logits[j]))) mass += prob(j), last_in = j;
+  const float before = block_exclusive_scan<THREADS>(mass, scan, total);
+  const unsigned long long h = splitmix64(splitmix64(rng[0]) ^ rng[1]);
+  const float u = float(double(h >> 11) * 0x1p-53) * total;
+  if (threadIdx.x == 0) chosen = 0x7fffffff;
+  __syncthreads();
+  // The owner of u walks its ids; rounding past the end falls back to the last id of the set.
+  if (last_in >= 0 && before <= u && (u < before + mass || before + mass >= total)) {
+    float c = before;
+    int pick = last_in;
+    for (int j = begin; j < end; ++j)
+      if (in_final(j, order_key(logits[j]))) {
+        c += prob(j);
+        if (c > u) {
+          pick = j;
+          break;
+        }
+      }
+    atomicMin(&chosen, pick);
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    *out_id = chosen != 0x7fffffff ? chosen : best;
+    rng[1] += 1;
+  }
+}

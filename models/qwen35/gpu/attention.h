@@ -1,0 +1,85 @@
+#pragma once
+// Host side of the gated full-attention kernels (kernel_templates/attention.cuh, spec §2.3).
+//
+// Per full-attention layer, after the fused projection qkv = x . [q_proj | k_proj | v_proj]^T:
+//   prefill (T tokens at positions pos0 .. pos0+T-1, any pos0 so a later turn continues):
+//     launch_qk_norm_rope  -> q [T, Hq, D], K/V cache rows pos0 .. pos0+T-1
+//     launch_attention_prefill -> out [T, Hq*D]
+//   decode (T = 1; up to 8 / (Hq/Hkv) tokens):
+//     launch_qk_norm_rope, then launch_attention_decode (split kernel + merge kernel)
+// then o_proj reads out. pos0 lives in device memory (int32), so a decode step captured in a CUDA
+// graph replays at any position; T and the decode split count are fixed per launch.
+//
+// Buffers (device pointers, row-major, 16-byte aligned):
+//   qkv      bf16 [T, qkv_row], qkv_row = Hq*2D + 2*Hkv*D; row = [per q head h: q (D) | gate (D)]
+//            then k [Hkv, D] then v [Hkv, D] (q_proj | k_proj | v_proj rows in checkpoint order)
+//   q_norm_w, k_norm_w  bf16 [D] (zero-centred offsets, applied as 1 + w)
+//   q        bf16 [T, Hq, D]   (normed + roped queries; written by qk_norm_rope)
+//   k_cache, v_cache  bf16 [max_context, Hkv, D] each, one pair per full-attention layer; row p is
+//            position p, k stored after norm + RoPE
+//   out      bf16 [T, Hq*D]    (head-major, gate applied: feeds o_proj)
+//   pos0     int32 [1]
+//   scratch  attention_decode_scratch_bytes(plan, splits) bytes (decode partials, fp32)
+#include <cuda.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "autotune/tiles_attention.h"
+#include "models/qwen35/config.h"
+#include "runtime/cuda/driver.h"
+#include "runtime/jit/kernel_spec.h"
+
+namespace q35::qwen35::gpu {
+
+// The attention shapes of a config with one tile per kernel.
+struct AttentionPlan {
+  int64_t hq = 0, hkv = 0, d = 0, rotary = 0;
+  float theta = 0, eps = 0, scale = 0;  // rope_theta, rms_norm_eps, head_dim^-0.5
+  QkNormRopeTile rope;
+  AttentionPrefillTile prefill;
+  AttentionDecodeTile decode;
+
+  int64_t qkv_row() const { return hq * 2 * d + 2 * hkv * d; }
+  int max_decode_tokens() const { return int(AttentionDecodeTile::kRows / (hq / hkv)); }
+  KernelSpec qk_norm_rope_spec() const;
+  KernelSpec prefill_spec() const;
+  KernelSpec decode_spec() const;
+  KernelSpec decode_merge_spec() const;
+};
+
+// Default tiles for the config. Error naming the config key when the shape is unsupported
+// (attn_output_gate = false, head_dim not a multiple of 64, ...).
+AttentionPlan attention_plan(const Config& cfg);
+
+// Every attention kernel the model needs (empty without full-attention layers).
+std::vector<KernelSpec> attention_kernels(const Config& cfg);
+
+// Decode split count for a KV cache of max_context rows on a GPU with sm_count SMs: about two CTAs
+// per SM over the kv heads, no more than the cache has blocks of 16 keys per warp.
+int attention_decode_splits(const AttentionPlan& plan, int64_t max_context, int sm_count);
+// Scratch of one decode launch: part_o fp32 [Hkv, splits, 8, D] then part_ml fp32 [Hkv, splits, 8, 2].
+size_t attention_decode_scratch_bytes(const AttentionPlan& plan, int splits);
+
+// q heads and k heads: zero-centred RMSNorm over D, NeoX RoPE on the first rotary dims at
+// position pos0 + t; v copied. Writes q [T, Hq, D] and cache rows pos0 .. pos0+T-1 (rows at or past
+// max_context are skipped: keep pos0 + T <= max_context). Grid (T).
+void launch_qk_norm_rope(const AttentionPlan& plan, const Function& f, const Stream& stream, CUdeviceptr qkv,
+                         CUdeviceptr q_norm_w, CUdeviceptr k_norm_w, CUdeviceptr q, CUdeviceptr k_cache,
+                         CUdeviceptr v_cache, CUdeviceptr pos0, int T, int max_context, bool pdl = false);
+
+// Causal attention of q [T, Hq, D] over cache rows 0 .. pos0+T-1, out [T, Hq*D] = o * sigmoid(gate),
+// gate from qkv. Sets the function's dynamic shared memory (plan.prefill.smem_bytes(D)).
+void launch_attention_prefill(const AttentionPlan& plan, const Function& f, const Stream& stream, CUdeviceptr q,
+                              CUdeviceptr k_cache, CUdeviceptr v_cache, CUdeviceptr qkv, CUdeviceptr out,
+                              CUdeviceptr pos0, int T, bool pdl = false);
+
+// Split-K decode for T <= plan.max_decode_tokens() tokens: `decode` (grid (Hkv, splits)) writes
+// partials into scratch, `merge` (grid (T*Hq)) combines them into out [T, Hq*D] with the gate.
+void launch_attention_decode(const AttentionPlan& plan, const Function& decode, const Function& merge,
+                             const Stream& stream, CUdeviceptr q, CUdeviceptr k_cache, CUdeviceptr v_cache,
+                             CUdeviceptr qkv, CUdeviceptr out, CUdeviceptr scratch, int splits, CUdeviceptr pos0,
+                             int T, bool pdl = false);
+
+}  // namespace q35::qwen35::gpu

@@ -1,0 +1,129 @@
+#include "models/qwen35/gpu/dense.h"
+
+#include <algorithm>
+
+#include "runtime/core/error.h"
+
+namespace q35::qwen35::gpu {
+
+namespace {
+
+unsigned blocks_for(int64_t count, int64_t per_block) { return unsigned((count + per_block - 1) / per_block); }
+
+}  // namespace
+
+std::vector<DenseShape> dense_shapes(const Config& cfg) {
+  const int64_t H = cfg.hidden_size;
+  const bool has_full = cfg.num_layers_of(LayerType::FullAttention) > 0;
+  const bool has_linear = cfg.num_layers_of(LayerType::LinearAttention) > 0;
+  std::vector<DenseShape> shapes;
+  if (has_full) {
+    shapes.push_back({DenseProj::AttnQkv, "attn q|k|v", cfg.q_proj_rows() + 2 * cfg.kv_dim(), H});
+    shapes.push_back({DenseProj::AttnOut, "attn o_proj", H, cfg.attn_out_dim()});
+  }
+  if (has_linear) {
+    shapes.push_back({DenseProj::GdnIn, "gdn in_proj qkv|z|b|a",
+                      cfg.linear_conv_dim() + cfg.linear_value_dim() + 2 * cfg.linear_num_value_heads, H});
+    shapes.push_back({DenseProj::GdnOut, "gdn out_proj", H, cfg.linear_value_dim()});
+  }
+  shapes.push_back({DenseProj::LmHead, "lm_head", cfg.vocab_size, H});
+  return shapes;
+}
+
+GemmPlan gemm_plan(int64_t n, int64_t k, int64_t m, bool out_f32) { return {n, k, default_gemm_tile(n, k, m), out_f32}; }
+
+KernelSpec GemvBf16Plan::spec() const {
+  return out_f32 ? gemv_bf16_f32_spec(n, k, tile.m_tile, tile.rows_per_warp, tile.warps) : gemv_bf16_spec(n, k, tile);
+}
+
+GemvBf16Plan gemv_bf16_plan(int64_t n, int64_t k, int m, bool out_f32) {
+  return {n, k, default_gemv_tile(n, k, m), out_f32};
+}
+
+W4GemvPlan w4_gemv_plan(int64_t n, int64_t k, int64_t group, int m, bool out_f32) {
+  return {n, k, group, default_w4_gemv_tile(n, k, group, m), out_f32};
+}
+
+QuantizePlan quantize_plan(int64_t k, int64_t group) { return {k, group, default_quantize_tile(k, group)}; }
+
+SamplePlan sample_plan(int64_t vocab) { return {vocab, default_sample_tile(vocab)}; }
+
+void launch(const GemmPlan& p, const Function& f, const Stream& stream, CUdeviceptr x, CUdeviceptr W, CUdeviceptr y,
+            int M) {
+  if (M < 1) fail("gemm_bf16 [N = {}, K = {}]: M = {} rows is not positive", p.n, p.k, M);
+  f.set_max_dynamic_smem(p.tile.smem_bytes());
+  f.launch({{blocks_for(M, p.tile.bm), blocks_for(p.n, p.tile.bn)}, {unsigned(p.tile.threads())},
+            unsigned(p.tile.smem_bytes())},
+           stream, x, W, y, M);
+}
+
+void launch(const GemvBf16Plan& p, const Function& f, const Stream& stream, CUdeviceptr W, CUdeviceptr x,
+            CUdeviceptr y, int T) {
+  if (T < 1) fail("gemv_bf16 [N = {}, K = {}]: T = {} tokens is not positive", p.n, p.k, T);
+  f.launch({{blocks_for(p.n, p.tile.rows_per_block()), blocks_for(T, p.tile.m_tile)}, {unsigned(p.tile.threads())}},
+           stream, W, x, y, T);
+}
+
+void launch(const W4GemvPlan& p, const Function& f, const Stream& stream, CUdeviceptr qweight, CUdeviceptr scales,
+            CUdeviceptr x, CUdeviceptr y, int T) {
+  if (T < 1) fail("gemv_w4a16 [N = {}, K = {}]: T = {} tokens is not positive", p.n, p.k, T);
+  f.launch({{blocks_for(p.n, p.tile.rows_per_block()), blocks_for(T, p.tile.m_tile)}, {unsigned(p.tile.threads())}},
+           stream, qweight, scales, x, y, T);
+}
+
+void launch_quantize(const QuantizePlan& p, const Function& f, const Stream& stream, CUdeviceptr w,
+                     CUdeviceptr qweight, CUdeviceptr scales, int64_t rows) {
+  if (rows < 1 || rows > INT32_MAX) fail("quantize_w4 [K = {}]: rows = {} is not in [1, 2^31)", p.k, rows);
+  const int r = int(rows);
+  f.launch({{blocks_for(rows * p.k / 8, p.tile.threads)}, {unsigned(p.tile.threads)}}, stream, w, qweight, scales, r);
+}
+
+void launch_dequantize(const QuantizePlan& p, const Function& f, const Stream& stream, CUdeviceptr qweight,
+                       CUdeviceptr scales, CUdeviceptr w, int64_t rows) {
+  if (rows < 1 || rows > INT32_MAX) fail("dequantize_w4 [K = {}]: rows = {} is not in [1, 2^31)", p.k, rows);
+  const int r = int(rows);
+  f.launch({{blocks_for(rows * p.k / 8, p.tile.threads)}, {unsigned(p.tile.threads)}}, stream, qweight, scales, w, r);
+}
+
+void launch_argmax(const SamplePlan& p, const Function& f, const Stream& stream, CUdeviceptr logits,
+                   CUdeviceptr out_id, CUdeviceptr workspace) {
+  const CUdeviceptr partial_v = workspace, partial_i = workspace + size_t(p.tile.blocks) * 4,
+                    ticket = workspace + size_t(p.tile.blocks) * 8;
+  f.launch({{unsigned(p.tile.blocks)}, {unsigned(p.tile.threads)}}, stream, logits, out_id, partial_v, partial_i,
+           ticket);
+}
+
+void launch_sample(const SamplePlan& p, const Function& f, const Stream& stream, CUdeviceptr logits,
+                   CUdeviceptr out_id, CUdeviceptr rng, const SamplingParams& params) {
+  if (params.top_k < 0) fail("sample: top_k must be >= 0, got {}", params.top_k);
+  if (!(params.top_p > 0.f && params.top_p <= 1.f)) fail("sample: top_p must be in (0, 1], got {}", params.top_p);
+  const float temperature = params.temperature;
+  const int top_k = params.top_k;
+  const float top_p = params.top_p;
+  f.launch({{1}, {unsigned(p.tile.threads)}}, stream, logits, out_id, rng, temperature, top_k, top_p);
+}
+
+std::vector<KernelSpec> dense_kernels(const Config& cfg, const DenseOptions& opt) {
+  std::vector<KernelSpec> specs;
+  auto add = [&](KernelSpec s) {
+    if (std::find(specs.begin(), specs.end(), s) == specs.end()) specs.push_back(std::move(s));
+  };
+  for (const DenseShape& s : dense_shapes(cfg)) {
+    const bool logits = s.proj == DenseProj::LmHead;  // fp32 out
+    if (opt.group == 0) {
+      add(gemv_bf16_plan(s.n, s.k, opt.decode_tokens, logits).spec());
+    } else {
+      add(w4_gemv_plan(s.n, s.k, opt.group, opt.decode_tokens, logits).spec());
+      const QuantizePlan q = quantize_plan(s.k, opt.group);
+      add(q.quantize_spec());
+      add(q.dequantize_spec());
+    }
+    add(gemm_plan(s.n, s.k, opt.prefill_tokens, logits).spec());  // prefill; lm_head: eval logits
+  }
+  const SamplePlan sp = sample_plan(cfg.vocab_size);
+  add(sp.argmax_spec());
+  add(sp.sample_spec());
+  return specs;
+}
+
+}  // namespace q35::qwen35::gpu

@@ -1,0 +1,134 @@
+#pragma once
+// Host side of the dense-projection kernels: y[M, N] = x[M, K] . W[N, K]^T for the model's
+// projections (bf16 or W4A16 weights), INT4 quantize / dequantize on the GPU, and the lm_head's
+// token selection (argmax, sampling).
+//
+// A *plan* is one kernel instantiation plus its launch geometry: plan.spec() is what the JIT
+// compiles, launch(plan, function, stream, buffers...) runs it. Buffers are device pointers
+// (CUdeviceptr), row-major, 16-byte aligned; shapes at every launch function.
+//
+// Decode (M = 1..16 tokens): gemv_bf16 (bf16 weights) or gemv_w4a16 (W4A16).
+// Prefill (large M): gemm_bf16; W4A16 weights are first dequantized into a reused bf16 scratch
+// [N, K] (dequantize_w4), then the same gemm_bf16 runs (kernels.md §4).
+// lm_head: gemv with fp32 logits [vocab] for the last position, then argmax (greedy) or sample;
+// eval: gemm_bf16 with fp32 output for every position.
+#include <cuda.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "autotune/tile_config.h"
+#include "autotune/tiles_dense.h"
+#include "models/qwen35/config.h"
+#include "runtime/core/sampler.h"
+#include "runtime/cuda/driver.h"
+#include "runtime/jit/kernel_spec.h"
+
+namespace q35::qwen35::gpu {
+
+// The dense projections of the model, fused where they share an input.
+enum class DenseProj {
+  AttnQkv,  // q (with its output gate) | k | v: [Hq*2D + 2*Hkv*D, H] (Hq*D without the gate)
+  AttnOut,  // o_proj [H, Hq*D]
+  GdnIn,    // in_proj qkv | z | b | a: [conv_dim + Hv*dv + 2*Hv, H]
+  GdnOut,   // out_proj [H, Hv*dv]
+  LmHead,   // [vocab, H]
+};
+struct DenseShape {
+  DenseProj proj;
+  std::string name;
+  int64_t n = 0, k = 0;  // W [n, k]
+};
+// The projections the model has (attention ones only with full-attention layers, GDN ones only
+// with linear-attention layers), in the order above.
+std::vector<DenseShape> dense_shapes(const Config& cfg);
+
+// ---- plans ----
+
+// gemm_bf16: x [M, k] bf16, W [n, k] bf16 -> y [M, n] bf16 (fp32 if out_f32).
+struct GemmPlan {
+  int64_t n = 0, k = 0;
+  GemmTile tile;
+  bool out_f32 = false;
+  KernelSpec spec() const { return gemm_bf16_spec(n, k, tile, out_f32); }
+};
+// m = the M the tile is chosen for (any M runs).
+GemmPlan gemm_plan(int64_t n, int64_t k, int64_t m, bool out_f32 = false);
+
+// gemv_bf16: W [n, k] bf16, x [T, k] bf16 -> y [T, n] bf16 (fp32 if out_f32); T <= 16 per tile row.
+struct GemvBf16Plan {
+  int64_t n = 0, k = 0;
+  GemvTile tile;
+  bool out_f32 = false;
+  KernelSpec spec() const;
+};
+GemvBf16Plan gemv_bf16_plan(int64_t n, int64_t k, int m, bool out_f32 = false);
+
+// gemv_w4a16: qweight u32 [n, k/8], scales bf16 [n, k/group], x [T, k] bf16 -> y [T, n] bf16 (fp32 if out_f32).
+struct W4GemvPlan {
+  int64_t n = 0, k = 0, group = 0;
+  W4GemvTile tile;
+  bool out_f32 = false;
+  KernelSpec spec() const { return gemv_w4a16_spec(n, k, group, tile, out_f32); }
+};
+W4GemvPlan w4_gemv_plan(int64_t n, int64_t k, int64_t group, int m, bool out_f32 = false);
+
+// quantize_w4 / dequantize_w4 over rows of length k (rows chosen at launch; experts: rows = E * N).
+struct QuantizePlan {
+  int64_t k = 0, group = 0;
+  QuantizeTile tile;
+  KernelSpec quantize_spec() const { return quantize_w4_spec(k, group, tile); }
+  KernelSpec dequantize_spec() const { return dequantize_w4_spec(k, group, tile); }
+};
+QuantizePlan quantize_plan(int64_t k, int64_t group);
+
+// argmax_f32 and sample_f32 over fp32 logits [vocab].
+struct SamplePlan {
+  int64_t vocab = 0;
+  SampleTile tile;
+  KernelSpec argmax_spec() const { return q35::argmax_spec(vocab, tile); }
+  KernelSpec sample_spec() const { return q35::sample_spec(vocab, tile); }
+  // argmax workspace: float [blocks] | int [blocks] | u32 ticket; zero it once after allocating.
+  size_t argmax_workspace_bytes() const { return size_t(tile.blocks) * 8 + 16; }
+};
+SamplePlan sample_plan(int64_t vocab);
+
+// ---- launches (asynchronous on `stream`; pdl = programmatic dependent launch allowed) ----
+
+// y [M, n] = x [M, k] . W [n, k]^T. Sets the function's dynamic shared memory limit (not a stream
+// operation: safe during graph capture).
+void launch(const GemmPlan& p, const Function& f, const Stream& stream, CUdeviceptr x, CUdeviceptr W, CUdeviceptr y,
+            int M);
+// y [T, n] = x [T, k] . W [n, k]^T.
+void launch(const GemvBf16Plan& p, const Function& f, const Stream& stream, CUdeviceptr W, CUdeviceptr x,
+            CUdeviceptr y, int T);
+// y [T, n] = x [T, k] . dequant(qweight, scales)^T.
+void launch(const W4GemvPlan& p, const Function& f, const Stream& stream, CUdeviceptr qweight, CUdeviceptr scales,
+            CUdeviceptr x, CUdeviceptr y, int T);
+// w bf16 [rows, k] -> qweight u32 [rows, k/8], scales bf16 [rows, k/group] (bit-exact with int4::quantize).
+void launch_quantize(const QuantizePlan& p, const Function& f, const Stream& stream, CUdeviceptr w,
+                     CUdeviceptr qweight, CUdeviceptr scales, int64_t rows);
+// qweight, scales -> w bf16 [rows, k] = bf16(q * scale).
+void launch_dequantize(const QuantizePlan& p, const Function& f, const Stream& stream, CUdeviceptr qweight,
+                       CUdeviceptr scales, CUdeviceptr w, int64_t rows);
+// logits fp32 [vocab] -> out_id int32 [1] (lowest id on ties); workspace: argmax_workspace_bytes(),
+// zeroed once (the kernel leaves it re-armed).
+void launch_argmax(const SamplePlan& p, const Function& f, const Stream& stream, CUdeviceptr logits,
+                   CUdeviceptr out_id, CUdeviceptr workspace);
+// logits fp32 [vocab] -> out_id int32 [1] drawn per `params` (sampler.h semantics; greedy when
+// temperature <= 0 or top_k == 1); rng u64 [2] = {seed, step}, step incremented by each launch.
+void launch_sample(const SamplePlan& p, const Function& f, const Stream& stream, CUdeviceptr logits,
+                   CUdeviceptr out_id, CUdeviceptr rng, const SamplingParams& params);
+
+// ---- the kernel list ----
+
+struct DenseOptions {
+  int group = 0;                  // 0: bf16 weights; 32 / 64 / 128: W4A16 with that group size
+  int decode_tokens = 1;          // M of the decode GEMVs
+  int64_t prefill_tokens = 4096;  // M the prefill GEMM tiles are chosen for
+};
+// Every instantiation the dense projections, the lm_head and token selection need, deduplicated.
+std::vector<KernelSpec> dense_kernels(const Config& cfg, const DenseOptions& opt = {});
+
+}  // namespace q35::qwen35::gpu

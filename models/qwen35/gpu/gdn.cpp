@@ -1,0 +1,207 @@
+#include "models/qwen35/gpu/gdn.h"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+
+#include "runtime/core/error.h"
+
+namespace q35::qwen35::gpu {
+
+namespace {
+
+constexpr int64_t kChunk = 64;  // q35k::kGdnChunk
+
+std::string str(int64_t v) { return std::to_string(v); }
+
+// The shape arguments every GDN kernel template starts with.
+std::vector<std::pair<std::string, std::string>> head_args(const GdnShape& s) {
+  return {{"HK", str(s.hk)}, {"HV", str(s.hv)}, {"DK", str(s.dk)}, {"DV", str(s.dv)}};
+}
+
+template <typename Tile>
+void check_tile(const char* kernel, const Tile& tile, const GdnShape& s) {
+  if (std::string why = why_invalid(tile, s); !why.empty())
+    fail("{} [Hk = {}, Hv = {}, dk = {}, dv = {}]: invalid tile: {}", kernel, s.hk, s.hv, s.dk, s.dv, why);
+}
+
+size_t align256(size_t bytes) { return (bytes + 255) / 256 * 256; }
+
+Function load(JitEngine& jit, const Context& ctx, const KernelSpec& spec) { return jit.load(spec, ctx); }
+
+}  // namespace
+
+GdnShape gdn_shape(const Config& cfg) {
+  GdnShape s{cfg.linear_num_key_heads, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
+             cfg.linear_value_head_dim, cfg.linear_conv_kernel_dim};
+  if (std::string why = why_unsupported(s); !why.empty()) fail("config.json: Gated DeltaNet shape not supported: {}", why);
+  return s;
+}
+
+int64_t gdn_proj_columns(const Config& cfg) {
+  return cfg.linear_conv_dim() + cfg.linear_value_dim() + 2 * cfg.linear_num_value_heads;
+}
+
+size_t gdn_conv_state_bytes(const Config& cfg) { return size_t(cfg.linear_conv_kernel_dim * cfg.linear_conv_dim()) * 2; }
+
+size_t gdn_ssm_state_bytes(const Config& cfg) {
+  return size_t(cfg.linear_num_value_heads * cfg.linear_value_head_dim * cfg.linear_key_head_dim) * 4;
+}
+
+GdnTiles GdnTiles::defaults(const GdnShape& s) {
+  return {default_gdn_prologue_tile(s), default_gdn_recurrent_tile(s), default_gdn_chunk_tile(s),
+          default_gated_rmsnorm_tile(s)};
+}
+
+KernelSpec gdn_prologue_spec(const Config& cfg, const GdnPrologueTile& tile) {
+  const GdnShape s = gdn_shape(cfg);
+  check_tile("gdn_prologue", tile, s);
+  auto args = head_args(s);
+  args.insert(args.end(), {{"KC", str(s.kc)}, {"TOKENS", str(tile.tokens)}, {"WARPS", str(tile.warps)}});
+  return {"gdn_prologue", "gdn_prologue", args};
+}
+
+KernelSpec gdn_recurrent_spec(const Config& cfg, const GdnRecurrentTile& tile) {
+  const GdnShape s = gdn_shape(cfg);
+  check_tile("gdn_recurrent", tile, s);
+  auto args = head_args(s);
+  args.insert(args.end(), {{"ROWS", str(tile.rows)}, {"WARPS", str(tile.warps)}});
+  return {"gdn_recurrent", "gdn_recurrent", args};
+}
+
+KernelSpec gdn_decode_spec(const Config& cfg, const GdnRecurrentTile& tile) {
+  const GdnShape s = gdn_shape(cfg);
+  check_tile("gdn_decode", tile, s);
+  auto args = head_args(s);
+  args.insert(args.end(), {{"KC", str(s.kc)}, {"ROWS", str(tile.rows)}, {"WARPS", str(tile.warps)}});
+  return {"gdn_recurrent", "gdn_decode", args};
+}
+
+KernelSpec gdn_chunk_prepare_spec(const Config& cfg) {
+  const GdnShape s = gdn_shape(cfg);
+  check_tile("gdn_chunk_prepare", default_gdn_chunk_tile(s), s);
+  return {"gdn_chunked", "gdn_chunk_prepare", head_args(s)};
+}
+
+KernelSpec gdn_chunk_state_spec(const Config& cfg, const GdnChunkTile& tile) {
+  const GdnShape s = gdn_shape(cfg);
+  check_tile("gdn_chunk_state", tile, s);
+  auto args = head_args(s);
+  args.emplace_back("VS", str(tile.vs));
+  return {"gdn_chunked", "gdn_chunk_state", args};
+}
+
+KernelSpec gated_rmsnorm_spec(const Config& cfg, const GatedRmsnormTile& tile) {
+  const GdnShape s = gdn_shape(cfg);
+  check_tile("gated_rmsnorm", tile, s);
+  return {"gated_rmsnorm", "gated_rmsnorm", {{"HV", str(s.hv)}, {"DV", str(s.dv)}, {"HEADS", str(tile.heads)}}};
+}
+
+std::vector<KernelSpec> gdn_kernels(const Config& cfg) {
+  if (std::find(cfg.layer_types.begin(), cfg.layer_types.end(), LayerType::LinearAttention) == cfg.layer_types.end())
+    return {};
+  const GdnTiles t = GdnTiles::defaults(gdn_shape(cfg));
+  return {gdn_decode_spec(cfg, t.recurrent),       gated_rmsnorm_spec(cfg, t.norm),
+          gdn_prologue_spec(cfg, t.prologue),      gdn_chunk_prepare_spec(cfg),
+          gdn_chunk_state_spec(cfg, t.chunk),      gdn_recurrent_spec(cfg, t.recurrent)};
+}
+
+size_t gdn_workspace_bytes(const Config& cfg, int64_t T) {
+  const GdnWorkspace ws = gdn_workspace(cfg, T, 0);
+  return size_t(ws.o) + align256(size_t(T * cfg.linear_value_dim()) * 4);
+}
+
+GdnWorkspace gdn_workspace(const Config& cfg, int64_t T, CUdeviceptr base) {
+  if (T < 1) fail("gdn_workspace: T = {} tokens, expected >= 1", T);
+  const int64_t hv = cfg.linear_num_value_heads, chunks = (T + kChunk - 1) / kChunk;
+  GdnWorkspace ws;
+  CUdeviceptr p = base;
+  auto take = [&](CUdeviceptr& field, size_t bytes) {
+    field = p;
+    p += align256(bytes);
+  };
+  take(ws.qkv, size_t(T * cfg.linear_conv_dim()) * 2);
+  take(ws.g, size_t(T * hv) * 4);
+  take(ws.beta, size_t(T * hv) * 4);
+  take(ws.gam, size_t(T * hv) * 4);
+  take(ws.u, size_t(T * cfg.linear_value_dim()) * 4);
+  take(ws.w, size_t(T * hv * cfg.linear_key_head_dim) * 4);
+  take(ws.qk, size_t(chunks * hv * kChunk * kChunk) * 4);
+  take(ws.o, size_t(T * cfg.linear_value_dim()) * 4);
+  return ws;
+}
+
+GdnKernels::GdnKernels(JitEngine& jit, const Context& ctx, const Config& cfg, const GdnTiles& tiles)
+    : shape_(gdn_shape(cfg)),
+      tiles_(tiles),
+      eps_(float(cfg.rms_norm_eps)),
+      prologue_(load(jit, ctx, gdn_prologue_spec(cfg, tiles.prologue))),
+      recurrent_(load(jit, ctx, gdn_recurrent_spec(cfg, tiles.recurrent))),
+      decode_(load(jit, ctx, gdn_decode_spec(cfg, tiles.recurrent))),
+      chunk_prepare_(load(jit, ctx, gdn_chunk_prepare_spec(cfg))),
+      chunk_state_(load(jit, ctx, gdn_chunk_state_spec(cfg, tiles.chunk))),
+      norm_(load(jit, ctx, gated_rmsnorm_spec(cfg, tiles.norm))) {
+  chunk_prepare_.set_max_dynamic_smem(gdn_chunk_prepare_smem_bytes(shape_));
+  chunk_state_.set_max_dynamic_smem(gdn_chunk_state_smem_bytes(shape_, tiles_.chunk));
+}
+
+void GdnKernels::check_proj(int row_stride, int T) const {
+  const int64_t cols = shape_.conv_dim() + shape_.hv * shape_.dv + 2 * shape_.hv;
+  if (row_stride < cols || row_stride % 4 != 0)
+    fail("gdn: projection row stride {} must be >= {} (qkv | z | b | a) and a multiple of 4", row_stride, cols);
+  if (T < 1) fail("gdn: T = {} tokens, expected >= 1", T);
+}
+
+void GdnKernels::decode(const Stream& stream, CUdeviceptr proj, int row_stride, CUdeviceptr pos0,
+                        const GdnLayerWeights& w, const GdnLayerState& st, CUdeviceptr o, CUdeviceptr y,
+                        bool pdl) const {
+  check_proj(row_stride, 1);
+  const GdnRecurrentTile& t = tiles_.recurrent;
+  decode_.launch({{unsigned(shape_.hv), unsigned(shape_.dv / t.rows)}, {unsigned(32 * t.warps)}, 0, pdl}, stream, proj,
+                 w.conv_w, w.A_log, w.dt_bias, st.conv, pos0, st.ssm, o);
+  gated_rmsnorm(stream, 1, o, proj, row_stride, w.norm_w, y, pdl);
+}
+
+void GdnKernels::prefill(const Stream& stream, CUdeviceptr proj, int row_stride, int T, CUdeviceptr pos0,
+                         const GdnLayerWeights& w, const GdnLayerState& st, const GdnWorkspace& ws, CUdeviceptr y,
+                         bool chunked_path, bool pdl) const {
+  prologue(stream, proj, row_stride, T, pos0, w, st, ws, pdl);
+  if (chunked_path) chunked(stream, T, st, ws, pdl);
+  else recurrent(stream, T, st, ws, pdl);
+  gated_rmsnorm(stream, T, ws.o, proj, row_stride, w.norm_w, y, pdl);
+}
+
+void GdnKernels::prologue(const Stream& stream, CUdeviceptr proj, int row_stride, int T, CUdeviceptr pos0,
+                          const GdnLayerWeights& w, const GdnLayerState& st, const GdnWorkspace& ws, bool pdl) const {
+  check_proj(row_stride, T);
+  const GdnPrologueTile& t = tiles_.prologue;
+  const unsigned groups = unsigned(2 * shape_.hk + shape_.hv + 1);
+  prologue_.launch({{unsigned((T + t.tokens - 1) / t.tokens), groups}, {unsigned(32 * t.warps)}, 0, pdl}, stream, proj,
+                   row_stride, T, w.conv_w, w.A_log, w.dt_bias, st.conv, pos0, ws.qkv, ws.g, ws.beta);
+}
+
+void GdnKernels::recurrent(const Stream& stream, int T, const GdnLayerState& st, const GdnWorkspace& ws,
+                           bool pdl) const {
+  const GdnRecurrentTile& t = tiles_.recurrent;
+  recurrent_.launch({{unsigned(shape_.hv), unsigned(shape_.dv / t.rows)}, {unsigned(32 * t.warps)}, 0, pdl}, stream,
+                    ws.qkv, ws.g, ws.beta, st.ssm, ws.o, T);
+}
+
+void GdnKernels::chunked(const Stream& stream, int T, const GdnLayerState& st, const GdnWorkspace& ws, bool pdl) const {
+  const unsigned chunks = unsigned((T + kChunk - 1) / kChunk);
+  chunk_prepare_.launch({{chunks, unsigned(shape_.hv)}, {256}, unsigned(gdn_chunk_prepare_smem_bytes(shape_)), pdl},
+                        stream, ws.qkv, ws.g, ws.beta, ws.gam, ws.u, ws.w, ws.qk, T);
+  chunk_state_.launch({{unsigned(shape_.hv), unsigned(shape_.dv / tiles_.chunk.vs)}, {256},
+                       unsigned(gdn_chunk_state_smem_bytes(shape_, tiles_.chunk)), pdl},
+                      stream, ws.qkv, ws.gam, ws.u, ws.w, ws.qk, st.ssm, ws.o, T);
+}
+
+void GdnKernels::gated_rmsnorm(const Stream& stream, int T, CUdeviceptr o, CUdeviceptr proj, int row_stride,
+                               CUdeviceptr norm_w, CUdeviceptr y, bool pdl) const {
+  check_proj(row_stride, T);
+  const CUdeviceptr z = proj + CUdeviceptr(shape_.conv_dim() * 2);
+  norm_.launch({{unsigned(T), unsigned(shape_.hv / tiles_.norm.heads)}, {unsigned(32 * tiles_.norm.heads)}, 0, pdl},
+               stream, o, z, row_stride, norm_w, y, eps_);
+}
+
+}  // namespace q35::qwen35::gpu

@@ -1,0 +1,115 @@
+#pragma once
+// Gated DeltaNet on the GPU (spec §2.4, §2.5): the kernels of kernel_templates/gdn_*.cuh and
+// gated_rmsnorm.cuh, their instantiations for a Config, and typed launches.
+//
+// Buffers (Hk, Hv, dk, dv = linear_num_key_heads, linear_num_value_heads, linear_key_head_dim,
+// linear_value_head_dim; C = conv_dim = 2 Hk dk + Hv dv; Kc = linear_conv_kernel_dim):
+//   proj     bf16 [T, row_stride]: columns [qkv (C, flat q | k | v) | z (Hv dv) | b (Hv) | a (Hv)],
+//            the rows of in_proj_qkv | in_proj_z | in_proj_b | in_proj_a concatenated;
+//            row_stride >= C + Hv dv + 2 Hv and a multiple of 4 (8-byte z loads).
+//   weights  conv_w bf16 [C, Kc] (conv1d.weight [C, 1, Kc]); A_log, dt_bias fp32 [Hv] (converted
+//            from the checkpoint's bf16); norm_w bf16 [dv] (plain weight).
+//   state    per sequence and layer, zeroed at sequence start (memset), carried across calls:
+//            conv: bf16 [Kc, C], a ring: slot p % Kc holds the pre-conv input of position p
+//                  (gdn_conv_state_bytes: Kc * C * 2 = 64 KiB for the 35B)
+//            ssm:  fp32 [Hv, dv, dk], k contiguous (gdn_ssm_state_bytes: 2 MiB for the 35B)
+//   pos0     int32 [1] on the device: tokens of the sequence before this call (the position of
+//            its first token), so a decode step can be captured once in a CUDA graph.
+//   o        fp32 [T, Hv, dv]: the recurrence output before the norm (workspace)
+//   y        bf16 [T, Hv dv]: the gated RMSNorm output, the input of out_proj.
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "autotune/tiles_gdn.h"
+#include "models/qwen35/config.h"
+#include "runtime/cuda/driver.h"
+#include "runtime/jit/jit_engine.h"
+#include "runtime/jit/kernel_spec.h"
+
+namespace q35::qwen35::gpu {
+
+GdnShape gdn_shape(const Config& cfg);
+int64_t gdn_proj_columns(const Config& cfg);  // C + Hv dv + 2 Hv, the minimal row_stride
+size_t gdn_conv_state_bytes(const Config& cfg);
+size_t gdn_ssm_state_bytes(const Config& cfg);
+
+struct GdnTiles {
+  GdnPrologueTile prologue;
+  GdnRecurrentTile recurrent;
+  GdnChunkTile chunk;
+  GatedRmsnormTile norm;
+  static GdnTiles defaults(const GdnShape& s);
+};
+
+KernelSpec gdn_prologue_spec(const Config& cfg, const GdnPrologueTile& tile);
+KernelSpec gdn_recurrent_spec(const Config& cfg, const GdnRecurrentTile& tile);
+KernelSpec gdn_decode_spec(const Config& cfg, const GdnRecurrentTile& tile);
+KernelSpec gdn_chunk_prepare_spec(const Config& cfg);
+KernelSpec gdn_chunk_state_spec(const Config& cfg, const GdnChunkTile& tile);
+KernelSpec gated_rmsnorm_spec(const Config& cfg, const GatedRmsnormTile& tile);
+// Every GDN instantiation the model needs (default tiles); empty without linear-attention layers.
+std::vector<KernelSpec> gdn_kernels(const Config& cfg);
+
+struct GdnLayerWeights {
+  CUdeviceptr conv_w = 0;   // bf16 [C, Kc]
+  CUdeviceptr A_log = 0;    // fp32 [Hv]
+  CUdeviceptr dt_bias = 0;  // fp32 [Hv]
+  CUdeviceptr norm_w = 0;   // bf16 [dv]
+};
+struct GdnLayerState {
+  CUdeviceptr conv = 0;  // bf16 [Kc, C] ring
+  CUdeviceptr ssm = 0;   // fp32 [Hv, dv, dk]
+};
+
+// Scratch of a multi-token call, carved from one buffer of gdn_workspace_bytes(cfg, T) bytes
+// (256-byte aligned pieces).
+struct GdnWorkspace {
+  CUdeviceptr qkv = 0;   // bf16 [T, C]: q (normalised, scaled) | k (normalised) | v after the conv
+  CUdeviceptr g = 0;     // fp32 [T, Hv] log decay
+  CUdeviceptr beta = 0;  // fp32 [T, Hv]
+  CUdeviceptr gam = 0;   // fp32 [T, Hv] cumsum of g within each chunk of 64
+  CUdeviceptr u = 0;     // fp32 [T, Hv, dv]
+  CUdeviceptr w = 0;     // fp32 [T, Hv, dk]
+  CUdeviceptr qk = 0;    // fp32 [ceil(T / 64), Hv, 64, 64]
+  CUdeviceptr o = 0;     // fp32 [T, Hv, dv]
+};
+size_t gdn_workspace_bytes(const Config& cfg, int64_t T);
+GdnWorkspace gdn_workspace(const Config& cfg, int64_t T, CUdeviceptr base);
+
+// The GDN kernels of one Config, loaded, with the tiles they were compiled for.
+class GdnKernels {
+ public:
+  GdnKernels(JitEngine& jit, const Context& ctx, const Config& cfg, const GdnTiles& tiles);
+  GdnKernels(JitEngine& jit, const Context& ctx, const Config& cfg)
+      : GdnKernels(jit, ctx, cfg, GdnTiles::defaults(gdn_shape(cfg))) {}
+
+  // One decode token of one layer: gdn_decode (prologue fused, state updated, o -> o [1, Hv, dv]
+  // fp32 scratch) then gated_rmsnorm -> y [1, Hv dv] bf16. proj [1, row_stride].
+  void decode(const Stream& stream, CUdeviceptr proj, int row_stride, CUdeviceptr pos0, const GdnLayerWeights& w,
+              const GdnLayerState& st, CUdeviceptr o, CUdeviceptr y, bool pdl = false) const;
+  // T >= 1 tokens of one layer: gdn_prologue, then the chunked kernels (chunked = true) or the
+  // token-by-token recurrence, then gated_rmsnorm -> y [T, Hv dv] bf16. Both update the state.
+  void prefill(const Stream& stream, CUdeviceptr proj, int row_stride, int T, CUdeviceptr pos0,
+               const GdnLayerWeights& w, const GdnLayerState& st, const GdnWorkspace& ws, CUdeviceptr y,
+               bool chunked = true, bool pdl = false) const;
+
+  // The single launches (buffers as documented above and in the .cuh files).
+  void prologue(const Stream& stream, CUdeviceptr proj, int row_stride, int T, CUdeviceptr pos0,
+                const GdnLayerWeights& w, const GdnLayerState& st, const GdnWorkspace& ws, bool pdl = false) const;
+  void recurrent(const Stream& stream, int T, const GdnLayerState& st, const GdnWorkspace& ws, bool pdl = false) const;
+  void chunked(const Stream& stream, int T, const GdnLayerState& st, const GdnWorkspace& ws, bool pdl = false) const;
+  void gated_rmsnorm(const Stream& stream, int T, CUdeviceptr o, CUdeviceptr proj, int row_stride, CUdeviceptr norm_w,
+                     CUdeviceptr y, bool pdl = false) const;
+
+  const GdnTiles& tiles() const { return tiles_; }
+
+ private:
+  void check_proj(int row_stride, int T) const;
+  GdnShape shape_;
+  GdnTiles tiles_;
+  float eps_;
+  Function prologue_, recurrent_, decode_, chunk_prepare_, chunk_state_, norm_;
+};
+
+}  // namespace q35::qwen35::gpu

@@ -1,0 +1,111 @@
+#pragma once
+// Host side of the sparse MoE + shared expert (spec §2.6; kernels in kernel_templates/moe.cuh and
+// moe_gemm.cuh). Input x = the post-attention-normalised hidden state, output
+//   out [T, H] bf16 = sum_s w[t,s] * expert_{ids[t,s]}(x_t) + sigmoid(x_t . w_sg) * shared(x_t)
+// which the runner adds to the residual in the next fused add + RMSNorm.
+//
+// Two paths, chosen by T (moe_forward does it):
+//   decode  (T <= kMoeDecodeMaxTokens): router -> decode_gate_up -> decode_down            3 launches
+//   prefill (larger T): router -> align -> gemm routed gate_up -> gemm shared gate_up
+//                       -> gemm routed down -> gemm shared down -> combine                 7 launches
+// Every launch reads T from its argument and sizes come from fixed per-plan maxima, so a decode step
+// can be captured in a CUDA graph.
+//
+// Weight format: `group` = 0 for bf16 weights, else the W4A16 group (32, 64, 128) of the expert and
+// shared-expert weights (router and shared_expert_gate stay bf16).
+#include <cstdint>
+#include <vector>
+
+#include "autotune/tiles_moe.h"
+#include "models/qwen35/config.h"
+#include "runtime/cuda/driver.h"
+#include "runtime/jit/jit_engine.h"
+#include "runtime/jit/kernel_spec.h"
+
+namespace q35::qwen35::gpu {
+
+MoeShape moe_shape(const Config& cfg, int group);
+
+// The tiles of every MoE kernel of one shape.
+struct MoeTiles {
+  MoeRouterTile router_one, router_decode, router_prefill;  // m_tile 1 (T = 1), 8 (T <= 8), 16
+  MoeGemvTile gate_up, down;                                // decode GEMVs
+  MoeGemmTile gemm;                                         // prefill GEMMs (and align's BLOCK_M)
+  static MoeTiles defaults(const MoeShape& s);
+  const MoeRouterTile& router(int64_t tokens) const;
+};
+
+// Every instantiation the MoE layers of `cfg` need with the default tiles, for weight format `group`.
+std::vector<KernelSpec> moe_kernels(const Config& cfg, int group);
+
+// One layer's weights (device pointers). "W" = bf16 [..., N, K], or for W4A16 qweight uint32
+// [..., N, K/8] with `*_scales` bf16 [..., N, K/group] (the *_scales pointers are ignored for bf16).
+struct MoeWeights {
+  CUdeviceptr router = 0;       // bf16 [E, H]                    mlp.gate.weight
+  CUdeviceptr shared_gate = 0;  // bf16 [1, H]                    mlp.shared_expert_gate.weight
+  CUdeviceptr gate_up = 0, gate_up_scales = 0;                // W [E, 2I, H]  rows gate (I) | up (I)
+  CUdeviceptr down = 0, down_scales = 0;                      // W [E, H, I]
+  CUdeviceptr shared_gate_up = 0, shared_gate_up_scales = 0;  // W [2Is, H]    gate_proj rows, then up_proj rows
+  CUdeviceptr shared_down = 0, shared_down_scales = 0;        // W [H, Is]
+};
+
+// Scratch buffers, carved from one workspace of moe_workspace_bytes(). The workspace must be zeroed
+// once after allocation (the router's counters; every launch leaves them zero again).
+struct MoeScratch {
+  int64_t max_tokens = 0;
+  int64_t max_blocks = 0;     // routed GEMM row blocks for max_tokens
+  CUdeviceptr logits = 0;       // fp32 [max_T, E+1]   router logits, column E = shared gate logit
+  CUdeviceptr counters = 0;     // int32 [max_T]       router tickets, zero between launches
+  CUdeviceptr ids = 0;          // int32 [max_T, k]    selected experts, by decreasing probability
+  CUdeviceptr weights = 0;      // fp32 [max_T, k]     renormalised routing weights
+  CUdeviceptr shared_gate = 0;  // fp32 [max_T]        sigmoid(x . w_sg)
+  CUdeviceptr h = 0;            // bf16 decode [T, k*I + Is] / prefill [max_blocks * BM, I]
+  CUdeviceptr hs = 0;           // bf16 [max_T, Is]     prefill shared expert activations
+  CUdeviceptr y = 0;            // bf16 [max_T * k, H]  prefill routed down outputs per (token, slot)
+  CUdeviceptr ys = 0;           // bf16 [max_T, H]      prefill shared expert output before its gate
+  CUdeviceptr sorted_ids = 0;   // int32 [max_blocks * BM]
+  CUdeviceptr block_expert = 0; // int32 [max_blocks]
+  CUdeviceptr num_blocks = 0;   // int32 [1]
+};
+int64_t moe_max_blocks(const MoeShape& s, const MoeTiles& tiles, int64_t tokens);
+size_t moe_workspace_bytes(const MoeShape& s, const MoeTiles& tiles, int64_t max_tokens);
+MoeScratch moe_scratch(const MoeShape& s, const MoeTiles& tiles, int64_t max_tokens, CUdeviceptr workspace);
+
+// The loaded kernels of one shape (default tiles).
+struct MoeKernels {
+  MoeKernels(JitEngine& jit, const Context& ctx, const MoeShape& s);
+  MoeShape shape;
+  MoeTiles tiles;
+  Function router_one, router_decode, router_prefill;
+  Function decode_gate_up, decode_down;
+  Function align;
+  Function gemm_routed_gate_up, gemm_routed_down, gemm_shared_gate_up, gemm_shared_down;
+  Function combine;
+  const Function& router(int64_t tokens) const;
+  const Function& gemm(MoeGemm g) const;
+};
+
+// ---- launches (T = tokens of this call, 1 <= T <= scratch.max_tokens) ----
+
+// x [T, H] bf16 -> scratch.ids, weights, shared_gate (uses logits, counters). f = moe_router with `tile`.
+void launch_moe_router(const Function& f, const MoeRouterTile& tile, const Stream& stream, const MoeShape& s,
+                       CUdeviceptr x, const MoeWeights& w, const MoeScratch& sc, int64_t T);
+// Decode. x [T, H] bf16, scratch.ids -> scratch.h [T, k*I + Is] bf16.
+void launch_moe_decode_gate_up(const Function& f, const MoeGemvTile& tile, const Stream& stream, const MoeShape& s,
+                               CUdeviceptr x, const MoeWeights& w, const MoeScratch& sc, int64_t T);
+// Decode. scratch.h, ids, weights, shared_gate -> out [T, H] bf16.
+void launch_moe_decode_down(const Function& f, const MoeGemvTile& tile, const Stream& stream, const MoeShape& s,
+                            const MoeWeights& w, const MoeScratch& sc, CUdeviceptr out, int64_t T);
+// Prefill. scratch.ids -> scratch.sorted_ids, block_expert, num_blocks.
+void launch_moe_align(const Function& f, const Stream& stream, const MoeScratch& sc, int64_t T);
+// Prefill GEMM `g`: RoutedGateUp x -> h, SharedGateUp x -> hs, RoutedDown h -> y, SharedDown hs -> ys.
+void launch_moe_gemm(const Function& f, const MoeGemmTile& tile, const Stream& stream, const MoeShape& s, MoeGemm g,
+                     CUdeviceptr x, const MoeWeights& w, const MoeScratch& sc, int64_t T);
+// Prefill. scratch.y, ys, weights, shared_gate -> out [T, H] bf16.
+void launch_moe_combine(const Function& f, const Stream& stream, const MoeScratch& sc, CUdeviceptr out, int64_t T);
+
+// The whole MoE block: x [T, H] bf16 -> out [T, H] bf16 (out must not alias x).
+void moe_forward(const MoeKernels& k, const Stream& stream, const MoeWeights& w, const MoeScratch& sc, CUdeviceptr x,
+                 CUdeviceptr out, int64_t T);
+
+}  // namespace q35::qwen35::gpu

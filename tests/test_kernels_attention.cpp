@@ -1,0 +1,139 @@
+// Gated full-attention kernels on the CPU (no GPU needed): every instantiation of
+// attention_kernels(cfg) for the tiny fixture and the 35B-A3B config compiles for sm_80 and sm_90a;
+// tile validity rules, defaults, decode splits and scratch sizes.
+#include <doctest/doctest.h>
+
+#include <thread>
+
+#include "autotune/tiles_attention.h"
+#include "models/qwen35/gpu/attention.h"
+#include "runtime/core/error.h"
+#include "runtime/jit/jit_engine.h"
+#include "tests/synthetic_checkpoint.h"
+
+using namespace q35;
+using q35::test::TempDir;
+
+namespace {
+
+template <typename F>
+std::string error_of(F f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "";
+}
+
+// The attention numbers of the 35B-A3B config (shared/spec §1).
+qwen35::Config config_35b() {
+  qwen35::Config c;
+  c.hidden_size = 2048;
+  c.num_layers = 40;
+  for (int i = 0; i < 40; ++i)
+    c.layer_types.push_back((i + 1) % 4 == 0 ? qwen35::LayerType::FullAttention : qwen35::LayerType::LinearAttention);
+  c.num_heads = 16;
+  c.num_kv_heads = 2;
+  c.head_dim = 256;
+  c.rotary_dim = 64;
+  c.rope_theta = 1e7;
+  return c;
+}
+
+qwen35::Config config_tiny() {
+  return qwen35::Config::from_file(std::string(Q35_SOURCE_DIR) + "/tests/fixtures/tiny-qwen35moe/config.json");
+}
+
+}  // namespace
+
+TEST_CASE("attention_kernels lists the four attention instantiations with the config's shapes") {
+  std::vector<std::string> names;
+  for (const KernelSpec& s : qwen35::gpu::attention_kernels(config_35b())) names.push_back(s.instantiation());
+  CHECK(names == std::vector<std::string>{"qk_norm_rope<16, 2, 256, 64, 20>", "attention_prefill<16, 2, 256, 32, 8>",
+                                          "attention_decode<16, 2, 256, 4>", "attention_decode_merge<16, 2, 256, 4>"});
+  // Tiny fixture: 2 q heads, 1 kv head, head_dim 256, rotary 64: 4 heads -> 4 warps.
+  names.clear();
+  for (const KernelSpec& s : qwen35::gpu::attention_kernels(config_tiny())) names.push_back(s.instantiation());
+  CHECK(names == std::vector<std::string>{"qk_norm_rope<2, 1, 256, 64, 4>", "attention_prefill<2, 1, 256, 32, 8>",
+                                          "attention_decode<2, 1, 256, 4>", "attention_decode_merge<2, 1, 256, 4>"});
+  // No full-attention layer, no attention kernel; no output gate is rejected by name.
+  qwen35::Config linear_only = config_35b();
+  linear_only.layer_types.assign(4, qwen35::LayerType::LinearAttention);
+  CHECK(qwen35::gpu::attention_kernels(linear_only).empty());
+  qwen35::Config no_gate = config_35b();
+  no_gate.attn_output_gate = false;
+  CHECK(error_of([&] { qwen35::gpu::attention_kernels(no_gate); }).find("attn_output_gate") != std::string::npos);
+
+  const qwen35::gpu::AttentionPlan p = qwen35::gpu::attention_plan(config_35b());
+  CHECK(p.qkv_row() == 16 * 512 + 2 * 2 * 256);
+  CHECK(p.scale == doctest::Approx(1.0 / 16));
+  CHECK(p.theta == doctest::Approx(1e7));
+  CHECK(p.max_decode_tokens() == 1);                                                 // 8 q heads per kv head
+  CHECK(qwen35::gpu::attention_plan(config_tiny()).max_decode_tokens() == 4);       // 2 q heads per kv head
+}
+
+TEST_CASE("attention decode splits and scratch sizes") {
+  const qwen35::gpu::AttentionPlan p = qwen35::gpu::attention_plan(config_35b());
+  // 132 SMs, 2 kv heads: 132 splits (two CTAs per SM); a short cache has fewer 64-key blocks.
+  CHECK(qwen35::gpu::attention_decode_splits(p, 262144, 132) == 132);
+  CHECK(qwen35::gpu::attention_decode_splits(p, 1000, 132) == 16);
+  CHECK(qwen35::gpu::attention_decode_splits(p, 1, 132) == 1);
+  CHECK(error_of([&] { qwen35::gpu::attention_decode_splits(p, 0, 132); }).find("max_context = 0") != std::string::npos);
+  // part_o [2, 132, 8, 256] + part_ml [2, 132, 8, 2], fp32.
+  CHECK(qwen35::gpu::attention_decode_scratch_bytes(p, 132) == size_t(2) * 132 * 8 * (256 + 2) * 4);
+}
+
+TEST_CASE("attention tile validity rules and defaults") {
+  CHECK(why_invalid(QkNormRopeTile{20}, 16, 2, 256, 64).empty());
+  CHECK(why_invalid(QkNormRopeTile{8}, 16, 2, 512, 64).find("head_dim = 512") != std::string::npos);
+  CHECK(why_invalid(QkNormRopeTile{8}, 16, 2, 256, 40).find("rotary_dim = 40") != std::string::npos);
+  CHECK(why_invalid(QkNormRopeTile{8}, 16, 3, 256, 64).find("16 query heads") != std::string::npos);
+  CHECK(why_invalid(QkNormRopeTile{33}, 16, 2, 256, 64).find("warps = 33") != std::string::npos);
+
+  // Q 128 x 256 + 2 x (K, V) 32 x 256, bf16 = 128 KiB.
+  CHECK(AttentionPrefillTile{8, 32}.smem_bytes(256) == 131072);
+  CHECK(why_invalid(AttentionPrefillTile{8, 32}, 16, 2, 256).empty());
+  // 192 KiB: fits sm_90 only.
+  CHECK(why_invalid(AttentionPrefillTile{8, 64}, 16, 2, 256).find("196608 B of shared memory") != std::string::npos);
+  CHECK(why_invalid(AttentionPrefillTile{8, 64}, 16, 2, 256, kAttentionSmemLimitSm90).empty());
+  CHECK(why_invalid(AttentionPrefillTile{8, 48}, 16, 2, 256).find("block_n = 48") != std::string::npos);
+  CHECK(why_invalid(AttentionPrefillTile{8, 32}, 16, 2, 96).find("head_dim = 96") != std::string::npos);
+  CHECK(why_invalid(AttentionPrefillTile{16, 32}, 16, 2, 256).find("warps = 16") != std::string::npos);
+  CHECK(default_attention_prefill_tile(16, 2, 128).block_m() == 128);
+  // A 100 KiB limit forces the 4-warp tile.
+  CHECK(default_attention_prefill_tile(16, 2, 256, 100 * 1024).warps == 4);
+
+  CHECK(why_invalid(AttentionDecodeTile{4}, 16, 2, 256).empty());
+  CHECK(why_invalid(AttentionDecodeTile{4}, 32, 2, 256).find("16 query heads per kv head exceed 8") != std::string::npos);
+  CHECK(why_invalid(AttentionDecodeTile{8}, 16, 2, 256).find("of shared memory exceeds") != std::string::npos);
+  CHECK(why_invalid(AttentionDecodeTile{4}, 16, 2, 192).find("head_dim = 192") == std::string::npos);  // 3 x 64 is fine
+  CHECK(why_invalid(AttentionDecodeTile{4}, 16, 2, 160).find("head_dim = 160") != std::string::npos);
+
+  CHECK(error_of([] { attention_prefill_spec(16, 2, 256, AttentionPrefillTile{8, 48}); }).find("attention_prefill [HQ = 16") !=
+        std::string::npos);
+  CHECK(error_of([] { default_attention_decode_tile(64, 2, 256); }).find("attention_decode [HQ = 64, HKV = 2, D = 256]") !=
+        std::string::npos);
+}
+
+TEST_CASE("every attention kernel of the fixture and the 35B config compiles for sm_80 and sm_90a") {
+  TempDir tmp("attn-jit");
+  JitOptions opts;
+  opts.kernel_dir = std::nullopt;  // the embedded templates, as the binary ships them
+  JitEngine jit(tmp / "cache", opts);
+  std::vector<KernelSpec> specs = qwen35::gpu::attention_kernels(config_35b());
+  for (const KernelSpec& s : qwen35::gpu::attention_kernels(config_tiny())) specs.push_back(s);
+  // The sm_90-only prefill tile compiles too.
+  specs.push_back(attention_prefill_spec(16, 2, 256, AttentionPrefillTile{8, 64}));
+  const int threads = int(std::max(2u, std::thread::hardware_concurrency()));
+  for (const std::string arch : {"sm_80", "sm_90a"}) {
+    CAPTURE(arch);
+    std::vector<CompiledKernel> done = jit.compile_all(specs, arch, threads);
+    REQUIRE(done.size() == specs.size());
+    for (size_t i = 0; i < done.size(); ++i) {
+      CAPTURE(specs[i].str());
+      CHECK(done[i].cubin.size() > 1000);
+      CHECK(!done[i].lowered_name.empty());
+    }
+  }
+}

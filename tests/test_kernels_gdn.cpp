@@ -1,0 +1,126 @@
+// Gated DeltaNet kernels on the CPU (no GPU needed): every instantiation of gdn_kernels(cfg) for
+// the tiny fixture and the 35B-A3B config compiles for sm_80 and sm_90a; tile validity rules,
+// defaults, state and workspace sizes.
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <thread>
+
+#include "autotune/tiles_gdn.h"
+#include "models/qwen35/gpu/gdn.h"
+#include "runtime/core/error.h"
+#include "runtime/jit/jit_engine.h"
+#include "tests/synthetic_checkpoint.h"
+
+using namespace q35;
+using q35::test::TempDir;
+
+namespace {
+
+template <typename F>
+std::string error_of(F f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "";
+}
+
+// The 35B-A3B numbers of shared/spec §1 (GDN part + what Config needs to be coherent).
+qwen35::Config config_35b() {
+  qwen35::Config c;
+  c.hidden_size = 2048;
+  c.num_layers = 40;
+  for (int i = 0; i < 40; ++i)
+    c.layer_types.push_back((i + 1) % 4 == 0 ? qwen35::LayerType::FullAttention : qwen35::LayerType::LinearAttention);
+  c.linear_num_key_heads = 16;
+  c.linear_num_value_heads = 32;
+  c.linear_key_head_dim = 128;
+  c.linear_value_head_dim = 128;
+  c.linear_conv_kernel_dim = 4;
+  return c;
+}
+
+qwen35::Config config_tiny() {
+  return qwen35::Config::from_file(std::string(Q35_SOURCE_DIR) + "/tests/fixtures/tiny-qwen35moe/config.json");
+}
+
+std::string arg(const KernelSpec& s, const std::string& name) {
+  for (const auto& [n, v] : s.args)
+    if (n == name) return v;
+  return "";
+}
+
+}  // namespace
+
+TEST_CASE("gdn_kernels lists the six GDN instantiations, with the config's shapes") {
+  const qwen35::Config big = config_35b();
+  const std::vector<KernelSpec> specs = qwen35::gpu::gdn_kernels(big);
+  std::vector<std::string> names;
+  for (const KernelSpec& s : specs) names.push_back(s.instantiation());
+  CHECK(names == std::vector<std::string>{"gdn_decode<16, 32, 128, 128, 4, 16, 4>", "gated_rmsnorm<32, 128, 4>",
+                                          "gdn_prologue<16, 32, 128, 128, 4, 16, 4>", "gdn_chunk_prepare<16, 32, 128, 128>",
+                                          "gdn_chunk_state<16, 32, 128, 128, 32>", "gdn_recurrent<16, 32, 128, 128, 16, 4>"});
+  // The tiny fixture: 2 key / 4 value heads of 128; 4 x 128 / 32 = 16 CTAs -> 16-column chunk tile.
+  const std::vector<KernelSpec> tiny = qwen35::gpu::gdn_kernels(config_tiny());
+  REQUIRE(tiny.size() == 6);
+  CHECK(arg(tiny[0], "HK") == "2");
+  CHECK(arg(tiny[0], "HV") == "4");
+  CHECK(arg(tiny[4], "VS") == "16");
+  // No linear-attention layer, no GDN kernel.
+  qwen35::Config full_only = big;
+  full_only.layer_types.assign(4, qwen35::LayerType::FullAttention);
+  CHECK(qwen35::gpu::gdn_kernels(full_only).empty());
+
+  CHECK(qwen35::gpu::gdn_conv_state_bytes(big) == 4 * 8192 * 2);
+  CHECK(qwen35::gpu::gdn_ssm_state_bytes(big) == 32 * 128 * 128 * 4);
+  CHECK(qwen35::gpu::gdn_proj_columns(big) == 8192 + 4096 + 64);
+  // T = 100: 2 chunks; pieces in order, 256-byte aligned.
+  const qwen35::gpu::GdnWorkspace ws = qwen35::gpu::gdn_workspace(big, 100, 0);
+  CHECK(ws.g == 100 * 8192 * 2);
+  CHECK(ws.o - ws.qk == 2 * 32 * 64 * 64 * 4);
+  CHECK(qwen35::gpu::gdn_workspace_bytes(big, 100) == ws.o + 100 * 4096 * 4);
+}
+
+TEST_CASE("GDN tile validity rules and defaults") {
+  const GdnShape s{16, 32, 128, 128, 4};
+  CHECK(why_unsupported(s).empty());
+  CHECK(why_unsupported(GdnShape{16, 24, 128, 128, 4}).find("not a positive multiple of key heads 16") != std::string::npos);
+  CHECK(why_unsupported(GdnShape{16, 32, 96, 128, 4}).find("key head dim 96") != std::string::npos);
+  CHECK(why_invalid(GdnRecurrentTile{12, 8}, s).find("rows = 12 is not a positive multiple of warps = 8") != std::string::npos);
+  CHECK(why_invalid(GdnRecurrentTile{48, 4}, s).find("does not divide dv = 128") != std::string::npos);
+  CHECK(why_invalid(GdnRecurrentTile{128, 4}, s).find("128 state values per lane") != std::string::npos);
+  CHECK(why_invalid(GdnRecurrentTile{64, 4}, s).empty());
+  CHECK(why_invalid(GdnPrologueTile{2, 4}, s).find("tokens = 2") != std::string::npos);
+  CHECK(why_invalid(GdnChunkTile{24}, s).find("vs = 24") != std::string::npos);
+  CHECK(why_invalid(GdnChunkTile{64}, GdnShape{16, 32, 256, 128, 4}).find("gdn_chunk_state needs") != std::string::npos);
+  CHECK(why_invalid(GatedRmsnormTile{3}, s).find("heads = 3") != std::string::npos);
+  CHECK(gdn_chunk_state_smem_bytes(s, GdnChunkTile{32}) == (128 * 33 + 3 * 64 * 129 + 64 * 33 + 64 * 65 + 64) * 4);
+  CHECK(default_gdn_chunk_tile(s).vs == 32);
+  CHECK(default_gdn_recurrent_tile(s).rows == 16);
+  CHECK(error_of([] { default_gdn_recurrent_tile(GdnShape{2, 4, 64, 128, 4}); }).find("key head dim 64") != std::string::npos);
+  qwen35::Config bad = config_35b();
+  bad.linear_key_head_dim = 96;
+  CHECK(error_of([&] { qwen35::gpu::gdn_kernels(bad); }).find("config.json: Gated DeltaNet shape not supported") !=
+        std::string::npos);
+}
+
+TEST_CASE("every GDN kernel compiles for sm_80 and sm_90a, tiny fixture and 35B") {
+  TempDir tmp("gdn-jit");
+  JitOptions options;
+  options.kernel_dir = std::filesystem::path(Q35_SOURCE_DIR) / "kernel_templates";
+  JitEngine jit(tmp / "cache", options);
+  std::vector<KernelSpec> specs = qwen35::gpu::gdn_kernels(config_35b());
+  for (KernelSpec& s : qwen35::gpu::gdn_kernels(config_tiny())) specs.push_back(std::move(s));
+  const int threads = int(std::max(1u, std::thread::hardware_concurrency()));
+  for (const char* arch : {"sm_80", "sm_90a"}) {
+    CAPTURE(arch);
+    std::vector<CompiledKernel> out = jit.compile_all(specs, arch, threads);
+    REQUIRE(out.size() == specs.size());
+    for (const CompiledKernel& k : out) {
+      CHECK(k.cubin.size() > 64);
+      CHECK(!k.lowered_name.empty());
+    }
+  }
+}
