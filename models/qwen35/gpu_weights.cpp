@@ -39,10 +39,42 @@ Bf16View read_bf16(const Checkpoint& ckpt, const std::string& name) {
   return v;
 }
 
-class Uploader {
+// Where weights come from: a checkpoint, or random values (synthetic models).
+class WeightSource {
  public:
-  Uploader(const Driver& driver, const Stream& stream, const Checkpoint& ckpt, const UploadOptions& options,
-           size_t max_tensor_bytes)
+  virtual ~WeightSource() = default;
+  virtual DeviceBuffer raw(const std::string& name, size_t count) = 0;  // bf16 vector / table
+  virtual DeviceBuffer f32(const std::string& name, size_t count) = 0;  // fp32 vector
+  virtual GpuMatrix matrix(int64_t experts, int64_t N, int64_t K) = 0;
+  // Checkpoint tensor `name` -> rows [row0, row0 + rows) of expert `expert` (-1: a single matrix).
+  virtual void put(GpuMatrix& m, const std::string& name, int64_t expert, int64_t row0, int64_t rows,
+                   const std::string& kind) = 0;
+  virtual void report() const {}
+};
+
+GpuMatrix allocate_matrix(const Driver& driver, WeightFormat format, int group, int64_t experts, int64_t N,
+                          int64_t K) {
+  GpuMatrix m;
+  m.format = format;
+  m.experts = experts;
+  m.N = N;
+  m.K = K;
+  const size_t count = size_t(std::max<int64_t>(experts, 1));
+  if (m.format == WeightFormat::BF16) {
+    m.w = DeviceBuffer(driver, count * size_t(N * K) * 2);
+  } else {
+    m.group = group;
+    if (K % m.group != 0) fail("W4A16: K = {} is not a multiple of --group-size {}", K, m.group);
+    m.qweight = DeviceBuffer(driver, count * size_t(N * K / 8) * 4);
+    m.scales = DeviceBuffer(driver, count * size_t(N * K / m.group) * 2);
+  }
+  return m;
+}
+
+class CheckpointSource final : public WeightSource {
+ public:
+  CheckpointSource(const Driver& driver, const Stream& stream, const Checkpoint& ckpt, const UploadOptions& options,
+                   size_t max_tensor_bytes)
       : driver_(driver), stream_(stream), ckpt_(ckpt), options_(options) {
     if (options.prequantized && options.format != WeightFormat::W4A16)
       fail("{} is a W4A16 checkpoint: it loads only with --quant w4a16", ckpt.dir().string());
@@ -53,7 +85,7 @@ class Uploader {
   }
 
   // A bf16 vector/table copied as is.
-  DeviceBuffer raw(const std::string& name) {
+  DeviceBuffer raw(const std::string& name, size_t) override {
     Bf16View v = read_bf16(ckpt_, name);
     DeviceBuffer b(driver_, v.bytes.size());
     b.upload(v.bytes.data(), v.bytes.size(), stream_);
@@ -62,7 +94,7 @@ class Uploader {
   }
 
   // An fp32 vector (A_log, dt_bias: the spec keeps the gating math in fp32).
-  DeviceBuffer f32(const std::string& name) {
+  DeviceBuffer f32(const std::string& name, size_t) override {
     std::vector<float> f = to_f32(ckpt_.get(name));
     DeviceBuffer b(driver_, f.size() * 4);
     b.upload(f.data(), f.size() * 4, stream_);
@@ -70,28 +102,14 @@ class Uploader {
     return b;
   }
 
-  GpuMatrix matrix(int64_t experts, int64_t N, int64_t K, bool quantize) {
-    GpuMatrix m;
-    m.format = quantize ? options_.format : WeightFormat::BF16;
-    m.experts = experts;
-    m.N = N;
-    m.K = K;
-    const size_t count = size_t(std::max<int64_t>(experts, 1));
-    if (m.format == WeightFormat::BF16) {
-      m.w = DeviceBuffer(driver_, count * size_t(N * K) * 2);
-    } else {
-      m.group = options_.group;
-      if (K % m.group != 0)
-        fail("W4A16: K = {} is not a multiple of --group-size {}", K, m.group);
-      m.qweight = DeviceBuffer(driver_, count * size_t(N * K / 8) * 4);
-      m.scales = DeviceBuffer(driver_, count * size_t(N * K / m.group) * 2);
-    }
-    return m;
+  GpuMatrix matrix(int64_t experts, int64_t N, int64_t K) override {
+    return allocate_matrix(driver_, options_.format, options_.group, experts, N, K);
   }
 
   // Writes checkpoint tensor `name` (rows [rows, K], or a stack of experts) at row `row0` of
   // expert `expert` of `m`. `kind` names the tensor type for the quantization-error report.
-  void put(GpuMatrix& m, const std::string& name, int64_t expert, int64_t row0, const std::string& kind) {
+  void put(GpuMatrix& m, const std::string& name, int64_t expert, int64_t row0, int64_t,
+           const std::string& kind) override {
     if (options_.prequantized) return put_quantized(m, name, expert, row0);
     Bf16View v = read_bf16(ckpt_, name);
     const size_t values = v.bytes.size() / 2;
@@ -111,7 +129,9 @@ class Uploader {
 
   // A tensor already quantized on disk: its packed rows and scales are copied as they are.
   void put_quantized(GpuMatrix& m, const std::string& name, int64_t expert, int64_t row0) {
-    TensorRef q = ckpt_.get(name + ".qweight"), s = ckpt_.get(name + ".scales");
+    // A tied lm_head is stored quantized under its own name (models/qwen35/quantized.cpp).
+    const std::string stored = name.ends_with("embed_tokens.weight") ? "lm_head.weight" : name;
+    TensorRef q = ckpt_.get(stored + ".qweight"), s = ckpt_.get(stored + ".scales");
     const size_t base_row = size_t(std::max<int64_t>(expert, 0) * m.N + row0);
     m.qweight.upload(q.bytes.data(), q.bytes.size(), stream_, base_row * size_t(m.K / 8) * 4);
     m.scales.upload(s.bytes.data(), s.bytes.size(), stream_, base_row * size_t(m.K / m.group) * 2);
@@ -135,7 +155,7 @@ class Uploader {
     }
   }
 
-  void report() const {
+  void report() const override {
     if (!options_.report_error) return;
     for (const auto& [kind, e] : errors_) options_.report_error(kind, std::sqrt(e.first / std::max(e.second, 1e-30)));
   }
@@ -155,6 +175,130 @@ class Uploader {
   std::map<std::string, std::pair<double, double>> errors_;
 };
 
+class RandomSource final : public WeightSource {
+ public:
+  RandomSource(const Driver& driver, const Stream& stream, const UploadOptions& options, const RandomFill& fill,
+               uint64_t seed, size_t max_tensor_bytes)
+      : driver_(driver), stream_(stream), options_(options), fill_(fill), seed_(seed) {
+    if (options.format == WeightFormat::W4A16) staging_ = DeviceBuffer(driver, max_tensor_bytes);
+  }
+  DeviceBuffer raw(const std::string& name, size_t count) override {
+    DeviceBuffer b(driver_, count * 2);
+    // Norm weights are zero-centred offsets, except the DeltaNet norm (a plain scale near 1).
+    const bool norm = name.find("norm") != std::string::npos;
+    const bool plain_norm = name.find("linear_attn.norm") != std::string::npos;
+    const float mean = plain_norm ? 1.f : 0.f, scale = norm ? 0.05f : (name.find("embed") != std::string::npos ? 1.f : 0.02f);
+    fill_.normal_bf16(b.ptr(), count, next_seed(), mean, scale);
+    return b;
+  }
+  DeviceBuffer f32(const std::string& name, size_t count) override {
+    DeviceBuffer b(driver_, count * 4);
+    const bool a_log = name.find("A_log") != std::string::npos;
+    fill_.uniform_f32(b.ptr(), count, next_seed(), a_log ? 0.f : -1.f, a_log ? 2.7f : 1.f);
+    return b;
+  }
+  GpuMatrix matrix(int64_t experts, int64_t N, int64_t K) override {
+    return allocate_matrix(driver_, options_.format, options_.group, experts, N, K);
+  }
+  void put(GpuMatrix& m, const std::string&, int64_t expert, int64_t row0, int64_t rows, const std::string&) override {
+    const int64_t base_row = std::max<int64_t>(expert, 0) * m.N + row0;
+    if (m.format == WeightFormat::BF16) {
+      fill_.normal_bf16(m.w.ptr() + size_t(base_row * m.K) * 2, size_t(rows * m.K), next_seed(), 0.f, 0.02f);
+    } else {
+      fill_.normal_bf16(staging_.ptr(), size_t(rows * m.K), next_seed(), 0.f, 0.02f);
+      options_.quantize(staging_.ptr(), rows, m.K, m.group, m.qweight.ptr() + size_t(base_row * m.K / 8) * 4,
+                        m.scales.ptr() + size_t(base_row * m.K / m.group) * 2);
+    }
+  }
+
+ private:
+  uint64_t next_seed() { return seed_ + 0x9e3779b97f4a7c15ull * ++counter_; }
+  const Driver& driver_;
+  const Stream& stream_;
+  const UploadOptions& options_;
+  const RandomFill& fill_;
+  uint64_t seed_, counter_ = 0;
+  DeviceBuffer staging_;
+};
+
+// The weight structure of a config, filled from `src` (checkpoint names under prefix P).
+GpuWeights build(WeightSource& src, const Config& c, const std::string& P, ExpertLayout experts) {
+  const int64_t H = c.hidden_size, E = c.num_experts, I = c.moe_intermediate_size, Is = c.shared_expert_intermediate_size;
+  const int64_t Hv = c.linear_num_value_heads, V = c.vocab_size;
+  GpuWeights w;
+  w.embed = src.raw(P + "embed_tokens.weight", size_t(V * H));
+  w.final_norm = src.raw(P + "norm.weight", size_t(H));
+  w.lm_head = src.matrix(0, V, H);
+  src.put(w.lm_head, c.tie_word_embeddings ? P + "embed_tokens.weight" : "lm_head.weight", -1, 0, V, "lm_head");
+
+  for (int64_t i = 0; i < c.num_layers; ++i) {
+    const std::string L = fmt::format("{}layers.{}.", P, i);
+    GpuLayer& l = w.layers.emplace_back();
+    l.type = c.layer_types[size_t(i)];
+    l.input_norm = src.raw(L + "input_layernorm.weight", size_t(H));
+    l.post_norm = src.raw(L + "post_attention_layernorm.weight", size_t(H));
+    if (l.type == LayerType::FullAttention) {
+      const std::string A = L + "self_attn.";
+      const int64_t q = c.q_proj_rows(), kv = c.kv_dim();
+      l.qkv = src.matrix(0, q + 2 * kv, H);
+      src.put(l.qkv, A + "q_proj.weight", -1, 0, q, "attn.qkv");
+      src.put(l.qkv, A + "k_proj.weight", -1, q, kv, "attn.qkv");
+      src.put(l.qkv, A + "v_proj.weight", -1, q + kv, kv, "attn.qkv");
+      l.o_proj = src.matrix(0, H, c.attn_out_dim());
+      src.put(l.o_proj, A + "o_proj.weight", -1, 0, H, "attn.o_proj");
+      l.q_norm = src.raw(A + "q_norm.weight", size_t(c.head_dim));
+      l.k_norm = src.raw(A + "k_norm.weight", size_t(c.head_dim));
+    } else {
+      const std::string G = L + "linear_attn.";
+      const int64_t conv = c.linear_conv_dim(), vd = c.linear_value_dim();
+      l.in_proj = src.matrix(0, conv + vd + 2 * Hv, H);
+      src.put(l.in_proj, G + "in_proj_qkv.weight", -1, 0, conv, "gdn.in_proj");
+      src.put(l.in_proj, G + "in_proj_z.weight", -1, conv, vd, "gdn.in_proj");
+      src.put(l.in_proj, G + "in_proj_b.weight", -1, conv + vd, Hv, "gdn.in_proj");
+      src.put(l.in_proj, G + "in_proj_a.weight", -1, conv + vd + Hv, Hv, "gdn.in_proj");
+      l.conv1d = src.raw(G + "conv1d.weight", size_t(conv * c.linear_conv_kernel_dim));
+      l.A_log = src.f32(G + "A_log", size_t(Hv));
+      l.dt_bias = src.f32(G + "dt_bias", size_t(Hv));
+      l.gdn_norm = src.raw(G + "norm.weight", size_t(c.linear_value_head_dim));
+      l.out_proj = src.matrix(0, H, vd);
+      src.put(l.out_proj, G + "out_proj.weight", -1, 0, H, "gdn.out_proj");
+    }
+    const std::string M = L + "mlp.";
+    l.router = src.raw(M + "gate.weight", size_t(E * H));
+    l.experts_gate_up = src.matrix(E, 2 * I, H);
+    l.experts_down = src.matrix(E, H, I);
+    if (experts == ExpertLayout::Fused) {
+      src.put(l.experts_gate_up, M + "experts.gate_up_proj", 0, 0, E * 2 * I, "experts.gate_up");
+      src.put(l.experts_down, M + "experts.down_proj", 0, 0, E * H, "experts.down");
+    } else {
+      for (int64_t e = 0; e < E; ++e) {
+        const std::string X = fmt::format("{}experts.{}.", M, e);
+        src.put(l.experts_gate_up, X + "gate_proj.weight", e, 0, I, "experts.gate_up");
+        src.put(l.experts_gate_up, X + "up_proj.weight", e, I, I, "experts.gate_up");
+        src.put(l.experts_down, X + "down_proj.weight", e, 0, H, "experts.down");
+      }
+    }
+    l.shared_gate_up = src.matrix(0, 2 * Is, H);
+    src.put(l.shared_gate_up, M + "shared_expert.gate_proj.weight", -1, 0, Is, "shared.gate_up");
+    src.put(l.shared_gate_up, M + "shared_expert.up_proj.weight", -1, Is, Is, "shared.gate_up");
+    l.shared_down = src.matrix(0, H, Is);
+    src.put(l.shared_down, M + "shared_expert.down_proj.weight", -1, 0, H, "shared.down");
+    l.shared_expert_gate = src.raw(M + "shared_expert_gate.weight", size_t(H));
+  }
+  src.report();
+  return w;
+}
+
+size_t largest_tensor_bytes(const Config& c) {
+  size_t max_bytes = 0;
+  for (const TensorSpec& t : expected_tensors(c, CheckpointLayout{"model.", ExpertLayout::Fused})) {
+    int64_t n = 1;
+    for (int64_t d : t.shape) n *= d;
+    max_bytes = std::max(max_bytes, size_t(n) * 2);
+  }
+  return std::max(max_bytes, size_t(c.vocab_size * c.hidden_size) * 2);  // lm_head, also when tied
+}
+
 }  // namespace
 
 size_t GpuWeights::bytes() const {
@@ -171,77 +315,15 @@ size_t GpuWeights::bytes() const {
 GpuWeights upload_weights(const Driver& driver, const Stream& stream, const Config& c, const Checkpoint& ckpt,
                           const UploadOptions& options) {
   const CheckpointLayout layout = detect_layout(ckpt);
-  size_t max_bytes = 0;
-  for (const TensorSpec& t : expected_tensors(c, layout)) {
-    int64_t n = 1;
-    for (int64_t d : t.shape) n *= d;
-    max_bytes = std::max(max_bytes, size_t(n) * 2);
-  }
-  Uploader up(driver, stream, ckpt, options, max_bytes);
-  const std::string& P = layout.prefix;
-  const int64_t H = c.hidden_size, E = c.num_experts, I = c.moe_intermediate_size, Is = c.shared_expert_intermediate_size;
-  const int64_t Hv = c.linear_num_value_heads;
+  CheckpointSource src(driver, stream, ckpt, options, largest_tensor_bytes(c));
+  return build(src, c, layout.prefix, layout.experts);
+}
 
-  GpuWeights w;
-  w.embed = up.raw(P + "embed_tokens.weight");
-  w.final_norm = up.raw(P + "norm.weight");
-  w.lm_head = up.matrix(0, c.vocab_size, H, true);
-  up.put(w.lm_head, c.tie_word_embeddings ? P + "embed_tokens.weight" : "lm_head.weight", -1, 0, "lm_head");
-
-  for (int64_t i = 0; i < c.num_layers; ++i) {
-    const std::string L = fmt::format("{}layers.{}.", P, i);
-    GpuLayer& l = w.layers.emplace_back();
-    l.type = c.layer_types[size_t(i)];
-    l.input_norm = up.raw(L + "input_layernorm.weight");
-    l.post_norm = up.raw(L + "post_attention_layernorm.weight");
-    if (l.type == LayerType::FullAttention) {
-      const std::string A = L + "self_attn.";
-      l.qkv = up.matrix(0, c.q_proj_rows() + 2 * c.kv_dim(), H, true);
-      up.put(l.qkv, A + "q_proj.weight", -1, 0, "attn.qkv");
-      up.put(l.qkv, A + "k_proj.weight", -1, c.q_proj_rows(), "attn.qkv");
-      up.put(l.qkv, A + "v_proj.weight", -1, c.q_proj_rows() + c.kv_dim(), "attn.qkv");
-      l.o_proj = up.matrix(0, H, c.attn_out_dim(), true);
-      up.put(l.o_proj, A + "o_proj.weight", -1, 0, "attn.o_proj");
-      l.q_norm = up.raw(A + "q_norm.weight");
-      l.k_norm = up.raw(A + "k_norm.weight");
-    } else {
-      const std::string G = L + "linear_attn.";
-      const int64_t conv = c.linear_conv_dim(), vd = c.linear_value_dim();
-      l.in_proj = up.matrix(0, conv + vd + 2 * Hv, H, true);
-      up.put(l.in_proj, G + "in_proj_qkv.weight", -1, 0, "gdn.in_proj");
-      up.put(l.in_proj, G + "in_proj_z.weight", -1, conv, "gdn.in_proj");
-      up.put(l.in_proj, G + "in_proj_b.weight", -1, conv + vd, "gdn.in_proj");
-      up.put(l.in_proj, G + "in_proj_a.weight", -1, conv + vd + Hv, "gdn.in_proj");
-      l.conv1d = up.raw(G + "conv1d.weight");
-      l.A_log = up.f32(G + "A_log");
-      l.dt_bias = up.f32(G + "dt_bias");
-      l.gdn_norm = up.raw(G + "norm.weight");
-      l.out_proj = up.matrix(0, H, vd, true);
-      up.put(l.out_proj, G + "out_proj.weight", -1, 0, "gdn.out_proj");
-    }
-    const std::string M = L + "mlp.";
-    l.router = up.raw(M + "gate.weight");
-    l.experts_gate_up = up.matrix(E, 2 * I, H, true);
-    l.experts_down = up.matrix(E, H, I, true);
-    if (layout.experts == ExpertLayout::Fused) {
-      up.put(l.experts_gate_up, M + "experts.gate_up_proj", 0, 0, "experts.gate_up");
-      up.put(l.experts_down, M + "experts.down_proj", 0, 0, "experts.down");
-    } else {
-      for (int64_t e = 0; e < E; ++e) {
-        const std::string X = fmt::format("{}experts.{}.", M, e);
-        up.put(l.experts_gate_up, X + "gate_proj.weight", e, 0, "experts.gate_up");
-        up.put(l.experts_gate_up, X + "up_proj.weight", e, I, "experts.gate_up");
-        up.put(l.experts_down, X + "down_proj.weight", e, 0, "experts.down");
-      }
-    }
-    l.shared_gate_up = up.matrix(0, 2 * Is, H, true);
-    up.put(l.shared_gate_up, M + "shared_expert.gate_proj.weight", -1, 0, "shared.gate_up");
-    up.put(l.shared_gate_up, M + "shared_expert.up_proj.weight", -1, Is, "shared.gate_up");
-    l.shared_down = up.matrix(0, H, Is, true);
-    up.put(l.shared_down, M + "shared_expert.down_proj.weight", -1, 0, "shared.down");
-    l.shared_expert_gate = up.raw(M + "shared_expert_gate.weight");
-  }
-  up.report();
+GpuWeights random_weights(const Driver& driver, const Stream& stream, const Config& c, const UploadOptions& options,
+                          const RandomFill& fill, uint64_t seed) {
+  RandomSource src(driver, stream, options, fill, seed, largest_tensor_bytes(c));
+  GpuWeights w = build(src, c, "model.", ExpertLayout::Fused);
+  stream.synchronize();
   return w;
 }
 

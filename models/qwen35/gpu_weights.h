@@ -88,4 +88,16 @@ struct UploadOptions {
 GpuWeights upload_weights(const Driver& driver, const Stream& stream, const Config& config, const Checkpoint& ckpt,
                           const UploadOptions& options);
 
+// Fills `count` values at `dst` on the GPU: bf16 N(mean, scale^2), or fp32 U(lo, hi).
+struct RandomFill {
+  std::function<void(CUdeviceptr dst, size_t count, uint64_t seed, float mean, float scale)> normal_bf16;
+  std::function<void(CUdeviceptr dst, size_t count, uint64_t seed, float lo, float hi)> uniform_f32;
+};
+
+// Random weights of the config's shapes (synthetic models): projections N(0, 0.02^2) (W4A16:
+// quantized on the GPU like a checkpoint), norm offsets N(0, 0.05^2), the DeltaNet norm around 1,
+// A_log in [0, 2.7], dt_bias in [-1, 1], embeddings N(0, 1).
+GpuWeights random_weights(const Driver& driver, const Stream& stream, const Config& config,
+                          const UploadOptions& options, const RandomFill& fill, uint64_t seed);
+
 }  // namespace q35::qwen35

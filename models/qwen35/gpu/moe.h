@@ -67,7 +67,7 @@ struct MoeScratch {
   CUdeviceptr block_expert = 0; // int32 [max_blocks]
   CUdeviceptr num_blocks = 0;   // int32 [1]
 };
-int64_t moe_max_blocks(const MoeShape& s, const MoeTiles& tiles, int64_t tokens);
+int64_t moe_max_blocks(const MoeShape& s, int block_m, int64_t tokens);  // routed GEMM row blocks for T tokens
 size_t moe_workspace_bytes(const MoeShape& s, const MoeTiles& tiles, int64_t max_tokens);
 MoeScratch moe_scratch(const MoeShape& s, const MoeTiles& tiles, int64_t max_tokens, CUdeviceptr workspace);
 
@@ -104,8 +104,10 @@ void launch_moe_gemm(const Function& f, const MoeGemmTile& tile, const Stream& s
 // Prefill. scratch.y, ys, weights, shared_gate -> out [T, H] bf16.
 void launch_moe_combine(const Function& f, const Stream& stream, const MoeScratch& sc, CUdeviceptr out, int64_t T);
 
-// The whole MoE block: x [T, H] bf16 -> out [T, H] bf16 (out must not alias x).
+// The whole MoE block: x [T, H] bf16 -> out [T, H] bf16 (out must not alias x). Auto takes the decode
+// path for T <= kMoeDecodeMaxTokens, else prefill; either path works for any T (decode up to 8).
+enum class MoePath { Auto, Decode, Prefill };
 void moe_forward(const MoeKernels& k, const Stream& stream, const MoeWeights& w, const MoeScratch& sc, CUdeviceptr x,
-                 CUdeviceptr out, int64_t T);
+                 CUdeviceptr out, int64_t T, MoePath path = MoePath::Auto);
 
 }  // namespace q35::qwen35::gpu

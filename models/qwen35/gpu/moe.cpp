@@ -1,0 +1,225 @@
+#include "models/qwen35/gpu/moe.h"
+
+#include <algorithm>
+
+#include "runtime/core/error.h"
+
+namespace q35::qwen35::gpu {
+
+namespace {
+
+constexpr size_t kAlign = 256;  // bytes; every scratch buffer starts 256-byte aligned
+
+unsigned ceil_div(int64_t a, int64_t b) { return unsigned((a + b - 1) / b); }
+
+void check_tokens(const char* what, const MoeScratch& sc, int64_t T) {
+  if (T < 1 || T > sc.max_tokens)
+    fail("{}: T = {} tokens is outside [1, {}] (the MoE workspace's max_tokens)", what, T, sc.max_tokens);
+}
+
+// Offsets of the scratch buffers from the workspace start; the last entry is the total size.
+struct Layout {
+  size_t logits, counters, ids, weights, shared_gate, h, hs, y, ys, sorted_ids, block_expert, num_blocks, total;
+};
+
+Layout layout(const MoeShape& s, const MoeTiles& tiles, int64_t max_tokens) {
+  if (max_tokens < 1) fail("moe workspace: max_tokens = {} must be positive", max_tokens);
+  const int64_t T = max_tokens, k = s.top_k, blocks = moe_max_blocks(s, tiles.gemm.block_m, T);
+  const int64_t h_decode = std::min(T, kMoeDecodeMaxTokens) * (k * s.inter + s.shared_inter);
+  const int64_t h_prefill = blocks * tiles.gemm.block_m * s.inter;
+  Layout l{};
+  size_t at = 0;
+  auto take = [&](size_t bytes) {
+    const size_t off = at;
+    at += (bytes + kAlign - 1) / kAlign * kAlign;
+    return off;
+  };
+  l.logits = take(size_t(T * (s.experts + 1)) * 4);
+  l.counters = take(size_t(T) * 4);
+  l.ids = take(size_t(T * k) * 4);
+  l.weights = take(size_t(T * k) * 4);
+  l.shared_gate = take(size_t(T) * 4);
+  l.h = take(size_t(std::max(h_decode, h_prefill)) * 2);
+  l.hs = take(size_t(T * s.shared_inter) * 2);
+  l.y = take(size_t(T * k * s.hidden) * 2);
+  l.ys = take(size_t(T * s.hidden) * 2);
+  l.sorted_ids = take(size_t(blocks * tiles.gemm.block_m) * 4);
+  l.block_expert = take(size_t(blocks) * 4);
+  l.num_blocks = take(4);
+  l.total = at;
+  return l;
+}
+
+}  // namespace
+
+MoeShape moe_shape(const Config& cfg, int group) {
+  MoeShape s{cfg.hidden_size, cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size,
+             cfg.shared_expert_intermediate_size, group};
+  if (std::string why = why_invalid(s); !why.empty()) fail("moe: unsupported config.json MoE sizes: {}", why);
+  return s;
+}
+
+MoeTiles MoeTiles::defaults(const MoeShape& s) {
+  return {default_moe_router_tile(s, 1),
+          default_moe_router_tile(s, kMoeDecodeMaxTokens),
+          default_moe_router_tile(s, kMoeDecodeMaxTokens + 1),
+          default_moe_gate_up_tile(s),
+          default_moe_down_tile(s),
+          default_moe_gemm_tile(s)};
+}
+
+const MoeRouterTile& MoeTiles::router(int64_t tokens) const {
+  return tokens <= 1 ? router_one : tokens <= kMoeDecodeMaxTokens ? router_decode : router_prefill;
+}
+
+std::vector<KernelSpec> moe_kernels(const Config& cfg, int group) {
+  const MoeShape s = moe_shape(cfg, group);
+  const MoeTiles t = MoeTiles::defaults(s);
+  return {moe_router_spec(s, t.router_one),
+          moe_router_spec(s, t.router_decode),
+          moe_router_spec(s, t.router_prefill),
+          moe_decode_gate_up_spec(s, t.gate_up),
+          moe_decode_down_spec(s, t.down),
+          moe_align_spec(s, t.gemm),
+          moe_gemm_spec(s, MoeGemm::RoutedGateUp, t.gemm),
+          moe_gemm_spec(s, MoeGemm::RoutedDown, t.gemm),
+          moe_gemm_spec(s, MoeGemm::SharedGateUp, t.gemm),
+          moe_gemm_spec(s, MoeGemm::SharedDown, t.gemm),
+          moe_combine_spec(s)};
+}
+
+int64_t moe_max_blocks(const MoeShape& s, int block_m, int64_t tokens) {
+  // sum_e ceil(c_e / BM) <= (T*k + (BM - 1) * experts hit) / BM, at most min(E, T*k) experts hit.
+  const int64_t pairs = tokens * s.top_k, bm = block_m;
+  return (pairs + (bm - 1) * std::min(s.experts, pairs)) / bm;
+}
+
+size_t moe_workspace_bytes(const MoeShape& s, const MoeTiles& tiles, int64_t max_tokens) {
+  return layout(s, tiles, max_tokens).total;
+}
+
+MoeScratch moe_scratch(const MoeShape& s, const MoeTiles& tiles, int64_t max_tokens, CUdeviceptr ws) {
+  const Layout l = layout(s, tiles, max_tokens);
+  MoeScratch sc;
+  sc.max_tokens = max_tokens;
+  sc.max_blocks = moe_max_blocks(s, tiles.gemm.block_m, max_tokens);
+  sc.logits = ws + l.logits;
+  sc.counters = ws + l.counters;
+  sc.ids = ws + l.ids;
+  sc.weights = ws + l.weights;
+  sc.shared_gate = ws + l.shared_gate;
+  sc.h = ws + l.h;
+  sc.hs = ws + l.hs;
+  sc.y = ws + l.y;
+  sc.ys = ws + l.ys;
+  sc.sorted_ids = ws + l.sorted_ids;
+  sc.block_expert = ws + l.block_expert;
+  sc.num_blocks = ws + l.num_blocks;
+  return sc;
+}
+
+MoeKernels::MoeKernels(JitEngine& jit, const Context& ctx, const MoeShape& s)
+    : shape(s),
+      tiles(MoeTiles::defaults(s)),
+      router_one(jit.load(moe_router_spec(s, tiles.router_one), ctx)),
+      router_decode(jit.load(moe_router_spec(s, tiles.router_decode), ctx)),
+      router_prefill(jit.load(moe_router_spec(s, tiles.router_prefill), ctx)),
+      decode_gate_up(jit.load(moe_decode_gate_up_spec(s, tiles.gate_up), ctx)),
+      decode_down(jit.load(moe_decode_down_spec(s, tiles.down), ctx)),
+      align(jit.load(moe_align_spec(s, tiles.gemm), ctx)),
+      gemm_routed_gate_up(jit.load(moe_gemm_spec(s, MoeGemm::RoutedGateUp, tiles.gemm), ctx)),
+      gemm_routed_down(jit.load(moe_gemm_spec(s, MoeGemm::RoutedDown, tiles.gemm), ctx)),
+      gemm_shared_gate_up(jit.load(moe_gemm_spec(s, MoeGemm::SharedGateUp, tiles.gemm), ctx)),
+      gemm_shared_down(jit.load(moe_gemm_spec(s, MoeGemm::SharedDown, tiles.gemm), ctx)),
+      combine(jit.load(moe_combine_spec(s), ctx)) {}
+
+const Function& MoeKernels::router(int64_t tokens) const {
+  return tokens <= 1 ? router_one : tokens <= kMoeDecodeMaxTokens ? router_decode : router_prefill;
+}
+
+const Function& MoeKernels::gemm(MoeGemm g) const {
+  switch (g) {
+    case MoeGemm::RoutedGateUp: return gemm_routed_gate_up;
+    case MoeGemm::RoutedDown: return gemm_routed_down;
+    case MoeGemm::SharedGateUp: return gemm_shared_gate_up;
+    case MoeGemm::SharedDown: return gemm_shared_down;
+  }
+  fail("moe: unknown GEMM {}", int(g));
+}
+
+void launch_moe_router(const Function& f, const MoeRouterTile& tile, const Stream& stream, const MoeShape& s,
+                       CUdeviceptr x, const MoeWeights& w, const MoeScratch& sc, int64_t T) {
+  check_tokens("moe_router", sc, T);
+  f.launch({{tile.blocks_x(s.experts), ceil_div(T, tile.m_tile)}, {unsigned(tile.threads())}}, stream, x, w.router,
+           w.shared_gate, sc.logits, sc.counters, sc.ids, sc.weights, sc.shared_gate, int(T));
+}
+
+void launch_moe_decode_gate_up(const Function& f, const MoeGemvTile& tile, const Stream& stream, const MoeShape& s,
+                               CUdeviceptr x, const MoeWeights& w, const MoeScratch& sc, int64_t T) {
+  check_tokens("moe_decode_gate_up", sc, T);
+  if (T > kMoeDecodeMaxTokens) fail("moe_decode_gate_up: T = {} exceeds the decode path's {}", T, kMoeDecodeMaxTokens);
+  const int64_t rows = s.top_k * s.inter + s.shared_inter;
+  f.launch({{ceil_div(rows, tile.rows_per_block()), unsigned(T)}, {unsigned(tile.threads())}}, stream, x, sc.ids,
+           w.gate_up, w.gate_up_scales, w.shared_gate_up, w.shared_gate_up_scales, sc.h, int(T));
+}
+
+void launch_moe_decode_down(const Function& f, const MoeGemvTile& tile, const Stream& stream, const MoeShape& s,
+                            const MoeWeights& w, const MoeScratch& sc, CUdeviceptr out, int64_t T) {
+  check_tokens("moe_decode_down", sc, T);
+  if (T > kMoeDecodeMaxTokens) fail("moe_decode_down: T = {} exceeds the decode path's {}", T, kMoeDecodeMaxTokens);
+  f.launch({{ceil_div(s.hidden, tile.rows_per_block()), unsigned(T)}, {unsigned(tile.threads())}}, stream, sc.h,
+           sc.ids, sc.weights, sc.shared_gate, w.down, w.down_scales, w.shared_down, w.shared_down_scales, out, int(T));
+}
+
+void launch_moe_align(const Function& f, const Stream& stream, const MoeScratch& sc, int64_t T) {
+  check_tokens("moe_align", sc, T);
+  f.launch({{1}, {unsigned(kMoeAlignThreads)}}, stream, sc.ids, sc.sorted_ids, sc.block_expert, sc.num_blocks, int(T));
+}
+
+void launch_moe_gemm(const Function& f, const MoeGemmTile& tile, const Stream& stream, const MoeShape& s, MoeGemm g,
+                     CUdeviceptr x, const MoeWeights& w, const MoeScratch& sc, int64_t T) {
+  check_tokens("moe_gemm", sc, T);
+  CUdeviceptr A = 0, W = 0, S = 0, out = 0;
+  switch (g) {
+    case MoeGemm::RoutedGateUp:
+      A = x, W = w.gate_up, S = w.gate_up_scales, out = sc.h;
+      break;
+    case MoeGemm::RoutedDown:
+      A = sc.h, W = w.down, S = w.down_scales, out = sc.y;
+      break;
+    case MoeGemm::SharedGateUp:
+      A = x, W = w.shared_gate_up, S = w.shared_gate_up_scales, out = sc.hs;
+      break;
+    case MoeGemm::SharedDown:
+      A = sc.hs, W = w.shared_down, S = w.shared_down_scales, out = sc.ys;
+      break;
+  }
+  const bool routed = g == MoeGemm::RoutedGateUp || g == MoeGemm::RoutedDown;
+  // Routed: the bound for T (blocks past num_blocks[0] exit at once).
+  const unsigned row_blocks = routed ? unsigned(moe_max_blocks(s, tile.block_m, T)) : ceil_div(T, tile.block_m);
+  f.launch({{unsigned(moe_gemm_n(s, g) / tile.block_n), row_blocks}, {unsigned(tile.threads())}}, stream, A, W, S, out,
+           sc.sorted_ids, sc.block_expert, sc.num_blocks, int(T));
+}
+
+void launch_moe_combine(const Function& f, const Stream& stream, const MoeScratch& sc, CUdeviceptr out, int64_t T) {
+  check_tokens("moe_combine", sc, T);
+  f.launch({{unsigned(T)}, {unsigned(kMoeCombineThreads)}}, stream, sc.y, sc.weights, sc.ys, sc.shared_gate, out);
+}
+
+void moe_forward(const MoeKernels& k, const Stream& stream, const MoeWeights& w, const MoeScratch& sc, CUdeviceptr x,
+                 CUdeviceptr out, int64_t T, MoePath path) {
+  const MoeShape& s = k.shape;
+  if (path == MoePath::Auto) path = T <= kMoeDecodeMaxTokens ? MoePath::Decode : MoePath::Prefill;
+  launch_moe_router(k.router(T), k.tiles.router(T), stream, s, x, w, sc, T);
+  if (path == MoePath::Decode) {
+    launch_moe_decode_gate_up(k.decode_gate_up, k.tiles.gate_up, stream, s, x, w, sc, T);
+    launch_moe_decode_down(k.decode_down, k.tiles.down, stream, s, w, sc, out, T);
+    return;
+  }
+  launch_moe_align(k.align, stream, sc, T);
+  for (MoeGemm g : {MoeGemm::RoutedGateUp, MoeGemm::SharedGateUp, MoeGemm::RoutedDown, MoeGemm::SharedDown})
+    launch_moe_gemm(k.gemm(g), k.tiles.gemm, stream, s, g, x, w, sc, T);
+  launch_moe_combine(k.combine, stream, sc, out, T);
+}
+
+}  // namespace q35::qwen35::gpu

@@ -1,0 +1,87 @@
+#pragma once
+// The Qwen3.5 MoE forward pass on the GPU: the JIT kernels of every family chained per layer
+// (one screen per layer in gpu_model.cpp), the per-sequence state, and decode as one captured
+// CUDA graph replayed per token (input token, position and sampler step live on the device).
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "models/qwen35/config.h"
+#include "models/qwen35/gpu_weights.h"
+#include "runtime/core/sampler.h"
+#include "runtime/cuda/driver.h"
+#include "runtime/jit/jit_engine.h"
+
+namespace q35 {
+class Checkpoint;
+}
+
+namespace q35::qwen35 {
+
+struct GpuModelOptions {
+  WeightFormat format = WeightFormat::W4A16;
+  int group = 128;                 // W4A16 group size
+  bool prequantized = false;       // the checkpoint was written by `q35jit quantize`
+  int64_t max_context = 32768;     // KV cache rows; error when exceeded
+  int64_t max_chunk = 2048;        // prefill tokens per forward chunk (longer prompts run in chunks)
+  bool chunked_gdn = true;         // chunked delta rule for prefill (else token-by-token recurrence)
+  int compile_threads = 0;         // 0: hardware threads
+  // One-line notices (load time, quantization error with verbose).
+  std::function<void(const std::string&)> log;
+  bool verbose = false;
+};
+
+class GpuModel {
+ public:
+  // Loads (validates, uploads, quantizes) the checkpoint and compiles every kernel.
+  GpuModel(const Driver& driver, const Context& ctx, JitEngine& jit, const Config& config, const Checkpoint& ckpt,
+           const GpuModelOptions& options);
+  // Random weights of the config's shapes, generated on the GPU (benchmarks without a checkpoint).
+  GpuModel(const Driver& driver, const Context& ctx, JitEngine& jit, const Config& config,
+           const GpuModelOptions& options, uint64_t seed);
+  ~GpuModel();
+  GpuModel(const GpuModel&) = delete;
+  GpuModel& operator=(const GpuModel&) = delete;
+
+  const Config& config() const { return config_; }
+  int64_t position() const { return pos_; }
+  int64_t max_context() const { return options_.max_context; }
+  size_t weight_bytes() const { return weights_.bytes(); }
+  size_t state_bytes() const;
+
+  // Clears the sequence (KV caches, DeltaNet states, position).
+  void reset();
+  // Feeds `tokens` at the current position. Returns fp32 logits [T, vocab] for every position
+  // (all_logits) or [vocab] for the last one. Error on context overflow or a bad id.
+  std::vector<float> forward(std::span<const int32_t> tokens, bool all_logits);
+  // Feeds `tokens` and samples the next id on the GPU (prefill of a prompt).
+  int32_t prefill(std::span<const int32_t> tokens, const SamplingParams& sampling);
+  // Feeds one token and samples the next on the GPU: a captured CUDA graph, replayed.
+  int32_t decode(int32_t token, const SamplingParams& sampling);
+
+  const Stream& stream() const { return stream_; }
+
+ private:
+  struct Impl;
+  void init(const GpuModelOptions& options);
+  void run_layers(int T, bool decode);
+  void lm_head(int T, bool all_rows);
+  int32_t sample_and_read(const SamplingParams& sampling, bool advance_token);
+  void check_fits(size_t T) const;
+
+  const Driver& driver_;
+  const Context& ctx_;
+  JitEngine& jit_;
+  Config config_;
+  GpuModelOptions options_;
+  Stream stream_;
+  GpuWeights weights_;
+  std::unique_ptr<Impl> impl_;
+  int64_t pos_ = 0;
+};
+
+}  // namespace q35::qwen35
