@@ -15,7 +15,6 @@ constexpr int kMaxDynamicSmem = 160 * 1024;
 // Decode GEMV blocks wanted: ~4 per SM on a 132-SM H100 keeps every SM streaming.
 constexpr int64_t kW4TargetBlocks = 512;
 
-bool is_pow2(int v) { return v > 0 && (v & (v - 1)) == 0; }
 std::string str(int64_t v) { return std::to_string(v); }
 
 }  // namespace

@@ -2,6 +2,8 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
+
 #include "runtime/core/error.h"
 
 namespace q35 {
@@ -93,7 +95,7 @@ GatedRmsnormTile default_gated_rmsnorm_tile(const GdnShape& s) {
 }
 
 int gdn_chunk_prepare_smem_bytes(const GdnShape& s) {
-  return int((2 * kChunk * (s.dk + 1) + kChunk * (kChunk + 1) + 2 * kChunk) * 4);
+  return int((kChunk * (s.dk + 1) + kChunk * (kChunk + 1) + 2 * kChunk + kChunk * std::max(s.dk + 1, s.dv + s.dk)) * 4);
 }
 
 int gdn_chunk_state_smem_bytes(const GdnShape& s, const GdnChunkTile& tile) {

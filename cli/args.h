@@ -21,6 +21,7 @@ class Args {
   Args(std::string command, std::vector<FlagSpec> specs, int argc, char** argv, int first);
 
   bool help() const { return help_; }
+  const std::string& command() const { return command_; }
   bool has(const std::string& name) const { return values_.count(name) != 0; }
   std::optional<std::string> get(const std::string& name) const;
   std::string require(const std::string& name) const;  // Error "q35jit run: --model is required"

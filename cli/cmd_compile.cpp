@@ -8,6 +8,7 @@
 #include "cli/commands.h"
 #include "cli/session.h"
 #include "models/qwen35/kernels.h"
+#include "models/qwen35/quantized.h"
 #include "runtime/core/error.h"
 #include "runtime/cuda/driver.h"
 #include "runtime/jit/jit_engine.h"
@@ -20,6 +21,8 @@ const std::vector<FlagSpec> kCompileFlags = {
     {"model", "DIR", "model folder (only config.json is read)"},
     {"arch", "ARCH", "target, e.g. sm_90a or sm_80 (default: the GPU's, else sm_90a)"},
     {"threads", "N", "parallel NVRTC compiles (default: hardware threads)"},
+    {"quant", "bf16|w4a16", "weight format the kernels are for (default w4a16)"},
+    {"group-size", "G", "W4A16 group size (default 128, or the largest dividing every K; a quantized checkpoint's own)"},
     {"cache-dir", "DIR", "kernel cache folder (default $Q35JIT_CACHE_DIR, $XDG_CACHE_HOME/q35jit, ~/.cache/q35jit)"},
     {"verbose", "", "list every kernel"},
 };
@@ -57,7 +60,15 @@ int cmd_compile(int argc, char** argv) {
   const int threads = int(args.get_int("threads", hw, 1, 1024));
 
   ModelInfo info = load_model_info(dir);
-  std::vector<KernelSpec> specs = qwen35::required_kernels(info.config);
+  const std::string quant = args.get("quant").value_or("w4a16");
+  if (quant != "bf16" && quant != "w4a16") fail("q35jit compile: --quant must be bf16 or w4a16, got '{}'", quant);
+  int group = 0;
+  if (quant == "w4a16") {
+    auto note = qwen35::read_quant_note(info.dir / "config.json");
+    group = int(args.get_int("group-size", note ? note->group_size : qwen35::default_group_size(info.config), 1, 1 << 20));
+    qwen35::check_group_size(info.config, group);
+  }
+  std::vector<KernelSpec> specs = qwen35::required_kernels(info.config, group);
   JitEngine jit(args.get("cache-dir") ? std::filesystem::path(*args.get("cache-dir")) : default_cache_dir());
 
   auto t0 = std::chrono::steady_clock::now();
@@ -68,8 +79,8 @@ int cmd_compile(int argc, char** argv) {
       std::printf("  %-70s %8.1f ms%s\n", specs[i].str().c_str(), out[i].compile_ms,
                   out[i].from_cache ? "  (cached)" : "");
   JitStats s = jit.stats();
-  std::printf("compiled %zu kernels for %s in %.0f ms on %d threads: %d cache hits, %d compiled (NVRTC %s, cache %s)\n",
-              specs.size(), arch.c_str(), ms, threads, s.cache_hits(), s.compiled, JitEngine::nvrtc_version().c_str(),
+  std::printf("compiled %zu kernels (%s) for %s in %.0f ms on %d threads: %d cache hits, %d compiled (NVRTC %s, cache %s)\n",
+              specs.size(), group ? fmt::format("w4a16 g{}", group).c_str() : "bf16", arch.c_str(), ms, threads, s.cache_hits(), s.compiled, JitEngine::nvrtc_version().c_str(),
               jit.cache_dir().c_str());
   return 0;
 }

@@ -14,13 +14,16 @@ namespace q35::cli {
 
 namespace {
 
-const std::vector<FlagSpec> kEvalFlags = {
-    {"model", "DIR", "Hugging Face model folder"},
-    {"tokens", "FILE", "whitespace-separated token ids"},
-    {"out", "FILE", "output safetensors file: tensor \"logits\" fp32 [T, vocab]"},
-    {"mode", "prefill|decode", "prefill: one forward over all tokens; decode: one token at a time (default prefill)"},
-    {"device", "cpu|cuda", "where to run (default cpu)"},
-};
+std::vector<FlagSpec> eval_flags() {
+  std::vector<FlagSpec> flags = {
+      {"model", "DIR", "Hugging Face model folder"},
+      {"tokens", "FILE", "whitespace-separated token ids"},
+      {"out", "FILE", "output safetensors file: tensor \"logits\" fp32 [T, vocab]"},
+      {"mode", "prefill|decode", "prefill: one forward over all tokens; decode: one token at a time (default prefill)"},
+  };
+  for (FlagSpec f : engine_flags()) flags.push_back(std::move(f));
+  return flags;
+}
 
 std::vector<int32_t> read_token_file(const std::string& path, int64_t vocab) {
   std::ifstream in(path, std::ios::binary);
@@ -43,7 +46,7 @@ std::vector<int32_t> read_token_file(const std::string& path, int64_t vocab) {
 }  // namespace
 
 int cmd_eval(int argc, char** argv) {
-  Args args("eval", kEvalFlags, argc, argv, 2);
+  Args args("eval", eval_flags(), argc, argv, 2);
   if (args.help()) {
     std::printf("usage: q35jit eval --model DIR --tokens FILE --out FILE [--mode prefill|decode] [--device cpu|cuda]\n\n%s",
                 args.usage().c_str());
@@ -54,23 +57,21 @@ int cmd_eval(int argc, char** argv) {
   const std::string out_path = args.require("out");
   const std::string mode = args.get("mode").value_or("prefill");
   if (mode != "prefill" && mode != "decode") fail("q35jit eval: --mode must be prefill or decode, got '{}'", mode);
-  Device device = parse_device("eval", args.get("device"));
-  require_device_supported("eval", device);
 
   ModelInfo info = load_model_info(dir);
   const int64_t vocab = info.config.vocab_size;
   std::vector<int32_t> ids = read_token_file(tokens_path, vocab);
-  auto model = load_cpu_model(info);
+  auto log = [](const std::string& line) { std::fprintf(stderr, "[q35jit] %s\n", line.c_str()); };
+  std::unique_ptr<Engine> engine = make_engine(args, info, int64_t(ids.size()), log);
 
   auto t0 = std::chrono::steady_clock::now();
-  qwen35::CpuState state = model->new_state(int64_t(ids.size()));
   std::vector<float> logits;  // [T, vocab]
   if (mode == "prefill") {
-    logits = model->forward(state, ids, /*all_logits=*/true);
+    logits = engine->logits(ids, /*all=*/true);
   } else {
     logits.reserve(ids.size() * size_t(vocab));
     for (int32_t id : ids) {
-      std::vector<float> row = model->forward(state, std::span<const int32_t>(&id, 1), false);
+      std::vector<float> row = engine->logits(std::span<const int32_t>(&id, 1), false);
       logits.insert(logits.end(), row.begin(), row.end());
     }
   }
@@ -78,7 +79,7 @@ int cmd_eval(int argc, char** argv) {
   write_safetensors(out_path,
                     {{"logits", DType::F32, {int64_t(ids.size()), vocab},
                       std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(logits.data()), logits.size() * 4)}},
-                    {{"mode", mode}, {"device", "cpu"}, {"model", dir}});
+                    {{"mode", mode}, {"device", engine->device()}, {"model", dir}});
   std::fprintf(stderr, "[q35jit] eval %s: %zu tokens in %.1f ms, wrote %s\n", mode.c_str(), ids.size(), ms,
                out_path.c_str());
   return 0;

@@ -16,7 +16,8 @@ namespace q35::cli {
 
 namespace {
 
-const std::vector<FlagSpec> kRunFlags = {
+std::vector<FlagSpec> run_flags() {
+  std::vector<FlagSpec> flags = {
     {"model", "DIR", "Hugging Face model folder (config.json, safetensors, tokenizer.json)"},
     {"prompt", "TEXT", "the prompt (with --chat: the first user message)"},
     {"prompt-file", "FILE", "read the prompt from FILE"},
@@ -24,13 +25,14 @@ const std::vector<FlagSpec> kRunFlags = {
     {"system", "TEXT", "system prompt for --chat"},
     {"no-think", "", "with --chat: thinking off (empty <think></think> block)"},
     {"max-new-tokens", "N", "tokens to generate per reply (default 256)"},
-    {"max-context", "N", "context length to allocate state for (default min(32768, model max))"},
     {"temperature", "T", "sampling temperature; 0 = greedy (default: generation_config.json)"},
     {"top-k", "K", "top-k sampling, 0 = off (default: generation_config.json)"},
     {"top-p", "P", "nucleus sampling, 1 = off (default: generation_config.json)"},
     {"seed", "S", "sampling seed (default: random, printed)"},
-    {"device", "cpu|cuda", "where to run (default cpu)"},
-};
+  };
+  for (FlagSpec f : engine_flags()) flags.push_back(std::move(f));
+  return flags;
+}
 
 struct Stats {
   int64_t prompt_tokens = 0;
@@ -39,16 +41,14 @@ struct Stats {
   double decode_ms = 0;    // the rest
 };
 
-// One generation: feeds `prompt` then samples until a stop id or max_new tokens, streaming text.
-// Returns the generated ids (without the stop id). The stop id itself is not fed to the model.
-std::vector<int32_t> generate(const qwen35::CpuModel& model, qwen35::CpuState& state, const Tokenizer& tok,
-                              std::span<const int32_t> prompt, const std::vector<int32_t>& stop_ids,
-                              int64_t max_new, Sampler& sampler, Stats& stats) {
+// One generation: feeds `prompt`, then samples until a stop id or max_new tokens, streaming the
+// text. The stop id itself is not fed to the model (the next chat turn starts by feeding it).
+std::vector<int32_t> generate(Engine& engine, const Tokenizer& tok, std::span<const int32_t> prompt,
+                              const std::vector<int32_t>& stop_ids, int64_t max_new, Sampler& sampler, Stats& stats) {
   std::vector<int32_t> out;
   StreamDecoder stream(tok);
   auto t0 = std::chrono::steady_clock::now();
-  std::vector<float> logits = model.forward(state, prompt, /*all_logits=*/false);
-  int32_t next = sampler.sample(logits);
+  int32_t next = engine.prefill(prompt, sampler);
   stats.prompt_tokens += int64_t(prompt.size());
   stats.prefill_ms += ms_since(t0);
   auto t1 = std::chrono::steady_clock::now();
@@ -59,11 +59,9 @@ std::vector<int32_t> generate(const qwen35::CpuModel& model, qwen35::CpuState& s
     std::fwrite(piece.data(), 1, piece.size(), stdout);
     std::fflush(stdout);
     if (i + 1 == max_new) break;
-    if (state.pos + 1 > state.max_context)
-      fail("context overflow: {} tokens used, --max-context is {}", state.pos, state.max_context);
-    const int32_t fed = next;
-    logits = model.forward(state, std::span<const int32_t>(&fed, 1), false);
-    next = sampler.sample(logits);
+    if (engine.position() + 1 > engine.max_context())
+      fail("context overflow: {} tokens used, --max-context is {}", engine.position(), engine.max_context());
+    next = engine.decode(next, sampler);
   }
   std::string rest = stream.flush();
   std::fwrite(rest.data(), 1, rest.size(), stdout);
@@ -93,29 +91,28 @@ std::string read_text_file(const std::string& path) {
 }  // namespace
 
 int cmd_run(int argc, char** argv) {
-  Args args("run", kRunFlags, argc, argv, 2);
+  Args args("run", run_flags(), argc, argv, 2);
   if (args.help()) {
     std::printf("usage: q35jit run --model DIR [--prompt TEXT | --prompt-file F] [--chat] [flags]\n\n%s",
                 args.usage().c_str());
     return 0;
   }
   const std::string dir = args.require("model");
-  Device device = parse_device("run", args.get("device"));
   if (args.has("prompt") && args.has("prompt-file")) fail("q35jit run: give --prompt or --prompt-file, not both");
   std::optional<std::string> prompt = args.get("prompt");
   if (auto f = args.get("prompt-file")) prompt = read_text_file(*f);
   const bool chat = args.flag("chat");
   if (!prompt && !chat) fail("q35jit run: give --prompt, --prompt-file or --chat");
   if (!chat && (args.has("system") || args.has("no-think"))) fail("q35jit run: --system and --no-think need --chat");
-  require_device_supported("run", device);
 
   auto t_load = std::chrono::steady_clock::now();
   ModelInfo info = load_model_info(dir);
   Tokenizer tok = load_tokenizer(info.dir);
-  auto model = load_cpu_model(info);
-  std::fprintf(stderr, "[q35jit] loaded %s in %.0f ms (%lld layers, %lld experts top-%lld, device cpu)\n", dir.c_str(),
+  auto log = [](const std::string& line) { std::fprintf(stderr, "[q35jit] %s\n", line.c_str()); };
+  std::unique_ptr<Engine> engine = make_engine(args, info, 32768, log);
+  std::fprintf(stderr, "[q35jit] loaded %s in %.0f ms (%lld layers, %lld experts top-%lld, device %s)\n", dir.c_str(),
                ms_since(t_load), (long long)info.config.num_layers, (long long)info.config.num_experts,
-               (long long)info.config.num_experts_per_tok);
+               (long long)info.config.num_experts_per_tok, engine->device().c_str());
 
   const auto& gen = info.generation;
   SamplingParams sp;
@@ -130,23 +127,21 @@ int cmd_run(int argc, char** argv) {
   }
   Sampler sampler(sp);
   const int64_t max_new = args.get_int("max-new-tokens", 256, 1, int64_t(1) << 30);
-  const int64_t model_max = info.config.max_position_embeddings > 0 ? info.config.max_position_embeddings : 32768;
-  const int64_t max_context = args.get_int("max-context", std::min<int64_t>(32768, model_max), 1, model_max);
+  const int64_t max_context = engine->max_context();
   const std::vector<int32_t> stop_ids = qwen35::stop_token_ids(tok, gen);
   const bool thinking = !args.flag("no-think");
 
-  qwen35::CpuState state = model->new_state(max_context);
   Stats stats;
   auto check_fits = [&](size_t n) {
-    if (state.pos + int64_t(n) > max_context)
-      fail("context overflow: the prompt needs {} tokens at position {}, --max-context is {}", n, state.pos,
+    if (engine->position() + int64_t(n) > max_context)
+      fail("context overflow: the prompt needs {} tokens at position {}, --max-context is {}", n, engine->position(),
            max_context);
   };
   if (!chat) {
     std::vector<int32_t> ids = tok.encode(*prompt);
     if (ids.empty()) fail("q35jit run: the prompt is empty");
     check_fits(ids.size());
-    generate(*model, state, tok, ids, stop_ids, max_new, sampler, stats);
+    generate(*engine, tok, ids, stop_ids, max_new, sampler, stats);
     print_stats(stats);
     return 0;
   }
@@ -172,7 +167,7 @@ int cmd_run(int argc, char** argv) {
     std::string text = (first_turn ? "" : "<|im_end|>\n") + qwen35::render_chat(turn, true, thinking);
     std::vector<int32_t> ids = tok.encode(text);
     check_fits(ids.size());
-    generate(*model, state, tok, ids, stop_ids, max_new, sampler, stats);
+    generate(*engine, tok, ids, stop_ids, max_new, sampler, stats);
     first_turn = false;
     if (!interactive) break;
   }

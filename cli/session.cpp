@@ -1,30 +1,25 @@
 #include "cli/session.h"
 
+#include <thread>
+
+#include "models/qwen35/cpu_model.h"
+#include "models/qwen35/gpu_model.h"
+#include "models/qwen35/quantized.h"
 #include "models/qwen35/weights.h"
 #include "runtime/core/error.h"
+#include "runtime/cuda/driver.h"
 #include "runtime/io/safetensors.h"
+#include "runtime/jit/jit_engine.h"
 
 namespace q35::cli {
 
 namespace fs = std::filesystem;
 
-Device parse_device(const std::string& command, const std::optional<std::string>& value) {
-  if (!value || *value == "cpu") return Device::Cpu;
-  if (*value == "cuda") return Device::Cuda;
-  fail("q35jit {}: --device must be cpu or cuda, got '{}'", command, *value);
-}
-
-void require_device_supported(const std::string& command, Device device) {
-  if (device == Device::Cuda)
-    fail("q35jit {}: --device cuda: the GPU forward pass is not part of this build yet; use --device cpu", command);
-}
-
 ModelInfo load_model_info(const fs::path& dir) {
   if (!fs::exists(dir)) fail("model directory {} does not exist", dir.string());
   if (!fs::is_directory(dir)) fail("--model {} is not a directory", dir.string());
-  ModelInfo info{dir, qwen35::Config::from_file(dir / "config.json"),
-                 qwen35::GenerationConfig::from_file(dir / "generation_config.json")};
-  return info;
+  return {dir, qwen35::Config::from_file(dir / "config.json"),
+          qwen35::GenerationConfig::from_file(dir / "generation_config.json")};
 }
 
 Tokenizer load_tokenizer(const fs::path& dir) {
@@ -33,10 +28,119 @@ Tokenizer load_tokenizer(const fs::path& dir) {
   return Tokenizer::from_file(path);
 }
 
-std::unique_ptr<qwen35::CpuModel> load_cpu_model(const ModelInfo& info) {
-  Checkpoint ckpt(info.dir);
-  qwen35::validate_checkpoint(info.config, ckpt);
-  return std::make_unique<qwen35::CpuModel>(info.config, qwen35::load_host_weights(info.config, ckpt));
+std::vector<FlagSpec> engine_flags() {
+  return {
+      {"device", "cpu|cuda", "where to run (default: cuda when a GPU is found, else cpu)"},
+      {"quant", "bf16|w4a16", "GPU weight format (default w4a16; a quantized checkpoint is w4a16)"},
+      {"group-size", "G", "W4A16 group size 32|64|128 (default 128, or the largest dividing every K)"},
+      {"max-context", "N", "tokens of context to allocate (default min(32768, the model's maximum))"},
+      {"verbose", "", "load details: kernels, memory, quantization error per tensor type"},
+  };
+}
+
+namespace {
+
+class CpuEngine final : public Engine {
+ public:
+  CpuEngine(const ModelInfo& info, int64_t max_context) {
+    Checkpoint ckpt(info.dir);
+    if (qwen35::read_quant_note(info.dir / "config.json"))
+      fail("{} is a W4A16 checkpoint: the CPU reference needs the original weights (use --device cuda)",
+           info.dir.string());
+    qwen35::validate_checkpoint(info.config, ckpt);
+    model_ = std::make_unique<qwen35::CpuModel>(info.config, qwen35::load_host_weights(info.config, ckpt));
+    state_ = model_->new_state(max_context);
+  }
+  std::string device() const override { return "cpu"; }
+  int64_t position() const override { return state_.pos; }
+  int64_t max_context() const override { return state_.max_context; }
+  std::vector<float> logits(std::span<const int32_t> tokens, bool all) override {
+    return model_->forward(state_, tokens, all);
+  }
+  int32_t prefill(std::span<const int32_t> tokens, Sampler& sampler) override {
+    return sampler.sample(model_->forward(state_, tokens, false));
+  }
+  int32_t decode(int32_t token, Sampler& sampler) override {
+    return sampler.sample(model_->forward(state_, std::span<const int32_t>(&token, 1), false));
+  }
+
+ private:
+  std::unique_ptr<qwen35::CpuModel> model_;
+  qwen35::CpuState state_;
+};
+
+class GpuEngine final : public Engine {
+ public:
+  GpuEngine(const ModelInfo& info, const qwen35::GpuModelOptions& options)
+      : ctx_(driver_, 0), jit_(default_cache_dir()) {
+    Checkpoint ckpt(info.dir);
+    if (options.prequantized)
+      qwen35::validate_quantized_checkpoint(info.config, ckpt, options.group);
+    else
+      qwen35::validate_checkpoint(info.config, ckpt);
+    model_ = std::make_unique<qwen35::GpuModel>(driver_, ctx_, jit_, info.config, ckpt, options);
+  }
+  std::string device() const override { return ctx_.device().name; }
+  int64_t position() const override { return model_->position(); }
+  int64_t max_context() const override { return model_->max_context(); }
+  std::vector<float> logits(std::span<const int32_t> tokens, bool all) override { return model_->forward(tokens, all); }
+  int32_t prefill(std::span<const int32_t> tokens, Sampler& sampler) override {
+    return model_->prefill(tokens, sampler.params());
+  }
+  int32_t decode(int32_t token, Sampler& sampler) override { return model_->decode(token, sampler.params()); }
+
+ private:
+  Driver driver_;
+  Context ctx_;
+  JitEngine jit_;
+  std::unique_ptr<qwen35::GpuModel> model_;
+};
+
+bool gpu_present() {
+  try {
+    Driver d;
+    return d.device_count() > 0;
+  } catch (const Error&) {
+    return false;
+  }
+}
+
+}  // namespace
+
+std::unique_ptr<Engine> make_engine(const Args& args, const ModelInfo& info, int64_t default_max_context,
+                                    const std::function<void(const std::string&)>& log) {
+  const std::string& cmd = args.command();
+  std::string device = args.get("device").value_or("");
+  if (device.empty()) device = gpu_present() ? "cuda" : "cpu";
+  if (device != "cpu" && device != "cuda") fail("q35jit {}: --device must be cpu or cuda, got '{}'", cmd, device);
+  const int64_t model_max = info.config.max_position_embeddings > 0 ? info.config.max_position_embeddings : 32768;
+  const int64_t max_context = args.get_int("max-context", std::min(default_max_context, model_max), 1, model_max);
+  const std::optional<qwen35::QuantNote> note = qwen35::read_quant_note(info.dir / "config.json");
+  const std::string quant = args.get("quant").value_or("w4a16");
+  if (quant != "bf16" && quant != "w4a16") fail("q35jit {}: --quant must be bf16 or w4a16, got '{}'", cmd, quant);
+
+  if (device == "cpu") {
+    if (args.has("quant") || args.has("group-size"))
+      fail("q35jit {}: --quant and --group-size apply to --device cuda (the CPU reference runs in fp32)", cmd);
+    return std::make_unique<CpuEngine>(info, max_context);
+  }
+  qwen35::GpuModelOptions o;
+  o.format = quant == "bf16" ? qwen35::WeightFormat::BF16 : qwen35::WeightFormat::W4A16;
+  o.prequantized = note.has_value();
+  if (note && quant == "bf16") fail("{} is a W4A16 checkpoint: it loads only with --quant w4a16", info.dir.string());
+  if (note) {
+    o.group = note->group_size;
+    if (args.has("group-size") && args.get_int("group-size", 0, 0, 1 << 20) != note->group_size)
+      fail("{} was quantized with group size {}, not --group-size {}: quantize the original checkpoint again",
+           info.dir.string(), note->group_size, *args.get("group-size"));
+  } else if (o.format == qwen35::WeightFormat::W4A16) {
+    o.group = int(args.get_int("group-size", qwen35::default_group_size(info.config), 1, 1 << 20));
+    qwen35::check_group_size(info.config, o.group);
+  }
+  o.max_context = max_context;
+  o.verbose = args.flag("verbose");
+  o.log = log;
+  return std::make_unique<GpuEngine>(info, o);
 }
 
 }  // namespace q35::cli

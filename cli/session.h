@@ -1,37 +1,52 @@
 #pragma once
-// Loading a model folder for the CLI: config, generation config, tokenizer and the weights on
-// the chosen device.
+// Loading a model folder for the CLI: config, generation config, tokenizer, and an Engine (one
+// sequence on the CPU reference or on the GPU) behind one interface.
 #include <chrono>
 #include <filesystem>
+#include <functional>
 #include <memory>
+#include <optional>
+#include <span>
 #include <string>
+#include <vector>
 
+#include "cli/args.h"
 #include "models/qwen35/config.h"
-#include "models/qwen35/cpu_model.h"
+#include "runtime/core/sampler.h"
 #include "runtime/text/tokenizer.h"
 
 namespace q35::cli {
 
-enum class Device { Cpu, Cuda };
-
-// Parses --device (cpu|cuda); absent: cpu.
-Device parse_device(const std::string& command, const std::optional<std::string>& value);
-
-// Config + generation config (+ tokenizer when with_tokenizer). Errors name the folder/file.
 struct ModelInfo {
   std::filesystem::path dir;
   qwen35::Config config;
   qwen35::GenerationConfig generation;
 };
+// Config + generation config. Errors name the folder / file.
 ModelInfo load_model_info(const std::filesystem::path& dir);
 Tokenizer load_tokenizer(const std::filesystem::path& dir);
 
-// Validates the checkpoint against the config and loads it for `device`.
-std::unique_ptr<qwen35::CpuModel> load_cpu_model(const ModelInfo& info);
-// Throws the one-line error for devices this build cannot run yet.
-void require_device_supported(const std::string& command, Device device);
+// One sequence of a model on a device.
+class Engine {
+ public:
+  virtual ~Engine() = default;
+  virtual std::string device() const = 0;  // "cpu" or the GPU's name
+  virtual int64_t position() const = 0;
+  virtual int64_t max_context() const = 0;
+  // fp32 logits [T, vocab] of every position (all) or [vocab] of the last.
+  virtual std::vector<float> logits(std::span<const int32_t> tokens, bool all) = 0;
+  // Feeds the tokens and returns the next id drawn by `sampler`'s rules.
+  virtual int32_t prefill(std::span<const int32_t> tokens, Sampler& sampler) = 0;
+  virtual int32_t decode(int32_t token, Sampler& sampler) = 0;
+};
 
-// Milliseconds since `t0`.
+// The flags every command that loads weights shares.
+std::vector<FlagSpec> engine_flags();
+// Builds the engine the flags ask for: --device (default: cuda when a GPU is found, else cpu),
+// --quant, --group-size, --max-context, --verbose. `log` gets one-line notices.
+std::unique_ptr<Engine> make_engine(const Args& args, const ModelInfo& info, int64_t default_max_context,
+                                    const std::function<void(const std::string&)>& log);
+
 inline double ms_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
 }

@@ -80,6 +80,7 @@ __device__ __forceinline__ void wait_for_predecessor() {
 __device__ __forceinline__ float sigmoid(float x) { return 1.f / (1.f + expf(-x)); }
 
 constexpr float kLog2e = 1.4426950408889634f;
+__device__ __forceinline__ float inf() { return __int_as_float(0x7f800000); }
 
 // Decode split-K: the KV length L is cut into blocks of 16 keys; each of `splits` CTAs per kv head
 // takes `per_split` consecutive blocks (at least one per warp), the last ones may have none.
@@ -231,7 +232,7 @@ attention_prefill(const q35k::bf16* __restrict__ q,        // [T, HQ, D] normed 
   float o[D / 8][4];  // O [16 rows, D] of this warp: n-tile n covers dims 8n .. 8n+7
 #pragma unroll
   for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
-  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};  // rows g, g+8 (raw score units)
+  float m_run[2] = {-attn::inf(), -attn::inf()}, l_run[2] = {0.f, 0.f};  // rows g, g+8 (raw score units)
   const float sl = scale * kLog2e;
   const int row0 = m0 + warp * 16;          // first query row (token index) of this warp
   const int qpos[2] = {pos0 + row0 + g, pos0 + row0 + g + 8};
@@ -284,7 +285,7 @@ attention_prefill(const q35k::bf16* __restrict__ q,        // [T, HQ, D] normed 
       for (int n = 0; n < NT; ++n)
 #pragma unroll
         for (int e = 0; e < 4; ++e)
-          if (n0 + n * 8 + 2 * c + (e & 1) > qpos[e >> 1]) s[n][e] = -INFINITY;
+          if (n0 + n * 8 + 2 * c + (e & 1) > qpos[e >> 1]) s[n][e] = -attn::inf();
     }
 
     // Online softmax. Every row sees key 0 in tile 0, so the running max is finite from then on.
@@ -415,7 +416,7 @@ attention_decode(const q35k::bf16* __restrict__ q,        // [T, HQ, D] normed +
   float o[D / 16][4];  // O^T m-tiles: o[4q+j] = {O[2c][d], O[2c+1][d], O[2c][d+1], O[2c+1][d+1]}, d = 64q+8g+2j
 #pragma unroll
   for (int i = 0; i < D / 16; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
-  float m_run = -INFINITY, l_run = 0.f;  // row g
+  float m_run = -attn::inf(), l_run = 0.f;  // row g
   const float sl = scale * kLog2e;
   const size_t kv_stride = size_t(HKV) * D;
   const bf16* k_head = k_cache + size_t(kvh) * D;
@@ -454,12 +455,12 @@ attention_decode(const q35k::bf16* __restrict__ q,        // [T, HQ, D] normed +
     for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        if (k0 + 8 * nt + 2 * c + e >= limit) s[nt][e] = -INFINITY;
+        if (k0 + 8 * nt + 2 * c + e >= limit) s[nt][e] = -attn::inf();
         mx = fmaxf(mx, s[nt][e]);
       }
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-    const float base = mx == -INFINITY ? 0.f : mx * sl;  // a row with no visible key yet stays empty
+    const float base = mx == -attn::inf() ? 0.f : mx * sl;  // a row with no visible key yet stays empty
     const float alpha = exp2f(m_run * sl - base);
     m_run = mx;
     float p[2][2], sum = 0.f;
@@ -511,10 +512,10 @@ attention_decode(const q35k::bf16* __restrict__ q,        // [T, HQ, D] normed +
   const size_t part = (size_t(kvh) * splits + split) * 8;
   for (int i = tid; i < R * D; i += THREADS) {
     const int r = i / D, d = i % D;
-    float M = -INFINITY;
+    float M = -attn::inf();
 #pragma unroll
     for (int w = 0; w < WARPS; ++w) M = fmaxf(M, sm_m[w][r]);
-    const float base = M == -INFINITY ? 0.f : M * sl;
+    const float base = M == -attn::inf() ? 0.f : M * sl;
     float acc = 0.f, l = 0.f;
 #pragma unroll
     for (int w = 0; w < WARPS; ++w) {
@@ -553,7 +554,7 @@ attention_decode_merge(const float* __restrict__ part_o,     // [HKV, splits, 8,
   const int active = min(splits, (blocks + per_split - 1) / per_split);
   const float sl = scale * kLog2e;
   const size_t part = size_t(kvh) * splits * 8 + r;  // + s * 8 per split
-  float M = -INFINITY;
+  float M = -attn::inf();
   for (int s = 0; s < active; ++s) M = fmaxf(M, part_ml[(part + size_t(s) * 8) * 2]);
   const float base = M * sl;  // finite: every row sees key 0 in split 0
   float acc = 0.f, l = 0.f;

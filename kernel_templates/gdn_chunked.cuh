@@ -24,7 +24,7 @@ namespace q35k {
 constexpr int kGdnChunk = 64;
 }  // namespace q35k
 
-// Dynamic shared memory: (2 * 64 * (DK + 1) + 64 * 65 + 2 * 64) floats.
+// Dynamic shared memory: (64 * (DK + 1) + 64 * 65 + 2 * 64 + 64 * max(DK + 1, DV + DK)) floats.
 template <int HK, int HV, int DK, int DV>
 __global__ void __launch_bounds__(256)
 gdn_chunk_prepare(const q35k::bf16* __restrict__ qkv, const float* __restrict__ g, const float* __restrict__ beta,
@@ -33,11 +33,12 @@ gdn_chunk_prepare(const q35k::bf16* __restrict__ qkv, const float* __restrict__ 
   constexpr int L = q35k::kGdnChunk, C = 2 * HK * DK + HV * DV, KS = DK + 1;
   static_assert(HV % HK == 0, "gdn_chunk_prepare: HV must be a multiple of HK");
   extern __shared__ float smem[];
-  float* Ks = smem;             // [L, KS]
-  float* Qs = Ks + L * KS;      // [L, KS]
-  float* As = Qs + L * KS;      // [L, L + 1]
+  float* Ks = smem;               // [L, KS]
+  float* As = Ks + L * KS;        // [L, L + 1]
   float* gam = As + L * (L + 1);  // [L]
-  float* bet = gam + L;         // [L]
+  float* bet = gam + L;           // [L]
+  float* Qs = bet + L;            // [L, KS], then X [L, DV + DK] (the solve's columns)
+  float* X = Qs;
   q35k::gdn_pdl_wait();
   q35k::gdn_pdl_launch_dependents();
   const int tid = threadIdx.x, n = blockIdx.x, j = blockIdx.y, kh = j / (HV / HK);
@@ -91,26 +92,23 @@ gdn_chunk_prepare(const q35k::bf16* __restrict__ qkv, const float* __restrict__ 
   }
   __syncthreads();
 
-  // Forward substitution, one column c of [U (DV) | W (DK)] per thread, kept in registers.
+  // Forward substitution, one column c of X = [U (DV) | W (DK)] per thread (no barrier: a thread
+  // touches only its column).
   for (int c = tid; c < DV + DK; c += 256) {
     const bool is_u = c < DV;
-    float x[L];
-#pragma unroll
-    for (int i = 0; i < L; ++i) {
-      float acc = 0.f;
-      if (i < rows)
-        acc = is_u ? bet[i] * q35k::bf16_to_f32(qkv[size_t(t0 + i) * C + 2 * HK * DK + j * DV + c])
-                   : bet[i] * Ks[i * KS + c - DV] * expf(gam[i]);
-#pragma unroll
-      for (int m = 0; m < i; ++m) acc -= As[i * (L + 1) + m] * x[m];
-      x[i] = acc;
+    for (int i = 0; i < rows; ++i)
+      X[i * (DV + DK) + c] = is_u ? bet[i] * q35k::bf16_to_f32(qkv[size_t(t0 + i) * C + 2 * HK * DK + j * DV + c])
+                                  : bet[i] * Ks[i * KS + c - DV] * expf(gam[i]);
+    for (int i = 1; i < rows; ++i) {
+      float acc = X[i * (DV + DK) + c];
+#pragma unroll 8
+      for (int m = 0; m < i; ++m) acc -= As[i * (L + 1) + m] * X[m * (DV + DK) + c];
+      X[i * (DV + DK) + c] = acc;
     }
-#pragma unroll
-    for (int i = 0; i < L; ++i)
-      if (i < rows) {
-        if (is_u) u_out[(size_t(t0 + i) * HV + j) * DV + c] = x[i];
-        else w_out[(size_t(t0 + i) * HV + j) * DK + c - DV] = x[i];
-      }
+    for (int i = 0; i < rows; ++i) {
+      if (is_u) u_out[(size_t(t0 + i) * HV + j) * DV + c] = X[i * (DV + DK) + c];
+      else w_out[(size_t(t0 + i) * HV + j) * DK + c - DV] = X[i * (DV + DK) + c];
+    }
   }
 }
 

@@ -137,6 +137,7 @@ moe_router(const q35k::bf16* __restrict__ x, const q35k::bf16* __restrict__ w_ro
   static_assert(E % ROWS == 0, "moe_router: E must be a multiple of ROWS");
   static_assert(TOPK >= 1 && TOPK <= E && TOPK <= 32, "moe_router: TOPK must be in [1, min(E, 32)]");
   constexpr int EPL = (E + 31) / 32;  // probabilities per lane in the top-k
+  const float neg_inf = __int_as_float(0xff800000);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int g = blockIdx.x * WARPS + warp;
   const int t0 = blockIdx.y * M_TILE;
@@ -173,11 +174,11 @@ moe_router(const q35k::bf16* __restrict__ x, const q35k::bf16* __restrict__ w_ro
     if (t >= T) break;
     const float* lt = logits + size_t(t) * (E + 1);
     float p[EPL];
-    float mx = -INFINITY;
+    float mx = neg_inf;
 #pragma unroll
     for (int i = 0; i < EPL; ++i) {
       const int e = lane + 32 * i;
-      p[i] = e < E ? __ldcg(lt + e) : -INFINITY;
+      p[i] = e < E ? __ldcg(lt + e) : neg_inf;
       mx = fmaxf(mx, p[i]);
     }
 #pragma unroll

@@ -91,7 +91,7 @@ argmax_f32(const float* __restrict__ logits,  // [V]
   __shared__ int si[THREADS / 32];
   __shared__ bool last;
   const int begin = blockIdx.x * SLICE, end = min(V, begin + SLICE);
-  float v = -INFINITY;
+  float v = __int_as_float(0xff800000);
   int i = 0x7fffffff;
   for (int j = begin + threadIdx.x; j < end; j += THREADS) {
     const float l = logits[j];
@@ -107,7 +107,7 @@ argmax_f32(const float* __restrict__ logits,  // [V]
   __syncthreads();
   if (!last) return;
   __threadfence();
-  v = -INFINITY, i = 0x7fffffff;
+  v = __int_as_float(0xff800000), i = 0x7fffffff;
   for (int b = threadIdx.x; b < BLOCKS; b += THREADS) {
     const float pv = static_cast<volatile float*>(partial_v)[b];
     const int pi = static_cast<volatile int*>(partial_i)[b];
@@ -137,7 +137,7 @@ sample_f32(const float* __restrict__ logits,  // [V]
   const int begin = min(V, int(threadIdx.x) * PER), end = min(V, begin + PER);
 
   // Greedy, and the max logit for a stable softmax.
-  float m = -INFINITY;
+  float m = __int_as_float(0xff800000);
   int best = 0x7fffffff;
   for (int j = begin; j < end; ++j)
     if (beats(logits[j], j, m, best)) m = logits[j], best = j;

@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cstring>
 #include <fstream>
+#include <set>
 #include <thread>
 
 #include "autotune/tile_config.h"
@@ -374,34 +375,36 @@ TEST_CASE("tile configs: validity rules and heuristic defaults") {
   CHECK(error_of([] { gemv_bf16_spec(64, 60, GemvTile{}); }).find("K = 60") != std::string::npos);
 }
 
-TEST_CASE("required_kernels lists every instantiation of the 35B-A3B config; all compile for sm_90a") {
+TEST_CASE("required_kernels lists every family the 35B-A3B config needs; all compile for sm_90a") {
   const qwen35::Config cfg = config_35b();
-  const std::vector<KernelSpec> specs = qwen35::required_kernels(cfg);
-  std::vector<std::pair<std::string, std::string>> gemv_shapes;  // (N, K)
-  std::vector<std::string> others;
-  for (const KernelSpec& s : specs) {
-    if (s.family == "gemv_bf16") {
-      gemv_shapes.emplace_back(arg(s, "N"), arg(s, "K"));
-      CHECK(arg(s, "M_TILE") == "1");
-    } else {
-      others.push_back(s.instantiation());
-    }
-  }
-  CHECK(others == std::vector<std::string>{"embedding_gather<2048, 128>", "rmsnorm<2048, 256, false>",
-                                           "rmsnorm<2048, 256, true>", "rmsnorm<256, 32, false>"});
-  // q_proj / in_proj_qkv share [8192, 2048]; k,v and shared gate/up [512, 2048]; o_proj / out_proj
-  // [2048, 4096]; experts down and shared down [2048, 512].
-  CHECK(gemv_shapes == std::vector<std::pair<std::string, std::string>>{
-                           {"8192", "2048"}, {"512", "2048"}, {"2048", "4096"}, {"4096", "2048"},
-                           {"32", "2048"}, {"256", "2048"}, {"1024", "2048"}, {"2048", "512"},
-                           {"1", "2048"}, {"248320", "2048"}});
+  const std::vector<KernelSpec> specs = qwen35::required_kernels(cfg, 128);
+  std::set<std::string> families;
+  for (const KernelSpec& s : specs) families.insert(s.family);
+  for (const char* f : {"embedding", "rmsnorm", "gemv_w4a16", "gemm_bf16", "quantize_w4", "sample", "attention",
+                        "gdn_recurrent", "moe"})
+    CHECK_MESSAGE(families.count(f) == 1, f);
+  CHECK(families.count("gemv_bf16") == 0);  // W4A16: every projection through the INT4 GEMV
+  // Every decode GEMV shape of the W4A16 model, at M = 1: qkv fused, o_proj / out_proj, in_proj fused, lm_head.
+  std::set<std::pair<std::string, std::string>> w4_shapes;
+  for (const KernelSpec& s : specs)
+    if (s.family == "gemv_w4a16") w4_shapes.emplace(arg(s, "N"), arg(s, "K"));
+  for (auto nk : std::vector<std::pair<std::string, std::string>>{
+           {"9216", "2048"}, {"2048", "4096"}, {"12352", "2048"}, {"248320", "2048"}})
+    CHECK_MESSAGE(w4_shapes.count(nk) == 1, nk.first << " x " << nk.second);
+  // No duplicates.
+  for (size_t i = 0; i < specs.size(); ++i)
+    for (size_t j = i + 1; j < specs.size(); ++j) CHECK_FALSE(specs[i] == specs[j]);
 
-  // Without full-attention layers there is no q_proj / head-dim norm / o_proj.
+  // bf16 weights: bf16 GEMVs, no INT4 kernels.
+  std::set<std::string> bf16_families;
+  for (const KernelSpec& s : qwen35::required_kernels(cfg, 0)) bf16_families.insert(s.family);
+  CHECK(bf16_families.count("gemv_bf16") == 1);
+  CHECK(bf16_families.count("gemv_w4a16") == 0);
+
+  // Without full-attention layers there is no attention kernel.
   qwen35::Config linear_only = cfg;
   linear_only.layer_types.assign(4, qwen35::LayerType::LinearAttention);
-  for (const KernelSpec& s : qwen35::required_kernels(linear_only)) CHECK(s.instantiation() != "rmsnorm<256, 32, false>");
-  // in_proj_qkv keeps [8192, 2048], the shared expert [512, 2048], out_proj [2048, 4096].
-  CHECK(qwen35::required_kernels(linear_only).size() == specs.size() - 1);
+  for (const KernelSpec& s : qwen35::required_kernels(linear_only, 128)) CHECK(s.family != "attention");
 
   // Cold (fresh cache, parallel on this machine's cores) and warm (new engine, disk cache).
   TempDir tmp("jit-required");

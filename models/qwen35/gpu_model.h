@@ -69,8 +69,8 @@ class GpuModel {
   struct Impl;
   void init(const GpuModelOptions& options);
   void run_layers(int T, bool decode);
-  void lm_head(int T, bool all_rows);
-  int32_t sample_and_read(const SamplingParams& sampling, bool advance_token);
+  void lm_head(int T);
+  void sample(const SamplingParams& sampling);
   void check_fits(size_t T) const;
 
   const Driver& driver_;

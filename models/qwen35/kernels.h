@@ -1,7 +1,7 @@
 #pragma once
 // Every JIT kernel instantiation a Qwen3.5 checkpoint needs, derived from config.json alone, with
-// the default tile configs (autotune/tile_config.h). Compiled in parallel at start-up. Grows as
-// kernel families are added.
+// the default tile configs (autotune/). Compiled in parallel at start-up and by `q35jit compile`.
+#include <cstdint>
 #include <vector>
 
 #include "models/qwen35/config.h"
@@ -9,7 +9,8 @@
 
 namespace q35::qwen35 {
 
-// Deduplicated, in first-use order. `tokens_per_call` = M of the decode GEMVs (1 for batch-1 decode).
-std::vector<q35::KernelSpec> required_kernels(const Config& cfg, int tokens_per_call = 1);
+// `group` = 0 for bf16 weights, else the W4A16 group size; `prefill_tokens` = the M the prefill
+// GEMM tiles are chosen for. Deduplicated, in first-use order.
+std::vector<q35::KernelSpec> required_kernels(const Config& cfg, int group, int64_t prefill_tokens = 2048);
 
 }  // namespace q35::qwen35

@@ -48,10 +48,11 @@ QuantizePlan quantize_plan(int64_t k, int64_t group) { return {k, group, default
 
 SamplePlan sample_plan(int64_t vocab) { return {vocab, default_sample_tile(vocab)}; }
 
+void prepare(const GemmPlan& p, const Function& f) { f.set_max_dynamic_smem(p.tile.smem_bytes()); }
+
 void launch(const GemmPlan& p, const Function& f, const Stream& stream, CUdeviceptr x, CUdeviceptr W, CUdeviceptr y,
             int M) {
   if (M < 1) fail("gemm_bf16 [N = {}, K = {}]: M = {} rows is not positive", p.n, p.k, M);
-  f.set_max_dynamic_smem(p.tile.smem_bytes());
   f.launch({{blocks_for(M, p.tile.bm), blocks_for(p.n, p.tile.bn)}, {unsigned(p.tile.threads())},
             unsigned(p.tile.smem_bytes())},
            stream, x, W, y, M);

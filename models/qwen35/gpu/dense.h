@@ -96,8 +96,9 @@ SamplePlan sample_plan(int64_t vocab);
 
 // ---- launches (asynchronous on `stream`; pdl = programmatic dependent launch allowed) ----
 
-// y [M, n] = x [M, k] . W [n, k]^T. Sets the function's dynamic shared memory limit (not a stream
-// operation: safe during graph capture).
+// Once per loaded gemm_bf16 function, before its first launch: opts into its dynamic shared memory.
+void prepare(const GemmPlan& p, const Function& f);
+// y [M, n] = x [M, k] . W [n, k]^T (after prepare()).
 void launch(const GemmPlan& p, const Function& f, const Stream& stream, CUdeviceptr x, CUdeviceptr W, CUdeviceptr y,
             int M);
 // y [T, n] = x [T, k] . W [n, k]^T.

@@ -1,0 +1,435 @@
+// The Qwen3.5 MoE forward pass on the GPU. Each layer, T tokens (spec §2.2):
+//   normed = RMSNorm_in(residual += delta)            rmsnorm (fused residual add)
+//   mixer:  full attention  qkv = normed·Wqkv; qk_norm_rope (+ KV cache write); attention; o_proj
+//           Gated DeltaNet  proj = normed·Win; conv + gates + delta rule + gated norm; out_proj
+//   normed = RMSNorm_post(residual += mixer out)
+//   delta  = MoE(normed)                              router, experts, shared expert
+// then the final norm, lm_head (last row) and sampling on the GPU. A decode step (T = 1) is
+// captured once as a CUDA graph: its input token, position and sampler step live on the device.
+#include "models/qwen35/gpu_model.h"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+#include <optional>
+#include <thread>
+
+#include "autotune/tile_config.h"
+#include "models/qwen35/gpu/attention.h"
+#include "models/qwen35/gpu/dense.h"
+#include "models/qwen35/gpu/gdn.h"
+#include "models/qwen35/gpu/moe.h"
+#include "models/qwen35/kernels.h"
+#include "models/qwen35/weights.h"
+#include "runtime/core/error.h"
+#include "runtime/io/safetensors.h"
+#include "runtime/jit/kernel_set.h"
+
+namespace q35::qwen35 {
+
+namespace {
+
+double ms_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+}
+
+KernelSpec step_spec() { return {"step", "step_advance", {}}; }
+KernelSpec fill_normal_spec() { return {"fill", "fill_normal_bf16", {}}; }
+KernelSpec fill_uniform_spec() { return {"fill", "fill_uniform_f32", {}}; }
+
+int group_of(const GpuModelOptions& o) { return o.format == WeightFormat::W4A16 ? o.group : 0; }
+
+}  // namespace
+
+// Everything the forward pass needs besides the weights: kernels, per-sequence state, scratch.
+struct GpuModel::Impl {
+  Impl(JitEngine& jit, const Context& ctx, const Config& c, const GpuModelOptions& o)
+      : kernels(jit, ctx), attn(c.num_layers_of(LayerType::FullAttention) ? gpu::attention_plan(c) : gpu::AttentionPlan{}),
+        sample(gpu::sample_plan(c.vocab_size)) {}
+
+  KernelSet kernels;
+  gpu::AttentionPlan attn;
+  gpu::SamplePlan sample;
+  std::unique_ptr<gpu::GdnKernels> gdn;
+  std::unique_ptr<gpu::MoeKernels> moe;
+  int attn_splits = 0;
+
+  // Per sequence: one K and V cache per full-attention layer, conv + fp32 state per DeltaNet layer.
+  std::vector<DeviceBuffer> k_cache, v_cache;  // bf16 [max_context, Hkv, D] (indexed by layer)
+  std::vector<DeviceBuffer> conv_state, ssm_state;
+
+  // Scratch for chunks of up to max_chunk tokens.
+  DeviceBuffer tokens;      // int32 [max_chunk]
+  DeviceBuffer pos;         // int32 [1]   position of the chunk's first token
+  DeviceBuffer next_id;     // int32 [1]
+  DeviceBuffer rng;         // u64 [2]     sampler {seed, step}
+  DeviceBuffer argmax_ws;   // argmax workspace (zeroed once)
+  DeviceBuffer residual;    // bf16 [max_chunk, H]
+  DeviceBuffer normed;      // bf16 [max_chunk, H]
+  DeviceBuffer delta;       // bf16 [max_chunk, H]   sub-layer output, added by the next norm
+  DeviceBuffer proj;        // bf16 [max_chunk, max(qkv_row, gdn_cols)]
+  DeviceBuffer q;           // bf16 [max_chunk, Hq, D]
+  DeviceBuffer mix;         // bf16 [max_chunk, max(Hq*D, Hv*dv)]  attention / DeltaNet output
+  DeviceBuffer gdn_ws;      // gdn_workspace_bytes(max_chunk)
+  DeviceBuffer gdn_o;       // fp32 [1, Hv, dv] (decode)
+  DeviceBuffer attn_scratch;
+  DeviceBuffer moe_ws;      // moe_workspace_bytes(max_chunk), zeroed once
+  gpu::MoeScratch moe_scratch;
+  DeviceBuffer dequant;     // bf16 [max N*K] W4A16 weights dequantized for prefill GEMMs
+  DeviceBuffer logits;      // fp32 [16, vocab]
+
+  std::optional<GraphExec> decode_graph;
+  SamplingParams graph_sampling;
+  std::optional<SamplingParams> rng_params;  // what `rng` was seeded for
+};
+
+GpuModel::GpuModel(const Driver& driver, const Context& ctx, JitEngine& jit, const Config& config, const Checkpoint& ckpt,
+                   const GpuModelOptions& options)
+    : driver_(driver), ctx_(ctx), jit_(jit), config_(config), options_(options), stream_(driver) {
+  init(options);
+  auto t0 = std::chrono::steady_clock::now();
+  UploadOptions up;
+  up.format = options.format;
+  up.group = options.group;
+  up.prequantized = options.prequantized;
+  up.quantize = [&](CUdeviceptr src, int64_t rows, int64_t K, int group, CUdeviceptr qw, CUdeviceptr sc) {
+    gpu::QuantizePlan p = gpu::quantize_plan(K, group);
+    gpu::launch_quantize(p, impl_->kernels.get(p.quantize_spec()), stream_, src, qw, sc, rows);
+  };
+  if (options.verbose && options.log)
+    up.report_error = [&](const std::string& kind, double e) {
+      options.log(fmt::format("W4A16 g{} {:<18} relative error {:.4f} (first 64 rows of each tensor)", options.group,
+                              kind, e));
+    };
+  weights_ = upload_weights(driver_, stream_, config_, ckpt, up);
+  stream_.synchronize();
+  if (options.log)
+    options.log(fmt::format("weights on the GPU: {:.1f} MB ({}) in {:.0f} ms", weights_.bytes() / 1e6,
+                            options.format == WeightFormat::BF16 ? "bf16" : fmt::format("w4a16 g{}", options.group),
+                            ms_since(t0)));
+  reset();
+}
+
+GpuModel::GpuModel(const Driver& driver, const Context& ctx, JitEngine& jit, const Config& config,
+                   const GpuModelOptions& options, uint64_t seed)
+    : driver_(driver), ctx_(ctx), jit_(jit), config_(config), options_(options), stream_(driver) {
+  init(options);
+  UploadOptions up;
+  up.format = options.format;
+  up.group = options.group;
+  up.quantize = [&](CUdeviceptr src, int64_t rows, int64_t K, int group, CUdeviceptr qw, CUdeviceptr sc) {
+    gpu::QuantizePlan p = gpu::quantize_plan(K, group);
+    gpu::launch_quantize(p, impl_->kernels.get(p.quantize_spec()), stream_, src, qw, sc, rows);
+  };
+  const Function& normal = impl_->kernels.get(fill_normal_spec());
+  const Function& uniform = impl_->kernels.get(fill_uniform_spec());
+  const unsigned blocks = unsigned(ctx.device().sm_count * 8);
+  RandomFill fill{
+      [&](CUdeviceptr dst, size_t n, uint64_t s, float mean, float scale) {
+        normal.launch({{blocks}, {256}}, stream_, dst, (unsigned long long)n, (unsigned long long)s, mean, scale);
+      },
+      [&](CUdeviceptr dst, size_t n, uint64_t s, float lo, float hi) {
+        uniform.launch({{blocks}, {256}}, stream_, dst, (unsigned long long)n, (unsigned long long)s, lo, hi);
+      }};
+  weights_ = random_weights(driver_, stream_, config_, up, fill, seed);
+  reset();
+}
+
+GpuModel::~GpuModel() = default;
+
+void GpuModel::init(const GpuModelOptions& o) {
+  const Config& c = config_;
+  if (o.max_context < 1) fail("--max-context must be at least 1");
+  if (o.max_context > c.max_position_embeddings && c.max_position_embeddings > 0)
+    fail("--max-context {} exceeds the model's max_position_embeddings {}", o.max_context, c.max_position_embeddings);
+  impl_ = std::make_unique<Impl>(jit_, ctx_, c, o);
+  Impl& m = *impl_;
+  const int group = group_of(o);
+
+  // Every kernel of the model, compiled in parallel (or served by the JIT caches), then loaded.
+  auto t0 = std::chrono::steady_clock::now();
+  const int threads = o.compile_threads > 0 ? o.compile_threads : int(std::max(1u, std::thread::hardware_concurrency()));
+  std::vector<KernelSpec> specs = required_kernels(c, group, o.max_chunk);
+  specs.push_back(step_spec());
+  m.kernels.preload(specs, threads);
+  const bool has_full = c.num_layers_of(LayerType::FullAttention) > 0;
+  const bool has_linear = c.num_layers_of(LayerType::LinearAttention) > 0;
+  if (has_linear) m.gdn = std::make_unique<gpu::GdnKernels>(jit_, ctx_, c);
+  m.moe = std::make_unique<gpu::MoeKernels>(jit_, ctx_, gpu::moe_shape(c, group));
+  if (o.log) {
+    JitStats s = jit_.stats();
+    o.log(fmt::format("kernels: {} for {} in {:.0f} ms ({} compiled, {} from the cache)", m.kernels.size(),
+                      ctx_.device().arch(), ms_since(t0), s.compiled, s.cache_hits()));
+  }
+
+  const int64_t H = c.hidden_size, T = o.max_chunk;
+  auto alloc = [&](size_t bytes) { return DeviceBuffer(driver_, std::max<size_t>(bytes, 16)); };
+  for (LayerType t : c.layer_types) {
+    const bool full = t == LayerType::FullAttention;
+    const size_t kv = full ? size_t(o.max_context * c.num_kv_heads * c.head_dim) * 2 : 0;
+    m.k_cache.push_back(full ? alloc(kv) : DeviceBuffer());
+    m.v_cache.push_back(full ? alloc(kv) : DeviceBuffer());
+    m.conv_state.push_back(full ? DeviceBuffer() : alloc(gpu::gdn_conv_state_bytes(c)));
+    m.ssm_state.push_back(full ? DeviceBuffer() : alloc(gpu::gdn_ssm_state_bytes(c)));
+  }
+  const int64_t proj_cols = std::max(has_full ? m.attn.qkv_row() : 0, has_linear ? gpu::gdn_proj_columns(c) : 0);
+  const int64_t mix_cols = std::max(has_full ? c.attn_out_dim() : 0, has_linear ? c.linear_value_dim() : 0);
+  m.tokens = alloc(size_t(T) * 4);
+  m.pos = alloc(4);
+  m.next_id = alloc(4);
+  m.rng = alloc(16);
+  m.argmax_ws = alloc(m.sample.argmax_workspace_bytes());
+  m.argmax_ws.fill_bytes(0, stream_);
+  m.residual = alloc(size_t(T * H) * 2);
+  m.normed = alloc(size_t(T * H) * 2);
+  m.delta = alloc(size_t(T * H) * 2);
+  m.proj = alloc(size_t(T * proj_cols) * 2);
+  m.q = alloc(has_full ? size_t(T * c.num_heads * c.head_dim) * 2 : 0);
+  m.mix = alloc(size_t(T * mix_cols) * 2);
+  if (has_linear) {
+    m.gdn_ws = alloc(gpu::gdn_workspace_bytes(c, T));
+    m.gdn_o = alloc(size_t(c.linear_value_dim()) * 4);
+  }
+  if (has_full) {
+    m.attn_splits = gpu::attention_decode_splits(m.attn, o.max_context, ctx_.device().sm_count);
+    m.attn_scratch = alloc(gpu::attention_decode_scratch_bytes(m.attn, m.attn_splits));
+  }
+  m.moe_ws = alloc(gpu::moe_workspace_bytes(m.moe->shape, m.moe->tiles, T));
+  m.moe_ws.fill_bytes(0, stream_);
+  m.moe_scratch = gpu::moe_scratch(m.moe->shape, m.moe->tiles, T, m.moe_ws.ptr());
+  if (o.format == WeightFormat::W4A16) {
+    int64_t largest = 0;  // every dense matrix except lm_head (computed by GEMV chunks)
+    if (has_full) largest = std::max({largest, (m.attn.qkv_row()) * H, H * c.attn_out_dim()});
+    if (has_linear) largest = std::max({largest, gpu::gdn_proj_columns(c) * H, H * c.linear_value_dim()});
+    m.dequant = alloc(size_t(largest) * 2);
+  }
+  m.logits = alloc(size_t(16 * c.vocab_size) * 4);
+  stream_.synchronize();
+}
+
+size_t GpuModel::state_bytes() const {
+  size_t n = 0;
+  for (size_t i = 0; i < impl_->k_cache.size(); ++i)
+    n += impl_->k_cache[i].size() + impl_->v_cache[i].size() + impl_->conv_state[i].size() + impl_->ssm_state[i].size();
+  return n;
+}
+
+void GpuModel::reset() {
+  for (size_t i = 0; i < impl_->conv_state.size(); ++i) {
+    if (impl_->conv_state[i].size()) impl_->conv_state[i].fill_bytes(0, stream_);
+    if (impl_->ssm_state[i].size()) impl_->ssm_state[i].fill_bytes(0, stream_);
+  }
+  pos_ = 0;
+  const int32_t zero = 0;
+  impl_->pos.upload(&zero, 4, stream_);
+  stream_.synchronize();
+}
+
+void GpuModel::check_fits(size_t T) const {
+  if (pos_ + int64_t(T) > options_.max_context)
+    fail("context overflow: {} tokens at position {} exceed --max-context {}", T, pos_, options_.max_context);
+}
+
+namespace {
+
+// y [M, N] = x [M, K] · W^T: GEMV for M <= 16, else GEMM (W4A16 dequantized into `dequant` first).
+void dense(KernelSet& ks, const Stream& s, const GpuMatrix& W, CUdeviceptr x, CUdeviceptr y, int M,
+           const DeviceBuffer& dequant, bool out_f32 = false) {
+  if (M <= 16) {
+    if (W.format == WeightFormat::BF16) {
+      gpu::GemvBf16Plan p = gpu::gemv_bf16_plan(W.N, W.K, M, out_f32);
+      gpu::launch(p, ks.get(p.spec()), s, W.w.ptr(), x, y, M);
+    } else {
+      gpu::W4GemvPlan p = gpu::w4_gemv_plan(W.N, W.K, W.group, M, out_f32);
+      gpu::launch(p, ks.get(p.spec()), s, W.qweight.ptr(), W.scales.ptr(), x, y, M);
+    }
+    return;
+  }
+  CUdeviceptr w = W.w.ptr();
+  if (W.format == WeightFormat::W4A16) {
+    gpu::QuantizePlan q = gpu::quantize_plan(W.K, W.group);
+    gpu::launch_dequantize(q, ks.get(q.dequantize_spec()), s, W.qweight.ptr(), W.scales.ptr(), dequant.ptr(), W.N);
+    w = dequant.ptr();
+  }
+  gpu::GemmPlan p = gpu::gemm_plan(W.N, W.K, M, out_f32);
+  gpu::launch(p, ks.get(p.spec()), s, x, w, y, M);
+}
+
+gpu::MoeWeights moe_weights(const GpuLayer& l) {
+  auto main = [](const GpuMatrix& m) { return m.format == WeightFormat::BF16 ? m.w.ptr() : m.qweight.ptr(); };
+  auto scales = [](const GpuMatrix& m) { return m.format == WeightFormat::BF16 ? CUdeviceptr(0) : m.scales.ptr(); };
+  return {l.router.ptr(),
+          l.shared_expert_gate.ptr(),
+          main(l.experts_gate_up), scales(l.experts_gate_up),
+          main(l.experts_down), scales(l.experts_down),
+          main(l.shared_gate_up), scales(l.shared_gate_up),
+          main(l.shared_down), scales(l.shared_down)};
+}
+
+}  // namespace
+
+// The decoder layers and the final norm over the T tokens in impl_->tokens at position *pos.
+// Leaves normed [T, H] = final_norm(residual).
+void GpuModel::run_layers(int T, bool decode) {
+  Impl& m = *impl_;
+  const Config& c = config_;
+  const int64_t H = c.hidden_size;
+  const float eps = float(c.rms_norm_eps);
+  KernelSet& ks = m.kernels;
+  const EmbeddingTile et = default_embedding_tile(H);
+  ks.get(embedding_spec(H, et)).launch({{unsigned(T)}, {unsigned(et.threads)}}, stream_, weights_.embed.ptr(),
+                                       m.tokens.ptr(), m.residual.ptr());
+  const RmsnormTile nt = default_rmsnorm_tile(H);
+  const Function& norm_first = ks.get(rmsnorm_spec(H, false, nt));
+  const Function& norm_add = ks.get(rmsnorm_spec(H, true, nt));
+  auto add_norm = [&](CUdeviceptr w) {  // residual += delta; normed = RMSNorm(residual)
+    norm_add.launch({{unsigned(T)}, {unsigned(nt.threads)}}, stream_, m.delta.ptr(), m.residual.ptr(), w,
+                    m.normed.ptr(), eps);
+  };
+
+  for (size_t i = 0; i < weights_.layers.size(); ++i) {
+    const GpuLayer& l = weights_.layers[i];
+    if (i == 0)
+      norm_first.launch({{unsigned(T)}, {unsigned(nt.threads)}}, stream_, m.residual.ptr(), m.residual.ptr(),
+                        l.input_norm.ptr(), m.normed.ptr(), eps);
+    else
+      add_norm(l.input_norm.ptr());
+
+    if (l.type == LayerType::FullAttention) {
+      dense(ks, stream_, l.qkv, m.normed.ptr(), m.proj.ptr(), T, m.dequant);
+      gpu::launch_qk_norm_rope(m.attn, ks.get(m.attn.qk_norm_rope_spec()), stream_, m.proj.ptr(), l.q_norm.ptr(),
+                               l.k_norm.ptr(), m.q.ptr(), m.k_cache[i].ptr(), m.v_cache[i].ptr(), m.pos.ptr(), T,
+                               int(options_.max_context));
+      if (decode && T <= m.attn.max_decode_tokens())
+        gpu::launch_attention_decode(m.attn, ks.get(m.attn.decode_spec()), ks.get(m.attn.decode_merge_spec()), stream_,
+                                     m.q.ptr(), m.k_cache[i].ptr(), m.v_cache[i].ptr(), m.proj.ptr(), m.mix.ptr(),
+                                     m.attn_scratch.ptr(), m.attn_splits, m.pos.ptr(), T);
+      else
+        gpu::launch_attention_prefill(m.attn, ks.get(m.attn.prefill_spec()), stream_, m.q.ptr(), m.k_cache[i].ptr(),
+                                      m.v_cache[i].ptr(), m.proj.ptr(), m.mix.ptr(), m.pos.ptr(), T);
+      dense(ks, stream_, l.o_proj, m.mix.ptr(), m.delta.ptr(), T, m.dequant);
+    } else {
+      const int stride = int(l.in_proj.N);
+      dense(ks, stream_, l.in_proj, m.normed.ptr(), m.proj.ptr(), T, m.dequant);
+      const gpu::GdnLayerWeights gw{l.conv1d.ptr(), l.A_log.ptr(), l.dt_bias.ptr(), l.gdn_norm.ptr()};
+      const gpu::GdnLayerState st{m.conv_state[i].ptr(), m.ssm_state[i].ptr()};
+      if (decode && T == 1)
+        m.gdn->decode(stream_, m.proj.ptr(), stride, m.pos.ptr(), gw, st, m.gdn_o.ptr(), m.mix.ptr());
+      else
+        m.gdn->prefill(stream_, m.proj.ptr(), stride, T, m.pos.ptr(), gw, st, gpu::gdn_workspace(c, T, m.gdn_ws.ptr()),
+                       m.mix.ptr(), options_.chunked_gdn);
+      dense(ks, stream_, l.out_proj, m.mix.ptr(), m.delta.ptr(), T, m.dequant);
+    }
+
+    add_norm(l.post_norm.ptr());
+    gpu::moe_forward(*m.moe, stream_, moe_weights(l), m.moe_scratch, m.normed.ptr(), m.delta.ptr(), T);
+  }
+  add_norm(weights_.final_norm.ptr());
+}
+
+// fp32 logits [vocab] of the last of T rows of normed, into impl_->logits.
+void GpuModel::lm_head(int T) {
+  Impl& m = *impl_;
+  const size_t row = size_t(T - 1) * size_t(config_.hidden_size) * 2;
+  dense(m.kernels, stream_, weights_.lm_head, m.normed.ptr() + row, m.logits.ptr(), 1, m.dequant, true);
+}
+
+std::vector<float> GpuModel::forward(std::span<const int32_t> tokens, bool all_logits) {
+  if (tokens.empty()) fail("forward: no tokens");
+  for (size_t t = 0; t < tokens.size(); ++t)
+    if (tokens[t] < 0 || tokens[t] >= config_.vocab_size)
+      fail("token {} is id {}, outside the vocabulary [0, {})", t, tokens[t], config_.vocab_size);
+  check_fits(tokens.size());
+  Impl& m = *impl_;
+  const int64_t V = config_.vocab_size, H = config_.hidden_size;
+  std::vector<float> out;
+  for (size_t begin = 0; begin < tokens.size(); begin += size_t(options_.max_chunk)) {
+    const int T = int(std::min<size_t>(size_t(options_.max_chunk), tokens.size() - begin));
+    m.tokens.upload(tokens.data() + begin, size_t(T) * 4, stream_);
+    run_layers(T, /*decode=*/false);
+    const bool last = begin + size_t(T) == tokens.size();
+    if (all_logits) {
+      for (int r0 = 0; r0 < T; r0 += 16) {  // lm_head in GEMV chunks of up to 16 rows
+        const int rows = std::min(16, T - r0);
+        dense(m.kernels, stream_, weights_.lm_head, m.normed.ptr() + size_t(r0 * H) * 2, m.logits.ptr(), rows,
+              m.dequant, true);
+        const size_t at = out.size();
+        out.resize(at + size_t(rows * V));
+        m.logits.download(out.data() + at, size_t(rows * V) * 4, stream_);
+        stream_.synchronize();
+      }
+    } else if (last) {
+      lm_head(T);
+      out.resize(size_t(V));
+      m.logits.download(out.data(), size_t(V) * 4, stream_);
+    }
+    m.kernels.get(step_spec()).launch({{1}, {1}}, stream_, m.pos.ptr(), T, CUdeviceptr(0), CUdeviceptr(0));
+    stream_.synchronize();
+    pos_ += T;
+  }
+  return out;
+}
+
+void GpuModel::sample(const SamplingParams& sp) {
+  Impl& m = *impl_;
+  const bool greedy = sp.temperature <= 0.f || sp.top_k == 1;
+  if (greedy)
+    gpu::launch_argmax(m.sample, m.kernels.get(m.sample.argmax_spec()), stream_, m.logits.ptr(), m.next_id.ptr(),
+                       m.argmax_ws.ptr());
+  else
+    gpu::launch_sample(m.sample, m.kernels.get(m.sample.sample_spec()), stream_, m.logits.ptr(), m.next_id.ptr(),
+                       m.rng.ptr(), sp);
+}
+
+int32_t GpuModel::prefill(std::span<const int32_t> tokens, const SamplingParams& sp) {
+  Impl& m = *impl_;
+  if (!m.rng_params || m.rng_params->seed != sp.seed) {  // (re)seed the device sampler
+    const uint64_t rng[2] = {sp.seed, 0};
+    m.rng.upload(rng, 16, stream_);
+    m.rng_params = sp;
+  }
+  forward(tokens, false);  // leaves the last row's logits in impl_->logits
+  sample(sp);
+  int32_t id = 0;
+  m.next_id.download(&id, 4, stream_);
+  stream_.synchronize();
+  return id;
+}
+
+int32_t GpuModel::decode(int32_t token, const SamplingParams& sp) {
+  Impl& m = *impl_;
+  if (token < 0 || token >= config_.vocab_size)
+    fail("token id {} is outside the vocabulary [0, {})", token, config_.vocab_size);
+  check_fits(1);
+  const auto same = [](const SamplingParams& a, const SamplingParams& b) {
+    return a.temperature == b.temperature && a.top_k == b.top_k && a.top_p == b.top_p;
+  };
+  m.tokens.upload(&token, 4, stream_);
+  auto step = [&] {
+    run_layers(1, /*decode=*/true);
+    lm_head(1);
+    sample(sp);
+    m.kernels.get(step_spec()).launch({{1}, {1}}, stream_, m.pos.ptr(), 1, CUdeviceptr(0), CUdeviceptr(0));
+  };
+  if (!m.decode_graph || !same(m.graph_sampling, sp)) {
+    // The first step of a sampling setting runs eagerly (it also loads every decode kernel), then
+    // the step is captured; later steps replay it.
+    m.decode_graph.reset();
+    step();
+    stream_.synchronize();
+    Graph g = Graph::capture(driver_, stream_, step);
+    m.decode_graph.emplace(g.instantiate());
+    m.graph_sampling = sp;
+  } else {
+    m.decode_graph->launch(stream_);
+  }
+  int32_t id = 0;
+  m.next_id.download(&id, 4, stream_);
+  stream_.synchronize();
+  ++pos_;
+  return id;
+}
+
+}  // namespace q35::qwen35

@@ -1,0 +1,476 @@
+// GPU: the dense projections (gemm_bf16, gemv_bf16, gemv_w4a16, quantize / dequantize W4A16) at
+// every projection shape of the tiny fixture and of the 35B config, against ref::matmul on the same
+// (dequantized) weights; INT4 quantization bit-exact with q35::int4::quantize; argmax exact;
+// sampling against the host sampler's support and softmax. Large outputs are checked on a sample
+// of rows (first, random, last) and columns; timings at the 35B shapes are reported, not asserted.
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <cstring>
+#include <functional>
+#include <map>
+#include <numeric>
+
+#include "autotune/tiles_dense.h"
+#include "models/qwen35/config.h"
+#include "models/qwen35/gpu/dense.h"
+#include "models/qwen35/reference_ops.h"
+#include "runtime/core/int4_format.h"
+#include "runtime/core/sampler.h"
+#include "tests/gpu/gpu_harness.h"
+
+using namespace q35;
+using namespace q35::gpu_test;
+using namespace q35::qwen35;
+using namespace q35::qwen35::gpu;
+
+namespace {
+
+Config fixture_config() {
+  return Config::from_file(std::filesystem::path(Q35_SOURCE_DIR) / "tests/fixtures/tiny-qwen35moe/config.json");
+}
+
+// Qwen3.5-35B-A3B (spec §1); only the sizes the dense projections read.
+Config config_35b() {
+  Config c;
+  c.vocab_size = 248320;
+  c.hidden_size = 2048;
+  c.num_layers = 40;
+  for (int i = 0; i < 40; ++i)
+    c.layer_types.push_back((i + 1) % 4 == 0 ? LayerType::FullAttention : LayerType::LinearAttention);
+  c.num_heads = 16, c.num_kv_heads = 2, c.head_dim = 256, c.rotary_dim = 64;
+  c.linear_num_key_heads = 16, c.linear_num_value_heads = 32;
+  c.linear_key_head_dim = 128, c.linear_value_head_dim = 128, c.linear_conv_kernel_dim = 4;
+  return c;
+}
+
+std::vector<DenseShape> all_shapes() {
+  std::vector<DenseShape> s = dense_shapes(fixture_config()), big = dense_shapes(config_35b());
+  s.insert(s.end(), big.begin(), big.end());
+  return s;
+}
+
+// Fast random bf16 (hashed counter, triangular in [-scale, scale]): the 35B lm_head has 508M values.
+std::vector<uint16_t> fast_random_bf16(size_t n, uint32_t salt, float scale) {
+  std::vector<uint16_t> v(n);
+  const uint64_t seed = (uint64_t(run_seed()) << 32) ^ (uint64_t(salt) * 0x9e3779b97f4a7c15ull);
+  for (size_t i = 0; i < n; ++i) {
+    uint64_t z = seed + i * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 31)) * 0x94d049bb133111ebull;
+    z ^= z >> 29;
+    const float a = float(uint32_t(z) >> 8) * 0x1p-24f, b = float(uint32_t(z >> 32) >> 8) * 0x1p-24f;
+    v[i] = f32_to_bf16((a - b) * scale);
+  }
+  return v;
+}
+
+// Indices checked of a dimension of size n: all when small, else the first 8, ~`count` random, the last 8.
+std::vector<int64_t> sample_indices(int64_t n, int64_t count, uint32_t salt) {
+  std::vector<int64_t> idx;
+  if (n <= count) {
+    idx.resize(size_t(n));
+    std::iota(idx.begin(), idx.end(), 0);
+    return idx;
+  }
+  std::mt19937 rng(run_seed() + salt);
+  for (int64_t i = 0; i < 8; ++i) idx.push_back(i), idx.push_back(n - 1 - i);
+  while (int64_t(idx.size()) < count) idx.push_back(int64_t(rng() % uint64_t(n)));
+  std::sort(idx.begin(), idx.end());
+  idx.erase(std::unique(idx.begin(), idx.end()), idx.end());
+  return idx;
+}
+
+// Rows `rows` of a row-major bf16 matrix [*, k] as fp32.
+std::vector<float> rows_f32(const std::vector<uint16_t>& m, int64_t k, const std::vector<int64_t>& rows) {
+  std::vector<float> out(rows.size() * size_t(k));
+  for (size_t i = 0; i < rows.size(); ++i)
+    for (int64_t j = 0; j < k; ++j) out[i * size_t(k) + j] = bf16_to_f32(m[size_t(rows[i] * k + j)]);
+  return out;
+}
+
+// rel_l2 of y (bf16 or fp32 [M, n] on the device) at rows m_idx x cols n_idx against
+// ref::matmul(x[m_idx], w_sub) where w_sub [n_idx.size(), k] fp32 holds the weights of n_idx.
+double check_product(const std::vector<float>& x_sub, const std::vector<float>& w_sub, const std::vector<int64_t>& m_idx,
+                     const std::vector<int64_t>& n_idx, int64_t n, int64_t k, const std::vector<float>& y_full) {
+  std::vector<float> ref(m_idx.size() * n_idx.size()), got(ref.size());
+  ref::matmul(x_sub, w_sub, ref, int64_t(m_idx.size()), int64_t(n_idx.size()), k);
+  for (size_t i = 0; i < m_idx.size(); ++i)
+    for (size_t j = 0; j < n_idx.size(); ++j) got[i * n_idx.size() + j] = y_full[size_t(m_idx[i] * n + n_idx[j])];
+  return rel_l2(got, ref);
+}
+
+std::vector<float> download_f32_or_bf16(const Gpu& g, const DeviceBuffer& b, bool f32) {
+  return f32 ? to_host<float>(g, b) : to_f32(to_host<uint16_t>(g, b));
+}
+
+// Median time per launch of `launch(i)` recorded `per_graph` times into one CUDA graph, replayed
+// `reps` times after a warm-up.
+template <typename F>
+double graph_us(Gpu& g, int per_graph, F launch, int reps = 20) {
+  Graph graph = Graph::capture(g.driver, g.stream, [&] {
+    for (int i = 0; i < per_graph; ++i) launch(i);
+  });
+  GraphExec exec = graph.instantiate();
+  exec.launch(g.stream);
+  g.stream.synchronize();
+  std::vector<double> t;
+  Event a(g.driver), b(g.driver);
+  for (int r = 0; r < reps; ++r) {
+    a.record(g.stream);
+    exec.launch(g.stream);
+    b.record(g.stream);
+    b.synchronize();
+    t.push_back(b.elapsed_ms_since(a) * 1e3 / per_graph);
+  }
+  std::sort(t.begin(), t.end());
+  return t[t.size() / 2];
+}
+
+void precompile(Gpu& g, const std::vector<KernelSpec>& specs) {
+  g.jit.compile_all(specs, g.ctx.device().arch(), 16);
+}
+
+}  // namespace
+
+TEST_CASE("GPU dense: quantize_w4 is bit-exact with int4::quantize; dequantize_w4 gives bf16(q * scale)") {
+  auto g = open_gpu();
+  struct Case {
+    int64_t rows, k;
+  };
+  std::vector<Case> cases;
+  for (const DenseShape& s : all_shapes()) cases.push_back({s.n, s.k});
+  cases.push_back({16 * 128, 128});    // tiny experts gate_up [E, 2I, H] as rows = E * 2I
+  cases.push_back({8 * 1024, 2048});   // 8 of the 35B experts' gate_up
+  std::vector<KernelSpec> specs;
+  for (const Case& c : cases)
+    for (int64_t G : {32, 64, 128}) {
+      QuantizePlan p = quantize_plan(c.k, G);
+      specs.push_back(p.quantize_spec());
+      specs.push_back(p.dequantize_spec());
+    }
+  precompile(*g, specs);
+  for (const Case& c : cases) {
+    std::vector<uint16_t> w = fast_random_bf16(size_t(c.rows * c.k), 11, 0.08f);
+    // One all-zero group (scale 0 -> q 0) and one with an exact half-step (rint ties to even).
+    std::fill(w.begin(), w.begin() + 128, 0);
+    w[size_t(c.k)] = f32_to_bf16(7.5f), w[size_t(c.k) + 1] = f32_to_bf16(0.5f), w[size_t(c.k) + 2] = f32_to_bf16(-1.5f);
+    DeviceBuffer d_w = to_device(*g, w);
+    std::vector<int64_t> rows = sample_indices(c.rows, 2048, 12);
+    std::vector<float> w_sub = rows_f32(w, c.k, rows);
+    for (int64_t G : {32, 64, 128}) {
+      CAPTURE(c.rows);
+      CAPTURE(c.k);
+      CAPTURE(G);
+      QuantizePlan p = quantize_plan(c.k, G);
+      DeviceBuffer d_q = poisoned(*g, size_t(c.rows * c.k / 8) * 4), d_s = poisoned(*g, size_t(c.rows * c.k / G) * 2),
+                   d_deq = poisoned(*g, size_t(c.rows * c.k) * 2);
+      launch_quantize(p, g->jit.load(p.quantize_spec(), g->ctx), g->stream, d_w.ptr(), d_q.ptr(), d_s.ptr(), c.rows);
+      launch_dequantize(p, g->jit.load(p.dequantize_spec(), g->ctx), g->stream, d_q.ptr(), d_s.ptr(), d_deq.ptr(),
+                        c.rows);
+      std::vector<uint32_t> q = to_host<uint32_t>(*g, d_q);
+      std::vector<uint16_t> s = to_host<uint16_t>(*g, d_s), deq = to_host<uint16_t>(*g, d_deq);
+      int64_t wpr = c.k / 8, spr = c.k / G;
+      int64_t bad_q = 0, bad_s = 0, bad_deq = 0;
+      for (size_t i = 0; i < rows.size(); ++i) {
+        int4::Quantized want = int4::quantize(std::span(w_sub).subspan(i * size_t(c.k), size_t(c.k)), 1, c.k, G);
+        const int64_t r = rows[i];
+        bad_q += !std::equal(want.qweight.begin(), want.qweight.end(), q.begin() + r * wpr);
+        bad_s += !std::equal(want.scales.begin(), want.scales.end(), s.begin() + r * spr);
+        std::vector<float> f = int4::dequantize(want, 1, c.k, G);
+        for (int64_t j = 0; j < c.k; ++j) bad_deq += deq[size_t(r * c.k + j)] != f32_to_bf16(f[size_t(j)]);
+      }
+      CHECK(bad_q == 0);
+      CHECK(bad_s == 0);
+      CHECK(bad_deq == 0);
+      CHECK(q[0] == 0x88888888u);  // the zero group: q = 0 -> u = 8 in every nibble
+    }
+  }
+}
+
+TEST_CASE("GPU dense: gemm_bf16 at every projection shape, ragged M and N, bf16 and fp32 out") {
+  auto g = open_gpu();
+  std::vector<std::tuple<DenseShape, int64_t, bool>> cases;  // shape, M, fp32 out
+  for (const DenseShape& s : all_shapes()) {
+    const bool big = s.n * s.k > (int64_t(1) << 24);
+    for (int64_t M : {17, 64, 200, 4096}) {
+      if (s.proj == DenseProj::LmHead && big && M > 200) continue;  // 4096 x 248320 fp32 = 4 GB
+      cases.push_back({s, M, s.proj == DenseProj::LmHead});
+    }
+  }
+  cases.push_back({DenseShape{DenseProj::AttnOut, "odd N, K % 64 != 0", 1001, 2056}, 77, false});
+  std::vector<KernelSpec> specs;
+  for (auto& [s, M, f32] : cases) specs.push_back(gemm_plan(s.n, s.k, M, f32).spec());
+  precompile(*g, specs);
+
+  std::map<std::pair<int64_t, int64_t>, std::vector<uint16_t>> weights;
+  for (auto& [s, M, f32] : cases) {
+    CAPTURE(s.name);
+    CAPTURE(s.n);
+    CAPTURE(s.k);
+    CAPTURE(M);
+    auto& W = weights[{s.n, s.k}];
+    if (W.empty()) W = fast_random_bf16(size_t(s.n * s.k), 21, 0.1f);
+    std::vector<uint16_t> x = fast_random_bf16(size_t(M * s.k), 22, 2.f);
+    DeviceBuffer d_W = to_device(*g, W), d_x = to_device(*g, x), d_y = poisoned(*g, size_t(M * s.n) * (f32 ? 4 : 2));
+    GemmPlan p = gemm_plan(s.n, s.k, M, f32);
+    Function f = g->jit.load(p.spec(), g->ctx);
+    prepare(p, f);
+    launch(p, f, g->stream, d_x.ptr(), d_W.ptr(), d_y.ptr(), int(M));
+    std::vector<float> y = download_f32_or_bf16(*g, d_y, f32);
+    std::vector<int64_t> mi = sample_indices(M, 48, 23), ni = sample_indices(s.n, 4096, 24);
+    const double err = check_product(rows_f32(x, s.k, mi), rows_f32(W, s.k, ni), mi, ni, s.n, s.k, y);
+    CHECK(err <= 1e-2);
+    // Every element written (poison is NaN): checked on the whole output.
+    CHECK(std::all_of(y.begin(), y.end(), [](float v) { return std::isfinite(v); }));
+    if (s.n * s.k > (int64_t(1) << 24) && M == 4096) {
+      const double us = graph_us(*g, 5, [&](int) { launch(p, f, g->stream, d_x.ptr(), d_W.ptr(), d_y.ptr(), int(M)); });
+      MESSAGE(fmt::format("gemm_bf16 {} [{} x {}] M={}: {:.1f} us, {:.0f} TFLOP/s (floor {:.1f} us at 700 TFLOP/s)",
+                          s.name, s.n, s.k, M, us, 2.0 * M * s.n * s.k / us * 1e-6, 2.0 * M * s.n * s.k / 700e6));
+    }
+  }
+}
+
+TEST_CASE("GPU dense: decode GEMVs (bf16, W4A16 G32/64/128) at every projection shape, M = 1, 2, 5, 16") {
+  auto g = open_gpu();
+  const std::vector<DenseShape> shapes = all_shapes();
+  std::vector<KernelSpec> specs;
+  for (const DenseShape& s : shapes) {
+    const bool logits = s.proj == DenseProj::LmHead;
+    for (int M : {1, 2, 5, 16}) {
+      specs.push_back(gemv_bf16_plan(s.n, s.k, M, logits).spec());
+      for (int64_t G : {32, 64, 128}) specs.push_back(w4_gemv_plan(s.n, s.k, G, M, logits).spec());
+    }
+    for (int64_t G : {32, 64, 128}) specs.push_back(quantize_plan(s.k, G).quantize_spec());
+  }
+  precompile(*g, specs);
+
+  for (const DenseShape& s : shapes) {
+    CAPTURE(s.name);
+    CAPTURE(s.n);
+    CAPTURE(s.k);
+    const bool logits = s.proj == DenseProj::LmHead, big = s.n * s.k > (int64_t(1) << 24);
+    std::vector<uint16_t> W = fast_random_bf16(size_t(s.n * s.k), 31, 0.1f);
+    DeviceBuffer d_W = to_device(*g, W);
+    std::vector<int64_t> ni = sample_indices(s.n, 4096, 32);
+    const std::vector<float> w_sub = rows_f32(W, s.k, ni);
+    // Copies of the weights cycled through in the timing graphs so the reads come from HBM.
+    const int copies = big ? int(std::clamp<int64_t>(int64_t(200e6) / (s.n * s.k), 1, 8)) : 1;
+
+    for (int64_t G : {0, 32, 64, 128}) {
+      CAPTURE(G);
+      DeviceBuffer d_q, d_s;
+      std::vector<float> w_ref = w_sub;  // bf16 weights, or the dequantized INT4 ones (same rows)
+      if (G > 0) {
+        QuantizePlan qp = quantize_plan(s.k, G);
+        d_q = DeviceBuffer(g->driver, size_t(s.n * s.k / 8) * 4);
+        d_s = DeviceBuffer(g->driver, size_t(s.n * s.k / G) * 2);
+        launch_quantize(qp, g->jit.load(qp.quantize_spec(), g->ctx), g->stream, d_W.ptr(), d_q.ptr(), d_s.ptr(), s.n);
+        int4::Quantized sub = int4::quantize(w_sub, int64_t(ni.size()), s.k, G);
+        w_ref = int4::dequantize(sub, int64_t(ni.size()), s.k, G);
+      }
+      for (int M : {1, 2, 5, 16}) {
+        CAPTURE(M);
+        std::vector<uint16_t> x = fast_random_bf16(size_t(M) * s.k, 33 + M, 2.f);
+        DeviceBuffer d_x = to_device(*g, x), d_y = poisoned(*g, size_t(M * s.n) * (logits ? 4 : 2));
+        std::function<void(CUdeviceptr, CUdeviceptr, CUdeviceptr)> run;  // (W or qweight, scales, W offset)
+        double bytes = 0;
+        if (G == 0) {
+          GemvBf16Plan p = gemv_bf16_plan(s.n, s.k, M, logits);
+          Function f = g->jit.load(p.spec(), g->ctx);
+          run = [=, &g, &d_x, &d_y](CUdeviceptr w, CUdeviceptr, CUdeviceptr) { launch(p, f, g->stream, w, d_x.ptr(), d_y.ptr(), M); };
+          bytes = double(s.n * s.k) * 2;
+        } else {
+          W4GemvPlan p = w4_gemv_plan(s.n, s.k, G, M, logits);
+          Function f = g->jit.load(p.spec(), g->ctx);
+          run = [=, &g, &d_x, &d_y](CUdeviceptr q, CUdeviceptr sc, CUdeviceptr) {
+            launch(p, f, g->stream, q, sc, d_x.ptr(), d_y.ptr(), M);
+          };
+          bytes = double(s.n * s.k) / 2 + double(s.n * s.k / G) * 2;
+        }
+        run(G == 0 ? d_W.ptr() : d_q.ptr(), d_s.ptr(), 0);
+        std::vector<float> y = download_f32_or_bf16(*g, d_y, logits);
+        std::vector<int64_t> mi(static_cast<size_t>(M));
+        std::iota(mi.begin(), mi.end(), 0);
+        const double err = check_product(rows_f32(x, s.k, mi), w_ref, mi, ni, s.n, s.k, y);
+        CHECK(err <= 1e-2);
+        CHECK(std::all_of(y.begin(), y.end(), [](float v) { return std::isfinite(v); }));
+
+        if (big && M == 1) {
+          // Cold-read timing: `copies` weight copies (>= 200 MB together where they fit) in turn.
+          std::vector<DeviceBuffer> wc, sc;
+          for (int c = 1; c < copies; ++c) {
+            wc.emplace_back(g->driver, G == 0 ? d_W.size() : d_q.size());
+            wc.back().copy_from(G == 0 ? d_W : d_q, wc.back().size(), g->stream);
+            if (G > 0) {
+              sc.emplace_back(g->driver, d_s.size());
+              sc.back().copy_from(d_s, d_s.size(), g->stream);
+            }
+          }
+          const double us = graph_us(*g, 4 * copies, [&](int i) {
+            const int c = i % copies;
+            const CUdeviceptr w = c == 0 ? (G == 0 ? d_W.ptr() : d_q.ptr()) : wc[size_t(c - 1)].ptr();
+            run(w, G == 0 ? 0 : (c == 0 ? d_s.ptr() : sc[size_t(c - 1)].ptr()), 0);
+          });
+          MESSAGE(fmt::format("{} {} [{} x {}] M=1: {:.2f} us, {:.2f} MB -> {:.0f} GB/s (floor {:.2f} us at 3.0 TB/s)",
+                              G == 0 ? "gemv_bf16" : fmt::format("gemv_w4a16 G{}", G), s.name, s.n, s.k, us,
+                              bytes * 1e-6, bytes / us * 1e-3, bytes / 3.0e6));
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("GPU dense: W4A16 at large M = dequantize_w4 into a bf16 scratch + gemm_bf16") {
+  auto g = open_gpu();
+  for (const DenseShape& s : all_shapes()) {
+    if (s.proj == DenseProj::LmHead) continue;
+    const int64_t G = 128, M = s.n * s.k > (int64_t(1) << 24) ? 4096 : 200;
+    CAPTURE(s.name);
+    CAPTURE(s.n);
+    QuantizePlan qp = quantize_plan(s.k, G);
+    GemmPlan gp = gemm_plan(s.n, s.k, M);
+    precompile(*g, {qp.quantize_spec(), qp.dequantize_spec(), gp.spec()});
+    std::vector<uint16_t> W = fast_random_bf16(size_t(s.n * s.k), 41, 0.1f), x = fast_random_bf16(size_t(M * s.k), 42, 2.f);
+    DeviceBuffer d_W = to_device(*g, W), d_x = to_device(*g, x), d_q(g->driver, size_t(s.n * s.k / 2)),
+                 d_s(g->driver, size_t(s.n * s.k / G) * 2), d_scratch = poisoned(*g, size_t(s.n * s.k) * 2),
+                 d_y = poisoned(*g, size_t(M * s.n) * 2);
+    launch_quantize(qp, g->jit.load(qp.quantize_spec(), g->ctx), g->stream, d_W.ptr(), d_q.ptr(), d_s.ptr(), s.n);
+    Function deq = g->jit.load(qp.dequantize_spec(), g->ctx), gemm = g->jit.load(gp.spec(), g->ctx);
+    prepare(gp, gemm);
+    auto run = [&] {
+      launch_dequantize(qp, deq, g->stream, d_q.ptr(), d_s.ptr(), d_scratch.ptr(), s.n);
+      launch(gp, gemm, g->stream, d_x.ptr(), d_scratch.ptr(), d_y.ptr(), int(M));
+    };
+    run();
+    std::vector<float> y = to_f32(to_host<uint16_t>(*g, d_y));
+    std::vector<int64_t> mi = sample_indices(M, 48, 43), ni = sample_indices(s.n, 4096, 44);
+    int4::Quantized sub = int4::quantize(rows_f32(W, s.k, ni), int64_t(ni.size()), s.k, G);
+    const double err = check_product(rows_f32(x, s.k, mi), int4::dequantize(sub, int64_t(ni.size()), s.k, G), mi, ni,
+                                     s.n, s.k, y);
+    CHECK(err <= 1e-2);
+    CHECK(std::all_of(y.begin(), y.end(), [](float v) { return std::isfinite(v); }));
+    if (M == 4096) {
+      const double us_deq = graph_us(*g, 5, [&](int) {
+        launch_dequantize(qp, deq, g->stream, d_q.ptr(), d_s.ptr(), d_scratch.ptr(), s.n);
+      });
+      const double us = graph_us(*g, 5, [&](int) { run(); });
+      MESSAGE(fmt::format("W4A16 G128 {} [{} x {}] M=4096: dequant {:.1f} us + gemm = {:.1f} us, {:.0f} TFLOP/s", s.name,
+                          s.n, s.k, us_deq, us, 2.0 * M * s.n * s.k / us * 1e-6));
+    }
+  }
+}
+
+TEST_CASE("GPU dense: argmax_f32 is exact (lowest id on ties) and re-arms its ticket") {
+  auto g = open_gpu();
+  for (int64_t V : {int64_t(1536), int64_t(248320)}) {
+    CAPTURE(V);
+    SamplePlan p = sample_plan(V);
+    Function f = g->jit.load(p.argmax_spec(), g->ctx);
+    DeviceBuffer ws(g->driver, p.argmax_workspace_bytes()), d_id = poisoned(*g, 4);
+    ws.fill_bytes(0, g->stream);
+    for (int rep = 0; rep < 3; ++rep) {
+      std::vector<float> logits = random_f32(size_t(V), 51 + rep, 3.f);
+      if (rep == 1) {  // a tie at the maximum across two argmax blocks: the lower id wins
+        logits[size_t(V - 3)] = 100.f, logits[size_t(V / 3)] = 100.f;
+      }
+      if (rep == 2) std::fill(logits.begin(), logits.end(), -1.f);  // all equal: id 0
+      DeviceBuffer d_l = to_device(*g, logits);
+      launch_argmax(p, f, g->stream, d_l.ptr(), d_id.ptr(), ws.ptr());
+      CHECK(to_host<int32_t>(*g, d_id)[0] == q35::argmax(logits));
+    }
+    if (V == 248320) {
+      std::vector<float> logits = random_f32(size_t(V), 59, 3.f);
+      DeviceBuffer d_l = to_device(*g, logits);
+      const double us = graph_us(*g, 10, [&](int) { launch_argmax(p, f, g->stream, d_l.ptr(), d_id.ptr(), ws.ptr()); });
+      CHECK(to_host<int32_t>(*g, d_id)[0] == q35::argmax(logits));
+      MESSAGE(fmt::format("argmax_f32 V={}: {:.2f} us", V, us));
+    }
+  }
+}
+
+namespace {
+
+// The host sampler's final candidate set and probabilities (runtime/core/sampler.cpp's rules).
+std::map<int32_t, double> host_distribution(const std::vector<float>& logits, const SamplingParams& sp) {
+  std::vector<int32_t> ids(logits.size());
+  std::iota(ids.begin(), ids.end(), 0);
+  std::stable_sort(ids.begin(), ids.end(), [&](int32_t a, int32_t b) { return logits[a] > logits[b]; });
+  size_t keep = ids.size();
+  if (sp.top_k > 0) keep = std::min<size_t>(keep, size_t(sp.top_k));
+  std::vector<double> p(keep);
+  double total = 0;
+  for (size_t i = 0; i < keep; ++i)
+    total += p[i] = std::exp((double(logits[ids[i]]) - logits[ids[0]]) / double(sp.temperature));
+  for (double& v : p) v /= total;
+  size_t n = keep;
+  if (sp.top_p < 1.f) {
+    double mass = 0;
+    n = 0;
+    while (n < keep) {
+      mass += p[n++];
+      if (mass >= double(sp.top_p)) break;
+    }
+  }
+  std::map<int32_t, double> out;
+  double kept = 0;
+  for (size_t i = 0; i < n; ++i) kept += p[i];
+  for (size_t i = 0; i < n; ++i) out[ids[i]] = p[i] / kept;
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("GPU dense: sample_f32 follows the host sampler (support exact, frequencies within 5 sigma)") {
+  auto g = open_gpu();
+  for (int64_t V : {int64_t(40), int64_t(1536), int64_t(248320)}) {
+    CAPTURE(V);
+    SamplePlan p = sample_plan(V);
+    Function f = g->jit.load(p.sample_spec(), g->ctx);
+    // Logits with ties placed at the top-k and top-p boundaries (quantised to steps of 0.25).
+    std::vector<float> logits = random_f32(size_t(V), 61, 1.5f);
+    for (float& l : logits) l = std::round(l * 4.f) / 4.f;
+    DeviceBuffer d_l = to_device(*g, logits);
+
+    // Greedy: temperature 0 and top_k 1 both give the argmax.
+    for (SamplingParams sp : {SamplingParams{0.f, 0, 1.f, 1}, SamplingParams{1.f, 1, 1.f, 2}}) {
+      std::vector<uint64_t> rng = {sp.seed, 0};
+      DeviceBuffer d_rng = to_device(*g, rng), d_id = poisoned(*g, 4);
+      launch_sample(p, f, g->stream, d_l.ptr(), d_id.ptr(), d_rng.ptr(), sp);
+      CHECK(to_host<int32_t>(*g, d_id)[0] == q35::argmax(logits));
+      CHECK(to_host<uint64_t>(*g, d_rng)[1] == 1);
+    }
+
+    const int draws = V > 10000 ? 2000 : 20000;
+    for (SamplingParams sp : {SamplingParams{1.f, 0, 1.f, 7}, SamplingParams{0.7f, 5, 1.f, 8},
+                              SamplingParams{1.3f, 0, 0.8f, 9}, SamplingParams{1.f, 8, 0.6f, 10},
+                              SamplingParams{0.5f, 3, 0.3f, 11}}) {
+      CAPTURE(sp.temperature);
+      CAPTURE(sp.top_k);
+      CAPTURE(sp.top_p);
+      std::map<int32_t, double> want = host_distribution(logits, sp);
+      std::vector<uint64_t> rng = {sp.seed, 0};
+      DeviceBuffer d_rng = to_device(*g, rng), d_ids = poisoned(*g, size_t(draws) * 4);
+      // One graph of all draws: each launch advances the step counter in device memory.
+      const double us = graph_us(
+          *g, draws, [&](int i) { launch_sample(p, f, g->stream, d_l.ptr(), d_ids.ptr() + size_t(i) * 4, d_rng.ptr(), sp); },
+          1);
+      std::vector<int32_t> ids = to_host<int32_t>(*g, d_ids);
+      CHECK(to_host<uint64_t>(*g, d_rng)[1] == uint64_t(2 * draws));  // warm-up replay + 1 timed replay
+      std::map<int32_t, int> count;
+      int outside = 0;
+      for (int32_t id : ids) {
+        ++count[id];
+        outside += !want.count(id);
+      }
+      CHECK(outside == 0);
+      int off = 0;
+      for (auto [id, pw] : want) {
+        const double sigma = std::sqrt(draws * pw * (1 - pw)) + 1.0;
+        off += std::abs(count[id] - draws * pw) > 5 * sigma;
+      }
+      CHECK(off == 0);
+      MESSAGE(fmt::format("sample_f32 V={} T={} top_k={} top_p={}: {} candidates, {:.2f} us per draw", V,
+                          sp.temperature, sp.top_k, sp.top_p, want.size(), us));
+    }
+  }
+}

@@ -1,0 +1,296 @@
+// GPU: Gated DeltaNet (spec §2.4, §2.5) against the CPU reference chain (ref::conv1d_causal,
+// l2norm, gdn_gates, gdn_recurrent, gated_rmsnorm) on the same bf16 inputs, at the tiny fixture's
+// shapes and the 35B shapes: prefill (chunked and token-by-token) from a zero state, decode steps
+// continuing it, prefill chunk after chunk; outputs, the fp32 state and the conv ring compared
+// after every call. Then timings at the 35B shapes.
+#include <doctest/doctest.h>
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "models/qwen35/gpu/gdn.h"
+#include "models/qwen35/reference_ops.h"
+#include "tests/gpu/gpu_harness.h"
+
+using namespace q35;
+using namespace q35::gpu_test;
+namespace gpu = q35::qwen35::gpu;
+namespace ref = q35::qwen35::ref;
+
+namespace {
+
+qwen35::Config gdn_config(int64_t hk, int64_t hv) {
+  qwen35::Config c;
+  c.layer_types = {qwen35::LayerType::LinearAttention};
+  c.linear_num_key_heads = hk;
+  c.linear_num_value_heads = hv;
+  c.linear_key_head_dim = 128;
+  c.linear_value_head_dim = 128;
+  c.linear_conv_kernel_dim = 4;
+  c.rms_norm_eps = 1e-6;
+  return c;
+}
+
+// One GDN layer: random bf16 weights, a projection of `total` tokens, the GPU state and the CPU
+// reference state, advanced call by call.
+struct Layer {
+  const qwen35::Config cfg;
+  const GdnShape s = gpu::gdn_shape(cfg);
+  const int64_t C = s.conv_dim(), K = s.kc, stride = gpu::gdn_proj_columns(cfg);
+  const int64_t total;
+  std::vector<uint16_t> proj, conv_w, norm_w;  // [total, stride], [C, K], [dv]
+  std::vector<float> A_log, dt_bias;           // [hv] (bf16-rounded, as in the checkpoint)
+  // CPU reference state: conv [C, K-1] oldest first, ssm [hv, dk, dv].
+  std::vector<float> ref_conv, ref_ssm;
+  int64_t pos = 0;
+  Gpu& g;
+  DeviceBuffer d_proj, d_conv_w, d_norm_w, d_A_log, d_dt_bias, d_conv, d_ssm, d_pos;
+  gpu::GdnKernels kernels;
+
+  Layer(Gpu& gpu_, const qwen35::Config& c, int64_t total_tokens, uint32_t salt)
+      : cfg(c), total(total_tokens), g(gpu_), kernels(gpu_.jit, gpu_.ctx, c) {
+    proj = random_bf16(size_t(total * stride), salt + 1, 1.f);
+    conv_w = random_bf16(size_t(C * K), salt + 2, 0.5f);
+    norm_w = to_bf16(random_f32(size_t(s.dv), salt + 3, 0.2f));
+    for (auto& w : norm_w) w = f32_to_bf16(1.f + bf16_to_f32(w));
+    // A_log in about [-3, 1] and dt_bias ~ 0.5: decays from ~0.99 to ~0.01 per token across heads.
+    A_log = random_f32(size_t(s.hv), salt + 4, 1.f);
+    dt_bias = random_f32(size_t(s.hv), salt + 5, 0.5f);
+    for (auto& a : A_log) a = round_bf16(a - 1.f);
+    for (auto& d : dt_bias) d = round_bf16(d);
+    ref_conv.assign(size_t(C * (K - 1)), 0.f);
+    ref_ssm.assign(size_t(s.hv * s.dk * s.dv), 0.f);
+    d_proj = to_device(g, proj);
+    d_conv_w = to_device(g, conv_w);
+    d_norm_w = to_device(g, norm_w);
+    d_A_log = to_device(g, A_log);
+    d_dt_bias = to_device(g, dt_bias);
+    d_conv = DeviceBuffer(g.driver, gpu::gdn_conv_state_bytes(cfg));
+    d_ssm = DeviceBuffer(g.driver, gpu::gdn_ssm_state_bytes(cfg));
+    d_conv.fill_bytes(0, g.stream);
+    d_ssm.fill_bytes(0, g.stream);
+    d_pos = DeviceBuffer(g.driver, 4);
+  }
+
+  gpu::GdnLayerWeights weights() const { return {d_conv_w.ptr(), d_A_log.ptr(), d_dt_bias.ptr(), d_norm_w.ptr()}; }
+  gpu::GdnLayerState state() const { return {d_conv.ptr(), d_ssm.ptr()}; }
+
+  // The reference chain over tokens [pos, pos + T): y [T, hv dv].
+  std::vector<float> reference(int64_t T) {
+    const int64_t hv = s.hv, dk = s.dk, dv = s.dv, qd = s.hk * dk;
+    std::vector<float> qkv(T * C), z(T * hv * dv), a(T * hv), b(T * hv);
+    for (int64_t t = 0; t < T; ++t) {
+      const uint16_t* row = proj.data() + (pos + t) * stride;
+      for (int64_t c = 0; c < C; ++c) qkv[t * C + c] = bf16_to_f32(row[c]);
+      for (int64_t c = 0; c < hv * dv; ++c) z[t * hv * dv + c] = bf16_to_f32(row[C + c]);
+      for (int64_t h = 0; h < hv; ++h) {
+        b[t * hv + h] = bf16_to_f32(row[C + hv * dv + h]);
+        a[t * hv + h] = bf16_to_f32(row[C + hv * dv + hv + h]);
+      }
+    }
+    std::vector<float> w(conv_w.size()), act(T * C);
+    for (size_t i = 0; i < w.size(); ++i) w[i] = bf16_to_f32(conv_w[i]);
+    ref::conv1d_causal(qkv, ref_conv, w, act, T, C, K);
+    std::vector<float> q(T * qd), k(T * qd), v(T * hv * dv);
+    for (int64_t t = 0; t < T; ++t) {
+      std::copy_n(act.data() + t * C, qd, q.data() + t * qd);
+      std::copy_n(act.data() + t * C + qd, qd, k.data() + t * qd);
+      std::copy_n(act.data() + t * C + 2 * qd, hv * dv, v.data() + t * hv * dv);
+    }
+    ref::l2norm(q, T * s.hk, dk, 1e-6f, 1.f / std::sqrt(float(dk)));
+    ref::l2norm(k, T * s.hk, dk, 1e-6f, 1.f);
+    std::vector<float> gd(T * hv), beta(T * hv), o(T * hv * dv), y(T * hv * dv), nw(dv);
+    ref::gdn_gates(a, b, A_log, dt_bias, gd, beta, T, hv);
+    ref::gdn_recurrent(q, k, v, gd, beta, ref_ssm, o, T, s.hk, hv, dk, dv);
+    for (int64_t i = 0; i < dv; ++i) nw[i] = bf16_to_f32(norm_w[i]);
+    ref::gated_rmsnorm(o, z, nw, y, T * hv, dv, float(cfg.rms_norm_eps));
+    return y;
+  }
+
+  enum class Path { Chunked, Recurrent, Decode };
+
+  // Runs T tokens on the GPU by `path`, then the reference; checks y, the ssm state and the ring.
+  void call(int64_t T, Path path) {
+    CAPTURE(T);
+    CAPTURE(pos);
+    CAPTURE(int(path));
+    REQUIRE(pos + T <= total);
+    const int p0 = int(pos);
+    d_pos.upload(&p0, 4, g.stream);
+    DeviceBuffer y = poisoned(g, size_t(T * s.hv * s.dv) * 2);
+    const CUdeviceptr proj_at = d_proj.ptr() + CUdeviceptr(pos * stride * 2);
+    if (path == Path::Decode) {
+      REQUIRE(T == 1);
+      DeviceBuffer o = poisoned(g, size_t(s.hv * s.dv) * 4);
+      kernels.decode(g.stream, proj_at, int(stride), d_pos.ptr(), weights(), state(), o.ptr(), y.ptr());
+      g.stream.synchronize();
+    } else {
+      DeviceBuffer ws = poisoned(g, gpu::gdn_workspace_bytes(cfg, T));
+      kernels.prefill(g.stream, proj_at, int(stride), int(T), d_pos.ptr(), weights(), state(),
+                      gpu::gdn_workspace(cfg, T, ws.ptr()), y.ptr(), path == Path::Chunked);
+      g.stream.synchronize();
+    }
+    const std::vector<float> got = to_f32(to_host<uint16_t>(g, y));
+    const std::vector<float> want = reference(T);
+    pos += T;
+    const double err_y = rel_l2(got, want);
+    // GPU state [hv, dv, dk] vs reference [hv, dk, dv].
+    const std::vector<float> ssm = to_host<float>(g, d_ssm);
+    std::vector<float> ssm_t(ssm.size());
+    for (int64_t j = 0; j < s.hv; ++j)
+      for (int64_t a = 0; a < s.dk; ++a)
+        for (int64_t c = 0; c < s.dv; ++c) ssm_t[(j * s.dk + a) * s.dv + c] = ssm[(j * s.dv + c) * s.dk + a];
+    const double err_s = rel_l2(ssm_t, ref_ssm);
+    INFO(fmt::format("rel_l2 y {:.2e}, state {:.2e}", err_y, err_s));
+    CHECK(err_y <= 1e-2);
+    CHECK(err_s <= 1e-2);
+    // The ring's last K-1 positions hold exactly the reference conv state (bf16 inputs).
+    const std::vector<uint16_t> ring = to_host<uint16_t>(g, d_conv);
+    int ring_bad = 0;
+    for (int64_t d = 0; d < K - 1; ++d) {
+      const int64_t p = pos - (K - 1) + d, slot = ((p % K) + K) % K;
+      for (int64_t c = 0; c < C; ++c) ring_bad += bf16_to_f32(ring[slot * C + c]) != ref_conv[c * (K - 1) + d];
+    }
+    CHECK(ring_bad == 0);
+  }
+};
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+}  // namespace
+
+TEST_CASE("GPU: gdn prefill (chunked) from zero then decode, tiny and 35B shapes") {
+  auto g = open_gpu();
+  for (auto [hk, hv] : {std::pair<int64_t, int64_t>{2, 4}, {16, 32}}) {
+    CAPTURE(hv);
+    for (int64_t T : {1, 5, 64, 100, 300}) {
+      Layer layer(*g, gdn_config(hk, hv), T + 3, uint32_t(T * 7 + hv));
+      layer.call(T, Layer::Path::Chunked);
+      for (int step = 0; step < 3; ++step) layer.call(1, Layer::Path::Decode);
+    }
+  }
+}
+
+TEST_CASE("GPU: gdn token-by-token prefill, and prefill chunk after chunk, tiny and 35B shapes") {
+  auto g = open_gpu();
+  for (auto [hk, hv] : {std::pair<int64_t, int64_t>{2, 4}, {16, 32}}) {
+    CAPTURE(hv);
+    {
+      Layer layer(*g, gdn_config(hk, hv), 102, uint32_t(11 + hv));
+      layer.call(100, Layer::Path::Recurrent);
+      layer.call(1, Layer::Path::Decode);
+      layer.call(1, Layer::Path::Recurrent);
+    }
+    {
+      // Chunks that start mid-ring (positions not multiples of 4) and short chunks after long ones.
+      Layer layer(*g, gdn_config(hk, hv), 300, uint32_t(13 + hv));
+      layer.call(2, Layer::Path::Chunked);
+      layer.call(1, Layer::Path::Decode);
+      layer.call(100, Layer::Path::Chunked);
+      layer.call(37, Layer::Path::Chunked);
+      layer.call(3, Layer::Path::Recurrent);
+      layer.call(64, Layer::Path::Chunked);
+      layer.call(1, Layer::Path::Decode);
+      layer.call(65, Layer::Path::Chunked);
+      layer.call(1, Layer::Path::Decode);
+    }
+  }
+}
+
+TEST_CASE("GPU: gdn timings at the 35B shapes") {
+  auto g = open_gpu();
+  const qwen35::Config cfg = gdn_config(16, 32);
+  const GdnShape s = gpu::gdn_shape(cfg);
+  gpu::GdnKernels k(g->jit, g->ctx, cfg);
+  const int64_t stride = gpu::gdn_proj_columns(cfg), C = s.conv_dim();
+  Event start(g->driver), stop(g->driver);
+
+  {  // Decode: 30 layers (distinct states, 60 MB > L2) in one graph, 20 replays.
+    constexpr int kLayers = 30;
+    DeviceBuffer proj = to_device(*g, random_bf16(size_t(stride), 21, 1.f));
+    DeviceBuffer conv_w = to_device(*g, random_bf16(size_t(C * s.kc), 22, 0.5f));
+    DeviceBuffer norm_w = to_device(*g, random_bf16(size_t(s.dv), 23, 1.f));
+    DeviceBuffer A_log = to_device(*g, random_f32(size_t(s.hv), 24, 1.f));
+    DeviceBuffer dt_bias = to_device(*g, random_f32(size_t(s.hv), 25, 1.f));
+    DeviceBuffer conv(g->driver, gpu::gdn_conv_state_bytes(cfg) * kLayers), ssm(g->driver, gpu::gdn_ssm_state_bytes(cfg) * kLayers);
+    conv.fill_bytes(0, g->stream);
+    ssm.fill_bytes(0, g->stream);
+    DeviceBuffer pos(g->driver, 4), o(g->driver, size_t(s.hv * s.dv) * 4), y(g->driver, size_t(s.hv * s.dv) * 2);
+    pos.fill_bytes(0, g->stream);
+    const gpu::GdnLayerWeights w{conv_w.ptr(), A_log.ptr(), dt_bias.ptr(), norm_w.ptr()};
+    auto layer_state = [&](int l) {
+      return gpu::GdnLayerState{conv.ptr() + gpu::gdn_conv_state_bytes(cfg) * l, ssm.ptr() + gpu::gdn_ssm_state_bytes(cfg) * l};
+    };
+    for (bool with_norm : {false, true}) {
+      Graph graph = Graph::capture(g->driver, g->stream, [&] {
+        for (int l = 0; l < kLayers; ++l) {
+          if (with_norm) k.decode(g->stream, proj.ptr(), int(stride), pos.ptr(), w, layer_state(l), o.ptr(), y.ptr(), true);
+          else k.gated_rmsnorm(g->stream, 1, o.ptr(), proj.ptr(), int(stride), norm_w.ptr(), y.ptr(), true);
+        }
+      });
+      GraphExec exec = graph.instantiate();
+      exec.launch(g->stream);
+      std::vector<double> us;
+      for (int rep = 0; rep < 20; ++rep) {
+        start.record(g->stream);
+        exec.launch(g->stream);
+        stop.record(g->stream);
+        stop.synchronize();
+        us.push_back(stop.elapsed_ms_since(start) * 1e3 / kLayers);
+      }
+      const double state_mb = 2.0 * double(gpu::gdn_ssm_state_bytes(cfg)) / 1e6;
+      if (with_norm)
+        MESSAGE(fmt::format("gdn decode (gdn_decode + gated_rmsnorm) per layer: {:.2f} us; floor {:.2f} us "
+                            "(state {:.1f} MB read+written + conv w/ring {:.2f} MB at 3.0 TB/s); anchor ~3.7 us",
+                            median(us), (state_mb + 0.15) / 3.0, state_mb, 0.15));
+      else
+        MESSAGE(fmt::format("gated_rmsnorm alone (T = 1) per layer: {:.2f} us", median(us)));
+    }
+  }
+
+  {  // Prefill T = 4096 from position 0.
+    const int T = 4096;
+    DeviceBuffer proj = to_device(*g, random_bf16(size_t(T * stride), 31, 1.f));
+    DeviceBuffer conv_w = to_device(*g, random_bf16(size_t(C * s.kc), 32, 0.5f));
+    DeviceBuffer norm_w = to_device(*g, random_bf16(size_t(s.dv), 33, 1.f));
+    std::vector<float> a_log = random_f32(size_t(s.hv), 34, 1.f);
+    for (auto& a : a_log) a -= 1.f;
+    DeviceBuffer A_log = to_device(*g, a_log), dt_bias = to_device(*g, random_f32(size_t(s.hv), 35, 0.5f));
+    DeviceBuffer conv(g->driver, gpu::gdn_conv_state_bytes(cfg)), ssm(g->driver, gpu::gdn_ssm_state_bytes(cfg));
+    DeviceBuffer pos(g->driver, 4), ws_buf(g->driver, gpu::gdn_workspace_bytes(cfg, T)), y(g->driver, size_t(T * s.hv * s.dv) * 2);
+    conv.fill_bytes(0, g->stream);
+    ssm.fill_bytes(0, g->stream);
+    pos.fill_bytes(0, g->stream);
+    const gpu::GdnLayerWeights w{conv_w.ptr(), A_log.ptr(), dt_bias.ptr(), norm_w.ptr()};
+    const gpu::GdnLayerState st{conv.ptr(), ssm.ptr()};
+    const gpu::GdnWorkspace ws = gpu::gdn_workspace(cfg, T, ws_buf.ptr());
+    auto time_us = [&](auto&& launch) {
+      launch();
+      std::vector<double> us;
+      for (int rep = 0; rep < 20; ++rep) {
+        start.record(g->stream);
+        launch();
+        stop.record(g->stream);
+        stop.synchronize();
+        us.push_back(stop.elapsed_ms_since(start) * 1e3);
+      }
+      return median(us);
+    };
+    const double pro = time_us([&] { k.prologue(g->stream, proj.ptr(), int(stride), T, pos.ptr(), w, st, ws); });
+    const double chk = time_us([&] { k.chunked(g->stream, T, st, ws); });
+    const double rec = time_us([&] { k.recurrent(g->stream, T, st, ws); });
+    const double nrm = time_us([&] { k.gated_rmsnorm(g->stream, T, ws.o, proj.ptr(), int(stride), norm_w.ptr(), y.ptr()); });
+    // Floors: prologue reads qkv + gates of proj and writes qkv bf16 + g, beta; the chunked core's
+    // ~10 MFLOP per (chunk, head) at 700 TFLOP/s.
+    const double pro_floor = double(T) * (C * 2 * 2 + s.hv * 4 * 4) / 3.0e6;
+    const double chk_floor = double(T / 64) * s.hv * 2.0 * (2 * 64 * 64 * 128 + 64 * 64 * 128 + 3 * 64 * 128 * 128 + 64 * 64 * 64) / 700e6;
+    MESSAGE(fmt::format("gdn prefill T = {} per layer: prologue {:.1f} us (floor {:.1f}), chunked {:.1f} us "
+                        "(floor {:.1f} compute), token-by-token {:.1f} us, gated_rmsnorm {:.1f} us; "
+                        "chunked total {:.1f} us vs anchors 170-290 us",
+                        T, pro, pro_floor, chk, chk_floor, rec, nrm, pro + chk + nrm));
+  }
+}

@@ -1,0 +1,316 @@
+// GPU: the sparse MoE + shared expert (spec §2.6; kernel_templates/moe.cuh, moe_gemm.cuh) against the
+// fp32 CPU reference (ref::moe_router, ref::moe_experts, ref::shared_expert) on the same bf16 /
+// dequantized W4A16 weights, at the tiny fixture's shapes and the 35B shapes, through the decode
+// path (T = 1, 3, 8) and the prefill path (T = 1, 37, 512, 2048). Timing at the 35B shapes.
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <cstring>
+#include <thread>
+
+#include "models/qwen35/config.h"
+#include "models/qwen35/gpu/moe.h"
+#include "models/qwen35/reference_ops.h"
+#include "runtime/core/int4_format.h"
+#include "tests/gpu/gpu_harness.h"
+
+using namespace q35;
+using namespace q35::gpu_test;
+using namespace q35::qwen35;
+using namespace q35::qwen35::gpu;
+
+namespace {
+
+// f(begin, end) over [0, n) split across the cores (the 35B experts hold 805M weights).
+template <typename F>
+void parallel_for(size_t n, F f) {
+  const size_t threads = std::max(1u, std::thread::hardware_concurrency());
+  const size_t per = (n + threads - 1) / threads;
+  std::vector<std::jthread> pool;
+  for (size_t i0 = 0; i0 < n; i0 += per) pool.emplace_back(f, i0, std::min(n, i0 + per));
+}
+
+// Uniform bf16 values with standard deviation `scale`, from a counter-based hash of (run seed, salt, i).
+std::vector<uint16_t> random_bf16_fast(size_t n, uint32_t salt, float scale) {
+  std::vector<uint16_t> v(n);
+  const uint64_t seed = (uint64_t(run_seed()) << 32 | salt) * 0x9E3779B97F4A7C15ull;
+  parallel_for(n, [&](size_t i0, size_t i1) {
+    for (size_t i = i0; i < i1; ++i) {
+      uint64_t z = seed + i * 0xBF58476D1CE4E5B9ull;
+      z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+      z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+      z ^= z >> 31;
+      const float u = float(z >> 40) * 0x1p-24f;  // [0, 1)
+      v[i] = f32_to_bf16((2.f * u - 1.f) * 1.7320508f * scale);
+    }
+  });
+  return v;
+}
+
+std::vector<float> widen(const std::vector<uint16_t>& b) {
+  std::vector<float> f(b.size());
+  parallel_for(b.size(), [&](size_t i0, size_t i1) {
+    for (size_t i = i0; i < i1; ++i) f[i] = bf16_to_f32(b[i]);
+  });
+  return f;
+}
+
+// Uploads W [rows, K] (bf16 values) in format `group` into (dw, ds) and returns the fp32 weights the
+// kernels compute with: the bf16 values, or the dequantized INT4 values.
+std::vector<float> upload_weight(const Gpu& g, const std::vector<uint16_t>& w, int64_t rows, int64_t K, int group,
+                                 DeviceBuffer& dw, DeviceBuffer& ds) {
+  std::vector<float> f = widen(w);
+  if (group == 0) {
+    dw = to_device(g, w);
+    return f;
+  }
+  std::vector<uint32_t> qw(size_t(rows * K / 8));
+  std::vector<uint16_t> sc(size_t(rows * K / group));
+  parallel_for(size_t(rows), [&](size_t r0, size_t r1) {
+    const int64_t n = int64_t(r1 - r0);
+    int4::Quantized q = int4::quantize(std::span<const float>(f.data() + r0 * K, size_t(n * K)), n, K, group);
+    std::vector<float> deq = int4::dequantize(q, n, K, group);
+    std::copy(q.qweight.begin(), q.qweight.end(), qw.begin() + r0 * K / 8);
+    std::copy(q.scales.begin(), q.scales.end(), sc.begin() + r0 * K / group);
+    std::copy(deq.begin(), deq.end(), f.begin() + r0 * K);
+  });
+  dw = to_device(g, qw);
+  ds = to_device(g, sc);
+  return f;
+}
+
+// The bf16 master weights of one MoE layer (the formats are derived from them).
+struct MasterWeights {
+  std::vector<uint16_t> router, sg, gate_up, down, sh_gate_up, sh_down;
+  explicit MasterWeights(const MoeShape& s)
+      : router(random_bf16_fast(size_t(s.experts * s.hidden), 11, 0.02f)),
+        sg(random_bf16_fast(size_t(s.hidden), 12, 0.02f)),
+        gate_up(random_bf16_fast(size_t(s.experts * 2 * s.inter * s.hidden), 13, 0.02f)),
+        down(random_bf16_fast(size_t(s.experts * s.hidden * s.inter), 14, 0.02f)),
+        sh_gate_up(random_bf16_fast(size_t(2 * s.shared_inter * s.hidden), 15, 0.02f)),
+        sh_down(random_bf16_fast(size_t(s.hidden * s.shared_inter), 16, 0.02f)) {}
+};
+
+// One layer on the device in one format, with the fp32 weights of the reference.
+struct Layer {
+  MoeShape s;
+  std::vector<float> router, sg, gate_up, down, sh_gate, sh_up, sh_down;  // reference, fp32
+  DeviceBuffer d_router, d_sg, d_gate_up, d_gate_up_s, d_down, d_down_s, d_sh_gate_up, d_sh_gate_up_s, d_sh_down,
+      d_sh_down_s;
+
+  Layer(const Gpu& g, const MasterWeights& m, const MoeShape& shape) : s(shape) {
+    router = widen(m.router);
+    sg = widen(m.sg);
+    d_router = to_device(g, m.router);
+    d_sg = to_device(g, m.sg);
+    gate_up = upload_weight(g, m.gate_up, s.experts * 2 * s.inter, s.hidden, s.group, d_gate_up, d_gate_up_s);
+    down = upload_weight(g, m.down, s.experts * s.hidden, s.inter, s.group, d_down, d_down_s);
+    std::vector<float> gu = upload_weight(g, m.sh_gate_up, 2 * s.shared_inter, s.hidden, s.group, d_sh_gate_up, d_sh_gate_up_s);
+    sh_gate.assign(gu.begin(), gu.begin() + s.shared_inter * s.hidden);
+    sh_up.assign(gu.begin() + s.shared_inter * s.hidden, gu.end());
+    sh_down = upload_weight(g, m.sh_down, s.hidden, s.shared_inter, s.group, d_sh_down, d_sh_down_s);
+  }
+  MoeWeights weights() const {
+    return {d_router.ptr(),     d_sg.ptr(),           d_gate_up.ptr(),   d_gate_up_s.ptr(),
+            d_down.ptr(),       d_down_s.ptr(),       d_sh_gate_up.ptr(), d_sh_gate_up_s.ptr(),
+            d_sh_down.ptr(),    d_sh_down_s.ptr()};
+  }
+};
+
+template <typename T>
+std::vector<T> download(const Gpu& g, CUdeviceptr p, size_t count) {
+  std::vector<T> host(count);
+  g.driver.check(g.driver.api().memcpy_dtoh_async(host.data(), p, count * sizeof(T), g.stream.handle()), "cuMemcpyDtoHAsync");
+  g.stream.synchronize();
+  return host;
+}
+
+// One call of the MoE block at T tokens through `path`, checked against the CPU reference.
+void check_moe(const Gpu& g, const Layer& L, const MoeKernels& k, const MoeScratch& sc, int64_t T, MoePath path,
+               uint32_t salt) {
+  const MoeShape& s = L.s;
+  const int64_t H = s.hidden, E = s.experts, K = s.top_k;
+  CAPTURE(T);
+  CAPTURE(path == MoePath::Decode ? "decode" : "prefill");
+  const std::vector<uint16_t> x = random_bf16(size_t(T * H), salt, 1.f);
+  const std::vector<float> xf = to_f32(x);
+  DeviceBuffer d_x = to_device(g, x), d_out = poisoned(g, size_t(T * H) * 2), d_out2 = poisoned(g, size_t(T * H) * 2);
+  moe_forward(k, g.stream, L.weights(), sc, d_x.ptr(), d_out.ptr(), T, path);
+  const std::vector<uint16_t> out = to_host<uint16_t>(g, d_out);
+  const std::vector<int32_t> ids = download<int32_t>(g, sc.ids, size_t(T * K));
+  const std::vector<float> w = download<float>(g, sc.weights, size_t(T * K));
+  const std::vector<float> sgate = download<float>(g, sc.shared_gate, size_t(T));
+
+  // Router: same experts in the same order and the same weights, except where probabilities tie
+  // within 1e-5 (fp32 sums in another order may swap those).
+  std::vector<float> logits(size_t(T * E)), w_ref(size_t(T * K)), sg_logit(size_t(T));
+  std::vector<int32_t> ids_ref(size_t(T * K));
+  ref::matmul(xf, L.router, logits, T, E, H);
+  ref::matmul(xf, L.sg, sg_logit, T, 1, H);
+  ref::moe_router(logits, w_ref, ids_ref, T, E, K);
+  int checked = 0, id_bad = 0, w_bad = 0, sg_bad = 0;
+  for (int64_t t = 0; t < T; ++t) {
+    std::vector<float> p(logits.begin() + t * E, logits.begin() + (t + 1) * E);
+    const float mx = *std::max_element(p.begin(), p.end());
+    float sum = 0.f;
+    for (float& v : p) sum += v = std::exp(v - mx);
+    for (float& v : p) v /= sum;
+    std::sort(p.begin(), p.end(), std::greater<float>());
+    for (int64_t i = 0; i < K; ++i) {
+      const bool clear = (i == 0 || p[i - 1] - p[i] > 1e-5f) && (i + 1 >= E || p[i] - p[i + 1] > 1e-5f);
+      if (!clear) continue;
+      ++checked;
+      id_bad += ids[t * K + i] != ids_ref[t * K + i];
+      w_bad += std::abs(w[t * K + i] - w_ref[t * K + i]) > 1e-5f;
+    }
+    sg_bad += std::abs(sgate[t] - 1.f / (1.f + std::exp(-sg_logit[t]))) > 1e-5f;
+  }
+  CHECK(checked >= T * K * 9 / 10);
+  CHECK(id_bad == 0);
+  CHECK(w_bad == 0);
+  CHECK(sg_bad == 0);
+
+  // Experts: the reference with the kernel's routing (checked above).
+  std::vector<float> routed(size_t(T * H)), shared(size_t(T * H)), want(size_t(T * H));
+  ref::moe_experts(xf, ids, w, L.gate_up, L.down, routed, T, H, E, s.inter, K);
+  ref::shared_expert(xf, L.sh_gate, L.sh_up, L.sh_down, L.sg, shared, T, H, s.shared_inter);
+  for (size_t i = 0; i < want.size(); ++i) want[i] = routed[i] + shared[i];
+  const double err = rel_l2(to_f32(out), want);
+  MESSAGE(fmt::format("moe H={} E={} I={} Is={} {} T={} {}: rel_l2 {:.2e}", H, E, s.inter, s.shared_inter,
+                      s.group == 0 ? std::string("bf16") : fmt::format("W4A16 g{}", s.group), T,
+                      path == MoePath::Decode ? "decode" : "prefill", err));
+  CHECK(err <= 1e-2);
+
+  // A second call (router counters reset, no state kept) writes the same bits.
+  moe_forward(k, g.stream, L.weights(), sc, d_x.ptr(), d_out2.ptr(), T, path);
+  CHECK(to_host<uint16_t>(g, d_out2) == out);
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+// Microseconds per call: `calls` calls of record(c) captured in one graph, median of 25 replays.
+template <typename F>
+double time_graph(const Gpu& g, int calls, F record) {
+  Graph graph = Graph::capture(g.driver, g.stream, [&] {
+    for (int c = 0; c < calls; ++c) record(c);
+  });
+  GraphExec exec = graph.instantiate();
+  for (int i = 0; i < 3; ++i) exec.launch(g.stream);
+  Event start(g.driver), stop(g.driver);
+  std::vector<double> us;
+  for (int i = 0; i < 25; ++i) {
+    start.record(g.stream);
+    exec.launch(g.stream);
+    stop.record(g.stream);
+    stop.synchronize();
+    us.push_back(stop.elapsed_ms_since(start) * 1e3 / calls);
+  }
+  return median(us);
+}
+
+// The workspace of one plan, zeroed (the router's counters start at zero).
+struct Workspace {
+  DeviceBuffer buf;
+  MoeScratch sc;
+  Workspace(const Gpu& g, const MoeKernels& k, int64_t max_tokens)
+      : buf(g.driver, moe_workspace_bytes(k.shape, k.tiles, max_tokens)) {
+    buf.fill_bytes(0, g.stream);
+    sc = moe_scratch(k.shape, k.tiles, max_tokens, buf.ptr());
+  }
+};
+
+void run_shapes(const MoeShape& base, std::initializer_list<int> groups, bool timing) {
+  auto g = open_gpu();
+  const MasterWeights master(base);
+  for (int group : groups) {
+    MoeShape s = base;
+    s.group = group;
+    CAPTURE(group);
+    const Layer L(*g, master, s);
+    const MoeKernels k(g->jit, g->ctx, s);
+    Workspace ws(*g, k, 2048);
+    uint32_t salt = 100;
+    for (int64_t T : {1, 3, 8}) check_moe(*g, L, k, ws.sc, T, MoePath::Decode, salt++);
+    for (int64_t T : {1, 37, 512, 2048}) check_moe(*g, L, k, ws.sc, T, MoePath::Prefill, salt++);
+    if (!timing || group == 32) continue;
+
+    const std::string fmt_name = group == 0 ? "bf16" : fmt::format("W4A16 g{}", group);
+    const double wbytes = group == 0 ? 2.0 : 0.5 + 2.0 / group;  // bytes per weight incl. scales
+    // Decode T = 1: 20 different tokens per graph, so most experts come from HBM (the router and
+    // shared expert stay in L2 across calls).
+    {
+      const int calls = 20;
+      const std::vector<uint16_t> x = random_bf16(size_t(calls * s.hidden), 7, 1.f);
+      DeviceBuffer d_x = to_device(*g, x), d_out(g->driver, size_t(calls * s.hidden) * 2);
+      const MoeWeights w = L.weights();
+      const double us = time_graph(*g, calls, [&](int c) {
+        moe_forward(k, g->stream, w, ws.sc, d_x.ptr() + size_t(c) * s.hidden * 2, d_out.ptr() + size_t(c) * s.hidden * 2, 1);
+      });
+      const double us_router = time_graph(*g, calls, [&](int c) {
+        launch_moe_router(k.router_one, k.tiles.router_one, g->stream, s, d_x.ptr() + size_t(c) * s.hidden * 2, w, ws.sc, 1);
+      });
+      const double bytes = double(s.top_k + 1) * 3 * s.inter * s.hidden * wbytes + double(s.experts + 1) * s.hidden * 2;
+      MESSAGE(fmt::format("moe decode T=1 {}: {:.2f} us per layer (router alone {:.2f} us); floor {:.2f} us "
+                          "({:.1f} MB / 3.0 TB/s)", fmt_name, us, us_router, bytes / 3e6, bytes / 1e6));
+    }
+    // Prefill T = 4096: each launch timed with events, median of 20 runs.
+    {
+      const int64_t T = 4096;
+      Workspace big(*g, k, T);
+      const std::vector<uint16_t> x = random_bf16(size_t(T * s.hidden), 8, 1.f);
+      DeviceBuffer d_x = to_device(*g, x), d_out(g->driver, size_t(T * s.hidden) * 2);
+      const MoeWeights w = L.weights();
+      std::vector<Event> ev;
+      for (int i = 0; i < 8; ++i) ev.emplace_back(g->driver);
+      std::vector<std::vector<double>> us(7);
+      for (int rep = 0; rep < 23; ++rep) {
+        int e = 0;
+        ev[e++].record(g->stream);
+        launch_moe_router(k.router_prefill, k.tiles.router_prefill, g->stream, s, d_x.ptr(), w, big.sc, T);
+        ev[e++].record(g->stream);
+        launch_moe_align(k.align, g->stream, big.sc, T);
+        ev[e++].record(g->stream);
+        for (MoeGemm gm : {MoeGemm::RoutedGateUp, MoeGemm::SharedGateUp, MoeGemm::RoutedDown, MoeGemm::SharedDown}) {
+          launch_moe_gemm(k.gemm(gm), k.tiles.gemm, g->stream, s, gm, d_x.ptr(), w, big.sc, T);
+          ev[e++].record(g->stream);
+        }
+        launch_moe_combine(k.combine, g->stream, big.sc, d_out.ptr(), T);
+        ev[e++].record(g->stream);
+        ev[7].synchronize();
+        if (rep < 3) continue;  // warm-up
+        for (int i = 0; i < 7; ++i) us[i].push_back(ev[i + 1].elapsed_ms_since(ev[i]) * 1e3);
+      }
+      const char* names[7] = {"router", "align", "gemm routed gate_up", "gemm shared gate_up", "gemm routed down",
+                              "gemm shared down", "combine"};
+      const double pair_flops = 2.0 * 3 * s.inter * s.hidden, shared_flops = 2.0 * 3 * s.shared_inter * s.hidden;
+      const double flops_gemm[7] = {2.0 * T * (s.experts + 1) * s.hidden, 0, T * s.top_k * pair_flops * 2 / 3,
+                                    T * shared_flops * 2 / 3, T * s.top_k * pair_flops / 3, T * shared_flops / 3, 0};
+      double total = 0, flops = 0;
+      std::string parts;
+      for (int i = 0; i < 7; ++i) {
+        const double m = median(us[i]);
+        total += m;
+        flops += flops_gemm[i];
+        parts += fmt::format("\n  {:<20} {:8.1f} us", names[i], m);
+        if (flops_gemm[i] > 0) parts += fmt::format("  {:6.1f} TFLOP/s", flops_gemm[i] / m * 1e-6);
+      }
+      MESSAGE(fmt::format("moe prefill T=4096 {}: {:.1f} us, {:.1f} TFLOP/s; floor {:.1f} us ({:.1f} GFLOP / 700 TFLOP/s){}",
+                          fmt_name, total, flops / total * 1e-6, flops / 700e6, flops * 1e-9, parts));
+    }
+  }
+}
+
+}  // namespace
+
+TEST_CASE("GPU: moe at the tiny fixture's shapes, bf16 and W4A16 g32 / g64, decode and prefill paths") {
+  const Config cfg = Config::from_file(std::filesystem::path(Q35_SOURCE_DIR) / "tests/fixtures/tiny-qwen35moe/config.json");
+  // I = 64 admits groups up to 64.
+  run_shapes(moe_shape(cfg, 0), {0, 32, 64}, false);
+}
+
+TEST_CASE("GPU: moe at the 35B shapes, bf16 and W4A16 g32 / g128, decode and prefill paths, timing") {
+  run_shapes(MoeShape{2048, 256, 8, 512, 512, 0}, {0, 128, 32}, true);
+}

@@ -1,0 +1,156 @@
+// The MoE kernels on the CPU (no GPU): every spec of moe_kernels() compiles to CUBIN for sm_80 and
+// sm_90a at the tiny fixture's shapes and the 35B shapes, bf16 and W4A16; tile validity rules and
+// defaults; the scratch layout.
+#include <doctest/doctest.h>
+
+#include <set>
+
+#include "autotune/tiles_moe.h"
+#include "models/qwen35/config.h"
+#include "models/qwen35/gpu/moe.h"
+#include "runtime/core/error.h"
+#include "runtime/jit/jit_engine.h"
+#include "tests/synthetic_checkpoint.h"
+
+using namespace q35;
+using namespace q35::qwen35;
+using namespace q35::qwen35::gpu;
+
+namespace {
+
+Config fixture_config() {
+  return Config::from_file(std::filesystem::path(Q35_SOURCE_DIR) / "tests/fixtures/tiny-qwen35moe/config.json");
+}
+
+// The MoE sizes of Qwen3.5-35B-A3B (spec §1); the rest of the config does not matter here.
+Config config_35b() {
+  Config c;
+  c.hidden_size = 2048;
+  c.num_experts = 256, c.num_experts_per_tok = 8, c.moe_intermediate_size = 512;
+  c.shared_expert_intermediate_size = 512;
+  return c;
+}
+
+template <typename F>
+std::string error_of(F f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "";
+}
+
+bool contains(const std::string& s, const std::string& part) { return s.find(part) != std::string::npos; }
+
+}  // namespace
+
+TEST_CASE("moe_shape reads the MoE sizes of the config") {
+  const MoeShape tiny = moe_shape(fixture_config(), 32);
+  CHECK(tiny.hidden == 128);
+  CHECK(tiny.experts == 16);
+  CHECK(tiny.top_k == 4);
+  CHECK(tiny.inter == 64);
+  CHECK(tiny.shared_inter == 128);
+  CHECK(tiny.group == 32);
+  // I = 64 cannot be split into groups of 128.
+  CHECK(contains(error_of([] { moe_shape(fixture_config(), 128); }), "I = 64 is not a multiple of the group 128"));
+  CHECK(contains(error_of([] { moe_shape(config_35b(), 48); }), "weight group 48"));
+}
+
+TEST_CASE("moe tile validity rules and defaults") {
+  const MoeShape big{2048, 256, 8, 512, 512, 128}, tiny{128, 16, 4, 64, 128, 0};
+  // Router
+  CHECK(why_invalid(MoeRouterTile{16, 2, 4}, big).empty());
+  CHECK(contains(why_invalid(MoeRouterTile{17, 2, 4}, big), "m_tile = 17"));
+  CHECK(contains(why_invalid(MoeRouterTile{1, 3, 4}, big), "E = 256 is not a multiple of rows_per_warp = 3"));
+  CHECK(contains(why_invalid(MoeRouterTile{16, 8, 4}, big), "accumulators"));
+  CHECK(default_moe_router_tile(big, 1).m_tile == 1);
+  CHECK(default_moe_router_tile(big, 5).m_tile == 8);
+  CHECK(default_moe_router_tile(big, 4096).m_tile == 16);
+  // Router grid: 128 warps of 2 rows + one warp for the shared gate = 129 warps -> 33 blocks of 4.
+  CHECK(MoeRouterTile{1, 2, 4}.blocks_x(256) == 33);
+  // Decode GEMVs
+  CHECK(why_invalid_gate_up(MoeGemvTile{2, 4}, big).empty());
+  CHECK(contains(why_invalid_gate_up(MoeGemvTile{3, 4}, big), "multiples of rows_per_warp = 3"));
+  CHECK(contains(why_invalid_down(MoeGemvTile{3, 4}, big), "H = 2048 is not a multiple of rows_per_warp = 3"));
+  CHECK(why_invalid_down(default_moe_down_tile(tiny), tiny).empty());
+  // Rows of 24 bf16 values are 3 vectors: neither a divisor nor a multiple of 32 lanes.
+  CHECK(contains(why_invalid(MoeShape{128, 16, 4, 24, 128, 0}), "I = 24 is 3 vectors of 8 values"));
+  CHECK(contains(why_invalid(MoeShape{128, 16, 20, 64, 128, 0}), "k = 20"));
+  // GEMM
+  CHECK(why_invalid(MoeGemmTile{}, big, MoeGemm::RoutedGateUp).empty());
+  CHECK(contains(why_invalid(MoeGemmTile{64, 128, 16, 2, 2}, big, MoeGemm::RoutedDown), "block_k = 16 is not a positive multiple of 32"));
+  CHECK(why_invalid(MoeGemmTile{64, 128, 16, 2, 2}, MoeShape{2048, 256, 8, 512, 512, 0}, MoeGemm::RoutedDown).empty());
+  CHECK(contains(why_invalid(MoeGemmTile{64, 256, 32, 2, 2}, tiny, MoeGemm::RoutedGateUp), "N = 128 is not a multiple of block_n = 256"));
+  CHECK(contains(why_invalid(MoeGemmTile{48, 128, 32, 2, 2}, big, MoeGemm::RoutedGateUp), "warp tiles"));
+  CHECK(contains(why_invalid(MoeGemmTile{128, 256, 32, 2, 2}, big, MoeGemm::RoutedDown), "accumulators"));
+  CHECK(contains(why_invalid(MoeGemmTile{128, 256, 64, 4, 4}, big, MoeGemm::RoutedDown), "shared memory"));
+  for (const MoeShape& s : {big, tiny})
+    for (MoeGemm g : {MoeGemm::RoutedGateUp, MoeGemm::RoutedDown, MoeGemm::SharedGateUp, MoeGemm::SharedDown})
+      CHECK(why_invalid(default_moe_gemm_tile(s), s, g).empty());
+  CHECK(moe_gemm_n(tiny, MoeGemm::SharedGateUp) == 256);
+  CHECK(moe_gemm_k(tiny, MoeGemm::SharedDown) == 128);
+  CHECK(contains(error_of([&] { moe_gemm_spec(big, MoeGemm::RoutedDown, MoeGemmTile{64, 128, 16, 2, 2}); }),
+                 "moe_gemm [H = 2048, E = 256, k = 8, I = 512, Is = 512, W4A16 g128]: block_k = 16"));
+}
+
+TEST_CASE("moe scratch layout: sizes, alignment, no overlap") {
+  const MoeShape s = moe_shape(config_35b(), 0);
+  const MoeTiles t = MoeTiles::defaults(s);
+  // T = 4096: 32768 pairs, at most 256 experts each padded by up to 63 rows.
+  CHECK(moe_max_blocks(s, 64, 4096) == (32768 + 63 * 256) / 64);
+  CHECK(moe_max_blocks(s, 64, 1) == (8 + 63 * 8) / 64);  // 8 pairs: at most 8 blocks
+  const int64_t T = 4096;
+  const size_t bytes = moe_workspace_bytes(s, t, T);
+  const MoeScratch sc = moe_scratch(s, t, T, 1 << 20);
+  struct Buf {
+    CUdeviceptr at;
+    size_t size;
+  };
+  const int64_t blocks = moe_max_blocks(s, t.gemm.block_m, T);
+  std::vector<Buf> bufs = {{sc.logits, size_t(T * 257 * 4)},
+                           {sc.counters, size_t(T * 4)},
+                           {sc.ids, size_t(T * 8 * 4)},
+                           {sc.weights, size_t(T * 8 * 4)},
+                           {sc.shared_gate, size_t(T * 4)},
+                           {sc.h, size_t(blocks * 64 * 512 * 2)},
+                           {sc.hs, size_t(T * 512 * 2)},
+                           {sc.y, size_t(T * 8 * 2048 * 2)},
+                           {sc.ys, size_t(T * 2048 * 2)},
+                           {sc.sorted_ids, size_t(blocks * 64 * 4)},
+                           {sc.block_expert, size_t(blocks * 4)},
+                           {sc.num_blocks, 4}};
+  std::sort(bufs.begin(), bufs.end(), [](const Buf& a, const Buf& b) { return a.at < b.at; });
+  for (size_t i = 0; i < bufs.size(); ++i) {
+    CHECK(bufs[i].at % 256 == 0);
+    if (i + 1 < bufs.size()) CHECK(bufs[i].at + bufs[i].size <= bufs[i + 1].at);
+  }
+  CHECK(bufs.back().at + bufs.back().size <= (1 << 20) + bytes);
+  CHECK(sc.max_tokens == T);
+  CHECK(contains(error_of([&] { moe_workspace_bytes(s, t, 0); }), "max_tokens = 0"));
+}
+
+TEST_CASE("every MoE kernel compiles for sm_80 and sm_90a, tiny and 35B, bf16 and W4A16") {
+  q35::test::TempDir cache("moe-jit");
+  JitEngine jit(cache.path(), JitOptions{.kernel_dir = std::nullopt});
+  std::vector<KernelSpec> specs;
+  std::set<std::string> seen;
+  auto add = [&](const std::vector<KernelSpec>& list) {
+    for (const KernelSpec& s : list)
+      if (seen.insert(s.str()).second) specs.push_back(s);
+  };
+  for (int group : {0, 32, 64}) add(moe_kernels(fixture_config(), group));
+  for (int group : {0, 32, 128}) add(moe_kernels(config_35b(), group));
+  // Router (3 tiles), align, combine per config; gate_up, down and 4 GEMMs per (config, format).
+  CHECK(specs.size() == 2 * (5 + 3 * 6));
+  for (const std::string arch : {"sm_90a", "sm_80"}) {
+    CAPTURE(arch);
+    std::vector<CompiledKernel> out = jit.compile_all(specs, arch, 2);
+    REQUIRE(out.size() == specs.size());
+    for (const CompiledKernel& k : out) {
+      CHECK(k.cubin.size() > 64);
+      CHECK(!k.lowered_name.empty());
+    }
+  }
+}
