@@ -44,6 +44,7 @@ gdn_chunk_prepare(const q35k::bf16* __restrict__ qkv, const float* __restrict__ 
   const int tid = threadIdx.x, n = blockIdx.x, j = blockIdx.y, kh = j / (HV / HK);
   const int t0 = n * L, rows = min(L, T - t0);
 
+#pragma unroll 8  // independent global loads in flight
   for (int idx = tid; idx < L * DK; idx += 256) {
     const int i = idx / DK, a = idx % DK;
     const q35k::bf16* x = qkv + size_t(t0 + i) * C + kh * DK + a;
@@ -96,6 +97,7 @@ gdn_chunk_prepare(const q35k::bf16* __restrict__ qkv, const float* __restrict__ 
   // touches only its column).
   for (int c = tid; c < DV + DK; c += 256) {
     const bool is_u = c < DV;
+#pragma unroll 8  // independent global loads in flight
     for (int i = 0; i < rows; ++i)
       X[i * (DV + DK) + c] = is_u ? bet[i] * q35k::bf16_to_f32(qkv[size_t(t0 + i) * C + 2 * HK * DK + j * DV + c])
                                   : bet[i] * Ks[i * KS + c - DV] * expf(gam[i]);
@@ -105,6 +107,7 @@ gdn_chunk_prepare(const q35k::bf16* __restrict__ qkv, const float* __restrict__ 
       for (int m = 0; m < i; ++m) acc -= As[i * (L + 1) + m] * X[m * (DV + DK) + c];
       X[i * (DV + DK) + c] = acc;
     }
+#pragma unroll 8
     for (int i = 0; i < rows; ++i) {
       if (is_u) u_out[(size_t(t0 + i) * HV + j) * DV + c] = X[i * (DV + DK) + c];
       else w_out[(size_t(t0 + i) * HV + j) * DK + c - DV] = X[i * (DV + DK) + c];
@@ -146,6 +149,7 @@ gdn_chunk_state(const q35k::bf16* __restrict__ qkv, const float* __restrict__ ga
     if (tid < L) gam[tid] = tid < rows ? gam_in[size_t(t0 + tid) * HV + j] : 0.f;
     __syncthreads();
     const float gam_last = gam[rows - 1];
+#pragma unroll 8  // independent global loads in flight
     for (int idx = tid; idx < L * DK; idx += 256) {
       const int i = idx / DK, a = idx % DK;
       const bool in = i < rows;
@@ -154,11 +158,13 @@ gdn_chunk_state(const q35k::bf16* __restrict__ qkv, const float* __restrict__ ga
       Qs[i * KS + a] = in ? q35k::bf16_to_f32(x[0]) * expf(gam[i]) : 0.f;
       Kd[i * KS + a] = in ? q35k::bf16_to_f32(x[HK * DK]) * expf(gam_last - gam[i]) : 0.f;
     }
+#pragma unroll 8  // independent global loads in flight
     for (int idx = tid; idx < L * VS; idx += 256) {
       const int i = idx / VS, c = idx % VS;
       Vs[i * SS + c] = i < rows ? u_in[(size_t(t0 + i) * HV + j) * DV + c0 + c] : 0.f;
     }
     const float* qk_blk = qk_in + (size_t(t0 / L) * HV + j) * L * L;
+#pragma unroll 8  // independent global loads in flight
     for (int idx = tid; idx < L * L; idx += 256) QKs[(idx / L) * (L + 1) + idx % L] = qk_blk[idx];
     __syncthreads();
 

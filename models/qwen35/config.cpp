@@ -210,4 +210,32 @@ GenerationConfig GenerationConfig::from_file(const std::filesystem::path& path) 
   return g;
 }
 
+Config Config::preset(const std::string& name) {
+  if (name != "35b-a3b") fail("unknown synthetic model '{}': known: 35b-a3b", name);
+  Config c;
+  c.vocab_size = 248320;
+  c.hidden_size = 2048;
+  c.num_layers = 40;
+  for (int i = 0; i < 40; ++i) c.layer_types.push_back((i + 1) % 4 == 0 ? LayerType::FullAttention : LayerType::LinearAttention);
+  c.num_heads = 16;
+  c.num_kv_heads = 2;
+  c.head_dim = 256;
+  c.rotary_dim = 64;
+  c.rope_theta = 1e7;
+  c.attn_output_gate = true;
+  c.linear_num_key_heads = 16;
+  c.linear_num_value_heads = 32;
+  c.linear_key_head_dim = 128;
+  c.linear_value_head_dim = 128;
+  c.linear_conv_kernel_dim = 4;
+  c.num_experts = 256;
+  c.num_experts_per_tok = 8;
+  c.moe_intermediate_size = 512;
+  c.shared_expert_intermediate_size = 512;
+  c.rms_norm_eps = 1e-6;
+  c.tie_word_embeddings = false;
+  c.max_position_embeddings = 262144;
+  return c;
+}
+
 }  // namespace q35::qwen35

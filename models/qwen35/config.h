@@ -58,6 +58,9 @@ struct Config {
   // max_position_embeddings 32768. layer_types, or full_attention_interval, is required.
   // attention_bias, a hidden_act other than silu and non-empty mlp_only_layers are rejected.
   static Config from_file(const std::filesystem::path& path);
+  // The shapes of a published model, for synthetic (random-weight) benchmarks and tuning without
+  // the checkpoint: "35b-a3b" (Qwen3.5-35B-A3B, shared/spec §1). Error listing the known names.
+  static Config preset(const std::string& name);
 };
 
 struct GenerationConfig {

@@ -143,7 +143,7 @@ void check_moe(const Gpu& g, const Layer& L, const MoeKernels& k, const MoeScrat
 
   // Router: same experts in the same order and the same weights, except where probabilities tie
   // within 1e-5 (fp32 sums in another order may swap those).
-  std::vector<float> logits(size_t(T * E)), w_ref(size_t(T * K)), sg_logit(size_t(T));
+  std::vector<float> logits(size_t(T * E)), w_ref(size_t(T * K)), sg_logit(static_cast<size_t>(T));
   std::vector<int32_t> ids_ref(size_t(T * K));
   ref::matmul(xf, L.router, logits, T, E, H);
   ref::matmul(xf, L.sg, sg_logit, T, 1, H);
