@@ -123,7 +123,7 @@ int cmd_bench(int argc, char** argv) {
               j["model"].get<std::string>().c_str(), j["weights"].get<std::string>().c_str(),
               model->weight_bytes() / 1e9, (free0 - free1) / 1e9, load_ms);
 
-  qwen35::SamplingParams greedy;
+  const SamplingParams greedy;  // temperature 0: argmax on the GPU
   for (int64_t L : lengths) {
     std::vector<int32_t> prompt = random_tokens(L);
     std::vector<double> ms;
