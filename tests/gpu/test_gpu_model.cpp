@@ -1,0 +1,181 @@
+// GPU: the whole forward pass (models/qwen35/gpu_model) on the tiny fixture against the
+// transformers goldens, decode through the captured CUDA graph, W4A16 on the fly and from a
+// quantized checkpoint.
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <filesystem>
+
+#include <nlohmann/json.hpp>
+
+#include "models/qwen35/gpu_model.h"
+#include "models/qwen35/quantized.h"
+#include "runtime/io/json_file.h"
+#include "runtime/io/safetensors.h"
+#include "tests/gpu/gpu_harness.h"
+#include "tests/synthetic_checkpoint.h"
+
+using namespace q35;
+using namespace q35::gpu_test;
+using namespace q35::qwen35;
+namespace fs = std::filesystem;
+
+namespace {
+
+const fs::path kModel = fs::path(Q35_SOURCE_DIR) / "tests/fixtures/tiny-qwen35moe";
+const fs::path kGoldens = fs::path(Q35_SOURCE_DIR) / "tests/fixtures/goldens/tiny-qwen35moe";
+
+struct Goldens {
+  std::vector<int32_t> prompt, greedy;
+  std::vector<float> prompt_logits;  // [T, vocab]
+};
+
+Goldens load_goldens() {
+  SafetensorsFile f(kGoldens.string() + ".safetensors");
+  auto ints = [&](const char* name) {
+    const TensorInfo* t = f.find(name);
+    REQUIRE(t);
+    auto b = f.data(*t);
+    const auto* p = reinterpret_cast<const int32_t*>(b.data());
+    return std::vector<int32_t>(p, p + b.size() / 4);
+  };
+  Goldens g{ints("prompt_ids"), ints("greedy_ids"), {}};
+  const TensorInfo* l = f.find("prompt_logits");
+  g.prompt_logits = q35::to_f32({l, f.data(*l), &f});
+  return g;
+}
+
+// max |got - want| / max |want|.
+double max_rel(const std::vector<float>& got, const std::vector<float>& want) {
+  REQUIRE(got.size() == want.size());
+  double d = 0, m = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    if (!std::isfinite(got[i])) return INFINITY;
+    d = std::max(d, double(std::fabs(got[i] - want[i])));
+    m = std::max(m, double(std::fabs(want[i])));
+  }
+  return d / m;
+}
+
+std::vector<int32_t> greedy_ids(GpuModel& model, const std::vector<int32_t>& prompt, size_t n) {
+  const SamplingParams greedy;
+  model.reset();
+  std::vector<int32_t> out{model.prefill(prompt, greedy)};
+  while (out.size() < n) out.push_back(model.decode(out.back(), greedy));
+  return out;
+}
+
+GpuModelOptions options(WeightFormat f, int group) {
+  GpuModelOptions o;
+  o.format = f;
+  o.group = group;
+  o.max_context = 256;
+  o.max_chunk = 64;  // the 99-token prompt runs as two chunks
+  return o;
+}
+
+}  // namespace
+
+TEST_CASE("GPU model, tiny fixture, bf16: transformers logits and the same 32 greedy tokens") {
+  auto g = open_gpu();
+  const Config c = Config::from_file(kModel / "config.json");
+  Checkpoint ckpt(kModel);
+  const Goldens gold = load_goldens();
+  for (bool chunked : {true, false}) {
+    CAPTURE(chunked);
+    GpuModelOptions o = options(WeightFormat::BF16, 0);
+    o.chunked_gdn = chunked;
+    GpuModel model(g->driver, g->ctx, g->jit, c, ckpt, o);
+    std::vector<float> logits = model.forward(gold.prompt, true);
+    const double rel = max_rel(logits, gold.prompt_logits);
+    MESSAGE("bf16, chunked GDN " << chunked << ": max|dlogit|/max|logit| over " << gold.prompt.size()
+                                 << " positions = " << rel);
+    CHECK(rel <= 2e-2);
+    CHECK(model.position() == int64_t(gold.prompt.size()));
+    // Greedy through prefill + the captured decode graph: the transformers ids.
+    CHECK(greedy_ids(model, gold.prompt, gold.greedy.size()) == gold.greedy);
+    // Prefill then one token at a time gives the logits of one prefill of the same tokens.
+    model.reset();
+    std::vector<int32_t> all = gold.prompt;
+    all.insert(all.end(), gold.greedy.begin(), gold.greedy.begin() + 8);
+    std::vector<float> once = model.forward(all, true);
+    model.reset();
+    model.forward(gold.prompt, false);
+    std::vector<float> steps;
+    for (size_t i = 0; i < 8; ++i) {
+      std::vector<float> row = model.forward(std::span<const int32_t>(&gold.greedy[i], 1), false);
+      steps.insert(steps.end(), row.begin(), row.end());
+    }
+    std::vector<float> tail(once.end() - steps.size(), once.end());
+    CHECK(max_rel(steps, tail) <= 1e-2);
+  }
+}
+
+TEST_CASE("GPU model, tiny fixture, W4A16: deltas reported; a quantized checkpoint loads to the same logits") {
+  auto g = open_gpu();
+  const Config c = Config::from_file(kModel / "config.json");
+  Checkpoint ckpt(kModel);
+  const Goldens gold = load_goldens();
+  for (int group : {32, 64}) {
+    CAPTURE(group);
+    GpuModel model(g->driver, g->ctx, g->jit, c, ckpt, options(WeightFormat::W4A16, group));
+    std::vector<float> logits = model.forward(gold.prompt, true);
+    std::vector<int32_t> ids = greedy_ids(model, gold.prompt, gold.greedy.size());
+    size_t same = 0;
+    while (same < ids.size() && ids[same] == gold.greedy[same]) ++same;
+    MESSAGE("w4a16 g" << group << ": max|dlogit|/max|logit| = " << max_rel(logits, gold.prompt_logits)
+                      << ", greedy tokens equal to transformers fp32 before the first difference: " << same << "/32");
+    for (float x : logits) REQUIRE(std::isfinite(x));
+
+    // The same weights from a `q35jit quantize` checkpoint: bit-identical logits.
+    test::TempDir tmp("gpu-quantized");
+    quantize_checkpoint(kModel, tmp.path() / "q", group, 4);
+    Checkpoint qckpt(tmp.path() / "q");
+    validate_quantized_checkpoint(c, qckpt, group);
+    GpuModelOptions o = options(WeightFormat::W4A16, group);
+    o.prequantized = true;
+    GpuModel qmodel(g->driver, g->ctx, g->jit, c, qckpt, o);
+    CHECK(qmodel.forward(gold.prompt, true) == logits);
+  }
+}
+
+TEST_CASE("GPU model: context overflow and bad ids are errors, and the model stays usable") {
+  auto g = open_gpu();
+  const Config c = Config::from_file(kModel / "config.json");
+  Checkpoint ckpt(kModel);
+  GpuModelOptions o = options(WeightFormat::BF16, 0);
+  o.max_context = 16;
+  GpuModel model(g->driver, g->ctx, g->jit, c, ckpt, o);
+  std::vector<int32_t> long_prompt(17, 5);
+  CHECK(error_of([&] { model.forward(long_prompt, false); }).find("context overflow") != std::string::npos);
+  std::vector<int32_t> bad = {1, 2, int32_t(c.vocab_size)};
+  CHECK(error_of([&] { model.forward(bad, false); }).find("outside the vocabulary") != std::string::npos);
+  CHECK(model.position() == 0);
+  std::vector<int32_t> ok(16, 7);
+  CHECK(model.forward(ok, false).size() == size_t(c.vocab_size));
+  CHECK(error_of([&] { model.decode(3, SamplingParams{}); }).find("context overflow") != std::string::npos);
+}
+
+TEST_CASE("GPU model: synthetic 35B-A3B shapes, W4A16 g128, run end to end") {
+  auto g = open_gpu();
+  const Config c = Config::preset("35b-a3b");
+  GpuModelOptions o;
+  o.format = WeightFormat::W4A16;
+  o.group = 128;
+  o.max_context = 4096;
+  o.max_chunk = 512;
+  GpuModel model(g->driver, g->ctx, g->jit, c, o, 42);
+  MESSAGE("35B-A3B synthetic: weights " << model.weight_bytes() / 1e9 << " GB, state " << model.state_bytes() / 1e6 << " MB");
+  std::vector<int32_t> prompt(600);
+  for (size_t i = 0; i < prompt.size(); ++i) prompt[i] = int32_t((i * 7919) % 248000);
+  std::vector<float> logits = model.forward(prompt, false);
+  REQUIRE(logits.size() == size_t(c.vocab_size));
+  for (float x : logits) REQUIRE(std::isfinite(x));
+  const SamplingParams greedy;
+  int32_t id = argmax(logits);
+  for (int i = 0; i < 4; ++i) {
+    id = model.decode(id, greedy);
+    CHECK((id >= 0 && id < c.vocab_size));
+  }
+  CHECK(model.position() == 604);
+}
