@@ -26,7 +26,8 @@ struct AttentionPrefillTile {
 };
 
 // attention_decode<HQ, HKV, D, WARPS>; grid (hkv, splits), block 32 * warps, static shared memory
-// smem_bytes(d); attention_decode_merge<HQ, HKV, D, WARPS> (same warps); grid (T * hq), block d.
+// smem_bytes(d); attention_decode_merge<HQ, HKV, D, WARPS> (same warps); grid (T * hq, d / 64),
+// block 256.
 struct AttentionDecodeTile {
   int warps = 4;  // each warp takes blocks of 16 keys of its split
   int threads() const { return 32 * warps; }

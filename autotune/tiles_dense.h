@@ -13,7 +13,7 @@ namespace q35 {
 // kernel_templates/gemm_bf16.cuh: gemm_bf16<N, K, BM, BN, BK, WARPS_M, WARPS_N, STAGES, OUT_F32>;
 // grid (ceil(M / bm), ceil(N / bn)), block 32 * warps_m * warps_n, dynamic smem smem_bytes().
 struct GemmTile {
-  int bm = 128, bn = 128, bk = 64;  // block tile (rows of x, rows of W, K step)
+  int bm = 128, bn = 128, bk = 32;  // block tile (rows of x, rows of W, K step)
   int warps_m = 2, warps_n = 4;     // warp grid; a warp owns (bm / warps_m) x (bn / warps_n)
   int stages = 4;                   // cp.async pipeline depth
   int threads() const { return 32 * warps_m * warps_n; }
@@ -63,7 +63,7 @@ SampleTile default_sample_tile(int64_t vocab);
 // out_f32: fp32 output (logits) instead of bf16.
 KernelSpec gemm_bf16_spec(int64_t n, int64_t k, const GemmTile& tile, bool out_f32 = false);
 KernelSpec gemv_w4a16_spec(int64_t n, int64_t k, int64_t group, const W4GemvTile& tile, bool out_f32 = false);
-// kernel_templates/gemv_bf16.cuh with fp32 output (the bf16 lm_head); the tile is autotune/tile_config.h's.
+// kernel_templates/gemv_bf16.cuh: gemv_bf16_f32 (fp32 output: the bf16 lm_head); tile as in tile_config.h.
 KernelSpec gemv_bf16_f32_spec(int64_t n, int64_t k, int m_tile, int rows_per_warp, int warps);
 KernelSpec quantize_w4_spec(int64_t k, int64_t group, const QuantizeTile& tile);
 KernelSpec dequantize_w4_spec(int64_t k, int64_t group, const QuantizeTile& tile);

@@ -79,11 +79,10 @@ std::string why_invalid_gate_up(const MoeGemvTile& t, const MoeShape& s) {
   return {};
 }
 
-std::string why_invalid_down(const MoeGemvTile& t, const MoeShape& s) {
+std::string why_invalid(const MoeDownTile& t, const MoeShape& s) {
   if (std::string why = why_invalid(s); !why.empty()) return why;
-  if (t.rows_per_warp < 1 || t.rows_per_warp > 16) return fmt::format("rows_per_warp = {} is not in [1, 16]", t.rows_per_warp);
-  if (s.hidden % t.rows_per_warp != 0)
-    return fmt::format("H = {} is not a multiple of rows_per_warp = {}", s.hidden, t.rows_per_warp);
+  if (t.rows < 1 || t.rows > 16) return fmt::format("rows = {} is not in [1, 16]", t.rows);
+  if (s.hidden % t.rows != 0) return fmt::format("H = {} is not a multiple of rows = {}", s.hidden, t.rows);
   if (t.warps < 1 || t.warps > 32) return fmt::format("warps = {} is not in [1, 32]", t.warps);
   return {};
 }
@@ -142,14 +141,26 @@ MoeRouterTile default_moe_router_tile(const MoeShape& s, int64_t tokens) {
 }
 
 MoeGemvTile default_moe_gate_up_tile(const MoeShape& s) {
-  MoeGemvTile t{s.inter % 2 == 0 && s.shared_inter % 2 == 0 ? 2 : 1, 4};
+  // 16 INT4 loads per lane (4 rows of 2 x 32 values) or 32 bf16 loads (4 rows of 8) in flight at H = 2048.
+  MoeGemvTile t{1, 4};
+  for (int rows : {s.group == 0 ? 2 : 4, 2})
+    if (s.inter % rows == 0 && s.shared_inter % rows == 0) {
+      t.rows_per_warp = rows;
+      break;
+    }
   require_valid(why_invalid_gate_up(t, s), "moe_decode_gate_up", s);
   return t;
 }
 
-MoeGemvTile default_moe_down_tile(const MoeShape& s) {
-  MoeGemvTile t{s.hidden % 2 == 0 ? 2 : 1, 4};
-  require_valid(why_invalid_down(t, s), "moe_decode_down", s);
+MoeDownTile default_moe_down_tile(const MoeShape& s) {
+  // One warp per expert (k + 1, at most 16 warps); 8 rows keep H / 8 = 256 blocks at H = 2048.
+  MoeDownTile t{1, int(std::min<int64_t>(s.top_k + 1, 16))};
+  for (int rows : {8, 4, 2})
+    if (s.hidden % rows == 0) {
+      t.rows = rows;
+      break;
+    }
+  require_valid(why_invalid(t, s), "moe_decode_down", s);
   return t;
 }
 
@@ -180,7 +191,7 @@ KernelSpec moe_router_spec(const MoeShape& s, const MoeRouterTile& t) {
 }
 
 namespace {
-KernelSpec decode_spec(const char* kernel, const MoeShape& s, const MoeGemvTile& t) {
+KernelSpec decode_spec(const char* kernel, const MoeShape& s, int rows, int warps) {
   return {"moe",
           kernel,
           {{"GROUP", str(s.group)},
@@ -188,19 +199,19 @@ KernelSpec decode_spec(const char* kernel, const MoeShape& s, const MoeGemvTile&
            {"I", str(s.inter)},
            {"IS", str(s.shared_inter)},
            {"TOPK", str(s.top_k)},
-           {"ROWS", str(t.rows_per_warp)},
-           {"WARPS", str(t.warps)}}};
+           {"ROWS", str(rows)},
+           {"WARPS", str(warps)}}};
 }
 }  // namespace
 
 KernelSpec moe_decode_gate_up_spec(const MoeShape& s, const MoeGemvTile& t) {
   require_valid(why_invalid_gate_up(t, s), "moe_decode_gate_up", s);
-  return decode_spec("moe_decode_gate_up", s, t);
+  return decode_spec("moe_decode_gate_up", s, t.rows_per_warp, t.warps);
 }
 
-KernelSpec moe_decode_down_spec(const MoeShape& s, const MoeGemvTile& t) {
-  require_valid(why_invalid_down(t, s), "moe_decode_down", s);
-  return decode_spec("moe_decode_down", s, t);
+KernelSpec moe_decode_down_spec(const MoeShape& s, const MoeDownTile& t) {
+  require_valid(why_invalid(t, s), "moe_decode_down", s);
+  return decode_spec("moe_decode_down", s, t.rows, t.warps);
 }
 
 KernelSpec moe_align_spec(const MoeShape& s, const MoeGemmTile& t) {

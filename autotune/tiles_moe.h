@@ -27,12 +27,19 @@ struct MoeRouterTile {
   unsigned blocks_x(int64_t experts) const { return unsigned((experts / rows_per_warp + 1 + warps - 1) / warps); }
 };
 
-// moe_decode_gate_up / moe_decode_down <GROUP, H, I, IS, TOPK, ROWS, WARPS>;
-// grid (ceil(rows / (rows_per_warp * warps)), T) with rows = k*I + Is (gate_up) or H (down).
+// moe_decode_gate_up<GROUP, H, I, IS, TOPK, ROWS, WARPS>; grid (ceil((k*I + Is) / (rows_per_warp * warps)), T).
 struct MoeGemvTile {
-  int rows_per_warp = 2;
+  int rows_per_warp = 2;  // h values per warp (2 * rows_per_warp weight rows)
   int warps = 4;
   int rows_per_block() const { return rows_per_warp * warps; }
+  int threads() const { return 32 * warps; }
+};
+
+// moe_decode_down<GROUP, H, I, IS, TOPK, ROWS, WARPS>; grid (H / rows, T). Every warp computes all
+// `rows` output rows of the block for the experts it takes (round-robin over the k + 1).
+struct MoeDownTile {
+  int rows = 8;
+  int warps = 9;
   int threads() const { return 32 * warps; }
 };
 
@@ -57,14 +64,14 @@ constexpr int kMoeCombineThreads = 256;
 std::string why_invalid(const MoeShape& s);  // sizes and format, independent of tiles
 std::string why_invalid(const MoeRouterTile& tile, const MoeShape& s);
 std::string why_invalid_gate_up(const MoeGemvTile& tile, const MoeShape& s);
-std::string why_invalid_down(const MoeGemvTile& tile, const MoeShape& s);
+std::string why_invalid(const MoeDownTile& tile, const MoeShape& s);
 std::string why_invalid(const MoeGemmTile& tile, const MoeShape& s, MoeGemm gemm);
 
 // Heuristic defaults (valid for the shape; Error naming the reason if the shape is unsupported).
 // tokens: T of the call (the router's m_tile follows it: 1 for T = 1, 8 up to kMoeDecodeMaxTokens, 16 above).
 MoeRouterTile default_moe_router_tile(const MoeShape& s, int64_t tokens);
 MoeGemvTile default_moe_gate_up_tile(const MoeShape& s);
-MoeGemvTile default_moe_down_tile(const MoeShape& s);
+MoeDownTile default_moe_down_tile(const MoeShape& s);
 MoeGemmTile default_moe_gemm_tile(const MoeShape& s);
 
 // GEMM sizes: weight rows N and reduction K.
@@ -73,7 +80,7 @@ int64_t moe_gemm_k(const MoeShape& s, MoeGemm gemm);
 
 KernelSpec moe_router_spec(const MoeShape& s, const MoeRouterTile& tile);
 KernelSpec moe_decode_gate_up_spec(const MoeShape& s, const MoeGemvTile& tile);
-KernelSpec moe_decode_down_spec(const MoeShape& s, const MoeGemvTile& tile);
+KernelSpec moe_decode_down_spec(const MoeShape& s, const MoeDownTile& tile);
 KernelSpec moe_align_spec(const MoeShape& s, const MoeGemmTile& tile);
 KernelSpec moe_gemm_spec(const MoeShape& s, MoeGemm gemm, const MoeGemmTile& tile);
 KernelSpec moe_combine_spec(const MoeShape& s);

@@ -77,6 +77,14 @@ __device__ __forceinline__ void wait_for_predecessor() {
 #endif
 }
 
+// Lets the next kernel in the stream launch now; it must wait_for_predecessor before reading this
+// kernel's output. Used only where the next kernel is another of this file's (which all wait).
+__device__ __forceinline__ void launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ float sigmoid(float x) { return 1.f / (1.f + expf(-x)); }
 
 constexpr float kLog2e = 1.4426950408889634f;
@@ -118,6 +126,7 @@ qk_norm_rope(const q35k::bf16* __restrict__ qkv,       // [T, HQ*2D + 2*HKV*D]
   __shared__ float cos_s[HALF > 0 ? HALF : 1], sin_s[HALF > 0 ? HALF : 1];
 
   attn::wait_for_predecessor();
+  attn::launch_dependents();  // followed by attention_prefill or attention_decode
   const int t = blockIdx.x;
   const int pos = *pos0_ptr + t;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -391,6 +400,7 @@ attention_decode(const q35k::bf16* __restrict__ q,        // [T, HQ, D] normed +
   __shared__ float sm_m[WARPS][8], sm_l[WARPS][8];
 
   wait_for_predecessor();
+  launch_dependents();  // followed by attention_decode_merge
   const int kvh = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
   const int pos0 = *pos0_ptr;
   const int L = pos0 + T;
@@ -422,23 +432,30 @@ attention_decode(const q35k::bf16* __restrict__ q,        // [T, HQ, D] normed +
   const bf16* k_head = k_cache + size_t(kvh) * D;
   const bf16* v_head = v_cache + size_t(kvh) * D;
 
-  for (int b = b_begin + warp; b < b_end; b += WARPS) {
-    const int k0 = b * 16;
-    uint4 kr[2][SLABS];
+  // A block's K and V are loaded together up front (16 KiB per warp in flight); prefetching the
+  // next block's as well would need more than 255 registers.
+  uint4 kr[2][SLABS];  // keys k0 + 8nt + g, dims 32s + 8c .. +8
+  uint4 vr[4][QUADS];  // keys k0 + {2c, 2c+1, 2c+8, 2c+9}, dims 64q + 8g .. +8
+  auto load_k = [&](int blk) {
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt) {
-      const bf16* p = k_head + size_t(min(k0 + 8 * nt + g, L - 1)) * kv_stride + 8 * c;
+      const bf16* p = k_head + size_t(min(blk * 16 + 8 * nt + g, L - 1)) * kv_stride + 8 * c;
 #pragma unroll
-      for (int s = 0; s < SLABS; ++s) kr[nt][s] = ld_stream_16(p + 32 * s);
+      for (int sb = 0; sb < SLABS; ++sb) kr[nt][sb] = ld_stream_16(p + 32 * sb);
     }
-    uint4 vr[4][QUADS];  // keys k0 + {2c, 2c+1, 2c+8, 2c+9}
+  };
+  auto load_v = [&](int blk) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      const bf16* p = v_head + size_t(min(k0 + 2 * c + (i & 1) + 8 * (i >> 1), L - 1)) * kv_stride + 8 * g;
+      const bf16* p = v_head + size_t(min(blk * 16 + 2 * c + (i & 1) + 8 * (i >> 1), L - 1)) * kv_stride + 8 * g;
 #pragma unroll
       for (int qd = 0; qd < QUADS; ++qd) vr[i][qd] = ld_stream_16(p + 64 * qd);
     }
-
+  };
+  for (int b = b_begin + warp; b < b_end; b += WARPS) {
+    const int k0 = b * 16;
+    load_k(b);
+    load_v(b);
     float s[2][4];
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt) {
@@ -531,12 +548,15 @@ attention_decode(const q35k::bf16* __restrict__ q,        // [T, HQ, D] normed +
   }
 }
 
-// attention_decode_merge: grid (T * HQ), block D. Combines the partials of the splits that
-// attention_decode (with the same WARPS) wrote for output row (t, h), then applies the gate:
+// attention_decode_merge: grid (T * HQ, D / 64), block 256 (8 warps). Combines the partials of
+// the splits that attention_decode (with the same WARPS) wrote for output row (t, h), dims
+// 64y .. 64y+63, then applies the gate:
 //   out [T, HQ*D] bf16, out[t, h*D + d] = (sum_s e^(m_s - M) o_s[d]) / (sum_s e^(m_s - M) l_s)
 //                                         * sigmoid(gate[t, h, d])
+// Warp w takes splits w, w+8, ...; lane l dims 2l, 2l+1 of the slice; the warps' sums are combined
+// in shared memory.
 template <int HQ, int HKV, int D, int WARPS>
-__global__ void __launch_bounds__(D)
+__global__ void __launch_bounds__(256)
 attention_decode_merge(const float* __restrict__ part_o,     // [HKV, splits, 8, D]
                        const float* __restrict__ part_ml,    // [HKV, splits, 8, 2]
                        const q35k::bf16* __restrict__ qkv,   // [T, HQ*2D + 2*HKV*D] (gate)
@@ -545,25 +565,57 @@ attention_decode_merge(const float* __restrict__ part_o,     // [HKV, splits, 8,
                        int T, int splits, float scale) {
   using namespace q35k;
   using namespace q35k::attn;
-  constexpr int GROUP = HQ / HKV, ROW = HQ * 2 * D + 2 * HKV * D;
+  static_assert(D % 64 == 0, "attention_decode_merge: head_dim must be a multiple of 64");
+  constexpr int GROUP = HQ / HKV, ROW = HQ * 2 * D + 2 * HKV * D, MW = 8;
+  __shared__ float sm_max[MW], sm_l[MW];
+  __shared__ float2 sm_acc[MW][32];
   wait_for_predecessor();
-  const int t = blockIdx.x / HQ, h = blockIdx.x % HQ, kvh = h / GROUP, r = t * GROUP + h % GROUP, d = threadIdx.x;
+  const int t = blockIdx.x / HQ, h = blockIdx.x % HQ, kvh = h / GROUP, r = t * GROUP + h % GROUP;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, d = blockIdx.y * 64 + 2 * lane;
   const int L = *pos0_ptr + T;
   const int blocks = (L + 15) / 16;
   const int per_split = decode_blocks_per_split(blocks, splits, WARPS);
   const int active = min(splits, (blocks + per_split - 1) / per_split);
   const float sl = scale * kLog2e;
-  const size_t part = size_t(kvh) * splits * 8 + r;  // + s * 8 per split
-  float M = -attn::inf();
-  for (int s = 0; s < active; ++s) M = fmaxf(M, part_ml[(part + size_t(s) * 8) * 2]);
-  const float base = M * sl;  // finite: every row sees key 0 in split 0
-  float acc = 0.f, l = 0.f;
-  for (int s = 0; s < active; ++s) {
-    const size_t i = part + size_t(s) * 8;
-    const float f = exp2f(part_ml[i * 2] * sl - base);
-    l += f * part_ml[i * 2 + 1];
-    acc += f * part_o[i * D + d];
+  const float* ml = part_ml + (size_t(kvh) * splits * 8 + r) * 2;  // split s at ml[s * 16]
+  const float* po = part_o + (size_t(kvh) * splits * 8 + r) * D + d;  // split s at po[s * 8 * D]
+
+  // Online merge per warp (no separate max pass). A split may hold no visible key of this row
+  // (m = -inf, when T > 1); every row sees key 0 in split 0, so the final max is finite.
+  float m_w = -attn::inf(), l = 0.f;
+  float2 acc = make_float2(0.f, 0.f);
+#pragma unroll 4
+  for (int s = warp; s < active; s += MW) {
+    const float m_s = ml[size_t(s) * 16], l_s = ml[size_t(s) * 16 + 1];
+    const float2 v = *reinterpret_cast<const float2*>(po + size_t(s) * 8 * D);
+    const float m_new = fmaxf(m_w, m_s);
+    const float base = m_new == -attn::inf() ? 0.f : m_new * sl;
+    const float a = exp2f(m_w * sl - base), f = exp2f(m_s * sl - base);
+    l = l * a + f * l_s;
+    acc.x = acc.x * a + f * v.x;
+    acc.y = acc.y * a + f * v.y;
+    m_w = m_new;
   }
-  const float gate = bf16_to_f32(qkv[size_t(t) * ROW + h * 2 * D + D + d]);
-  out[size_t(t) * HQ * D + h * D + d] = f32_to_bf16(acc / l * sigmoid(gate));
+  sm_acc[warp][lane] = acc;
+  if (lane == 0) {
+    sm_max[warp] = m_w;
+    sm_l[warp] = l;
+  }
+  __syncthreads();
+  if (warp != 0) return;
+  float M = -attn::inf();
+#pragma unroll
+  for (int w = 0; w < MW; ++w) M = fmaxf(M, sm_max[w]);
+  float lt = 0.f;
+  acc = make_float2(0.f, 0.f);
+#pragma unroll
+  for (int w = 0; w < MW; ++w) {
+    const float f = exp2f((sm_max[w] - M) * sl);  // warps without splits: exp2(-inf) = 0
+    lt += f * sm_l[w];
+    acc.x += f * sm_acc[w][lane].x;
+    acc.y += f * sm_acc[w][lane].y;
+  }
+  const u32 gw = *reinterpret_cast<const u32*>(qkv + size_t(t) * ROW + h * 2 * D + D + d);
+  *reinterpret_cast<u32*>(out + size_t(t) * HQ * D + h * D + d) =
+      f32x2_to_bf16x2(acc.x / lt * sigmoid(bf16x2_lo(gw)), acc.y / lt * sigmoid(bf16x2_hi(gw)));
 }

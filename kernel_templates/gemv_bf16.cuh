@@ -1,6 +1,6 @@
 #pragma once
 // bf16 GEMV for few tokens: y[t, n] = bf16( sum_k x[t, k] * W[n, k] ), fp32 accumulation.
-//   W [N, K] bf16 (a torch Linear weight, row-major), x [T, K] bf16, y [T, N] bf16 (fp32 if OUT_F32:
+//   W [N, K] bf16 (a torch Linear weight, row-major), x [T, K] bf16, y [T, N] bf16 (gemv_bf16_f32: fp32,
 //   the lm_head's logits); K % 8 == 0, W and x 16-byte aligned.
 // Tiling: a block has WARPS warps; each warp owns ROWS_PER_WARP consecutive rows of W and computes
 // them for M_TILE tokens at once, so every weight byte is read once per M_TILE tokens. A lane reads
@@ -10,12 +10,11 @@
 // Grid: (ceil(N / (WARPS * ROWS_PER_WARP)), ceil(T / M_TILE)), block: WARPS * 32.
 #include "common.cuh"
 
-template <int N, int K, int M_TILE, int ROWS_PER_WARP, int WARPS, bool OUT_F32 = false>
-__global__ void __launch_bounds__(WARPS * 32)
-gemv_bf16(const q35k::bf16* __restrict__ W,  // [N, K]
-          const q35k::bf16* __restrict__ x,  // [T, K]
-          void* __restrict__ y,              // [T, N] bf16, or fp32 if OUT_F32
-          int T) {
+namespace q35k {
+
+template <int N, int K, int M_TILE, int ROWS_PER_WARP, int WARPS, bool OUT_F32>
+__device__ __forceinline__ void gemv_bf16_body(const bf16* __restrict__ W, const bf16* __restrict__ x,
+                                               void* __restrict__ y, int T) {
   static_assert(K % 8 == 0, "gemv_bf16: K must be a multiple of 8 (16-byte rows)");
   static_assert(M_TILE >= 1 && ROWS_PER_WARP >= 1 && M_TILE * ROWS_PER_WARP <= 64,
                 "gemv_bf16: M_TILE * ROWS_PER_WARP accumulators per lane must be in [1, 64]");
@@ -63,4 +62,25 @@ gemv_bf16(const q35k::bf16* __restrict__ W,  // [N, K]
           static_cast<q35k::bf16*>(y)[at] = q35k::f32_to_bf16(sum);
       }
     }
+}
+
+}  // namespace q35k
+
+template <int N, int K, int M_TILE, int ROWS_PER_WARP, int WARPS>
+__global__ void __launch_bounds__(WARPS * 32)
+gemv_bf16(const q35k::bf16* __restrict__ W,  // [N, K]
+          const q35k::bf16* __restrict__ x,  // [T, K]
+          q35k::bf16* __restrict__ y,        // [T, N]
+          int T) {
+  q35k::gemv_bf16_body<N, K, M_TILE, ROWS_PER_WARP, WARPS, false>(W, x, y, T);
+}
+
+// The same with fp32 output (the lm_head's logits).
+template <int N, int K, int M_TILE, int ROWS_PER_WARP, int WARPS>
+__global__ void __launch_bounds__(WARPS * 32)
+gemv_bf16_f32(const q35k::bf16* __restrict__ W,  // [N, K]
+              const q35k::bf16* __restrict__ x,  // [T, K]
+              float* __restrict__ y,             // [T, N]
+              int T) {
+  q35k::gemv_bf16_body<N, K, M_TILE, ROWS_PER_WARP, WARPS, true>(W, x, y, T);
 }

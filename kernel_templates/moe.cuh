@@ -277,48 +277,49 @@ moe_decode_gate_up(const q35k::bf16* __restrict__ x, const int* __restrict__ ids
 // ---- decode: down for the k routed experts and the shared expert, weighted sum, one write ----
 // h [T, TOPK*I + IS] bf16; ids [T, TOPK]; weights [T, TOPK] fp32; shared_gate [T] fp32;
 // down [E, H, I]; shared_down [H, IS]; out [T, H] bf16.
-// Grid: (ceil(H / (ROWS * WARPS)), T); block WARPS * 32. A warp owns ROWS output rows of one token and
-// loops over the k + 1 experts, accumulating in fp32.
+// Grid: (H / ROWS, T); block WARPS * 32. A block owns ROWS output rows of one token; its warps take
+// the k + 1 experts round-robin (slot k = shared), each computing all ROWS rows of its expert, so
+// every weight load of the block is independent. The block then sums the experts' rows in slot order
+// (deterministic, no atomics) and writes each output once.
 template <int GROUP, int H, int I, int IS, int TOPK, int ROWS, int WARPS>
 __global__ void __launch_bounds__(WARPS * 32)
 moe_decode_down(const q35k::bf16* __restrict__ h, const int* __restrict__ ids, const float* __restrict__ weights,
                 const float* __restrict__ shared_gate, const void* __restrict__ down_w,
                 const q35k::bf16* __restrict__ down_s, const void* __restrict__ shared_w,
                 const q35k::bf16* __restrict__ shared_s, q35k::bf16* __restrict__ out, int T) {
-  static_assert(H % ROWS == 0, "moe_decode_down: H must be a multiple of ROWS");
+  static_assert(H % ROWS == 0 && ROWS <= 32, "moe_decode_down: H must be a multiple of ROWS <= 32");
   using F = q35k::WeightFormat<GROUP>;
   constexpr int HW = TOPK * I + IS;
+  __shared__ float part[TOPK + 1][ROWS];  // per-expert rows, before the routing weight
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int n0 = (blockIdx.x * WARPS + warp) * ROWS;
+  const int n0 = blockIdx.x * ROWS;
   const int t = blockIdx.y;
-  if (n0 >= H) return;
 
   int rows[ROWS];
 #pragma unroll
   for (int r = 0; r < ROWS; ++r) rows[r] = n0 + r;
-  float acc[ROWS];
-  {
-    const q35k::bf16* xm[1] = {h + size_t(t) * HW + TOPK * I};
+  for (int s = warp; s <= TOPK; s += WARPS) {
     float o[1][ROWS];
-    q35k::warp_rows_dot<GROUP, IS, ROWS, 1>(shared_w, shared_s, rows, xm, o);
-    const float sg = shared_gate[t];
-#pragma unroll
-    for (int r = 0; r < ROWS; ++r) acc[r] = sg * o[0][r];
-  }
-#pragma unroll
-  for (int s = 0; s < TOPK; ++s) {
-    const int e = ids[size_t(t) * TOPK + s];
-    const float w = weights[size_t(t) * TOPK + s];
     const q35k::bf16* xm[1] = {h + size_t(t) * HW + s * I};
-    float o[1][ROWS];
-    q35k::warp_rows_dot<GROUP, I, ROWS, 1>(F::template matrix<H, I>(down_w, e), F::template scales<H, I>(down_s, e),
-                                           rows, xm, o);
+    if (s == TOPK) {
+      q35k::warp_rows_dot<GROUP, IS, ROWS, 1>(shared_w, shared_s, rows, xm, o);
+    } else {
+      const int e = ids[size_t(t) * TOPK + s];
+      q35k::warp_rows_dot<GROUP, I, ROWS, 1>(F::template matrix<H, I>(down_w, e), F::template scales<H, I>(down_s, e),
+                                             rows, xm, o);
+    }
 #pragma unroll
-    for (int r = 0; r < ROWS; ++r) acc[r] += w * o[0][r];
+    for (int r = 0; r < ROWS; ++r)
+      if (lane == r) part[s][r] = o[0][r];
   }
+  __syncthreads();
+  if (threadIdx.x < ROWS) {
+    const int r = threadIdx.x;
+    float acc = shared_gate[t] * part[TOPK][r];
 #pragma unroll
-  for (int r = 0; r < ROWS; ++r)
-    if (lane == r % 32) out[size_t(t) * H + n0 + r] = q35k::f32_to_bf16(acc[r]);
+    for (int s = 0; s < TOPK; ++s) acc += weights[size_t(t) * TOPK + s] * part[s][r];
+    out[size_t(t) * H + n0 + r] = q35k::f32_to_bf16(acc);
+  }
 }
 
 // ---- prefill: sort the (token, slot) pairs by expert into BLOCK_M-row blocks ----

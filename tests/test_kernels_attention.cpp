@@ -57,6 +57,9 @@ TEST_CASE("attention_kernels lists the four attention instantiations with the co
   for (const KernelSpec& s : qwen35::gpu::attention_kernels(config_tiny())) names.push_back(s.instantiation());
   CHECK(names == std::vector<std::string>{"qk_norm_rope<2, 1, 256, 64, 4>", "attention_prefill<2, 1, 256, 32, 8>",
                                           "attention_decode<2, 1, 256, 4>", "attention_decode_merge<2, 1, 256, 4>"});
+  // sm_90's shared memory takes 64-key prefill tiles.
+  CHECK(qwen35::gpu::attention_kernels(config_35b(), kAttentionSmemLimitSm90)[1].instantiation() ==
+        "attention_prefill<16, 2, 256, 64, 8>");
   // No full-attention layer, no attention kernel; no output gate is rejected by name.
   qwen35::Config linear_only = config_35b();
   linear_only.layer_types.assign(4, qwen35::LayerType::LinearAttention);

@@ -81,9 +81,11 @@ TEST_CASE("dense tile validity rules and defaults") {
   for (int64_t m : {1, 17, 64, 200, 4096})
     for (auto [n, k] : {std::pair<int64_t, int64_t>{12352, 2048}, {2048, 4096}, {1088, 128}, {8, 32}, {248320, 2048}})
       CHECK(why_invalid(default_gemm_tile(n, k, m), n, k).empty());
-  CHECK(default_gemm_tile(2048, 2056, 4096).bk == 32);  // K not a multiple of 64
-  CHECK(default_gemm_tile(12352, 2048, 4096).bm == 128);
+  const GemmTile prefill = default_gemm_tile(12352, 2048, 4096);
+  CHECK((prefill.bm == 128 && prefill.bn == 128 && prefill.bk == 32 && prefill.stages == 4));
+  CHECK(prefill.smem_bytes() == 4 * 256 * 32 * 2);
   CHECK(default_gemm_tile(12352, 2048, 17).bm == 64);
+  CHECK(default_gemm_tile(8, 2048, 4096).bn == 64);
 
   // W4A16 GEMV
   CHECK(why_invalid(W4GemvTile{}, 2048, 2048, 128).empty());
@@ -129,7 +131,7 @@ TEST_CASE("every dense kernel compiles for sm_80 and sm_90a at the fixture and 3
           if (std::find(specs.begin(), specs.end(), s) == specs.end()) specs.push_back(std::move(s));
       }
   for (const KernelSpec& s : specs) names.insert(s.kernel);
-  CHECK(names == std::set<std::string>{"gemv_bf16", "gemv_w4a16", "gemm_bf16", "quantize_w4", "dequantize_w4",
+  CHECK(names == std::set<std::string>{"gemv_bf16", "gemv_bf16_f32", "gemv_w4a16", "gemm_bf16", "quantize_w4", "dequantize_w4",
                                        "argmax_f32", "sample_f32"});
   MESSAGE(specs.size() << " dense kernel instantiations");
   for (const std::string arch : {"sm_90a", "sm_80"}) {

@@ -94,7 +94,7 @@ TEST_CASE("GDN tile validity rules and defaults") {
   CHECK(why_invalid(GdnRecurrentTile{64, 4}, s).empty());
   CHECK(why_invalid(GdnPrologueTile{2, 4}, s).find("tokens = 2") != std::string::npos);
   CHECK(why_invalid(GdnChunkTile{24}, s).find("vs = 24") != std::string::npos);
-  CHECK(why_invalid(GdnChunkTile{64}, GdnShape{16, 32, 256, 128, 4}).find("gdn_chunk_state needs") != std::string::npos);
+  CHECK(why_invalid(GdnChunkTile{32}, GdnShape{16, 32, 256, 128, 4}).find("gdn_chunk_prepare needs") != std::string::npos);
   CHECK(why_invalid(GatedRmsnormTile{3}, s).find("heads = 3") != std::string::npos);
   CHECK(gdn_chunk_state_smem_bytes(s, GdnChunkTile{32}) == (128 * 33 + 3 * 64 * 129 + 64 * 33 + 64 * 65 + 64) * 4);
   CHECK(default_gdn_chunk_tile(s).vs == 32);

@@ -73,8 +73,11 @@ TEST_CASE("moe tile validity rules and defaults") {
   // Decode GEMVs
   CHECK(why_invalid_gate_up(MoeGemvTile{2, 4}, big).empty());
   CHECK(contains(why_invalid_gate_up(MoeGemvTile{3, 4}, big), "multiples of rows_per_warp = 3"));
-  CHECK(contains(why_invalid_down(MoeGemvTile{3, 4}, big), "H = 2048 is not a multiple of rows_per_warp = 3"));
-  CHECK(why_invalid_down(default_moe_down_tile(tiny), tiny).empty());
+  CHECK(contains(why_invalid(MoeDownTile{3, 9}, big), "H = 2048 is not a multiple of rows = 3"));
+  CHECK(why_invalid(default_moe_down_tile(tiny), tiny).empty());
+  CHECK(default_moe_down_tile(big).warps == 9);  // one warp per routed expert + the shared one
+  CHECK(default_moe_gate_up_tile(big).rows_per_warp == 4);
+  CHECK(default_moe_gate_up_tile(MoeShape{2048, 256, 8, 512, 512, 0}).rows_per_warp == 2);
   // Rows of 24 bf16 values are 3 vectors: neither a divisor nor a multiple of 32 lanes.
   CHECK(contains(why_invalid(MoeShape{128, 16, 4, 24, 128, 0}), "I = 24 is 3 vectors of 8 values"));
   CHECK(contains(why_invalid(MoeShape{128, 16, 20, 64, 128, 0}), "k = 20"));

@@ -254,7 +254,9 @@ void dense(KernelSet& ks, const Stream& s, const GpuMatrix& W, CUdeviceptr x, CU
     w = dequant.ptr();
   }
   gpu::GemmPlan p = gpu::gemm_plan(W.N, W.K, M, out_f32);
-  gpu::launch(p, ks.get(p.spec()), s, x, w, y, M);
+  const Function& f = ks.get(p.spec());
+  gpu::prepare(p, f);  // dynamic shared memory (prefill only: never inside the decode graph)
+  gpu::launch(p, f, s, x, w, y, M);
 }
 
 gpu::MoeWeights moe_weights(const GpuLayer& l) {

@@ -53,7 +53,7 @@ struct Attn {
 
   Attn(Gpu& gpu, const qwen35::Config& cfg, int max_ctx, uint32_t salt)
       : g(gpu),
-        p(qwen35::gpu::attention_plan(cfg)),
+        p(qwen35::gpu::attention_plan(cfg, kAttentionSmemLimitSm90)),
         max_context(max_ctx),
         rope(g.jit.load(p.qk_norm_rope_spec(), g.ctx)),
         prefill(g.jit.load(p.prefill_spec(), g.ctx)),
@@ -151,7 +151,8 @@ void run_and_check(Attn& a, Path path, int pos0, int T, uint32_t salt) {
   const std::vector<float> ref = reference_attention(p, qkv, q_gpu, k_after, v_after, pos0, T);
   const double err = rel_l2(out, ref);
   MESSAGE(fmt::format("{} HQ={} HKV={} pos0={} T={}{}: rel_l2 {:.2e}", path == Path::Prefill ? "prefill" : "decode",
-                      p.hq, p.hkv, pos0, T, splits ? fmt::format(" splits={}", splits) : "", err));
+                      p.hq, p.hkv, pos0, T,
+                      splits ? fmt::format(" splits={}", splits) : fmt::format(" block_n={}", p.prefill.block_n), err));
   CHECK(err <= 1e-2);
 }
 
@@ -179,11 +180,17 @@ TEST_CASE("GPU attention: qk_norm_rope + prefill from position 0 and a second ch
   MESSAGE("seed " << run_seed());
   for (const qwen35::Config& cfg : {config_tiny(), config_35b()}) {
     CAPTURE(cfg.num_heads);
-    for (const int T : {1, 17, 64, 200}) {
-      Attn a(*g, cfg, 512, 10 + T);
-      run_and_check(a, Path::Prefill, 0, T, 100 + T);
-      if (T == 200) run_and_check(a, Path::Prefill, 200, 77, 300);  // the next turn continues the cache
-      if (T == 17) run_and_check(a, Path::Prefill, 17, 150, 301);   // crosses tiles at an odd offset
+    // The sm_90 default tile (64 keys) and the sm_80 one (32 keys).
+    for (const int64_t smem_limit : {kAttentionSmemLimitSm90, kAttentionSmemLimitSm80}) {
+      CAPTURE(smem_limit);
+      for (const int T : {1, 17, 64, 200}) {
+        Attn a(*g, cfg, 512, 10 + T);
+        a.p.prefill = default_attention_prefill_tile(a.p.hq, a.p.hkv, a.p.d, smem_limit);
+        a.prefill = g->jit.load(a.p.prefill_spec(), g->ctx);
+        run_and_check(a, Path::Prefill, 0, T, 100 + T);
+        if (T == 200) run_and_check(a, Path::Prefill, 200, 77, 300);  // the next turn continues the cache
+        if (T == 17) run_and_check(a, Path::Prefill, 17, 150, 301);   // crosses tiles at an odd offset
+      }
     }
   }
 }
@@ -298,11 +305,26 @@ TEST_CASE("GPU attention: timing at the 35B shapes (prefill T = 4096, decode at 
                                            a.d_pos0.ptr(), 1, true);
   });
   GraphExec exec = graph.instantiate();
+  // The whole decode step of one layer: qk_norm_rope (T = 1) + decode + merge.
+  Graph step_graph = Graph::capture(g->driver, g->stream, [&] {
+    for (int i = 0; i < kSteps; ++i) {
+      qwen35::gpu::launch_qk_norm_rope(p, a.rope, g->stream, d_qkv.ptr(), a.d_q_norm_w.ptr(), a.d_k_norm_w.ptr(),
+                                       d_q.ptr(), a.d_k_cache.ptr(), a.d_v_cache.ptr(), a.d_pos0.ptr(), 1, a.max_context,
+                                       true);
+      qwen35::gpu::launch_attention_decode(p, a.decode, a.merge, g->stream, d_q.ptr(), a.d_k_cache.ptr(),
+                                           a.d_v_cache.ptr(), d_qkv.ptr(), d_out.ptr(), scratch.ptr(), splits,
+                                           a.d_pos0.ptr(), 1, true);
+    }
+  });
+  GraphExec step_exec = step_graph.instantiate();
+  fill_cache(a, 16384, 802);
   for (const int ctx : {4096, 16384}) {
     a.set_pos0(ctx - 1);
     const double ms = time_ms([&] { exec.launch(g->stream); }, 20) / kSteps;
+    const double step_ms = time_ms([&] { step_exec.launch(g->stream); }, 20) / kSteps;
     const double bytes = double(ctx) * p.hkv * p.d * 2 * 2;
-    MESSAGE(fmt::format("attention_decode + merge ctx={} splits={}: {:.2f} us; floor {:.2f} us ({:.1f} MB of K/V at 3.0 TB/s)",
-                        ctx, splits, ms * 1e3, bytes / 3.0e12 * 1e6, bytes * 1e-6));
+    MESSAGE(fmt::format("attention_decode + merge ctx={} splits={}: {:.2f} us (with qk_norm_rope: {:.2f} us); "
+                        "floor {:.2f} us ({:.1f} MB of K/V at 3.0 TB/s)",
+                        ctx, splits, ms * 1e3, step_ms * 1e3, bytes / 3.0e12 * 1e6, bytes * 1e-6));
   }
 }

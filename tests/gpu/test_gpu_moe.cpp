@@ -131,7 +131,8 @@ void check_moe(const Gpu& g, const Layer& L, const MoeKernels& k, const MoeScrat
   const MoeShape& s = L.s;
   const int64_t H = s.hidden, E = s.experts, K = s.top_k;
   CAPTURE(T);
-  CAPTURE(path == MoePath::Decode ? "decode" : "prefill");
+  const std::string path_name = path == MoePath::Decode ? "decode" : "prefill";
+  CAPTURE(path_name);
   const std::vector<uint16_t> x = random_bf16(size_t(T * H), salt, 1.f);
   const std::vector<float> xf = to_f32(x);
   DeviceBuffer d_x = to_device(g, x), d_out = poisoned(g, size_t(T * H) * 2), d_out2 = poisoned(g, size_t(T * H) * 2);
@@ -178,7 +179,7 @@ void check_moe(const Gpu& g, const Layer& L, const MoeKernels& k, const MoeScrat
   const double err = rel_l2(to_f32(out), want);
   MESSAGE(fmt::format("moe H={} E={} I={} Is={} {} T={} {}: rel_l2 {:.2e}", H, E, s.inter, s.shared_inter,
                       s.group == 0 ? std::string("bf16") : fmt::format("W4A16 g{}", s.group), T,
-                      path == MoePath::Decode ? "decode" : "prefill", err));
+                      path_name, err));
   CHECK(err <= 1e-2);
 
   // A second call (router counters reset, no state kept) writes the same bits.

@@ -14,7 +14,7 @@ KernelSpec AttentionPlan::prefill_spec() const { return q35::attention_prefill_s
 KernelSpec AttentionPlan::decode_spec() const { return q35::attention_decode_spec(hq, hkv, d, decode); }
 KernelSpec AttentionPlan::decode_merge_spec() const { return q35::attention_decode_merge_spec(hq, hkv, d, decode); }
 
-AttentionPlan attention_plan(const Config& cfg) {
+AttentionPlan attention_plan(const Config& cfg, int64_t smem_limit) {
   if (!cfg.attn_output_gate)
     fail("gated attention: config.json attn_output_gate = false is not supported (the kernels fuse the output gate)");
   AttentionPlan p;
@@ -26,15 +26,15 @@ AttentionPlan attention_plan(const Config& cfg) {
   p.eps = float(cfg.rms_norm_eps);
   p.scale = 1.0f / std::sqrt(float(cfg.head_dim));
   p.rope = default_qk_norm_rope_tile(p.hq, p.hkv, p.d, p.rotary);
-  p.prefill = default_attention_prefill_tile(p.hq, p.hkv, p.d);
+  p.prefill = default_attention_prefill_tile(p.hq, p.hkv, p.d, smem_limit);
   p.decode = default_attention_decode_tile(p.hq, p.hkv, p.d);
   return p;
 }
 
-std::vector<KernelSpec> attention_kernels(const Config& cfg) {
+std::vector<KernelSpec> attention_kernels(const Config& cfg, int64_t smem_limit) {
   if (std::find(cfg.layer_types.begin(), cfg.layer_types.end(), LayerType::FullAttention) == cfg.layer_types.end())
     return {};
-  const AttentionPlan p = attention_plan(cfg);
+  const AttentionPlan p = attention_plan(cfg, smem_limit);
   return {p.qk_norm_rope_spec(), p.prefill_spec(), p.decode_spec(), p.decode_merge_spec()};
 }
 
@@ -82,7 +82,7 @@ void launch_attention_decode(const AttentionPlan& plan, const Function& decode, 
       scratch + size_t(plan.hkv) * size_t(splits) * AttentionDecodeTile::kRows * size_t(plan.d) * sizeof(float);
   decode.launch({{unsigned(plan.hkv), unsigned(splits)}, {unsigned(plan.decode.threads())}, 0, pdl}, stream, q, k_cache,
                 v_cache, part_o, part_ml, pos0, T, plan.scale);
-  merge.launch({{unsigned(T * plan.hq)}, {unsigned(plan.d)}, 0, pdl}, stream, part_o, part_ml, qkv, out, pos0, T, splits,
+  merge.launch({{unsigned(T * plan.hq), unsigned(plan.d / 64)}, {256}, 0, pdl}, stream, part_o, part_ml, qkv, out, pos0, T, splits,
                plan.scale);
 }
 

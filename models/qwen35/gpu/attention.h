@@ -49,12 +49,13 @@ struct AttentionPlan {
   KernelSpec decode_merge_spec() const;
 };
 
-// Default tiles for the config. Error naming the config key when the shape is unsupported
-// (attn_output_gate = false, head_dim not a multiple of 64, ...).
-AttentionPlan attention_plan(const Config& cfg);
+// Default tiles for the config; smem_limit = the shared memory a block may use on the target
+// (kAttentionSmemLimitSm90 on sm_90 picks a larger prefill tile). Error naming the config key when
+// the shape is unsupported (attn_output_gate = false, head_dim not a multiple of 64, ...).
+AttentionPlan attention_plan(const Config& cfg, int64_t smem_limit = kAttentionSmemLimitSm80);
 
 // Every attention kernel the model needs (empty without full-attention layers).
-std::vector<KernelSpec> attention_kernels(const Config& cfg);
+std::vector<KernelSpec> attention_kernels(const Config& cfg, int64_t smem_limit = kAttentionSmemLimitSm80);
 
 // Decode split count for a KV cache of max_context rows on a GPU with sm_count SMs: about two CTAs
 // per SM over the kv heads, no more than the cache has blocks of 16 keys per warp.
@@ -76,7 +77,7 @@ void launch_attention_prefill(const AttentionPlan& plan, const Function& f, cons
                               CUdeviceptr pos0, int T, bool pdl = false);
 
 // Split-K decode for T <= plan.max_decode_tokens() tokens: `decode` (grid (Hkv, splits)) writes
-// partials into scratch, `merge` (grid (T*Hq)) combines them into out [T, Hq*D] with the gate.
+// partials into scratch, `merge` (grid (T*Hq, D/64)) combines them into out [T, Hq*D] with the gate.
 void launch_attention_decode(const AttentionPlan& plan, const Function& decode, const Function& merge,
                              const Stream& stream, CUdeviceptr q, CUdeviceptr k_cache, CUdeviceptr v_cache,
                              CUdeviceptr qkv, CUdeviceptr out, CUdeviceptr scratch, int splits, CUdeviceptr pos0,

@@ -163,11 +163,11 @@ void launch_moe_decode_gate_up(const Function& f, const MoeGemvTile& tile, const
            w.gate_up, w.gate_up_scales, w.shared_gate_up, w.shared_gate_up_scales, sc.h, int(T));
 }
 
-void launch_moe_decode_down(const Function& f, const MoeGemvTile& tile, const Stream& stream, const MoeShape& s,
+void launch_moe_decode_down(const Function& f, const MoeDownTile& tile, const Stream& stream, const MoeShape& s,
                             const MoeWeights& w, const MoeScratch& sc, CUdeviceptr out, int64_t T) {
   check_tokens("moe_decode_down", sc, T);
   if (T > kMoeDecodeMaxTokens) fail("moe_decode_down: T = {} exceeds the decode path's {}", T, kMoeDecodeMaxTokens);
-  f.launch({{ceil_div(s.hidden, tile.rows_per_block()), unsigned(T)}, {unsigned(tile.threads())}}, stream, sc.h,
+  f.launch({{unsigned(s.hidden / tile.rows), unsigned(T)}, {unsigned(tile.threads())}}, stream, sc.h,
            sc.ids, sc.weights, sc.shared_gate, w.down, w.down_scales, w.shared_down, w.shared_down_scales, out, int(T));
 }
 

@@ -29,7 +29,8 @@ MoeShape moe_shape(const Config& cfg, int group);
 // The tiles of every MoE kernel of one shape.
 struct MoeTiles {
   MoeRouterTile router_one, router_decode, router_prefill;  // m_tile 1 (T = 1), 8 (T <= 8), 16
-  MoeGemvTile gate_up, down;                                // decode GEMVs
+  MoeGemvTile gate_up;                                      // decode GEMVs
+  MoeDownTile down;
   MoeGemmTile gemm;                                         // prefill GEMMs (and align's BLOCK_M)
   static MoeTiles defaults(const MoeShape& s);
   const MoeRouterTile& router(int64_t tokens) const;
@@ -94,7 +95,7 @@ void launch_moe_router(const Function& f, const MoeRouterTile& tile, const Strea
 void launch_moe_decode_gate_up(const Function& f, const MoeGemvTile& tile, const Stream& stream, const MoeShape& s,
                                CUdeviceptr x, const MoeWeights& w, const MoeScratch& sc, int64_t T);
 // Decode. scratch.h, ids, weights, shared_gate -> out [T, H] bf16.
-void launch_moe_decode_down(const Function& f, const MoeGemvTile& tile, const Stream& stream, const MoeShape& s,
+void launch_moe_decode_down(const Function& f, const MoeDownTile& tile, const Stream& stream, const MoeShape& s,
                             const MoeWeights& w, const MoeScratch& sc, CUdeviceptr out, int64_t T);
 // Prefill. scratch.ids -> scratch.sorted_ids, block_expert, num_blocks.
 void launch_moe_align(const Function& f, const Stream& stream, const MoeScratch& sc, int64_t T);
