@@ -68,7 +68,7 @@ int cmd_compile(int argc, char** argv) {
     group = int(args.get_int("group-size", note ? note->group_size : qwen35::default_group_size(info.config), 1, 1 << 20));
     qwen35::check_group_size(info.config, group);
   }
-  std::vector<KernelSpec> specs = qwen35::required_kernels(info.config, group);
+  std::vector<KernelSpec> specs = qwen35::required_kernels(info.config, group, arch);
   JitEngine jit(args.get("cache-dir") ? std::filesystem::path(*args.get("cache-dir")) : default_cache_dir());
 
   auto t0 = std::chrono::steady_clock::now();

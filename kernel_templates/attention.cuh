@@ -77,14 +77,6 @@ __device__ __forceinline__ void wait_for_predecessor() {
 #endif
 }
 
-// Lets the next kernel in the stream launch now; it must wait_for_predecessor before reading this
-// kernel's output. Used only where the next kernel is another of this file's (which all wait).
-__device__ __forceinline__ void launch_dependents() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-
 __device__ __forceinline__ float sigmoid(float x) { return 1.f / (1.f + expf(-x)); }
 
 constexpr float kLog2e = 1.4426950408889634f;
@@ -126,7 +118,6 @@ qk_norm_rope(const q35k::bf16* __restrict__ qkv,       // [T, HQ*2D + 2*HKV*D]
   __shared__ float cos_s[HALF > 0 ? HALF : 1], sin_s[HALF > 0 ? HALF : 1];
 
   attn::wait_for_predecessor();
-  attn::launch_dependents();  // followed by attention_prefill or attention_decode
   const int t = blockIdx.x;
   const int pos = *pos0_ptr + t;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -400,7 +391,6 @@ attention_decode(const q35k::bf16* __restrict__ q,        // [T, HQ, D] normed +
   __shared__ float sm_m[WARPS][8], sm_l[WARPS][8];
 
   wait_for_predecessor();
-  launch_dependents();  // followed by attention_decode_merge
   const int kvh = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
   const int pos0 = *pos0_ptr;
   const int L = pos0 + T;

@@ -46,7 +46,9 @@ int group_of(const GpuModelOptions& o) { return o.format == WeightFormat::W4A16 
 // Everything the forward pass needs besides the weights: kernels, per-sequence state, scratch.
 struct GpuModel::Impl {
   Impl(JitEngine& jit, const Context& ctx, const Config& c, const GpuModelOptions& o)
-      : kernels(jit, ctx), attn(c.num_layers_of(LayerType::FullAttention) ? gpu::attention_plan(c) : gpu::AttentionPlan{}),
+      : kernels(jit, ctx),
+        attn(c.num_layers_of(LayerType::FullAttention) ? gpu::attention_plan(c, smem_limit_for(ctx.device().arch()))
+                                                        : gpu::AttentionPlan{}),
         sample(gpu::sample_plan(c.vocab_size)) {}
 
   KernelSet kernels;
@@ -151,7 +153,7 @@ void GpuModel::init(const GpuModelOptions& o) {
   // Every kernel of the model, compiled in parallel (or served by the JIT caches), then loaded.
   auto t0 = std::chrono::steady_clock::now();
   const int threads = o.compile_threads > 0 ? o.compile_threads : int(std::max(1u, std::thread::hardware_concurrency()));
-  std::vector<KernelSpec> specs = required_kernels(c, group, o.max_chunk);
+  std::vector<KernelSpec> specs = required_kernels(c, group, ctx_.device().arch(), o.max_chunk);
   specs.push_back(step_spec());
   m.kernels.preload(specs, threads);
   const bool has_full = c.num_layers_of(LayerType::FullAttention) > 0;

@@ -1,6 +1,7 @@
 #include "models/qwen35/kernels.h"
 
 #include <algorithm>
+#include <cstdlib>
 
 #include "autotune/tile_config.h"
 #include "models/qwen35/gpu/attention.h"
@@ -10,7 +11,13 @@
 
 namespace q35::qwen35 {
 
-std::vector<q35::KernelSpec> required_kernels(const Config& cfg, int group, int64_t prefill_tokens) {
+int64_t smem_limit_for(const std::string& arch) {
+  const int sm = arch.rfind("sm_", 0) == 0 ? std::atoi(arch.c_str() + 3) : 0;
+  return sm == 90 || sm == 100 ? q35::kAttentionSmemLimitSm90 : q35::kAttentionSmemLimitSm80;
+}
+
+std::vector<q35::KernelSpec> required_kernels(const Config& cfg, int group, const std::string& arch,
+                                              int64_t prefill_tokens) {
   std::vector<q35::KernelSpec> specs;
   auto add = [&](const std::vector<q35::KernelSpec>& more) {
     for (const q35::KernelSpec& s : more)
@@ -22,7 +29,7 @@ std::vector<q35::KernelSpec> required_kernels(const Config& cfg, int group, int6
   add({embedding_spec(H, default_embedding_tile(H)), rmsnorm_spec(H, false, default_rmsnorm_tile(H)),
        rmsnorm_spec(H, true, default_rmsnorm_tile(H))});
   add(gpu::dense_kernels(cfg, {group, 1, prefill_tokens}));
-  add(gpu::attention_kernels(cfg));
+  add(gpu::attention_kernels(cfg, smem_limit_for(arch)));
   add(gpu::gdn_kernels(cfg));
   add(gpu::moe_kernels(cfg, group));
   return specs;
