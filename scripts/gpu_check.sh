@@ -12,10 +12,13 @@ export PYTHONUNBUFFERED=1
 REPORT="$OUT/report.md"
 BIN=dist/q35jit
 status=0
-step() {  # step NAME CMD...: runs CMD, logs to $OUT/NAME.log, records PASS/FAIL
+LOG="$OUT/steps.log"   # every step's output, one file (the device returns at most 8 files)
+WORK=/tmp/q35-gpu-check && mkdir -p $WORK
+step() {  # step NAME CMD...: runs CMD, output to $WORK/NAME.log and steps.log, records PASS/FAIL
   local name=$1; shift
   local t0=$SECONDS
-  if "$@" >"$OUT/$name.log" 2>&1; then r=PASS; else r=FAIL; status=1; fi
+  if "$@" >"$WORK/$name.log" 2>&1; then r=PASS; else r=FAIL; status=1; fi
+  { echo "===== $name: $r"; cat "$WORK/$name.log"; } >> "$LOG"
   echo "- $name: $r ($((SECONDS - t0)) s)" | tee -a "$REPORT"
 }
 
@@ -26,15 +29,15 @@ step() {  # step NAME CMD...: runs CMD, logs to $OUT/NAME.log, records PASS/FAIL
 } > "$REPORT"
 
 step test_gpu dist/test_gpu
-grep -E "MESSAGE|max\|dlogit|GB/s|TFLOP|us |µs|tok/s|rel" "$OUT/test_gpu.log" | head -150 > "$OUT/test_gpu_figures.txt"
+cp $WORK/test_gpu.log "$OUT/test_gpu.log"
 
 M=tests/fixtures/tiny-qwen35moe
-PROMPT_FILE="$OUT/prompt.txt"
+PROMPT_FILE="$WORK/prompt.txt"
 python3 -c "import json;print(json.load(open('tests/fixtures/goldens/tiny-qwen35moe.json'))['prompt_text'],end='')" > "$PROMPT_FILE"
 greedy_same() {
-  $BIN run --model $M --prompt-file "$PROMPT_FILE" --temperature 0 --max-new-tokens 32 --device cpu > "$OUT/greedy_cpu.txt" &&
-  $BIN run --model $M --prompt-file "$PROMPT_FILE" --temperature 0 --max-new-tokens 32 --device cuda --quant bf16 > "$OUT/greedy_cuda.txt" &&
-  cmp "$OUT/greedy_cpu.txt" "$OUT/greedy_cuda.txt"
+  $BIN run --model $M --prompt-file "$PROMPT_FILE" --temperature 0 --max-new-tokens 32 --device cpu > "$WORK/greedy_cpu.txt" &&
+  $BIN run --model $M --prompt-file "$PROMPT_FILE" --temperature 0 --max-new-tokens 32 --device cuda --quant bf16 > "$WORK/greedy_cuda.txt" &&
+  cmp "$WORK/greedy_cpu.txt" "$WORK/greedy_cuda.txt"
 }
 step tiny_greedy_cpu_vs_cuda greedy_same
 
@@ -43,16 +46,16 @@ if [ "${1:-}" != "--quick" ]; then
   step alt_fixture python3 tests/python/make_tiny_fixture.py --preset alt --out /tmp/fx
   A=/tmp/fx/alt-qwen35moe
   G=/tmp/fx/goldens/alt-qwen35moe.safetensors
-  python3 -c "from safetensors.numpy import load_file;print(' '.join(map(str,load_file('$G')['prompt_ids'].tolist())))" > "$OUT/alt_tokens.txt"
+  python3 -c "from safetensors.numpy import load_file;print(' '.join(map(str,load_file('$G')['prompt_ids'].tolist())))" > "$WORK/alt_tokens.txt"
   for quant in bf16 w4a16; do
     for mode in prefill decode; do
       tol=2e-2; [ $quant = w4a16 ] && tol=1  # w4a16: deltas reported, not gated
-      step "alt_${quant}_${mode}" bash -c "$BIN eval --model $A --tokens $OUT/alt_tokens.txt --out /tmp/alt_${quant}_${mode}.safetensors --mode $mode --device cuda --quant $quant && python3 tests/python/compare_logits.py --golden $G --got /tmp/alt_${quant}_${mode}.safetensors --tol $tol --label alt_${quant}_${mode} --json $OUT/e2e.jsonl"
-      tail -1 "$OUT/alt_${quant}_${mode}.log" | sed 's/^/  /' | tee -a "$REPORT"
+      step "alt_${quant}_${mode}" bash -c "$BIN eval --model $A --tokens $WORK/alt_tokens.txt --out /tmp/alt_${quant}_${mode}.safetensors --mode $mode --device cuda --quant $quant && python3 tests/python/compare_logits.py --golden $G --got /tmp/alt_${quant}_${mode}.safetensors --tol $tol --label alt_${quant}_${mode} --json $OUT/e2e.jsonl"
+      tail -1 "$WORK/alt_${quant}_${mode}.log" | sed 's/^/  /' | tee -a "$REPORT"
     done
   done
   step bench_35b_w4a16_g128 $BIN bench --synthetic 35b-a3b --quant w4a16 --group-size 128 --prefill 512,4096 --json "$OUT/bench_w4a16_g128.json"
-  sed 's/^/  /' "$OUT/bench_35b_w4a16_g128.log" | grep -v "^\s*\[q35jit\]" | tee -a "$REPORT"
+  sed 's/^/  /' "$WORK/bench_35b_w4a16_g128.log" | grep -v "^\s*\[q35jit\]" | tee -a "$REPORT"
 fi
 echo "- overall: $([ $status = 0 ] && echo PASS || echo FAIL)" | tee -a "$REPORT"
 exit $status
