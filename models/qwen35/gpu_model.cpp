@@ -21,6 +21,7 @@
 #include "models/qwen35/gpu/dense.h"
 #include "models/qwen35/gpu/gdn.h"
 #include "models/qwen35/gpu/moe.h"
+#include "models/qwen35/gpu/sampling.h"
 #include "models/qwen35/kernels.h"
 #include "models/qwen35/weights.h"
 #include "runtime/core/error.h"
@@ -49,11 +50,12 @@ struct GpuModel::Impl {
       : kernels(jit, ctx),
         attn(c.num_layers_of(LayerType::FullAttention) ? gpu::attention_plan(c, smem_limit_for(ctx.device().arch()))
                                                         : gpu::AttentionPlan{}),
-        sample(gpu::sample_plan(c.vocab_size)) {}
+        sample(gpu::sample_plan(c.vocab_size)), topk(gpu::topk_sample_plan(c.vocab_size)) {}
 
   KernelSet kernels;
   gpu::AttentionPlan attn;
   gpu::SamplePlan sample;
+  gpu::TopkSamplePlan topk;
   std::unique_ptr<gpu::GdnKernels> gdn;
   std::unique_ptr<gpu::MoeKernels> moe;
   int attn_splits = 0;
@@ -68,6 +70,7 @@ struct GpuModel::Impl {
   DeviceBuffer next_id;     // int32 [1]
   DeviceBuffer rng;         // u64 [2]     sampler {seed, step}
   DeviceBuffer argmax_ws;   // argmax workspace (zeroed once)
+  DeviceBuffer topk_ws;     // top-k sampling candidates
   DeviceBuffer residual;    // bf16 [max_chunk, H]
   DeviceBuffer normed;      // bf16 [max_chunk, H]
   DeviceBuffer delta;       // bf16 [max_chunk, H]   sub-layer output, added by the next norm
@@ -184,6 +187,7 @@ void GpuModel::init(const GpuModelOptions& o) {
   m.rng = alloc(16);
   m.argmax_ws = alloc(m.sample.argmax_workspace_bytes());
   m.argmax_ws.fill_bytes(0, stream_);
+  m.topk_ws = alloc(m.topk.workspace_bytes());
   m.residual = alloc(size_t(T * H) * 2);
   m.normed = alloc(size_t(T * H) * 2);
   m.delta = alloc(size_t(T * H) * 2);
@@ -382,6 +386,9 @@ void GpuModel::sample(const SamplingParams& sp) {
   if (greedy)
     gpu::launch_argmax(m.sample, m.kernels.get(m.sample.argmax_spec()), stream_, m.logits.ptr(), m.next_id.ptr(),
                        m.argmax_ws.ptr());
+  else if (gpu::topk_sample_serves(sp))
+    gpu::launch_topk_sample(m.topk, m.kernels.get(m.topk.partial_spec()), m.kernels.get(m.topk.final_spec()), stream_,
+                            m.logits.ptr(), m.next_id.ptr(), m.rng.ptr(), m.topk_ws.ptr(), sp);
   else
     gpu::launch_sample(m.sample, m.kernels.get(m.sample.sample_spec()), stream_, m.logits.ptr(), m.next_id.ptr(),
                        m.rng.ptr(), sp);

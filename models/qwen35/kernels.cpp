@@ -8,6 +8,7 @@
 #include "models/qwen35/gpu/dense.h"
 #include "models/qwen35/gpu/gdn.h"
 #include "models/qwen35/gpu/moe.h"
+#include "models/qwen35/gpu/sampling.h"
 
 namespace q35::qwen35 {
 
@@ -32,6 +33,8 @@ std::vector<q35::KernelSpec> required_kernels(const Config& cfg, int group, cons
   add(gpu::attention_kernels(cfg, smem_limit_for(arch)));
   add(gpu::gdn_kernels(cfg));
   add(gpu::moe_kernels(cfg, group));
+  const gpu::TopkSamplePlan topk = gpu::topk_sample_plan(cfg.vocab_size);
+  add({topk.partial_spec(), topk.final_spec()});
   return specs;
 }
 
