@@ -12,10 +12,14 @@ namespace {
 
 // Dynamic shared memory a block may opt into: sm_80 has 163 KiB, sm_90 227 KiB; stay under both.
 constexpr int kMaxDynamicSmem = 160 * 1024;
-// Decode GEMV blocks wanted: ~4 per SM on a 132-SM H100 keeps every SM streaming.
-constexpr int64_t kW4TargetBlocks = 512;
+// W4A16 decode GEMV warps wanted (each with 4 to 8 x 16 B loads in flight per lane): ~16 per SM
+// on a 132-SM H100, so the whole weight matrix of a small projection is requested at once.
+constexpr int64_t kW4TargetWarps = 2048;
 
 std::string str(int64_t v) { return std::to_string(v); }
+
+// gemv_w4a16's mma column tiles of 8: one column per (token, group of a 128-k tile).
+int w4_column_tiles(int m_tile, int64_t group) { return int((m_tile * (128 / group) + 7) / 8); }
 
 }  // namespace
 
@@ -46,11 +50,15 @@ std::string why_invalid(const W4GemvTile& t, int64_t n, int64_t k, int64_t group
   if (group != 32 && group != 64 && group != 128) return fmt::format("group size {} is not 32, 64 or 128", group);
   if (k <= 0 || k % group != 0) return fmt::format("K = {} is not a positive multiple of the group size {}", k, group);
   if (t.m_tile < 1 || t.m_tile > 16) return fmt::format("m_tile = {} is not in [1, 16]", t.m_tile);
-  if (t.rows < 1 || t.rows > 8) return fmt::format("rows = {} is not in [1, 8]", t.rows);
-  if (t.m_tile * t.rows > 32)
-    return fmt::format("m_tile * rows = {} accumulators per lane exceeds 32 (registers)", t.m_tile * t.rows);
   if (t.row_warps < 1 || t.k_warps < 1 || t.row_warps * t.k_warps > 32)
     return fmt::format("row_warps * k_warps = {} * {} is not a block of 1..32 warps", t.row_warps, t.k_warps);
+  const int64_t tiles = (k + 127) / 128;
+  if (t.k_warps > tiles) return fmt::format("k_warps = {} exceeds the {} 128-k tiles of K = {}", t.k_warps, tiles, k);
+  if (t.unroll < 1 || t.unroll > 8) return fmt::format("unroll = {} is not in [1, 8]", t.unroll);
+  if (t.unroll * w4_column_tiles(t.m_tile, group) > 8)
+    return fmt::format("unroll * mma column tiles = {} * {} exceeds 8 (accumulator registers)", t.unroll,
+                       w4_column_tiles(t.m_tile, group));
+  // (The reduction buffer, float [k_warps][m_tile][16 * row_warps], is then at most 32 KiB.)
   return {};
 }
 
@@ -90,14 +98,21 @@ W4GemvTile default_w4_gemv_tile(int64_t n, int64_t k, int64_t group, int m) {
   W4GemvTile t;
   t.m_tile = 1;
   while (t.m_tile < m) t.m_tile *= 2;
-  t.rows = std::min(4, 32 / t.m_tile);
-  // Warps split K while every lane still gets a chunk (32 lanes x 32 k per warp pass), 4 warps.
-  const int64_t chunks = k / 32;
+  // K splits into runs of 4 tiles (8 x 16 B in flight per lane); more warps per row set (runs of
+  // 2) while the whole grid has fewer than kW4TargetWarps warps, i.e. too few bytes in flight.
+  const int64_t tiles = (k + 127) / 128, row_sets = (n + 15) / 16;
+  // At most 8 warps (256 threads, 255 registers each) with 4+ mma column tiles (M = 16 at G32).
+  const int max_k_warps = w4_column_tiles(t.m_tile, group) >= 4 ? 8 : 16;
   t.k_warps = 1;
-  while (t.k_warps < 4 && chunks >= 64 * t.k_warps) t.k_warps *= 2;
-  t.row_warps = 4 / t.k_warps;
-  // Fewer rows per warp (more blocks) while the grid is short of the target.
-  while (t.rows > 1 && (n + t.rows_per_block() - 1) / t.rows_per_block() < kW4TargetBlocks) t.rows /= 2;
+  while (t.k_warps < max_k_warps && tiles % (2 * t.k_warps) == 0 && tiles / (2 * t.k_warps) >= 4) t.k_warps *= 2;
+  if (row_sets * t.k_warps < kW4TargetWarps && t.k_warps < max_k_warps && tiles % (2 * t.k_warps) == 0)
+    t.k_warps *= 2;
+  const int64_t per_warp = (tiles + t.k_warps - 1) / t.k_warps;
+  t.unroll = int(std::min<int64_t>({per_warp, 4, 8 / w4_column_tiles(t.m_tile, group)}));
+  while (per_warp % t.unroll != 0) --t.unroll;
+  // 4 warps per block where the K split leaves room and the rows give enough blocks.
+  t.row_warps = 1;
+  while (t.threads() < 128 && row_sets / (2 * t.row_warps) >= 512) t.row_warps *= 2;
   if (std::string why = why_invalid(t, n, k, group); !why.empty())
     fail("gemv_w4a16 [N = {}, K = {}, G = {}]: unsupported shape: {}", n, k, group, why);
   return t;
@@ -144,9 +159,9 @@ KernelSpec gemv_w4a16_spec(int64_t n, int64_t k, int64_t group, const W4GemvTile
            {"K", str(k)},
            {"G", str(group)},
            {"M_TILE", str(t.m_tile)},
-           {"ROWS", str(t.rows)},
            {"ROW_WARPS", str(t.row_warps)},
            {"K_WARPS", str(t.k_warps)},
+           {"UNROLL", str(t.unroll)},
            {"OUT_F32", out_f32 ? "true" : "false"}}};
 }
 

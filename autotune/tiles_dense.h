@@ -20,18 +20,18 @@ struct GemmTile {
   int smem_bytes() const { return stages * (bm + bn) * bk * 2; }
 };
 
-// kernel_templates/gemv_w4a16.cuh: gemv_w4a16<N, K, G, M_TILE, ROWS, ROW_WARPS, K_WARPS, OUT_F32>;
+// kernel_templates/gemv_w4a16.cuh: gemv_w4a16<N, K, G, M_TILE, ROW_WARPS, K_WARPS, UNROLL, OUT_F32>;
 // grid (ceil(N / rows_per_block), ceil(T / m_tile)), block 32 * row_warps * k_warps.
-// A warp owns `rows` rows of W; the k_warps warps of a row set split K (reduced in shared memory).
+// A warp owns 16 rows of W (one mma.m16n8k16 A tile); the k_warps warps of a row set split K's
+// 128-k tiles into contiguous runs (reduced in shared memory); `unroll` tiles are loaded at once.
 struct W4GemvTile {
   int m_tile = 1;     // tokens per block (1..16)
-  int rows = 4;       // W rows per warp
-  int row_warps = 4;  // warps side by side over rows
-  int k_warps = 1;    // warps splitting K
-  int rows_per_block() const { return rows * row_warps; }
+  int row_warps = 1;  // warps side by side over rows, 16 rows each
+  int k_warps = 4;    // warps splitting K
+  int unroll = 4;     // 128-k tiles of weights in flight per warp (2 x 16 B per lane each)
+  int rows_per_block() const { return 16 * row_warps; }
   int threads() const { return 32 * row_warps * k_warps; }
 };
-
 // kernel_templates/quantize_w4.cuh: quantize_w4<K, G, THREADS> and dequantize_w4<K, G, THREADS>;
 // one thread per 8 values (one qweight word); grid ceil(rows * K / 8 / threads).
 struct QuantizeTile {

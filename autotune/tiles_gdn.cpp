@@ -31,8 +31,10 @@ std::string why_unsupported(const GdnShape& s) {
 std::string why_invalid(const GdnPrologueTile& tile, const GdnShape& s) {
   if (std::string why = why_unsupported(s); !why.empty()) return why;
   if (!is_warp_count(tile.warps)) return fmt::format("warps = {} is not in [1, 32]", tile.warps);
-  if (tile.tokens < s.kc - 1 || tile.tokens > 1024)
-    return fmt::format("tokens = {} is not in [kc - 1 = {}, 1024] (the first block must hold every ring reader)",
+  if (s.dk != 128 && s.dk != 256) return fmt::format("key head dim {} is not 128 or 256 (lanes of a head)", s.dk);
+  if (tile.tokens < s.kc - 1 || tile.tokens > 32)
+    return fmt::format("tokens = {} is not in [kc - 1 = {}, 32] (the first block must hold every ring reader; "
+                       "a thread keeps tokens + kc - 1 inputs in registers)",
                        tile.tokens, s.kc - 1);
   return {};
 }
@@ -81,8 +83,8 @@ GdnRecurrentTile default_gdn_recurrent_tile(const GdnShape& s) {
 }
 
 GdnChunkTile default_gdn_chunk_tile(const GdnShape& s) {
-  // One CTA per SM (the shared memory of vs = 32 allows one): 32 columns when that still gives
-  // >= 64 CTAs (128 for 32 heads of 128), else 16.
+  // One CTA per SM (125 KiB of shared memory at vs = 32): 32 columns when that still gives
+  // >= 64 CTAs (128 for 32 heads of 128, one wave on 132 SMs), else 16.
   GdnChunkTile tile{s.hv * s.dv / 32 >= 64 ? 32 : 16};
   if (std::string why = why_invalid(tile, s); !why.empty()) fail("gdn_chunk_state: unsupported shape: {}", why);
   return tile;
@@ -95,11 +97,16 @@ GatedRmsnormTile default_gated_rmsnorm_tile(const GdnShape& s) {
 }
 
 int gdn_chunk_prepare_smem_bytes(const GdnShape& s) {
-  return int((kChunk * (s.dk + 1) + kChunk * (kChunk + 1) + 2 * kChunk + kChunk * std::max(s.dk + 1, s.dv + s.dk)) * 4);
+  // q, k bf16 [64, dk + 8]; A^T fp32 [64, 68]; gam, beta [64].
+  return int(2 * kChunk * (s.dk + 8) * 2 + (kChunk * (kChunk + 4) + 2 * kChunk) * 4);
 }
 
 int gdn_chunk_state_smem_bytes(const GdnShape& s, const GdnChunkTile& tile) {
-  return int((s.dk * (tile.vs + 1) + 3 * kChunk * (s.dk + 1) + kChunk * (tile.vs + 1) + kChunk * (kChunk + 1) + kChunk) * 4);
+  // W [64, dk + 4], QK [64, 68], U and Vn [64, vs + 8], S [dk, vs + 8], gam x 2, exp(gam), decay
+  // [64] fp32; q, k bf16 [64, dk + 8].
+  return int((kChunk * (s.dk + 4) + kChunk * (kChunk + 4) + 2 * kChunk * (tile.vs + 8) + s.dk * (tile.vs + 8) +
+              4 * kChunk) * 4 +
+             2 * kChunk * (s.dk + 8) * 2);
 }
 
 }  // namespace q35

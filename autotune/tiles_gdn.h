@@ -14,7 +14,8 @@ struct GdnShape {
   int64_t conv_dim() const { return 2 * hk * dk + hv * dv; }
 };
 
-// gdn_prologue<..., TOKENS, WARPS>: grid (ceil(T / tokens), 2 hk + hv + 1), block 32 * warps.
+// gdn_prologue<..., TOKENS, WARPS>: grid (ceil(conv_dim / 8 / (32 warps)) + 1, ceil(T / tokens)),
+// block 32 * warps; a thread owns 8 channels of `tokens` tokens (their inputs in registers).
 struct GdnPrologueTile {
   int tokens = 16;
   int warps = 4;

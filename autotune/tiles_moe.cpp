@@ -71,19 +71,21 @@ std::string why_invalid(const MoeRouterTile& t, const MoeShape& s) {
 }
 
 std::string why_invalid_gate_up(const MoeGemvTile& t, const MoeShape& s) {
+  // A valid shape has I and Is multiples of 8 = kMoeGateUpRows (whole 16-byte vectors).
   if (std::string why = why_invalid(s); !why.empty()) return why;
-  if (t.rows_per_warp < 1 || t.rows_per_warp > 8) return fmt::format("rows_per_warp = {} is not in [1, 8]", t.rows_per_warp);
-  if (s.inter % t.rows_per_warp != 0 || s.shared_inter % t.rows_per_warp != 0)
-    return fmt::format("I = {} and Is = {} must be multiples of rows_per_warp = {}", s.inter, s.shared_inter, t.rows_per_warp);
-  if (t.warps < 1 || t.warps > 32) return fmt::format("warps = {} is not in [1, 32]", t.warps);
+  if (t.ksplit < 1 || t.ksplit > 32) return fmt::format("ksplit = {} is not in [1, 32]", t.ksplit);
+  if (s.hidden % (32 * t.ksplit) != 0)
+    return fmt::format("H = {} is not a multiple of 32 * ksplit = {}", s.hidden, 32 * t.ksplit);
   return {};
 }
 
 std::string why_invalid(const MoeDownTile& t, const MoeShape& s) {
   if (std::string why = why_invalid(s); !why.empty()) return why;
-  if (t.rows < 1 || t.rows > 16) return fmt::format("rows = {} is not in [1, 16]", t.rows);
-  if (s.hidden % t.rows != 0) return fmt::format("H = {} is not a multiple of rows = {}", s.hidden, t.rows);
-  if (t.warps < 1 || t.warps > 32) return fmt::format("warps = {} is not in [1, 32]", t.warps);
+  if (s.hidden % kMoeDownRows != 0) return fmt::format("H = {} is not a multiple of {} (rows per block)", s.hidden, kMoeDownRows);
+  if (t.ksplit < 1 || t.warps(s.top_k) > 32)
+    return fmt::format("ksplit = {} gives (k + 1) * ksplit = {} warps, not in [1, 32]", t.ksplit, t.warps(s.top_k));
+  if (s.inter % (32 * t.ksplit) != 0 || s.shared_inter % (32 * t.ksplit) != 0)
+    return fmt::format("I = {} and Is = {} must be multiples of 32 * ksplit = {}", s.inter, s.shared_inter, 32 * t.ksplit);
   return {};
 }
 
@@ -130,22 +132,31 @@ std::string why_invalid(const MoeGemmTile& t, const MoeShape& s, MoeGemm g) {
   return {};
 }
 
-MoeRouterTile default_moe_router_tile(const MoeShape& s, int64_t tokens) {
+MoeRouterTile default_moe_router_tile(const MoeShape& s, int64_t tokens, bool select) {
   if (tokens < 1) fail("moe_router: tokens = {} must be positive", tokens);
   MoeRouterTile t;
+  t.select = select;
   t.m_tile = tokens <= 1 ? 1 : tokens <= kMoeDecodeMaxTokens ? 8 : 16;
-  t.rows_per_warp = s.experts % 2 == 0 ? 2 : 1;
-  t.warps = 4;
+  if (t.m_tile == 1) {
+    // One row per warp, 2 warps per block: E + 1 = 257 warps in 129 blocks spread the 1 MB of
+    // router weights over every SM, each lane with its 8 loads of the row in flight.
+    t.rows_per_warp = 1;
+    t.warps = 2;
+  } else {
+    t.rows_per_warp = s.experts % 2 == 0 ? 2 : 1;
+    t.warps = 4;
+  }
   require_valid(why_invalid(t, s), "moe_router", s);
   return t;
 }
 
 MoeGemvTile default_moe_gate_up_tile(const MoeShape& s) {
-  // 16 INT4 loads per lane (4 rows of 2 x 32 values) or 32 bf16 loads (4 rows of 8) in flight at H = 2048.
-  MoeGemvTile t{1, 4};
-  for (int rows : {s.group == 0 ? 2 : 4, 2})
-    if (s.inter % rows == 0 && s.shared_inter % rows == 0) {
-      t.rows_per_warp = rows;
+  // 4 warps split H = 2048 into 512-value parts: 8 INT4 (or 32 bf16) 16-byte loads per lane, all in
+  // flight; (8 * 512 + 512) / 8 = 576 blocks of 128 threads fill the H100 in one wave.
+  MoeGemvTile t{1};
+  for (int ksplit : {4, 2})
+    if (s.hidden % (32 * ksplit) == 0) {
+      t.ksplit = ksplit;
       break;
     }
   require_valid(why_invalid_gate_up(t, s), "moe_decode_gate_up", s);
@@ -153,13 +164,9 @@ MoeGemvTile default_moe_gate_up_tile(const MoeShape& s) {
 }
 
 MoeDownTile default_moe_down_tile(const MoeShape& s) {
-  // One warp per expert (k + 1, at most 16 warps); 8 rows keep H / 8 = 256 blocks at H = 2048.
-  MoeDownTile t{1, int(std::min<int64_t>(s.top_k + 1, 16))};
-  for (int rows : {8, 4, 2})
-    if (s.hidden % rows == 0) {
-      t.rows = rows;
-      break;
-    }
+  // I = 512 in 2 parts: (k + 1) * 2 = 18 warps per block of 16 rows, 4 INT4 loads per lane in flight.
+  MoeDownTile t{2};
+  if (!why_invalid(t, s).empty()) t.ksplit = 1;
   require_valid(why_invalid(t, s), "moe_decode_down", s);
   return t;
 }
@@ -187,31 +194,29 @@ KernelSpec moe_router_spec(const MoeShape& s, const MoeRouterTile& t) {
            {"TOPK", str(s.top_k)},
            {"M_TILE", str(t.m_tile)},
            {"ROWS", str(t.rows_per_warp)},
-           {"WARPS", str(t.warps)}}};
+           {"WARPS", str(t.warps)},
+           {"SELECT", t.select ? "true" : "false"}}};
 }
 
 namespace {
-KernelSpec decode_spec(const char* kernel, const MoeShape& s, int rows, int warps) {
-  return {"moe",
-          kernel,
-          {{"GROUP", str(s.group)},
-           {"H", str(s.hidden)},
-           {"I", str(s.inter)},
-           {"IS", str(s.shared_inter)},
-           {"TOPK", str(s.top_k)},
-           {"ROWS", str(rows)},
-           {"WARPS", str(warps)}}};
+// moe_decode_gate_up<GROUP, H, E, I, IS, TOPK, KSPLIT> (with_e) and moe_decode_down<GROUP, H, I, IS, TOPK, KSPLIT>.
+KernelSpec decode_spec(const char* kernel, const MoeShape& s, int ksplit, bool with_e) {
+  KernelSpec spec{"moe", kernel, {{"GROUP", str(s.group)}, {"H", str(s.hidden)}}};
+  if (with_e) spec.args.emplace_back("E", str(s.experts));
+  for (auto [name, value] : {std::pair{"I", s.inter}, {"IS", s.shared_inter}, {"TOPK", s.top_k}, {"KSPLIT", ksplit}})
+    spec.args.emplace_back(name, str(value));
+  return spec;
 }
 }  // namespace
 
 KernelSpec moe_decode_gate_up_spec(const MoeShape& s, const MoeGemvTile& t) {
   require_valid(why_invalid_gate_up(t, s), "moe_decode_gate_up", s);
-  return decode_spec("moe_decode_gate_up", s, t.rows_per_warp, t.warps);
+  return decode_spec("moe_decode_gate_up", s, t.ksplit, true);
 }
 
 KernelSpec moe_decode_down_spec(const MoeShape& s, const MoeDownTile& t) {
   require_valid(why_invalid(t, s), "moe_decode_down", s);
-  return decode_spec("moe_decode_down", s, t.rows, t.warps);
+  return decode_spec("moe_decode_down", s, t.ksplit, false);
 }
 
 KernelSpec moe_align_spec(const MoeShape& s, const MoeGemmTile& t) {

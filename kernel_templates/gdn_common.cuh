@@ -1,6 +1,7 @@
 #pragma once
-// Gated DeltaNet device helpers shared by gdn_prologue.cuh and gdn_recurrent.cuh (spec §2.4):
-// the causal depthwise conv over a ring-buffered conv state, the gates, PDL.
+// Gated DeltaNet device helpers shared by gdn_prologue.cuh, gdn_recurrent.cuh and gdn_chunked.cuh
+// (spec §2.4): the causal depthwise conv over a ring-buffered conv state, the gates, PDL, and the
+// mma.sync / cp.async wrappers of the chunked kernels.
 //
 // Conv state of one sequence and layer: bf16 [KC, conv_dim], a ring indexed by position: slot
 // p % KC holds the pre-conv input of position p. A call that starts at position pos0 reads the
@@ -59,6 +60,56 @@ __device__ __forceinline__ void gdn_pdl_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
+}
+
+// Tensor-core and async-copy helpers of the chunked kernels (sm_80+ PTX).
+__device__ __forceinline__ u32 gdn_smem_u32(const void* p) {
+  u32 a;
+  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+  return a;
+}
+// 16 bytes global -> shared; !valid zero-fills (src must still be a mapped address).
+__device__ __forceinline__ void gdn_cp_async_16(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(gdn_smem_u32(dst)), "l"(src), "r"(valid ? 16 : 0)
+               : "memory");
+}
+__device__ __forceinline__ void gdn_cp_async_4(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(gdn_smem_u32(dst)), "l"(src), "r"(valid ? 4 : 0)
+               : "memory");
+}
+__device__ __forceinline__ void gdn_cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int PENDING>
+__device__ __forceinline__ void gdn_cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(PENDING) : "memory");
+}
+
+// fp32 -> tf32 (round to nearest, ties away), kept in an fp32 register.
+__device__ __forceinline__ float gdn_tf32(float x) {
+  u32 r;
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+  return __uint_as_float(r);
+}
+
+// d += a b, m16n8k8, tf32 operands (fp32 registers; g = lane / 4, t = lane % 4):
+//   a: (g, t) (g + 8, t) (g, t + 4) (g + 8, t + 4); b: (k = t, n = g) (t + 4, g);
+//   d: (g, 2t) (g, 2t + 1) (g + 8, 2t) (g + 8, 2t + 1).
+__device__ __forceinline__ void gdn_mma_tf32(float (&d)[4], const float (&a)[4], const float (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(__float_as_uint(a[0])), "r"(__float_as_uint(a[1])), "r"(__float_as_uint(a[2])), "r"(__float_as_uint(a[3])),
+        "r"(__float_as_uint(b[0])), "r"(__float_as_uint(b[1])));
+}
+
+// d += a b, m16n8k16, bf16 pairs (low half = lower k):
+//   a: (g, 2t..) (g + 8, 2t..) (g, 2t + 8..) (g + 8, 2t + 8..); b: (k = 2t.., n = g) (2t + 8.., g); d as tf32.
+__device__ __forceinline__ void gdn_mma_bf16(float (&d)[4], const u32 (&a)[4], const u32 (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
 }  // namespace q35k

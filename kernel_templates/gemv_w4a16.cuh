@@ -2,18 +2,41 @@
 // W4A16 GEMV for few tokens (decode): y[t, n] = sum_g s[n, g] * sum_{k in g} q[n, k] * x[t, k].
 //   qweight u32 [N, K / 8] and scales bf16 [N, K / G] in the runtime/core/int4_format.h layout,
 //   x [T, K] bf16, y [T, N] bf16 (or fp32 logits if OUT_F32). K % 32 == 0, G in {32, 64, 128}.
-// Work split: a lane handles 32 consecutive k ("chunk": one 16-byte load of 4 words per row,
-// always inside one group since G >= 32) for ROWS rows and M_TILE tokens. A warp owns ROWS rows;
-// the K_WARPS warps of a row set stride over the chunks of K (split-K inside the block, reduced in
-// shared memory in a fixed order), ROW_WARPS row sets sit side by side.
-// Dequant: a nibble u = q + 8 is OR-ed into the mantissa of 128.0f (0x43000000 | u << 16 = 128 + u,
-// one shift + one lop3 per value), so a chunk's partial sum is P = sum (128 + u) x and
-// sum q x = P - 136 * sum x. The group scale multiplies each chunk's exact-order fp32 partial once.
+//
+// Tensor cores, weights as the A operand of mma.m16n8k16 (kernels.md §1), straight from the
+// format (no repacking): a warp owns 16 rows; per 128-k "tile" lane (g = lane / 4, q = lane % 4)
+// loads one 16-byte chunk (32 k) of rows g and g + 8, chunk 4 * tile + q. Since a dot product may
+// visit k in any order as long as both operands agree, mma step s (0..7) of a tile takes from lane q
+// the k = 32 (4 tile + q) + 4 s + {0, 1} as A columns 2q, 2q + 1 and + {2, 3} as columns 2q + 8,
+// 2q + 9: word s / 2, bf16x2 pairs 2 (s % 2) and 2 (s % 2) + 1 of int4x8_to_bf16x2 (exact q, one
+// shift + lop3 + fma.bf16x2 per pair). The B operand (k x 8 columns) holds the same k of x.
+// Scales: a column is a (token m, group slot j) pair, n = m * GPS + j, GPS = 128 / G groups per
+// tile; B[k, n] = x[m, k] when k's chunk lies in group slot j of the tile, else 0. So after the 8
+// steps of a tile, D[row, n] is the exact-product fp32 sum over one group, and the lane adds
+// s[row, group] * D to its fp32 accumulator. The token's result is the sum over its GPS columns.
+// M_TILE * GPS columns take NT = ceil(M_TILE * GPS / 8) mma column tiles.
+// Split-K: the K_WARPS warps of a row set take contiguous runs of TPW tiles (UNROLL tiles of
+// weights in flight per lane: 2 * UNROLL x 16 B), reduced in shared memory in a fixed order
+// (deterministic); ROW_WARPS row sets of 16 rows sit side by side. The mma chains of the UNROLL
+// tiles (and column tiles) run interleaved, so a warp's compute after its loads land is short.
 // Weights are streamed (ld.global.nc.L1::no_allocate), activations take the normal cached path.
-// Grid: (ceil(N / (ROWS * ROW_WARPS)), ceil(T / M_TILE)), block 32 * ROW_WARPS * K_WARPS.
+// Grid: (ceil(N / (16 * ROW_WARPS)), ceil(T / M_TILE)), block 32 * ROW_WARPS * K_WARPS.
 #include "common.cuh"
+#include "int4.cuh"
 
-template <int N, int K, int G, int M_TILE, int ROWS, int ROW_WARPS, int K_WARPS, bool OUT_F32>
+namespace q35k {
+
+// d = a . b + c for one m16n8k16 tile, bf16 inputs, fp32 accumulators.
+__device__ __forceinline__ void w4_mma_16816(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1, const float (&c)[4]) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%10, %11, %12, %13};"
+      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
+}
+
+}  // namespace q35k
+
+template <int N, int K, int G, int M_TILE, int ROW_WARPS, int K_WARPS, int UNROLL, bool OUT_F32>
 __global__ void __launch_bounds__(ROW_WARPS * K_WARPS * 32)
 gemv_w4a16(const q35k::u32* __restrict__ qweight,  // [N, K / 8]
            const q35k::bf16* __restrict__ scales,  // [N, K / G]
@@ -22,99 +45,148 @@ gemv_w4a16(const q35k::u32* __restrict__ qweight,  // [N, K / 8]
            int T) {
   using namespace q35k;
   static_assert(G == 32 || G == 64 || G == 128, "gemv_w4a16: group size must be 32, 64 or 128");
-  static_assert(K % G == 0, "gemv_w4a16: K must be a multiple of the group size");
-  static_assert(M_TILE >= 1 && ROWS >= 1 && M_TILE * ROWS <= 32,
-                "gemv_w4a16: M_TILE * ROWS accumulators per lane must be in [1, 32]");
-  constexpr int CHUNKS = K / 32;  // 32-k chunks per row
+  static_assert(K % G == 0 && K % 32 == 0, "gemv_w4a16: K must be a multiple of the group size and of 32");
+  static_assert(M_TILE >= 1 && M_TILE <= 16, "gemv_w4a16: M_TILE must be in [1, 16]");
+  static_assert(UNROLL >= 1 && UNROLL <= 8, "gemv_w4a16: UNROLL must be in [1, 8]");
+  constexpr int CHUNKS = K / 32;                       // 16-byte chunks (32 k) per row
+  constexpr int TILES = (K + 127) / 128;               // 128-k tiles per row (the last may be partial)
+  constexpr int TPW = (TILES + K_WARPS - 1) / K_WARPS;  // tiles per warp
+  constexpr int GPS = 128 / G;                          // group slots per tile
+  constexpr int GROUPS = K / G;
+  constexpr int COLS = M_TILE * GPS;
+  constexpr int NT = (COLS + 7) / 8;  // mma column tiles
+  // Accumulator chains per (tile, column tile): two (even / odd steps) when there are few.
+  constexpr int CH = UNROLL * NT <= 2 ? 2 : 1;
+  static_assert(UNROLL * NT <= 8, "gemv_w4a16: UNROLL * column tiles must be at most 8 (registers)");
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int row_warp = warp / K_WARPS, k_warp = warp % K_WARPS;
-  const int n0 = (blockIdx.x * ROW_WARPS + row_warp) * ROWS;
+  const int g = lane / 4, q = lane % 4;
+  const int n_base = (blockIdx.x * ROW_WARPS + row_warp) * 16;
   const int t0 = blockIdx.y * M_TILE;
 
-  // Rows / tokens past the end are clamped for loading (no branch in the loop) and not stored.
-  const u32* w_row[ROWS];
-  const bf16* s_row[ROWS];
+  // Rows past the end are clamped for loading (no branch in the loop) and not stored.
+  const int r0 = min(n_base + g, N - 1), r1 = min(n_base + g + 8, N - 1);
+  const u32* w0 = qweight + size_t(r0) * (K / 8) + q * 4;
+  const u32* w1 = qweight + size_t(r1) * (K / 8) + q * 4;
+  const bf16* s0 = scales + size_t(r0) * GROUPS;
+  const bf16* s1 = scales + size_t(r1) * GROUPS;
+  // The scale slots of this lane's accumulator columns 2q, 2q + 1 (of every column tile).
+  const int j0 = (2 * q) % GPS, j1 = (2 * q + 1) % GPS;
+  // B operand: this lane supplies column g of each column tile from chunk 4 * tile + q.
+  bool b_on[NT];
+  const bf16* x_at[NT];
 #pragma unroll
-  for (int r = 0; r < ROWS; ++r) {
-    const int n = min(n0 + r, N - 1);
-    w_row[r] = qweight + size_t(n) * (K / 8);
-    s_row[r] = scales + size_t(n) * (K / G);
+  for (int nt = 0; nt < NT; ++nt) {
+    const int col = nt * 8 + g, m = col / GPS;
+    b_on[nt] = col < COLS && t0 + m < T && col % GPS == q / (4 / GPS);
+    x_at[nt] = x + size_t(min(t0 + m, T - 1)) * K + q * 32;
   }
-  const bf16* x_row[M_TILE];
-#pragma unroll
-  for (int m = 0; m < M_TILE; ++m) x_row[m] = x + size_t(min(t0 + m, T - 1)) * K;
 
-  float acc[M_TILE][ROWS] = {};
-#pragma unroll 2
-  for (int c = k_warp * 32 + lane; c < CHUNKS; c += 32 * K_WARPS) {
-    uint4 wv[ROWS];
-    float s[ROWS];
+  float acc[NT][4] = {};
+  const int tile_begin = k_warp * TPW;
+#pragma unroll 1
+  for (int i0 = 0; i0 < TPW; i0 += UNROLL) {
+    uint4 wa[UNROLL], wb[UNROLL];
+    float sa[UNROLL][2], sb[UNROLL][2];
 #pragma unroll
-    for (int r = 0; r < ROWS; ++r) {
-      wv[r] = ld_stream_16(w_row[r] + c * 4);
-      s[r] = bf16_to_f32(s_row[r][c * 32 / G]);
+    for (int u = 0; u < UNROLL; ++u) {
+      const int tile = tile_begin + i0 + u;
+      const int chunk = min(tile * 4 + q, CHUNKS - 1) - q;  // clamped; zero B masks it
+      wa[u] = ld_stream_16(w0 + chunk * 4);
+      wb[u] = ld_stream_16(w1 + chunk * 4);
+      const int ga = min(tile * GPS + j0, GROUPS - 1), gb = min(tile * GPS + j1, GROUPS - 1);
+      sa[u][0] = bf16_to_f32(s0[ga]);
+      sb[u][0] = bf16_to_f32(s1[ga]);
+      if constexpr (GPS > 1) {
+        sa[u][1] = bf16_to_f32(s0[gb]);
+        sb[u][1] = bf16_to_f32(s1[gb]);
+      } else {
+        sa[u][1] = sa[u][0];
+        sb[u][1] = sb[u][0];
+      }
     }
+    // The UNROLL x NT (x CH) mma chains are independent: word i of every tile is consumed before
+    // word i + 1, so the chains interleave instead of running one after another.
+    float d[UNROLL][NT][CH][4];
 #pragma unroll
-    for (int m = 0; m < M_TILE; ++m) {
-      float part[ROWS] = {}, sx = 0.f;
+    for (int u = 0; u < UNROLL; ++u)
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {  // word i: k = 32c + 8i .. 32c + 8i + 7
-        float xf[8];
-        unpack8(ld_global_16(x_row[m] + c * 32 + i * 8), xf);
+      for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-        for (int j = 0; j < 8; ++j) sx += xf[j];
+        for (int c = 0; c < CH; ++c) d[u][nt][c][0] = d[u][nt][c][1] = d[u][nt][c][2] = d[u][nt][c][3] = 0.f;
 #pragma unroll
-        for (int r = 0; r < ROWS; ++r) {
-          const u32 w = i == 0 ? wv[r].x : i == 1 ? wv[r].y : i == 2 ? wv[r].z : wv[r].w;
+    for (int i = 0; i < 4; ++i) {  // word i: steps 2i, 2i + 1
 #pragma unroll
-          for (int p = 0; p < 4; ++p) {  // nibbles r = 2p (slot p) and r = 2p + 1 (slot p + 4)
-            const float lo = __uint_as_float(((w << (16 - 4 * p)) & 0x000f0000u) | 0x43000000u);
-            const float hi = __uint_as_float(((w >> (4 * p)) & 0x000f0000u) | 0x43000000u);
-            part[r] += lo * xf[2 * p] + hi * xf[2 * p + 1];
-          }
+      for (int u = 0; u < UNROLL; ++u) {
+        const int tile = tile_begin + i0 + u;
+        // Chunks past K and tiles past this warp's run (TPW % UNROLL != 0) get a zero B.
+        const bool chunk_ok = tile * 4 + q < CHUNKS && (TPW % UNROLL == 0 || i0 + u < TPW);
+        u32 pa[4], pb[4];
+        int4x8_to_bf16x2(i == 0 ? wa[u].x : i == 1 ? wa[u].y : i == 2 ? wa[u].z : wa[u].w, pa);
+        int4x8_to_bf16x2(i == 0 ? wb[u].x : i == 1 ? wb[u].y : i == 2 ? wb[u].z : wb[u].w, pb);
+        // A fragments {row g k 0-1, row g+8 k 0-1, row g k 2-3, row g+8 k 2-3} of steps 2i, 2i + 1.
+        const u32 a_even[4] = {pa[0], pb[0], pa[1], pb[1]};
+        const u32 a_odd[4] = {pa[2], pb[2], pa[3], pb[3]};
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          const uint4 xb =
+              b_on[nt] && chunk_ok ? ld_global_16(x_at[nt] + tile * 128 + i * 8) : make_uint4(0u, 0u, 0u, 0u);
+          w4_mma_16816(d[u][nt][0], a_even, xb.x, xb.y, d[u][nt][0]);
+          w4_mma_16816(d[u][nt][CH - 1], a_odd, xb.z, xb.w, d[u][nt][CH - 1]);
         }
       }
+    }
 #pragma unroll
-      for (int r = 0; r < ROWS; ++r) acc[m][r] += s[r] * (part[r] - 136.f * sx);
+    for (int u = 0; u < UNROLL; ++u)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        float t[4] = {d[u][nt][0][0], d[u][nt][0][1], d[u][nt][0][2], d[u][nt][0][3]};
+        if constexpr (CH == 2)
+          t[0] += d[u][nt][1][0], t[1] += d[u][nt][1][1], t[2] += d[u][nt][1][2], t[3] += d[u][nt][1][3];
+        acc[nt][0] += sa[u][0] * t[0];
+        acc[nt][1] += sa[u][1] * t[1];
+        acc[nt][2] += sb[u][0] * t[2];
+        acc[nt][3] += sb[u][1] * t[3];
+      }
+  }
+
+  // Per token: the sum over its GPS columns. Lane (g, q) holds rows g, g + 8 at columns
+  // nt * 8 + 2q, + 1; with GPS = 4 the token's other two columns sit in lane q ^ 1.
+  constexpr int ROWS = 16 * ROW_WARPS;
+  __shared__ float partial[K_WARPS][M_TILE][ROWS];  // per warp of a row set: [token][row]
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    float v[2][2];  // [row g / g + 8][column 2q / 2q + 1]
+    v[0][0] = acc[nt][0], v[0][1] = acc[nt][1], v[1][0] = acc[nt][2], v[1][1] = acc[nt][3];
+    const int rl = row_warp * 16 + g;
+    if constexpr (GPS == 1) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int m = nt * 8 + 2 * q + h;
+        if (m < M_TILE) partial[k_warp][m][rl] = v[0][h], partial[k_warp][m][rl + 8] = v[1][h];
+      }
+    } else {
+      float t[2] = {v[0][0] + v[0][1], v[1][0] + v[1][1]};  // columns 2q, 2q + 1: one token
+      if constexpr (GPS == 4) {
+        t[0] += __shfl_xor_sync(0xffffffffu, t[0], 1);
+        t[1] += __shfl_xor_sync(0xffffffffu, t[1], 1);
+      }
+      const int m = (nt * 8 + 2 * q) / GPS;
+      if (m < M_TILE && (GPS == 2 || q % 2 == 0)) partial[k_warp][m][rl] = t[0], partial[k_warp][m][rl + 8] = t[1];
     }
   }
-
+  __syncthreads();
+  for (int i = threadIdx.x; i < M_TILE * ROWS; i += blockDim.x) {
+    const int m = i / ROWS, rl = i % ROWS;
+    const int n = blockIdx.x * ROWS + rl;
+    if (t0 + m >= T || n >= N) continue;
+    float v = 0.f;
 #pragma unroll
-  for (int m = 0; m < M_TILE; ++m)
-#pragma unroll
-    for (int r = 0; r < ROWS; ++r) acc[m][r] = warp_sum(acc[m][r]);
-
-  if constexpr (K_WARPS > 1) {
-    __shared__ float partial[ROW_WARPS][K_WARPS][M_TILE * ROWS];
-    if (lane == 0)
-#pragma unroll
-      for (int m = 0; m < M_TILE; ++m)
-#pragma unroll
-        for (int r = 0; r < ROWS; ++r) partial[row_warp][k_warp][m * ROWS + r] = acc[m][r];
-    __syncthreads();
-    if (k_warp != 0) return;
-#pragma unroll
-    for (int m = 0; m < M_TILE; ++m)
-#pragma unroll
-      for (int r = 0; r < ROWS; ++r) {
-        float v = 0.f;
-#pragma unroll
-        for (int kw = 0; kw < K_WARPS; ++kw) v += partial[row_warp][kw][m * ROWS + r];
-        acc[m][r] = v;
-      }
+    for (int kw = 0; kw < K_WARPS; ++kw) v += partial[kw][m][rl];
+    const size_t at = size_t(t0 + m) * N + n;
+    if constexpr (OUT_F32)
+      static_cast<float*>(y)[at] = v;
+    else
+      static_cast<bf16*>(y)[at] = f32_to_bf16(v);
   }
-
-  if (n0 >= N) return;
-#pragma unroll
-  for (int m = 0; m < M_TILE; ++m)
-#pragma unroll
-    for (int r = 0; r < ROWS; ++r)
-      // Spread the stores over the lanes.
-      if (lane == (m * ROWS + r) % 32 && t0 + m < T && n0 + r < N) {
-        const size_t at = size_t(t0 + m) * N + n0 + r;
-        if constexpr (OUT_F32)
-          static_cast<float*>(y)[at] = acc[m][r];
-        else
-          static_cast<bf16*>(y)[at] = f32_to_bf16(acc[m][r]);
-      }
 }

@@ -8,13 +8,19 @@
 // [N, K/8] and scales bf16 [N, K/GROUP]. A weight matrix is passed as (const void* w, const bf16* s)
 // with s unused for bf16. Experts add a leading [E] to both.
 //
-// Decode, T <= 8 tokens, 3 launches (router, gate_up, down):
-//   moe_router          logits [T, E+1] fp32 (row E = shared_expert_gate), then softmax, top-k,
-//                       renormalise by the last block to finish -> ids, weights, shared_gate
-//   moe_decode_gate_up  h[t, s*I + i] = bf16(silu(gate_e . x_t) * (up_e . x_t)), e = ids[t, s], for
-//                       the k routed slots, and h[t, k*I + i] for the shared expert (Is values)
+// Decode, T <= 8 tokens, 3 launches (router, gate_up, down), chained with programmatic dependent
+// launch (PDL, sm_90): each kernel prefetches the weights it knows before griddepcontrol.wait.
+//   moe_router          logits [T, E+1] fp32 (column E = shared_expert_gate); SELECT = false
+//   moe_decode_gate_up  every warp picks its slot's expert from the logits (warp_topk), then
+//                       h[t, s*I + i] = bf16(silu(gate_e . x_t) * (up_e . x_t)), e = ids[t, s], for
+//                       the k routed slots, and h[t, k*I + i] for the shared expert (Is values); block 0
+//                       of a token writes ids, weights, shared_gate; every block prefetches a slice of
+//                       its expert's down weights into L2 for the next kernel
 //   moe_decode_down     out[t] = bf16( sum_s w[t,s] * down_e . h[t,s] + shared_gate[t] * down_sh . h[t,k] )
-// Prefill: moe_router, moe_align, 4 x moe_gemm, moe_combine.
+// The two decode GEMVs run on tensor cores (mma_rows16_dot): a warp's 16 weight rows are the mma
+// A operand straight from the 16-byte loads, x is the B operand, fp32 accumulation.
+// Prefill: moe_router (SELECT = true: the last block also writes ids, weights, shared_gate),
+// moe_align, 4 x moe_gemm, moe_combine.
 #include "common.cuh"
 #include "int4.cuh"
 
@@ -38,6 +44,117 @@ struct WeightFormat {
 };
 
 __device__ __forceinline__ float silu(float g) { return g / (1.f + __expf(-g)); }
+
+// d += a . b, m16n8k16, bf16 inputs, fp32 accumulators.
+__device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+               "{%0, %1, %2, %3};"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Programmatic dependent launch (sm_90; no-ops below, or when launched without PDL): let the next
+// kernel of the stream start its prologue / wait until the previous one finished and its writes
+// are visible.
+__device__ __forceinline__ void moe_pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void moe_pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+// Pulls the `bytes` bytes at p into L2, spread over the warp's lanes (one 128-byte line each).
+__device__ __forceinline__ void prefetch_l2_warp(const void* p, int bytes) {
+  for (int off = (threadIdx.x % 32) * 128; off < bytes; off += 32 * 128)
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(static_cast<const unsigned char*>(p) + off));
+}
+
+// Pulls into L2 the bytes [offset, offset + RB) of the 16 rows row_lo .. row_lo + 7 and
+// row_hi .. row_hi + 7 of a matrix with `stride` bytes per row, spread over the warp's lanes.
+template <int RB>
+__device__ __forceinline__ void prefetch_l2_rows16(const void* p, size_t stride, int row_lo, int row_hi, int offset) {
+  constexpr int LINES = (RB + 127) / 128;  // 128-byte lines per row
+  for (int i = threadIdx.x % 32; i < 16 * LINES; i += 32) {
+    const int r = i / LINES, row = r < 8 ? row_lo + r : row_hi + r - 8;
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(static_cast<const unsigned char*>(p) + row * stride + offset +
+                                                   (i % LINES) * 128));
+  }
+}
+
+// Warp-wide max / min of unsigned values (sm_80+), every lane gets the result.
+__device__ __forceinline__ u32 warp_max_u32(u32 v) {
+  u32 r;
+  asm volatile("redux.sync.max.u32 %0, %1, 0xffffffff;" : "=r"(r) : "r"(v));
+  return r;
+}
+__device__ __forceinline__ u32 warp_min_u32(u32 v) {
+  u32 r;
+  asm volatile("redux.sync.min.u32 %0, %1, 0xffffffff;" : "=r"(r) : "r"(v));
+  return r;
+}
+
+// Part `part` of `parts` of the `bytes` bytes at p (whole 128-byte lines) pulled into L2 by the block.
+__device__ __forceinline__ void prefetch_l2_block_slice(const void* p, size_t bytes, int part, int parts) {
+  const size_t lines = (bytes + 127) / 128, per = (lines + parts - 1) / parts;
+  const size_t end = min(lines, (part + 1) * per);
+  for (size_t i = part * per + threadIdx.x; i < end; i += blockDim.x)
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(static_cast<const unsigned char*>(p) + i * 128));
+}
+
+// Top-TOPK of the router logits l [E] fp32 (written by an earlier kernel: read through L2) by one
+// warp: sel_e[0..rounds-1] = the experts by decreasing logit (equal logits: lower expert first), the
+// order of decreasing softmax probability. With rounds = TOPK also their routing weights, the
+// softmax probabilities renormalised over the selection: sel_w[k] = exp(l_k - l_0) / sum_j
+// exp(l_j - l_0) (the full softmax's denominator cancels). Every lane gets the results.
+template <int E, int TOPK>
+__device__ __forceinline__ void warp_topk(const float* __restrict__ l, int rounds, int (&sel_e)[TOPK],
+                                          float (&sel_w)[TOPK]) {
+  static_assert(TOPK >= 1 && TOPK <= E && TOPK <= 32, "warp_topk: TOPK must be in [1, min(E, 32)]");
+  constexpr int EPL = (E + 31) / 32;  // logits per lane
+  const int lane = threadIdx.x % 32;
+  // Keys: the fp32 bits mapped to unsigned order (finite values > 0); 0 = past E or already taken.
+  u32 key[EPL];
+#pragma unroll
+  for (int i = 0; i < EPL; ++i) {
+    const u32 b = lane + 32 * i < E ? __float_as_uint(__ldcg(l + lane + 32 * i)) : 0u;
+    key[i] = lane + 32 * i < E ? (b & 0x80000000u ? ~b : b | 0x80000000u) : 0u;
+  }
+  float sel_l[TOPK];
+#pragma unroll
+  for (int k = 0; k < TOPK; ++k) {
+    sel_e[k] = 0;
+    sel_l[k] = 0.f;
+    if (k >= rounds) continue;
+    // The largest key of the warp, then the lowest expert holding it.
+    u32 best = key[0];
+#pragma unroll
+    for (int i = 1; i < EPL; ++i) best = max(best, key[i]);
+    best = warp_max_u32(best);
+    u32 cand = 0xffffffffu;
+#pragma unroll
+    for (int i = EPL - 1; i >= 0; --i)
+      if (key[i] == best) cand = lane + 32 * i;
+    const int be = int(warp_min_u32(cand));
+    sel_e[k] = be;
+    sel_l[k] = __uint_as_float(best & 0x80000000u ? best & 0x7fffffffu : ~best);
+#pragma unroll
+    for (int i = 0; i < EPL; ++i)
+      if (lane + 32 * i == be) key[i] = 0u;
+  }
+  if (rounds < TOPK) return;
+  float sum = 0.f;
+#pragma unroll
+  for (int k = 0; k < TOPK; ++k) {
+    sel_w[k] = expf(sel_l[k] - sel_l[0]);
+    sum += sel_w[k];
+  }
+#pragma unroll
+  for (int k = 0; k < TOPK; ++k) sel_w[k] /= sum;
+}
 
 // Dot products of R rows of a weight matrix W [*, K] (format GROUP) with M bf16 vectors x[m] [K],
 // by one warp; every lane returns all M * R sums in out. A row of C = K / VALS 16-byte vectors is
@@ -118,29 +235,119 @@ __device__ __forceinline__ void warp_rows_dot(const void* __restrict__ W, const 
     for (int r = 0; r < R; ++r) out[m][r] = __shfl_sync(0xffffffffu, acc[m][r / RP], (r % RP) * LPR);
 }
 
+// Bytes of KLEN weights of one row in format GROUP (scales not counted).
+template <int GROUP, int KLEN>
+__host__ __device__ constexpr int row_bytes() { return GROUP == 0 ? KLEN * 2 : KLEN / 2; }
+
+// Dot products of 16 rows of a weight matrix W [*, K] (format GROUP) with x [K] bf16 over
+// k in [k0, k0 + KLEN), by one warp on tensor cores. Lane quad g = lane / 4 names rows row_lo (its
+// mma row g) and row_hi (mma row g + 8); every lane of the quad returns their sums in lo and hi.
+// The reduction order inside an mma is free, so each lane's 16-byte weight vector is its A fragment
+// as loaded: lane c = lane % 4 supplies k-slots {2c, 2c+1, 2c+8, 2c+9} of every mma from its own
+// vector, and the B operand (x) follows the same k mapping.
+//   bf16: a step is 32 k (lane c: 8 k at 8c), 2 mmas; every B column is x, so D column 0 is the sum.
+//   INT4: a step is 128 k (lane c: the 32-value chunk c, one scale group), 8 mmas; B column n holds
+//         x only for chunk n (n < 4), so D[row][n] is chunk n's unscaled sum, scaled once per step.
+// Every weight load of the warp is issued before the first mma (KLEN / 32 16-byte vectors per lane
+// over both rows for INT4 with K % 128 == 0).
+template <int GROUP, int K, int KLEN>
+__device__ __forceinline__ void mma_rows16_dot(const void* __restrict__ W, const bf16* __restrict__ S, int row_lo,
+                                               int row_hi, const bf16* __restrict__ x, int k0, float& lo, float& hi) {
+  static_assert(KLEN % 32 == 0 && K % KLEN == 0, "mma_rows16_dot: KLEN must be a multiple of 32 dividing K");
+  const int lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
+  if constexpr (GROUP == 0) {
+    constexpr int STEPS = KLEN / 32;
+    const bf16* wl = static_cast<const bf16*>(W) + size_t(row_lo) * K + k0 + 8 * c;
+    const bf16* wh = static_cast<const bf16*>(W) + size_t(row_hi) * K + k0 + 8 * c;
+    const bf16* xc = x + k0 + 8 * c;
+    float d[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll 8
+    for (int st = 0; st < STEPS; ++st) {
+      const uint4 a = ld_stream_16(wl + 32 * st), b = ld_stream_16(wh + 32 * st), v = ld_global_16(xc + 32 * st);
+      const u32 f0[4] = {a.x, b.x, a.y, b.y}, f1[4] = {a.z, b.z, a.w, b.w};
+      mma_bf16_16816(d, f0, v.x, v.y);
+      mma_bf16_16816(d, f1, v.z, v.w);
+    }
+    lo = d[0];
+    hi = d[2];
+  } else {
+    constexpr int STEPS = (KLEN + 127) / 128;
+    const u32* wl = static_cast<const u32*>(W) + size_t(row_lo) * (K / 8);
+    const u32* wh = static_cast<const u32*>(W) + size_t(row_hi) * (K / 8);
+    uint4 ql[STEPS], qh[STEPS];
+#pragma unroll
+    for (int st = 0; st < STEPS; ++st) {
+      const int kc = k0 + st * 128 + 32 * c;  // this lane's chunk
+      ql[st] = qh[st] = uint4{0u, 0u, 0u, 0u};
+      if (KLEN % 128 == 0 || kc < k0 + KLEN) {
+        ql[st] = ld_stream_16(wl + kc / 8);
+        qh[st] = ld_stream_16(wh + kc / 8);
+      }
+    }
+    // D columns of this lane: chunks 2c, 2c+1 (zero for c >= 2; their scale index is clamped in range).
+    const int n0 = (2 * c) & 3, n1 = (2 * c + 1) & 3;
+    const bf16* sl = S + size_t(row_lo) * (K / GROUP);
+    const bf16* sh = S + size_t(row_hi) * (K / GROUP);
+    float acc_lo = 0.f, acc_hi = 0.f;
+#pragma unroll
+    for (int st = 0; st < STEPS; ++st) {
+      const int kb = k0 + st * 128, kc = kb + 32 * c;
+      uint4 xv[4] = {};
+      if (g == c && (KLEN % 128 == 0 || kc < k0 + KLEN)) {
+#pragma unroll
+        for (int w = 0; w < 4; ++w) xv[w] = ld_global_16(x + kc + 8 * w);
+      }
+      const u32 wlo[4] = {ql[st].x, ql[st].y, ql[st].z, ql[st].w}, whi[4] = {qh[st].x, qh[st].y, qh[st].z, qh[st].w};
+      float d[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+      for (int w = 0; w < 4; ++w) {
+        u32 al[4], ah[4];
+        int4x8_to_bf16x2(wlo[w], al);
+        int4x8_to_bf16x2(whi[w], ah);
+        const u32 f0[4] = {al[0], ah[0], al[1], ah[1]}, f1[4] = {al[2], ah[2], al[3], ah[3]};
+        mma_bf16_16816(d, f0, xv[w].x, xv[w].y);
+        mma_bf16_16816(d, f1, xv[w].z, xv[w].w);
+      }
+      const int last = k0 + KLEN - 32;
+      const int s0 = min(kb + 32 * n0, last) / GROUP, s1 = min(kb + 32 * n1, last) / GROUP;
+      acc_lo += bf16_to_f32(sl[s0]) * d[0] + bf16_to_f32(sl[s1]) * d[1];
+      acc_hi += bf16_to_f32(sh[s0]) * d[2] + bf16_to_f32(sh[s1]) * d[3];
+    }
+    acc_lo += __shfl_xor_sync(0xffffffffu, acc_lo, 1);
+    acc_lo += __shfl_xor_sync(0xffffffffu, acc_lo, 2);
+    acc_hi += __shfl_xor_sync(0xffffffffu, acc_hi, 1);
+    acc_hi += __shfl_xor_sync(0xffffffffu, acc_hi, 2);
+    lo = acc_lo;
+    hi = acc_hi;
+  }
+}
+
 }  // namespace q35k
 
 // ---- router: logits, softmax, top-k, renormalise; plus the shared expert's sigmoid gate ----
 // x [T, H] bf16; w_router [E, H] bf16; w_sg [1, H] bf16 (shared_expert_gate);
-// logits [T, E+1] fp32 scratch; counters [ceil(T / M_TILE)] int32, zero before the first launch and
-// left zero by every launch (graph-safe); ids [T, TOPK] int32 and weights [T, TOPK] fp32, by
-// decreasing probability (equal probabilities: lower expert first), weights renormalised to sum 1;
-// shared_gate [T] fp32 = sigmoid(x . w_sg).
+// logits [T, E+1] fp32 (column E = the shared gate's logit). SELECT (the prefill path) also writes,
+// through the last block of a token tile to finish (atomic ticket; counters [ceil(T / M_TILE)] int32,
+// zero before the first launch and left zero by every launch: graph-safe): ids [T, TOPK] int32 and
+// weights [T, TOPK] fp32, by decreasing probability (warp_topk), weights renormalised to sum 1;
+// shared_gate [T] fp32 = sigmoid(x . w_sg). Without SELECT (decode) moe_decode_gate_up does that.
 // Grid: (ceil((E / ROWS + 1) / WARPS), ceil(T / M_TILE)); block WARPS * 32. Warp g < E / ROWS computes
-// router rows g*ROWS .. +ROWS-1, warp E / ROWS the shared gate, for M_TILE tokens. The last block of a
-// token tile to finish (atomic ticket) runs softmax + top-k, one warp per token.
-template <int H, int E, int TOPK, int M_TILE, int ROWS, int WARPS>
+// router rows g*ROWS .. +ROWS-1, warp E / ROWS the shared gate, for M_TILE tokens.
+template <int H, int E, int TOPK, int M_TILE, int ROWS, int WARPS, bool SELECT>
 __global__ void __launch_bounds__(WARPS * 32)
 moe_router(const q35k::bf16* __restrict__ x, const q35k::bf16* __restrict__ w_router,
            const q35k::bf16* __restrict__ w_sg, float* __restrict__ logits, int* __restrict__ counters,
            int* __restrict__ ids, float* __restrict__ weights, float* __restrict__ shared_gate, int T) {
   static_assert(E % ROWS == 0, "moe_router: E must be a multiple of ROWS");
-  static_assert(TOPK >= 1 && TOPK <= E && TOPK <= 32, "moe_router: TOPK must be in [1, min(E, 32)]");
-  constexpr int EPL = (E + 31) / 32;  // probabilities per lane in the top-k
-  const float neg_inf = __int_as_float(0xff800000);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int g = blockIdx.x * WARPS + warp;
   const int t0 = blockIdx.y * M_TILE;
+
+  // The router weights do not depend on the previous kernel: start reading them before waiting.
+  if (g <= E / ROWS)
+    q35k::prefetch_l2_warp(g == E / ROWS ? w_sg : w_router + size_t(g) * ROWS * H, (g == E / ROWS ? 1 : ROWS) * H * 2);
+  q35k::moe_pdl_wait();
+  q35k::moe_pdl_launch_dependents();
 
   if (g <= E / ROWS) {
     const bool is_sg = g == E / ROWS;
@@ -159,6 +366,7 @@ moe_router(const q35k::bf16* __restrict__ x, const q35k::bf16* __restrict__ w_ro
         if (lane == (m * ROWS + r) % 32 && t0 + m < T && (r == 0 || !is_sg))
           logits[size_t(t0 + m) * (E + 1) + (is_sg ? E : g * ROWS + r)] = out[m][r];
   }
+  if constexpr (!SELECT) return;
 
   __shared__ int is_last;
   __threadfence();
@@ -173,151 +381,163 @@ moe_router(const q35k::bf16* __restrict__ x, const q35k::bf16* __restrict__ w_ro
     const int t = t0 + m;
     if (t >= T) break;
     const float* lt = logits + size_t(t) * (E + 1);
-    float p[EPL];
-    float mx = neg_inf;
-#pragma unroll
-    for (int i = 0; i < EPL; ++i) {
-      const int e = lane + 32 * i;
-      p[i] = e < E ? __ldcg(lt + e) : neg_inf;
-      mx = fmaxf(mx, p[i]);
-    }
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-    float sum = 0.f;
-#pragma unroll
-    for (int i = 0; i < EPL; ++i) {
-      p[i] = lane + 32 * i < E ? expf(p[i] - mx) : 0.f;
-      sum += p[i];
-    }
-    sum = q35k::warp_sum(sum);
-#pragma unroll
-    for (int i = 0; i < EPL; ++i) p[i] = lane + 32 * i < E ? p[i] / sum : -1.f;  // -1: never selected
-
-    float sel_p[TOPK];
     int sel_e[TOPK];
-    float top_sum = 0.f;
-#pragma unroll
-    for (int k = 0; k < TOPK; ++k) {
-      // This lane's best (largest p, then lowest expert), then the warp's.
-      float bp = p[0];
-      int be = lane;
-#pragma unroll
-      for (int i = 1; i < EPL; ++i)
-        if (p[i] > bp) bp = p[i], be = lane + 32 * i;
-#pragma unroll
-      for (int off = 16; off > 0; off >>= 1) {
-        const float op = __shfl_xor_sync(0xffffffffu, bp, off);
-        const int oe = __shfl_xor_sync(0xffffffffu, be, off);
-        if (op > bp || (op == bp && oe < be)) bp = op, be = oe;
-      }
-      sel_p[k] = bp;
-      sel_e[k] = be;
-      top_sum += bp;
-#pragma unroll
-      for (int i = 0; i < EPL; ++i)
-        if (lane + 32 * i == be) p[i] = -1.f;
-    }
+    float sel_w[TOPK];
+    q35k::warp_topk<E, TOPK>(lt, TOPK, sel_e, sel_w);
 #pragma unroll
     for (int k = 0; k < TOPK; ++k)
       if (lane == k) {
         ids[size_t(t) * TOPK + k] = sel_e[k];
-        weights[size_t(t) * TOPK + k] = sel_p[k] / top_sum;
+        weights[size_t(t) * TOPK + k] = sel_w[k];
       }
     if (lane == 0) shared_gate[t] = 1.f / (1.f + expf(-__ldcg(lt + E)));
   }
 }
 
-// ---- decode: gate|up for the k routed experts and the shared expert ----
-// x [T, H] bf16; ids [T, TOPK]; gate_up [E, 2I, H] (rows gate 0..I-1, up I..2I-1);
-// shared_gate_up [2IS, H] (rows gate | up); h [T, TOPK*I + IS] bf16 (slot s at s*I, shared at TOPK*I).
-// Grid: (ceil((TOPK*I + IS) / (ROWS * WARPS)), T); block WARPS * 32. A warp owns ROWS consecutive h
-// values of one token (never straddling two slots) and reads their 2 * ROWS weight rows once.
-template <int GROUP, int H, int I, int IS, int TOPK, int ROWS, int WARPS>
-__global__ void __launch_bounds__(WARPS * 32)
-moe_decode_gate_up(const q35k::bf16* __restrict__ x, const int* __restrict__ ids,
+// ---- decode: routing, gate|up for the k routed experts and the shared expert ----
+// x [T, H] bf16; logits [T, E+1] fp32 (moe_router without SELECT); gate_up [E, 2I, H] (rows gate
+// 0..I-1, up I..2I-1); shared_gate_up [2IS, H] (rows gate | up); down [E, H, I] and shared_down [H, IS]
+// (only prefetched here). Writes h [T, TOPK*I + IS] bf16 (slot s at s*I, shared at TOPK*I), and from
+// block 0 of each token ids [T, TOPK] int32, weights [T, TOPK] fp32 (as moe_router with SELECT) and
+// shared_gate [T] fp32.
+// Grid: ((TOPK*I + IS) / 8, T); block KSPLIT * 32. A block owns 8 consecutive h values of one token
+// (never straddling two slots): the 16 weight rows gate j..j+7 | up j..j+7 as one mma tile. Warp w
+// takes k in [w, w + 1) * H / KSPLIT; the block sums the KSPLIT partial sums in shared memory. Each
+// warp of a routed slot s selects the top s + 1 experts itself (no wait for a selecting kernel).
+template <int GROUP, int H, int E, int I, int IS, int TOPK, int KSPLIT>
+__global__ void __launch_bounds__(KSPLIT * 32)
+moe_decode_gate_up(const q35k::bf16* __restrict__ x, const float* __restrict__ logits, int* __restrict__ ids,
+                   float* __restrict__ weights, float* __restrict__ shared_gate,
                    const void* __restrict__ gate_up_w, const q35k::bf16* __restrict__ gate_up_s,
                    const void* __restrict__ shared_w, const q35k::bf16* __restrict__ shared_s,
+                   const void* __restrict__ down_w, const q35k::bf16* __restrict__ down_s,
+                   const void* __restrict__ shared_down_w, const q35k::bf16* __restrict__ shared_down_s,
                    q35k::bf16* __restrict__ h, int T) {
-  static_assert(I % ROWS == 0 && IS % ROWS == 0, "moe_decode_gate_up: I and IS must be multiples of ROWS");
+  static_assert(I % 8 == 0 && IS % 8 == 0, "moe_decode_gate_up: I and IS must be multiples of 8");
+  static_assert(H % (32 * KSPLIT) == 0, "moe_decode_gate_up: H must be a multiple of 32 * KSPLIT");
   using F = q35k::WeightFormat<GROUP>;
   constexpr int HW = TOPK * I + IS;  // h values per token
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int j0 = (blockIdx.x * WARPS + warp) * ROWS;
+  constexpr int KLEN = H / KSPLIT;
+  __shared__ float part[KSPLIT][16];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4;
+  const int j0 = blockIdx.x * 8;
   const int t = blockIdx.y;
-  if (j0 >= HW) return;
+  const int k0 = warp * KLEN;
 
   const bool shared = j0 >= TOPK * I;
   const int slot = shared ? TOPK : j0 / I;
   const int n_inter = shared ? IS : I;
   const int jj = shared ? j0 - TOPK * I : j0 - slot * I;  // row within the expert's gate block
-  const void* W;
-  const q35k::bf16* S;
-  if (shared) {
-    W = shared_w;
-    S = shared_s;
-  } else {
-    const int e = ids[size_t(t) * TOPK + slot];
+  constexpr int RB = q35k::row_bytes<GROUP, KLEN>();
+  if (shared) {  // the shared expert's weights are known before the router finished
+    q35k::prefetch_l2_rows16<RB>(shared_w, q35k::row_bytes<GROUP, H>(), jj, IS + jj, warp * RB);
+    q35k::prefetch_l2_block_slice(shared_down_w, size_t(H) * q35k::row_bytes<GROUP, IS>(), jj / 8, IS / 8);
+    if constexpr (GROUP != 0)
+      q35k::prefetch_l2_block_slice(shared_down_s, size_t(H) * (IS / GROUP) * 2, jj / 8, IS / 8);
+  }
+  q35k::moe_pdl_wait();
+  q35k::moe_pdl_launch_dependents();
+
+  const void* W = shared_w;
+  const q35k::bf16* S = shared_s;
+  if (!shared) {
+    const bool writer = blockIdx.x == 0 && warp == 0;
+    const float* lt = logits + size_t(t) * (E + 1);
+    int sel_e[TOPK];
+    float sel_w[TOPK];
+    q35k::warp_topk<E, TOPK>(lt, writer ? TOPK : slot + 1, sel_e, sel_w);
+    int e = sel_e[0];
+#pragma unroll
+    for (int k = 1; k < TOPK; ++k)
+      if (k == slot) e = sel_e[k];
+    if (writer) {
+#pragma unroll
+      for (int k = 0; k < TOPK; ++k)
+        if (lane == k) {
+          ids[size_t(t) * TOPK + k] = sel_e[k];
+          weights[size_t(t) * TOPK + k] = sel_w[k];
+        }
+      if (lane == 0) shared_gate[t] = 1.f / (1.f + expf(-__ldcg(lt + E)));
+    }
     W = F::template matrix<2 * I, H>(gate_up_w, e);
     S = F::template scales<2 * I, H>(gate_up_s, e);
+    // This block's slice of the expert's down weights, for moe_decode_down (I / 8 blocks per slot).
+    q35k::prefetch_l2_block_slice(F::template matrix<H, I>(down_w, e), size_t(H) * q35k::row_bytes<GROUP, I>(), jj / 8,
+                                  I / 8);
+    if constexpr (GROUP != 0)
+      q35k::prefetch_l2_block_slice(F::template scales<H, I>(down_s, e), size_t(H) * (I / GROUP) * 2, jj / 8, I / 8);
   }
-  int rows[2 * ROWS];
-#pragma unroll
-  for (int r = 0; r < ROWS; ++r) {
-    rows[r] = jj + r;
-    rows[ROWS + r] = n_inter + jj + r;
+  float gate, up;
+  q35k::mma_rows16_dot<GROUP, H, KLEN>(W, S, jj + g, n_inter + jj + g, x + size_t(t) * H, k0, gate, up);
+  if (lane % 4 == 0) {
+    part[warp][g] = gate;
+    part[warp][8 + g] = up;
   }
-  const q35k::bf16* xm[1] = {x + size_t(t) * H};
-  float out[1][2 * ROWS];
-  q35k::warp_rows_dot<GROUP, H, 2 * ROWS, 1>(W, S, rows, xm, out);
+  __syncthreads();
+  if (threadIdx.x < 8) {
+    const int r = threadIdx.x;
+    float gs = 0.f, us = 0.f;
 #pragma unroll
-  for (int r = 0; r < ROWS; ++r)
-    if (lane == r % 32) h[size_t(t) * HW + j0 + r] = q35k::f32_to_bf16(q35k::silu(out[0][r]) * out[0][ROWS + r]);
+    for (int w = 0; w < KSPLIT; ++w) gs += part[w][r], us += part[w][8 + r];
+    h[size_t(t) * HW + j0 + r] = q35k::f32_to_bf16(q35k::silu(gs) * us);
+  }
 }
 
 // ---- decode: down for the k routed experts and the shared expert, weighted sum, one write ----
 // h [T, TOPK*I + IS] bf16; ids [T, TOPK]; weights [T, TOPK] fp32; shared_gate [T] fp32;
 // down [E, H, I]; shared_down [H, IS]; out [T, H] bf16.
-// Grid: (H / ROWS, T); block WARPS * 32. A block owns ROWS output rows of one token; its warps take
-// the k + 1 experts round-robin (slot k = shared), each computing all ROWS rows of its expert, so
-// every weight load of the block is independent. The block then sums the experts' rows in slot order
+// Grid: (H / 16, T); block (TOPK + 1) * KSPLIT * 32. A block owns 16 output rows of one token (one
+// mma tile); warp w takes expert slot w / KSPLIT (slot TOPK = shared) over the k part w % KSPLIT, so
+// every weight load of the block is independent. The block then sums the parts in slot order
 // (deterministic, no atomics) and writes each output once.
-template <int GROUP, int H, int I, int IS, int TOPK, int ROWS, int WARPS>
-__global__ void __launch_bounds__(WARPS * 32)
+template <int GROUP, int H, int I, int IS, int TOPK, int KSPLIT>
+__global__ void __launch_bounds__((TOPK + 1) * KSPLIT * 32)
 moe_decode_down(const q35k::bf16* __restrict__ h, const int* __restrict__ ids, const float* __restrict__ weights,
                 const float* __restrict__ shared_gate, const void* __restrict__ down_w,
                 const q35k::bf16* __restrict__ down_s, const void* __restrict__ shared_w,
                 const q35k::bf16* __restrict__ shared_s, q35k::bf16* __restrict__ out, int T) {
-  static_assert(H % ROWS == 0 && ROWS <= 32, "moe_decode_down: H must be a multiple of ROWS <= 32");
+  static_assert(H % 16 == 0, "moe_decode_down: H must be a multiple of 16");
+  static_assert(I % (32 * KSPLIT) == 0 && IS % (32 * KSPLIT) == 0,
+                "moe_decode_down: I and IS must be multiples of 32 * KSPLIT");
   using F = q35k::WeightFormat<GROUP>;
   constexpr int HW = TOPK * I + IS;
-  __shared__ float part[TOPK + 1][ROWS];  // per-expert rows, before the routing weight
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int n0 = blockIdx.x * ROWS;
+  __shared__ float part[TOPK + 1][KSPLIT][16];  // per-expert rows, before the routing weight
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4;
+  const int s = warp / KSPLIT, kp = warp % KSPLIT;
+  const int n0 = blockIdx.x * 16;
   const int t = blockIdx.y;
 
-  int rows[ROWS];
-#pragma unroll
-  for (int r = 0; r < ROWS; ++r) rows[r] = n0 + r;
-  for (int s = warp; s <= TOPK; s += WARPS) {
-    float o[1][ROWS];
-    const q35k::bf16* xm[1] = {h + size_t(t) * HW + s * I};
-    if (s == TOPK) {
-      q35k::warp_rows_dot<GROUP, IS, ROWS, 1>(shared_w, shared_s, rows, xm, o);
-    } else {
-      const int e = ids[size_t(t) * TOPK + s];
-      q35k::warp_rows_dot<GROUP, I, ROWS, 1>(F::template matrix<H, I>(down_w, e), F::template scales<H, I>(down_s, e),
-                                             rows, xm, o);
-    }
-#pragma unroll
-    for (int r = 0; r < ROWS; ++r)
-      if (lane == r) part[s][r] = o[0][r];
+  // Its weights were prefetched into L2 by moe_decode_gate_up.
+  q35k::moe_pdl_wait();
+  q35k::moe_pdl_launch_dependents();
+
+  float lo, hi;
+  const q35k::bf16* hs = h + size_t(t) * HW + s * I;
+  if (s == TOPK) {
+    q35k::mma_rows16_dot<GROUP, IS, IS / KSPLIT>(shared_w, shared_s, n0 + g, n0 + 8 + g, hs, kp * (IS / KSPLIT), lo, hi);
+  } else {
+    const int e = ids[size_t(t) * TOPK + s];
+    q35k::mma_rows16_dot<GROUP, I, I / KSPLIT>(F::template matrix<H, I>(down_w, e), F::template scales<H, I>(down_s, e),
+                                               n0 + g, n0 + 8 + g, hs, kp * (I / KSPLIT), lo, hi);
+  }
+  if (lane % 4 == 0) {
+    part[s][kp][g] = lo;
+    part[s][kp][8 + g] = hi;
   }
   __syncthreads();
-  if (threadIdx.x < ROWS) {
+  if (threadIdx.x < 16) {
     const int r = threadIdx.x;
-    float acc = shared_gate[t] * part[TOPK][r];
+    float sh = 0.f;
 #pragma unroll
-    for (int s = 0; s < TOPK; ++s) acc += weights[size_t(t) * TOPK + s] * part[s][r];
+    for (int k = 0; k < KSPLIT; ++k) sh += part[TOPK][k][r];
+    float acc = shared_gate[t] * sh;
+#pragma unroll
+    for (int e = 0; e < TOPK; ++e) {
+      float v = 0.f;
+#pragma unroll
+      for (int k = 0; k < KSPLIT; ++k) v += part[e][k][r];
+      acc += weights[size_t(t) * TOPK + e] * v;
+    }
     out[size_t(t) * H + n0 + r] = q35k::f32_to_bf16(acc);
   }
 }

@@ -37,14 +37,6 @@ __device__ __forceinline__ void ldmatrix_x4(u32 (&r)[4], const void* p) {
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
 }
 
-// d += a . b, m16n8k16, bf16 inputs, fp32 accumulators.
-__device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-               "{%0, %1, %2, %3};"
-               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
 // 32 INT4 values (4 words, natural k order) times a bf16 scale -> 32 bf16 in k order (4 uint4).
 __device__ __forceinline__ void dequant32(const uint4& q, bf16 scale, uint4 (&out)[4]) {
   const u32 s2 = u32(scale) | (u32(scale) << 16), neg0 = 0x80008000u;

@@ -136,7 +136,7 @@ TEST_CASE("eval writes the transformers logits, in prefill and in decode mode") 
     CAPTURE(mode);
     const fs::path out = tmp.path() / (std::string(mode) + ".safetensors");
     Result r = q35jit("eval --model " + kModel + " --tokens " + (tmp.path() / "prompt.txt").string() + " --out " +
-                      out.string() + " --mode " + mode);
+                      out.string() + " --mode " + mode + " --device cpu");
     REQUIRE_MESSAGE(r.code == 0, r.err);
     q35::SafetensorsFile got_file(out);
     const q35::TensorInfo* info = got_file.find("logits");
@@ -162,7 +162,7 @@ TEST_CASE("run --temperature 0 streams the transformers greedy continuation") {
   TempDir tmp("cli-run");
   std::ofstream(tmp.path() / "prompt.txt", std::ios::binary) << prompt;
   Result r = q35jit("run --model " + kModel + " --prompt-file " + (tmp.path() / "prompt.txt").string() +
-                    " --temperature 0 --max-new-tokens " + std::to_string(greedy.size()));
+                    " --temperature 0 --max-new-tokens " + std::to_string(greedy.size()) + " --device cpu");
   REQUIRE_MESSAGE(r.code == 0, r.err);
   CHECK(r.out == want);
   CHECK(r.err.find("time to first token") != std::string::npos);
@@ -171,7 +171,7 @@ TEST_CASE("run --temperature 0 streams the transformers greedy continuation") {
   // Seeded sampling is reproducible, and another seed gives another text.
   auto sample = [&](int seed) {
     return q35jit("run --model " + kModel + " --prompt 'The quick brown fox' --temperature 1.5 --top-k 50 --top-p 0.95 " +
-                  "--max-new-tokens 24 --seed " + std::to_string(seed));
+                  "--max-new-tokens 24 --device cpu --seed " + std::to_string(seed));
   };
   Result a = sample(1), b = sample(1), c = sample(2);
   CHECK(a.code == 0);
@@ -181,12 +181,12 @@ TEST_CASE("run --temperature 0 streams the transformers greedy continuation") {
 
 TEST_CASE("run --chat: one-shot and interactive multi-turn on stdin") {
   Result one = q35jit("run --model " + kModel + " --chat --no-think --system 'Be brief.' --prompt hello "
-                      "--temperature 0 --max-new-tokens 8");
+                      "--temperature 0 --max-new-tokens 8 --device cpu");
   CHECK_MESSAGE(one.code == 0, one.err);
   CHECK(!one.out.empty());
   // Interactive: two turns from stdin; the first turn's reply equals the one-shot reply.
   Result chat = q35jit("run --model " + kModel + " --chat --no-think --system 'Be brief.' --temperature 0 "
-                       "--max-new-tokens 8", "hello\nand again\n");
+                       "--max-new-tokens 8 --device cpu", "hello\nand again\n");
   CHECK_MESSAGE(chat.code == 0, chat.err);
   CHECK(chat.out.rfind(one.out, 0) == 0);
   CHECK(chat.out.size() > one.out.size());
@@ -194,7 +194,7 @@ TEST_CASE("run --chat: one-shot and interactive multi-turn on stdin") {
 }
 
 TEST_CASE("run: context overflow is one clear line") {
-  Result r = q35jit("run --model " + kModel + " --prompt 'a b c d e f g h' --max-context 4 --temperature 0");
+  Result r = q35jit("run --model " + kModel + " --prompt 'a b c d e f g h' --max-context 4 --temperature 0 --device cpu");
   CHECK(r.code == 1);
   CHECK(r.err.find("context overflow") != std::string::npos);
   CHECK(count_lines(r.err) <= 2);  // the load line, then the error

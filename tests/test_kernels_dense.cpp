@@ -91,20 +91,29 @@ TEST_CASE("dense tile validity rules and defaults") {
   CHECK(why_invalid(W4GemvTile{}, 2048, 2048, 128).empty());
   CHECK(why_invalid(W4GemvTile{}, 2048, 2048, 16).find("group size 16") != std::string::npos);
   CHECK(why_invalid(W4GemvTile{}, 2048, 2080, 64).find("multiple of the group size") != std::string::npos);
-  CHECK(why_invalid(W4GemvTile{16, 4, 4, 1}, 2048, 2048, 32).find("accumulators") != std::string::npos);
-  CHECK(why_invalid(W4GemvTile{1, 4, 8, 8}, 2048, 2048, 32).find("warps") != std::string::npos);
+  CHECK(why_invalid(W4GemvTile{17, 1, 4, 4}, 2048, 2048, 32).find("m_tile = 17") != std::string::npos);
+  CHECK(why_invalid(W4GemvTile{1, 4, 16, 1}, 2048, 2048, 32).find("warps") != std::string::npos);
+  CHECK(why_invalid(W4GemvTile{1, 1, 32, 1}, 2048, 2048, 128).find("exceeds the 16 128-k tiles") != std::string::npos);
+  CHECK(why_invalid(W4GemvTile{1, 1, 4, 9}, 2048, 2048, 128).find("unroll = 9") != std::string::npos);
+  // M = 16 at G32: 64 columns (token x group) = 8 column tiles of the mma leave room for unroll 1 only.
+  CHECK(why_invalid(W4GemvTile{16, 1, 4, 1}, 2048, 2048, 32).empty());
+  CHECK(why_invalid(W4GemvTile{16, 1, 4, 2}, 2048, 2048, 32).find("column tiles = 2 * 8") != std::string::npos);
   for (int m : {1, 2, 5, 16})
-    for (int64_t g : {32, 64, 128}) {
-      W4GemvTile t = default_w4_gemv_tile(2048, 4096, g, m);
-      CHECK(why_invalid(t, 2048, 4096, g).empty());
-      CHECK(t.m_tile >= m);
-    }
-  // K = 4096 (128 chunks of 32) splits over 4 warps: one chunk per lane; K = 2048 over 2 warps.
-  W4GemvTile o = default_w4_gemv_tile(2048, 4096, 128, 1);
-  CHECK(o.k_warps == 4);
-  CHECK(default_w4_gemv_tile(12352, 2048, 128, 1).k_warps == 2);
-  CHECK(2048 / o.rows_per_block() >= 512);
-  CHECK(default_w4_gemv_tile(248320, 2048, 32, 1).rows == 4);
+    for (int64_t g : {32, 64, 128})
+      for (auto [n, k] : {std::pair<int64_t, int64_t>{2048, 4096}, {9216, 2048}, {248320, 2048}, {1544, 128}, {128, 512}}) {
+        W4GemvTile t = default_w4_gemv_tile(n, k, g, m);
+        CHECK(why_invalid(t, n, k, g).empty());
+        CHECK(t.m_tile >= m);
+        // Every warp gets whole runs of `unroll` tiles.
+        CHECK(((k + 127) / 128) % (int64_t(t.k_warps) * t.unroll) == 0);
+      }
+  // K = 2048 (16 tiles of 128) splits into 4 runs of 4 tiles; the 128 row sets of o_proj are too few
+  // warps for 4 runs of K = 4096, so it takes 16 runs of 2 tiles.
+  CHECK(default_w4_gemv_tile(12352, 2048, 128, 1).k_warps == 4);
+  CHECK(default_w4_gemv_tile(12352, 2048, 128, 1).unroll == 4);
+  const W4GemvTile o = default_w4_gemv_tile(2048, 4096, 128, 1);
+  CHECK((o.k_warps == 16 && o.unroll == 2 && o.rows_per_block() == 16));
+  CHECK(default_w4_gemv_tile(248320, 2048, 32, 1).threads() == 128);
   CHECK(error_of([] { default_w4_gemv_tile(2048, 2048, 32, 17); }).find("m = 17") != std::string::npos);
 
   // quantize / sample

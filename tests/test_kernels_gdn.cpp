@@ -94,9 +94,12 @@ TEST_CASE("GDN tile validity rules and defaults") {
   CHECK(why_invalid(GdnRecurrentTile{64, 4}, s).empty());
   CHECK(why_invalid(GdnPrologueTile{2, 4}, s).find("tokens = 2") != std::string::npos);
   CHECK(why_invalid(GdnChunkTile{24}, s).find("vs = 24") != std::string::npos);
-  CHECK(why_invalid(GdnChunkTile{32}, GdnShape{16, 32, 256, 128, 4}).find("gdn_chunk_prepare needs") != std::string::npos);
+  CHECK(why_invalid(GdnChunkTile{32}, GdnShape{16, 32, 256, 128, 4}).find("gdn_chunk_state needs 214016 B") !=
+        std::string::npos);
   CHECK(why_invalid(GatedRmsnormTile{3}, s).find("heads = 3") != std::string::npos);
-  CHECK(gdn_chunk_state_smem_bytes(s, GdnChunkTile{32}) == (128 * 33 + 3 * 64 * 129 + 64 * 33 + 64 * 65 + 64) * 4);
+  CHECK(gdn_chunk_state_smem_bytes(s, GdnChunkTile{32}) ==
+        (64 * 132 + 64 * 68 + 2 * 64 * 40 + 128 * 40 + 4 * 64) * 4 + 2 * 64 * 136 * 2);
+  CHECK(gdn_chunk_prepare_smem_bytes(s) == 2 * 64 * 136 * 2 + (64 * 68 + 2 * 64) * 4);
   CHECK(default_gdn_chunk_tile(s).vs == 32);
   CHECK(default_gdn_recurrent_tile(s).rows == 16);
   CHECK(error_of([] { default_gdn_recurrent_tile(GdnShape{2, 4, 64, 128, 4}); }).find("key head dim 64") != std::string::npos);

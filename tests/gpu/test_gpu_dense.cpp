@@ -330,6 +330,75 @@ TEST_CASE("GPU dense: decode GEMVs (bf16, W4A16 G32/64/128) at every projection 
   }
 }
 
+TEST_CASE("GPU dense: W4A16 decode GEMV tiles at the 35B shapes (G128, M = 1): each correct, default deterministic") {
+  auto g = open_gpu();
+  const int64_t G = 128;
+  for (const DenseShape& s : dense_shapes(config_35b())) {
+    CAPTURE(s.name);
+    const bool logits = s.proj == DenseProj::LmHead;
+    const int64_t tiles = s.k / 128;
+    // The default, then k_warps 2..32 (whole runs of tiles) x unroll 1 / 2 / 4 x row_warps 1 / 2.
+    std::vector<W4GemvTile> variants{default_w4_gemv_tile(s.n, s.k, G, 1)};
+    for (int kw = 2; kw <= 32 && kw <= tiles; kw *= 2)
+      for (int u : {1, 2, 4})
+        for (int rw : {1, 2}) {
+          const W4GemvTile t{1, rw, kw, u};
+          if (tiles % (int64_t(kw) * u) == 0 && why_invalid(t, s.n, s.k, G).empty() &&
+              std::find_if(variants.begin(), variants.end(), [&](const W4GemvTile& v) {
+                return v.row_warps == rw && v.k_warps == kw && v.unroll == u;
+              }) == variants.end())
+            variants.push_back(t);
+        }
+    std::vector<KernelSpec> specs;
+    for (const W4GemvTile& t : variants) specs.push_back(gemv_w4a16_spec(s.n, s.k, G, t, logits));
+    precompile(*g, specs);
+
+    std::vector<uint16_t> W = fast_random_bf16(size_t(s.n * s.k), 51, 0.1f), x = fast_random_bf16(size_t(s.k), 52, 2.f);
+    QuantizePlan qp = quantize_plan(s.k, G);
+    DeviceBuffer d_W = to_device(*g, W), d_x = to_device(*g, x), d_q(g->driver, size_t(s.n * s.k / 2)),
+                 d_s(g->driver, size_t(s.n * s.k / G) * 2);
+    launch_quantize(qp, g->jit.load(qp.quantize_spec(), g->ctx), g->stream, d_W.ptr(), d_q.ptr(), d_s.ptr(), s.n);
+    g->stream.synchronize();
+    d_W = DeviceBuffer();
+    const std::vector<int64_t> ni = sample_indices(s.n, 2048, 53);
+    int4::Quantized sub = int4::quantize(rows_f32(W, s.k, ni), int64_t(ni.size()), s.k, G);
+    const std::vector<float> w_ref = int4::dequantize(sub, int64_t(ni.size()), s.k, G), x_f = to_f32(x);
+    // Weight copies cycled through so the reads come from HBM (>= 60 MB together: L2 is 50 MB).
+    const int copies = int(std::clamp<int64_t>(int64_t(400e6) / (s.n * s.k), 1, 16));
+    std::vector<DeviceBuffer> qc, sc;
+    for (int c = 1; c < copies; ++c) {
+      qc.emplace_back(g->driver, d_q.size());
+      qc.back().copy_from(d_q, d_q.size(), g->stream);
+      sc.emplace_back(g->driver, d_s.size());
+      sc.back().copy_from(d_s, d_s.size(), g->stream);
+    }
+    const double bytes = double(s.n * s.k) / 2 + double(s.n * s.k / G) * 2;
+    for (size_t v = 0; v < variants.size(); ++v) {
+      const W4GemvPlan p{s.n, s.k, G, variants[v], logits};
+      CAPTURE(p.spec().str());
+      Function f = g->jit.load(p.spec(), g->ctx);
+      DeviceBuffer d_y = poisoned(*g, size_t(s.n) * (logits ? 4 : 2));
+      launch(p, f, g->stream, d_q.ptr(), d_s.ptr(), d_x.ptr(), d_y.ptr(), 1);
+      const std::vector<float> y = download_f32_or_bf16(*g, d_y, logits);
+      CHECK(check_product(x_f, w_ref, {0}, ni, s.n, s.k, y) <= 1e-2);
+      if (v == 0) {  // run to run: bit-identical
+        const std::vector<uint8_t> first = to_host<uint8_t>(*g, d_y);
+        launch(p, f, g->stream, d_q.ptr(), d_s.ptr(), d_x.ptr(), d_y.ptr(), 1);
+        CHECK(to_host<uint8_t>(*g, d_y) == first);
+      }
+      const double us = graph_us(*g, 4 * copies, [&](int i) {
+        const int c = i % copies;
+        launch(p, f, g->stream, c == 0 ? d_q.ptr() : qc[size_t(c - 1)].ptr(), c == 0 ? d_s.ptr() : sc[size_t(c - 1)].ptr(),
+               d_x.ptr(), d_y.ptr(), 1);
+      });
+      MESSAGE(fmt::format("gemv_w4a16 G128 {} [{} x {}] {} row_warps {} k_warps {} unroll {}: {:.2f} us, {:.0f} GB/s "
+                          "(floor {:.2f} us at 3.0 TB/s)",
+                          s.name, s.n, s.k, v == 0 ? "DEFAULT" : "tile", p.tile.row_warps, p.tile.k_warps,
+                          p.tile.unroll, us, bytes / us * 1e-3, bytes / 3.0e6));
+    }
+  }
+}
+
 TEST_CASE("GPU dense: W4A16 at large M = dequantize_w4 into a bf16 scratch + gemm_bf16") {
   auto g = open_gpu();
   for (const DenseShape& s : all_shapes()) {

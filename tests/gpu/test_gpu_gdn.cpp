@@ -282,6 +282,8 @@ TEST_CASE("GPU: gdn timings at the 35B shapes") {
     };
     const double pro = time_us([&] { k.prologue(g->stream, proj.ptr(), int(stride), T, pos.ptr(), w, st, ws); });
     const double chk = time_us([&] { k.chunked(g->stream, T, st, ws); });
+    const double prep = time_us([&] { k.chunk_prepare(g->stream, T, ws); });
+    const double state = time_us([&] { k.chunk_state(g->stream, T, st, ws); });
     const double rec = time_us([&] { k.recurrent(g->stream, T, st, ws); });
     const double nrm = time_us([&] { k.gated_rmsnorm(g->stream, T, ws.o, proj.ptr(), int(stride), norm_w.ptr(), y.ptr()); });
     // Floors: prologue reads qkv + gates of proj and writes qkv bf16 + g, beta; the chunked core's
@@ -289,8 +291,8 @@ TEST_CASE("GPU: gdn timings at the 35B shapes") {
     const double pro_floor = double(T) * (C * 2 * 2 + s.hv * 4 * 4) / 3.0e6;
     const double chk_floor = double(T / 64) * s.hv * 2.0 * (2 * 64 * 64 * 128 + 64 * 64 * 128 + 3 * 64 * 128 * 128 + 64 * 64 * 64) / 700e6;
     MESSAGE(fmt::format("gdn prefill T = {} per layer: prologue {:.1f} us (floor {:.1f}), chunked {:.1f} us "
-                        "(floor {:.1f} compute), token-by-token {:.1f} us, gated_rmsnorm {:.1f} us; "
-                        "chunked total {:.1f} us vs anchors 170-290 us",
-                        T, pro, pro_floor, chk, chk_floor, rec, nrm, pro + chk + nrm));
+                        "(floor {:.1f} compute; gdn_chunk_prepare {:.1f} us, gdn_chunk_state {:.1f} us), "
+                        "token-by-token {:.1f} us, gated_rmsnorm {:.1f} us; chunked total {:.1f} us vs anchors 170-290 us",
+                        T, pro, pro_floor, chk, chk_floor, prep, state, rec, nrm, pro + chk + nrm));
   }
 }

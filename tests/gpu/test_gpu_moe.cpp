@@ -253,9 +253,21 @@ void run_shapes(const MoeShape& base, std::initializer_list<int> groups, bool ti
       const double us_router = time_graph(*g, calls, [&](int c) {
         launch_moe_router(k.router_one, k.tiles.router_one, g->stream, s, d_x.ptr() + size_t(c) * s.hidden * 2, w, ws.sc, 1);
       });
-      const double bytes = double(s.top_k + 1) * 3 * s.inter * s.hidden * wbytes + double(s.experts + 1) * s.hidden * 2;
-      MESSAGE(fmt::format("moe decode T=1 {}: {:.2f} us per layer (router alone {:.2f} us); floor {:.2f} us "
-                          "({:.1f} MB / 3.0 TB/s)", fmt_name, us, us_router, bytes / 3e6, bytes / 1e6));
+      // Router + gate_up (fresh experts per call); down = the whole layer minus this.
+      const double us_router_gate_up = time_graph(*g, calls, [&](int c) {
+        const CUdeviceptr xc = d_x.ptr() + size_t(c) * s.hidden * 2;
+        launch_moe_router(k.router_one, k.tiles.router_one, g->stream, s, xc, w, ws.sc, 1);
+        launch_moe_decode_gate_up(k.decode_gate_up, k.tiles.gate_up, g->stream, s, xc, w, ws.sc, 1);
+      });
+      const double router_bytes = double(s.experts + 1) * s.hidden * 2;
+      const double gate_up_bytes = double(s.top_k + 1) * 2 * s.inter * s.hidden * wbytes;
+      const double down_bytes = double(s.top_k + 1) * s.inter * s.hidden * wbytes;
+      const double bytes = router_bytes + gate_up_bytes + down_bytes;
+      MESSAGE(fmt::format("moe decode T=1 {}: {:.2f} us per layer; floor {:.2f} us ({:.1f} MB / 3.0 TB/s)\n"
+                          "  router (logits) alone {:.2f} us (floor {:.2f}), + top-k and gate_up {:.2f} us (floor {:.2f}), "
+                          "+ down {:.2f} us (floor {:.2f})",
+                          fmt_name, us, bytes / 3e6, bytes / 1e6, us_router, router_bytes / 3e6,
+                          us_router_gate_up - us_router, gate_up_bytes / 3e6, us - us_router_gate_up, down_bytes / 3e6));
     }
     // Prefill T = 4096: each launch timed with events, median of 20 runs.
     {

@@ -175,8 +175,9 @@ void GdnKernels::prologue(const Stream& stream, CUdeviceptr proj, int row_stride
                           const GdnLayerWeights& w, const GdnLayerState& st, const GdnWorkspace& ws, bool pdl) const {
   check_proj(row_stride, T);
   const GdnPrologueTile& t = tiles_.prologue;
-  const unsigned groups = unsigned(2 * shape_.hk + shape_.hv + 1);
-  prologue_.launch({{unsigned((T + t.tokens - 1) / t.tokens), groups}, {unsigned(32 * t.warps)}, 0, pdl}, stream, proj,
+  const int64_t threads = 32 * t.warps, groups = shape_.conv_dim() / 8;  // a thread per 8 channels (+ a gates block)
+  prologue_.launch({{unsigned((groups + threads - 1) / threads + 1), unsigned((T + t.tokens - 1) / t.tokens)},
+                    {unsigned(threads)}, 0, pdl}, stream, proj,
                    row_stride, T, w.conv_w, w.A_log, w.dt_bias, st.conv, pos0, ws.qkv, ws.g, ws.beta);
 }
 
@@ -188,9 +189,20 @@ void GdnKernels::recurrent(const Stream& stream, int T, const GdnLayerState& st,
 }
 
 void GdnKernels::chunked(const Stream& stream, int T, const GdnLayerState& st, const GdnWorkspace& ws, bool pdl) const {
+  chunk_prepare(stream, T, ws, pdl);
+  chunk_state(stream, T, st, ws, pdl);
+}
+
+void GdnKernels::chunk_prepare(const Stream& stream, int T, const GdnWorkspace& ws, bool pdl) const {
+  if (T < 1) fail("gdn chunk_prepare: T = {} tokens, expected >= 1", T);
   const unsigned chunks = unsigned((T + kChunk - 1) / kChunk);
   chunk_prepare_.launch({{chunks, unsigned(shape_.hv)}, {256}, unsigned(gdn_chunk_prepare_smem_bytes(shape_)), pdl},
                         stream, ws.qkv, ws.g, ws.beta, ws.gam, ws.u, ws.w, ws.qk, T);
+}
+
+void GdnKernels::chunk_state(const Stream& stream, int T, const GdnLayerState& st, const GdnWorkspace& ws,
+                             bool pdl) const {
+  if (T < 1) fail("gdn chunk_state: T = {} tokens, expected >= 1", T);
   chunk_state_.launch({{unsigned(shape_.hv), unsigned(shape_.dv / tiles_.chunk.vs)}, {256},
                        unsigned(gdn_chunk_state_smem_bytes(shape_, tiles_.chunk)), pdl},
                       stream, ws.qkv, ws.gam, ws.u, ws.w, ws.qk, st.ssm, ws.o, T);

@@ -99,6 +99,10 @@ class GdnKernels {
                 const GdnLayerWeights& w, const GdnLayerState& st, const GdnWorkspace& ws, bool pdl = false) const;
   void recurrent(const Stream& stream, int T, const GdnLayerState& st, const GdnWorkspace& ws, bool pdl = false) const;
   void chunked(const Stream& stream, int T, const GdnLayerState& st, const GdnWorkspace& ws, bool pdl = false) const;
+  // The two launches of chunked(): gdn_chunk_prepare (ws.qkv, g, beta -> gam, u, w, qk) and
+  // gdn_chunk_state (-> state, ws.o).
+  void chunk_prepare(const Stream& stream, int T, const GdnWorkspace& ws, bool pdl = false) const;
+  void chunk_state(const Stream& stream, int T, const GdnLayerState& st, const GdnWorkspace& ws, bool pdl = false) const;
   void gated_rmsnorm(const Stream& stream, int T, CUdeviceptr o, CUdeviceptr proj, int row_stride, CUdeviceptr norm_w,
                      CUdeviceptr y, bool pdl = false) const;
 
