@@ -132,10 +132,9 @@ std::string why_invalid(const MoeGemmTile& t, const MoeShape& s, MoeGemm g) {
   return {};
 }
 
-MoeRouterTile default_moe_router_tile(const MoeShape& s, int64_t tokens, bool select) {
+MoeRouterTile default_moe_router_tile(const MoeShape& s, int64_t tokens) {
   if (tokens < 1) fail("moe_router: tokens = {} must be positive", tokens);
   MoeRouterTile t;
-  t.select = select;
   t.m_tile = tokens <= 1 ? 1 : tokens <= kMoeDecodeMaxTokens ? 8 : 16;
   if (t.m_tile == 1) {
     // One row per warp, 2 warps per block: E + 1 = 257 warps in 129 blocks spread the 1 MB of
@@ -151,8 +150,8 @@ MoeRouterTile default_moe_router_tile(const MoeShape& s, int64_t tokens, bool se
 }
 
 MoeGemvTile default_moe_gate_up_tile(const MoeShape& s) {
-  // 4 warps split H = 2048 into 512-value parts: 8 INT4 (or 32 bf16) 16-byte loads per lane, all in
-  // flight; (8 * 512 + 512) / 8 = 576 blocks of 128 threads fill the H100 in one wave.
+  // 4 warps split H = 2048 into 512-value parts: 8 INT4 16-byte loads per lane, all in flight (bf16:
+  // 32, 16 at a time); (8 * 512 + 512) / 8 = 576 blocks of 128 threads fill the H100 in one wave.
   MoeGemvTile t{1};
   for (int ksplit : {4, 2})
     if (s.hidden % (32 * ksplit) == 0) {
@@ -194,29 +193,30 @@ KernelSpec moe_router_spec(const MoeShape& s, const MoeRouterTile& t) {
            {"TOPK", str(s.top_k)},
            {"M_TILE", str(t.m_tile)},
            {"ROWS", str(t.rows_per_warp)},
-           {"WARPS", str(t.warps)},
-           {"SELECT", t.select ? "true" : "false"}}};
+           {"WARPS", str(t.warps)}}};
 }
 
 namespace {
-// moe_decode_gate_up<GROUP, H, E, I, IS, TOPK, KSPLIT> (with_e) and moe_decode_down<GROUP, H, I, IS, TOPK, KSPLIT>.
-KernelSpec decode_spec(const char* kernel, const MoeShape& s, int ksplit, bool with_e) {
-  KernelSpec spec{"moe", kernel, {{"GROUP", str(s.group)}, {"H", str(s.hidden)}}};
-  if (with_e) spec.args.emplace_back("E", str(s.experts));
-  for (auto [name, value] : {std::pair{"I", s.inter}, {"IS", s.shared_inter}, {"TOPK", s.top_k}, {"KSPLIT", ksplit}})
-    spec.args.emplace_back(name, str(value));
-  return spec;
+KernelSpec decode_spec(const char* kernel, const MoeShape& s, int ksplit) {
+  return {"moe",
+          kernel,
+          {{"GROUP", str(s.group)},
+           {"H", str(s.hidden)},
+           {"I", str(s.inter)},
+           {"IS", str(s.shared_inter)},
+           {"TOPK", str(s.top_k)},
+           {"KSPLIT", str(ksplit)}}};
 }
 }  // namespace
 
 KernelSpec moe_decode_gate_up_spec(const MoeShape& s, const MoeGemvTile& t) {
   require_valid(why_invalid_gate_up(t, s), "moe_decode_gate_up", s);
-  return decode_spec("moe_decode_gate_up", s, t.ksplit, true);
+  return decode_spec("moe_decode_gate_up", s, t.ksplit);
 }
 
 KernelSpec moe_decode_down_spec(const MoeShape& s, const MoeDownTile& t) {
   require_valid(why_invalid(t, s), "moe_decode_down", s);
-  return decode_spec("moe_decode_down", s, t.ksplit, false);
+  return decode_spec("moe_decode_down", s, t.ksplit);
 }
 
 KernelSpec moe_align_spec(const MoeShape& s, const MoeGemmTile& t) {

@@ -18,17 +18,16 @@ struct MoeShape {
   int group = 0;             // weight format of the experts and the shared expert: 0 = bf16, else W4A16 group
 };
 
-// moe_router<H, E, TOPK, M_TILE, ROWS, WARPS, SELECT>; grid (ceil((E / rows_per_warp + 1) / warps), ceil(T / m_tile)).
+// moe_router<H, E, TOPK, M_TILE, ROWS, WARPS>; grid (ceil((E / rows_per_warp + 1) / warps), ceil(T / m_tile)).
 struct MoeRouterTile {
   int m_tile = 1;         // tokens per block (1..16)
   int rows_per_warp = 2;  // router rows per warp
   int warps = 4;
-  bool select = true;     // also top-k -> ids, weights, shared_gate (prefill); false: logits only (decode)
   int threads() const { return 32 * warps; }
   unsigned blocks_x(int64_t experts) const { return unsigned((experts / rows_per_warp + 1 + warps - 1) / warps); }
 };
 
-// moe_decode_gate_up<GROUP, H, E, I, IS, TOPK, KSPLIT>; grid ((k*I + Is) / kMoeGateUpRows, T). A block's
+// moe_decode_gate_up<GROUP, H, I, IS, TOPK, KSPLIT>; grid ((k*I + Is) / kMoeGateUpRows, T). A block's
 // 8 h values are one 16-row mma tile (8 gate | 8 up rows); its `ksplit` warps split H.
 struct MoeGemvTile {
   int ksplit = 4;
@@ -70,9 +69,8 @@ std::string why_invalid(const MoeDownTile& tile, const MoeShape& s);
 std::string why_invalid(const MoeGemmTile& tile, const MoeShape& s, MoeGemm gemm);
 
 // Heuristic defaults (valid for the shape; Error naming the reason if the shape is unsupported).
-// tokens: T of the call (the router's m_tile follows it: 1 for T = 1, 8 up to kMoeDecodeMaxTokens, 16 above);
-// select: whether the router does the top-k (the prefill path) or leaves it to moe_decode_gate_up.
-MoeRouterTile default_moe_router_tile(const MoeShape& s, int64_t tokens, bool select);
+// tokens: T of the call (the router's m_tile follows it: 1 for T = 1, 8 up to kMoeDecodeMaxTokens, 16 above).
+MoeRouterTile default_moe_router_tile(const MoeShape& s, int64_t tokens);
 MoeGemvTile default_moe_gate_up_tile(const MoeShape& s);
 MoeDownTile default_moe_down_tile(const MoeShape& s);
 MoeGemmTile default_moe_gemm_tile(const MoeShape& s);

@@ -10,28 +10,24 @@
 //
 // Decode, T <= 8 tokens, 3 launches (router, gate_up, down), chained with programmatic dependent
 // launch (PDL, sm_90): each kernel prefetches the weights it knows before griddepcontrol.wait.
-//   moe_router          logits [T, E+1] fp32 (column E = shared_expert_gate); SELECT = false
-//   moe_decode_gate_up  every warp picks its slot's expert from the logits (warp_topk), then
-//                       h[t, s*I + i] = bf16(silu(gate_e . x_t) * (up_e . x_t)), e = ids[t, s], for
-//                       the k routed slots, and h[t, k*I + i] for the shared expert (Is values); block 0
-//                       of a token writes ids, weights, shared_gate; every block prefetches a slice of
-//                       its expert's down weights into L2 for the next kernel
+//   moe_router          logits [T, E+1] fp32 (row E = shared_expert_gate), then softmax, top-k,
+//                       renormalise by the last block to finish -> ids, weights, shared_gate
+//   moe_decode_gate_up  h[t, s*I + i] = bf16(silu(gate_e . x_t) * (up_e . x_t)), e = ids[t, s], for
+//                       the k routed slots, and h[t, k*I + i] for the shared expert (Is values)
 //   moe_decode_down     out[t] = bf16( sum_s w[t,s] * down_e . h[t,s] + shared_gate[t] * down_sh . h[t,k] )
 // The two decode GEMVs run on tensor cores (mma_rows16_dot): a warp's 16 weight rows are the mma
 // A operand straight from the 16-byte loads, x is the B operand, fp32 accumulation.
-// Prefill: moe_router (SELECT = true: the last block also writes ids, weights, shared_gate),
-// moe_align, 4 x moe_gemm, moe_combine.
+// Prefill: moe_router, moe_align, 4 x moe_gemm, moe_combine.
 #include "common.cuh"
 #include "int4.cuh"
 
 namespace q35k {
 
-// Values per 16-byte weight vector: 8 bf16, or 32 INT4 (one uint4 of words; a 32-value chunk lies in
-// one scale group since GROUP is a multiple of 32).
+// Addressing of expert stacks in format GROUP (a 16-byte vector holds 8 bf16 or 32 INT4 values; a
+// 32-value chunk lies in one scale group since GROUP is a multiple of 32).
 template <int GROUP>
 struct WeightFormat {
   static_assert(GROUP == 0 || GROUP == 32 || GROUP == 64 || GROUP == 128, "GROUP must be 0 (bf16), 32, 64 or 128");
-  static constexpr int VALS = GROUP == 0 ? 8 : 32;
   // Matrix `index` of a stack of [ROWS, K] matrices.
   template <int ROWS, int K>
   static __device__ __forceinline__ const void* matrix(const void* w, int index) {
@@ -97,78 +93,17 @@ __device__ __forceinline__ u32 warp_min_u32(u32 v) {
   return r;
 }
 
-// Part `part` of `parts` of the `bytes` bytes at p (whole 128-byte lines) pulled into L2 by the block.
-__device__ __forceinline__ void prefetch_l2_block_slice(const void* p, size_t bytes, int part, int parts) {
-  const size_t lines = (bytes + 127) / 128, per = (lines + parts - 1) / parts;
-  const size_t end = min(lines, (part + 1) * per);
-  for (size_t i = part * per + threadIdx.x; i < end; i += blockDim.x)
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(static_cast<const unsigned char*>(p) + i * 128));
-}
-
-// Top-TOPK of the router logits l [E] fp32 (written by an earlier kernel: read through L2) by one
-// warp: sel_e[0..rounds-1] = the experts by decreasing logit (equal logits: lower expert first), the
-// order of decreasing softmax probability. With rounds = TOPK also their routing weights, the
-// softmax probabilities renormalised over the selection: sel_w[k] = exp(l_k - l_0) / sum_j
-// exp(l_j - l_0) (the full softmax's denominator cancels). Every lane gets the results.
-template <int E, int TOPK>
-__device__ __forceinline__ void warp_topk(const float* __restrict__ l, int rounds, int (&sel_e)[TOPK],
-                                          float (&sel_w)[TOPK]) {
-  static_assert(TOPK >= 1 && TOPK <= E && TOPK <= 32, "warp_topk: TOPK must be in [1, min(E, 32)]");
-  constexpr int EPL = (E + 31) / 32;  // logits per lane
-  const int lane = threadIdx.x % 32;
-  // Keys: the fp32 bits mapped to unsigned order (finite values > 0); 0 = past E or already taken.
-  u32 key[EPL];
-#pragma unroll
-  for (int i = 0; i < EPL; ++i) {
-    const u32 b = lane + 32 * i < E ? __float_as_uint(__ldcg(l + lane + 32 * i)) : 0u;
-    key[i] = lane + 32 * i < E ? (b & 0x80000000u ? ~b : b | 0x80000000u) : 0u;
-  }
-  float sel_l[TOPK];
-#pragma unroll
-  for (int k = 0; k < TOPK; ++k) {
-    sel_e[k] = 0;
-    sel_l[k] = 0.f;
-    if (k >= rounds) continue;
-    // The largest key of the warp, then the lowest expert holding it.
-    u32 best = key[0];
-#pragma unroll
-    for (int i = 1; i < EPL; ++i) best = max(best, key[i]);
-    best = warp_max_u32(best);
-    u32 cand = 0xffffffffu;
-#pragma unroll
-    for (int i = EPL - 1; i >= 0; --i)
-      if (key[i] == best) cand = lane + 32 * i;
-    const int be = int(warp_min_u32(cand));
-    sel_e[k] = be;
-    sel_l[k] = __uint_as_float(best & 0x80000000u ? best & 0x7fffffffu : ~best);
-#pragma unroll
-    for (int i = 0; i < EPL; ++i)
-      if (lane + 32 * i == be) key[i] = 0u;
-  }
-  if (rounds < TOPK) return;
-  float sum = 0.f;
-#pragma unroll
-  for (int k = 0; k < TOPK; ++k) {
-    sel_w[k] = expf(sel_l[k] - sel_l[0]);
-    sum += sel_w[k];
-  }
-#pragma unroll
-  for (int k = 0; k < TOPK; ++k) sel_w[k] /= sum;
-}
-
-// Dot products of R rows of a weight matrix W [*, K] (format GROUP) with M bf16 vectors x[m] [K],
-// by one warp; every lane returns all M * R sums in out. A row of C = K / VALS 16-byte vectors is
-// read by LPR = min(C, 32) lanes, so 32 / LPR rows are in flight per pass and no lane idles on short
-// rows. Weights are streamed (read once), activations go through L1.
-template <int GROUP, int K, int R, int M>
-__device__ __forceinline__ void warp_rows_dot(const void* __restrict__ W, const bf16* __restrict__ S,
-                                              const int (&rows)[R], const bf16* const (&x)[M],
-                                              float (&out)[M][R]) {
-  constexpr int VALS = WeightFormat<GROUP>::VALS;
-  static_assert(K % VALS == 0, "K must be a multiple of 8 (bf16) or 32 (INT4)");
-  constexpr int C = K / VALS;
+// Dot products of R rows of a bf16 matrix W [*, K] with M bf16 vectors x[m] [K] (the router), by one
+// warp; every lane returns all M * R sums in out. A row of C = K / 8 16-byte vectors is read by
+// LPR = min(C, 32) lanes, so 32 / LPR rows are in flight per pass and no lane idles on short rows.
+// Weights are streamed (read once), activations go through L1.
+template <int K, int R, int M>
+__device__ __forceinline__ void warp_rows_dot(const bf16* __restrict__ W, const int (&rows)[R],
+                                              const bf16* const (&x)[M], float (&out)[M][R]) {
+  static_assert(K % 8 == 0, "K must be a multiple of 8");
+  constexpr int C = K / 8;
   constexpr int LPR = C < 32 ? C : 32;
-  static_assert(32 % LPR == 0 && C % LPR == 0, "K / VALS must divide 32 or be a multiple of 32");
+  static_assert(32 % LPR == 0 && C % LPR == 0, "K / 8 must divide 32 or be a multiple of 32");
   constexpr int RP = 32 / LPR;             // rows per pass
   constexpr int P = (R + RP - 1) / RP;     // passes
   // Few tokens: unroll fully (loads in flight); many: keep the x vectors' registers bounded.
@@ -191,35 +126,14 @@ __device__ __forceinline__ void warp_rows_dot(const void* __restrict__ W, const 
 #pragma unroll UNROLL
     for (int j = 0; j < C / LPR; ++j) {
       const int c = li + j * LPR;
-      if constexpr (GROUP == 0) {
-        float wf[8];
-        unpack8(ld_stream_16(static_cast<const bf16*>(W) + size_t(row) * K + c * 8), wf);
+      float wf[8];
+      unpack8(ld_stream_16(W + size_t(row) * K + c * 8), wf);
 #pragma unroll
-        for (int m = 0; m < M; ++m) {
-          float xf[8];
-          unpack8(ld_global_16(x[m] + c * 8), xf);
+      for (int m = 0; m < M; ++m) {
+        float xf[8];
+        unpack8(ld_global_16(x[m] + c * 8), xf);
 #pragma unroll
-          for (int i = 0; i < 8; ++i) acc[m][p] += wf[i] * xf[i];
-        }
-      } else {
-        const uint4 q = ld_stream_16(static_cast<const u32*>(W) + size_t(row) * (K / 8) + c * 4);
-        const float s = bf16_to_f32(S[size_t(row) * (K / GROUP) + c * 32 / GROUP]);
-        const u32 words[4] = {q.x, q.y, q.z, q.w};
-        float wf[4][8];
-#pragma unroll
-        for (int w = 0; w < 4; ++w) int4x8_to_f32(words[w], wf[w]);
-#pragma unroll
-        for (int m = 0; m < M; ++m) {
-          float d = 0.f;
-#pragma unroll
-          for (int w = 0; w < 4; ++w) {
-            float xf[8];
-            unpack8(ld_global_16(x[m] + c * 32 + w * 8), xf);
-#pragma unroll
-            for (int i = 0; i < 8; ++i) d += wf[w][i] * xf[i];
-          }
-          acc[m][p] += s * d;
-        }
+        for (int i = 0; i < 8; ++i) acc[m][p] += wf[i] * xf[i];
       }
     }
   }
@@ -326,19 +240,22 @@ __device__ __forceinline__ void mma_rows16_dot(const void* __restrict__ W, const
 
 // ---- router: logits, softmax, top-k, renormalise; plus the shared expert's sigmoid gate ----
 // x [T, H] bf16; w_router [E, H] bf16; w_sg [1, H] bf16 (shared_expert_gate);
-// logits [T, E+1] fp32 (column E = the shared gate's logit). SELECT (the prefill path) also writes,
-// through the last block of a token tile to finish (atomic ticket; counters [ceil(T / M_TILE)] int32,
-// zero before the first launch and left zero by every launch: graph-safe): ids [T, TOPK] int32 and
-// weights [T, TOPK] fp32, by decreasing probability (warp_topk), weights renormalised to sum 1;
-// shared_gate [T] fp32 = sigmoid(x . w_sg). Without SELECT (decode) moe_decode_gate_up does that.
+// logits [T, E+1] fp32 scratch; counters [ceil(T / M_TILE)] int32, zero before the first launch and
+// left zero by every launch (graph-safe); ids [T, TOPK] int32 and weights [T, TOPK] fp32, by
+// decreasing probability (equal probabilities: lower expert first), weights renormalised to sum 1;
+// shared_gate [T] fp32 = sigmoid(x . w_sg).
 // Grid: (ceil((E / ROWS + 1) / WARPS), ceil(T / M_TILE)); block WARPS * 32. Warp g < E / ROWS computes
-// router rows g*ROWS .. +ROWS-1, warp E / ROWS the shared gate, for M_TILE tokens.
-template <int H, int E, int TOPK, int M_TILE, int ROWS, int WARPS, bool SELECT>
+// router rows g*ROWS .. +ROWS-1, warp E / ROWS the shared gate, for M_TILE tokens. The last block of a
+// token tile to finish (atomic ticket) runs softmax + top-k, one warp per token.
+template <int H, int E, int TOPK, int M_TILE, int ROWS, int WARPS>
 __global__ void __launch_bounds__(WARPS * 32)
 moe_router(const q35k::bf16* __restrict__ x, const q35k::bf16* __restrict__ w_router,
            const q35k::bf16* __restrict__ w_sg, float* __restrict__ logits, int* __restrict__ counters,
            int* __restrict__ ids, float* __restrict__ weights, float* __restrict__ shared_gate, int T) {
   static_assert(E % ROWS == 0, "moe_router: E must be a multiple of ROWS");
+  static_assert(TOPK >= 1 && TOPK <= E && TOPK <= 32, "moe_router: TOPK must be in [1, min(E, 32)]");
+  constexpr int EPL = (E + 31) / 32;  // probabilities per lane in the top-k
+  const float neg_inf = __int_as_float(0xff800000);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int g = blockIdx.x * WARPS + warp;
   const int t0 = blockIdx.y * M_TILE;
@@ -358,7 +275,7 @@ moe_router(const q35k::bf16* __restrict__ x, const q35k::bf16* __restrict__ w_ro
 #pragma unroll
     for (int m = 0; m < M_TILE; ++m) xm[m] = x + size_t(min(t0 + m, T - 1)) * H;
     float out[M_TILE][ROWS];
-    q35k::warp_rows_dot<0, H, ROWS, M_TILE>(is_sg ? w_sg : w_router, nullptr, rows, xm, out);
+    q35k::warp_rows_dot<H, ROWS, M_TILE>(is_sg ? w_sg : w_router, rows, xm, out);
 #pragma unroll
     for (int m = 0; m < M_TILE; ++m)
 #pragma unroll
@@ -366,7 +283,6 @@ moe_router(const q35k::bf16* __restrict__ x, const q35k::bf16* __restrict__ w_ro
         if (lane == (m * ROWS + r) % 32 && t0 + m < T && (r == 0 || !is_sg))
           logits[size_t(t0 + m) * (E + 1) + (is_sg ? E : g * ROWS + r)] = out[m][r];
   }
-  if constexpr (!SELECT) return;
 
   __shared__ int is_last;
   __threadfence();
@@ -381,37 +297,72 @@ moe_router(const q35k::bf16* __restrict__ x, const q35k::bf16* __restrict__ w_ro
     const int t = t0 + m;
     if (t >= T) break;
     const float* lt = logits + size_t(t) * (E + 1);
+    float p[EPL];
+    float mx = neg_inf;
+#pragma unroll
+    for (int i = 0; i < EPL; ++i) {
+      const int e = lane + 32 * i;
+      p[i] = e < E ? __ldcg(lt + e) : neg_inf;
+      mx = fmaxf(mx, p[i]);
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+    float sum = 0.f;
+#pragma unroll
+    for (int i = 0; i < EPL; ++i) {
+      p[i] = lane + 32 * i < E ? expf(p[i] - mx) : 0.f;
+      sum += p[i];
+    }
+    sum = q35k::warp_sum(sum);
+    // Keys: p >= 0 orders as its bits, + 1 so that 0 marks "not selectable" (past E, or taken).
+    q35k::u32 key[EPL];
+#pragma unroll
+    for (int i = 0; i < EPL; ++i) key[i] = lane + 32 * i < E ? __float_as_uint(p[i] / sum) + 1u : 0u;
+
+    float sel_p[TOPK];
     int sel_e[TOPK];
-    float sel_w[TOPK];
-    q35k::warp_topk<E, TOPK>(lt, TOPK, sel_e, sel_w);
+    float top_sum = 0.f;
+#pragma unroll
+    for (int k = 0; k < TOPK; ++k) {
+      // The largest key of the warp, then the lowest expert holding it.
+      q35k::u32 best = key[0];
+#pragma unroll
+      for (int i = 1; i < EPL; ++i) best = max(best, key[i]);
+      best = q35k::warp_max_u32(best);
+      q35k::u32 cand = 0xffffffffu;
+#pragma unroll
+      for (int i = EPL - 1; i >= 0; --i)
+        if (key[i] == best) cand = lane + 32 * i;
+      const int be = int(q35k::warp_min_u32(cand));
+      const float bp = __uint_as_float(best - 1u);
+      sel_p[k] = bp;
+      sel_e[k] = be;
+      top_sum += bp;
+#pragma unroll
+      for (int i = 0; i < EPL; ++i)
+        if (lane + 32 * i == be) key[i] = 0u;
+    }
 #pragma unroll
     for (int k = 0; k < TOPK; ++k)
       if (lane == k) {
         ids[size_t(t) * TOPK + k] = sel_e[k];
-        weights[size_t(t) * TOPK + k] = sel_w[k];
+        weights[size_t(t) * TOPK + k] = sel_p[k] / top_sum;
       }
     if (lane == 0) shared_gate[t] = 1.f / (1.f + expf(-__ldcg(lt + E)));
   }
 }
 
-// ---- decode: routing, gate|up for the k routed experts and the shared expert ----
-// x [T, H] bf16; logits [T, E+1] fp32 (moe_router without SELECT); gate_up [E, 2I, H] (rows gate
-// 0..I-1, up I..2I-1); shared_gate_up [2IS, H] (rows gate | up); down [E, H, I] and shared_down [H, IS]
-// (only prefetched here). Writes h [T, TOPK*I + IS] bf16 (slot s at s*I, shared at TOPK*I), and from
-// block 0 of each token ids [T, TOPK] int32, weights [T, TOPK] fp32 (as moe_router with SELECT) and
-// shared_gate [T] fp32.
+// ---- decode: gate|up for the k routed experts and the shared expert ----
+// x [T, H] bf16; ids [T, TOPK]; gate_up [E, 2I, H] (rows gate 0..I-1, up I..2I-1);
+// shared_gate_up [2IS, H] (rows gate | up); h [T, TOPK*I + IS] bf16 (slot s at s*I, shared at TOPK*I).
 // Grid: ((TOPK*I + IS) / 8, T); block KSPLIT * 32. A block owns 8 consecutive h values of one token
 // (never straddling two slots): the 16 weight rows gate j..j+7 | up j..j+7 as one mma tile. Warp w
-// takes k in [w, w + 1) * H / KSPLIT; the block sums the KSPLIT partial sums in shared memory. Each
-// warp of a routed slot s selects the top s + 1 experts itself (no wait for a selecting kernel).
-template <int GROUP, int H, int E, int I, int IS, int TOPK, int KSPLIT>
+// takes k in [w, w + 1) * H / KSPLIT; the block sums the KSPLIT partial sums in shared memory.
+template <int GROUP, int H, int I, int IS, int TOPK, int KSPLIT>
 __global__ void __launch_bounds__(KSPLIT * 32)
-moe_decode_gate_up(const q35k::bf16* __restrict__ x, const float* __restrict__ logits, int* __restrict__ ids,
-                   float* __restrict__ weights, float* __restrict__ shared_gate,
+moe_decode_gate_up(const q35k::bf16* __restrict__ x, const int* __restrict__ ids,
                    const void* __restrict__ gate_up_w, const q35k::bf16* __restrict__ gate_up_s,
                    const void* __restrict__ shared_w, const q35k::bf16* __restrict__ shared_s,
-                   const void* __restrict__ down_w, const q35k::bf16* __restrict__ down_s,
-                   const void* __restrict__ shared_down_w, const q35k::bf16* __restrict__ shared_down_s,
                    q35k::bf16* __restrict__ h, int T) {
   static_assert(I % 8 == 0 && IS % 8 == 0, "moe_decode_gate_up: I and IS must be multiples of 8");
   static_assert(H % (32 * KSPLIT) == 0, "moe_decode_gate_up: H must be a multiple of 32 * KSPLIT");
@@ -429,43 +380,20 @@ moe_decode_gate_up(const q35k::bf16* __restrict__ x, const float* __restrict__ l
   const int n_inter = shared ? IS : I;
   const int jj = shared ? j0 - TOPK * I : j0 - slot * I;  // row within the expert's gate block
   constexpr int RB = q35k::row_bytes<GROUP, KLEN>();
-  if (shared) {  // the shared expert's weights are known before the router finished
+  if (shared)  // its weights are known before the router finished
     q35k::prefetch_l2_rows16<RB>(shared_w, q35k::row_bytes<GROUP, H>(), jj, IS + jj, warp * RB);
-    q35k::prefetch_l2_block_slice(shared_down_w, size_t(H) * q35k::row_bytes<GROUP, IS>(), jj / 8, IS / 8);
-    if constexpr (GROUP != 0)
-      q35k::prefetch_l2_block_slice(shared_down_s, size_t(H) * (IS / GROUP) * 2, jj / 8, IS / 8);
-  }
   q35k::moe_pdl_wait();
   q35k::moe_pdl_launch_dependents();
 
-  const void* W = shared_w;
-  const q35k::bf16* S = shared_s;
-  if (!shared) {
-    const bool writer = blockIdx.x == 0 && warp == 0;
-    const float* lt = logits + size_t(t) * (E + 1);
-    int sel_e[TOPK];
-    float sel_w[TOPK];
-    q35k::warp_topk<E, TOPK>(lt, writer ? TOPK : slot + 1, sel_e, sel_w);
-    int e = sel_e[0];
-#pragma unroll
-    for (int k = 1; k < TOPK; ++k)
-      if (k == slot) e = sel_e[k];
-    if (writer) {
-#pragma unroll
-      for (int k = 0; k < TOPK; ++k)
-        if (lane == k) {
-          ids[size_t(t) * TOPK + k] = sel_e[k];
-          weights[size_t(t) * TOPK + k] = sel_w[k];
-        }
-      if (lane == 0) shared_gate[t] = 1.f / (1.f + expf(-__ldcg(lt + E)));
-    }
+  const void* W;
+  const q35k::bf16* S;
+  if (shared) {
+    W = shared_w;
+    S = shared_s;
+  } else {
+    const int e = ids[size_t(t) * TOPK + slot];
     W = F::template matrix<2 * I, H>(gate_up_w, e);
     S = F::template scales<2 * I, H>(gate_up_s, e);
-    // This block's slice of the expert's down weights, for moe_decode_down (I / 8 blocks per slot).
-    q35k::prefetch_l2_block_slice(F::template matrix<H, I>(down_w, e), size_t(H) * q35k::row_bytes<GROUP, I>(), jj / 8,
-                                  I / 8);
-    if constexpr (GROUP != 0)
-      q35k::prefetch_l2_block_slice(F::template scales<H, I>(down_s, e), size_t(H) * (I / GROUP) * 2, jj / 8, I / 8);
   }
   float gate, up;
   q35k::mma_rows16_dot<GROUP, H, KLEN>(W, S, jj + g, n_inter + jj + g, x + size_t(t) * H, k0, gate, up);
@@ -507,7 +435,10 @@ moe_decode_down(const q35k::bf16* __restrict__ h, const int* __restrict__ ids, c
   const int n0 = blockIdx.x * 16;
   const int t = blockIdx.y;
 
-  // Its weights were prefetched into L2 by moe_decode_gate_up.
+  if (s == TOPK) {  // the shared expert's weights are known before gate_up finished
+    constexpr int RB = q35k::row_bytes<GROUP, IS / KSPLIT>();
+    q35k::prefetch_l2_rows16<RB>(shared_w, q35k::row_bytes<GROUP, IS>(), n0, n0 + 8, kp * RB);
+  }
   q35k::moe_pdl_wait();
   q35k::moe_pdl_launch_dependents();
 

@@ -65,19 +65,14 @@ TEST_CASE("moe tile validity rules and defaults") {
   CHECK(contains(why_invalid(MoeRouterTile{17, 2, 4}, big), "m_tile = 17"));
   CHECK(contains(why_invalid(MoeRouterTile{1, 3, 4}, big), "E = 256 is not a multiple of rows_per_warp = 3"));
   CHECK(contains(why_invalid(MoeRouterTile{16, 8, 4}, big), "accumulators"));
-  CHECK(default_moe_router_tile(big, 1, false).m_tile == 1);
-  CHECK(default_moe_router_tile(big, 5, false).m_tile == 8);
-  CHECK(default_moe_router_tile(big, 4096, true).m_tile == 16);
+  CHECK(default_moe_router_tile(big, 1).m_tile == 1);
+  CHECK(default_moe_router_tile(big, 5).m_tile == 8);
+  CHECK(default_moe_router_tile(big, 4096).m_tile == 16);
   // Router grid: 128 warps of 2 rows + one warp for the shared gate = 129 warps -> 33 blocks of 4.
   CHECK(MoeRouterTile{1, 2, 4}.blocks_x(256) == 33);
   // T = 1: one row per warp, 2 warps per block -> 257 warps in 129 blocks.
-  CHECK((default_moe_router_tile(big, 1, false).rows_per_warp == 1 && default_moe_router_tile(big, 1, false).warps == 2));
-  CHECK(default_moe_router_tile(big, 1, false).blocks_x(256) == 129);
-  // The decode routers leave the top-k to moe_decode_gate_up; the prefill router does it.
-  CHECK((!MoeTiles::defaults(big).router_one.select && !MoeTiles::defaults(big).router_decode.select));
-  CHECK(MoeTiles::defaults(big).router_prefill.select);
-  CHECK(moe_router_spec(big, MoeTiles::defaults(big).router_one).instantiation() ==
-        "moe_router<2048, 256, 8, 1, 1, 2, false>");
+  CHECK((default_moe_router_tile(big, 1).rows_per_warp == 1 && default_moe_router_tile(big, 1).warps == 2));
+  CHECK(default_moe_router_tile(big, 1).blocks_x(256) == 129);
   // Decode GEMVs (16-row mma tiles): gate_up splits H over ksplit warps, down I over ksplit per expert.
   CHECK(why_invalid_gate_up(MoeGemvTile{4}, big).empty());
   CHECK(contains(why_invalid_gate_up(MoeGemvTile{3}, big), "H = 2048 is not a multiple of 32 * ksplit = 96"));

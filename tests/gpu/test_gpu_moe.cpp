@@ -264,7 +264,7 @@ void run_shapes(const MoeShape& base, std::initializer_list<int> groups, bool ti
       const double down_bytes = double(s.top_k + 1) * s.inter * s.hidden * wbytes;
       const double bytes = router_bytes + gate_up_bytes + down_bytes;
       MESSAGE(fmt::format("moe decode T=1 {}: {:.2f} us per layer; floor {:.2f} us ({:.1f} MB / 3.0 TB/s)\n"
-                          "  router (logits) alone {:.2f} us (floor {:.2f}), + top-k and gate_up {:.2f} us (floor {:.2f}), "
+                          "  router alone {:.2f} us (floor {:.2f}), + gate_up {:.2f} us (floor {:.2f}), "
                           "+ down {:.2f} us (floor {:.2f})",
                           fmt_name, us, bytes / 3e6, bytes / 1e6, us_router, router_bytes / 3e6,
                           us_router_gate_up - us_router, gate_up_bytes / 3e6, us - us_router_gate_up, down_bytes / 3e6));

@@ -60,16 +60,16 @@ MoeShape moe_shape(const Config& cfg, int group) {
 }
 
 MoeTiles MoeTiles::defaults(const MoeShape& s) {
-  return {default_moe_router_tile(s, 1, false),
-          default_moe_router_tile(s, kMoeDecodeMaxTokens, false),
-          default_moe_router_tile(s, kMoeDecodeMaxTokens + 1, true),
+  return {default_moe_router_tile(s, 1),
+          default_moe_router_tile(s, kMoeDecodeMaxTokens),
+          default_moe_router_tile(s, kMoeDecodeMaxTokens + 1),
           default_moe_gate_up_tile(s),
           default_moe_down_tile(s),
           default_moe_gemm_tile(s)};
 }
 
-const MoeRouterTile& MoeTiles::router(int64_t tokens, bool decode) const {
-  return !decode ? router_prefill : tokens <= 1 ? router_one : router_decode;
+const MoeRouterTile& MoeTiles::router(int64_t tokens) const {
+  return tokens <= 1 ? router_one : tokens <= kMoeDecodeMaxTokens ? router_decode : router_prefill;
 }
 
 std::vector<KernelSpec> moe_kernels(const Config& cfg, int group) {
@@ -133,8 +133,8 @@ MoeKernels::MoeKernels(JitEngine& jit, const Context& ctx, const MoeShape& s)
       gemm_shared_down(jit.load(moe_gemm_spec(s, MoeGemm::SharedDown, tiles.gemm), ctx)),
       combine(jit.load(moe_combine_spec(s), ctx)) {}
 
-const Function& MoeKernels::router(int64_t tokens, bool decode) const {
-  return !decode ? router_prefill : tokens <= 1 ? router_one : router_decode;
+const Function& MoeKernels::router(int64_t tokens) const {
+  return tokens <= 1 ? router_one : tokens <= kMoeDecodeMaxTokens ? router_decode : router_prefill;
 }
 
 const Function& MoeKernels::gemm(MoeGemm g) const {
@@ -159,9 +159,8 @@ void launch_moe_decode_gate_up(const Function& f, const MoeGemvTile& tile, const
   check_tokens("moe_decode_gate_up", sc, T);
   if (T > kMoeDecodeMaxTokens) fail("moe_decode_gate_up: T = {} exceeds the decode path's {}", T, kMoeDecodeMaxTokens);
   const int64_t rows = s.top_k * s.inter + s.shared_inter;
-  f.launch({{unsigned(rows / kMoeGateUpRows), unsigned(T)}, {unsigned(tile.threads())}, 0, true}, stream, x, sc.logits,
-           sc.ids, sc.weights, sc.shared_gate, w.gate_up, w.gate_up_scales, w.shared_gate_up, w.shared_gate_up_scales,
-           w.down, w.down_scales, w.shared_down, w.shared_down_scales, sc.h, int(T));
+  f.launch({{unsigned(rows / kMoeGateUpRows), unsigned(T)}, {unsigned(tile.threads())}, 0, true}, stream, x, sc.ids,
+           w.gate_up, w.gate_up_scales, w.shared_gate_up, w.shared_gate_up_scales, sc.h, int(T));
 }
 
 void launch_moe_decode_down(const Function& f, const MoeDownTile& tile, const Stream& stream, const MoeShape& s,
@@ -211,11 +210,8 @@ void moe_forward(const MoeKernels& k, const Stream& stream, const MoeWeights& w,
                  CUdeviceptr out, int64_t T, MoePath path) {
   const MoeShape& s = k.shape;
   if (path == MoePath::Auto) path = T <= kMoeDecodeMaxTokens ? MoePath::Decode : MoePath::Prefill;
-  const bool decode = path == MoePath::Decode;
-  if (decode && T > kMoeDecodeMaxTokens)
-    fail("moe_forward: T = {} exceeds the decode path's {} tokens", T, kMoeDecodeMaxTokens);
-  launch_moe_router(k.router(T, decode), k.tiles.router(T, decode), stream, s, x, w, sc, T);
-  if (decode) {
+  launch_moe_router(k.router(T), k.tiles.router(T), stream, s, x, w, sc, T);
+  if (path == MoePath::Decode) {
     launch_moe_decode_gate_up(k.decode_gate_up, k.tiles.gate_up, stream, s, x, w, sc, T);
     launch_moe_decode_down(k.decode_down, k.tiles.down, stream, s, w, sc, out, T);
     return;

@@ -5,7 +5,7 @@
 // which the runner adds to the residual in the next fused add + RMSNorm.
 //
 // Two paths, chosen by T (moe_forward does it):
-//   decode  (T <= kMoeDecodeMaxTokens): router (logits) -> decode_gate_up (top-k) -> decode_down  3 launches
+//   decode  (T <= kMoeDecodeMaxTokens): router -> decode_gate_up -> decode_down            3 launches
 //   prefill (larger T): router -> align -> gemm routed gate_up -> gemm shared gate_up
 //                       -> gemm routed down -> gemm shared down -> combine                 7 launches
 // Every launch reads T from its argument and sizes come from fixed per-plan maxima, so a decode step
@@ -29,12 +29,12 @@ MoeShape moe_shape(const Config& cfg, int group);
 
 // The tiles of every MoE kernel of one shape.
 struct MoeTiles {
-  MoeRouterTile router_one, router_decode, router_prefill;  // decode: m_tile 1 (T = 1), 8 (T <= 8); prefill: 16
+  MoeRouterTile router_one, router_decode, router_prefill;  // m_tile 1 (T = 1), 8 (T <= 8), 16
   MoeGemvTile gate_up;                                      // decode GEMVs
   MoeDownTile down;
   MoeGemmTile gemm;                                         // prefill GEMMs (and align's BLOCK_M)
   static MoeTiles defaults(const MoeShape& s);
-  const MoeRouterTile& router(int64_t tokens, bool decode) const;  // the router of the decode / prefill path
+  const MoeRouterTile& router(int64_t tokens) const;
 };
 
 // Every instantiation the MoE layers of `cfg` need with the default tiles, for weight format `group`.
@@ -83,18 +83,16 @@ struct MoeKernels {
   Function align;
   Function gemm_routed_gate_up, gemm_routed_down, gemm_shared_gate_up, gemm_shared_down;
   Function combine;
-  const Function& router(int64_t tokens, bool decode) const;
+  const Function& router(int64_t tokens) const;
   const Function& gemm(MoeGemm g) const;
 };
 
 // ---- launches (T = tokens of this call, 1 <= T <= scratch.max_tokens) ----
 
-// x [T, H] bf16 -> scratch.logits [T, E+1] fp32; a `tile.select` router (the prefill path's) also
-// writes scratch.ids, weights, shared_gate (uses counters). f = moe_router with `tile`.
+// x [T, H] bf16 -> scratch.ids, weights, shared_gate (uses logits, counters). f = moe_router with `tile`.
 void launch_moe_router(const Function& f, const MoeRouterTile& tile, const Stream& stream, const MoeShape& s,
                        CUdeviceptr x, const MoeWeights& w, const MoeScratch& sc, int64_t T);
-// Decode. x [T, H] bf16, scratch.logits (a decode router's) -> scratch.h [T, k*I + Is] bf16 and
-// scratch.ids, weights, shared_gate (top-k as the prefill router's); prefetches the down weights.
+// Decode. x [T, H] bf16, scratch.ids -> scratch.h [T, k*I + Is] bf16.
 void launch_moe_decode_gate_up(const Function& f, const MoeGemvTile& tile, const Stream& stream, const MoeShape& s,
                                CUdeviceptr x, const MoeWeights& w, const MoeScratch& sc, int64_t T);
 // Decode. scratch.h, ids, weights, shared_gate -> out [T, H] bf16.
