@@ -13,6 +13,7 @@
 #include "runtime/io/json_file.h"
 #include "runtime/io/safetensors.h"
 #include "tests/synthetic_checkpoint.h"
+#include "tests/test_util.h"
 
 using namespace q35;
 using namespace q35::qwen35;
@@ -22,17 +23,11 @@ using q35::test::tiny_config;
 using q35::test::write_synthetic_checkpoint;
 namespace fs = std::filesystem;
 
-namespace {
+using q35::test::config_35b;
+using q35::test::config_tiny;
+using q35::test::error_of;
 
-template <typename F>
-std::string error_of(F f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
+namespace {
 
 bool contains(const std::string& s, const std::string& part) { return s.find(part) != std::string::npos; }
 

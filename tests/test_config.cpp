@@ -4,6 +4,7 @@
 #include "models/qwen35/config.h"
 #include "runtime/core/error.h"
 #include "tests/synthetic_checkpoint.h"
+#include "tests/test_util.h"
 
 using namespace q35;
 using namespace q35::qwen35;
@@ -13,17 +14,11 @@ using q35::test::write_json;
 using nlohmann::json;
 namespace fs = std::filesystem;
 
-namespace {
+using q35::test::config_35b;
+using q35::test::config_tiny;
+using q35::test::error_of;
 
-template <typename F>
-std::string error_of(F f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
+namespace {
 
 bool contains(const std::string& s, const std::string& part) { return s.find(part) != std::string::npos; }
 

@@ -5,22 +5,17 @@
 
 #include "runtime/core/error.h"
 #include "runtime/cuda/driver.h"
+#include "tests/test_util.h"
 
 using namespace q35;
 #include <filesystem>
 namespace fs = std::filesystem;
 
-namespace {
+using q35::test::config_35b;
+using q35::test::config_tiny;
+using q35::test::error_of;
 
-template <typename F>
-std::string error_of(F f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
+namespace {
 
 bool starts_with(const std::string& s, const std::string& prefix) { return s.rfind(prefix, 0) == 0; }
 

@@ -15,22 +15,18 @@
 #include "runtime/core/sha256.h"
 #include "runtime/jit/jit_engine.h"
 #include "tests/synthetic_checkpoint.h"
+#include "tests/test_util.h"
 
 using namespace q35;
 namespace fs = std::filesystem;
 using q35::test::TempDir;
 
-namespace {
+using q35::test::config_35b;
+using q35::test::config_tiny;
+using q35::test::error_of;
+inline std::string arg(const q35::KernelSpec& s, const std::string& n) { return q35::test::spec_arg(s, n); }
 
-template <typename F>
-std::string error_of(F f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
+namespace {
 
 std::string read_text(const fs::path& p) {
   std::ifstream in(p, std::ios::binary);
@@ -80,35 +76,7 @@ std::vector<KernelSpec> real_specs() {
           gemv_bf16_spec(2048, 512, GemvTile{16, 2, 4})};
 }
 
-// The 35B-A3B numbers of shared/spec §1.
-qwen35::Config config_35b() {
-  qwen35::Config c;
-  c.vocab_size = 248320;
-  c.hidden_size = 2048;
-  c.num_layers = 40;
-  for (int i = 0; i < 40; ++i)
-    c.layer_types.push_back((i + 1) % 4 == 0 ? qwen35::LayerType::FullAttention : qwen35::LayerType::LinearAttention);
-  c.num_heads = 16;
-  c.num_kv_heads = 2;
-  c.head_dim = 256;
-  c.rotary_dim = 64;
-  c.linear_num_key_heads = 16;
-  c.linear_num_value_heads = 32;
-  c.linear_key_head_dim = 128;
-  c.linear_value_head_dim = 128;
-  c.linear_conv_kernel_dim = 4;
-  c.num_experts = 256;
-  c.num_experts_per_tok = 8;
-  c.moe_intermediate_size = 512;
-  c.shared_expert_intermediate_size = 512;
-  return c;
-}
 
-std::string arg(const KernelSpec& s, const std::string& name) {
-  for (const auto& [n, v] : s.args)
-    if (n == name) return v;
-  return "";
-}
 
 }  // namespace
 

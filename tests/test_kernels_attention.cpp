@@ -10,40 +10,18 @@
 #include "runtime/core/error.h"
 #include "runtime/jit/jit_engine.h"
 #include "tests/synthetic_checkpoint.h"
+#include "tests/test_util.h"
 
 using namespace q35;
 using q35::test::TempDir;
 
+using q35::test::config_35b;
+using q35::test::config_tiny;
+using q35::test::error_of;
+
 namespace {
 
-template <typename F>
-std::string error_of(F f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
 
-// The attention numbers of the 35B-A3B config (shared/spec §1).
-qwen35::Config config_35b() {
-  qwen35::Config c;
-  c.hidden_size = 2048;
-  c.num_layers = 40;
-  for (int i = 0; i < 40; ++i)
-    c.layer_types.push_back((i + 1) % 4 == 0 ? qwen35::LayerType::FullAttention : qwen35::LayerType::LinearAttention);
-  c.num_heads = 16;
-  c.num_kv_heads = 2;
-  c.head_dim = 256;
-  c.rotary_dim = 64;
-  c.rope_theta = 1e7;
-  return c;
-}
-
-qwen35::Config config_tiny() {
-  return qwen35::Config::from_file(std::string(Q35_SOURCE_DIR) + "/tests/fixtures/tiny-qwen35moe/config.json");
-}
 
 }  // namespace
 

@@ -11,43 +11,19 @@
 #include "runtime/core/error.h"
 #include "runtime/jit/jit_engine.h"
 #include "tests/synthetic_checkpoint.h"
+#include "tests/test_util.h"
 
 using namespace q35;
 using namespace q35::qwen35;
 using namespace q35::qwen35::gpu;
 
+using q35::test::config_35b;
+using q35::test::config_tiny;
+using q35::test::error_of;
+
 namespace {
 
-Config fixture_config() {
-  return Config::from_file(std::filesystem::path(Q35_SOURCE_DIR) / "tests/fixtures/tiny-qwen35moe/config.json");
-}
 
-// Qwen3.5-35B-A3B (spec §1).
-Config config_35b() {
-  Config c;
-  c.vocab_size = 248320;
-  c.hidden_size = 2048;
-  c.num_layers = 40;
-  for (int i = 0; i < 40; ++i)
-    c.layer_types.push_back((i + 1) % 4 == 0 ? LayerType::FullAttention : LayerType::LinearAttention);
-  c.num_heads = 16, c.num_kv_heads = 2, c.head_dim = 256, c.rotary_dim = 64, c.rope_theta = 1e7;
-  c.linear_num_key_heads = 16, c.linear_num_value_heads = 32;
-  c.linear_key_head_dim = 128, c.linear_value_head_dim = 128, c.linear_conv_kernel_dim = 4;
-  c.num_experts = 256, c.num_experts_per_tok = 8, c.moe_intermediate_size = 512;
-  c.shared_expert_intermediate_size = 512;
-  c.max_position_embeddings = 262144;
-  return c;
-}
-
-template <typename F>
-std::string error_of(F f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
 
 }  // namespace
 
@@ -61,7 +37,7 @@ TEST_CASE("dense_shapes lists the fused projections of the config") {
   CHECK((big[3].n == 2048 && big[3].k == 4096));
   CHECK((big[4].n == 248320 && big[4].k == 2048));
 
-  std::vector<DenseShape> tiny = dense_shapes(fixture_config());
+  std::vector<DenseShape> tiny = dense_shapes(config_tiny());
   REQUIRE(tiny.size() == 5);
   CHECK((tiny[0].n == 2 * 512 + 2 * 256 && tiny[0].k == 128));
   CHECK((tiny[1].n == 128 && tiny[1].k == 512));
@@ -110,7 +86,8 @@ TEST_CASE("dense tile validity rules and defaults") {
   // K = 2048 (16 tiles of 128) splits into 4 runs of 4 tiles; the 128 row sets of o_proj are too few
   // warps for 4 runs of K = 4096, so it takes 16 runs of 2 tiles.
   CHECK(default_w4_gemv_tile(12352, 2048, 128, 1).k_warps == 4);
-  CHECK(default_w4_gemv_tile(12352, 2048, 128, 1).unroll == 4);
+  CHECK(default_w4_gemv_tile(12352, 2048, 128, 1).unroll == 2);
+  CHECK(default_w4_gemv_tile(248320, 2048, 128, 1).unroll == 4);  // many waves: 4 tiles at once
   const W4GemvTile o = default_w4_gemv_tile(2048, 4096, 128, 1);
   CHECK((o.k_warps == 16 && o.unroll == 2 && o.rows_per_block() == 16));
   CHECK(default_w4_gemv_tile(248320, 2048, 32, 1).threads() == 128);
@@ -133,7 +110,7 @@ TEST_CASE("every dense kernel compiles for sm_80 and sm_90a at the fixture and 3
   JitEngine jit(tmp.path(), opts);
   std::vector<KernelSpec> specs;
   std::set<std::string> names;
-  for (const Config& cfg : {fixture_config(), config_35b()})
+  for (const Config& cfg : {config_tiny(), config_35b()})
     for (int group : {0, 32, 64, 128})
       for (int m : {1, 16}) {
         for (KernelSpec& s : dense_kernels(cfg, DenseOptions{group, m, m == 1 ? 4096 : 17}))

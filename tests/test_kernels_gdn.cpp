@@ -11,46 +11,20 @@
 #include "runtime/core/error.h"
 #include "runtime/jit/jit_engine.h"
 #include "tests/synthetic_checkpoint.h"
+#include "tests/test_util.h"
 
 using namespace q35;
 using q35::test::TempDir;
 
+using q35::test::config_35b;
+using q35::test::config_tiny;
+using q35::test::error_of;
+inline std::string arg(const q35::KernelSpec& s, const std::string& n) { return q35::test::spec_arg(s, n); }
+
 namespace {
 
-template <typename F>
-std::string error_of(F f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
 
-// The 35B-A3B numbers of shared/spec §1 (GDN part + what Config needs to be coherent).
-qwen35::Config config_35b() {
-  qwen35::Config c;
-  c.hidden_size = 2048;
-  c.num_layers = 40;
-  for (int i = 0; i < 40; ++i)
-    c.layer_types.push_back((i + 1) % 4 == 0 ? qwen35::LayerType::FullAttention : qwen35::LayerType::LinearAttention);
-  c.linear_num_key_heads = 16;
-  c.linear_num_value_heads = 32;
-  c.linear_key_head_dim = 128;
-  c.linear_value_head_dim = 128;
-  c.linear_conv_kernel_dim = 4;
-  return c;
-}
 
-qwen35::Config config_tiny() {
-  return qwen35::Config::from_file(std::string(Q35_SOURCE_DIR) + "/tests/fixtures/tiny-qwen35moe/config.json");
-}
-
-std::string arg(const KernelSpec& s, const std::string& name) {
-  for (const auto& [n, v] : s.args)
-    if (n == name) return v;
-  return "";
-}
 
 }  // namespace
 

@@ -11,42 +11,24 @@
 #include "runtime/core/error.h"
 #include "runtime/jit/jit_engine.h"
 #include "tests/synthetic_checkpoint.h"
+#include "tests/test_util.h"
 
 using namespace q35;
 using namespace q35::qwen35;
 using namespace q35::qwen35::gpu;
 
+using q35::test::config_35b;
+using q35::test::config_tiny;
+using q35::test::error_of;
+
 namespace {
-
-Config fixture_config() {
-  return Config::from_file(std::filesystem::path(Q35_SOURCE_DIR) / "tests/fixtures/tiny-qwen35moe/config.json");
-}
-
-// The MoE sizes of Qwen3.5-35B-A3B (spec §1); the rest of the config does not matter here.
-Config config_35b() {
-  Config c;
-  c.hidden_size = 2048;
-  c.num_experts = 256, c.num_experts_per_tok = 8, c.moe_intermediate_size = 512;
-  c.shared_expert_intermediate_size = 512;
-  return c;
-}
-
-template <typename F>
-std::string error_of(F f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
 
 bool contains(const std::string& s, const std::string& part) { return s.find(part) != std::string::npos; }
 
 }  // namespace
 
 TEST_CASE("moe_shape reads the MoE sizes of the config") {
-  const MoeShape tiny = moe_shape(fixture_config(), 32);
+  const MoeShape tiny = moe_shape(config_tiny(), 32);
   CHECK(tiny.hidden == 128);
   CHECK(tiny.experts == 16);
   CHECK(tiny.top_k == 4);
@@ -54,7 +36,7 @@ TEST_CASE("moe_shape reads the MoE sizes of the config") {
   CHECK(tiny.shared_inter == 128);
   CHECK(tiny.group == 32);
   // I = 64 cannot be split into groups of 128.
-  CHECK(contains(error_of([] { moe_shape(fixture_config(), 128); }), "I = 64 is not a multiple of the group 128"));
+  CHECK(contains(error_of([] { moe_shape(config_tiny(), 128); }), "I = 64 is not a multiple of the group 128"));
   CHECK(contains(error_of([] { moe_shape(config_35b(), 48); }), "weight group 48"));
 }
 
@@ -150,7 +132,7 @@ TEST_CASE("every MoE kernel compiles for sm_80 and sm_90a, tiny and 35B, bf16 an
     for (const KernelSpec& s : list)
       if (seen.insert(s.str()).second) specs.push_back(s);
   };
-  for (int group : {0, 32, 64}) add(moe_kernels(fixture_config(), group));
+  for (int group : {0, 32, 64}) add(moe_kernels(config_tiny(), group));
   for (int group : {0, 32, 128}) add(moe_kernels(config_35b(), group));
   // Router (3 tiles), align, combine per config; gate_up, down and 4 GEMMs per (config, format).
   CHECK(specs.size() == 2 * (5 + 3 * 6));

@@ -10,23 +10,19 @@
 #include "runtime/io/json_file.h"
 #include "runtime/io/safetensors.h"
 #include "tests/synthetic_checkpoint.h"
+#include "tests/test_util.h"
 
 using namespace q35;
 using namespace q35::qwen35;
 namespace fs = std::filesystem;
 
+using q35::test::config_35b;
+using q35::test::config_tiny;
+using q35::test::error_of;
+
 namespace {
 const fs::path kModel = fs::path(Q35_SOURCE_DIR) / "tests/fixtures/tiny-qwen35moe";
 
-template <typename F>
-std::string error_of(F f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
 }  // namespace
 
 TEST_CASE("which tensors are quantized") {

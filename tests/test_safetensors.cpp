@@ -7,11 +7,14 @@
 #include "runtime/core/half.h"
 #include "runtime/io/safetensors.h"
 #include "tests/synthetic_checkpoint.h"
+#include "tests/test_util.h"
 
 using namespace q35;
 namespace fs = std::filesystem;
 using q35::test::TempDir;
 using q35::test::write_raw_safetensors;
+
+using q35::test::error_of;
 
 namespace {
 
@@ -21,16 +24,6 @@ std::span<const uint8_t> as_bytes(const std::vector<T>& v) {
 }
 
 // The Error text of `f()`, or "" when it does not throw.
-template <typename F>
-std::string error_of(F f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
-
 // One tensor "w" of `dtype` and `shape` whose data section holds `data`.
 std::string header_for(const std::string& dtype, const std::string& shape, uint64_t begin, uint64_t end) {
   return fmt::format(R"({{"w":{{"dtype":"{}","shape":{},"data_offsets":[{},{}]}}}})", dtype, shape, begin, end);

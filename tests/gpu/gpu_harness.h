@@ -18,18 +18,11 @@
 #include "runtime/core/half.h"
 #include "runtime/cuda/driver.h"
 #include "runtime/jit/jit_engine.h"
+#include "tests/test_util.h"
 
 namespace q35::gpu_test {
 
-template <typename F>
-std::string error_of(F f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
+using q35::test::error_of;
 
 // Everything a GPU test needs. The JIT cache is the normal one ($Q35JIT_CACHE_DIR...), so cubins
 // compiled on the build machine for sm_90a are reused.

@@ -20,25 +20,10 @@ using namespace q35;
 using namespace q35::gpu_test;
 using qwen35::gpu::AttentionPlan;
 
+using q35::test::config_35b;
+using q35::test::config_tiny;
+
 namespace {
-
-qwen35::Config config_tiny() {
-  return qwen35::Config::from_file(std::string(Q35_SOURCE_DIR) + "/tests/fixtures/tiny-qwen35moe/config.json");
-}
-
-qwen35::Config config_35b() {
-  qwen35::Config c;
-  c.hidden_size = 2048;
-  c.num_layers = 4;
-  c.layer_types = {qwen35::LayerType::LinearAttention, qwen35::LayerType::LinearAttention,
-                   qwen35::LayerType::LinearAttention, qwen35::LayerType::FullAttention};
-  c.num_heads = 16;
-  c.num_kv_heads = 2;
-  c.head_dim = 256;
-  c.rotary_dim = 64;
-  c.rope_theta = 1e7;
-  return c;
-}
 
 constexpr uint16_t kPoison = 0xffff;  // bf16 NaN
 

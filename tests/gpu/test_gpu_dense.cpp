@@ -24,28 +24,15 @@ using namespace q35::gpu_test;
 using namespace q35::qwen35;
 using namespace q35::qwen35::gpu;
 
+using q35::test::config_35b;
+using q35::test::config_tiny;
+
 namespace {
 
-Config fixture_config() {
-  return Config::from_file(std::filesystem::path(Q35_SOURCE_DIR) / "tests/fixtures/tiny-qwen35moe/config.json");
-}
 
-// Qwen3.5-35B-A3B (spec §1); only the sizes the dense projections read.
-Config config_35b() {
-  Config c;
-  c.vocab_size = 248320;
-  c.hidden_size = 2048;
-  c.num_layers = 40;
-  for (int i = 0; i < 40; ++i)
-    c.layer_types.push_back((i + 1) % 4 == 0 ? LayerType::FullAttention : LayerType::LinearAttention);
-  c.num_heads = 16, c.num_kv_heads = 2, c.head_dim = 256, c.rotary_dim = 64;
-  c.linear_num_key_heads = 16, c.linear_num_value_heads = 32;
-  c.linear_key_head_dim = 128, c.linear_value_head_dim = 128, c.linear_conv_kernel_dim = 4;
-  return c;
-}
 
 std::vector<DenseShape> all_shapes() {
-  std::vector<DenseShape> s = dense_shapes(fixture_config()), big = dense_shapes(config_35b());
+  std::vector<DenseShape> s = dense_shapes(config_tiny()), big = dense_shapes(config_35b());
   s.insert(s.end(), big.begin(), big.end());
   return s;
 }

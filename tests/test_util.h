@@ -1,0 +1,35 @@
+#pragma once
+// Small helpers shared by the tests.
+#include <string>
+
+#include "models/qwen35/config.h"
+#include "runtime/core/error.h"
+#include "runtime/jit/kernel_spec.h"
+
+namespace q35::test {
+
+// The message of the q35::Error `f` throws, or "" when it throws none.
+template <typename F>
+std::string error_of(F f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "";
+}
+
+// The 35B-A3B shapes (shared/spec §1) and the committed tiny fixture's config.
+inline qwen35::Config config_35b() { return qwen35::Config::preset("35b-a3b"); }
+inline qwen35::Config config_tiny() {
+  return qwen35::Config::from_file(std::string(Q35_SOURCE_DIR) + "/tests/fixtures/tiny-qwen35moe/config.json");
+}
+
+// The value of template argument `name` of a spec ("" when absent).
+inline std::string spec_arg(const KernelSpec& s, const std::string& name) {
+  for (const auto& [n, v] : s.args)
+    if (n == name) return v;
+  return "";
+}
+
+}  // namespace q35::test
