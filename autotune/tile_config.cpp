@@ -93,13 +93,16 @@ KernelSpec embedding_spec(int64_t hidden, const EmbeddingTile& tile) {
   return {"embedding", "embedding_gather", {{"H", std::to_string(hidden)}, {"THREADS", std::to_string(tile.threads)}}};
 }
 
-KernelSpec rmsnorm_spec(int64_t hidden, bool add_residual, const RmsnormTile& tile) {
+KernelSpec rmsnorm_spec(int64_t hidden, bool add_residual, const RmsnormTile& tile, bool f32_residual) {
   if (std::string why = why_invalid(tile, hidden); !why.empty()) fail("rmsnorm [H = {}]: invalid tile: {}", hidden, why);
-  return {"rmsnorm",
-          "rmsnorm",
-          {{"H", std::to_string(hidden)},
-           {"THREADS", std::to_string(tile.threads)},
-           {"ADD_RESIDUAL", add_residual ? "true" : "false"}}};
+  if (f32_residual && !add_residual) fail("rmsnorm [H = {}]: an fp32 residual stream needs the residual add", hidden);
+  KernelSpec s{"rmsnorm",
+               "rmsnorm",
+               {{"H", std::to_string(hidden)},
+                {"THREADS", std::to_string(tile.threads)},
+                {"ADD_RESIDUAL", add_residual ? "true" : "false"}}};
+  if (f32_residual) s.args.emplace_back("F32_RESIDUAL", "true");
+  return s;
 }
 
 KernelSpec gemv_bf16_spec(int64_t n, int64_t k, const GemvTile& tile) {

@@ -14,7 +14,7 @@ namespace q35 {
 struct EmbeddingTile {
   int threads = 128;
 };
-// kernel_templates/rmsnorm.cuh: rmsnorm<H, THREADS, ADD_RESIDUAL>; grid (rows), block THREADS.
+// kernel_templates/rmsnorm.cuh: rmsnorm<H, THREADS, ADD_RESIDUAL[, F32_RESIDUAL]>; grid (rows), block THREADS.
 struct RmsnormTile {
   int threads = 256;
   int smem_bytes() const { return threads / 32 * 4; }  // block_sum scratch
@@ -42,7 +42,8 @@ GemvTile default_gemv_tile(int64_t n, int64_t k, int m);
 
 // The instantiations; Error naming the family, shape and reason if the tile is invalid.
 KernelSpec embedding_spec(int64_t hidden, const EmbeddingTile& tile);
-KernelSpec rmsnorm_spec(int64_t hidden, bool add_residual, const RmsnormTile& tile);
+// f32_residual (with add_residual): the residual stream is fp32 (no rounding between layers).
+KernelSpec rmsnorm_spec(int64_t hidden, bool add_residual, const RmsnormTile& tile, bool f32_residual = false);
 KernelSpec gemv_bf16_spec(int64_t n, int64_t k, const GemvTile& tile);
 
 }  // namespace q35

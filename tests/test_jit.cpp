@@ -73,10 +73,9 @@ std::vector<KernelSpec> real_specs() {
           rmsnorm_spec(256, false, default_rmsnorm_tile(256)),
           gemv_bf16_spec(8192, 2048, default_gemv_tile(8192, 2048, 1)),
           gemv_bf16_spec(32, 2048, GemvTile{4, 2, 4}),
-          gemv_bf16_spec(2048, 512, GemvTile{16, 2, 4})};
+          gemv_bf16_spec(2048, 512, GemvTile{16, 2, 4}),
+          rmsnorm_spec(2048, true, default_rmsnorm_tile(2048), true)};
 }
-
-
 
 }  // namespace
 
@@ -101,6 +100,9 @@ TEST_CASE("KernelSpec names its instantiation") {
   KernelSpec s = rmsnorm_spec(2048, true, RmsnormTile{256});
   CHECK(s.instantiation() == "rmsnorm<2048, 256, true>");
   CHECK(s.str() == "rmsnorm/rmsnorm<H=2048, THREADS=256, ADD_RESIDUAL=true>");
+  CHECK(rmsnorm_spec(2048, true, RmsnormTile{256}, true).instantiation() == "rmsnorm<2048, 256, true, true>");
+  CHECK(error_of([] { rmsnorm_spec(2048, false, RmsnormTile{256}, true); }).find("needs the residual add") !=
+        std::string::npos);
   CHECK(gemv_bf16_spec(8192, 2048, GemvTile{1, 4, 4}).instantiation() == "gemv_bf16<8192, 2048, 1, 4, 4>");
 }
 

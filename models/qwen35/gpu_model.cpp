@@ -71,7 +71,7 @@ struct GpuModel::Impl {
   DeviceBuffer rng;         // u64 [2]     sampler {seed, step}
   DeviceBuffer argmax_ws;   // argmax workspace (zeroed once)
   DeviceBuffer topk_ws;     // top-k sampling candidates
-  DeviceBuffer residual;    // bf16 [max_chunk, H]
+  DeviceBuffer residual;    // fp32 [max_chunk, H]   the residual stream, kept in fp32
   DeviceBuffer normed;      // bf16 [max_chunk, H]
   DeviceBuffer delta;       // bf16 [max_chunk, H]   sub-layer output, added by the next norm
   DeviceBuffer proj;        // bf16 [max_chunk, max(qkv_row, gdn_cols)]
@@ -188,7 +188,7 @@ void GpuModel::init(const GpuModelOptions& o) {
   m.argmax_ws = alloc(m.sample.argmax_workspace_bytes());
   m.argmax_ws.fill_bytes(0, stream_);
   m.topk_ws = alloc(m.topk.workspace_bytes());
-  m.residual = alloc(size_t(T * H) * 2);
+  m.residual = alloc(size_t(T * H) * 4);
   m.normed = alloc(size_t(T * H) * 2);
   m.delta = alloc(size_t(T * H) * 2);
   m.proj = alloc(size_t(T * proj_cols) * 2);
@@ -286,12 +286,13 @@ void GpuModel::run_layers(int T, bool decode) {
   const int64_t H = c.hidden_size;
   const float eps = float(c.rms_norm_eps);
   KernelSet& ks = m.kernels;
+  // The embeddings go to `delta`, which the first norm adds to a zeroed fp32 residual stream.
   const EmbeddingTile et = default_embedding_tile(H);
   ks.get(embedding_spec(H, et)).launch({{unsigned(T)}, {unsigned(et.threads)}}, stream_, weights_.embed.ptr(),
-                                       m.tokens.ptr(), m.residual.ptr());
+                                       m.tokens.ptr(), m.delta.ptr());
+  m.residual.fill_bytes(0, stream_, 0, size_t(T * H) * 4);
   const RmsnormTile nt = default_rmsnorm_tile(H);
-  const Function& norm_first = ks.get(rmsnorm_spec(H, false, nt));
-  const Function& norm_add = ks.get(rmsnorm_spec(H, true, nt));
+  const Function& norm_add = ks.get(rmsnorm_spec(H, true, nt, /*f32_residual=*/true));
   auto add_norm = [&](CUdeviceptr w) {  // residual += delta; normed = RMSNorm(residual)
     norm_add.launch({{unsigned(T)}, {unsigned(nt.threads)}}, stream_, m.delta.ptr(), m.residual.ptr(), w,
                     m.normed.ptr(), eps);
@@ -299,11 +300,7 @@ void GpuModel::run_layers(int T, bool decode) {
 
   for (size_t i = 0; i < weights_.layers.size(); ++i) {
     const GpuLayer& l = weights_.layers[i];
-    if (i == 0)
-      norm_first.launch({{unsigned(T)}, {unsigned(nt.threads)}}, stream_, m.residual.ptr(), m.residual.ptr(),
-                        l.input_norm.ptr(), m.normed.ptr(), eps);
-    else
-      add_norm(l.input_norm.ptr());
+    add_norm(l.input_norm.ptr());
 
     if (l.type == LayerType::FullAttention) {
       dense(ks, stream_, l.qkv, m.normed.ptr(), m.proj.ptr(), T, m.dequant);

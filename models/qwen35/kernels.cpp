@@ -25,10 +25,9 @@ std::vector<q35::KernelSpec> required_kernels(const Config& cfg, int group, cons
       if (std::find(specs.begin(), specs.end(), s) == specs.end()) specs.push_back(s);
   };
   const int64_t H = cfg.hidden_size;
-  // The embedding gather; the first input norm (no residual yet) and every later norm, which adds
-  // the previous sub-layer's output into the residual stream first.
-  add({embedding_spec(H, default_embedding_tile(H)), rmsnorm_spec(H, false, default_rmsnorm_tile(H)),
-       rmsnorm_spec(H, true, default_rmsnorm_tile(H))});
+  // The embedding gather; every norm adds the previous sub-layer's output (the embeddings for the
+  // first) into the fp32 residual stream first.
+  add({embedding_spec(H, default_embedding_tile(H)), rmsnorm_spec(H, true, default_rmsnorm_tile(H), true)});
   add(gpu::dense_kernels(cfg, {group, 1, prefill_tokens}));
   add(gpu::attention_kernels(cfg, smem_limit_for(arch)));
   add(gpu::gdn_kernels(cfg));

@@ -240,9 +240,12 @@ void DeviceBuffer::copy_from(const DeviceBuffer& src, size_t bytes, const Stream
   driver_->check(driver_->api().memcpy_dtod_async(ptr_, src.ptr_, bytes, stream.handle()), "cuMemcpyDtoDAsync");
 }
 
-void DeviceBuffer::fill_bytes(uint8_t value, const Stream& stream) {
-  if (bytes_ == 0) return;
-  driver_->check(driver_->api().memset_d8_async(ptr_, value, bytes_, stream.handle()), "cuMemsetD8Async");
+void DeviceBuffer::fill_bytes(uint8_t value, const Stream& stream) { fill_bytes(value, stream, 0, bytes_); }
+
+void DeviceBuffer::fill_bytes(uint8_t value, const Stream& stream, size_t offset, size_t bytes) {
+  if (bytes == 0) return;
+  check_range("fill_bytes", offset, bytes);
+  driver_->check(driver_->api().memset_d8_async(ptr_ + offset, value, bytes, stream.handle()), "cuMemsetD8Async");
 }
 
 // ---- Event ----

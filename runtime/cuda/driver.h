@@ -160,6 +160,7 @@ class DeviceBuffer {
   void download(void* host, size_t bytes, const Stream& stream, size_t offset = 0) const;
   void copy_from(const DeviceBuffer& src, size_t bytes, const Stream& stream);
   void fill_bytes(uint8_t value, const Stream& stream);
+  void fill_bytes(uint8_t value, const Stream& stream, size_t offset, size_t bytes);  // a range
 
  private:
   void check_range(const char* what, size_t offset, size_t bytes) const;

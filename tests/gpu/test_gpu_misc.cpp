@@ -28,6 +28,27 @@ TEST_CASE("GPU: embedding_gather at the tiny (H 128) and 35B (H 2048) shapes equ
   }
 }
 
+TEST_CASE("GPU: rmsnorm with the fp32 residual stream equals ref::add_rmsnorm (tiny and 35B H)") {
+  auto g = open_gpu();
+  const int rows = 5;
+  const float eps = 1e-6f;
+  for (int64_t H : {int64_t(128), int64_t(2048)}) {
+    CAPTURE(H);
+    std::vector<uint16_t> delta = random_bf16(size_t(rows * H), 21, 2.f), w = random_bf16(size_t(H), 22, 0.1f);
+    std::vector<float> residual = random_f32(size_t(rows * H), 23, 3.f);
+    DeviceBuffer d_delta = to_device(*g, delta), d_res = to_device(*g, residual), d_w = to_device(*g, w),
+                 d_y = poisoned(*g, size_t(rows * H) * 2);
+    const RmsnormTile tile = default_rmsnorm_tile(H);
+    g->jit.load(rmsnorm_spec(H, true, tile, true), g->ctx)
+        .launch({{unsigned(rows)}, {unsigned(tile.threads)}}, g->stream, d_delta.ptr(), d_res.ptr(), d_w.ptr(),
+                d_y.ptr(), eps);
+    std::vector<float> want_res = residual, want_y(residual.size());
+    qwen35::ref::add_rmsnorm(want_res, to_f32(delta), to_f32(w), want_y, rows, H, eps);
+    CHECK(to_host<float>(*g, d_res) == want_res);  // fp32 adds of the same values: exact
+    CHECK(rel_l2(to_f32(to_host<uint16_t>(*g, d_y)), want_y) <= 1e-2);
+  }
+}
+
 TEST_CASE("GPU: step_advance moves the position and feeds the sampled id back") {
   auto g = open_gpu();
   const Function f = g->jit.load({"step", "step_advance", {}}, g->ctx);
