@@ -187,7 +187,7 @@ TEST_CASE("GPU: gdn token-by-token prefill, and prefill chunk after chunk, tiny 
     }
     {
       // Chunks that start mid-ring (positions not multiples of 4) and short chunks after long ones.
-      Layer layer(*g, gdn_config(hk, hv), 300, uint32_t(13 + hv));
+      Layer layer(*g, gdn_config(hk, hv), 310, uint32_t(13 + hv));
       layer.call(2, Layer::Path::Chunked);
       layer.call(1, Layer::Path::Decode);
       layer.call(100, Layer::Path::Chunked);
@@ -197,6 +197,10 @@ TEST_CASE("GPU: gdn token-by-token prefill, and prefill chunk after chunk, tiny 
       layer.call(1, Layer::Path::Decode);
       layer.call(65, Layer::Path::Chunked);
       layer.call(1, Layer::Path::Decode);
+      // One-token chunked calls that continue a sequence (the runner avoids them; kept honest here).
+      layer.call(1, Layer::Path::Chunked);
+      layer.call(1, Layer::Path::Chunked);
+      layer.call(7, Layer::Path::Chunked);
     }
   }
 }
