@@ -42,11 +42,6 @@ KernelSpec fill_uniform_spec() { return {"fill", "fill_uniform_f32", {}}; }
 
 int group_of(const GpuModelOptions& o) { return o.format == WeightFormat::W4A16 ? o.group : 0; }
 
-// Calls of fewer tokens take the DeltaNet recurrence instead of the chunked kernels: as fast at that
-// size, and the chunked kernels lose accuracy on a 1-token call that continues a sequence (a 6.8%
-// logit error on the tiny fixture, deterministic; see docs/perf-log.md, 2026-11-23).
-constexpr int kGdnChunkedMinTokens = 16;
-
 }  // namespace
 
 // Everything the forward pass needs besides the weights: kernels, per-sequence state, scratch.
@@ -327,9 +322,9 @@ void GpuModel::run_layers(int T, bool decode) {
       const gpu::GdnLayerState st{m.conv_state[i].ptr(), m.ssm_state[i].ptr()};
       if (decode && T == 1)
         m.gdn->decode(stream_, m.proj.ptr(), stride, m.pos.ptr(), gw, st, m.gdn_o.ptr(), m.mix.ptr());
-      else  // short calls run the token-by-token recurrence (see kGdnChunkedMinTokens)
+      else  // chunked from gpu::kGdnChunkedMinTokens tokens, else the recurrence
         m.gdn->prefill(stream_, m.proj.ptr(), stride, T, m.pos.ptr(), gw, st, gpu::gdn_workspace(c, T, m.gdn_ws.ptr()),
-                       m.mix.ptr(), options_.chunked_gdn && T >= kGdnChunkedMinTokens);
+                       m.mix.ptr(), options_.chunked_gdn);
       dense(ks, stream_, l.out_proj, m.mix.ptr(), m.delta.ptr(), T, m.dequant);
     }
 

@@ -167,7 +167,7 @@ TEST_CASE("GPU: gdn prefill (chunked) from zero then decode, tiny and 35B shapes
   auto g = open_gpu();
   for (auto [hk, hv] : {std::pair<int64_t, int64_t>{2, 4}, {16, 32}}) {
     CAPTURE(hv);
-    for (int64_t T : {1, 5, 64, 100, 300}) {
+    for (int64_t T : {1, 5, 16, 64, 100, 300}) {
       Layer layer(*g, gdn_config(hk, hv), T + 3, uint32_t(T * 7 + hv));
       layer.call(T, Layer::Path::Chunked);
       for (int step = 0; step < 3; ++step) layer.call(1, Layer::Path::Decode);
@@ -187,7 +187,7 @@ TEST_CASE("GPU: gdn token-by-token prefill, and prefill chunk after chunk, tiny 
     }
     {
       // Chunks that start mid-ring (positions not multiples of 4) and short chunks after long ones.
-      Layer layer(*g, gdn_config(hk, hv), 310, uint32_t(13 + hv));
+      Layer layer(*g, gdn_config(hk, hv), 350, uint32_t(13 + hv));
       layer.call(2, Layer::Path::Chunked);
       layer.call(1, Layer::Path::Decode);
       layer.call(100, Layer::Path::Chunked);
@@ -197,10 +197,12 @@ TEST_CASE("GPU: gdn token-by-token prefill, and prefill chunk after chunk, tiny 
       layer.call(1, Layer::Path::Decode);
       layer.call(65, Layer::Path::Chunked);
       layer.call(1, Layer::Path::Decode);
-      // One-token chunked calls that continue a sequence (the runner avoids them; kept honest here).
-      layer.call(1, Layer::Path::Chunked);
+      // Short calls continuing a sequence: prefill(chunked) takes the recurrence below
+      // kGdnChunkedMinTokens; 16 and 17 tokens run the chunked kernels on a partial chunk.
       layer.call(1, Layer::Path::Chunked);
       layer.call(7, Layer::Path::Chunked);
+      layer.call(16, Layer::Path::Chunked);
+      layer.call(17, Layer::Path::Chunked);
     }
   }
 }

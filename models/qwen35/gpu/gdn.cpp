@@ -166,7 +166,7 @@ void GdnKernels::prefill(const Stream& stream, CUdeviceptr proj, int row_stride,
                          const GdnLayerWeights& w, const GdnLayerState& st, const GdnWorkspace& ws, CUdeviceptr y,
                          bool chunked_path, bool pdl) const {
   prologue(stream, proj, row_stride, T, pos0, w, st, ws, pdl);
-  if (chunked_path) chunked(stream, T, st, ws, pdl);
+  if (chunked_path && T >= kGdnChunkedMinTokens) chunked(stream, T, st, ws, pdl);
   else recurrent(stream, T, st, ws, pdl);
   gated_rmsnorm(stream, T, ws.o, proj, row_stride, w.norm_w, y, pdl);
 }

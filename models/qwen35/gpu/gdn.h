@@ -34,6 +34,12 @@ int64_t gdn_proj_columns(const Config& cfg);  // C + Hv dv + 2 Hv, the minimal r
 size_t gdn_conv_state_bytes(const Config& cfg);
 size_t gdn_ssm_state_bytes(const Config& cfg);
 
+// prefill(chunked = true) runs the chunked kernels from this many tokens; shorter calls take the
+// recurrence, which is as fast at that size and exact in fp32. The chunked kernels' tf32 products
+// lose accuracy on very short calls (a 1-token call from zero state measured 1.9e-2 rel_l2 on the
+// H100, 2026-11-23; inside the model a 1-token call continuing a sequence gave 6.8e-2 on the logits).
+constexpr int kGdnChunkedMinTokens = 16;
+
 struct GdnTiles {
   GdnPrologueTile prologue;
   GdnRecurrentTile recurrent;
