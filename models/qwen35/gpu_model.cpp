@@ -146,6 +146,10 @@ GpuModel::~GpuModel() = default;
 
 void GpuModel::init(const GpuModelOptions& o) {
   const Config& c = config_;
+  const DeviceInfo& dev = ctx_.device();
+  if (dev.cc_major < 8)
+    fail("unsupported GPU: {} is sm_{}{}; q35jit needs sm_80 or newer (bf16 tensor cores)", dev.name, dev.cc_major,
+         dev.cc_minor);
   if (o.max_context < 1) fail("--max-context must be at least 1");
   if (o.max_context > c.max_position_embeddings && c.max_position_embeddings > 0)
     fail("--max-context {} exceeds the model's max_position_embeddings {}", o.max_context, c.max_position_embeddings);
