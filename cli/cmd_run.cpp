@@ -164,7 +164,8 @@ int cmd_run(int argc, char** argv) {
     std::vector<qwen35::ChatMessage> turn = first_turn ? first : std::vector<qwen35::ChatMessage>{};
     turn.push_back({"user", user});
     // The model state already holds every earlier turn; only the new turn's tokens are fed.
-    std::string text = (first_turn ? "" : "<|im_end|>\n") + qwen35::render_chat(turn, true, thinking);
+    const std::string text =
+        first_turn ? qwen35::render_chat(turn, true, thinking) : qwen35::render_next_turn(turn, thinking);
     std::vector<int32_t> ids = tok.encode(text);
     check_fits(ids.size());
     generate(*engine, tok, ids, stop_ids, max_new, sampler, stats);

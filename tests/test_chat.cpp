@@ -132,3 +132,19 @@ TEST_CASE("Stop ids: generation_config eos ids, then <|im_end|> and <|endoftext|
   gen.eos_token_ids = {248077};
   CHECK_THROWS_WITH_AS(q35::qwen35::stop_token_ids(tok, gen), doctest::Contains("248077"), q35::Error);
 }
+
+TEST_CASE("render_next_turn closes the previous reply, then renders the new turn with the prompt") {
+  using namespace q35::qwen35;
+  CHECK(render_next_turn({{"user", "and again"}}, false) ==
+        "<|im_end|>\n<|im_start|>user\nand again<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n");
+  // After a first turn the fed text differs from a fresh render of the whole conversation only in
+  // the earlier reply keeping its (here empty) reasoning block, which the template strips.
+  const std::string first = render_chat({{"user", "hi"}}, true, false);
+  const std::string fed = first + "hello" + render_next_turn({{"user", "and again"}}, false);
+  const std::string fresh =
+      render_chat({{"user", "hi"}, {"assistant", "hello"}, {"user", "and again"}}, true, false);
+  const std::string think = "<think>\n\n</think>\n\n";
+  std::string fed_stripped = fed;
+  fed_stripped.erase(fed_stripped.find(think), think.size());
+  CHECK(fed_stripped == fresh);
+}

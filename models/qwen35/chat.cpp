@@ -144,4 +144,8 @@ std::vector<int32_t> stop_token_ids(const Tokenizer& tok, const GenerationConfig
   return ids;
 }
 
+std::string render_next_turn(const std::vector<ChatMessage>& turn, bool enable_thinking) {
+  return "<|im_end|>\n" + render_chat(turn, true, enable_thinking);
+}
+
 }  // namespace q35::qwen35

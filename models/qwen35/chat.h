@@ -31,6 +31,11 @@ struct ChatMessage {
 // user query, or another role.
 std::string render_chat(const std::vector<ChatMessage>& messages, bool add_generation_prompt, bool enable_thinking);
 
+// The text to feed for a further turn of a conversation whose state already holds every earlier
+// turn up to the assistant's last generated token (generation stopped at <|im_end|>, which was not
+// fed): "<|im_end|>\n" closing that reply, then `turn` rendered with the generation prompt.
+std::string render_next_turn(const std::vector<ChatMessage>& turn, bool enable_thinking);
+
 // Ids that end generation: generation_config's eos ids, then <|im_end|> and <|endoftext|> when the
 // vocabulary has them; no duplicates. Error if an eos id is not a token of `tok`.
 std::vector<int32_t> stop_token_ids(const Tokenizer& tok, const GenerationConfig& gen);
