@@ -22,7 +22,7 @@ fi
 CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
 if [ ! -f "$CUDA_HOME/include/nvrtc.h" ] || [ ! -f "$CUDA_HOME/include/cuda.h" ]; then
   echo "[setup] error: the CUDA toolkit (NVRTC + headers) was not found under CUDA_HOME=$CUDA_HOME." >&2
-  echo "[setup]        Install CUDA 12.8+ / 13.x or set CUDA_HOME." >&2
+  echo "[setup]        Install the CUDA 13 toolkit or set CUDA_HOME." >&2
   exit 1
 fi
 
