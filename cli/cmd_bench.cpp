@@ -13,7 +13,6 @@
 #include "cli/commands.h"
 #include "cli/session.h"
 #include "models/qwen35/gpu_model.h"
-#include "models/qwen35/quantized.h"
 #include "models/qwen35/weights.h"
 #include "runtime/core/error.h"
 #include "runtime/cuda/driver.h"
@@ -66,24 +65,20 @@ int cmd_bench(int argc, char** argv) {
   const int64_t ctx_len = args.get_int("decode-context", 128, 1, 1 << 20);
   const int64_t steps = args.get_int("decode-steps", 64, 1, 1 << 20);
   const int repeats = int(args.get_int("repeats", 3, 1, 1000));
-  const std::string quant = args.get("quant").value_or("w4a16");
-  if (quant != "bf16" && quant != "w4a16") fail("q35jit bench: --quant must be bf16 or w4a16, got '{}'", quant);
 
   std::optional<ModelInfo> info;
   qwen35::Config config;
-  std::optional<qwen35::QuantNote> note;
   if (auto dir = args.get("model")) {
     info = load_model_info(*dir);
     config = info->config;
-    note = qwen35::read_quant_note(info->dir / "config.json");
   } else {
     config = qwen35::Config::preset(*args.get("synthetic"));
   }
+  const WeightChoice w = weight_choice(args, config, info ? info->dir : std::filesystem::path());
   qwen35::GpuModelOptions o;
-  o.format = quant == "bf16" ? qwen35::WeightFormat::BF16 : qwen35::WeightFormat::W4A16;
-  o.prequantized = note.has_value();
-  o.group = note ? note->group_size
-                 : int(args.get_int("group-size", qwen35::default_group_size(config), 1, 1 << 20));
+  o.format = w.format;
+  o.group = w.group;
+  o.prequantized = w.prequantized;
   const int64_t longest = *std::max_element(lengths.begin(), lengths.end());
   o.max_context = std::max(longest, ctx_len + steps);
   o.max_chunk = std::min<int64_t>(longest, 4096);

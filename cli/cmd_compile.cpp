@@ -8,7 +8,6 @@
 #include "cli/commands.h"
 #include "cli/session.h"
 #include "models/qwen35/kernels.h"
-#include "models/qwen35/quantized.h"
 #include "runtime/core/error.h"
 #include "runtime/cuda/driver.h"
 #include "runtime/jit/jit_engine.h"
@@ -60,14 +59,7 @@ int cmd_compile(int argc, char** argv) {
   const int threads = int(args.get_int("threads", hw, 1, 1024));
 
   ModelInfo info = load_model_info(dir);
-  const std::string quant = args.get("quant").value_or("w4a16");
-  if (quant != "bf16" && quant != "w4a16") fail("q35jit compile: --quant must be bf16 or w4a16, got '{}'", quant);
-  int group = 0;
-  if (quant == "w4a16") {
-    auto note = qwen35::read_quant_note(info.dir / "config.json");
-    group = int(args.get_int("group-size", note ? note->group_size : qwen35::default_group_size(info.config), 1, 1 << 20));
-    qwen35::check_group_size(info.config, group);
-  }
+  const int group = weight_choice(args, info.config, info.dir).group;
   std::vector<KernelSpec> specs = qwen35::required_kernels(info.config, group, arch);
   JitEngine jit(args.get("cache-dir") ? std::filesystem::path(*args.get("cache-dir")) : default_cache_dir());
 

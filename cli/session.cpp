@@ -107,6 +107,31 @@ bool gpu_present() {
 
 }  // namespace
 
+WeightChoice weight_choice(const Args& args, const qwen35::Config& config, const fs::path& dir) {
+  const std::string quant = args.get("quant").value_or("w4a16");
+  if (quant != "bf16" && quant != "w4a16")
+    fail("q35jit {}: --quant must be bf16 or w4a16, got '{}'", args.command(), quant);
+  const std::optional<qwen35::QuantNote> note =
+      dir.empty() ? std::nullopt : qwen35::read_quant_note(dir / "config.json");
+  WeightChoice w;
+  w.prequantized = note.has_value();
+  if (quant == "bf16") {
+    if (note) fail("{} is a W4A16 checkpoint: it loads only with --quant w4a16", dir.string());
+    w.format = qwen35::WeightFormat::BF16;
+    return w;
+  }
+  if (note) {
+    w.group = note->group_size;
+    if (args.has("group-size") && args.get_int("group-size", 0, 0, 1 << 20) != note->group_size)
+      fail("{} was quantized with group size {}, not --group-size {}: quantize the original checkpoint again",
+           dir.string(), note->group_size, *args.get("group-size"));
+  } else {
+    w.group = int(args.get_int("group-size", qwen35::default_group_size(config), 1, 1 << 20));
+    qwen35::check_group_size(config, w.group);
+  }
+  return w;
+}
+
 std::unique_ptr<Engine> make_engine(const Args& args, const ModelInfo& info, int64_t default_max_context,
                                     const std::function<void(const std::string&)>& log) {
   const std::string& cmd = args.command();
@@ -115,28 +140,16 @@ std::unique_ptr<Engine> make_engine(const Args& args, const ModelInfo& info, int
   if (device != "cpu" && device != "cuda") fail("q35jit {}: --device must be cpu or cuda, got '{}'", cmd, device);
   const int64_t model_max = info.config.max_position_embeddings > 0 ? info.config.max_position_embeddings : 32768;
   const int64_t max_context = args.get_int("max-context", std::min(default_max_context, model_max), 1, model_max);
-  const std::optional<qwen35::QuantNote> note = qwen35::read_quant_note(info.dir / "config.json");
-  const std::string quant = args.get("quant").value_or("w4a16");
-  if (quant != "bf16" && quant != "w4a16") fail("q35jit {}: --quant must be bf16 or w4a16, got '{}'", cmd, quant);
-
   if (device == "cpu") {
     if (args.has("quant") || args.has("group-size"))
       fail("q35jit {}: --quant and --group-size apply to --device cuda (the CPU reference runs in fp32)", cmd);
     return std::make_unique<CpuEngine>(info, max_context);
   }
+  const WeightChoice w = weight_choice(args, info.config, info.dir);
   qwen35::GpuModelOptions o;
-  o.format = quant == "bf16" ? qwen35::WeightFormat::BF16 : qwen35::WeightFormat::W4A16;
-  o.prequantized = note.has_value();
-  if (note && quant == "bf16") fail("{} is a W4A16 checkpoint: it loads only with --quant w4a16", info.dir.string());
-  if (note) {
-    o.group = note->group_size;
-    if (args.has("group-size") && args.get_int("group-size", 0, 0, 1 << 20) != note->group_size)
-      fail("{} was quantized with group size {}, not --group-size {}: quantize the original checkpoint again",
-           info.dir.string(), note->group_size, *args.get("group-size"));
-  } else if (o.format == qwen35::WeightFormat::W4A16) {
-    o.group = int(args.get_int("group-size", qwen35::default_group_size(info.config), 1, 1 << 20));
-    qwen35::check_group_size(info.config, o.group);
-  }
+  o.format = w.format;
+  o.group = w.group;
+  o.prequantized = w.prequantized;
   o.max_context = max_context;
   o.verbose = args.flag("verbose");
   o.log = log;

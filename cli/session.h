@@ -12,6 +12,7 @@
 
 #include "cli/args.h"
 #include "models/qwen35/config.h"
+#include "models/qwen35/gpu_weights.h"
 #include "runtime/core/sampler.h"
 #include "runtime/text/tokenizer.h"
 
@@ -39,6 +40,15 @@ class Engine {
   virtual int32_t prefill(std::span<const int32_t> tokens, Sampler& sampler) = 0;
   virtual int32_t decode(int32_t token, Sampler& sampler) = 0;
 };
+
+// --quant and --group-size, checked against the config's shapes and, when `dir` holds a checkpoint
+// written by `q35jit quantize`, against its format note (empty `dir`: a synthetic model).
+struct WeightChoice {
+  qwen35::WeightFormat format = qwen35::WeightFormat::W4A16;
+  int group = 0;             // W4A16 group size; 0 for bf16
+  bool prequantized = false;
+};
+WeightChoice weight_choice(const Args& args, const qwen35::Config& config, const std::filesystem::path& dir);
 
 // The flags every command that loads weights shares.
 std::vector<FlagSpec> engine_flags();

@@ -23,13 +23,10 @@ using q35::test::tiny_config;
 using q35::test::write_synthetic_checkpoint;
 namespace fs = std::filesystem;
 
-using q35::test::config_35b;
-using q35::test::config_tiny;
+using q35::test::contains;
 using q35::test::error_of;
 
 namespace {
-
-bool contains(const std::string& s, const std::string& part) { return s.find(part) != std::string::npos; }
 
 const char* kShard1 = "model-00001-of-00003.safetensors";
 const char* kShard2 = "model-00002-of-00003.safetensors";

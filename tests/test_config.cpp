@@ -14,13 +14,10 @@ using q35::test::write_json;
 using nlohmann::json;
 namespace fs = std::filesystem;
 
-using q35::test::config_35b;
-using q35::test::config_tiny;
+using q35::test::contains;
 using q35::test::error_of;
 
 namespace {
-
-bool contains(const std::string& s, const std::string& part) { return s.find(part) != std::string::npos; }
 
 void check_equal(const Config& a, const Config& b) {
   CHECK(a.vocab_size == b.vocab_size);

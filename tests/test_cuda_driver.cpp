@@ -11,8 +11,6 @@ using namespace q35;
 #include <filesystem>
 namespace fs = std::filesystem;
 
-using q35::test::config_35b;
-using q35::test::config_tiny;
 using q35::test::error_of;
 
 namespace {

@@ -22,7 +22,6 @@ namespace fs = std::filesystem;
 using q35::test::TempDir;
 
 using q35::test::config_35b;
-using q35::test::config_tiny;
 using q35::test::error_of;
 inline std::string arg(const q35::KernelSpec& s, const std::string& n) { return q35::test::spec_arg(s, n); }
 

@@ -19,11 +19,10 @@ using namespace q35::qwen35::gpu;
 
 using q35::test::config_35b;
 using q35::test::config_tiny;
+using q35::test::contains;
 using q35::test::error_of;
 
 namespace {
-
-bool contains(const std::string& s, const std::string& part) { return s.find(part) != std::string::npos; }
 
 }  // namespace
 

@@ -16,8 +16,6 @@ using namespace q35;
 using namespace q35::qwen35;
 namespace fs = std::filesystem;
 
-using q35::test::config_35b;
-using q35::test::config_tiny;
 using q35::test::error_of;
 
 namespace {

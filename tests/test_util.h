@@ -19,6 +19,8 @@ std::string error_of(F f) {
   return "";
 }
 
+inline bool contains(const std::string& s, const std::string& part) { return s.find(part) != std::string::npos; }
+
 // The 35B-A3B shapes (shared/spec §1) and the committed tiny fixture's config.
 inline qwen35::Config config_35b() { return qwen35::Config::preset("35b-a3b"); }
 inline qwen35::Config config_tiny() {

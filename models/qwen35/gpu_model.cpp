@@ -46,7 +46,7 @@ int group_of(const GpuModelOptions& o) { return o.format == WeightFormat::W4A16 
 
 // Everything the forward pass needs besides the weights: kernels, per-sequence state, scratch.
 struct GpuModel::Impl {
-  Impl(JitEngine& jit, const Context& ctx, const Config& c, const GpuModelOptions& o)
+  Impl(JitEngine& jit, const Context& ctx, const Config& c)
       : kernels(jit, ctx),
         attn(c.num_layers_of(LayerType::FullAttention) ? gpu::attention_plan(c, smem_limit_for(ctx.device().arch()))
                                                         : gpu::AttentionPlan{}),
@@ -95,14 +95,7 @@ GpuModel::GpuModel(const Driver& driver, const Context& ctx, JitEngine& jit, con
     : driver_(driver), ctx_(ctx), jit_(jit), config_(config), options_(options), stream_(driver) {
   init(options);
   auto t0 = std::chrono::steady_clock::now();
-  UploadOptions up;
-  up.format = options.format;
-  up.group = options.group;
-  up.prequantized = options.prequantized;
-  up.quantize = [&](CUdeviceptr src, int64_t rows, int64_t K, int group, CUdeviceptr qw, CUdeviceptr sc) {
-    gpu::QuantizePlan p = gpu::quantize_plan(K, group);
-    gpu::launch_quantize(p, impl_->kernels.get(p.quantize_spec()), stream_, src, qw, sc, rows);
-  };
+  UploadOptions up = upload_options();
   if (options.verbose && options.log)
     up.report_error = [&](const std::string& kind, double e) {
       options.log(fmt::format("W4A16 g{} {:<18} relative error {:.4f} (first 64 rows of each tensor)", options.group,
@@ -121,13 +114,7 @@ GpuModel::GpuModel(const Driver& driver, const Context& ctx, JitEngine& jit, con
                    const GpuModelOptions& options, uint64_t seed)
     : driver_(driver), ctx_(ctx), jit_(jit), config_(config), options_(options), stream_(driver) {
   init(options);
-  UploadOptions up;
-  up.format = options.format;
-  up.group = options.group;
-  up.quantize = [&](CUdeviceptr src, int64_t rows, int64_t K, int group, CUdeviceptr qw, CUdeviceptr sc) {
-    gpu::QuantizePlan p = gpu::quantize_plan(K, group);
-    gpu::launch_quantize(p, impl_->kernels.get(p.quantize_spec()), stream_, src, qw, sc, rows);
-  };
+  UploadOptions up = upload_options();
   const Function& normal = impl_->kernels.get(fill_normal_spec());
   const Function& uniform = impl_->kernels.get(fill_uniform_spec());
   const unsigned blocks = unsigned(ctx.device().sm_count * 8);
@@ -144,6 +131,19 @@ GpuModel::GpuModel(const Driver& driver, const Context& ctx, JitEngine& jit, con
 
 GpuModel::~GpuModel() = default;
 
+// Weight format of the options; W4A16 quantizes on the GPU with the quantize_w4 kernel.
+UploadOptions GpuModel::upload_options() {
+  UploadOptions up;
+  up.format = options_.format;
+  up.group = options_.group;
+  up.prequantized = options_.prequantized;
+  up.quantize = [this](CUdeviceptr src, int64_t rows, int64_t K, int group, CUdeviceptr qw, CUdeviceptr sc) {
+    gpu::QuantizePlan p = gpu::quantize_plan(K, group);
+    gpu::launch_quantize(p, impl_->kernels.get(p.quantize_spec()), stream_, src, qw, sc, rows);
+  };
+  return up;
+}
+
 void GpuModel::init(const GpuModelOptions& o) {
   const Config& c = config_;
   const DeviceInfo& dev = ctx_.device();
@@ -153,7 +153,7 @@ void GpuModel::init(const GpuModelOptions& o) {
   if (o.max_context < 1) fail("--max-context must be at least 1");
   if (o.max_context > c.max_position_embeddings && c.max_position_embeddings > 0)
     fail("--max-context {} exceeds the model's max_position_embeddings {}", o.max_context, c.max_position_embeddings);
-  impl_ = std::make_unique<Impl>(jit_, ctx_, c, o);
+  impl_ = std::make_unique<Impl>(jit_, ctx_, c);
   Impl& m = *impl_;
   const int group = group_of(o);
 

@@ -68,6 +68,7 @@ class GpuModel {
  private:
   struct Impl;
   void init(const GpuModelOptions& options);
+  UploadOptions upload_options();
   void run_layers(int T, bool decode);
   void lm_head(int T);
   void sample(const SamplingParams& sampling);
