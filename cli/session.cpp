@@ -15,6 +15,18 @@ namespace q35::cli {
 
 namespace fs = std::filesystem;
 
+fs::path executable_dir() {
+  std::error_code ec;
+  fs::path exe = fs::read_symlink("/proc/self/exe", ec);
+  return ec ? fs::path() : exe.parent_path();
+}
+
+std::shared_ptr<const TuneTable> load_tuning(const DeviceInfo& device, bool enabled,
+                                             const std::function<void(const std::string&)>& log) {
+  if (!enabled) return nullptr;
+  return std::make_shared<const TuneTable>(TuneTable::find(tune_identity(device), executable_dir(), log));
+}
+
 ModelInfo load_model_info(const fs::path& dir) {
   if (!fs::exists(dir)) fail("model directory {} does not exist", dir.string());
   if (!fs::is_directory(dir)) fail("--model {} is not a directory", dir.string());
@@ -34,6 +46,7 @@ std::vector<FlagSpec> engine_flags() {
       {"quant", "bf16|w4a16", "GPU weight format (default w4a16; a quantized checkpoint is w4a16)"},
       {"group-size", "G", "W4A16 group size 32|64|128 (default 128, or the largest dividing every K)"},
       {"max-context", "N", "tokens of context to allocate (default min(32768, the model's maximum))"},
+      {"no-tune", "", "ignore tune caches: every kernel takes its heuristic default tile"},
       {"verbose", "", "load details: kernels, memory, quantization error per tensor type"},
   };
 }
@@ -71,8 +84,9 @@ class CpuEngine final : public Engine {
 
 class GpuEngine final : public Engine {
  public:
-  GpuEngine(const ModelInfo& info, const qwen35::GpuModelOptions& options)
+  GpuEngine(const ModelInfo& info, qwen35::GpuModelOptions options, bool tuned)
       : ctx_(driver_, 0), jit_(default_cache_dir()) {
+    options.tuning = load_tuning(ctx_.device(), tuned, options.log);
     Checkpoint ckpt(info.dir);
     if (options.prequantized)
       qwen35::validate_quantized_checkpoint(info.config, ckpt, options.group);
@@ -141,8 +155,8 @@ std::unique_ptr<Engine> make_engine(const Args& args, const ModelInfo& info, int
   const int64_t model_max = info.config.max_position_embeddings > 0 ? info.config.max_position_embeddings : 32768;
   const int64_t max_context = args.get_int("max-context", std::min(default_max_context, model_max), 1, model_max);
   if (device == "cpu") {
-    if (args.has("quant") || args.has("group-size"))
-      fail("q35jit {}: --quant and --group-size apply to --device cuda (the CPU reference runs in fp32)", cmd);
+    if (args.has("quant") || args.has("group-size") || args.flag("no-tune"))
+      fail("q35jit {}: --quant, --group-size and --no-tune apply to --device cuda (the CPU reference runs in fp32)", cmd);
     return std::make_unique<CpuEngine>(info, max_context);
   }
   const WeightChoice w = weight_choice(args, info.config, info.dir);
@@ -153,7 +167,7 @@ std::unique_ptr<Engine> make_engine(const Args& args, const ModelInfo& info, int
   o.max_context = max_context;
   o.verbose = args.flag("verbose");
   o.log = log;
-  return std::make_unique<GpuEngine>(info, o);
+  return std::make_unique<GpuEngine>(info, o, !args.flag("no-tune"));
 }
 
 }  // namespace q35::cli

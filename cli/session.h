@@ -10,11 +10,16 @@
 #include <string>
 #include <vector>
 
+#include "autotune/tune_cache.h"
 #include "cli/args.h"
 #include "models/qwen35/config.h"
 #include "models/qwen35/gpu_weights.h"
 #include "runtime/core/sampler.h"
 #include "runtime/text/tokenizer.h"
+
+namespace q35 {
+struct DeviceInfo;
+}
 
 namespace q35::cli {
 
@@ -56,6 +61,14 @@ std::vector<FlagSpec> engine_flags();
 // --quant, --group-size, --max-context, --verbose. `log` gets one-line notices.
 std::unique_ptr<Engine> make_engine(const Args& args, const ModelInfo& info, int64_t default_max_context,
                                     const std::function<void(const std::string&)>& log);
+
+// The folder of the running executable (/proc/self/exe), empty if unknown: shipped tune caches
+// live in its tune_cache/ subfolder.
+std::filesystem::path executable_dir();
+// The tuned tile configs for `device` (autotune/tune_cache.h lookup order), each skipped file a
+// notice through `log`; nullptr when `enabled` is false (--no-tune).
+std::shared_ptr<const TuneTable> load_tuning(const DeviceInfo& device, bool enabled,
+                                             const std::function<void(const std::string&)>& log);
 
 inline double ms_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();

@@ -22,6 +22,7 @@
 #include "models/qwen35/gpu/gdn.h"
 #include "models/qwen35/gpu/moe.h"
 #include "models/qwen35/gpu/sampling.h"
+#include "models/qwen35/gpu/tuned.h"
 #include "models/qwen35/kernels.h"
 #include "models/qwen35/weights.h"
 #include "runtime/core/error.h"
@@ -42,6 +43,9 @@ KernelSpec fill_uniform_spec() { return {"fill", "fill_uniform_f32", {}}; }
 
 int group_of(const GpuModelOptions& o) { return o.format == WeightFormat::W4A16 ? o.group : 0; }
 
+std::vector<KernelSpec> tuned_kernels(const Config& c, const gpu::TunedTiles& tt, const gpu::AttentionPlan& attn,
+                                      int group, int64_t m);
+
 }  // namespace
 
 // Everything the forward pass needs besides the weights: kernels, per-sequence state, scratch.
@@ -56,9 +60,16 @@ struct GpuModel::Impl {
   gpu::AttentionPlan attn;
   gpu::SamplePlan sample;
   gpu::TopkSamplePlan topk;
-  std::unique_ptr<gpu::GdnKernels> gdn;
-  std::unique_ptr<gpu::MoeKernels> moe;
-  int attn_splits = 0;
+  std::unique_ptr<gpu::TunedTiles> tuned;  // the tile of every kernel per call size
+  // Kernels per set of tiles (the tuned tiles may differ between call sizes), loaded on first use:
+  // always eagerly (a decode step runs once before it is captured).
+  struct MoeVariant {
+    std::unique_ptr<gpu::MoeKernels> kernels;
+    gpu::MoeScratch scratch;
+  };
+  std::map<std::string, MoeVariant> moe_variants;
+  std::map<std::string, std::unique_ptr<gpu::GdnKernels>> gdn_variants;
+  MoeShape moe_shape;
 
   // Per sequence: one K and V cache per full-attention layer, conv + fp32 state per DeltaNet layer.
   std::vector<DeviceBuffer> k_cache, v_cache;  // bf16 [max_context, Hkv, D] (indexed by layer)
@@ -80,8 +91,7 @@ struct GpuModel::Impl {
   DeviceBuffer gdn_ws;      // gdn_workspace_bytes(max_chunk)
   DeviceBuffer gdn_o;       // fp32 [1, Hv, dv] (decode)
   DeviceBuffer attn_scratch;
-  DeviceBuffer moe_ws;      // moe_workspace_bytes(max_chunk), zeroed once
-  gpu::MoeScratch moe_scratch;
+  DeviceBuffer moe_ws;      // moe_workspace_bytes(max_chunk) for the largest tuned block_m, zeroed once
   DeviceBuffer dequant;     // bf16 [max N*K] W4A16 weights dequantized for prefill GEMMs
   DeviceBuffer logits;      // fp32 [16, vocab]
 
@@ -160,13 +170,17 @@ void GpuModel::init(const GpuModelOptions& o) {
   // Every kernel of the model, compiled in parallel (or served by the JIT caches), then loaded.
   auto t0 = std::chrono::steady_clock::now();
   const int threads = o.compile_threads > 0 ? o.compile_threads : int(std::max(1u, std::thread::hardware_concurrency()));
-  std::vector<KernelSpec> specs = required_kernels(c, group, ctx_.device().arch(), o.max_chunk);
-  specs.push_back(step_spec());
-  m.kernels.preload(specs, threads);
   const bool has_full = c.num_layers_of(LayerType::FullAttention) > 0;
   const bool has_linear = c.num_layers_of(LayerType::LinearAttention) > 0;
-  if (has_linear) m.gdn = std::make_unique<gpu::GdnKernels>(jit_, ctx_, c);
-  m.moe = std::make_unique<gpu::MoeKernels>(jit_, ctx_, gpu::moe_shape(c, group));
+  m.tuned = std::make_unique<gpu::TunedTiles>(c, group, smem_limit_for(ctx_.device().arch()), o.tuning, o.log);
+  m.moe_shape = m.tuned->moe_shape();
+  std::vector<KernelSpec> specs = required_kernels(c, group, ctx_.device().arch(), o.max_chunk);
+  specs.push_back(step_spec());
+  if (m.tuned->tuned())
+    for (int64_t b : default_tune_buckets())
+      if (b <= o.max_chunk)
+        for (KernelSpec& s : tuned_kernels(c, *m.tuned, m.attn, group, b)) specs.push_back(std::move(s));
+  m.kernels.preload(specs, threads);
   if (o.log) {
     JitStats s = jit_.stats();
     o.log(fmt::format("kernels: {} for {} in {:.0f} ms ({} compiled, {} from the cache)", m.kernels.size(),
@@ -202,13 +216,16 @@ void GpuModel::init(const GpuModelOptions& o) {
     m.gdn_ws = alloc(gpu::gdn_workspace_bytes(c, T));
     m.gdn_o = alloc(size_t(c.linear_value_dim()) * 4);
   }
-  if (has_full) {
-    m.attn_splits = gpu::attention_decode_splits(m.attn, o.max_context, ctx_.device().sm_count);
-    m.attn_scratch = alloc(gpu::attention_decode_scratch_bytes(m.attn, m.attn_splits));
+  if (has_full) {  // scratch for the most splits any decode tile takes (one warp per split)
+    gpu::AttentionPlan widest = m.attn;
+    widest.decode.warps = 1;
+    m.attn_scratch = alloc(gpu::attention_decode_scratch_bytes(
+        widest, gpu::attention_decode_splits(widest, o.max_context, ctx_.device().sm_count)));
   }
-  m.moe_ws = alloc(gpu::moe_workspace_bytes(m.moe->shape, m.moe->tiles, T));
+  gpu::MoeTiles largest = gpu::MoeTiles::defaults(m.moe_shape);
+  largest.gemm.block_m = std::max(largest.gemm.block_m, tune::kMoeMaxBlockM);
+  m.moe_ws = alloc(gpu::moe_workspace_bytes(m.moe_shape, largest, T));
   m.moe_ws.fill_bytes(0, stream_);
-  m.moe_scratch = gpu::moe_scratch(m.moe->shape, m.moe->tiles, T, m.moe_ws.ptr());
   if (o.format == WeightFormat::W4A16) {
     int64_t largest = 0;  // every dense matrix except lm_head (computed by GEMV chunks)
     if (has_full) largest = std::max({largest, (m.attn.qkv_row()) * H, H * c.attn_out_dim()});
@@ -245,14 +262,14 @@ void GpuModel::check_fits(size_t T) const {
 namespace {
 
 // y [M, N] = x [M, K] · W^T: GEMV for M <= 16, else GEMM (W4A16 dequantized into `dequant` first).
-void dense(KernelSet& ks, const Stream& s, const GpuMatrix& W, CUdeviceptr x, CUdeviceptr y, int M,
-           const DeviceBuffer& dequant, bool out_f32 = false) {
+void dense(KernelSet& ks, const gpu::TunedTiles& tt, const Stream& s, const GpuMatrix& W, CUdeviceptr x,
+           CUdeviceptr y, int M, const DeviceBuffer& dequant, bool out_f32 = false) {
   if (M <= 16) {
     if (W.format == WeightFormat::BF16) {
-      gpu::GemvBf16Plan p = gpu::gemv_bf16_plan(W.N, W.K, M, out_f32);
+      const gpu::GemvBf16Plan p{W.N, W.K, tt.gemv_bf16(W.N, W.K, out_f32, M), out_f32};
       gpu::launch(p, ks.get(p.spec()), s, W.w.ptr(), x, y, M);
     } else {
-      gpu::W4GemvPlan p = gpu::w4_gemv_plan(W.N, W.K, W.group, M, out_f32);
+      const gpu::W4GemvPlan p{W.N, W.K, W.group, tt.w4_gemv(W.N, W.K, out_f32, M), out_f32};
       gpu::launch(p, ks.get(p.spec()), s, W.qweight.ptr(), W.scales.ptr(), x, y, M);
     }
     return;
@@ -263,7 +280,7 @@ void dense(KernelSet& ks, const Stream& s, const GpuMatrix& W, CUdeviceptr x, CU
     gpu::launch_dequantize(q, ks.get(q.dequantize_spec()), s, W.qweight.ptr(), W.scales.ptr(), dequant.ptr(), W.N);
     w = dequant.ptr();
   }
-  gpu::GemmPlan p = gpu::gemm_plan(W.N, W.K, M, out_f32);
+  const gpu::GemmPlan p{W.N, W.K, tt.gemm(W.N, W.K, out_f32, M), out_f32};
   const Function& f = ks.get(p.spec());
   gpu::prepare(p, f);  // dynamic shared memory (prefill only: never inside the decode graph)
   gpu::launch(p, f, s, x, w, y, M);
@@ -280,7 +297,70 @@ gpu::MoeWeights moe_weights(const GpuLayer& l) {
           main(l.shared_down), scales(l.shared_down)};
 }
 
+// The kernels the tuned tiles of a call of m tokens use (preloaded so no tuned kernel compiles mid-run).
+std::vector<KernelSpec> tuned_kernels(const Config& c, const gpu::TunedTiles& tt, const gpu::AttentionPlan& attn,
+                                      int group, int64_t m) {
+  std::vector<KernelSpec> specs;
+  for (const gpu::DenseShape& d : gpu::dense_shapes(c)) {
+    const bool f32 = d.proj == gpu::DenseProj::LmHead;
+    if (m <= 16)
+      specs.push_back(group ? gpu::W4GemvPlan{d.n, d.k, group, tt.w4_gemv(d.n, d.k, f32, m), f32}.spec()
+                            : gpu::GemvBf16Plan{d.n, d.k, tt.gemv_bf16(d.n, d.k, f32, m), f32}.spec());
+    else if (!f32)
+      specs.push_back(gpu::GemmPlan{d.n, d.k, tt.gemm(d.n, d.k, false, m), false}.spec());
+  }
+  for (KernelSpec& s : gpu::moe_kernels(tt.moe_shape(), tt.moe(m))) specs.push_back(std::move(s));
+  if (c.num_layers_of(LayerType::FullAttention) > 0) {
+    gpu::AttentionPlan p = attn;
+    p.prefill = tt.attention_prefill(m);
+    p.decode = tt.attention_decode(m);
+    specs.push_back(p.prefill_spec());
+    specs.push_back(p.decode_spec());
+    specs.push_back(p.decode_merge_spec());
+  }
+  if (c.num_layers_of(LayerType::LinearAttention) > 0) {
+    const gpu::GdnTiles t = tt.gdn(m);
+    specs.push_back(gpu::gdn_prologue_spec(c, t.prologue));
+    specs.push_back(gpu::gdn_recurrent_spec(c, t.recurrent));
+    specs.push_back(gpu::gdn_decode_spec(c, t.recurrent));
+    specs.push_back(gpu::gdn_chunk_state_spec(c, t.chunk));
+  }
+  return specs;
+}
+
+std::string key_of(const std::vector<KernelSpec>& specs) {
+  std::string key;
+  for (const KernelSpec& s : specs) key += s.str() + ";";
+  return key;
+}
+
 }  // namespace
+
+const gpu::MoeKernels& GpuModel::moe_kernels(int T, const gpu::MoeScratch** scratch) {
+  Impl& m = *impl_;
+  const gpu::MoeTiles tiles = m.tuned->moe(T);
+  const std::string key = key_of(gpu::moe_kernels(m.moe_shape, tiles));
+  auto it = m.moe_variants.find(key);
+  if (it == m.moe_variants.end()) {
+    Impl::MoeVariant v;
+    v.kernels = std::make_unique<gpu::MoeKernels>(jit_, ctx_, m.moe_shape, tiles);
+    v.scratch = gpu::moe_scratch(m.moe_shape, tiles, options_.max_chunk, m.moe_ws.ptr());
+    it = m.moe_variants.emplace(key, std::move(v)).first;
+  }
+  *scratch = &it->second.scratch;
+  return *it->second.kernels;
+}
+
+const gpu::GdnKernels& GpuModel::gdn_kernels(int T) {
+  Impl& m = *impl_;
+  const gpu::GdnTiles tiles = m.tuned->gdn(T);
+  const std::string key = fmt::format("{}/{}/{}/{}/{}/{}/{}", tiles.prologue.tokens, tiles.prologue.warps,
+                                      tiles.recurrent.rows, tiles.recurrent.warps, tiles.chunk.vs, tiles.norm.heads, 0);
+  auto it = m.gdn_variants.find(key);
+  if (it == m.gdn_variants.end())
+    it = m.gdn_variants.emplace(key, std::make_unique<gpu::GdnKernels>(jit_, ctx_, config_, tiles)).first;
+  return *it->second;
+}
 
 // The decoder layers and the final norm over the T tokens in impl_->tokens at position *pos.
 // Leaves normed [T, H] = final_norm(residual).
@@ -302,38 +382,51 @@ void GpuModel::run_layers(int T, bool decode) {
                     m.normed.ptr(), eps);
   };
 
+  const gpu::TunedTiles& tt = *m.tuned;
+  const gpu::MoeScratch* moe_scratch = nullptr;
+  const gpu::MoeKernels& moe = moe_kernels(T, &moe_scratch);
+  const bool has_linear = c.num_layers_of(LayerType::LinearAttention) > 0;
+  const gpu::GdnKernels* gdn = has_linear ? &gdn_kernels(T) : nullptr;
+  gpu::AttentionPlan attn = m.attn;
+  int attn_splits = 0;
+  if (c.num_layers_of(LayerType::FullAttention) > 0) {
+    attn.prefill = tt.attention_prefill(T);
+    attn.decode = tt.attention_decode(T);
+    attn_splits = gpu::attention_decode_splits(attn, options_.max_context, ctx_.device().sm_count);
+  }
+
   for (size_t i = 0; i < weights_.layers.size(); ++i) {
     const GpuLayer& l = weights_.layers[i];
     add_norm(l.input_norm.ptr());
 
     if (l.type == LayerType::FullAttention) {
-      dense(ks, stream_, l.qkv, m.normed.ptr(), m.proj.ptr(), T, m.dequant);
-      gpu::launch_qk_norm_rope(m.attn, ks.get(m.attn.qk_norm_rope_spec()), stream_, m.proj.ptr(), l.q_norm.ptr(),
+      dense(ks, tt, stream_, l.qkv, m.normed.ptr(), m.proj.ptr(), T, m.dequant);
+      gpu::launch_qk_norm_rope(attn, ks.get(attn.qk_norm_rope_spec()), stream_, m.proj.ptr(), l.q_norm.ptr(),
                                l.k_norm.ptr(), m.q.ptr(), m.k_cache[i].ptr(), m.v_cache[i].ptr(), m.pos.ptr(), T,
                                int(options_.max_context));
-      if (decode && T <= m.attn.max_decode_tokens())
-        gpu::launch_attention_decode(m.attn, ks.get(m.attn.decode_spec()), ks.get(m.attn.decode_merge_spec()), stream_,
+      if (decode && T <= attn.max_decode_tokens())
+        gpu::launch_attention_decode(attn, ks.get(attn.decode_spec()), ks.get(attn.decode_merge_spec()), stream_,
                                      m.q.ptr(), m.k_cache[i].ptr(), m.v_cache[i].ptr(), m.proj.ptr(), m.mix.ptr(),
-                                     m.attn_scratch.ptr(), m.attn_splits, m.pos.ptr(), T);
+                                     m.attn_scratch.ptr(), attn_splits, m.pos.ptr(), T);
       else
-        gpu::launch_attention_prefill(m.attn, ks.get(m.attn.prefill_spec()), stream_, m.q.ptr(), m.k_cache[i].ptr(),
+        gpu::launch_attention_prefill(attn, ks.get(attn.prefill_spec()), stream_, m.q.ptr(), m.k_cache[i].ptr(),
                                       m.v_cache[i].ptr(), m.proj.ptr(), m.mix.ptr(), m.pos.ptr(), T);
-      dense(ks, stream_, l.o_proj, m.mix.ptr(), m.delta.ptr(), T, m.dequant);
+      dense(ks, tt, stream_, l.o_proj, m.mix.ptr(), m.delta.ptr(), T, m.dequant);
     } else {
       const int stride = int(l.in_proj.N);
-      dense(ks, stream_, l.in_proj, m.normed.ptr(), m.proj.ptr(), T, m.dequant);
+      dense(ks, tt, stream_, l.in_proj, m.normed.ptr(), m.proj.ptr(), T, m.dequant);
       const gpu::GdnLayerWeights gw{l.conv1d.ptr(), l.A_log.ptr(), l.dt_bias.ptr(), l.gdn_norm.ptr()};
       const gpu::GdnLayerState st{m.conv_state[i].ptr(), m.ssm_state[i].ptr()};
       if (decode && T == 1)
-        m.gdn->decode(stream_, m.proj.ptr(), stride, m.pos.ptr(), gw, st, m.gdn_o.ptr(), m.mix.ptr());
+        gdn->decode(stream_, m.proj.ptr(), stride, m.pos.ptr(), gw, st, m.gdn_o.ptr(), m.mix.ptr());
       else  // chunked from gpu::kGdnChunkedMinTokens tokens, else the recurrence
-        m.gdn->prefill(stream_, m.proj.ptr(), stride, T, m.pos.ptr(), gw, st, gpu::gdn_workspace(c, T, m.gdn_ws.ptr()),
+        gdn->prefill(stream_, m.proj.ptr(), stride, T, m.pos.ptr(), gw, st, gpu::gdn_workspace(c, T, m.gdn_ws.ptr()),
                        m.mix.ptr(), options_.chunked_gdn);
-      dense(ks, stream_, l.out_proj, m.mix.ptr(), m.delta.ptr(), T, m.dequant);
+      dense(ks, tt, stream_, l.out_proj, m.mix.ptr(), m.delta.ptr(), T, m.dequant);
     }
 
     add_norm(l.post_norm.ptr());
-    gpu::moe_forward(*m.moe, stream_, moe_weights(l), m.moe_scratch, m.normed.ptr(), m.delta.ptr(), T);
+    gpu::moe_forward(moe, stream_, moe_weights(l), *moe_scratch, m.normed.ptr(), m.delta.ptr(), T);
   }
   add_norm(weights_.final_norm.ptr());
 }
@@ -342,7 +435,7 @@ void GpuModel::run_layers(int T, bool decode) {
 void GpuModel::lm_head(int T) {
   Impl& m = *impl_;
   const size_t row = size_t(T - 1) * size_t(config_.hidden_size) * 2;
-  dense(m.kernels, stream_, weights_.lm_head, m.normed.ptr() + row, m.logits.ptr(), 1, m.dequant, true);
+  dense(m.kernels, *m.tuned, stream_, weights_.lm_head, m.normed.ptr() + row, m.logits.ptr(), 1, m.dequant, true);
 }
 
 std::vector<float> GpuModel::forward(std::span<const int32_t> tokens, bool all_logits) {
@@ -362,7 +455,7 @@ std::vector<float> GpuModel::forward(std::span<const int32_t> tokens, bool all_l
     if (all_logits) {
       for (int r0 = 0; r0 < T; r0 += 16) {  // lm_head in GEMV chunks of up to 16 rows
         const int rows = std::min(16, T - r0);
-        dense(m.kernels, stream_, weights_.lm_head, m.normed.ptr() + size_t(r0 * H) * 2, m.logits.ptr(), rows,
+        dense(m.kernels, *m.tuned, stream_, weights_.lm_head, m.normed.ptr() + size_t(r0 * H) * 2, m.logits.ptr(), rows,
               m.dequant, true);
         const size_t at = out.size();
         out.resize(at + size_t(rows * V));

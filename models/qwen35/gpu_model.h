@@ -15,12 +15,18 @@
 #include "runtime/core/sampler.h"
 #include "runtime/cuda/driver.h"
 #include "runtime/jit/jit_engine.h"
+#include "autotune/tune_cache.h"
 
 namespace q35 {
 class Checkpoint;
 }
 
 namespace q35::qwen35 {
+namespace gpu {
+struct MoeKernels;
+struct MoeScratch;
+class GdnKernels;
+}  // namespace gpu
 
 struct GpuModelOptions {
   WeightFormat format = WeightFormat::W4A16;
@@ -30,6 +36,9 @@ struct GpuModelOptions {
   int64_t max_chunk = 2048;        // prefill tokens per forward chunk (longer prompts run in chunks)
   bool chunked_gdn = true;         // chunked delta rule for prefill (else token-by-token recurrence)
   int compile_threads = 0;         // 0: hardware threads
+  // Tuned tile configs (`q35jit tune`); null or empty: the heuristic defaults everywhere. A kernel
+  // with no tuned entry takes its default, and the first such miss is one notice through `log`.
+  std::shared_ptr<const TuneTable> tuning;
   // One-line notices (load time, quantization error with verbose).
   std::function<void(const std::string&)> log;
   bool verbose = false;
@@ -73,6 +82,9 @@ class GpuModel {
   void lm_head(int T);
   void sample(const SamplingParams& sampling);
   void check_fits(size_t T) const;
+  // The MoE / GDN kernels of the tiles for T tokens (loaded on first use) and the MoE scratch.
+  const gpu::MoeKernels& moe_kernels(int T, const gpu::MoeScratch** scratch);
+  const gpu::GdnKernels& gdn_kernels(int T);
 
   const Driver& driver_;
   const Context& ctx_;

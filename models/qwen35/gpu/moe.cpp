@@ -74,7 +74,10 @@ const MoeRouterTile& MoeTiles::router(int64_t tokens) const {
 
 std::vector<KernelSpec> moe_kernels(const Config& cfg, int group) {
   const MoeShape s = moe_shape(cfg, group);
-  const MoeTiles t = MoeTiles::defaults(s);
+  return moe_kernels(s, MoeTiles::defaults(s));
+}
+
+std::vector<KernelSpec> moe_kernels(const MoeShape& s, const MoeTiles& t) {
   return {moe_router_spec(s, t.router_one),
           moe_router_spec(s, t.router_decode),
           moe_router_spec(s, t.router_prefill),
@@ -118,9 +121,9 @@ MoeScratch moe_scratch(const MoeShape& s, const MoeTiles& tiles, int64_t max_tok
   return sc;
 }
 
-MoeKernels::MoeKernels(JitEngine& jit, const Context& ctx, const MoeShape& s)
+MoeKernels::MoeKernels(JitEngine& jit, const Context& ctx, const MoeShape& s, const MoeTiles& t)
     : shape(s),
-      tiles(MoeTiles::defaults(s)),
+      tiles(t),
       router_one(jit.load(moe_router_spec(s, tiles.router_one), ctx)),
       router_decode(jit.load(moe_router_spec(s, tiles.router_decode), ctx)),
       router_prefill(jit.load(moe_router_spec(s, tiles.router_prefill), ctx)),

@@ -39,6 +39,8 @@ struct MoeTiles {
 
 // Every instantiation the MoE layers of `cfg` need with the default tiles, for weight format `group`.
 std::vector<KernelSpec> moe_kernels(const Config& cfg, int group);
+// The instantiations of one set of tiles.
+std::vector<KernelSpec> moe_kernels(const MoeShape& s, const MoeTiles& tiles);
 
 // One layer's weights (device pointers). "W" = bf16 [..., N, K], or for W4A16 qweight uint32
 // [..., N, K/8] with `*_scales` bf16 [..., N, K/group] (the *_scales pointers are ignored for bf16).
@@ -73,9 +75,10 @@ int64_t moe_max_blocks(const MoeShape& s, int block_m, int64_t tokens);  // rout
 size_t moe_workspace_bytes(const MoeShape& s, const MoeTiles& tiles, int64_t max_tokens);
 MoeScratch moe_scratch(const MoeShape& s, const MoeTiles& tiles, int64_t max_tokens, CUdeviceptr workspace);
 
-// The loaded kernels of one shape (default tiles).
+// The loaded kernels of one shape with one set of tiles (default: the heuristic ones).
 struct MoeKernels {
-  MoeKernels(JitEngine& jit, const Context& ctx, const MoeShape& s);
+  MoeKernels(JitEngine& jit, const Context& ctx, const MoeShape& s) : MoeKernels(jit, ctx, s, MoeTiles::defaults(s)) {}
+  MoeKernels(JitEngine& jit, const Context& ctx, const MoeShape& s, const MoeTiles& tiles);
   MoeShape shape;
   MoeTiles tiles;
   Function router_one, router_decode, router_prefill;

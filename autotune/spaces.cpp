@@ -1,0 +1,248 @@
+#include "autotune/spaces.h"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+
+#include "runtime/core/error.h"
+
+namespace q35::tune {
+
+namespace {
+
+using nlohmann::json;
+
+int64_t pow2_at_least(int64_t m) {
+  int64_t p = 1;
+  while (p < m) p *= 2;
+  return p;
+}
+
+// The integer field `key` of a config object; Error naming the family and field otherwise.
+int field(const json& j, const char* family, const char* key) {
+  if (!j.is_object()) fail("tune config of {}: not a JSON object", family);
+  auto it = j.find(key);
+  if (it == j.end()) fail("tune config of {}: missing field \"{}\"", family, key);
+  if (!it->is_number_integer()) fail("tune config of {}: field \"{}\" is not an integer", family, key);
+  const int64_t v = it->get<int64_t>();
+  if (v < 0 || v > 1 << 20) fail("tune config of {}: field \"{}\" = {} is out of range", family, key, v);
+  return int(v);
+}
+
+}  // namespace
+
+const std::vector<std::string>& families() {
+  static const std::vector<std::string> f = {kGemvW4,   kGemvBf16,         kGemm,           kMoeRouter,  kMoeDecode,
+                                             kMoeGemm,  kAttentionPrefill, kAttentionDecode, kGdnPrefill, kGdnRecurrent};
+  return f;
+}
+
+std::string dense_signature(int64_t n, int64_t k, int64_t group, bool out_f32) {
+  return fmt::format("N{}_K{}{}_{}", n, k, group ? fmt::format("_G{}", group) : std::string(), out_f32 ? "f32" : "bf16");
+}
+
+std::string moe_signature(const MoeShape& s) {
+  return fmt::format("H{}_E{}_K{}_I{}_IS{}_{}", s.hidden, s.experts, s.top_k, s.inter, s.shared_inter,
+                     s.group ? fmt::format("G{}", s.group) : std::string("bf16"));
+}
+
+std::string router_signature(const MoeShape& s) { return fmt::format("H{}_E{}_K{}", s.hidden, s.experts, s.top_k); }
+
+std::string attention_signature(int64_t hq, int64_t hkv, int64_t d) { return fmt::format("HQ{}_HKV{}_D{}", hq, hkv, d); }
+
+std::string gdn_signature(const GdnShape& s) {
+  return fmt::format("HK{}_HV{}_DK{}_DV{}_KC{}", s.hk, s.hv, s.dk, s.dv, s.kc);
+}
+
+int gemv_m_tile(int64_t m) { return int(std::clamp<int64_t>(pow2_at_least(std::max<int64_t>(m, 1)), 1, 16)); }
+
+// ---- candidates ----
+
+std::vector<W4GemvTile> w4_gemv_candidates(int64_t n, int64_t k, int64_t group, int64_t m) {
+  std::vector<W4GemvTile> out;
+  for (int rw : {1, 2, 4})
+    for (int kw : {1, 2, 4, 8, 16})
+      for (int un : {1, 2, 4, 8}) {
+        W4GemvTile t{gemv_m_tile(m), rw, kw, un};
+        if (t.threads() > 512) continue;
+        if (why_invalid(t, n, k, group).empty()) out.push_back(t);
+      }
+  return out;
+}
+
+std::vector<GemvTile> gemv_bf16_candidates(int64_t n, int64_t k, int64_t m) {
+  std::vector<GemvTile> out;
+  for (int rows : {1, 2, 4, 8})
+    for (int warps : {2, 4, 8}) {
+      GemvTile t{gemv_m_tile(m), rows, warps};
+      if (why_invalid(t, n, k).empty()) out.push_back(t);
+    }
+  return out;
+}
+
+std::vector<GemmTile> gemm_candidates(int64_t n, int64_t k, int64_t m) {
+  std::vector<GemmTile> out;
+  const int64_t max_bm = std::max<int64_t>(64, pow2_at_least(m));
+  for (int bm : {64, 128, 256})
+    for (int bn : {64, 128, 256})
+      for (int bk : {32, 64})
+        for (auto [wm, wn] : {std::pair{2, 2}, {2, 4}, {4, 2}, {4, 4}})
+          for (int stages : {3, 4}) {
+            if (bm > max_bm) continue;
+            GemmTile t{bm, bn, bk, wm, wn, stages};
+            if (why_invalid(t, n, k).empty()) out.push_back(t);
+          }
+  return out;
+}
+
+std::vector<MoeRouterTile> moe_router_candidates(const MoeShape& s, int64_t m) {
+  std::vector<MoeRouterTile> out;
+  for (int mt : {1, 2, 4, 8, 16})
+    for (int rows : {1, 2, 4})
+      for (int warps : {2, 4, 8}) {
+        if (mt > pow2_at_least(m)) continue;
+        MoeRouterTile t{mt, rows, warps};
+        if (why_invalid(t, s).empty()) out.push_back(t);
+      }
+  return out;
+}
+
+std::vector<MoeDecodeConfig> moe_decode_candidates(const MoeShape& s) {
+  std::vector<MoeDecodeConfig> out;
+  for (int gu : {1, 2, 4, 8})
+    for (int dn : {1, 2, 3, 4}) {
+      MoeDecodeConfig c{MoeGemvTile{gu}, MoeDownTile{dn}};
+      if (why_invalid_gate_up(c.gate_up, s).empty() && why_invalid(c.down, s).empty()) out.push_back(c);
+    }
+  return out;
+}
+
+std::vector<MoeGemmTile> moe_gemm_candidates(const MoeShape& s, int64_t m) {
+  std::vector<MoeGemmTile> out;
+  for (int bm : {16, 32, 64, 128})
+    for (int bn : {64, 128})
+      for (int bk : {32, 64})
+        for (auto [wm, wn] : {std::pair{1, 2}, {1, 4}, {2, 2}, {2, 4}, {4, 2}}) {
+          if (bm > kMoeMaxBlockM) continue;
+          MoeGemmTile t{bm, bn, bk, wm, wn};
+          bool ok = true;
+          for (MoeGemm g : {MoeGemm::RoutedGateUp, MoeGemm::RoutedDown, MoeGemm::SharedGateUp, MoeGemm::SharedDown})
+            ok = ok && why_invalid(t, s, g).empty();
+          if (ok) out.push_back(t);
+        }
+  (void)m;
+  return out;
+}
+
+std::vector<AttentionPrefillTile> attention_prefill_candidates(int64_t hq, int64_t hkv, int64_t d, int64_t smem_limit) {
+  std::vector<AttentionPrefillTile> out;
+  for (int warps : {2, 4, 8})
+    for (int bn : {16, 32, 64}) {
+      AttentionPrefillTile t{warps, bn};
+      if (why_invalid(t, hq, hkv, d, smem_limit).empty()) out.push_back(t);
+    }
+  return out;
+}
+
+std::vector<AttentionDecodeTile> attention_decode_candidates(int64_t hq, int64_t hkv, int64_t d) {
+  std::vector<AttentionDecodeTile> out;
+  for (int warps : {1, 2, 4, 8, 16}) {
+    AttentionDecodeTile t{warps};
+    if (why_invalid(t, hq, hkv, d).empty()) out.push_back(t);
+  }
+  return out;
+}
+
+std::vector<GdnPrefillConfig> gdn_prefill_candidates(const GdnShape& s) {
+  std::vector<GdnPrefillConfig> out;
+  for (int vs : {16, 32, 64})
+    for (int tokens : {8, 16, 32})
+      for (int warps : {2, 4, 8}) {
+        GdnPrefillConfig c{GdnChunkTile{vs}, GdnPrologueTile{tokens, warps}};
+        if (why_invalid(c.chunk, s).empty() && why_invalid(c.prologue, s).empty()) out.push_back(c);
+      }
+  return out;
+}
+
+std::vector<GdnRecurrentTile> gdn_recurrent_candidates(const GdnShape& s) {
+  std::vector<GdnRecurrentTile> out;
+  for (int rows : {4, 8, 16, 32})
+    for (int warps : {1, 2, 4, 8}) {
+      GdnRecurrentTile t{rows, warps};
+      if (why_invalid(t, s).empty()) out.push_back(t);
+    }
+  return out;
+}
+
+// ---- JSON ----
+
+json to_json(const W4GemvTile& t) { return {{"row_warps", t.row_warps}, {"k_warps", t.k_warps}, {"unroll", t.unroll}}; }
+json to_json(const GemvTile& t) { return {{"rows_per_warp", t.rows_per_warp}, {"warps", t.warps}}; }
+json to_json(const GemmTile& t) {
+  return {{"bm", t.bm}, {"bn", t.bn}, {"bk", t.bk}, {"warps_m", t.warps_m}, {"warps_n", t.warps_n}, {"stages", t.stages}};
+}
+json to_json(const MoeRouterTile& t) { return {{"m_tile", t.m_tile}, {"rows_per_warp", t.rows_per_warp}, {"warps", t.warps}}; }
+json to_json(const MoeDecodeConfig& c) { return {{"gate_up_ksplit", c.gate_up.ksplit}, {"down_ksplit", c.down.ksplit}}; }
+json to_json(const MoeGemmTile& t) {
+  return {{"block_m", t.block_m}, {"block_n", t.block_n}, {"block_k", t.block_k}, {"warps_m", t.warps_m},
+          {"warps_n", t.warps_n}};
+}
+json to_json(const AttentionPrefillTile& t) { return {{"warps", t.warps}, {"block_n", t.block_n}}; }
+json to_json(const AttentionDecodeTile& t) { return {{"warps", t.warps}}; }
+json to_json(const GdnPrefillConfig& c) {
+  return {{"vs", c.chunk.vs}, {"prologue_tokens", c.prologue.tokens}, {"prologue_warps", c.prologue.warps}};
+}
+json to_json(const GdnRecurrentTile& t) { return {{"rows", t.rows}, {"warps", t.warps}}; }
+
+W4GemvTile w4_gemv_from_json(const json& j, int64_t m) {
+  return {gemv_m_tile(m), field(j, kGemvW4, "row_warps"), field(j, kGemvW4, "k_warps"), field(j, kGemvW4, "unroll")};
+}
+GemvTile gemv_bf16_from_json(const json& j, int64_t m) {
+  return {gemv_m_tile(m), field(j, kGemvBf16, "rows_per_warp"), field(j, kGemvBf16, "warps")};
+}
+GemmTile gemm_from_json(const json& j) {
+  return {field(j, kGemm, "bm"),      field(j, kGemm, "bn"),      field(j, kGemm, "bk"),
+          field(j, kGemm, "warps_m"), field(j, kGemm, "warps_n"), field(j, kGemm, "stages")};
+}
+MoeRouterTile moe_router_from_json(const json& j) {
+  return {field(j, kMoeRouter, "m_tile"), field(j, kMoeRouter, "rows_per_warp"), field(j, kMoeRouter, "warps")};
+}
+MoeDecodeConfig moe_decode_from_json(const json& j) {
+  return {MoeGemvTile{field(j, kMoeDecode, "gate_up_ksplit")}, MoeDownTile{field(j, kMoeDecode, "down_ksplit")}};
+}
+MoeGemmTile moe_gemm_from_json(const json& j) {
+  return {field(j, kMoeGemm, "block_m"), field(j, kMoeGemm, "block_n"), field(j, kMoeGemm, "block_k"),
+          field(j, kMoeGemm, "warps_m"), field(j, kMoeGemm, "warps_n")};
+}
+AttentionPrefillTile attention_prefill_from_json(const json& j) {
+  return {field(j, kAttentionPrefill, "warps"), field(j, kAttentionPrefill, "block_n")};
+}
+AttentionDecodeTile attention_decode_from_json(const json& j) { return {field(j, kAttentionDecode, "warps")}; }
+GdnPrefillConfig gdn_prefill_from_json(const json& j) {
+  return {GdnChunkTile{field(j, kGdnPrefill, "vs")},
+          GdnPrologueTile{field(j, kGdnPrefill, "prologue_tokens"), field(j, kGdnPrefill, "prologue_warps")}};
+}
+GdnRecurrentTile gdn_recurrent_from_json(const json& j) {
+  return {field(j, kGdnRecurrent, "rows"), field(j, kGdnRecurrent, "warps")};
+}
+
+std::string why_malformed(const std::string& family, const json& config) {
+  try {
+    if (family == kGemvW4) w4_gemv_from_json(config, 1);
+    else if (family == kGemvBf16) gemv_bf16_from_json(config, 1);
+    else if (family == kGemm) gemm_from_json(config);
+    else if (family == kMoeRouter) moe_router_from_json(config);
+    else if (family == kMoeDecode) moe_decode_from_json(config);
+    else if (family == kMoeGemm) moe_gemm_from_json(config);
+    else if (family == kAttentionPrefill) attention_prefill_from_json(config);
+    else if (family == kAttentionDecode) attention_decode_from_json(config);
+    else if (family == kGdnPrefill) gdn_prefill_from_json(config);
+    else if (family == kGdnRecurrent) gdn_recurrent_from_json(config);
+    else return fmt::format("unknown family \"{}\"", family);
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return {};
+}
+
+}  // namespace q35::tune

@@ -1,0 +1,112 @@
+#pragma once
+// The tunable kernel families: their names and shape signatures in tune-cache files, their config
+// spaces (the candidates `q35jit tune` times for a bucket of M tokens, each valid by the family's
+// why_invalid rule before anything is compiled), and their configs as JSON.
+//
+// family              kernel(s)                              tuned fields              used for M
+// gemv_w4a16          gemv_w4a16 (projections, lm_head)      row_warps k_warps unroll  1..16
+// gemv_bf16           gemv_bf16[_f32] (bf16 weights)         rows_per_warp warps       1..16
+// gemm_bf16           gemm_bf16 (prefill projections)        bm bn bk warps stages     > 16
+// moe_router          moe_router                             m_tile rows warps         all
+// moe_decode          moe_decode_gate_up + moe_decode_down   gate_up_ksplit down_ksplit <= 8
+// moe_gemm            moe_align + the four moe_gemm          block_m/n/k warps         > 8
+// attention_prefill   attention_prefill                      warps block_n             prefill
+// attention_decode    attention_decode (+ merge)             warps                     decode
+// gdn_prefill         gdn_prologue + gdn_chunk_state         vs prologue tokens/warps  >= 16
+// gdn_recurrent       gdn_recurrent / gdn_decode             rows warps                < 16
+//
+// The GEMV families take m_tile from M at run time (the smallest power of two >= M, at most 16),
+// so one tuned entry serves every M of its bucket; only the other fields are tuned.
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "autotune/tile_config.h"
+#include "autotune/tiles_attention.h"
+#include "autotune/tiles_dense.h"
+#include "autotune/tiles_gdn.h"
+#include "autotune/tiles_moe.h"
+
+namespace q35::tune {
+
+inline constexpr const char* kGemvW4 = "gemv_w4a16";
+inline constexpr const char* kGemvBf16 = "gemv_bf16";
+inline constexpr const char* kGemm = "gemm_bf16";
+inline constexpr const char* kMoeRouter = "moe_router";
+inline constexpr const char* kMoeDecode = "moe_decode";
+inline constexpr const char* kMoeGemm = "moe_gemm";
+inline constexpr const char* kAttentionPrefill = "attention_prefill";
+inline constexpr const char* kAttentionDecode = "attention_decode";
+inline constexpr const char* kGdnPrefill = "gdn_prefill";
+inline constexpr const char* kGdnRecurrent = "gdn_recurrent";
+// Every family above, in that order.
+const std::vector<std::string>& families();
+
+// Shape signatures (keys of a family's map in the tune file).
+std::string dense_signature(int64_t n, int64_t k, int64_t group, bool out_f32);  // "N9216_K2048_G128_bf16"
+std::string moe_signature(const MoeShape& s);                                    // "H2048_E256_K8_I512_IS512_G128"
+std::string router_signature(const MoeShape& s);                                 // "H2048_E256_K8"
+std::string attention_signature(int64_t hq, int64_t hkv, int64_t d);             // "HQ16_HKV2_D256"
+std::string gdn_signature(const GdnShape& s);                                    // "HK16_HV32_DK128_DV128_KC4"
+
+// The GEMV m_tile for M tokens: the smallest power of two >= M, at most 16.
+int gemv_m_tile(int64_t m);
+
+// Config of the decode MoE path.
+struct MoeDecodeConfig {
+  MoeGemvTile gate_up;
+  MoeDownTile down;
+};
+// Config of the GDN chunked prefill.
+struct GdnPrefillConfig {
+  GdnChunkTile chunk;
+  GdnPrologueTile prologue;
+};
+
+// ---- candidates (valid for the shape; the default is not necessarily among them) ----
+std::vector<W4GemvTile> w4_gemv_candidates(int64_t n, int64_t k, int64_t group, int64_t m);
+std::vector<GemvTile> gemv_bf16_candidates(int64_t n, int64_t k, int64_t m);
+std::vector<GemmTile> gemm_candidates(int64_t n, int64_t k, int64_t m);
+std::vector<MoeRouterTile> moe_router_candidates(const MoeShape& s, int64_t m);
+std::vector<MoeDecodeConfig> moe_decode_candidates(const MoeShape& s);
+// Valid for all four GEMMs (one tile serves them: the align kernel's BLOCK_M is the routed GEMMs').
+std::vector<MoeGemmTile> moe_gemm_candidates(const MoeShape& s, int64_t m);
+std::vector<AttentionPrefillTile> attention_prefill_candidates(int64_t hq, int64_t hkv, int64_t d, int64_t smem_limit);
+std::vector<AttentionDecodeTile> attention_decode_candidates(int64_t hq, int64_t hkv, int64_t d);
+std::vector<GdnPrefillConfig> gdn_prefill_candidates(const GdnShape& s);
+std::vector<GdnRecurrentTile> gdn_recurrent_candidates(const GdnShape& s);
+// Largest block_m among moe_gemm_candidates (sizes the MoE workspace for any tuned tile).
+constexpr int kMoeMaxBlockM = 128;
+
+// ---- JSON (objects of the fields named in the table above) ----
+// from_json: Error naming the family and the missing or mistyped field. It does not check validity
+// against a shape: callers do (why_invalid), and fall back to the default when it fails.
+nlohmann::json to_json(const W4GemvTile& t);  // m_tile is not written
+nlohmann::json to_json(const GemvTile& t);    // m_tile is not written
+nlohmann::json to_json(const GemmTile& t);
+nlohmann::json to_json(const MoeRouterTile& t);
+nlohmann::json to_json(const MoeDecodeConfig& c);
+nlohmann::json to_json(const MoeGemmTile& t);
+nlohmann::json to_json(const AttentionPrefillTile& t);
+nlohmann::json to_json(const AttentionDecodeTile& t);
+nlohmann::json to_json(const GdnPrefillConfig& c);
+nlohmann::json to_json(const GdnRecurrentTile& t);
+
+W4GemvTile w4_gemv_from_json(const nlohmann::json& j, int64_t m);  // m_tile = gemv_m_tile(m)
+GemvTile gemv_bf16_from_json(const nlohmann::json& j, int64_t m);
+GemmTile gemm_from_json(const nlohmann::json& j);
+MoeRouterTile moe_router_from_json(const nlohmann::json& j);
+MoeDecodeConfig moe_decode_from_json(const nlohmann::json& j);
+MoeGemmTile moe_gemm_from_json(const nlohmann::json& j);
+AttentionPrefillTile attention_prefill_from_json(const nlohmann::json& j);
+AttentionDecodeTile attention_decode_from_json(const nlohmann::json& j);
+GdnPrefillConfig gdn_prefill_from_json(const nlohmann::json& j);
+GdnRecurrentTile gdn_recurrent_from_json(const nlohmann::json& j);
+
+// Checks a config object of `family` has the family's fields as integers (`tune --check`); empty
+// when it does, else why not. Unknown family: "unknown family".
+std::string why_malformed(const std::string& family, const nlohmann::json& config);
+
+}  // namespace q35::tune
