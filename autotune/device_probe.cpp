@@ -8,9 +8,7 @@ namespace q35 {
 
 namespace {
 
-constexpr int kCopyThreads = 256, kCopyUnroll = 4;  // 4 x 16 B in flight per thread
-constexpr int kMmaThreads = 128, kMmaAcc = 8;       // 8 independent m16n8k16 chains per warp
-constexpr double kMmaFlops = 2.0 * 16 * 8 * 16;     // one m16n8k16
+constexpr double kMmaFlops = 2.0 * 16 * 8 * 16;  // one m16n8k16
 
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
@@ -22,11 +20,12 @@ double median(std::vector<double> v) {
 KernelSpec probe_fill_spec() { return {"probe", "probe_fill", {}}; }
 
 KernelSpec probe_copy_spec() {
-  return {"probe", "probe_copy", {{"THREADS", std::to_string(kCopyThreads)}, {"UNROLL", std::to_string(kCopyUnroll)}}};
+  return {"probe", "probe_copy",
+          {{"THREADS", std::to_string(kProbeCopyThreads)}, {"UNROLL", std::to_string(kProbeCopyUnroll)}}};
 }
 
 KernelSpec probe_mma_spec() {
-  return {"probe", "probe_mma", {{"THREADS", std::to_string(kMmaThreads)}, {"ACC", std::to_string(kMmaAcc)}}};
+  return {"probe", "probe_mma", {{"THREADS", std::to_string(kProbeMmaThreads)}, {"ACC", std::to_string(kProbeMmaAcc)}}};
 }
 
 std::vector<KernelSpec> probe_kernels() { return {probe_fill_spec(), probe_copy_spec(), probe_mma_spec()}; }
@@ -46,15 +45,15 @@ void DeviceProbe::fill(CUdeviceptr dst, size_t bytes, uint64_t seed, const Strea
 void DeviceProbe::copy(CUdeviceptr src, CUdeviceptr dst, size_t bytes, const Stream& stream) const {
   if (bytes % 16 || src % 16 || dst % 16)
     fail("probe copy: {} bytes from {:#x} to {:#x}: size and addresses must be multiples of 16", bytes, src, dst);
-  copy_.launch({{blocks_}, {unsigned(kCopyThreads)}}, stream, src, dst, (unsigned long long)(bytes / 16));
+  copy_.launch({{blocks_}, {unsigned(kProbeCopyThreads)}}, stream, src, dst, (unsigned long long)(bytes / 16));
 }
 
-size_t DeviceProbe::mma_threads() const { return size_t(blocks_) * kMmaThreads; }
+size_t DeviceProbe::mma_threads() const { return size_t(blocks_) * kProbeMmaThreads; }
 
 double DeviceProbe::mma(CUdeviceptr out, int iters, uint64_t seed, const Stream& stream) const {
   if (iters < 1) fail("probe mma: iterations must be at least 1, got {}", iters);
-  mma_.launch({{blocks_}, {unsigned(kMmaThreads)}}, stream, out, iters, (unsigned long long)seed);
-  return double(mma_threads() / 32) * iters * kMmaAcc * kMmaFlops;
+  mma_.launch({{blocks_}, {unsigned(kProbeMmaThreads)}}, stream, out, iters, (unsigned long long)seed);
+  return double(mma_threads() / 32) * iters * kProbeMmaAcc * kMmaFlops;
 }
 
 DeviceRates DeviceProbe::measure(const Stream& stream, const ProbeOptions& o) const {
@@ -68,7 +67,9 @@ DeviceRates DeviceProbe::measure(const Stream& stream, const ProbeOptions& o) co
     launch();
     stop.record(stream);
     stop.synchronize();
-    return double(stop.elapsed_ms_since(start));
+    const double ms = stop.elapsed_ms_since(start);
+    if (ms <= 0) fail("device probe: the event timer returned {} ms", ms);
+    return ms;
   };
 
   DeviceRates r;

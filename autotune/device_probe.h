@@ -28,6 +28,11 @@ struct ProbeOptions {
   int mma_iters = 8192;  // rounds per warp, about 1 ms on an H100
 };
 
+// Launch shapes: threads per block, 16-byte vectors in flight per copy thread, independent
+// m16n8k16 accumulators per warp.
+constexpr int kProbeCopyThreads = 256, kProbeCopyUnroll = 4;
+constexpr int kProbeMmaThreads = 128, kProbeMmaAcc = 8;
+
 // The probe kernels, as DeviceProbe launches them.
 KernelSpec probe_fill_spec();
 KernelSpec probe_copy_spec();

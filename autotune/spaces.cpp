@@ -60,11 +60,10 @@ int gemv_m_tile(int64_t m) { return int(std::clamp<int64_t>(pow2_at_least(std::m
 
 std::vector<W4GemvTile> w4_gemv_candidates(int64_t n, int64_t k, int64_t group, int64_t m) {
   std::vector<W4GemvTile> out;
-  for (int rw : {1, 2, 4})
+  for (int rw : {1, 2})
     for (int kw : {1, 2, 4, 8, 16})
-      for (int un : {1, 2, 4, 8}) {
+      for (int un : {1, 2, 4}) {
         W4GemvTile t{gemv_m_tile(m), rw, kw, un};
-        if (t.threads() > 512) continue;
         if (why_invalid(t, n, k, group).empty()) out.push_back(t);
       }
   return out;
@@ -86,7 +85,7 @@ std::vector<GemmTile> gemm_candidates(int64_t n, int64_t k, int64_t m) {
   for (int bm : {64, 128, 256})
     for (int bn : {64, 128, 256})
       for (int bk : {32, 64})
-        for (auto [wm, wn] : {std::pair{2, 2}, {2, 4}, {4, 2}, {4, 4}})
+        for (auto [wm, wn] : {std::pair{2, 2}, {2, 4}, {4, 2}})
           for (int stages : {3, 4}) {
             if (bm > max_bm) continue;
             GemmTile t{bm, bn, bk, wm, wn, stages};

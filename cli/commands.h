@@ -8,5 +8,6 @@ int cmd_eval(int argc, char** argv);
 int cmd_compile(int argc, char** argv);
 int cmd_quantize(int argc, char** argv);
 int cmd_bench(int argc, char** argv);
+int cmd_tune(int argc, char** argv);
 
 }  // namespace q35::cli

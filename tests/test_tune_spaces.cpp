@@ -1,0 +1,162 @@
+// The tunable families (autotune/spaces.h), the tune ops of a model (models/qwen35/tune_ops.h, CPU
+// side: families, signatures, spaces, kernels) and how a run picks tuned tiles
+// (models/qwen35/gpu/tuned.h): tuned entry, nearest bucket, invalid entry and missing entry.
+#include <doctest/doctest.h>
+
+#include <set>
+
+#include "autotune/spaces.h"
+#include "autotune/tuner.h"
+#include "models/qwen35/gpu/tuned.h"
+#include "models/qwen35/tune_ops.h"
+#include "tests/test_util.h"
+
+using namespace q35;
+using namespace q35::qwen35;
+using nlohmann::json;
+using q35::test::contains;
+
+TEST_CASE("signatures name the shape and format") {
+  CHECK(tune::dense_signature(9216, 2048, 128, false) == "N9216_K2048_G128_bf16");
+  CHECK(tune::dense_signature(248320, 2048, 0, true) == "N248320_K2048_f32");
+  const MoeShape s = gpu::moe_shape(test::config_35b(), 32);
+  CHECK(tune::moe_signature(s) == "H2048_E256_K8_I512_IS512_G32");
+  CHECK(tune::router_signature(s) == "H2048_E256_K8");
+  CHECK(tune::attention_signature(16, 2, 256) == "HQ16_HKV2_D256");
+  CHECK(tune::gdn_signature(gpu::gdn_shape(test::config_35b())) == "HK16_HV32_DK128_DV128_KC4");
+  CHECK(tune::gemv_m_tile(1) == 1);
+  CHECK(tune::gemv_m_tile(3) == 4);
+  CHECK(tune::gemv_m_tile(16) == 16);
+  CHECK(tune::gemv_m_tile(40) == 16);
+}
+
+TEST_CASE("every candidate is valid, round-trips through JSON, and the spaces are not trivial") {
+  for (int group : {32, 128}) {
+    for (int64_t m : {1, 3, 16}) {
+      auto c = tune::w4_gemv_candidates(9216, 2048, group, m);
+      CHECK(c.size() >= 8);
+      for (const W4GemvTile& t : c) {
+        CHECK(why_invalid(t, 9216, 2048, group).empty());
+        const W4GemvTile r = tune::w4_gemv_from_json(tune::to_json(t), m);
+        CHECK((r.row_warps == t.row_warps && r.k_warps == t.k_warps && r.unroll == t.unroll && r.m_tile == t.m_tile));
+      }
+    }
+    const MoeShape s = gpu::moe_shape(test::config_35b(), group);
+    CHECK(tune::moe_decode_candidates(s).size() >= 4);
+    for (const auto& c : tune::moe_gemm_candidates(s, 4096)) {
+      for (MoeGemm g : {MoeGemm::RoutedGateUp, MoeGemm::RoutedDown, MoeGemm::SharedGateUp, MoeGemm::SharedDown})
+        CHECK(why_invalid(c, s, g).empty());
+      CHECK(c.block_m <= tune::kMoeMaxBlockM);
+      const MoeGemmTile r = tune::moe_gemm_from_json(tune::to_json(c));
+      CHECK((r.block_m == c.block_m && r.block_n == c.block_n && r.block_k == c.block_k && r.warps_m == c.warps_m &&
+             r.warps_n == c.warps_n));
+    }
+    CHECK(tune::moe_gemm_candidates(s, 4096).size() >= 8);
+    for (const auto& c : tune::moe_router_candidates(s, 2)) CHECK(c.m_tile <= 2);
+  }
+  for (const GemmTile& t : tune::gemm_candidates(12352, 2048, 4096)) CHECK(why_invalid(t, 12352, 2048).empty());
+  CHECK(tune::gemm_candidates(12352, 2048, 4096).size() >= 20);
+  for (const GemmTile& t : tune::gemm_candidates(12352, 2048, 24)) CHECK(t.bm == 64);  // no 128-row tiles for 24 rows
+  const GdnShape g = gpu::gdn_shape(test::config_35b());
+  CHECK(tune::gdn_prefill_candidates(g).size() >= 9);
+  CHECK(tune::gdn_recurrent_candidates(g).size() >= 4);
+  CHECK(tune::attention_prefill_candidates(16, 2, 256, kAttentionSmemLimitSm90).size() >= 3);
+  CHECK(tune::attention_decode_candidates(16, 2, 256).size() >= 2);
+}
+
+TEST_CASE("malformed configs are named") {
+  CHECK(tune::why_malformed(tune::kGemm, json{{"bm", 64}}).find("missing field \"bn\"") != std::string::npos);
+  CHECK(tune::why_malformed(tune::kGemvW4, json{{"row_warps", "1"}, {"k_warps", 1}, {"unroll", 1}})
+            .find("\"row_warps\" is not an integer") != std::string::npos);
+  CHECK(tune::why_malformed("nope", json::object()).find("unknown family") != std::string::npos);
+  CHECK(tune::why_malformed(tune::kAttentionDecode, json{{"warps", 4}}).empty());
+  CHECK(tune::why_malformed(tune::kMoeDecode, json::array()).find("not a JSON object") != std::string::npos);
+}
+
+TEST_CASE("tune ops of the 35B: one per family and shape, each default among valid configs") {
+  const Config cfg = test::config_35b();
+  for (int group : {0, 32, 128}) {
+    const auto ops = tune_ops(cfg, group, "sm_90a", nullptr);
+    std::set<std::string> keys, families;
+    for (const auto& op : ops) {
+      CHECK(keys.insert(op->family() + "/" + op->signature()).second);
+      families.insert(op->family());
+      for (int64_t m : default_tune_buckets()) {
+        if (!op->serves(m)) continue;
+        const json def = op->default_config(m);
+        CHECK(tune::why_malformed(op->family(), def).empty());
+        CHECK(!op->kernels(def, m).empty());
+        for (const json& c : op->candidates(m)) CHECK(!op->kernels(c, m).empty());  // spec() validates the tile
+      }
+    }
+    CHECK(families.count(group ? tune::kGemvW4 : tune::kGemvBf16) == 1);
+    for (const char* f : {tune::kGemm, tune::kMoeRouter, tune::kMoeDecode, tune::kMoeGemm, tune::kAttentionPrefill,
+                          tune::kAttentionDecode, tune::kGdnPrefill, tune::kGdnRecurrent})
+      CHECK(families.count(f) == 1);
+    // q|k|v, o_proj = out_proj (same shape), in_proj, lm_head GEMVs; 3 GEMMs; 3 MoE; 2 attention; 2 GDN.
+    CHECK(ops.size() == 14);
+  }
+}
+
+TEST_CASE("a run uses the tuned tile of the nearest bucket, else the default, with one notice") {
+  const Config cfg = test::config_35b();
+  TuneFile f(TuneIdentity{"GPU X", "sm_90", "13.0", "q35jit test"});
+  const std::string qkv = tune::dense_signature(9216, 2048, 128, false);
+  f.set(tune::kGemvW4, qkv, 1, TuneEntry{json{{"row_warps", 2}, {"k_warps", 8}, {"unroll", 1}}, 4.0, 5.0});
+  f.set(tune::kGemvW4, qkv, 8, TuneEntry{json{{"row_warps", 1}, {"k_warps", 2}, {"unroll", 2}}, 6.0, 7.0});
+  // An entry invalid for the shape (k_warps beyond K's 16 tiles): the default, with a notice.
+  const std::string in = tune::dense_signature(12352, 2048, 128, false);
+  f.set(tune::kGemvW4, in, 1, TuneEntry{json{{"row_warps", 1}, {"k_warps", 32}, {"unroll", 1}}, 4.0, 5.0});
+  f.set(tune::kGemm, tune::dense_signature(12352, 2048, 0, false), 4096,
+        TuneEntry{json{{"bm", 128}, {"bn", 256}, {"bk", 32}, {"warps_m", 2}, {"warps_n", 4}, {"stages", 3}}, 1, 2});
+  auto table = std::make_shared<const TuneTable>(std::vector<TuneTable::Layer>{{"test.json", f}});
+  std::vector<std::string> notices;
+  gpu::TunedTiles tt(cfg, 128, kAttentionSmemLimitSm90, table, [&](const std::string& s) { notices.push_back(s); });
+
+  W4GemvTile t = tt.w4_gemv(9216, 2048, false, 1);
+  CHECK((t.row_warps == 2 && t.k_warps == 8 && t.unroll == 1 && t.m_tile == 1));
+  t = tt.w4_gemv(9216, 2048, false, 4);  // 4 is nearer to 1 than... |4-1| = 3 > |4-8| = 4? no: 3 < 4 -> bucket 1
+  CHECK((t.k_warps == 8 && t.m_tile == 4));
+  t = tt.w4_gemv(9216, 2048, false, 6);  // nearer to 8
+  CHECK((t.k_warps == 2 && t.m_tile == 8));
+  CHECK(notices.empty());
+
+  const W4GemvTile def = default_w4_gemv_tile(12352, 2048, 128, 1);
+  t = tt.w4_gemv(12352, 2048, false, 1);
+  CHECK((t.k_warps == def.k_warps && t.row_warps == def.row_warps && t.unroll == def.unroll));
+  REQUIRE(notices.size() == 1);
+  CHECK(contains(notices[0], "test.json"));
+  CHECK(contains(notices[0], "not usable"));
+  tt.w4_gemv(12352, 2048, false, 1);
+  CHECK(notices.size() == 1);  // once per entry
+
+  const GemmTile g = tt.gemm(12352, 2048, false, 3000);
+  CHECK((g.bm == 128 && g.bn == 256 && g.stages == 3));
+
+  // Missing (family, signature): the default and one notice saying how to tune, once.
+  const AttentionPrefillTile ap = tt.attention_prefill(512);
+  const AttentionPrefillTile dp = default_attention_prefill_tile(16, 2, 256, kAttentionSmemLimitSm90);
+  CHECK((ap.warps == dp.warps && ap.block_n == dp.block_n));
+  REQUIRE(notices.size() == 2);
+  CHECK(contains(notices[1], "q35jit tune"));
+  tt.gdn(4096);
+  tt.moe(1);
+  CHECK(notices.size() == 2);
+
+  // No table: defaults, silently.
+  std::vector<std::string> none;
+  gpu::TunedTiles plain(cfg, 128, kAttentionSmemLimitSm90, nullptr, [&](const std::string& s) { none.push_back(s); });
+  t = plain.w4_gemv(9216, 2048, false, 1);
+  CHECK(t.k_warps == default_w4_gemv_tile(9216, 2048, 128, 1).k_warps);
+  CHECK(none.empty());
+}
+
+TEST_CASE("relative_l2 and durations") {
+  CHECK(relative_l2({1, 2, 3}, {1, 2, 3}) == 0);
+  CHECK(relative_l2({1, 2}, {1, 2, 3}) == INFINITY);
+  CHECK(relative_l2({NAN, 2}, {1, 2}) == INFINITY);
+  CHECK(relative_l2({1.1f, 2}, {1, 2}) == doctest::Approx(0.1 / std::sqrt(5.0)).epsilon(1e-3));
+  CHECK(format_duration(3.25) == "3.2 s");
+  CHECK(format_duration(125) == "2m05s");
+  CHECK(format_duration(7300) == "2h01m");
+}
