@@ -1,18 +1,35 @@
-// q35jit bench: prefill and decode speed on the GPU, for a checkpoint or a synthetic model of
-// published shapes with random weights, beside the bandwidth floor of a decode step.
+// q35jit bench: the speed figures of a checkpoint, or of a published model's shapes with random
+// weights, on the GPU: time to first token at several prompt lengths, decode tok/s at several
+// contexts (CUDA graph), load time, JIT cold and warm start, peak GPU memory. Tuned and default
+// tile configs run one after the other (never both resident) and print side by side, each figure
+// beside its floor: models/qwen35/floors from the config, with the copy bandwidth and bf16 mma
+// rate measured at the start of the same run (autotune/device_probe).
+#include <unistd.h>
+
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdio>
+#include <exception>
+#include <filesystem>
 #include <fstream>
+#include <functional>
 #include <random>
 #include <sstream>
+#include <thread>
 
+#include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <nlohmann/json.hpp>
 
+#include "autotune/device_probe.h"
 #include "cli/args.h"
 #include "cli/commands.h"
 #include "cli/session.h"
+#include "models/qwen35/floors.h"
 #include "models/qwen35/gpu_model.h"
+#include "models/qwen35/kernels.h"
+#include "models/qwen35/quantized.h"
 #include "models/qwen35/weights.h"
 #include "runtime/core/error.h"
 #include "runtime/cuda/driver.h"
@@ -23,27 +40,51 @@ namespace q35::cli {
 
 namespace {
 
+namespace fs = std::filesystem;
+using qwen35::GpuModel;
+using qwen35::GpuModelOptions;
+
 const std::vector<FlagSpec> kBenchFlags = {
     {"model", "DIR", "checkpoint folder"},
     {"synthetic", "NAME", "random weights of a published model's shapes instead: 35b-a3b"},
     {"quant", "bf16|w4a16", "weight format (default w4a16)"},
     {"group-size", "G", "W4A16 group size (default 128, or the largest dividing every K)"},
-    {"prefill", "LIST", "prompt lengths to time, comma-separated (default 512,4096)"},
-    {"decode-context", "N", "context before the timed decode steps (default 128)"},
-    {"decode-steps", "N", "decode steps timed (default 64)"},
-    {"repeats", "N", "prefill repeats, median reported (default 3)"},
-    {"json", "FILE", "also write the figures as JSON"},
+    {"prefill", "LIST", "prompt lengths to time, comma-separated (default 128,512,1024,2048,4096)"},
+    {"decode-contexts", "LIST", "contexts to time decode at, comma-separated (default 128,1024,4096,16384)"},
+    {"decode-steps", "N", "decode steps timed per context, median reported (default 64)"},
+    {"repeats", "N", "prefill repeats per length after one warm-up, median reported (default 3)"},
+    {"configs", "SETS", "tile configs to time: tuned,default (side by side, the default), tuned or default"},
+    {"json", "FILE", "also write every figure as JSON"},
 };
 
-std::vector<int64_t> parse_list(const std::string& s) {
+// "128,512" -> {128, 512}; Error naming `flag` on anything but positive integers.
+std::vector<int64_t> parse_list(const std::string& flag, const std::string& text) {
   std::vector<int64_t> out;
-  std::stringstream ss(s);
+  std::stringstream ss(text);
   for (std::string item; std::getline(ss, item, ',');) {
     char* end = nullptr;
-    long long v = std::strtoll(item.c_str(), &end, 10);
-    if (item.empty() || *end || v < 1) fail("q35jit bench: --prefill expects positive integers, got '{}'", item);
+    const long long v = std::strtoll(item.c_str(), &end, 10);
+    if (item.empty() || *end || v < 1)
+      fail("q35jit bench: --{} expects positive integers separated by commas, got '{}'", flag, item);
     out.push_back(v);
   }
+  if (out.empty()) fail("q35jit bench: --{} is empty", flag);
+  return out;
+}
+
+// The config sets to time, tuned first: "tuned", "default", or both.
+std::vector<std::string> parse_configs(const std::string& text) {
+  bool tuned = false, fallback = false;
+  std::stringstream ss(text);
+  for (std::string item; std::getline(ss, item, ',');) {
+    if (item == "tuned") tuned = true;
+    else if (item == "default") fallback = true;
+    else fail("q35jit bench: --configs expects tuned, default or tuned,default, got '{}'", text);
+  }
+  std::vector<std::string> out;
+  if (tuned) out.push_back("tuned");
+  if (fallback) out.push_back("default");
+  if (out.empty()) fail("q35jit bench: --configs expects tuned, default or tuned,default, got '{}'", text);
   return out;
 }
 
@@ -52,19 +93,237 @@ double median(std::vector<double> v) {
   return v[v.size() / 2];
 }
 
+// `n` token ids, the same for a given (n, salt) in every config set (so both route alike).
+std::vector<int32_t> random_tokens(const qwen35::Config& config, int64_t n, uint32_t salt) {
+  std::mt19937 rng(uint32_t(n) * 2654435761u + salt);
+  std::uniform_int_distribution<int32_t> tok(0, int32_t(std::min<int64_t>(config.vocab_size, 200000) - 1));
+  std::vector<int32_t> v(static_cast<size_t>(n));
+  for (auto& t : v) t = tok(rng);
+  return v;
+}
+
+// The largest GPU memory use (total - free) seen: sample() on the calling thread, and every
+// millisecond on a helper thread between begin_watch() and end_watch() (model loading frees its
+// staging buffers before it returns).
+class PeakMemory {
+ public:
+  explicit PeakMemory(const Context& ctx) : ctx_(ctx) {}
+  PeakMemory(const PeakMemory&) = delete;
+  PeakMemory& operator=(const PeakMemory&) = delete;
+
+  size_t used() const {
+    auto [free_bytes, total] = ctx_.mem_info();
+    return total - free_bytes;
+  }
+  void sample() {
+    const size_t v = used();
+    size_t cur = peak_.load();
+    while (v > cur && !peak_.compare_exchange_weak(cur, v)) {
+    }
+  }
+  size_t peak() const { return peak_.load(); }
+
+  void begin_watch() {
+    watcher_ = std::jthread([this](std::stop_token stop) {
+      try {
+        ctx_.make_current();
+        while (!stop.stop_requested()) {
+          sample();
+          std::this_thread::sleep_for(std::chrono::milliseconds(1));
+        }
+      } catch (...) {
+        error_ = std::current_exception();
+      }
+    });
+  }
+  // Joins the helper thread; rethrows its error, if any.
+  void end_watch() {
+    if (watcher_.joinable()) {
+      watcher_.request_stop();
+      watcher_.join();
+    }
+    if (error_) std::rethrow_exception(std::exchange(error_, nullptr));
+  }
+
+ private:
+  const Context& ctx_;
+  std::atomic<size_t> peak_{0};
+  std::exception_ptr error_;
+  std::jthread watcher_;  // last: joined before the members it reads are destroyed
+};
+
+// A new empty folder under the system temp dir, removed with its contents on destruction.
+class ScratchDir {
+ public:
+  explicit ScratchDir(const std::string& tag)
+      : path_(fs::temp_directory_path() / fmt::format("q35jit-{}-{}", tag, ::getpid())) {
+    fs::remove_all(path_);
+    fs::create_directories(path_);
+  }
+  ~ScratchDir() {
+    std::error_code ec;
+    fs::remove_all(path_, ec);
+  }
+  ScratchDir(const ScratchDir&) = delete;
+  ScratchDir& operator=(const ScratchDir&) = delete;
+  const fs::path& path() const { return path_; }
+
+ private:
+  fs::path path_;
+};
+
+struct JitFigures {
+  size_t kernels = 0;
+  std::string arch;
+  int threads = 0;
+  double cold_ms = 0, warm_ms = 0;
+  int cold_compiled = 0, warm_disk_hits = 0;
+};
+
+// Every kernel the model needs, compiled by a fresh engine over an empty cache folder (cold: all
+// NVRTC), then by a second fresh engine over the same folder (warm: all disk hits).
+JitFigures time_jit(const std::vector<KernelSpec>& specs, const std::string& arch) {
+  JitFigures f;
+  f.kernels = specs.size();
+  f.arch = arch;
+  f.threads = int(std::max(1u, std::thread::hardware_concurrency()));
+  ScratchDir dir("bench-jit");
+  {
+    JitEngine cold(dir.path());
+    const auto t0 = std::chrono::steady_clock::now();
+    cold.compile_all(specs, arch, f.threads);
+    f.cold_ms = ms_since(t0);
+    f.cold_compiled = cold.stats().compiled;
+  }
+  JitEngine warm(dir.path());
+  const auto t0 = std::chrono::steady_clock::now();
+  warm.compile_all(specs, arch, f.threads);
+  f.warm_ms = ms_since(t0);
+  f.warm_disk_hits = warm.stats().disk_hits;
+  return f;
+}
+
+struct Plan {
+  std::vector<int64_t> prefill;   // prompt lengths
+  std::vector<int64_t> contexts;  // decode contexts
+  int64_t steps = 64;
+  int repeats = 3;
+};
+
+// The figures of one config set.
+struct SetFigures {
+  std::string name;                  // "tuned" or "default"
+  std::vector<std::string> tuning;   // tune-cache layers used (tuned set)
+  double load_ms = 0;
+  size_t weight_bytes = 0;
+  size_t peak_bytes = 0;             // above the use before the model was created
+  std::vector<double> prefill_ms;    // per Plan::prefill, time to first token
+  std::vector<double> decode_ms;     // per Plan::contexts, per token
+};
+
+using BuildFn = std::function<std::unique_ptr<GpuModel>(JitEngine&, const GpuModelOptions&)>;
+
+// Builds the model, times it, destroys it. Each set has its own JIT engine over the normal cache
+// folder, so both load their kernels alike (from the disk cache, or NVRTC for entries not there).
+SetFigures run_set(const std::string& name, const Context& ctx, const BuildFn& build, GpuModelOptions o,
+                   const Plan& plan) {
+  SetFigures f;
+  f.name = name;
+  if (name == "tuned") {
+    o.tuning = load_tuning(ctx.device(), true, o.log);
+    for (const TuneTable::Layer& l : o.tuning->layers()) f.tuning.push_back(l.origin);
+    if (o.tuning->empty()) o.log("tuned: no tune cache for this GPU, every kernel takes its default tile");
+  }
+  PeakMemory mem(ctx);
+  const size_t before = mem.used();
+  mem.begin_watch();
+  JitEngine jit(default_cache_dir());
+  const auto t_load = std::chrono::steady_clock::now();
+  std::unique_ptr<GpuModel> model = build(jit, o);
+  f.load_ms = ms_since(t_load);
+  mem.end_watch();
+  mem.sample();
+  f.weight_bytes = model->weight_bytes();
+  o.log(fmt::format("{}: loaded in {:.0f} ms", name, f.load_ms));
+
+  const SamplingParams greedy;  // temperature 0: argmax on the GPU
+  for (int64_t L : plan.prefill) {
+    const std::vector<int32_t> prompt = random_tokens(model->config(), L, 1);
+    std::vector<double> ms;
+    for (int r = 0; r <= plan.repeats; ++r) {  // the first run warms up
+      model->reset();
+      const auto t0 = std::chrono::steady_clock::now();
+      model->prefill(prompt, greedy);
+      if (r > 0) ms.push_back(ms_since(t0));
+    }
+    f.prefill_ms.push_back(median(ms));
+    mem.sample();
+    o.log(fmt::format("{}: prefill {} tokens {:.2f} ms", name, L, f.prefill_ms.back()));
+  }
+  for (int64_t c : plan.contexts) {
+    model->reset();
+    int32_t next = model->prefill(random_tokens(model->config(), c, 2), greedy);
+    std::vector<double> ms;
+    for (int64_t i = 0; i < plan.steps + 2; ++i) {  // two warm-up steps: eager + capture, first replay
+      const auto t0 = std::chrono::steady_clock::now();
+      next = model->decode(next, greedy);
+      if (i >= 2) ms.push_back(ms_since(t0));
+    }
+    f.decode_ms.push_back(median(ms));
+    mem.sample();
+    o.log(fmt::format("{}: decode at context {} {:.3f} ms/token", name, c, f.decode_ms.back()));
+  }
+  f.peak_bytes = mem.peak() > before ? mem.peak() - before : 0;
+  return f;
+}
+
+std::string fmt_ms(double ms) {
+  if (ms < 10) return fmt::format("{:.3f} ms", ms);
+  if (ms < 100) return fmt::format("{:.2f} ms", ms);
+  if (ms < 1000) return fmt::format("{:.1f} ms", ms);
+  return fmt::format("{:.0f} ms", ms);
+}
+
+// "31147" -> "31,147"
+std::string with_commas(double v) {
+  const std::string digits = fmt::format("{:.0f}", v);
+  std::string out;
+  for (size_t i = 0; i < digits.size(); ++i) {
+    if (i > 0 && (digits.size() - i) % 3 == 0) out += ',';
+    out += digits[i];
+  }
+  return out;
+}
+
+// "131.5 ms  31,147 tok/s": a time and the tokens per second it means.
+std::string fmt_time_rate(double ms, double tokens) {
+  return fmt::format("{}  {} tok/s", fmt_ms(ms), with_commas(tokens * 1000.0 / ms));
+}
+
+std::string fmt_gb(double bytes) { return fmt::format("{:.2f} GB", bytes / 1e9); }
+
+std::string percent(double floor_ms, double ms) { return fmt::format("{:.0f}%", 100.0 * floor_ms / ms); }
+
 }  // namespace
 
 int cmd_bench(int argc, char** argv) {
   Args args("bench", kBenchFlags, argc, argv, 2);
   if (args.help()) {
-    std::printf("usage: q35jit bench (--model DIR | --synthetic 35b-a3b) [flags]\n\n%s", args.usage().c_str());
+    std::printf(
+        "usage: q35jit bench (--model DIR | --synthetic 35b-a3b) [flags]\n\n"
+        "Times prefill (time to first token), decode (CUDA graph), load, JIT cold/warm start and peak GPU\n"
+        "memory, for tuned and default tile configs, each beside its floor from the config and the GPU's\n"
+        "measured copy bandwidth and bf16 mma rate.\n\n%s",
+        args.usage().c_str());
     return 0;
   }
   if (args.has("model") == args.has("synthetic")) fail("q35jit bench: give --model DIR or --synthetic NAME");
-  const std::vector<int64_t> lengths = parse_list(args.get("prefill").value_or("512,4096"));
-  const int64_t ctx_len = args.get_int("decode-context", 128, 1, 1 << 20);
-  const int64_t steps = args.get_int("decode-steps", 64, 1, 1 << 20);
-  const int repeats = int(args.get_int("repeats", 3, 1, 1000));
+  Plan plan;
+  plan.prefill = parse_list("prefill", args.get("prefill").value_or("128,512,1024,2048,4096"));
+  plan.contexts = parse_list("decode-contexts", args.get("decode-contexts").value_or("128,1024,4096,16384"));
+  plan.steps = args.get_int("decode-steps", 64, 1, 1 << 20);
+  plan.repeats = int(args.get_int("repeats", 3, 1, 1000));
+  const std::vector<std::string> sets = parse_configs(args.get("configs").value_or("tuned,default"));
 
   std::optional<ModelInfo> info;
   qwen35::Config config;
@@ -74,78 +333,190 @@ int cmd_bench(int argc, char** argv) {
   } else {
     config = qwen35::Config::preset(*args.get("synthetic"));
   }
-  const WeightChoice w = weight_choice(args, config, info ? info->dir : std::filesystem::path());
-  qwen35::GpuModelOptions o;
+  const WeightChoice w = weight_choice(args, config, info ? info->dir : fs::path());
+  const int group = w.format == qwen35::WeightFormat::W4A16 ? w.group : 0;
+  const std::string weights = group ? fmt::format("w4a16 g{}", group) : "bf16";
+  if (info) {  // headers only: a bad checkpoint fails before any timing
+    Checkpoint ckpt(info->dir);
+    if (w.prequantized)
+      qwen35::validate_quantized_checkpoint(config, ckpt, w.group);
+    else
+      qwen35::validate_checkpoint(config, ckpt);
+  }
+
+  const int64_t longest = *std::max_element(plan.prefill.begin(), plan.prefill.end());
+  const int64_t deepest = *std::max_element(plan.contexts.begin(), plan.contexts.end());
+  GpuModelOptions o;
   o.format = w.format;
   o.group = w.group;
   o.prequantized = w.prequantized;
-  const int64_t longest = *std::max_element(lengths.begin(), lengths.end());
-  o.max_context = std::max(longest, ctx_len + steps);
+  o.max_context = std::max(longest, deepest + plan.steps + 2);
   o.max_chunk = std::min<int64_t>(longest, 4096);
   o.log = [](const std::string& line) { std::fprintf(stderr, "[q35jit] %s\n", line.c_str()); };
+  if (config.max_position_embeddings > 0 && o.max_context > config.max_position_embeddings)
+    fail("q35jit bench: --prefill / --decode-contexts + --decode-steps need {} tokens of context; the model allows {}",
+         o.max_context, config.max_position_embeddings);
 
   Driver driver;
   Context ctx(driver, 0);
-  auto [free0, total] = ctx.mem_info();
-  JitEngine jit(default_cache_dir());
-  auto t_load = std::chrono::steady_clock::now();
-  std::unique_ptr<qwen35::GpuModel> model;
-  if (info) {
+  const DeviceInfo& dev = ctx.device();
+  DeviceRates rates;
+  {
+    JitEngine jit(default_cache_dir());
+    Stream stream(driver);
+    rates = measure_device_rates(jit, ctx, stream);
+  }
+  o.log(fmt::format("device: copy {:.2f} TB/s, bf16 mma.sync {:.0f} TFLOP/s", rates.copy_bytes_per_s / 1e12,
+                    rates.mma_flops_per_s / 1e12));
+  const JitFigures jf = time_jit(qwen35::required_kernels(config, group, dev.arch(), o.max_chunk), dev.arch());
+  o.log(fmt::format("JIT: {} kernels cold {:.0f} ms, warm {:.0f} ms", jf.kernels, jf.cold_ms, jf.warm_ms));
+
+  const BuildFn build = [&](JitEngine& jit, const GpuModelOptions& opts) {
+    if (!info) return std::make_unique<GpuModel>(driver, ctx, jit, config, opts, 1234);
     Checkpoint ckpt(info->dir);
-    model = std::make_unique<qwen35::GpuModel>(driver, ctx, jit, config, ckpt, o);
-  } else {
-    model = std::make_unique<qwen35::GpuModel>(driver, ctx, jit, config, o, 1234);
-  }
-  const double load_ms = ms_since(t_load);
-  auto [free1, total1] = ctx.mem_info();
-
-  std::mt19937 rng(7);
-  std::uniform_int_distribution<int32_t> tok(0, int32_t(std::min<int64_t>(config.vocab_size, 200000) - 1));
-  auto random_tokens = [&](int64_t n) {
-    std::vector<int32_t> v(static_cast<size_t>(n));
-    for (auto& t : v) t = tok(rng);
-    return v;
+    return std::make_unique<GpuModel>(driver, ctx, jit, config, ckpt, opts);
   };
+  std::vector<SetFigures> figures;
+  for (const std::string& s : sets) figures.push_back(run_set(s, ctx, build, o, plan));
 
-  nlohmann::json j;
-  j["device"] = ctx.device().name;
-  j["model"] = info ? info->dir.string() : *args.get("synthetic");
-  j["weights"] = o.format == qwen35::WeightFormat::BF16 ? "bf16" : fmt::format("w4a16 g{}", o.group);
-  j["load_ms"] = load_ms;
-  j["weight_bytes"] = model->weight_bytes();
-  j["gpu_memory_used_bytes"] = free0 - free1;
-  std::printf("%s, %s, %s: weights %.2f GB, GPU memory used %.2f GB, load %.0f ms\n", ctx.device().name.c_str(),
-              j["model"].get<std::string>().c_str(), j["weights"].get<std::string>().c_str(),
-              model->weight_bytes() / 1e9, (free0 - free1) / 1e9, load_ms);
+  // ---- floors ----
+  const qwen35::ModelWork work(config, group);
+  struct PrefillFloor {
+    double ms, compute_ms, memory_ms;
+  };
+  std::vector<PrefillFloor> prefill_floor;
+  for (int64_t L : plan.prefill)
+    prefill_floor.push_back({work.prefill_floor_ms(L, rates.mma_flops_per_s, rates.copy_bytes_per_s),
+                             work.prefill_compute_ms(L, rates.mma_flops_per_s),
+                             work.prefill_memory_ms(L, rates.copy_bytes_per_s)});
+  std::vector<double> decode_floor;
+  for (int64_t c : plan.contexts) decode_floor.push_back(work.decode_floor_ms(c, rates.copy_bytes_per_s));
 
-  const SamplingParams greedy;  // temperature 0: argmax on the GPU
-  for (int64_t L : lengths) {
-    std::vector<int32_t> prompt = random_tokens(L);
-    std::vector<double> ms;
-    for (int r = 0; r <= repeats; ++r) {  // the first run warms up
-      model->reset();
-      auto t0 = std::chrono::steady_clock::now();
-      model->prefill(prompt, greedy);
-      if (r > 0) ms.push_back(ms_since(t0));
+  // ---- table ----
+  const std::string model_name = info ? info->dir.string() : "synthetic " + *args.get("synthetic");
+  std::printf("%s (%s, %d SMs, %.1f GiB), %s, %s\n", dev.name.c_str(), dev.arch().c_str(), dev.sm_count,
+              double(dev.total_mem) / double(1ull << 30), model_name.c_str(), weights.c_str());
+  std::printf("measured: copy %.2f TB/s (read + written, %zu MiB buffer), bf16 mma.sync %.0f TFLOP/s (medians of %d)\n",
+              rates.copy_bytes_per_s / 1e12, rates.copy_bytes >> 20, rates.mma_flops_per_s / 1e12, rates.runs);
+  std::printf("work per token: %.0f M active params = %.3f GB of weights, DeltaNet state 2 x %.1f MB, KV %.1f KiB "
+              "per token of context; prefill %.2f GFLOP per token + %.3f MFLOP x context\n",
+              work.active_params() / 1e6, work.weight_bytes_per_token() / 1e9,
+              (work.gdn_state_bytes() + work.conv_state_bytes()) / 1e6, work.kv_bytes_per_token() / 1024.0,
+              (work.projection_flops_per_token() + work.gdn_chunk_flops_per_token()) / 1e9,
+              work.attention_flops(1) / 1e6);
+  std::printf("JIT, %zu kernels for %s on %d threads: cold %s (%d NVRTC), warm %s (%d disk hits)\n", jf.kernels,
+              jf.arch.c_str(), jf.threads, fmt_ms(jf.cold_ms).c_str(), jf.cold_compiled, fmt_ms(jf.warm_ms).c_str(),
+              jf.warm_disk_hits);
+  for (const SetFigures& f : figures)
+    if (f.name == "tuned")
+      std::printf("tuned configs: %s\n", f.tuning.empty() ? "none for this GPU (defaults everywhere)"
+                                                          : fmt::format("{}", fmt::join(f.tuning, ", ")).c_str());
+  std::printf("decode: median of %lld graph-replayed steps after 2 warm-up; prefill: median of %d after 1 warm-up\n\n",
+              (long long)plan.steps, plan.repeats);
+
+  std::vector<std::string> head = {"figure"};
+  for (const SetFigures& f : figures) head.push_back(f.name);
+  head.push_back("floor");
+  for (const SetFigures& f : figures) head.push_back(f.name + "/floor");
+  std::vector<std::vector<std::string>> rows = {head};
+  auto row = [&](const std::string& label, auto cell, const std::string& floor_cell, auto ratio) {
+    std::vector<std::string> r = {label};
+    for (const SetFigures& f : figures) r.push_back(cell(f));
+    r.push_back(floor_cell);
+    for (const SetFigures& f : figures) r.push_back(ratio(f));
+    rows.push_back(std::move(r));
+  };
+  const auto none = [](const SetFigures&) { return std::string(); };
+  row("load", [](const SetFigures& f) { return fmt_ms(f.load_ms); }, "", none);
+  row("weights on the GPU", [](const SetFigures& f) { return fmt_gb(double(f.weight_bytes)); },
+      fmt_gb(double(work.model_weight_bytes())) + " (config)", none);
+  row("peak GPU memory", [](const SetFigures& f) { return fmt_gb(double(f.peak_bytes)); }, "", none);
+  for (size_t i = 0; i < plan.prefill.size(); ++i) {
+    const double L = double(plan.prefill[i]);
+    const PrefillFloor& pf = prefill_floor[i];
+    row(fmt::format("prefill {} (TTFT)", plan.prefill[i]),
+        [&](const SetFigures& f) { return fmt_time_rate(f.prefill_ms[i], L); },
+        fmt_time_rate(pf.ms, L) + (pf.memory_ms > pf.compute_ms ? " (bytes)" : " (FLOPs)"),
+        [&](const SetFigures& f) { return percent(pf.ms, f.prefill_ms[i]); });
+  }
+  for (size_t i = 0; i < plan.contexts.size(); ++i)
+    row(fmt::format("decode at {}", plan.contexts[i]),
+        [&](const SetFigures& f) { return fmt_time_rate(f.decode_ms[i], 1); }, fmt_time_rate(decode_floor[i], 1),
+        [&](const SetFigures& f) { return percent(decode_floor[i], f.decode_ms[i]); });
+  std::vector<size_t> width(head.size(), 0);
+  for (const auto& r : rows)
+    for (size_t c = 0; c < r.size(); ++c) width[c] = std::max(width[c], r[c].size());
+  for (const auto& r : rows) {
+    std::string line;
+    for (size_t c = 0; c < r.size(); ++c)
+      line += c ? fmt::format("  {:>{}}", r[c], width[c]) : fmt::format("{:<{}}", r[c], width[c]);
+    std::printf("%s\n", line.c_str());
+  }
+  std::printf("floors: decode = bytes per token (weights, DeltaNet state read + written, KV read) / copy bandwidth; "
+              "prefill = the larger of FLOPs / mma rate and the weights the prompt touches / copy bandwidth\n");
+
+  // ---- JSON ----
+  if (auto path = args.get("json")) {
+    nlohmann::json j;
+    j["device"] = {{"name", dev.name}, {"arch", dev.arch()}, {"sm_count", dev.sm_count}, {"memory_bytes", dev.total_mem}};
+    j["model"] = info ? info->dir.string() : *args.get("synthetic");
+    j["synthetic"] = !info;
+    j["weights"] = weights;
+    j["settings"] = {{"decode_steps", plan.steps}, {"repeats", plan.repeats}, {"max_chunk", o.max_chunk},
+                     {"max_context", o.max_context}};
+    j["rates"] = {{"copy_bytes_per_s", rates.copy_bytes_per_s}, {"mma_flops_per_s", rates.mma_flops_per_s},
+                  {"copy_buffer_bytes", rates.copy_bytes}, {"runs", rates.runs}};
+    nlohmann::json parts = nlohmann::json::object();
+    for (const qwen35::WeightPart& p : work.decode_parts()) parts[p.name] = {{"params", p.params}, {"bytes", p.bytes}};
+    j["work"] = {{"active_params", work.active_params()},
+                 {"parts", parts},
+                 {"weight_bytes_per_token", work.weight_bytes_per_token()},
+                 {"gdn_state_bytes", work.gdn_state_bytes()},
+                 {"conv_state_bytes", work.conv_state_bytes()},
+                 {"kv_bytes_per_token", work.kv_bytes_per_token()},
+                 {"model_weight_bytes", work.model_weight_bytes()},
+                 {"prefill_flops_per_token", work.projection_flops_per_token() + work.gdn_chunk_flops_per_token()},
+                 {"attention_flops_per_token_of_context", work.attention_flops(1)}};
+    j["jit"] = {{"kernels", jf.kernels}, {"arch", jf.arch},         {"threads", jf.threads},
+                {"cold_ms", jf.cold_ms}, {"cold_compiled", jf.cold_compiled},
+                {"warm_ms", jf.warm_ms}, {"warm_disk_hits", jf.warm_disk_hits}};
+    nlohmann::json floors;
+    for (size_t i = 0; i < plan.prefill.size(); ++i) {
+      const PrefillFloor& pf = prefill_floor[i];
+      floors["prefill"].push_back({{"tokens", plan.prefill[i]},
+                                   {"ms", pf.ms},
+                                   {"tok_s", plan.prefill[i] * 1000.0 / pf.ms},
+                                   {"compute_ms", pf.compute_ms},
+                                   {"memory_ms", pf.memory_ms},
+                                   {"bound", pf.memory_ms > pf.compute_ms ? "bytes" : "flops"}});
     }
-    const double m = median(ms);
-    j["prefill"][std::to_string(L)] = {{"ms", m}, {"tok_s", L * 1000.0 / m}};
-    std::printf("prefill %6lld tokens: %8.2f ms  %9.0f tok/s (time to first token)\n", (long long)L, m, L * 1000.0 / m);
+    for (size_t i = 0; i < plan.contexts.size(); ++i)
+      floors["decode"].push_back({{"context", plan.contexts[i]},
+                                  {"ms_per_token", decode_floor[i]},
+                                  {"tok_s", 1000.0 / decode_floor[i]},
+                                  {"bytes_per_token", work.decode_bytes(plan.contexts[i])}});
+    j["floors"] = floors;
+    for (const SetFigures& f : figures) {
+      nlohmann::json s = {{"load_ms", f.load_ms},
+                          {"weight_bytes", f.weight_bytes},
+                          {"peak_gpu_bytes", f.peak_bytes}};
+      if (f.name == "tuned") s["tuning"] = f.tuning;
+      for (size_t i = 0; i < plan.prefill.size(); ++i)
+        s["prefill"].push_back({{"tokens", plan.prefill[i]},
+                                {"ms", f.prefill_ms[i]},
+                                {"tok_s", plan.prefill[i] * 1000.0 / f.prefill_ms[i]},
+                                {"of_floor", prefill_floor[i].ms / f.prefill_ms[i]}});
+      for (size_t i = 0; i < plan.contexts.size(); ++i)
+        s["decode"].push_back({{"context", plan.contexts[i]},
+                               {"ms_per_token", f.decode_ms[i]},
+                               {"tok_s", 1000.0 / f.decode_ms[i]},
+                               {"of_floor", decode_floor[i] / f.decode_ms[i]}});
+      j["configs"][f.name] = s;
+    }
+    std::ofstream out(*path);
+    out << j.dump(2) << "\n";
+    if (!out) fail("q35jit bench: cannot write --json {}", *path);
   }
-
-  model->reset();
-  int32_t next = model->prefill(random_tokens(ctx_len), greedy);
-  std::vector<double> step_ms;
-  for (int64_t i = 0; i < steps + 2; ++i) {  // two warm-up steps (eager + capture)
-    auto t0 = std::chrono::steady_clock::now();
-    next = model->decode(next, greedy);
-    if (i >= 2) step_ms.push_back(ms_since(t0));
-  }
-  const double dm = median(step_ms);
-  j["decode"] = {{"context", ctx_len}, {"ms_per_token", dm}, {"tok_s", 1000.0 / dm}};
-  std::printf("decode at context %lld: %.3f ms/token  %.1f tok/s (CUDA graph, greedy on the GPU, median of %lld)\n",
-              (long long)ctx_len, dm, 1000.0 / dm, (long long)steps);
-  if (auto path = args.get("json")) std::ofstream(*path) << j.dump(2) << "\n";
   return 0;
 }
 

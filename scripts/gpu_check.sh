@@ -54,7 +54,8 @@ if [ "${1:-}" != "--quick" ]; then
       tail -1 "$WORK/alt_${quant}_${mode}.log" | sed 's/^/  /' | tee -a "$REPORT"
     done
   done
-  step bench_35b_w4a16_g128 $BIN bench --synthetic 35b-a3b --quant w4a16 --group-size 128 --prefill 512,4096 --json "$OUT/bench_w4a16_g128.json"
+  step tune_cache_check bash -c "for f in tune_cache/*.json; do $BIN tune --check \$f || exit 1; done; $BIN tune --synthetic 35b-a3b --group-size 128 --show"
+  step bench_35b_w4a16_g128 $BIN bench --synthetic 35b-a3b --quant w4a16 --group-size 128 --json "$OUT/bench_w4a16_g128.json"
   sed 's/^/  /' "$WORK/bench_35b_w4a16_g128.log" | grep -v "^\s*\[q35jit\]" | tee -a "$REPORT"
 fi
 echo "- overall: $([ $status = 0 ] && echo PASS || echo FAIL)" | tee -a "$REPORT"
