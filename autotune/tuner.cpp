@@ -245,7 +245,7 @@ TuneReport Tuner::run(const std::vector<std::unique_ptr<TuneOp>>& ops, TuneFile&
           continue;
         }
         const double us = time_config(op, c, w.m, reps);
-        if (us < row.best_us) row.best_us = us, row.best = c;
+        if (us < row.best_us && us <= row.default_us * (1.0 - options_.min_gain)) row.best_us = us, row.best = c;
       } catch (const Error& e) {
         ++row.discarded;
         log(fmt::format("candidate discarded: {} {} M={} {}: {}", op.family(), op.label(), w.m, c.dump(),

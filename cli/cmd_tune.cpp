@@ -37,6 +37,7 @@ const std::vector<FlagSpec> kTuneFlags = {
     {"out", "FILE", "tune file to write (default: the user cache dir, <GPU name>.json)"},
     {"resume", "", "keep the entries already in --out and measure only the missing ones"},
     {"replays", "N", "timed graph replays per config, median taken (default 15)"},
+    {"min-gain", "PCT", "a candidate replaces the default only when this many percent faster (default 3)"},
     {"threads", "N", "parallel NVRTC compiles (default: hardware threads)"},
     {"quiet", "", "no progress bar"},
     {"check", "FILE", "validate a tune file and exit"},
@@ -150,6 +151,8 @@ int cmd_tune(int argc, char** argv) {
   opt.compile_threads = int(args.get_int("threads", 0, 0, 1024));
   opt.replays = int(args.get_int("replays", 15, 3, 1000));
   opt.resume = args.flag("resume");
+  opt.min_gain = args.get_double("min-gain", 3.0) / 100.0;
+  if (!(opt.min_gain >= 0 && opt.min_gain < 1)) fail("q35jit tune: --min-gain must be in [0, 100), got {}", *args.get("min-gain"));
   opt.out = out;
   opt.progress = !args.flag("quiet");
   opt.log = log;

@@ -9,17 +9,26 @@
 // sample_f32: one block; the top-k and top-p boundaries are found by radix selection on the
 //   order-preserving 32-bit key of each logit (4 passes of 8 bits: counts for top-k, probability
 //   mass for top-p), ties at a boundary are taken in id order (a block scan over contiguous id
-//   ranges), then the draw walks the kept set in id order. The uniform number comes from a hash
+//   ranges), then the draw walks the kept set in id order. Keys treat -0 as +0 (the host compares
+//   values, so -0 == +0 and ties go by id). The top-p masses are exp and sums in fp64, as the host
+//   computes them (fp32 sums over a large vocabulary drift by many boundary tokens); the draw
+//   itself weighs the kept set in fp32. The uniform number comes from a hash
 //   of (seed, step) read from device memory; the kernel advances step, so a replayed graph draws
 //   a fresh number each time.
 #include "common.cuh"
 
 namespace q35k {
 
-// Larger float -> larger key (negative values bit-flipped).
+// Larger float -> larger key (negative values bit-flipped). -0 gets the key of +0: they compare
+// equal, so they must tie (and be ordered by id), not sort -0 below +0.
 __device__ __forceinline__ u32 order_key(float f) {
-  const u32 u = __float_as_uint(f);
+  u32 u = __float_as_uint(f);
+  if (u == 0x80000000u) u = 0u;
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+// The float of a key (inverse of order_key; -0 comes back as +0).
+__device__ __forceinline__ float key_value(u32 key) {
+  return __uint_as_float((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key);
 }
 
 // (value, id) pair order for argmax: larger value, then lower id.
@@ -130,9 +139,9 @@ sample_f32(const float* __restrict__ logits,  // [V]
   constexpr int PER = (V + THREADS - 1) / THREADS;  // contiguous ids per thread (id order = thread order)
   __shared__ float sv[THREADS / 32], scan[THREADS / 32];
   __shared__ int si[THREADS / 32];
-  __shared__ float hist[256];
+  __shared__ double hist[256];
   __shared__ u32 sel_prefix;
-  __shared__ float sel_left;
+  __shared__ double sel_left;
   __shared__ int chosen;
   const int begin = min(V, int(threadIdx.x) * PER), end = min(V, begin + PER);
 
@@ -147,14 +156,17 @@ sample_f32(const float* __restrict__ logits,  // [V]
     return;
   }
   const float inv_t = 1.f / temperature;
+  const double inv_t64 = 1.0 / double(temperature);  // as runtime/core/sampler.cpp
 
   // Radix selection over keys passing `in`: the boundary key b such that the weight (count, or
   // mass) of keys > b is below `target` and adding the keys == b reaches it. Returns b and sets
   // `left` = target minus the weight above b (what the ties at b must supply, in id order).
-  auto select = [&](auto in, auto weight, float target, float& left) -> u32 {
+  // With `of_total`, target is `goal` times the total weight (the first pass's histogram sum).
+  auto select = [&](auto in, auto weight, double goal, bool of_total, double& left) -> u32 {
     u32 prefix = 0, mask = 0;
+    double target = goal;
     for (int shift = 24; shift >= 0; shift -= 8) {
-      for (int b = threadIdx.x; b < 256; b += THREADS) hist[b] = 0.f;
+      for (int b = threadIdx.x; b < 256; b += THREADS) hist[b] = 0.0;
       __syncthreads();
       for (int j = begin; j < end; ++j) {
         const u32 key = order_key(logits[j]);
@@ -162,8 +174,13 @@ sample_f32(const float* __restrict__ logits,  // [V]
       }
       __syncthreads();
       if (threadIdx.x == 0) {
+        if (shift == 24 && of_total) {
+          double total = 0.0;
+          for (int b = 0; b < 256; ++b) total += hist[b];
+          target = goal * total;
+        }
         int lowest = 0;  // lowest non-empty bucket: taken when rounding leaves the target unreached
-        while (lowest < 255 && hist[lowest] == 0.f) ++lowest;
+        while (lowest < 255 && hist[lowest] == 0.0) ++lowest;
         int b = 255;
         for (; b > lowest; --b) {
           if (hist[b] >= target) break;
@@ -182,7 +199,7 @@ sample_f32(const float* __restrict__ logits,  // [V]
   };
   // The last id of this thread's slice that is among the first `take` ids (in id order, over the
   // whole vocabulary) with key == b passing `in`; -1 if none.
-  auto tie_cutoff = [&](auto in, u32 b, float take) -> int {
+  auto tie_cutoff = [&](auto in, u32 b, double take) -> int {
     float n = 0.f, total;
     for (int j = begin; j < end; ++j) n += order_key(logits[j]) == b && in(j, b);
     float seen = block_exclusive_scan<THREADS>(n, scan, total);
@@ -191,41 +208,36 @@ sample_f32(const float* __restrict__ logits,  // [V]
       if (order_key(logits[j]) == b && in(j, b)) cut = j, seen += 1.f;
     return cut;
   };
-  auto prob = [&](int j) { return expf((logits[j] - m) * inv_t); };
+  auto prob = [&](int j) { return expf((logits[j] - m) * inv_t); };  // the draw's weights
+  auto prob64 = [&](int j) { return exp((double(logits[j]) - double(m)) * inv_t64); };  // top-p's
 
   // Top-k: keys above kth, and ids up to k_cut among the keys equal to it.
   u32 kth = 0;
   int k_cut = V;
   if (top_k > 0 && top_k < V) {
     auto all = [](int, u32) { return true; };
-    float take;
-    kth = select(all, [](int) { return 1.f; }, float(top_k), take);
+    double take;
+    kth = select(all, [](int) { return 1.0; }, double(top_k), false, take);
     k_cut = tie_cutoff(all, kth, take);
   }
   auto kept = [&](int j, u32 key) { return key > kth || (key == kth && j <= k_cut); };
 
-  // Softmax normaliser over the kept set.
-  float z = 0.f, total;
-  for (int j = begin; j < end; ++j)
-    if (kept(j, order_key(logits[j]))) z += prob(j);
-  block_exclusive_scan<THREADS>(z, scan, total);
-  z = total;
-
-  // Top-p: the smallest (value desc, id asc) prefix of the kept set whose mass reaches top_p * z.
+  // Top-p: the smallest (value desc, id asc) prefix of the kept set whose mass reaches top_p times
+  // the kept set's mass (the softmax normaliser, summed by select's first pass). fp64 throughout.
   u32 pth = 0;
   int p_cut = V;
   if (top_p < 1.f) {
-    float left;
-    pth = select(kept, prob, top_p * z, left);
-    const float p_eq = expf((__uint_as_float((pth & 0x80000000u) ? (pth & 0x7fffffffu) : ~pth) - m) * inv_t);
-    p_cut = tie_cutoff(kept, pth, fmaxf(1.f, ceilf(left / p_eq)));
+    double left;
+    pth = select(kept, prob64, double(top_p), true, left);
+    const double p_eq = exp((double(key_value(pth)) - double(m)) * inv_t64);
+    p_cut = tie_cutoff(kept, pth, fmax(1.0, ceil(left / p_eq)));
   }
   auto in_final = [&](int j, u32 key) {
     return kept(j, key) && (key > pth || (key == pth && j <= p_cut));
   };
 
   // Draw: u in [0, mass of the final set), found by a scan in id order.
-  float mass = 0.f;
+  float mass = 0.f, total;
   int last_in = -1;
   for (int j = begin; j < end; ++j)
     if (in_final(j, order_key(logits[j]))) mass += prob(j), last_in = j;

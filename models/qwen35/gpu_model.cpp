@@ -176,10 +176,10 @@ void GpuModel::init(const GpuModelOptions& o) {
   m.moe_shape = m.tuned->moe_shape();
   std::vector<KernelSpec> specs = required_kernels(c, group, ctx_.device().arch(), o.max_chunk);
   specs.push_back(step_spec());
+  // The decode step's tuned kernels; those of other call sizes load on first use (from the JIT
+  // caches: loading all of them here cost 2 s on the H100).
   if (m.tuned->tuned())
-    for (int64_t b : default_tune_buckets())
-      if (b <= o.max_chunk)
-        for (KernelSpec& s : tuned_kernels(c, *m.tuned, m.attn, group, b)) specs.push_back(std::move(s));
+    for (KernelSpec& s : tuned_kernels(c, *m.tuned, m.attn, group, 1)) specs.push_back(std::move(s));
   m.kernels.preload(specs, threads);
   if (o.log) {
     JitStats s = jit_.stats();
