@@ -74,17 +74,15 @@ std::vector<int64_t> parse_list(const std::string& flag, const std::string& text
 
 // The config sets to time, tuned first: "tuned", "default", or both.
 std::vector<std::string> parse_configs(const std::string& text) {
-  bool tuned = false, fallback = false;
+  // In the order given: the set timed first also runs first (to see order effects).
+  std::vector<std::string> out;
   std::stringstream ss(text);
   for (std::string item; std::getline(ss, item, ',');) {
-    if (item == "tuned") tuned = true;
-    else if (item == "default") fallback = true;
-    else fail("q35jit bench: --configs expects tuned, default or tuned,default, got '{}'", text);
+    if (item != "tuned" && item != "default")
+      fail("q35jit bench: --configs expects tuned, default, tuned,default or default,tuned, got '{}'", text);
+    if (std::find(out.begin(), out.end(), item) == out.end()) out.push_back(item);
   }
-  std::vector<std::string> out;
-  if (tuned) out.push_back("tuned");
-  if (fallback) out.push_back("default");
-  if (out.empty()) fail("q35jit bench: --configs expects tuned, default or tuned,default, got '{}'", text);
+  if (out.empty()) fail("q35jit bench: --configs expects tuned, default, tuned,default or default,tuned, got '{}'", text);
   return out;
 }
 
