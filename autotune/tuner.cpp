@@ -117,6 +117,65 @@ double Tuner::time_config(TuneOp& op, const json& config, int64_t m, int reps) {
   return median(us);
 }
 
+int Tuner::reps_for(TuneOp& op, const json& config, int64_t m) {
+  Event e0(driver_), e1(driver_);
+  e0.record(stream_);
+  op.run(config, m, 1, stream_);
+  e1.record(stream_);
+  e1.synchronize();
+  const double once_us = std::max(1.0, double(e1.elapsed_ms_since(e0)) * 1000.0);
+  return int(std::clamp(options_.graph_us / once_us, 1.0, 64.0));
+}
+
+TuneReport Tuner::compare(const std::vector<std::unique_ptr<TuneOp>>& ops, const TuneTable& table) {
+  TuneReport report;
+  auto t0 = Clock::now();
+  size_t total = 0;
+  for (const auto& op : ops)
+    for (int64_t m : options_.buckets) total += op->serves(m);
+  Progress bar(options_.progress, "kernels", total);
+  size_t done = 0;
+  for (const auto& op : ops) {
+    for (int64_t m : options_.buckets) {
+      if (!op->serves(m)) continue;
+      if (options_.stop && options_.stop->load()) {
+        report.interrupted = true;
+        break;
+      }
+      bar.update(done++, fmt::format("{} {} M={}", op->family(), op->label(), m));
+      const json def = op->default_config(m);
+      const json tuned = table.lookup(op->family(), op->signature(), m).value_or(def);
+      for (const json* c : {&def, &tuned})
+        for (const KernelSpec& s : op->kernels(*c, m)) kernels_.get(s);
+      op->setup(m, stream_);
+      TuneRow row;
+      row.family = op->family(), row.signature = op->signature(), row.label = op->label(), row.bucket = m;
+      row.best = tuned;
+      op->prepare(def, m);
+      op->run(def, m, 0, stream_);
+      const std::vector<float> ref = op->output(stream_);
+      const int reps = reps_for(*op, def, m);
+      row.default_us = time_config(*op, def, m, reps);
+      row.best_us = row.default_us;
+      if (tuned != def) {
+        op->prepare(tuned, m);
+        op->run(tuned, m, 0, stream_);
+        const double err = relative_l2(op->output(stream_), ref);
+        if (!(err <= op->tolerance()))
+          fail("{} {} M={}: the tuned config {} gives another output than the default (rel. L2 {:.3g})", op->family(),
+               op->label(), m, tuned.dump(), err);
+        row.best_us = time_config(*op, tuned, m, reps);
+      }
+      report.rows.push_back(row);
+    }
+    op->release();
+  }
+  bar.update(done, "done");
+  bar.finish();
+  report.measure_s = seconds_since(t0);
+  return report;
+}
+
 TuneReport Tuner::run(const std::vector<std::unique_ptr<TuneOp>>& ops, TuneFile& file) {
   TuneReport report;
   auto log = [&](const std::string& s) {
@@ -217,13 +276,7 @@ TuneReport Tuner::run(const std::vector<std::unique_ptr<TuneOp>>& ops, TuneFile&
     op.run(w.fallback, w.m, 0, stream_);
     const std::vector<float> ref = op.output(stream_);
     if (relative_l2(ref, ref) != 0) fail("{} {} M={}: the default config's output is not finite", op.family(), op.label(), w.m);
-    Event e0(driver_), e1(driver_);
-    e0.record(stream_);
-    op.run(w.fallback, w.m, 1, stream_);
-    e1.record(stream_);
-    e1.synchronize();
-    const double once_us = std::max(1.0, double(e1.elapsed_ms_since(e0)) * 1000.0);
-    const int reps = int(std::clamp(options_.graph_us / once_us, 1.0, 64.0));
+    const int reps = reps_for(op, w.fallback, w.m);
     row.default_us = time_config(op, w.fallback, w.m, reps);
     row.best_us = row.default_us;
     row.best = w.fallback;

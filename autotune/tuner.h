@@ -96,9 +96,14 @@ class Tuner {
   Tuner(const Driver& driver, const Context& ctx, JitEngine& jit, KernelSet& kernels, TuneOptions options);
   // Tunes `ops` into `file` (saved to options.out after every measured bucket).
   TuneReport run(const std::vector<std::unique_ptr<TuneOp>>& ops, TuneFile& file);
+  // Re-times, for every op and bucket it serves, the config `table` gives there (as a run would
+  // pick it) against the heuristic default, same inputs, same method; no file is written. Rows have
+  // best = the tuned config (the default when the table has none), candidates = 0.
+  TuneReport compare(const std::vector<std::unique_ptr<TuneOp>>& ops, const TuneTable& table);
 
  private:
   double time_config(TuneOp& op, const nlohmann::json& config, int64_t m, int reps);
+  int reps_for(TuneOp& op, const nlohmann::json& config, int64_t m);
   const Driver& driver_;
   const Context& ctx_;
   JitEngine& jit_;

@@ -23,6 +23,7 @@
 #include <nlohmann/json.hpp>
 
 #include "autotune/device_probe.h"
+#include "autotune/tuner.h"
 #include "cli/args.h"
 #include "cli/commands.h"
 #include "cli/session.h"
@@ -30,11 +31,13 @@
 #include "models/qwen35/gpu_model.h"
 #include "models/qwen35/kernels.h"
 #include "models/qwen35/quantized.h"
+#include "models/qwen35/tune_ops.h"
 #include "models/qwen35/weights.h"
 #include "runtime/core/error.h"
 #include "runtime/cuda/driver.h"
 #include "runtime/io/safetensors.h"
 #include "runtime/jit/jit_engine.h"
+#include "runtime/jit/kernel_set.h"
 
 namespace q35::cli {
 
@@ -54,6 +57,7 @@ const std::vector<FlagSpec> kBenchFlags = {
     {"decode-steps", "N", "decode steps timed per context, median reported (default 64)"},
     {"repeats", "N", "prefill repeats per length after one warm-up, median reported (default 3)"},
     {"configs", "SETS", "tile configs to time: tuned,default (side by side, the default), tuned or default"},
+    {"kernels", "", "also time every tunable kernel at every M bucket: tuned config vs default (same inputs)"},
     {"json", "FILE", "also write every figure as JSON"},
 };
 
@@ -377,6 +381,20 @@ int cmd_bench(int argc, char** argv) {
   std::vector<SetFigures> figures;
   for (const std::string& s : sets) figures.push_back(run_set(s, ctx, build, o, plan));
 
+  // ---- per kernel: the tuned config of every bucket against the default, re-timed here ----
+  TuneReport kernel_report;
+  if (args.flag("kernels")) {
+    const std::shared_ptr<const TuneTable> table = load_tuning(dev, true, o.log);
+    JitEngine jit(default_cache_dir());
+    KernelSet kernels(jit, ctx);
+    const qwen35::TuneDevice device{driver, ctx, jit, kernels};
+    TuneOptions topt;
+    topt.buckets = clip_buckets(default_tune_buckets(), 1, o.max_chunk);
+    topt.log = o.log;
+    Tuner tuner(driver, ctx, jit, kernels, topt);
+    kernel_report = tuner.compare(qwen35::tune_ops(config, group, dev.arch(), &device), *table);
+  }
+
   // ---- floors ----
   const qwen35::ModelWork work(config, group);
   struct PrefillFloor {
@@ -453,6 +471,19 @@ int cmd_bench(int argc, char** argv) {
   std::printf("floors: decode = bytes per token (weights, DeltaNet state read + written, KV read) / copy bandwidth; "
               "prefill = the larger of FLOPs / mma rate and the weights the prompt touches / copy bandwidth\n");
 
+  if (args.flag("kernels")) {
+    std::printf("\nper kernel, tuned config vs default re-timed (median of graph replays, microseconds):\n%s",
+                format_summary(kernel_report).c_str());
+    int slower = 0, changed = 0;
+    for (const TuneRow& r : kernel_report.rows) {
+      changed += r.best_us != r.default_us;
+      slower += r.best_us > r.default_us * 1.02;
+    }
+    std::printf("%zu kernel x bucket pairs, %d with a tuned config other than the default; %d slower than the default "
+                "by more than 2%%\n",
+                kernel_report.rows.size(), changed, slower);
+  }
+
   // ---- JSON ----
   if (auto path = args.get("json")) {
     nlohmann::json j;
@@ -511,6 +542,14 @@ int cmd_bench(int argc, char** argv) {
                                {"of_floor", decode_floor[i] / f.decode_ms[i]}});
       j["configs"][f.name] = s;
     }
+    for (const TuneRow& r : kernel_report.rows)
+      j["kernels"].push_back({{"family", r.family},
+                              {"signature", r.signature},
+                              {"label", r.label},
+                              {"m", r.bucket},
+                              {"config", r.best},
+                              {"tuned_us", r.best_us},
+                              {"default_us", r.default_us}});
     std::ofstream out(*path);
     out << j.dump(2) << "\n";
     if (!out) fail("q35jit bench: cannot write --json {}", *path);

@@ -46,8 +46,6 @@ Result q35jit(const std::string& args, const std::string& stdin_text = "") {
   return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, slurp(out), slurp(err)};
 }
 
-std::string quote(const std::string& s) { return "'" + s + "'"; }
-
 int count_lines(const std::string& s) {
   int n = 0;
   for (char c : s) n += c == '\n';
@@ -220,4 +218,74 @@ TEST_CASE("--device cuda on a machine without a driver is one line") {
   Result r = q35jit("run --model " + kModel + " --prompt hi --device cuda");
   CHECK(r.code == 1);
   CHECK(count_lines(r.err) == 1);
+}
+
+TEST_CASE("tune --check validates a file; --show prints what a run would use; bad flags are one line") {
+  const std::string shipped = std::string(Q35_SOURCE_DIR) + "/tune_cache/NVIDIA_H100_80GB_HBM3.json";
+  Result r = q35jit("tune --help");
+  CHECK(r.code == 0);
+  CHECK(r.out.find("--sweep") != std::string::npos);
+
+  r = q35jit("tune --check " + shipped);
+  CHECK(r.code == 0);
+  CHECK(r.out.find("OK, format version 1") != std::string::npos);
+  CHECK(r.out.find("NVIDIA H100 80GB HBM3 (sm_90)") != std::string::npos);
+
+  TempDir tmp("cli-tune");
+  const fs::path bad = tmp.path() / "bad.json";
+  std::ofstream(bad) << R"({"format": "q35jit-tune-cache", "version": 7})";
+  r = q35jit("tune --check " + bad.string());
+  CHECK(r.code == 1);
+  CHECK(r.err.find("bad.json") != std::string::npos);
+  CHECK(r.err.find("version 7") != std::string::npos);
+  CHECK(count_lines(r.err) == 1);
+
+  // A well-formed file whose config misses a field: named by its path in the file.
+  std::string text = slurp(shipped);
+  const size_t at = text.find("\"row_warps\"");
+  REQUIRE(at != std::string::npos);
+  text.replace(at, 11, "\"rows_warps\"");
+  const fs::path broken = tmp.path() / "broken.json";
+  std::ofstream(broken) << text;
+  r = q35jit("tune --check " + broken.string());
+  CHECK(r.code == 1);
+  CHECK(r.err.find("missing field \"row_warps\"") != std::string::npos);
+  CHECK(r.err.find("entries.gemv_w4a16.") != std::string::npos);
+
+  // --show without a GPU: the shipped (embedded) H100 file answers for the 35B shapes at g128.
+  r = q35jit("tune --synthetic 35b-a3b --group-size 128 --show --gpu 'NVIDIA H100 80GB HBM3' --sm sm_90");
+  CHECK(r.code == 0);
+  CHECK(r.out.find("embedded NVIDIA_H100_80GB_HBM3.json") != std::string::npos);
+  CHECK(r.out.find(" tuned ") != std::string::npos);
+  CHECK(r.out.find("moe_gemm") != std::string::npos);
+  // Another GPU: no file, every kernel its default.
+  r = q35jit("tune --synthetic 35b-a3b --show --gpu 'Some GPU' --sm sm_90");
+  CHECK(r.code == 0);
+  CHECK(r.out.find("none (run q35jit tune)") != std::string::npos);
+  CHECK(r.out.find(" tuned ") == std::string::npos);
+  // $Q35JIT_TUNE_DIR comes first; a file there for another GPU is skipped with a notice.
+  fs::create_directories(tmp.path() / "dir");
+  std::string other = slurp(shipped);
+  other.replace(other.find("NVIDIA H100 80GB HBM3"), 21, "NVIDIA H200 141GB XX");
+  std::ofstream(tmp.path() / "dir" / "NVIDIA_H100_80GB_HBM3.json") << other;
+  const std::string env = "Q35JIT_TUNE_DIR=" + (tmp.path() / "dir").string() + " ";
+  {
+    const std::string cmd = env + kBin + " tune --synthetic 35b-a3b --show --gpu 'NVIDIA H100 80GB HBM3' --sm sm_90 " +
+                            "--sweep 1..1 >" + (tmp.path() / "o").string() + " 2>" + (tmp.path() / "e").string();
+    CHECK(std::system(cmd.c_str()) == 0);
+    const std::string err = slurp(tmp.path() / "e");
+    CHECK(err.find("ignoring") != std::string::npos);
+    CHECK(err.find("NVIDIA H200 141GB XX") != std::string::npos);
+    CHECK(slurp(tmp.path() / "o").find("embedded NVIDIA_H100_80GB_HBM3.json") != std::string::npos);
+  }
+
+  r = q35jit("tune --synthetic 35b-a3b --sweep 9..2 --show --gpu x --sm sm_90");
+  CHECK(r.code == 1);
+  CHECK(r.err.find("--sweep") != std::string::npos);
+  r = q35jit("tune --sweep 1..16");
+  CHECK(r.code == 1);
+  CHECK(r.err.find("--model DIR or --synthetic NAME") != std::string::npos);
+  r = q35jit("tune --synthetic 35b-a3b --buckets 1,x --show --gpu x --sm sm_90");
+  CHECK(r.code == 1);
+  CHECK(r.err.find("--buckets") != std::string::npos);
 }

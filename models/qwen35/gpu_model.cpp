@@ -174,6 +174,12 @@ void GpuModel::init(const GpuModelOptions& o) {
   const bool has_linear = c.num_layers_of(LayerType::LinearAttention) > 0;
   m.tuned = std::make_unique<gpu::TunedTiles>(c, group, smem_limit_for(ctx_.device().arch()), o.tuning, o.log);
   m.moe_shape = m.tuned->moe_shape();
+  if (o.log && o.tuning) {
+    std::string origins;
+    for (const TuneTable::Layer& l : o.tuning->layers()) origins += (origins.empty() ? "" : ", ") + l.origin;
+    o.log(origins.empty() ? fmt::format("tune cache: none for {}: heuristic default tiles", ctx_.device().name)
+                          : fmt::format("tune cache: {}", origins));
+  }
   std::vector<KernelSpec> specs = required_kernels(c, group, ctx_.device().arch(), o.max_chunk);
   specs.push_back(step_spec());
   // The decode step's tuned kernels; those of other call sizes load on first use (from the JIT
