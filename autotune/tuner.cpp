@@ -127,12 +127,62 @@ int Tuner::reps_for(TuneOp& op, const json& config, int64_t m) {
   return int(std::clamp(options_.graph_us / once_us, 1.0, 64.0));
 }
 
+std::pair<std::set<std::string>, double> Tuner::compile_specs(const std::vector<KernelSpec>& specs) {
+  const std::string arch = ctx_.device().arch();
+  auto t0 = Clock::now();
+  std::set<std::string> failed;
+  const int threads =
+      options_.compile_threads > 0 ? options_.compile_threads : int(std::max(1u, std::thread::hardware_concurrency()));
+  Progress bar(options_.progress, "compile", specs.size());
+  std::vector<std::future<void>> futures;
+  std::vector<std::string> errors(specs.size());
+  {
+    ThreadPool pool(threads);
+    for (size_t i = 0; i < specs.size(); ++i)
+      futures.push_back(pool.submit([&, i] {
+        try {
+          jit_.compile(specs[i], arch);
+        } catch (const Error& e) {
+          errors[i] = e.what();
+        }
+      }));
+    for (size_t i = 0; i < futures.size(); ++i) {
+      futures[i].get();
+      bar.update(i + 1, specs[i].kernel);
+    }
+  }
+  bar.finish();
+  for (size_t i = 0; i < specs.size(); ++i)
+    if (!errors[i].empty()) {
+      failed.insert(specs[i].str());
+      const std::string first = errors[i].substr(0, errors[i].find('\n'));
+      if (options_.log) options_.log(fmt::format("candidate discarded, it does not compile: {}", first.substr(0, 300)));
+    }
+  return {failed, seconds_since(t0)};
+}
+
 TuneReport Tuner::compare(const std::vector<std::unique_ptr<TuneOp>>& ops, const TuneTable& table) {
   TuneReport report;
   auto t0 = Clock::now();
   size_t total = 0;
   for (const auto& op : ops)
     for (int64_t m : options_.buckets) total += op->serves(m);
+  {
+    std::vector<KernelSpec> specs;
+    std::set<std::string> seen;
+    for (const auto& op : ops)
+      for (int64_t m : options_.buckets) {
+        if (!op->serves(m)) continue;
+        const json def = op->default_config(m);
+        for (const json& c : {def, table.lookup(op->family(), op->signature(), m).value_or(def)})
+          for (KernelSpec& s : op->kernels(c, m))
+            if (seen.insert(s.str()).second) specs.push_back(std::move(s));
+      }
+    const auto [failed, compile_s] = compile_specs(specs);
+    if (!failed.empty()) fail("{} kernels of the default or tuned configs do not compile (see above)", failed.size());
+    report.kernels_compiled = int(specs.size());
+    report.compile_s = compile_s;
+  }
   Progress bar(options_.progress, "kernels", total);
   size_t done = 0;
   for (const auto& op : ops) {
@@ -197,7 +247,6 @@ TuneReport Tuner::run(const std::vector<std::unique_ptr<TuneOp>>& ops, TuneFile&
     }
 
   // 1. Compile every candidate's kernels in parallel (NVRTC or the JIT caches); remember failures.
-  const std::string arch = ctx_.device().arch();
   std::vector<KernelSpec> specs;
   std::set<std::string> seen;
   for (const Work& w : work) {
@@ -208,39 +257,9 @@ TuneReport Tuner::run(const std::vector<std::unique_ptr<TuneOp>>& ops, TuneFile&
     add(w.fallback);
     for (const json& c : w.candidates) add(c);
   }
-  std::set<std::string> failed;
-  {
-    auto t0 = Clock::now();
-    const int threads = options_.compile_threads > 0 ? options_.compile_threads
-                                                     : int(std::max(1u, std::thread::hardware_concurrency()));
-    Progress bar(options_.progress, "compile", specs.size());
-    std::vector<std::future<void>> futures;
-    std::vector<std::string> errors(specs.size());
-    {
-      ThreadPool pool(threads);
-      for (size_t i = 0; i < specs.size(); ++i)
-        futures.push_back(pool.submit([&, i] {
-          try {
-            jit_.compile(specs[i], arch);
-          } catch (const Error& e) {
-            errors[i] = e.what();
-          }
-        }));
-      for (size_t i = 0; i < futures.size(); ++i) {
-        futures[i].get();
-        bar.update(i + 1, specs[i].kernel);
-      }
-    }
-    bar.finish();
-    for (size_t i = 0; i < specs.size(); ++i)
-      if (!errors[i].empty()) {
-        failed.insert(specs[i].str());
-        std::string first = errors[i].substr(0, errors[i].find('\n'));
-        log(fmt::format("candidate discarded, it does not compile: {}", first.substr(0, 300)));
-      }
-    report.kernels_compiled = int(specs.size());
-    report.compile_s = seconds_since(t0);
-  }
+  const auto [failed, compile_s] = compile_specs(specs);
+  report.kernels_compiled = int(specs.size());
+  report.compile_s = compile_s;
 
   // 2-5. Measure.
   auto t0 = Clock::now();

@@ -19,6 +19,8 @@
 #include <filesystem>
 #include <functional>
 #include <memory>
+#include <set>
+#include <utility>
 #include <string>
 #include <vector>
 
@@ -104,6 +106,8 @@ class Tuner {
  private:
   double time_config(TuneOp& op, const nlohmann::json& config, int64_t m, int reps);
   int reps_for(TuneOp& op, const nlohmann::json& config, int64_t m);
+  // Compiles `specs` in parallel (JIT caches); returns the specs (str()) that failed and seconds.
+  std::pair<std::set<std::string>, double> compile_specs(const std::vector<KernelSpec>& specs);
   const Driver& driver_;
   const Context& ctx_;
   JitEngine& jit_;
