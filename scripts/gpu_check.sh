@@ -45,8 +45,9 @@ step tiny_greedy_cpu_vs_cuda greedy_same
 run_tuning() {
   $BIN run --model $M --prompt hi --temperature 0 --max-new-tokens 4 --device cuda > /dev/null 2> "$WORK/run_tuning.err" || return 1
   cat "$WORK/run_tuning.err"
-  name=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | sed 's/[^A-Za-z0-9._-]/_/g')
-  if [ -f "tune_cache/$name.json" ]; then grep -q "tune cache: .*$name.json" "$WORK/run_tuning.err" || return 1; fi
+  local gpu
+  gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | sed 's/[^A-Za-z0-9._-]/_/g')
+  if [ -f "tune_cache/$gpu.json" ]; then grep -q "tune cache: .*$gpu.json" "$WORK/run_tuning.err" || return 1; fi
   [ "$(grep -c 'no tuned config for' "$WORK/run_tuning.err")" = 1 ]
 }
 step run_uses_tune_cache run_tuning
