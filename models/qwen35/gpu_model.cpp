@@ -509,21 +509,27 @@ int32_t GpuModel::prefill(std::span<const int32_t> tokens, const SamplingParams&
   return id;
 }
 
-int32_t GpuModel::decode(int32_t token, const SamplingParams& sp) {
+int32_t GpuModel::decode(int32_t token, const SamplingParams& sp) { return decode_steps(token, 1, sp); }
+
+int32_t GpuModel::decode_steps(int32_t token, int64_t steps, const SamplingParams& sp) {
   Impl& m = *impl_;
   if (token < 0 || token >= config_.vocab_size)
     fail("token id {} is outside the vocabulary [0, {})", token, config_.vocab_size);
-  check_fits(1);
+  if (steps < 1) fail("decode: steps = {} must be positive", steps);
+  check_fits(size_t(steps));
   const auto same = [](const SamplingParams& a, const SamplingParams& b) {
     return a.temperature == b.temperature && a.top_k == b.top_k && a.top_p == b.top_p;
   };
-  m.tokens.upload(&token, 4, stream_);
+  // The step's input is next_id (the host's token now, the previous step's sample after).
+  m.next_id.upload(&token, 4, stream_);
   auto step = [&] {
+    m.tokens.copy_from(m.next_id, 4, stream_);
     run_layers(1, /*decode=*/true);
     lm_head(1);
     sample(sp);
     m.kernels.get(step_spec()).launch({{1}, {1}}, stream_, m.pos.ptr(), 1, CUdeviceptr(0), CUdeviceptr(0));
   };
+  int64_t done = 0;
   if (!m.decode_graph || !same(m.graph_sampling, sp)) {
     // The first step of a sampling setting runs eagerly (it also loads every decode kernel), then
     // the step is captured; later steps replay it.
@@ -533,13 +539,13 @@ int32_t GpuModel::decode(int32_t token, const SamplingParams& sp) {
     Graph g = Graph::capture(driver_, stream_, step);
     m.decode_graph.emplace(g.instantiate());
     m.graph_sampling = sp;
-  } else {
-    m.decode_graph->launch(stream_);
+    done = 1;
   }
+  for (; done < steps; ++done) m.decode_graph->launch(stream_);
   int32_t id = 0;
   m.next_id.download(&id, 4, stream_);
   stream_.synchronize();
-  ++pos_;
+  pos_ += steps;
   return id;
 }
 

@@ -71,6 +71,10 @@ class GpuModel {
   int32_t prefill(std::span<const int32_t> tokens, const SamplingParams& sampling);
   // Feeds one token and samples the next on the GPU: a captured CUDA graph, replayed.
   int32_t decode(int32_t token, const SamplingParams& sampling);
+  // `steps` decode steps fed by `token`, each next input taken from the previous step's sample on
+  // the device (graph replays back to back, no host round trip between them); returns the last
+  // sampled id. decode(token) == decode_steps(token, 1).
+  int32_t decode_steps(int32_t token, int64_t steps, const SamplingParams& sampling);
 
   const Stream& stream() const { return stream_; }
 

@@ -105,6 +105,14 @@ TEST_CASE("GPU model, tiny fixture, bf16: transformers logits and the same 32 gr
     CHECK(model.position() == int64_t(gold.prompt.size()));
     // Greedy through prefill + the captured decode graph: the transformers ids.
     CHECK(greedy_ids(model, gold.prompt, gold.greedy.size()) == gold.greedy);
+    // The same steps chained on the device (each input the previous sample, no host round trip).
+    model.reset();
+    const SamplingParams greedy;
+    const int32_t first = model.prefill(gold.prompt, greedy);
+    CHECK(first == gold.greedy[0]);
+    const int64_t n = int64_t(gold.greedy.size()) - 1;
+    CHECK(model.decode_steps(first, n, greedy) == gold.greedy.back());
+    CHECK(model.position() == int64_t(gold.prompt.size()) + n);
     // Prefill then one token at a time: the logits transformers computed with its cache for the
     // same greedy tokens (greedy_logits row i chose greedy_ids[i]; feeding greedy_ids[i] gives row i+1).
     model.reset();
