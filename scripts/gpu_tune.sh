@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Tunes the Qwen3.5-35B-A3B shapes on the GPU machine into tune_cache/<GPU name>.json (the shipped
-# cache), resuming whatever that file already holds, then copies it to $OUT. Expects dist/ from
-# scripts/pack_gpu.sh.
+# Tunes the Qwen3.5-35B-A3B shapes on the GPU machine into $OUT/<GPU name>.json, starting from
+# tune_cache/<GPU name>.json when the repo has one (resume), so the file in $OUT is current after
+# every measured bucket even if the call is cut off. Expects dist/ from scripts/pack_gpu.sh.
 #   scripts/gpu_tune.sh SECONDS GROUP...    e.g. scripts/gpu_tune.sh 500 128 32
 # The tuner is sent SIGINT after SECONDS in all: it saves every finished measurement and stops, and
 # the next call continues (--resume).
@@ -12,7 +12,8 @@ mkdir -p "$OUT"
 budget=$1; shift
 export Q35JIT_CACHE_DIR=/tmp/q35jit-tune-cache   # kept while the machine stays warm
 name=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | sed 's/[^A-Za-z0-9._-]/_/g')
-file="tune_cache/$name.json"
+file="$OUT/$name.json"
+[ -f "tune_cache/$name.json" ] && cp "tune_cache/$name.json" "$file"
 t_end=$((SECONDS + budget))
 status=0
 for g in "$@"; do
@@ -23,5 +24,5 @@ for g in "$@"; do
     >> "$OUT/tune.log" 2>&1 || status=$?
   echo "=== group $g: exit $status" | tee -a "$OUT/tune.log"
 done
-cp "$file" "$OUT/" 2>/dev/null || echo "no tune file written" | tee -a "$OUT/tune.log"
+[ -f "$file" ] || echo "no tune file written" | tee -a "$OUT/tune.log"
 exit $status
