@@ -116,20 +116,18 @@ std::vector<MoeDecodeConfig> moe_decode_candidates(const MoeShape& s) {
   return out;
 }
 
-std::vector<MoeGemmTile> moe_gemm_candidates(const MoeShape& s, int64_t m) {
+std::vector<MoeGemmTile> moe_gemm_candidates(const MoeShape& s, int64_t) {
   std::vector<MoeGemmTile> out;
   for (int bm : {16, 32, 64, 128})
     for (int bn : {64, 128})
       for (int bk : {32, 64})
         for (auto [wm, wn] : {std::pair{1, 2}, {1, 4}, {2, 2}, {2, 4}, {4, 2}}) {
-          if (bm > kMoeMaxBlockM) continue;
           MoeGemmTile t{bm, bn, bk, wm, wn};
           bool ok = true;
           for (MoeGemm g : {MoeGemm::RoutedGateUp, MoeGemm::RoutedDown, MoeGemm::SharedGateUp, MoeGemm::SharedDown})
             ok = ok && why_invalid(t, s, g).empty();
           if (ok) out.push_back(t);
         }
-  (void)m;
   return out;
 }
 

@@ -71,7 +71,8 @@ std::vector<GemvTile> gemv_bf16_candidates(int64_t n, int64_t k, int64_t m);
 std::vector<GemmTile> gemm_candidates(int64_t n, int64_t k, int64_t m);
 std::vector<MoeRouterTile> moe_router_candidates(const MoeShape& s, int64_t m);
 std::vector<MoeDecodeConfig> moe_decode_candidates(const MoeShape& s);
-// Valid for all four GEMMs (one tile serves them: the align kernel's BLOCK_M is the routed GEMMs').
+// Valid for all four GEMMs (one tile serves them: the align kernel's BLOCK_M is the routed GEMMs');
+// the same space at every m (block_m up to kMoeMaxBlockM).
 std::vector<MoeGemmTile> moe_gemm_candidates(const MoeShape& s, int64_t m);
 std::vector<AttentionPrefillTile> attention_prefill_candidates(int64_t hq, int64_t hkv, int64_t d, int64_t smem_limit);
 std::vector<AttentionDecodeTile> attention_decode_candidates(int64_t hq, int64_t hkv, int64_t d);

@@ -117,6 +117,27 @@ double Tuner::time_config(TuneOp& op, const json& config, int64_t m, int reps) {
   return median(us);
 }
 
+Tuner::Baseline Tuner::baseline(TuneOp& op, const json& def, int64_t m) {
+  Baseline b;
+  op.prepare(def, m);
+  op.run(def, m, 0, stream_);
+  b.ref = op.output(stream_);
+  // Random inputs never give an all-zero output; a non-finite or zero one means the op is broken.
+  const bool nonzero = std::any_of(b.ref.begin(), b.ref.end(), [](float v) { return v != 0.f; });
+  if (relative_l2(b.ref, b.ref) != 0 || !nonzero)
+    fail("{} {} M={}: the default config's output is {}", op.family(), op.label(), m,
+         nonzero ? "not finite" : "all zero");
+  b.reps = reps_for(op, def, m);
+  b.us = time_config(op, def, m, b.reps);
+  return b;
+}
+
+double Tuner::deviation(TuneOp& op, const json& config, int64_t m, const std::vector<float>& ref) {
+  op.prepare(config, m);
+  op.run(config, m, 0, stream_);
+  return relative_l2(op.output(stream_), ref);
+}
+
 int Tuner::reps_for(TuneOp& op, const json& config, int64_t m) {
   Event e0(driver_), e1(driver_);
   e0.record(stream_);
@@ -201,20 +222,14 @@ TuneReport Tuner::compare(const std::vector<std::unique_ptr<TuneOp>>& ops, const
       TuneRow row;
       row.family = op->family(), row.signature = op->signature(), row.label = op->label(), row.bucket = m;
       row.best = tuned;
-      op->prepare(def, m);
-      op->run(def, m, 0, stream_);
-      const std::vector<float> ref = op->output(stream_);
-      const int reps = reps_for(*op, def, m);
-      row.default_us = time_config(*op, def, m, reps);
-      row.best_us = row.default_us;
+      const Baseline base = baseline(*op, def, m);
+      row.default_us = row.best_us = base.us;
       if (tuned != def) {
-        op->prepare(tuned, m);
-        op->run(tuned, m, 0, stream_);
-        const double err = relative_l2(op->output(stream_), ref);
+        const double err = deviation(*op, tuned, m, base.ref);
         if (!(err <= op->tolerance()))
           fail("{} {} M={}: the tuned config {} gives another output than the default (rel. L2 {:.3g})", op->family(),
                op->label(), m, tuned.dump(), err);
-        row.best_us = time_config(*op, tuned, m, reps);
+        row.best_us = time_config(*op, tuned, m, base.reps);
       }
       report.rows.push_back(row);
     }
@@ -291,13 +306,8 @@ TuneReport Tuner::run(const std::vector<std::unique_ptr<TuneOp>>& ops, TuneFile&
     row.candidates = int(w.candidates.size());
     // The default: reference output and time (an error here is the op's problem, not a candidate's).
     if (!loads(w.fallback)) fail("{} {} M={}: the default config does not compile", op.family(), op.label(), w.m);
-    op.prepare(w.fallback, w.m);
-    op.run(w.fallback, w.m, 0, stream_);
-    const std::vector<float> ref = op.output(stream_);
-    if (relative_l2(ref, ref) != 0) fail("{} {} M={}: the default config's output is not finite", op.family(), op.label(), w.m);
-    const int reps = reps_for(op, w.fallback, w.m);
-    row.default_us = time_config(op, w.fallback, w.m, reps);
-    row.best_us = row.default_us;
+    const Baseline base = baseline(op, w.fallback, w.m);
+    row.default_us = row.best_us = base.us;
     row.best = w.fallback;
     for (const json& c : w.candidates) {
       if (options_.stop && options_.stop->load()) break;
@@ -307,16 +317,14 @@ TuneReport Tuner::run(const std::vector<std::unique_ptr<TuneOp>>& ops, TuneFile&
           ++row.discarded;
           continue;
         }
-        op.prepare(c, w.m);
-        op.run(c, w.m, 0, stream_);
-        const double err = relative_l2(op.output(stream_), ref);
+        const double err = deviation(op, c, w.m, base.ref);
         if (!(err <= op.tolerance())) {
           ++row.discarded;
           log(fmt::format("candidate discarded, its output differs from the default's (rel. L2 {:.3g}): {} {} M={} {}",
                           err, op.family(), op.label(), w.m, c.dump()));
           continue;
         }
-        const double us = time_config(op, c, w.m, reps);
+        const double us = time_config(op, c, w.m, base.reps);
         if (us < row.best_us && us <= row.default_us * (1.0 - options_.min_gain)) row.best_us = us, row.best = c;
       } catch (const Error& e) {
         ++row.discarded;

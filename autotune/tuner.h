@@ -106,6 +106,15 @@ class Tuner {
  private:
   double time_config(TuneOp& op, const nlohmann::json& config, int64_t m, int reps);
   int reps_for(TuneOp& op, const nlohmann::json& config, int64_t m);
+  // The default's output (the reference: Error if not finite or all zero), graph length and time.
+  struct Baseline {
+    std::vector<float> ref;
+    int reps = 1;
+    double us = 0;
+  };
+  Baseline baseline(TuneOp& op, const nlohmann::json& def, int64_t m);
+  // Relative L2 of one run of `config` against `ref`.
+  double deviation(TuneOp& op, const nlohmann::json& config, int64_t m, const std::vector<float>& ref);
   // Compiles `specs` in parallel (JIT caches); returns the specs (str()) that failed and seconds.
   std::pair<std::set<std::string>, double> compile_specs(const std::vector<KernelSpec>& specs);
   const Driver& driver_;

@@ -333,7 +333,6 @@ int cmd_bench(int argc, char** argv) {
         args.usage().c_str());
     return 0;
   }
-  if (args.has("model") == args.has("synthetic")) fail("q35jit bench: give --model DIR or --synthetic NAME");
   Plan plan;
   plan.prefill = parse_list("prefill", args.get("prefill").value_or("128,512,1024,2048,4096"));
   plan.contexts = parse_list("decode-contexts", args.get("decode-contexts").value_or("128,1024,4096,16384"));
@@ -341,16 +340,11 @@ int cmd_bench(int argc, char** argv) {
   plan.repeats = int(args.get_int("repeats", 3, 1, 1000));
   const std::vector<std::string> sets = parse_configs(args.get("configs").value_or("tuned,default"));
 
-  std::optional<ModelInfo> info;
-  qwen35::Config config;
-  if (auto dir = args.get("model")) {
-    info = load_model_info(*dir);
-    config = info->config;
-  } else {
-    config = qwen35::Config::preset(*args.get("synthetic"));
-  }
-  const WeightChoice w = weight_choice(args, config, info ? info->dir : fs::path());
-  const int group = w.format == qwen35::WeightFormat::W4A16 ? w.group : 0;
+  const ModelSource src = model_source(args);
+  const std::optional<ModelInfo>& info = src.info;
+  const qwen35::Config& config = src.config;
+  const WeightChoice w = weight_choice(args, config, src.dir());
+  const int group = w.group;  // 0 for bf16
   const std::string weights = group ? fmt::format("w4a16 g{}", group) : "bf16";
   if (info) {  // headers only: a bad checkpoint fails before any timing
     Checkpoint ckpt(info->dir);
@@ -423,7 +417,7 @@ int cmd_bench(int argc, char** argv) {
   for (int64_t c : plan.contexts) decode_floor.push_back(work.decode_floor_ms(c, rates.copy_bytes_per_s));
 
   // ---- table ----
-  const std::string model_name = info ? info->dir.string() : "synthetic " + *args.get("synthetic");
+  const std::string model_name = info ? src.name() : "synthetic " + src.name();
   std::printf("%s (%s, %d SMs, %.1f GiB), %s, %s\n", dev.name.c_str(), dev.arch().c_str(), dev.sm_count,
               double(dev.total_mem) / double(1ull << 30), model_name.c_str(), weights.c_str());
   std::printf("measured: copy %.2f TB/s (read + written, %zu MiB buffer), bf16 mma.sync %.0f TFLOP/s (medians of %d)\n",
@@ -508,7 +502,7 @@ int cmd_bench(int argc, char** argv) {
   if (auto path = args.get("json")) {
     nlohmann::json j;
     j["device"] = {{"name", dev.name}, {"arch", dev.arch()}, {"sm_count", dev.sm_count}, {"memory_bytes", dev.total_mem}};
-    j["model"] = info ? info->dir.string() : *args.get("synthetic");
+    j["model"] = src.name();
     j["synthetic"] = !info;
     j["weights"] = weights;
     j["settings"] = {{"decode_steps", plan.steps}, {"repeats", plan.repeats}, {"max_chunk", o.max_chunk},

@@ -80,17 +80,9 @@ int cmd_tune(int argc, char** argv) {
     return 0;
   }
   if (auto path = args.get("check")) return check_file(*path);
-  if (args.has("model") == args.has("synthetic")) fail("q35jit tune: give --model DIR or --synthetic NAME");
-
-  std::optional<ModelInfo> info;
-  qwen35::Config config;
-  if (auto dir = args.get("model")) {
-    info = load_model_info(*dir);
-    config = info->config;
-  } else {
-    config = qwen35::Config::preset(*args.get("synthetic"));
-  }
-  const WeightChoice w = weight_choice(args, config, info ? info->dir : fs::path());
+  const ModelSource src = model_source(args);
+  const qwen35::Config& config = src.config;
+  const WeightChoice w = weight_choice(args, config, src.dir());
   const auto [lo, hi] = parse_sweep(args.get("sweep").value_or("1..4096"));
   const std::vector<int64_t> buckets =
       clip_buckets(args.has("buckets") ? parse_buckets(*args.get("buckets")) : default_tune_buckets(), lo, hi);
@@ -164,7 +156,7 @@ int cmd_tune(int argc, char** argv) {
   const auto ops = qwen35::tune_ops(config, w.group, ctx.device().arch(), &device);
   log(fmt::format("tuning {} kernel instances for {} ({}) at M in {}..{} ({} buckets), {} -> {}", ops.size(), id.gpu,
                   w.group ? fmt::format("w4a16 g{}", w.group) : "bf16", buckets.front(), buckets.back(), buckets.size(),
-                  info ? info->dir.string() : *args.get("synthetic"), out.string()));
+                  src.name(), out.string()));
   Tuner tuner(driver, ctx, jit, kernels, opt);
   TuneReport report;
   try {

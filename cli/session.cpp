@@ -121,6 +121,20 @@ bool gpu_present() {
 
 }  // namespace
 
+ModelSource model_source(const Args& args) {
+  if (args.has("model") == args.has("synthetic"))
+    fail("q35jit {}: give --model DIR or --synthetic NAME", args.command());
+  ModelSource m;
+  if (auto dir = args.get("model")) {
+    m.info = load_model_info(*dir);
+    m.config = m.info->config;
+  } else {
+    m.synthetic = *args.get("synthetic");
+    m.config = qwen35::Config::preset(m.synthetic);
+  }
+  return m;
+}
+
 WeightChoice weight_choice(const Args& args, const qwen35::Config& config, const fs::path& dir) {
   const std::string quant = args.get("quant").value_or("w4a16");
   if (quant != "bf16" && quant != "w4a16")

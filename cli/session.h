@@ -46,6 +46,17 @@ class Engine {
   virtual int32_t decode(int32_t token, Sampler& sampler) = 0;
 };
 
+// The model of `bench` and `tune`: a checkpoint folder (--model DIR) or a published model's shapes
+// with random weights (--synthetic NAME); exactly one (Error naming the command otherwise).
+struct ModelSource {
+  std::optional<ModelInfo> info;  // set for --model
+  qwen35::Config config;
+  std::string synthetic;          // the --synthetic name
+  std::filesystem::path dir() const { return info ? info->dir : std::filesystem::path(); }
+  std::string name() const { return info ? info->dir.string() : synthetic; }  // for output
+};
+ModelSource model_source(const Args& args);
+
 // --quant and --group-size, checked against the config's shapes and, when `dir` holds a checkpoint
 // written by `q35jit quantize`, against its format note (empty `dir`: a synthetic model).
 struct WeightChoice {

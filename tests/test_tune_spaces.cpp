@@ -115,9 +115,9 @@ TEST_CASE("a run uses the tuned tile of the nearest bucket, else the default, wi
 
   W4GemvTile t = tt.w4_gemv(9216, 2048, false, 1);
   CHECK((t.row_warps == 2 && t.k_warps == 8 && t.unroll == 1 && t.m_tile == 1));
-  t = tt.w4_gemv(9216, 2048, false, 4);  // 4 is nearer to 1 than... |4-1| = 3 > |4-8| = 4? no: 3 < 4 -> bucket 1
+  t = tt.w4_gemv(9216, 2048, false, 4);  // |4 - 1| = 3 < |4 - 8| = 4: bucket 1's config, m_tile for 4
   CHECK((t.k_warps == 8 && t.m_tile == 4));
-  t = tt.w4_gemv(9216, 2048, false, 6);  // nearer to 8
+  t = tt.w4_gemv(9216, 2048, false, 6);  // |6 - 8| = 2 < |6 - 1| = 5: bucket 8
   CHECK((t.k_warps == 2 && t.m_tile == 8));
   CHECK(notices.empty());
 

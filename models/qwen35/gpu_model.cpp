@@ -70,6 +70,24 @@ struct GpuModel::Impl {
   std::map<std::string, MoeVariant> moe_variants;
   std::map<std::string, std::unique_ptr<gpu::GdnKernels>> gdn_variants;
   MoeShape moe_shape;
+  // What a call of T tokens runs (tiles resolved, kernels loaded), built on the first call of that
+  // T so later calls do no lookups: the layers' MoE / DeltaNet kernels and the attention plan.
+  struct Step {
+    const gpu::MoeKernels* moe = nullptr;
+    const gpu::MoeScratch* moe_scratch = nullptr;
+    const gpu::GdnKernels* gdn = nullptr;
+    gpu::AttentionPlan attn;
+    int attn_splits = 0;
+  };
+  std::map<int, Step> steps;
+  // A dense projection's plan and loaded kernel per (format, group, N, K, fp32 out, M).
+  struct DensePlan {
+    gpu::GemvBf16Plan bf16;  // M <= 16, bf16 weights
+    gpu::W4GemvPlan w4;      // M <= 16, W4A16 weights
+    gpu::GemmPlan gemm;      // M > 16
+    const Function* f = nullptr;
+  };
+  std::map<std::tuple<WeightFormat, int, int64_t, int64_t, bool, int>, DensePlan> dense_plans;
 
   // Per sequence: one K and V cache per full-attention layer, conv + fp32 state per DeltaNet layer.
   std::vector<DeviceBuffer> k_cache, v_cache;  // bf16 [max_context, Hkv, D] (indexed by layer)
@@ -267,31 +285,6 @@ void GpuModel::check_fits(size_t T) const {
 
 namespace {
 
-// y [M, N] = x [M, K] · W^T: GEMV for M <= 16, else GEMM (W4A16 dequantized into `dequant` first).
-void dense(KernelSet& ks, const gpu::TunedTiles& tt, const Stream& s, const GpuMatrix& W, CUdeviceptr x,
-           CUdeviceptr y, int M, const DeviceBuffer& dequant, bool out_f32 = false) {
-  if (M <= 16) {
-    if (W.format == WeightFormat::BF16) {
-      const gpu::GemvBf16Plan p{W.N, W.K, tt.gemv_bf16(W.N, W.K, out_f32, M), out_f32};
-      gpu::launch(p, ks.get(p.spec()), s, W.w.ptr(), x, y, M);
-    } else {
-      const gpu::W4GemvPlan p{W.N, W.K, W.group, tt.w4_gemv(W.N, W.K, out_f32, M), out_f32};
-      gpu::launch(p, ks.get(p.spec()), s, W.qweight.ptr(), W.scales.ptr(), x, y, M);
-    }
-    return;
-  }
-  CUdeviceptr w = W.w.ptr();
-  if (W.format == WeightFormat::W4A16) {
-    gpu::QuantizePlan q = gpu::quantize_plan(W.K, W.group);
-    gpu::launch_dequantize(q, ks.get(q.dequantize_spec()), s, W.qweight.ptr(), W.scales.ptr(), dequant.ptr(), W.N);
-    w = dequant.ptr();
-  }
-  const gpu::GemmPlan p{W.N, W.K, tt.gemm(W.N, W.K, out_f32, M), out_f32};
-  const Function& f = ks.get(p.spec());
-  gpu::prepare(p, f);  // dynamic shared memory (prefill only: never inside the decode graph)
-  gpu::launch(p, f, s, x, w, y, M);
-}
-
 gpu::MoeWeights moe_weights(const GpuLayer& l) {
   auto main = [](const GpuMatrix& m) { return m.format == WeightFormat::BF16 ? m.w.ptr() : m.qweight.ptr(); };
   auto scales = [](const GpuMatrix& m) { return m.format == WeightFormat::BF16 ? CUdeviceptr(0) : m.scales.ptr(); };
@@ -342,6 +335,45 @@ std::string key_of(const std::vector<KernelSpec>& specs) {
 
 }  // namespace
 
+// y [M, N] = x [M, K] · W^T: GEMV for M <= 16, else GEMM (W4A16 dequantized into `dequant` first).
+void GpuModel::dense(const GpuMatrix& W, CUdeviceptr x, CUdeviceptr y, int M, bool out_f32) {
+  Impl& m = *impl_;
+  const auto key = std::make_tuple(W.format, W.group, W.N, W.K, out_f32, M);
+  auto it = m.dense_plans.find(key);
+  if (it == m.dense_plans.end()) {
+    Impl::DensePlan p;
+    const gpu::TunedTiles& tt = *m.tuned;
+    if (M > 16) {
+      p.gemm = {W.N, W.K, tt.gemm(W.N, W.K, out_f32, M), out_f32};
+      p.f = &m.kernels.get(p.gemm.spec());
+    } else if (W.format == WeightFormat::BF16) {
+      p.bf16 = {W.N, W.K, tt.gemv_bf16(W.N, W.K, out_f32, M), out_f32};
+      p.f = &m.kernels.get(p.bf16.spec());
+    } else {
+      p.w4 = {W.N, W.K, W.group, tt.w4_gemv(W.N, W.K, out_f32, M), out_f32};
+      p.f = &m.kernels.get(p.w4.spec());
+    }
+    it = m.dense_plans.emplace(key, p).first;
+  }
+  const Impl::DensePlan& p = it->second;
+  if (M <= 16) {
+    if (W.format == WeightFormat::BF16)
+      gpu::launch(p.bf16, *p.f, stream_, W.w.ptr(), x, y, M);
+    else
+      gpu::launch(p.w4, *p.f, stream_, W.qweight.ptr(), W.scales.ptr(), x, y, M);
+    return;
+  }
+  CUdeviceptr w = W.w.ptr();
+  if (W.format == WeightFormat::W4A16) {
+    gpu::QuantizePlan q = gpu::quantize_plan(W.K, W.group);
+    gpu::launch_dequantize(q, m.kernels.get(q.dequantize_spec()), stream_, W.qweight.ptr(), W.scales.ptr(),
+                           m.dequant.ptr(), W.N);
+    w = m.dequant.ptr();
+  }
+  gpu::prepare(p.gemm, *p.f);  // dynamic shared memory (prefill only: never inside the decode graph)
+  gpu::launch(p.gemm, *p.f, stream_, x, w, y, M);
+}
+
 const gpu::MoeKernels& GpuModel::moe_kernels(int T, const gpu::MoeScratch** scratch) {
   Impl& m = *impl_;
   const gpu::MoeTiles tiles = m.tuned->moe(T);
@@ -360,8 +392,7 @@ const gpu::MoeKernels& GpuModel::moe_kernels(int T, const gpu::MoeScratch** scra
 const gpu::GdnKernels& GpuModel::gdn_kernels(int T) {
   Impl& m = *impl_;
   const gpu::GdnTiles tiles = m.tuned->gdn(T);
-  const std::string key = fmt::format("{}/{}/{}/{}/{}/{}/{}", tiles.prologue.tokens, tiles.prologue.warps,
-                                      tiles.recurrent.rows, tiles.recurrent.warps, tiles.chunk.vs, tiles.norm.heads, 0);
+  const std::string key = tiles.key();
   auto it = m.gdn_variants.find(key);
   if (it == m.gdn_variants.end())
     it = m.gdn_variants.emplace(key, std::make_unique<gpu::GdnKernels>(jit_, ctx_, config_, tiles)).first;
@@ -388,39 +419,43 @@ void GpuModel::run_layers(int T, bool decode) {
                     m.normed.ptr(), eps);
   };
 
-  const gpu::TunedTiles& tt = *m.tuned;
-  const gpu::MoeScratch* moe_scratch = nullptr;
-  const gpu::MoeKernels& moe = moe_kernels(T, &moe_scratch);
-  const bool has_linear = c.num_layers_of(LayerType::LinearAttention) > 0;
-  const gpu::GdnKernels* gdn = has_linear ? &gdn_kernels(T) : nullptr;
-  gpu::AttentionPlan attn = m.attn;
-  int attn_splits = 0;
-  if (c.num_layers_of(LayerType::FullAttention) > 0) {
-    attn.prefill = tt.attention_prefill(T);
-    attn.decode = tt.attention_decode(T);
-    attn_splits = gpu::attention_decode_splits(attn, options_.max_context, ctx_.device().sm_count);
+  auto step_it = m.steps.find(T);
+  if (step_it == m.steps.end()) {
+    Impl::Step st;
+    st.moe = &moe_kernels(T, &st.moe_scratch);
+    if (c.num_layers_of(LayerType::LinearAttention) > 0) st.gdn = &gdn_kernels(T);
+    st.attn = m.attn;
+    if (c.num_layers_of(LayerType::FullAttention) > 0) {
+      st.attn.prefill = m.tuned->attention_prefill(T);
+      st.attn.decode = m.tuned->attention_decode(T);
+      st.attn_splits = gpu::attention_decode_splits(st.attn, options_.max_context, ctx_.device().sm_count);
+    }
+    step_it = m.steps.emplace(T, st).first;
   }
+  const Impl::Step& st = step_it->second;
+  const gpu::AttentionPlan& attn = st.attn;
+  const gpu::GdnKernels* gdn = st.gdn;
 
   for (size_t i = 0; i < weights_.layers.size(); ++i) {
     const GpuLayer& l = weights_.layers[i];
     add_norm(l.input_norm.ptr());
 
     if (l.type == LayerType::FullAttention) {
-      dense(ks, tt, stream_, l.qkv, m.normed.ptr(), m.proj.ptr(), T, m.dequant);
+      dense(l.qkv, m.normed.ptr(), m.proj.ptr(), T);
       gpu::launch_qk_norm_rope(attn, ks.get(attn.qk_norm_rope_spec()), stream_, m.proj.ptr(), l.q_norm.ptr(),
                                l.k_norm.ptr(), m.q.ptr(), m.k_cache[i].ptr(), m.v_cache[i].ptr(), m.pos.ptr(), T,
                                int(options_.max_context));
       if (decode && T <= attn.max_decode_tokens())
         gpu::launch_attention_decode(attn, ks.get(attn.decode_spec()), ks.get(attn.decode_merge_spec()), stream_,
                                      m.q.ptr(), m.k_cache[i].ptr(), m.v_cache[i].ptr(), m.proj.ptr(), m.mix.ptr(),
-                                     m.attn_scratch.ptr(), attn_splits, m.pos.ptr(), T);
+                                     m.attn_scratch.ptr(), st.attn_splits, m.pos.ptr(), T);
       else
         gpu::launch_attention_prefill(attn, ks.get(attn.prefill_spec()), stream_, m.q.ptr(), m.k_cache[i].ptr(),
                                       m.v_cache[i].ptr(), m.proj.ptr(), m.mix.ptr(), m.pos.ptr(), T);
-      dense(ks, tt, stream_, l.o_proj, m.mix.ptr(), m.delta.ptr(), T, m.dequant);
+      dense(l.o_proj, m.mix.ptr(), m.delta.ptr(), T);
     } else {
       const int stride = int(l.in_proj.N);
-      dense(ks, tt, stream_, l.in_proj, m.normed.ptr(), m.proj.ptr(), T, m.dequant);
+      dense(l.in_proj, m.normed.ptr(), m.proj.ptr(), T);
       const gpu::GdnLayerWeights gw{l.conv1d.ptr(), l.A_log.ptr(), l.dt_bias.ptr(), l.gdn_norm.ptr()};
       const gpu::GdnLayerState st{m.conv_state[i].ptr(), m.ssm_state[i].ptr()};
       if (decode && T == 1)
@@ -428,11 +463,11 @@ void GpuModel::run_layers(int T, bool decode) {
       else  // chunked from gpu::kGdnChunkedMinTokens tokens, else the recurrence
         gdn->prefill(stream_, m.proj.ptr(), stride, T, m.pos.ptr(), gw, st, gpu::gdn_workspace(c, T, m.gdn_ws.ptr()),
                        m.mix.ptr(), options_.chunked_gdn);
-      dense(ks, tt, stream_, l.out_proj, m.mix.ptr(), m.delta.ptr(), T, m.dequant);
+      dense(l.out_proj, m.mix.ptr(), m.delta.ptr(), T);
     }
 
     add_norm(l.post_norm.ptr());
-    gpu::moe_forward(moe, stream_, moe_weights(l), *moe_scratch, m.normed.ptr(), m.delta.ptr(), T);
+    gpu::moe_forward(*st.moe, stream_, moe_weights(l), *st.moe_scratch, m.normed.ptr(), m.delta.ptr(), T);
   }
   add_norm(weights_.final_norm.ptr());
 }
@@ -441,7 +476,7 @@ void GpuModel::run_layers(int T, bool decode) {
 void GpuModel::lm_head(int T) {
   Impl& m = *impl_;
   const size_t row = size_t(T - 1) * size_t(config_.hidden_size) * 2;
-  dense(m.kernels, *m.tuned, stream_, weights_.lm_head, m.normed.ptr() + row, m.logits.ptr(), 1, m.dequant, true);
+  dense(weights_.lm_head, m.normed.ptr() + row, m.logits.ptr(), 1, true);
 }
 
 std::vector<float> GpuModel::forward(std::span<const int32_t> tokens, bool all_logits) {
@@ -461,8 +496,7 @@ std::vector<float> GpuModel::forward(std::span<const int32_t> tokens, bool all_l
     if (all_logits) {
       for (int r0 = 0; r0 < T; r0 += 16) {  // lm_head in GEMV chunks of up to 16 rows
         const int rows = std::min(16, T - r0);
-        dense(m.kernels, *m.tuned, stream_, weights_.lm_head, m.normed.ptr() + size_t(r0 * H) * 2, m.logits.ptr(), rows,
-              m.dequant, true);
+        dense(weights_.lm_head, m.normed.ptr() + size_t(r0 * H) * 2, m.logits.ptr(), rows, true);
         const size_t at = out.size();
         out.resize(at + size_t(rows * V));
         m.logits.download(out.data() + at, size_t(rows * V) * 4, stream_);

@@ -86,6 +86,8 @@ class GpuModel {
   void lm_head(int T);
   void sample(const SamplingParams& sampling);
   void check_fits(size_t T) const;
+  // y [M, N] = x [M, K] . W^T with the plan of (W's shape and format, M), resolved on first use.
+  void dense(const GpuMatrix& W, CUdeviceptr x, CUdeviceptr y, int M, bool out_f32 = false);
   // The MoE / GDN kernels of the tiles for T tokens (loaded on first use) and the MoE scratch.
   const gpu::MoeKernels& moe_kernels(int T, const gpu::MoeScratch** scratch);
   const gpu::GdnKernels& gdn_kernels(int T);

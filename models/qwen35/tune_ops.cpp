@@ -60,6 +60,21 @@ class OpBase : public TuneOp {
     fn({"fill", "fill_uniform_f32", {}}).launch({{blocks}, {256}}, s, b.ptr(), (unsigned long long)count,
                                                (unsigned long long)(++seed_ * 0x9E3779B97F4A7C15ull), lo, hi);
   }
+  // A buffer of `count` random bf16 values, and `copies` of them.
+  DeviceBuffer random_bf16(size_t count, float mean, float scale, const Stream& s) {
+    DeviceBuffer b = alloc(count * 2);
+    normal(b, count, mean, scale, s);
+    return b;
+  }
+  std::vector<DeviceBuffer> random_bf16_copies(int copies, size_t count, float mean, float scale, const Stream& s) {
+    std::vector<DeviceBuffer> out;
+    for (int c = 0; c < copies; ++c) out.push_back(random_bf16(count, mean, scale, s));
+    return out;
+  }
+  // The output y: fp32 or bf16 values.
+  static std::vector<float> download_out(const DeviceBuffer& y, bool f32, const Stream& s) {
+    return f32 ? download_f32(y, y.size() / 4, s) : download_bf16(y, y.size() / 2, s);
+  }
   static std::vector<float> download_bf16(const DeviceBuffer& b, size_t count, const Stream& s) {
     std::vector<uint16_t> raw(count);
     b.download(raw.data(), count * 2, s);
@@ -96,14 +111,9 @@ class W4GemvOp final : public OpBase {
     release();
     const size_t qwords = size_t(n_ * k_ / 8), nscales = size_t(n_ * k_ / g_);
     const int copies = copies_for(qwords * 4 + nscales * 2);
-    for (int c = 0; c < copies; ++c) {
-      q_.push_back(alloc(qwords * 4));
-      sc_.push_back(alloc(nscales * 2));
-      normal(q_.back(), qwords * 2, 0.f, 1.f, s);  // random bits
-      normal(sc_.back(), nscales, 0.f, 0.02f, s);
-    }
-    x_ = alloc(size_t(m * k_) * 2);
-    normal(x_, size_t(m * k_), 0.f, 1.f, s);
+    q_ = random_bf16_copies(copies, qwords * 2, 0.f, 1.f, s);  // random bits
+    sc_ = random_bf16_copies(copies, nscales, 0.f, 0.02f, s);
+    x_ = random_bf16(size_t(m * k_), 0.f, 1.f, s);
     y_ = alloc(size_t(m * n_) * (f32_ ? 4 : 2));
   }
   void run(const json& c, int64_t m, int it, const Stream& s) override {
@@ -111,10 +121,7 @@ class W4GemvOp final : public OpBase {
     const size_t i = size_t(it) % q_.size();
     gpu::launch(p, fn(p.spec()), s, q_[i].ptr(), sc_[i].ptr(), x_.ptr(), y_.ptr(), int(m));
   }
-  std::vector<float> output(const Stream& s) override {
-    const size_t count = y_.size() / (f32_ ? 4 : 2);
-    return f32_ ? download_f32(y_, count, s) : download_bf16(y_, count, s);
-  }
+  std::vector<float> output(const Stream& s) override { return download_out(y_, f32_, s); }
   void release() override { q_.clear(), sc_.clear(), x_ = {}, y_ = {}; }
 
  private:
@@ -139,23 +146,15 @@ class Bf16GemvOp final : public OpBase {
   std::vector<KernelSpec> kernels(const json& c, int64_t m) const override { return {plan(c, m).spec()}; }
   void setup(int64_t m, const Stream& s) override {
     release();
-    const int copies = copies_for(size_t(n_ * k_) * 2);
-    for (int c = 0; c < copies; ++c) {
-      w_.push_back(alloc(size_t(n_ * k_) * 2));
-      normal(w_.back(), size_t(n_ * k_), 0.f, 0.02f, s);
-    }
-    x_ = alloc(size_t(m * k_) * 2);
-    normal(x_, size_t(m * k_), 0.f, 1.f, s);
+    w_ = random_bf16_copies(copies_for(size_t(n_ * k_) * 2), size_t(n_ * k_), 0.f, 0.02f, s);
+    x_ = random_bf16(size_t(m * k_), 0.f, 1.f, s);
     y_ = alloc(size_t(m * n_) * (f32_ ? 4 : 2));
   }
   void run(const json& c, int64_t m, int it, const Stream& s) override {
     const gpu::GemvBf16Plan p = plan(c, m);
     gpu::launch(p, fn(p.spec()), s, w_[size_t(it) % w_.size()].ptr(), x_.ptr(), y_.ptr(), int(m));
   }
-  std::vector<float> output(const Stream& s) override {
-    const size_t count = y_.size() / (f32_ ? 4 : 2);
-    return f32_ ? download_f32(y_, count, s) : download_bf16(y_, count, s);
-  }
+  std::vector<float> output(const Stream& s) override { return download_out(y_, f32_, s); }
   void release() override { w_.clear(), x_ = {}, y_ = {}; }
 
  private:
@@ -177,13 +176,8 @@ class GemmOp final : public OpBase {
   std::vector<KernelSpec> kernels(const json& c, int64_t) const override { return {plan(c).spec()}; }
   void setup(int64_t m, const Stream& s) override {
     release();
-    const int copies = copies_for(size_t(n_ * k_) * 2);
-    for (int c = 0; c < copies; ++c) {
-      w_.push_back(alloc(size_t(n_ * k_) * 2));
-      normal(w_.back(), size_t(n_ * k_), 0.f, 0.02f, s);
-    }
-    x_ = alloc(size_t(m * k_) * 2);
-    normal(x_, size_t(m * k_), 0.f, 1.f, s);
+    w_ = random_bf16_copies(copies_for(size_t(n_ * k_) * 2), size_t(n_ * k_), 0.f, 0.02f, s);
+    x_ = random_bf16(size_t(m * k_), 0.f, 1.f, s);
     y_ = alloc(size_t(m * n_) * 2);
   }
   void prepare(const json& c, int64_t) override { gpu::prepare(plan(c), fn(plan(c).spec())); }
@@ -214,32 +208,23 @@ class MoeOpBase : public OpBase {
   // A weight [rows, K] in the shape's format into (main, scales).
   void weight(DeviceBuffer& main, DeviceBuffer& scales, int64_t rows, int64_t K, const Stream& st) {
     if (s_.group == 0) {
-      main = alloc(size_t(rows * K) * 2);
-      normal(main, size_t(rows * K), 0.f, 0.02f, st);
+      main = random_bf16(size_t(rows * K), 0.f, 0.02f, st);
     } else {
-      main = alloc(size_t(rows * K / 8) * 4);
-      scales = alloc(size_t(rows * K / s_.group) * 2);
-      normal(main, size_t(rows * K / 4), 0.f, 1.f, st);  // random bits
-      normal(scales, size_t(rows * K / s_.group), 0.f, 0.003f, st);
+      main = random_bf16(size_t(rows * K / 4), 0.f, 1.f, st);  // random bits of rows * K / 8 u32 words
+      scales = random_bf16(size_t(rows * K / s_.group), 0.f, 0.003f, st);
     }
   }
   // Weights, inputs and a workspace for m tokens (routed GEMM blocks up to tune::kMoeMaxBlockM).
   void setup_moe(int64_t m, const Stream& st) {
     release();
     const int64_t E = s_.experts, H = s_.hidden, I = s_.inter, Is = s_.shared_inter;
-    router_ = alloc(size_t(E * H) * 2);
-    normal(router_, size_t(E * H), 0.f, 0.05f, st);
-    shared_gate_ = alloc(size_t(H) * 2);
-    normal(shared_gate_, size_t(H), 0.f, 0.05f, st);
+    router_ = random_bf16(size_t(E * H), 0.f, 0.05f, st);
+    shared_gate_ = random_bf16(size_t(H), 0.f, 0.05f, st);
     weight(gate_up_, gate_up_s_, E * 2 * I, H, st);
     weight(down_, down_s_, E * H, I, st);
     weight(sgu_, sgu_s_, 2 * Is, H, st);
     weight(sd_, sd_s_, H, Is, st);
-    const int copies = std::min(16, copies_for(size_t(m * H) * 2));
-    for (int c = 0; c < copies; ++c) {
-      x_.push_back(alloc(size_t(m * H) * 2));
-      normal(x_.back(), size_t(m * H), 0.f, 1.f, st);
-    }
+    x_ = random_bf16_copies(std::min(16, copies_for(size_t(m * H) * 2)), size_t(m * H), 0.f, 1.f, st);
     out_ = alloc(size_t(m * H) * 2);
     gpu::MoeTiles widest = gpu::MoeTiles::defaults(s_);
     widest.gemm.block_m = std::max(widest.gemm.block_m, tune::kMoeMaxBlockM);
@@ -368,16 +353,10 @@ class AttentionOpBase : public OpBase {
     release();
     const size_t cache = size_t(rows * plan_.hkv * plan_.d);
     const int copies = std::min(16, copies_for(cache * 4));
-    for (int c = 0; c < copies; ++c) {
-      k_.push_back(alloc(cache * 2));
-      v_.push_back(alloc(cache * 2));
-      normal(k_.back(), cache, 0.f, 1.f, st);
-      normal(v_.back(), cache, 0.f, 1.f, st);
-    }
-    q_ = alloc(size_t(m * plan_.hq * plan_.d) * 2);
-    normal(q_, size_t(m * plan_.hq * plan_.d), 0.f, 1.f, st);
-    qkv_ = alloc(size_t(m * plan_.qkv_row()) * 2);
-    normal(qkv_, size_t(m * plan_.qkv_row()), 0.f, 1.f, st);
+    k_ = random_bf16_copies(copies, cache, 0.f, 1.f, st);
+    v_ = random_bf16_copies(copies, cache, 0.f, 1.f, st);
+    q_ = random_bf16(size_t(m * plan_.hq * plan_.d), 0.f, 1.f, st);
+    qkv_ = random_bf16(size_t(m * plan_.qkv_row()), 0.f, 1.f, st);
     out_ = alloc(size_t(m * plan_.hq * plan_.d) * 2);
     pos_ = alloc(4);
     pos_.upload(&pos, 4, st);
@@ -469,8 +448,7 @@ class GdnOpBase : public OpBase {
             gpu::gdn_chunk_state_spec(cfg_, t.chunk), gpu::gated_rmsnorm_spec(cfg_, t.norm)};
   }
   const gpu::GdnKernels& variant(const gpu::GdnTiles& t) {
-    const std::string key = fmt::format("{}/{}/{}/{}/{}", t.prologue.tokens, t.prologue.warps, t.recurrent.rows,
-                                        t.recurrent.warps, t.chunk.vs);
+    const std::string key = t.key();
     auto it = variants_.find(key);
     if (it == variants_.end())
       it = variants_.emplace(key, std::make_unique<gpu::GdnKernels>(dev().jit, dev().ctx, cfg_, t)).first;
@@ -479,19 +457,16 @@ class GdnOpBase : public OpBase {
   void setup_gdn(int64_t m, const Stream& st) {
     release();
     const int64_t C = cfg_.linear_conv_dim(), hv = shape_.hv;
-    conv_w_ = alloc(size_t(C * shape_.kc) * 2);
-    normal(conv_w_, size_t(C * shape_.kc), 0.f, 0.3f, st);
+    conv_w_ = random_bf16(size_t(C * shape_.kc), 0.f, 0.3f, st);
     a_log_ = alloc(size_t(hv) * 4);
     uniform(a_log_, size_t(hv), 0.f, 2.f, st);
     dt_bias_ = alloc(size_t(hv) * 4);
     uniform(dt_bias_, size_t(hv), -1.f, 1.f, st);
-    norm_w_ = alloc(size_t(shape_.dv) * 2);
-    normal(norm_w_, size_t(shape_.dv), 1.f, 0.1f, st);
+    norm_w_ = random_bf16(size_t(shape_.dv), 1.f, 0.1f, st);
     const size_t state = gpu::gdn_ssm_state_bytes(cfg_);
     const int copies = std::min(32, copies_for(state + size_t(m * stride_) * 2));
+    proj_ = random_bf16_copies(copies, size_t(m * stride_), 0.f, 1.f, st);
     for (int c = 0; c < copies; ++c) {
-      proj_.push_back(alloc(size_t(m * stride_) * 2));
-      normal(proj_.back(), size_t(m * stride_), 0.f, 1.f, st);
       conv_.push_back(alloc(gpu::gdn_conv_state_bytes(cfg_)));
       ssm_.push_back(alloc(state));
     }

@@ -44,7 +44,7 @@ Goldens load_goldens() {
     const auto* p = reinterpret_cast<const int32_t*>(b.data());
     return std::vector<int32_t>(p, p + b.size() / 4);
   };
-  Goldens g{ints("prompt_ids"), ints("greedy_ids"), {}};
+  Goldens g{ints("prompt_ids"), ints("greedy_ids"), {}, {}};
   const TensorInfo* l = f.find("prompt_logits");
   g.prompt_logits = q35::to_f32({l, f.data(*l), &f});
   const TensorInfo* gl = f.find("greedy_logits");

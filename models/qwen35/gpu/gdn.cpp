@@ -53,6 +53,11 @@ GdnTiles GdnTiles::defaults(const GdnShape& s) {
           default_gated_rmsnorm_tile(s)};
 }
 
+std::string GdnTiles::key() const {
+  return fmt::format("{}/{}/{}/{}/{}/{}", prologue.tokens, prologue.warps, recurrent.rows, recurrent.warps, chunk.vs,
+                     norm.heads);
+}
+
 KernelSpec gdn_prologue_spec(const Config& cfg, const GdnPrologueTile& tile) {
   const GdnShape s = gdn_shape(cfg);
   check_tile("gdn_prologue", tile, s);

@@ -19,6 +19,7 @@
 //   y        bf16 [T, Hv dv]: the gated RMSNorm output, the input of out_proj.
 #include <cstddef>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "autotune/tiles_gdn.h"
@@ -46,6 +47,7 @@ struct GdnTiles {
   GdnChunkTile chunk;
   GatedRmsnormTile norm;
   static GdnTiles defaults(const GdnShape& s);
+  std::string key() const;  // distinct per set of tiles ("16/4/16/4/32/4")
 };
 
 KernelSpec gdn_prologue_spec(const Config& cfg, const GdnPrologueTile& tile);
