@@ -117,6 +117,7 @@ int cmd_run(int argc, char** argv) {
   const auto& gen = info.generation;
   SamplingParams sp;
   sp.temperature = float(args.get_double("temperature", gen.do_sample ? gen.temperature : 0.0));
+  if (!(sp.temperature >= 0)) fail("q35jit run: --temperature must be >= 0 (0 = greedy), got {}", sp.temperature);
   sp.top_k = int(args.get_int("top-k", gen.top_k, 0, int64_t(1) << 30));
   sp.top_p = float(args.get_double("top-p", gen.top_p));
   if (args.has("seed")) {

@@ -9,5 +9,6 @@ int cmd_compile(int argc, char** argv);
 int cmd_quantize(int argc, char** argv);
 int cmd_bench(int argc, char** argv);
 int cmd_tune(int argc, char** argv);
+int cmd_serve(int argc, char** argv);
 
 }  // namespace q35::cli

@@ -23,6 +23,7 @@ constexpr std::string_view kUsage =
     "  quantize  write a W4A16 checkpoint that run/eval load directly\n"
     "  bench     prefill and decode speed on the GPU (a checkpoint or --synthetic 35b-a3b)\n"
     "  tune      measure the best tile configs per prompt length into this GPU's tune cache\n"
+    "  serve     an OpenAI-compatible HTTP server (chat completions, completions, tools, streaming)\n"
     "\n"
     "Run 'q35jit <command> --help' for the flags of a command.\n";
 
@@ -45,6 +46,7 @@ int main(int argc, char** argv) {
     if (command == "quantize") return q35::cli::cmd_quantize(argc, argv);
     if (command == "bench") return q35::cli::cmd_bench(argc, argv);
     if (command == "tune") return q35::cli::cmd_tune(argc, argv);
+    if (command == "serve") return q35::cli::cmd_serve(argc, argv);
     std::fprintf(stderr, "q35jit: unknown command '%.*s'\n\n%s", int(command.size()), command.data(), kUsage.data());
     return 2;
   } catch (const q35::Error& e) {

@@ -1,5 +1,6 @@
 #include "cli/session.h"
 
+#include <cstring>
 #include <thread>
 
 #include "models/qwen35/cpu_model.h"
@@ -76,8 +77,54 @@ class CpuEngine final : public Engine {
   int32_t decode(int32_t token, Sampler& sampler) override {
     return sampler.sample(model_->forward(state_, std::span<const int32_t>(&token, 1), false));
   }
+  void reset() override { state_ = model_->new_state(state_.max_context); }
+  StateCopy save_recurrent() const override {
+    StateCopy s{state_.pos, {}};
+    for (size_t i = 0; i < state_.conv_state.size(); ++i) {
+      s.parts.push_back(bytes_of(state_.conv_state[i], state_.conv_state[i].size()));
+      s.parts.push_back(bytes_of(state_.gdn_state[i], state_.gdn_state[i].size()));
+    }
+    return s;
+  }
+  StateCopy save_kv() const override {
+    StateCopy s{state_.pos, {}};
+    for (size_t i = 0; i < state_.k_cache.size(); ++i) {
+      const size_t row = state_.k_cache[i].size() / size_t(state_.max_context);
+      s.parts.push_back(bytes_of(state_.k_cache[i], row * size_t(state_.pos)));
+      s.parts.push_back(bytes_of(state_.v_cache[i], row * size_t(state_.pos)));
+    }
+    return s;
+  }
+  void restore(const StateCopy& kv, const StateCopy& recurrent) override {
+    const size_t layers = state_.k_cache.size();
+    if (kv.parts.size() != 2 * layers || recurrent.parts.size() != 2 * layers)
+      fail("restore: state copies of {} and {} parts for a model of {} layers", kv.parts.size(),
+           recurrent.parts.size(), layers);
+    if (kv.pos < recurrent.pos || recurrent.pos > state_.max_context)
+      fail("restore: K/V rows for {} tokens cannot restore position {} (max context {})", kv.pos, recurrent.pos,
+           state_.max_context);
+    for (size_t i = 0; i < layers; ++i) {
+      copy_into(recurrent.parts[2 * i], state_.conv_state[i], 0, state_.conv_state[i].size());
+      copy_into(recurrent.parts[2 * i + 1], state_.gdn_state[i], 0, state_.gdn_state[i].size());
+      const size_t row = state_.k_cache[i].size() / size_t(state_.max_context);
+      copy_into(kv.parts[2 * i], state_.k_cache[i], 0, row * size_t(recurrent.pos));
+      copy_into(kv.parts[2 * i + 1], state_.v_cache[i], 0, row * size_t(recurrent.pos));
+    }
+    state_.pos = recurrent.pos;
+  }
 
  private:
+  static std::vector<std::byte> bytes_of(const std::vector<float>& v, size_t n) {
+    const auto* p = reinterpret_cast<const std::byte*>(v.data());
+    return std::vector<std::byte>(p, p + n * sizeof(float));
+  }
+  // The first `n` floats of `src` into `dst`; `src` must hold at least that many.
+  static void copy_into(const std::vector<std::byte>& src, std::vector<float>& dst, size_t offset, size_t n) {
+    if (src.size() < n * sizeof(float) || offset + n > dst.size())
+      fail("restore: a state copy of {} bytes, {} needed", src.size(), n * sizeof(float));
+    if (n) std::memcpy(dst.data() + offset, src.data(), n * sizeof(float));
+  }
+
   std::unique_ptr<qwen35::CpuModel> model_;
   qwen35::CpuState state_;
 };
@@ -94,6 +141,12 @@ class GpuEngine final : public Engine {
       qwen35::validate_checkpoint(info.config, ckpt);
     model_ = std::make_unique<qwen35::GpuModel>(driver_, ctx_, jit_, info.config, ckpt, options);
   }
+  // Random weights of `config`'s shapes (serve --synthetic).
+  GpuEngine(const qwen35::Config& config, qwen35::GpuModelOptions options, bool tuned, uint64_t seed)
+      : ctx_(driver_, 0), jit_(default_cache_dir()) {
+    options.tuning = load_tuning(ctx_.device(), tuned, options.log);
+    model_ = std::make_unique<qwen35::GpuModel>(driver_, ctx_, jit_, config, options, seed);
+  }
   std::string device() const override { return ctx_.device().name; }
   int64_t position() const override { return model_->position(); }
   int64_t max_context() const override { return model_->max_context(); }
@@ -102,6 +155,14 @@ class GpuEngine final : public Engine {
     return model_->prefill(tokens, sampler.params());
   }
   int32_t decode(int32_t token, Sampler& sampler) override { return model_->decode(token, sampler.params()); }
+  void reset() override { model_->reset(); }
+  StateCopy save_recurrent() const override { return {model_->position(), model_->save_recurrent_state()}; }
+  StateCopy save_kv() const override { return {model_->position(), model_->save_kv_rows(model_->position())}; }
+  void restore(const StateCopy& kv, const StateCopy& recurrent) override {
+    if (kv.pos < recurrent.pos)
+      fail("restore: K/V rows for {} tokens cannot restore position {}", kv.pos, recurrent.pos);
+    model_->restore_state(recurrent.parts, kv.parts, recurrent.pos);
+  }
 
  private:
   Driver driver_;
@@ -160,6 +221,23 @@ WeightChoice weight_choice(const Args& args, const qwen35::Config& config, const
   return w;
 }
 
+namespace {
+
+qwen35::GpuModelOptions gpu_options(const Args& args, const qwen35::Config& config, const fs::path& dir,
+                                    int64_t max_context, const std::function<void(const std::string&)>& log) {
+  const WeightChoice w = weight_choice(args, config, dir);
+  qwen35::GpuModelOptions o;
+  o.format = w.format;
+  o.group = w.group;
+  o.prequantized = w.prequantized;
+  o.max_context = max_context;
+  o.verbose = args.flag("verbose");
+  o.log = log;
+  return o;
+}
+
+}  // namespace
+
 std::unique_ptr<Engine> make_engine(const Args& args, const ModelInfo& info, int64_t default_max_context,
                                     const std::function<void(const std::string&)>& log) {
   const std::string& cmd = args.command();
@@ -173,15 +251,19 @@ std::unique_ptr<Engine> make_engine(const Args& args, const ModelInfo& info, int
       fail("q35jit {}: --quant, --group-size and --no-tune apply to --device cuda (the CPU reference runs in fp32)", cmd);
     return std::make_unique<CpuEngine>(info, max_context);
   }
-  const WeightChoice w = weight_choice(args, info.config, info.dir);
-  qwen35::GpuModelOptions o;
-  o.format = w.format;
-  o.group = w.group;
-  o.prequantized = w.prequantized;
-  o.max_context = max_context;
-  o.verbose = args.flag("verbose");
-  o.log = log;
-  return std::make_unique<GpuEngine>(info, o, !args.flag("no-tune"));
+  return std::make_unique<GpuEngine>(info, gpu_options(args, info.config, info.dir, max_context, log),
+                                     !args.flag("no-tune"));
+}
+
+std::unique_ptr<Engine> make_synthetic_engine(const Args& args, const qwen35::Config& config,
+                                              int64_t default_max_context,
+                                              const std::function<void(const std::string&)>& log) {
+  if (args.get("device").value_or("cuda") != "cuda")
+    fail("q35jit {}: --synthetic runs on the GPU only (--device cuda)", args.command());
+  const int64_t model_max = config.max_position_embeddings > 0 ? config.max_position_embeddings : 32768;
+  const int64_t max_context = args.get_int("max-context", std::min(default_max_context, model_max), 1, model_max);
+  return std::make_unique<GpuEngine>(config, gpu_options(args, config, {}, max_context, log), !args.flag("no-tune"),
+                                     1234);
 }
 
 }  // namespace q35::cli

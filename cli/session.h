@@ -12,6 +12,7 @@
 
 #include "autotune/tune_cache.h"
 #include "cli/args.h"
+#include "cli/engine.h"
 #include "models/qwen35/config.h"
 #include "models/qwen35/gpu_weights.h"
 #include "runtime/core/sampler.h"
@@ -31,20 +32,6 @@ struct ModelInfo {
 // Config + generation config. Errors name the folder / file.
 ModelInfo load_model_info(const std::filesystem::path& dir);
 Tokenizer load_tokenizer(const std::filesystem::path& dir);
-
-// One sequence of a model on a device.
-class Engine {
- public:
-  virtual ~Engine() = default;
-  virtual std::string device() const = 0;  // "cpu" or the GPU's name
-  virtual int64_t position() const = 0;
-  virtual int64_t max_context() const = 0;
-  // fp32 logits [T, vocab] of every position (all) or [vocab] of the last.
-  virtual std::vector<float> logits(std::span<const int32_t> tokens, bool all) = 0;
-  // Feeds the tokens and returns the next id drawn by `sampler`'s rules.
-  virtual int32_t prefill(std::span<const int32_t> tokens, Sampler& sampler) = 0;
-  virtual int32_t decode(int32_t token, Sampler& sampler) = 0;
-};
 
 // The model of `bench` and `tune`: a checkpoint folder (--model DIR) or a published model's shapes
 // with random weights (--synthetic NAME); exactly one (Error naming the command otherwise).
@@ -72,6 +59,10 @@ std::vector<FlagSpec> engine_flags();
 // --quant, --group-size, --max-context, --verbose. `log` gets one-line notices.
 std::unique_ptr<Engine> make_engine(const Args& args, const ModelInfo& info, int64_t default_max_context,
                                     const std::function<void(const std::string&)>& log);
+// Random weights of `config`'s shapes on the GPU (--synthetic); the same flags.
+std::unique_ptr<Engine> make_synthetic_engine(const Args& args, const qwen35::Config& config,
+                                              int64_t default_max_context,
+                                              const std::function<void(const std::string&)>& log);
 
 // The folder of the running executable (/proc/self/exe), empty if unknown: shipped tune caches
 // live in its tune_cache/ subfolder.

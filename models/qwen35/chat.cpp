@@ -1,10 +1,15 @@
 #include "models/qwen35/chat.h"
 
 #include <algorithm>
+#include <charconv>
+#include <cstdlib>
 #include <optional>
 #include <string_view>
 
+#include <fmt/format.h>
+
 #include "runtime/core/error.h"
+#include "runtime/core/sha256.h"
 
 namespace q35::qwen35 {
 namespace {
@@ -70,10 +75,154 @@ bool is_tool_response(std::string_view content) {
   return content.starts_with("<tool_response>") && content.ends_with("</tool_response>");
 }
 
+// Python's repr() of a float: the shortest digits that round-trip, fixed notation for decimal
+// exponents -4..15, else d.ddde+XX.
+std::string python_float_repr(double v) {
+  char buf[64];
+  auto [end, ec] = std::to_chars(buf, buf + sizeof buf, v, std::chars_format::scientific);
+  std::string sci(buf, end);  // -d.ddde+XX
+  const size_t e = sci.find('e');
+  const int exp = std::stoi(sci.substr(e + 1));
+  std::string mant = sci.substr(0, e);
+  const bool neg = mant[0] == '-';
+  if (neg) mant.erase(0, 1);
+  std::string digits;
+  for (char c : mant)
+    if (c != '.') digits += c;
+  std::string out = neg ? "-" : "";
+  if (exp >= -4 && exp < 16) {
+    if (exp < 0) {
+      out += "0." + std::string(size_t(-exp - 1), '0') + digits;
+    } else if (size_t(exp + 1) >= digits.size()) {
+      out += digits + std::string(size_t(exp + 1) - digits.size(), '0') + ".0";
+    } else {
+      out += digits.substr(0, size_t(exp + 1)) + "." + digits.substr(size_t(exp + 1));
+    }
+    return out;
+  }
+  out += digits.substr(0, 1);
+  if (digits.size() > 1) out += "." + digits.substr(1);
+  out += fmt::format("e{}{:02d}", exp < 0 ? '-' : '+', std::abs(exp));
+  return out;
+}
+
+void dump_string(std::string_view s, std::string& out) {
+  out += '"';
+  for (char ch : s) {
+    const uint8_t c = uint8_t(ch);
+    switch (ch) {
+      case '"': out += "\\\""; break;
+      case '\\': out += "\\\\"; break;
+      case '\n': out += "\\n"; break;
+      case '\r': out += "\\r"; break;
+      case '\t': out += "\\t"; break;
+      case '\b': out += "\\b"; break;
+      case '\f': out += "\\f"; break;
+      default:
+        if (c < 0x20) out += fmt::format("\\u{:04x}", c);
+        else out += ch;
+    }
+  }
+  out += '"';
+}
+
+void dump(const nlohmann::ordered_json& v, std::string& out) {
+  using T = nlohmann::ordered_json::value_t;
+  switch (v.type()) {
+    case T::null: out += "null"; break;
+    case T::boolean: out += v.get<bool>() ? "true" : "false"; break;
+    case T::number_integer: out += std::to_string(v.get<int64_t>()); break;
+    case T::number_unsigned: out += std::to_string(v.get<uint64_t>()); break;
+    case T::number_float: out += python_float_repr(v.get<double>()); break;
+    case T::string: dump_string(v.get_ref<const std::string&>(), out); break;
+    case T::array: {
+      out += '[';
+      bool first = true;
+      for (const auto& x : v) {
+        if (!first) out += ", ";
+        first = false;
+        dump(x, out);
+      }
+      out += ']';
+      break;
+    }
+    case T::object: {
+      out += '{';
+      bool first = true;
+      for (const auto& [k, x] : v.items()) {
+        if (!first) out += ", ";
+        first = false;
+        dump_string(k, out);
+        out += ": ";
+        dump(x, out);
+      }
+      out += '}';
+      break;
+    }
+    default: fail("python_json_dumps: a JSON value of type {} cannot be rendered", v.type_name());
+  }
+}
+
+constexpr std::string_view kToolsHead = "# Tools\n\nYou have access to the following functions:\n\n<tools>";
+constexpr std::string_view kToolsTail =
+    "\n</tools>\n\nIf you choose to call a function ONLY reply in the following format with NO suffix:\n\n"
+    "<tool_call>\n<function=example_function_name>\n<parameter=example_parameter_1>\nvalue_1\n</parameter>\n"
+    "<parameter=example_parameter_2>\nThis is the value for the second parameter\nthat can span\nmultiple lines\n"
+    "</parameter>\n</function>\n</tool_call>\n\n<IMPORTANT>\nReminder:\n- Function calls MUST follow the "
+    "specified format: an inner <function=...></function> block must be nested within <tool_call></tool_call> XML "
+    "tags\n- Required parameters MUST be specified\n- You may provide optional reasoning for your function call in "
+    "natural language BEFORE the function call, but NOT after\n- If there is no function call available, answer the "
+    "question like normal with your current knowledge and do not tell the user about function calls\n</IMPORTANT>";
+
 }  // namespace
 
-std::string render_chat(const std::vector<ChatMessage>& messages, bool add_generation_prompt, bool enable_thinking) {
+bool is_qwen35_chat_template(std::string_view text) {
+  if (text.ends_with('\n')) text.remove_suffix(1);
+  return sha256_hex(text) == "a4aee8afcf2e0711942cf848899be66016f8d14a889ff9ede07bca099c28f715";
+}
+
+std::string python_json_dumps(const nlohmann::ordered_json& value) {
+  std::string out;
+  dump(value, out);
+  return out;
+}
+
+std::string python_str(const nlohmann::ordered_json& value) {
+  switch (value.type()) {
+    case nlohmann::ordered_json::value_t::null: return "None";
+    case nlohmann::ordered_json::value_t::boolean: return value.get<bool>() ? "True" : "False";
+    case nlohmann::ordered_json::value_t::string: return value.get<std::string>();
+    default: return python_json_dumps(value);
+  }
+}
+
+std::string render_chat(const std::vector<ChatMessage>& messages, bool add_generation_prompt, bool enable_thinking,
+                        const std::vector<nlohmann::ordered_json>& tools) {
   if (messages.empty()) fail("render_chat: no messages");
+  std::string out;
+  const bool first_is_system = messages[0].role == "system";
+  if (!tools.empty()) {
+    out += "<|im_start|>system\n";
+    out += kToolsHead;
+    for (const auto& t : tools) {
+      out += '\n';
+      out += python_json_dumps(t);
+    }
+    out += kToolsTail;
+    if (first_is_system) {
+      std::string_view sys = trim(messages[0].content);
+      if (!sys.empty()) {
+        out += "\n\n";
+        out += sys;
+      }
+    }
+    out += "<|im_end|>\n";
+  } else if (first_is_system) {
+    out += "<|im_start|>system\n";
+    out += trim(messages[0].content);
+    out += "<|im_end|>\n";
+  }
+
   size_t last_query = messages.size();
   for (size_t i = messages.size(); i-- > 0;)
     if (messages[i].role == "user" && !is_tool_response(trim(messages[i].content))) {
@@ -84,22 +233,21 @@ std::string render_chat(const std::vector<ChatMessage>& messages, bool add_gener
     fail("render_chat: no user query found in {} messages (a user message that is not only a tool response)",
          messages.size());
 
-  std::string out;
   for (size_t i = 0; i < messages.size(); ++i) {
-    const std::string& role = messages[i].role;
-    std::string_view content = trim(messages[i].content);
+    const ChatMessage& m = messages[i];
+    const std::string& role = m.role;
+    std::string_view content = trim(m.content);
     if (role == "system") {
       if (i != 0) fail("render_chat: message {} has role system; the system message must be the first", i);
-      out += "<|im_start|>system\n";
-      out += content;
-      out += "<|im_end|>\n";
     } else if (role == "user") {
       out += "<|im_start|>user\n";
       out += content;
       out += "<|im_end|>\n";
     } else if (role == "assistant") {
       std::string_view reasoning;
-      if (size_t end = content.find("</think>"); end != std::string_view::npos) {
+      if (m.reasoning_content) {
+        reasoning = *m.reasoning_content;
+      } else if (size_t end = content.find("</think>"); end != std::string_view::npos) {
         reasoning = strip_newlines_left(after_last(strip_newlines_right(content.substr(0, end)), "<think>"));
         content = strip_newlines_left(after_last(content, "</think>"));
       }
@@ -110,6 +258,22 @@ std::string render_chat(const std::vector<ChatMessage>& messages, bool add_gener
         out += "\n</think>\n\n";
       }
       out += content;
+      for (size_t k = 0; k < m.tool_calls.size(); ++k) {
+        const ToolCall& call = m.tool_calls[k];
+        out += k > 0 ? "\n<tool_call>\n<function=" : trim(content).empty() ? "<tool_call>\n<function=" : "\n\n<tool_call>\n<function=";
+        out += call.name;
+        out += ">\n";
+        if (!call.arguments.is_object())
+          fail("render_chat: the arguments of tool call {} ({}) of message {} are not an object", k, call.name, i);
+        for (const auto& [key, value] : call.arguments.items()) {
+          out += "<parameter=";
+          out += key;
+          out += ">\n";
+          out += value.is_object() || value.is_array() ? python_json_dumps(value) : python_str(value);
+          out += "\n</parameter>\n";
+        }
+        out += "</function>\n</tool_call>";
+      }
       out += "<|im_end|>\n";
     } else if (role == "tool") {
       if (i > 0 && messages[i - 1].role != "tool") out += "<|im_start|>user";

@@ -273,8 +273,64 @@ void GpuModel::reset() {
     if (impl_->ssm_state[i].size()) impl_->ssm_state[i].fill_bytes(0, stream_);
   }
   pos_ = 0;
+  impl_->rng_params.reset();  // the next sample reseeds: a sequence's draws depend only on its seed
   const int32_t zero = 0;
   impl_->pos.upload(&zero, 4, stream_);
+  stream_.synchronize();
+}
+
+std::vector<std::vector<std::byte>> GpuModel::save_recurrent_state() const {
+  std::vector<std::vector<std::byte>> parts;
+  for (size_t i = 0; i < impl_->conv_state.size(); ++i)
+    for (const DeviceBuffer* b : {&impl_->conv_state[i], &impl_->ssm_state[i]}) {
+      parts.emplace_back(b->size());
+      if (b->size()) b->download(parts.back().data(), b->size(), stream_);
+    }
+  stream_.synchronize();
+  return parts;
+}
+
+std::vector<std::vector<std::byte>> GpuModel::save_kv_rows(int64_t rows) const {
+  if (rows < 0 || rows > options_.max_context) fail("save_kv_rows: {} rows of a {}-row cache", rows, options_.max_context);
+  const size_t row_bytes = size_t(config_.num_kv_heads * config_.head_dim) * 2;  // bf16 [Hkv, D]
+  std::vector<std::vector<std::byte>> parts;
+  for (size_t i = 0; i < impl_->k_cache.size(); ++i)
+    for (const DeviceBuffer* b : {&impl_->k_cache[i], &impl_->v_cache[i]}) {
+      const size_t n = b->size() ? row_bytes * size_t(rows) : 0;
+      parts.emplace_back(n);
+      if (n) b->download(parts.back().data(), n, stream_);
+    }
+  stream_.synchronize();
+  return parts;
+}
+
+void GpuModel::restore_state(const std::vector<std::vector<std::byte>>& recurrent,
+                             const std::vector<std::vector<std::byte>>& kv, int64_t pos) {
+  const size_t layers = impl_->k_cache.size();
+  if (recurrent.size() != 2 * layers || kv.size() != 2 * layers)
+    fail("restore_state: {} recurrent and {} K/V parts for a model of {} layers", recurrent.size(), kv.size(), layers);
+  if (pos < 0 || pos > options_.max_context) fail("restore_state: position {} outside [0, {}]", pos, options_.max_context);
+  const size_t row_bytes = size_t(config_.num_kv_heads * config_.head_dim) * 2;
+  for (size_t i = 0; i < layers; ++i) {
+    DeviceBuffer* rec[2] = {&impl_->conv_state[i], &impl_->ssm_state[i]};
+    DeviceBuffer* cache[2] = {&impl_->k_cache[i], &impl_->v_cache[i]};
+    for (int j = 0; j < 2; ++j) {
+      DeviceBuffer& r = *rec[j];
+      if (recurrent[2 * i + j].size() != r.size())
+        fail("restore_state: layer {} recurrent part of {} bytes, the model's is {}", i, recurrent[2 * i + j].size(),
+             r.size());
+      if (r.size()) r.upload(recurrent[2 * i + j].data(), r.size(), stream_);
+      DeviceBuffer& c = *cache[j];
+      const size_t n = c.size() ? row_bytes * size_t(pos) : 0;
+      if (kv[2 * i + j].size() < n)
+        fail("restore_state: layer {} K/V part of {} bytes, {} needed for {} rows", i, kv[2 * i + j].size(), n, pos);
+      if (n) c.upload(kv[2 * i + j].data(), n, stream_);
+    }
+  }
+  pos_ = pos;
+  impl_->rng_params.reset();
+  const int32_t p = int32_t(pos);
+  impl_->pos.upload(&p, 4, stream_);
   stream_.synchronize();
 }
 

@@ -2,6 +2,7 @@
 // The Qwen3.5 MoE forward pass on the GPU: the JIT kernels of every family chained per layer
 // (one screen per layer in gpu_model.cpp), the per-sequence state, and decode as one captured
 // CUDA graph replayed per token (input token, position and sampler step live on the device).
+#include <cstddef>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -77,6 +78,16 @@ class GpuModel {
   int32_t decode_steps(int32_t token, int64_t steps, const SamplingParams& sampling);
 
   const Stream& stream() const { return stream_; }
+
+  // Host copies of the sequence state (a server's prefix cache). The DeltaNet conv and recurrent
+  // states of every layer (two parts per layer, empty for attention layers):
+  std::vector<std::vector<std::byte>> save_recurrent_state() const;
+  // K and V cache rows [0, rows) of every layer (two parts per layer, empty for DeltaNet layers):
+  std::vector<std::vector<std::byte>> save_kv_rows(int64_t rows) const;
+  // Sets the sequence to `pos` tokens from such copies (`kv` holds at least `pos` rows). Error when
+  // a part does not match the model's buffers.
+  void restore_state(const std::vector<std::vector<std::byte>>& recurrent,
+                     const std::vector<std::vector<std::byte>>& kv, int64_t pos);
 
  private:
   struct Impl;

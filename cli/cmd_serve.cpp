@@ -1,0 +1,154 @@
+// q35jit serve: the OpenAI-compatible HTTP server (server/) over one engine. Blocks SIGINT and
+// SIGTERM in every thread and waits for them in one, so a signal stops the server cleanly.
+#include <pthread.h>
+#include <signal.h>
+
+#include <atomic>
+#include <cstdio>
+#include <fstream>
+#include <sstream>
+#include <thread>
+
+#include <nlohmann/json.hpp>
+
+#include "cli/args.h"
+#include "cli/commands.h"
+#include "cli/session.h"
+#include "models/qwen35/chat.h"
+#include "runtime/core/error.h"
+#include "server/api.h"
+#include "server/http_server.h"
+#include "server/scheduler.h"
+
+namespace q35::cli {
+
+namespace {
+
+std::vector<FlagSpec> serve_flags() {
+  std::vector<FlagSpec> flags = {
+      {"model", "DIR", "Hugging Face model folder (config.json, safetensors, tokenizer.json)"},
+      {"synthetic", "NAME", "random weights of a published model's shapes instead (35b-a3b; GPU), for load tests"},
+      {"tokenizer", "DIR", "with --synthetic: the folder holding tokenizer.json"},
+      {"host", "ADDR", "address to bind (default 127.0.0.1; 0.0.0.0 for every interface)"},
+      {"port", "N", "TCP port (default 8080; 0: any free port, printed)"},
+      {"api-key", "KEY", "require 'Authorization: Bearer KEY' on /v1/* (default: no key)"},
+      {"served-name", "NAME", "the model name clients send (default: the model folder's name)"},
+      {"max-queue", "N", "requests that may wait for the engine; more get 503 (default 64)"},
+      {"prefix-cache-gb", "G", "host memory for the prefix cache in GiB, 0 = off (default 4)"},
+      {"prefix-cache-block", "N", "recurrent-state snapshots every N prompt tokens (default 512)"},
+      {"max-request-bytes", "N", "largest request body; larger gets 413 (default 8388608)"},
+      {"max-connections", "N", "open connections; more get 503 (default 256)"},
+  };
+  for (FlagSpec f : engine_flags()) flags.push_back(std::move(f));
+  return flags;
+}
+
+std::string read_file(const std::filesystem::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+// The model folder's chat template: chat_template.jinja, else tokenizer_config.json's
+// chat_template (a string, or the "default" of a list of {name, template}).
+std::optional<std::string> folder_chat_template(const std::filesystem::path& dir) {
+  if (std::filesystem::exists(dir / "chat_template.jinja")) return read_file(dir / "chat_template.jinja");
+  if (!std::filesystem::exists(dir / "tokenizer_config.json")) return std::nullopt;
+  auto j = nlohmann::json::parse(read_file(dir / "tokenizer_config.json"), nullptr, false);
+  if (j.is_discarded() || !j.contains("chat_template")) return std::nullopt;
+  const auto& t = j["chat_template"];
+  if (t.is_string()) return t.get<std::string>();
+  if (t.is_array())
+    for (const auto& e : t)
+      if (e.is_object() && e.value("name", "") == "default" && e.contains("template") && e["template"].is_string())
+        return e["template"].get<std::string>();
+  return std::nullopt;
+}
+
+}  // namespace
+
+int cmd_serve(int argc, char** argv) {
+  Args args("serve", serve_flags(), argc, argv, 2);
+  if (args.help()) {
+    std::printf(
+        "usage: q35jit serve (--model DIR | --synthetic 35b-a3b --tokenizer DIR) [flags]\n\n"
+        "An OpenAI-compatible server: POST /v1/chat/completions, POST /v1/completions, GET /v1/models,\n"
+        "GET /health, GET /metrics (Prometheus), POST /tokenize. One line per request on stderr.\n\n%s",
+        args.usage().c_str());
+    return 0;
+  }
+  if (args.has("model") == args.has("synthetic")) fail("q35jit serve: give --model DIR or --synthetic NAME");
+  if (args.has("synthetic") != args.has("tokenizer"))
+    fail("q35jit serve: --tokenizer DIR goes with --synthetic (a --model folder has its own tokenizer)");
+  auto log = [](const std::string& line) { std::fprintf(stderr, "[q35jit] %s\n", line.c_str()); };
+
+  // Signals: blocked here, before any thread starts, so only the waiting thread below sees them.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGINT);
+  sigaddset(&signals, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  signal(SIGPIPE, SIG_IGN);
+
+  server::HttpOptions http;
+  http.host = args.get("host").value_or("127.0.0.1");
+  http.port = int(args.get_int("port", 8080, 0, 65535));
+  http.max_body_bytes = size_t(args.get_int("max-request-bytes", 8 << 20, 1024, int64_t(1) << 32));
+  http.max_connections = size_t(args.get_int("max-connections", 256, 1, 1 << 16));
+  server::SchedulerOptions sched;
+  sched.max_queue = size_t(args.get_int("max-queue", 64, 0, 1 << 20));
+  const double cache_gb = args.get_double("prefix-cache-gb", 4.0);
+  if (!(cache_gb >= 0)) fail("q35jit serve: --prefix-cache-gb must be >= 0, got {}", cache_gb);
+  sched.prefix_cache_bytes = size_t(cache_gb * double(1ull << 30));
+  sched.snapshot_block = args.get_int("prefix-cache-block", 512, 1, int64_t(1) << 30);
+
+  auto t_load = std::chrono::steady_clock::now();
+  std::optional<ModelInfo> info;
+  qwen35::GenerationConfig generation;
+  std::unique_ptr<Engine> engine;
+  std::optional<Tokenizer> tok;
+  std::string name;
+  if (auto dir = args.get("model")) {
+    info = load_model_info(*dir);
+    generation = info->generation;
+    tok.emplace(load_tokenizer(info->dir));
+    auto tmpl = folder_chat_template(info->dir);
+    if (!tmpl || !qwen35::is_qwen35_chat_template(*tmpl))
+      log(fmt::format("notice: the chat template of {} {} the Qwen3.5 one; prompts are rendered in the Qwen3.5 "
+                      "format (models/qwen35/chat)",
+                      *dir, tmpl ? "differs from" : "is missing, not"));
+    engine = make_engine(args, *info, 32768, log);
+    name = std::filesystem::path(*dir).lexically_normal().filename().string();
+    if (name.empty()) name = std::filesystem::path(*dir).lexically_normal().parent_path().filename().string();
+  } else {
+    const qwen35::Config config = qwen35::Config::preset(*args.get("synthetic"));
+    tok.emplace(load_tokenizer(*args.get("tokenizer")));
+    engine = make_synthetic_engine(args, config, 32768, log);
+    name = "synthetic-" + *args.get("synthetic");
+  }
+  name = args.get("served-name").value_or(name);
+  log(fmt::format("loaded {} in {:.0f} ms (device {}, context {})", name, ms_since(t_load), engine->device(),
+                  engine->max_context()));
+
+  server::Metrics metrics;
+  server::Scheduler scheduler(*engine, *tok, qwen35::stop_token_ids(*tok, generation), sched, metrics, log);
+  server::Api api({*tok, generation, name, engine->max_context()}, scheduler, metrics,
+                  args.get("api-key").value_or(""), log);
+  server::HttpServer server(http, api);
+  // Tests and scripts read this line for the port.
+  std::fprintf(stderr, "[q35jit] serving %s on http://%s:%d\n", name.c_str(), http.host.c_str(), server.port());
+
+  std::atomic<bool> stop{false};
+  std::thread waiter([&] {
+    int sig = 0;
+    sigwait(&signals, &sig);
+    stop = true;
+  });
+  server.run(stop);
+  waiter.join();
+  log("stopped");
+  return 0;
+}
+
+}  // namespace q35::cli
