@@ -40,6 +40,8 @@ struct ToolCall {
 };
 
 struct ChatMessage {
+  ChatMessage() = default;
+  ChatMessage(std::string r, std::string c) : role(std::move(r)), content(std::move(c)) {}
   std::string role;  // "system", "user", "assistant" or "tool"
   std::string content;
   std::optional<std::string> reasoning_content;  // assistant: replaces a <think> block in content
