@@ -26,6 +26,13 @@ size_t trailing_space(std::string_view s) {
   return n;
 }
 
+// What must wait for more text: a tail that may start `tag`, with the whitespace before it (dropped
+// if the tag follows).
+size_t held_back(std::string_view s, std::string_view tag) {
+  const size_t p = partial_tail(s, tag);
+  return p + trailing_space(s.substr(0, s.size() - p));
+}
+
 std::string strip(std::string_view s) {
   const size_t b = s.find_first_not_of(" \t\r\n");
   if (b == std::string_view::npos) return {};
@@ -96,7 +103,7 @@ void ChatOutputParser::step(ChatDelta& out, bool final) {
         skip_newlines_ = true;
         continue;
       }
-      size_t hold = final ? 0 : std::max(partial_tail(buf_, kThinkEnd), trailing_space(buf_));
+      size_t hold = final ? 0 : held_back(buf_, kThinkEnd);
       out.reasoning += buf_.substr(0, buf_.size() - hold);
       buf_.erase(0, buf_.size() - hold);
       return;
@@ -114,14 +121,16 @@ void ChatOutputParser::step(ChatDelta& out, bool final) {
       if (parse_tools_) {
         if (size_t at = buf_.find(kCallOpen); at != std::string::npos) {
           std::string_view c = std::string_view(buf_).substr(0, at);
-          out.content += c.substr(0, c.size() - trailing_space(c));
+          const size_t ws = trailing_space(c);
+          out.content += c.substr(0, c.size() - ws);
+          space_before_call_ = std::string(c.substr(c.size() - ws));
           buf_.erase(0, at + kCallOpen.size());
           mode_ = Mode::ToolCall;
           name_sent_ = false;
           continue;
         }
       }
-      size_t hold = final || !parse_tools_ ? 0 : std::max(partial_tail(buf_, kCallOpen), trailing_space(buf_));
+      size_t hold = final || !parse_tools_ ? 0 : held_back(buf_, kCallOpen);
       out.content += buf_.substr(0, buf_.size() - hold);
       buf_.erase(0, buf_.size() - hold);
       return;
@@ -140,7 +149,7 @@ void ChatOutputParser::step(ChatDelta& out, bool final) {
       } else if (final || (f == std::string::npos && buf_.size() > kFunction.size() + 8) ||
                  (f != std::string::npos && !strip(std::string_view(buf_).substr(0, f)).empty())) {
         // Not a call after all: the text is content.
-        out.content += std::string(kCallOpen) + buf_;
+        out.content += space_before_call_ + std::string(kCallOpen) + buf_;
         buf_.clear();
         mode_ = Mode::Content;
         if (final) return;

@@ -67,6 +67,7 @@ class ChatOutputParser {
   std::string buf_;          // text not yet classified
   bool skip_newlines_ = false;  // drop newlines at the start of content
   bool name_sent_ = false;      // the current call's first delta went out
+  std::string space_before_call_;  // dropped before <tool_call>; back if it was not a call
   std::vector<ParsedToolCall> calls_;
 };
 
