@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Installs what q35jit needs to build and test, from Debian packages and PyPI only.
 #   scripts/setup.sh          build dependencies (Debian packages) + check the CUDA toolkit
-#   scripts/setup.sh --test   also the Python venv (.venv) used to make the tokenizer goldens
+#   scripts/setup.sh --test   also the Python venv (.venv) for the tokenizer goldens and the server tests
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DEB_PACKAGES=(cmake g++ make pkg-config libfmt-dev nlohmann-json3-dev doctest-dev libpcre2-dev libutf8proc-dev python3-venv)
+DEB_PACKAGES=(cmake g++ make pkg-config libfmt-dev nlohmann-json3-dev doctest-dev libpcre2-dev libutf8proc-dev libboost-dev python3-venv)
 
 missing=()
 for p in "${DEB_PACKAGES[@]}"; do
@@ -27,13 +27,13 @@ if [ ! -f "$CUDA_HOME/include/nvrtc.h" ] || [ ! -f "$CUDA_HOME/include/cuda.h" ]
 fi
 
 if [ "${1:-}" = "--test" ]; then
-  REQ=tests/python/requirements-goldens.txt
+  REQS=(tests/python/requirements-goldens.txt tests/python/requirements-server.txt)
   STAMP=.venv/.requirements.sha256
-  want=$(sha256sum "$REQ" | cut -d' ' -f1)
+  want=$(cat "${REQS[@]}" | sha256sum | cut -d' ' -f1)
   if [ ! -x .venv/bin/python ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
-    echo "[setup] creating .venv from $REQ"
+    echo "[setup] creating .venv from ${REQS[*]}"
     python3 -m venv .venv
-    .venv/bin/python -m pip install -q --disable-pip-version-check -r "$REQ"
+    .venv/bin/python -m pip install -q --disable-pip-version-check "${REQS[@]/#/-r}"
     echo "$want" > "$STAMP"
   fi
 fi
