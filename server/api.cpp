@@ -64,7 +64,12 @@ std::string Api::next_id(const char* prefix) {
 
 void Api::handle(const HttpRequest& req, ResponseWriter& out) {
   int status = 200;
-  std::string endpoint = req.path;
+  // Metrics label: the known paths, everything else as "other" (bounded label values).
+  static constexpr std::string_view kPaths[] = {"/health", "/metrics", "/v1/models", "/v1/chat/completions",
+                                                "/v1/completions", "/tokenize"};
+  std::string endpoint = "other";
+  for (std::string_view p : kPaths)
+    if (req.path == p) endpoint = std::string(p);
   try {
     const bool is_v1 = req.path.starts_with("/v1/") || req.path == "/tokenize";
     if (is_v1 && !api_key_.empty() && req.authorization != "Bearer " + api_key_)
@@ -106,7 +111,6 @@ void Api::handle(const HttpRequest& req, ResponseWriter& out) {
                 {"max_model_len", ctx_.max_context}};
       out.send(200, "application/json", j.dump(-1, ' ', false, json::error_handler_t::replace));
     } else {
-      endpoint = "other";
       throw ApiError(404, "invalid_request_error", fmt::format("Unknown path {}", req.path), "", "not_found");
     }
   } catch (const ApiError& e) {
