@@ -65,12 +65,14 @@ Scheduler::Scheduler(cli::Engine& engine, const Tokenizer& tokenizer, std::vecto
     : engine_(engine), tok_(tokenizer), stop_ids_(std::move(stop_ids)), options_(options), metrics_(metrics),
       log_(std::move(log)), cache_(options.prefix_cache_bytes), rng_(std::random_device{}()) {
   token_text_.resize(size_t(tok_.num_ids()));
+  assigned_.resize(size_t(tok_.num_ids()), false);
   for (int32_t id = 0; id < tok_.num_ids(); ++id) {
-    if (tok_.is_special(id)) continue;
     try {
-      token_text_[size_t(id)] = std::string(tok_.token_bytes(id));
+      std::string_view bytes = tok_.token_bytes(id);
+      assigned_[size_t(id)] = true;
+      if (!tok_.is_special(id)) token_text_[size_t(id)] = std::string(bytes);
     } catch (const Error&) {
-      // an id the vocabulary does not assign: never allowed by a constraint
+      // an id the vocabulary does not assign: decodes to nothing, never allowed by a constraint
     }
   }
   thread_ = std::thread([this] { worker(); });
@@ -173,6 +175,7 @@ void Scheduler::run(Job& job) {
 
   // Token choice: on the engine (GPU sampling), or on the host when logprobs or a constraint need
   // the logits.
+  auto assigned = [&](int32_t id) { return id >= 0 && size_t(id) < assigned_.size() && assigned_[size_t(id)]; };
   const bool host = r.logprobs || !r.name_choices.empty();
   std::string name_text;  // tool_choice "required": the function name generated so far
   bool name_done = r.name_choices.empty();
@@ -233,7 +236,7 @@ void Scheduler::run(Job& job) {
       Logprobs lp = logprobs_of(logits, next, r.top_logprobs);
       auto entry = [&](int32_t id, float v) {
         TokenLogprob t;
-        std::string_view raw = tok_.token_bytes(id);
+        std::string_view raw = assigned(id) ? tok_.token_bytes(id) : std::string_view();
         t.bytes.assign(raw.begin(), raw.end());
         utf8_decode_lossy(raw, true, t.token);
         t.logprob = v;
@@ -249,11 +252,12 @@ void Scheduler::run(Job& job) {
       break;
     }
     if (!name_done) {
-      name_text += token_text_[size_t(next)];
+      name_text += assigned(next) ? token_text_[size_t(next)] : std::string();
       for (const auto& c : r.name_choices) name_done = name_done || c == name_text;
     }
     ChatDelta d = std::exchange(pending, {});
-    d.append(parse(stop.push(decoder.push(next))));
+    // A padding id of the model's vocabulary (random weights can sample one) decodes to nothing.
+    d.append(parse(stop.push(assigned(next) ? decoder.push(next) : std::string())));
     emit(std::move(d), std::move(lps));
     if (stop.stopped()) {
       finish = "stop";

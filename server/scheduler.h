@@ -110,6 +110,7 @@ class Scheduler {
   bool stopping_ = false;
   std::atomic<int64_t> running_{0}, cache_bytes_{0}, cache_entries_{0};
   std::vector<std::string> token_text_;  // bytes of every id (empty: special or unassigned)
+  std::vector<bool> assigned_;           // ids the tokenizer can decode (a model's padded vocabulary has more)
   std::thread thread_;
 };
 
