@@ -99,7 +99,6 @@ TEST_CASE("Scripted replies through the scheduler and the API: tool calls, strea
       "<parameter=days>\n3\n</parameter>\n</function>\n</tool_call><|im_end|>");
   ScriptedEngine engine(script, 1536);
   Metrics metrics;
-  std::vector<std::string> log;
   SchedulerOptions opts;
   opts.snapshot_block = 16;
   Scheduler scheduler(engine, tok, q35::qwen35::stop_token_ids(tok, gen), opts, metrics,
