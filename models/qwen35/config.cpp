@@ -88,6 +88,7 @@ constexpr std::string_view kInertKeys[] = {
     "cross_attention_hidden_size", "output_attentions", "output_hidden_states", "return_dict", "problem_type",
     "tokenizer_class", "torchscript", "pruned_heads", "tf_legacy_loss", "finetuning_task", "prefix",
     "task_specific_params", "mtp_num_hidden_layers", "mtp_use_dedicated_embeddings", "quantization_config",
+    "q35jit_quantization",
     "text_config", "vision_config", "image_token_id", "video_token_id", "vision_start_token_id",
     "vision_end_token_id", "base_config_key", "max_length", "min_length", "do_sample", "early_stopping",
     "num_beams", "num_beam_groups", "diversity_penalty", "temperature", "top_k", "top_p", "typical_p",

@@ -1,0 +1,444 @@
+// Official quantized checkpoints (models/qwen35/hf_quant.h): FP8 e4m3 with 128x128-style block
+// scales and GPTQ-Int4, read exactly by the CPU reference, GPTQ mapped onto our INT4 layout
+// bit-exactly, `q35jit quantize` from both, and one clear error per kind of damaged metadata.
+// The checkpoints are built here from the formats' definitions (independent of the loader): random
+// codes and scales, packed as GPTQ / FP8 store them, with the values they mean computed directly.
+#include <doctest/doctest.h>
+
+#include <bit>
+#include <cmath>
+#include <random>
+
+#include "models/qwen35/cpu_model.h"
+#include "models/qwen35/hf_quant.h"
+#include "models/qwen35/quantized.h"
+#include "models/qwen35/weights.h"
+#include "runtime/core/half.h"
+#include "runtime/core/int4_format.h"
+#include "runtime/io/json_file.h"
+#include "runtime/io/safetensors.h"
+#include "tests/synthetic_checkpoint.h"
+#include "tests/test_util.h"
+
+using namespace q35;
+using namespace q35::qwen35;
+namespace fs = std::filesystem;
+using q35::test::contains;
+using q35::test::error_of;
+
+namespace {
+
+template <typename T>
+std::vector<uint8_t> bytes_of(const std::vector<T>& v) {
+  std::vector<uint8_t> b(v.size() * sizeof(T));
+  std::memcpy(b.data(), v.data(), b.size());
+  return b;
+}
+
+// A normal fp16 scale around 2^-6 .. 2^-3 with a random 10-bit mantissa (so that fp16 -> bf16 is
+// inexact for most of them).
+uint16_t random_f16_scale(std::mt19937_64& rng) {
+  const uint16_t exp = uint16_t(15 - 6 + rng() % 4), man = uint16_t(rng() % 1024);
+  return uint16_t(exp << 10 | man);
+}
+
+// GPTQ tensors of one [N, K] weight with random codes, as the format stores them, and the values
+// they mean: w[n, k] = (q[k, n] - 8) * scale[k / G, n].
+struct GptqWeight {
+  std::vector<int32_t> qweight, qzeros, g_idx;
+  std::vector<uint16_t> scales;
+  std::vector<float> values;  // [N, K]
+  std::vector<uint8_t> codes;  // q[n * K + k]
+};
+
+GptqWeight make_gptq(int64_t N, int64_t K, int64_t G, int zero_offset, std::mt19937_64& rng) {
+  GptqWeight g;
+  const int64_t zcols = (N + 7) / 8;
+  g.qweight.assign(size_t(K / 8 * N), 0);
+  g.qzeros.assign(size_t(K / G * zcols), 0);
+  g.scales.resize(size_t(K / G * N));
+  g.values.resize(size_t(N * K));
+  g.codes.resize(size_t(N * K));
+  for (auto& s : g.scales) s = random_f16_scale(rng);
+  for (int64_t gi = 0; gi < K / G; ++gi)
+    for (int64_t n = 0; n < N; ++n)
+      g.qzeros[size_t(gi * zcols + n / 8)] |= int32_t(uint32_t(8 - zero_offset) << (4 * (n % 8)));
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t k = 0; k < K; ++k) {
+      const uint8_t q = uint8_t(rng() % 16);
+      g.codes[size_t(n * K + k)] = q;
+      g.qweight[size_t(k / 8 * N + n)] |= int32_t(uint32_t(q) << (4 * (k % 8)));
+      g.values[size_t(n * K + k)] = float(int(q) - 8) * f16_to_f32(g.scales[size_t(k / G * N + n)]);
+    }
+  for (int64_t k = 0; k < K; ++k) g.g_idx.push_back(int32_t(k / G));
+  return g;
+}
+
+// An FP8 weight [N, K] with block scales [ceil(N / bn), ceil(K / bk)] and the values it means.
+struct Fp8Weight {
+  std::vector<uint8_t> w;
+  std::vector<float> scale_inv, values;
+};
+
+Fp8Weight make_fp8(int64_t N, int64_t K, int64_t bn, int64_t bk, std::mt19937_64& rng) {
+  Fp8Weight f;
+  const int64_t sn = (N + bn - 1) / bn, sk = (K + bk - 1) / bk;
+  for (int64_t i = 0; i < sn * sk; ++i) f.scale_inv.push_back(std::ldexp(1.0f + float(rng() % 1000) / 1000.f, -8));
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t k = 0; k < K; ++k) {
+      uint8_t b = uint8_t(rng() % 256);
+      if ((b & 0x7f) == 0x7f) b = 0x3c;  // no NaN codes
+      f.w.push_back(b);
+      // e4m3fn from its definition: (-1)^s 2^(e-7) (1 + m/8), or 2^-6 m/8 when e = 0.
+      const int s = b >> 7, e = (b >> 3) & 15, m = b & 7;
+      const double v = (e == 0 ? std::ldexp(m / 8.0, -6) : std::ldexp(1.0 + m / 8.0, e - 7)) * (s ? -1 : 1);
+      f.values.push_back(float(v) * f.scale_inv[size_t(n / bn * sk + k / bk)]);
+    }
+  return f;
+}
+
+// A config whose every projection K is a multiple of 64 (so `q35jit quantize --group-size 32 / 64` apply).
+Config config64() {
+  Config c = test::tiny_config();
+  c.hidden_size = 64;
+  c.moe_intermediate_size = 64;
+  c.shared_expert_intermediate_size = 64;
+  return c;
+}
+
+bool is_expert(const std::string& name) { return contains(name, ".mlp.experts."); }
+bool fp8_candidate(const std::string& name, const std::vector<int64_t>& shape) {
+  // As in the official FP8 checkpoints: projections and experts in fp8; embeddings, lm_head, router,
+  // shared-expert gate, conv1d, in_proj_a/b, A_log, dt_bias and norms in bf16.
+  return shape.size() == 2 && is_quantized_weight(name) && name != "lm_head.weight" &&
+         !contains(name, "in_proj_a") && !contains(name, "in_proj_b");
+}
+
+// Writes a per-expert bf16 checkpoint of `c` into `dir`, then stores it as an FP8 or GPTQ
+// checkpoint. Returns every logical weight's exact values.
+std::map<std::string, HostTensor> write_quantized(const fs::path& dir, const Config& c, QuantMethod method,
+                                                  int64_t group = 8, int zero_offset = 1, uint64_t seed = 5) {
+  test::SyntheticOptions o;
+  o.experts = ExpertLayout::PerExpert;
+  o.extras = false;
+  std::map<std::string, HostTensor> values = test::write_synthetic_checkpoint(dir, c, o);
+  std::mt19937_64 rng(seed);
+  std::vector<std::vector<uint8_t>> keep;  // the new tensors' bytes, alive until the file is written
+  test::rewrite_safetensors(dir / "model.safetensors", [&](std::vector<TensorToWrite>& tensors) {
+    keep.reserve(4 * tensors.size());
+    std::vector<TensorToWrite> out;
+    for (const TensorToWrite& t : tensors) {
+      const std::string module = t.name.substr(0, t.name.size() - 7);
+      if (method == QuantMethod::GPTQ && is_expert(t.name)) {
+        const int64_t N = t.shape[0], K = t.shape[1];
+        GptqWeight g = make_gptq(N, K, group, zero_offset, rng);
+        values[t.name].data = g.values;
+        auto add = [&](const std::string& name, DType dt, std::vector<int64_t> shape, std::vector<uint8_t> b) {
+          keep.push_back(std::move(b));
+          out.push_back({name, dt, std::move(shape), keep.back()});
+        };
+        add(module + ".qweight", DType::I32, {K / 8, N}, bytes_of(g.qweight));
+        add(module + ".qzeros", DType::I32, {K / group, (N + 7) / 8}, bytes_of(g.qzeros));
+        add(module + ".scales", DType::F16, {K / group, N}, bytes_of(g.scales));
+        add(module + ".g_idx", DType::I32, {K}, bytes_of(g.g_idx));
+      } else if (method == QuantMethod::FP8 && fp8_candidate(t.name, t.shape)) {
+        const int64_t N = t.shape[0], K = t.shape[1];
+        Fp8Weight f = make_fp8(N, K, 16, 16, rng);  // small blocks so that tiny weights have several
+        values[t.name].data = f.values;
+        keep.push_back(f.w);
+        out.push_back({t.name, DType::F8_E4M3, t.shape, keep.back()});
+        keep.push_back(bytes_of(f.scale_inv));
+        out.push_back({module + ".weight_scale_inv", DType::F32, {(N + 15) / 16, (K + 15) / 16}, keep.back()});
+      } else {
+        out.push_back(t);
+      }
+    }
+    tensors = std::move(out);
+  });
+  nlohmann::json cfg = read_json_file(dir / "config.json");
+  if (method == QuantMethod::GPTQ)
+    cfg["quantization_config"] = {{"quant_method", "gptq"}, {"bits", 4}, {"group_size", group}, {"sym", true},
+                                  {"desc_act", false}, {"checkpoint_format", zero_offset ? "gptq" : "gptq_v2"},
+                                  {"dynamic", {{"-:.*shared_expert.*", nlohmann::json::object()}}}};
+  else
+    cfg["quantization_config"] = {{"quant_method", "fp8"}, {"fmt", "e4m3"}, {"activation_scheme", "dynamic"},
+                                  {"weight_block_size", {16, 16}}};
+  test::write_json(dir / "config.json", cfg);
+  return values;
+}
+
+void check_host_weights_equal(const HostWeights& w, const Config& c, const std::map<std::string, HostTensor>& values) {
+  const std::string P = "model.language_model.";
+  for (int64_t i = 0; i < c.num_layers; ++i) {
+    const MoeWeights& m = w.layers[size_t(i)].moe;
+    const int64_t I = c.moe_intermediate_size, H = c.hidden_size;
+    for (int64_t e = 0; e < c.num_experts; ++e) {
+      const std::string X = fmt::format("{}layers.{}.mlp.experts.{}.", P, i, e);
+      const std::vector<float>& gate = values.at(X + "gate_proj.weight").data;
+      const std::vector<float>& down = values.at(X + "down_proj.weight").data;
+      CHECK(std::equal(gate.begin(), gate.end(), m.experts_gate_up.data.begin() + e * 2 * I * H));
+      CHECK(std::equal(down.begin(), down.end(), m.experts_down.data.begin() + e * H * I));
+    }
+    if (w.layers[size_t(i)].type == LayerType::LinearAttention) {
+      const std::string A = fmt::format("{}layers.{}.linear_attn.", P, i);
+      CHECK(w.layers[size_t(i)].linear.in_proj_qkv.data == values.at(A + "in_proj_qkv.weight").data);
+      CHECK(w.layers[size_t(i)].linear.in_proj_a.data == values.at(A + "in_proj_a.weight").data);
+    } else {
+      CHECK(w.layers[size_t(i)].attn.o_proj.data ==
+            values.at(fmt::format("{}layers.{}.self_attn.o_proj.weight", P, i)).data);
+    }
+  }
+  CHECK(w.lm_head.data == values.at("lm_head.weight").data);
+}
+
+// A float (F32) checkpoint holding exactly `values`, in the same per-expert layout.
+void write_f32_twin(const fs::path& dir, const Config& c, const std::map<std::string, HostTensor>& values) {
+  test::SyntheticOptions o;
+  o.experts = ExpertLayout::PerExpert;
+  o.extras = false;
+  o.dtype = DType::F32;
+  test::write_synthetic_checkpoint(dir, c, o);
+  test::rewrite_safetensors(dir / "model.safetensors", [&](std::vector<TensorToWrite>& tensors) {
+    for (TensorToWrite& t : tensors) {
+      const std::vector<float>& v = values.at(t.name).data;
+      t.bytes = {reinterpret_cast<const uint8_t*>(v.data()), v.size() * 4};
+    }
+  });
+}
+
+}  // namespace
+
+TEST_CASE("fp8 e4m3fn decoding: every code against the definition") {
+  for (int b = 0; b < 256; ++b) {
+    CAPTURE(b);
+    const float v = fp8_e4m3_to_f32(uint8_t(b));
+    if ((b & 0x7f) == 0x7f) {
+      CHECK(std::isnan(v));
+      continue;
+    }
+    const int s = b >> 7, e = (b >> 3) & 15, m = b & 7;
+    const double want = (e == 0 ? m / 8.0 * std::pow(2.0, -6) : (1 + m / 8.0) * std::pow(2.0, e - 7)) * (s ? -1 : 1);
+    CHECK(double(v) == want);
+  }
+  CHECK(fp8_e4m3_to_f32(0x7e) == 448.f);
+  CHECK(fp8_e4m3_to_f32(0x38) == 1.f);
+  CHECK(fp8_e4m3_to_f32(0x01) == std::ldexp(1.f, -9));
+  CHECK(fp8_e4m3_to_f32(0xc0) == -2.f);
+}
+
+TEST_CASE("GPTQ -> our INT4 layout: codes bit-exact, scales transposed, zeros checked") {
+  std::mt19937_64 rng(11);
+  const int64_t N = 40, K = 256, G = 128;  // N not a multiple of 8: the last qzeros word is partial
+  for (int offset : {1, 0}) {
+    CAPTURE(offset);
+    const GptqWeight g = make_gptq(N, K, G, offset, rng);
+    const GptqInt4 m = gptq_repack(g.qweight, g.qzeros, g.scales, N, K, G, offset, "w");
+    REQUIRE(m.qweight.size() == size_t(N * K / 8));
+    int mismatches = 0;
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t k = 0; k < K; ++k) {
+        const uint32_t word = m.qweight[size_t(n * (K / 8) + k / 8)];
+        const int u = int((word >> (4 * int4::nibble_slot(int(k % 8)))) & 0xf);
+        mismatches += u != g.codes[size_t(n * K + k)];
+      }
+    CHECK(mismatches == 0);
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t gi = 0; gi < K / G; ++gi) CHECK(m.scales_f16[size_t(n * (K / G) + gi)] == g.scales[size_t(gi * N + n)]);
+    // Dequantized through our INT4 reference with the fp16 scales: exactly the GPTQ values.
+    CHECK(int4::dequantize(m.qweight, m.scales_f32(), N, K, G) == g.values);
+  }
+  // v1 stores zero - 1 = 7; a stored 8 read as v1 is zero 9, which a symmetric weight cannot have.
+  const GptqWeight v2 = make_gptq(8, 16, 8, 0, rng);
+  CHECK(error_of([&] { gptq_repack(v2.qweight, v2.qzeros, v2.scales, 8, 16, 8, 1, "layers.0.mlp.experts.3.up_proj"); }) ==
+        "layers.0.mlp.experts.3.up_proj.qzeros: zero point 9 (stored 8) at group 0, column 0: a symmetric 4-bit GPTQ "
+        "weight has zero point 8 (stored 7 with checkpoint_format \"gptq\", 8 with \"gptq_v2\")");
+}
+
+TEST_CASE("GPTQ fp16 scales -> bf16 for the GPU kernels: at most 2^-8 relative, exact when representable") {
+  // Every finite positive fp16 value: bf16 rounding changes w = q * s by at most 2^-8 |w|.
+  double worst = 0;
+  int exact = 0, total = 0;
+  for (uint32_t h = 1; h < 0x7c00; ++h) {
+    GptqInt4 g{1, 8, 8, {0}, {uint16_t(h)}};
+    const float s = f16_to_f32(uint16_t(h)), b = bf16_to_f32(g.scales_bf16()[0]);
+    const double rel = std::fabs(double(b) - double(s)) / double(s);
+    worst = std::max(worst, rel);
+    ++total;
+    exact += b == s;
+    // Representable in bf16 (the low 16 bits of its fp32 pattern zero) <=> rounding leaves it unchanged.
+    CHECK((b == s) == ((std::bit_cast<uint32_t>(s) & 0xffffu) == 0));
+  }
+  CHECK(worst <= std::ldexp(1.0, -8));
+  CHECK(worst > std::ldexp(1.0, -9));  // the bound is attained up to a factor < 2
+  CHECK(exact > 0);
+  CHECK(exact < total);
+}
+
+TEST_CASE("quantization_config parsing: supported forms and one clear error per unsupported option") {
+  test::TempDir dir("hfq-config");
+  auto parse = [&](nlohmann::json qc) {
+    test::write_json(dir / "config.json", {{"text_config", {{"quantization_config", nullptr}}}, {"quantization_config", qc}});
+    return HfQuant::from_config(dir / "config.json");
+  };
+  const std::string file = (dir / "config.json").string();
+  HfQuant fp8 = parse({{"quant_method", "fp8"}, {"fmt", "e4m3"}, {"activation_scheme", "dynamic"}, {"weight_block_size", {128, 128}},
+                       {"modules_to_not_convert", {"lm_head"}}});
+  CHECK(fp8.method == QuantMethod::FP8);
+  CHECK(fp8.fp8_block_n == 128);
+  CHECK(fp8.describe() == "fp8 e4m3, blocks 128x128");
+  HfQuant gptq = parse({{"quant_method", "gptq"}, {"bits", 4}, {"group_size", 128}, {"sym", true}, {"desc_act", false},
+                        {"dynamic", {{"-:.*attn.*", nlohmann::json::object()}}}});
+  CHECK(gptq.method == QuantMethod::GPTQ);
+  CHECK(gptq.gptq_zero_offset == 1);
+  CHECK(parse({{"quant_method", "gptq"}, {"bits", 4}, {"group_size", 128}, {"checkpoint_format", "gptq_v2"}}).gptq_zero_offset == 0);
+  CHECK(error_of([&] { parse({{"quant_method", "awq"}}); }) ==
+        file + ": quantization_config.quant_method \"awq\" is not supported (supported: fp8, gptq)");
+  CHECK(error_of([&] { parse({{"quant_method", "gptq"}, {"bits", 8}, {"group_size", 128}}); }) ==
+        file + ": quantization_config.bits: expected 4 (GPTQ-Int4), found 8");
+  CHECK(contains(error_of([&] { parse({{"quant_method", "gptq"}, {"bits", 4}, {"group_size", 128}, {"sym", false}}); }),
+                 "quantization_config.sym: asymmetric GPTQ is not supported"));
+  CHECK(contains(error_of([&] { parse({{"quant_method", "gptq"}, {"bits", 4}, {"group_size", 128}, {"desc_act", true}}); }),
+                 "quantization_config.desc_act"));
+  CHECK(contains(error_of([&] {
+                   parse({{"quant_method", "gptq"}, {"bits", 4}, {"group_size", 128}, {"dynamic", {{"+:.*down.*", {{"bits", 8}}}}}});
+                 }),
+                 "quantization_config.dynamic[\"+:.*down.*\"]: per-module overrides are not supported"));
+  CHECK(contains(error_of([&] { parse({{"quant_method", "fp8"}, {"fmt", "e5m2"}, {"weight_block_size", {128, 128}}}); }),
+                 "quantization_config.fmt: expected \"e4m3\", found \"e5m2\""));
+  CHECK(contains(error_of([&] { parse({{"quant_method", "fp8"}, {"weight_block_size", {128, 128}}, {"activation_scheme", "static"}}); }),
+                 "quantization_config.activation_scheme: \"static\" is not supported"));
+  CHECK(contains(error_of([&] { parse({{"quant_method", "fp8"}}); }), "quantization_config.weight_block_size: expected"));
+}
+
+TEST_CASE("GPTQ checkpoint: the CPU reference reads the experts exactly and the logits equal an fp32 twin") {
+  const Config c = test::tiny_config();
+  for (int offset : {1, 0}) {
+    CAPTURE(offset);
+    test::TempDir dir("hfq-gptq"), twin("hfq-gptq-twin");
+    const auto values = write_quantized(dir.path(), c, QuantMethod::GPTQ, 8, offset);
+    Checkpoint ckpt(dir.path());
+    CHECK(detect_layout(ckpt).experts == ExpertLayout::PerExpert);
+    validate_checkpoint(c, ckpt);
+    const HostWeights w = load_host_weights(c, ckpt);
+    check_host_weights_equal(w, c, values);
+
+    write_f32_twin(twin.path(), c, values);
+    Checkpoint twin_ckpt(twin.path());
+    CpuModel a(c, load_host_weights(c, ckpt)), b(c, load_host_weights(c, twin_ckpt));
+    CpuState sa = a.new_state(32), sb = b.new_state(32);
+    const std::vector<int32_t> tokens = {3, 17, 42, 5, 77, 8, 1, 64};
+    CHECK(a.forward(sa, tokens, true) == b.forward(sb, tokens, true));
+  }
+}
+
+TEST_CASE("FP8 checkpoint: block-scaled weights dequantized exactly; bf16 modules as they are") {
+  const Config c = test::tiny_config();
+  test::TempDir dir("hfq-fp8"), twin("hfq-fp8-twin");
+  const auto values = write_quantized(dir.path(), c, QuantMethod::FP8);
+  Checkpoint ckpt(dir.path());
+  CHECK(ckpt.get("model.language_model.layers.0.linear_attn.in_proj_qkv.weight").info->dtype == DType::F8_E4M3);
+  CHECK(ckpt.get("model.language_model.layers.0.linear_attn.in_proj_a.weight").info->dtype == DType::BF16);
+  const HostWeights w = load_host_weights(c, ckpt);
+  check_host_weights_equal(w, c, values);
+  write_f32_twin(twin.path(), c, values);
+  Checkpoint twin_ckpt(twin.path());
+  CpuModel a(c, load_host_weights(c, ckpt)), b(c, load_host_weights(c, twin_ckpt));
+  CpuState sa = a.new_state(32), sb = b.new_state(32);
+  const std::vector<int32_t> tokens = {9, 2, 33, 71, 4};
+  CHECK(a.forward(sa, tokens, true) == b.forward(sb, tokens, true));
+}
+
+TEST_CASE("damaged quantization metadata: one error naming the tensor") {
+  const Config c = test::tiny_config();
+  const std::string X = "model.language_model.layers.1.mlp.experts.2.down_proj";
+  const std::string Q = "model.language_model.layers.0.linear_attn.out_proj";
+  auto damaged = [&](QuantMethod method, auto edit) {
+    test::TempDir dir("hfq-bad");
+    write_quantized(dir.path(), c, method);
+    test::rewrite_safetensors(dir / "model.safetensors", edit);
+    return error_of([&] {
+      Checkpoint ckpt(dir.path());
+      load_host_weights(c, ckpt);
+    });
+  };
+  auto drop = [](const std::string& name) {
+    return [name](std::vector<TensorToWrite>& t) {
+      std::erase_if(t, [&](const TensorToWrite& x) { return x.name == name; });
+    };
+  };
+  auto reshape = [](const std::string& name, std::vector<int64_t> shape) {
+    return [name, shape](std::vector<TensorToWrite>& t) {
+      for (TensorToWrite& x : t)
+        if (x.name == name) {
+          x.shape = shape;
+          x.bytes = x.bytes.subspan(0, size_t(shape[0] * shape[1]) * dtype_size(x.dtype));
+        }
+    };
+  };
+  std::string e = damaged(QuantMethod::GPTQ, drop(X + ".scales"));
+  CHECK(contains(e, "tensor \"" + X + ".scales\" (GPTQ scales, group 8) [3, 32] not found"));
+  e = damaged(QuantMethod::GPTQ, reshape(X + ".qzeros", {1, 4}));
+  CHECK(contains(e, "tensor \"" + X + ".qzeros\" (GPTQ zeros, group 8): expected [3, 4] I32, found [1, 4] I32"));
+  const std::vector<int32_t> g_idx(24, 0);  // act-order-like: every k in group 0
+  e = damaged(QuantMethod::GPTQ, [&](std::vector<TensorToWrite>& t) {
+    for (TensorToWrite& x : t)
+      if (x.name == X + ".g_idx") x.bytes = {reinterpret_cast<const uint8_t*>(g_idx.data()), 24 * 4};
+  });
+  CHECK(contains(e, "tensor \"" + X + ".g_idx\""));
+  CHECK(contains(e, "g_idx[8] = 0, expected 1 (act-order / desc_act GPTQ is not supported)"));
+  e = damaged(QuantMethod::FP8, drop(Q + ".weight_scale_inv"));
+  CHECK(contains(e, "tensor \"" + Q + ".weight_scale_inv\" (the fp32 block scales of " + Q +
+                        ".weight, blocks 16x16) [2, 4] not found"));
+  e = damaged(QuantMethod::FP8, reshape(Q + ".weight_scale_inv", {1, 4}));
+  CHECK(contains(e, Q + ".weight_scale_inv"));
+  CHECK(contains(e, "expected [2, 4] F32/F16/BF16, found [1, 4] F32"));
+
+  // Quantized tensors without a quantization_config in config.json.
+  test::TempDir dir("hfq-noconfig");
+  write_quantized(dir.path(), c, QuantMethod::FP8);
+  nlohmann::json cfg = read_json_file(dir / "config.json");
+  cfg.erase("quantization_config");
+  test::write_json(dir / "config.json", cfg);
+  Checkpoint ckpt(dir.path());
+  CHECK(contains(error_of([&] { validate_checkpoint(c, ckpt); }),
+                 "is F8_E4M3, but " + (dir / "config.json").string() + " declares no fp8 quantization_config"));
+  // An unknown quant_method.
+  cfg["quantization_config"] = {{"quant_method", "bitsandbytes"}};
+  test::write_json(dir / "config.json", cfg);
+  CHECK(contains(error_of([&] { validate_checkpoint(c, ckpt); }),
+                 "quantization_config.quant_method \"bitsandbytes\" is not supported"));
+}
+
+TEST_CASE("q35jit quantize from GPTQ keeps the experts exactly; from FP8 quantizes the dequantized weights") {
+  const Config c = config64();
+  test::TempDir dir("hfq-qgptq"), fp8("hfq-qfp8");
+  const auto values = write_quantized(dir.path(), c, QuantMethod::GPTQ, 32);
+  const fs::path out = dir.path() / "w4a16";
+  CHECK(contains(error_of([&] { quantize_checkpoint(dir.path(), out, 64, 1); }),
+                 "GPTQ group size 32 differs from --group-size 64"));
+  const QuantizeReport r = quantize_checkpoint(dir.path(), out, 32, 2);
+  CHECK(r.rel_error.at("experts.gate_proj (gptq, exact)") == 0.0);
+  Checkpoint q(out);
+  validate_quantized_checkpoint(c, q, 32);
+  const std::string X = "model.language_model.layers.2.mlp.experts.1.up_proj.weight";
+  CHECK(q.get(X + ".scales").info->dtype == DType::F16);
+  CHECK_FALSE(read_json_file(out / "config.json").contains("quantization_config"));
+  // The CPU reference reads the written file: the experts are the GPTQ values, bit for bit.
+  const HostWeights w = load_host_weights(c, q);
+  for (int64_t e = 0; e < c.num_experts; ++e) {
+    const std::vector<float>& down = values.at(fmt::format("model.language_model.layers.3.mlp.experts.{}.down_proj.weight", e)).data;
+    CHECK(std::equal(down.begin(), down.end(),
+                     w.layers[3].moe.experts_down.data.begin() + e * c.hidden_size * c.moe_intermediate_size));
+  }
+
+  // FP8 -> W4A16: every projection equals our quantizer applied to the exact FP8 values.
+  const auto fvalues = write_quantized(fp8.path(), c, QuantMethod::FP8);
+  quantize_checkpoint(fp8.path(), fp8.path() / "w4a16", 32, 1);
+  Checkpoint f(fp8.path() / "w4a16");
+  const std::string P = "model.language_model.layers.3.self_attn.q_proj.weight";
+  const HostTensor& src = fvalues.at(P);
+  const int4::Quantized want = int4::quantize(src.data, src.shape[0], src.shape[1], 32);
+  const TensorRef qw = f.get(P + ".qweight");
+  CHECK(std::memcmp(qw.bytes.data(), want.qweight.data(), qw.bytes.size()) == 0);
+  CHECK(qw.bytes.size() == want.qweight.size() * 4);
+}
