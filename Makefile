@@ -32,8 +32,11 @@ goldens: test-deps
 	  .venv/bin/python tests/python/gen_tokenizer_goldens.py --out $(BUILD)/goldens && touch $(BUILD)/goldens/.stamp; \
 	fi
 
+# cuobjdump from the venv (PyPI nvidia-cuda-cuobjdump) reads the SASS of the sm_90a kernels.
+CUOBJDUMP = $(firstword $(wildcard $(CURDIR)/.venv/lib/python3*/site-packages/nvidia/cu13/bin/cuobjdump))
+
 test: build goldens
-	cd $(BUILD) && Q35_GOLDENS_DIR=$(CURDIR)/$(BUILD)/goldens ctest --output-on-failure -LE gpu -j $(JOBS)
+	cd $(BUILD) && Q35_GOLDENS_DIR=$(CURDIR)/$(BUILD)/goldens Q35_CUOBJDUMP=$(CUOBJDUMP) ctest --output-on-failure -LE gpu -j $(JOBS)
 
 clean:
 	rm -rf $(BUILD)

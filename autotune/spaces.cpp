@@ -29,6 +29,20 @@ int field(const json& j, const char* family, const char* key) {
   return int(v);
 }
 
+// The optional integer field `key` (absent: `fallback`).
+int field_or(const json& j, const char* family, const char* key, int fallback) {
+  return j.is_object() && j.contains(key) ? field(j, family, key) : fallback;
+}
+
+// The optional boolean field `key` (absent: false).
+bool flag(const json& j, const char* family, const char* key) {
+  if (!j.is_object()) fail("tune config of {}: not a JSON object", family);
+  auto it = j.find(key);
+  if (it == j.end()) return false;
+  if (!it->is_boolean()) fail("tune config of {}: field \"{}\" is not true or false", family, key);
+  return it->get<bool>();
+}
+
 }  // namespace
 
 const std::vector<std::string>& families() {
@@ -79,9 +93,19 @@ std::vector<GemvTile> gemv_bf16_candidates(int64_t n, int64_t k, int64_t m) {
   return out;
 }
 
-std::vector<GemmTile> gemm_candidates(int64_t n, int64_t k, int64_t m) {
+std::vector<GemmTile> gemm_candidates(int64_t n, int64_t k, int64_t m, bool wgmma) {
   std::vector<GemmTile> out;
   const int64_t max_bm = std::max<int64_t>(64, pow2_at_least(m));
+  if (wgmma) {
+    for (int wm : {1, 2})
+      for (int bn : {64, 128, 256})
+        for (int wn : {1, 2})
+          for (int stages : {3, 4, 5}) {
+            GemmTile t{64 * wm, bn, 64, wm, wn, stages, true};
+            if (t.bm <= max_bm && why_invalid(t, n, k).empty()) out.push_back(t);
+          }
+    return out;
+  }
   for (int bm : {64, 128, 256})
     for (int bn : {64, 128, 256})
       for (int bk : {32, 64})
@@ -116,17 +140,25 @@ std::vector<MoeDecodeConfig> moe_decode_candidates(const MoeShape& s) {
   return out;
 }
 
-std::vector<MoeGemmTile> moe_gemm_candidates(const MoeShape& s, int64_t) {
+std::vector<MoeGemmTile> moe_gemm_candidates(const MoeShape& s, int64_t, bool wgmma) {
   std::vector<MoeGemmTile> out;
+  auto add = [&](const MoeGemmTile& t) {
+    for (MoeGemm g : {MoeGemm::RoutedGateUp, MoeGemm::RoutedDown, MoeGemm::SharedGateUp, MoeGemm::SharedDown})
+      if (!why_invalid(t, s, g).empty()) return;
+    out.push_back(t);
+  };
+  if (wgmma) {
+    for (int wm : {1, 2})
+      for (int bn : {64, 128, 256})
+        for (int wn : {1, 2})
+          for (int stages : {3, 4, 5}) add(MoeGemmTile{64 * wm, bn, 64, wm, wn, stages, true});
+    return out;
+  }
   for (int bm : {16, 32, 64, 128})
     for (int bn : {64, 128})
       for (int bk : {32, 64})
         for (auto [wm, wn] : {std::pair{1, 2}, {1, 4}, {2, 2}, {2, 4}, {4, 2}}) {
-          MoeGemmTile t{bm, bn, bk, wm, wn};
-          bool ok = true;
-          for (MoeGemm g : {MoeGemm::RoutedGateUp, MoeGemm::RoutedDown, MoeGemm::SharedGateUp, MoeGemm::SharedDown})
-            ok = ok && why_invalid(t, s, g).empty();
-          if (ok) out.push_back(t);
+          add(MoeGemmTile{bm, bn, bk, wm, wn});
         }
   return out;
 }
@@ -176,13 +208,17 @@ std::vector<GdnRecurrentTile> gdn_recurrent_candidates(const GdnShape& s) {
 json to_json(const W4GemvTile& t) { return {{"row_warps", t.row_warps}, {"k_warps", t.k_warps}, {"unroll", t.unroll}}; }
 json to_json(const GemvTile& t) { return {{"rows_per_warp", t.rows_per_warp}, {"warps", t.warps}}; }
 json to_json(const GemmTile& t) {
-  return {{"bm", t.bm}, {"bn", t.bn}, {"bk", t.bk}, {"warps_m", t.warps_m}, {"warps_n", t.warps_n}, {"stages", t.stages}};
+  json j = {{"bm", t.bm}, {"bn", t.bn}, {"bk", t.bk}, {"warps_m", t.warps_m}, {"warps_n", t.warps_n}, {"stages", t.stages}};
+  if (t.wgmma) j["wgmma"] = true;
+  return j;
 }
 json to_json(const MoeRouterTile& t) { return {{"m_tile", t.m_tile}, {"rows_per_warp", t.rows_per_warp}, {"warps", t.warps}}; }
 json to_json(const MoeDecodeConfig& c) { return {{"gate_up_ksplit", c.gate_up.ksplit}, {"down_ksplit", c.down.ksplit}}; }
 json to_json(const MoeGemmTile& t) {
-  return {{"block_m", t.block_m}, {"block_n", t.block_n}, {"block_k", t.block_k}, {"warps_m", t.warps_m},
-          {"warps_n", t.warps_n}};
+  json j = {{"block_m", t.block_m}, {"block_n", t.block_n}, {"block_k", t.block_k}, {"warps_m", t.warps_m},
+            {"warps_n", t.warps_n}};
+  if (t.wgmma) j["wgmma"] = true, j["stages"] = t.stages;
+  return j;
 }
 json to_json(const AttentionPrefillTile& t) { return {{"warps", t.warps}, {"block_n", t.block_n}}; }
 json to_json(const AttentionDecodeTile& t) { return {{"warps", t.warps}}; }
@@ -199,7 +235,8 @@ GemvTile gemv_bf16_from_json(const json& j, int64_t m) {
 }
 GemmTile gemm_from_json(const json& j) {
   return {field(j, kGemm, "bm"),      field(j, kGemm, "bn"),      field(j, kGemm, "bk"),
-          field(j, kGemm, "warps_m"), field(j, kGemm, "warps_n"), field(j, kGemm, "stages")};
+          field(j, kGemm, "warps_m"), field(j, kGemm, "warps_n"), field(j, kGemm, "stages"),
+          flag(j, kGemm, "wgmma")};
 }
 MoeRouterTile moe_router_from_json(const json& j) {
   return {field(j, kMoeRouter, "m_tile"), field(j, kMoeRouter, "rows_per_warp"), field(j, kMoeRouter, "warps")};
@@ -209,7 +246,8 @@ MoeDecodeConfig moe_decode_from_json(const json& j) {
 }
 MoeGemmTile moe_gemm_from_json(const json& j) {
   return {field(j, kMoeGemm, "block_m"), field(j, kMoeGemm, "block_n"), field(j, kMoeGemm, "block_k"),
-          field(j, kMoeGemm, "warps_m"), field(j, kMoeGemm, "warps_n")};
+          field(j, kMoeGemm, "warps_m"), field(j, kMoeGemm, "warps_n"), field_or(j, kMoeGemm, "stages", 2),
+          flag(j, kMoeGemm, "wgmma")};
 }
 AttentionPrefillTile attention_prefill_from_json(const json& j) {
   return {field(j, kAttentionPrefill, "warps"), field(j, kAttentionPrefill, "block_n")};

@@ -68,12 +68,13 @@ struct GdnPrefillConfig {
 // ---- candidates (valid for the shape; the default is not necessarily among them) ----
 std::vector<W4GemvTile> w4_gemv_candidates(int64_t n, int64_t k, int64_t group, int64_t m);
 std::vector<GemvTile> gemv_bf16_candidates(int64_t n, int64_t k, int64_t m);
-std::vector<GemmTile> gemm_candidates(int64_t n, int64_t k, int64_t m);
+// wgmma: the Hopper kernel's tiles (sm_90a) instead of the mma.sync ones.
+std::vector<GemmTile> gemm_candidates(int64_t n, int64_t k, int64_t m, bool wgmma = false);
 std::vector<MoeRouterTile> moe_router_candidates(const MoeShape& s, int64_t m);
 std::vector<MoeDecodeConfig> moe_decode_candidates(const MoeShape& s);
 // Valid for all four GEMMs (one tile serves them: the align kernel's BLOCK_M is the routed GEMMs');
 // the same space at every m (block_m up to kMoeMaxBlockM).
-std::vector<MoeGemmTile> moe_gemm_candidates(const MoeShape& s, int64_t m);
+std::vector<MoeGemmTile> moe_gemm_candidates(const MoeShape& s, int64_t m, bool wgmma = false);
 std::vector<AttentionPrefillTile> attention_prefill_candidates(int64_t hq, int64_t hkv, int64_t d, int64_t smem_limit);
 std::vector<AttentionDecodeTile> attention_decode_candidates(int64_t hq, int64_t hkv, int64_t d);
 std::vector<GdnPrefillConfig> gdn_prefill_candidates(const GdnShape& s);

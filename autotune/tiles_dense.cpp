@@ -4,6 +4,7 @@
 
 #include <algorithm>
 
+#include "autotune/tiles_wgmma.h"
 #include "runtime/core/error.h"
 
 namespace q35 {
@@ -23,7 +24,24 @@ int w4_column_tiles(int m_tile, int64_t group) { return int((m_tile * (128 / gro
 
 }  // namespace
 
+namespace {
+WgmmaGemm wgmma_of(const GemmTile& t, int64_t n, int64_t k, bool out_f32, int group) {
+  WgmmaGemm g;
+  g.group = group, g.n = n, g.k = k, g.out_f32 = out_f32;
+  g.bm = t.bm, g.bn = t.bn, g.stages = t.stages, g.wgm = t.warps_m, g.wgn = t.warps_n;
+  return g;
+}
+}  // namespace
+
+int GemmTile::smem_bytes(int group) const {
+  return wgmma ? wgmma_smem_bytes(group, bm, bn, stages) : stages * (bm + bn) * bk * 2;
+}
+
 std::string why_invalid(const GemmTile& t, int64_t n, int64_t k) {
+  if (t.wgmma) {
+    if (t.bk != kWgmmaBlockK) return fmt::format("wgmma: bk = {} is not {}", t.bk, kWgmmaBlockK);
+    return why_invalid(wgmma_of(t, n, k, false, 0));
+  }
   if (n <= 0) return fmt::format("N = {} is not positive", n);
   if (k <= 0 || k % 8 != 0) return fmt::format("K = {} is not a positive multiple of 8 (16-byte rows)", k);
   if (t.bk != 32 && t.bk != 64 && t.bk != 128) return fmt::format("bk = {} is not 32, 64 or 128", t.bk);
@@ -80,8 +98,17 @@ std::string why_invalid(const SampleTile& t, int64_t vocab) {
   return {};
 }
 
-GemmTile default_gemm_tile(int64_t n, int64_t k, int64_t m) {
+GemmTile default_gemm_tile(int64_t n, int64_t k, int64_t m, bool wgmma) {
   if (m < 1) fail("gemm_bf16: rows per call m = {} is not positive", m);
+  if (wgmma) {
+    // Two warpgroups of 64 x bn (bn 256 for wide N: fewer re-reads of x), 64-k steps, 4 stages.
+    GemmTile t{128, n >= 4096 ? 256 : 128, kWgmmaBlockK, 2, 1, 4, true};
+    if (m <= 64) t.bm = 64, t.warps_m = 1, t.warps_n = t.bn == 256 ? 2 : 1;
+    if (n <= 64) t.bn = 64, t.warps_n = 1;
+    if (std::string why = why_invalid(t, n, k); !why.empty())
+      fail("gemm_wgmma [N = {}, K = {}]: unsupported shape: {}", n, k, why);
+    return t;
+  }
   // 128 x 128 x 32, 8 warps (64 x 32 warp tiles), 4 stages (64 KiB): on the H100 at M = 4096 it ran
   // 370-385 TFLOP/s against 288-300 for 128x128x64 and 322-340 for 128x256x64 / 256x128x64 (3 stages).
   // Small M or N: 64-row tiles so more blocks run.
@@ -139,7 +166,9 @@ SampleTile default_sample_tile(int64_t vocab) {
   return t;
 }
 
-KernelSpec gemm_bf16_spec(int64_t n, int64_t k, const GemmTile& t, bool out_f32) {
+KernelSpec gemm_bf16_spec(int64_t n, int64_t k, const GemmTile& t, bool out_f32, int group) {
+  if (t.wgmma) return wgmma_gemm_spec(wgmma_of(t, n, k, out_f32, group));
+  if (group != 0) fail("gemm_bf16 [N = {}, K = {}]: W4A16 weights need a wgmma tile (dequantize first)", n, k);
   if (std::string why = why_invalid(t, n, k); !why.empty())
     fail("gemm_bf16 [N = {}, K = {}]: invalid tile: {}", n, k, why);
   return {"gemm_bf16",

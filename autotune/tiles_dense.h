@@ -12,12 +12,17 @@ namespace q35 {
 
 // kernel_templates/gemm_bf16.cuh: gemm_bf16<N, K, BM, BN, BK, WARPS_M, WARPS_N, STAGES, OUT_F32>;
 // grid (ceil(M / bm), ceil(N / bn)), block 32 * warps_m * warps_n, dynamic smem smem_bytes().
+// wgmma (sm_90a only): kernel_templates/wgmma_gemm.cuh gemm_wgmma instead (autotune/tiles_wgmma.h):
+// warps_m x warps_n are then warpgroups of 4 warps (bm = 64 * warps_m), bk = 64, grid
+// (ceil(N / bn), ceil(M / bm)); W4A16 weights are dequantized inside its main loop.
 struct GemmTile {
   int bm = 128, bn = 128, bk = 32;  // block tile (rows of x, rows of W, K step)
   int warps_m = 2, warps_n = 4;     // warp grid; a warp owns (bm / warps_m) x (bn / warps_n)
   int stages = 4;                   // cp.async pipeline depth
-  int threads() const { return 32 * warps_m * warps_n; }
-  int smem_bytes() const { return stages * (bm + bn) * bk * 2; }
+  bool wgmma = false;               // Hopper warpgroup-MMA kernel (see above)
+  int threads() const { return 32 * warps_m * warps_n * (wgmma ? 4 : 1); }
+  // Dynamic shared memory with weights of `group` (0 = bf16; W4A16 only with wgmma).
+  int smem_bytes(int group = 0) const;
 };
 
 // kernel_templates/gemv_w4a16.cuh: gemv_w4a16<N, K, G, M_TILE, ROW_WARPS, K_WARPS, UNROLL, OUT_F32>;
@@ -53,7 +58,8 @@ std::string why_invalid(const SampleTile& tile, int64_t vocab);
 
 // Heuristic defaults (valid for the shape; Error if the shape itself is unsupported).
 // m = rows of x per call (the GEMM is specialised for N, K only; m picks the tile).
-GemmTile default_gemm_tile(int64_t n, int64_t k, int64_t m);
+// wgmma: the Hopper kernel's tile (for sm_90a targets, see arch_has_wgmma).
+GemmTile default_gemm_tile(int64_t n, int64_t k, int64_t m, bool wgmma = false);
 // m = tokens per call (1..16).
 W4GemvTile default_w4_gemv_tile(int64_t n, int64_t k, int64_t group, int m);
 QuantizeTile default_quantize_tile(int64_t k, int64_t group);
@@ -61,7 +67,8 @@ SampleTile default_sample_tile(int64_t vocab);
 
 // The instantiations; Error naming the family, shape and reason when the tile is invalid.
 // out_f32: fp32 output (logits) instead of bf16.
-KernelSpec gemm_bf16_spec(int64_t n, int64_t k, const GemmTile& tile, bool out_f32 = false);
+// A wgmma tile names gemm_wgmma with weights of `group` (0 = bf16); an mma.sync tile needs group 0.
+KernelSpec gemm_bf16_spec(int64_t n, int64_t k, const GemmTile& tile, bool out_f32 = false, int group = 0);
 KernelSpec gemv_w4a16_spec(int64_t n, int64_t k, int64_t group, const W4GemvTile& tile, bool out_f32 = false);
 // kernel_templates/gemv_bf16.cuh: gemv_bf16_f32 (fp32 output: the bf16 lm_head); tile as in tile_config.h.
 KernelSpec gemv_bf16_f32_spec(int64_t n, int64_t k, int m_tile, int rows_per_warp, int warps);

@@ -2,6 +2,7 @@
 
 #include <fmt/format.h>
 
+#include "autotune/tiles_wgmma.h"
 #include "runtime/core/error.h"
 
 namespace q35 {
@@ -109,8 +110,28 @@ int64_t moe_gemm_k(const MoeShape& s, MoeGemm g) {
   return 0;
 }
 
+namespace {
+WgmmaGemm wgmma_of(const MoeGemmTile& t, const MoeShape& s, MoeGemm g) {
+  WgmmaGemm w;
+  w.group = s.group, w.n = moe_gemm_n(s, g), w.k = moe_gemm_k(s, g), w.topk = s.top_k;
+  w.gate_up = g == MoeGemm::RoutedGateUp || g == MoeGemm::SharedGateUp;
+  w.routed = g == MoeGemm::RoutedGateUp || g == MoeGemm::RoutedDown;
+  w.bm = t.block_m, w.bn = t.block_n, w.stages = t.stages, w.wgm = t.warps_m, w.wgn = t.warps_n;
+  return w;
+}
+}  // namespace
+
+int MoeGemmTile::smem_bytes(int group) const {
+  return wgmma ? wgmma_smem_bytes(group, block_m, block_n, stages) : 2 * (block_m + block_n) * (block_k + 8) * 2;
+}
+
 std::string why_invalid(const MoeGemmTile& t, const MoeShape& s, MoeGemm g) {
   if (std::string why = why_invalid(s); !why.empty()) return why;
+  if (t.wgmma) {
+    if (t.block_k != kWgmmaBlockK) return fmt::format("wgmma: block_k = {} is not {}", t.block_k, kWgmmaBlockK);
+    return why_invalid(wgmma_of(t, s, g));
+  }
+  if (t.stages != 2) return fmt::format("stages = {}: the mma.sync kernel has 2", t.stages);
   const int64_t n = moe_gemm_n(s, g), k = moe_gemm_k(s, g);
   if (t.warps_m < 1 || t.warps_n < 1 || t.threads() > 1024)
     return fmt::format("warps {} x {} is not a block of 1..32 warps", t.warps_m, t.warps_n);
@@ -127,8 +148,8 @@ std::string why_invalid(const MoeGemmTile& t, const MoeShape& s, MoeGemm g) {
                        t.block_k, t.block_n, t.block_k, t.threads());
   const int acc = t.block_m / t.warps_m * t.block_n / t.warps_n / 32;
   if (acc > 128) return fmt::format("{} fp32 accumulators per thread exceeds 128 (registers)", acc);
-  if (t.smem_bytes() > kStaticSmemLimit)
-    return fmt::format("{} B of shared memory exceeds {} B", t.smem_bytes(), kStaticSmemLimit);
+  if (t.smem_bytes(s.group) > kStaticSmemLimit)
+    return fmt::format("{} B of shared memory exceeds {} B", t.smem_bytes(s.group), kStaticSmemLimit);
   return {};
 }
 
@@ -170,8 +191,19 @@ MoeDownTile default_moe_down_tile(const MoeShape& s) {
   return t;
 }
 
-MoeGemmTile default_moe_gemm_tile(const MoeShape& s) {
+MoeGemmTile default_moe_gemm_tile(const MoeShape& s, bool wgmma) {
   // One tile for all four GEMMs (the align kernel's BLOCK_M must match the routed ones).
+  if (wgmma) {
+    // 64 rows per block (the routed experts get ~128 rows each at 4096 tokens: little padding),
+    // two warpgroups side by side over 128 (bf16: 256) columns, 4 stages.
+    for (MoeGemmTile t : {MoeGemmTile{64, 128, 64, 1, 2, 4, true}, MoeGemmTile{64, 64, 64, 1, 2, 4, true},
+                          MoeGemmTile{64, 64, 64, 1, 1, 4, true}}) {
+      bool ok = true;
+      for (MoeGemm g : {MoeGemm::RoutedGateUp, MoeGemm::RoutedDown, MoeGemm::SharedGateUp, MoeGemm::SharedDown})
+        ok = ok && why_invalid(t, s, g).empty();
+      if (ok) return t;
+    }
+  }
   for (MoeGemmTile t : {MoeGemmTile{64, 128, 32, 2, 2}, MoeGemmTile{64, 64, 32, 2, 2}, MoeGemmTile{32, 32, 32, 2, 2}}) {
     bool ok = true;
     for (MoeGemm g : {MoeGemm::RoutedGateUp, MoeGemm::RoutedDown, MoeGemm::SharedGateUp, MoeGemm::SharedDown})
@@ -231,6 +263,7 @@ KernelSpec moe_align_spec(const MoeShape& s, const MoeGemmTile& t) {
 
 KernelSpec moe_gemm_spec(const MoeShape& s, MoeGemm g, const MoeGemmTile& t) {
   require_valid(why_invalid(t, s, g), "moe_gemm", s);
+  if (t.wgmma) return wgmma_gemm_spec(wgmma_of(t, s, g));
   const bool gate_up = g == MoeGemm::RoutedGateUp || g == MoeGemm::SharedGateUp;
   const bool routed = g == MoeGemm::RoutedGateUp || g == MoeGemm::RoutedDown;
   return {"moe_gemm",

@@ -45,11 +45,16 @@ struct MoeDownTile {
 constexpr int kMoeDownRows = 16;  // output rows per down block
 
 // moe_gemm<GROUP, N, K, TOPK, GATE_UP, ROUTED, BM, BN, BK, WM, WN>; grid (N / block_n, row blocks).
+// wgmma (sm_90a only): gemm_wgmma of kernel_templates/wgmma_gemm.cuh instead (autotune/tiles_wgmma.h):
+// warps_m x warps_n are warpgroups (block_m = 64 * warps_m), block_k = 64, `stages` deep, dynamic
+// shared memory smem_bytes(group).
 struct MoeGemmTile {
   int block_m = 64, block_n = 128, block_k = 32;
   int warps_m = 2, warps_n = 2;
-  int threads() const { return 32 * warps_m * warps_n; }
-  int smem_bytes() const { return 2 * (block_m + block_n) * (block_k + 8) * 2; }  // 2 stages, padded rows
+  int stages = 2;       // mma.sync: always 2 (static shared memory); wgmma: 3..8
+  bool wgmma = false;
+  int threads() const { return 32 * warps_m * warps_n * (wgmma ? 4 : 1); }
+  int smem_bytes(int group) const;  // wgmma: dynamic; else static, 2 stages of padded rows
 };
 
 // The four GEMMs of the prefill path.
@@ -73,7 +78,8 @@ std::string why_invalid(const MoeGemmTile& tile, const MoeShape& s, MoeGemm gemm
 MoeRouterTile default_moe_router_tile(const MoeShape& s, int64_t tokens);
 MoeGemvTile default_moe_gate_up_tile(const MoeShape& s);
 MoeDownTile default_moe_down_tile(const MoeShape& s);
-MoeGemmTile default_moe_gemm_tile(const MoeShape& s);
+// wgmma: the Hopper kernel's tile (for sm_90a targets, see arch_has_wgmma).
+MoeGemmTile default_moe_gemm_tile(const MoeShape& s, bool wgmma = false);
 
 // GEMM sizes: weight rows N and reduction K.
 int64_t moe_gemm_n(const MoeShape& s, MoeGemm gemm);

@@ -3,6 +3,7 @@
 // (models/qwen35/gpu/tuned.h): tuned entry, nearest bucket, invalid entry and missing entry.
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <set>
 
 #include "autotune/spaces.h"
@@ -111,7 +112,7 @@ TEST_CASE("a run uses the tuned tile of the nearest bucket, else the default, wi
         TuneEntry{json{{"bm", 128}, {"bn", 256}, {"bk", 32}, {"warps_m", 2}, {"warps_n", 4}, {"stages", 3}}, 1, 2});
   auto table = std::make_shared<const TuneTable>(std::vector<TuneTable::Layer>{{"test.json", f}});
   std::vector<std::string> notices;
-  gpu::TunedTiles tt(cfg, 128, kAttentionSmemLimitSm90, table, [&](const std::string& s) { notices.push_back(s); });
+  gpu::TunedTiles tt(cfg, 128, "sm_80", table, [&](const std::string& s) { notices.push_back(s); });
 
   W4GemvTile t = tt.w4_gemv(9216, 2048, false, 1);
   CHECK((t.row_warps == 2 && t.k_warps == 8 && t.unroll == 1 && t.m_tile == 1));
@@ -135,7 +136,7 @@ TEST_CASE("a run uses the tuned tile of the nearest bucket, else the default, wi
 
   // Missing (family, signature): the default and one notice saying how to tune, once.
   const AttentionPrefillTile ap = tt.attention_prefill(512);
-  const AttentionPrefillTile dp = default_attention_prefill_tile(16, 2, 256, kAttentionSmemLimitSm90);
+  const AttentionPrefillTile dp = default_attention_prefill_tile(16, 2, 256, kAttentionSmemLimitSm80);
   CHECK((ap.warps == dp.warps && ap.block_n == dp.block_n));
   REQUIRE(notices.size() == 2);
   CHECK(contains(notices[1], "q35jit tune"));
@@ -145,10 +146,83 @@ TEST_CASE("a run uses the tuned tile of the nearest bucket, else the default, wi
 
   // No table: defaults, silently.
   std::vector<std::string> none;
-  gpu::TunedTiles plain(cfg, 128, kAttentionSmemLimitSm90, nullptr, [&](const std::string& s) { none.push_back(s); });
+  gpu::TunedTiles plain(cfg, 128, "sm_80", nullptr, [&](const std::string& s) { none.push_back(s); });
   t = plain.w4_gemv(9216, 2048, false, 1);
   CHECK(t.k_warps == default_w4_gemv_tile(9216, 2048, 128, 1).k_warps);
   CHECK(none.empty());
+}
+
+TEST_CASE("sm_90a: the prefill GEMMs take the wgmma kernel; wgmma tiles are refused elsewhere") {
+  const Config cfg = test::config_35b();
+  TuneFile f(TuneIdentity{"GPU X", "sm_90", "13.0", "q35jit test"});
+  // wgmma: the dense GEMM's signature carries the W4A16 group (dequantized inside the GEMM).
+  f.set(tune::kGemm, tune::dense_signature(12352, 2048, 128, false), 4096,
+        TuneEntry{json{{"bm", 128}, {"bn", 64}, {"bk", 64}, {"warps_m", 2}, {"warps_n", 1}, {"stages", 5},
+                       {"wgmma", true}},
+                  1, 2});
+  const MoeShape ms = gpu::moe_shape(cfg, 128);
+  f.set(tune::kMoeGemm, tune::moe_signature(ms), 4096,
+        TuneEntry{json{{"block_m", 128}, {"block_n", 128}, {"block_k", 64}, {"warps_m", 2}, {"warps_n", 1},
+                       {"stages", 3}, {"wgmma", true}},
+                  1, 2});
+  auto table = std::make_shared<const TuneTable>(std::vector<TuneTable::Layer>{{"test.json", f}});
+  std::vector<std::string> notices;
+  auto log = [&](const std::string& s) { notices.push_back(s); };
+  gpu::TunedTiles hopper(cfg, 128, "sm_90a", table, log);
+  CHECK(hopper.wgmma());
+  const GemmTile g = hopper.gemm(12352, 2048, false, 4096);
+  CHECK((g.wgmma && g.bn == 64 && g.stages == 5));
+  const GemmTile def = hopper.gemm(2048, 4096, false, 4096);  // no entry: the wgmma default
+  CHECK((def.wgmma && def.bk == 64 && def.bm == 64 * def.warps_m));
+  const gpu::MoeTiles mt = hopper.moe(4096);
+  CHECK((mt.gemm.wgmma && mt.gemm.block_m == 128 && mt.gemm.stages == 3));
+  CHECK(hopper.moe(512).gemm.wgmma);  // nearest bucket
+
+  // sm_80 has no wgmma: the entries are refused with a notice, the mma.sync defaults run.
+  notices.clear();
+  gpu::TunedTiles ampere(cfg, 128, "sm_80", table, log);
+  CHECK_FALSE(ampere.wgmma());
+  CHECK_FALSE(ampere.moe(4096).gemm.wgmma);
+  // (one notice for the router's missing entry, one for the refused GEMM tile)
+  CHECK(std::count_if(notices.begin(), notices.end(), [](const std::string& n) { return contains(n, "sm_90a"); }) == 1);
+  CHECK_FALSE(ampere.gemm(12352, 2048, false, 4096).wgmma);
+}
+
+TEST_CASE("wgmma tiles: validity, JSON round trip, candidates") {
+  const Config cfg = test::config_35b();
+  for (int group : {0, 32, 128}) {
+    const MoeShape ms = gpu::moe_shape(cfg, group);
+    const MoeGemmTile d = default_moe_gemm_tile(ms, true);
+    CHECK(d.wgmma);
+    for (MoeGemm g : {MoeGemm::RoutedGateUp, MoeGemm::RoutedDown, MoeGemm::SharedGateUp, MoeGemm::SharedDown})
+      CHECK(why_invalid(d, ms, g).empty());
+    const std::vector<MoeGemmTile> cands = tune::moe_gemm_candidates(ms, 4096, true);
+    CHECK(cands.size() >= 10);
+    for (const MoeGemmTile& t : cands) {
+      CHECK(t.wgmma);
+      const MoeGemmTile back = tune::moe_gemm_from_json(tune::to_json(t));
+      CHECK((back.wgmma && back.stages == t.stages && back.block_n == t.block_n && back.warps_n == t.warps_n));
+    }
+  }
+  // The template's rules: bm = 64 * warpgroups, bn / wgn a wgmma N, N % bn for MoE, shared memory.
+  const MoeShape ms = gpu::moe_shape(cfg, 128);
+  CHECK_FALSE(why_invalid(MoeGemmTile{128, 128, 64, 1, 1, 4, true}, ms, MoeGemm::RoutedDown).empty());
+  CHECK_FALSE(why_invalid(MoeGemmTile{64, 96, 64, 1, 1, 4, true}, ms, MoeGemm::RoutedDown).empty());
+  CHECK_FALSE(why_invalid(MoeGemmTile{64, 128, 32, 1, 1, 4, true}, ms, MoeGemm::RoutedDown).empty());
+  CHECK_FALSE(why_invalid(MoeGemmTile{128, 256, 64, 2, 1, 8, true}, ms, MoeGemm::RoutedDown).empty());  // smem
+  CHECK(contains(why_invalid(MoeGemmTile{64, 128, 64, 1, 1, 2, true}, ms, MoeGemm::RoutedDown), "stages"));
+  // Dense: ragged N runs (guarded); K must be a multiple of 8; old JSON without the key is mma.sync.
+  CHECK(why_invalid(GemmTile{128, 128, 64, 2, 1, 4, true}, 12352, 2048).empty());
+  CHECK_FALSE(why_invalid(GemmTile{128, 128, 64, 2, 1, 4, true}, 12352, 2044).empty());
+  const GemmTile old = tune::gemm_from_json(json{{"bm", 128}, {"bn", 128}, {"bk", 32}, {"warps_m", 2}, {"warps_n", 4},
+                                                 {"stages", 4}});
+  CHECK_FALSE(old.wgmma);
+  CHECK(contains(tune::why_malformed(tune::kGemm, json{{"bm", 128}, {"bn", 128}, {"bk", 32}, {"warps_m", 2},
+                                                        {"warps_n", 4}, {"stages", 4}, {"wgmma", 1}}),
+                 "wgmma"));
+  for (const GemmTile& t : tune::gemm_candidates(12352, 2048, 4096, true)) CHECK(t.wgmma);
+  CHECK(default_gemm_tile(12352, 2048, 4096, true).wgmma);
+  CHECK(default_gemm_tile(12352, 2048, 32, true).bm == 64);
 }
 
 TEST_CASE("relative_l2 and durations") {

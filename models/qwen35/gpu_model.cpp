@@ -190,7 +190,7 @@ void GpuModel::init(const GpuModelOptions& o) {
   const int threads = o.compile_threads > 0 ? o.compile_threads : int(std::max(1u, std::thread::hardware_concurrency()));
   const bool has_full = c.num_layers_of(LayerType::FullAttention) > 0;
   const bool has_linear = c.num_layers_of(LayerType::LinearAttention) > 0;
-  m.tuned = std::make_unique<gpu::TunedTiles>(c, group, smem_limit_for(ctx_.device().arch()), o.tuning, o.log);
+  m.tuned = std::make_unique<gpu::TunedTiles>(c, group, ctx_.device().arch(), o.tuning, o.log);
   m.moe_shape = m.tuned->moe_shape();
   if (o.log && o.tuning) {
     std::string origins;
@@ -306,7 +306,7 @@ std::vector<KernelSpec> tuned_kernels(const Config& c, const gpu::TunedTiles& tt
       specs.push_back(group ? gpu::W4GemvPlan{d.n, d.k, group, tt.w4_gemv(d.n, d.k, f32, m), f32}.spec()
                             : gpu::GemvBf16Plan{d.n, d.k, tt.gemv_bf16(d.n, d.k, f32, m), f32}.spec());
     else if (!f32)
-      specs.push_back(gpu::GemmPlan{d.n, d.k, tt.gemm(d.n, d.k, false, m), false}.spec());
+      specs.push_back(gpu::GemmPlan{d.n, d.k, tt.gemm(d.n, d.k, false, m), false, tt.wgmma() ? group : 0}.spec());
   }
   for (KernelSpec& s : gpu::moe_kernels(tt.moe_shape(), tt.moe(m))) specs.push_back(std::move(s));
   if (c.num_layers_of(LayerType::FullAttention) > 0) {
@@ -345,6 +345,7 @@ void GpuModel::dense(const GpuMatrix& W, CUdeviceptr x, CUdeviceptr y, int M, bo
     const gpu::TunedTiles& tt = *m.tuned;
     if (M > 16) {
       p.gemm = {W.N, W.K, tt.gemm(W.N, W.K, out_f32, M), out_f32};
+      if (p.gemm.tile.wgmma && W.format == WeightFormat::W4A16) p.gemm.group = W.group;  // dequantized in the loop
       p.f = &m.kernels.get(p.gemm.spec());
     } else if (W.format == WeightFormat::BF16) {
       p.bf16 = {W.N, W.K, tt.gemv_bf16(W.N, W.K, out_f32, M), out_f32};
@@ -363,6 +364,11 @@ void GpuModel::dense(const GpuMatrix& W, CUdeviceptr x, CUdeviceptr y, int M, bo
       gpu::launch(p.w4, *p.f, stream_, W.qweight.ptr(), W.scales.ptr(), x, y, M);
     return;
   }
+  gpu::prepare(p.gemm, *p.f);  // dynamic shared memory (prefill only: never inside the decode graph)
+  if (p.gemm.group != 0) {
+    gpu::launch(p.gemm, *p.f, stream_, x, W.qweight.ptr(), y, M, W.scales.ptr());
+    return;
+  }
   CUdeviceptr w = W.w.ptr();
   if (W.format == WeightFormat::W4A16) {
     gpu::QuantizePlan q = gpu::quantize_plan(W.K, W.group);
@@ -370,7 +376,6 @@ void GpuModel::dense(const GpuMatrix& W, CUdeviceptr x, CUdeviceptr y, int M, bo
                            m.dequant.ptr(), W.N);
     w = m.dequant.ptr();
   }
-  gpu::prepare(p.gemm, *p.f);  // dynamic shared memory (prefill only: never inside the decode graph)
   gpu::launch(p.gemm, *p.f, stream_, x, w, y, M);
 }
 

@@ -4,6 +4,7 @@
 #include <cstdlib>
 
 #include "autotune/tile_config.h"
+#include "autotune/tiles_wgmma.h"
 #include "models/qwen35/gpu/attention.h"
 #include "models/qwen35/gpu/dense.h"
 #include "models/qwen35/gpu/gdn.h"
@@ -28,10 +29,11 @@ std::vector<q35::KernelSpec> required_kernels(const Config& cfg, int group, cons
   // The embedding gather; every norm adds the previous sub-layer's output (the embeddings for the
   // first) into the fp32 residual stream first.
   add({embedding_spec(H, default_embedding_tile(H)), rmsnorm_spec(H, true, default_rmsnorm_tile(H), true)});
-  add(gpu::dense_kernels(cfg, {group, 1, prefill_tokens}));
+  const bool wgmma = arch_has_wgmma(arch);
+  add(gpu::dense_kernels(cfg, {group, 1, prefill_tokens, wgmma}));
   add(gpu::attention_kernels(cfg, smem_limit_for(arch)));
   add(gpu::gdn_kernels(cfg));
-  add(gpu::moe_kernels(cfg, group));
+  add(gpu::moe_kernels(cfg, group, wgmma));
   const gpu::TopkSamplePlan topk = gpu::topk_sample_plan(cfg.vocab_size);
   add({topk.partial_spec(), topk.final_spec()});
   return specs;

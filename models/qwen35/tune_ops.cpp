@@ -6,6 +6,7 @@
 #include <map>
 
 #include "autotune/spaces.h"
+#include "autotune/tiles_wgmma.h"
 #include "models/qwen35/gpu/attention.h"
 #include "models/qwen35/gpu/dense.h"
 #include "models/qwen35/gpu/gdn.h"
@@ -165,33 +166,52 @@ class Bf16GemvOp final : public OpBase {
   DeviceBuffer x_, y_;
 };
 
-// bf16 GEMM (M > 16: prefill; W4A16 weights are dequantized into bf16 first, outside the timing).
+// Prefill GEMM (M > 16). mma.sync (gemm_bf16): bf16 weights (W4A16 ones are dequantized into bf16
+// first, outside the timing). wgmma (sm_90a, gemm_wgmma): the checkpoint's format, W4A16 weights
+// dequantized inside the GEMM, so the signature carries the group.
 class GemmOp final : public OpBase {
  public:
-  GemmOp(const TuneDevice* d, int64_t n, int64_t k, const std::string& label)
-      : OpBase(d, tune::kGemm, tune::dense_signature(n, k, 0, false), label), n_(n), k_(k) {}
+  GemmOp(const TuneDevice* d, int64_t n, int64_t k, int group, bool wgmma, const std::string& label)
+      : OpBase(d, tune::kGemm, tune::dense_signature(n, k, wgmma ? group : 0, false), label),
+        n_(n),
+        k_(k),
+        group_(wgmma ? group : 0),
+        wgmma_(wgmma) {}
   bool serves(int64_t m) const override { return m > 16; }
-  std::vector<json> candidates(int64_t m) const override { return to_json_all(tune::gemm_candidates(n_, k_, m)); }
-  json default_config(int64_t m) const override { return tune::to_json(default_gemm_tile(n_, k_, m)); }
+  std::vector<json> candidates(int64_t m) const override {
+    std::vector<GemmTile> tiles = tune::gemm_candidates(n_, k_, m, wgmma_);
+    std::erase_if(tiles, [&](const GemmTile& t) { return t.smem_bytes(group_) > kWgmmaMaxSmem; });
+    return to_json_all(tiles);
+  }
+  json default_config(int64_t m) const override { return tune::to_json(default_gemm_tile(n_, k_, m, wgmma_)); }
   std::vector<KernelSpec> kernels(const json& c, int64_t) const override { return {plan(c).spec()}; }
   void setup(int64_t m, const Stream& s) override {
     release();
-    w_ = random_bf16_copies(copies_for(size_t(n_ * k_) * 2), size_t(n_ * k_), 0.f, 0.02f, s);
+    if (group_ == 0) {
+      w_ = random_bf16_copies(copies_for(size_t(n_ * k_) * 2), size_t(n_ * k_), 0.f, 0.02f, s);
+    } else {  // random bits of the u32 words, scales of a realistic size
+      const int copies = copies_for(size_t(n_ * k_) / 2);
+      w_ = random_bf16_copies(copies, size_t(n_ * k_ / 4), 0.f, 1.f, s);
+      scales_ = random_bf16_copies(copies, size_t(n_ * k_ / group_), 0.f, 0.003f, s);
+    }
     x_ = random_bf16(size_t(m * k_), 0.f, 1.f, s);
     y_ = alloc(size_t(m * n_) * 2);
   }
   void prepare(const json& c, int64_t) override { gpu::prepare(plan(c), fn(plan(c).spec())); }
   void run(const json& c, int64_t m, int it, const Stream& s) override {
     const gpu::GemmPlan p = plan(c);
-    gpu::launch(p, fn(p.spec()), s, x_.ptr(), w_[size_t(it) % w_.size()].ptr(), y_.ptr(), int(m));
+    const size_t i = size_t(it) % w_.size();
+    gpu::launch(p, fn(p.spec()), s, x_.ptr(), w_[i].ptr(), y_.ptr(), int(m), group_ ? scales_[i].ptr() : 0);
   }
   std::vector<float> output(const Stream& s) override { return download_bf16(y_, y_.size() / 2, s); }
-  void release() override { w_.clear(), x_ = {}, y_ = {}; }
+  void release() override { w_.clear(), scales_.clear(), x_ = {}, y_ = {}; }
 
  private:
-  gpu::GemmPlan plan(const json& c) const { return {n_, k_, tune::gemm_from_json(c), false}; }
+  gpu::GemmPlan plan(const json& c) const { return {n_, k_, tune::gemm_from_json(c), false, group_}; }
   int64_t n_, k_;
-  std::vector<DeviceBuffer> w_;
+  int group_;
+  bool wgmma_;
+  std::vector<DeviceBuffer> w_, scales_;
   DeviceBuffer x_, y_;
 };
 
@@ -308,10 +328,19 @@ class MoeDecodeOp final : public MoeOpBase {
 // The prefill path (router with its default tile, align, the four GEMMs being tuned, combine).
 class MoeGemmOp final : public MoeOpBase {
  public:
-  MoeGemmOp(const TuneDevice* d, const MoeShape& s) : MoeOpBase(d, tune::kMoeGemm, tune::moe_signature(s), s) {}
+  MoeGemmOp(const TuneDevice* d, const MoeShape& s, bool wgmma)
+      : MoeOpBase(d, tune::kMoeGemm, tune::moe_signature(s), s), wgmma_(wgmma) {}
   bool serves(int64_t m) const override { return m > kMoeDecodeMaxTokens; }
-  std::vector<json> candidates(int64_t m) const override { return to_json_all(tune::moe_gemm_candidates(s_, m)); }
-  json default_config(int64_t) const override { return tune::to_json(default_moe_gemm_tile(s_)); }
+  std::vector<json> candidates(int64_t m) const override {
+    return to_json_all(tune::moe_gemm_candidates(s_, m, wgmma_));
+  }
+  json default_config(int64_t) const override { return tune::to_json(default_moe_gemm_tile(s_, wgmma_)); }
+  void prepare(const json& c, int64_t) override {
+    const gpu::MoeTiles t = tiles(c);
+    if (!t.gemm.wgmma) return;
+    for (MoeGemm g : {MoeGemm::RoutedGateUp, MoeGemm::RoutedDown, MoeGemm::SharedGateUp, MoeGemm::SharedDown})
+      fn(moe_gemm_spec(s_, g, t.gemm)).set_max_dynamic_smem(t.gemm.smem_bytes(s_.group));
+  }
   std::vector<KernelSpec> kernels(const json& c, int64_t m) const override {
     gpu::MoeTiles t = tiles(c);
     std::vector<KernelSpec> out = {moe_router_spec(s_, default_moe_router_tile(s_, m)), moe_align_spec(s_, t.gemm),
@@ -338,6 +367,7 @@ class MoeGemmOp final : public MoeOpBase {
     t.gemm = tune::moe_gemm_from_json(c);
     return t;
   }
+  bool wgmma_;
 };
 
 // ---- attention ----
@@ -573,12 +603,12 @@ std::vector<std::unique_ptr<TuneOp>> tune_ops(const Config& cfg, int group, cons
   for (const gpu::DenseShape& d : gpu::dense_shapes(cfg)) {
     if (d.proj == gpu::DenseProj::LmHead) continue;  // prefill needs the last row's logits only (GEMV)
     const std::string name = fmt::format("{} [{} x {}]", d.name, d.n, d.k);
-    add(std::make_unique<GemmOp>(device, d.n, d.k, name), name);
+    add(std::make_unique<GemmOp>(device, d.n, d.k, group, arch_has_wgmma(arch), name), name);
   }
   const MoeShape ms = gpu::moe_shape(cfg, group);
   ops.push_back(std::make_unique<MoeRouterOp>(device, ms));
   ops.push_back(std::make_unique<MoeDecodeOp>(device, ms));
-  ops.push_back(std::make_unique<MoeGemmOp>(device, ms));
+  ops.push_back(std::make_unique<MoeGemmOp>(device, ms, arch_has_wgmma(arch)));
   if (cfg.num_layers_of(LayerType::FullAttention) > 0) {
     const int64_t smem = smem_limit_for(arch);
     const gpu::AttentionPlan p = gpu::attention_plan(cfg, smem);

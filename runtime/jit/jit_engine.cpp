@@ -211,6 +211,7 @@ JitEngine::Entry JitEngine::run_nvrtc(const KernelSpec& spec, const std::string&
     nvrtc_fail("nvrtcGetLoweredName", r);
   Entry e;
   e.lowered_name = lowered;
+  e.log = std::move(log);
   size_t size = 0;
   if ((r = nvrtcGetCUBINSize(p.prog, &size)) != NVRTC_SUCCESS) nvrtc_fail("nvrtcGetCUBINSize", r);
   if (size == 0) fail("kernel {} for {}: NVRTC produced an empty CUBIN", spec.str(), arch);
@@ -330,6 +331,7 @@ CompiledKernel JitEngine::compile(const KernelSpec& spec, const std::string& arc
     out.cubin = e.cubin;
     out.lowered_name = e.lowered_name;
     out.from_cache = from_cache;
+    if (!from_cache) out.log = e.log;
     out.compile_ms = ms_since(t0);
     return out;
   };

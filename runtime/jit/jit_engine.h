@@ -61,6 +61,7 @@ struct CompiledKernel {
   std::string key;             // cache key (hex)
   bool from_cache = false;     // served from the memory or disk cache
   double compile_ms = 0;       // wall time of this request (NVRTC, or the cache read)
+  std::string log;             // NVRTC's log when compiled now (e.g. ptxas -v output); "" from a cache
 };
 
 struct JitStats {
@@ -110,6 +111,7 @@ class JitEngine {
   struct Entry {
     std::vector<uint8_t> cubin;
     std::string lowered_name;
+    std::string log;  // NVRTC's log of this compile (not stored in the disk cache)
   };
   std::optional<Entry> read_disk_entry(const std::string& key);
   void write_disk_entry(const std::string& key, const Entry& entry) const;

@@ -10,8 +10,12 @@
 #include <functional>
 #include <map>
 #include <numeric>
+#include <optional>
+#include <tuple>
 
+#include "autotune/spaces.h"
 #include "autotune/tiles_dense.h"
+#include "autotune/tiles_wgmma.h"
 #include "models/qwen35/config.h"
 #include "models/qwen35/gpu/dense.h"
 #include "models/qwen35/reference_ops.h"
@@ -223,6 +227,102 @@ TEST_CASE("GPU dense: gemm_bf16 at every projection shape, ragged M and N, bf16 
         MESSAGE(fmt::format("  tile {}x{}x{} warps {}x{} stages {}: {:.1f} us, {:.0f} TFLOP/s", t.bm, t.bn, t.bk,
                             t.warps_m, t.warps_n, t.stages, us_alt, 2.0 * M * s.n * s.k / us_alt * 1e-6));
       }
+    }
+  }
+}
+
+// W [n, k] bf16 through int4::quantize -> (qweight, scales) and the bf16 weights the kernels see:
+// bf16(q * scale), as dequantize_w4 and the GEMMs' in-loop dequantization round them.
+struct W4 {
+  std::vector<uint32_t> qweight;
+  std::vector<uint16_t> scales, dequantized;
+};
+W4 quantize_w4(const std::vector<uint16_t>& W, int64_t n, int64_t k, int64_t group) {
+  std::vector<float> wf(W.size());
+  for (size_t i = 0; i < W.size(); ++i) wf[i] = bf16_to_f32(W[i]);
+  int4::Quantized q = int4::quantize(wf, n, k, group);
+  std::vector<float> d = int4::dequantize(q, n, k, group);
+  W4 out{std::move(q.qweight), std::move(q.scales), std::vector<uint16_t>(d.size())};
+  for (size_t i = 0; i < d.size(); ++i) out.dequantized[i] = f32_to_bf16(d[i]);
+  return out;
+}
+
+TEST_CASE("GPU dense (sm_90a): gemm_wgmma, bf16 and W4A16 g32 / g128 in the loop, every shape, every tile") {
+  auto g = open_gpu();
+  if (g->ctx.device().arch() != "sm_90a") {
+    MESSAGE("skipped: gemm_wgmma runs on sm_90a only, this device is " << g->ctx.device().arch());
+    return;
+  }
+  struct Case {
+    DenseShape s;
+    int64_t M;
+    int group;
+    std::optional<GemmTile> tile;  // none: the default
+  };
+  std::vector<Case> cases;
+  for (const DenseShape& s : all_shapes()) {
+    if (s.proj == DenseProj::LmHead) continue;  // prefill lm_head: GEMV chunks
+    for (int64_t M : {17, 200, 4096})
+      for (int group : {0, 128, 32}) cases.push_back({s, M, group, std::nullopt});
+  }
+  cases.push_back({DenseShape{DenseProj::AttnOut, "odd N, K % 64 != 0", 1000, 2056}, 77, 0, std::nullopt});
+  // Every tile of the tuner's space on one shape (every branch of the template: 1 or 2 warpgroups
+  // along M and N, wgmma N 32..256, 3..5 stages, ragged N = 12352).
+  const DenseShape in = dense_shapes(config_35b())[2];
+  REQUIRE(in.proj == DenseProj::GdnIn);
+  for (int group : {0, 128})
+    for (const GemmTile& t : tune::gemm_candidates(in.n, in.k, 300, true))
+      if (t.smem_bytes(group) <= kWgmmaMaxSmem) cases.push_back({in, 300, group, t});
+  std::vector<KernelSpec> specs;
+  auto plan_of = [](const Case& c) {
+    GemmPlan p = gemm_plan(c.s.n, c.s.k, c.M, false, true, c.group);
+    if (c.tile) p.tile = *c.tile;
+    return p;
+  };
+  for (const Case& c : cases) specs.push_back(plan_of(c).spec());
+  precompile(*g, specs);
+
+  std::map<std::pair<int64_t, int64_t>, std::vector<uint16_t>> weights;
+  std::map<std::tuple<int64_t, int64_t, int>, W4> quantized;
+  for (const Case& c : cases) {
+    const DenseShape& s = c.s;
+    CAPTURE(s.name);
+    CAPTURE(s.n);
+    CAPTURE(s.k);
+    CAPTURE(c.M);
+    CAPTURE(c.group);
+    const GemmPlan p = plan_of(c);
+    CAPTURE(p.spec().str());
+    auto& W = weights[{s.n, s.k}];
+    if (W.empty()) W = fast_random_bf16(size_t(s.n * s.k), 31, 0.1f);
+    const std::vector<uint16_t>* w_ref = &W;
+    DeviceBuffer d_W, d_S;
+    if (c.group) {
+      W4& q = quantized[{s.n, s.k, c.group}];
+      if (q.qweight.empty()) q = quantize_w4(W, s.n, s.k, c.group);
+      d_W = to_device(*g, q.qweight), d_S = to_device(*g, q.scales), w_ref = &q.dequantized;
+    } else {
+      d_W = to_device(*g, W);
+    }
+    const std::vector<uint16_t> x = fast_random_bf16(size_t(c.M * s.k), 32, 2.f);
+    DeviceBuffer d_x = to_device(*g, x), d_y = poisoned(*g, size_t(c.M * s.n) * 2);
+    Function f = g->jit.load(p.spec(), g->ctx);
+    prepare(p, f);
+    launch(p, f, g->stream, d_x.ptr(), d_W.ptr(), d_y.ptr(), int(c.M), c.group ? d_S.ptr() : 0);
+    const std::vector<float> y = download_f32_or_bf16(*g, d_y, false);
+    const std::vector<int64_t> mi = sample_indices(c.M, 48, 33), ni = sample_indices(s.n, 4096, 34);
+    const double err = check_product(rows_f32(x, s.k, mi), rows_f32(*w_ref, s.k, ni), mi, ni, s.n, s.k, y);
+    CHECK(err <= 1e-2);
+    CHECK(std::all_of(y.begin(), y.end(), [](float v) { return std::isfinite(v); }));
+    if (s.n * s.k > (int64_t(1) << 22) && c.M == 4096 && !c.tile) {
+      const double us = graph_us(*g, 5, [&](int) {
+        launch(p, f, g->stream, d_x.ptr(), d_W.ptr(), d_y.ptr(), int(c.M), c.group ? d_S.ptr() : 0);
+      });
+      const double flop = 2.0 * c.M * s.n * s.k;
+      MESSAGE(fmt::format("gemm_wgmma {} [{} x {}] {} M={}: {:.1f} us, {:.0f} TFLOP/s (tile {}x{} wg {}x{} stages {}); "
+                          "err {:.1e}",
+                          s.name, s.n, s.k, c.group ? fmt::format("W4A16 g{}", c.group) : "bf16", c.M, us,
+                          flop / us * 1e-6, p.tile.bm, p.tile.bn, p.tile.warps_m, p.tile.warps_n, p.tile.stages, err));
     }
   }
 }

@@ -26,8 +26,9 @@ namespace fs = std::filesystem;
 
 namespace {
 
-const fs::path kModel = fs::path(Q35_SOURCE_DIR) / "tests/fixtures/tiny-qwen35moe";
-const fs::path kGoldens = fs::path(Q35_SOURCE_DIR) / "tests/fixtures/goldens/tiny-qwen35moe";
+// Found at run time (tests/test_util.h), so the packed binary runs from any folder.
+fs::path model_dir() { return q35::test::fixtures_dir() / "tiny-qwen35moe"; }
+fs::path goldens_dir() { return q35::test::fixtures_dir() / "goldens/tiny-qwen35moe"; }
 
 struct Goldens {
   std::vector<int32_t> prompt, greedy;
@@ -36,7 +37,7 @@ struct Goldens {
 };
 
 Goldens load_goldens() {
-  SafetensorsFile f(kGoldens.string() + ".safetensors");
+  SafetensorsFile f(goldens_dir().string() + ".safetensors");
   auto ints = [&](const char* name) {
     const TensorInfo* t = f.find(name);
     REQUIRE(t);
@@ -89,8 +90,8 @@ GpuModelOptions options(WeightFormat f, int group) {
 
 TEST_CASE("GPU model, tiny fixture, bf16: transformers logits and the same 32 greedy tokens") {
   auto g = open_gpu();
-  const Config c = Config::from_file(kModel / "config.json");
-  Checkpoint ckpt(kModel);
+  const Config c = Config::from_file(model_dir() / "config.json");
+  Checkpoint ckpt(model_dir());
   const Goldens gold = load_goldens();
   for (bool chunked : {true, false}) {
     CAPTURE(chunked);
@@ -131,8 +132,8 @@ TEST_CASE("GPU model, tiny fixture, bf16: transformers logits and the same 32 gr
 
 TEST_CASE("GPU model, tiny fixture, bf16: error per depth against the fp32 CPU reference (diagnostic)") {
   auto g = open_gpu();
-  const Config full = Config::from_file(kModel / "config.json");
-  Checkpoint ckpt(kModel);
+  const Config full = Config::from_file(model_dir() / "config.json");
+  Checkpoint ckpt(model_dir());
   const Goldens gold = load_goldens();
   std::string report;
   const HostWeights all = load_host_weights(full, ckpt);
@@ -157,8 +158,8 @@ TEST_CASE("GPU model, tiny fixture, bf16: error per depth against the fp32 CPU r
 
 TEST_CASE("GPU model, tiny fixture, W4A16: deltas reported; a quantized checkpoint loads to the same logits") {
   auto g = open_gpu();
-  const Config c = Config::from_file(kModel / "config.json");
-  Checkpoint ckpt(kModel);
+  const Config c = Config::from_file(model_dir() / "config.json");
+  Checkpoint ckpt(model_dir());
   const Goldens gold = load_goldens();
   for (int group : {32, 64}) {
     CAPTURE(group);
@@ -173,7 +174,7 @@ TEST_CASE("GPU model, tiny fixture, W4A16: deltas reported; a quantized checkpoi
 
     // The same weights from a `q35jit quantize` checkpoint: bit-identical logits.
     test::TempDir tmp("gpu-quantized");
-    quantize_checkpoint(kModel, tmp.path() / "q", group, 4);
+    quantize_checkpoint(model_dir(), tmp.path() / "q", group, 4);
     Checkpoint qckpt(tmp.path() / "q");
     validate_quantized_checkpoint(c, qckpt, group);
     GpuModelOptions o = options(WeightFormat::W4A16, group);
@@ -185,8 +186,8 @@ TEST_CASE("GPU model, tiny fixture, W4A16: deltas reported; a quantized checkpoi
 
 TEST_CASE("GPU model: context overflow and bad ids are errors, and the model stays usable") {
   auto g = open_gpu();
-  const Config c = Config::from_file(kModel / "config.json");
-  Checkpoint ckpt(kModel);
+  const Config c = Config::from_file(model_dir() / "config.json");
+  Checkpoint ckpt(model_dir());
   GpuModelOptions o = options(WeightFormat::BF16, 0);
   o.max_context = 16;
   GpuModel model(g->driver, g->ctx, g->jit, c, ckpt, o);

@@ -223,26 +223,50 @@ struct Workspace {
   }
 };
 
+// sm_90a runs each case twice: the portable mma.sync GEMMs, then gemm_wgmma (the runner's choice there).
 void run_shapes(const MoeShape& base, std::initializer_list<int> groups, bool timing) {
   auto g = open_gpu();
   const MasterWeights master(base);
-  for (int group : groups) {
+  const bool hopper = g->ctx.device().arch() == "sm_90a";
+  for (int group : groups)
+  for (bool wgmma : {false, true}) {
+    if (wgmma && !hopper) continue;
     MoeShape s = base;
     s.group = group;
     CAPTURE(group);
+    CAPTURE(wgmma);
     const Layer L(*g, master, s);
-    const MoeKernels k(g->jit, g->ctx, s);
+    const MoeKernels k(g->jit, g->ctx, s, MoeTiles::defaults(s, wgmma));
     Workspace ws(*g, k, 2048);
     uint32_t salt = 100;
-    for (int64_t T : {1, 3, 8}) check_moe(*g, L, k, ws.sc, T, MoePath::Decode, salt++);
+    if (!wgmma)
+      for (int64_t T : {1, 3, 8}) check_moe(*g, L, k, ws.sc, T, MoePath::Decode, salt++);
     for (int64_t T : {1, 37, 512, 2048}) check_moe(*g, L, k, ws.sc, T, MoePath::Prefill, salt++);
+    if (wgmma) {  // other tiles of the tuner's space (block_m 128, stages 3 and 5, one warpgroup along N)
+      for (const MoeGemmTile& t : {MoeGemmTile{128, 128, 64, 2, 1, 3, true}, MoeGemmTile{64, 256, 64, 1, 2, 5, true},
+                                   MoeGemmTile{64, 64, 64, 1, 1, 4, true}}) {
+        MoeTiles tiles = MoeTiles::defaults(s, true);
+        tiles.gemm = t;
+        bool ok = true;
+        for (MoeGemm gm : {MoeGemm::RoutedGateUp, MoeGemm::RoutedDown, MoeGemm::SharedGateUp, MoeGemm::SharedDown})
+          ok = ok && why_invalid(t, s, gm).empty();
+        if (!ok) continue;
+        CAPTURE(t.block_m);
+        CAPTURE(t.block_n);
+        CAPTURE(t.stages);
+        const MoeKernels kt(g->jit, g->ctx, s, tiles);
+        Workspace wt(*g, kt, 2048);
+        for (int64_t T : {37, 2048}) check_moe(*g, L, kt, wt.sc, T, MoePath::Prefill, salt++);
+      }
+    }
     if (!timing || group == 32) continue;
 
-    const std::string fmt_name = group == 0 ? "bf16" : fmt::format("W4A16 g{}", group);
+    const std::string fmt_name = fmt::format("{} {}", group == 0 ? "bf16" : fmt::format("W4A16 g{}", group),
+                                             wgmma ? "wgmma" : "mma.sync");
     const double wbytes = group == 0 ? 2.0 : 0.5 + 2.0 / group;  // bytes per weight incl. scales
     // Decode T = 1: 20 different tokens per graph, so most experts come from HBM (the router and
     // shared expert stay in L2 across calls).
-    {
+    if (!wgmma) {
       const int calls = 20;
       const std::vector<uint16_t> x = random_bf16(size_t(calls * s.hidden), 7, 1.f);
       DeviceBuffer d_x = to_device(*g, x), d_out(g->driver, size_t(calls * s.hidden) * 2);
@@ -319,7 +343,7 @@ void run_shapes(const MoeShape& base, std::initializer_list<int> groups, bool ti
 }  // namespace
 
 TEST_CASE("GPU: moe at the tiny fixture's shapes, bf16 and W4A16 g32 / g64, decode and prefill paths") {
-  const Config cfg = Config::from_file(std::filesystem::path(Q35_SOURCE_DIR) / "tests/fixtures/tiny-qwen35moe/config.json");
+  const Config cfg = q35::test::config_tiny();
   // I = 64 admits groups up to 64.
   run_shapes(moe_shape(cfg, 0), {0, 32, 64}, false);
 }

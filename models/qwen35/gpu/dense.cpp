@@ -30,7 +30,9 @@ std::vector<DenseShape> dense_shapes(const Config& cfg) {
   return shapes;
 }
 
-GemmPlan gemm_plan(int64_t n, int64_t k, int64_t m, bool out_f32) { return {n, k, default_gemm_tile(n, k, m), out_f32}; }
+GemmPlan gemm_plan(int64_t n, int64_t k, int64_t m, bool out_f32, bool wgmma, int group) {
+  return {n, k, default_gemm_tile(n, k, m, wgmma), out_f32, wgmma ? group : 0};
+}
 
 KernelSpec GemvBf16Plan::spec() const {
   return out_f32 ? gemv_bf16_f32_spec(n, k, tile.m_tile, tile.rows_per_warp, tile.warps) : gemv_bf16_spec(n, k, tile);
@@ -48,11 +50,19 @@ QuantizePlan quantize_plan(int64_t k, int64_t group) { return {k, group, default
 
 SamplePlan sample_plan(int64_t vocab) { return {vocab, default_sample_tile(vocab)}; }
 
-void prepare(const GemmPlan& p, const Function& f) { f.set_max_dynamic_smem(p.tile.smem_bytes()); }
+void prepare(const GemmPlan& p, const Function& f) { f.set_max_dynamic_smem(p.tile.smem_bytes(p.group)); }
 
 void launch(const GemmPlan& p, const Function& f, const Stream& stream, CUdeviceptr x, CUdeviceptr W, CUdeviceptr y,
-            int M) {
+            int M, CUdeviceptr scales) {
   if (M < 1) fail("gemm_bf16 [N = {}, K = {}]: M = {} rows is not positive", p.n, p.k, M);
+  if (p.group != 0 && !scales) fail("gemm_wgmma [N = {}, K = {}]: W4A16 weights without scales", p.n, p.k);
+  if (p.tile.wgmma) {
+    const CUdeviceptr none = 0;  // sorted_ids, block_expert, num_blocks: MoE only
+    f.launch({{blocks_for(p.n, p.tile.bn), blocks_for(M, p.tile.bm)}, {unsigned(p.tile.threads())},
+              unsigned(p.tile.smem_bytes(p.group))},
+             stream, x, W, scales, y, none, none, none, M);
+    return;
+  }
   f.launch({{blocks_for(M, p.tile.bm), blocks_for(p.n, p.tile.bn)}, {unsigned(p.tile.threads())},
             unsigned(p.tile.smem_bytes())},
            stream, x, W, y, M);
@@ -119,7 +129,7 @@ std::vector<KernelSpec> dense_kernels(const Config& cfg, const DenseOptions& opt
       add(q.quantize_spec());
       add(q.dequantize_spec());
     }
-    add(gemm_plan(s.n, s.k, opt.prefill_tokens, logits).spec());  // prefill; lm_head: eval logits
+    add(gemm_plan(s.n, s.k, opt.prefill_tokens, logits, opt.wgmma, opt.group).spec());  // prefill; lm_head: eval logits
   }
   const SamplePlan sp = sample_plan(cfg.vocab_size);
   add(sp.argmax_spec());

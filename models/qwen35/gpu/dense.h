@@ -46,15 +46,19 @@ std::vector<DenseShape> dense_shapes(const Config& cfg);
 
 // ---- plans ----
 
-// gemm_bf16: x [M, k] bf16, W [n, k] bf16 -> y [M, n] bf16 (fp32 if out_f32).
+// gemm_bf16 (or, with a wgmma tile on sm_90a, gemm_wgmma): x [M, k] bf16, W [n, k] bf16 -> y [M, n]
+// bf16 (fp32 if out_f32). group > 0 (wgmma tiles only): W is W4A16 qweight u32 [n, k/8] with bf16
+// scales [n, k/group], dequantized inside the GEMM's main loop (the mma.sync path dequantizes first).
 struct GemmPlan {
   int64_t n = 0, k = 0;
   GemmTile tile;
   bool out_f32 = false;
-  KernelSpec spec() const { return gemm_bf16_spec(n, k, tile, out_f32); }
+  int group = 0;
+  KernelSpec spec() const { return gemm_bf16_spec(n, k, tile, out_f32, group); }
 };
-// m = the M the tile is chosen for (any M runs).
-GemmPlan gemm_plan(int64_t n, int64_t k, int64_t m, bool out_f32 = false);
+// m = the M the tile is chosen for (any M runs); wgmma: the Hopper kernel (then `group` is kept,
+// else the plan is for bf16 weights).
+GemmPlan gemm_plan(int64_t n, int64_t k, int64_t m, bool out_f32 = false, bool wgmma = false, int group = 0);
 
 // gemv_bf16: W [n, k] bf16, x [T, k] bf16 -> y [T, n] bf16 (fp32 if out_f32); T <= 16 per tile row.
 struct GemvBf16Plan {
@@ -98,9 +102,9 @@ SamplePlan sample_plan(int64_t vocab);
 
 // Once per loaded gemm_bf16 function, before its first launch: opts into its dynamic shared memory.
 void prepare(const GemmPlan& p, const Function& f);
-// y [M, n] = x [M, k] . W [n, k]^T (after prepare()).
+// y [M, n] = x [M, k] . W [n, k]^T (after prepare()); scales: W4A16 plans (group > 0) only.
 void launch(const GemmPlan& p, const Function& f, const Stream& stream, CUdeviceptr x, CUdeviceptr W, CUdeviceptr y,
-            int M);
+            int M, CUdeviceptr scales = 0);
 // y [T, n] = x [T, k] . W [n, k]^T.
 void launch(const GemvBf16Plan& p, const Function& f, const Stream& stream, CUdeviceptr W, CUdeviceptr x,
             CUdeviceptr y, int T);
@@ -128,6 +132,7 @@ struct DenseOptions {
   int group = 0;                  // 0: bf16 weights; 32 / 64 / 128: W4A16 with that group size
   int decode_tokens = 1;          // M of the decode GEMVs
   int64_t prefill_tokens = 4096;  // M the prefill GEMM tiles are chosen for
+  bool wgmma = false;             // sm_90a: prefill GEMMs on gemm_wgmma (W4A16 dequantized in its loop)
 };
 // Every instantiation the dense projections, the lm_head and token selection need, deduplicated.
 std::vector<KernelSpec> dense_kernels(const Config& cfg, const DenseOptions& opt = {});

@@ -59,22 +59,22 @@ MoeShape moe_shape(const Config& cfg, int group) {
   return s;
 }
 
-MoeTiles MoeTiles::defaults(const MoeShape& s) {
+MoeTiles MoeTiles::defaults(const MoeShape& s, bool wgmma) {
   return {default_moe_router_tile(s, 1),
           default_moe_router_tile(s, kMoeDecodeMaxTokens),
           default_moe_router_tile(s, kMoeDecodeMaxTokens + 1),
           default_moe_gate_up_tile(s),
           default_moe_down_tile(s),
-          default_moe_gemm_tile(s)};
+          default_moe_gemm_tile(s, wgmma)};
 }
 
 const MoeRouterTile& MoeTiles::router(int64_t tokens) const {
   return tokens <= 1 ? router_one : tokens <= kMoeDecodeMaxTokens ? router_decode : router_prefill;
 }
 
-std::vector<KernelSpec> moe_kernels(const Config& cfg, int group) {
+std::vector<KernelSpec> moe_kernels(const Config& cfg, int group, bool wgmma) {
   const MoeShape s = moe_shape(cfg, group);
-  return moe_kernels(s, MoeTiles::defaults(s));
+  return moe_kernels(s, MoeTiles::defaults(s, wgmma));
 }
 
 std::vector<KernelSpec> moe_kernels(const MoeShape& s, const MoeTiles& t) {
@@ -134,7 +134,11 @@ MoeKernels::MoeKernels(JitEngine& jit, const Context& ctx, const MoeShape& s, co
       gemm_routed_down(jit.load(moe_gemm_spec(s, MoeGemm::RoutedDown, tiles.gemm), ctx)),
       gemm_shared_gate_up(jit.load(moe_gemm_spec(s, MoeGemm::SharedGateUp, tiles.gemm), ctx)),
       gemm_shared_down(jit.load(moe_gemm_spec(s, MoeGemm::SharedDown, tiles.gemm), ctx)),
-      combine(jit.load(moe_combine_spec(s), ctx)) {}
+      combine(jit.load(moe_combine_spec(s), ctx)) {
+  if (tiles.gemm.wgmma)
+    for (const Function* f : {&gemm_routed_gate_up, &gemm_routed_down, &gemm_shared_gate_up, &gemm_shared_down})
+      f->set_max_dynamic_smem(tiles.gemm.smem_bytes(s.group));
+}
 
 const Function& MoeKernels::router(int64_t tokens) const {
   return tokens <= 1 ? router_one : tokens <= kMoeDecodeMaxTokens ? router_decode : router_prefill;
@@ -200,8 +204,9 @@ void launch_moe_gemm(const Function& f, const MoeGemmTile& tile, const Stream& s
   const bool routed = g == MoeGemm::RoutedGateUp || g == MoeGemm::RoutedDown;
   // Routed: the bound for T (blocks past num_blocks[0] exit at once).
   const unsigned row_blocks = routed ? unsigned(moe_max_blocks(s, tile.block_m, T)) : ceil_div(T, tile.block_m);
-  f.launch({{unsigned(moe_gemm_n(s, g) / tile.block_n), row_blocks}, {unsigned(tile.threads())}}, stream, A, W, S, out,
-           sc.sorted_ids, sc.block_expert, sc.num_blocks, int(T));
+  const unsigned smem = tile.wgmma ? unsigned(tile.smem_bytes(s.group)) : 0;  // static for mma.sync
+  f.launch({{unsigned(moe_gemm_n(s, g) / tile.block_n), row_blocks}, {unsigned(tile.threads())}, smem}, stream, A, W, S,
+           out, sc.sorted_ids, sc.block_expert, sc.num_blocks, int(T));
 }
 
 void launch_moe_combine(const Function& f, const Stream& stream, const MoeScratch& sc, CUdeviceptr out, int64_t T) {

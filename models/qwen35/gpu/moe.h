@@ -33,12 +33,13 @@ struct MoeTiles {
   MoeGemvTile gate_up;                                      // decode GEMVs
   MoeDownTile down;
   MoeGemmTile gemm;                                         // prefill GEMMs (and align's BLOCK_M)
-  static MoeTiles defaults(const MoeShape& s);
+  // wgmma: prefill GEMMs on the Hopper kernel (sm_90a targets, arch_has_wgmma).
+  static MoeTiles defaults(const MoeShape& s, bool wgmma = false);
   const MoeRouterTile& router(int64_t tokens) const;
 };
 
 // Every instantiation the MoE layers of `cfg` need with the default tiles, for weight format `group`.
-std::vector<KernelSpec> moe_kernels(const Config& cfg, int group);
+std::vector<KernelSpec> moe_kernels(const Config& cfg, int group, bool wgmma = false);
 // The instantiations of one set of tiles.
 std::vector<KernelSpec> moe_kernels(const MoeShape& s, const MoeTiles& tiles);
 

@@ -2,13 +2,20 @@
 
 #include <fmt/format.h>
 
+#include "autotune/tiles_wgmma.h"
+#include "models/qwen35/kernels.h"
 #include "runtime/core/error.h"
 
 namespace q35::qwen35::gpu {
 
-TunedTiles::TunedTiles(const Config& cfg, int group, int64_t smem_limit, std::shared_ptr<const TuneTable> table,
+TunedTiles::TunedTiles(const Config& cfg, int group, const std::string& arch, std::shared_ptr<const TuneTable> table,
                        std::function<void(const std::string&)> log)
-    : cfg_(cfg), group_(group), smem_limit_(smem_limit), moe_(gpu::moe_shape(cfg, group)), table_(std::move(table)),
+    : cfg_(cfg),
+      group_(group),
+      smem_limit_(smem_limit_for(arch)),
+      wgmma_(arch_has_wgmma(arch)),
+      moe_(gpu::moe_shape(cfg, group)),
+      table_(std::move(table)),
       log_(std::move(log)) {}
 
 template <typename T, typename Parse, typename Invalid>
@@ -62,13 +69,18 @@ GemvTile TunedTiles::gemv_bf16(int64_t n, int64_t k, bool out_f32, int64_t m) co
 
 GemmTile TunedTiles::gemm(int64_t n, int64_t k, bool out_f32, int64_t m) const {
   return pick(
-      tune::kGemm, tune::dense_signature(n, k, 0, out_f32), m, default_gemm_tile(n, k, m),
+      tune::kGemm, tune::dense_signature(n, k, wgmma_ ? group_ : 0, out_f32), m, default_gemm_tile(n, k, m, wgmma_),
       [](const nlohmann::json& j) { return tune::gemm_from_json(j); },
-      [&](const GemmTile& t) { return why_invalid(t, n, k); });
+      [&](const GemmTile& t) {
+        if (t.wgmma && !wgmma_) return std::string("a wgmma tile needs an sm_90a device");
+        if (t.wgmma && t.smem_bytes(group_) > kWgmmaMaxSmem)
+          return fmt::format("{} B of shared memory with W4A16 g{}", t.smem_bytes(group_), group_);
+        return why_invalid(t, n, k);
+      });
 }
 
 MoeTiles TunedTiles::moe(int64_t m) const {
-  MoeTiles t = MoeTiles::defaults(moe_);
+  MoeTiles t = MoeTiles::defaults(moe_, wgmma_);
   const MoeRouterTile router = pick(
       tune::kMoeRouter, tune::router_signature(moe_), m, t.router(m),
       [](const nlohmann::json& j) { return tune::moe_router_from_json(j); },
@@ -88,6 +100,7 @@ MoeTiles TunedTiles::moe(int64_t m) const {
     t.gemm = pick(
         tune::kMoeGemm, sig, m, t.gemm, [](const nlohmann::json& j) { return tune::moe_gemm_from_json(j); },
         [&](const MoeGemmTile& g) {
+          if (g.wgmma && !wgmma_) return std::string("a wgmma tile needs an sm_90a device");
           if (g.block_m > tune::kMoeMaxBlockM) return fmt::format("block_m {} > {}", g.block_m, tune::kMoeMaxBlockM);
           for (MoeGemm which : {MoeGemm::RoutedGateUp, MoeGemm::RoutedDown, MoeGemm::SharedGateUp, MoeGemm::SharedDown})
             if (std::string why = why_invalid(g, moe_, which); !why.empty()) return why;

@@ -20,9 +20,10 @@ namespace q35::qwen35::gpu {
 
 class TunedTiles {
  public:
-  // `table` may be null (defaults everywhere, no notices). `smem_limit`: shared memory per block
-  // on the target (attention prefill tiles). `log`: one-line notices.
-  TunedTiles(const Config& cfg, int group, int64_t smem_limit, std::shared_ptr<const TuneTable> table,
+  // `table` may be null (defaults everywhere, no notices). `arch`: the target ("sm_90a", "sm_80"):
+  // shared memory per block (attention prefill tiles) and whether the Hopper GEMMs (wgmma) run.
+  // `log`: one-line notices.
+  TunedTiles(const Config& cfg, int group, const std::string& arch, std::shared_ptr<const TuneTable> table,
              std::function<void(const std::string&)> log);
 
   W4GemvTile w4_gemv(int64_t n, int64_t k, bool out_f32, int64_t m) const;
@@ -35,6 +36,7 @@ class TunedTiles {
   GdnTiles gdn(int64_t m) const;
 
   const MoeShape& moe_shape() const { return moe_; }
+  bool wgmma() const { return wgmma_; }  // prefill GEMMs on gemm_wgmma (sm_90a)
   bool tuned() const { return table_ && !table_->empty(); }
 
  private:
@@ -47,6 +49,7 @@ class TunedTiles {
   Config cfg_;
   int group_;
   int64_t smem_limit_;
+  bool wgmma_;
   MoeShape moe_;
   std::shared_ptr<const TuneTable> table_;
   std::function<void(const std::string&)> log_;

@@ -1,0 +1,63 @@
+#include "autotune/tiles_wgmma.h"
+
+#include <fmt/format.h>
+
+#include "runtime/core/error.h"
+
+namespace q35 {
+
+int wgmma_smem_bytes(int group, int bm, int bn, int stages) {
+  const int a = bm * 128, b = group == 0 ? bn * 128 : bn * 32;
+  return 1024 + stages * (a + b) + (group == 0 ? 0 : 3 * bn * 128);
+}
+
+std::string why_invalid(const WgmmaGemm& g) {
+  if (g.group != 0 && g.group != 32 && g.group != 64 && g.group != 128)
+    return fmt::format("weight group {} is not 0 (bf16), 32, 64 or 128", g.group);
+  if (g.n <= 0 || g.n % 8 != 0) return fmt::format("N = {} is not a positive multiple of 8", g.n);
+  if (g.k <= 0 || g.k % 8 != 0) return fmt::format("K = {} is not a positive multiple of 8", g.k);
+  if (g.group != 0 && (g.k % kWgmmaBlockK != 0 || g.k % g.group != 0))
+    return fmt::format("W4A16: K = {} is not a multiple of 64 and of the group {}", g.k, g.group);
+  if (g.topk < 1) return fmt::format("topk = {} is not positive", g.topk);
+  if (g.wgm != 1 && g.wgm != 2) return fmt::format("wgm = {} warpgroups along M is not 1 or 2", g.wgm);
+  if (g.wgn != 1 && g.wgn != 2) return fmt::format("wgn = {} warpgroups along N is not 1 or 2", g.wgn);
+  if (g.bm != 64 * g.wgm) return fmt::format("bm = {} is not 64 * wgm = {}", g.bm, 64 * g.wgm);
+  const int wtn = g.bn % g.wgn == 0 ? g.bn / g.wgn : 0;
+  if (wtn != 32 && wtn != 64 && wtn != 128 && wtn != 256)
+    return fmt::format("bn / wgn = {} / {} is not 32, 64, 128 or 256 (the wgmma N)", g.bn, g.wgn);
+  if (g.stages < 3 || g.stages > 8) return fmt::format("stages = {} is not in [3, 8]", g.stages);
+  if ((g.gate_up || g.routed) && g.n % g.bn != 0)
+    return fmt::format("N = {} is not a multiple of bn = {} (MoE GEMMs)", g.n, g.bn);
+  if (g.gate_up && (wtn % 16 != 0 || g.out_f32)) return "gate|up needs bn / wgn a multiple of 16 and bf16 output";
+  if (g.group == 0 && (g.bn * 8) % g.threads() != 0)
+    return fmt::format("bn = {} does not split into 16-byte chunks over {} threads", g.bn, g.threads());
+  if (const int smem = wgmma_smem_bytes(g.group, g.bm, g.bn, g.stages); smem > kWgmmaMaxSmem)
+    return fmt::format("{} B of shared memory exceeds {} B", smem, kWgmmaMaxSmem);
+  return {};
+}
+
+KernelSpec wgmma_gemm_spec(const WgmmaGemm& g) {
+  if (std::string why = why_invalid(g); !why.empty())
+    fail("gemm_wgmma [N = {}, K = {}, {}]: invalid config: {}", g.n, g.k,
+         g.group == 0 ? std::string("bf16") : fmt::format("W4A16 g{}", g.group), why);
+  auto b = [](bool v) { return std::string(v ? "true" : "false"); };
+  auto s = [](int64_t v) { return std::to_string(v); };
+  return {"wgmma_gemm",
+          "gemm_wgmma",
+          {{"GROUP", s(g.group)},
+           {"N", s(g.n)},
+           {"K", s(g.k)},
+           {"TOPK", s(g.topk)},
+           {"GATE_UP", b(g.gate_up)},
+           {"ROUTED", b(g.routed)},
+           {"OUT_F32", b(g.out_f32)},
+           {"BM", s(g.bm)},
+           {"BN", s(g.bn)},
+           {"STAGES", s(g.stages)},
+           {"WGM", s(g.wgm)},
+           {"WGN", s(g.wgn)}}};
+}
+
+bool arch_has_wgmma(const std::string& arch) { return arch == "sm_90a"; }
+
+}  // namespace q35

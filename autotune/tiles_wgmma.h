@@ -1,0 +1,36 @@
+#pragma once
+// The Hopper GEMM of kernel_templates/wgmma_gemm.cuh (gemm_wgmma, sm_90a only): one instantiation's
+// parameters, its validity rule (the template's static_asserts, plus shared memory and registers),
+// its dynamic shared memory and its KernelSpec. Used by the dense GEMM (GemmTile with wgmma) and
+// the MoE grouped GEMMs (MoeGemmTile with wgmma).
+#include <cstdint>
+#include <string>
+
+#include "runtime/jit/kernel_spec.h"
+
+namespace q35 {
+
+// gemm_wgmma<GROUP, N, K, TOPK, GATE_UP, ROUTED, OUT_F32, BM, BN, STAGES, WGM, WGN>;
+// grid (ceil(N / bn), row blocks), block 128 * wgm * wgn, dynamic smem wgmma_smem_bytes().
+struct WgmmaGemm {
+  int group = 0;             // 0: bf16 weights, else W4A16 group 32 / 64 / 128
+  int64_t n = 0, k = 0;      // W [n, k] (per expert)
+  int64_t topk = 1;          // routed gate|up: A row = sorted pair / topk
+  bool gate_up = false, routed = false, out_f32 = false;
+  int bm = 128, bn = 128, stages = 4;
+  int wgm = 2, wgn = 1;      // warpgroups along M (bm = 64 * wgm) and N
+  int threads() const { return 128 * wgm * wgn; }
+};
+
+constexpr int kWgmmaBlockK = 64;              // K step: one 128-byte swizzled row of bf16
+constexpr int kWgmmaMaxSmem = 227 * 1024;     // dynamic shared memory a block may opt into on sm_90
+// Bytes of dynamic shared memory: 1 KiB alignment slack, `stages` x (A tile + B tile, or the raw
+// INT4 B tile), and for INT4 three bf16 B tiles.
+int wgmma_smem_bytes(int group, int bm, int bn, int stages);
+std::string why_invalid(const WgmmaGemm& g);
+KernelSpec wgmma_gemm_spec(const WgmmaGemm& g);  // Error naming the shape and reason when invalid
+
+// Whether `arch` ("sm_90a", "sm_80", ...) runs gemm_wgmma (wgmma needs the sm_90a target).
+bool arch_has_wgmma(const std::string& arch);
+
+}  // namespace q35

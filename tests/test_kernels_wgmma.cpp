@@ -1,0 +1,144 @@
+// The Hopper GEMM (kernel_templates/wgmma_gemm.cuh) on the CPU, no GPU: every instantiation the
+// runner and the tuner use on sm_90a compiles through NVRTC with no register spills and no stack
+// frame (ptxas -v), and its SASS shows the warpgroup MMA (HGMMA; read by cuobjdump from PyPI's
+// nvidia-cuda-cuobjdump, path in $Q35_CUOBJDUMP, which `make test` sets from the test venv).
+#include <doctest/doctest.h>
+#include <fmt/format.h>
+
+#include <cstdio>
+#include <fstream>
+#include <regex>
+#include <set>
+
+#include "autotune/spaces.h"
+#include "autotune/tiles_wgmma.h"
+#include "models/qwen35/gpu/dense.h"
+#include "models/qwen35/gpu/moe.h"
+#include "models/qwen35/kernels.h"
+#include "runtime/jit/jit_engine.h"
+#include "tests/test_util.h"
+#include "tests/synthetic_checkpoint.h"
+
+using namespace q35;
+using namespace q35::qwen35;
+using q35::test::config_35b;
+using q35::test::config_tiny;
+using q35::test::contains;
+
+namespace {
+
+bool is_wgmma(const KernelSpec& s) { return s.family == "wgmma_gemm"; }
+
+// Every "N bytes stack frame, N bytes spill stores, N bytes spill loads" of a ptxas -v log is zero
+// (and there is at least one).
+void check_no_spills(const CompiledKernel& k, const std::string& what) {
+  CAPTURE(what);
+  static const std::regex re(R"((\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads)");
+  int found = 0;
+  for (auto it = std::sregex_iterator(k.log.begin(), k.log.end(), re); it != std::sregex_iterator(); ++it) {
+    ++found;
+    CHECK((*it)[1] == "0");
+    CHECK((*it)[2] == "0");
+    CHECK((*it)[3] == "0");
+  }
+  CHECK(found >= 1);
+}
+
+// cuobjdump -sass of a cubin; "" (and a failed check) when cuobjdump is missing.
+std::string sass_of(const CompiledKernel& k, const std::filesystem::path& dir) {
+  const char* tool = std::getenv("Q35_CUOBJDUMP");
+  REQUIRE_MESSAGE((tool && *tool && std::filesystem::exists(tool)),
+                  "set Q35_CUOBJDUMP to cuobjdump (make test takes it from PyPI's nvidia-cuda-cuobjdump in .venv)");
+  const std::filesystem::path cubin = dir / (k.key + ".cubin");
+  {
+    std::ofstream out(cubin, std::ios::binary);
+    out.write(reinterpret_cast<const char*>(k.cubin.data()), std::streamsize(k.cubin.size()));
+  }
+  std::string cmd = fmt::format("'{}' -sass '{}' 2>&1", tool, cubin.string()), text;
+  FILE* p = popen(cmd.c_str(), "r");
+  REQUIRE(p != nullptr);
+  char buf[4096];
+  size_t n;
+  while ((n = fread(buf, 1, sizeof buf, p)) > 0) text.append(buf, n);
+  CHECK(pclose(p) == 0);
+  return text;
+}
+
+}  // namespace
+
+TEST_CASE("sm_90a: the runner's kernel list uses gemm_wgmma for every prefill GEMM; sm_80 never does") {
+  for (int group : {0, 32, 128}) {
+    CAPTURE(group);
+    const std::vector<KernelSpec> hopper = required_kernels(config_35b(), group, "sm_90a");
+    const std::vector<KernelSpec> ampere = required_kernels(config_35b(), group, "sm_80");
+    int wgmma = 0;
+    for (const KernelSpec& s : hopper) {
+      wgmma += is_wgmma(s);
+      CHECK(s.kernel != "moe_gemm");  // the mma.sync grouped GEMM is the sm_80 path
+      if (is_wgmma(s) && s.kernel == "gemm_wgmma" && q35::test::spec_arg(s, "ROUTED") == "false" &&
+          q35::test::spec_arg(s, "GATE_UP") == "false" && q35::test::spec_arg(s, "TOPK") == "1")
+        CHECK(q35::test::spec_arg(s, "GROUP") == std::to_string(group));  // W4A16 dequantized in the loop
+    }
+    CHECK(wgmma >= 4 + 4);  // 4 MoE GEMMs + the dense projections
+    for (const KernelSpec& s : ampere) CHECK_FALSE(is_wgmma(s));
+  }
+}
+
+TEST_CASE("gemm_wgmma: every instantiation of the runner and the tuner compiles for sm_90a without spills, "
+          "with HGMMA in its SASS") {
+  q35::test::TempDir cache("wgmma-jit");
+  JitEngine jit(cache.path(), JitOptions{.kernel_dir = std::nullopt, .extra_options = {"--ptxas-options=-v"}});
+  std::vector<KernelSpec> specs;
+  std::set<std::string> seen;
+  auto add = [&](const KernelSpec& s) {
+    if (is_wgmma(s) && seen.insert(s.str()).second) specs.push_back(s);
+  };
+  for (int group : {0, 32, 128})
+    for (const KernelSpec& s : required_kernels(config_35b(), group, "sm_90a")) add(s);
+  for (int group : {0, 32, 64})
+    for (const KernelSpec& s : required_kernels(config_tiny(), group, "sm_90a")) add(s);
+  // The tuner's spaces at g128 (35B): the four MoE GEMMs and the DeltaNet in_proj (ragged N).
+  const MoeShape ms = gpu::moe_shape(config_35b(), 128);
+  for (const MoeGemmTile& t : tune::moe_gemm_candidates(ms, 4096, true))
+    for (MoeGemm g : {MoeGemm::RoutedGateUp, MoeGemm::RoutedDown, MoeGemm::SharedGateUp, MoeGemm::SharedDown})
+      add(moe_gemm_spec(ms, g, t));
+  for (const GemmTile& t : tune::gemm_candidates(12352, 2048, 4096, true))
+    if (t.smem_bytes(128) <= kWgmmaMaxSmem) add(gpu::GemmPlan{12352, 2048, t, false, 128}.spec());
+  MESSAGE(specs.size() << " gemm_wgmma instantiations");
+  CHECK(specs.size() >= 40);
+
+  const std::vector<CompiledKernel> out = jit.compile_all(specs, "sm_90a", 2);
+  REQUIRE(out.size() == specs.size());
+  for (size_t i = 0; i < out.size(); ++i) check_no_spills(out[i], specs[i].str());
+  // SASS of a sample (cuobjdump is slow-ish): the runner's own kernels and a few of the space.
+  for (size_t i = 0; i < out.size(); i += std::max<size_t>(1, out.size() / 12)) {
+    CAPTURE(specs[i].str());
+    const std::string sass = sass_of(out[i], cache.path());
+    CHECK(contains(sass, "HGMMA.64x"));
+    CHECK_FALSE(contains(sass, "LDL"));  // no local-memory traffic
+  }
+}
+
+TEST_CASE("gemm_wgmma refuses what its template cannot run, naming the reason") {
+  WgmmaGemm g;
+  g.n = 1024, g.k = 2048, g.group = 128, g.gate_up = true, g.routed = true, g.topk = 8;
+  CHECK(why_invalid(g).empty());
+  WgmmaGemm bad = g;
+  bad.k = 2056;  // W4A16 needs whole 64-k steps
+  CHECK(contains(why_invalid(bad), "multiple of 64"));
+  bad = g, bad.bn = 96;
+  CHECK(contains(why_invalid(bad), "wgmma N"));
+  bad = g, bad.n = 1004;
+  CHECK(contains(why_invalid(bad), "multiple of 8"));
+  bad = g, bad.bm = 64;
+  CHECK(contains(why_invalid(bad), "64 * wgm"));
+  bad = g, bad.out_f32 = true;
+  CHECK(contains(why_invalid(bad), "bf16 output"));
+  bad = g, bad.bn = 256, bad.stages = 8;
+  CHECK(contains(why_invalid(bad), "shared memory"));
+  CHECK(contains(test::error_of([&] { wgmma_gemm_spec(bad); }), "gemm_wgmma [N = 1024, K = 2048, W4A16 g128]"));
+  CHECK(arch_has_wgmma("sm_90a"));
+  CHECK_FALSE(arch_has_wgmma("sm_90"));
+  CHECK_FALSE(arch_has_wgmma("sm_80"));
+  CHECK_FALSE(arch_has_wgmma("sm_100a"));
+}
