@@ -478,3 +478,73 @@ TEST_CASE("q35jit eval --device cpu on FP8 and GPTQ checkpoints equals the refer
     }
   }
 }
+
+namespace {
+
+// Every tensor of a HostWeights, in a fixed order, with a name for messages.
+std::vector<std::pair<std::string, const HostTensor*>> all_tensors(const HostWeights& w) {
+  std::vector<std::pair<std::string, const HostTensor*>> out = {
+      {"embed_tokens", &w.embed_tokens}, {"norm", &w.final_norm}, {"lm_head", &w.lm_head}};
+  for (size_t i = 0; i < w.layers.size(); ++i) {
+    const LayerWeights& l = w.layers[i];
+    auto add = [&](const char* what, const HostTensor& t) { out.push_back({fmt::format("layer {} {}", i, what), &t}); };
+    add("input_layernorm", l.input_layernorm);
+    add("post_attention_layernorm", l.post_attention_layernorm);
+    for (const HostTensor* t : {&l.attn.q_proj, &l.attn.k_proj, &l.attn.v_proj, &l.attn.o_proj, &l.attn.q_norm,
+                                &l.attn.k_norm, &l.linear.in_proj_qkv, &l.linear.in_proj_z, &l.linear.in_proj_b,
+                                &l.linear.in_proj_a, &l.linear.conv1d, &l.linear.dt_bias, &l.linear.A_log,
+                                &l.linear.norm, &l.linear.out_proj})
+      add("mixer", *t);
+    add("router", l.moe.router);
+    add("experts.gate_up", l.moe.experts_gate_up);
+    add("experts.down", l.moe.experts_down);
+    add("shared.gate", l.moe.shared_gate);
+    add("shared.up", l.moe.shared_up);
+    add("shared.down", l.moe.shared_down);
+    add("shared_expert_gate", l.moe.shared_expert_gate);
+  }
+  return out;
+}
+
+fs::path quant_fixtures() {
+  const char* env = std::getenv("Q35_GOLDENS_DIR");
+  return (env && *env ? fs::path(env) : fs::path(Q35_BINARY_DIR) / "goldens") / "quant";
+}
+
+}  // namespace
+
+TEST_CASE("Python-made FP8 / GPTQ versions of the tiny fixture: exact weights, eval equals the fp32 reference") {
+  for (const char* kind : {"tiny-fp8", "tiny-gptq"}) {
+    CAPTURE(kind);
+    const fs::path dir = quant_fixtures() / kind, ref = quant_fixtures() / (std::string(kind) + "-ref");
+    REQUIRE_MESSAGE(fs::exists(dir / "model.safetensors"),
+                    fmt::format("{} is missing: generate it with `make goldens`, or\n  python3 {}/tests/python/"
+                                "make_quant_fixtures.py --out {}",
+                                dir.string(), Q35_SOURCE_DIR, quant_fixtures().string()));
+    const Config c = Config::from_file(dir / "config.json");
+    Checkpoint q(dir), r(ref);
+    CHECK(HfQuant::of(q).method == (std::string(kind) == "tiny-fp8" ? QuantMethod::FP8 : QuantMethod::GPTQ));
+    const HostWeights wq = load_host_weights(c, q), wr = load_host_weights(c, r);
+    const auto tq = all_tensors(wq), tr = all_tensors(wr);
+    REQUIRE(tq.size() == tr.size());
+    for (size_t i = 0; i < tq.size(); ++i) {
+      CAPTURE(tq[i].first);
+      CHECK(tq[i].second->data == tr[i].second->data);  // bit-exact: dequantized per the format's definition
+    }
+    // The command line on both: the same logits (the same fp32 weights through the same forward).
+    test::TempDir tmp("hfq-py");
+    std::ofstream(tmp / "tokens.txt") << "1480 100 200 300 400 500 600 700 800 900 1000 1100 1200 33 44 55\n";
+    std::vector<std::vector<float>> logits;
+    for (const fs::path& model : {dir, ref}) {
+      const fs::path out = tmp / "logits.safetensors";
+      const std::string cmd = std::string(Q35_BINARY_DIR) + "/q35jit eval --device cpu --model " + model.string() +
+                              " --tokens " + (tmp / "tokens.txt").string() + " --out " + out.string();
+      REQUIRE(std::system(cmd.c_str()) == 0);
+      SafetensorsFile f(out);
+      const TensorInfo* info = f.find("logits");
+      REQUIRE(info);
+      logits.push_back(to_f32({info, f.data(*info), &f}));
+    }
+    CHECK(logits[0] == logits[1]);
+  }
+}
