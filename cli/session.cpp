@@ -148,6 +148,10 @@ ModelSource model_source(const Args& args) {
 
 WeightChoice weight_choice(const Args& args, const qwen35::Config& config, const fs::path& dir) {
   const std::string quant = args.get("quant").value_or("w4a16");
+  if (quant == "fp8")
+    fail("q35jit {}: --quant fp8 (FP8 weights on the GPU, W8A16 kernels) is not implemented yet: use --quant w4a16 "
+         "(an FP8 checkpoint is dequantized exactly and quantized while loading) or --quant bf16",
+         args.command());
   if (quant != "bf16" && quant != "w4a16")
     fail("q35jit {}: --quant must be bf16 or w4a16, got '{}'", args.command(), quant);
   const std::optional<qwen35::QuantNote> note =

@@ -384,3 +384,18 @@ TEST_CASE("keys that change the math: the implemented value loads, any other is 
         path.string() + ": key \"moe_router_temperature\" in text_config (= 0.5) is unknown to q35jit: it may change the "
                         "model's math, so it is refused rather than ignored");
 }
+
+TEST_CASE("a Qwen3.6-35B-A3B config.json (same architecture, its extra keys) loads as the 3.5 one does") {
+  TempDir dir("cfg-36");
+  json j = real_35b_config();
+  json& t = j["text_config"];
+  t["output_gate_type"] = "swish";
+  t["mamba_ssm_dtype"] = "float32";
+  t["mtp_num_hidden_layers"] = 1;
+  t["mtp_use_dedicated_embeddings"] = false;
+  t["attn_output_gate"] = true;
+  j["quantization_config"] = {{"quant_method", "fp8"}, {"fmt", "e4m3"}, {"weight_block_size", {128, 128}}};
+  write_json(dir / "config.json", j);
+  write_json(dir / "c35.json", real_35b_config());
+  check_equal(Config::from_file(dir / "config.json"), Config::from_file(dir / "c35.json"));
+}
