@@ -380,6 +380,7 @@ TEST_CASE("keys that change the math: the implemented value loads, any other is 
   CHECK(contains(load_with("norm_topk_prob", false), "\"norm_topk_prob\""));
   CHECK(contains(load_with("use_sliding_window", true), "\"use_sliding_window\""));
   CHECK(contains(load_with("rope_scaling", json{{"rope_type", "yarn"}, {"factor", 4}}), "\"rope_scaling\""));
+  CHECK(load_with("rope_scaling", json{{"type", "mrope"}, {"mrope_section", {1, 1, 0}}}) == "");
   CHECK(load_with("moe_router_temperature", 0.5) ==
         path.string() + ": key \"moe_router_temperature\" in text_config (= 0.5) is unknown to q35jit: it may change the "
                         "model's math, so it is refused rather than ignored");

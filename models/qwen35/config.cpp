@@ -95,7 +95,9 @@ constexpr std::string_view kInertKeys[] = {
     "repetition_penalty", "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size",
     "bad_words_ids", "num_return_sequences", "output_scores", "return_dict_in_generate",
     "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty",
-    "suppress_tokens", "begin_suppress_tokens",
+    "suppress_tokens", "begin_suppress_tokens", "auto_map",
+    // M-RoPE sections: with text-only positions every stream is the same, plain 1-D RoPE (spec §2.3).
+    "mrope_section", "mrope_interleaved",
 };
 // Keys this runtime reads (Config::from_file).
 constexpr std::string_view kReadKeys[] = {
@@ -130,8 +132,14 @@ void check_keys(const Keys& lm) {
   require_value("norm_topk_prob", json::array({true}), "the top-k routing weights are renormalised");
   require_value("decoder_sparse_step", json::array({1}), "every layer is MoE");
   require_value("use_sliding_window", json::array({false}), "attention is over the whole context");
-  require_value("rope_scaling", json::array({json::object({{"rope_type", "default"}}), json::object({{"type", "default"}})}),
-                "RoPE is unscaled (rope_parameters describe it)");
+  // Legacy rope_scaling: only the unscaled kinds (text positions make mrope plain 1-D RoPE).
+  if (const json* rs = lm.find("rope_scaling")) {
+    const json type = rs->is_object() ? rs->value("rope_type", rs->value("type", json("default"))) : json();
+    if (type != "default" && type != "mrope")
+      fail("{}: key \"rope_scaling\" in {}: {} is not implemented (supported: rope_type \"default\" or \"mrope\"; "
+           "RoPE is unscaled)",
+           file, lm.where, rs->dump());
+  }
   for (const auto& [key, value] : lm.obj.items()) {
     if (value.is_null()) continue;
     auto is = [&](std::string_view k) { return k == key; };
