@@ -18,6 +18,7 @@
 #include "runtime/core/int4_format.h"
 #include "runtime/io/json_file.h"
 #include "runtime/io/safetensors.h"
+#include "tests/quant_checkpoint.h"
 #include "tests/synthetic_checkpoint.h"
 #include "tests/test_util.h"
 
@@ -26,77 +27,13 @@ using namespace q35::qwen35;
 namespace fs = std::filesystem;
 using q35::test::contains;
 using q35::test::error_of;
+using q35::test::Fp8Weight;
+using q35::test::GptqWeight;
+using q35::test::make_gptq;
+using q35::test::write_f32_twin;
+using q35::test::write_quantized;
 
 namespace {
-
-template <typename T>
-std::vector<uint8_t> bytes_of(const std::vector<T>& v) {
-  std::vector<uint8_t> b(v.size() * sizeof(T));
-  std::memcpy(b.data(), v.data(), b.size());
-  return b;
-}
-
-// A normal fp16 scale around 2^-6 .. 2^-3 with a random 10-bit mantissa (so that fp16 -> bf16 is
-// inexact for most of them).
-uint16_t random_f16_scale(std::mt19937_64& rng) {
-  const uint16_t exp = uint16_t(15 - 6 + rng() % 4), man = uint16_t(rng() % 1024);
-  return uint16_t(exp << 10 | man);
-}
-
-// GPTQ tensors of one [N, K] weight with random codes, as the format stores them, and the values
-// they mean: w[n, k] = (q[k, n] - 8) * scale[k / G, n].
-struct GptqWeight {
-  std::vector<int32_t> qweight, qzeros, g_idx;
-  std::vector<uint16_t> scales;
-  std::vector<float> values;  // [N, K]
-  std::vector<uint8_t> codes;  // q[n * K + k]
-};
-
-GptqWeight make_gptq(int64_t N, int64_t K, int64_t G, int zero_offset, std::mt19937_64& rng) {
-  GptqWeight g;
-  const int64_t zcols = (N + 7) / 8;
-  g.qweight.assign(size_t(K / 8 * N), 0);
-  g.qzeros.assign(size_t(K / G * zcols), 0);
-  g.scales.resize(size_t(K / G * N));
-  g.values.resize(size_t(N * K));
-  g.codes.resize(size_t(N * K));
-  for (auto& s : g.scales) s = random_f16_scale(rng);
-  for (int64_t gi = 0; gi < K / G; ++gi)
-    for (int64_t n = 0; n < N; ++n)
-      g.qzeros[size_t(gi * zcols + n / 8)] |= int32_t(uint32_t(8 - zero_offset) << (4 * (n % 8)));
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t k = 0; k < K; ++k) {
-      const uint8_t q = uint8_t(rng() % 16);
-      g.codes[size_t(n * K + k)] = q;
-      g.qweight[size_t(k / 8 * N + n)] |= int32_t(uint32_t(q) << (4 * (k % 8)));
-      g.values[size_t(n * K + k)] = float(int(q) - 8) * f16_to_f32(g.scales[size_t(k / G * N + n)]);
-    }
-  for (int64_t k = 0; k < K; ++k) g.g_idx.push_back(int32_t(k / G));
-  return g;
-}
-
-// An FP8 weight [N, K] with block scales [ceil(N / bn), ceil(K / bk)] and the values it means.
-struct Fp8Weight {
-  std::vector<uint8_t> w;
-  std::vector<float> scale_inv, values;
-};
-
-Fp8Weight make_fp8(int64_t N, int64_t K, int64_t bn, int64_t bk, std::mt19937_64& rng) {
-  Fp8Weight f;
-  const int64_t sn = (N + bn - 1) / bn, sk = (K + bk - 1) / bk;
-  for (int64_t i = 0; i < sn * sk; ++i) f.scale_inv.push_back(std::ldexp(1.0f + float(rng() % 1000) / 1000.f, -8));
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t k = 0; k < K; ++k) {
-      uint8_t b = uint8_t(rng() % 256);
-      if ((b & 0x7f) == 0x7f) b = 0x3c;  // no NaN codes
-      f.w.push_back(b);
-      // e4m3fn from its definition: (-1)^s 2^(e-7) (1 + m/8), or 2^-6 m/8 when e = 0.
-      const int s = b >> 7, e = (b >> 3) & 15, m = b & 7;
-      const double v = (e == 0 ? std::ldexp(m / 8.0, -6) : std::ldexp(1.0 + m / 8.0, e - 7)) * (s ? -1 : 1);
-      f.values.push_back(float(v) * f.scale_inv[size_t(n / bn * sk + k / bk)]);
-    }
-  return f;
-}
 
 // A config whose every projection K is a multiple of 64 (so `q35jit quantize --group-size 32 / 64` apply).
 Config config64() {
@@ -105,67 +42,6 @@ Config config64() {
   c.moe_intermediate_size = 64;
   c.shared_expert_intermediate_size = 64;
   return c;
-}
-
-bool is_expert(const std::string& name) { return contains(name, ".mlp.experts."); }
-bool fp8_candidate(const std::string& name, const std::vector<int64_t>& shape) {
-  // As in the official FP8 checkpoints: projections and experts in fp8; embeddings, lm_head, router,
-  // shared-expert gate, conv1d, in_proj_a/b, A_log, dt_bias and norms in bf16.
-  return shape.size() == 2 && is_quantized_weight(name) && name != "lm_head.weight" &&
-         !contains(name, "in_proj_a") && !contains(name, "in_proj_b");
-}
-
-// Writes a per-expert bf16 checkpoint of `c` into `dir`, then stores it as an FP8 or GPTQ
-// checkpoint. Returns every logical weight's exact values.
-std::map<std::string, HostTensor> write_quantized(const fs::path& dir, const Config& c, QuantMethod method,
-                                                  int64_t group = 8, int zero_offset = 1, uint64_t seed = 5) {
-  test::SyntheticOptions o;
-  o.experts = ExpertLayout::PerExpert;
-  o.extras = false;
-  std::map<std::string, HostTensor> values = test::write_synthetic_checkpoint(dir, c, o);
-  std::mt19937_64 rng(seed);
-  std::vector<std::vector<uint8_t>> keep;  // the new tensors' bytes, alive until the file is written
-  test::rewrite_safetensors(dir / "model.safetensors", [&](std::vector<TensorToWrite>& tensors) {
-    keep.reserve(4 * tensors.size());
-    std::vector<TensorToWrite> out;
-    for (const TensorToWrite& t : tensors) {
-      const std::string module = t.name.substr(0, t.name.size() - 7);
-      if (method == QuantMethod::GPTQ && is_expert(t.name)) {
-        const int64_t N = t.shape[0], K = t.shape[1];
-        GptqWeight g = make_gptq(N, K, group, zero_offset, rng);
-        values[t.name].data = g.values;
-        auto add = [&](const std::string& name, DType dt, std::vector<int64_t> shape, std::vector<uint8_t> b) {
-          keep.push_back(std::move(b));
-          out.push_back({name, dt, std::move(shape), keep.back()});
-        };
-        add(module + ".qweight", DType::I32, {K / 8, N}, bytes_of(g.qweight));
-        add(module + ".qzeros", DType::I32, {K / group, (N + 7) / 8}, bytes_of(g.qzeros));
-        add(module + ".scales", DType::F16, {K / group, N}, bytes_of(g.scales));
-        add(module + ".g_idx", DType::I32, {K}, bytes_of(g.g_idx));
-      } else if (method == QuantMethod::FP8 && fp8_candidate(t.name, t.shape)) {
-        const int64_t N = t.shape[0], K = t.shape[1];
-        Fp8Weight f = make_fp8(N, K, 16, 16, rng);  // small blocks so that tiny weights have several
-        values[t.name].data = f.values;
-        keep.push_back(f.w);
-        out.push_back({t.name, DType::F8_E4M3, t.shape, keep.back()});
-        keep.push_back(bytes_of(f.scale_inv));
-        out.push_back({module + ".weight_scale_inv", DType::F32, {(N + 15) / 16, (K + 15) / 16}, keep.back()});
-      } else {
-        out.push_back(t);
-      }
-    }
-    tensors = std::move(out);
-  });
-  nlohmann::json cfg = read_json_file(dir / "config.json");
-  if (method == QuantMethod::GPTQ)
-    cfg["quantization_config"] = {{"quant_method", "gptq"}, {"bits", 4}, {"group_size", group}, {"sym", true},
-                                  {"desc_act", false}, {"checkpoint_format", zero_offset ? "gptq" : "gptq_v2"},
-                                  {"dynamic", {{"-:.*shared_expert.*", nlohmann::json::object()}}}};
-  else
-    cfg["quantization_config"] = {{"quant_method", "fp8"}, {"fmt", "e4m3"}, {"activation_scheme", "dynamic"},
-                                  {"weight_block_size", {16, 16}}};
-  test::write_json(dir / "config.json", cfg);
-  return values;
 }
 
 void check_host_weights_equal(const HostWeights& w, const Config& c, const std::map<std::string, HostTensor>& values) {
@@ -190,21 +66,6 @@ void check_host_weights_equal(const HostWeights& w, const Config& c, const std::
     }
   }
   CHECK(w.lm_head.data == values.at("lm_head.weight").data);
-}
-
-// A float (F32) checkpoint holding exactly `values`, in the same per-expert layout.
-void write_f32_twin(const fs::path& dir, const Config& c, const std::map<std::string, HostTensor>& values) {
-  test::SyntheticOptions o;
-  o.experts = ExpertLayout::PerExpert;
-  o.extras = false;
-  o.dtype = DType::F32;
-  test::write_synthetic_checkpoint(dir, c, o);
-  test::rewrite_safetensors(dir / "model.safetensors", [&](std::vector<TensorToWrite>& tensors) {
-    for (TensorToWrite& t : tensors) {
-      const std::vector<float>& v = values.at(t.name).data;
-      t.bytes = {reinterpret_cast<const uint8_t*>(v.data()), v.size() * 4};
-    }
-  });
 }
 
 }  // namespace
@@ -432,13 +293,22 @@ TEST_CASE("q35jit quantize from GPTQ keeps the experts exactly; from FP8 quantiz
                      w.layers[3].moe.experts_down.data.begin() + e * c.hidden_size * c.moe_intermediate_size));
   }
 
-  // FP8 -> W4A16: every projection equals our quantizer applied to the exact FP8 values.
+  // FP8 -> W4A16: every projection equals our quantizer applied to the exact FP8 values rounded to
+  // bf16 (what the GPU quantizes when it loads the FP8 checkpoint itself).
   const auto fvalues = write_quantized(fp8.path(), c, QuantMethod::FP8);
   quantize_checkpoint(fp8.path(), fp8.path() / "w4a16", 32, 1);
   Checkpoint f(fp8.path() / "w4a16");
   const std::string P = "model.language_model.layers.3.self_attn.q_proj.weight";
   const HostTensor& src = fvalues.at(P);
-  const int4::Quantized want = int4::quantize(src.data, src.shape[0], src.shape[1], 32);
+  std::vector<float> rounded = src.data;
+  int changed = 0;
+  for (float& v : rounded) {
+    const float r = round_bf16(v);
+    changed += r != v;
+    v = r;
+  }
+  CHECK(changed > 0);  // fp8 x fp32 scale is not bf16 in general: the rounding matters
+  const int4::Quantized want = int4::quantize(rounded, src.shape[0], src.shape[1], 32);
   const TensorRef qw = f.get(P + ".qweight");
   CHECK(std::memcmp(qw.bytes.data(), want.qweight.data(), qw.bytes.size()) == 0);
   CHECK(qw.bytes.size() == want.qweight.size() * 4);

@@ -190,9 +190,11 @@ QuantizeReport quantize_checkpoint(const fs::path& src, const fs::path& dst, int
       const int64_t K = t.shape.back();
       int64_t rows = 1;
       for (size_t i = 0; i + 1 < t.shape.size(); ++i) rows *= t.shape[i];
-      // fp32 values: widened from the shard as needed (float), or dequantized once (FP8 / INT4).
-      const std::vector<float> dequantized =
+      // fp32 values: widened from the shard as needed (float), or dequantized once (FP8) and rounded
+      // to bf16, as the GPU path quantizes them while loading (so both give the same checkpoint).
+      std::vector<float> dequantized =
           storage[ti] == Storage::Float ? std::vector<float>() : read_weight_f32(ckpt, quant, from, t.shape);
+      for (float& v : dequantized) v = round_bf16(v);
       const TensorRef r = storage[ti] == Storage::Float ? ckpt.get(from) : TensorRef{};
       auto widen = [&](size_t offset, std::span<float> w) {
         if (!dequantized.empty()) {

@@ -56,7 +56,7 @@ struct QuantizeReport {
 
 // Writes the quantized checkpoint of `src` into `dst` (created; must not hold a model.safetensors).
 // `src` may be bf16 / fp16 / fp32, FP8 or GPTQ-Int4 (models/qwen35/hf_quant.h): FP8 weights are
-// dequantized exactly and quantized like bf16 ones; GPTQ weights keep their codes and fp16 scales
+// dequantized exactly, rounded to bf16 and quantized like bf16 ones (as the GPU does on load); GPTQ weights keep their codes and fp16 scales
 // (exact; `group` must be their group size); other dequantized tensors are written as fp32.
 // CPU, on `threads` threads; bit-exact with the GPU quantizer. `progress(done, total)` per tensor.
 QuantizeReport quantize_checkpoint(const std::filesystem::path& src, const std::filesystem::path& dst, int group,
