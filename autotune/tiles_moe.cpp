@@ -288,4 +288,11 @@ KernelSpec moe_combine_spec(const MoeShape& s) {
           {{"H", str(s.hidden)}, {"TOPK", str(s.top_k)}, {"THREADS", str(kMoeCombineThreads)}}};
 }
 
+KernelSpec moe_router_topk_spec(const MoeShape& s) {
+  require_valid(why_invalid(s), "moe_router_topk", s);
+  return {"moe",
+          "moe_router_topk",
+          {{"H", str(s.hidden)}, {"E", str(s.experts)}, {"TOPK", str(s.top_k)}, {"WARPS", str(kMoeRouterTopkWarps)}}};
+}
+
 }  // namespace q35

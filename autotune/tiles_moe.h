@@ -65,6 +65,8 @@ const char* name(MoeGemm g);
 constexpr int64_t kMoeDecodeMaxTokens = 8;
 constexpr int kMoeAlignThreads = 1024;
 constexpr int kMoeCombineThreads = 256;
+// moe_router_topk<H, E, TOPK, WARPS> (prefill: after the router GEMM): one warp per token.
+constexpr int kMoeRouterTopkWarps = 8;
 
 // Empty when valid, else why not.
 std::string why_invalid(const MoeShape& s);  // sizes and format, independent of tiles
@@ -91,5 +93,6 @@ KernelSpec moe_decode_down_spec(const MoeShape& s, const MoeDownTile& tile);
 KernelSpec moe_align_spec(const MoeShape& s, const MoeGemmTile& tile);
 KernelSpec moe_gemm_spec(const MoeShape& s, MoeGemm gemm, const MoeGemmTile& tile);
 KernelSpec moe_combine_spec(const MoeShape& s);
+KernelSpec moe_router_topk_spec(const MoeShape& s);
 
 }  // namespace q35

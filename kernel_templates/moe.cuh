@@ -238,6 +238,73 @@ __device__ __forceinline__ void mma_rows16_dot(const void* __restrict__ W, const
 
 }  // namespace q35k
 
+namespace q35k {
+
+// One warp routes token t from its E router logits lt[0..E-1] (read with __ldcg: written by other
+// blocks of this grid or the previous kernel) and its shared-gate logit: softmax, top-k (ties: the
+// lower expert), renormalised weights -> ids, weights [t, :], shared_gate[t].
+template <int E, int TOPK>
+__device__ __forceinline__ void route_token(const float* lt, float sg_logit, int t, int* __restrict__ ids,
+                                            float* __restrict__ weights, float* __restrict__ shared_gate) {
+  constexpr int EPL = (E + 31) / 32;  // probabilities per lane in the top-k
+  const float neg_inf = __int_as_float(0xff800000);
+  const int lane = threadIdx.x % 32;
+  float p[EPL];
+  float mx = neg_inf;
+#pragma unroll
+  for (int i = 0; i < EPL; ++i) {
+    const int e = lane + 32 * i;
+    p[i] = e < E ? __ldcg(lt + e) : neg_inf;
+    mx = fmaxf(mx, p[i]);
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+  float sum = 0.f;
+#pragma unroll
+  for (int i = 0; i < EPL; ++i) {
+    p[i] = lane + 32 * i < E ? expf(p[i] - mx) : 0.f;
+    sum += p[i];
+  }
+  sum = q35k::warp_sum(sum);
+  // Keys: p >= 0 orders as its bits, + 1 so that 0 marks "not selectable" (past E, or taken).
+  q35k::u32 key[EPL];
+#pragma unroll
+  for (int i = 0; i < EPL; ++i) key[i] = lane + 32 * i < E ? __float_as_uint(p[i] / sum) + 1u : 0u;
+
+  float sel_p[TOPK];
+  int sel_e[TOPK];
+  float top_sum = 0.f;
+#pragma unroll
+  for (int k = 0; k < TOPK; ++k) {
+    // The largest key of the warp, then the lowest expert holding it.
+    q35k::u32 best = key[0];
+#pragma unroll
+    for (int i = 1; i < EPL; ++i) best = max(best, key[i]);
+    best = q35k::warp_max_u32(best);
+    q35k::u32 cand = 0xffffffffu;
+#pragma unroll
+    for (int i = EPL - 1; i >= 0; --i)
+      if (key[i] == best) cand = lane + 32 * i;
+    const int be = int(q35k::warp_min_u32(cand));
+    const float bp = __uint_as_float(best - 1u);
+    sel_p[k] = bp;
+    sel_e[k] = be;
+    top_sum += bp;
+#pragma unroll
+    for (int i = 0; i < EPL; ++i)
+      if (lane + 32 * i == be) key[i] = 0u;
+  }
+#pragma unroll
+  for (int k = 0; k < TOPK; ++k)
+    if (lane == k) {
+      ids[size_t(t) * TOPK + k] = sel_e[k];
+      weights[size_t(t) * TOPK + k] = sel_p[k] / top_sum;
+    }
+  if (lane == 0) shared_gate[t] = 1.f / (1.f + expf(-sg_logit));
+}
+
+}  // namespace q35k
+
 // ---- router: logits, softmax, top-k, renormalise; plus the shared expert's sigmoid gate ----
 // x [T, H] bf16; w_router [E, H] bf16; w_sg [1, H] bf16 (shared_expert_gate);
 // logits [T, E+1] fp32 scratch; counters [ceil(T / M_TILE)] int32, zero before the first launch and
@@ -254,8 +321,6 @@ moe_router(const q35k::bf16* __restrict__ x, const q35k::bf16* __restrict__ w_ro
            int* __restrict__ ids, float* __restrict__ weights, float* __restrict__ shared_gate, int T) {
   static_assert(E % ROWS == 0, "moe_router: E must be a multiple of ROWS");
   static_assert(TOPK >= 1 && TOPK <= E && TOPK <= 32, "moe_router: TOPK must be in [1, min(E, 32)]");
-  constexpr int EPL = (E + 31) / 32;  // probabilities per lane in the top-k
-  const float neg_inf = __int_as_float(0xff800000);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int g = blockIdx.x * WARPS + warp;
   const int t0 = blockIdx.y * M_TILE;
@@ -297,59 +362,31 @@ moe_router(const q35k::bf16* __restrict__ x, const q35k::bf16* __restrict__ w_ro
     const int t = t0 + m;
     if (t >= T) break;
     const float* lt = logits + size_t(t) * (E + 1);
-    float p[EPL];
-    float mx = neg_inf;
-#pragma unroll
-    for (int i = 0; i < EPL; ++i) {
-      const int e = lane + 32 * i;
-      p[i] = e < E ? __ldcg(lt + e) : neg_inf;
-      mx = fmaxf(mx, p[i]);
-    }
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-    float sum = 0.f;
-#pragma unroll
-    for (int i = 0; i < EPL; ++i) {
-      p[i] = lane + 32 * i < E ? expf(p[i] - mx) : 0.f;
-      sum += p[i];
-    }
-    sum = q35k::warp_sum(sum);
-    // Keys: p >= 0 orders as its bits, + 1 so that 0 marks "not selectable" (past E, or taken).
-    q35k::u32 key[EPL];
-#pragma unroll
-    for (int i = 0; i < EPL; ++i) key[i] = lane + 32 * i < E ? __float_as_uint(p[i] / sum) + 1u : 0u;
-
-    float sel_p[TOPK];
-    int sel_e[TOPK];
-    float top_sum = 0.f;
-#pragma unroll
-    for (int k = 0; k < TOPK; ++k) {
-      // The largest key of the warp, then the lowest expert holding it.
-      q35k::u32 best = key[0];
-#pragma unroll
-      for (int i = 1; i < EPL; ++i) best = max(best, key[i]);
-      best = q35k::warp_max_u32(best);
-      q35k::u32 cand = 0xffffffffu;
-#pragma unroll
-      for (int i = EPL - 1; i >= 0; --i)
-        if (key[i] == best) cand = lane + 32 * i;
-      const int be = int(q35k::warp_min_u32(cand));
-      const float bp = __uint_as_float(best - 1u);
-      sel_p[k] = bp;
-      sel_e[k] = be;
-      top_sum += bp;
-#pragma unroll
-      for (int i = 0; i < EPL; ++i)
-        if (lane + 32 * i == be) key[i] = 0u;
-    }
-#pragma unroll
-    for (int k = 0; k < TOPK; ++k)
-      if (lane == k) {
-        ids[size_t(t) * TOPK + k] = sel_e[k];
-        weights[size_t(t) * TOPK + k] = sel_p[k] / top_sum;
-      }
-    if (lane == 0) shared_gate[t] = 1.f / (1.f + expf(-__ldcg(lt + E)));
+    q35k::route_token<E, TOPK>(lt, __ldcg(lt + E), t, ids, weights, shared_gate);
   }
+}
+
+// ---- router top-k after a GEMM (prefill): logits [T, E] fp32 from gemm_bf16 / gemm_wgmma (x . w_router^T) ----
+// One warp per token: the shared gate's logit x_t . w_sg (16-byte loads over H), then route_token.
+// Grid ceil(T / WARPS); block WARPS * 32.
+template <int H, int E, int TOPK, int WARPS>
+__global__ void __launch_bounds__(WARPS * 32)
+moe_router_topk(const q35k::bf16* __restrict__ x, const q35k::bf16* __restrict__ w_sg, const float* __restrict__ logits,
+                int* __restrict__ ids, float* __restrict__ weights, float* __restrict__ shared_gate, int T) {
+  static_assert(H % 8 == 0, "moe_router_topk: H must be a multiple of 8");
+  static_assert(TOPK >= 1 && TOPK <= E && TOPK <= 32, "moe_router_topk: TOPK must be in [1, min(E, 32)]");
+  const int lane = threadIdx.x % 32, t = blockIdx.x * WARPS + threadIdx.x / 32;
+  if (t >= T) return;
+  float sg = 0.f;
+  for (int c = lane; c < H / 8; c += 32) {
+    float a[8], b[8];
+    q35k::unpack8(q35k::ld_global_16(x + size_t(t) * H + c * 8), a);
+    q35k::unpack8(q35k::ld_global_16(w_sg + c * 8), b);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) sg += a[i] * b[i];
+  }
+  sg = q35k::warp_sum(sg);
+  q35k::route_token<E, TOPK>(logits + size_t(t) * E, sg, t, ids, weights, shared_gate);
 }
 
 // ---- decode: gate|up for the k routed experts and the shared expert ----

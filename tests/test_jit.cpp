@@ -349,9 +349,13 @@ TEST_CASE("required_kernels lists every family the 35B-A3B config needs; all com
   const std::vector<KernelSpec> specs = qwen35::required_kernels(cfg, 128);
   std::set<std::string> families;
   for (const KernelSpec& s : specs) families.insert(s.family);
-  for (const char* f : {"embedding", "rmsnorm", "gemv_w4a16", "gemm_bf16", "quantize_w4", "sample", "attention",
+  for (const char* f : {"embedding", "rmsnorm", "gemv_w4a16", "wgmma_gemm", "quantize_w4", "sample", "attention",
                         "gdn_recurrent", "moe"})
     CHECK_MESSAGE(families.count(f) == 1, f);
+  CHECK(families.count("gemm_bf16") == 0);  // sm_90a: every prefill GEMM on wgmma
+  std::set<std::string> sm80;
+  for (const KernelSpec& s : qwen35::required_kernels(cfg, 128, "sm_80")) sm80.insert(s.family);
+  CHECK((sm80.count("gemm_bf16") == 1 && sm80.count("wgmma_gemm") == 0 && sm80.count("moe_gemm") == 1));
   CHECK(families.count("gemv_bf16") == 0);  // W4A16: every projection through the INT4 GEMV
   // Every decode GEMV shape of the W4A16 model, at M = 1: qkv fused, o_proj / out_proj, in_proj fused, lm_head.
   std::set<std::pair<std::string, std::string>> w4_shapes;

@@ -95,7 +95,8 @@ TEST_CASE("tune ops of the 35B: one per family and shape, each default among val
                           tune::kAttentionDecode, tune::kGdnPrefill, tune::kGdnRecurrent})
       CHECK(families.count(f) == 1);
     // q|k|v, o_proj = out_proj (same shape), in_proj, lm_head GEMVs; 3 GEMMs; 3 MoE; 2 attention; 2 GDN.
-    CHECK(ops.size() == 14);
+    // W4A16 on sm_90a: each GEMM twice (dequantized in the loop below kWgmmaDequantFirstM, first above).
+    CHECK(ops.size() == (group ? 17u : 14u));
   }
 }
 
@@ -156,8 +157,13 @@ TEST_CASE("sm_90a: the prefill GEMMs take the wgmma kernel; wgmma tiles are refu
   const Config cfg = test::config_35b();
   TuneFile f(TuneIdentity{"GPU X", "sm_90", "13.0", "q35jit test"});
   // wgmma: the dense GEMM's signature carries the W4A16 group (dequantized inside the GEMM).
-  f.set(tune::kGemm, tune::dense_signature(12352, 2048, 128, false), 4096,
+  f.set(tune::kGemm, tune::dense_signature(12352, 2048, 128, false), 512,
         TuneEntry{json{{"bm", 128}, {"bn", 64}, {"bk", 64}, {"warps_m", 2}, {"warps_n", 1}, {"stages", 5},
+                       {"wgmma", true}},
+                  1, 2});
+  // From kWgmmaDequantFirstM rows the weights are dequantized first: the bf16 GEMM's signature.
+  f.set(tune::kGemm, tune::dense_signature(12352, 2048, 0, false), 4096,
+        TuneEntry{json{{"bm", 64}, {"bn", 256}, {"bk", 64}, {"warps_m", 1}, {"warps_n", 2}, {"stages", 3},
                        {"wgmma", true}},
                   1, 2});
   const MoeShape ms = gpu::moe_shape(cfg, 128);
@@ -170,8 +176,10 @@ TEST_CASE("sm_90a: the prefill GEMMs take the wgmma kernel; wgmma tiles are refu
   auto log = [&](const std::string& s) { notices.push_back(s); };
   gpu::TunedTiles hopper(cfg, 128, "sm_90a", table, log);
   CHECK(hopper.wgmma());
-  const GemmTile g = hopper.gemm(12352, 2048, false, 4096);
+  const GemmTile g = hopper.gemm(12352, 2048, false, 512);
   CHECK((g.wgmma && g.bn == 64 && g.stages == 5));
+  const GemmTile g4k = hopper.gemm(12352, 2048, false, 4096);
+  CHECK((g4k.wgmma && g4k.bn == 256 && g4k.stages == 3));
   const GemmTile def = hopper.gemm(2048, 4096, false, 4096);  // no entry: the wgmma default
   CHECK((def.wgmma && def.bk == 64 && def.bm == 64 * def.warps_m));
   const gpu::MoeTiles mt = hopper.moe(4096);

@@ -306,7 +306,9 @@ std::vector<KernelSpec> tuned_kernels(const Config& c, const gpu::TunedTiles& tt
       specs.push_back(group ? gpu::W4GemvPlan{d.n, d.k, group, tt.w4_gemv(d.n, d.k, f32, m), f32}.spec()
                             : gpu::GemvBf16Plan{d.n, d.k, tt.gemv_bf16(d.n, d.k, f32, m), f32}.spec());
     else if (!f32)
-      specs.push_back(gpu::GemmPlan{d.n, d.k, tt.gemm(d.n, d.k, false, m), false, tt.wgmma() ? group : 0}.spec());
+      specs.push_back(
+          gpu::GemmPlan{d.n, d.k, tt.gemm(d.n, d.k, false, m), false, tt.wgmma() ? gpu::wgmma_gemm_group(group, m) : 0}
+              .spec());
   }
   for (KernelSpec& s : gpu::moe_kernels(tt.moe_shape(), tt.moe(m))) specs.push_back(std::move(s));
   if (c.num_layers_of(LayerType::FullAttention) > 0) {
@@ -345,7 +347,8 @@ void GpuModel::dense(const GpuMatrix& W, CUdeviceptr x, CUdeviceptr y, int M, bo
     const gpu::TunedTiles& tt = *m.tuned;
     if (M > 16) {
       p.gemm = {W.N, W.K, tt.gemm(W.N, W.K, out_f32, M), out_f32};
-      if (p.gemm.tile.wgmma && W.format == WeightFormat::W4A16) p.gemm.group = W.group;  // dequantized in the loop
+      if (p.gemm.tile.wgmma && W.format == WeightFormat::W4A16)
+        p.gemm.group = gpu::wgmma_gemm_group(W.group, M);  // dequantized in the loop (small M) or first
       p.f = &m.kernels.get(p.gemm.spec());
     } else if (W.format == WeightFormat::BF16) {
       p.bf16 = {W.N, W.K, tt.gemv_bf16(W.N, W.K, out_f32, M), out_f32};

@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <limits>
 #include <map>
 
 #include "autotune/spaces.h"
@@ -169,15 +170,19 @@ class Bf16GemvOp final : public OpBase {
 // Prefill GEMM (M > 16). mma.sync (gemm_bf16): bf16 weights (W4A16 ones are dequantized into bf16
 // first, outside the timing). wgmma (sm_90a, gemm_wgmma): the checkpoint's format, W4A16 weights
 // dequantized inside the GEMM, so the signature carries the group.
+// A W4A16 checkpoint on sm_90a has two: in the loop for M < kWgmmaDequantFirstM, bf16 above.
 class GemmOp final : public OpBase {
  public:
-  GemmOp(const TuneDevice* d, int64_t n, int64_t k, int group, bool wgmma, const std::string& label)
+  GemmOp(const TuneDevice* d, int64_t n, int64_t k, int group, bool wgmma, int64_t min_m, int64_t max_m,
+         const std::string& label)
       : OpBase(d, tune::kGemm, tune::dense_signature(n, k, wgmma ? group : 0, false), label),
         n_(n),
         k_(k),
         group_(wgmma ? group : 0),
-        wgmma_(wgmma) {}
-  bool serves(int64_t m) const override { return m > 16; }
+        wgmma_(wgmma),
+        min_m_(min_m),
+        max_m_(max_m) {}
+  bool serves(int64_t m) const override { return m > 16 && m >= min_m_ && m < max_m_; }
   std::vector<json> candidates(int64_t m) const override {
     std::vector<GemmTile> tiles = tune::gemm_candidates(n_, k_, m, wgmma_);
     std::erase_if(tiles, [&](const GemmTile& t) { return t.smem_bytes(group_) > kWgmmaMaxSmem; });
@@ -211,6 +216,7 @@ class GemmOp final : public OpBase {
   int64_t n_, k_;
   int group_;
   bool wgmma_;
+  int64_t min_m_, max_m_;
   std::vector<DeviceBuffer> w_, scales_;
   DeviceBuffer x_, y_;
 };
@@ -271,7 +277,8 @@ class MoeOpBase : public OpBase {
 class MoeRouterOp final : public MoeOpBase {
  public:
   MoeRouterOp(const TuneDevice* d, const MoeShape& s) : MoeOpBase(d, tune::kMoeRouter, tune::router_signature(s), s) {}
-  bool serves(int64_t) const override { return true; }
+  // Prefill (T > kMoeDecodeMaxTokens) routes through the router GEMM + moe_router_topk (in MoeGemmOp).
+  bool serves(int64_t m) const override { return m <= kMoeDecodeMaxTokens; }
   std::vector<json> candidates(int64_t m) const override { return to_json_all(tune::moe_router_candidates(s_, m)); }
   json default_config(int64_t m) const override { return tune::to_json(default_moe_router_tile(s_, m)); }
   std::vector<KernelSpec> kernels(const json& c, int64_t) const override {
@@ -337,14 +344,15 @@ class MoeGemmOp final : public MoeOpBase {
   json default_config(int64_t) const override { return tune::to_json(default_moe_gemm_tile(s_, wgmma_)); }
   void prepare(const json& c, int64_t) override {
     const gpu::MoeTiles t = tiles(c);
+    fn(gemm_bf16_spec(s_.experts, s_.hidden, t.router_gemm, true)).set_max_dynamic_smem(t.router_gemm.smem_bytes());
     if (!t.gemm.wgmma) return;
     for (MoeGemm g : {MoeGemm::RoutedGateUp, MoeGemm::RoutedDown, MoeGemm::SharedGateUp, MoeGemm::SharedDown})
       fn(moe_gemm_spec(s_, g, t.gemm)).set_max_dynamic_smem(t.gemm.smem_bytes(s_.group));
   }
   std::vector<KernelSpec> kernels(const json& c, int64_t m) const override {
     gpu::MoeTiles t = tiles(c);
-    std::vector<KernelSpec> out = {moe_router_spec(s_, default_moe_router_tile(s_, m)), moe_align_spec(s_, t.gemm),
-                                   moe_combine_spec(s_)};
+    std::vector<KernelSpec> out = {gemm_bf16_spec(s_.experts, s_.hidden, t.router_gemm, true),
+                                   moe_router_topk_spec(s_), moe_align_spec(s_, t.gemm), moe_combine_spec(s_)};
     for (MoeGemm g : {MoeGemm::RoutedGateUp, MoeGemm::RoutedDown, MoeGemm::SharedGateUp, MoeGemm::SharedDown})
       out.push_back(moe_gemm_spec(s_, g, t.gemm));
     return out;
@@ -353,8 +361,8 @@ class MoeGemmOp final : public MoeOpBase {
   void run(const json& c, int64_t m, int it, const Stream& st) override {
     const gpu::MoeTiles t = tiles(c);
     const gpu::MoeScratch sc = gpu::moe_scratch(s_, t, m, ws_.ptr());
-    const MoeRouterTile rt = default_moe_router_tile(s_, m);
-    gpu::launch_moe_router(fn(moe_router_spec(s_, rt)), rt, st, s_, x(it), weights(), sc, m);
+    gpu::launch_moe_router_prefill(fn(gemm_bf16_spec(s_.experts, s_.hidden, t.router_gemm, true)), t.router_gemm,
+                                   fn(moe_router_topk_spec(s_)), st, s_, x(it), weights(), sc, m);
     gpu::launch_moe_align(fn(moe_align_spec(s_, t.gemm)), st, sc, m);
     for (MoeGemm g : {MoeGemm::RoutedGateUp, MoeGemm::SharedGateUp, MoeGemm::RoutedDown, MoeGemm::SharedDown})
       gpu::launch_moe_gemm(fn(moe_gemm_spec(s_, g, t.gemm)), t.gemm, st, s_, g, x(it), weights(), sc, m);
@@ -363,7 +371,7 @@ class MoeGemmOp final : public MoeOpBase {
 
  private:
   gpu::MoeTiles tiles(const json& c) const {
-    gpu::MoeTiles t = gpu::MoeTiles::defaults(s_);
+    gpu::MoeTiles t = gpu::MoeTiles::defaults(s_, wgmma_);
     t.gemm = tune::moe_gemm_from_json(c);
     return t;
   }
@@ -603,7 +611,14 @@ std::vector<std::unique_ptr<TuneOp>> tune_ops(const Config& cfg, int group, cons
   for (const gpu::DenseShape& d : gpu::dense_shapes(cfg)) {
     if (d.proj == gpu::DenseProj::LmHead) continue;  // prefill needs the last row's logits only (GEMV)
     const std::string name = fmt::format("{} [{} x {}]", d.name, d.n, d.k);
-    add(std::make_unique<GemmOp>(device, d.n, d.k, group, arch_has_wgmma(arch), name), name);
+    const bool wgmma = arch_has_wgmma(arch);
+    constexpr int64_t any = std::numeric_limits<int64_t>::max();
+    if (wgmma && group) {
+      add(std::make_unique<GemmOp>(device, d.n, d.k, group, true, 0, gpu::kWgmmaDequantFirstM, name), name);
+      add(std::make_unique<GemmOp>(device, d.n, d.k, 0, true, gpu::kWgmmaDequantFirstM, any, name), name);
+    } else {
+      add(std::make_unique<GemmOp>(device, d.n, d.k, 0, wgmma, 0, any, name), name);
+    }
   }
   const MoeShape ms = gpu::moe_shape(cfg, group);
   ops.push_back(std::make_unique<MoeRouterOp>(device, ms));

@@ -129,7 +129,11 @@ std::vector<KernelSpec> dense_kernels(const Config& cfg, const DenseOptions& opt
       add(q.quantize_spec());
       add(q.dequantize_spec());
     }
-    add(gemm_plan(s.n, s.k, opt.prefill_tokens, logits, opt.wgmma, opt.group).spec());  // prefill; lm_head: eval logits
+    // prefill (lm_head: eval logits); wgmma W4A16: dequantized first at large M, in the loop below that
+    add(gemm_plan(s.n, s.k, opt.prefill_tokens, logits, opt.wgmma, wgmma_gemm_group(opt.group, opt.prefill_tokens))
+            .spec());
+    if (opt.wgmma && opt.group && !logits && opt.prefill_tokens >= kWgmmaDequantFirstM)
+      add(gemm_plan(s.n, s.k, 512, false, true, opt.group).spec());
   }
   const SamplePlan sp = sample_plan(cfg.vocab_size);
   add(sp.argmax_spec());

@@ -2,6 +2,8 @@
 
 #include <algorithm>
 
+#include "models/qwen35/gpu/dense.h"
+
 #include "runtime/core/error.h"
 
 namespace q35::qwen35::gpu {
@@ -65,7 +67,8 @@ MoeTiles MoeTiles::defaults(const MoeShape& s, bool wgmma) {
           default_moe_router_tile(s, kMoeDecodeMaxTokens + 1),
           default_moe_gate_up_tile(s),
           default_moe_down_tile(s),
-          default_moe_gemm_tile(s, wgmma)};
+          default_moe_gemm_tile(s, wgmma),
+          default_gemm_tile(s.experts, s.hidden, 4096, wgmma && s.experts % 8 == 0)};
 }
 
 const MoeRouterTile& MoeTiles::router(int64_t tokens) const {
@@ -88,7 +91,9 @@ std::vector<KernelSpec> moe_kernels(const MoeShape& s, const MoeTiles& t) {
           moe_gemm_spec(s, MoeGemm::RoutedDown, t.gemm),
           moe_gemm_spec(s, MoeGemm::SharedGateUp, t.gemm),
           moe_gemm_spec(s, MoeGemm::SharedDown, t.gemm),
-          moe_combine_spec(s)};
+          moe_combine_spec(s),
+          gemm_bf16_spec(s.experts, s.hidden, t.router_gemm, true),
+          moe_router_topk_spec(s)};
 }
 
 int64_t moe_max_blocks(const MoeShape& s, int block_m, int64_t tokens) {
@@ -134,7 +139,10 @@ MoeKernels::MoeKernels(JitEngine& jit, const Context& ctx, const MoeShape& s, co
       gemm_routed_down(jit.load(moe_gemm_spec(s, MoeGemm::RoutedDown, tiles.gemm), ctx)),
       gemm_shared_gate_up(jit.load(moe_gemm_spec(s, MoeGemm::SharedGateUp, tiles.gemm), ctx)),
       gemm_shared_down(jit.load(moe_gemm_spec(s, MoeGemm::SharedDown, tiles.gemm), ctx)),
-      combine(jit.load(moe_combine_spec(s), ctx)) {
+      combine(jit.load(moe_combine_spec(s), ctx)),
+      router_gemm(jit.load(gemm_bf16_spec(s.experts, s.hidden, tiles.router_gemm, true), ctx)),
+      router_topk(jit.load(moe_router_topk_spec(s), ctx)) {
+  router_gemm.set_max_dynamic_smem(tiles.router_gemm.smem_bytes());
   if (tiles.gemm.wgmma)
     for (const Function* f : {&gemm_routed_gate_up, &gemm_routed_down, &gemm_shared_gate_up, &gemm_shared_down})
       f->set_max_dynamic_smem(tiles.gemm.smem_bytes(s.group));
@@ -159,6 +167,14 @@ void launch_moe_router(const Function& f, const MoeRouterTile& tile, const Strea
   check_tokens("moe_router", sc, T);
   f.launch({{tile.blocks_x(s.experts), ceil_div(T, tile.m_tile)}, {unsigned(tile.threads())}, 0, true}, stream, x, w.router,
            w.shared_gate, sc.logits, sc.counters, sc.ids, sc.weights, sc.shared_gate, int(T));
+}
+
+void launch_moe_router_prefill(const Function& gemm, const GemmTile& tile, const Function& topk, const Stream& stream,
+                               const MoeShape& s, CUdeviceptr x, const MoeWeights& w, const MoeScratch& sc, int64_t T) {
+  check_tokens("moe_router (prefill)", sc, T);
+  launch(GemmPlan{s.experts, s.hidden, tile, true}, gemm, stream, x, w.router, sc.logits, int(T));
+  topk.launch({{ceil_div(T, kMoeRouterTopkWarps)}, {unsigned(32 * kMoeRouterTopkWarps)}}, stream, x,
+                       w.shared_gate, sc.logits, sc.ids, sc.weights, sc.shared_gate, int(T));
 }
 
 void launch_moe_decode_gate_up(const Function& f, const MoeGemvTile& tile, const Stream& stream, const MoeShape& s,
@@ -218,12 +234,13 @@ void moe_forward(const MoeKernels& k, const Stream& stream, const MoeWeights& w,
                  CUdeviceptr out, int64_t T, MoePath path) {
   const MoeShape& s = k.shape;
   if (path == MoePath::Auto) path = T <= kMoeDecodeMaxTokens ? MoePath::Decode : MoePath::Prefill;
-  launch_moe_router(k.router(T), k.tiles.router(T), stream, s, x, w, sc, T);
   if (path == MoePath::Decode) {
+    launch_moe_router(k.router(T), k.tiles.router(T), stream, s, x, w, sc, T);
     launch_moe_decode_gate_up(k.decode_gate_up, k.tiles.gate_up, stream, s, x, w, sc, T);
     launch_moe_decode_down(k.decode_down, k.tiles.down, stream, s, w, sc, out, T);
     return;
   }
+  launch_moe_router_prefill(k.router_gemm, k.tiles.router_gemm, k.router_topk, stream, s, x, w, sc, T);
   launch_moe_align(k.align, stream, sc, T);
   for (MoeGemm g : {MoeGemm::RoutedGateUp, MoeGemm::SharedGateUp, MoeGemm::RoutedDown, MoeGemm::SharedDown})
     launch_moe_gemm(k.gemm(g), k.tiles.gemm, stream, s, g, x, w, sc, T);

@@ -6,8 +6,9 @@
 //
 // Two paths, chosen by T (moe_forward does it):
 //   decode  (T <= kMoeDecodeMaxTokens): router -> decode_gate_up -> decode_down            3 launches
-//   prefill (larger T): router -> align -> gemm routed gate_up -> gemm shared gate_up
-//                       -> gemm routed down -> gemm shared down -> combine                 7 launches
+//   prefill (larger T): router GEMM (logits on tensor cores) -> router top-k -> align
+//                       -> gemm routed gate_up -> gemm shared gate_up -> gemm routed down
+//                       -> gemm shared down -> combine                                     8 launches
 // Every launch reads T from its argument and sizes come from fixed per-plan maxima, so a decode step
 // can be captured in a CUDA graph. The router and the decode GEMVs are launched with programmatic
 // dependent launch (they wait for their predecessor in the kernel before reading its output).
@@ -17,6 +18,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "autotune/tiles_dense.h"
 #include "autotune/tiles_moe.h"
 #include "models/qwen35/config.h"
 #include "runtime/cuda/driver.h"
@@ -33,6 +35,7 @@ struct MoeTiles {
   MoeGemvTile gate_up;                                      // decode GEMVs
   MoeDownTile down;
   MoeGemmTile gemm;                                         // prefill GEMMs (and align's BLOCK_M)
+  GemmTile router_gemm;                                     // prefill router logits [T, E] = x . w_router^T
   // wgmma: prefill GEMMs on the Hopper kernel (sm_90a targets, arch_has_wgmma).
   static MoeTiles defaults(const MoeShape& s, bool wgmma = false);
   const MoeRouterTile& router(int64_t tokens) const;
@@ -87,6 +90,7 @@ struct MoeKernels {
   Function align;
   Function gemm_routed_gate_up, gemm_routed_down, gemm_shared_gate_up, gemm_shared_down;
   Function combine;
+  Function router_gemm, router_topk;  // prefill router
   const Function& router(int64_t tokens) const;
   const Function& gemm(MoeGemm g) const;
 };
@@ -96,6 +100,11 @@ struct MoeKernels {
 // x [T, H] bf16 -> scratch.ids, weights, shared_gate (uses logits, counters). f = moe_router with `tile`.
 void launch_moe_router(const Function& f, const MoeRouterTile& tile, const Stream& stream, const MoeShape& s,
                        CUdeviceptr x, const MoeWeights& w, const MoeScratch& sc, int64_t T);
+// Prefill router: x [T, H] bf16 -> scratch.logits as [T, E] fp32 (router GEMM), then scratch.ids,
+// weights, shared_gate (top-k, one warp per token).
+// gemm = gemm_bf16_spec(E, H, router_gemm tile, fp32 out) (dynamic smem opted in), topk = moe_router_topk.
+void launch_moe_router_prefill(const Function& gemm, const GemmTile& tile, const Function& topk, const Stream& stream,
+                               const MoeShape& s, CUdeviceptr x, const MoeWeights& w, const MoeScratch& sc, int64_t T);
 // Decode. x [T, H] bf16, scratch.ids -> scratch.h [T, k*I + Is] bf16.
 void launch_moe_decode_gate_up(const Function& f, const MoeGemvTile& tile, const Stream& stream, const MoeShape& s,
                                CUdeviceptr x, const MoeWeights& w, const MoeScratch& sc, int64_t T);
