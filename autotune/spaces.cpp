@@ -100,7 +100,7 @@ std::vector<GemmTile> gemm_candidates(int64_t n, int64_t k, int64_t m, bool wgmm
     for (int wm : {1, 2})
       for (int bn : {64, 128, 256})
         for (int wn : {1, 2})
-          for (int stages : {3, 4, 5}) {
+          for (int stages : {3, 4, 6}) {
             GemmTile t{64 * wm, bn, 64, wm, wn, stages, true};
             if (t.bm <= max_bm && why_invalid(t, n, k).empty()) out.push_back(t);
           }
@@ -151,7 +151,7 @@ std::vector<MoeGemmTile> moe_gemm_candidates(const MoeShape& s, int64_t, bool wg
     for (int wm : {1, 2})
       for (int bn : {64, 128, 256})
         for (int wn : {1, 2})
-          for (int stages : {3, 4, 5}) add(MoeGemmTile{64 * wm, bn, 64, wm, wn, stages, true});
+          for (int stages : {3, 4, 6, 8}) add(MoeGemmTile{64 * wm, bn, 64, wm, wn, stages, true});
     return out;
   }
   for (int bm : {16, 32, 64, 128})

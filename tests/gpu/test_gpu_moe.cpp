@@ -242,8 +242,8 @@ void run_shapes(const MoeShape& base, std::initializer_list<int> groups, bool ti
     if (!wgmma)
       for (int64_t T : {1, 3, 8}) check_moe(*g, L, k, ws.sc, T, MoePath::Decode, salt++);
     for (int64_t T : {1, 37, 512, 2048}) check_moe(*g, L, k, ws.sc, T, MoePath::Prefill, salt++);
-    if (wgmma) {  // other tiles of the tuner's space (block_m 128, stages 3 and 5, one warpgroup along N)
-      for (const MoeGemmTile& t : {MoeGemmTile{128, 128, 64, 2, 1, 3, true}, MoeGemmTile{64, 256, 64, 1, 2, 5, true},
+    if (wgmma) {  // other tiles of the tuner's space (block_m 128, stages 3 and 8, one warpgroup along N)
+      for (const MoeGemmTile& t : {MoeGemmTile{128, 128, 64, 2, 1, 3, true}, MoeGemmTile{64, 256, 64, 1, 2, 8, true},
                                    MoeGemmTile{64, 64, 64, 1, 1, 4, true}}) {
         MoeTiles tiles = MoeTiles::defaults(s, true);
         tiles.gemm = t;
