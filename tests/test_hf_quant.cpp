@@ -14,6 +14,7 @@
 #include "models/qwen35/hf_quant.h"
 #include "models/qwen35/quantized.h"
 #include "models/qwen35/weights.h"
+#include "runtime/core/fp8_format.h"
 #include "runtime/core/half.h"
 #include "runtime/core/int4_format.h"
 #include "runtime/io/json_file.h"
@@ -417,4 +418,65 @@ TEST_CASE("Python-made FP8 / GPTQ versions of the tiny fixture: exact weights, e
     }
     CHECK(logits[0] == logits[1]);
   }
+}
+
+TEST_CASE("fp8 format: nearest e4m3 code with ties to even, saturation, block quantize / dequantize") {
+  for (int b = 0; b < 256; ++b) {
+    if ((b & 0x7f) == 0x7f || b == 0x80) continue;  // NaN; -0 encodes as +0
+    CAPTURE(b);
+    CHECK(fp8::e4m3_from_f32(fp8_e4m3_to_f32(uint8_t(b))) == b);
+  }
+  CHECK(fp8::e4m3_from_f32(1.0625f) == 0x38);   // halfway between 1 (0x38, even) and 1.125 (0x39)
+  CHECK(fp8::e4m3_from_f32(1.1875f) == 0x3a);   // halfway between 1.125 (0x39) and 1.25 (0x3a, even)
+  CHECK(fp8::e4m3_from_f32(1.07f) == 0x39);
+  CHECK(fp8::e4m3_from_f32(1000.f) == 0x7e);    // saturates at 448
+  CHECK(fp8::e4m3_from_f32(-1000.f) == 0xfe);
+  CHECK(fp8::e4m3_from_f32(std::ldexp(1.f, -11)) == 0x00);  // below half the smallest subnormal
+  CHECK(fp8::e4m3_from_f32(-0.f) == 0x00);
+  // A 3 x 5 weight in blocks of 2 x 2: scales amax / 448 per block; each value within half an e4m3
+  // step of the original (relative 2^-4) after dequantization.
+  const std::vector<float> w = {0.5f, -1.f, 2.f, 3.f, 0.f, 0.25f, 0.125f, -8.f, 1.f, 0.f, 7.f, 0.f, 0.f, 0.f, 0.f};
+  const fp8::Quantized q = fp8::quantize(w, 3, 5, 2, 2);
+  REQUIRE(q.scale_inv.size() == 6);
+  CHECK(q.scale_inv[0] == 1.f / 448.f);
+  CHECK(q.scale_inv[1] == 8.f / 448.f);
+  CHECK(q.scale_inv[5] == 1.f);  // an all-zero block
+  const std::vector<float> back = fp8::dequantize(q.codes, q.scale_inv, 3, 5, 2, 2);
+  for (size_t i = 0; i < w.size(); ++i) CHECK(std::fabs(back[i] - w[i]) <= std::fabs(w[i]) * 0.0625f + 1e-9f);
+  CHECK(back[7] == -8.f);  // the block's amax maps to 448 exactly
+  CHECK(contains(error_of([&] { fp8::dequantize(q.codes, std::span(q.scale_inv).first(5), 3, 5, 2, 2); }),
+                 "fp8: 5 block scales, expected [2, 3]"));
+}
+
+TEST_CASE("fp8 quantizer: the same codes and scales as the Python reference quantizer on the tiny fixture") {
+  const fs::path dir = quant_fixtures() / "tiny-fp8";
+  REQUIRE_MESSAGE(fs::exists(dir / "model.safetensors"), dir.string() << " is missing: run `make goldens`");
+  Checkpoint py(dir), src(fs::path(Q35_SOURCE_DIR) / "tests/fixtures/tiny-qwen35moe");
+  const Config c = Config::from_file(dir / "config.json");
+  int compared = 0;
+  for (const std::string& name : py.names()) {
+    if (py.get(name).info->dtype != DType::F8_E4M3) continue;
+    CAPTURE(name);
+    // The bf16 source: a plain tensor, or an expert's slice of the fused tensors.
+    std::vector<float> w;
+    const size_t e_at = name.find(".mlp.experts.");
+    if (e_at == std::string::npos) {
+      w = to_f32(src.get(name));
+    } else {
+      const std::string L = name.substr(0, e_at) + ".mlp.experts.";
+      const int64_t e = std::stoll(name.substr(L.size()));
+      const int64_t H = c.hidden_size, I = c.moe_intermediate_size;
+      const bool down = name.ends_with("down_proj.weight"), up = name.ends_with("up_proj.weight");
+      const std::vector<float> fused = to_f32(src.get(L + (down ? "down_proj" : "gate_up_proj")));
+      const size_t begin = size_t(down ? e * H * I : e * 2 * I * H + (up ? I * H : 0));
+      w.assign(fused.begin() + std::ptrdiff_t(begin), fused.begin() + std::ptrdiff_t(begin + size_t(H * I)));
+    }
+    const std::vector<int64_t>& shape = py.get(name).info->shape;
+    const fp8::Quantized q = fp8::quantize(w, shape[0], shape[1], 128, 128);
+    const TensorRef codes = py.get(name);
+    CHECK(std::equal(q.codes.begin(), q.codes.end(), codes.bytes.begin()));
+    CHECK(q.scale_inv == to_f32(py.get(name.substr(0, name.size() - 7) + ".weight_scale_inv")));
+    ++compared;
+  }
+  CHECK(compared > 50);
 }

@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 
 #include "runtime/core/error.h"
+#include "runtime/core/fp8_format.h"
 #include "runtime/core/half.h"
 #include "runtime/core/int4_format.h"
 #include "runtime/io/json_file.h"
@@ -311,16 +312,16 @@ std::vector<float> read_weight_f32(const Checkpoint& ckpt, const HfQuant& quant,
       const TensorRef w = ckpt.get(name);
       const std::vector<float> s = to_f32(ckpt.get(module_of(name) + ".weight_scale_inv"));
       const int64_t N = shape[shape.size() - 2], K = shape.back(), batch = rows_of(shape) / N;
-      const int64_t sn = ceil_div(N, quant.fp8_block_n), sk = ceil_div(K, quant.fp8_block_k);
-      std::vector<float> out(size_t(batch * N * K));
-      for (int64_t b = 0; b < batch; ++b)
-        for (int64_t n = 0; n < N; ++n) {
-          const float* srow = s.data() + (b * sn + n / quant.fp8_block_n) * sk;
-          for (int64_t k = 0; k < K; ++k) {
-            const size_t i = size_t((b * N + n) * K + k);
-            out[i] = fp8_e4m3_to_f32(w.bytes[i]) * srow[k / quant.fp8_block_k];
-          }
-        }
+      const size_t block_scales = s.size() / size_t(batch);
+      std::vector<float> out;
+      out.reserve(size_t(batch * N * K));
+      for (int64_t b = 0; b < batch; ++b) {  // experts stacked [E, N, K]: one [N, K] matrix each
+        const std::vector<float> m =
+            fp8::dequantize(w.bytes.subspan(size_t(b * N * K), size_t(N * K)),
+                            std::span(s).subspan(size_t(b) * block_scales, block_scales), N, K, quant.fp8_block_n,
+                            quant.fp8_block_k);
+        out.insert(out.end(), m.begin(), m.end());
+      }
       return out;
     }
     case Storage::GPTQ: {

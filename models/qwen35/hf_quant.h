@@ -7,7 +7,7 @@
 //   Float   W                          F32 / F16 / BF16 [.., N, K]
 //   FP8     W                          F8_E4M3 [.., N, K]
 //           <module>.weight_scale_inv  F32 [.., ceil(N / bn), ceil(K / bk)]   (weight_block_size [bn, bk])
-//           w[n, k] = fp8(W[n, k]) * scale_inv[n / bn, k / bk]                (fp32 product)
+//           w[n, k] = fp8(W[n, k]) * scale_inv[n / bn, k / bk]                (runtime/core/fp8_format.h)
 //   GPTQ    <module>.qweight  I32 [K / 8, N]    nibble j (bits 4j..4j+3) of row i holds k = 8i + j
 //           <module>.qzeros   I32 [K / G, ceil(N / 8)]   nibble j of column c holds n = 8c + j
 //           <module>.scales   F16 [K / G, N]
