@@ -117,7 +117,7 @@ class CheckpointSource final : public WeightSource {
            const std::string& kind) override {
     if (options_.prequantized) return put_quantized(m, name, expert, row0);
     if (m.format == WeightFormat::W4A16 && check_weight(ckpt_, quant_, name, shape(name)) == Storage::GPTQ)
-      return put_gptq(m, name, expert, row0);
+      return put_gptq(m, name, expert, row0, kind);
     Bf16View v = read_bf16(ckpt_, quant_, name, shape(name));
     const size_t values = v.bytes.size() / 2;
     if (values % size_t(m.K) != 0) fail("tensor {}: {} values is not a multiple of K = {}", name, values, m.K);
@@ -156,12 +156,21 @@ class CheckpointSource final : public WeightSource {
 
   // A GPTQ weight: its codes repacked into our layout exactly, its fp16 scales rounded to bf16
   // (at most 2^-8 relative change per weight: models/qwen35/hf_quant.h).
-  void put_gptq(GpuMatrix& m, const std::string& name, int64_t expert, int64_t row0) {
+  void put_gptq(GpuMatrix& m, const std::string& name, int64_t expert, int64_t row0, const std::string& kind) {
     const GptqInt4 g = read_gptq_int4(ckpt_, quant_, name, shape(name));
     if (g.group != m.group)
       fail("tensor {}: GPTQ group size {} differs from the W4A16 group size {}: load with --group-size {}", name,
            g.group, m.group, g.group);
     const std::vector<uint16_t> scales = g.scales_bf16();
+    if (options_.report_error) {  // the only change to the GPTQ weights: fp16 -> bf16 scales
+      const std::vector<float> f16 = g.scales_f32();
+      auto& e = errors_[kind + " (gptq: fp16 -> bf16 scales)"];
+      for (size_t i = 0; i < scales.size(); ++i) {
+        const double d = double(bf16_to_f32(scales[i])) - f16[i];
+        e.first += d * d;
+        e.second += double(f16[i]) * f16[i];
+      }
+    }
     const size_t base_row = size_t(std::max<int64_t>(expert, 0) * m.N + row0);
     m.qweight.upload(g.qweight.data(), g.qweight.size() * 4, stream_, base_row * size_t(m.K / 8) * 4);
     m.scales.upload(scales.data(), scales.size() * 2, stream_, base_row * size_t(m.K / m.group) * 2);
