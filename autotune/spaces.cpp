@@ -147,13 +147,11 @@ std::vector<MoeGemmTile> moe_gemm_candidates(const MoeShape& s, int64_t, bool wg
       if (!why_invalid(t, s, g).empty()) return;
     out.push_back(t);
   };
-  if (wgmma) {
+  if (wgmma)  // and the mma.sync tiles below: small prompts may prefer their small row blocks
     for (int wm : {1, 2})
       for (int bn : {64, 128, 256})
         for (int wn : {1, 2})
           for (int stages : {3, 4, 6, 8}) add(MoeGemmTile{64 * wm, bn, 64, wm, wn, stages, true});
-    return out;
-  }
   for (int bm : {16, 32, 64, 128})
     for (int bn : {64, 128})
       for (int bk : {32, 64})

@@ -341,7 +341,9 @@ class MoeGemmOp final : public MoeOpBase {
   std::vector<json> candidates(int64_t m) const override {
     return to_json_all(tune::moe_gemm_candidates(s_, m, wgmma_));
   }
-  json default_config(int64_t) const override { return tune::to_json(default_moe_gemm_tile(s_, wgmma_)); }
+  json default_config(int64_t m) const override {
+    return tune::to_json(default_moe_gemm_tile(s_, wgmma_ && m >= kMoeWgmmaMinTokens));
+  }
   void prepare(const json& c, int64_t) override {
     const gpu::MoeTiles t = tiles(c);
     fn(gemm_bf16_spec(s_.experts, s_.hidden, t.router_gemm, true)).set_max_dynamic_smem(t.router_gemm.smem_bytes());

@@ -306,7 +306,8 @@ void run_shapes(const MoeShape& base, std::initializer_list<int> groups, bool ti
       for (int rep = 0; rep < 23; ++rep) {
         int e = 0;
         ev[e++].record(g->stream);
-        launch_moe_router(k.router_prefill, k.tiles.router_prefill, g->stream, s, d_x.ptr(), w, big.sc, T);
+        launch_moe_router_prefill(k.router_gemm, k.tiles.router_gemm, k.router_topk, g->stream, s, d_x.ptr(), w, big.sc,
+                                  T);
         ev[e++].record(g->stream);
         launch_moe_align(k.align, g->stream, big.sc, T);
         ev[e++].record(g->stream);

@@ -9,7 +9,8 @@
 //
 // Decode (M = 1..16 tokens): gemv_bf16 (bf16 weights) or gemv_w4a16 (W4A16).
 // Prefill (large M): gemm_bf16; W4A16 weights are first dequantized into a reused bf16 scratch
-// [N, K] (dequantize_w4), then the same gemm_bf16 runs (kernels.md §4).
+// [N, K] (dequantize_w4), then the same gemm_bf16 runs (kernels.md §4). On sm_90a: gemm_wgmma
+// (warpgroup MMA), W4A16 weights dequantized inside its main loop below kWgmmaDequantFirstM rows.
 // lm_head: gemv with fp32 logits [vocab] for the last position, then argmax (greedy) or sample;
 // eval: gemm_bf16 with fp32 output for every position.
 #include <cuda.h>
