@@ -171,6 +171,13 @@ TEST_CASE("quantization_config parsing: supported forms and one clear error per 
   CHECK(contains(error_of([&] { parse({{"quant_method", "fp8"}, {"weight_block_size", {128, 128}}, {"activation_scheme", "static"}}); }),
                  "quantization_config.activation_scheme: \"static\" is not supported"));
   CHECK(contains(error_of([&] { parse({{"quant_method", "fp8"}}); }), "quantization_config.weight_block_size: expected"));
+  CHECK(contains(error_of([&] {
+                   parse({{"quant_method", "fp8"}, {"weight_block_size", {128, 128}}, {"weight_per_tensor", true}});
+                 }),
+                 "quantization_config.weight_per_tensor: per-tensor FP8 scales are not supported"));
+  CHECK(parse({{"quant_method", "fp8"}, {"weight_block_size", {128, 128}}, {"weight_per_tensor", false},
+               {"act_per_tensor", false}})
+            .method == QuantMethod::FP8);
 }
 
 TEST_CASE("GPTQ checkpoint: the CPU reference reads the experts exactly and the logits equal an fp32 twin") {

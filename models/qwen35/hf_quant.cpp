@@ -120,6 +120,10 @@ HfQuant HfQuant::from_config(const fs::path& config_json) {
       fail("{}: quantization_config.activation_scheme: \"{}\" is not supported (expected \"dynamic\"; weights are "
            "dequantized, activations stay bf16)",
            file, *act);
+    if (boolean("weight_per_tensor") == true)
+      fail("{}: quantization_config.weight_per_tensor: per-tensor FP8 scales are not supported (expected block-wise "
+           "weight_scale_inv)",
+           file);
     auto bs = qc->find("weight_block_size");
     if (bs == qc->end() || !bs->is_array() || bs->size() != 2 || !(*bs)[0].is_number_integer() ||
         !(*bs)[1].is_number_integer() || (*bs)[0].get<int64_t>() <= 0 || (*bs)[1].get<int64_t>() <= 0)

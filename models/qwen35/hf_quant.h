@@ -53,8 +53,9 @@ struct HfQuant {
 
   // Parses quantization_config. Absent: method None. Error naming the file and key for an unknown
   // quant_method, or any option that changes the math this runtime does not implement (fp8 fmt
-  // other than e4m3, static activation scales, GPTQ bits != 4, asymmetric, desc_act, Marlin
-  // packing, pack_dtype other than int32, per-module "dynamic" overrides other than "-:" exclusions).
+  // other than e4m3, static activation scales, per-tensor weight scales, GPTQ bits != 4,
+  // asymmetric, desc_act, Marlin packing, pack_dtype other than int32, per-module "dynamic"
+  // overrides other than "-:" exclusions).
   static HfQuant from_config(const std::filesystem::path& config_json);
   // That of ckpt.dir() / "config.json" (None when the folder has no config.json).
   static HfQuant of(const Checkpoint& ckpt);
