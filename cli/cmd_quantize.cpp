@@ -25,12 +25,15 @@ const std::vector<FlagSpec> kQuantizeFlags = {
 int cmd_quantize(int argc, char** argv) {
   Args args("quantize", kQuantizeFlags, argc, argv, 2);
   if (args.help()) {
-    std::printf("usage: q35jit quantize --model DIR --out DIR2 [--group-size 32|64|128]\n\n%s", args.usage().c_str());
+    std::printf("usage: q35jit quantize --model DIR (bf16, FP8 or GPTQ-Int4) --out DIR2 [--group-size 32|64|128]\n\n%s", args.usage().c_str());
     return 0;
   }
   const std::string dir = args.require("model"), out = args.require("out");
   ModelInfo info = load_model_info(dir);
-  const int group = int(args.get_int("group-size", qwen35::default_group_size(info.config), 1, 1 << 20));
+  if (qwen35::read_quant_note(info.dir / "config.json"))
+    fail("{} is already quantized; quantize the original checkpoint", info.dir.string());
+  // A GPTQ checkpoint's group size by default (its experts map exactly only at that size).
+  const int group = weight_choice(args, info.config, info.dir).group;
   const int threads = int(args.get_int("threads", std::max(1u, std::thread::hardware_concurrency()), 1, 1024));
   auto t0 = std::chrono::steady_clock::now();
   const bool tty = ::isatty(2);  // a progress line only on a terminal

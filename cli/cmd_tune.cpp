@@ -29,7 +29,7 @@ namespace fs = std::filesystem;
 
 const std::vector<FlagSpec> kTuneFlags = {
     {"model", "DIR", "checkpoint folder (only config.json is read)"},
-    {"synthetic", "NAME", "the shapes of a published model instead: 35b-a3b"},
+    {"synthetic", "NAME", "the shapes of a published model instead: 35b-a3b, 122b-a10b, 397b-a17b"},
     {"quant", "bf16|w4a16", "weight format to tune for (default w4a16)"},
     {"group-size", "G", "W4A16 group size (default 128, or the largest dividing every K)"},
     {"sweep", "LO..HI", "token counts M to cover (default 1..4096)"},
@@ -74,7 +74,7 @@ int cmd_tune(int argc, char** argv) {
   Args args("tune", kTuneFlags, argc, argv, 2);
   if (args.help()) {
     std::printf(
-        "usage: q35jit tune (--model DIR | --synthetic 35b-a3b) [--sweep 1..4095] [--buckets LIST] [--out FILE] "
+        "usage: q35jit tune (--model DIR | --synthetic NAME) [--sweep 1..4095] [--buckets LIST] [--out FILE] "
         "[--resume]\n       q35jit tune --check FILE\n       q35jit tune (--model DIR | --synthetic NAME) --show\n\n%s",
         args.usage().c_str());
     return 0;

@@ -21,7 +21,7 @@ constexpr std::string_view kUsage =
     "  eval      write the logits of a token sequence to a safetensors file\n"
     "  compile   compile (and cache) every kernel a checkpoint needs, no GPU required\n"
     "  quantize  write a W4A16 checkpoint that run/eval load directly\n"
-    "  bench     prefill and decode speed on the GPU (a checkpoint or --synthetic 35b-a3b)\n"
+    "  bench     prefill and decode speed on the GPU (a checkpoint or --synthetic 35b-a3b|122b-a10b|397b-a17b)\n"
     "  tune      measure the best tile configs per prompt length into this GPU's tune cache\n"
     "  serve     an OpenAI-compatible HTTP server (chat completions, completions, tools, streaming)\n"
     "\n"

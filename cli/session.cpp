@@ -5,6 +5,8 @@
 
 #include "models/qwen35/cpu_model.h"
 #include "models/qwen35/gpu_model.h"
+#include "models/qwen35/hf_quant.h"
+#include "models/qwen35/memory.h"
 #include "models/qwen35/quantized.h"
 #include "models/qwen35/weights.h"
 #include "runtime/core/error.h"
@@ -57,10 +59,8 @@ namespace {
 class CpuEngine final : public Engine {
  public:
   CpuEngine(const ModelInfo& info, int64_t max_context) {
+    // Float, FP8, GPTQ and `q35jit quantize` checkpoints all load as fp32 (dequantized exactly).
     Checkpoint ckpt(info.dir);
-    if (qwen35::read_quant_note(info.dir / "config.json"))
-      fail("{} is a W4A16 checkpoint: the CPU reference needs the original weights (use --device cuda)",
-           info.dir.string());
     qwen35::validate_checkpoint(info.config, ckpt);
     model_ = std::make_unique<qwen35::CpuModel>(info.config, qwen35::load_host_weights(info.config, ckpt));
     state_ = model_->new_state(max_context);
@@ -139,6 +139,7 @@ class GpuEngine final : public Engine {
       qwen35::validate_quantized_checkpoint(info.config, ckpt, options.group);
     else
       qwen35::validate_checkpoint(info.config, ckpt);
+    check_gpu_memory(ctx_, info.config, options, info.dir.filename().string());
     model_ = std::make_unique<qwen35::GpuModel>(driver_, ctx_, jit_, info.config, ckpt, options);
   }
   // Random weights of `config`'s shapes (serve --synthetic).
@@ -182,6 +183,16 @@ bool gpu_present() {
 
 }  // namespace
 
+void check_gpu_memory(const Context& ctx, const qwen35::Config& config, const qwen35::GpuModelOptions& o,
+                      const std::string& name) {
+  const qwen35::MemoryNeed need =
+      qwen35::gpu_memory_need(config, o.group, o.max_context, o.max_chunk, !o.prequantized);
+  const auto [free_bytes, total_bytes] = ctx.mem_info();
+  qwen35::check_fits(need, free_bytes, total_bytes, ctx.device().name,
+                     fmt::format("{} ({}, {} tokens of context)", name,
+                                 o.group ? fmt::format("W4A16 g{}", o.group) : std::string("bf16"), o.max_context));
+}
+
 ModelSource model_source(const Args& args) {
   if (args.has("model") == args.has("synthetic"))
     fail("q35jit {}: give --model DIR or --synthetic NAME", args.command());
@@ -198,6 +209,10 @@ ModelSource model_source(const Args& args) {
 
 WeightChoice weight_choice(const Args& args, const qwen35::Config& config, const fs::path& dir) {
   const std::string quant = args.get("quant").value_or("w4a16");
+  if (quant == "fp8")
+    fail("q35jit {}: --quant fp8 (FP8 weights on the GPU, W8A16 kernels) is not implemented yet: use --quant w4a16 "
+         "(an FP8 checkpoint is dequantized exactly and quantized while loading) or --quant bf16",
+         args.command());
   if (quant != "bf16" && quant != "w4a16")
     fail("q35jit {}: --quant must be bf16 or w4a16, got '{}'", args.command(), quant);
   const std::optional<qwen35::QuantNote> note =
@@ -214,6 +229,17 @@ WeightChoice weight_choice(const Args& args, const qwen35::Config& config, const
     if (args.has("group-size") && args.get_int("group-size", 0, 0, 1 << 20) != note->group_size)
       fail("{} was quantized with group size {}, not --group-size {}: quantize the original checkpoint again",
            dir.string(), note->group_size, *args.get("group-size"));
+  } else if (const qwen35::HfQuant hf = dir.empty() ? qwen35::HfQuant{} : qwen35::HfQuant::from_config(dir / "config.json");
+             hf.method == qwen35::QuantMethod::GPTQ) {
+    // The GPTQ experts keep their own groups (mapped without requantizing): one group size for all.
+    if (hf.gptq_group <= 0)
+      fail("{}: GPTQ group_size {} (per column) cannot map onto W4A16 groups: use --quant bf16", dir.string(),
+           hf.gptq_group);
+    w.group = int(hf.gptq_group);
+    if (args.has("group-size") && args.get_int("group-size", 0, 0, 1 << 20) != w.group)
+      fail("{} is GPTQ with group size {}: its experts load exactly only with --group-size {}", dir.string(), w.group,
+           w.group);
+    qwen35::check_group_size(config, w.group);
   } else {
     w.group = int(args.get_int("group-size", qwen35::default_group_size(config), 1, 1 << 20));
     qwen35::check_group_size(config, w.group);

@@ -14,12 +14,14 @@
 #include "cli/args.h"
 #include "cli/engine.h"
 #include "models/qwen35/config.h"
+#include "models/qwen35/gpu_model.h"
 #include "models/qwen35/gpu_weights.h"
 #include "runtime/core/sampler.h"
 #include "runtime/text/tokenizer.h"
 
 namespace q35 {
 struct DeviceInfo;
+class Context;
 }
 
 namespace q35::cli {
@@ -52,6 +54,11 @@ struct WeightChoice {
   bool prequantized = false;
 };
 WeightChoice weight_choice(const Args& args, const qwen35::Config& config, const std::filesystem::path& dir);
+
+// Stops before loading, with one line saying what the model needs and what the GPU has, when the
+// model (models/qwen35/memory.h) does not fit in the GPU's free memory. `name` names the model.
+void check_gpu_memory(const Context& ctx, const qwen35::Config& config, const qwen35::GpuModelOptions& options,
+                      const std::string& name);
 
 // The flags every command that loads weights shares.
 std::vector<FlagSpec> engine_flags();

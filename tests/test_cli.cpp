@@ -213,6 +213,18 @@ TEST_CASE("compile: every kernel of the fixture for sm_80 and sm_90a, then all c
   CHECK(q35jit("compile --model " + kModel + " --arch sm90").err.find("--arch must look like") != std::string::npos);
 }
 
+TEST_CASE("the family's synthetic names and the unsupported --quant fp8 are one line each") {
+  Result r = q35jit("compile --synthetic 1t --arch sm_80");
+  CHECK(r.code == 1);
+  CHECK(r.err == "error: unknown synthetic model '1t': known: 35b-a3b, 122b-a10b, 397b-a17b\n");
+  r = q35jit("compile --model " + kModel + " --synthetic 35b-a3b --arch sm_80");
+  CHECK(r.err == "error: q35jit compile: give --model DIR or --synthetic NAME\n");
+  r = q35jit("run --model " + kModel + " --prompt hi --device cuda --quant fp8");
+  CHECK(r.code == 1);
+  CHECK(r.err.find("--quant fp8 (FP8 weights on the GPU, W8A16 kernels) is not implemented yet") != std::string::npos);
+  CHECK(count_lines(r.err) == 1);
+}
+
 TEST_CASE("--device cuda on a machine without a driver is one line") {
   if (fs::exists("/dev/nvidiactl")) return;  // a GPU machine: the GPU script covers this path
   Result r = q35jit("run --model " + kModel + " --prompt hi --device cuda");

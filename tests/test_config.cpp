@@ -329,3 +329,74 @@ TEST_CASE("generation_config.json: missing file gives defaults; int or list eos;
   e = error_of([&] { GenerationConfig::from_file(path); });
   CHECK(contains(e, "top_p"));
 }
+
+TEST_CASE("presets: the three published sizes, read as their config.json would give them") {
+  const Config a = Config::preset("122b-a10b"), b = Config::preset("397b-a17b");
+  CHECK(a.hidden_size == 3072);
+  CHECK(a.num_layers_of(LayerType::LinearAttention) == 36);
+  CHECK(a.num_layers_of(LayerType::FullAttention) == 12);
+  CHECK(a.num_heads == 32);
+  CHECK(a.linear_num_value_heads / a.linear_num_key_heads == 4);
+  CHECK(a.num_experts == 256);
+  CHECK(a.num_experts_per_tok == 8);
+  CHECK(a.moe_intermediate_size == 1024);
+  CHECK(b.hidden_size == 4096);
+  CHECK(b.num_layers_of(LayerType::LinearAttention) == 45);
+  CHECK(b.num_layers_of(LayerType::FullAttention) == 15);
+  CHECK(b.num_experts == 512);
+  CHECK(b.num_experts_per_tok == 10);
+  CHECK(b.shared_expert_intermediate_size == 1024);
+  // Each preset equals its config.json parsed (the same keys a published checkpoint carries).
+  for (const char* name : {"35b-a3b", "122b-a10b", "397b-a17b"}) {
+    CAPTURE(name);
+    TempDir dir("cfg-preset");
+    const Config p = Config::preset(name);
+    write_json(dir / "config.json", config_json(p, true));
+    check_equal(Config::from_file(dir / "config.json"), p);
+  }
+  CHECK(error_of([] { Config::preset("1t"); }) == "unknown synthetic model '1t': known: 35b-a3b, 122b-a10b, 397b-a17b");
+}
+
+TEST_CASE("keys that change the math: the implemented value loads, any other is refused, unknown keys too") {
+  TempDir dir("cfg-math");
+  const fs::path path = dir / "config.json";
+  auto load_with = [&](const std::string& key, const json& value) {
+    json j = config_json(test::tiny_config(), true);
+    j["text_config"][key] = value;
+    write_json(path, j);
+    return error_of([&] { Config::from_file(path); });
+  };
+  // Qwen3.5 / 3.6 checkpoints carry these with the values this runtime implements.
+  CHECK(load_with("output_gate_type", "swish") == "");
+  CHECK(load_with("mamba_ssm_dtype", "float32") == "");
+  CHECK(load_with("mtp_num_hidden_layers", 1) == "");
+  CHECK(load_with("norm_topk_prob", true) == "");
+  CHECK(load_with("rope_scaling", nullptr) == "");
+  std::string e = load_with("output_gate_type", "sigmoid");
+  CHECK(e == path.string() + ": key \"output_gate_type\" in text_config: \"sigmoid\" is not implemented (supported: "
+                             "[\"swish\",\"silu\"]; the DeltaNet output gate is silu(z) and the attention output gate "
+                             "sigmoid)");
+  CHECK(contains(load_with("mamba_ssm_dtype", "bfloat16"), "\"mamba_ssm_dtype\" in text_config: \"bfloat16\" is not implemented"));
+  CHECK(contains(load_with("norm_topk_prob", false), "\"norm_topk_prob\""));
+  CHECK(contains(load_with("use_sliding_window", true), "\"use_sliding_window\""));
+  CHECK(contains(load_with("rope_scaling", json{{"rope_type", "yarn"}, {"factor", 4}}), "\"rope_scaling\""));
+  CHECK(load_with("rope_scaling", json{{"type", "mrope"}, {"mrope_section", {1, 1, 0}}}) == "");
+  CHECK(load_with("moe_router_temperature", 0.5) ==
+        path.string() + ": key \"moe_router_temperature\" in text_config (= 0.5) is unknown to q35jit: it may change the "
+                        "model's math, so it is refused rather than ignored");
+}
+
+TEST_CASE("a Qwen3.6-35B-A3B config.json (same architecture, its extra keys) loads as the 3.5 one does") {
+  TempDir dir("cfg-36");
+  json j = real_35b_config();
+  json& t = j["text_config"];
+  t["output_gate_type"] = "swish";
+  t["mamba_ssm_dtype"] = "float32";
+  t["mtp_num_hidden_layers"] = 1;
+  t["mtp_use_dedicated_embeddings"] = false;
+  t["attn_output_gate"] = true;
+  j["quantization_config"] = {{"quant_method", "fp8"}, {"fmt", "e4m3"}, {"weight_block_size", {128, 128}}};
+  write_json(dir / "config.json", j);
+  write_json(dir / "c35.json", real_35b_config());
+  check_equal(Config::from_file(dir / "config.json"), Config::from_file(dir / "c35.json"));
+}

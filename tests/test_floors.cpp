@@ -9,6 +9,7 @@
 
 #include "autotune/device_probe.h"
 #include "models/qwen35/floors.h"
+#include "models/qwen35/memory.h"
 #include "models/qwen35/quantized.h"
 #include "models/qwen35/weights.h"
 #include "runtime/jit/jit_engine.h"
@@ -20,6 +21,11 @@ using qwen35::ModelWork;
 using q35::test::config_35b;
 using q35::test::config_tiny;
 using q35::test::error_of;
+using q35::test::contains;
+using qwen35::check_fits;
+using qwen35::Config;
+using qwen35::gpu_memory_need;
+using qwen35::MemoryNeed;
 
 namespace {
 
@@ -193,4 +199,29 @@ TEST_CASE("device probe kernels compile for sm_80 and sm_90a") {
     }
   }
   CHECK(jit.stats().compiled == 6);
+}
+
+TEST_CASE("GPU memory need: 122B W4A16 fits one H200, 397B does not; the refusal names both figures") {
+  const Config c122 = Config::preset("122b-a10b"), c397 = Config::preset("397b-a17b");
+  const MemoryNeed m122 = gpu_memory_need(c122, 128, 32768, 2048, true);
+  const MemoryNeed m397 = gpu_memory_need(c397, 128, 32768, 2048, true);
+  // Weights: every parameter at 4 bits + a bf16 scale per 128, embeddings and small tensors bf16.
+  CHECK(m122.weights == ModelWork(c122, 128).model_weight_bytes());
+  CHECK(m122.weights > int64_t(60e9));
+  CHECK(m122.weights < int64_t(70e9));
+  CHECK(m397.weights > int64_t(200e9));
+  CHECK(m397.weights < int64_t(215e9));
+  CHECK(m122.total() < int64_t(139) * (int64_t(1) << 30));
+  // K/V rows: 12 full-attention layers x K and V x 2 heads x 256 x bf16 per token.
+  CHECK(m122.state == int64_t(32768) * 12 * 2 * 2 * 256 * 2 + ModelWork(c122, 128).gdn_state_bytes() +
+                          ModelWork(c122, 128).conv_state_bytes());
+  CHECK(gpu_memory_need(c122, 128, 32768, 2048, false).staging == 0);
+  CHECK(m122.staging == 2 * c122.num_experts * 2 * c122.moe_intermediate_size * c122.hidden_size);  // fused experts
+  const size_t h200_free = size_t(139) << 30, h200_total = size_t(141) << 30;
+  CHECK_NOTHROW(check_fits(m122, h200_free, h200_total, "NVIDIA H200", "122b"));
+  const std::string e = error_of([&] { check_fits(m397, h200_free, h200_total, "NVIDIA H200", "397b-a17b (W4A16 g128)"); });
+  INFO(e);
+  CHECK(e.rfind("397b-a17b (W4A16 g128) needs 2", 0) == 0);
+  CHECK(contains(e, "but NVIDIA H200 has 149.3 GB free of 151.4 GB: it does not fit on one GPU"));
+  CHECK(e.find('\n') == std::string::npos);
 }

@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <iterator>
+#include <string_view>
 
 #include <nlohmann/json.hpp>
 
@@ -73,6 +75,86 @@ std::optional<double> rope_key(const Keys& lm, const std::optional<Keys>& rope, 
   if (flat && nested && *flat != *nested)
     fail("{}: \"{}\" is {} in {} but {} in rope_parameters", lm.file, key, *flat, lm.where, *nested);
   return nested ? nested : flat;
+}
+
+// Keys of the LM config that change nothing this runtime computes: bookkeeping, training-only
+// settings, token ids (generation_config.json decides stopping), the MTP draft head (not used) and
+// generation defaults that old transformers versions wrote into config.json.
+constexpr std::string_view kInertKeys[] = {
+    "_name_or_path", "architectures", "model_type", "transformers_version", "dtype", "torch_dtype",
+    "use_bfloat16", "bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id", "decoder_start_token_id",
+    "initializer_range", "use_cache", "output_router_logits", "router_aux_loss_coef", "attention_dropout",
+    "chunk_size_feed_forward", "id2label", "label2id", "is_encoder_decoder", "is_decoder", "add_cross_attention",
+    "cross_attention_hidden_size", "output_attentions", "output_hidden_states", "return_dict", "problem_type",
+    "tokenizer_class", "torchscript", "pruned_heads", "tf_legacy_loss", "finetuning_task", "prefix",
+    "task_specific_params", "mtp_num_hidden_layers", "mtp_use_dedicated_embeddings", "quantization_config",
+    "q35jit_quantization",
+    "text_config", "vision_config", "image_token_id", "video_token_id", "vision_start_token_id",
+    "vision_end_token_id", "base_config_key", "max_length", "min_length", "do_sample", "early_stopping",
+    "num_beams", "num_beam_groups", "diversity_penalty", "temperature", "top_k", "top_p", "typical_p",
+    "repetition_penalty", "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size",
+    "bad_words_ids", "num_return_sequences", "output_scores", "return_dict_in_generate",
+    "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty",
+    "suppress_tokens", "begin_suppress_tokens", "auto_map",
+    // M-RoPE sections: with text-only positions every stream is the same, plain 1-D RoPE (spec §2.3).
+    "mrope_section", "mrope_interleaved",
+};
+// Keys this runtime reads (Config::from_file).
+constexpr std::string_view kReadKeys[] = {
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+    "attn_output_gate", "linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",
+    "linear_value_head_dim", "linear_conv_kernel_dim", "num_experts", "num_experts_per_tok",
+    "moe_intermediate_size", "shared_expert_intermediate_size", "rms_norm_eps", "max_position_embeddings",
+    "tie_word_embeddings", "rope_parameters", "rope_theta", "partial_rotary_factor", "layer_types",
+    "full_attention_interval",
+};
+
+// Every other key may change the math: the ones whose meaning is known must hold the value this
+// runtime implements, and an unknown one is an error rather than silently ignored.
+void check_keys(const Keys& lm) {
+  const std::string& file = lm.file;
+  auto require_value = [&](const std::string& key, const json& accepted, const std::string& meaning) {
+    const json* v = lm.find(key);
+    if (!v) return;
+    for (const json& a : accepted)
+      if (*v == a) return;
+    fail("{}: key \"{}\" in {}: {} is not implemented (supported: {}; {})", file, key, lm.where, v->dump(),
+         accepted.dump(), meaning);
+  };
+  require_value("attention_bias", json::array({false}), "the attention projections have no biases");
+  require_value("hidden_act", json::array({"silu"}), "experts and shared expert use SiLU-gated MLPs");
+  require_value("mlp_only_layers", json::array({json::array()}), "every layer is MoE");
+  // Qwen3.5 / 3.6 configs write "swish" for the DeltaNet output gate, norm(o) * silu(z) (the
+  // attention output gate is sigmoid in transformers whatever this says).
+  require_value("output_gate_type", json::array({"swish", "silu"}),
+                "the DeltaNet output gate is silu(z) and the attention output gate sigmoid");
+  require_value("mamba_ssm_dtype", json::array({"float32"}), "the DeltaNet recurrent state is kept in fp32");
+  require_value("norm_topk_prob", json::array({true}), "the top-k routing weights are renormalised");
+  require_value("decoder_sparse_step", json::array({1}), "every layer is MoE");
+  require_value("use_sliding_window", json::array({false}), "attention is over the whole context");
+  // Legacy rope_scaling: only the unscaled kinds (text positions make mrope plain 1-D RoPE).
+  if (const json* rs = lm.find("rope_scaling")) {
+    const json type = rs->is_object() ? rs->value("rope_type", rs->value("type", json("default"))) : json();
+    if (type != "default" && type != "mrope")
+      fail("{}: key \"rope_scaling\" in {}: {} is not implemented (supported: rope_type \"default\" or \"mrope\"; "
+           "RoPE is unscaled)",
+           file, lm.where, rs->dump());
+  }
+  for (const auto& [key, value] : lm.obj.items()) {
+    if (value.is_null()) continue;
+    auto is = [&](std::string_view k) { return k == key; };
+    if (std::any_of(std::begin(kInertKeys), std::end(kInertKeys), is) ||
+        std::any_of(std::begin(kReadKeys), std::end(kReadKeys), is))
+      continue;
+    static constexpr std::string_view kChecked[] = {"attention_bias",  "hidden_act",        "mlp_only_layers",
+                                                    "output_gate_type", "mamba_ssm_dtype",   "norm_topk_prob",
+                                                    "decoder_sparse_step", "use_sliding_window", "rope_scaling",
+                                                    "sliding_window",  "max_window_layers"};
+    if (std::any_of(std::begin(kChecked), std::end(kChecked), is)) continue;
+    fail("{}: key \"{}\" in {} (= {}) is unknown to q35jit: it may change the model's math, so it is refused rather "
+         "than ignored",
+         file, key, lm.where, value.dump().substr(0, 80));
+  }
 }
 
 }  // namespace
@@ -156,14 +238,7 @@ Config Config::from_file(const std::filesystem::path& path) {
     fail("{}: missing key \"layer_types\" (or \"full_attention_interval\") in {}", file, lm.where);
   }
 
-  // Features this runtime does not implement are errors, not silently wrong outputs.
-  if (lm.boolean_opt("attention_bias").value_or(false))
-    fail("{}: key \"attention_bias\" in {}: expected false (no attention biases), found true", file, lm.where);
-  if (auto act = lm.string_opt("hidden_act"); act && *act != "silu")
-    fail("{}: key \"hidden_act\" in {}: expected \"silu\", found \"{}\"", file, lm.where, *act);
-  if (const json* mlp_only = lm.find("mlp_only_layers"); mlp_only && !(mlp_only->is_array() && mlp_only->empty()))
-    fail("{}: key \"mlp_only_layers\" in {}: expected [] (every layer MoE), found {}", file, lm.where,
-         mlp_only->dump());
+  check_keys(lm);
 
   if (c.num_heads % c.num_kv_heads != 0)
     fail("{}: num_attention_heads {} is not a multiple of num_key_value_heads {}", file, c.num_heads,
@@ -211,27 +286,41 @@ GenerationConfig GenerationConfig::from_file(const std::filesystem::path& path) 
 }
 
 Config Config::preset(const std::string& name) {
-  if (name != "35b-a3b") fail("unknown synthetic model '{}': known: 35b-a3b", name);
+  // shared/spec §1 and the public config.json copies of Qwen3.5-{35B-A3B, 122B-A10B, 397B-A17B}.
+  struct Shape {
+    const char* name;
+    int64_t hidden, layers, heads, value_heads, experts, top_k, expert_size;
+  };
+  static constexpr Shape kShapes[] = {
+      {"35b-a3b", 2048, 40, 16, 32, 256, 8, 512},
+      {"122b-a10b", 3072, 48, 32, 64, 256, 8, 1024},
+      {"397b-a17b", 4096, 60, 32, 64, 512, 10, 1024},
+  };
+  const Shape* s = nullptr;
+  for (const Shape& k : kShapes)
+    if (name == k.name) s = &k;
+  if (!s) fail("unknown synthetic model '{}': known: 35b-a3b, 122b-a10b, 397b-a17b", name);
   Config c;
   c.vocab_size = 248320;
-  c.hidden_size = 2048;
-  c.num_layers = 40;
-  for (int i = 0; i < 40; ++i) c.layer_types.push_back((i + 1) % 4 == 0 ? LayerType::FullAttention : LayerType::LinearAttention);
-  c.num_heads = 16;
+  c.hidden_size = s->hidden;
+  c.num_layers = s->layers;
+  for (int64_t i = 0; i < s->layers; ++i)
+    c.layer_types.push_back((i + 1) % 4 == 0 ? LayerType::FullAttention : LayerType::LinearAttention);
+  c.num_heads = s->heads;
   c.num_kv_heads = 2;
   c.head_dim = 256;
   c.rotary_dim = 64;
   c.rope_theta = 1e7;
   c.attn_output_gate = true;
   c.linear_num_key_heads = 16;
-  c.linear_num_value_heads = 32;
+  c.linear_num_value_heads = s->value_heads;
   c.linear_key_head_dim = 128;
   c.linear_value_head_dim = 128;
   c.linear_conv_kernel_dim = 4;
-  c.num_experts = 256;
-  c.num_experts_per_tok = 8;
-  c.moe_intermediate_size = 512;
-  c.shared_expert_intermediate_size = 512;
+  c.num_experts = s->experts;
+  c.num_experts_per_tok = s->top_k;
+  c.moe_intermediate_size = s->expert_size;
+  c.shared_expert_intermediate_size = s->expert_size;
   c.rms_norm_eps = 1e-6;
   c.tie_word_embeddings = false;
   c.max_position_embeddings = 262144;

@@ -56,10 +56,14 @@ struct Config {
   // present must agree; rope_type "default" or "mrope"). Defaults as in transformers:
   // partial_rotary_factor 0.25, attn_output_gate true, rms_norm_eps 1e-6,
   // max_position_embeddings 32768. layer_types, or full_attention_interval, is required.
-  // attention_bias, a hidden_act other than silu and non-empty mlp_only_layers are rejected.
+  // Keys that change the math must hold the value this runtime implements (attention_bias false,
+  // hidden_act silu, mlp_only_layers [], output_gate_type swish, mamba_ssm_dtype float32,
+  // norm_topk_prob true, ...); a key of the LM config that is neither read, known to be inert
+  // (bookkeeping, training, MTP, generation defaults) nor checked is refused as unknown.
   static Config from_file(const std::filesystem::path& path);
   // The shapes of a published model, for synthetic (random-weight) benchmarks and tuning without
-  // the checkpoint: "35b-a3b" (Qwen3.5-35B-A3B, shared/spec §1). Error listing the known names.
+  // the checkpoint: "35b-a3b", "122b-a10b", "397b-a17b" (Qwen3.5-*, also Qwen3.6-35B-A3B). Error
+  // listing the known names.
   static Config preset(const std::string& name);
 };
 

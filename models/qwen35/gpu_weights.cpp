@@ -6,6 +6,7 @@
 #include <cmath>
 #include <map>
 
+#include "models/qwen35/hf_quant.h"
 #include "models/qwen35/weights.h"
 #include "runtime/core/error.h"
 #include "runtime/core/half.h"
@@ -17,7 +18,8 @@ namespace q35::qwen35 {
 namespace {
 
 // One checkpoint tensor as bf16 host bytes: a view of the mmap'ed shard when it is stored as
-// bf16, else a converted copy (f32 / f16 checkpoints).
+// bf16, else a converted copy (f32 / f16 checkpoints, or FP8 / GPTQ weights dequantized exactly to
+// fp32 first: models/qwen35/hf_quant.h).
 struct Bf16View {
   std::span<const uint8_t> bytes;
   std::vector<uint16_t> converted;
@@ -25,17 +27,19 @@ struct Bf16View {
   const TensorInfo* info = nullptr;
 };
 
-Bf16View read_bf16(const Checkpoint& ckpt, const std::string& name) {
-  TensorRef t = ckpt.get(name);
-  Bf16View v{{}, {}, t.file, t.info};
-  if (t.info->dtype == DType::BF16) {
-    v.bytes = t.bytes;
-  } else {
-    std::vector<float> f = to_f32(t);
-    v.converted.resize(f.size());
-    for (size_t i = 0; i < f.size(); ++i) v.converted[i] = f32_to_bf16(f[i]);
-    v.bytes = {reinterpret_cast<const uint8_t*>(v.converted.data()), v.converted.size() * 2};
+Bf16View read_bf16(const Checkpoint& ckpt, const HfQuant& quant, const std::string& name,
+                   const std::vector<int64_t>& shape) {
+  const Storage storage = check_weight(ckpt, quant, name, shape);
+  if (storage == Storage::Float && ckpt.get(name).info->dtype == DType::BF16) {
+    TensorRef t = ckpt.get(name);
+    return {t.bytes, {}, t.file, t.info};
   }
+  Bf16View v;
+  std::vector<float> f = read_weight_f32(ckpt, quant, name, shape);
+  release_weight(ckpt, name);
+  v.converted.resize(f.size());
+  for (size_t i = 0; i < f.size(); ++i) v.converted[i] = f32_to_bf16(f[i]);
+  v.bytes = {reinterpret_cast<const uint8_t*>(v.converted.data()), v.converted.size() * 2};
   return v;
 }
 
@@ -74,8 +78,9 @@ GpuMatrix allocate_matrix(const Driver& driver, WeightFormat format, int group, 
 class CheckpointSource final : public WeightSource {
  public:
   CheckpointSource(const Driver& driver, const Stream& stream, const Checkpoint& ckpt, const UploadOptions& options,
-                   size_t max_tensor_bytes)
-      : driver_(driver), stream_(stream), ckpt_(ckpt), options_(options) {
+                   size_t max_tensor_bytes, const std::vector<TensorSpec>& specs)
+      : driver_(driver), stream_(stream), ckpt_(ckpt), options_(options), quant_(HfQuant::of(ckpt)) {
+    for (const TensorSpec& t : specs) shapes_[t.name] = t.shape;
     if (options.prequantized && options.format != WeightFormat::W4A16)
       fail("{} is a W4A16 checkpoint: it loads only with --quant w4a16", ckpt.dir().string());
     if (options.format == WeightFormat::W4A16 && !options.prequantized) {
@@ -86,7 +91,7 @@ class CheckpointSource final : public WeightSource {
 
   // A bf16 vector/table copied as is.
   DeviceBuffer raw(const std::string& name, size_t) override {
-    Bf16View v = read_bf16(ckpt_, name);
+    Bf16View v = read_bf16(ckpt_, quant_, name, shape(name));
     DeviceBuffer b(driver_, v.bytes.size());
     b.upload(v.bytes.data(), v.bytes.size(), stream_);
     finish(v);
@@ -95,7 +100,7 @@ class CheckpointSource final : public WeightSource {
 
   // An fp32 vector (A_log, dt_bias: the spec keeps the gating math in fp32).
   DeviceBuffer f32(const std::string& name, size_t) override {
-    std::vector<float> f = to_f32(ckpt_.get(name));
+    std::vector<float> f = read_weight_f32(ckpt_, quant_, name, shape(name));
     DeviceBuffer b(driver_, f.size() * 4);
     b.upload(f.data(), f.size() * 4, stream_);
     stream_.synchronize();
@@ -111,7 +116,9 @@ class CheckpointSource final : public WeightSource {
   void put(GpuMatrix& m, const std::string& name, int64_t expert, int64_t row0, int64_t,
            const std::string& kind) override {
     if (options_.prequantized) return put_quantized(m, name, expert, row0);
-    Bf16View v = read_bf16(ckpt_, name);
+    if (m.format == WeightFormat::W4A16 && check_weight(ckpt_, quant_, name, shape(name)) == Storage::GPTQ)
+      return put_gptq(m, name, expert, row0, kind);
+    Bf16View v = read_bf16(ckpt_, quant_, name, shape(name));
     const size_t values = v.bytes.size() / 2;
     if (values % size_t(m.K) != 0) fail("tensor {}: {} values is not a multiple of K = {}", name, values, m.K);
     const int64_t rows = int64_t(values / size_t(m.K));
@@ -134,10 +141,41 @@ class CheckpointSource final : public WeightSource {
     TensorRef q = ckpt_.get(stored + ".qweight"), s = ckpt_.get(stored + ".scales");
     const size_t base_row = size_t(std::max<int64_t>(expert, 0) * m.N + row0);
     m.qweight.upload(q.bytes.data(), q.bytes.size(), stream_, base_row * size_t(m.K / 8) * 4);
-    m.scales.upload(s.bytes.data(), s.bytes.size(), stream_, base_row * size_t(m.K / m.group) * 2);
+    std::vector<uint16_t> bf16;  // F16 scales (GPTQ experts, exact on disk) -> bf16 for the kernels
+    if (s.info->dtype == DType::F16) {
+      bf16.resize(s.bytes.size() / 2);
+      for (size_t i = 0; i < bf16.size(); ++i)
+        bf16[i] = f32_to_bf16(f16_to_f32(uint16_t(s.bytes[2 * i] | (s.bytes[2 * i + 1] << 8))));
+    }
+    const void* scales = bf16.empty() ? static_cast<const void*>(s.bytes.data()) : bf16.data();
+    m.scales.upload(scales, s.bytes.size(), stream_, base_row * size_t(m.K / m.group) * 2);
     stream_.synchronize();
     q.file->release(*q.info);
     s.file->release(*s.info);
+  }
+
+  // A GPTQ weight: its codes repacked into our layout exactly, its fp16 scales rounded to bf16
+  // (at most 2^-8 relative change per weight: models/qwen35/hf_quant.h).
+  void put_gptq(GpuMatrix& m, const std::string& name, int64_t expert, int64_t row0, const std::string& kind) {
+    const GptqInt4 g = read_gptq_int4(ckpt_, quant_, name, shape(name));
+    if (g.group != m.group)
+      fail("tensor {}: GPTQ group size {} differs from the W4A16 group size {}: load with --group-size {}", name,
+           g.group, m.group, g.group);
+    const std::vector<uint16_t> scales = g.scales_bf16();
+    if (options_.report_error) {  // the only change to the GPTQ weights: fp16 -> bf16 scales
+      const std::vector<float> f16 = g.scales_f32();
+      auto& e = errors_[kind + " (gptq: fp16 -> bf16 scales)"];
+      for (size_t i = 0; i < scales.size(); ++i) {
+        const double d = double(bf16_to_f32(scales[i])) - f16[i];
+        e.first += d * d;
+        e.second += double(f16[i]) * f16[i];
+      }
+    }
+    const size_t base_row = size_t(std::max<int64_t>(expert, 0) * m.N + row0);
+    m.qweight.upload(g.qweight.data(), g.qweight.size() * 4, stream_, base_row * size_t(m.K / 8) * 4);
+    m.scales.upload(scales.data(), scales.size() * 2, stream_, base_row * size_t(m.K / m.group) * 2);
+    stream_.synchronize();
+    release_weight(ckpt_, name);
   }
 
   // Relative Frobenius error of the INT4 quantization, per tensor kind, sampled on the first 64
@@ -167,10 +205,18 @@ class CheckpointSource final : public WeightSource {
     if (v.converted.empty()) v.file->release(*v.info);
   }
 
+  const std::vector<int64_t>& shape(const std::string& name) const {
+    auto it = shapes_.find(name);
+    if (it == shapes_.end()) fail("upload_weights: tensor {} is not a weight of this config", name);
+    return it->second;
+  }
+
   const Driver& driver_;
   const Stream& stream_;
   const Checkpoint& ckpt_;
   const UploadOptions& options_;
+  const HfQuant quant_;
+  std::map<std::string, std::vector<int64_t>> shapes_;  // logical shape of every weight
   DeviceBuffer staging_;
   std::map<std::string, std::pair<double, double>> errors_;
 };
@@ -315,7 +361,7 @@ size_t GpuWeights::bytes() const {
 GpuWeights upload_weights(const Driver& driver, const Stream& stream, const Config& c, const Checkpoint& ckpt,
                           const UploadOptions& options) {
   const CheckpointLayout layout = detect_layout(ckpt);
-  CheckpointSource src(driver, stream, ckpt, options, largest_tensor_bytes(c));
+  CheckpointSource src(driver, stream, ckpt, options, largest_tensor_bytes(c), expected_tensors(c, layout));
   return build(src, c, layout.prefix, layout.experts);
 }
 

@@ -10,6 +10,7 @@
 #include <thread>
 #include <vector>
 
+#include "models/qwen35/hf_quant.h"
 #include "models/qwen35/weights.h"
 #include "runtime/core/error.h"
 #include "runtime/core/half.h"
@@ -50,20 +51,6 @@ void check_tensor(const Checkpoint& ckpt, const std::string& name, DType dtype, 
   if (t.info->dtype != dtype || t.info->shape != shape)
     fail("tensor {}: expected [{}] {}, found [{}] {} in {}", name, fmt::join(shape, ", "), dtype_name(dtype),
          fmt::join(t.info->shape, ", "), dtype_name(t.info->dtype), t.file->path().string());
-}
-
-// Values [offset, offset + out.size()) of a checkpoint tensor as fp32.
-void widen(const TensorRef& t, size_t offset, std::span<float> out) {
-  const uint8_t* p = t.bytes.data();
-  for (size_t i = 0; i < out.size(); ++i) {
-    const size_t j = offset + i;
-    switch (t.info->dtype) {
-      case DType::BF16: out[i] = bf16_to_f32(uint16_t(p[2 * j] | (p[2 * j + 1] << 8))); break;
-      case DType::F16: out[i] = f16_to_f32(uint16_t(p[2 * j] | (p[2 * j + 1] << 8))); break;
-      case DType::F32: std::memcpy(&out[i], p + 4 * j, 4); break;
-      default: fail("tensor {}: dtype {} cannot be quantized", t.info->name, dtype_name(t.info->dtype));
-    }
-  }
 }
 
 }  // namespace
@@ -124,7 +111,10 @@ void validate_quantized_checkpoint(const Config& config, const Checkpoint& ckpt,
       continue;
     }
     check_tensor(ckpt, t.name + ".qweight", DType::U32, packed_shape(t.shape, 8));
-    check_tensor(ckpt, t.name + ".scales", DType::BF16, packed_shape(t.shape, group));
+    // F16 scales: GPTQ experts mapped exactly (models/qwen35/hf_quant.h).
+    const DType scale_dtype = ckpt.has(t.name + ".scales") && ckpt.get(t.name + ".scales").info->dtype == DType::F16
+                                  ? DType::F16 : DType::BF16;
+    check_tensor(ckpt, t.name + ".scales", scale_dtype, packed_shape(t.shape, group));
   }
 }
 
@@ -135,39 +125,92 @@ QuantizeReport quantize_checkpoint(const fs::path& src, const fs::path& dst, int
   check_group_size(config, group);
   Checkpoint ckpt(src);
   validate_checkpoint(config, ckpt);
+  const HfQuant quant = HfQuant::of(ckpt);
   const CheckpointLayout layout = detect_layout(ckpt);
   const std::vector<TensorSpec> specs = model_tensors(config, layout);
+  // The checkpoint tensor each output tensor comes from (a tied lm_head from the embeddings), and
+  // its logical shape there.
+  auto source = [&](const TensorSpec& t) {
+    return t.name == "lm_head.weight" && config.tie_word_embeddings ? layout.prefix + "embed_tokens.weight" : t.name;
+  };
 
   fs::create_directories(dst);
   if (fs::exists(dst / "model.safetensors")) fail("{} already holds a model.safetensors", dst.string());
   std::vector<TensorDecl> decls;
+  std::vector<Storage> storage;
   for (const TensorSpec& t : specs) {
-    const std::string from = t.name == "lm_head.weight" && config.tie_word_embeddings
-                                 ? layout.prefix + "embed_tokens.weight" : t.name;
+    const Storage st = check_weight(ckpt, quant, source(t), t.shape);
+    storage.push_back(st);
     if (is_quantized_weight(t.name)) {
+      if (st == Storage::GPTQ && gptq_group_of(quant, t.shape) != group)
+        fail("tensor {}: GPTQ group size {} differs from --group-size {}: its codes map exactly only at its own group "
+             "size",
+             t.name, gptq_group_of(quant, t.shape), group);
       decls.push_back({t.name + ".qweight", DType::U32, packed_shape(t.shape, 8)});
-      decls.push_back({t.name + ".scales", DType::BF16, packed_shape(t.shape, group)});
+      decls.push_back({t.name + ".scales", st == Storage::GPTQ ? DType::F16 : DType::BF16, packed_shape(t.shape, group)});
     } else {
-      decls.push_back({t.name, ckpt.get(from).info->dtype, t.shape});
+      // Float tensors are copied as stored; a dequantized one is written as fp32 (exact).
+      decls.push_back({t.name, st == Storage::Float ? ckpt.get(source(t)).info->dtype : DType::F32, t.shape});
     }
   }
   SafetensorsWriter out(dst / "model.safetensors", decls,
                         {{"format", "pt"}, {"q35jit_quantization", fmt::format("w4a16 v{} g{}", kQuantFormatVersion, group)}});
   QuantizeReport report;
   std::map<std::string, std::pair<double, double>> err;
+  auto bytes_of = [](const auto& v) {
+    const auto b = std::as_bytes(std::span(v));
+    return std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(b.data()), b.size());
+  };
   int64_t done = 0;
-  for (const TensorSpec& t : specs) {
-    const std::string from = t.name == "lm_head.weight" && config.tie_word_embeddings
-                                 ? layout.prefix + "embed_tokens.weight" : t.name;
-    TensorRef r = ckpt.get(from);
-    report.bytes_in += r.bytes.size();
+  for (size_t ti = 0; ti < specs.size(); ++ti) {
+    const TensorSpec& t = specs[ti];
+    const std::string from = source(t);
+    const std::string module = from.ends_with(".weight") ? from.substr(0, from.size() - 7) : from;
+    for (const std::string& n : {from, module + ".weight_scale_inv", module + ".qweight", module + ".qzeros",
+                                 module + ".scales", module + ".g_idx"})
+      if (ckpt.has(n)) report.bytes_in += ckpt.get(n).bytes.size();
     if (!is_quantized_weight(t.name)) {
-      out.write(t.name, r.bytes);
-      report.bytes_out += r.bytes.size();
+      if (storage[ti] == Storage::Float) {
+        const TensorRef r = ckpt.get(from);
+        out.write(t.name, r.bytes);
+        report.bytes_out += r.bytes.size();
+      } else {
+        const std::vector<float> f = read_weight_f32(ckpt, quant, from, t.shape);
+        out.write(t.name, bytes_of(f));
+        report.bytes_out += f.size() * 4;
+      }
+    } else if (storage[ti] == Storage::GPTQ) {
+      // Codes and fp16 scales as they are: exact (rel_error 0 by construction).
+      const GptqInt4 g = read_gptq_int4(ckpt, quant, from, t.shape);
+      out.write(t.name + ".qweight", bytes_of(g.qweight));
+      out.write(t.name + ".scales", bytes_of(g.scales_f16));
+      report.bytes_out += g.qweight.size() * 4 + g.scales_f16.size() * 2;
+      err.try_emplace(weight_kind(t.name) + " (gptq, exact)", std::pair<double, double>{0.0, 1.0});
     } else {
       const int64_t K = t.shape.back();
       int64_t rows = 1;
       for (size_t i = 0; i + 1 < t.shape.size(); ++i) rows *= t.shape[i];
+      // fp32 values: widened from the shard as needed (float), or dequantized once (FP8) and rounded
+      // to bf16, as the GPU path quantizes them while loading (so both give the same checkpoint).
+      std::vector<float> dequantized =
+          storage[ti] == Storage::Float ? std::vector<float>() : read_weight_f32(ckpt, quant, from, t.shape);
+      for (float& v : dequantized) v = round_bf16(v);
+      const TensorRef r = storage[ti] == Storage::Float ? ckpt.get(from) : TensorRef{};
+      auto widen = [&](size_t offset, std::span<float> w) {
+        if (!dequantized.empty()) {
+          std::copy_n(dequantized.begin() + std::ptrdiff_t(offset), w.size(), w.begin());
+          return;
+        }
+        const uint8_t* p = r.bytes.data();
+        for (size_t i = 0; i < w.size(); ++i) {
+          const size_t j = offset + i;
+          switch (r.info->dtype) {
+            case DType::BF16: w[i] = bf16_to_f32(uint16_t(p[2 * j] | (p[2 * j + 1] << 8))); break;
+            case DType::F16: w[i] = f16_to_f32(uint16_t(p[2 * j] | (p[2 * j + 1] << 8))); break;
+            default: std::memcpy(&w[i], p + 4 * j, 4); break;  // F32 (check_weight admits float dtypes only)
+          }
+        }
+      };
       std::vector<uint32_t> qweight(size_t(rows * K / 8));
       std::vector<uint16_t> scales(size_t(rows * K / group));
       // Row chunks on `threads` threads: widen to fp32, quantize, place the packed rows.
@@ -178,7 +221,7 @@ QuantizeReport quantize_checkpoint(const fs::path& src, const fs::path& dst, int
         for (int64_t r0; (r0 = next.fetch_add(chunk)) < rows;) {
           const int64_t n = std::min(chunk, rows - r0);
           w.resize(size_t(n * K));
-          widen(r, size_t(r0 * K), w);
+          widen(size_t(r0 * K), w);
           int4::Quantized q = int4::quantize(w, n, K, group);
           std::copy(q.qweight.begin(), q.qweight.end(), qweight.begin() + r0 * K / 8);
           std::copy(q.scales.begin(), q.scales.end(), scales.begin() + r0 * K / group);
@@ -192,7 +235,7 @@ QuantizeReport quantize_checkpoint(const fs::path& src, const fs::path& dst, int
       // The relative error, sampled on the first 64 rows.
       const int64_t sample = std::min<int64_t>(64, rows);
       std::vector<float> w(size_t(sample * K));
-      widen(r, 0, w);
+      widen(0, w);
       int4::Quantized q{{qweight.begin(), qweight.begin() + sample * K / 8},
                         {scales.begin(), scales.begin() + sample * K / group}};
       std::vector<float> back = int4::dequantize(q, sample, K, group);
@@ -201,21 +244,22 @@ QuantizeReport quantize_checkpoint(const fs::path& src, const fs::path& dst, int
         e.first += double(back[i] - w[i]) * (back[i] - w[i]);
         e.second += double(w[i]) * w[i];
       }
-      const auto qb = std::as_bytes(std::span(qweight));
-      const auto sb = std::as_bytes(std::span(scales));
-      out.write(t.name + ".qweight", {reinterpret_cast<const uint8_t*>(qb.data()), qb.size()});
-      out.write(t.name + ".scales", {reinterpret_cast<const uint8_t*>(sb.data()), sb.size()});
-      report.bytes_out += qb.size() + sb.size();
+      out.write(t.name + ".qweight", bytes_of(qweight));
+      out.write(t.name + ".scales", bytes_of(scales));
+      report.bytes_out += qweight.size() * 4 + scales.size() * 2;
     }
-    r.file->release(*r.info);
+    release_weight(ckpt, from);
     ++report.tensors;
     if (progress) progress(++done, int64_t(specs.size()));
   }
   out.commit();
   for (const auto& [kind, e] : err) report.rel_error[kind] = std::sqrt(e.first / std::max(e.second, 1e-30));
 
-  // config.json with the note; the tokenizer and generation files as they are.
+  // config.json with the note (the source's quantization_config dropped: the weights are now ours);
+  // the tokenizer and generation files as they are.
   nlohmann::json cfg = read_json_file(src / "config.json");
+  cfg.erase("quantization_config");
+  if (cfg.contains("text_config") && cfg["text_config"].is_object()) cfg["text_config"].erase("quantization_config");
   cfg["q35jit_quantization"] = {{"format", "w4a16"}, {"version", kQuantFormatVersion}, {"group_size", group}};
   std::ofstream(dst / "config.json") << cfg.dump(2) << "\n";
   for (const char* f : {"generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",

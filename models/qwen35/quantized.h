@@ -3,7 +3,7 @@
 // the Hugging Face folder layout with one model.safetensors in which every projection weight W
 // (the tensors is_quantized_weight() names) is replaced by
 //   <name>.qweight  U32  [.., N, K / 8]     (runtime/core/int4_format.h)
-//   <name>.scales   BF16 [.., N, K / G]
+//   <name>.scales   BF16 [.., N, K / G]      (F16 for GPTQ experts, whose fp16 scales are kept exactly)
 // and every other tensor the model uses is copied as it was; config.json gets
 //   "q35jit_quantization": {"format": "w4a16", "version": 1, "group_size": G}.
 // Quantization is row-wise, so quantizing the checkpoint's tensors one by one equals quantizing the
@@ -55,6 +55,9 @@ struct QuantizeReport {
 };
 
 // Writes the quantized checkpoint of `src` into `dst` (created; must not hold a model.safetensors).
+// `src` may be bf16 / fp16 / fp32, FP8 or GPTQ-Int4 (models/qwen35/hf_quant.h): FP8 weights are
+// dequantized exactly, rounded to bf16 and quantized like bf16 ones (as the GPU does on load); GPTQ weights keep their codes and fp16 scales
+// (exact; `group` must be their group size); other dequantized tensors are written as fp32.
 // CPU, on `threads` threads; bit-exact with the GPU quantizer. `progress(done, total)` per tensor.
 QuantizeReport quantize_checkpoint(const std::filesystem::path& src, const std::filesystem::path& dst, int group,
                                    int threads, const std::function<void(int64_t, int64_t)>& progress = {});

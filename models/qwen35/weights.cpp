@@ -1,6 +1,7 @@
 #include "models/qwen35/weights.h"
 
 #include <algorithm>
+#include <map>
 #include <charconv>
 #include <optional>
 #include <cstring>
@@ -8,6 +9,7 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include "models/qwen35/hf_quant.h"
 #include "runtime/core/error.h"
 #include "runtime/io/safetensors.h"
 
@@ -25,7 +27,6 @@ std::string per_expert(const std::string& L, int64_t e, const char* proj) {
   return fmt::format("{}mlp.experts.{}.{}.weight", L, e, proj);
 }
 
-bool is_float(DType t) { return t == DType::F32 || t == DType::F16 || t == DType::BF16; }
 
 // Reads a leading decimal index from `s` ("12.mlp..." -> 12, rest "mlp..."); nullopt if none.
 std::optional<int64_t> leading_index(std::string_view s, std::string_view* rest) {
@@ -65,19 +66,12 @@ void check_no_contradiction(const Config& c, const CheckpointLayout& layout, con
   }
 }
 
-HostTensor load(const Checkpoint& ckpt, const std::string& name) {
-  TensorRef t = ckpt.get(name);
-  HostTensor out{t.info->shape, to_f32(t)};
-  t.file->release(*t.info);
+// A logical weight as fp32 (float, FP8, GPTQ or q35jit INT4 on disk: models/qwen35/hf_quant.h).
+HostTensor load(const Checkpoint& ckpt, const HfQuant& quant, const std::string& name,
+                const std::vector<int64_t>& shape) {
+  HostTensor out{shape, read_weight_f32(ckpt, quant, name, shape)};
+  release_weight(ckpt, name);
   return out;
-}
-
-// Copies a per-expert [rows, cols] tensor into `dst` (a slice of the fused tensor), then drops its pages.
-void load_into(const Checkpoint& ckpt, const std::string& name, float* dst) {
-  TensorRef t = ckpt.get(name);
-  std::vector<float> v = to_f32(t);
-  std::memcpy(dst, v.data(), v.size() * sizeof(float));
-  t.file->release(*t.info);
 }
 
 }  // namespace
@@ -101,7 +95,11 @@ CheckpointLayout detect_layout(const Checkpoint& ckpt) {
          kPrefixes[0], kPrefixes[1], ckpt.source().string());
   const std::string L = layer_prefix(layout, 0);
   // A quantized checkpoint (models/qwen35/quantized.h) stores the same names + ".qweight".
-  auto has = [&](const std::string& name) { return ckpt.has(name) || ckpt.has(name + ".qweight"); };
+  // GPTQ stores <module>.qweight for <module>.weight (models/qwen35/hf_quant.h).
+  auto has = [&](const std::string& name) {
+    return ckpt.has(name) || ckpt.has(name + ".qweight") ||
+           (name.ends_with(".weight") && ckpt.has(name.substr(0, name.size() - 7) + ".qweight"));
+  };
   if (has(L + "mlp.experts.gate_up_proj")) layout.experts = ExpertLayout::Fused;
   else if (has(per_expert(L, 0, "gate_proj"))) layout.experts = ExpertLayout::PerExpert;
   else
@@ -172,68 +170,66 @@ std::vector<TensorSpec> expected_tensors(const Config& config, const Checkpoint&
 void validate_checkpoint(const Config& config, const Checkpoint& ckpt) {
   const CheckpointLayout layout = detect_layout(ckpt);
   check_no_contradiction(config, layout, ckpt);
-  for (const TensorSpec& spec : expected_tensors(config, layout)) {
-    if (!ckpt.has(spec.name))
-      fail("tensor \"{}\" [{}] not found in {}{}", spec.name, fmt::join(spec.shape, ", "), ckpt.source().string(),
-           spec.name == "lm_head.weight" ? " (the config has tie_word_embeddings = false)" : "");
-    const TensorRef t = ckpt.get(spec.name);
-    if (t.info->shape != spec.shape || !is_float(t.info->dtype))
-      fail("tensor \"{}\": expected [{}] F32/F16/BF16, found [{}] {} in {}", spec.name,
-           fmt::join(spec.shape, ", "), fmt::join(t.info->shape, ", "), dtype_name(t.info->dtype),
-           t.file->path().string());
-  }
+  const HfQuant quant = HfQuant::of(ckpt);
+  for (const TensorSpec& spec : expected_tensors(config, layout)) check_weight(ckpt, quant, spec.name, spec.shape);
 }
 
 HostWeights load_host_weights(const Config& c, const Checkpoint& ckpt) {
   validate_checkpoint(c, ckpt);
   const CheckpointLayout layout = detect_layout(ckpt);
-  const int64_t H = c.hidden_size, E = c.num_experts, I = c.moe_intermediate_size;
+  const HfQuant quant = HfQuant::of(ckpt);
+  const int64_t E = c.num_experts, I = c.moe_intermediate_size;
+  std::map<std::string, std::vector<int64_t>> shapes;
+  for (TensorSpec& t : expected_tensors(c, layout)) shapes[t.name] = std::move(t.shape);
+  auto get = [&](const std::string& name) { return load(ckpt, quant, name, shapes.at(name)); };
   const std::string& P = layout.prefix;
 
   HostWeights w;
-  w.embed_tokens = load(ckpt, P + "embed_tokens.weight");
-  w.final_norm = load(ckpt, P + "norm.weight");
-  w.lm_head = c.tie_word_embeddings ? w.embed_tokens : load(ckpt, "lm_head.weight");
+  w.embed_tokens = get(P + "embed_tokens.weight");
+  w.final_norm = get(P + "norm.weight");
+  w.lm_head = c.tie_word_embeddings ? w.embed_tokens : get("lm_head.weight");
   w.layers.resize(size_t(c.num_layers));
   for (int64_t i = 0; i < c.num_layers; ++i) {
     const std::string L = layer_prefix(layout, i);
     LayerWeights& lw = w.layers[size_t(i)];
     lw.type = c.layer_types[size_t(i)];
-    lw.input_layernorm = load(ckpt, L + "input_layernorm.weight");
-    lw.post_attention_layernorm = load(ckpt, L + "post_attention_layernorm.weight");
+    lw.input_layernorm = get(L + "input_layernorm.weight");
+    lw.post_attention_layernorm = get(L + "post_attention_layernorm.weight");
     if (lw.type == LayerType::FullAttention) {
       const std::string A = L + "self_attn.";
-      lw.attn = {load(ckpt, A + "q_proj.weight"), load(ckpt, A + "k_proj.weight"),
-                 load(ckpt, A + "v_proj.weight"), load(ckpt, A + "o_proj.weight"),
-                 load(ckpt, A + "q_norm.weight"), load(ckpt, A + "k_norm.weight")};
+      lw.attn = {get(A + "q_proj.weight"), get(A + "k_proj.weight"), get(A + "v_proj.weight"),
+                 get(A + "o_proj.weight"), get(A + "q_norm.weight"), get(A + "k_norm.weight")};
     } else {
       const std::string A = L + "linear_attn.";
-      lw.linear = {load(ckpt, A + "in_proj_qkv.weight"), load(ckpt, A + "in_proj_z.weight"),
-                   load(ckpt, A + "in_proj_b.weight"),   load(ckpt, A + "in_proj_a.weight"),
-                   load(ckpt, A + "conv1d.weight"),      load(ckpt, A + "dt_bias"),
-                   load(ckpt, A + "A_log"),              load(ckpt, A + "norm.weight"),
-                   load(ckpt, A + "out_proj.weight")};
+      lw.linear = {get(A + "in_proj_qkv.weight"), get(A + "in_proj_z.weight"), get(A + "in_proj_b.weight"),
+                   get(A + "in_proj_a.weight"),   get(A + "conv1d.weight"),    get(A + "dt_bias"),
+                   get(A + "A_log"),              get(A + "norm.weight"),      get(A + "out_proj.weight")};
     }
     MoeWeights& m = lw.moe;
-    m.router = load(ckpt, L + "mlp.gate.weight");
+    m.router = get(L + "mlp.gate.weight");
     if (layout.experts == ExpertLayout::Fused) {
-      m.experts_gate_up = load(ckpt, L + "mlp.experts.gate_up_proj");
-      m.experts_down = load(ckpt, L + "mlp.experts.down_proj");
+      m.experts_gate_up = get(L + "mlp.experts.gate_up_proj");
+      m.experts_down = get(L + "mlp.experts.down_proj");
     } else {
       // Stack per-expert weights: gate_up[e] = [gate (I rows) | up (I rows)], down[e] = down.
+      const int64_t H = c.hidden_size;
       m.experts_gate_up = {{E, 2 * I, H}, std::vector<float>(size_t(E * 2 * I * H))};  // [E, 2I, H]
       m.experts_down = {{E, H, I}, std::vector<float>(size_t(E * H * I))};              // [E, H, I]
+      auto into = [&](const std::string& name, float* dst) {
+        const HostTensor t = get(name);
+        std::copy(t.data.begin(), t.data.end(), dst);
+      };
       for (int64_t e = 0; e < E; ++e) {
         float* gu = m.experts_gate_up.data.data() + e * 2 * I * H;
-        load_into(ckpt, per_expert(L, e, "gate_proj"), gu);
-        load_into(ckpt, per_expert(L, e, "up_proj"), gu + I * H);
-        load_into(ckpt, per_expert(L, e, "down_proj"), m.experts_down.data.data() + e * H * I);
+        into(per_expert(L, e, "gate_proj"), gu);
+        into(per_expert(L, e, "up_proj"), gu + I * H);
+        into(per_expert(L, e, "down_proj"), m.experts_down.data.data() + e * H * I);
       }
     }
-    m.shared_gate = load(ckpt, L + "mlp.shared_expert.gate_proj.weight");
-    m.shared_up = load(ckpt, L + "mlp.shared_expert.up_proj.weight");
-    m.shared_down = load(ckpt, L + "mlp.shared_expert.down_proj.weight");
-    m.shared_expert_gate = load(ckpt, L + "mlp.shared_expert_gate.weight");
+    m.shared_gate = get(L + "mlp.shared_expert.gate_proj.weight");
+    m.shared_up = get(L + "mlp.shared_expert.up_proj.weight");
+    m.shared_down = get(L + "mlp.shared_expert.down_proj.weight");
+    m.shared_expert_gate = get(L + "mlp.shared_expert_gate.weight");
   }
   return w;
 }

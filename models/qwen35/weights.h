@@ -97,13 +97,15 @@ std::vector<TensorSpec> expected_tensors(const Config& config, const CheckpointL
 // `ckpt`. Throws Error naming the missing tensor when the layout or prefix cannot be determined.
 std::vector<TensorSpec> expected_tensors(const Config& config, const Checkpoint& ckpt);
 
-// Checks every expected tensor exists with the expected shape and a float dtype
-// (error names tensor, expected and found shape/dtype, and the shard file), and that the
+// Checks every expected tensor exists with the expected shape, as a float tensor or in a quantized
+// form that models/qwen35/hf_quant.h reads (FP8, GPTQ, a `q35jit quantize` checkpoint), with its
+// scales / zeros (error names tensor, expected and found shape/dtype, and the shard file), and that the
 // checkpoint holds nothing the config contradicts (layers beyond num_layers, experts beyond
 // num_experts, attention weights of the other layer type). Reads headers only, no tensor data.
 void validate_checkpoint(const Config& config, const Checkpoint& ckpt);
 
-// Loads everything as fp32 (bf16/f16/f32 on disk). For small models and the CPU reference.
+// Loads everything as fp32 (bf16/f16/f32 on disk, or dequantized exactly from FP8 / GPTQ / q35jit
+// INT4: models/qwen35/hf_quant.h). For small models and the CPU reference.
 HostWeights load_host_weights(const Config& config, const Checkpoint& ckpt);
 
 }  // namespace q35::qwen35

@@ -28,4 +28,16 @@ inline float f16_to_f32(uint16_t h) {
   return std::bit_cast<float>(sign | ((exp + 112) << 23) | (man << 13));
 }
 
+// fp8 e4m3fn (OCP): value = (-1)^s 2^(e-7) (1 + m/8), subnormals (e = 0) 2^-6 m/8, 0x7f/0xff NaN.
+// Every value is exact in fp32.
+inline float fp8_e4m3_to_f32(uint8_t b) {
+  const uint32_t sign = uint32_t(b & 0x80u) << 24, exp = (b >> 3) & 0xfu, man = b & 0x7u;
+  if (exp == 0xf && man == 0x7) return std::bit_cast<float>(sign | 0x7fc00000u);
+  if (exp == 0) {
+    const float v = std::ldexp(float(man), -9);
+    return sign ? -v : v;
+  }
+  return std::bit_cast<float>(sign | ((exp + 120) << 23) | (man << 20));
+}
+
 }  // namespace q35

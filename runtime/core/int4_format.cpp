@@ -41,16 +41,23 @@ Quantized quantize(std::span<const float> w, int64_t N, int64_t K, int64_t group
 }
 
 std::vector<float> dequantize(const Quantized& q, int64_t N, int64_t K, int64_t group) {
+  std::vector<float> scales(q.scales.size());
+  for (size_t i = 0; i < scales.size(); ++i) scales[i] = bf16_to_f32(q.scales[i]);
+  return dequantize(q.qweight, scales, N, K, group);
+}
+
+std::vector<float> dequantize(std::span<const uint32_t> qweight, std::span<const float> scales, int64_t N, int64_t K,
+                              int64_t group) {
   check_shape(size_t(N * K), N, K, group);
-  if (q.qweight.size() != size_t(N * K / 8) || q.scales.size() != size_t(N * K / group))
-    fail("int4: packed sizes ({} words, {} scales) do not match N = {}, K = {}, G = {}", q.qweight.size(),
-         q.scales.size(), N, K, group);
+  if (qweight.size() != size_t(N * K / 8) || scales.size() != size_t(N * K / group))
+    fail("int4: packed sizes ({} words, {} scales) do not match N = {}, K = {}, G = {}", qweight.size(),
+         scales.size(), N, K, group);
   std::vector<float> w(size_t(N * K));
   for (int64_t n = 0; n < N; ++n)
     for (int64_t k = 0; k < K; ++k) {
-      const uint32_t word = q.qweight[size_t(n * (K / 8) + k / 8)];
+      const uint32_t word = qweight[size_t(n * (K / 8) + k / 8)];
       const int u = int((word >> (4 * nibble_slot(int(k % 8)))) & 0xf);
-      w[size_t(n * K + k)] = float(u - 8) * bf16_to_f32(q.scales[size_t(n * (K / group) + k / group)]);
+      w[size_t(n * K + k)] = float(u - 8) * scales[size_t(n * (K / group) + k / group)];
     }
   return w;
 }

@@ -31,5 +31,9 @@ struct Quantized {
 Quantized quantize(std::span<const float> w, int64_t N, int64_t K, int64_t group);
 // Back to fp32 [N, K]: q * scale.
 std::vector<float> dequantize(const Quantized& q, int64_t N, int64_t K, int64_t group);
+// The same with the scales [N, K / G] given as fp32 (e.g. fp16 scales of a GPTQ checkpoint, widened
+// exactly): q * scale in fp32, exact whenever the scale has at most 20 significant bits.
+std::vector<float> dequantize(std::span<const uint32_t> qweight, std::span<const float> scales, int64_t N, int64_t K,
+                              int64_t group);
 
 }  // namespace q35::int4
