@@ -71,15 +71,24 @@ TEST_CASE("sm_90a: the runner's kernel list uses gemm_wgmma for every prefill GE
     CAPTURE(group);
     const std::vector<KernelSpec> hopper = required_kernels(config_35b(), group, "sm_90a");
     const std::vector<KernelSpec> ampere = required_kernels(config_35b(), group, "sm_80");
-    int wgmma = 0;
+    int wgmma = 0, moe_wgmma = 0, moe_mma_sync = 0;
+    std::set<std::string> dense_groups;  // GROUP of the dense projections' GEMMs (bf16 out)
     for (const KernelSpec& s : hopper) {
       wgmma += is_wgmma(s);
-      CHECK(s.kernel != "moe_gemm");  // the mma.sync grouped GEMM is the sm_80 path
-      if (is_wgmma(s) && s.kernel == "gemm_wgmma" && q35::test::spec_arg(s, "ROUTED") == "false" &&
-          q35::test::spec_arg(s, "GATE_UP") == "false" && q35::test::spec_arg(s, "TOPK") == "1")
-        CHECK(q35::test::spec_arg(s, "GROUP") == std::to_string(group));  // W4A16 dequantized in the loop
+      moe_mma_sync += s.kernel == "moe_gemm";
+      moe_wgmma += is_wgmma(s) && q35::test::spec_arg(s, "TOPK") == "8";
+      if (is_wgmma(s) && q35::test::spec_arg(s, "TOPK") == "1" && q35::test::spec_arg(s, "GATE_UP") == "false" &&
+          q35::test::spec_arg(s, "OUT_F32") == "false")
+        dense_groups.insert(q35::test::spec_arg(s, "GROUP"));
     }
-    CHECK(wgmma >= 4 + 4);  // 4 MoE GEMMs + the dense projections
+    // W4A16: dequantized in the GEMM's loop below kWgmmaDequantFirstM rows (GROUP = g), first above (0).
+    const std::set<std::string> want =
+        group ? std::set<std::string>{"0", std::to_string(group)} : std::set<std::string>{"0"};
+    CHECK(dense_groups == want);
+    // MoE: wgmma from kMoeWgmmaMinTokens tokens, mma.sync below (both compiled at start).
+    CHECK(moe_wgmma == 4);
+    CHECK(moe_mma_sync == 4);
+    CHECK(wgmma >= 4 + 4);
     for (const KernelSpec& s : ampere) CHECK_FALSE(is_wgmma(s));
   }
 }
