@@ -34,7 +34,7 @@ std::vector<q35::KernelSpec> required_kernels(const Config& cfg, int group, cons
   add(gpu::attention_kernels(cfg, smem_limit_for(arch)));
   add(gpu::gdn_kernels(cfg));
   add(gpu::moe_kernels(cfg, group, wgmma));
-  if (wgmma) add(gpu::moe_kernels(cfg, group, false));  // short prompts: mma.sync (kMoeWgmmaMinTokens)
+  if (wgmma) add(gpu::moe_kernels(cfg, group, false, true));  // short prompts: mma.sync (kMoeWgmmaMinTokens)
   const gpu::TopkSamplePlan topk = gpu::topk_sample_plan(cfg.vocab_size);
   add({topk.partial_spec(), topk.final_spec()});
   return specs;
