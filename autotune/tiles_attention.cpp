@@ -53,9 +53,9 @@ std::string why_invalid(const AttentionPrefillTile& tile, int64_t hq, int64_t hk
 
 std::string why_invalid(const AttentionDecodeTile& tile, int64_t hq, int64_t hkv, int64_t d) {
   if (std::string why = why_bad_heads(hq, hkv); !why.empty()) return why;
-  if (hq / hkv > AttentionDecodeTile::kRows)
-    return fmt::format("{} query heads per kv head exceed {} (rows of one decode MMA)", hq / hkv,
-                       AttentionDecodeTile::kRows);
+  if (hq / hkv > AttentionDecodeTile::kRows && (hq / hkv) % AttentionDecodeTile::kRows != 0)
+    return fmt::format("{} query heads per kv head: more than {} (rows of one decode MMA) and not a multiple of it",
+                       hq / hkv, AttentionDecodeTile::kRows);
   if (d <= 0 || d % 64 != 0 || d > 256)
     return fmt::format("head_dim = {} is not a multiple of 64 in [64, 256] (registers)", d);
   if (tile.warps < 1 || tile.warps > 16) return fmt::format("warps = {} is not in [1, 16]", tile.warps);
@@ -81,6 +81,11 @@ AttentionPrefillTile default_attention_prefill_tile(int64_t hq, int64_t hkv, int
     if (why_invalid(tile, hq, hkv, d, smem_limit).empty()) return tile;
   fail("attention_prefill {}: unsupported shape: {}", heads_args(hq, hkv, d),
        why_invalid(AttentionPrefillTile{4, 16}, hq, hkv, d, smem_limit));
+}
+
+int64_t attention_decode_qgroups(int64_t hq, int64_t hkv) {
+  const int64_t group = hkv > 0 ? hq / hkv : 0;
+  return group > AttentionDecodeTile::kRows ? group / AttentionDecodeTile::kRows : 1;
 }
 
 AttentionDecodeTile default_attention_decode_tile(int64_t hq, int64_t hkv, int64_t d) {

@@ -32,8 +32,11 @@ struct AttentionDecodeTile {
   int warps = 4;  // each warp takes blocks of 16 keys of its split
   int threads() const { return 32 * warps; }
   int64_t smem_bytes(int64_t d) const { return int64_t(warps) * kRows * (d + 2) * 4; }
-  static constexpr int kRows = 8;  // query rows per kv head in one call: (hq / hkv) * T <= 8
+  static constexpr int kRows = 8;  // query rows per block: (q heads per block) * T <= 8
 };
+// Blocks per kv head of attention_decode: 1 for up to kRows q heads per kv head, else
+// (hq / hkv) / kRows (then hq / hkv must be a multiple of kRows), each with kRows q heads.
+int64_t attention_decode_qgroups(int64_t hq, int64_t hkv);
 
 // Shared memory a block may use on every supported GPU (sm_80: 163 KiB opt-in; sm_90: 227 KiB).
 constexpr int64_t kAttentionSmemLimitSm80 = 163 * 1024;

@@ -13,7 +13,7 @@
 //    pos0 .. pos0+T-1. One launch for q, k and v.
 // 2. attention_prefill: causal flash attention (FA2 style, mma.sync m16n8k16 bf16, fp32 online
 //    softmax) of the T queries over cache rows 0 .. pos0+T-1, then out = o * sigmoid(gate).
-// 3. attention_decode + attention_decode_merge: FlashDecoding for GROUP*T <= 8 query rows per kv
+// 3. attention_decode + attention_decode_merge: FlashDecoding for up to 8 query rows per block of a kv
 //    head (decode: T = 1): the KV length is split over CTAs, each writes a partial (m, l, o) in
 //    fp32, the merge combines them and applies the sigmoid gate.
 // Query head h reads kv head h / (HQ / HKV) (GQA). Scores are kept in raw units; the softmax uses
@@ -357,9 +357,11 @@ attention_prefill(const q35k::bf16* __restrict__ q,        // [T, HQ, D] normed 
 }
 
 // ---------------------------------------------------------------------------------------------
-// attention_decode: grid (HKV, splits), block WARPS*32. The R = GROUP*T <= 8 query rows of one kv
-// head (row r = token r / GROUP, q head kvh*GROUP + r % GROUP) are processed together, so each K/V
-// row is read once. Keys are cut into blocks of 16; a split owns decode_blocks_per_split blocks
+// attention_decode: grid (HKV * QG, splits), block WARPS*32. A kv head's GROUP = HQ / HKV query heads
+// are QG = max(1, GROUP / 8) blocks of QPB = GROUP / QG heads (GROUP > 8 must be a multiple of 8).
+// Block x = kvh * QG + qg takes the R = QPB*T <= 8 query rows (row r = token r / QPB, q head
+// kvh*GROUP + qg*QPB + r % QPB) together, so each K/V row is read once per block (QG times per kv
+// head when GROUP > 8). Keys are cut into blocks of 16; a split owns decode_blocks_per_split blocks
 // and its warps take them round-robin. Per block, straight from global memory into registers
 // (no shared memory):
 //   S [16 rows (8 used), 16 keys] = Q K^T: a lane's 16-byte K load (8 dims of one key) is its B
@@ -370,28 +372,30 @@ attention_prefill(const q35k::bf16* __restrict__ q,        // [T, HQ, D] normed 
 //     keys {2c, 2c+1, 2c+8, 2c+9}, dims 64q + 8g .. +8), so m-tile 4q + j row g is dim
 //     64q + 8g + 2j and row g+8 is that dim + 1.
 // The warps' (m, l, O) are combined in shared memory and written as this split's partial:
-//   part_o  [HKV, splits, 8, D] fp32, unnormalised O relative to m
-//   part_ml [HKV, splits, 8, 2] fp32, (m in raw score units, l)
+//   part_o  [HKV * QG, splits, 8, D] fp32, unnormalised O relative to m
+//   part_ml [HKV * QG, splits, 8, 2] fp32, (m in raw score units, l)
 // Splits past the end of the KV length write nothing (the merge derives the same count).
 template <int HQ, int HKV, int D, int WARPS>
 __global__ void __launch_bounds__(WARPS * 32)
 attention_decode(const q35k::bf16* __restrict__ q,        // [T, HQ, D] normed + roped
                  const q35k::bf16* __restrict__ k_cache,  // [>= pos0+T, HKV, D]
                  const q35k::bf16* __restrict__ v_cache,  // [>= pos0+T, HKV, D]
-                 float* __restrict__ part_o,              // [HKV, splits, 8, D]
-                 float* __restrict__ part_ml,             // [HKV, splits, 8, 2]
+                 float* __restrict__ part_o,              // [HKV * QG, splits, 8, D]
+                 float* __restrict__ part_ml,             // [HKV * QG, splits, 8, 2]
                  const int* __restrict__ pos0_ptr,        // [1]
                  int T, float scale) {
   using namespace q35k;
   using namespace q35k::attn;
-  static_assert(HQ % HKV == 0 && HQ / HKV <= 8, "attention_decode: at most 8 q heads per kv head");
+  static_assert(HQ % HKV == 0 && (HQ / HKV <= 8 || HQ / HKV % 8 == 0),
+                "attention_decode: q heads per kv head must be at most 8 or a multiple of 8");
   static_assert(D % 64 == 0, "attention_decode: head_dim must be a multiple of 64");
-  constexpr int GROUP = HQ / HKV, THREADS = WARPS * 32, SLABS = D / 32, QUADS = D / 64;
+  constexpr int GROUP = HQ / HKV, QG = GROUP > 8 ? GROUP / 8 : 1, QPB = GROUP / QG;
+  constexpr int THREADS = WARPS * 32, SLABS = D / 32, QUADS = D / 64;
   __shared__ float sm_o[WARPS][8][D];
   __shared__ float sm_m[WARPS][8], sm_l[WARPS][8];
 
   wait_for_predecessor();
-  const int kvh = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
+  const int vb = blockIdx.x, kvh = vb / QG, qg = vb % QG, split = blockIdx.y, splits = gridDim.y;
   const int pos0 = *pos0_ptr;
   const int L = pos0 + T;
   const int blocks = (L + 15) / 16;
@@ -399,13 +403,13 @@ attention_decode(const q35k::bf16* __restrict__ q,        // [T, HQ, D] normed +
   const int b_begin = split * per_split, b_end = min(b_begin + per_split, blocks);
   if (b_begin >= blocks) return;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, g = lane / 4, c = lane % 4;
-  const int R = GROUP * T;
+  const int R = QPB * T;
 
   // Q A-fragments of row g (rows g+8 are zero): qa[s] = dims 32s + 8c .. +8.
   uint4 qa[SLABS];
-  const int limit = g < R ? pos0 + g / GROUP + 1 : L;  // keys visible to row g
+  const int limit = g < R ? pos0 + g / QPB + 1 : L;  // keys visible to row g
   if (g < R) {
-    const bf16* qrow = q + (size_t(g / GROUP) * HQ + kvh * GROUP + g % GROUP) * D + 8 * c;
+    const bf16* qrow = q + (size_t(g / QPB) * HQ + kvh * GROUP + qg * QPB + g % QPB) * D + 8 * c;
 #pragma unroll
     for (int s = 0; s < SLABS; ++s) qa[s] = ld_global_16(qrow + 32 * s);
   } else {
@@ -516,7 +520,7 @@ attention_decode(const q35k::bf16* __restrict__ q,        // [T, HQ, D] normed +
     sm_o[warp][2 * c + 1][d + 1] = o[i][3];
   }
   __syncthreads();
-  const size_t part = (size_t(kvh) * splits + split) * 8;
+  const size_t part = (size_t(vb) * splits + split) * 8;
   for (int i = tid; i < R * D; i += THREADS) {
     const int r = i / D, d = i % D;
     float M = -attn::inf();
@@ -547,8 +551,8 @@ attention_decode(const q35k::bf16* __restrict__ q,        // [T, HQ, D] normed +
 // in shared memory.
 template <int HQ, int HKV, int D, int WARPS>
 __global__ void __launch_bounds__(256)
-attention_decode_merge(const float* __restrict__ part_o,     // [HKV, splits, 8, D]
-                       const float* __restrict__ part_ml,    // [HKV, splits, 8, 2]
+attention_decode_merge(const float* __restrict__ part_o,     // [HKV * QG, splits, 8, D]
+                       const float* __restrict__ part_ml,    // [HKV * QG, splits, 8, 2]
                        const q35k::bf16* __restrict__ qkv,   // [T, HQ*2D + 2*HKV*D] (gate)
                        q35k::bf16* __restrict__ out,         // [T, HQ*D]
                        const int* __restrict__ pos0_ptr,     // [1]
@@ -556,19 +560,20 @@ attention_decode_merge(const float* __restrict__ part_o,     // [HKV, splits, 8,
   using namespace q35k;
   using namespace q35k::attn;
   static_assert(D % 64 == 0, "attention_decode_merge: head_dim must be a multiple of 64");
-  constexpr int GROUP = HQ / HKV, ROW = HQ * 2 * D + 2 * HKV * D, MW = 8;
+  constexpr int GROUP = HQ / HKV, QG = GROUP > 8 ? GROUP / 8 : 1, QPB = GROUP / QG;  // as attention_decode
+  constexpr int ROW = HQ * 2 * D + 2 * HKV * D, MW = 8;
   __shared__ float sm_max[MW], sm_l[MW];
   __shared__ float2 sm_acc[MW][32];
   wait_for_predecessor();
-  const int t = blockIdx.x / HQ, h = blockIdx.x % HQ, kvh = h / GROUP, r = t * GROUP + h % GROUP;
+  const int t = blockIdx.x / HQ, h = blockIdx.x % HQ, vb = h / QPB, r = t * QPB + h % QPB;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, d = blockIdx.y * 64 + 2 * lane;
   const int L = *pos0_ptr + T;
   const int blocks = (L + 15) / 16;
   const int per_split = decode_blocks_per_split(blocks, splits, WARPS);
   const int active = min(splits, (blocks + per_split - 1) / per_split);
   const float sl = scale * kLog2e;
-  const float* ml = part_ml + (size_t(kvh) * splits * 8 + r) * 2;  // split s at ml[s * 16]
-  const float* po = part_o + (size_t(kvh) * splits * 8 + r) * D + d;  // split s at po[s * 8 * D]
+  const float* ml = part_ml + (size_t(vb) * splits * 8 + r) * 2;  // split s at ml[s * 16]
+  const float* po = part_o + (size_t(vb) * splits * 8 + r) * D + d;  // split s at po[s * 8 * D]
 
   // Online merge per warp (no separate max pass). A split may hold no visible key of this row
   // (m = -inf, when T > 1); every row sees key 0 in split 0, so the final max is finite.

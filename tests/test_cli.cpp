@@ -213,6 +213,19 @@ TEST_CASE("compile: every kernel of the fixture for sm_80 and sm_90a, then all c
   CHECK(q35jit("compile --model " + kModel + " --arch sm90").err.find("--arch must look like") != std::string::npos);
 }
 
+TEST_CASE("compile: every kernel of the 122B-A10B and 397B-A17B configs for sm_90a and sm_80") {
+  // 16 q heads per kv head, 4 DeltaNet value heads per key head, top-10 of 512 experts, H = 3072 / 4096.
+  for (const std::string model : {"122b-a10b", "397b-a17b"})
+    for (const std::string arch : {"sm_90a", "sm_80"}) {
+      CAPTURE(model);
+      CAPTURE(arch);
+      q35::test::TempDir cache("cli-family");
+      Result r = q35jit("compile --synthetic " + model + " --arch " + arch + " --cache-dir " + cache.path().string());
+      CHECK_MESSAGE(r.code == 0, r.err);
+      CHECK(r.out.find("compiled") != std::string::npos);
+    }
+}
+
 TEST_CASE("the family's synthetic names and the unsupported --quant fp8 are one line each") {
   Result r = q35jit("compile --synthetic 1t --arch sm_80");
   CHECK(r.code == 1);

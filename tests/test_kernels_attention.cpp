@@ -63,6 +63,12 @@ TEST_CASE("attention decode splits and scratch sizes") {
   CHECK(error_of([&] { qwen35::gpu::attention_decode_splits(p, 0, 132); }).find("max_context = 0") != std::string::npos);
   // part_o [2, 132, 8, 256] + part_ml [2, 132, 8, 2], fp32.
   CHECK(qwen35::gpu::attention_decode_scratch_bytes(p, 132) == size_t(2) * 132 * 8 * (256 + 2) * 4);
+  // 122B: 32 q heads over 2 kv heads = 4 decode blocks per split (8 q heads each), one token per call.
+  const qwen35::gpu::AttentionPlan big = qwen35::gpu::attention_plan(qwen35::Config::preset("122b-a10b"));
+  CHECK(big.decode_qgroups() == 2);
+  CHECK(big.max_decode_tokens() == 1);
+  CHECK(qwen35::gpu::attention_decode_splits(big, 262144, 132) == 66);
+  CHECK(qwen35::gpu::attention_decode_scratch_bytes(big, 66) == size_t(4) * 66 * 8 * (256 + 2) * 4);
 }
 
 TEST_CASE("attention tile validity rules and defaults") {
@@ -86,24 +92,31 @@ TEST_CASE("attention tile validity rules and defaults") {
   CHECK(default_attention_prefill_tile(16, 2, 256, 100 * 1024).warps == 4);
 
   CHECK(why_invalid(AttentionDecodeTile{4}, 16, 2, 256).empty());
-  CHECK(why_invalid(AttentionDecodeTile{4}, 32, 2, 256).find("16 query heads per kv head exceed 8") != std::string::npos);
+  // More than 8 q heads per kv head (122B, 397B: 16): blocks of 8 heads, so multiples of 8 only.
+  CHECK(why_invalid(AttentionDecodeTile{4}, 32, 2, 256).empty());
+  CHECK(attention_decode_qgroups(32, 2) == 2);
+  CHECK(attention_decode_qgroups(16, 2) == 1);
+  CHECK(attention_decode_qgroups(4, 2) == 1);
+  CHECK(why_invalid(AttentionDecodeTile{4}, 24, 2, 256).find("12 query heads per kv head") != std::string::npos);
   CHECK(why_invalid(AttentionDecodeTile{8}, 16, 2, 256).find("of shared memory exceeds") != std::string::npos);
   CHECK(why_invalid(AttentionDecodeTile{4}, 16, 2, 192).find("head_dim = 192") == std::string::npos);  // 3 x 64 is fine
   CHECK(why_invalid(AttentionDecodeTile{4}, 16, 2, 160).find("head_dim = 160") != std::string::npos);
 
   CHECK(error_of([] { attention_prefill_spec(16, 2, 256, AttentionPrefillTile{8, 48}); }).find("attention_prefill [HQ = 16") !=
         std::string::npos);
-  CHECK(error_of([] { default_attention_decode_tile(64, 2, 256); }).find("attention_decode [HQ = 64, HKV = 2, D = 256]") !=
+  CHECK(error_of([] { default_attention_decode_tile(40, 2, 256); }).find("attention_decode [HQ = 40, HKV = 2, D = 256]") !=
         std::string::npos);
 }
 
-TEST_CASE("every attention kernel of the fixture and the 35B config compiles for sm_80 and sm_90a") {
+TEST_CASE("every attention kernel of the fixture, the 35B and the 122B config compiles for sm_80 and sm_90a") {
   TempDir tmp("attn-jit");
   JitOptions opts;
   opts.kernel_dir = std::nullopt;  // the embedded templates, as the binary ships them
   JitEngine jit(tmp / "cache", opts);
   std::vector<KernelSpec> specs = qwen35::gpu::attention_kernels(config_35b());
   for (const KernelSpec& s : qwen35::gpu::attention_kernels(config_tiny())) specs.push_back(s);
+  // 122B / 397B heads: 16 q heads per kv head.
+  for (const KernelSpec& s : qwen35::gpu::attention_kernels(qwen35::Config::preset("122b-a10b"))) specs.push_back(s);
   // The sm_90-only prefill tile compiles too.
   specs.push_back(attention_prefill_spec(16, 2, 256, AttentionPrefillTile{8, 64}));
   const int threads = int(std::max(2u, std::thread::hardware_concurrency()));

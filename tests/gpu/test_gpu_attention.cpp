@@ -187,7 +187,9 @@ TEST_CASE("GPU attention: decode (split-K + merge) at several context lengths, t
     qwen35::Config cfg;
     std::vector<int> contexts;
   };
-  for (const Case& c : {Case{config_tiny(), {1, 100, 4096}}, Case{config_35b(), {1, 100, 4096, 16384}}}) {
+  // 122B-A10B: 16 q heads per kv head, two decode blocks of 8 per kv head.
+  for (const Case& c : {Case{config_tiny(), {1, 100, 4096}}, Case{config_35b(), {1, 100, 4096, 16384}},
+                        Case{qwen35::Config::preset("122b-a10b"), {1, 100, 4096}}}) {
     CAPTURE(c.cfg.num_heads);
     Attn a(*g, c.cfg, 16384, 20);
     for (const int ctx : c.contexts) {

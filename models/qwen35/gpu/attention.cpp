@@ -41,13 +41,15 @@ std::vector<KernelSpec> attention_kernels(const Config& cfg, int64_t smem_limit)
 int attention_decode_splits(const AttentionPlan& plan, int64_t max_context, int sm_count) {
   if (max_context < 1) fail("attention_decode: max_context = {} is not positive", max_context);
   if (sm_count < 1) fail("attention_decode: sm_count = {} is not positive", sm_count);
-  const int64_t by_sms = (2 * int64_t(sm_count) + plan.hkv - 1) / plan.hkv;
+  const int64_t blocks = plan.hkv * plan.decode_qgroups();  // per split
+  const int64_t by_sms = (2 * int64_t(sm_count) + blocks - 1) / blocks;
   const int64_t by_cache = (max_context + 16 * plan.decode.warps - 1) / (16 * plan.decode.warps);
   return int(std::clamp<int64_t>(std::min(by_sms, by_cache), 1, 65535));
 }
 
 size_t attention_decode_scratch_bytes(const AttentionPlan& plan, int splits) {
-  return size_t(plan.hkv) * size_t(splits) * AttentionDecodeTile::kRows * size_t(plan.d + 2) * sizeof(float);
+  return size_t(plan.hkv * plan.decode_qgroups()) * size_t(splits) * AttentionDecodeTile::kRows * size_t(plan.d + 2) *
+         sizeof(float);
 }
 
 void launch_qk_norm_rope(const AttentionPlan& plan, const Function& f, const Stream& stream, CUdeviceptr qkv,
@@ -78,9 +80,10 @@ void launch_attention_decode(const AttentionPlan& plan, const Function& decode, 
          plan.max_decode_tokens(), plan.hq / plan.hkv, AttentionDecodeTile::kRows);
   if (splits < 1 || splits > 65535) fail("attention_decode: splits = {} is not in [1, 65535]", splits);
   const CUdeviceptr part_o = scratch;
+  const int64_t blocks = plan.hkv * plan.decode_qgroups();  // per split
   const CUdeviceptr part_ml =
-      scratch + size_t(plan.hkv) * size_t(splits) * AttentionDecodeTile::kRows * size_t(plan.d) * sizeof(float);
-  decode.launch({{unsigned(plan.hkv), unsigned(splits)}, {unsigned(plan.decode.threads())}, 0, pdl}, stream, q, k_cache,
+      scratch + size_t(blocks) * size_t(splits) * AttentionDecodeTile::kRows * size_t(plan.d) * sizeof(float);
+  decode.launch({{unsigned(blocks), unsigned(splits)}, {unsigned(plan.decode.threads())}, 0, pdl}, stream, q, k_cache,
                 v_cache, part_o, part_ml, pos0, T, plan.scale);
   merge.launch({{unsigned(T * plan.hq), unsigned(plan.d / 64)}, {256}, 0, pdl}, stream, part_o, part_ml, qkv, out, pos0, T, splits,
                plan.scale);

@@ -42,7 +42,9 @@ struct AttentionPlan {
   AttentionDecodeTile decode;
 
   int64_t qkv_row() const { return hq * 2 * d + 2 * hkv * d; }
-  int max_decode_tokens() const { return int(AttentionDecodeTile::kRows / (hq / hkv)); }
+  // q heads per attention_decode block (kRows at most) and blocks per kv head
+  int64_t decode_qgroups() const { return attention_decode_qgroups(hq, hkv); }
+  int max_decode_tokens() const { return int(AttentionDecodeTile::kRows / (hq / hkv / decode_qgroups())); }
   KernelSpec qk_norm_rope_spec() const;
   KernelSpec prefill_spec() const;
   KernelSpec decode_spec() const;
