@@ -84,8 +84,9 @@ std::string why_invalid(const MoeGemmTile& tile, const MoeShape& s, MoeGemm gemm
 MoeRouterTile default_moe_router_tile(const MoeShape& s, int64_t tokens);
 MoeGemvTile default_moe_gate_up_tile(const MoeShape& s);
 MoeDownTile default_moe_down_tile(const MoeShape& s);
-// wgmma: the Hopper kernel's tile (for sm_90a targets, see arch_has_wgmma).
-MoeGemmTile default_moe_gemm_tile(const MoeShape& s, bool wgmma = false);
+// wgmma: the Hopper kernel's tile (for sm_90a targets, see arch_has_wgmma). tokens: T of the call
+// on an sm_90a target (0: unknown, or another GPU): picks among tiles measured best there.
+MoeGemmTile default_moe_gemm_tile(const MoeShape& s, bool wgmma = false, int64_t tokens = 0);
 
 // GEMM sizes: weight rows N and reduction K.
 int64_t moe_gemm_n(const MoeShape& s, MoeGemm gemm);

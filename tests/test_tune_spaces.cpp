@@ -189,6 +189,15 @@ TEST_CASE("sm_90a: the prefill GEMMs take the wgmma kernel; wgmma tiles are refu
   gpu::TunedTiles plain(cfg, 128, "sm_90a", nullptr, log);
   CHECK(plain.moe(kMoeWgmmaMinTokens).gemm.wgmma);
   CHECK_FALSE(plain.moe(kMoeWgmmaMinTokens - 1).gemm.wgmma);
+  // The H200 tuner's choices as defaults: 32-row mma.sync blocks for short prompts, two 64 x 256
+  // warpgroups along M from 3072 tokens.
+  const MoeGemmTile small = plain.moe(512).gemm, big = plain.moe(4096).gemm;
+  CHECK((small.block_m == 32 && small.block_n == 128 && small.block_k == 64 && small.warps_n == 4));
+  CHECK((big.wgmma && big.block_m == 128 && big.block_n == 256 && big.warps_m == 2));
+  CHECK(plain.moe(2048).gemm.block_m == 64);
+  // Elsewhere (sm_80) the defaults do not depend on the call size.
+  gpu::TunedTiles a100(cfg, 128, "sm_80", nullptr, log);
+  CHECK(a100.moe(512).gemm.block_m == a100.moe(4096).gemm.block_m);
 
   // sm_80 has no wgmma: the entries are refused with a notice, the mma.sync defaults run.
   notices.clear();

@@ -342,7 +342,7 @@ class MoeGemmOp final : public MoeOpBase {
     return to_json_all(tune::moe_gemm_candidates(s_, m, wgmma_));
   }
   json default_config(int64_t m) const override {
-    return tune::to_json(default_moe_gemm_tile(s_, wgmma_ && m >= kMoeWgmmaMinTokens));
+    return tune::to_json(default_moe_gemm_tile(s_, wgmma_ && m >= kMoeWgmmaMinTokens, wgmma_ ? m : 0));
   }
   void prepare(const json& c, int64_t) override {
     const gpu::MoeTiles t = tiles(c);

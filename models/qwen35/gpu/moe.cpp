@@ -61,13 +61,13 @@ MoeShape moe_shape(const Config& cfg, int group) {
   return s;
 }
 
-MoeTiles MoeTiles::defaults(const MoeShape& s, bool wgmma, std::optional<bool> router_wgmma) {
+MoeTiles MoeTiles::defaults(const MoeShape& s, bool wgmma, std::optional<bool> router_wgmma, int64_t tokens) {
   return {default_moe_router_tile(s, 1),
           default_moe_router_tile(s, kMoeDecodeMaxTokens),
           default_moe_router_tile(s, kMoeDecodeMaxTokens + 1),
           default_moe_gate_up_tile(s),
           default_moe_down_tile(s),
-          default_moe_gemm_tile(s, wgmma),
+          default_moe_gemm_tile(s, wgmma, tokens),
           default_gemm_tile(s.experts, s.hidden, 4096, router_wgmma.value_or(wgmma) && s.experts % 8 == 0)};
 }
 

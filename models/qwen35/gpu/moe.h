@@ -39,7 +39,9 @@ struct MoeTiles {
   GemmTile router_gemm;                                     // prefill router logits [T, E] = x . w_router^T
   // wgmma: prefill GEMMs on the Hopper kernel (sm_90a targets, arch_has_wgmma); router_wgmma: the
   // prefill router's logits GEMM on it (default: as the grouped GEMMs).
-  static MoeTiles defaults(const MoeShape& s, bool wgmma = false, std::optional<bool> router_wgmma = std::nullopt);
+  // tokens: T of the call on an sm_90a target (0: unknown or another GPU), see default_moe_gemm_tile.
+  static MoeTiles defaults(const MoeShape& s, bool wgmma = false, std::optional<bool> router_wgmma = std::nullopt,
+                           int64_t tokens = 0);
   const MoeRouterTile& router(int64_t tokens) const;
 };
 

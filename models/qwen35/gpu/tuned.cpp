@@ -83,7 +83,7 @@ GemmTile TunedTiles::gemm(int64_t n, int64_t k, bool out_f32, int64_t m) const {
 }
 
 MoeTiles TunedTiles::moe(int64_t m) const {
-  MoeTiles t = MoeTiles::defaults(moe_, wgmma_ && m >= kMoeWgmmaMinTokens, wgmma_);
+  MoeTiles t = MoeTiles::defaults(moe_, wgmma_ && m >= kMoeWgmmaMinTokens, wgmma_, wgmma_ ? m : 0);
   const MoeRouterTile router = pick(
       tune::kMoeRouter, tune::router_signature(moe_), m, t.router(m),
       [](const nlohmann::json& j) { return tune::moe_router_from_json(j); },
