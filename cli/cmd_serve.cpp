@@ -36,6 +36,7 @@ std::vector<FlagSpec> serve_flags() {
       {"max-queue", "N", "requests that may wait for the engine; more get 503 (default 64)"},
       {"prefix-cache-gb", "G", "host memory for the prefix cache in GiB, 0 = off (default 4)"},
       {"prefix-cache-block", "N", "recurrent-state snapshots every N prompt tokens (default 512)"},
+      {"prefill-chunk", "N", "prompt tokens per prefill step; a gone client is noticed between steps (default 512)"},
       {"max-request-bytes", "N", "largest request body; larger gets 413 (default 8388608)"},
       {"max-connections", "N", "open connections; more get 503 (default 256)"},
   };
@@ -102,6 +103,7 @@ int cmd_serve(int argc, char** argv) {
   if (!(cache_gb >= 0)) fail("q35jit serve: --prefix-cache-gb must be >= 0, got {}", cache_gb);
   sched.prefix_cache_bytes = size_t(cache_gb * double(1ull << 30));
   sched.snapshot_block = args.get_int("prefix-cache-block", 512, 1, int64_t(1) << 30);
+  sched.prefill_chunk = args.get_int("prefill-chunk", 512, 1, int64_t(1) << 30);
 
   auto t_load = std::chrono::steady_clock::now();
   std::optional<ModelInfo> info;

@@ -75,6 +75,9 @@ Scheduler::Scheduler(cli::Engine& engine, const Tokenizer& tokenizer, std::vecto
       // an id the vocabulary does not assign: decodes to nothing, never allowed by a constraint
     }
   }
+  if (options_.snapshot_block < 1 || options_.prefill_chunk < 1)
+    fail("Scheduler: snapshot_block and prefill_chunk must be >= 1, got {} and {}", options_.snapshot_block,
+         options_.prefill_chunk);
   thread_ = std::thread([this] { worker(); });
 }
 
@@ -125,52 +128,66 @@ void Scheduler::worker() {
       queue_.pop_front();
     }
     if (job->cancelled()) continue;  // its client left while it waited
-    running_ = 1;
+    // Requests run to completion in turn, so the one slot is free here.
+    std::optional<SlotLease> slot = slots_.acquire(std::move(job));
+    if (!slot) throw std::logic_error("Scheduler: no free slot for a job (slots leaked)");
     try {
-      run(*job);
+      run(**slot);
     } catch (const std::exception& ex) {
-      // The engine failed mid-request: the job gets a 500 and the slot starts empty next time.
-      log_(fmt::format("{} failed: {}", job->id(), ex.what()));
+      // The engine failed mid-request: the job gets a 500, its slot is released (the lease going
+      // out of scope) and the sequence starts empty next time.
+      Job& failed = *(*slot)->job;
+      log_(fmt::format("{} failed: {}", failed.id(), ex.what()));
       JobEvent e;
-          e.kind = JobEvent::Kind::Failed;
+      e.kind = JobEvent::Kind::Failed;
       e.error = ApiError(500, "server_error", fmt::format("generation failed: {}", ex.what()));
-      job->push(std::move(e));
+      failed.push(std::move(e));
       engine_.reset();
     }
-    running_ = 0;
   }
 }
 
-void Scheduler::run(Job& job) {
+void Scheduler::run(Slot& slot) {
+  Job& job = *slot.job;
   const GenerationRequest& r = job.request();
   const auto t0 = Clock::now();
-  SamplingParams sp = r.sampling;
-  if (!r.seeded) sp.seed = rng_();
-  Sampler sampler(sp);
+  slot.sampling = r.sampling;
+  if (!r.seeded) slot.sampling.seed = rng_();
+  Sampler sampler(slot.sampling);
   const std::span<const int32_t> prompt(r.prompt);
   const int64_t n = int64_t(prompt.size());
 
   // Resume from the longest cached prefix (at least one prompt token is left to compute logits).
-  int64_t cached = 0;
   if (auto hit = cache_.lookup(prompt, n - 1)) {
     engine_.restore(*hit->kv, *hit->recurrent);
-    cached = hit->pos;
+    slot.cached = hit->pos;
   } else {
     engine_.reset();
   }
+  const int64_t cached = slot.cached;
+  slot.tokens.assign(prompt.begin(), prompt.begin() + cached);
   metrics_.prefix_lookup(cached > 0);
 
-  // Prefill the rest, stopping at snapshot points: block boundaries and the start of the last turn.
-  std::set<int64_t> points;
+  // Prefill up to the last chunk in steps of at most prefill_chunk tokens, checking between them
+  // whether the client has gone, and stopping at snapshot points: block boundaries and the start of
+  // the last turn. The last step (below) gives the first token.
+  std::set<int64_t> snapshot_points;
   for (int64_t p = (cached / options_.snapshot_block + 1) * options_.snapshot_block; p < n; p += options_.snapshot_block)
-    points.insert(p);
-  if (r.turn_start > cached && r.turn_start < n) points.insert(r.turn_start);
-  std::map<int64_t, cli::StateCopy> snapshots;
+    snapshot_points.insert(p);
+  if (r.turn_start > cached && r.turn_start < n) snapshot_points.insert(r.turn_start);
+  std::set<int64_t> stops = snapshot_points;
+  for (int64_t p = cached + options_.prefill_chunk; p < n; p += options_.prefill_chunk) stops.insert(p);
   int64_t pos = cached;
-  for (int64_t p : points) {
+  for (int64_t p : stops) {  // consecutive stops are at most prefill_chunk tokens apart
+    if (job.cancelled()) break;
     engine_.logits(prompt.subspan(size_t(pos), size_t(p - pos)), false);
-    snapshots.emplace(p, engine_.save_recurrent());
+    slot.tokens.insert(slot.tokens.end(), prompt.begin() + pos, prompt.begin() + p);
     pos = p;
+    if (snapshot_points.contains(p)) slot.snapshots.emplace(p, engine_.save_recurrent());
+  }
+  if (job.cancelled()) {
+    finish_cancelled_prefill(slot);
+    return;
   }
 
   // Token choice: on the engine (GPU sampling), or on the host when logprobs or a constraint need
@@ -202,6 +219,8 @@ void Scheduler::run(Job& job) {
   } else {
     next = engine_.prefill(prompt.subspan(size_t(pos)), sampler);
   }
+  slot.tokens.insert(slot.tokens.end(), prompt.begin() + pos, prompt.end());
+  slot.phase = Slot::Phase::Decode;
   const auto t_first = Clock::now();
   const double ttft_ms = ms_between(t0, t_first);
   metrics_.time_to_first_token(ttft_ms / 1000.0);
@@ -225,7 +244,6 @@ void Scheduler::run(Job& job) {
     d.content = text;
     return d;
   };
-  std::vector<int32_t> fed(r.prompt);
   int64_t generated = 0;
   std::string finish;
   auto t_prev = t_first;
@@ -271,7 +289,7 @@ void Scheduler::run(Job& job) {
       finish = "cancelled";
       break;
     }
-    fed.push_back(next);
+    slot.tokens.push_back(next);
     if (host) {
       logits = engine_.logits(std::span<const int32_t>(&next, 1), false);
       next = choose();
@@ -306,10 +324,28 @@ void Scheduler::run(Job& job) {
                    n, cached, generated, ttft_ms, done.decode_tps, finish));
   job.push(std::move(done));
 
+  keep_in_cache(slot);
+}
+
+void Scheduler::finish_cancelled_prefill(Slot& slot) {
+  Job& job = *slot.job;
+  const int64_t n = int64_t(job.request().prompt.size());
+  JobEvent done;
+  done.kind = JobEvent::Kind::Done;
+  done.finish_reason = "cancelled";
+  done.prompt_tokens = n;
+  done.cached_tokens = slot.cached;
+  log_(fmt::format("{} cancelled during the prefill after {} of {} prompt tokens ({} cached)", job.id(),
+                   slot.position(), n, slot.cached));
+  job.push(std::move(done));
+  keep_in_cache(slot);
+}
+
+void Scheduler::keep_in_cache(Slot& slot) {
   // Keep the sequence for later requests that share its prefix.
-  if (int64_t(fed.size()) == engine_.position()) {
-    snapshots.insert_or_assign(engine_.position(), engine_.save_recurrent());
-    cache_.insert(std::move(fed), engine_.save_kv(), std::move(snapshots));
+  if (slot.position() > slot.cached && slot.position() == engine_.position()) {
+    slot.snapshots.insert_or_assign(engine_.position(), engine_.save_recurrent());
+    cache_.insert(std::exchange(slot.tokens, {}), engine_.save_kv(), std::exchange(slot.snapshots, {}));
   }
   cache_bytes_ = int64_t(cache_.bytes());
   cache_entries_ = int64_t(cache_.entries());

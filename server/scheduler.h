@@ -1,9 +1,10 @@
 #pragma once
 // The generation side of the server: a bounded queue of requests and one worker thread that owns
-// the engine and runs them one at a time (a slot), restoring the longest cached prefix, prefilling
-// the rest, sampling, and streaming events (text split into reasoning / content / tool calls,
-// logprobs, the finish) back to the HTTP thread of each request. Cancelling a job (its client went
-// away) stops it before the next token.
+// the engine. A request takes a slot (server/slot.h: its sequence's state and bookkeeping; one slot
+// today, each request runs to completion in turn), restores the longest cached prefix, prefills the
+// rest in chunks, samples, and streams events (text split into reasoning / content / tool calls,
+// logprobs, the finish) back to the HTTP thread of the request. Cancelling a job (its client went
+// away) stops it at the next prefill chunk or before the next token, and frees its slot.
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -23,6 +24,7 @@
 #include "server/metrics.h"
 #include "server/prefix_cache.h"
 #include "server/request.h"
+#include "server/slot.h"
 
 namespace q35::server {
 
@@ -73,6 +75,7 @@ struct SchedulerOptions {
   size_t max_queue = 64;
   size_t prefix_cache_bytes = size_t(4) << 30;
   int64_t snapshot_block = 512;  // recurrent snapshots every this many prompt tokens
+  int64_t prefill_chunk = 512;   // prompt tokens per engine call; cancellation is checked between them
 };
 
 class Scheduler {
@@ -86,14 +89,18 @@ class Scheduler {
   // Queues a job; ApiError 503 (code queue_full) when --max-queue jobs already wait.
   void submit(std::shared_ptr<Job> job);
   int64_t queue_length() const;
-  int64_t running() const { return running_; }
+  int64_t running() const { return int64_t(slots_.in_use()); }
+  // The slots (counts only are safe to read from other threads).
+  const SlotPool& slots() const { return slots_; }
   // Prefix cache size for /metrics: bytes, entries (updated by the worker after each job).
   int64_t cache_bytes() const { return cache_bytes_; }
   int64_t cache_entries() const { return cache_entries_; }
 
  private:
   void worker();
-  void run(Job& job);
+  void run(Slot& slot);
+  void finish_cancelled_prefill(Slot& slot);
+  void keep_in_cache(Slot& slot);
 
   cli::Engine& engine_;
   const Tokenizer& tok_;
@@ -103,12 +110,13 @@ class Scheduler {
   std::function<void(const std::string&)> log_;
   PrefixCache cache_;
   std::mt19937_64 rng_;  // seeds of unseeded requests and tool-call ids
+  SlotPool slots_{1};    // cli::Engine holds one sequence
 
   mutable std::mutex mutex_;
   std::condition_variable cv_;
   std::deque<std::shared_ptr<Job>> queue_;
   bool stopping_ = false;
-  std::atomic<int64_t> running_{0}, cache_bytes_{0}, cache_entries_{0};
+  std::atomic<int64_t> cache_bytes_{0}, cache_entries_{0};
   std::vector<std::string> token_text_;  // bytes of every id (empty: special or unassigned)
   std::vector<bool> assigned_;           // ids the tokenizer can decode (a model's padded vocabulary has more)
   std::thread thread_;

@@ -2,13 +2,21 @@
 // fixed reply) behind the real Scheduler and Api, and a ResponseWriter that records what the HTTP
 // server would send. Checks the tool-call path that the random tiny model cannot take by itself
 // (tool_choice auto, a call after the think block, finish_reason tool_calls), streaming deltas, the
-// prefix cache's resume point, and the error statuses.
+// prefix cache's resume point, and the error statuses. Then the slots: their bookkeeping, their
+// release on finish / cancel / error, the queue bound, and a cancel noticed during a long prefill.
 #include <doctest/doctest.h>
+#include <fmt/format.h>
 
+#include <condition_variable>
 #include <cstring>
 #include <filesystem>
+#include <functional>
+#include <mutex>
+#include <stdexcept>
+#include <thread>
 
 #include "models/qwen35/chat.h"
+#include "runtime/core/error.h"
 #include "server/api.h"
 
 namespace fs = std::filesystem;
@@ -27,6 +35,7 @@ class ScriptedEngine final : public q35::cli::Engine {
   int64_t max_context() const override { return 4096; }
   std::vector<float> logits(std::span<const int32_t> tokens, bool all) override {
     REQUIRE_FALSE(all);
+    if (on_feed) on_feed(tokens);  // runs on the scheduler's worker thread; may block or throw
     fed_.insert(fed_.end(), tokens.begin(), tokens.end());
     std::vector<float> l(size_t(vocab_), 0.0f);
     l[size_t(next())] = 30.0f;
@@ -43,6 +52,7 @@ class ScriptedEngine final : public q35::cli::Engine {
     ++restores;
   }
   int restores = 0;
+  std::function<void(std::span<const int32_t>)> on_feed;
 
  private:
   q35::cli::StateCopy copy() const {
@@ -184,4 +194,307 @@ TEST_CASE("Scripted replies through the scheduler and the API: tool calls, strea
   const std::string m = call("GET", "/metrics", "").body;
   CHECK(m.find("q35jit_requests_total{endpoint=\"/v1/chat/completions\",status=\"401\"} 2") != std::string::npos);
   CHECK(m.find("q35jit_prefix_cache_hits_total ") != std::string::npos);
+}
+
+namespace {
+
+// Blocks the engine's worker thread while closed.
+class Gate {
+ public:
+  void pass() {
+    std::unique_lock lock(mutex_);
+    ++waiting_;
+    cv_.notify_all();
+    cv_.wait(lock, [&] { return !closed_; });
+    --waiting_;
+  }
+  void close() {
+    std::lock_guard lock(mutex_);
+    closed_ = true;
+  }
+  void open() {
+    {
+      std::lock_guard lock(mutex_);
+      closed_ = false;
+    }
+    cv_.notify_all();
+  }
+  // True once a thread waits at the gate (false after 10 s).
+  bool wait_for_waiter() {
+    std::unique_lock lock(mutex_);
+    return cv_.wait_for(lock, std::chrono::seconds(10), [&] { return waiting_ > 0; });
+  }
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  bool closed_ = false;
+  int waiting_ = 0;
+};
+
+// Polls `pred` for up to 10 s.
+bool eventually(const std::function<bool()>& pred) {
+  for (int i = 0; i < 1000; ++i) {
+    if (pred()) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  return pred();
+}
+
+// The last event of a job (Done or Failed); fails the test when none comes within 10 s.
+JobEvent finish_of(Job& job) {
+  JobEvent e;
+  do {
+    REQUIRE(job.pop(e, std::chrono::seconds(10)));
+  } while (e.kind == JobEvent::Kind::Delta);
+  return e;
+}
+
+std::shared_ptr<Job> completion_job(const std::string& id, std::vector<int32_t> prompt, int64_t max_tokens) {
+  GenerationRequest r;
+  r.chat = false;
+  r.prompt = std::move(prompt);
+  r.max_tokens = max_tokens;
+  r.seeded = true;
+  return std::make_shared<Job>(id, std::move(r));
+}
+
+struct SchedulerSetup {
+  q35::Tokenizer tok;
+  q35::qwen35::GenerationConfig gen;
+  std::vector<int32_t> script;
+  SchedulerSetup()
+      : tok(q35::Tokenizer::from_file(fs::path(Q35_SOURCE_DIR) / "tests/fixtures/tiny-qwen35moe/tokenizer.json")),
+        gen(q35::qwen35::GenerationConfig::from_file(fs::path(Q35_SOURCE_DIR) /
+                                                     "tests/fixtures/tiny-qwen35moe/generation_config.json")),
+        script(tok.encode("one two three four five six seven eight nine ten")) {}
+  std::vector<int32_t> prompt(size_t n) const {  // n ids of the text, repeated
+    const std::vector<int32_t> base = tok.encode("The quick brown fox jumps over the lazy dog. ");
+    std::vector<int32_t> p;
+    while (p.size() < n) p.push_back(base[p.size() % base.size()]);
+    return p;
+  }
+};
+
+}  // namespace
+
+TEST_CASE("SlotPool: acquire, release through the lease, and no leak") {
+  CHECK_THROWS_AS(SlotPool(0), q35::Error);
+  SlotPool pool(2);
+  CHECK(pool.size() == 2);
+  CHECK(pool.available() == 2);
+  auto j1 = completion_job("a", {1, 2}, 1), j2 = completion_job("b", {1}, 1), j3 = completion_job("c", {1}, 1);
+  {
+    std::optional<SlotLease> a = pool.acquire(j1);
+    REQUIRE(a.has_value());
+    CHECK((*a)->index == 0);
+    CHECK((*a)->phase == Slot::Phase::Prefill);
+    CHECK((*a)->job == j1);
+    (*a)->tokens = {1, 2, 3};
+    (*a)->cached = 2;
+    (*a)->snapshots.emplace(2, q35::cli::StateCopy{2, {}});
+    std::optional<SlotLease> b = pool.acquire(j2);
+    REQUIRE(b.has_value());
+    CHECK((*b)->index == 1);
+    CHECK(pool.in_use() == 2);
+    CHECK_FALSE(pool.acquire(j3).has_value());  // full
+    CHECK(j3.use_count() == 1);     // a refused acquire keeps no reference
+
+    a->release();
+    CHECK(pool.in_use() == 1);
+    CHECK(j1.use_count() == 1);  // the slot let go of its job
+    a->release();                // twice is harmless
+    CHECK(pool.in_use() == 1);
+    std::optional<SlotLease> c = pool.acquire(j3);
+    REQUIRE(c.has_value());
+    CHECK((*c)->index == 0);  // the freed slot, emptied
+    CHECK((*c)->job == j3);
+    CHECK((*c)->tokens.empty());
+    CHECK((*c)->cached == 0);
+    CHECK((*c)->snapshots.empty());
+    CHECK((*c)->position() == 0);
+
+    SlotLease moved = std::move(*c);  // moving hands the slot over, never releases it twice
+    c.reset();
+    CHECK(pool.in_use() == 2);
+    CHECK(moved->job == j3);
+  }
+  CHECK(pool.in_use() == 0);  // leases destroyed at the end of the scope
+  CHECK(j2.use_count() == 1);
+
+  // Released when the scope is left by an exception.
+  try {
+    SlotLease l = *pool.acquire(j1);
+    CHECK(pool.in_use() == 1);
+    throw std::runtime_error("engine failure");
+  } catch (const std::runtime_error& e) {
+    CHECK(std::string(e.what()) == "engine failure");
+  }
+  CHECK(pool.in_use() == 0);
+
+  const uint64_t before = pool.acquired_total();
+  for (int i = 0; i < 1000; ++i) {
+    std::optional<SlotLease> x = pool.acquire(j1), y = pool.acquire(j2);
+    REQUIRE(x.has_value());
+    REQUIRE(y.has_value());
+    CHECK_FALSE(pool.acquire(j3).has_value());
+  }
+  CHECK(pool.in_use() == 0);
+  CHECK(pool.available() == 2);
+  CHECK(pool.acquired_total() == before + 2000);
+  CHECK(j1.use_count() == 1);
+}
+
+TEST_CASE("Scheduler slots: freed on finish, cancel and engine error; the queue bound; no leak") {
+  SchedulerSetup setup;
+  ScriptedEngine engine(setup.script, 1536);
+  Gate gate;
+  bool fail_next = false;      // written only while the worker waits at the gate or is idle
+  std::shared_ptr<Job> cancel_on_decode;  // cancelled at its second engine call (its first decode step)
+  int feeds = 0;
+  engine.on_feed = [&](std::span<const int32_t>) {
+    gate.pass();
+    if (std::exchange(fail_next, false)) throw std::runtime_error("engine broke");
+    if (cancel_on_decode && ++feeds == 2) cancel_on_decode->cancel();
+  };
+  Metrics metrics;
+  SchedulerOptions opts;
+  opts.max_queue = 2;
+  Scheduler scheduler(engine, setup.tok, q35::qwen35::stop_token_ids(setup.tok, setup.gen), opts, metrics,
+                      [](const std::string&) {});
+  CHECK(scheduler.slots().size() == 1);
+  CHECK(scheduler.running() == 0);
+
+  // A runs (held at the gate in its prefill) and holds the slot; B and C wait; D is refused.
+  gate.close();
+  auto a = completion_job("a", setup.prompt(20), 4), b = completion_job("b", setup.prompt(21), 4),
+       c = completion_job("c", setup.prompt(22), 4), d = completion_job("d", setup.prompt(23), 4);
+  scheduler.submit(a);
+  REQUIRE(gate.wait_for_waiter());
+  CHECK(scheduler.running() == 1);
+  CHECK(scheduler.slots().available() == 0);
+  scheduler.submit(b);
+  scheduler.submit(c);
+  CHECK(scheduler.queue_length() == 2);
+  try {
+    scheduler.submit(d);
+    FAIL("a third waiting request was accepted with --max-queue 2");
+  } catch (const ApiError& e) {
+    CHECK(e.status() == 503);
+    CHECK(e.code() == "queue_full");
+  }
+  c->cancel();  // its client leaves while it waits: it never takes a slot
+  gate.open();
+  JobEvent ea = finish_of(*a), eb = finish_of(*b);
+  CHECK(ea.kind == JobEvent::Kind::Done);
+  CHECK(ea.finish_reason == "length");
+  CHECK(ea.completion_tokens == 4);
+  CHECK(eb.kind == JobEvent::Kind::Done);
+  CHECK(eventually([&] { return scheduler.running() == 0 && scheduler.queue_length() == 0; }));
+  JobEvent none;
+  CHECK_FALSE(c->pop(none, std::chrono::milliseconds(100)));
+  CHECK(scheduler.slots().acquired_total() == 2);
+  CHECK(eventually([&] { return a.use_count() == 1; }));  // the finished slots dropped their jobs
+  CHECK(eventually([&] { return b.use_count() == 1; }));
+  CHECK(eventually([&] { return c.use_count() == 1; }));
+
+  // The engine throws: the job fails with 500, the slot is freed, the next request runs.
+  fail_next = true;
+  auto e = completion_job("e", setup.prompt(30), 4);
+  scheduler.submit(e);
+  JobEvent ee = finish_of(*e);
+  REQUIRE(ee.kind == JobEvent::Kind::Failed);
+  CHECK(ee.error->status() == 500);
+  CHECK(std::string(ee.error->what()).find("engine broke") != std::string::npos);
+  CHECK(eventually([&] { return scheduler.running() == 0; }));
+  CHECK(eventually([&] { return e.use_count() == 1; }));
+  auto f = completion_job("f", setup.prompt(30), 4);
+  scheduler.submit(f);
+  CHECK(finish_of(*f).finish_reason == "length");
+
+  // Cancelled while decoding (the client left): finish "cancelled", slot freed.
+  auto g = completion_job("g", setup.prompt(40), 50);
+  cancel_on_decode = g;
+  scheduler.submit(g);
+  JobEvent eg = finish_of(*g);
+  CHECK(eg.finish_reason == "cancelled");
+  CHECK(eg.completion_tokens < 50);
+  CHECK(eventually([&] { return scheduler.running() == 0; }));
+  cancel_on_decode.reset();
+  CHECK(eventually([&] { return g.use_count() == 1; }));
+
+  // Many requests in turn, some cancelled while queued: every slot comes back.
+  const uint64_t before = scheduler.slots().acquired_total();
+  int ran = 0;
+  for (int i = 0; i < 200; ++i) {
+    auto j = completion_job(fmt::format("m{}", i), setup.prompt(size_t(10 + i % 37)), 1 + i % 5);
+    if (i % 4 == 3) {
+      // Held at the gate behind another request, then cancelled: skipped without a slot.
+      gate.close();
+      auto holder = completion_job(fmt::format("h{}", i), setup.prompt(12), 1);
+      scheduler.submit(holder);
+      REQUIRE(gate.wait_for_waiter());
+      scheduler.submit(j);
+      j->cancel();
+      gate.open();
+      CHECK(finish_of(*holder).kind == JobEvent::Kind::Done);
+      ++ran;
+      CHECK(eventually([&] { return scheduler.queue_length() == 0 && scheduler.running() == 0; }));
+      CHECK_FALSE(j->pop(none, std::chrono::milliseconds(1)));
+      continue;
+    }
+    scheduler.submit(j);
+    JobEvent ej = finish_of(*j);
+    CHECK(ej.kind == JobEvent::Kind::Done);
+    CHECK(ej.completion_tokens == 1 + i % 5);
+    ++ran;
+  }
+  CHECK(eventually([&] { return scheduler.running() == 0; }));
+  CHECK(scheduler.slots().available() == scheduler.slots().size());
+  CHECK(scheduler.slots().acquired_total() == before + uint64_t(ran));
+}
+
+TEST_CASE("A client gone during a long prefill is noticed at the next prefill step") {
+  SchedulerSetup setup;
+  ScriptedEngine engine(setup.script, 1536);
+  std::shared_ptr<Job> victim;
+  std::vector<size_t> calls;  // tokens per engine call (read after the job's last event)
+  engine.on_feed = [&](std::span<const int32_t> tokens) {
+    calls.push_back(tokens.size());
+    if (victim) victim->cancel();  // the client leaves while the first step runs
+  };
+  Metrics metrics;
+  SchedulerOptions opts;
+  opts.prefill_chunk = 64;
+  opts.snapshot_block = 1 << 20;
+  Scheduler scheduler(engine, setup.tok, q35::qwen35::stop_token_ids(setup.tok, setup.gen), opts, metrics,
+                      [](const std::string&) {});
+  const std::vector<int32_t> prompt = setup.prompt(1000);
+
+  victim = completion_job("long", prompt, 8);
+  scheduler.submit(victim);
+  JobEvent e = finish_of(*victim);
+  REQUIRE(e.kind == JobEvent::Kind::Done);
+  CHECK(e.finish_reason == "cancelled");
+  CHECK(e.completion_tokens == 0);
+  CHECK(e.prompt_tokens == 1000);
+  CHECK(calls == std::vector<size_t>{64});  // one step of the prompt, not all of it
+  CHECK(eventually([&] { return scheduler.running() == 0; }));
+  victim.reset();
+
+  // The same prompt again: it resumes after the step the cancelled one computed, and the rest runs
+  // in steps of at most 64 tokens (the last one gives the first token).
+  calls.clear();
+  auto again = completion_job("again", prompt, 3);
+  scheduler.submit(again);
+  JobEvent e2 = finish_of(*again);
+  REQUIRE(e2.kind == JobEvent::Kind::Done);
+  CHECK(e2.finish_reason == "length");
+  CHECK(e2.cached_tokens == 64);
+  CHECK(e2.completion_tokens == 3);
+  std::vector<size_t> expected(14, 64);
+  expected.push_back(1000 - 64 - 14 * 64);  // 40
+  expected.push_back(1);                     // two decode steps
+  expected.push_back(1);
+  CHECK(calls == expected);
 }
