@@ -146,6 +146,10 @@ TEST_CASE("gemm_wgmma refuses what its template cannot run, naming the reason") 
   bad = g, bad.bn = 256, bad.stages = 8;
   CHECK(contains(why_invalid(bad), "shared memory"));
   CHECK(contains(test::error_of([&] { wgmma_gemm_spec(bad); }), "gemm_wgmma [N = 1024, K = 2048, W4A16 g128]"));
+  // W4A16 on wgmma: in the loop below kWgmmaDequantFirstM rows and only for whole 64-k steps.
+  CHECK(qwen35::gpu::wgmma_gemm_group(32, 100, 2048) == 32);
+  CHECK(qwen35::gpu::wgmma_gemm_group(32, 100, 2080) == 0);
+  CHECK(qwen35::gpu::wgmma_gemm_group(128, qwen35::gpu::kWgmmaDequantFirstM, 2048) == 0);
   CHECK(arch_has_wgmma("sm_90a"));
   CHECK_FALSE(arch_has_wgmma("sm_90"));
   CHECK_FALSE(arch_has_wgmma("sm_80"));

@@ -363,7 +363,7 @@ std::vector<KernelSpec> tuned_kernels(const Config& c, const gpu::TunedTiles& tt
                             : gpu::GemvBf16Plan{d.n, d.k, tt.gemv_bf16(d.n, d.k, f32, m), f32}.spec());
     else if (!f32)
       specs.push_back(
-          gpu::GemmPlan{d.n, d.k, tt.gemm(d.n, d.k, false, m), false, tt.wgmma() ? gpu::wgmma_gemm_group(group, m) : 0}
+          gpu::GemmPlan{d.n, d.k, tt.gemm(d.n, d.k, false, m), false, tt.wgmma() ? gpu::wgmma_gemm_group(group, m, d.k) : 0}
               .spec());
   }
   for (KernelSpec& s : gpu::moe_kernels(tt.moe_shape(), tt.moe(m))) specs.push_back(std::move(s));
@@ -404,7 +404,7 @@ void GpuModel::dense(const GpuMatrix& W, CUdeviceptr x, CUdeviceptr y, int M, bo
     if (M > 16) {
       p.gemm = {W.N, W.K, tt.gemm(W.N, W.K, out_f32, M), out_f32};
       if (p.gemm.tile.wgmma && W.format == WeightFormat::W4A16)
-        p.gemm.group = gpu::wgmma_gemm_group(W.group, M);  // dequantized in the loop (small M) or first
+        p.gemm.group = gpu::wgmma_gemm_group(W.group, M, W.K);  // dequantized in the loop (small M) or first
       p.f = &m.kernels.get(p.gemm.spec());
     } else if (W.format == WeightFormat::BF16) {
       p.bf16 = {W.N, W.K, tt.gemv_bf16(W.N, W.K, out_f32, M), out_f32};

@@ -615,7 +615,7 @@ std::vector<std::unique_ptr<TuneOp>> tune_ops(const Config& cfg, int group, cons
     const std::string name = fmt::format("{} [{} x {}]", d.name, d.n, d.k);
     const bool wgmma = arch_has_wgmma(arch);
     constexpr int64_t any = std::numeric_limits<int64_t>::max();
-    if (wgmma && group) {
+    if (wgmma && group && d.k % 64 == 0) {
       add(std::make_unique<GemmOp>(device, d.n, d.k, group, true, 0, gpu::kWgmmaDequantFirstM, name), name);
       add(std::make_unique<GemmOp>(device, d.n, d.k, 0, true, gpu::kWgmmaDequantFirstM, any, name), name);
     } else {

@@ -130,9 +130,9 @@ std::vector<KernelSpec> dense_kernels(const Config& cfg, const DenseOptions& opt
       add(q.dequantize_spec());
     }
     // prefill (lm_head: eval logits); wgmma W4A16: dequantized first at large M, in the loop below that
-    add(gemm_plan(s.n, s.k, opt.prefill_tokens, logits, opt.wgmma, wgmma_gemm_group(opt.group, opt.prefill_tokens))
+    add(gemm_plan(s.n, s.k, opt.prefill_tokens, logits, opt.wgmma, wgmma_gemm_group(opt.group, opt.prefill_tokens, s.k))
             .spec());
-    if (opt.wgmma && opt.group && !logits && opt.prefill_tokens >= kWgmmaDequantFirstM)
+    if (opt.wgmma && opt.group && !logits && opt.prefill_tokens >= kWgmmaDequantFirstM && s.k % 64 == 0)
       add(gemm_plan(s.n, s.k, 512, false, true, opt.group).spec());
   }
   const SamplePlan sp = sample_plan(cfg.vocab_size);

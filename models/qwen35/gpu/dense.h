@@ -61,8 +61,11 @@ struct GemmPlan {
 // the bf16 GEMM (faster at large M, H200: in_proj at M = 4096 470 us in the loop vs ~415 us); fewer
 // rows dequantize inside the GEMM's main loop (no extra pass over the weights).
 constexpr int64_t kWgmmaDequantFirstM = 1024;
-// The weight group a wgmma GEMM of m rows over W4A16 weights of `group` runs with (0: dequantized first).
-inline int wgmma_gemm_group(int group, int64_t m) { return m < kWgmmaDequantFirstM ? group : 0; }
+// The weight group a wgmma GEMM of m rows over W4A16 weights [n, k] of `group` runs with (0:
+// dequantized first, also whenever k is not a whole number of the kernel's 64-k steps).
+inline int wgmma_gemm_group(int group, int64_t m, int64_t k) {
+  return m < kWgmmaDequantFirstM && k % 64 == 0 ? group : 0;
+}
 
 // m = the M the tile is chosen for (any M runs); wgmma: the Hopper kernel (then `group` is kept,
 // else the plan is for bf16 weights).

@@ -70,12 +70,12 @@ GemvTile TunedTiles::gemv_bf16(int64_t n, int64_t k, bool out_f32, int64_t m) co
 
 GemmTile TunedTiles::gemm(int64_t n, int64_t k, bool out_f32, int64_t m) const {
   return pick(
-      tune::kGemm, tune::dense_signature(n, k, wgmma_ ? wgmma_gemm_group(group_, m) : 0, out_f32), m,
+      tune::kGemm, tune::dense_signature(n, k, wgmma_ ? wgmma_gemm_group(group_, m, k) : 0, out_f32), m,
       default_gemm_tile(n, k, m, wgmma_),
       [](const nlohmann::json& j) { return tune::gemm_from_json(j); },
       [&](const GemmTile& t) {
         if (t.wgmma && !wgmma_) return std::string("a wgmma tile needs an sm_90a device");
-        const int g = wgmma_gemm_group(group_, m);
+        const int g = wgmma_gemm_group(group_, m, k);
         if (t.wgmma && t.smem_bytes(g) > kWgmmaMaxSmem)
           return fmt::format("{} B of shared memory with W4A16 g{}", t.smem_bytes(g), g);
         return why_invalid(t, n, k);
