@@ -93,7 +93,7 @@ std::vector<GemvTile> gemv_bf16_candidates(int64_t n, int64_t k, int64_t m) {
   return out;
 }
 
-std::vector<GemmTile> gemm_candidates(int64_t n, int64_t k, int64_t m, bool wgmma) {
+std::vector<GemmTile> gemm_candidates(int64_t n, int64_t k, int64_t m, bool wgmma, int group) {
   std::vector<GemmTile> out;
   const int64_t max_bm = std::max<int64_t>(64, pow2_at_least(m));
   if (wgmma) {
@@ -102,7 +102,7 @@ std::vector<GemmTile> gemm_candidates(int64_t n, int64_t k, int64_t m, bool wgmm
         for (int wn : {1, 2})
           for (int stages : {3, 4, 6}) {
             GemmTile t{64 * wm, bn, 64, wm, wn, stages, true};
-            if (t.bm <= max_bm && why_invalid(t, n, k).empty()) out.push_back(t);
+            if (t.bm <= max_bm && why_invalid(t, n, k, group).empty()) out.push_back(t);
           }
     return out;
   }

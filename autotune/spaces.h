@@ -69,7 +69,8 @@ struct GdnPrefillConfig {
 std::vector<W4GemvTile> w4_gemv_candidates(int64_t n, int64_t k, int64_t group, int64_t m);
 std::vector<GemvTile> gemv_bf16_candidates(int64_t n, int64_t k, int64_t m);
 // wgmma: the Hopper kernel's tiles (sm_90a) instead of the mma.sync ones.
-std::vector<GemmTile> gemm_candidates(int64_t n, int64_t k, int64_t m, bool wgmma = false);
+// group: W4A16 weights dequantized inside the wgmma GEMM (wgmma only; shared memory differs).
+std::vector<GemmTile> gemm_candidates(int64_t n, int64_t k, int64_t m, bool wgmma = false, int group = 0);
 std::vector<MoeRouterTile> moe_router_candidates(const MoeShape& s, int64_t m);
 std::vector<MoeDecodeConfig> moe_decode_candidates(const MoeShape& s);
 // Valid for all four GEMMs (one tile serves them: the align kernel's BLOCK_M is the routed GEMMs');

@@ -37,11 +37,12 @@ int GemmTile::smem_bytes(int group) const {
   return wgmma ? wgmma_smem_bytes(group, bm, bn, stages) : stages * (bm + bn) * bk * 2;
 }
 
-std::string why_invalid(const GemmTile& t, int64_t n, int64_t k) {
+std::string why_invalid(const GemmTile& t, int64_t n, int64_t k, int group) {
   if (t.wgmma) {
     if (t.bk != kWgmmaBlockK) return fmt::format("wgmma: bk = {} is not {}", t.bk, kWgmmaBlockK);
-    return why_invalid(wgmma_of(t, n, k, false, 0));
+    return why_invalid(wgmma_of(t, n, k, false, group));
   }
+  if (group != 0) return fmt::format("W4A16 g{} weights need a wgmma tile (the mma.sync GEMM reads bf16)", group);
   if (n <= 0) return fmt::format("N = {} is not positive", n);
   if (k <= 0 || k % 8 != 0) return fmt::format("K = {} is not a positive multiple of 8 (16-byte rows)", k);
   if (t.bk != 32 && t.bk != 64 && t.bk != 128) return fmt::format("bk = {} is not 32, 64 or 128", t.bk);
@@ -168,8 +169,7 @@ SampleTile default_sample_tile(int64_t vocab) {
 
 KernelSpec gemm_bf16_spec(int64_t n, int64_t k, const GemmTile& t, bool out_f32, int group) {
   if (t.wgmma) return wgmma_gemm_spec(wgmma_of(t, n, k, out_f32, group));
-  if (group != 0) fail("gemm_bf16 [N = {}, K = {}]: W4A16 weights need a wgmma tile (dequantize first)", n, k);
-  if (std::string why = why_invalid(t, n, k); !why.empty())
+  if (std::string why = why_invalid(t, n, k, group); !why.empty())
     fail("gemm_bf16 [N = {}, K = {}]: invalid tile: {}", n, k, why);
   return {"gemm_bf16",
           "gemm_bf16",

@@ -51,7 +51,8 @@ struct SampleTile {
 };
 
 // Empty when valid, else why not.
-std::string why_invalid(const GemmTile& tile, int64_t n, int64_t k);
+// group: the weights' W4A16 group (0 = bf16); W4A16 weights need a wgmma tile.
+std::string why_invalid(const GemmTile& tile, int64_t n, int64_t k, int group = 0);
 std::string why_invalid(const W4GemvTile& tile, int64_t n, int64_t k, int64_t group);
 std::string why_invalid(const QuantizeTile& tile, int64_t k, int64_t group);
 std::string why_invalid(const SampleTile& tile, int64_t vocab);

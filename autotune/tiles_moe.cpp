@@ -191,14 +191,14 @@ MoeDownTile default_moe_down_tile(const MoeShape& s) {
   return t;
 }
 
-MoeGemmTile default_moe_gemm_tile(const MoeShape& s, bool wgmma, int64_t tokens) {
+MoeGemmTile default_moe_gemm_tile(const MoeShape& s, bool hopper, int64_t tokens) {
   // One tile for all four GEMMs (the align kernel's BLOCK_M must match the routed ones).
   auto valid = [&](const MoeGemmTile& t) {
     for (MoeGemm g : {MoeGemm::RoutedGateUp, MoeGemm::RoutedDown, MoeGemm::SharedGateUp, MoeGemm::SharedDown})
       if (!why_invalid(t, s, g).empty()) return false;
     return true;
   };
-  if (wgmma) {
+  if (hopper && tokens >= kMoeWgmmaMinTokens) {
     // From 3072 tokens: two warpgroups along M of 64 x 256 each (the tuner's choice on the H200 at
     // 3072 and 4096, g128 and g32: 987 vs 1182 us per layer at 4096). Below: 64 rows per block (few
     // tokens per expert pad less), two warpgroups over 128 columns. 4 stages: two blocks per SM (6
@@ -210,7 +210,7 @@ MoeGemmTile default_moe_gemm_tile(const MoeShape& s, bool wgmma, int64_t tokens)
   }
   // sm_90a below kMoeWgmmaMinTokens: 32-row blocks, 4 warps over 128 columns, 64-k steps (the H200
   // tuner's choice at 16-512 tokens for g32 and at 256-512 for g128: 376 vs 574 us at 512, g128).
-  if (tokens > 0 && valid(MoeGemmTile{32, 128, 64, 1, 4})) return MoeGemmTile{32, 128, 64, 1, 4};
+  if (hopper && valid(MoeGemmTile{32, 128, 64, 1, 4})) return MoeGemmTile{32, 128, 64, 1, 4};
   for (MoeGemmTile t : {MoeGemmTile{64, 128, 32, 2, 2}, MoeGemmTile{64, 64, 32, 2, 2}, MoeGemmTile{32, 32, 32, 2, 2}}) {
     bool ok = true;
     for (MoeGemm g : {MoeGemm::RoutedGateUp, MoeGemm::RoutedDown, MoeGemm::SharedGateUp, MoeGemm::SharedDown})

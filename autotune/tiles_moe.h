@@ -84,9 +84,10 @@ std::string why_invalid(const MoeGemmTile& tile, const MoeShape& s, MoeGemm gemm
 MoeRouterTile default_moe_router_tile(const MoeShape& s, int64_t tokens);
 MoeGemvTile default_moe_gate_up_tile(const MoeShape& s);
 MoeDownTile default_moe_down_tile(const MoeShape& s);
-// wgmma: the Hopper kernel's tile (for sm_90a targets, see arch_has_wgmma). tokens: T of the call
-// on an sm_90a target (0: unknown, or another GPU): picks among tiles measured best there.
-MoeGemmTile default_moe_gemm_tile(const MoeShape& s, bool wgmma = false, int64_t tokens = 0);
+// hopper: an sm_90a target (arch_has_wgmma): from kMoeWgmmaMinTokens tokens of the call the wgmma
+// kernel's tile, below them an mma.sync one, each chosen by `tokens` among the tiles measured best
+// there. Other GPUs: the mma.sync tile, whatever `tokens`.
+MoeGemmTile default_moe_gemm_tile(const MoeShape& s, bool hopper = false, int64_t tokens = kMoeWgmmaMinTokens);
 
 // GEMM sizes: weight rows N and reduction K.
 int64_t moe_gemm_n(const MoeShape& s, MoeGemm gemm);

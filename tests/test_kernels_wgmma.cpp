@@ -111,8 +111,8 @@ TEST_CASE("gemm_wgmma: every instantiation of the runner and the tuner compiles 
   for (const MoeGemmTile& t : tune::moe_gemm_candidates(ms, 4096, true))
     for (MoeGemm g : {MoeGemm::RoutedGateUp, MoeGemm::RoutedDown, MoeGemm::SharedGateUp, MoeGemm::SharedDown})
       add(moe_gemm_spec(ms, g, t));
-  for (const GemmTile& t : tune::gemm_candidates(12352, 2048, 4096, true))
-    if (t.smem_bytes(128) <= kWgmmaMaxSmem) add(gpu::GemmPlan{12352, 2048, t, false, 128}.spec());
+  for (const GemmTile& t : tune::gemm_candidates(12352, 2048, 4096, true, 128))
+    add(gpu::GemmPlan{12352, 2048, t, false, 128}.spec());
   MESSAGE(specs.size() << " gemm_wgmma instantiations");
   CHECK(specs.size() >= 40);
 

@@ -238,6 +238,14 @@ TEST_CASE("wgmma tiles: validity, JSON round trip, candidates") {
   // Dense: ragged N runs (guarded); K must be a multiple of 8; old JSON without the key is mma.sync.
   CHECK(why_invalid(GemmTile{128, 128, 64, 2, 1, 4, true}, 12352, 2048).empty());
   CHECK_FALSE(why_invalid(GemmTile{128, 128, 64, 2, 1, 4, true}, 12352, 2044).empty());
+  // W4A16 in the loop: whole 64-k steps, its own shared memory, never the mma.sync GEMM.
+  CHECK(why_invalid(GemmTile{128, 128, 64, 2, 1, 4, true}, 12352, 2048, 128).empty());
+  CHECK(contains(why_invalid(GemmTile{128, 128, 64, 2, 1, 4, true}, 12352, 2080, 32), "multiple of 64"));
+  CHECK(contains(why_invalid(GemmTile{}, 12352, 2048, 128), "need a wgmma tile"));
+  CHECK(why_invalid(GemmTile{128, 256, 64, 2, 1, 5, true}, 12352, 2048, 128).empty());       // 222 KiB
+  CHECK_FALSE(why_invalid(GemmTile{128, 256, 64, 2, 1, 5, true}, 12352, 2048, 0).empty());   // 241 KiB
+  for (const GemmTile& t : tune::gemm_candidates(12352, 2048, 512, true, 128))
+    CHECK(why_invalid(t, 12352, 2048, 128).empty());
   const GemmTile old = tune::gemm_from_json(json{{"bm", 128}, {"bn", 128}, {"bk", 32}, {"warps_m", 2}, {"warps_n", 4},
                                                  {"stages", 4}});
   CHECK_FALSE(old.wgmma);

@@ -406,6 +406,7 @@ void GpuModel::dense(const GpuMatrix& W, CUdeviceptr x, CUdeviceptr y, int M, bo
       if (p.gemm.tile.wgmma && W.format == WeightFormat::W4A16)
         p.gemm.group = gpu::wgmma_gemm_group(W.group, M, W.K);  // dequantized in the loop (small M) or first
       p.f = &m.kernels.get(p.gemm.spec());
+      gpu::prepare(p.gemm, *p.f);  // dynamic shared memory, once per loaded function (never inside a graph)
     } else if (W.format == WeightFormat::BF16) {
       p.bf16 = {W.N, W.K, tt.gemv_bf16(W.N, W.K, out_f32, M), out_f32};
       p.f = &m.kernels.get(p.bf16.spec());
@@ -423,7 +424,6 @@ void GpuModel::dense(const GpuMatrix& W, CUdeviceptr x, CUdeviceptr y, int M, bo
       gpu::launch(p.w4, *p.f, stream_, W.qweight.ptr(), W.scales.ptr(), x, y, M);
     return;
   }
-  gpu::prepare(p.gemm, *p.f);  // dynamic shared memory (prefill only: never inside the decode graph)
   if (p.gemm.group != 0) {
     gpu::launch(p.gemm, *p.f, stream_, x, W.qweight.ptr(), y, M, W.scales.ptr());
     return;

@@ -33,8 +33,9 @@ std::vector<q35::KernelSpec> required_kernels(const Config& cfg, int group, cons
   add(gpu::dense_kernels(cfg, {group, 1, prefill_tokens, wgmma}));
   add(gpu::attention_kernels(cfg, smem_limit_for(arch)));
   add(gpu::gdn_kernels(cfg));
-  add(gpu::moe_kernels(cfg, group, wgmma));
-  if (wgmma) add(gpu::moe_kernels(cfg, group, false, true));  // short prompts: mma.sync (kMoeWgmmaMinTokens)
+  add(gpu::moe_kernels(cfg, group, wgmma, prefill_tokens));
+  if (wgmma && prefill_tokens >= kMoeWgmmaMinTokens)  // short prompts: the mma.sync grouped GEMMs
+    add(gpu::moe_kernels(cfg, group, true, kMoeDecodeMaxTokens + 1));
   const gpu::TopkSamplePlan topk = gpu::topk_sample_plan(cfg.vocab_size);
   add({topk.partial_spec(), topk.final_spec()});
   return specs;

@@ -184,9 +184,7 @@ class GemmOp final : public OpBase {
         max_m_(max_m) {}
   bool serves(int64_t m) const override { return m > 16 && m >= min_m_ && m < max_m_; }
   std::vector<json> candidates(int64_t m) const override {
-    std::vector<GemmTile> tiles = tune::gemm_candidates(n_, k_, m, wgmma_);
-    std::erase_if(tiles, [&](const GemmTile& t) { return t.smem_bytes(group_) > kWgmmaMaxSmem; });
-    return to_json_all(tiles);
+    return to_json_all(tune::gemm_candidates(n_, k_, m, wgmma_, group_));
   }
   json default_config(int64_t m) const override { return tune::to_json(default_gemm_tile(n_, k_, m, wgmma_)); }
   std::vector<KernelSpec> kernels(const json& c, int64_t) const override { return {plan(c).spec()}; }
@@ -342,7 +340,7 @@ class MoeGemmOp final : public MoeOpBase {
     return to_json_all(tune::moe_gemm_candidates(s_, m, wgmma_));
   }
   json default_config(int64_t m) const override {
-    return tune::to_json(default_moe_gemm_tile(s_, wgmma_ && m >= kMoeWgmmaMinTokens, wgmma_ ? m : 0));
+    return tune::to_json(default_moe_gemm_tile(s_, wgmma_, m));
   }
   void prepare(const json& c, int64_t) override {
     const gpu::MoeTiles t = tiles(c);

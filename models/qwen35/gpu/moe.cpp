@@ -61,23 +61,23 @@ MoeShape moe_shape(const Config& cfg, int group) {
   return s;
 }
 
-MoeTiles MoeTiles::defaults(const MoeShape& s, bool wgmma, std::optional<bool> router_wgmma, int64_t tokens) {
+MoeTiles MoeTiles::defaults(const MoeShape& s, bool hopper, int64_t tokens) {
   return {default_moe_router_tile(s, 1),
           default_moe_router_tile(s, kMoeDecodeMaxTokens),
           default_moe_router_tile(s, kMoeDecodeMaxTokens + 1),
           default_moe_gate_up_tile(s),
           default_moe_down_tile(s),
-          default_moe_gemm_tile(s, wgmma, tokens),
-          default_gemm_tile(s.experts, s.hidden, 4096, router_wgmma.value_or(wgmma) && s.experts % 8 == 0)};
+          default_moe_gemm_tile(s, hopper, tokens),
+          default_gemm_tile(s.experts, s.hidden, 4096, hopper && s.experts % 8 == 0)};
 }
 
 const MoeRouterTile& MoeTiles::router(int64_t tokens) const {
   return tokens <= 1 ? router_one : tokens <= kMoeDecodeMaxTokens ? router_decode : router_prefill;
 }
 
-std::vector<KernelSpec> moe_kernels(const Config& cfg, int group, bool wgmma, std::optional<bool> router_wgmma) {
+std::vector<KernelSpec> moe_kernels(const Config& cfg, int group, bool hopper, int64_t tokens) {
   const MoeShape s = moe_shape(cfg, group);
-  return moe_kernels(s, MoeTiles::defaults(s, wgmma, router_wgmma));
+  return moe_kernels(s, MoeTiles::defaults(s, hopper, tokens));
 }
 
 std::vector<KernelSpec> moe_kernels(const MoeShape& s, const MoeTiles& t) {

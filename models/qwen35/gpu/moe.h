@@ -16,7 +16,6 @@
 // Weight format: `group` = 0 for bf16 weights, else the W4A16 group (32, 64, 128) of the expert and
 // shared-expert weights (router and shared_expert_gate stay bf16).
 #include <cstdint>
-#include <optional>
 #include <vector>
 
 #include "autotune/tiles_dense.h"
@@ -37,17 +36,15 @@ struct MoeTiles {
   MoeDownTile down;
   MoeGemmTile gemm;                                         // prefill GEMMs (and align's BLOCK_M)
   GemmTile router_gemm;                                     // prefill router logits [T, E] = x . w_router^T
-  // wgmma: prefill GEMMs on the Hopper kernel (sm_90a targets, arch_has_wgmma); router_wgmma: the
-  // prefill router's logits GEMM on it (default: as the grouped GEMMs).
-  // tokens: T of the call on an sm_90a target (0: unknown or another GPU), see default_moe_gemm_tile.
-  static MoeTiles defaults(const MoeShape& s, bool wgmma = false, std::optional<bool> router_wgmma = std::nullopt,
-                           int64_t tokens = 0);
+  // hopper: an sm_90a target (arch_has_wgmma): the prefill router's logits GEMM on wgmma, and the
+  // grouped GEMMs as default_moe_gemm_tile picks them for a call of `tokens` tokens.
+  static MoeTiles defaults(const MoeShape& s, bool hopper = false, int64_t tokens = kMoeWgmmaMinTokens);
   const MoeRouterTile& router(int64_t tokens) const;
 };
 
 // Every instantiation the MoE layers of `cfg` need with the default tiles, for weight format `group`.
-std::vector<KernelSpec> moe_kernels(const Config& cfg, int group, bool wgmma = false,
-                                    std::optional<bool> router_wgmma = std::nullopt);
+std::vector<KernelSpec> moe_kernels(const Config& cfg, int group, bool hopper = false,
+                                    int64_t tokens = kMoeWgmmaMinTokens);
 // The instantiations of one set of tiles.
 std::vector<KernelSpec> moe_kernels(const MoeShape& s, const MoeTiles& tiles);
 

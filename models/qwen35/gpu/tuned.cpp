@@ -75,15 +75,12 @@ GemmTile TunedTiles::gemm(int64_t n, int64_t k, bool out_f32, int64_t m) const {
       [](const nlohmann::json& j) { return tune::gemm_from_json(j); },
       [&](const GemmTile& t) {
         if (t.wgmma && !wgmma_) return std::string("a wgmma tile needs an sm_90a device");
-        const int g = wgmma_gemm_group(group_, m, k);
-        if (t.wgmma && t.smem_bytes(g) > kWgmmaMaxSmem)
-          return fmt::format("{} B of shared memory with W4A16 g{}", t.smem_bytes(g), g);
-        return why_invalid(t, n, k);
+        return why_invalid(t, n, k, t.wgmma ? wgmma_gemm_group(group_, m, k) : 0);
       });
 }
 
 MoeTiles TunedTiles::moe(int64_t m) const {
-  MoeTiles t = MoeTiles::defaults(moe_, wgmma_ && m >= kMoeWgmmaMinTokens, wgmma_, wgmma_ ? m : 0);
+  MoeTiles t = MoeTiles::defaults(moe_, wgmma_, m);
   const MoeRouterTile router = pick(
       tune::kMoeRouter, tune::router_signature(moe_), m, t.router(m),
       [](const nlohmann::json& j) { return tune::moe_router_from_json(j); },
