@@ -15,7 +15,6 @@
 
 #include "autotune/spaces.h"
 #include "autotune/tiles_dense.h"
-#include "autotune/tiles_wgmma.h"
 #include "models/qwen35/config.h"
 #include "models/qwen35/gpu/dense.h"
 #include "models/qwen35/reference_ops.h"
