@@ -59,6 +59,8 @@ const std::vector<FlagSpec> kBenchFlags = {
     {"configs", "SETS", "tile configs to time: tuned,default (side by side, the default), tuned or default"},
     {"kernels", "", "also time every tunable kernel at every M bucket: tuned config vs default (same inputs)"},
     {"json", "FILE", "also write every figure as JSON"},
+    {"profile", "", "record only the timed prefills (after warm-up) in a profiler started with "
+                    "`ncu --profile-from-start off` (scripts/gpu_profile.sh sums them per kernel)"},
 };
 
 // "128,512" -> {128, 512}; Error naming `flag` on anything but positive integers.
@@ -210,6 +212,7 @@ struct Plan {
   std::vector<int64_t> contexts;  // decode contexts
   int64_t steps = 64;
   int repeats = 3;
+  bool profile = false;  // timed prefills between cuProfilerStart / cuProfilerStop
 };
 
 // The figures of one config set.
@@ -255,9 +258,12 @@ SetFigures run_set(const std::string& name, const Context& ctx, const BuildFn& b
     std::vector<double> ms;
     for (int r = 0; r <= plan.repeats; ++r) {  // the first run warms up
       model->reset();
+      const bool recorded = plan.profile && r > 0;
+      if (recorded) ctx.driver().check(ctx.driver().api().profiler_start(), "cuProfilerStart");
       const auto t0 = std::chrono::steady_clock::now();
       model->prefill(prompt, greedy);
       if (r > 0) ms.push_back(ms_since(t0));
+      if (recorded) ctx.driver().check(ctx.driver().api().profiler_stop(), "cuProfilerStop");
     }
     f.prefill_ms.push_back(median(ms));
     mem.sample();
@@ -338,6 +344,7 @@ int cmd_bench(int argc, char** argv) {
   plan.contexts = parse_list("decode-contexts", args.get("decode-contexts").value_or("128,1024,4096,16384"));
   plan.steps = args.get_int("decode-steps", 64, 1, 1 << 20);
   plan.repeats = int(args.get_int("repeats", 3, 1, 1000));
+  plan.profile = args.flag("profile");
   const std::vector<std::string> sets = parse_configs(args.get("configs").value_or("tuned,default"));
 
   const ModelSource src = model_source(args);

@@ -94,6 +94,8 @@ Driver::Driver(const std::string& library) : library_(library) {
     resolve("cuGraphLaunch", api_.graph_launch);
     resolve("cuGraphDestroy", api_.graph_destroy);
     resolve("cuGraphExecDestroy", api_.graph_exec_destroy);
+    resolve("cuProfilerStart", api_.profiler_start);
+    resolve("cuProfilerStop", api_.profiler_stop);
 
     if (device_count() == 0)
       fail("no CUDA device found: the driver ({}, CUDA {}.{}) reports 0 devices", library,

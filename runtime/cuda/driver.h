@@ -9,6 +9,7 @@
 // naming the call and the CUresult ("cuMemAlloc(1073741824 bytes) failed: CUDA_ERROR_OUT_OF_MEMORY
 // (out of memory)").
 #include <cuda.h>
+#include <cudaProfiler.h>
 
 #include <cstddef>
 #include <cstdint>
@@ -89,6 +90,9 @@ class Driver {
     decltype(&::cuGraphLaunch) graph_launch = nullptr;
     decltype(&::cuGraphDestroy) graph_destroy = nullptr;
     decltype(&::cuGraphExecDestroy) graph_exec_destroy = nullptr;
+    // Bracket what an external profiler records (ncu --profile-from-start off).
+    decltype(&::cuProfilerStart) profiler_start = nullptr;
+    decltype(&::cuProfilerStop) profiler_stop = nullptr;
   };
   const Api& api() const { return api_; }
 

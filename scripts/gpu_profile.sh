@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Per-kernel GPU time of whole prefills on the GPU machine, with Nsight Compute: only the timed
+# prefills of `bench --profile` are recorded (cuProfilerStart / cuProfilerStop), each kernel's
+# gpu__time_duration is read, and scripts/ncu_summary.py sums them per kernel per prefill.
+#   scripts/gpu_profile.sh [LENGTHS] [BENCH FLAGS...]   e.g. scripts/gpu_profile.sh 128,4096
+# Writes $OUT/profile_<L>.csv (raw) and $OUT/profile.md (the tables).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/gpu-report}"
+mkdir -p "$OUT"
+export Q35JIT_CACHE_DIR="${Q35JIT_CACHE_DIR:-$PWD/dist/jit-cache}"
+LENGTHS=${1:-128,512,4096}
+shift || true
+NCU=${NCU:-ncu}
+for L in ${LENGTHS//,/ }; do
+  # --clock-control none / --cache-control none: the GPU's own clocks, caches as a real run leaves them.
+  $NCU --profile-from-start off --clock-control none --cache-control none \
+       --metrics gpu__time_duration.sum --csv --page raw --print-units base \
+       dist/q35jit bench --synthetic 35b-a3b --configs tuned --prefill "$L" --repeats 1 \
+       --decode-contexts 128 --decode-steps 3 --profile "$@" > "$OUT/profile_$L.csv" 2> "$OUT/profile_$L.err" ||
+    { tail -20 "$OUT/profile_$L.err"; exit 1; }
+  python3 scripts/ncu_summary.py "$OUT/profile_$L.csv" --title "prefill $L tokens (tuned)" --runs 1 | tee -a "$OUT/profile.md"
+done
