@@ -199,6 +199,14 @@ KernelSpec gemv_w4a16_spec(int64_t n, int64_t k, int64_t group, const W4GemvTile
            {"OUT_F32", out_f32 ? "true" : "false"}}};
 }
 
+KernelSpec gemv_w4a16_residual_spec(int64_t n, int64_t k, int64_t group, const W4GemvTile& t) {
+  KernelSpec spec = gemv_w4a16_spec(n, k, group, t);
+  if (n % 4 != 0) fail("gemv_w4a16_residual [N = {}, K = {}, G = {}]: N must be a multiple of 4", n, k, group);
+  spec.kernel = "gemv_w4a16_residual";
+  spec.args.pop_back();  // OUT_F32: the output is the fp32 residual stream
+  return spec;
+}
+
 KernelSpec gemv_bf16_f32_spec(int64_t n, int64_t k, int m_tile, int rows_per_warp, int warps) {
   if (n <= 0 || k <= 0 || k % 8 != 0 || m_tile < 1 || m_tile > 16 || rows_per_warp < 1 ||
       m_tile * rows_per_warp > 64 || warps < 1 || warps > 32)

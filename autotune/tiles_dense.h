@@ -71,6 +71,9 @@ SampleTile default_sample_tile(int64_t vocab);
 // A wgmma tile names gemm_wgmma with weights of `group` (0 = bf16); an mma.sync tile needs group 0.
 KernelSpec gemm_bf16_spec(int64_t n, int64_t k, const GemmTile& tile, bool out_f32 = false, int group = 0);
 KernelSpec gemv_w4a16_spec(int64_t n, int64_t k, int64_t group, const W4GemvTile& tile, bool out_f32 = false);
+// gemv_w4a16_residual: the same GEMV with the decode residual add + RMSNorm epilogue (n = hidden size,
+// a multiple of 4).
+KernelSpec gemv_w4a16_residual_spec(int64_t n, int64_t k, int64_t group, const W4GemvTile& tile);
 // kernel_templates/gemv_bf16.cuh: gemv_bf16_f32 (fp32 output: the bf16 lm_head); tile as in tile_config.h.
 KernelSpec gemv_bf16_f32_spec(int64_t n, int64_t k, int m_tile, int rows_per_warp, int warps);
 KernelSpec quantize_w4_spec(int64_t k, int64_t group, const QuantizeTile& tile);

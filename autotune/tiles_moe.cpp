@@ -258,6 +258,12 @@ KernelSpec moe_decode_down_spec(const MoeShape& s, const MoeDownTile& t) {
   return decode_spec("moe_decode_down", s, t.ksplit);
 }
 
+KernelSpec moe_decode_down_residual_spec(const MoeShape& s, const MoeDownTile& t) {
+  require_valid(why_invalid(t, s), "moe_decode_down_residual", s);
+  if (s.hidden % 4 != 0) fail("moe_decode_down_residual: hidden size {} must be a multiple of 4", s.hidden);
+  return decode_spec("moe_decode_down_residual", s, t.ksplit);
+}
+
 KernelSpec moe_align_spec(const MoeShape& s, const MoeGemmTile& t) {
   require_valid(why_invalid(t, s, MoeGemm::RoutedGateUp), "moe_align", s);
   return {"moe",

@@ -96,6 +96,8 @@ int64_t moe_gemm_k(const MoeShape& s, MoeGemm gemm);
 KernelSpec moe_router_spec(const MoeShape& s, const MoeRouterTile& tile);
 KernelSpec moe_decode_gate_up_spec(const MoeShape& s, const MoeGemvTile& tile);
 KernelSpec moe_decode_down_spec(const MoeShape& s, const MoeDownTile& tile);
+// moe_decode_down with the decode residual add + RMSNorm epilogue (kernel_templates/decode_fusion.cuh).
+KernelSpec moe_decode_down_residual_spec(const MoeShape& s, const MoeDownTile& tile);
 KernelSpec moe_align_spec(const MoeShape& s, const MoeGemmTile& tile);
 KernelSpec moe_gemm_spec(const MoeShape& s, MoeGemm gemm, const MoeGemmTile& tile);
 KernelSpec moe_combine_spec(const MoeShape& s);

@@ -225,6 +225,7 @@ struct SetFigures {
   std::vector<double> prefill_ms;    // per Plan::prefill, time to first token
   std::vector<double> decode_ms;     // per Plan::contexts, per token: chained graph replays, CUDA events
   std::vector<double> decode_host_ms;  // per Plan::contexts, per token: one decode() call each (host round trip)
+  GraphNodeCounts decode_nodes;        // the captured decode step's graph nodes (kernels = launches per token)
 };
 
 using BuildFn = std::function<std::unique_ptr<GpuModel>(JitEngine&, const GpuModelOptions&)>;
@@ -291,6 +292,7 @@ SetFigures run_set(const std::string& name, const Context& ctx, const BuildFn& b
       chained.push_back(double(e1.elapsed_ms_since(e0)) / double(n));
     }
     f.decode_ms.push_back(median(chained));
+    if (const std::optional<GraphNodeCounts> nodes = model->decode_graph_nodes()) f.decode_nodes = *nodes;
     mem.sample();
     o.log(fmt::format("{}: decode at context {} {:.3f} ms/token (chained), {:.3f} ms (host loop)", name, c,
                       f.decode_ms.back(), f.decode_host_ms.back()));
@@ -477,6 +479,29 @@ int cmd_bench(int argc, char** argv) {
     row(fmt::format("decode at {}", plan.contexts[i]),
         [&](const SetFigures& f) { return fmt_time_rate(f.decode_ms[i], 1); }, fmt_time_rate(decode_floor[i], 1),
         [&](const SetFigures& f) { return percent(decode_floor[i], f.decode_ms[i]); });
+  // Achieved bandwidth: the bytes a step must read (the floor's bytes) over its measured time,
+  // beside the measured copy bandwidth the floor assumes.
+  for (size_t i = 0; i < plan.contexts.size(); ++i) {
+    const double bytes = double(work.decode_bytes(plan.contexts[i]));
+    row(fmt::format("decode at {}: bytes / time", plan.contexts[i]),
+        [&](const SetFigures& f) { return fmt::format("{:.2f} TB/s", bytes / (f.decode_ms[i] * 1e-3) / 1e12); },
+        fmt::format("{:.2f} TB/s (copy)", rates.copy_bytes_per_s / 1e12),
+        [&](const SetFigures& f) { return percent(decode_floor[i], f.decode_ms[i]); });
+  }
+  if (!plan.contexts.empty()) {
+    const double layers = double(config.num_layers);
+    row("decode launches per step",
+        [&](const SetFigures& f) {
+          return fmt::format("{} ({:.2f} per layer)", f.decode_nodes.kernels, f.decode_nodes.kernels / layers);
+        },
+        "", none);
+    row("decode graph nodes besides kernels",
+        [](const SetFigures& f) {
+          return fmt::format("{} memcpy, {} memset, {} other", f.decode_nodes.memcpys, f.decode_nodes.memsets,
+                             f.decode_nodes.other);
+        },
+        "", none);
+  }
   for (size_t i = 0; i < plan.contexts.size(); ++i)
     row(fmt::format("decode at {} (host loop)", plan.contexts[i]),
         [&](const SetFigures& f) { return fmt_time_rate(f.decode_host_ms[i], 1); }, fmt_time_rate(decode_floor[i], 1),
@@ -557,8 +582,14 @@ int cmd_bench(int argc, char** argv) {
                                 {"ms", f.prefill_ms[i]},
                                 {"tok_s", plan.prefill[i] * 1000.0 / f.prefill_ms[i]},
                                 {"of_floor", prefill_floor[i].ms / f.prefill_ms[i]}});
+      s["decode_graph"] = {{"kernels", f.decode_nodes.kernels},
+                           {"kernels_per_layer", double(f.decode_nodes.kernels) / double(config.num_layers)},
+                           {"memcpys", f.decode_nodes.memcpys},
+                           {"memsets", f.decode_nodes.memsets},
+                           {"other", f.decode_nodes.other}};
       for (size_t i = 0; i < plan.contexts.size(); ++i)
         s["decode"].push_back({{"context", plan.contexts[i]},
+                               {"achieved_bytes_per_s", double(work.decode_bytes(plan.contexts[i])) / (f.decode_ms[i] * 1e-3)},
                                {"ms_per_token", f.decode_ms[i]},
                                {"ms_per_token_host_loop", f.decode_host_ms[i]},
                                {"tok_s", 1000.0 / f.decode_ms[i]},

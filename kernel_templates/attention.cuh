@@ -76,6 +76,13 @@ __device__ __forceinline__ void wait_for_predecessor() {
   asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
 }
+// The decode kernels then let the next kernel of the stream start its prologue (its CTAs wait in
+// griddepcontrol.wait until this grid finished).
+__device__ __forceinline__ void allow_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
 
 __device__ __forceinline__ float sigmoid(float x) { return 1.f / (1.f + expf(-x)); }
 
@@ -118,6 +125,7 @@ qk_norm_rope(const q35k::bf16* __restrict__ qkv,       // [T, HQ*2D + 2*HKV*D]
   __shared__ float cos_s[HALF > 0 ? HALF : 1], sin_s[HALF > 0 ? HALF : 1];
 
   attn::wait_for_predecessor();
+  attn::allow_dependents();
   const int t = blockIdx.x;
   const int pos = *pos0_ptr + t;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -395,6 +403,7 @@ attention_decode(const q35k::bf16* __restrict__ q,        // [T, HQ, D] normed +
   __shared__ float sm_m[WARPS][8], sm_l[WARPS][8];
 
   wait_for_predecessor();
+  allow_dependents();
   const int vb = blockIdx.x, kvh = vb / QG, qg = vb % QG, split = blockIdx.y, splits = gridDim.y;
   const int pos0 = *pos0_ptr;
   const int L = pos0 + T;
@@ -565,6 +574,7 @@ attention_decode_merge(const float* __restrict__ part_o,     // [HKV * QG, split
   __shared__ float sm_max[MW], sm_l[MW];
   __shared__ float2 sm_acc[MW][32];
   wait_for_predecessor();
+  allow_dependents();
   const int t = blockIdx.x / HQ, h = blockIdx.x % HQ, vb = h / QPB, r = t * QPB + h % QPB;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, d = blockIdx.y * 64 + 2 * lane;
   const int L = *pos0_ptr + T;

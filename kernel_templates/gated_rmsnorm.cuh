@@ -4,9 +4,45 @@
 //   o [T, HV, DV] fp32 (gdn_decode / gdn_recurrent / gdn_chunk_state output)
 //   z [T, z_stride] bf16, head h at columns [h DV, (h+1) DV) (the z columns of the fused projection)
 //   w [DV] bf16 (plain weight), y [T, HV*DV] bf16 (feeds out_proj).
-// Grid: (T, HV / HEADS), block: HEADS warps, a warp per head; a lane holds float4 groups at
-// 128 m + 4 lane.
+// Grid: (T, HV / HEADS), block: HEADS warps, a warp per head (gated_rmsnorm_head, also run by
+// gdn_decode's last block of a head); a lane holds float4 groups at 128 m + 4 lane.
 #include "common.cuh"
+
+namespace q35k {
+
+// One value head, by one warp: yh [DV] = bf16(oh * inv_rms(oh) * w * silu(zh)). oh is read through L2
+// (gdn_decode's last block of a head reads what the head's other blocks wrote).
+template <int DV>
+__device__ __forceinline__ void gated_rmsnorm_head(const float* oh, const bf16* __restrict__ zh,
+                                                   const bf16* __restrict__ w, bf16* __restrict__ yh, float eps) {
+  static_assert(DV % 128 == 0, "gated_rmsnorm: DV must be a multiple of 128");
+  constexpr int M = DV / 128;
+  const int lane = threadIdx.x % 32;
+  float x[M][4];
+  float ss = 0.f;
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+    const float4 f = __ldcg(reinterpret_cast<const float4*>(oh + 128 * m + 4 * lane));
+    x[m][0] = f.x; x[m][1] = f.y; x[m][2] = f.z; x[m][3] = f.w;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) ss += x[m][e] * x[m][e];
+  }
+  const float inv = 1.f / sqrtf(warp_sum(ss) / float(DV) + eps);
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+    const int c = 128 * m + 4 * lane;
+    const uint2 zw = *reinterpret_cast<const uint2*>(zh + c);
+    const uint2 ww = *reinterpret_cast<const uint2*>(w + c);
+    const float zf[4] = {bf16x2_lo(zw.x), bf16x2_hi(zw.x), bf16x2_lo(zw.y), bf16x2_hi(zw.y)};
+    const float wf[4] = {bf16x2_lo(ww.x), bf16x2_hi(ww.x), bf16x2_lo(ww.y), bf16x2_hi(ww.y)};
+    float r[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) r[e] = x[m][e] * inv * wf[e] * (zf[e] / (1.f + expf(-zf[e])));
+    *reinterpret_cast<uint2*>(yh + c) = make_uint2(f32x2_to_bf16x2(r[0], r[1]), f32x2_to_bf16x2(r[2], r[3]));
+  }
+}
+
+}  // namespace q35k
 
 template <int HV, int DV, int HEADS>
 __global__ void __launch_bounds__(HEADS * 32)
@@ -17,32 +53,7 @@ gated_rmsnorm(const float* __restrict__ o, const q35k::bf16* __restrict__ z, int
   asm volatile("griddepcontrol.wait;" ::: "memory");
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
-  constexpr int M = DV / 128;
-  const int lane = threadIdx.x % 32;
   const size_t t = blockIdx.x;
   const int h = blockIdx.y * HEADS + threadIdx.x / 32;
-  const float* oh = o + (t * HV + h) * DV;
-  float x[M][4];
-  float ss = 0.f;
-#pragma unroll
-  for (int m = 0; m < M; ++m) {
-    const float4 f = *reinterpret_cast<const float4*>(oh + 128 * m + 4 * lane);
-    x[m][0] = f.x; x[m][1] = f.y; x[m][2] = f.z; x[m][3] = f.w;
-#pragma unroll
-    for (int e = 0; e < 4; ++e) ss += x[m][e] * x[m][e];
-  }
-  const float inv = 1.f / sqrtf(q35k::warp_sum(ss) / float(DV) + eps);
-#pragma unroll
-  for (int m = 0; m < M; ++m) {
-    const int c = 128 * m + 4 * lane;
-    const uint2 zw = *reinterpret_cast<const uint2*>(z + t * z_stride + h * DV + c);
-    const uint2 ww = *reinterpret_cast<const uint2*>(w + c);
-    const float zf[4] = {q35k::bf16x2_lo(zw.x), q35k::bf16x2_hi(zw.x), q35k::bf16x2_lo(zw.y), q35k::bf16x2_hi(zw.y)};
-    const float wf[4] = {q35k::bf16x2_lo(ww.x), q35k::bf16x2_hi(ww.x), q35k::bf16x2_lo(ww.y), q35k::bf16x2_hi(ww.y)};
-    float r[4];
-#pragma unroll
-    for (int e = 0; e < 4; ++e) r[e] = x[m][e] * inv * wf[e] * (zf[e] / (1.f + expf(-zf[e])));
-    *reinterpret_cast<uint2*>(y + t * (HV * DV) + h * DV + c) =
-        make_uint2(q35k::f32x2_to_bf16x2(r[0], r[1]), q35k::f32x2_to_bf16x2(r[2], r[3]));
-  }
+  q35k::gated_rmsnorm_head<DV>(o + (t * HV + h) * DV, z + t * z_stride + h * DV, w, y + t * (HV * DV) + h * DV, eps);
 }

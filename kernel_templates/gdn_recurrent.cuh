@@ -12,7 +12,9 @@
 //   gdn_decode     one token, with the prologue fused: conv + SiLU + L2 norm + gates computed from
 //                  the projection row and the ring conv state (each CTA recomputes the 2 DK q/k
 //                  channels of its key head and its own v rows; one CTA per key head writes the
-//                  q/k ring slot, every CTA the slots of its v rows).
+//                  q/k ring slot, every CTA the slots of its v rows), and the gated RMSNorm run
+//                  by the last CTA of each value head (gated_rmsnorm_head).
+#include "gated_rmsnorm.cuh"
 #include "gdn_common.cuh"
 
 namespace q35k {
@@ -141,26 +143,32 @@ gdn_recurrent(const q35k::bf16* __restrict__ qkv, const float* __restrict__ g, c
   q35k::gdn_store_state<DK, RPW>(s, rows, lane);
 }
 
-// One token with the prologue fused (see the top comment). proj [1, row_stride] bf16 laid out as in
-// gdn_prologue.cuh; conv_w [C, KC] bf16; A_log, dt_bias [HV] fp32; ring [KC, C] bf16 in/out;
-// pos0 [1] int32 (the token's position); state [HV, DV, DK] fp32 in/out; out [1, HV, DV] fp32.
+// One token with the prologue and the gated RMSNorm fused (see the top comment). proj [1, row_stride]
+// bf16 laid out as in gdn_prologue.cuh (z at column C); conv_w [C, KC] bf16; A_log, dt_bias [HV] fp32;
+// ring [KC, C] bf16 in/out; pos0 [1] int32 (the token's position); state [HV, DV, DK] fp32 in/out;
+// out [1, HV, DV] fp32 (the recurrence output, scratch); norm_w [DV] bf16; y [1, HV*DV] bf16 the
+// gated RMSNorm of out (gated_rmsnorm.cuh), written by the last of a head's DV / ROWS blocks to
+// finish (atomic ticket counters[j], int32 [HV], zero before the first launch and after every one).
+// The state rows are loaded before the PDL wait: only this kernel writes them, and the launch that
+// wrote them last (the previous decode step) finished before the predecessor's wait returned.
 template <int HK, int HV, int DK, int DV, int KC, int ROWS, int WARPS>
 __global__ void __launch_bounds__(WARPS * 32)
 gdn_decode(const q35k::bf16* __restrict__ proj, const q35k::bf16* __restrict__ conv_w,
            const float* __restrict__ A_log, const float* __restrict__ dt_bias, q35k::bf16* ring,
-           const int* __restrict__ pos0_ptr, float* __restrict__ state, float* __restrict__ out) {
+           const int* __restrict__ pos0_ptr, float* __restrict__ state, float* out,
+           const q35k::bf16* __restrict__ norm_w, q35k::bf16* __restrict__ y, int* counters, float eps) {
   constexpr int C = 2 * HK * DK + HV * DV, RPW = ROWS / WARPS;
   static_assert(ROWS % WARPS == 0 && DV % ROWS == 0 && HV % HK == 0 && RPW <= 32, "gdn_decode: bad tiling");
-  q35k::gdn_pdl_wait();
-  q35k::gdn_pdl_launch_dependents();
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int j = blockIdx.x, kh = j / (HV / HK);
   const int r0 = blockIdx.y * ROWS + warp * RPW;
-  const int pos0 = *pos0_ptr;
   float* rows = state + (size_t(j) * DV + r0) * DK;
 
   q35k::GdnKeyVec<DK> s[RPW];
   q35k::gdn_load_state<DK, RPW>(s, rows, lane);
+  q35k::gdn_pdl_wait();
+  q35k::gdn_pdl_launch_dependents();
+  const int pos0 = *pos0_ptr;
 
   q35k::GdnKeyVec<DK> q, k;
 #pragma unroll
@@ -195,4 +203,15 @@ gdn_decode(const q35k::bf16* __restrict__ proj, const q35k::bf16* __restrict__ c
   for (int r = 0; r < RPW; ++r)
     if (lane == r % 32) out[size_t(j) * DV + r0 + r] = o[r];
   q35k::gdn_store_state<DK, RPW>(s, rows, lane);
+
+  // The head's last block to finish applies the gated RMSNorm over its DV outputs.
+  __shared__ int is_last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) is_last = atomicAdd(&counters[j], 1) == int(gridDim.y) - 1;
+  __syncthreads();
+  if (!is_last) return;
+  if (threadIdx.x == 0) counters[j] = 0;
+  __threadfence();
+  if (warp == 0) q35k::gated_rmsnorm_head<DV>(out + size_t(j) * DV, proj + C + size_t(j) * DV, norm_w, y + size_t(j) * DV, eps);
 }

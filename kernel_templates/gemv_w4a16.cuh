@@ -20,8 +20,11 @@
 // (deterministic); ROW_WARPS row sets of 16 rows sit side by side. The mma chains of the UNROLL
 // tiles (and column tiles) run interleaved, so a warp's compute after its loads land is short.
 // Weights are streamed (ld.global.nc.L1::no_allocate), activations take the normal cached path.
+// PDL: each warp prefetches its weights into L2, then waits for the predecessor (decode_fusion.cuh).
+// gemv_w4a16_residual: the same GEMV with the residual add + RMSNorm epilogue (decode_fusion.cuh).
 // Grid: (ceil(N / (16 * ROW_WARPS)), ceil(T / M_TILE)), block 32 * ROW_WARPS * K_WARPS.
 #include "common.cuh"
+#include "decode_fusion.cuh"
 #include "int4.cuh"
 
 namespace q35k {
@@ -36,14 +39,13 @@ __device__ __forceinline__ void w4_mma_16816(float (&d)[4], const u32 (&a)[4], u
 
 }  // namespace q35k
 
-template <int N, int K, int G, int M_TILE, int ROW_WARPS, int K_WARPS, int UNROLL, bool OUT_F32>
-__global__ void __launch_bounds__(ROW_WARPS * K_WARPS * 32)
-gemv_w4a16(const q35k::u32* __restrict__ qweight,  // [N, K / 8]
-           const q35k::bf16* __restrict__ scales,  // [N, K / G]
-           const q35k::bf16* __restrict__ x,       // [T, K]
-           void* __restrict__ y,                   // [T, N] bf16, or fp32 if OUT_F32
-           int T) {
-  using namespace q35k;
+namespace q35k {
+
+// The GEMV of one block; store(t, n, v) receives every output once (fp32 sum). Weights are prefetched
+// into L2 before the programmatic-dependent-launch wait (they do not depend on the predecessor).
+template <int N, int K, int G, int M_TILE, int ROW_WARPS, int K_WARPS, int UNROLL, typename Store>
+__device__ __forceinline__ void gemv_w4a16_block(const u32* __restrict__ qweight, const bf16* __restrict__ scales,
+                                                 const bf16* __restrict__ x, int T, Store&& store) {
   static_assert(G == 32 || G == 64 || G == 128, "gemv_w4a16: group size must be 32, 64 or 128");
   static_assert(K % G == 0 && K % 32 == 0, "gemv_w4a16: K must be a multiple of the group size and of 32");
   static_assert(M_TILE >= 1 && M_TILE <= 16, "gemv_w4a16: M_TILE must be in [1, 16]");
@@ -70,6 +72,13 @@ gemv_w4a16(const q35k::u32* __restrict__ qweight,  // [N, K / 8]
   const u32* w1 = qweight + size_t(r1) * (K / 8) + q * 4;
   const bf16* s0 = scales + size_t(r0) * GROUPS;
   const bf16* s1 = scales + size_t(r1) * GROUPS;
+  {
+    const int tb = k_warp * TPW;  // this warp's weight bytes: tiles [tb, tb + TPW) of rows r0 .. r0 + 7, r1 ..
+    const int from = min(tb * 64, K / 2), to = min((tb + TPW) * 64, K / 2);
+    if (to > from) decode_prefetch_rows16(qweight, size_t(K / 2), n_base, n_base + 8, N - 1, from, to - from);
+  }
+  decode_pdl_wait();
+  decode_pdl_launch_dependents();
   // The scale slots of this lane's accumulator columns 2q, 2q + 1 (of every column tile).
   const int j0 = (2 * q) % GPS, j1 = (2 * q + 1) % GPS;
   // B operand: this lane supplies column g of each column tile from chunk 4 * tile + q.
@@ -183,10 +192,37 @@ gemv_w4a16(const q35k::u32* __restrict__ qweight,  // [N, K / 8]
     float v = 0.f;
 #pragma unroll
     for (int kw = 0; kw < K_WARPS; ++kw) v += partial[kw][m][rl];
-    const size_t at = size_t(t0 + m) * N + n;
+    store(t0 + m, n, v);
+  }
+}
+
+}  // namespace q35k
+
+template <int N, int K, int G, int M_TILE, int ROW_WARPS, int K_WARPS, int UNROLL, bool OUT_F32>
+__global__ void __launch_bounds__(ROW_WARPS * K_WARPS * 32)
+gemv_w4a16(const q35k::u32* __restrict__ qweight,  // [N, K / 8]
+           const q35k::bf16* __restrict__ scales,  // [N, K / G]
+           const q35k::bf16* __restrict__ x,       // [T, K]
+           void* __restrict__ y,                   // [T, N] bf16, or fp32 if OUT_F32
+           int T) {
+  q35k::gemv_w4a16_block<N, K, G, M_TILE, ROW_WARPS, K_WARPS, UNROLL>(qweight, scales, x, T, [&](int t, int n, float v) {
+    const size_t at = size_t(t) * N + n;
     if constexpr (OUT_F32)
       static_cast<float*>(y)[at] = v;
     else
-      static_cast<bf16*>(y)[at] = f32_to_bf16(v);
-  }
+      static_cast<q35k::bf16*>(y)[at] = q35k::f32_to_bf16(v);
+  });
+}
+
+// The same GEMV with the residual epilogue of decode_fusion.cuh (a sub-layer's output projection in a
+// decode step, N = hidden size): residual fp32 [T, N] += bf16(y), then the last block writes
+// normed [T, N] bf16 = RMSNorm(residual) with norm_w [N] bf16; counter int32 [1], zero between launches.
+template <int N, int K, int G, int M_TILE, int ROW_WARPS, int K_WARPS, int UNROLL>
+__global__ void __launch_bounds__(ROW_WARPS * K_WARPS * 32)
+gemv_w4a16_residual(const q35k::u32* __restrict__ qweight, const q35k::bf16* __restrict__ scales,
+                    const q35k::bf16* __restrict__ x, float* residual, const q35k::bf16* __restrict__ norm_w,
+                    q35k::bf16* __restrict__ normed, int* counter, float eps, int T) {
+  q35k::gemv_w4a16_block<N, K, G, M_TILE, ROW_WARPS, K_WARPS, UNROLL>(
+      qweight, scales, x, T, [&](int t, int n, float v) { q35k::residual_add_bf16(residual, size_t(t) * N + n, v); });
+  q35k::residual_rmsnorm_last_block<N, ROW_WARPS * K_WARPS * 32>(residual, norm_w, normed, counter, eps, T);
 }

@@ -15,10 +15,13 @@
 //   moe_decode_gate_up  h[t, s*I + i] = bf16(silu(gate_e . x_t) * (up_e . x_t)), e = ids[t, s], for
 //                       the k routed slots, and h[t, k*I + i] for the shared expert (Is values)
 //   moe_decode_down     out[t] = bf16( sum_s w[t,s] * down_e . h[t,s] + shared_gate[t] * down_sh . h[t,k] )
+//                       (moe_decode_down_residual: added to the fp32 residual stream instead, and the
+//                       next RMSNorm by the last block, decode_fusion.cuh)
 // The two decode GEMVs run on tensor cores (mma_rows16_dot): a warp's 16 weight rows are the mma
 // A operand straight from the 16-byte loads, x is the B operand, fp32 accumulation.
 // Prefill: moe_router, moe_align, 4 x moe_gemm, moe_combine.
 #include "common.cuh"
+#include "decode_fusion.cuh"
 #include "int4.cuh"
 
 namespace q35k {
@@ -455,12 +458,16 @@ moe_decode_gate_up(const q35k::bf16* __restrict__ x, const int* __restrict__ ids
 // mma tile); warp w takes expert slot w / KSPLIT (slot TOPK = shared) over the k part w % KSPLIT, so
 // every weight load of the block is independent. The block then sums the parts in slot order
 // (deterministic, no atomics) and writes each output once.
-template <int GROUP, int H, int I, int IS, int TOPK, int KSPLIT>
-__global__ void __launch_bounds__((TOPK + 1) * KSPLIT * 32)
-moe_decode_down(const q35k::bf16* __restrict__ h, const int* __restrict__ ids, const float* __restrict__ weights,
-                const float* __restrict__ shared_gate, const void* __restrict__ down_w,
-                const q35k::bf16* __restrict__ down_s, const void* __restrict__ shared_w,
-                const q35k::bf16* __restrict__ shared_s, q35k::bf16* __restrict__ out, int T) {
+namespace q35k {
+
+// The block's 16 outputs of one token; store(t, n, v) receives each (fp32 sum).
+template <int GROUP, int H, int I, int IS, int TOPK, int KSPLIT, typename Store>
+__device__ __forceinline__ void moe_decode_down_block(const bf16* __restrict__ h, const int* __restrict__ ids,
+                                                      const float* __restrict__ weights,
+                                                      const float* __restrict__ shared_gate,
+                                                      const void* __restrict__ down_w, const bf16* __restrict__ down_s,
+                                                      const void* __restrict__ shared_w,
+                                                      const bf16* __restrict__ shared_s, Store&& store) {
   static_assert(H % 16 == 0, "moe_decode_down: H must be a multiple of 16");
   static_assert(I % (32 * KSPLIT) == 0 && IS % (32 * KSPLIT) == 0,
                 "moe_decode_down: I and IS must be multiples of 32 * KSPLIT");
@@ -506,8 +513,38 @@ moe_decode_down(const q35k::bf16* __restrict__ h, const int* __restrict__ ids, c
       for (int k = 0; k < KSPLIT; ++k) v += part[e][k][r];
       acc += weights[size_t(t) * TOPK + e] * v;
     }
-    out[size_t(t) * H + n0 + r] = q35k::f32_to_bf16(acc);
+    store(t, n0 + r, acc);
   }
+}
+
+}  // namespace q35k
+
+template <int GROUP, int H, int I, int IS, int TOPK, int KSPLIT>
+__global__ void __launch_bounds__((TOPK + 1) * KSPLIT * 32)
+moe_decode_down(const q35k::bf16* __restrict__ h, const int* __restrict__ ids, const float* __restrict__ weights,
+                const float* __restrict__ shared_gate, const void* __restrict__ down_w,
+                const q35k::bf16* __restrict__ down_s, const void* __restrict__ shared_w,
+                const q35k::bf16* __restrict__ shared_s, q35k::bf16* __restrict__ out, int T) {
+  q35k::moe_decode_down_block<GROUP, H, I, IS, TOPK, KSPLIT>(
+      h, ids, weights, shared_gate, down_w, down_s, shared_w, shared_s,
+      [&](int t, int n, float v) { out[size_t(t) * H + n] = q35k::f32_to_bf16(v); });
+}
+
+// moe_decode_down with the residual epilogue of decode_fusion.cuh: residual fp32 [T, H] += bf16(out),
+// then the last block writes normed [T, H] bf16 = RMSNorm(residual) with norm_w [H] bf16 (the next
+// layer's input norm, or the final norm); counter int32 [1], zero between launches.
+template <int GROUP, int H, int I, int IS, int TOPK, int KSPLIT>
+__global__ void __launch_bounds__((TOPK + 1) * KSPLIT * 32)
+moe_decode_down_residual(const q35k::bf16* __restrict__ h, const int* __restrict__ ids,
+                         const float* __restrict__ weights, const float* __restrict__ shared_gate,
+                         const void* __restrict__ down_w, const q35k::bf16* __restrict__ down_s,
+                         const void* __restrict__ shared_w, const q35k::bf16* __restrict__ shared_s, float* residual,
+                         const q35k::bf16* __restrict__ norm_w, q35k::bf16* __restrict__ normed, int* counter,
+                         float eps, int T) {
+  q35k::moe_decode_down_block<GROUP, H, I, IS, TOPK, KSPLIT>(
+      h, ids, weights, shared_gate, down_w, down_s, shared_w, shared_s,
+      [&](int t, int n, float v) { q35k::residual_add_bf16(residual, size_t(t) * H + n, v); });
+  q35k::residual_rmsnorm_last_block<H, (TOPK + 1) * KSPLIT * 32>(residual, norm_w, normed, counter, eps, T);
 }
 
 // ---- prefill: sort the (token, slot) pairs by expert into BLOCK_M-row blocks ----

@@ -87,7 +87,8 @@ struct GpuModel::Impl {
     gpu::GemmPlan gemm;      // M > 16
     const Function* f = nullptr;
   };
-  std::map<std::tuple<WeightFormat, int, int64_t, int64_t, bool, int>, DensePlan> dense_plans;
+  // (format, group, N, K, fp32 out, M, residual epilogue)
+  std::map<std::tuple<WeightFormat, int, int64_t, int64_t, bool, int, bool>, DensePlan> dense_plans;
 
   // Per sequence: one K and V cache per full-attention layer, conv + fp32 state per DeltaNet layer.
   std::vector<DeviceBuffer> k_cache, v_cache;  // bf16 [max_context, Hkv, D] (indexed by layer)
@@ -112,8 +113,12 @@ struct GpuModel::Impl {
   DeviceBuffer moe_ws;      // moe_workspace_bytes(max_chunk) for the largest tuned block_m, zeroed once
   DeviceBuffer dequant;     // bf16 [max N*K] W4A16 weights dequantized for prefill GEMMs
   DeviceBuffer logits;      // fp32 [16, vocab]
+  // int32 tickets of the fused decode kernels, zeroed once (every launch leaves its own zero):
+  // [0] the residual epilogues (one launch at a time uses it), [1, 1 + Hv) gdn_decode's per head.
+  DeviceBuffer tickets;
 
   std::optional<GraphExec> decode_graph;
+  std::optional<GraphNodeCounts> decode_nodes;  // of the captured step
   SamplingParams graph_sampling;
   std::optional<SamplingParams> rng_params;  // what `rng` was seeded for
 };
@@ -257,6 +262,8 @@ void GpuModel::init(const GpuModelOptions& o) {
     m.dequant = alloc(size_t(largest) * 2);
   }
   m.logits = alloc(size_t(16 * c.vocab_size) * 4);
+  m.tickets = alloc(size_t(1 + (has_linear ? c.linear_num_value_heads : 0)) * 4);
+  m.tickets.fill_bytes(0, stream_);
   stream_.synchronize();
 }
 
@@ -358,10 +365,12 @@ std::vector<KernelSpec> tuned_kernels(const Config& c, const gpu::TunedTiles& tt
   std::vector<KernelSpec> specs;
   for (const gpu::DenseShape& d : gpu::dense_shapes(c)) {
     const bool f32 = d.proj == gpu::DenseProj::LmHead;
-    if (m <= 16)
+    if (m <= 16) {
       specs.push_back(group ? gpu::W4GemvPlan{d.n, d.k, group, tt.w4_gemv(d.n, d.k, f32, m), f32}.spec()
                             : gpu::GemvBf16Plan{d.n, d.k, tt.gemv_bf16(d.n, d.k, f32, m), f32}.spec());
-    else if (!f32)
+      if (group && (d.proj == gpu::DenseProj::AttnOut || d.proj == gpu::DenseProj::GdnOut))
+        specs.push_back(gpu::W4GemvPlan{d.n, d.k, group, tt.w4_gemv(d.n, d.k, false, m), false, true}.spec());
+    } else if (!f32)
       specs.push_back(
           gpu::GemmPlan{d.n, d.k, tt.gemm(d.n, d.k, false, m), false, tt.wgmma() ? gpu::wgmma_gemm_group(group, m, d.k) : 0}
               .spec());
@@ -394,9 +403,9 @@ std::string key_of(const std::vector<KernelSpec>& specs) {
 }  // namespace
 
 // y [M, N] = x [M, K] · W^T: GEMV for M <= 16, else GEMM (W4A16 dequantized into `dequant` first).
-void GpuModel::dense(const GpuMatrix& W, CUdeviceptr x, CUdeviceptr y, int M, bool out_f32) {
+void GpuModel::dense(const GpuMatrix& W, CUdeviceptr x, CUdeviceptr y, int M, bool out_f32, bool pdl) {
   Impl& m = *impl_;
-  const auto key = std::make_tuple(W.format, W.group, W.N, W.K, out_f32, M);
+  const auto key = std::make_tuple(W.format, W.group, W.N, W.K, out_f32, M, false);
   auto it = m.dense_plans.find(key);
   if (it == m.dense_plans.end()) {
     Impl::DensePlan p;
@@ -421,7 +430,7 @@ void GpuModel::dense(const GpuMatrix& W, CUdeviceptr x, CUdeviceptr y, int M, bo
     if (W.format == WeightFormat::BF16)
       gpu::launch(p.bf16, *p.f, stream_, W.w.ptr(), x, y, M);
     else
-      gpu::launch(p.w4, *p.f, stream_, W.qweight.ptr(), W.scales.ptr(), x, y, M);
+      gpu::launch(p.w4, *p.f, stream_, W.qweight.ptr(), W.scales.ptr(), x, y, M, pdl);
     return;
   }
   if (p.gemm.group != 0) {
@@ -436,6 +445,22 @@ void GpuModel::dense(const GpuMatrix& W, CUdeviceptr x, CUdeviceptr y, int M, bo
     w = m.dequant.ptr();
   }
   gpu::launch(p.gemm, *p.f, stream_, x, w, y, M);
+}
+
+void GpuModel::dense_residual(const GpuMatrix& W, CUdeviceptr x, int M, CUdeviceptr norm_w, bool pdl) {
+  Impl& m = *impl_;
+  if (W.format != WeightFormat::W4A16 || M > 16)
+    fail("dense_residual [{} x {}]: the residual epilogue needs W4A16 weights and M <= 16 (M = {})", W.N, W.K, M);
+  const auto key = std::make_tuple(W.format, W.group, W.N, W.K, false, M, true);
+  auto it = m.dense_plans.find(key);
+  if (it == m.dense_plans.end()) {
+    Impl::DensePlan p;
+    p.w4 = {W.N, W.K, W.group, m.tuned->w4_gemv(W.N, W.K, false, M), false, true};
+    p.f = &m.kernels.get(p.w4.spec());
+    it = m.dense_plans.emplace(key, p).first;
+  }
+  const gpu::ResidualNorm r{m.residual.ptr(), norm_w, m.normed.ptr(), m.tickets.ptr(), float(config_.rms_norm_eps)};
+  gpu::launch(it->second.w4, *it->second.f, stream_, W.qweight.ptr(), W.scales.ptr(), x, r, M, pdl);
 }
 
 const gpu::MoeKernels& GpuModel::moe_kernels(int T, const gpu::MoeScratch** scratch) {
@@ -500,47 +525,72 @@ void GpuModel::run_layers(int T, bool decode) {
   const gpu::AttentionPlan& attn = st.attn;
   const gpu::GdnKernels* gdn = st.gdn;
 
-  for (size_t i = 0; i < weights_.layers.size(); ++i) {
-    const GpuLayer& l = weights_.layers[i];
-    add_norm(l.input_norm.ptr());
+  // Calls of few tokens (decode steps; T <= kMoeDecodeMaxTokens) fold each residual add + RMSNorm
+  // into the kernel that produces the sub-layer's output (kernel_templates/decode_fusion.cuh): the
+  // W4A16 output projection's GEMV (post-attention norm) and the MoE down GEMV (the next layer's
+  // input norm, or the final norm). Larger calls, and bf16 output projections, run the rmsnorm
+  // kernel between sub-layers. The decode kernels of fused calls use programmatic dependent launch
+  // (sm_90): each waits (griddepcontrol.wait) before reading what its predecessor wrote.
+  const bool fuse = T <= kMoeDecodeMaxTokens;
+  const bool fuse_out = fuse && options_.format == WeightFormat::W4A16;
+  const bool pdl = fuse && ctx_.device().cc_major >= 9;
+  const int64_t layers = int64_t(weights_.layers.size());
+  for (int64_t i = 0; i < layers; ++i) {
+    const GpuLayer& l = weights_.layers[size_t(i)];
+    if (i == 0 || !fuse) add_norm(l.input_norm.ptr());
+    // The output projection W of the mixer, from x = its output: residual += x . W^T, normed = post_norm.
+    auto out_proj = [&](const GpuMatrix& W, CUdeviceptr x) {
+      if (fuse_out) {
+        dense_residual(W, x, T, l.post_norm.ptr(), pdl);
+        return;
+      }
+      dense(W, x, m.delta.ptr(), T);
+      add_norm(l.post_norm.ptr());
+    };
 
     if (l.type == LayerType::FullAttention) {
-      dense(l.qkv, m.normed.ptr(), m.proj.ptr(), T);
+      dense(l.qkv, m.normed.ptr(), m.proj.ptr(), T, false, pdl);
       gpu::launch_qk_norm_rope(attn, ks.get(attn.qk_norm_rope_spec()), stream_, m.proj.ptr(), l.q_norm.ptr(),
                                l.k_norm.ptr(), m.q.ptr(), m.k_cache[i].ptr(), m.v_cache[i].ptr(), m.pos.ptr(), T,
-                               int(options_.max_context));
+                               int(options_.max_context), pdl);
       if (decode && T <= attn.max_decode_tokens())
         gpu::launch_attention_decode(attn, ks.get(attn.decode_spec()), ks.get(attn.decode_merge_spec()), stream_,
                                      m.q.ptr(), m.k_cache[i].ptr(), m.v_cache[i].ptr(), m.proj.ptr(), m.mix.ptr(),
-                                     m.attn_scratch.ptr(), st.attn_splits, m.pos.ptr(), T);
+                                     m.attn_scratch.ptr(), st.attn_splits, m.pos.ptr(), T, pdl);
       else
         gpu::launch_attention_prefill(attn, ks.get(attn.prefill_spec()), stream_, m.q.ptr(), m.k_cache[i].ptr(),
                                       m.v_cache[i].ptr(), m.proj.ptr(), m.mix.ptr(), m.pos.ptr(), T);
-      dense(l.o_proj, m.mix.ptr(), m.delta.ptr(), T);
+      out_proj(l.o_proj, m.mix.ptr());
     } else {
       const int stride = int(l.in_proj.N);
-      dense(l.in_proj, m.normed.ptr(), m.proj.ptr(), T);
+      dense(l.in_proj, m.normed.ptr(), m.proj.ptr(), T, false, pdl);
       const gpu::GdnLayerWeights gw{l.conv1d.ptr(), l.A_log.ptr(), l.dt_bias.ptr(), l.gdn_norm.ptr()};
       const gpu::GdnLayerState st{m.conv_state[i].ptr(), m.ssm_state[i].ptr()};
       if (decode && T == 1)
-        gdn->decode(stream_, m.proj.ptr(), stride, m.pos.ptr(), gw, st, m.gdn_o.ptr(), m.mix.ptr());
+        gdn->decode(stream_, m.proj.ptr(), stride, m.pos.ptr(), gw, st, m.gdn_o.ptr(), m.mix.ptr(),
+                    m.tickets.ptr() + 4, pdl);
       else  // chunked from gpu::kGdnChunkedMinTokens tokens, else the recurrence
         gdn->prefill(stream_, m.proj.ptr(), stride, T, m.pos.ptr(), gw, st, gpu::gdn_workspace(c, T, m.gdn_ws.ptr()),
                        m.mix.ptr(), options_.chunked_gdn);
-      dense(l.out_proj, m.mix.ptr(), m.delta.ptr(), T);
+      out_proj(l.out_proj, m.mix.ptr());
     }
 
-    add_norm(l.post_norm.ptr());
-    gpu::moe_forward(*st.moe, stream_, moe_weights(l), *st.moe_scratch, m.normed.ptr(), m.delta.ptr(), T);
+    if (fuse) {  // residual += MoE(normed); normed = the next layer's input norm (or the final norm)
+      const DeviceBuffer& next = i + 1 < layers ? weights_.layers[size_t(i + 1)].input_norm : weights_.final_norm;
+      const gpu::ResidualNorm r{m.residual.ptr(), next.ptr(), m.normed.ptr(), m.tickets.ptr(), eps};
+      gpu::moe_forward_decode(*st.moe, stream_, moe_weights(l), *st.moe_scratch, m.normed.ptr(), r, T);
+    } else {
+      gpu::moe_forward(*st.moe, stream_, moe_weights(l), *st.moe_scratch, m.normed.ptr(), m.delta.ptr(), T);
+    }
   }
-  add_norm(weights_.final_norm.ptr());
+  if (!fuse) add_norm(weights_.final_norm.ptr());
 }
 
 // fp32 logits [vocab] of the last of T rows of normed, into impl_->logits.
 void GpuModel::lm_head(int T) {
   Impl& m = *impl_;
   const size_t row = size_t(T - 1) * size_t(config_.hidden_size) * 2;
-  dense(weights_.lm_head, m.normed.ptr() + row, m.logits.ptr(), 1, true);
+  dense(weights_.lm_head, m.normed.ptr() + row, m.logits.ptr(), 1, true, ctx_.device().cc_major >= 9);
 }
 
 std::vector<float> GpuModel::forward(std::span<const int32_t> tokens, bool all_logits) {
@@ -609,6 +659,8 @@ int32_t GpuModel::prefill(std::span<const int32_t> tokens, const SamplingParams&
 
 int32_t GpuModel::decode(int32_t token, const SamplingParams& sp) { return decode_steps(token, 1, sp); }
 
+std::optional<GraphNodeCounts> GpuModel::decode_graph_nodes() const { return impl_->decode_nodes; }
+
 int32_t GpuModel::decode_steps(int32_t token, int64_t steps, const SamplingParams& sp) {
   Impl& m = *impl_;
   if (token < 0 || token >= config_.vocab_size)
@@ -635,6 +687,7 @@ int32_t GpuModel::decode_steps(int32_t token, int64_t steps, const SamplingParam
     step();
     stream_.synchronize();
     Graph g = Graph::capture(driver_, stream_, step);
+    m.decode_nodes = g.node_counts();
     m.decode_graph.emplace(g.instantiate());
     m.graph_sampling = sp;
     done = 1;

@@ -78,6 +78,9 @@ class GpuModel {
   int32_t decode_steps(int32_t token, int64_t steps, const SamplingParams& sampling);
 
   const Stream& stream() const { return stream_; }
+  // The nodes of the captured decode step (kernels = kernel launches per decoded token); empty
+  // before the first decode() / decode_steps() of the model.
+  std::optional<GraphNodeCounts> decode_graph_nodes() const;
 
   // Host copies of the sequence state (a server's prefix cache). The DeltaNet conv and recurrent
   // states of every layer (two parts per layer, empty for attention layers):
@@ -98,7 +101,11 @@ class GpuModel {
   void sample(const SamplingParams& sampling);
   void check_fits(size_t T) const;
   // y [M, N] = x [M, K] . W^T with the plan of (W's shape and format, M), resolved on first use.
-  void dense(const GpuMatrix& W, CUdeviceptr x, CUdeviceptr y, int M, bool out_f32 = false);
+  // pdl: programmatic dependent launch (GEMV only; the caller checks the predecessor is a kernel).
+  void dense(const GpuMatrix& W, CUdeviceptr x, CUdeviceptr y, int M, bool out_f32 = false, bool pdl = false);
+  // A sub-layer's output projection with the residual epilogue (W4A16, M <= 16): residual +=
+  // bf16(x . W^T), normed = RMSNorm(residual) with norm_w (kernel_templates/decode_fusion.cuh).
+  void dense_residual(const GpuMatrix& W, CUdeviceptr x, int M, CUdeviceptr norm_w, bool pdl);
   // The MoE / GDN kernels of the tiles for T tokens (loaded on first use) and the MoE scratch.
   const gpu::MoeKernels& moe_kernels(int T, const gpu::MoeScratch** scratch);
   const gpu::GdnKernels& gdn_kernels(int T);

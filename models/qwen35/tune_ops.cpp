@@ -513,6 +513,8 @@ class GdnOpBase : public OpBase {
     y_ = alloc(size_t(m * shape_.hv * shape_.dv) * 2);
     pos_ = alloc(4);
     pos_.fill_bytes(0, st);
+    counters_ = alloc(size_t(hv) * 4);  // gdn_decode's per-head tickets, re-armed by every launch
+    counters_.fill_bytes(0, st);
   }
   // One call of m tokens on copy `it` (its state zeroed first when it = 0: the checked run).
   void run_gdn(const gpu::GdnTiles& t, int64_t m, int it, bool chunked, const Stream& st) {
@@ -522,13 +524,13 @@ class GdnOpBase : public OpBase {
     const gpu::GdnLayerWeights w{conv_w_.ptr(), a_log_.ptr(), dt_bias_.ptr(), norm_w_.ptr()};
     const gpu::GdnLayerState s{conv_[i].ptr(), ssm_[i].ptr()};
     if (m == 1 && !chunked)
-      k.decode(st, proj_[i].ptr(), int(stride_), pos_.ptr(), w, s, o_.ptr(), y_.ptr());
+      k.decode(st, proj_[i].ptr(), int(stride_), pos_.ptr(), w, s, o_.ptr(), y_.ptr(), counters_.ptr());
     else
       k.prefill(st, proj_[i].ptr(), int(stride_), int(m), pos_.ptr(), w, s, gpu::gdn_workspace(cfg_, m, ws_.ptr()),
                 y_.ptr(), chunked);
   }
   void release() override {
-    conv_w_ = {}, a_log_ = {}, dt_bias_ = {}, norm_w_ = {}, ws_ = {}, o_ = {}, y_ = {}, pos_ = {};
+    conv_w_ = {}, a_log_ = {}, dt_bias_ = {}, norm_w_ = {}, ws_ = {}, o_ = {}, y_ = {}, pos_ = {}, counters_ = {};
     proj_.clear(), conv_.clear(), ssm_.clear();
   }
   std::vector<float> output(const Stream& st) override { return download_bf16(y_, y_.size() / 2, st); }
@@ -538,7 +540,7 @@ class GdnOpBase : public OpBase {
   GdnShape shape_;
   int64_t stride_;
   std::map<std::string, std::unique_ptr<gpu::GdnKernels>> variants_;
-  DeviceBuffer conv_w_, a_log_, dt_bias_, norm_w_, ws_, o_, y_, pos_;
+  DeviceBuffer conv_w_, a_log_, dt_bias_, norm_w_, ws_, o_, y_, pos_, counters_;
   std::vector<DeviceBuffer> proj_, conv_, ssm_;
 };
 

@@ -3,6 +3,8 @@
 #include <dlfcn.h>
 #include <fmt/format.h>
 
+#include <vector>
+
 #include "runtime/core/error.h"
 
 namespace q35 {
@@ -94,6 +96,8 @@ Driver::Driver(const std::string& library) : library_(library) {
     resolve("cuGraphLaunch", api_.graph_launch);
     resolve("cuGraphDestroy", api_.graph_destroy);
     resolve("cuGraphExecDestroy", api_.graph_exec_destroy);
+    resolve("cuGraphGetNodes", api_.graph_get_nodes);
+    resolve("cuGraphNodeGetType", api_.graph_node_get_type);
     resolve("cuProfilerStart", api_.profiler_start);
     resolve("cuProfilerStop", api_.profiler_stop);
 
@@ -361,6 +365,25 @@ GraphExec Graph::instantiate() const {
   CUgraphExec exec = nullptr;
   driver_->check(driver_->api().graph_instantiate(&exec, graph_, 0), "cuGraphInstantiate");
   return GraphExec(*driver_, exec);
+}
+
+GraphNodeCounts Graph::node_counts() const {
+  size_t n = 0;
+  driver_->check(driver_->api().graph_get_nodes(graph_, nullptr, &n), "cuGraphGetNodes");
+  std::vector<CUgraphNode> nodes(n);
+  if (n) driver_->check(driver_->api().graph_get_nodes(graph_, nodes.data(), &n), "cuGraphGetNodes");
+  GraphNodeCounts c;
+  for (size_t i = 0; i < n; ++i) {
+    CUgraphNodeType type{};
+    driver_->check(driver_->api().graph_node_get_type(nodes[i], &type), "cuGraphNodeGetType");
+    switch (type) {
+      case CU_GRAPH_NODE_TYPE_KERNEL: ++c.kernels; break;
+      case CU_GRAPH_NODE_TYPE_MEMCPY: ++c.memcpys; break;
+      case CU_GRAPH_NODE_TYPE_MEMSET: ++c.memsets; break;
+      default: ++c.other; break;
+    }
+  }
+  return c;
 }
 
 GraphExec::~GraphExec() {

@@ -90,6 +90,8 @@ class Driver {
     decltype(&::cuGraphLaunch) graph_launch = nullptr;
     decltype(&::cuGraphDestroy) graph_destroy = nullptr;
     decltype(&::cuGraphExecDestroy) graph_exec_destroy = nullptr;
+    decltype(&::cuGraphGetNodes) graph_get_nodes = nullptr;
+    decltype(&::cuGraphNodeGetType) graph_node_get_type = nullptr;
     // Bracket what an external profiler records (ncu --profile-from-start off).
     decltype(&::cuProfilerStart) profiler_start = nullptr;
     decltype(&::cuProfilerStop) profiler_stop = nullptr;
@@ -250,6 +252,12 @@ class Function {
 
 class GraphExec;
 
+// The nodes of a graph by kind (a captured decode step: one kernel node per launch).
+struct GraphNodeCounts {
+  int kernels = 0, memcpys = 0, memsets = 0, other = 0;
+  int total() const { return kernels + memcpys + memsets + other; }
+};
+
 // A captured graph: Graph::capture(stream, [&] { ...launches on stream... }).
 class Graph {
  public:
@@ -271,6 +279,7 @@ class Graph {
   Graph& operator=(const Graph&) = delete;
 
   GraphExec instantiate() const;
+  GraphNodeCounts node_counts() const;  // cuGraphGetNodes + cuGraphNodeGetType
   CUgraph handle() const { return graph_; }
 
  private:

@@ -415,6 +415,96 @@ TEST_CASE("GPU dense: decode GEMVs (bf16, W4A16 G32/64/128) at every projection 
   }
 }
 
+// gemv_w4a16_residual (the decode residual epilogue, kernel_templates/decode_fusion.cuh): the output
+// projections of the tiny fixture and the 35B shapes, W4A16 G32/64/128, M = 1, 2, 5, 8. The fp32
+// residual stream must come out bit-exact as residual0 + bf16(y) with y from the plain gemv_w4a16
+// (same tile, same summation order), and normed as the CPU reference RMSNorm of that stream (zero-
+// centred weights); the product itself against ref::matmul on the dequantized weights. Launched
+// twice in a row: the ticket re-arms (the second result is the same) and the graph form with PDL
+// gives the same result.
+TEST_CASE("GPU dense: gemv_w4a16_residual (residual add + RMSNorm epilogue) at the output projections, tiny and 35B") {
+  auto g = open_gpu();
+  const float eps = 1e-6f;
+  std::vector<DenseShape> shapes;
+  for (const DenseShape& s : all_shapes())
+    if (s.proj == DenseProj::AttnOut || s.proj == DenseProj::GdnOut) shapes.push_back(s);
+  REQUIRE(shapes.size() == 4);
+  std::vector<KernelSpec> specs;
+  for (const DenseShape& s : shapes)
+    for (int M : {1, 2, 5, 8})
+      for (int64_t G : {32, 64, 128}) {
+        W4GemvPlan p = w4_gemv_plan(s.n, s.k, G, M);
+        specs.push_back(p.spec());
+        p.residual = true;
+        specs.push_back(p.spec());
+      }
+  precompile(*g, specs);
+  DeviceBuffer counter(g->driver, 4);
+  counter.fill_bytes(0, g->stream);
+  for (const DenseShape& s : shapes) {
+    CAPTURE(s.name);
+    CAPTURE(s.n);
+    CAPTURE(s.k);
+    const std::vector<uint16_t> W = fast_random_bf16(size_t(s.n * s.k), 41, 0.1f);
+    DeviceBuffer d_W = to_device(*g, W);
+    const std::vector<uint16_t> norm_w = random_bf16(size_t(s.n), 42, 0.5f);
+    std::vector<float> nw = to_f32(norm_w);
+    DeviceBuffer d_nw = to_device(*g, norm_w);
+    std::vector<int64_t> all_rows(static_cast<size_t>(s.n));
+    std::iota(all_rows.begin(), all_rows.end(), 0);
+    const std::vector<float> w_f32 = rows_f32(W, s.k, all_rows);
+    for (int64_t G : {32, 64, 128}) {
+      CAPTURE(G);
+      QuantizePlan qp = quantize_plan(s.k, G);
+      DeviceBuffer d_q(g->driver, size_t(s.n * s.k / 8) * 4), d_s(g->driver, size_t(s.n * s.k / G) * 2);
+      launch_quantize(qp, g->jit.load(qp.quantize_spec(), g->ctx), g->stream, d_W.ptr(), d_q.ptr(), d_s.ptr(), s.n);
+      const std::vector<float> w_ref = int4::dequantize(int4::quantize(w_f32, s.n, s.k, G), s.n, s.k, G);
+      for (int M : {1, 2, 5, 8}) {
+        CAPTURE(M);
+        const std::vector<uint16_t> x = fast_random_bf16(size_t(M) * s.k, 43 + M, 2.f);
+        const std::vector<float> res0 = random_f32(size_t(M * s.n), 44 + M, 3.f);
+        DeviceBuffer d_x = to_device(*g, x), d_y = poisoned(*g, size_t(M * s.n) * 2);
+        const W4GemvPlan plain = w4_gemv_plan(s.n, s.k, G, M);
+        W4GemvPlan fused = plain;
+        fused.residual = true;
+        const Function f_plain = g->jit.load(plain.spec(), g->ctx), f_fused = g->jit.load(fused.spec(), g->ctx);
+        launch(plain, f_plain, g->stream, d_q.ptr(), d_s.ptr(), d_x.ptr(), d_y.ptr(), M);
+        const std::vector<float> y = to_f32(to_host<uint16_t>(*g, d_y));
+        std::vector<int64_t> mi(static_cast<size_t>(M));
+        std::iota(mi.begin(), mi.end(), 0);
+        CHECK(check_product(rows_f32(x, s.k, mi), w_ref, mi, all_rows, s.n, s.k, y) <= 1e-2);
+        // The CPU reference of the epilogue: residual0 + y (fp32), then the zero-centred RMSNorm.
+        std::vector<float> want_res(res0.size()), want_normed(res0.size());
+        for (size_t i = 0; i < res0.size(); ++i) want_res[i] = res0[i] + y[i];
+        ref::rmsnorm(want_res, nw, want_normed, M, s.n, eps);
+
+        std::vector<std::vector<float>> runs;  // normed of each run, for the determinism check
+        for (int run = 0; run < 3; ++run) {  // twice eagerly, once as a graph with PDL
+          CAPTURE(run);
+          DeviceBuffer d_res = to_device(*g, res0), d_normed = poisoned(*g, size_t(M * s.n) * 2);
+          const ResidualNorm r{d_res.ptr(), d_nw.ptr(), d_normed.ptr(), counter.ptr(), eps};
+          if (run < 2) {
+            launch(fused, f_fused, g->stream, d_q.ptr(), d_s.ptr(), d_x.ptr(), r, M);
+          } else {
+            Graph graph = Graph::capture(g->driver, g->stream, [&] {
+              launch(plain, f_plain, g->stream, d_q.ptr(), d_s.ptr(), d_x.ptr(), d_y.ptr(), M);
+              launch(fused, f_fused, g->stream, d_q.ptr(), d_s.ptr(), d_x.ptr(), r, M, true);
+            });
+            graph.instantiate().launch(g->stream);
+          }
+          const std::vector<float> got_res = to_host<float>(*g, d_res);
+          CHECK(std::memcmp(got_res.data(), want_res.data(), got_res.size() * 4) == 0);
+          runs.push_back(to_f32(to_host<uint16_t>(*g, d_normed)));
+          CHECK(rel_l2(runs.back(), want_normed) <= 2e-3);
+          CHECK(to_host<int32_t>(*g, counter)[0] == 0);  // re-armed
+        }
+        CHECK(runs[0] == runs[1]);
+        CHECK(runs[0] == runs[2]);
+      }
+    }
+  }
+}
+
 TEST_CASE("GPU dense: W4A16 decode GEMV tiles at the 35B shapes (G128, M = 1): each correct, default deterministic") {
   auto g = open_gpu();
   const int64_t G = 128;

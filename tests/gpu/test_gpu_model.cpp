@@ -223,4 +223,58 @@ TEST_CASE("GPU model: synthetic 35B-A3B shapes, W4A16 g128, run end to end") {
     CHECK((id >= 0 && id < c.vocab_size));
   }
   CHECK(model.position() == 604);
+  // Kernel launches per decode step (the captured graph's kernel nodes): embedding + the first input
+  // norm; per DeltaNet layer in_proj, gdn_decode (gated norm fused), out_proj (+ residual + norm),
+  // router, gate_up, down (+ residual + next norm); per attention layer qkv, qk_norm_rope, decode,
+  // merge, o_proj (+ residual + norm), router, gate_up, down; then lm_head, argmax, step.
+  const std::optional<GraphNodeCounts> nodes = model.decode_graph_nodes();
+  REQUIRE(nodes.has_value());
+  const int64_t linear = c.num_layers_of(LayerType::LinearAttention), full = c.num_layers_of(LayerType::FullAttention);
+  MESSAGE("decode step: " << nodes->kernels << " kernels (" << double(nodes->kernels) / double(c.num_layers)
+                          << " per layer), " << nodes->memcpys << " memcpy, " << nodes->memsets << " memset");
+  CHECK(nodes->kernels == 2 + 6 * linear + 8 * full + 3);
+  CHECK(nodes->memcpys == 1);  // the step's input token from the previous sample
+  CHECK(nodes->memsets == 1);  // the residual stream
+}
+
+// The fused decode path (T <= 8: residual add + RMSNorm in the output-projection GEMV and the MoE down
+// epilogues, the gated norm inside gdn_decode, PDL) against the unfused one (a long forward call) on
+// the same W4A16 weights, and decode_steps (graph replays chained on the device) == decode one by one.
+TEST_CASE("GPU model, tiny fixture, W4A16: fused decode path == unfused prefill path; decode_steps == decode") {
+  auto g = open_gpu();
+  const Config c = Config::from_file(model_dir() / "config.json");
+  Checkpoint ckpt(model_dir());
+  const Goldens gold = load_goldens();
+  for (int group : {32, 64}) {
+    CAPTURE(group);
+    GpuModelOptions o = options(WeightFormat::W4A16, group);
+    o.max_chunk = 128;      // the whole sequence in one unfused call
+    o.chunked_gdn = false;  // its DeltaNet by the fp32 recurrence, as decode (no tf32 chunk products)
+    GpuModel model(g->driver, g->ctx, g->jit, c, ckpt, o);
+    const std::vector<int32_t> ids = greedy_ids(model, gold.prompt, 12);
+    model.reset();
+    const SamplingParams greedy;
+    const int32_t first = model.prefill(gold.prompt, greedy);
+    CHECK(first == ids[0]);
+    CHECK(model.decode_steps(first, int64_t(ids.size()) - 1, greedy) == ids.back());
+    // One-token forward calls (the fused path, logits back) vs one call over prompt + ids (unfused).
+    std::vector<int32_t> seq = gold.prompt;
+    seq.insert(seq.end(), ids.begin(), ids.end() - 1);
+    REQUIRE(int64_t(seq.size()) <= o.max_chunk);
+    model.reset();
+    const std::vector<float> all = model.forward(seq, true);
+    model.reset();
+    model.forward(gold.prompt, false);
+    const size_t V = size_t(c.vocab_size);
+    std::vector<float> fused, unfused;
+    for (size_t i = 0; i + 1 < ids.size(); ++i) {
+      const std::vector<float> row = model.forward(std::span<const int32_t>(&ids[i], 1), false);
+      fused.insert(fused.end(), row.begin(), row.end());
+      const size_t at = (gold.prompt.size() + i) * V;
+      unfused.insert(unfused.end(), all.begin() + at, all.begin() + at + V);
+    }
+    MESSAGE("w4a16 g" << group << " one-token (fused) vs one call (unfused) logits: ||d||/||l|| = "
+                      << rel_fro(fused, unfused));
+    CHECK(rel_fro(fused, unfused) <= 2e-2);
+  }
 }

@@ -1,7 +1,8 @@
 // GPU: the sparse MoE + shared expert (spec §2.6; kernel_templates/moe.cuh, moe_gemm.cuh) against the
 // fp32 CPU reference (ref::moe_router, ref::moe_experts, ref::shared_expert) on the same bf16 /
 // dequantized W4A16 weights, at the tiny fixture's shapes and the 35B shapes, through the decode
-// path (T = 1, 3, 8) and the prefill path (T = 1, 37, 512, 2048). Timing at the 35B shapes.
+// path (T = 1, 3, 8; also with the residual add + RMSNorm epilogue of moe_forward_decode) and the
+// prefill path (T = 1, 37, 512, 2048). Timing at the 35B shapes.
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -185,6 +186,33 @@ void check_moe(const Gpu& g, const Layer& L, const MoeKernels& k, const MoeScrat
   // A second call (router counters reset, no state kept) writes the same bits.
   moe_forward(k, g.stream, L.weights(), sc, d_x.ptr(), d_out2.ptr(), T, path);
   CHECK(to_host<uint16_t>(g, d_out2) == out);
+
+  if (path != MoePath::Decode) return;
+  // The decode path with the residual epilogue (moe_decode_down_residual, decode_fusion.cuh): the
+  // fp32 residual stream gets exactly + bf16(out) of the plain path (same sums), and the last block
+  // writes its zero-centred RMSNorm as the CPU reference computes it. Twice: the ticket re-arms.
+  const float eps = 1e-6f;
+  const std::vector<float> res0 = random_f32(size_t(T * H), salt + 1, 3.f);
+  const std::vector<uint16_t> norm_w = random_bf16(size_t(H), salt + 2, 0.5f);
+  std::vector<float> want_res(res0.size()), want_normed(res0.size());
+  for (size_t i = 0; i < res0.size(); ++i) want_res[i] = res0[i] + bf16_to_f32(out[i]);
+  ref::rmsnorm(want_res, to_f32(norm_w), want_normed, T, H, eps);
+  DeviceBuffer d_nw = to_device(g, norm_w), counter(g.driver, 4);
+  counter.fill_bytes(0, g.stream);
+  std::vector<uint16_t> first;
+  for (int run = 0; run < 2; ++run) {
+    CAPTURE(run);
+    DeviceBuffer d_res = to_device(g, res0), d_normed = poisoned(g, size_t(T * H) * 2);
+    moe_forward_decode(k, g.stream, L.weights(), sc, d_x.ptr(),
+                       ResidualNorm{d_res.ptr(), d_nw.ptr(), d_normed.ptr(), counter.ptr(), eps}, T);
+    const std::vector<float> got_res = to_host<float>(g, d_res);
+    CHECK(std::memcmp(got_res.data(), want_res.data(), got_res.size() * 4) == 0);
+    const std::vector<uint16_t> normed = to_host<uint16_t>(g, d_normed);
+    CHECK(rel_l2(to_f32(normed), want_normed) <= 2e-3);
+    CHECK(to_host<int32_t>(g, counter)[0] == 0);
+    if (run == 0) first = normed;
+    else CHECK(normed == first);
+  }
 }
 
 double median(std::vector<double> v) {

@@ -76,10 +76,21 @@ void launch(const GemvBf16Plan& p, const Function& f, const Stream& stream, CUde
 }
 
 void launch(const W4GemvPlan& p, const Function& f, const Stream& stream, CUdeviceptr qweight, CUdeviceptr scales,
-            CUdeviceptr x, CUdeviceptr y, int T) {
+            CUdeviceptr x, CUdeviceptr y, int T, bool pdl) {
   if (T < 1) fail("gemv_w4a16 [N = {}, K = {}]: T = {} tokens is not positive", p.n, p.k, T);
-  f.launch({{blocks_for(p.n, p.tile.rows_per_block()), blocks_for(T, p.tile.m_tile)}, {unsigned(p.tile.threads())}},
+  if (p.residual) fail("gemv_w4a16_residual [N = {}, K = {}]: launched without its residual buffers", p.n, p.k);
+  f.launch({{blocks_for(p.n, p.tile.rows_per_block()), blocks_for(T, p.tile.m_tile)}, {unsigned(p.tile.threads())}, 0, pdl},
            stream, qweight, scales, x, y, T);
+}
+
+void launch(const W4GemvPlan& p, const Function& f, const Stream& stream, CUdeviceptr qweight, CUdeviceptr scales,
+            CUdeviceptr x, const ResidualNorm& r, int T, bool pdl) {
+  if (T < 1) fail("gemv_w4a16_residual [N = {}, K = {}]: T = {} tokens is not positive", p.n, p.k, T);
+  if (!p.residual) fail("gemv_w4a16 [N = {}, K = {}]: a plan without the residual epilogue", p.n, p.k);
+  if (!r.residual || !r.norm_w || !r.normed || !r.counter)
+    fail("gemv_w4a16_residual [N = {}, K = {}]: residual, norm_w, normed and counter must all be set", p.n, p.k);
+  f.launch({{blocks_for(p.n, p.tile.rows_per_block()), blocks_for(T, p.tile.m_tile)}, {unsigned(p.tile.threads())}, 0, pdl},
+           stream, qweight, scales, x, r.residual, r.norm_w, r.normed, r.counter, r.eps, T);
 }
 
 void launch_quantize(const QuantizePlan& p, const Function& f, const Stream& stream, CUdeviceptr w,
@@ -125,6 +136,11 @@ std::vector<KernelSpec> dense_kernels(const Config& cfg, const DenseOptions& opt
       add(gemv_bf16_plan(s.n, s.k, opt.decode_tokens, logits).spec());
     } else {
       add(w4_gemv_plan(s.n, s.k, opt.group, opt.decode_tokens, logits).spec());
+      if (s.proj == DenseProj::AttnOut || s.proj == DenseProj::GdnOut) {  // with the decode residual epilogue
+        W4GemvPlan r = w4_gemv_plan(s.n, s.k, opt.group, opt.decode_tokens);
+        r.residual = true;
+        add(r.spec());
+      }
       const QuantizePlan q = quantize_plan(s.k, opt.group);
       add(q.quantize_spec());
       add(q.dequantize_spec());

@@ -81,11 +81,24 @@ struct GemvBf16Plan {
 GemvBf16Plan gemv_bf16_plan(int64_t n, int64_t k, int m, bool out_f32 = false);
 
 // gemv_w4a16: qweight u32 [n, k/8], scales bf16 [n, k/group], x [T, k] bf16 -> y [T, n] bf16 (fp32 if out_f32).
+// residual: gemv_w4a16_residual (the output goes into the residual stream, see ResidualNorm).
 struct W4GemvPlan {
   int64_t n = 0, k = 0, group = 0;
   W4GemvTile tile;
   bool out_f32 = false;
-  KernelSpec spec() const { return gemv_w4a16_spec(n, k, group, tile, out_f32); }
+  bool residual = false;
+  KernelSpec spec() const {
+    return residual ? gemv_w4a16_residual_spec(n, k, group, tile) : gemv_w4a16_spec(n, k, group, tile, out_f32);
+  }
+};
+
+// The decode residual epilogue (kernel_templates/decode_fusion.cuh) of a kernel producing a
+// sub-layer's output y [T, H]: residual fp32 [T, H] += bf16(y), then normed bf16 [T, H] =
+// RMSNorm(residual) with norm_w bf16 [H] (the next norm's stored offset) and eps. counter: int32 [1],
+// zero before the first launch (every launch leaves it zero).
+struct ResidualNorm {
+  CUdeviceptr residual = 0, norm_w = 0, normed = 0, counter = 0;
+  float eps = 0.f;
 };
 W4GemvPlan w4_gemv_plan(int64_t n, int64_t k, int64_t group, int m, bool out_f32 = false);
 
@@ -119,9 +132,12 @@ void launch(const GemmPlan& p, const Function& f, const Stream& stream, CUdevice
 // y [T, n] = x [T, k] . W [n, k]^T.
 void launch(const GemvBf16Plan& p, const Function& f, const Stream& stream, CUdeviceptr W, CUdeviceptr x,
             CUdeviceptr y, int T);
-// y [T, n] = x [T, k] . dequant(qweight, scales)^T.
+// y [T, n] = x [T, k] . dequant(qweight, scales)^T (a plan without `residual`).
 void launch(const W4GemvPlan& p, const Function& f, const Stream& stream, CUdeviceptr qweight, CUdeviceptr scales,
-            CUdeviceptr x, CUdeviceptr y, int T);
+            CUdeviceptr x, CUdeviceptr y, int T, bool pdl = false);
+// residual += bf16(x [T, k] . dequant(qweight, scales)^T); normed = RMSNorm(residual) (a `residual` plan).
+void launch(const W4GemvPlan& p, const Function& f, const Stream& stream, CUdeviceptr qweight, CUdeviceptr scales,
+            CUdeviceptr x, const ResidualNorm& r, int T, bool pdl = false);
 // w bf16 [rows, k] -> qweight u32 [rows, k/8], scales bf16 [rows, k/group] (bit-exact with int4::quantize).
 void launch_quantize(const QuantizePlan& p, const Function& f, const Stream& stream, CUdeviceptr w,
                      CUdeviceptr qweight, CUdeviceptr scales, int64_t rows);

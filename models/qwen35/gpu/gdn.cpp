@@ -159,12 +159,12 @@ void GdnKernels::check_proj(int row_stride, int T) const {
 
 void GdnKernels::decode(const Stream& stream, CUdeviceptr proj, int row_stride, CUdeviceptr pos0,
                         const GdnLayerWeights& w, const GdnLayerState& st, CUdeviceptr o, CUdeviceptr y,
-                        bool pdl) const {
+                        CUdeviceptr counters, bool pdl) const {
   check_proj(row_stride, 1);
+  if (!counters) fail("gdn_decode: the per-head counters (int32 [{}], zeroed once) are not set", shape_.hv);
   const GdnRecurrentTile& t = tiles_.recurrent;
   decode_.launch({{unsigned(shape_.hv), unsigned(shape_.dv / t.rows)}, {unsigned(32 * t.warps)}, 0, pdl}, stream, proj,
-                 w.conv_w, w.A_log, w.dt_bias, st.conv, pos0, st.ssm, o);
-  gated_rmsnorm(stream, 1, o, proj, row_stride, w.norm_w, y, pdl);
+                 w.conv_w, w.A_log, w.dt_bias, st.conv, pos0, st.ssm, o, w.norm_w, y, counters, eps_);
 }
 
 void GdnKernels::prefill(const Stream& stream, CUdeviceptr proj, int row_stride, int T, CUdeviceptr pos0,

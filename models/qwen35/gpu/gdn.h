@@ -92,10 +92,11 @@ class GdnKernels {
   GdnKernels(JitEngine& jit, const Context& ctx, const Config& cfg)
       : GdnKernels(jit, ctx, cfg, GdnTiles::defaults(gdn_shape(cfg))) {}
 
-  // One decode token of one layer: gdn_decode (prologue fused, state updated, o -> o [1, Hv, dv]
-  // fp32 scratch) then gated_rmsnorm -> y [1, Hv dv] bf16. proj [1, row_stride].
+  // One decode token of one layer in one launch: gdn_decode (prologue fused, state updated, o ->
+  // o [1, Hv, dv] fp32 scratch, and the gated RMSNorm by each head's last block -> y [1, Hv dv] bf16).
+  // proj [1, row_stride]; counters int32 [Hv], zeroed once (every launch leaves them zero).
   void decode(const Stream& stream, CUdeviceptr proj, int row_stride, CUdeviceptr pos0, const GdnLayerWeights& w,
-              const GdnLayerState& st, CUdeviceptr o, CUdeviceptr y, bool pdl = false) const;
+              const GdnLayerState& st, CUdeviceptr o, CUdeviceptr y, CUdeviceptr counters, bool pdl = false) const;
   // T >= 1 tokens of one layer: gdn_prologue, then the chunked kernels (chunked = true) or the
   // token-by-token recurrence, then gated_rmsnorm -> y [T, Hv dv] bf16. Both update the state.
   void prefill(const Stream& stream, CUdeviceptr proj, int row_stride, int T, CUdeviceptr pos0,

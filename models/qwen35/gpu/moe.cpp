@@ -86,6 +86,7 @@ std::vector<KernelSpec> moe_kernels(const MoeShape& s, const MoeTiles& t) {
           moe_router_spec(s, t.router_prefill),
           moe_decode_gate_up_spec(s, t.gate_up),
           moe_decode_down_spec(s, t.down),
+          moe_decode_down_residual_spec(s, t.down),
           moe_align_spec(s, t.gemm),
           moe_gemm_spec(s, MoeGemm::RoutedGateUp, t.gemm),
           moe_gemm_spec(s, MoeGemm::RoutedDown, t.gemm),
@@ -134,6 +135,7 @@ MoeKernels::MoeKernels(JitEngine& jit, const Context& ctx, const MoeShape& s, co
       router_prefill(jit.load(moe_router_spec(s, tiles.router_prefill), ctx)),
       decode_gate_up(jit.load(moe_decode_gate_up_spec(s, tiles.gate_up), ctx)),
       decode_down(jit.load(moe_decode_down_spec(s, tiles.down), ctx)),
+      decode_down_residual(jit.load(moe_decode_down_residual_spec(s, tiles.down), ctx)),
       align(jit.load(moe_align_spec(s, tiles.gemm), ctx)),
       gemm_routed_gate_up(jit.load(moe_gemm_spec(s, MoeGemm::RoutedGateUp, tiles.gemm), ctx)),
       gemm_routed_down(jit.load(moe_gemm_spec(s, MoeGemm::RoutedDown, tiles.gemm), ctx)),
@@ -194,6 +196,18 @@ void launch_moe_decode_down(const Function& f, const MoeDownTile& tile, const St
            sc.ids, sc.weights, sc.shared_gate, w.down, w.down_scales, w.shared_down, w.shared_down_scales, out, int(T));
 }
 
+void launch_moe_decode_down(const Function& f, const MoeDownTile& tile, const Stream& stream, const MoeShape& s,
+                            const MoeWeights& w, const MoeScratch& sc, const ResidualNorm& r, int64_t T) {
+  check_tokens("moe_decode_down_residual", sc, T);
+  if (T > kMoeDecodeMaxTokens)
+    fail("moe_decode_down_residual: T = {} exceeds the decode path's {}", T, kMoeDecodeMaxTokens);
+  if (!r.residual || !r.norm_w || !r.normed || !r.counter)
+    fail("moe_decode_down_residual: residual, norm_w, normed and counter must all be set");
+  f.launch({{unsigned(s.hidden / kMoeDownRows), unsigned(T)}, {unsigned(tile.threads(s.top_k))}, 0, true}, stream, sc.h,
+           sc.ids, sc.weights, sc.shared_gate, w.down, w.down_scales, w.shared_down, w.shared_down_scales, r.residual,
+           r.norm_w, r.normed, r.counter, r.eps, int(T));
+}
+
 void launch_moe_align(const Function& f, const Stream& stream, const MoeScratch& sc, int64_t T) {
   check_tokens("moe_align", sc, T);
   f.launch({{1}, {unsigned(kMoeAlignThreads)}}, stream, sc.ids, sc.sorted_ids, sc.block_expert, sc.num_blocks, int(T));
@@ -245,6 +259,14 @@ void moe_forward(const MoeKernels& k, const Stream& stream, const MoeWeights& w,
   for (MoeGemm g : {MoeGemm::RoutedGateUp, MoeGemm::SharedGateUp, MoeGemm::RoutedDown, MoeGemm::SharedDown})
     launch_moe_gemm(k.gemm(g), k.tiles.gemm, stream, s, g, x, w, sc, T);
   launch_moe_combine(k.combine, stream, sc, out, T);
+}
+
+void moe_forward_decode(const MoeKernels& k, const Stream& stream, const MoeWeights& w, const MoeScratch& sc,
+                        CUdeviceptr x, const ResidualNorm& r, int64_t T) {
+  const MoeShape& s = k.shape;
+  launch_moe_router(k.router(T), k.tiles.router(T), stream, s, x, w, sc, T);
+  launch_moe_decode_gate_up(k.decode_gate_up, k.tiles.gate_up, stream, s, x, w, sc, T);
+  launch_moe_decode_down(k.decode_down_residual, k.tiles.down, stream, s, w, sc, r, T);
 }
 
 }  // namespace q35::qwen35::gpu

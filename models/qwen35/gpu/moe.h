@@ -6,6 +6,8 @@
 //
 // Two paths, chosen by T (moe_forward does it):
 //   decode  (T <= kMoeDecodeMaxTokens): router -> decode_gate_up -> decode_down            3 launches
+//           (moe_forward_decode: decode_down adds into the residual stream and writes the next
+//           RMSNorm, kernel_templates/decode_fusion.cuh)
 //   prefill (larger T): router GEMM (logits on tensor cores) -> router top-k -> align
 //                       -> gemm routed gate_up -> gemm shared gate_up -> gemm routed down
 //                       -> gemm shared down -> combine                                     8 launches
@@ -20,6 +22,7 @@
 
 #include "autotune/tiles_dense.h"
 #include "autotune/tiles_moe.h"
+#include "models/qwen35/gpu/dense.h"
 #include "models/qwen35/config.h"
 #include "runtime/cuda/driver.h"
 #include "runtime/jit/jit_engine.h"
@@ -88,7 +91,7 @@ struct MoeKernels {
   MoeShape shape;
   MoeTiles tiles;
   Function router_one, router_decode, router_prefill;
-  Function decode_gate_up, decode_down;
+  Function decode_gate_up, decode_down, decode_down_residual;
   Function align;
   Function gemm_routed_gate_up, gemm_routed_down, gemm_shared_gate_up, gemm_shared_down;
   Function combine;
@@ -113,6 +116,9 @@ void launch_moe_decode_gate_up(const Function& f, const MoeGemvTile& tile, const
 // Decode. scratch.h, ids, weights, shared_gate -> out [T, H] bf16.
 void launch_moe_decode_down(const Function& f, const MoeDownTile& tile, const Stream& stream, const MoeShape& s,
                             const MoeWeights& w, const MoeScratch& sc, CUdeviceptr out, int64_t T);
+// Decode with the residual epilogue: residual += bf16(out); r.normed = RMSNorm(residual) (dense.h).
+void launch_moe_decode_down(const Function& f, const MoeDownTile& tile, const Stream& stream, const MoeShape& s,
+                            const MoeWeights& w, const MoeScratch& sc, const ResidualNorm& r, int64_t T);
 // Prefill. scratch.ids -> scratch.sorted_ids, block_expert, num_blocks.
 void launch_moe_align(const Function& f, const Stream& stream, const MoeScratch& sc, int64_t T);
 // Prefill GEMM `g`: RoutedGateUp x -> h, SharedGateUp x -> hs, RoutedDown h -> y, SharedDown hs -> ys.
@@ -126,5 +132,9 @@ void launch_moe_combine(const Function& f, const Stream& stream, const MoeScratc
 enum class MoePath { Auto, Decode, Prefill };
 void moe_forward(const MoeKernels& k, const Stream& stream, const MoeWeights& w, const MoeScratch& sc, CUdeviceptr x,
                  CUdeviceptr out, int64_t T, MoePath path = MoePath::Auto);
+// The decode path (T <= kMoeDecodeMaxTokens) with the residual epilogue: residual += bf16(MoE(x)),
+// r.normed = RMSNorm(residual) (the next norm), in 3 launches: router, gate_up, down.
+void moe_forward_decode(const MoeKernels& k, const Stream& stream, const MoeWeights& w, const MoeScratch& sc,
+                        CUdeviceptr x, const ResidualNorm& r, int64_t T);
 
 }  // namespace q35::qwen35::gpu
