@@ -82,6 +82,7 @@ std::vector<GdnPrefillConfig> gdn_prefill_candidates(const GdnShape& s);
 std::vector<GdnRecurrentTile> gdn_recurrent_candidates(const GdnShape& s);
 // Largest block_m among moe_gemm_candidates (sizes the MoE workspace for any tuned tile).
 constexpr int kMoeMaxBlockM = 128;
+constexpr int kMoeMinBlockM = 8;  // the swapped wgmma tiles (weights x 8..64 tokens)
 
 // ---- JSON (objects of the fields named in the table above) ----
 // from_json: Error naming the family and the missing or mistyped field. It does not check validity

@@ -195,6 +195,11 @@ TEST_CASE("sm_90a: the prefill GEMMs take the wgmma kernel; wgmma tiles are refu
   CHECK((small.block_m == 32 && small.block_n == 128 && small.block_k == 64 && small.warps_n == 4));
   CHECK((big.wgmma && big.block_m == 128 && big.block_n == 256 && big.warps_m == 2));
   CHECK(plain.moe(2048).gemm.block_m == 64);
+  // W4A16 from 3072 tokens: the warp-specialised form; up to 8 tokens per expert (128 tokens: 4):
+  // the swapped form (weights x 8 tokens).
+  CHECK((big.ws && !big.swap));
+  const MoeGemmTile tiny_t = plain.moe(128).gemm;
+  CHECK((tiny_t.swap && tiny_t.ws && tiny_t.block_m == 8 && tiny_t.block_n == 64));
   // Elsewhere (sm_80) the defaults do not depend on the call size.
   gpu::TunedTiles a100(cfg, 128, "sm_80", nullptr, log);
   CHECK(a100.moe(512).gemm.block_m == a100.moe(4096).gemm.block_m);
@@ -225,7 +230,8 @@ TEST_CASE("wgmma tiles: validity, JSON round trip, candidates") {
     for (const MoeGemmTile& t : cands) {
       const MoeGemmTile back = tune::moe_gemm_from_json(tune::to_json(t));
       CHECK((back.wgmma == t.wgmma && back.stages == t.stages && back.block_n == t.block_n &&
-             back.warps_n == t.warps_n));
+             back.warps_n == t.warps_n && back.block_m == t.block_m && back.ws == t.ws && back.swap == t.swap &&
+             back.ksub == t.ksub));
     }
   }
   // The template's rules: bm = 64 * warpgroups, bn / wgn a wgmma N, N % bn for MoE, shared memory.
@@ -254,7 +260,21 @@ TEST_CASE("wgmma tiles: validity, JSON round trip, candidates") {
                  "wgmma"));
   for (const GemmTile& t : tune::gemm_candidates(12352, 2048, 4096, true)) CHECK(t.wgmma);
   CHECK(default_gemm_tile(12352, 2048, 4096, true).wgmma);
-  CHECK(default_gemm_tile(12352, 2048, 32, true).bm == 64);
+  // Short prompts: the swapped warp-specialised tile (weights x rows), rows rounded up to 16..64.
+  const GemmTile s32 = default_gemm_tile(12352, 2048, 32, true), s100 = default_gemm_tile(2048, 4096, 100, true);
+  CHECK((s32.swap && s32.ws && s32.bm == 32 && s32.bn == 64));
+  CHECK((s100.swap && s100.bm == 64));
+  CHECK_FALSE(default_gemm_tile(12352, 2048, kGemmSwapMaxM + 1, true).swap);
+  for (const GemmTile& t : tune::gemm_candidates(12352, 2048, 100, true, 128)) {
+    const GemmTile back = tune::gemm_from_json(tune::to_json(t));
+    CHECK((back.swap == t.swap && back.ws == t.ws && back.ksub == t.ksub && back.bm == t.bm && back.stages == t.stages));
+  }
+  const std::vector<GemmTile> c100 = tune::gemm_candidates(12352, 2048, 100, true, 128),
+                              c4k = tune::gemm_candidates(12352, 2048, 4096, true, 128);
+  CHECK(std::count_if(c100.begin(), c100.end(), [](const GemmTile& t) { return t.swap; }) >= 10);
+  CHECK(std::count_if(c4k.begin(), c4k.end(), [](const GemmTile& t) { return t.swap; }) == 0);
+  CHECK(contains(why_invalid(GemmTile{16, 64, 64, 1, 1, 4, true, false, true}, 2048, 4096, 128), "warp-specialised"));
+  CHECK(contains(why_invalid(GemmTile{16, 64, 64, 1, 1, 4, false, true, true}, 2048, 4096, 128), "wgmma tile"));
 }
 
 TEST_CASE("relative_l2 and durations") {

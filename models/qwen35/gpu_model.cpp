@@ -246,9 +246,12 @@ void GpuModel::init(const GpuModelOptions& o) {
     m.attn_scratch = alloc(gpu::attention_decode_scratch_bytes(
         widest, gpu::attention_decode_splits(widest, o.max_context, ctx_.device().sm_count)));
   }
-  gpu::MoeTiles largest = gpu::MoeTiles::defaults(m.moe_shape);
+  // Any tuned block_m fits: the largest pads the most rows, the smallest has the most blocks.
+  gpu::MoeTiles largest = gpu::MoeTiles::defaults(m.moe_shape), smallest = largest;
   largest.gemm.block_m = std::max(largest.gemm.block_m, tune::kMoeMaxBlockM);
-  m.moe_ws = alloc(gpu::moe_workspace_bytes(m.moe_shape, largest, T));
+  smallest.gemm.block_m = tune::kMoeMinBlockM;
+  m.moe_ws = alloc(std::max(gpu::moe_workspace_bytes(m.moe_shape, largest, T),
+                            gpu::moe_workspace_bytes(m.moe_shape, smallest, T)));
   m.moe_ws.fill_bytes(0, stream_);
   if (o.format == WeightFormat::W4A16) {
     int64_t largest = 0;  // every dense matrix except lm_head (computed by GEMV chunks)

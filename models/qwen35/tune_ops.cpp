@@ -250,9 +250,10 @@ class MoeOpBase : public OpBase {
     weight(sd_, sd_s_, H, Is, st);
     x_ = random_bf16_copies(std::min(16, copies_for(size_t(m * H) * 2)), size_t(m * H), 0.f, 1.f, st);
     out_ = alloc(size_t(m * H) * 2);
-    gpu::MoeTiles widest = gpu::MoeTiles::defaults(s_);
+    gpu::MoeTiles widest = gpu::MoeTiles::defaults(s_), narrowest = widest;  // any candidate's block_m fits
     widest.gemm.block_m = std::max(widest.gemm.block_m, tune::kMoeMaxBlockM);
-    ws_ = alloc(gpu::moe_workspace_bytes(s_, widest, m));
+    narrowest.gemm.block_m = tune::kMoeMinBlockM;
+    ws_ = alloc(std::max(gpu::moe_workspace_bytes(s_, widest, m), gpu::moe_workspace_bytes(s_, narrowest, m)));
     ws_.fill_bytes(0, st);
   }
   gpu::MoeWeights weights() const {
