@@ -199,7 +199,7 @@ std::vector<AttentionDecodeTile> attention_decode_candidates(int64_t hq, int64_t
 
 std::vector<GdnPrefillConfig> gdn_prefill_candidates(const GdnShape& s) {
   std::vector<GdnPrefillConfig> out;
-  for (int vs : {16, 32, 64})
+  for (int vs : {16, 32})
     for (int tokens : {8, 16, 32})
       for (int warps : {2, 4, 8}) {
         GdnPrefillConfig c{GdnChunkTile{vs}, GdnPrologueTile{tokens, warps}};

@@ -153,6 +153,29 @@ TEST_CASE("a run uses the tuned tile of the nearest bucket, else the default, wi
   CHECK(none.empty());
 }
 
+TEST_CASE("gdn: tuned prefill configs serve every M; an obsolete chunk tile falls back with a notice") {
+  const Config cfg = test::config_35b();
+  const std::string sig = tune::gdn_signature(gpu::gdn_shape(cfg));
+  TuneFile f(TuneIdentity{"GPU X", "sm_90", "13.0", "q35jit test"});
+  // Valid at M = 16 (as shipped); vs = 64 (valid for the old gdn_chunk_state) at M = 4096.
+  f.set(tune::kGdnPrefill, sig, 16, TuneEntry{json{{"vs", 16}, {"prologue_tokens", 8}, {"prologue_warps", 2}}, 1, 2});
+  f.set(tune::kGdnPrefill, sig, 4096, TuneEntry{json{{"vs", 64}, {"prologue_tokens", 16}, {"prologue_warps", 8}}, 1, 2});
+  f.set(tune::kGdnRecurrent, sig, 1, TuneEntry{json{{"rows", 8}, {"warps", 2}}, 1, 2});
+  auto table = std::make_shared<const TuneTable>(std::vector<TuneTable::Layer>{{"old.json", f}});
+  std::vector<std::string> notices;
+  gpu::TunedTiles tt(cfg, 128, "sm_90a", table, [&](const std::string& s) { notices.push_back(s); });
+  const gpu::GdnTiles one = tt.gdn(1);  // a 1-token prefill takes the chunked kernels: bucket 16's config
+  CHECK((one.chunk.vs == 16 && one.prologue.tokens == 8 && one.prologue.warps == 2));
+  CHECK((one.recurrent.rows == 8 && one.recurrent.warps == 2));  // decode
+  CHECK(notices.empty());
+  const gpu::GdnTiles big = tt.gdn(4096);
+  const gpu::GdnTiles def = gpu::GdnTiles::defaults(gpu::gdn_shape(cfg));
+  CHECK((big.chunk.vs == def.chunk.vs && big.prologue.tokens == def.prologue.tokens));
+  REQUIRE(notices.size() == 1);
+  CHECK(contains(notices[0], "old.json"));
+  CHECK(contains(notices[0], "vs = 64 is not 16 or 32"));
+}
+
 TEST_CASE("sm_90a: the prefill GEMMs take the wgmma kernel; wgmma tiles are refused elsewhere") {
   const Config cfg = test::config_35b();
   TuneFile f(TuneIdentity{"GPU X", "sm_90", "13.0", "q35jit test"});

@@ -384,6 +384,7 @@ std::vector<KernelSpec> tuned_kernels(const Config& c, const gpu::TunedTiles& tt
     specs.push_back(gpu::gdn_recurrent_spec(c, t.recurrent));
     specs.push_back(gpu::gdn_decode_spec(c, t.recurrent));
     specs.push_back(gpu::gdn_chunk_state_spec(c, t.chunk));
+    specs.push_back(gpu::gdn_chunk_output_spec(c));
   }
   return specs;
 }
@@ -527,7 +528,7 @@ void GpuModel::run_layers(int T, bool decode) {
       const gpu::GdnLayerState st{m.conv_state[i].ptr(), m.ssm_state[i].ptr()};
       if (decode && T == 1)
         gdn->decode(stream_, m.proj.ptr(), stride, m.pos.ptr(), gw, st, m.gdn_o.ptr(), m.mix.ptr());
-      else  // chunked from gpu::kGdnChunkedMinTokens tokens, else the recurrence
+      else  // the chunked delta rule at every T (the recurrence when options_.chunked_gdn is off)
         gdn->prefill(stream_, m.proj.ptr(), stride, T, m.pos.ptr(), gw, st, gpu::gdn_workspace(c, T, m.gdn_ws.ptr()),
                        m.mix.ptr(), options_.chunked_gdn);
       dense(l.out_proj, m.mix.ptr(), m.delta.ptr(), T);
