@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <utility>
 
 #include "runtime/core/error.h"
 
@@ -93,6 +94,9 @@ std::vector<GemvTile> gemv_bf16_candidates(int64_t n, int64_t k, int64_t m) {
   return out;
 }
 
+// (stages, 64-k steps per stage) of the swapped warp-specialised tiles.
+constexpr std::pair<int, int> kSwapStages[] = {{4, 1}, {8, 1}, {4, 2}, {6, 2}, {4, 4}};
+
 std::vector<GemmTile> gemm_candidates(int64_t n, int64_t k, int64_t m, bool wgmma, int group) {
   std::vector<GemmTile> out;
   const int64_t max_bm = std::max<int64_t>(64, pow2_at_least(m));
@@ -100,9 +104,17 @@ std::vector<GemmTile> gemm_candidates(int64_t n, int64_t k, int64_t m, bool wgmm
     for (int wm : {1, 2})
       for (int bn : {64, 128, 256})
         for (int wn : {1, 2})
-          for (int stages : {3, 4, 6}) {
-            GemmTile t{64 * wm, bn, 64, wm, wn, stages, true};
-            if (t.bm <= max_bm && why_invalid(t, n, k, group).empty()) out.push_back(t);
+          for (int stages : {3, 4, 6})
+            for (bool ws : {false, true}) {
+              GemmTile t{64 * wm, bn, 64, wm, wn, stages, true, ws};
+              if (t.bm <= max_bm && why_invalid(t, n, k, group).empty()) out.push_back(t);
+            }
+    if (m <= 256)  // swapped (weights x rows): few rows stream the weights in 64-row panels
+      for (int bt : {16, 32, 64})
+        for (int wn : {1, 2})
+          for (auto [stages, ksub] : kSwapStages) {
+            GemmTile t{bt, 64 * wn, 64, 1, wn, stages, true, true, true, ksub};
+            if (bt <= max_bm && why_invalid(t, n, k, group).empty()) out.push_back(t);
           }
     return out;
   }
@@ -151,7 +163,12 @@ std::vector<MoeGemmTile> moe_gemm_candidates(const MoeShape& s, int64_t, bool wg
     for (int wm : {1, 2})
       for (int bn : {64, 128, 256})
         for (int wn : {1, 2})
-          for (int stages : {3, 4, 6, 8}) add(MoeGemmTile{64 * wm, bn, 64, wm, wn, stages, true});
+          for (int stages : {3, 4, 6, 8})
+            for (bool ws : {false, true}) add(MoeGemmTile{64 * wm, bn, 64, wm, wn, stages, true, ws});
+  if (wgmma)  // swapped (weights x tokens): few tokens per expert
+    for (int bt : {8, 16, 32, 64})
+      for (int wn : {1, 2})
+        for (auto [stages, ksub] : kSwapStages) add(MoeGemmTile{bt, 64 * wn, 64, 1, wn, stages, true, true, true, ksub});
   for (int bm : {16, 32, 64, 128})
     for (int bn : {64, 128})
       for (int bk : {32, 64})
@@ -182,7 +199,7 @@ std::vector<AttentionDecodeTile> attention_decode_candidates(int64_t hq, int64_t
 
 std::vector<GdnPrefillConfig> gdn_prefill_candidates(const GdnShape& s) {
   std::vector<GdnPrefillConfig> out;
-  for (int vs : {16, 32, 64})
+  for (int vs : {16, 32})
     for (int tokens : {8, 16, 32})
       for (int warps : {2, 4, 8}) {
         GdnPrefillConfig c{GdnChunkTile{vs}, GdnPrologueTile{tokens, warps}};
@@ -208,6 +225,9 @@ json to_json(const GemvTile& t) { return {{"rows_per_warp", t.rows_per_warp}, {"
 json to_json(const GemmTile& t) {
   json j = {{"bm", t.bm}, {"bn", t.bn}, {"bk", t.bk}, {"warps_m", t.warps_m}, {"warps_n", t.warps_n}, {"stages", t.stages}};
   if (t.wgmma) j["wgmma"] = true;
+  if (t.ws) j["ws"] = true;
+  if (t.swap) j["swap"] = true;
+  if (t.ksub != 1) j["ksub"] = t.ksub;
   return j;
 }
 json to_json(const MoeRouterTile& t) { return {{"m_tile", t.m_tile}, {"rows_per_warp", t.rows_per_warp}, {"warps", t.warps}}; }
@@ -216,6 +236,9 @@ json to_json(const MoeGemmTile& t) {
   json j = {{"block_m", t.block_m}, {"block_n", t.block_n}, {"block_k", t.block_k}, {"warps_m", t.warps_m},
             {"warps_n", t.warps_n}};
   if (t.wgmma) j["wgmma"] = true, j["stages"] = t.stages;
+  if (t.ws) j["ws"] = true;
+  if (t.swap) j["swap"] = true;
+  if (t.ksub != 1) j["ksub"] = t.ksub;
   return j;
 }
 json to_json(const AttentionPrefillTile& t) { return {{"warps", t.warps}, {"block_n", t.block_n}}; }
@@ -234,7 +257,8 @@ GemvTile gemv_bf16_from_json(const json& j, int64_t m) {
 GemmTile gemm_from_json(const json& j) {
   return {field(j, kGemm, "bm"),      field(j, kGemm, "bn"),      field(j, kGemm, "bk"),
           field(j, kGemm, "warps_m"), field(j, kGemm, "warps_n"), field(j, kGemm, "stages"),
-          flag(j, kGemm, "wgmma")};
+          flag(j, kGemm, "wgmma"),    flag(j, kGemm, "ws"),       flag(j, kGemm, "swap"),
+          field_or(j, kGemm, "ksub", 1)};
 }
 MoeRouterTile moe_router_from_json(const json& j) {
   return {field(j, kMoeRouter, "m_tile"), field(j, kMoeRouter, "rows_per_warp"), field(j, kMoeRouter, "warps")};
@@ -245,7 +269,8 @@ MoeDecodeConfig moe_decode_from_json(const json& j) {
 MoeGemmTile moe_gemm_from_json(const json& j) {
   return {field(j, kMoeGemm, "block_m"), field(j, kMoeGemm, "block_n"), field(j, kMoeGemm, "block_k"),
           field(j, kMoeGemm, "warps_m"), field(j, kMoeGemm, "warps_n"), field_or(j, kMoeGemm, "stages", 2),
-          flag(j, kMoeGemm, "wgmma")};
+          flag(j, kMoeGemm, "wgmma"), flag(j, kMoeGemm, "ws"), flag(j, kMoeGemm, "swap"),
+          field_or(j, kMoeGemm, "ksub", 1)};
 }
 AttentionPrefillTile attention_prefill_from_json(const json& j) {
   return {field(j, kAttentionPrefill, "warps"), field(j, kAttentionPrefill, "block_n")};

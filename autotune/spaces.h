@@ -12,8 +12,8 @@
 // moe_gemm            moe_align + the four moe_gemm          block_m/n/k warps         > 8
 // attention_prefill   attention_prefill                      warps block_n             prefill
 // attention_decode    attention_decode (+ merge)             warps                     decode
-// gdn_prefill         gdn_prologue + gdn_chunk_state         vs prologue tokens/warps  >= 16
-// gdn_recurrent       gdn_recurrent / gdn_decode             rows warps                < 16
+// gdn_prefill         gdn_prologue + gdn_chunk_*             vs prologue tokens/warps  prefill (>= 1)
+// gdn_recurrent       gdn_decode (gdn_recurrent)             rows warps                decode (1)
 //
 // The GEMV families take m_tile from M at run time (the smallest power of two >= M, at most 16),
 // so one tuned entry serves every M of its bucket; only the other fields are tuned.
@@ -82,6 +82,7 @@ std::vector<GdnPrefillConfig> gdn_prefill_candidates(const GdnShape& s);
 std::vector<GdnRecurrentTile> gdn_recurrent_candidates(const GdnShape& s);
 // Largest block_m among moe_gemm_candidates (sizes the MoE workspace for any tuned tile).
 constexpr int kMoeMaxBlockM = 128;
+constexpr int kMoeMinBlockM = 8;  // the swapped wgmma tiles (weights x 8..64 tokens)
 
 // ---- JSON (objects of the fields named in the table above) ----
 // from_json: Error naming the family and the missing or mistyped field. It does not check validity

@@ -20,7 +20,10 @@ struct GemmTile {
   int warps_m = 2, warps_n = 4;     // warp grid; a warp owns (bm / warps_m) x (bn / warps_n)
   int stages = 4;                   // cp.async pipeline depth
   bool wgmma = false;               // Hopper warpgroup-MMA kernel (see above)
-  int threads() const { return 32 * warps_m * warps_n * (wgmma ? 4 : 1); }
+  bool ws = false;                  // wgmma, warp-specialised: + a producer warpgroup (loads, dequant)
+  bool swap = false;                // ws: weights x rows, bm = 8..64 rows, bn = 64 * warps_n weight rows
+  int ksub = 1;                     // swap: 64-k steps per pipeline stage
+  int threads() const { return 32 * warps_m * warps_n * (wgmma ? 4 : 1) + (ws ? 128 : 0); }
   // Dynamic shared memory with weights of `group` (0 = bf16; W4A16 only with wgmma).
   int smem_bytes(int group = 0) const;
 };
@@ -61,6 +64,8 @@ std::string why_invalid(const SampleTile& tile, int64_t vocab);
 // m = rows of x per call (the GEMM is specialised for N, K only; m picks the tile).
 // wgmma: the Hopper kernel's tile (for sm_90a targets, see arch_has_wgmma).
 GemmTile default_gemm_tile(int64_t n, int64_t k, int64_t m, bool wgmma = false);
+// wgmma defaults take the swapped warp-specialised tile up to this many rows.
+constexpr int64_t kGemmSwapMaxM = 128;
 // m = tokens per call (1..16).
 W4GemvTile default_w4_gemv_tile(int64_t n, int64_t k, int64_t group, int m);
 QuantizeTile default_quantize_tile(int64_t k, int64_t group);

@@ -53,12 +53,17 @@ std::string why_invalid(const GdnRecurrentTile& tile, const GdnShape& s) {
 
 std::string why_invalid(const GdnChunkTile& tile, const GdnShape& s) {
   if (std::string why = why_unsupported(s); !why.empty()) return why;
-  if (tile.vs != 16 && tile.vs != 32 && tile.vs != 64) return fmt::format("vs = {} is not 16, 32 or 64", tile.vs);
+  if (tile.vs != 16 && tile.vs != 32)
+    return fmt::format("vs = {} is not 16 or 32 (gdn_chunk_state's double-buffered inputs and state copy fit "
+                       "sm_80's shared memory up to 32 columns)",
+                       tile.vs);
   if (s.dv % tile.vs != 0) return fmt::format("vs = {} does not divide dv = {}", tile.vs, s.dv);
   if (const int prep = gdn_chunk_prepare_smem_bytes(s); prep > kSmemLimit)
     return fmt::format("gdn_chunk_prepare needs {} B of shared memory, more than {} B", prep, kSmemLimit);
   if (const int smem = gdn_chunk_state_smem_bytes(s, tile); smem > kSmemLimit)
     return fmt::format("gdn_chunk_state needs {} B of shared memory, more than {} B", smem, kSmemLimit);
+  if (const int out = gdn_chunk_output_smem_bytes(s); out > kSmemLimit)
+    return fmt::format("gdn_chunk_output needs {} B of shared memory, more than {} B", out, kSmemLimit);
   return {};
 }
 
@@ -83,7 +88,7 @@ GdnRecurrentTile default_gdn_recurrent_tile(const GdnShape& s) {
 }
 
 GdnChunkTile default_gdn_chunk_tile(const GdnShape& s) {
-  // One CTA per SM (125 KiB of shared memory at vs = 32): 32 columns when that still gives
+  // One CTA per SM (150 KiB of shared memory at vs = 32): 32 columns when that still gives
   // >= 64 CTAs (128 for 32 heads of 128, one wave on 132 SMs), else 16.
   GdnChunkTile tile{s.hv * s.dv / 32 >= 64 ? 32 : 16};
   if (std::string why = why_invalid(tile, s); !why.empty()) fail("gdn_chunk_state: unsupported shape: {}", why);
@@ -97,16 +102,24 @@ GatedRmsnormTile default_gated_rmsnorm_tile(const GdnShape& s) {
 }
 
 int gdn_chunk_prepare_smem_bytes(const GdnShape& s) {
-  // q, k bf16 [64, dk + 8]; A^T fp32 [64, 68]; gam, beta [64].
-  return int(2 * kChunk * (s.dk + 8) * 2 + (kChunk * (kChunk + 4) + 2 * kChunk) * 4);
+  // fp32: A and (I + A)^-1 [64, 68], the solve's block sums [3, 16, 17], gam, beta, exp(gam) [64];
+  // bf16: k [64, dk + 8], v [64, dv + 8], the four split left factors [4, 64, 72].
+  return int((2 * kChunk * (kChunk + 4) + 3 * 16 * 17 + 3 * kChunk) * 4 +
+             (kChunk * (s.dk + 8) + kChunk * (s.dv + 8) + 4 * kChunk * (kChunk + 8)) * 2);
 }
 
 int gdn_chunk_state_smem_bytes(const GdnShape& s, const GdnChunkTile& tile) {
-  // W [64, dk + 4], QK [64, 68], U and Vn [64, vs + 8], S [dk, vs + 8], gam x 2, exp(gam), decay
-  // [64] fp32; q, k bf16 [64, dk + 8].
-  return int((kChunk * (s.dk + 4) + kChunk * (kChunk + 4) + 2 * kChunk * (tile.vs + 8) + s.dk * (tile.vs + 8) +
-              4 * kChunk) * 4 +
-             2 * kChunk * (s.dk + 8) * 2);
+  // Two stages of {W hi, lo and k bf16 [3, 64, dk + 8], U fp32 [64, vs + 4], gam [64]}; S hi, lo bf16
+  // [2, dk, vs + 8]; dcy Vn hi, lo bf16 [2, 64, vs + 8].
+  const int64_t stage = 3 * kChunk * (s.dk + 8) * 2 + kChunk * (tile.vs + 4) * 4 + kChunk * 4;
+  return int(2 * stage + 2 * s.dk * (tile.vs + 8) * 2 + 2 * kChunk * (tile.vs + 8) * 2);
+}
+
+int gdn_chunk_output_smem_bytes(const GdnShape& s) {
+  // fp32 gam [64], row sums [2, 64]; bf16 q, k [64, dk + 8], QK hi, lo [2, 64, 72], S_n hi, lo
+  // [2, dk, dv + 8], Vn hi, lo [2, 64, dv + 8].
+  return int(3 * kChunk * 4 + (2 * kChunk * (s.dk + 8) + 2 * kChunk * (kChunk + 8) + 2 * s.dk * (s.dv + 8) +
+                               2 * kChunk * (s.dv + 8)) * 2);
 }
 
 }  // namespace q35

@@ -26,7 +26,9 @@ struct GdnRecurrentTile {
   int rows = 16;
   int warps = 4;
 };
-// gdn_chunk_state<..., VS>: grid (hv, dv / vs), block 256.
+// gdn_chunk_state<..., VS>: grid (hv, dv / vs), block 256; a CTA owns vs value columns of a head's
+// state for the whole sequence (vs = 16 or 32; 64 needs more shared memory than sm_80 allows).
+// gdn_chunk_prepare and gdn_chunk_output (grid chunks x hv, block 256) have no tile.
 struct GdnChunkTile {
   int vs = 32;
 };
@@ -52,5 +54,6 @@ GatedRmsnormTile default_gated_rmsnorm_tile(const GdnShape& s);
 // Dynamic shared memory of the chunked kernels, bytes.
 int gdn_chunk_prepare_smem_bytes(const GdnShape& s);
 int gdn_chunk_state_smem_bytes(const GdnShape& s, const GdnChunkTile& tile);
+int gdn_chunk_output_smem_bytes(const GdnShape& s);
 
 }  // namespace q35

@@ -116,13 +116,14 @@ WgmmaGemm wgmma_of(const MoeGemmTile& t, const MoeShape& s, MoeGemm g) {
   w.group = s.group, w.n = moe_gemm_n(s, g), w.k = moe_gemm_k(s, g), w.topk = s.top_k;
   w.gate_up = g == MoeGemm::RoutedGateUp || g == MoeGemm::SharedGateUp;
   w.routed = g == MoeGemm::RoutedGateUp || g == MoeGemm::RoutedDown;
-  w.bm = t.block_m, w.bn = t.block_n, w.stages = t.stages, w.wgm = t.warps_m, w.wgn = t.warps_n;
+  w.bm = t.block_m, w.bn = t.block_n, w.stages = t.stages, w.wgm = t.warps_m, w.wgn = t.warps_n, w.ws = t.ws, w.swap = t.swap, w.ksub = t.ksub;
   return w;
 }
 }  // namespace
 
 int MoeGemmTile::smem_bytes(int group) const {
-  return wgmma ? wgmma_smem_bytes(group, block_m, block_n, stages) : 2 * (block_m + block_n) * (block_k + 8) * 2;
+  return wgmma ? wgmma_smem_bytes(group, block_m, block_n, stages, ws, ksub)
+               : 2 * (block_m + block_n) * (block_k + 8) * 2;
 }
 
 std::string why_invalid(const MoeGemmTile& t, const MoeShape& s, MoeGemm g) {
@@ -131,6 +132,7 @@ std::string why_invalid(const MoeGemmTile& t, const MoeShape& s, MoeGemm g) {
     if (t.block_k != kWgmmaBlockK) return fmt::format("wgmma: block_k = {} is not {}", t.block_k, kWgmmaBlockK);
     return why_invalid(wgmma_of(t, s, g));
   }
+  if (t.ws || t.swap || t.ksub != 1) return "warp specialisation needs a wgmma tile";
   if (t.stages != 2) return fmt::format("stages = {}: the mma.sync kernel has 2", t.stages);
   const int64_t n = moe_gemm_n(s, g), k = moe_gemm_k(s, g);
   if (t.warps_m < 1 || t.warps_n < 1 || t.threads() > 1024)
@@ -203,14 +205,25 @@ MoeGemmTile default_moe_gemm_tile(const MoeShape& s, bool hopper, int64_t tokens
     // 3072 and 4096, g128 and g32: 987 vs 1182 us per layer at 4096). Below: 64 rows per block (few
     // tokens per expert pad less), two warpgroups over 128 columns. 4 stages: two blocks per SM (6
     // stages and one block per SM ran 823 us instead of 625 for W4A16 g128 routed gate|up at 4096).
+    // W4A16: the warp-specialised form of that tile (H200, g128, T = 4096: 1067 us per layer against
+    // 1213 for the plain one); bf16 weights need no dequantization and keep the plain one (962 vs 994).
+    if (tokens >= 3072 && s.group != 0 && valid(MoeGemmTile{128, 256, 64, 2, 1, 4, true, true}))
+      return MoeGemmTile{128, 256, 64, 2, 1, 4, true, true};
     if (tokens >= 3072 && valid(MoeGemmTile{128, 256, 64, 2, 1, 4, true})) return MoeGemmTile{128, 256, 64, 2, 1, 4, true};
     for (MoeGemmTile t : {MoeGemmTile{64, 128, 64, 1, 2, 4, true}, MoeGemmTile{64, 64, 64, 1, 2, 4, true},
                           MoeGemmTile{64, 64, 64, 1, 1, 4, true}})
       if (valid(t)) return t;
   }
-  // sm_90a below kMoeWgmmaMinTokens: 32-row blocks, 4 warps over 128 columns, 64-k steps (the H200
-  // tuner's choice at 16-512 tokens for g32 and at 256-512 for g128: 376 vs 574 us at 512, g128).
-  if (hopper && valid(MoeGemmTile{32, 128, 64, 1, 4})) return MoeGemmTile{32, 128, 64, 1, 4};
+  // sm_90a below kMoeWgmmaMinTokens: few tokens per expert, so the GEMMs stream weights. Up to 8
+  // tokens per expert (about 256 tokens for the 35B) the swapped warp-specialised wgmma (weights x
+  // tokens: 64 weight rows, the expert's 8 tokens as wgmma's N; H200 g128 T = 128: 340 us per layer
+  // against 357 for mma.sync); above, 32-row mma.sync blocks, 4 warps over 128 columns, 64-k steps
+  // (the H200 tuner's choice at 16-512 tokens for g32 and at 256-512 for g128: 376 vs 574 us at 512).
+  if (hopper) {
+    const int64_t per_expert = (tokens * s.top_k + s.experts - 1) / s.experts;
+    if (MoeGemmTile t{8, 64, 64, 1, 1, 4, true, true, true}; per_expert <= 8 && valid(t)) return t;
+    if (valid(MoeGemmTile{32, 128, 64, 1, 4})) return MoeGemmTile{32, 128, 64, 1, 4};
+  }
   for (MoeGemmTile t : {MoeGemmTile{64, 128, 32, 2, 2}, MoeGemmTile{64, 64, 32, 2, 2}, MoeGemmTile{32, 32, 32, 2, 2}}) {
     bool ok = true;
     for (MoeGemm g : {MoeGemm::RoutedGateUp, MoeGemm::RoutedDown, MoeGemm::SharedGateUp, MoeGemm::SharedDown})

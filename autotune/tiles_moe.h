@@ -53,7 +53,10 @@ struct MoeGemmTile {
   int warps_m = 2, warps_n = 2;
   int stages = 2;       // mma.sync: always 2 (static shared memory); wgmma: 3..8
   bool wgmma = false;
-  int threads() const { return 32 * warps_m * warps_n * (wgmma ? 4 : 1); }
+  bool ws = false;      // wgmma, warp-specialised: + a producer warpgroup (gathers A, dequantizes B)
+  bool swap = false;    // ws: weights x tokens, block_m = 8..64 tokens, block_n = 64 * warps_n weight rows
+  int ksub = 1;         // swap: 64-k steps per pipeline stage
+  int threads() const { return 32 * warps_m * warps_n * (wgmma ? 4 : 1) + (ws ? 128 : 0); }
   int smem_bytes(int group) const;  // wgmma: dynamic; else static, 2 stages of padded rows
 };
 

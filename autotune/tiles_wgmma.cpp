@@ -2,13 +2,18 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
+
 #include "runtime/core/error.h"
 
 namespace q35 {
 
-int wgmma_smem_bytes(int group, int bm, int bn, int stages) {
-  const int a = bm * 128, b = group == 0 ? bn * 128 : bn * 32;
-  return 1024 + stages * (a + b) + (group == 0 ? 0 : 3 * bn * 128);
+int wgmma_smem_bytes(int group, int bm, int bn, int stages, bool ws, int ksub) {
+  const int a = bm * 128, raw = group == 0 ? 0 : bn * 32;
+  if (ws)
+    return 1024 + stages * ksub * (a + (group == 0 ? bn * 128 : raw)) +
+           (group == 0 ? 0 : std::min(stages, 4) * bn * 128) + stages * 16;
+  return 1024 + stages * (a + (group == 0 ? bn * 128 : raw)) + (group == 0 ? 0 : 3 * bn * 128);
 }
 
 std::string why_invalid(const WgmmaGemm& g) {
@@ -21,17 +26,35 @@ std::string why_invalid(const WgmmaGemm& g) {
   if (g.topk < 1) return fmt::format("topk = {} is not positive", g.topk);
   if (g.wgm != 1 && g.wgm != 2) return fmt::format("wgm = {} warpgroups along M is not 1 or 2", g.wgm);
   if (g.wgn != 1 && g.wgn != 2) return fmt::format("wgn = {} warpgroups along N is not 1 or 2", g.wgn);
-  if (g.bm != 64 * g.wgm) return fmt::format("bm = {} is not 64 * wgm = {}", g.bm, 64 * g.wgm);
+  if (g.swap) {
+    if (!g.ws) return "the swapped form (weights x rows) is warp-specialised only";
+    if (g.wgm != 1 || g.bn != 64 * g.wgn)
+      return fmt::format("swapped: bn = {} must be 64 x wgn = {} weight rows and wgm = {} must be 1", g.bn, 64 * g.wgn,
+                         g.wgm);
+    if (g.bm != 8 && g.bm != 16 && g.bm != 32 && g.bm != 64)
+      return fmt::format("swapped: bm = {} rows is not 8, 16, 32 or 64 (the wgmma N)", g.bm);
+    if (g.ksub != 1 && g.ksub != 2 && g.ksub != 4) return fmt::format("swapped: ksub = {} is not 1, 2 or 4", g.ksub);
+    if (g.k % (64 * g.ksub) != 0)
+      return fmt::format("swapped: K = {} is not a multiple of 64 x ksub = {}", g.k, 64 * g.ksub);
+  } else if (g.ksub != 1) {
+    return fmt::format("ksub = {}: several 64-k steps per stage are the swapped form's", g.ksub);
+  } else if (g.bm != 64 * g.wgm) {
+    return fmt::format("bm = {} is not 64 * wgm = {}", g.bm, 64 * g.wgm);
+  }
   const int wtn = g.bn % g.wgn == 0 ? g.bn / g.wgn : 0;
   if (wtn != 32 && wtn != 64 && wtn != 128 && wtn != 256)
     return fmt::format("bn / wgn = {} / {} is not 32, 64, 128 or 256 (the wgmma N)", g.bn, g.wgn);
-  if (g.stages < 3 || g.stages > 8) return fmt::format("stages = {} is not in [3, 8]", g.stages);
+  const int max_stages = g.ws ? 16 : 8;
+  if (g.stages < 3 || g.stages > max_stages)
+    return fmt::format("stages = {} is not in [3, {}]", g.stages, max_stages);
   if ((g.gate_up || g.routed) && g.n % g.bn != 0)
     return fmt::format("N = {} is not a multiple of bn = {} (MoE GEMMs)", g.n, g.bn);
   if (g.gate_up && (wtn % 16 != 0 || g.out_f32)) return "gate|up needs bn / wgn a multiple of 16 and bf16 output";
-  if (g.group == 0 && (g.bn * 8) % g.threads() != 0)
-    return fmt::format("bn = {} does not split into 16-byte chunks over {} threads", g.bn, g.threads());
-  if (const int smem = wgmma_smem_bytes(g.group, g.bm, g.bn, g.stages); smem > kWgmmaMaxSmem)
+  const int loaders = g.ws ? 128 : g.threads();
+  if (g.group == 0 && (g.bn * 8) % loaders != 0)
+    return fmt::format("bn = {} does not split into 16-byte chunks over {} threads", g.bn, loaders);
+  if (g.ws && g.wgm * g.wgn > 2) return "warp-specialised: at most 2 consumer warpgroups";
+  if (const int smem = wgmma_smem_bytes(g); smem > kWgmmaMaxSmem)
     return fmt::format("{} B of shared memory exceeds {} B", smem, kWgmmaMaxSmem);
   return {};
 }
@@ -55,7 +78,10 @@ KernelSpec wgmma_gemm_spec(const WgmmaGemm& g) {
            {"BN", s(g.bn)},
            {"STAGES", s(g.stages)},
            {"WGM", s(g.wgm)},
-           {"WGN", s(g.wgn)}}};
+           {"WGN", s(g.wgn)},
+           {"WS", b(g.ws)},
+           {"SWAP", b(g.swap)},
+           {"KSUB", s(g.ksub)}}};
 }
 
 bool arch_has_wgmma(const std::string& arch) { return arch == "sm_90a"; }

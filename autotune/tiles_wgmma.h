@@ -10,8 +10,11 @@
 
 namespace q35 {
 
-// gemm_wgmma<GROUP, N, K, TOPK, GATE_UP, ROUTED, OUT_F32, BM, BN, STAGES, WGM, WGN>;
-// grid (ceil(N / bn), row blocks), block 128 * wgm * wgn, dynamic smem wgmma_smem_bytes().
+// gemm_wgmma<GROUP, N, K, TOPK, GATE_UP, ROUTED, OUT_F32, BM, BN, STAGES, WGM, WGN, WS>;
+// grid (ceil(N / bn), row blocks), block threads(), dynamic smem wgmma_smem_bytes().
+// ws: warp-specialised (one more warpgroup loads and dequantizes; the others only issue wgmma).
+// swap (ws only, for few rows, e.g. the MoE's tokens per expert): the weights are wgmma's M side,
+// 64 rows per consumer warpgroup (bn = 64 * wgn, wgm = 1), the bm = 8..64 rows of A its N side.
 struct WgmmaGemm {
   int group = 0;             // 0: bf16 weights, else W4A16 group 32 / 64 / 128
   int64_t n = 0, k = 0;      // W [n, k] (per expert)
@@ -19,14 +22,23 @@ struct WgmmaGemm {
   bool gate_up = false, routed = false, out_f32 = false;
   int bm = 128, bn = 128, stages = 4;
   int wgm = 2, wgn = 1;      // warpgroups along M (bm = 64 * wgm) and N
-  int threads() const { return 128 * wgm * wgn; }
+  bool ws = false;           // warp-specialised: + a producer warpgroup
+  bool swap = false;         // weights x rows (see above)
+  int ksub = 1;              // swap: 64-k steps per pipeline stage (1, 2, 4): longer runs of each weight row
+  int threads() const { return 128 * (wgm * wgn + (ws ? 1 : 0)); }
 };
 
 constexpr int kWgmmaBlockK = 64;              // K step: one 128-byte swizzled row of bf16
 constexpr int kWgmmaMaxSmem = 227 * 1024;     // dynamic shared memory a block may opt into on sm_90
-// Bytes of dynamic shared memory: 1 KiB alignment slack, `stages` x (A tile + B tile, or the raw
-// INT4 B tile), and for INT4 three bf16 B tiles.
-int wgmma_smem_bytes(int group, int bm, int bn, int stages);
+// Bytes of dynamic shared memory: 1 KiB alignment slack, then
+//   plain: `stages` x (A tile + B tile, or the raw INT4 B tile), and for INT4 three bf16 B tiles;
+//   ws:    `stages` x ksub x (A tile + bf16 B tile, or the raw INT4 B tile), for INT4 min(stages, 4)
+//          bf16 B tiles, and 2 mbarriers per stage.
+int wgmma_smem_bytes(int group, int bm, int bn, int stages, bool ws = false, int ksub = 1);
+inline int wgmma_smem_bytes(const struct WgmmaGemm& g);
+inline int wgmma_smem_bytes(const WgmmaGemm& g) {
+  return wgmma_smem_bytes(g.group, g.bm, g.bn, g.stages, g.ws, g.ksub);
+}
 std::string why_invalid(const WgmmaGemm& g);
 KernelSpec wgmma_gemm_spec(const WgmmaGemm& g);  // Error naming the shape and reason when invalid
 

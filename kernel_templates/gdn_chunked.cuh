@@ -1,49 +1,103 @@
 #pragma once
-// Chunked gated delta rule for prefill (spec §2.5, FLA's stages), chunk L = 64, fp32 accumulation.
+// Chunked gated delta rule for prefill (spec §2.5, FLA's split of the work), chunk L = 64.
 // Inputs from gdn_prologue: qkv [T, C] bf16 (q normalised and scaled | k normalised | v),
 // g, beta [T, HV] fp32. Per value head j (key head kh = j / (HV / HK)) and chunk n of rows
 // t0 = 64 n .. t0 + 63 (rows past T are zero and change nothing), gam = inclusive cumsum of g:
 //
 // gdn_chunk_prepare, grid (chunks, HV), block 256, fully parallel:
-//   A[i,m]  = beta_i (k_i . k_m) exp(gam_i - gam_m), m < i           (strictly lower)
-//   QK[i,m] = (q_i . k_m) exp(gam_i - gam_m), m <= i                 -> qk   [chunks, HV, 64, 64] fp32
-//   U = (I + A)^-1 (beta v),  W = (I + A)^-1 (beta k exp(gam))       -> u [T, HV, DV], w [T, HV, DK] fp32
-//   gam                                                              -> gam  [T, HV] fp32
-//   k k^T and q k^T by bf16 mma.sync (exact products, fp32 sums). The triangular solve is forward
-//   substitution in fp32: a thread owns one column of [U | W] in registers (right-looking, so the
-//   64 row updates of a step are independent). qk and w are stored rounded to tf32 (they only feed
-//   tf32 tensor-core products).
+//   A[i,m] = beta_i (k_i . k_m) exp(gam_i - gam_m), m < i   (k k^T by bf16 mma: exact products, fp32 sums)
+//   Tm = (I + A)^-1, fp32, blocked: the four 16 x 16 diagonal blocks by substitution, then
+//        Tm_ij = -Tm_ii sum_{j <= k < i} A_ik Tm_kj in order of distance i - j
+//   U = (Tm diag(beta)) v,  W = (Tm diag(beta exp(gam))) k  (bf16 mma: the fp32 left factor split
+//        hi + lo, the exact bf16 v, k as B operands: hi v + lo v)
+//   -> gam [chunks, HV, 64] fp32 (padded rows repeat the last real value), u [chunks, HV, 64, DV]
+//      fp32, w [chunks, HV, 2, 64, DK] bf16 (hi plane, lo plane; padded rows are zero).
 //
-// gdn_chunk_state, grid (HV, DV / VS), block 256, serial over chunks: the state's value columns
-// are independent, so a CTA owns VS of them (S [DK, VS], fp32 in registers: warp w owns state rows
-// 16 w (DK / 128) ..) for the whole sequence, with a tf32 copy in shared memory for the products:
-//   Vn = U - W S                                   (tf32 mma: warp = 16 chunk rows x VS / 2 columns)
-//   O  = exp(gam) (q S) + QK Vn                    -> out [T, HV, DV] fp32 (QK causal: skipped tiles)
-//   S  = exp(gam_last) S + (k exp(gam_last - gam))^T Vn
-// Only differences of gam are exponentiated with a positive sign, so nothing overflows.
-// The next chunk's inputs stream in by cp.async while this one computes: W, q, U, gam after the
-// first product (double-buffered gam), QK and k after the state update.
+// gdn_chunk_state, grid (HV, DV / VS), block 256, serial over chunks, only the recurrence: the
+// state's value columns are independent, so a CTA owns VS of them for the whole sequence, S [DK, VS]
+// fp32 in mma accumulators (warp w owns state rows 16 w (DK / 128) ..). Per chunk:
+//   h  = S (the state entering the chunk)           -> h [chunks, HV, 2, DK, DV] bf16 hi/lo
+//   Vn = U - W S                                     -> vn [chunks, HV, 2, 64, DV] bf16 hi/lo
+//   S  = exp(gam_last) S + k^T (dcy Vn),  dcy_i = exp(gam_last - gam_i)
+// W S as W_hi S_hi + W_hi S_lo + W_lo S_hi, k^T (dcy Vn) as k^T X_hi + k^T X_lo (k exact).
+// The next chunk's W, k, U, gam stream in by cp.async while this one computes.
+//
+// gdn_chunk_output, grid (chunks, HV), block 256, fully parallel, with the gated RMSNorm fused:
+//   QK = [(q_i . k_m) exp(gam_i - gam_m)]_{m <= i}  (bf16 mma, split hi/lo)
+//   O  = exp(gam) (q S_n) + QK Vn     q S as q S_hi + q S_lo, QK Vn as 3 products
+//   y  = bf16(O / sqrt(mean_DV(O^2) + eps) * w * silu(z))  -> y [T, HV DV] (gated_rmsnorm.cuh's math)
+//
+// Split bf16 ("3xBF16"): x = hi + lo with hi = bf16(x), lo = bf16(x - hi) keeps ~16 mantissa bits;
+// a product of two such operands drops only lo lo (2^-16 relative), and the tensor cores sum in
+// fp32, so every product is as accurate as fp32 CUDA-core math would be. Only differences of gam
+// are exponentiated with a positive sign, so nothing overflows.
 // State in/out [HV, DV, DK] fp32 (the layout of gdn_recurrent.cuh).
 #include "gdn_common.cuh"
 
 namespace q35k {
 constexpr int kGdnChunk = 64;
+
+// ldmatrix wrappers (sm_80+): x4 loads four 8 x 8 bf16 matrices, lane l giving the row address of
+// matrix l / 8; .trans delivers the transposed matrices.
+__device__ __forceinline__ void gdn_ldsm_x4(u32 (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(gdn_smem_u32(p)) : "memory");
+}
+__device__ __forceinline__ void gdn_ldsm_x4_t(u32 (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(gdn_smem_u32(p)) : "memory");
+}
+
+// Fragment loads for gdn_mma_bf16 from row-major bf16 tiles in shared memory (stride in elements,
+// a multiple of 8; lane = threadIdx.x % 32):
+// A (16 x 16 at rows r0, columns k0) from a[r][k].
+__device__ __forceinline__ void gdn_frag_a(u32 (&f)[4], const bf16* a, int stride, int r0, int k0, int lane) {
+  gdn_ldsm_x4(f, a + (r0 + lane % 16) * stride + k0 + (lane / 16) * 8);
+}
+// A (16 x 16 at rows r0, columns k0) of the transpose of at[k][r].
+__device__ __forceinline__ void gdn_frag_a_t(u32 (&f)[4], const bf16* at, int stride, int r0, int k0, int lane) {
+  gdn_ldsm_x4_t(f, at + (k0 + lane % 8 + (lane / 16) * 8) * stride + r0 + ((lane / 8) % 2) * 8);
+}
+// B of two n-tiles (k0 .. k0 + 15, n0 .. n0 + 15) from b[k][n]: f[0..1] n-tile n0, f[2..3] n0 + 8.
+__device__ __forceinline__ void gdn_frag_b2_t(u32 (&f)[4], const bf16* b, int stride, int k0, int n0, int lane) {
+  gdn_ldsm_x4_t(f, b + (k0 + lane % 8 + ((lane / 8) % 2) * 8) * stride + n0 + (lane / 16) * 8);
+}
+// B of two n-tiles from bt[n][k] (the transpose stored).
+__device__ __forceinline__ void gdn_frag_b2(u32 (&f)[4], const bf16* bt, int stride, int k0, int n0, int lane) {
+  gdn_ldsm_x4(f, bt + (n0 + lane % 8 + (lane / 16) * 8) * stride + k0 + ((lane / 8) % 2) * 8);
+}
+
+// (a, b) -> hi = bf16x2(a, b), lo = bf16x2(a - hi, b - hi): the split-bf16 pair.
+__device__ __forceinline__ u32 gdn_split(float a, float b, u32& lo) {
+  const u32 hi = f32x2_to_bf16x2(a, b);
+  lo = f32x2_to_bf16x2(a - bf16x2_lo(hi), b - bf16x2_hi(hi));
+  return hi;
+}
+
+__device__ __forceinline__ void gdn_mma2(float (&d)[4], const u32 (&a)[4], const u32* b) {
+  const u32 bb[2] = {b[0], b[1]};
+  gdn_mma_bf16(d, a, bb);
+}
 }  // namespace q35k
 
-// Dynamic shared memory: 2 * 64 * (DK + 8) bf16 + 64 * 68 + 2 * 64 floats.
+// Dynamic shared memory (bytes): see gdn_chunk_prepare_smem_bytes (autotune/tiles_gdn.cpp).
 template <int HK, int HV, int DK, int DV>
 __global__ void __launch_bounds__(256, 2)
 gdn_chunk_prepare(const q35k::bf16* __restrict__ qkv, const float* __restrict__ g, const float* __restrict__ beta,
-                  float* __restrict__ gam_out, float* __restrict__ u_out, float* __restrict__ w_out,
-                  float* __restrict__ qk_out, int T) {
-  constexpr int L = q35k::kGdnChunk, C = 2 * HK * DK + HV * DV, HS = DK + 8, AS = L + 4;
-  static_assert(HV % HK == 0 && DK % 16 == 0, "gdn_chunk_prepare: HV must be a multiple of HK, DK of 16");
+                  float* __restrict__ gam_out, float* __restrict__ u_out, q35k::bf16* __restrict__ w_out, int T) {
+  constexpr int L = q35k::kGdnChunk, C = 2 * HK * DK + HV * DV;
+  constexpr int KS = DK + 8, VS = DV + 8, AS = L + 4, PS = L + 8;  // row strides (elements)
+  static_assert(HV % HK == 0 && DK % 32 == 0 && DV % 32 == 0, "gdn_chunk_prepare: HV % HK, DK % 32, DV % 32");
   extern __shared__ __align__(16) float smem[];
-  q35k::bf16* Qb = reinterpret_cast<q35k::bf16*>(smem);  // [L, HS] q
-  q35k::bf16* Kb = Qb + L * HS;                           // [L, HS] k
-  float* At = reinterpret_cast<float*>(Kb + L * HS);      // [L, AS]: At[m][i] = A[i][m]
-  float* gam = At + L * AS;                               // [L]
-  float* bet = gam + L;                                   // [L]
+  float* A = smem;                                           // [L, AS] A, strictly lower
+  float* Tm = A + L * AS;                                    // [L, AS] (I + A)^-1
+  float* X = Tm + L * AS;                                    // [3, 16, 17] block sums of the solve
+  float* gam = X + 3 * 16 * 17;                              // [L]
+  float* bet = gam + L;                                      // [L]
+  float* eg = bet + L;                                       // [L]
+  q35k::bf16* Kb = reinterpret_cast<q35k::bf16*>(eg + L);    // [L, KS] k
+  q35k::bf16* Vb = Kb + L * KS;                              // [L, VS] v
+  q35k::bf16* P = Vb + L * VS;                               // [4, L, PS] Tm diag(beta) hi, lo; Tm diag(beta eg) hi, lo
   q35k::gdn_pdl_wait();
   q35k::gdn_pdl_launch_dependents();
   const int tid = threadIdx.x, n = blockIdx.x, j = blockIdx.y, kh = j / (HV / HK);
@@ -53,160 +107,224 @@ gdn_chunk_prepare(const q35k::bf16* __restrict__ qkv, const float* __restrict__ 
   for (int idx = tid; idx < L * (DK / 8); idx += 256) {
     const int i = idx / (DK / 8), ch = idx % (DK / 8);
     const bool in = i < rows;
-    const q35k::bf16* x = qkv + size_t(t0 + (in ? i : 0)) * C + kh * DK + 8 * ch;
-    q35k::gdn_cp_async_16(Qb + i * HS + 8 * ch, x, in);
-    q35k::gdn_cp_async_16(Kb + i * HS + 8 * ch, x + HK * DK, in);
+    q35k::gdn_cp_async_16(Kb + i * KS + 8 * ch, qkv + size_t(t0 + (in ? i : 0)) * C + HK * DK + kh * DK + 8 * ch, in);
+  }
+  for (int idx = tid; idx < L * (DV / 8); idx += 256) {
+    const int i = idx / (DV / 8), ch = idx % (DV / 8);
+    const bool in = i < rows;
+    q35k::gdn_cp_async_16(Vb + i * VS + 8 * ch, qkv + size_t(t0 + (in ? i : 0)) * C + 2 * HK * DK + j * DV + 8 * ch,
+                          in);
   }
   q35k::gdn_cp_async_commit();
-  if (tid < L) {
-    gam[tid] = tid < rows ? g[size_t(t0 + tid) * HV + j] : 0.f;
-    bet[tid] = tid < rows ? beta[size_t(t0 + tid) * HV + j] : 0.f;
+  if (warp == 0) {  // gam: inclusive scan of g, two rows per lane
+    const int i = 2 * lane;
+    const float g0 = i < rows ? g[size_t(t0 + i) * HV + j] : 0.f;
+    const float g1 = i + 1 < rows ? g[size_t(t0 + i + 1) * HV + j] : 0.f;
+    float s = g0 + g1;
+#pragma unroll
+    for (int off = 1; off < 32; off *= 2) {
+      const float o = __shfl_up_sync(0xffffffffu, s, off);
+      if (lane >= off) s += o;
+    }
+    const float before = s - (g0 + g1);
+    gam[i] = before + g0;
+    gam[i + 1] = s;
+    float* go = gam_out + (size_t(n) * HV + j) * L;
+    *reinterpret_cast<float2*>(go + i) = make_float2(before + g0, s);
+  } else if (warp == 1) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int i = 2 * lane + h;
+      bet[i] = i < rows ? beta[size_t(t0 + i) * HV + j] : 0.f;
+    }
   }
-  __syncthreads();
-  if (tid == 0)
-    for (int i = 1; i < L; ++i) gam[i] += gam[i - 1];
   q35k::gdn_cp_async_wait<0>();
   __syncthreads();
-  if (tid < rows) gam_out[size_t(t0 + tid) * HV + j] = gam[tid];
+  if (tid < L) eg[tid] = expf(gam[tid]);
 
-  {  // k k^T and q k^T: warp = chunk rows 16 r .. and columns 32 hc .. (4 n-tiles of 8)
+  {  // A = beta_i (k k^T) exp(gam_i - gam_m), m < i: warp = rows 16 r .., columns 32 hc .. (tiles above the diagonal skipped)
     const int r = warp % 4, hc = warp / 4;
-    float kk[4][4] = {}, qk[4][4] = {};
-    auto ld = [](const q35k::bf16* p) { return *reinterpret_cast<const q35k::u32*>(p); };
+    float kk[4][4] = {};
 #pragma unroll 2
     for (int k0 = 0; k0 < DK; k0 += 16) {
-      const int c = k0 + 2 * ti;
-      const q35k::u32 ak[4] = {ld(Kb + (16 * r + gi) * HS + c), ld(Kb + (16 * r + gi + 8) * HS + c),
-                               ld(Kb + (16 * r + gi) * HS + c + 8), ld(Kb + (16 * r + gi + 8) * HS + c + 8)};
-      const q35k::u32 aq[4] = {ld(Qb + (16 * r + gi) * HS + c), ld(Qb + (16 * r + gi + 8) * HS + c),
-                               ld(Qb + (16 * r + gi) * HS + c + 8), ld(Qb + (16 * r + gi + 8) * HS + c + 8)};
+      q35k::u32 a[4];
+      q35k::gdn_frag_a(a, Kb, KS, 16 * r, k0, lane);
 #pragma unroll
-      for (int jn = 0; jn < 4; ++jn) {
-        const int m0 = 32 * hc + 8 * jn;
-        const q35k::u32 b[2] = {ld(Kb + (m0 + gi) * HS + c), ld(Kb + (m0 + gi) * HS + c + 8)};
-        q35k::gdn_mma_bf16(kk[jn], ak, b);
-        q35k::gdn_mma_bf16(qk[jn], aq, b);
+      for (int jp = 0; jp < 2; ++jp) {
+        const int m0 = 32 * hc + 16 * jp;
+        if (m0 > 16 * r) continue;  // warp-uniform
+        q35k::u32 b[4];
+        q35k::gdn_frag_b2(b, Kb, KS, k0, m0, lane);
+        q35k::gdn_mma2(kk[2 * jp], a, b);
+        q35k::gdn_mma2(kk[2 * jp + 1], a, b + 2);
       }
     }
-    float* qk_blk = qk_out + (size_t(n) * HV + j) * L * L;
 #pragma unroll
-    for (int jn = 0; jn < 4; ++jn)
+    for (int jn = 0; jn < 4; ++jn) {
+      if (32 * hc + 8 * jn > 16 * r + 15) continue;
 #pragma unroll
-      for (int hh = 0; hh < 2; ++hh) {
-        const int i = 16 * r + gi + 8 * hh, m = 32 * hc + 8 * jn + 2 * ti;
-        float qv[2];
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const float decay = m + e <= i ? expf(gam[i] - gam[m + e]) : 0.f;
-          At[(m + e) * AS + i] = m + e < i ? bet[i] * kk[jn][2 * hh + e] * decay : 0.f;
-          qv[e] = q35k::gdn_tf32(qk[jn][2 * hh + e] * decay);
-        }
-        *reinterpret_cast<float2*>(qk_blk + i * L + m) = make_float2(qv[0], qv[1]);
+      for (int e = 0; e < 4; ++e) {
+        const int i = 16 * r + gi + 8 * (e / 2), m = 32 * hc + 8 * jn + 2 * ti + e % 2;
+        A[i * AS + m] = m < i ? bet[i] * kk[jn][e] * expf(gam[i] - gam[m]) : 0.f;
       }
+    }
   }
   __syncthreads();
 
-  // Forward substitution, one column c of X = [U (DV) | W (DK)] per thread, in registers:
-  // after x[m] is final, x[i] -= A[i][m] x[m] for every i (A[i][m] = 0 for i <= m).
-  for (int c = tid; c < DV + DK; c += 256) {
-    const bool is_u = c < DV;
-    float x[L];
+  // Tm = (I + A)^-1. Diagonal blocks: thread (b, c) solves column c of block b by substitution:
+  // x_r = [r == c] - sum_{m < r} A_rm x_m (x_m = 0 for m < c).
+  if (tid < L) {
+    const int b = tid / 16, c = tid % 16;
+    const float* Ab = A + 16 * b * AS + 16 * b;
+    float x[16];
 #pragma unroll
-    for (int i = 0; i < L; ++i)
-      x[i] = i >= rows ? 0.f
-             : is_u    ? bet[i] * q35k::bf16_to_f32(qkv[size_t(t0 + i) * C + 2 * HK * DK + j * DV + c])
-                       : bet[i] * q35k::bf16_to_f32(Kb[i * HS + c - DV]) * expf(gam[i]);
+    for (int r = 0; r < 16; ++r) {
+      float acc = r == c ? 1.f : 0.f;
 #pragma unroll
-    for (int m = 0; m < L - 1; ++m)
+      for (int m = 0; m < r; ++m) acc -= Ab[r * AS + m] * x[m];
+      x[r] = acc;
+    }
 #pragma unroll
-      for (int i4 = m / 4; i4 < L / 4; ++i4) {
-        const float4 a = *reinterpret_cast<const float4*>(At + m * AS + 4 * i4);
-        x[4 * i4 + 0] -= a.x * x[m];
-        x[4 * i4 + 1] -= a.y * x[m];
-        x[4 * i4 + 2] -= a.z * x[m];
-        x[4 * i4 + 3] -= a.w * x[m];
+    for (int r = 0; r < 16; ++r) Tm[(16 * b + r) * AS + 16 * b + c] = x[r];
+  }
+  __syncthreads();
+  // Off-diagonal blocks by distance d: X = sum_{j <= k < i} A_ik Tm_kj, then Tm_ij = -Tm_ii X.
+  for (int d = 1; d < 4; ++d) {
+    const int nb = 4 - d;
+    for (int idx = tid; idx < nb * 256; idx += 256) {
+      const int jb = idx / 256, rr = (idx % 256) / 16, cc = idx % 16, ib = jb + d;
+      const float* Ar = A + (16 * ib + rr) * AS;
+      float acc = 0.f;
+      for (int m = 16 * jb; m < 16 * ib; ++m) acc += Ar[m] * Tm[m * AS + 16 * jb + cc];
+      X[(jb * 16 + rr) * 17 + cc] = acc;
+    }
+    __syncthreads();
+    for (int idx = tid; idx < nb * 256; idx += 256) {
+      const int jb = idx / 256, rr = (idx % 256) / 16, cc = idx % 16, ib = jb + d;
+      const float* Tr = Tm + (16 * ib + rr) * AS + 16 * ib;
+      float acc = 0.f;
+#pragma unroll
+      for (int m = 0; m < 16; ++m) acc -= (m <= rr ? Tr[m] : 0.f) * X[(jb * 16 + m) * 17 + cc];
+      Tm[(16 * ib + rr) * AS + 16 * jb + cc] = acc;
+    }
+    __syncthreads();
+  }
+
+  // Left factors of U and W, split hi + lo (blocks above the diagonal are zero).
+  for (int idx = tid; idx < L * L / 2; idx += 256) {
+    const int i = idx / (L / 2), m = 2 * (idx % (L / 2));
+    const bool lower = m / 16 <= i / 16;
+    const float t0v = lower ? Tm[i * AS + m] : 0.f, t1v = lower ? Tm[i * AS + m + 1] : 0.f;
+    const float u0 = t0v * bet[m], u1 = t1v * bet[m + 1];
+    q35k::u32 lo;
+    const q35k::u32 hi = q35k::gdn_split(u0, u1, lo);
+    *reinterpret_cast<q35k::u32*>(P + i * PS + m) = hi;
+    *reinterpret_cast<q35k::u32*>(P + L * PS + i * PS + m) = lo;
+    const q35k::u32 whi = q35k::gdn_split(u0 * eg[m], u1 * eg[m + 1], lo);
+    *reinterpret_cast<q35k::u32*>(P + 2 * L * PS + i * PS + m) = whi;
+    *reinterpret_cast<q35k::u32*>(P + 3 * L * PS + i * PS + m) = lo;
+  }
+  __syncthreads();
+
+  // U = P_u v (warps 0-3), W = P_w k (warps 4-7): warp = rows 16 r .., 32 columns at a time;
+  // Tm is lower triangular, so k-steps stop at the diagonal block.
+  {
+    const int r = warp % 4;
+    const bool is_u = warp < 4;
+    const q35k::bf16* Ph = P + (is_u ? 0 : 2) * L * PS;
+    const q35k::bf16* Pl = Ph + L * PS;
+    const q35k::bf16* B = is_u ? Vb : Kb;
+    const int bs = is_u ? VS : KS, cols = is_u ? DV : DK;
+    float* uo = u_out + (size_t(n) * HV + j) * L * DV;
+    q35k::bf16* wo = w_out + (size_t(n) * HV + j) * 2 * L * DK;
+    for (int c0 = 0; c0 < cols; c0 += 32) {
+      float acc[4][4] = {};
+      for (int k0 = 0; k0 <= 16 * r; k0 += 16) {
+        q35k::u32 ah[4], al[4];
+        q35k::gdn_frag_a(ah, Ph, PS, 16 * r, k0, lane);
+        q35k::gdn_frag_a(al, Pl, PS, 16 * r, k0, lane);
+#pragma unroll
+        for (int jp = 0; jp < 2; ++jp) {
+          q35k::u32 b[4];
+          q35k::gdn_frag_b2_t(b, B, bs, k0, c0 + 16 * jp, lane);
+          q35k::gdn_mma2(acc[2 * jp], ah, b);
+          q35k::gdn_mma2(acc[2 * jp], al, b);
+          q35k::gdn_mma2(acc[2 * jp + 1], ah, b + 2);
+          q35k::gdn_mma2(acc[2 * jp + 1], al, b + 2);
+        }
       }
 #pragma unroll
-    for (int i = 0; i < L; ++i) {
-      if (i < rows) {
-        if (is_u) u_out[(size_t(t0 + i) * HV + j) * DV + c] = x[i];
-        else w_out[(size_t(t0 + i) * HV + j) * DK + c - DV] = q35k::gdn_tf32(x[i]);
-      }
+      for (int jn = 0; jn < 4; ++jn)
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+          const int i = 16 * r + gi + 8 * hh, c = c0 + 8 * jn + 2 * ti;
+          if (is_u) {
+            *reinterpret_cast<float2*>(uo + i * DV + c) = make_float2(acc[jn][2 * hh], acc[jn][2 * hh + 1]);
+          } else {
+            q35k::u32 lo;
+            const q35k::u32 hi = q35k::gdn_split(acc[jn][2 * hh], acc[jn][2 * hh + 1], lo);
+            *reinterpret_cast<q35k::u32*>(wo + i * DK + c) = hi;
+            *reinterpret_cast<q35k::u32*>(wo + L * DK + i * DK + c) = lo;
+          }
+        }
     }
   }
 }
 
-// Dynamic shared memory: 64 * (DK + 4) + 64 * 68 + 2 * 64 * (VS + 8) + DK * (VS + 8) + 4 * 64 floats
-// + 2 * 64 * (DK + 8) bf16.
+// Dynamic shared memory (bytes): see gdn_chunk_state_smem_bytes (autotune/tiles_gdn.cpp).
 template <int HK, int HV, int DK, int DV, int VS>
 __global__ void __launch_bounds__(256)
-gdn_chunk_state(const q35k::bf16* __restrict__ qkv, const float* __restrict__ gam_in,
-                const float* __restrict__ u_in, const float* __restrict__ w_in, const float* __restrict__ qk_in,
-                float* __restrict__ state, float* __restrict__ out, int T) {
+gdn_chunk_state(const q35k::bf16* __restrict__ qkv, const float* __restrict__ gam_in, const float* __restrict__ u_in,
+                const q35k::bf16* __restrict__ w_in, float* __restrict__ state, q35k::bf16* __restrict__ h_out,
+                q35k::bf16* __restrict__ vn_out, int T) {
   constexpr int L = q35k::kGdnChunk, C = 2 * HK * DK + HV * DV;
-  constexpr int WS = DK + 4, HS = DK + 8, QS = L + 4, VSS = VS + 8;  // row strides (conflict-free fragments)
-  constexpr int NT = VS / 16;   // n-tiles of 8 per warp in the chunk-row products
-  constexpr int NS = VS / 8;    // n-tiles of the state
-  constexpr int MT = DK / 128;  // 16-row state tiles per warp
-  static_assert(VS % 16 == 0 && VS <= 64 && DV % VS == 0 && DK % 128 == 0 && HV % HK == 0,
-                "gdn_chunk_state: VS must be 16, 32 or 64 and divide DV; DK a multiple of 128");
+  constexpr int KS = DK + 8, US = VS + 4, SS = VS + 8;  // row strides (elements)
+  constexpr int NT = VS / 16;                           // n-tiles of 8 per warp in W S (a column half)
+  constexpr int NS = VS / 8;                            // n-tiles of the state
+  constexpr int MT = DK / 128;                          // 16-row state tiles per warp
+  static_assert((VS == 16 || VS == 32) && DV % VS == 0 && DK % 128 == 0 && HV % HK == 0,
+                "gdn_chunk_state: VS must be 16 or 32 and divide DV; DK a multiple of 128");
+  constexpr int STAGE = 3 * L * KS * 2 + L * US * 4 + L * 4;  // bytes: W hi, lo, k; U; gam
   extern __shared__ __align__(16) float smem[];
-  float* Ws = smem;                                                  // [L, WS]  W
-  q35k::bf16* Qb = reinterpret_cast<q35k::bf16*>(Ws + L * WS);      // [L, HS]  q
-  q35k::bf16* Kb = Qb + L * HS;                                      // [L, HS]  k
-  float* QKs = reinterpret_cast<float*>(Kb + L * HS);                // [L, QS]  QK
-  float* Us = QKs + L * QS;                                          // [L, VSS] U
-  float* Vn = Us + L * VSS;                                          // [L, VSS] Vn (tf32)
-  float* Ss = Vn + L * VSS;                                          // [DK, VSS] S (tf32)
-  float* gam2 = Ss + DK * VSS;                                       // [2, L] gam, double-buffered
-  float* eg = gam2 + 2 * L;                                          // [L] exp(gam)
-  float* dcy = eg + L;                                               // [L] exp(gam_last - gam)
+  unsigned char* base = reinterpret_cast<unsigned char*>(smem);
+  q35k::bf16* Ss = reinterpret_cast<q35k::bf16*>(base + 2 * STAGE);  // [2, DK, SS] S hi, lo
+  q35k::bf16* Xs = Ss + 2 * DK * SS;                                  // [2, L, SS] dcy Vn hi, lo
+  auto Wst = [&](int st) { return reinterpret_cast<q35k::bf16*>(base + st * STAGE); };  // [2, L, KS]
+  auto Kst = [&](int st) { return Wst(st) + 2 * L * KS; };                             // [L, KS]
+  auto Ust = [&](int st) { return reinterpret_cast<float*>(Kst(st) + L * KS); };       // [L, US]
+  auto Gst = [&](int st) { return Ust(st) + L * US; };                                 // [L]
   q35k::gdn_pdl_wait();
   q35k::gdn_pdl_launch_dependents();
   const int tid = threadIdx.x, j = blockIdx.x, kh = j / (HV / HK), c0 = blockIdx.y * VS;
   const int lane = tid % 32, warp = tid / 32, gi = lane / 4, ti = lane % 4;
-  const int r = warp % 4, hc = warp / 4;  // chunk-row products: rows 16 r .., columns hc VS / 2 ..
+  const int r = warp % 4, hc = warp / 4;  // W S: rows 16 r .., columns hc VS / 2 ..
   float* st = state + (size_t(j) * DV + c0) * DK;  // [VS, DK] rows of this CTA
   const int chunks = (T + L - 1) / L;
 
-  auto load_wqu = [&](int t0, float* gam) {  // W, q, U, gam of the chunk at t0
-    const int rows = min(L, T - t0);
-    for (int idx = tid; idx < L * (DK / 4); idx += 256) {
-      const int i = idx / (DK / 4), ch = idx % (DK / 4);
-      const bool in = i < rows;
-      q35k::gdn_cp_async_16(Ws + i * WS + 4 * ch, w_in + (size_t(t0 + (in ? i : 0)) * HV + j) * DK + 4 * ch, in);
+  auto load = [&](int n, int s) {
+    const int t0 = n * L, rows = min(L, T - t0);
+    const q35k::bf16* w = w_in + (size_t(n) * HV + j) * 2 * L * DK;
+    q35k::bf16* W = Wst(s);
+    for (int idx = tid; idx < 2 * L * (DK / 8); idx += 256) {
+      const int i = idx / (DK / 8), ch = idx % (DK / 8);
+      q35k::gdn_cp_async_16(W + i * KS + 8 * ch, w + i * DK + 8 * ch, true);
     }
+    q35k::bf16* K = Kst(s);
     for (int idx = tid; idx < L * (DK / 8); idx += 256) {
       const int i = idx / (DK / 8), ch = idx % (DK / 8);
       const bool in = i < rows;
-      q35k::gdn_cp_async_16(Qb + i * HS + 8 * ch, qkv + size_t(t0 + (in ? i : 0)) * C + kh * DK + 8 * ch, in);
+      q35k::gdn_cp_async_16(K + i * KS + 8 * ch, qkv + size_t(t0 + (in ? i : 0)) * C + HK * DK + kh * DK + 8 * ch, in);
     }
+    const float* u = u_in + (size_t(n) * HV + j) * L * DV + c0;
+    float* U = Ust(s);
     for (int idx = tid; idx < L * (VS / 4); idx += 256) {
       const int i = idx / (VS / 4), ch = idx % (VS / 4);
-      const bool in = i < rows;
-      q35k::gdn_cp_async_16(Us + i * VSS + 4 * ch, u_in + (size_t(t0 + (in ? i : 0)) * HV + j) * DV + c0 + 4 * ch, in);
+      q35k::gdn_cp_async_16(U + i * US + 4 * ch, u + i * DV + 4 * ch, true);
     }
-    if (tid < L) q35k::gdn_cp_async_4(gam + tid, gam_in + size_t(t0 + (tid < rows ? tid : 0)) * HV + j, tid < rows);
+    if (tid < L / 4) q35k::gdn_cp_async_16(Gst(s) + 4 * tid, gam_in + (size_t(n) * HV + j) * L + 4 * tid, true);
+    q35k::gdn_cp_async_commit();
   };
-  auto load_qkk = [&](int t0) {  // QK and k of the chunk at t0
-    const int rows = min(L, T - t0);
-    const float* qk_blk = qk_in + (size_t(t0 / L) * HV + j) * L * L;
-    for (int idx = tid; idx < L * (L / 4); idx += 256) {
-      const int i = idx / (L / 4), ch = idx % (L / 4);
-      q35k::gdn_cp_async_16(QKs + i * QS + 4 * ch, qk_blk + i * L + 4 * ch, true);
-    }
-    for (int idx = tid; idx < L * (DK / 8); idx += 256) {
-      const int i = idx / (DK / 8), ch = idx % (DK / 8);
-      const bool in = i < rows;
-      q35k::gdn_cp_async_16(Kb + i * HS + 8 * ch,
-                            qkv + size_t(t0 + (in ? i : 0)) * C + HK * DK + kh * DK + 8 * ch, in);
-    }
-  };
-
-  load_wqu(0, gam2);
-  q35k::gdn_cp_async_commit();
-  load_qkk(0);
-  q35k::gdn_cp_async_commit();
+  load(0, 0);
 
   // The state tile of this warp: element e of s[mt][ns] is row 16 (MT warp + mt) + gi + 8 (e / 2),
   // column 8 ns + 2 ti + e % 2.
@@ -216,102 +334,13 @@ gdn_chunk_state(const q35k::bf16* __restrict__ qkv, const float* __restrict__ ga
 #pragma unroll
     for (int ns = 0; ns < NS; ++ns)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int a = 16 * (MT * warp + mt) + gi + 8 * (e / 2), c = 8 * ns + 2 * ti + e % 2;
-        s[mt][ns][e] = st[size_t(c) * DK + a];
-        Ss[a * VSS + c] = q35k::gdn_tf32(s[mt][ns][e]);
-      }
+      for (int e = 0; e < 4; ++e)
+        s[mt][ns][e] = st[size_t(8 * ns + 2 * ti + e % 2) * DK + 16 * (MT * warp + mt) + gi + 8 * (e / 2)];
 
   for (int n = 0; n < chunks; ++n) {
-    const int t0 = n * L, rows = min(L, T - t0);
-    const float* gam = gam2 + (n % 2) * L;
-    q35k::gdn_cp_async_wait<1>();  // W, q, U, gam of this chunk (QK, k may be in flight)
-    __syncthreads();
-    const float gam_last = gam[rows - 1];
-    if (tid < L) {
-      eg[tid] = expf(gam[tid]);
-      dcy[tid] = expf(gam_last - gam[tid]);
-    }
-
-    // P = W S and R = q S for rows 16 r + .., columns hc VS / 2 + 8 jn + ..
-    float p[NT][4] = {}, q[NT][4] = {};
-#pragma unroll 4
-    for (int k0 = 0; k0 < DK; k0 += 8) {
-      const int ra = (16 * r + gi), ca = k0 + ti;
-      const float aw[4] = {Ws[ra * WS + ca], Ws[(ra + 8) * WS + ca], Ws[ra * WS + ca + 4], Ws[(ra + 8) * WS + ca + 4]};
-      const float aq[4] = {q35k::bf16_to_f32(Qb[ra * HS + ca]), q35k::bf16_to_f32(Qb[(ra + 8) * HS + ca]),
-                           q35k::bf16_to_f32(Qb[ra * HS + ca + 4]), q35k::bf16_to_f32(Qb[(ra + 8) * HS + ca + 4])};
-#pragma unroll
-      for (int jn = 0; jn < NT; ++jn) {
-        const int nb = hc * (VS / 2) + 8 * jn + gi;
-        const float b[2] = {Ss[(k0 + ti) * VSS + nb], Ss[(k0 + ti + 4) * VSS + nb]};
-        q35k::gdn_mma_tf32(p[jn], aw, b);
-        q35k::gdn_mma_tf32(q[jn], aq, b);
-      }
-    }
-#pragma unroll
-    for (int jn = 0; jn < NT; ++jn)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int i = 16 * r + gi + 8 * (e / 2), c = hc * (VS / 2) + 8 * jn + 2 * ti + e % 2;
-        Vn[i * VSS + c] = q35k::gdn_tf32(Us[i * VSS + c] - p[jn][e]);
-      }
-    q35k::gdn_cp_async_wait<0>();  // QK, k of this chunk
-    __syncthreads();               // Vn, eg, dcy, QK, k visible; W, q, U, Ss free
-    if (n + 1 < chunks) load_wqu(t0 + L, gam2 + ((n + 1) % 2) * L);
-    q35k::gdn_cp_async_commit();
-
-    // O = exp(gam) R + QK Vn (QK tiles above the diagonal are zero: k-steps < 16 (r + 1)).
-    float o[NT][4];
-#pragma unroll
-    for (int jn = 0; jn < NT; ++jn)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) o[jn][e] = q[jn][e] * eg[16 * r + gi + 8 * (e / 2)];
-    for (int k0 = 0; k0 < 16 * (r + 1); k0 += 8) {
-      const int ra = 16 * r + gi, ca = k0 + ti;
-      const float a[4] = {QKs[ra * QS + ca], QKs[(ra + 8) * QS + ca], QKs[ra * QS + ca + 4],
-                          QKs[(ra + 8) * QS + ca + 4]};
-#pragma unroll
-      for (int jn = 0; jn < NT; ++jn) {
-        const int nb = hc * (VS / 2) + 8 * jn + gi;
-        const float b[2] = {Vn[(k0 + ti) * VSS + nb], Vn[(k0 + ti + 4) * VSS + nb]};
-        q35k::gdn_mma_tf32(o[jn], a, b);
-      }
-    }
-#pragma unroll
-    for (int jn = 0; jn < NT; ++jn)
-#pragma unroll
-      for (int hh = 0; hh < 2; ++hh) {
-        const int i = 16 * r + gi + 8 * hh, c = hc * (VS / 2) + 8 * jn + 2 * ti;
-        if (i < rows)
-          *reinterpret_cast<float2*>(out + (size_t(t0 + i) * HV + j) * DV + c0 + c) =
-              make_float2(o[jn][2 * hh], o[jn][2 * hh + 1]);
-      }
-
-    // S = exp(gam_last) S + (k dcy)^T Vn over the chunk's rows (padded rows have Vn = 0).
-    const float e_last = expf(gam_last);
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int ns = 0; ns < NS; ++ns)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) s[mt][ns][e] *= e_last;
-    for (int k0 = 0; k0 < rows; k0 += 8) {
-      const float d0 = dcy[k0 + ti], d1 = dcy[k0 + ti + 4];
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        const int ra = 16 * (MT * warp + mt) + gi;
-        const float a[4] = {q35k::gdn_tf32(q35k::bf16_to_f32(Kb[(k0 + ti) * HS + ra]) * d0),
-                            q35k::gdn_tf32(q35k::bf16_to_f32(Kb[(k0 + ti) * HS + ra + 8]) * d0),
-                            q35k::gdn_tf32(q35k::bf16_to_f32(Kb[(k0 + ti + 4) * HS + ra]) * d1),
-                            q35k::gdn_tf32(q35k::bf16_to_f32(Kb[(k0 + ti + 4) * HS + ra + 8]) * d1)};
-#pragma unroll
-        for (int ns = 0; ns < NS; ++ns) {
-          const float b[2] = {Vn[(k0 + ti) * VSS + 8 * ns + gi], Vn[(k0 + ti + 4) * VSS + 8 * ns + gi]};
-          q35k::gdn_mma_tf32(s[mt][ns], a, b);
-        }
-      }
-    }
+    const int cur = n % 2, rows = min(L, T - n * L);
+    // S (hi, lo) into shared memory: Ss[p][a][c]. The previous chunk's readers passed the barrier
+    // at the end of its Vn step.
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -319,12 +348,112 @@ gdn_chunk_state(const q35k::bf16* __restrict__ qkv, const float* __restrict__ ga
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
           const int a = 16 * (MT * warp + mt) + gi + 8 * hh, c = 8 * ns + 2 * ti;
-          *reinterpret_cast<float2*>(Ss + a * VSS + c) =
-              make_float2(q35k::gdn_tf32(s[mt][ns][2 * hh]), q35k::gdn_tf32(s[mt][ns][2 * hh + 1]));
+          q35k::u32 lo;
+          const q35k::u32 hi = q35k::gdn_split(s[mt][ns][2 * hh], s[mt][ns][2 * hh + 1], lo);
+          *reinterpret_cast<q35k::u32*>(Ss + a * SS + c) = hi;
+          *reinterpret_cast<q35k::u32*>(Ss + DK * SS + a * SS + c) = lo;
         }
-    __syncthreads();  // QK, k, Vn, eg, dcy free; Ss complete
-    if (n + 1 < chunks) load_qkk(t0 + L);
-    q35k::gdn_cp_async_commit();
+    q35k::gdn_cp_async_wait<0>();
+    __syncthreads();  // this chunk's inputs and Ss visible; the other stage is free
+    if (n + 1 < chunks) load(n + 1, 1 - cur);
+
+    {  // h = S: [2, DK, DV] at columns c0 .. c0 + VS, 16-byte stores
+      q35k::bf16* h = h_out + (size_t(n) * HV + j) * 2 * DK * DV + c0;
+      for (int idx = tid; idx < 2 * DK * (VS / 8); idx += 256) {
+        const int a = idx / (VS / 8), ch = idx % (VS / 8);
+        *reinterpret_cast<uint4*>(h + a * DV + 8 * ch) = *reinterpret_cast<const uint4*>(Ss + a * SS + 8 * ch);
+      }
+    }
+
+    const q35k::bf16* W = Wst(cur);
+    const q35k::bf16* K = Kst(cur);
+    const float* U = Ust(cur);
+    const float* gam = Gst(cur);
+    const float gam_last = gam[L - 1];  // padded rows repeat the last real value
+
+    // P = W S for rows 16 r .., columns hc VS / 2 + 8 jn .. (three accumulators, hi hi, hi lo and
+    // lo hi, so the dependent mma chains are a third as long; summed small terms first).
+    float p[NT][4] = {}, p1[NT][4] = {}, p2[NT][4] = {};
+#pragma unroll
+    for (int k0 = 0; k0 < DK; k0 += 16) {
+      q35k::u32 ah[4], al[4];
+      q35k::gdn_frag_a(ah, W, KS, 16 * r, k0, lane);
+      q35k::gdn_frag_a(al, W + L * KS, KS, 16 * r, k0, lane);
+#pragma unroll
+      for (int jp = 0; jp < (NT + 1) / 2; ++jp) {
+        const int nb = hc * (VS / 2) + 16 * jp;
+        q35k::u32 bh[4], bl[4];
+        q35k::gdn_frag_b2_t(bh, Ss, SS, k0, nb, lane);
+        q35k::gdn_frag_b2_t(bl, Ss + DK * SS, SS, k0, nb, lane);
+#pragma unroll
+        for (int h2 = 0; h2 < 2 && 2 * jp + h2 < NT; ++h2) {
+          q35k::gdn_mma2(p[2 * jp + h2], ah, bh + 2 * h2);
+          q35k::gdn_mma2(p1[2 * jp + h2], ah, bl + 2 * h2);
+          q35k::gdn_mma2(p2[2 * jp + h2], al, bh + 2 * h2);
+        }
+      }
+    }
+#pragma unroll
+    for (int jn = 0; jn < NT; ++jn)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) p[jn][e] += p1[jn][e] + p2[jn][e];
+    // Vn = U - P -> vn (hi, lo); X = dcy Vn (hi, lo) -> Xs. Padded rows: U = W = 0, so Vn = 0.
+    {
+      q35k::bf16* vo = vn_out + (size_t(n) * HV + j) * 2 * L * DV + c0;
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        const int i = 16 * r + gi + 8 * hh;
+        const float dcy = expf(gam_last - gam[i]);
+#pragma unroll
+        for (int jn = 0; jn < NT; ++jn) {
+          const int c = hc * (VS / 2) + 8 * jn + 2 * ti;
+          const float v0 = U[i * US + c] - p[jn][2 * hh], v1 = U[i * US + c + 1] - p[jn][2 * hh + 1];
+          q35k::u32 lo;
+          q35k::u32 hi = q35k::gdn_split(v0, v1, lo);
+          *reinterpret_cast<q35k::u32*>(vo + i * DV + c) = hi;
+          *reinterpret_cast<q35k::u32*>(vo + L * DV + i * DV + c) = lo;
+          hi = q35k::gdn_split(dcy * v0, dcy * v1, lo);
+          *reinterpret_cast<q35k::u32*>(Xs + i * SS + c) = hi;
+          *reinterpret_cast<q35k::u32*>(Xs + L * SS + i * SS + c) = lo;
+        }
+      }
+    }
+    __syncthreads();  // Xs visible; Ss, W, U reads done
+
+    // S = exp(gam_last) S + k^T X over the chunk's rows (k exact: k^T X_hi + k^T X_lo).
+    const float e_last = expf(gam_last);
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int ns = 0; ns < NS; ++ns)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[mt][ns][e] *= e_last;
+    float sl[MT][NS][4] = {};  // k^T X_lo, a separate chain, added at the end
+#pragma unroll
+    for (int k0 = 0; k0 < L; k0 += 16) {
+      if (k0 >= rows) break;  // uniform
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        q35k::u32 a[4];
+        q35k::gdn_frag_a_t(a, K, KS, 16 * (MT * warp + mt), k0, lane);
+#pragma unroll
+        for (int jp = 0; jp < NS / 2; ++jp) {
+          q35k::u32 bh[4], bl[4];
+          q35k::gdn_frag_b2_t(bh, Xs, SS, k0, 16 * jp, lane);
+          q35k::gdn_frag_b2_t(bl, Xs + L * SS, SS, k0, 16 * jp, lane);
+          q35k::gdn_mma2(s[mt][2 * jp], a, bh);
+          q35k::gdn_mma2(sl[mt][2 * jp], a, bl);
+          q35k::gdn_mma2(s[mt][2 * jp + 1], a, bh + 2);
+          q35k::gdn_mma2(sl[mt][2 * jp + 1], a, bl + 2);
+        }
+      }
+    }
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int ns = 0; ns < NS; ++ns)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[mt][ns][e] += sl[mt][ns][e];
   }
 
 #pragma unroll
@@ -334,4 +463,175 @@ gdn_chunk_state(const q35k::bf16* __restrict__ qkv, const float* __restrict__ ga
 #pragma unroll
       for (int e = 0; e < 4; ++e)
         st[size_t(8 * ns + 2 * ti + e % 2) * DK + 16 * (MT * warp + mt) + gi + 8 * (e / 2)] = s[mt][ns][e];
+}
+
+// Dynamic shared memory (bytes): see gdn_chunk_output_smem_bytes (autotune/tiles_gdn.cpp).
+// z [T, z_stride] bf16 (head j at columns j DV ..), norm_w [DV] bf16, y [T, HV DV] bf16.
+template <int HK, int HV, int DK, int DV>
+__global__ void __launch_bounds__(256)
+gdn_chunk_output(const q35k::bf16* __restrict__ qkv, const float* __restrict__ gam_in,
+                 const q35k::bf16* __restrict__ h_in, const q35k::bf16* __restrict__ vn_in,
+                 const q35k::bf16* __restrict__ z, int z_stride, const q35k::bf16* __restrict__ norm_w,
+                 q35k::bf16* __restrict__ y, float eps, int T) {
+  constexpr int L = q35k::kGdnChunk, C = 2 * HK * DK + HV * DV;
+  constexpr int KS = DK + 8, VS = DV + 8, PS = L + 8;  // row strides (elements)
+  constexpr int NO = DV / 16;                           // n-tiles of 8 per warp (a column half of O)
+  static_assert(HV % HK == 0 && DK % 16 == 0 && DV % 32 == 0, "gdn_chunk_output: HV % HK, DK % 16, DV % 32");
+  extern __shared__ __align__(16) float smem[];
+  float* gam = smem;                                        // [L]
+  float* ssq = gam + L;                                     // [2, L] row sums of squares per column half
+  q35k::bf16* Qb = reinterpret_cast<q35k::bf16*>(ssq + 2 * L);  // [L, KS] q
+  q35k::bf16* Kb = Qb + L * KS;                             // [L, KS] k
+  q35k::bf16* QK = Kb + L * KS;                             // [2, L, PS] QK hi, lo
+  q35k::bf16* Hs = QK + 2 * L * PS;                         // [2, DK, VS] S_n hi, lo
+  q35k::bf16* Vs = Hs + 2 * DK * VS;                        // [2, L, VS] Vn hi, lo
+  q35k::gdn_pdl_wait();
+  q35k::gdn_pdl_launch_dependents();
+  const int tid = threadIdx.x, n = blockIdx.x, j = blockIdx.y, kh = j / (HV / HK);
+  const int lane = tid % 32, warp = tid / 32, gi = lane / 4, ti = lane % 4;
+  const int r = warp % 4, hc = warp / 4;
+  const int t0 = n * L, rows = min(L, T - t0);
+
+  for (int idx = tid; idx < L * (DK / 8); idx += 256) {  // group 0: q, k, gam
+    const int i = idx / (DK / 8), ch = idx % (DK / 8);
+    const bool in = i < rows;
+    const q35k::bf16* x = qkv + size_t(t0 + (in ? i : 0)) * C + kh * DK + 8 * ch;
+    q35k::gdn_cp_async_16(Qb + i * KS + 8 * ch, x, in);
+    q35k::gdn_cp_async_16(Kb + i * KS + 8 * ch, x + HK * DK, in);
+  }
+  if (tid < L / 4) q35k::gdn_cp_async_16(gam + 4 * tid, gam_in + (size_t(n) * HV + j) * L + 4 * tid, true);
+  q35k::gdn_cp_async_commit();
+  {  // group 1: S_n
+    const q35k::bf16* h = h_in + (size_t(n) * HV + j) * 2 * DK * DV;
+    for (int idx = tid; idx < 2 * DK * (DV / 8); idx += 256) {
+      const int a = idx / (DV / 8), ch = idx % (DV / 8);
+      q35k::gdn_cp_async_16(Hs + a * VS + 8 * ch, h + a * DV + 8 * ch, true);
+    }
+    q35k::gdn_cp_async_commit();
+  }
+  {  // group 2: Vn
+    const q35k::bf16* v = vn_in + (size_t(n) * HV + j) * 2 * L * DV;
+    for (int idx = tid; idx < 2 * L * (DV / 8); idx += 256) {
+      const int i = idx / (DV / 8), ch = idx % (DV / 8);
+      q35k::gdn_cp_async_16(Vs + i * VS + 8 * ch, v + i * DV + 8 * ch, true);
+    }
+    q35k::gdn_cp_async_commit();
+  }
+  q35k::gdn_cp_async_wait<2>();
+  __syncthreads();
+
+  {  // QK = (q k^T) exp(gam_i - gam_m), m <= i: warp = rows 16 r .., columns 32 hc ..
+    float qk[4][4] = {};
+#pragma unroll 2
+    for (int k0 = 0; k0 < DK; k0 += 16) {
+      q35k::u32 a[4];
+      q35k::gdn_frag_a(a, Qb, KS, 16 * r, k0, lane);
+#pragma unroll
+      for (int jp = 0; jp < 2; ++jp) {
+        const int m0 = 32 * hc + 16 * jp;
+        if (m0 > 16 * r) continue;  // warp-uniform
+        q35k::u32 b[4];
+        q35k::gdn_frag_b2(b, Kb, KS, k0, m0, lane);
+        q35k::gdn_mma2(qk[2 * jp], a, b);
+        q35k::gdn_mma2(qk[2 * jp + 1], a, b + 2);
+      }
+    }
+#pragma unroll
+    for (int jn = 0; jn < 4; ++jn)
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        const int i = 16 * r + gi + 8 * hh, m = 32 * hc + 8 * jn + 2 * ti;
+        float v[2];
+#pragma unroll
+        for (int e = 0; e < 2; ++e) v[e] = m + e <= i ? qk[jn][2 * hh + e] * expf(gam[i] - gam[m + e]) : 0.f;
+        q35k::u32 lo;
+        const q35k::u32 hi = q35k::gdn_split(v[0], v[1], lo);
+        *reinterpret_cast<q35k::u32*>(QK + i * PS + m) = hi;
+        *reinterpret_cast<q35k::u32*>(QK + L * PS + i * PS + m) = lo;
+      }
+  }
+
+  // O = exp(gam) (q S_n) + QK Vn for rows 16 r .., columns hc DV / 2 + 8 jn ..
+  float o[NO][4] = {};
+  q35k::gdn_cp_async_wait<1>();
+  __syncthreads();  // S_n and QK visible
+#pragma unroll 2
+  for (int k0 = 0; k0 < DK; k0 += 16) {
+    q35k::u32 a[4];
+    q35k::gdn_frag_a(a, Qb, KS, 16 * r, k0, lane);
+#pragma unroll
+    for (int jp = 0; jp < NO / 2; ++jp) {
+      const int nb = hc * (DV / 2) + 16 * jp;
+      q35k::u32 bh[4], bl[4];
+      q35k::gdn_frag_b2_t(bh, Hs, VS, k0, nb, lane);
+      q35k::gdn_frag_b2_t(bl, Hs + DK * VS, VS, k0, nb, lane);
+      q35k::gdn_mma2(o[2 * jp], a, bh);
+      q35k::gdn_mma2(o[2 * jp], a, bl);
+      q35k::gdn_mma2(o[2 * jp + 1], a, bh + 2);
+      q35k::gdn_mma2(o[2 * jp + 1], a, bl + 2);
+    }
+  }
+  {
+    const float e0 = expf(gam[16 * r + gi]), e1 = expf(gam[16 * r + gi + 8]);
+#pragma unroll
+    for (int jn = 0; jn < NO; ++jn) {
+      o[jn][0] *= e0, o[jn][1] *= e0;
+      o[jn][2] *= e1, o[jn][3] *= e1;
+    }
+  }
+  q35k::gdn_cp_async_wait<0>();
+  __syncthreads();  // Vn visible
+  for (int k0 = 0; k0 <= 16 * r; k0 += 16) {
+    q35k::u32 ah[4], al[4];
+    q35k::gdn_frag_a(ah, QK, PS, 16 * r, k0, lane);
+    q35k::gdn_frag_a(al, QK + L * PS, PS, 16 * r, k0, lane);
+#pragma unroll
+    for (int jp = 0; jp < NO / 2; ++jp) {
+      const int nb = hc * (DV / 2) + 16 * jp;
+      q35k::u32 bh[4], bl[4];
+      q35k::gdn_frag_b2_t(bh, Vs, VS, k0, nb, lane);
+      q35k::gdn_frag_b2_t(bl, Vs + L * VS, VS, k0, nb, lane);
+#pragma unroll
+      for (int h2 = 0; h2 < 2; ++h2) {
+        q35k::gdn_mma2(o[2 * jp + h2], ah, bh + 2 * h2);
+        q35k::gdn_mma2(o[2 * jp + h2], ah, bl + 2 * h2);
+        q35k::gdn_mma2(o[2 * jp + h2], al, bh + 2 * h2);
+      }
+    }
+  }
+
+  // Gated RMSNorm over the head's DV columns (two warps per row block: sums meet in shared memory).
+  float sq[2] = {0.f, 0.f};
+#pragma unroll
+  for (int jn = 0; jn < NO; ++jn) {
+    sq[0] += o[jn][0] * o[jn][0] + o[jn][1] * o[jn][1];
+    sq[1] += o[jn][2] * o[jn][2] + o[jn][3] * o[jn][3];
+  }
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    sq[hh] += __shfl_xor_sync(0xffffffffu, sq[hh], 1);
+    sq[hh] += __shfl_xor_sync(0xffffffffu, sq[hh], 2);
+  }
+  if (ti == 0) {
+    ssq[hc * L + 16 * r + gi] = sq[0];
+    ssq[hc * L + 16 * r + gi + 8] = sq[1];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    const int i = 16 * r + gi + 8 * hh;
+    if (i >= rows) continue;
+    const float inv = 1.f / sqrtf((ssq[i] + ssq[L + i]) / float(DV) + eps);
+    const size_t t = size_t(t0 + i);
+#pragma unroll
+    for (int jn = 0; jn < NO; ++jn) {
+      const int c = hc * (DV / 2) + 8 * jn + 2 * ti;
+      const q35k::u32 zw = *reinterpret_cast<const q35k::u32*>(z + t * z_stride + j * DV + c);
+      const q35k::u32 ww = *reinterpret_cast<const q35k::u32*>(norm_w + c);
+      const float z0 = q35k::bf16x2_lo(zw), z1 = q35k::bf16x2_hi(zw);
+      const float r0 = o[jn][2 * hh] * inv * q35k::bf16x2_lo(ww) * (z0 / (1.f + expf(-z0)));
+      const float r1 = o[jn][2 * hh + 1] * inv * q35k::bf16x2_hi(ww) * (z1 / (1.f + expf(-z1)));
+      *reinterpret_cast<q35k::u32*>(y + t * (HV * DV) + j * DV + c) = q35k::f32x2_to_bf16x2(r0, r1);
+    }
+  }
 }

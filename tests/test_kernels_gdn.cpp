@@ -1,7 +1,10 @@
 // Gated DeltaNet kernels on the CPU (no GPU needed): every instantiation of gdn_kernels(cfg) for
-// the tiny fixture and the 35B-A3B config compiles for sm_80 and sm_90a; tile validity rules,
-// defaults, state and workspace sizes.
+// the tiny fixture and the 35B-A3B config compiles for sm_80 and sm_90a (the chunked kernels with
+// no spills, NVRTC times reported); tile validity rules, defaults, state and workspace sizes.
+// The kernels' math has its CPU references in models/qwen35/reference_ops (gdn_chunk_prepare,
+// gdn_chunk_state, gdn_chunk_output, tested in test_reference_ops.cpp).
 #include <doctest/doctest.h>
+#include <fmt/format.h>
 
 #include <algorithm>
 #include <thread>
@@ -28,17 +31,18 @@ namespace {
 
 }  // namespace
 
-TEST_CASE("gdn_kernels lists the six GDN instantiations, with the config's shapes") {
+TEST_CASE("gdn_kernels lists the seven GDN instantiations, with the config's shapes") {
   const qwen35::Config big = config_35b();
   const std::vector<KernelSpec> specs = qwen35::gpu::gdn_kernels(big);
   std::vector<std::string> names;
   for (const KernelSpec& s : specs) names.push_back(s.instantiation());
   CHECK(names == std::vector<std::string>{"gdn_decode<16, 32, 128, 128, 4, 16, 4>", "gated_rmsnorm<32, 128, 4>",
                                           "gdn_prologue<16, 32, 128, 128, 4, 16, 4>", "gdn_chunk_prepare<16, 32, 128, 128>",
-                                          "gdn_chunk_state<16, 32, 128, 128, 32>", "gdn_recurrent<16, 32, 128, 128, 16, 4>"});
+                                          "gdn_chunk_state<16, 32, 128, 128, 32>", "gdn_chunk_output<16, 32, 128, 128>",
+                                          "gdn_recurrent<16, 32, 128, 128, 16, 4>"});
   // The tiny fixture: 2 key / 4 value heads of 128; 4 x 128 / 32 = 16 CTAs -> 16-column chunk tile.
   const std::vector<KernelSpec> tiny = qwen35::gpu::gdn_kernels(config_tiny());
-  REQUIRE(tiny.size() == 6);
+  REQUIRE(tiny.size() == 7);
   CHECK(arg(tiny[0], "HK") == "2");
   CHECK(arg(tiny[0], "HV") == "4");
   CHECK(arg(tiny[4], "VS") == "16");
@@ -50,11 +54,16 @@ TEST_CASE("gdn_kernels lists the six GDN instantiations, with the config's shape
   CHECK(qwen35::gpu::gdn_conv_state_bytes(big) == 4 * 8192 * 2);
   CHECK(qwen35::gpu::gdn_ssm_state_bytes(big) == 32 * 128 * 128 * 4);
   CHECK(qwen35::gpu::gdn_proj_columns(big) == 8192 + 4096 + 64);
-  // T = 100: 2 chunks; pieces in order, 256-byte aligned.
+  // T = 100: 2 chunks (128 padded rows); pieces in order, 256-byte aligned; h and o share bytes.
   const qwen35::gpu::GdnWorkspace ws = qwen35::gpu::gdn_workspace(big, 100, 0);
   CHECK(ws.g == 100 * 8192 * 2);
-  CHECK(ws.o - ws.qk == 2 * 32 * 64 * 64 * 4);
-  CHECK(qwen35::gpu::gdn_workspace_bytes(big, 100) == ws.o + 100 * 4096 * 4);
+  CHECK(ws.u - ws.gam == 128 * 32 * 4);
+  CHECK(ws.w - ws.u == 128 * 32 * 128 * 4);
+  CHECK(ws.vn - ws.w == 128 * 32 * 2 * 128 * 2);
+  CHECK(ws.h - ws.vn == 128 * 32 * 2 * 128 * 2);
+  CHECK(ws.o == ws.h);
+  CHECK(qwen35::gpu::gdn_workspace_bytes(big, 100) == ws.h + 2 * 32 * 2 * 128 * 128 * 2);  // h > o (100 x 4096 x 4)
+  CHECK(qwen35::gpu::gdn_workspace_bytes(big, 1) == qwen35::gpu::gdn_workspace(big, 1, 0).h + 32 * 2 * 128 * 128 * 2);
 }
 
 TEST_CASE("GDN tile validity rules and defaults") {
@@ -68,12 +77,19 @@ TEST_CASE("GDN tile validity rules and defaults") {
   CHECK(why_invalid(GdnRecurrentTile{64, 4}, s).empty());
   CHECK(why_invalid(GdnPrologueTile{2, 4}, s).find("tokens = 2") != std::string::npos);
   CHECK(why_invalid(GdnChunkTile{24}, s).find("vs = 24") != std::string::npos);
-  CHECK(why_invalid(GdnChunkTile{32}, GdnShape{16, 32, 256, 128, 4}).find("gdn_chunk_state needs 214016 B") !=
+  CHECK(why_invalid(GdnChunkTile{64}, s).find("vs = 64 is not 16 or 32") != std::string::npos);  // old tune entries
+  CHECK(why_invalid(GdnChunkTile{16}, s).empty());
+  const GdnShape wide{16, 32, 256, 128, 4};
+  CHECK(why_invalid(GdnChunkTile{32}, wide)
+            .find(fmt::format("gdn_chunk_state needs {} B", gdn_chunk_state_smem_bytes(wide, GdnChunkTile{32}))) !=
         std::string::npos);
   CHECK(why_invalid(GatedRmsnormTile{3}, s).find("heads = 3") != std::string::npos);
+  // Two stages of W hi, lo, k (bf16 [3, 64, 136]), U (fp32 [64, 36]), gam; S and dcy Vn hi, lo.
   CHECK(gdn_chunk_state_smem_bytes(s, GdnChunkTile{32}) ==
-        (64 * 132 + 64 * 68 + 2 * 64 * 40 + 128 * 40 + 4 * 64) * 4 + 2 * 64 * 136 * 2);
-  CHECK(gdn_chunk_prepare_smem_bytes(s) == 2 * 64 * 136 * 2 + (64 * 68 + 2 * 64) * 4);
+        2 * (3 * 64 * 136 * 2 + 64 * 36 * 4 + 64 * 4) + 2 * 128 * 40 * 2 + 2 * 64 * 40 * 2);
+  CHECK(gdn_chunk_state_smem_bytes(s, GdnChunkTile{32}) == 154112);
+  CHECK(gdn_chunk_prepare_smem_bytes(s) == (2 * 64 * 68 + 3 * 16 * 17 + 3 * 64) * 4 + (2 * 64 * 136 + 4 * 64 * 72) * 2);
+  CHECK(gdn_chunk_output_smem_bytes(s) == 3 * 64 * 4 + (2 * 64 * 136 + 2 * 64 * 72 + 2 * 128 * 136 + 2 * 64 * 136) * 2);
   CHECK(default_gdn_chunk_tile(s).vs == 32);
   CHECK(default_gdn_recurrent_tile(s).rows == 16);
   CHECK(error_of([] { default_gdn_recurrent_tile(GdnShape{2, 4, 64, 128, 4}); }).find("key head dim 64") != std::string::npos);
@@ -98,6 +114,33 @@ TEST_CASE("every GDN kernel compiles for sm_80 and sm_90a, tiny fixture and 35B"
     for (const CompiledKernel& k : out) {
       CHECK(k.cubin.size() > 64);
       CHECK(!k.lowered_name.empty());
+    }
+  }
+}
+
+TEST_CASE("the chunked kernels compile without spills; NVRTC time of each (35B, sm_90a and sm_80)") {
+  TempDir tmp("gdn-ptxas");
+  JitOptions options;
+  options.kernel_dir = std::filesystem::path(Q35_SOURCE_DIR) / "kernel_templates";
+  options.extra_options = {"--ptxas-options=-v"};
+  JitEngine jit(tmp / "cache", options);
+  const qwen35::Config big = config_35b();
+  const std::vector<KernelSpec> specs = {qwen35::gpu::gdn_chunk_prepare_spec(big),
+                                         qwen35::gpu::gdn_chunk_state_spec(big, GdnChunkTile{32}),
+                                         qwen35::gpu::gdn_chunk_state_spec(big, GdnChunkTile{16}),
+                                         qwen35::gpu::gdn_chunk_output_spec(big)};
+  for (const char* arch : {"sm_90a", "sm_80"}) {
+    for (const KernelSpec& spec : specs) {  // one at a time: each time is that kernel's own
+      CAPTURE(std::string(arch));
+      CAPTURE(spec.instantiation());
+      std::vector<CompiledKernel> out = jit.compile_all({spec}, arch, 1);
+      REQUIRE(out.size() == 1);
+      const std::string& log = out[0].log;
+      CHECK(log.find("Used ") != std::string::npos);
+      CHECK(log.find(" 0 bytes spill stores, 0 bytes spill loads") != std::string::npos);
+      const size_t used = log.find("Used ");
+      MESSAGE(fmt::format("{} {}: NVRTC {:.0f} ms, {}", arch, spec.instantiation(), out[0].compile_ms,
+                          used == std::string::npos ? std::string("?") : log.substr(used, log.find(',', used) - used)));
     }
   }
 }

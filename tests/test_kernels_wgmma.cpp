@@ -146,6 +146,28 @@ TEST_CASE("gemm_wgmma refuses what its template cannot run, naming the reason") 
   bad = g, bad.bn = 256, bad.stages = 8;
   CHECK(contains(why_invalid(bad), "shared memory"));
   CHECK(contains(test::error_of([&] { wgmma_gemm_spec(bad); }), "gemm_wgmma [N = 1024, K = 2048, W4A16 g128]"));
+  // Warp-specialised and swapped (weights x 8..64 rows) forms.
+  bad = g, bad.ws = true, bad.wgm = 2, bad.wgn = 2, bad.bm = 128, bad.bn = 128;
+  CHECK(contains(why_invalid(bad), "at most 2 consumer"));
+  WgmmaGemm sw = g;
+  sw.ws = sw.swap = true, sw.wgm = 1, sw.wgn = 2, sw.bm = 16, sw.bn = 128, sw.stages = 8;
+  CHECK(why_invalid(sw).empty());
+  CHECK(wgmma_smem_bytes(sw) == 1024 + 8 * (16 * 128 + 128 * 32) + 4 * 128 * 128 + 8 * 16);
+  bad = sw, bad.ws = false;
+  CHECK(contains(why_invalid(bad), "warp-specialised only"));
+  bad = sw, bad.bm = 24;
+  CHECK(contains(why_invalid(bad), "8, 16, 32 or 64"));
+  bad = sw, bad.bn = 256;
+  CHECK(contains(why_invalid(bad), "64 x wgn"));
+  sw.ksub = 4;
+  CHECK(why_invalid(sw).empty());
+  CHECK(wgmma_smem_bytes(sw) == 1024 + 8 * 4 * (16 * 128 + 128 * 32) + 4 * 128 * 128 + 8 * 16);
+  bad = sw, bad.ksub = 3;
+  CHECK(contains(why_invalid(bad), "1, 2 or 4"));
+  bad = sw, bad.k = 2048 + 64;
+  CHECK(contains(why_invalid(bad), "64 x ksub"));
+  bad = g, bad.ksub = 2;
+  CHECK(contains(why_invalid(bad), "swapped form's"));
   // W4A16 on wgmma: in the loop below kWgmmaDequantFirstM rows and only for whole 64-k steps.
   CHECK(qwen35::gpu::wgmma_gemm_group(32, 100, 2048) == 32);
   CHECK(qwen35::gpu::wgmma_gemm_group(32, 100, 2080) == 0);

@@ -153,6 +153,29 @@ TEST_CASE("a run uses the tuned tile of the nearest bucket, else the default, wi
   CHECK(none.empty());
 }
 
+TEST_CASE("gdn: tuned prefill configs serve every M; an obsolete chunk tile falls back with a notice") {
+  const Config cfg = test::config_35b();
+  const std::string sig = tune::gdn_signature(gpu::gdn_shape(cfg));
+  TuneFile f(TuneIdentity{"GPU X", "sm_90", "13.0", "q35jit test"});
+  // Valid at M = 16 (as shipped); vs = 64 (valid for the old gdn_chunk_state) at M = 4096.
+  f.set(tune::kGdnPrefill, sig, 16, TuneEntry{json{{"vs", 16}, {"prologue_tokens", 8}, {"prologue_warps", 2}}, 1, 2});
+  f.set(tune::kGdnPrefill, sig, 4096, TuneEntry{json{{"vs", 64}, {"prologue_tokens", 16}, {"prologue_warps", 8}}, 1, 2});
+  f.set(tune::kGdnRecurrent, sig, 1, TuneEntry{json{{"rows", 8}, {"warps", 2}}, 1, 2});
+  auto table = std::make_shared<const TuneTable>(std::vector<TuneTable::Layer>{{"old.json", f}});
+  std::vector<std::string> notices;
+  gpu::TunedTiles tt(cfg, 128, "sm_90a", table, [&](const std::string& s) { notices.push_back(s); });
+  const gpu::GdnTiles one = tt.gdn(1);  // a 1-token prefill takes the chunked kernels: bucket 16's config
+  CHECK((one.chunk.vs == 16 && one.prologue.tokens == 8 && one.prologue.warps == 2));
+  CHECK((one.recurrent.rows == 8 && one.recurrent.warps == 2));  // decode
+  CHECK(notices.empty());
+  const gpu::GdnTiles big = tt.gdn(4096);
+  const gpu::GdnTiles def = gpu::GdnTiles::defaults(gpu::gdn_shape(cfg));
+  CHECK((big.chunk.vs == def.chunk.vs && big.prologue.tokens == def.prologue.tokens));
+  REQUIRE(notices.size() == 1);
+  CHECK(contains(notices[0], "old.json"));
+  CHECK(contains(notices[0], "vs = 64 is not 16 or 32"));
+}
+
 TEST_CASE("sm_90a: the prefill GEMMs take the wgmma kernel; wgmma tiles are refused elsewhere") {
   const Config cfg = test::config_35b();
   TuneFile f(TuneIdentity{"GPU X", "sm_90", "13.0", "q35jit test"});
@@ -195,6 +218,11 @@ TEST_CASE("sm_90a: the prefill GEMMs take the wgmma kernel; wgmma tiles are refu
   CHECK((small.block_m == 32 && small.block_n == 128 && small.block_k == 64 && small.warps_n == 4));
   CHECK((big.wgmma && big.block_m == 128 && big.block_n == 256 && big.warps_m == 2));
   CHECK(plain.moe(2048).gemm.block_m == 64);
+  // W4A16 from 3072 tokens: the warp-specialised form; up to 8 tokens per expert (128 tokens: 4):
+  // the swapped form (weights x 8 tokens).
+  CHECK((big.ws && !big.swap));
+  const MoeGemmTile tiny_t = plain.moe(128).gemm;
+  CHECK((tiny_t.swap && tiny_t.ws && tiny_t.block_m == 8 && tiny_t.block_n == 64));
   // Elsewhere (sm_80) the defaults do not depend on the call size.
   gpu::TunedTiles a100(cfg, 128, "sm_80", nullptr, log);
   CHECK(a100.moe(512).gemm.block_m == a100.moe(4096).gemm.block_m);
@@ -225,7 +253,8 @@ TEST_CASE("wgmma tiles: validity, JSON round trip, candidates") {
     for (const MoeGemmTile& t : cands) {
       const MoeGemmTile back = tune::moe_gemm_from_json(tune::to_json(t));
       CHECK((back.wgmma == t.wgmma && back.stages == t.stages && back.block_n == t.block_n &&
-             back.warps_n == t.warps_n));
+             back.warps_n == t.warps_n && back.block_m == t.block_m && back.ws == t.ws && back.swap == t.swap &&
+             back.ksub == t.ksub));
     }
   }
   // The template's rules: bm = 64 * warpgroups, bn / wgn a wgmma N, N % bn for MoE, shared memory.
@@ -254,7 +283,21 @@ TEST_CASE("wgmma tiles: validity, JSON round trip, candidates") {
                  "wgmma"));
   for (const GemmTile& t : tune::gemm_candidates(12352, 2048, 4096, true)) CHECK(t.wgmma);
   CHECK(default_gemm_tile(12352, 2048, 4096, true).wgmma);
-  CHECK(default_gemm_tile(12352, 2048, 32, true).bm == 64);
+  // Short prompts: the swapped warp-specialised tile (weights x rows), rows rounded up to 16..64.
+  const GemmTile s32 = default_gemm_tile(12352, 2048, 32, true), s100 = default_gemm_tile(2048, 4096, 100, true);
+  CHECK((s32.swap && s32.ws && s32.bm == 32 && s32.bn == 64));
+  CHECK((s100.swap && s100.bm == 64));
+  CHECK_FALSE(default_gemm_tile(12352, 2048, kGemmSwapMaxM + 1, true).swap);
+  for (const GemmTile& t : tune::gemm_candidates(12352, 2048, 100, true, 128)) {
+    const GemmTile back = tune::gemm_from_json(tune::to_json(t));
+    CHECK((back.swap == t.swap && back.ws == t.ws && back.ksub == t.ksub && back.bm == t.bm && back.stages == t.stages));
+  }
+  const std::vector<GemmTile> c100 = tune::gemm_candidates(12352, 2048, 100, true, 128),
+                              c4k = tune::gemm_candidates(12352, 2048, 4096, true, 128);
+  CHECK(std::count_if(c100.begin(), c100.end(), [](const GemmTile& t) { return t.swap; }) >= 10);
+  CHECK(std::count_if(c4k.begin(), c4k.end(), [](const GemmTile& t) { return t.swap; }) == 0);
+  CHECK(contains(why_invalid(GemmTile{16, 64, 64, 1, 1, 4, true, false, true}, 2048, 4096, 128), "warp-specialised"));
+  CHECK(contains(why_invalid(GemmTile{16, 64, 64, 1, 1, 4, false, true, true}, 2048, 4096, 128), "wgmma tile"));
 }
 
 TEST_CASE("relative_l2 and durations") {

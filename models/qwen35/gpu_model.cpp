@@ -251,9 +251,12 @@ void GpuModel::init(const GpuModelOptions& o) {
     m.attn_scratch = alloc(gpu::attention_decode_scratch_bytes(
         widest, gpu::attention_decode_splits(widest, o.max_context, ctx_.device().sm_count)));
   }
-  gpu::MoeTiles largest = gpu::MoeTiles::defaults(m.moe_shape);
+  // Any tuned block_m fits: the largest pads the most rows, the smallest has the most blocks.
+  gpu::MoeTiles largest = gpu::MoeTiles::defaults(m.moe_shape), smallest = largest;
   largest.gemm.block_m = std::max(largest.gemm.block_m, tune::kMoeMaxBlockM);
-  m.moe_ws = alloc(gpu::moe_workspace_bytes(m.moe_shape, largest, T));
+  smallest.gemm.block_m = tune::kMoeMinBlockM;
+  m.moe_ws = alloc(std::max(gpu::moe_workspace_bytes(m.moe_shape, largest, T),
+                            gpu::moe_workspace_bytes(m.moe_shape, smallest, T)));
   m.moe_ws.fill_bytes(0, stream_);
   if (o.format == WeightFormat::W4A16) {
     int64_t largest = 0;  // every dense matrix except lm_head (computed by GEMV chunks)
@@ -390,6 +393,7 @@ std::vector<KernelSpec> tuned_kernels(const Config& c, const gpu::TunedTiles& tt
     specs.push_back(gpu::gdn_recurrent_spec(c, t.recurrent));
     specs.push_back(gpu::gdn_decode_spec(c, t.recurrent));
     specs.push_back(gpu::gdn_chunk_state_spec(c, t.chunk));
+    specs.push_back(gpu::gdn_chunk_output_spec(c));
   }
   return specs;
 }
@@ -569,7 +573,7 @@ void GpuModel::run_layers(int T, bool decode) {
       if (decode && T == 1)
         gdn->decode(stream_, m.proj.ptr(), stride, m.pos.ptr(), gw, st, m.gdn_o.ptr(), m.mix.ptr(),
                     m.tickets.ptr() + 4, pdl);
-      else  // chunked from gpu::kGdnChunkedMinTokens tokens, else the recurrence
+      else  // the chunked delta rule at every T (the recurrence when options_.chunked_gdn is off)
         gdn->prefill(stream_, m.proj.ptr(), stride, T, m.pos.ptr(), gw, st, gpu::gdn_workspace(c, T, m.gdn_ws.ptr()),
                        m.mix.ptr(), options_.chunked_gdn);
       out_proj(l.out_proj, m.mix.ptr());

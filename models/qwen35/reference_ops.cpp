@@ -4,6 +4,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <tuple>
 #include <numeric>
 #include <thread>
 #include <vector>
@@ -385,6 +387,225 @@ void gdn_chunked(std::span<const float> q, std::span<const float> k, std::span<c
       }
     }
   }
+}
+
+namespace {
+
+// Round to the nearest bf16 (ties to even), as cvt.rn.bf16.f32.
+float bf16_round(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+  float r;
+  std::memcpy(&r, &u, 4);
+  return r;
+}
+// x -> (hi, lo) for split bf16, or (x, 0).
+std::pair<float, float> split_value(float x, bool split) {
+  if (!split) return {x, 0.0f};
+  const float hi = bf16_round(x);
+  return {hi, bf16_round(x - hi)};
+}
+
+void check_chunk_sizes(const char* op, size_t gam, size_t U, size_t W, int64_t T, int64_t Hv, int64_t dk,
+                       int64_t dv) {
+  const int64_t rows = (T + kGdnChunk - 1) / kGdnChunk * kGdnChunk;
+  check_size(gam, rows * Hv, op, "gam");
+  if (U) check_size(U, rows * Hv * dv, op, "U");
+  if (W) check_size(W, rows * Hv * 2 * dk, op, "W");
+}
+
+}  // namespace
+
+std::vector<float> unit_lower_inverse_blocked(std::span<const float> A, int64_t n) {
+  check_size(A.size(), n * n, "unit_lower_inverse_blocked", "A");
+  if (n % 16 != 0) fail("ref::unit_lower_inverse_blocked: n = {} is not a multiple of 16", n);
+  const int64_t nb = n / 16;
+  std::vector<float> T(n * n, 0.0f), X(16 * 16);
+  for (int64_t b = 0; b < nb; ++b)  // diagonal blocks: x_r = [r == c] - sum_{m < r} A_rm x_m
+    for (int64_t c = 0; c < 16; ++c)
+      for (int64_t r = 0; r < 16; ++r) {
+        float acc = r == c ? 1.0f : 0.0f;
+        for (int64_t m = 0; m < r; ++m) acc -= A[(16 * b + r) * n + 16 * b + m] * T[(16 * b + m) * n + 16 * b + c];
+        T[(16 * b + r) * n + 16 * b + c] = acc;
+      }
+  for (int64_t d = 1; d < nb; ++d)  // Tm_ij = -Tm_ii sum_{j <= k < i} A_ik Tm_kj, i - j = d
+    for (int64_t jb = 0; jb + d < nb; ++jb) {
+      const int64_t ib = jb + d;
+      for (int64_t rr = 0; rr < 16; ++rr)
+        for (int64_t cc = 0; cc < 16; ++cc) {
+          float acc = 0.0f;
+          for (int64_t m = 16 * jb; m < 16 * ib; ++m) acc += A[(16 * ib + rr) * n + m] * T[m * n + 16 * jb + cc];
+          X[rr * 16 + cc] = acc;
+        }
+      for (int64_t rr = 0; rr < 16; ++rr)
+        for (int64_t cc = 0; cc < 16; ++cc) {
+          float acc = 0.0f;
+          for (int64_t m = 0; m <= rr; ++m) acc -= T[(16 * ib + rr) * n + 16 * ib + m] * X[m * 16 + cc];
+          T[(16 * ib + rr) * n + 16 * jb + cc] = acc;
+        }
+    }
+  return T;
+}
+
+void gdn_chunk_prepare(std::span<const float> k, std::span<const float> v, std::span<const float> g,
+                       std::span<const float> beta, std::span<float> gam, std::span<float> U, std::span<float> W,
+                       int64_t T, int64_t Hk, int64_t Hv, int64_t dk, int64_t dv, bool split_bf16) {
+  constexpr int64_t L = kGdnChunk;
+  check_size(k.size(), T * Hk * dk, "gdn_chunk_prepare", "k");
+  check_size(v.size(), T * Hv * dv, "gdn_chunk_prepare", "v");
+  check_size(g.size(), T * Hv, "gdn_chunk_prepare", "g");
+  check_size(beta.size(), T * Hv, "gdn_chunk_prepare", "beta");
+  check_chunk_sizes("gdn_chunk_prepare", gam.size(), U.size(), W.size(), T, Hv, dk, dv);
+  if (Hk <= 0 || Hv % Hk != 0) fail("ref::gdn_chunk_prepare: {} value heads are not a multiple of {} key heads", Hv, Hk);
+  const int64_t chunks = (T + L - 1) / L;
+  std::vector<float> A(L * L), bet(L), kc(L * dk), vc(L * dv), Ph(L * L), Pl(L * L), Qh(L * L), Ql(L * L);
+  for (int64_t n = 0; n < chunks; ++n)
+    for (int64_t j = 0; j < Hv; ++j) {
+      const int64_t t0 = n * L, rows = std::min(L, T - t0), kh = j / (Hv / Hk);
+      float* gm = gam.data() + (n * Hv + j) * L;
+      float cum = 0.0f;
+      for (int64_t i = 0; i < L; ++i) {
+        const bool in = i < rows;
+        cum += in ? g[(t0 + i) * Hv + j] : 0.0f;
+        gm[i] = cum;
+        bet[i] = in ? beta[(t0 + i) * Hv + j] : 0.0f;
+        for (int64_t a = 0; a < dk; ++a) kc[i * dk + a] = in ? k[((t0 + i) * Hk + kh) * dk + a] : 0.0f;
+        for (int64_t c = 0; c < dv; ++c) vc[i * dv + c] = in ? v[((t0 + i) * Hv + j) * dv + c] : 0.0f;
+      }
+      for (int64_t i = 0; i < L; ++i)
+        for (int64_t m = 0; m < L; ++m)
+          A[i * L + m] = m < i ? bet[i] * dot(&kc[i * dk], &kc[m * dk], dk) * std::exp(gm[i] - gm[m]) : 0.0f;
+      const std::vector<float> Tm = unit_lower_inverse_blocked(A, L);
+      for (int64_t i = 0; i < L; ++i)
+        for (int64_t m = 0; m < L; ++m) {
+          const float u = Tm[i * L + m] * bet[m];
+          std::tie(Ph[i * L + m], Pl[i * L + m]) = split_value(u, split_bf16);
+          std::tie(Qh[i * L + m], Ql[i * L + m]) = split_value(u * std::exp(gm[m]), split_bf16);
+        }
+      float* Uo = U.data() + (n * Hv + j) * L * dv;
+      float* Wo = W.data() + (n * Hv + j) * 2 * L * dk;
+      for (int64_t i = 0; i < L; ++i) {
+        for (int64_t c = 0; c < dv; ++c) {
+          float acc = 0.0f;
+          for (int64_t m = 0; m <= i; ++m) acc += Ph[i * L + m] * vc[m * dv + c] + Pl[i * L + m] * vc[m * dv + c];
+          Uo[i * dv + c] = acc;
+        }
+        for (int64_t a = 0; a < dk; ++a) {
+          float acc = 0.0f;
+          for (int64_t m = 0; m <= i; ++m) acc += Qh[i * L + m] * kc[m * dk + a] + Ql[i * L + m] * kc[m * dk + a];
+          std::tie(Wo[i * dk + a], Wo[L * dk + i * dk + a]) = split_value(acc, split_bf16);
+        }
+      }
+    }
+}
+
+void gdn_chunk_state(std::span<const float> k, std::span<const float> gam, std::span<const float> U,
+                     std::span<const float> W, std::span<float> state, std::span<float> h, std::span<float> Vn,
+                     int64_t T, int64_t Hk, int64_t Hv, int64_t dk, int64_t dv, bool split_bf16) {
+  constexpr int64_t L = kGdnChunk;
+  check_size(k.size(), T * Hk * dk, "gdn_chunk_state", "k");
+  check_chunk_sizes("gdn_chunk_state", gam.size(), U.size(), W.size(), T, Hv, dk, dv);
+  check_size(state.size(), Hv * dk * dv, "gdn_chunk_state", "state");
+  const int64_t chunks = (T + L - 1) / L;
+  check_size(h.size(), chunks * Hv * 2 * dk * dv, "gdn_chunk_state", "h");
+  check_size(Vn.size(), chunks * Hv * 2 * L * dv, "gdn_chunk_state", "Vn");
+  if (Hk <= 0 || Hv % Hk != 0) fail("ref::gdn_chunk_state: {} value heads are not a multiple of {} key heads", Hv, Hk);
+  std::vector<float> Xh(L * dv), Xl(L * dv);
+  for (int64_t j = 0; j < Hv; ++j) {
+    float* S = state.data() + j * dk * dv;  // [dk, dv]
+    const int64_t kh = j / (Hv / Hk);
+    for (int64_t n = 0; n < chunks; ++n) {
+      const int64_t t0 = n * L, rows = std::min(L, T - t0);
+      const float* gm = gam.data() + (n * Hv + j) * L;
+      const float* Un = U.data() + (n * Hv + j) * L * dv;
+      const float* Wh = W.data() + (n * Hv + j) * 2 * L * dk;
+      const float* Wl = Wh + L * dk;
+      float* Sh = h.data() + (n * Hv + j) * 2 * dk * dv;
+      float* Sl = Sh + dk * dv;
+      for (int64_t e = 0; e < dk * dv; ++e) std::tie(Sh[e], Sl[e]) = split_value(S[e], split_bf16);
+      float* Vh = Vn.data() + (n * Hv + j) * 2 * L * dv;
+      float* Vl = Vh + L * dv;
+      const float last = gm[L - 1];
+      for (int64_t i = 0; i < L; ++i) {
+        const float dcy = std::exp(last - gm[i]);
+        for (int64_t c = 0; c < dv; ++c) {
+          float p = 0.0f;
+          for (int64_t a = 0; a < dk; ++a) {
+            const float wh = Wh[i * dk + a], wl = Wl[i * dk + a], sh = Sh[a * dv + c], sl = Sl[a * dv + c];
+            p += wh * sh + wh * sl + wl * sh;
+          }
+          const float vn = Un[i * dv + c] - p;
+          std::tie(Vh[i * dv + c], Vl[i * dv + c]) = split_value(vn, split_bf16);
+          std::tie(Xh[i * dv + c], Xl[i * dv + c]) = split_value(dcy * vn, split_bf16);
+        }
+      }
+      const float e_last = std::exp(last);
+      for (int64_t e = 0; e < dk * dv; ++e) S[e] *= e_last;
+      for (int64_t i = 0; i < rows; ++i)
+        for (int64_t a = 0; a < dk; ++a) {
+          const float ka = k[((t0 + i) * Hk + kh) * dk + a];
+          for (int64_t c = 0; c < dv; ++c) S[a * dv + c] += ka * Xh[i * dv + c] + ka * Xl[i * dv + c];
+        }
+    }
+  }
+}
+
+void gdn_chunk_output(std::span<const float> q, std::span<const float> k, std::span<const float> gam,
+                      std::span<const float> h, std::span<const float> Vn, std::span<float> out, int64_t T,
+                      int64_t Hk, int64_t Hv, int64_t dk, int64_t dv, bool split_bf16) {
+  constexpr int64_t L = kGdnChunk;
+  check_size(q.size(), T * Hk * dk, "gdn_chunk_output", "q");
+  check_size(k.size(), T * Hk * dk, "gdn_chunk_output", "k");
+  check_chunk_sizes("gdn_chunk_output", gam.size(), 0, 0, T, Hv, dk, dv);
+  const int64_t chunks = (T + L - 1) / L;
+  check_size(h.size(), chunks * Hv * 2 * dk * dv, "gdn_chunk_output", "h");
+  check_size(Vn.size(), chunks * Hv * 2 * L * dv, "gdn_chunk_output", "Vn");
+  check_size(out.size(), T * Hv * dv, "gdn_chunk_output", "out");
+  if (Hk <= 0 || Hv % Hk != 0) fail("ref::gdn_chunk_output: {} value heads are not a multiple of {} key heads", Hv, Hk);
+  std::vector<float> QKh(L * L), QKl(L * L);
+  for (int64_t n = 0; n < chunks; ++n)
+    for (int64_t j = 0; j < Hv; ++j) {
+      const int64_t t0 = n * L, rows = std::min(L, T - t0), kh = j / (Hv / Hk);
+      const float* gm = gam.data() + (n * Hv + j) * L;
+      const float* Sh = h.data() + (n * Hv + j) * 2 * dk * dv;
+      const float* Sl = Sh + dk * dv;
+      const float* Vh = Vn.data() + (n * Hv + j) * 2 * L * dv;
+      const float* Vl = Vh + L * dv;
+      auto q_row = [&](int64_t i) { return q.data() + ((t0 + i) * Hk + kh) * dk; };
+      auto k_row = [&](int64_t i) { return k.data() + ((t0 + i) * Hk + kh) * dk; };
+      for (int64_t i = 0; i < rows; ++i)
+        for (int64_t m = 0; m < rows; ++m) {
+          const float x = m <= i ? dot(q_row(i), k_row(m), dk) * std::exp(gm[i] - gm[m]) : 0.0f;
+          std::tie(QKh[i * L + m], QKl[i * L + m]) = split_value(x, split_bf16);
+        }
+      for (int64_t i = 0; i < rows; ++i) {
+        const float* qi = q_row(i);
+        const float eg = std::exp(gm[i]);
+        float* o = out.data() + ((t0 + i) * Hv + j) * dv;
+        for (int64_t c = 0; c < dv; ++c) {
+          float acc = 0.0f;
+          for (int64_t a = 0; a < dk; ++a) acc += qi[a] * Sh[a * dv + c] + qi[a] * Sl[a * dv + c];
+          acc *= eg;
+          for (int64_t m = 0; m <= i; ++m)
+            acc += QKh[i * L + m] * Vh[m * dv + c] + QKh[i * L + m] * Vl[m * dv + c] + QKl[i * L + m] * Vh[m * dv + c];
+          o[c] = acc;
+        }
+      }
+    }
+}
+
+void gdn_chunked_staged(std::span<const float> q, std::span<const float> k, std::span<const float> v,
+                        std::span<const float> g, std::span<const float> beta, std::span<float> state,
+                        std::span<float> out, int64_t T, int64_t Hk, int64_t Hv, int64_t dk, int64_t dv,
+                        bool split_bf16) {
+  check_gdn_args("gdn_chunked_staged", q, k, v, g, beta, state, out, T, Hk, Hv, dk, dv);
+  const int64_t chunks = (T + kGdnChunk - 1) / kGdnChunk, rows = chunks * kGdnChunk;
+  std::vector<float> gam(rows * Hv), U(rows * Hv * dv), W(rows * Hv * 2 * dk), h(chunks * Hv * 2 * dk * dv),
+      Vn(rows * Hv * 2 * dv);
+  gdn_chunk_prepare(k, v, g, beta, gam, U, W, T, Hk, Hv, dk, dv, split_bf16);
+  gdn_chunk_state(k, gam, U, W, state, h, Vn, T, Hk, Hv, dk, dv, split_bf16);
+  gdn_chunk_output(q, k, gam, h, Vn, out, T, Hk, Hv, dk, dv, split_bf16);
 }
 
 void moe_router(std::span<const float> logits, std::span<float> weights, std::span<int32_t> ids,

@@ -11,6 +11,7 @@
 // pay for the threads; everything else is single-threaded.
 #include <cstdint>
 #include <span>
+#include <vector>
 
 namespace q35::qwen35::ref {
 
@@ -89,6 +90,41 @@ void gdn_chunked(std::span<const float> q, std::span<const float> k, std::span<c
                  std::span<const float> g, std::span<const float> beta, std::span<float> state,
                  std::span<float> out, int64_t T, int64_t Hk, int64_t Hv, int64_t dk, int64_t dv);
 constexpr int64_t kGdnChunk = 64;
+
+// The chunked delta rule as the GPU kernels split it (kernel_templates/gdn_chunked.cuh), one
+// function per kernel, with the GPU's intermediate layouts (chunks = ceil(T / 64), rows of a last
+// partial chunk padded with zeros; "2" = the hi and lo planes of a split value):
+//   gam [chunks, Hv, 64]   inclusive cumsum of g within the chunk (padded rows repeat the last)
+//   U   [chunks, Hv, 64, dv], W [chunks, Hv, 2, 64, dk]
+//   h   [chunks, Hv, 2, dk, dv]  the state entering each chunk; Vn [chunks, Hv, 2, 64, dv]
+// With split_bf16 every operand the kernels feed to the tensor cores is rounded as they round it:
+// x = hi + lo (hi = bf16(x), lo = bf16(x - hi)), products of two split operands as hi hi + hi lo +
+// lo hi, of a split and an exact bf16 operand (q, k, v, which must then be bf16 values) as hi x +
+// lo x, fp32 sums. Without it the lo planes are zero and the hi planes exact fp32 (the algorithm in
+// fp32). q, k, v, g, beta, state and out as for gdn_recurrent.
+// gdn_chunk_prepare: A = beta_i k_i.k_m exp(gam_i - gam_m) (m < i), Tm = (I + A)^-1 by the blocked
+// solve (16 x 16 diagonal blocks by substitution, off-diagonal blocks by distance),
+// U = Tm diag(beta) v, W = Tm diag(beta exp(gam)) k.
+void gdn_chunk_prepare(std::span<const float> k, std::span<const float> v, std::span<const float> g,
+                       std::span<const float> beta, std::span<float> gam, std::span<float> U, std::span<float> W,
+                       int64_t T, int64_t Hk, int64_t Hv, int64_t dk, int64_t dv, bool split_bf16);
+// gdn_chunk_state: per chunk h = S, Vn = U - W S, S = exp(gam_last) S + k^T (exp(gam_last - gam) Vn).
+void gdn_chunk_state(std::span<const float> k, std::span<const float> gam, std::span<const float> U,
+                     std::span<const float> W, std::span<float> state, std::span<float> h, std::span<float> Vn,
+                     int64_t T, int64_t Hk, int64_t Hv, int64_t dk, int64_t dv, bool split_bf16);
+// gdn_chunk_output: out = exp(gam) (q h) + [(q_i . k_m) exp(gam_i - gam_m)]_{m <= i} Vn, [T, Hv, dv]
+// (before the gated RMSNorm the kernel fuses: apply gated_rmsnorm to it).
+void gdn_chunk_output(std::span<const float> q, std::span<const float> k, std::span<const float> gam,
+                      std::span<const float> h, std::span<const float> Vn, std::span<float> out, int64_t T,
+                      int64_t Hk, int64_t Hv, int64_t dk, int64_t dv, bool split_bf16);
+// The three above in sequence (same arguments and result as gdn_recurrent, up to rounding).
+void gdn_chunked_staged(std::span<const float> q, std::span<const float> k, std::span<const float> v,
+                        std::span<const float> g, std::span<const float> beta, std::span<float> state,
+                        std::span<float> out, int64_t T, int64_t Hk, int64_t Hv, int64_t dk, int64_t dv,
+                        bool split_bf16);
+// (I + A)^-1 of a strictly lower triangular n x n A (n a multiple of 16), row-major, by the blocked
+// solve of gdn_chunk_prepare.
+std::vector<float> unit_lower_inverse_blocked(std::span<const float> A, int64_t n);
 
 // Router: p = softmax(logits) in fp32, the top_k largest p (descending; equal values by lower
 // expert index), renormalised to sum 1.

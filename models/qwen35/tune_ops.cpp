@@ -250,9 +250,10 @@ class MoeOpBase : public OpBase {
     weight(sd_, sd_s_, H, Is, st);
     x_ = random_bf16_copies(std::min(16, copies_for(size_t(m * H) * 2)), size_t(m * H), 0.f, 1.f, st);
     out_ = alloc(size_t(m * H) * 2);
-    gpu::MoeTiles widest = gpu::MoeTiles::defaults(s_);
+    gpu::MoeTiles widest = gpu::MoeTiles::defaults(s_), narrowest = widest;  // any candidate's block_m fits
     widest.gemm.block_m = std::max(widest.gemm.block_m, tune::kMoeMaxBlockM);
-    ws_ = alloc(gpu::moe_workspace_bytes(s_, widest, m));
+    narrowest.gemm.block_m = tune::kMoeMinBlockM;
+    ws_ = alloc(std::max(gpu::moe_workspace_bytes(s_, widest, m), gpu::moe_workspace_bytes(s_, narrowest, m)));
     ws_.fill_bytes(0, st);
   }
   gpu::MoeWeights weights() const {
@@ -483,7 +484,8 @@ class GdnOpBase : public OpBase {
   std::vector<KernelSpec> all_kernels(const gpu::GdnTiles& t) const {
     return {gpu::gdn_prologue_spec(cfg_, t.prologue), gpu::gdn_recurrent_spec(cfg_, t.recurrent),
             gpu::gdn_decode_spec(cfg_, t.recurrent),  gpu::gdn_chunk_prepare_spec(cfg_),
-            gpu::gdn_chunk_state_spec(cfg_, t.chunk), gpu::gated_rmsnorm_spec(cfg_, t.norm)};
+            gpu::gdn_chunk_state_spec(cfg_, t.chunk), gpu::gdn_chunk_output_spec(cfg_),
+            gpu::gated_rmsnorm_spec(cfg_, t.norm)};
   }
   const gpu::GdnKernels& variant(const gpu::GdnTiles& t) {
     const std::string key = t.key();
@@ -534,7 +536,9 @@ class GdnOpBase : public OpBase {
     proj_.clear(), conv_.clear(), ssm_.clear();
   }
   std::vector<float> output(const Stream& st) override { return download_bf16(y_, y_.size() / 2, st); }
-  double tolerance() const override { return 2e-2; }  // tf32 products in the chunked kernels
+  // Candidates differ from the default only in fp32 summation order (split-bf16 products are as
+  // accurate as fp32), so the bf16 outputs differ by rare last-bit roundings.
+  double tolerance() const override { return 5e-3; }
 
   Config cfg_;
   GdnShape shape_;
@@ -547,7 +551,7 @@ class GdnOpBase : public OpBase {
 class GdnPrefillOp final : public GdnOpBase {
  public:
   GdnPrefillOp(const TuneDevice* d, const Config& cfg) : GdnOpBase(d, tune::kGdnPrefill, cfg) {}
-  bool serves(int64_t m) const override { return m >= gpu::kGdnChunkedMinTokens; }
+  bool serves(int64_t) const override { return true; }  // prefill of every length is chunked
   std::vector<json> candidates(int64_t) const override { return to_json_all(tune::gdn_prefill_candidates(shape_)); }
   json default_config(int64_t) const override {
     const gpu::GdnTiles t = gpu::GdnTiles::defaults(shape_);
@@ -570,7 +574,7 @@ class GdnPrefillOp final : public GdnOpBase {
 class GdnRecurrentOp final : public GdnOpBase {
  public:
   GdnRecurrentOp(const TuneDevice* d, const Config& cfg) : GdnOpBase(d, tune::kGdnRecurrent, cfg) {}
-  bool serves(int64_t m) const override { return m < gpu::kGdnChunkedMinTokens; }
+  bool serves(int64_t m) const override { return m == 1; }  // decode (gdn_decode)
   std::vector<json> candidates(int64_t) const override { return to_json_all(tune::gdn_recurrent_candidates(shape_)); }
   json default_config(int64_t) const override { return tune::to_json(gpu::GdnTiles::defaults(shape_).recurrent); }
   std::vector<KernelSpec> kernels(const json& c, int64_t) const override { return all_kernels(tiles(c)); }

@@ -249,7 +249,7 @@ TEST_CASE("GPU model, tiny fixture, W4A16: fused decode path == unfused prefill 
     CAPTURE(group);
     GpuModelOptions o = options(WeightFormat::W4A16, group);
     o.max_chunk = 128;      // the whole sequence in one unfused call
-    o.chunked_gdn = false;  // its DeltaNet by the fp32 recurrence, as decode (no tf32 chunk products)
+    o.chunked_gdn = false;  // its DeltaNet by the fp32 recurrence, as decode (not the chunked kernels)
     GpuModel model(g->driver, g->ctx, g->jit, c, ckpt, o);
     const std::vector<int32_t> ids = greedy_ids(model, gold.prompt, 12);
     model.reset();

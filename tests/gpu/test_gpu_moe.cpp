@@ -271,8 +271,16 @@ void run_shapes(const MoeShape& base, std::initializer_list<int> groups, bool ti
       for (int64_t T : {1, 3, 8}) check_moe(*g, L, k, ws.sc, T, MoePath::Decode, salt++);
     for (int64_t T : {1, 37, 512, 2048}) check_moe(*g, L, k, ws.sc, T, MoePath::Prefill, salt++);
     if (wgmma) {  // other tiles of the tuner's space (block_m 128, stages 3 and 8, one warpgroup along N)
+      // and the warp-specialised form (a producer warpgroup; 1 or 2 consumer warpgroups along M or N)
       for (const MoeGemmTile& t : {MoeGemmTile{128, 128, 64, 2, 1, 3, true}, MoeGemmTile{64, 256, 64, 1, 2, 8, true},
-                                   MoeGemmTile{64, 64, 64, 1, 1, 4, true}}) {
+                                   MoeGemmTile{64, 64, 64, 1, 1, 4, true}, MoeGemmTile{128, 256, 64, 2, 1, 4, true, true},
+                                   MoeGemmTile{64, 128, 64, 1, 1, 3, true, true}, MoeGemmTile{64, 256, 64, 1, 2, 6, true, true},
+                                   // swapped (weights x 8..64 tokens)
+                                   MoeGemmTile{8, 64, 64, 1, 1, 8, true, true, true}, MoeGemmTile{16, 128, 64, 1, 2, 6, true, true, true},
+                                   MoeGemmTile{64, 64, 64, 1, 1, 4, true, true, true},
+                                   // and stages of 2 or 4 64-k steps
+                                   MoeGemmTile{8, 64, 64, 1, 1, 4, true, true, true, 4},
+                                   MoeGemmTile{32, 128, 64, 1, 2, 6, true, true, true, 2}}) {
         MoeTiles tiles = MoeTiles::defaults(s, true);
         tiles.gemm = t;
         bool ok = true;
@@ -282,12 +290,58 @@ void run_shapes(const MoeShape& base, std::initializer_list<int> groups, bool ti
         CAPTURE(t.block_m);
         CAPTURE(t.block_n);
         CAPTURE(t.stages);
+        CAPTURE(t.ws);
+        CAPTURE(t.ksub);
         const MoeKernels kt(g->jit, g->ctx, s, tiles);
         Workspace wt(*g, kt, 2048);
         for (int64_t T : {37, 2048}) check_moe(*g, L, kt, wt.sc, T, MoePath::Prefill, salt++);
       }
     }
     if (!timing || group == 32) continue;
+
+    // Short prompts (sm_90a, W4A16 g128): a few tokens per expert, so the grouped GEMMs stream the
+    // weights of nearly every expert; the mma.sync tile against the swapped warp-specialised wgmma.
+    if (wgmma && group == 128)
+      for (int64_t T : {128, 512}) {
+        std::vector<std::pair<std::string, MoeTiles>> sets;
+        MoeTiles mma = k.tiles;
+        mma.gemm = MoeGemmTile{32, 128, 64, 1, 4};
+        sets.emplace_back("mma.sync 32x128", mma);
+        for (auto [bt, wn] : {std::pair{8, 1}, {16, 1}, {16, 2}, {32, 2}})
+          for (auto [stages, ksub] : {std::pair{4, 1}, {4, 2}, {4, 4}, {8, 2}}) {
+            MoeTiles t = k.tiles;
+            t.gemm = MoeGemmTile{bt, 64 * wn, 64, 1, wn, stages, true, true, true, ksub};
+            sets.emplace_back(fmt::format("swap {}x{} st{} k{}", bt, 64 * wn, stages, 64 * ksub), t);
+          }
+        const std::vector<uint16_t> x = random_bf16(size_t(T * s.hidden), 9, 1.f);
+        DeviceBuffer d_x = to_device(*g, x), d_out(g->driver, size_t(T * s.hidden) * 2);
+        const MoeWeights w = L.weights();
+        const double wb = 0.5 + 2.0 / group;
+        const double gu_bytes = double(s.experts) * 2 * s.inter * s.hidden * wb, dn_bytes = gu_bytes / 2;
+        std::string lines;
+        for (const auto& [label, tiles] : sets) {
+          bool ok = true;
+          for (MoeGemm gm : {MoeGemm::RoutedGateUp, MoeGemm::RoutedDown, MoeGemm::SharedGateUp, MoeGemm::SharedDown})
+            ok = ok && why_invalid(tiles.gemm, s, gm).empty();
+          if (!ok) continue;
+          const MoeKernels kk(g->jit, g->ctx, s, tiles);
+          Workspace wk(*g, kk, T);
+          const double us = time_graph(*g, 1, [&](int) { moe_forward(kk, g->stream, w, wk.sc, d_x.ptr(), d_out.ptr(), T); });
+          const double gu = time_graph(*g, 1, [&](int) {
+            launch_moe_gemm(kk.gemm(MoeGemm::RoutedGateUp), kk.tiles.gemm, g->stream, s, MoeGemm::RoutedGateUp, d_x.ptr(),
+                            w, wk.sc, T);
+          });
+          const double dn = time_graph(*g, 1, [&](int) {
+            launch_moe_gemm(kk.gemm(MoeGemm::RoutedDown), kk.tiles.gemm, g->stream, s, MoeGemm::RoutedDown, d_x.ptr(), w,
+                            wk.sc, T);
+          });
+          lines += fmt::format("\n  {:<22} layer {:7.1f} us; routed gate_up {:6.1f} us ({:4.2f} TB/s), down {:6.1f} us "
+                               "({:4.2f} TB/s)",
+                               label, us, gu, gu_bytes / gu * 1e-6, dn, dn_bytes / dn * 1e-6);
+        }
+        MESSAGE(fmt::format("moe prefill T={} W4A16 g128 (all {} experts' weights: gate_up {:.0f} MB, down {:.0f} MB):{}",
+                            T, s.experts, gu_bytes / 1e6, dn_bytes / 1e6, lines));
+      }
 
     const std::string fmt_name = fmt::format("{} {}", group == 0 ? "bf16" : fmt::format("W4A16 g{}", group),
                                              wgmma ? "wgmma" : "mma.sync");
@@ -321,8 +375,20 @@ void run_shapes(const MoeShape& base, std::initializer_list<int> groups, bool ti
                           fmt_name, us, bytes / 3e6, bytes / 1e6, us_router, router_bytes / 3e6,
                           us_router_gate_up - us_router, gate_up_bytes / 3e6, us - us_router_gate_up, down_bytes / 3e6));
     }
-    // Prefill T = 4096: each launch timed with events, median of 20 runs.
-    {
+    // Prefill T = 4096: each launch timed with events, median of 20 runs; the default tiles, and on
+    // sm_90a the warp-specialised tiles beside them.
+    std::vector<std::pair<std::string, MoeTiles>> timed = {{"default", k.tiles}};
+    if (wgmma)
+      for (const MoeGemmTile& t : {MoeGemmTile{128, 256, 64, 2, 1, 4, true, true}, MoeGemmTile{64, 256, 64, 1, 2, 4, true, true},
+                                   MoeGemmTile{64, 128, 64, 1, 1, 6, true, true}}) {
+        MoeTiles tiles = k.tiles;
+        tiles.gemm = t;
+        timed.emplace_back(fmt::format("ws {}x{} wg {}x{} stages {}", t.block_m, t.block_n, t.warps_m, t.warps_n, t.stages),
+                           tiles);
+      }
+    for (const auto& [label, tiles] : timed) {
+      const MoeKernels kk(g->jit, g->ctx, s, tiles);
+      const MoeKernels& k = kk;
       const int64_t T = 4096;
       Workspace big(*g, k, T);
       const std::vector<uint16_t> x = random_bf16(size_t(T * s.hidden), 8, 1.f);
@@ -363,8 +429,9 @@ void run_shapes(const MoeShape& base, std::initializer_list<int> groups, bool ti
         parts += fmt::format("\n  {:<20} {:8.1f} us", names[i], m);
         if (flops_gemm[i] > 0) parts += fmt::format("  {:6.1f} TFLOP/s", flops_gemm[i] / m * 1e-6);
       }
-      MESSAGE(fmt::format("moe prefill T=4096 {}: {:.1f} us, {:.1f} TFLOP/s; floor {:.1f} us ({:.1f} GFLOP / 700 TFLOP/s){}",
-                          fmt_name, total, flops / total * 1e-6, flops / 700e6, flops * 1e-9, parts));
+      MESSAGE(fmt::format("moe prefill T=4096 {} ({}): {:.1f} us, {:.1f} TFLOP/s; floor {:.1f} us ({:.1f} GFLOP / 700 "
+                          "TFLOP/s){}",
+                          fmt_name, label, total, flops / total * 1e-6, flops / 700e6, flops * 1e-9, parts));
     }
   }
 }
@@ -377,6 +444,14 @@ TEST_CASE("GPU: moe at the tiny fixture's shapes, bf16 and W4A16 g32 / g64, deco
   run_shapes(moe_shape(cfg, 0), {0, 32, 64}, false);
 }
 
-TEST_CASE("GPU: moe at the 35B shapes, bf16 and W4A16 g32 / g128, decode and prefill paths, timing") {
-  run_shapes(MoeShape{2048, 256, 8, 512, 512, 0}, {0, 128, 32}, true);
+TEST_CASE("GPU: moe at the 35B shapes, bf16, decode and prefill paths, timing") {
+  run_shapes(MoeShape{2048, 256, 8, 512, 512, 0}, {0}, true);
+}
+
+TEST_CASE("GPU: moe at the 35B shapes, W4A16 g128, decode and prefill paths, timing (short prompts too)") {
+  run_shapes(MoeShape{2048, 256, 8, 512, 512, 0}, {128}, true);
+}
+
+TEST_CASE("GPU: moe at the 35B shapes, W4A16 g32, decode and prefill paths") {
+  run_shapes(MoeShape{2048, 256, 8, 512, 512, 0}, {32}, true);
 }

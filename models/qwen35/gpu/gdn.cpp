@@ -96,6 +96,12 @@ KernelSpec gdn_chunk_state_spec(const Config& cfg, const GdnChunkTile& tile) {
   return {"gdn_chunked", "gdn_chunk_state", args};
 }
 
+KernelSpec gdn_chunk_output_spec(const Config& cfg) {
+  const GdnShape s = gdn_shape(cfg);
+  check_tile("gdn_chunk_output", default_gdn_chunk_tile(s), s);
+  return {"gdn_chunked", "gdn_chunk_output", head_args(s)};
+}
+
 KernelSpec gated_rmsnorm_spec(const Config& cfg, const GatedRmsnormTile& tile) {
   const GdnShape s = gdn_shape(cfg);
   check_tile("gated_rmsnorm", tile, s);
@@ -106,19 +112,22 @@ std::vector<KernelSpec> gdn_kernels(const Config& cfg) {
   if (std::find(cfg.layer_types.begin(), cfg.layer_types.end(), LayerType::LinearAttention) == cfg.layer_types.end())
     return {};
   const GdnTiles t = GdnTiles::defaults(gdn_shape(cfg));
-  return {gdn_decode_spec(cfg, t.recurrent),       gated_rmsnorm_spec(cfg, t.norm),
-          gdn_prologue_spec(cfg, t.prologue),      gdn_chunk_prepare_spec(cfg),
-          gdn_chunk_state_spec(cfg, t.chunk),      gdn_recurrent_spec(cfg, t.recurrent)};
+  return {gdn_decode_spec(cfg, t.recurrent),  gated_rmsnorm_spec(cfg, t.norm),      gdn_prologue_spec(cfg, t.prologue),
+          gdn_chunk_prepare_spec(cfg),        gdn_chunk_state_spec(cfg, t.chunk), gdn_chunk_output_spec(cfg),
+          gdn_recurrent_spec(cfg, t.recurrent)};
 }
 
 size_t gdn_workspace_bytes(const Config& cfg, int64_t T) {
-  const GdnWorkspace ws = gdn_workspace(cfg, T, 0);
-  return size_t(ws.o) + align256(size_t(T * cfg.linear_value_dim()) * 4);
+  const int64_t chunks = (T + kChunk - 1) / kChunk;
+  const size_t h = size_t(chunks * cfg.linear_value_dim() * cfg.linear_key_head_dim) * 4;
+  const size_t o = size_t(T * cfg.linear_value_dim()) * 4;
+  return size_t(gdn_workspace(cfg, T, 0).h) + align256(std::max(h, o));
 }
 
 GdnWorkspace gdn_workspace(const Config& cfg, int64_t T, CUdeviceptr base) {
   if (T < 1) fail("gdn_workspace: T = {} tokens, expected >= 1", T);
-  const int64_t hv = cfg.linear_num_value_heads, chunks = (T + kChunk - 1) / kChunk;
+  const int64_t hv = cfg.linear_num_value_heads, chunks = (T + kChunk - 1) / kChunk, rows = chunks * kChunk;
+  const int64_t dk = cfg.linear_key_head_dim, dv = cfg.linear_value_head_dim;
   GdnWorkspace ws;
   CUdeviceptr p = base;
   auto take = [&](CUdeviceptr& field, size_t bytes) {
@@ -128,11 +137,11 @@ GdnWorkspace gdn_workspace(const Config& cfg, int64_t T, CUdeviceptr base) {
   take(ws.qkv, size_t(T * cfg.linear_conv_dim()) * 2);
   take(ws.g, size_t(T * hv) * 4);
   take(ws.beta, size_t(T * hv) * 4);
-  take(ws.gam, size_t(T * hv) * 4);
-  take(ws.u, size_t(T * cfg.linear_value_dim()) * 4);
-  take(ws.w, size_t(T * hv * cfg.linear_key_head_dim) * 4);
-  take(ws.qk, size_t(chunks * hv * kChunk * kChunk) * 4);
-  take(ws.o, size_t(T * cfg.linear_value_dim()) * 4);
+  take(ws.gam, size_t(rows * hv) * 4);
+  take(ws.u, size_t(rows * hv * dv) * 4);
+  take(ws.w, size_t(rows * hv * dk) * 2 * 2);
+  take(ws.vn, size_t(rows * hv * dv) * 2 * 2);
+  ws.h = ws.o = p;  // the chunked path's h or the recurrence's o
   return ws;
 }
 
@@ -145,9 +154,11 @@ GdnKernels::GdnKernels(JitEngine& jit, const Context& ctx, const Config& cfg, co
       decode_(load(jit, ctx, gdn_decode_spec(cfg, tiles.recurrent))),
       chunk_prepare_(load(jit, ctx, gdn_chunk_prepare_spec(cfg))),
       chunk_state_(load(jit, ctx, gdn_chunk_state_spec(cfg, tiles.chunk))),
+      chunk_output_(load(jit, ctx, gdn_chunk_output_spec(cfg))),
       norm_(load(jit, ctx, gated_rmsnorm_spec(cfg, tiles.norm))) {
   chunk_prepare_.set_max_dynamic_smem(gdn_chunk_prepare_smem_bytes(shape_));
   chunk_state_.set_max_dynamic_smem(gdn_chunk_state_smem_bytes(shape_, tiles_.chunk));
+  chunk_output_.set_max_dynamic_smem(gdn_chunk_output_smem_bytes(shape_));
 }
 
 void GdnKernels::check_proj(int row_stride, int T) const {
@@ -171,9 +182,12 @@ void GdnKernels::prefill(const Stream& stream, CUdeviceptr proj, int row_stride,
                          const GdnLayerWeights& w, const GdnLayerState& st, const GdnWorkspace& ws, CUdeviceptr y,
                          bool chunked_path, bool pdl) const {
   prologue(stream, proj, row_stride, T, pos0, w, st, ws, pdl);
-  if (chunked_path && T >= kGdnChunkedMinTokens) chunked(stream, T, st, ws, pdl);
-  else recurrent(stream, T, st, ws, pdl);
-  gated_rmsnorm(stream, T, ws.o, proj, row_stride, w.norm_w, y, pdl);
+  if (chunked_path) {
+    chunked(stream, proj, row_stride, T, w, st, ws, y, pdl);
+  } else {
+    recurrent(stream, T, st, ws, pdl);
+    gated_rmsnorm(stream, T, ws.o, proj, row_stride, w.norm_w, y, pdl);
+  }
 }
 
 void GdnKernels::prologue(const Stream& stream, CUdeviceptr proj, int row_stride, int T, CUdeviceptr pos0,
@@ -193,16 +207,18 @@ void GdnKernels::recurrent(const Stream& stream, int T, const GdnLayerState& st,
                     ws.qkv, ws.g, ws.beta, st.ssm, ws.o, T);
 }
 
-void GdnKernels::chunked(const Stream& stream, int T, const GdnLayerState& st, const GdnWorkspace& ws, bool pdl) const {
+void GdnKernels::chunked(const Stream& stream, CUdeviceptr proj, int row_stride, int T, const GdnLayerWeights& w,
+                         const GdnLayerState& st, const GdnWorkspace& ws, CUdeviceptr y, bool pdl) const {
   chunk_prepare(stream, T, ws, pdl);
   chunk_state(stream, T, st, ws, pdl);
+  chunk_output(stream, proj, row_stride, T, w.norm_w, ws, y, pdl);
 }
 
 void GdnKernels::chunk_prepare(const Stream& stream, int T, const GdnWorkspace& ws, bool pdl) const {
   if (T < 1) fail("gdn chunk_prepare: T = {} tokens, expected >= 1", T);
   const unsigned chunks = unsigned((T + kChunk - 1) / kChunk);
   chunk_prepare_.launch({{chunks, unsigned(shape_.hv)}, {256}, unsigned(gdn_chunk_prepare_smem_bytes(shape_)), pdl},
-                        stream, ws.qkv, ws.g, ws.beta, ws.gam, ws.u, ws.w, ws.qk, T);
+                        stream, ws.qkv, ws.g, ws.beta, ws.gam, ws.u, ws.w, T);
 }
 
 void GdnKernels::chunk_state(const Stream& stream, int T, const GdnLayerState& st, const GdnWorkspace& ws,
@@ -210,7 +226,16 @@ void GdnKernels::chunk_state(const Stream& stream, int T, const GdnLayerState& s
   if (T < 1) fail("gdn chunk_state: T = {} tokens, expected >= 1", T);
   chunk_state_.launch({{unsigned(shape_.hv), unsigned(shape_.dv / tiles_.chunk.vs)}, {256},
                        unsigned(gdn_chunk_state_smem_bytes(shape_, tiles_.chunk)), pdl},
-                      stream, ws.qkv, ws.gam, ws.u, ws.w, ws.qk, st.ssm, ws.o, T);
+                      stream, ws.qkv, ws.gam, ws.u, ws.w, st.ssm, ws.h, ws.vn, T);
+}
+
+void GdnKernels::chunk_output(const Stream& stream, CUdeviceptr proj, int row_stride, int T, CUdeviceptr norm_w,
+                              const GdnWorkspace& ws, CUdeviceptr y, bool pdl) const {
+  check_proj(row_stride, T);
+  const unsigned chunks = unsigned((T + kChunk - 1) / kChunk);
+  const CUdeviceptr z = proj + CUdeviceptr(shape_.conv_dim() * 2);
+  chunk_output_.launch({{chunks, unsigned(shape_.hv)}, {256}, unsigned(gdn_chunk_output_smem_bytes(shape_)), pdl},
+                       stream, ws.qkv, ws.gam, ws.h, ws.vn, z, row_stride, norm_w, y, eps_, T);
 }
 
 void GdnKernels::gated_rmsnorm(const Stream& stream, int T, CUdeviceptr o, CUdeviceptr proj, int row_stride,

@@ -15,8 +15,12 @@
 //            ssm:  fp32 [Hv, dv, dk], k contiguous (gdn_ssm_state_bytes: 2 MiB for the 35B)
 //   pos0     int32 [1] on the device: tokens of the sequence before this call (the position of
 //            its first token), so a decode step can be captured once in a CUDA graph.
-//   o        fp32 [T, Hv, dv]: the recurrence output before the norm (workspace)
 //   y        bf16 [T, Hv dv]: the gated RMSNorm output, the input of out_proj.
+//
+// Prefill runs gdn_prologue, then the chunked delta rule (gdn_chunk_prepare -> gdn_chunk_state ->
+// gdn_chunk_output, the gated RMSNorm fused into the last) at every T >= 1: its split-bf16 tensor-core
+// products are as accurate as the fp32 recurrence. The token-by-token recurrence (gdn_recurrent ->
+// gated_rmsnorm) stays as the reference path (prefill(chunked = false)).
 #include <cstddef>
 #include <cstdint>
 #include <string>
@@ -35,12 +39,6 @@ int64_t gdn_proj_columns(const Config& cfg);  // C + Hv dv + 2 Hv, the minimal r
 size_t gdn_conv_state_bytes(const Config& cfg);
 size_t gdn_ssm_state_bytes(const Config& cfg);
 
-// prefill(chunked = true) runs the chunked kernels from this many tokens; shorter calls take the
-// recurrence, which is as fast at that size and exact in fp32. The chunked kernels' tf32 products
-// lose accuracy on very short calls (a 1-token call from zero state measured 1.9e-2 rel_l2 on the
-// H100, 2026-11-23; inside the model a 1-token call continuing a sequence gave 6.8e-2 on the logits).
-constexpr int kGdnChunkedMinTokens = 16;
-
 struct GdnTiles {
   GdnPrologueTile prologue;
   GdnRecurrentTile recurrent;
@@ -55,6 +53,7 @@ KernelSpec gdn_recurrent_spec(const Config& cfg, const GdnRecurrentTile& tile);
 KernelSpec gdn_decode_spec(const Config& cfg, const GdnRecurrentTile& tile);
 KernelSpec gdn_chunk_prepare_spec(const Config& cfg);
 KernelSpec gdn_chunk_state_spec(const Config& cfg, const GdnChunkTile& tile);
+KernelSpec gdn_chunk_output_spec(const Config& cfg);
 KernelSpec gated_rmsnorm_spec(const Config& cfg, const GatedRmsnormTile& tile);
 // Every GDN instantiation the model needs (default tiles); empty without linear-attention layers.
 std::vector<KernelSpec> gdn_kernels(const Config& cfg);
@@ -71,16 +70,17 @@ struct GdnLayerState {
 };
 
 // Scratch of a multi-token call, carved from one buffer of gdn_workspace_bytes(cfg, T) bytes
-// (256-byte aligned pieces).
+// (256-byte aligned pieces; chunks = ceil(T / 64), the chunked pieces padded to whole chunks).
 struct GdnWorkspace {
   CUdeviceptr qkv = 0;   // bf16 [T, C]: q (normalised, scaled) | k (normalised) | v after the conv
   CUdeviceptr g = 0;     // fp32 [T, Hv] log decay
   CUdeviceptr beta = 0;  // fp32 [T, Hv]
-  CUdeviceptr gam = 0;   // fp32 [T, Hv] cumsum of g within each chunk of 64
-  CUdeviceptr u = 0;     // fp32 [T, Hv, dv]
-  CUdeviceptr w = 0;     // fp32 [T, Hv, dk]
-  CUdeviceptr qk = 0;    // fp32 [ceil(T / 64), Hv, 64, 64]
-  CUdeviceptr o = 0;     // fp32 [T, Hv, dv]
+  CUdeviceptr gam = 0;   // fp32 [chunks, Hv, 64] cumsum of g within each chunk
+  CUdeviceptr u = 0;     // fp32 [chunks, Hv, 64, dv]
+  CUdeviceptr w = 0;     // bf16 [chunks, Hv, 2, 64, dk]: hi, lo planes
+  CUdeviceptr vn = 0;    // bf16 [chunks, Hv, 2, 64, dv]: hi, lo planes of U - W S
+  CUdeviceptr h = 0;     // bf16 [chunks, Hv, 2, dk, dv]: hi, lo planes of the state entering each chunk
+  CUdeviceptr o = 0;     // fp32 [T, Hv, dv]: the recurrence's output before the norm (the same bytes as h)
 };
 size_t gdn_workspace_bytes(const Config& cfg, int64_t T);
 GdnWorkspace gdn_workspace(const Config& cfg, int64_t T, CUdeviceptr base);
@@ -97,8 +97,8 @@ class GdnKernels {
   // proj [1, row_stride]; counters int32 [Hv], zeroed once (every launch leaves them zero).
   void decode(const Stream& stream, CUdeviceptr proj, int row_stride, CUdeviceptr pos0, const GdnLayerWeights& w,
               const GdnLayerState& st, CUdeviceptr o, CUdeviceptr y, CUdeviceptr counters, bool pdl = false) const;
-  // T >= 1 tokens of one layer: gdn_prologue, then the chunked kernels (chunked = true) or the
-  // token-by-token recurrence, then gated_rmsnorm -> y [T, Hv dv] bf16. Both update the state.
+  // T >= 1 tokens of one layer: gdn_prologue, then the chunked kernels -> y (chunked = true), or the
+  // token-by-token recurrence then gated_rmsnorm -> y [T, Hv dv] bf16. Both update the state.
   void prefill(const Stream& stream, CUdeviceptr proj, int row_stride, int T, CUdeviceptr pos0,
                const GdnLayerWeights& w, const GdnLayerState& st, const GdnWorkspace& ws, CUdeviceptr y,
                bool chunked = true, bool pdl = false) const;
@@ -107,11 +107,15 @@ class GdnKernels {
   void prologue(const Stream& stream, CUdeviceptr proj, int row_stride, int T, CUdeviceptr pos0,
                 const GdnLayerWeights& w, const GdnLayerState& st, const GdnWorkspace& ws, bool pdl = false) const;
   void recurrent(const Stream& stream, int T, const GdnLayerState& st, const GdnWorkspace& ws, bool pdl = false) const;
-  void chunked(const Stream& stream, int T, const GdnLayerState& st, const GdnWorkspace& ws, bool pdl = false) const;
-  // The two launches of chunked(): gdn_chunk_prepare (ws.qkv, g, beta -> gam, u, w, qk) and
-  // gdn_chunk_state (-> state, ws.o).
+  // The three launches of the chunked delta rule after the prologue: gdn_chunk_prepare (ws.qkv, g,
+  // beta -> gam, u, w), gdn_chunk_state (-> state, ws.h, ws.vn), gdn_chunk_output (-> y, with the
+  // gated RMSNorm over z of proj and w.norm_w).
+  void chunked(const Stream& stream, CUdeviceptr proj, int row_stride, int T, const GdnLayerWeights& w,
+               const GdnLayerState& st, const GdnWorkspace& ws, CUdeviceptr y, bool pdl = false) const;
   void chunk_prepare(const Stream& stream, int T, const GdnWorkspace& ws, bool pdl = false) const;
   void chunk_state(const Stream& stream, int T, const GdnLayerState& st, const GdnWorkspace& ws, bool pdl = false) const;
+  void chunk_output(const Stream& stream, CUdeviceptr proj, int row_stride, int T, CUdeviceptr norm_w,
+                    const GdnWorkspace& ws, CUdeviceptr y, bool pdl = false) const;
   void gated_rmsnorm(const Stream& stream, int T, CUdeviceptr o, CUdeviceptr proj, int row_stride, CUdeviceptr norm_w,
                      CUdeviceptr y, bool pdl = false) const;
 
@@ -122,7 +126,7 @@ class GdnKernels {
   GdnShape shape_;
   GdnTiles tiles_;
   float eps_;
-  Function prologue_, recurrent_, decode_, chunk_prepare_, chunk_state_, norm_;
+  Function prologue_, recurrent_, decode_, chunk_prepare_, chunk_state_, chunk_output_, norm_;
 };
 
 }  // namespace q35::qwen35::gpu

@@ -131,20 +131,19 @@ GdnTiles TunedTiles::gdn(int64_t m) const {
   const GdnShape s = gdn_shape(cfg_);
   GdnTiles t = GdnTiles::defaults(s);
   const std::string sig = tune::gdn_signature(s);
-  if (m >= kGdnChunkedMinTokens) {
-    const tune::GdnPrefillConfig c = pick(
-        tune::kGdnPrefill, sig, m, tune::GdnPrefillConfig{t.chunk, t.prologue},
-        [](const nlohmann::json& j) { return tune::gdn_prefill_from_json(j); },
-        [&](const tune::GdnPrefillConfig& p) {
-          std::string why = why_invalid(p.chunk, s);
-          return why.empty() ? why_invalid(p.prologue, s) : why;
-        });
-    t.chunk = c.chunk, t.prologue = c.prologue;
-  } else {
-    t.recurrent = pick(
-        tune::kGdnRecurrent, sig, m, t.recurrent, [](const nlohmann::json& j) { return tune::gdn_recurrent_from_json(j); },
-        [&](const GdnRecurrentTile& r) { return why_invalid(r, s); });
-  }
+  // Prefill of any length runs the chunked kernels (gdn_prefill); the recurrent tile serves decode
+  // (M = 1) and the token-by-token reference path.
+  const tune::GdnPrefillConfig c = pick(
+      tune::kGdnPrefill, sig, m, tune::GdnPrefillConfig{t.chunk, t.prologue},
+      [](const nlohmann::json& j) { return tune::gdn_prefill_from_json(j); },
+      [&](const tune::GdnPrefillConfig& p) {
+        std::string why = why_invalid(p.chunk, s);
+        return why.empty() ? why_invalid(p.prologue, s) : why;
+      });
+  t.chunk = c.chunk, t.prologue = c.prologue;
+  t.recurrent = pick(
+      tune::kGdnRecurrent, sig, m, t.recurrent, [](const nlohmann::json& j) { return tune::gdn_recurrent_from_json(j); },
+      [&](const GdnRecurrentTile& r) { return why_invalid(r, s); });
   return t;
 }
 
