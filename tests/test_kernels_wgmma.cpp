@@ -85,8 +85,9 @@ TEST_CASE("sm_90a: the runner's kernel list uses gemm_wgmma for every prefill GE
     const std::set<std::string> want =
         group ? std::set<std::string>{"0", std::to_string(group)} : std::set<std::string>{"0"};
     CHECK(dense_groups == want);
-    // MoE: wgmma from kMoeWgmmaMinTokens tokens, mma.sync below (both compiled at start).
-    CHECK(moe_wgmma == 4);
+    // MoE (all compiled at start): wgmma from kMoeWgmmaMinTokens tokens, mma.sync below, and the
+    // swapped wgmma tiles for a few tokens per expert.
+    CHECK(moe_wgmma == 8);
     CHECK(moe_mma_sync == 4);
     CHECK(wgmma >= 4 + 4);
     for (const KernelSpec& s : ampere) CHECK_FALSE(is_wgmma(s));
@@ -159,12 +160,14 @@ TEST_CASE("gemm_wgmma refuses what its template cannot run, naming the reason") 
   CHECK(contains(why_invalid(bad), "8, 16, 32 or 64"));
   bad = sw, bad.bn = 256;
   CHECK(contains(why_invalid(bad), "64 x wgn"));
-  sw.ksub = 4;
+  sw.ksub = 4, sw.stages = 4;
   CHECK(why_invalid(sw).empty());
-  CHECK(wgmma_smem_bytes(sw) == 1024 + 8 * 4 * (16 * 128 + 128 * 32) + 4 * 128 * 128 + 8 * 16);
+  CHECK(wgmma_smem_bytes(sw) == 1024 + 4 * 4 * (16 * 128 + 128 * 32) + 4 * 128 * 128 + 4 * 16);
+  bad = sw, bad.stages = 8;  // 8 stages of 4 steps: too much shared memory
+  CHECK(contains(why_invalid(bad), "shared memory"));
   bad = sw, bad.ksub = 3;
   CHECK(contains(why_invalid(bad), "1, 2 or 4"));
-  bad = sw, bad.k = 2048 + 64;
+  bad = sw, bad.k = 2048 + 128;
   CHECK(contains(why_invalid(bad), "64 x ksub"));
   bad = g, bad.ksub = 2;
   CHECK(contains(why_invalid(bad), "swapped form's"));

@@ -34,8 +34,13 @@ std::vector<q35::KernelSpec> required_kernels(const Config& cfg, int group, cons
   add(gpu::attention_kernels(cfg, smem_limit_for(arch)));
   add(gpu::gdn_kernels(cfg));
   add(gpu::moe_kernels(cfg, group, wgmma, prefill_tokens));
-  if (wgmma && prefill_tokens >= kMoeWgmmaMinTokens)  // short prompts: the mma.sync grouped GEMMs
+  if (wgmma && prefill_tokens >= kMoeWgmmaMinTokens) {
+    // Shorter prompts' defaults too: the swapped wgmma tiles (a few tokens per expert) and the
+    // mma.sync grouped GEMMs (up to kMoeWgmmaMinTokens), and the swapped dense GEMMs (<= 128 rows).
     add(gpu::moe_kernels(cfg, group, true, kMoeDecodeMaxTokens + 1));
+    add(gpu::moe_kernels(cfg, group, true, kMoeWgmmaMinTokens - 1));
+    add(gpu::dense_kernels(cfg, {group, 1, kGemmSwapMaxM, wgmma}));
+  }
   const gpu::TopkSamplePlan topk = gpu::topk_sample_plan(cfg.vocab_size);
   add({topk.partial_spec(), topk.final_spec()});
   return specs;
