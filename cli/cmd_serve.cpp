@@ -1,4 +1,5 @@
-// q35jit serve: the OpenAI-compatible HTTP server (server/) over one engine. Blocks SIGINT and
+// q35jit serve: the OpenAI-compatible HTTP server (server/) over one engine (continuous batching
+// over its sequence slots: server/scheduler.h). Blocks SIGINT and
 // SIGTERM in every thread and waits for them in one, so a signal stops the server cleanly.
 #include <pthread.h>
 #include <signal.h>
@@ -36,7 +37,12 @@ std::vector<FlagSpec> serve_flags() {
       {"max-queue", "N", "requests that may wait for the engine; more get 503 (default 64)"},
       {"prefix-cache-gb", "G", "host memory for the prefix cache in GiB, 0 = off (default 4)"},
       {"prefix-cache-block", "N", "recurrent-state snapshots every N prompt tokens (default 512)"},
-      {"prefill-chunk", "N", "prompt tokens per prefill step; a gone client is noticed between steps (default 512)"},
+      {"prefill-chunk", "N",
+       "prompt tokens per prefill step, and at most this many between two decode steps; a gone client is noticed "
+       "between steps (default 512)"},
+      {"max-batch", "N",
+       "sequences decoded together, 1..1024 (default 16; each takes a slot of --max-context tokens; the GPU engine "
+       "runs 1 until its batched kernels exist)"},
       {"max-request-bytes", "N", "largest request body; larger gets 413 (default 8388608)"},
       {"max-connections", "N", "open connections; more get 503 (default 256)"},
   };
@@ -104,6 +110,7 @@ int cmd_serve(int argc, char** argv) {
   sched.prefix_cache_bytes = size_t(cache_gb * double(1ull << 30));
   sched.snapshot_block = args.get_int("prefix-cache-block", 512, 1, int64_t(1) << 30);
   sched.prefill_chunk = args.get_int("prefill-chunk", 512, 1, int64_t(1) << 30);
+  sched.max_batch = int(args.get_int("max-batch", 16, 1, 1024));
 
   auto t_load = std::chrono::steady_clock::now();
   std::optional<ModelInfo> info;
@@ -120,7 +127,7 @@ int cmd_serve(int argc, char** argv) {
       log(fmt::format("notice: the chat template of {} {} the Qwen3.5 one; prompts are rendered in the Qwen3.5 "
                       "format (models/qwen35/chat)",
                       *dir, tmpl ? "differs from" : "is missing, not"));
-    engine = make_engine(args, *info, 32768, log);
+    engine = make_engine(args, *info, 32768, log, sched.max_batch);
     name = std::filesystem::path(*dir).lexically_normal().filename().string();
     if (name.empty()) name = std::filesystem::path(*dir).lexically_normal().parent_path().filename().string();
   } else {
@@ -132,6 +139,10 @@ int cmd_serve(int argc, char** argv) {
   name = args.get("served-name").value_or(name);
   log(fmt::format("loaded {} in {:.0f} ms (device {}, context {})", name, ms_since(t_load), engine->device(),
                   engine->max_context()));
+  if (engine->max_batch() < sched.max_batch)
+    log(fmt::format("notice: --max-batch {}: the {} engine decodes {} sequence(s) at a time (batched GPU kernels are "
+                    "not implemented yet); requests beyond that wait in the queue",
+                    sched.max_batch, engine->device(), engine->max_batch()));
 
   server::Metrics metrics;
   server::Scheduler scheduler(*engine, *tok, qwen35::stop_token_ids(*tok, generation), sched, metrics, log);

@@ -1,6 +1,8 @@
 #include "cli/session.h"
 
+#include <algorithm>
 #include <cstring>
+#include <optional>
 #include <thread>
 
 #include "models/qwen35/cpu_model.h"
@@ -56,64 +58,113 @@ std::vector<FlagSpec> engine_flags() {
 
 namespace {
 
+// The CPU reference with max_batch sequence slots. A slot's state (K/V caches of max_context rows)
+// is allocated when the slot is first used, so a large --max-batch costs memory only when that
+// many requests run at once.
 class CpuEngine final : public Engine {
  public:
-  CpuEngine(const ModelInfo& info, int64_t max_context) {
+  CpuEngine(const ModelInfo& info, int64_t max_context, int max_batch) : max_context_(max_context) {
+    if (max_batch < 1) fail("CpuEngine: max_batch must be >= 1, got {}", max_batch);
     // Float, FP8, GPTQ and `q35jit quantize` checkpoints all load as fp32 (dequantized exactly).
     Checkpoint ckpt(info.dir);
     qwen35::validate_checkpoint(info.config, ckpt);
     model_ = std::make_unique<qwen35::CpuModel>(info.config, qwen35::load_host_weights(info.config, ckpt));
-    state_ = model_->new_state(max_context);
+    states_.resize(size_t(max_batch));
+    state(0);
   }
   std::string device() const override { return "cpu"; }
-  int64_t position() const override { return state_.pos; }
-  int64_t max_context() const override { return state_.max_context; }
-  std::vector<float> logits(std::span<const int32_t> tokens, bool all) override {
-    return model_->forward(state_, tokens, all);
+  int max_batch() const override { return int(states_.size()); }
+  int64_t max_context() const override { return max_context_; }
+  int64_t position(int slot) const override { return states_[checked(slot)] ? states_[size_t(slot)]->pos : 0; }
+  std::vector<float> logits(int slot, std::span<const int32_t> tokens, bool all) override {
+    return model_->forward(state(slot), tokens, all);
   }
-  int32_t prefill(std::span<const int32_t> tokens, Sampler& sampler) override {
-    return sampler.sample(model_->forward(state_, tokens, false));
+  int32_t prefill(int slot, std::span<const int32_t> tokens, Sampler& sampler) override {
+    return sampler.sample(model_->forward(state(slot), tokens, false));
   }
-  int32_t decode(int32_t token, Sampler& sampler) override {
-    return sampler.sample(model_->forward(state_, std::span<const int32_t>(&token, 1), false));
-  }
-  void reset() override { state_ = model_->new_state(state_.max_context); }
-  StateCopy save_recurrent() const override {
-    StateCopy s{state_.pos, {}};
-    for (size_t i = 0; i < state_.conv_state.size(); ++i) {
-      s.parts.push_back(bytes_of(state_.conv_state[i], state_.conv_state[i].size()));
-      s.parts.push_back(bytes_of(state_.gdn_state[i], state_.gdn_state[i].size()));
+  std::vector<DecodeOutput> decode_batch(std::span<const DecodeEntry> batch) override {
+    if (batch.empty() || batch.size() > states_.size())
+      fail("decode_batch: {} sequences for an engine of {} slots", batch.size(), states_.size());
+    std::vector<qwen35::CpuState*> states;
+    std::vector<int32_t> tokens;
+    for (const DecodeEntry& e : batch) {
+      states.push_back(&state(e.slot));
+      tokens.push_back(e.token);
     }
-    return s;
-  }
-  StateCopy save_kv() const override {
-    StateCopy s{state_.pos, {}};
-    for (size_t i = 0; i < state_.k_cache.size(); ++i) {
-      const size_t row = state_.k_cache[i].size() / size_t(state_.max_context);
-      s.parts.push_back(bytes_of(state_.k_cache[i], row * size_t(state_.pos)));
-      s.parts.push_back(bytes_of(state_.v_cache[i], row * size_t(state_.pos)));
+    const std::vector<float> logits = model_->forward_batch(states, tokens);  // [B, vocab]
+    const size_t V = logits.size() / batch.size();
+    std::vector<DecodeOutput> out(batch.size());
+    for (size_t b = 0; b < batch.size(); ++b) {
+      std::span<const float> row(logits.data() + b * V, V);
+      if (batch[b].sampler)
+        out[b].id = batch[b].sampler->sample(row);
+      else
+        out[b].logits.assign(row.begin(), row.end());
     }
-    return s;
+    return out;
   }
-  void restore(const StateCopy& kv, const StateCopy& recurrent) override {
-    const size_t layers = state_.k_cache.size();
+  void reset(int slot) override {
+    // Rows at and after the position are never read, so emptying needs only the recurrent state.
+    qwen35::CpuState& s = state(slot);
+    for (auto& v : s.conv_state) std::fill(v.begin(), v.end(), 0.0f);
+    for (auto& v : s.gdn_state) std::fill(v.begin(), v.end(), 0.0f);
+    s.pos = 0;
+  }
+  StateCopy save_recurrent(int slot) const override {
+    const qwen35::CpuState& s = state(slot);
+    StateCopy c{s.pos, {}};
+    for (size_t i = 0; i < s.conv_state.size(); ++i) {
+      c.parts.push_back(bytes_of(s.conv_state[i], s.conv_state[i].size()));
+      c.parts.push_back(bytes_of(s.gdn_state[i], s.gdn_state[i].size()));
+    }
+    return c;
+  }
+  StateCopy save_kv(int slot) const override {
+    const qwen35::CpuState& s = state(slot);
+    StateCopy c{s.pos, {}};
+    for (size_t i = 0; i < s.k_cache.size(); ++i) {
+      const size_t row = s.k_cache[i].size() / size_t(s.max_context);
+      c.parts.push_back(bytes_of(s.k_cache[i], row * size_t(s.pos)));
+      c.parts.push_back(bytes_of(s.v_cache[i], row * size_t(s.pos)));
+    }
+    return c;
+  }
+  void restore(int slot, const StateCopy& kv, const StateCopy& recurrent) override {
+    qwen35::CpuState& s = state(slot);
+    const size_t layers = s.k_cache.size();
     if (kv.parts.size() != 2 * layers || recurrent.parts.size() != 2 * layers)
       fail("restore: state copies of {} and {} parts for a model of {} layers", kv.parts.size(),
            recurrent.parts.size(), layers);
-    if (kv.pos < recurrent.pos || recurrent.pos > state_.max_context)
+    if (kv.pos < recurrent.pos || recurrent.pos > s.max_context)
       fail("restore: K/V rows for {} tokens cannot restore position {} (max context {})", kv.pos, recurrent.pos,
-           state_.max_context);
+           s.max_context);
     for (size_t i = 0; i < layers; ++i) {
-      copy_into(recurrent.parts[2 * i], state_.conv_state[i], 0, state_.conv_state[i].size());
-      copy_into(recurrent.parts[2 * i + 1], state_.gdn_state[i], 0, state_.gdn_state[i].size());
-      const size_t row = state_.k_cache[i].size() / size_t(state_.max_context);
-      copy_into(kv.parts[2 * i], state_.k_cache[i], 0, row * size_t(recurrent.pos));
-      copy_into(kv.parts[2 * i + 1], state_.v_cache[i], 0, row * size_t(recurrent.pos));
+      copy_into(recurrent.parts[2 * i], s.conv_state[i], 0, s.conv_state[i].size());
+      copy_into(recurrent.parts[2 * i + 1], s.gdn_state[i], 0, s.gdn_state[i].size());
+      const size_t row = s.k_cache[i].size() / size_t(s.max_context);
+      copy_into(kv.parts[2 * i], s.k_cache[i], 0, row * size_t(recurrent.pos));
+      copy_into(kv.parts[2 * i + 1], s.v_cache[i], 0, row * size_t(recurrent.pos));
     }
-    state_.pos = recurrent.pos;
+    s.pos = recurrent.pos;
   }
 
  private:
+  size_t checked(int slot) const {
+    if (slot < 0 || size_t(slot) >= states_.size())
+      fail("slot {} outside the engine's {} slots (--max-batch)", slot, states_.size());
+    return size_t(slot);
+  }
+  // The slot's state, allocated (empty) on first use.
+  qwen35::CpuState& state(int slot) {
+    std::optional<qwen35::CpuState>& s = states_[checked(slot)];
+    if (!s) s = model_->new_state(max_context_);
+    return *s;
+  }
+  const qwen35::CpuState& state(int slot) const {
+    const std::optional<qwen35::CpuState>& s = states_[checked(slot)];
+    if (!s) fail("slot {} holds no sequence yet: reset or restore it first", slot);
+    return *s;
+  }
   static std::vector<std::byte> bytes_of(const std::vector<float>& v, size_t n) {
     const auto* p = reinterpret_cast<const std::byte*>(v.data());
     return std::vector<std::byte>(p, p + n * sizeof(float));
@@ -126,7 +177,8 @@ class CpuEngine final : public Engine {
   }
 
   std::unique_ptr<qwen35::CpuModel> model_;
-  qwen35::CpuState state_;
+  int64_t max_context_;
+  std::vector<std::optional<qwen35::CpuState>> states_;  // [max_batch], empty until first used
 };
 
 class GpuEngine final : public Engine {
@@ -149,23 +201,56 @@ class GpuEngine final : public Engine {
     model_ = std::make_unique<qwen35::GpuModel>(driver_, ctx_, jit_, config, options, seed);
   }
   std::string device() const override { return ctx_.device().name; }
-  int64_t position() const override { return model_->position(); }
+  // One sequence until the batched GPU kernels exist: the scheduler then runs one request at a time.
+  int max_batch() const override { return 1; }
   int64_t max_context() const override { return model_->max_context(); }
-  std::vector<float> logits(std::span<const int32_t> tokens, bool all) override { return model_->forward(tokens, all); }
-  int32_t prefill(std::span<const int32_t> tokens, Sampler& sampler) override {
+  int64_t position(int slot) const override {
+    checked(slot);
+    return model_->position();
+  }
+  std::vector<float> logits(int slot, std::span<const int32_t> tokens, bool all) override {
+    checked(slot);
+    return model_->forward(tokens, all);
+  }
+  int32_t prefill(int slot, std::span<const int32_t> tokens, Sampler& sampler) override {
+    checked(slot);
     return model_->prefill(tokens, sampler.params());
   }
-  int32_t decode(int32_t token, Sampler& sampler) override { return model_->decode(token, sampler.params()); }
-  void reset() override { model_->reset(); }
-  StateCopy save_recurrent() const override { return {model_->position(), model_->save_recurrent_state()}; }
-  StateCopy save_kv() const override { return {model_->position(), model_->save_kv_rows(model_->position())}; }
-  void restore(const StateCopy& kv, const StateCopy& recurrent) override {
+  // A batch of the one slot: the single-sequence decode step (CUDA graph, sampling on the device).
+  std::vector<DecodeOutput> decode_batch(std::span<const DecodeEntry> batch) override {
+    if (batch.size() != 1) fail("decode_batch: {} sequences for the GPU engine of 1 slot", batch.size());
+    const DecodeEntry& e = batch[0];
+    checked(e.slot);
+    DecodeOutput out;
+    if (e.sampler)
+      out.id = model_->decode(e.token, e.sampler->params());
+    else
+      out.logits = model_->forward(std::span<const int32_t>(&e.token, 1), false);
+    return {std::move(out)};
+  }
+  void reset(int slot) override {
+    checked(slot);
+    model_->reset();
+  }
+  StateCopy save_recurrent(int slot) const override {
+    checked(slot);
+    return {model_->position(), model_->save_recurrent_state()};
+  }
+  StateCopy save_kv(int slot) const override {
+    checked(slot);
+    return {model_->position(), model_->save_kv_rows(model_->position())};
+  }
+  void restore(int slot, const StateCopy& kv, const StateCopy& recurrent) override {
+    checked(slot);
     if (kv.pos < recurrent.pos)
       fail("restore: K/V rows for {} tokens cannot restore position {}", kv.pos, recurrent.pos);
     model_->restore_state(recurrent.parts, kv.parts, recurrent.pos);
   }
 
  private:
+  static void checked(int slot) {
+    if (slot != 0) fail("slot {} outside the GPU engine's 1 slot", slot);
+  }
   Driver driver_;
   Context ctx_;
   JitEngine jit_;
@@ -265,7 +350,7 @@ qwen35::GpuModelOptions gpu_options(const Args& args, const qwen35::Config& conf
 }  // namespace
 
 std::unique_ptr<Engine> make_engine(const Args& args, const ModelInfo& info, int64_t default_max_context,
-                                    const std::function<void(const std::string&)>& log) {
+                                    const std::function<void(const std::string&)>& log, int max_batch) {
   const std::string& cmd = args.command();
   std::string device = args.get("device").value_or("");
   if (device.empty()) device = gpu_present() ? "cuda" : "cpu";
@@ -275,7 +360,7 @@ std::unique_ptr<Engine> make_engine(const Args& args, const ModelInfo& info, int
   if (device == "cpu") {
     if (args.has("quant") || args.has("group-size") || args.flag("no-tune"))
       fail("q35jit {}: --quant, --group-size and --no-tune apply to --device cuda (the CPU reference runs in fp32)", cmd);
-    return std::make_unique<CpuEngine>(info, max_context);
+    return std::make_unique<CpuEngine>(info, max_context, max_batch);
   }
   return std::make_unique<GpuEngine>(info, gpu_options(args, info.config, info.dir, max_context, log),
                                      !args.flag("no-tune"));

@@ -2,6 +2,7 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <set>
@@ -60,10 +61,53 @@ bool Job::pop(JobEvent& e, std::chrono::milliseconds timeout) {
   return true;
 }
 
+// A request in a slot, from admission to its last event.
+struct Scheduler::Running {
+  Running(SlotLease l, const Tokenizer& tok, std::function<std::string()> make_id)
+      : lease(std::move(l)),
+        job(lease->job),
+        r(job->request()),
+        decoder(tok),
+        stop(r.stop),
+        parser(r.chat && r.thinking, r.parse_tools, r.schemas, std::move(make_id)) {}
+  Slot& slot() { return *lease; }
+
+  SlotLease lease;
+  std::shared_ptr<Job> job;
+  const GenerationRequest& r;
+  Clock::time_point t0 = Clock::now(), t_first, t_prev;
+  std::optional<Sampler> sampler;  // the request's own: parameters, seed, random stream
+  bool done = false;               // finished, cancelled or failed: leaves at the end of the step
+
+  // Prefill: the prompt runs in pieces ending at `stops` (ascending, < prompt size), then the rest.
+  std::vector<int64_t> stops;
+  std::set<int64_t> snapshot_points;
+  size_t next_stop = 0;
+  int64_t pos = 0;  // prompt tokens fed
+
+  // Decode.
+  bool host = false;          // the host chooses each id (logprobs, a tool-name constraint)
+  std::vector<float> logits;  // host: the logits the last id was chosen from [vocab]
+  int32_t next = -1;          // the last id drawn: fed at the next step
+  std::string name_text;      // tool_choice "required": the function name generated so far
+  bool name_done = true;
+  StreamDecoder decoder;
+  StopMatcher stop;
+  ChatOutputParser parser;
+  ChatDelta pending;
+  int64_t generated = 0;
+  double ttft_ms = 0;
+};
+
 Scheduler::Scheduler(cli::Engine& engine, const Tokenizer& tokenizer, std::vector<int32_t> stop_ids,
                      SchedulerOptions options, Metrics& metrics, std::function<void(const std::string&)> log)
     : engine_(engine), tok_(tokenizer), stop_ids_(std::move(stop_ids)), options_(options), metrics_(metrics),
-      log_(std::move(log)), cache_(options.prefix_cache_bytes), rng_(std::random_device{}()) {
+      log_(std::move(log)), cache_(options.prefix_cache_bytes), rng_(std::random_device{}()),
+      slots_(size_t(std::clamp(options.max_batch, 1, std::max(1, engine.max_batch())))) {
+  if (options_.max_batch < 1) q35::fail("Scheduler: max_batch (--max-batch) must be >= 1, got {}", options_.max_batch);
+  if (options_.snapshot_block < 1 || options_.prefill_chunk < 1)
+    q35::fail("Scheduler: snapshot_block and prefill_chunk must be >= 1, got {} and {}", options_.snapshot_block,
+              options_.prefill_chunk);
   token_text_.resize(size_t(tok_.num_ids()));
   assigned_.resize(size_t(tok_.num_ids()), false);
   for (int32_t id = 0; id < tok_.num_ids(); ++id) {
@@ -75,9 +119,6 @@ Scheduler::Scheduler(cli::Engine& engine, const Tokenizer& tokenizer, std::vecto
       // an id the vocabulary does not assign: decodes to nothing, never allowed by a constraint
     }
   }
-  if (options_.snapshot_block < 1 || options_.prefill_chunk < 1)
-    fail("Scheduler: snapshot_block and prefill_chunk must be >= 1, got {} and {}", options_.snapshot_block,
-         options_.prefill_chunk);
   thread_ = std::thread([this] { worker(); });
 }
 
@@ -110,10 +151,11 @@ int64_t Scheduler::queue_length() const {
 
 void Scheduler::worker() {
   while (true) {
-    std::shared_ptr<Job> job;
+    // 1. Admission: the oldest queued requests into free slots.
+    std::vector<Running*> admitted;
     {
       std::unique_lock lock(mutex_);
-      cv_.wait(lock, [&] { return stopping_ || !queue_.empty(); });
+      cv_.wait(lock, [&] { return stopping_ || !queue_.empty() || !running_.empty(); });
       if (stopping_) {
         for (auto& j : queue_) {
           JobEvent e;
@@ -122,230 +164,306 @@ void Scheduler::worker() {
           j->push(std::move(e));
         }
         queue_.clear();
-        return;
+        if (running_.empty()) return;
       }
-      job = std::move(queue_.front());
-      queue_.pop_front();
+      while (!queue_.empty() && slots_.available() > 0) {
+        std::shared_ptr<Job> job = std::move(queue_.front());
+        queue_.pop_front();
+        if (job->cancelled()) continue;  // its client left while it waited
+        std::optional<SlotLease> lease = slots_.acquire(std::move(job));
+        if (!lease) throw std::logic_error("Scheduler: no free slot although the pool counts one");
+        running_.push_back(
+            std::make_unique<Running>(std::move(*lease), tok_, [this] { return fmt::format("call_{:016x}", rng_()); }));
+        admitted.push_back(running_.back().get());
+      }
     }
-    if (job->cancelled()) continue;  // its client left while it waited
-    // Requests run to completion in turn, so the one slot is free here.
-    std::optional<SlotLease> slot = slots_.acquire(std::move(job));
-    if (!slot) throw std::logic_error("Scheduler: no free slot for a job (slots leaked)");
-    try {
-      run(**slot);
-    } catch (const std::exception& ex) {
-      // The engine failed mid-request: the job gets a 500, its slot is released (the lease going
-      // out of scope) and the sequence starts empty next time.
-      Job& failed = *(*slot)->job;
-      log_(fmt::format("{} failed: {}", failed.id(), ex.what()));
-      JobEvent e;
-      e.kind = JobEvent::Kind::Failed;
-      e.error = ApiError(500, "server_error", fmt::format("generation failed: {}", ex.what()));
-      failed.push(std::move(e));
-      engine_.reset();
+    for (Running* r : admitted) {
+      try {
+        start(*r);
+      } catch (const std::exception& ex) {
+        fail(*r, ex);
+      }
+    }
+    // 2. Prefill, bounded; 3. one decode step of every sequence past its prompt. Finished ones
+    // leave (their leases free the slots) after each.
+    auto leave = [&] { std::erase_if(running_, [](const std::unique_ptr<Running>& r) { return r->done; }); };
+    prefill_step();
+    leave();
+    decode_step();
+    leave();
+  }
+}
+
+void Scheduler::start(Running& r) {
+  Slot& slot = r.slot();
+  const std::span<const int32_t> prompt(r.r.prompt);
+  const int64_t n = int64_t(prompt.size());
+  slot.sampling = r.r.sampling;
+  if (!r.r.seeded) slot.sampling.seed = rng_();
+  r.sampler.emplace(slot.sampling);
+
+  // Resume from the longest cached prefix (at least one prompt token is left to compute logits),
+  // restored into this slot whichever slot it was saved from.
+  if (auto hit = cache_.lookup(prompt, n - 1)) {
+    engine_.restore(slot.index, *hit->kv, *hit->recurrent);
+    slot.cached = hit->pos;
+  } else {
+    engine_.reset(slot.index);
+  }
+  const int64_t cached = slot.cached;
+  slot.tokens.assign(prompt.begin(), prompt.begin() + cached);
+  r.pos = cached;
+  metrics_.prefix_lookup(cached > 0);
+
+  // Pieces end at snapshot points (block boundaries, the start of the last turn) and at most
+  // prefill_chunk tokens apart; the last piece (the rest) gives the first token.
+  for (int64_t p = (cached / options_.snapshot_block + 1) * options_.snapshot_block; p < n; p += options_.snapshot_block)
+    r.snapshot_points.insert(p);
+  if (r.r.turn_start > cached && r.r.turn_start < n) r.snapshot_points.insert(r.r.turn_start);
+  std::set<int64_t> stops = r.snapshot_points;
+  for (int64_t p = cached + options_.prefill_chunk; p < n; p += options_.prefill_chunk) stops.insert(p);
+  r.stops.assign(stops.begin(), stops.end());
+  r.host = r.r.logprobs || !r.r.name_choices.empty();
+  r.name_done = r.r.name_choices.empty();
+  if (!r.r.forced_prefix.empty()) r.pending = r.parser.push(r.r.forced_prefix);
+}
+
+void Scheduler::prefill_step() {
+  int64_t budget = options_.prefill_chunk;  // prompt tokens left for this turn
+  for (auto& rp : running_) {
+    Running& r = *rp;
+    while (!r.done && r.slot().phase == Slot::Phase::Prefill) {
+      if (r.job->cancelled()) {
+        finish_cancelled_prefill(r);
+        break;
+      }
+      const int64_t end = r.next_stop < r.stops.size() ? r.stops[r.next_stop] : int64_t(r.r.prompt.size());
+      if (end - r.pos > budget) return;  // the oldest prompt goes first; the rest waits for the next turn
+      budget -= end - r.pos;
+      try {
+        prefill_piece(r);
+      } catch (const std::exception& ex) {
+        fail(r, ex);
+      }
     }
   }
 }
 
-void Scheduler::run(Slot& slot) {
-  Job& job = *slot.job;
-  const GenerationRequest& r = job.request();
-  const auto t0 = Clock::now();
-  slot.sampling = r.sampling;
-  if (!r.seeded) slot.sampling.seed = rng_();
-  Sampler sampler(slot.sampling);
-  const std::span<const int32_t> prompt(r.prompt);
-  const int64_t n = int64_t(prompt.size());
-
-  // Resume from the longest cached prefix (at least one prompt token is left to compute logits).
-  if (auto hit = cache_.lookup(prompt, n - 1)) {
-    engine_.restore(*hit->kv, *hit->recurrent);
-    slot.cached = hit->pos;
-  } else {
-    engine_.reset();
-  }
-  const int64_t cached = slot.cached;
-  slot.tokens.assign(prompt.begin(), prompt.begin() + cached);
-  metrics_.prefix_lookup(cached > 0);
-
-  // Prefill up to the last chunk in steps of at most prefill_chunk tokens, checking between them
-  // whether the client has gone, and stopping at snapshot points: block boundaries and the start of
-  // the last turn. The last step (below) gives the first token.
-  std::set<int64_t> snapshot_points;
-  for (int64_t p = (cached / options_.snapshot_block + 1) * options_.snapshot_block; p < n; p += options_.snapshot_block)
-    snapshot_points.insert(p);
-  if (r.turn_start > cached && r.turn_start < n) snapshot_points.insert(r.turn_start);
-  std::set<int64_t> stops = snapshot_points;
-  for (int64_t p = cached + options_.prefill_chunk; p < n; p += options_.prefill_chunk) stops.insert(p);
-  int64_t pos = cached;
-  for (int64_t p : stops) {  // consecutive stops are at most prefill_chunk tokens apart
-    if (job.cancelled()) break;
-    engine_.logits(prompt.subspan(size_t(pos), size_t(p - pos)), false);
-    slot.tokens.insert(slot.tokens.end(), prompt.begin() + pos, prompt.begin() + p);
-    pos = p;
-    if (snapshot_points.contains(p)) slot.snapshots.emplace(p, engine_.save_recurrent());
-  }
-  if (job.cancelled()) {
-    finish_cancelled_prefill(slot);
+void Scheduler::prefill_piece(Running& r) {
+  Slot& slot = r.slot();
+  const std::span<const int32_t> prompt(r.r.prompt);
+  if (r.next_stop < r.stops.size()) {
+    const int64_t p = r.stops[r.next_stop++];
+    engine_.logits(slot.index, prompt.subspan(size_t(r.pos), size_t(p - r.pos)), false);
+    slot.tokens.insert(slot.tokens.end(), prompt.begin() + r.pos, prompt.begin() + p);
+    r.pos = p;
+    if (r.snapshot_points.contains(p)) slot.snapshots.emplace(p, engine_.save_recurrent(slot.index));
     return;
   }
-
-  // Token choice: on the engine (GPU sampling), or on the host when logprobs or a constraint need
-  // the logits.
-  auto assigned = [&](int32_t id) { return id >= 0 && size_t(id) < assigned_.size() && assigned_[size_t(id)]; };
-  const bool host = r.logprobs || !r.name_choices.empty();
-  std::string name_text;  // tool_choice "required": the function name generated so far
-  bool name_done = r.name_choices.empty();
-  std::vector<float> logits;
-  auto choose = [&]() -> int32_t {
-    if (!name_done) {
-      for (size_t id = 0; id < logits.size(); ++id) {
-        const std::string* t = id < token_text_.size() ? &token_text_[id] : nullptr;
-        bool ok = false;
-        if (t && !t->empty())
-          for (const auto& c : r.name_choices)
-            if (c.size() >= name_text.size() + t->size() && c.compare(0, name_text.size(), name_text) == 0 &&
-                c.compare(name_text.size(), t->size(), *t) == 0)
-              ok = true;
-        if (!ok) logits[id] = -std::numeric_limits<float>::infinity();
-      }
-    }
-    return sampler.sample(logits);
-  };
-  int32_t next;
-  if (host) {
-    logits = engine_.logits(prompt.subspan(size_t(pos)), false);
-    next = choose();
+  // The last piece draws the first token: on the engine, or on the host from the logits.
+  const std::span<const int32_t> rest = prompt.subspan(size_t(r.pos));
+  int32_t first;
+  if (r.host) {
+    r.logits = engine_.logits(slot.index, rest, false);
+    first = choose(r);
   } else {
-    next = engine_.prefill(prompt.subspan(size_t(pos)), sampler);
+    first = engine_.prefill(slot.index, rest, *r.sampler);
   }
-  slot.tokens.insert(slot.tokens.end(), prompt.begin() + pos, prompt.end());
+  slot.tokens.insert(slot.tokens.end(), rest.begin(), rest.end());
+  r.pos = int64_t(prompt.size());
   slot.phase = Slot::Phase::Decode;
-  const auto t_first = Clock::now();
-  const double ttft_ms = ms_between(t0, t_first);
-  metrics_.time_to_first_token(ttft_ms / 1000.0);
+  r.t_first = r.t_prev = Clock::now();
+  r.ttft_ms = ms_between(r.t0, r.t_first);
+  metrics_.time_to_first_token(r.ttft_ms / 1000.0);
+  on_token(r, first);
+}
 
-  StreamDecoder decoder(tok_);
-  StopMatcher stop(r.stop);
-  ChatOutputParser parser(r.chat && r.thinking, r.parse_tools, r.schemas,
-                          [this] { return fmt::format("call_{:016x}", rng_()); });
-  ChatDelta pending;
-  if (!r.forced_prefix.empty()) pending = parser.push(r.forced_prefix);
+void Scheduler::decode_step() {
+  std::vector<Running*> batch;
+  std::vector<cli::DecodeEntry> entries;
+  for (auto& rp : running_) {
+    Running& r = *rp;
+    if (r.done || r.slot().phase != Slot::Phase::Decode) continue;
+    if (r.job->cancelled()) {
+      finish(r, "cancelled");
+      continue;
+    }
+    r.slot().tokens.push_back(r.next);
+    batch.push_back(&r);
+    entries.push_back({r.slot().index, r.next, r.host ? nullptr : &*r.sampler});
+  }
+  if (batch.empty()) return;
+  std::vector<cli::DecodeOutput> out;
+  try {
+    out = engine_.decode_batch(entries);
+    if (out.size() != entries.size())
+      q35::fail("decode_batch returned {} results for {} sequences", out.size(), entries.size());
+  } catch (const std::exception& ex) {
+    for (Running* r : batch) fail(*r, ex);  // the step's state is unknown for every sequence in it
+    return;
+  }
+  const auto now = Clock::now();
+  for (size_t b = 0; b < batch.size(); ++b) {
+    Running& r = *batch[b];
+    int32_t id = out[b].id;
+    if (r.host) {
+      r.logits = std::move(out[b].logits);
+      id = choose(r);
+    }
+    metrics_.inter_token_latency(ms_between(r.t_prev, now) / 1000.0);
+    r.t_prev = now;
+    on_token(r, id);
+  }
+}
+
+// The host's choice from r.logits: the tool-name constraint masks ids, then the request's sampler.
+int32_t Scheduler::choose(Running& r) {
+  if (r.logits.empty())
+    q35::fail("Scheduler: the engine returned no logits for a host-sampled sequence");
+  if (!r.name_done) {
+    for (size_t id = 0; id < r.logits.size(); ++id) {
+      const std::string* t = id < token_text_.size() ? &token_text_[id] : nullptr;
+      bool ok = false;
+      if (t && !t->empty())
+        for (const auto& c : r.r.name_choices)
+          if (c.size() >= r.name_text.size() + t->size() && c.compare(0, r.name_text.size(), r.name_text) == 0 &&
+              c.compare(r.name_text.size(), t->size(), *t) == 0)
+            ok = true;
+      if (!ok) r.logits[id] = -std::numeric_limits<float>::infinity();
+    }
+  }
+  return r.sampler->sample(r.logits);
+}
+
+// A drawn id: logprobs, stop ids, text through the decoder, stop strings and the output parser;
+// then the end conditions. Sets r.next for the next step, or finishes the request.
+void Scheduler::on_token(Running& r, int32_t next) {
+  const GenerationRequest& req = r.r;
+  auto assigned = [&](int32_t id) { return id >= 0 && size_t(id) < assigned_.size() && assigned_[size_t(id)]; };
   auto emit = [&](ChatDelta d, std::vector<TokenLogprob> lps) {
     if (d.empty() && lps.empty()) return;
     JobEvent e;
     e.delta = std::move(d);
     e.logprobs = std::move(lps);
-    job.push(std::move(e));
+    r.job->push(std::move(e));
   };
   auto parse = [&](const std::string& text) {
-    if (r.chat) return parser.push(text);
+    if (req.chat) return r.parser.push(text);
     ChatDelta d;
     d.content = text;
     return d;
   };
-  int64_t generated = 0;
-  std::string finish;
-  auto t_prev = t_first;
-  while (true) {
-    ++generated;
-    std::vector<TokenLogprob> lps;
-    if (r.logprobs) {
-      Logprobs lp = logprobs_of(logits, next, r.top_logprobs);
-      auto entry = [&](int32_t id, float v) {
-        TokenLogprob t;
-        std::string_view raw = assigned(id) ? tok_.token_bytes(id) : std::string_view();
-        t.bytes.assign(raw.begin(), raw.end());
-        utf8_decode_lossy(raw, true, t.token);
-        t.logprob = v;
-        return t;
-      };
-      TokenLogprob t = entry(next, lp.chosen);
-      for (auto& [id, v] : lp.top) t.top.push_back(entry(id, v));
-      lps.push_back(std::move(t));
-    }
-    if (std::find(stop_ids_.begin(), stop_ids_.end(), next) != stop_ids_.end()) {
-      emit(std::exchange(pending, {}), std::move(lps));
-      finish = "stop";
-      break;
-    }
-    if (!name_done) {
-      name_text += assigned(next) ? token_text_[size_t(next)] : std::string();
-      for (const auto& c : r.name_choices) name_done = name_done || c == name_text;
-    }
-    ChatDelta d = std::exchange(pending, {});
-    // A padding id of the model's vocabulary (random weights can sample one) decodes to nothing.
-    d.append(parse(stop.push(assigned(next) ? decoder.push(next) : std::string())));
-    emit(std::move(d), std::move(lps));
-    if (stop.stopped()) {
-      finish = "stop";
-      break;
-    }
-    if (generated >= r.max_tokens || engine_.position() + 1 > engine_.max_context()) {
-      finish = "length";
-      break;
-    }
-    if (job.cancelled()) {
-      finish = "cancelled";
-      break;
-    }
-    slot.tokens.push_back(next);
-    if (host) {
-      logits = engine_.logits(std::span<const int32_t>(&next, 1), false);
-      next = choose();
-    } else {
-      next = engine_.decode(next, sampler);
-    }
-    const auto now = Clock::now();
-    metrics_.inter_token_latency(ms_between(t_prev, now) / 1000.0);
-    t_prev = now;
+  ++r.generated;
+  std::vector<TokenLogprob> lps;
+  if (req.logprobs) {
+    Logprobs lp = logprobs_of(r.logits, next, req.top_logprobs);
+    auto entry = [&](int32_t id, float v) {
+      TokenLogprob t;
+      std::string_view raw = assigned(id) ? tok_.token_bytes(id) : std::string_view();
+      t.bytes.assign(raw.begin(), raw.end());
+      utf8_decode_lossy(raw, true, t.token);
+      t.logprob = v;
+      return t;
+    };
+    TokenLogprob t = entry(next, lp.chosen);
+    for (auto& [id, v] : lp.top) t.top.push_back(entry(id, v));
+    lps.push_back(std::move(t));
   }
-  const auto t_end = Clock::now();
-  {
-    std::string tail = stop.push(decoder.flush());
-    if (!stop.stopped()) tail += stop.flush();
-    ChatDelta d = parse(tail);
-    if (r.chat) d.append(parser.finish());
-    emit(std::move(d), {});
+  if (std::find(stop_ids_.begin(), stop_ids_.end(), next) != stop_ids_.end()) {
+    emit(std::exchange(r.pending, {}), std::move(lps));
+    finish(r, "stop");
+    return;
   }
-
-  JobEvent done;
-  done.kind = JobEvent::Kind::Done;
-  done.tool_calls = parser.tool_calls();
-  done.finish_reason = finish == "stop" && !done.tool_calls.empty() ? "tool_calls" : finish;
-  done.prompt_tokens = n;
-  done.completion_tokens = generated;
-  done.cached_tokens = cached;
-  done.ttft_ms = ttft_ms;
-  const double decode_ms = ms_between(t_first, t_end);
-  done.decode_tps = generated > 1 && decode_ms > 0 ? double(generated - 1) * 1000.0 / decode_ms : 0.0;
-  metrics_.tokens(n, generated, cached);
-  log_(fmt::format("{} prompt {} tokens ({} cached), {} generated, ttft {:.1f} ms, {:.1f} tok/s, finish {}", job.id(),
-                   n, cached, generated, ttft_ms, done.decode_tps, finish));
-  job.push(std::move(done));
-
-  keep_in_cache(slot);
+  if (!r.name_done) {
+    r.name_text += assigned(next) ? token_text_[size_t(next)] : std::string();
+    for (const auto& c : req.name_choices) r.name_done = r.name_done || c == r.name_text;
+  }
+  ChatDelta d = std::exchange(r.pending, {});
+  // A padding id of the model's vocabulary (random weights can sample one) decodes to nothing.
+  d.append(parse(r.stop.push(assigned(next) ? r.decoder.push(next) : std::string())));
+  emit(std::move(d), std::move(lps));
+  if (r.stop.stopped()) {
+    finish(r, "stop");
+  } else if (r.generated >= req.max_tokens || engine_.position(r.slot().index) + 1 > engine_.max_context()) {
+    finish(r, "length");
+  } else if (r.job->cancelled()) {
+    finish(r, "cancelled");
+  } else {
+    r.next = next;
+  }
 }
 
-void Scheduler::finish_cancelled_prefill(Slot& slot) {
-  Job& job = *slot.job;
-  const int64_t n = int64_t(job.request().prompt.size());
+void Scheduler::finish(Running& r, const std::string& reason) {
+  const GenerationRequest& req = r.r;
+  const auto t_end = Clock::now();
+  {
+    std::string tail = r.stop.push(r.decoder.flush());
+    if (!r.stop.stopped()) tail += r.stop.flush();
+    ChatDelta d;
+    if (req.chat) {
+      d = r.parser.push(tail);
+      d.append(r.parser.finish());
+    } else {
+      d.content = tail;
+    }
+    if (!d.empty()) {
+      JobEvent e;
+      e.delta = std::move(d);
+      r.job->push(std::move(e));
+    }
+  }
+  const int64_t n = int64_t(req.prompt.size());
+  const int64_t cached = r.slot().cached;
+  JobEvent done;
+  done.kind = JobEvent::Kind::Done;
+  done.tool_calls = r.parser.tool_calls();
+  done.finish_reason = reason == "stop" && !done.tool_calls.empty() ? "tool_calls" : reason;
+  done.prompt_tokens = n;
+  done.completion_tokens = r.generated;
+  done.cached_tokens = cached;
+  done.ttft_ms = r.ttft_ms;
+  const double decode_ms = ms_between(r.t_first, t_end);
+  done.decode_tps = r.generated > 1 && decode_ms > 0 ? double(r.generated - 1) * 1000.0 / decode_ms : 0.0;
+  metrics_.tokens(n, r.generated, cached);
+  log_(fmt::format("{} prompt {} tokens ({} cached), {} generated, ttft {:.1f} ms, {:.1f} tok/s, finish {} (slot {})",
+                   r.job->id(), n, cached, r.generated, r.ttft_ms, done.decode_tps, reason, r.slot().index));
+  r.job->push(std::move(done));
+  r.done = true;
+  keep_in_cache(r.slot());
+}
+
+void Scheduler::finish_cancelled_prefill(Running& r) {
+  Slot& slot = r.slot();
+  const int64_t n = int64_t(r.r.prompt.size());
   JobEvent done;
   done.kind = JobEvent::Kind::Done;
   done.finish_reason = "cancelled";
   done.prompt_tokens = n;
   done.cached_tokens = slot.cached;
-  log_(fmt::format("{} cancelled during the prefill after {} of {} prompt tokens ({} cached)", job.id(),
+  log_(fmt::format("{} cancelled during the prefill after {} of {} prompt tokens ({} cached)", r.job->id(),
                    slot.position(), n, slot.cached));
-  job.push(std::move(done));
+  r.job->push(std::move(done));
+  r.done = true;
   keep_in_cache(slot);
+}
+
+// The engine failed on this sequence: the job gets a 500, its slot starts empty next time and is
+// freed when the sequence leaves at the end of the step.
+void Scheduler::fail(Running& r, const std::exception& ex) {
+  log_(fmt::format("{} failed: {}", r.job->id(), ex.what()));
+  JobEvent e;
+  e.kind = JobEvent::Kind::Failed;
+  e.error = ApiError(500, "server_error", fmt::format("generation failed: {}", ex.what()));
+  r.job->push(std::move(e));
+  r.done = true;
+  engine_.reset(r.slot().index);
 }
 
 void Scheduler::keep_in_cache(Slot& slot) {
   // Keep the sequence for later requests that share its prefix.
-  if (slot.position() > slot.cached && slot.position() == engine_.position()) {
-    slot.snapshots.insert_or_assign(engine_.position(), engine_.save_recurrent());
-    cache_.insert(std::exchange(slot.tokens, {}), engine_.save_kv(), std::exchange(slot.snapshots, {}));
+  if (slot.position() > slot.cached && slot.position() == engine_.position(slot.index)) {
+    slot.snapshots.insert_or_assign(slot.position(), engine_.save_recurrent(slot.index));
+    cache_.insert(std::exchange(slot.tokens, {}), engine_.save_kv(slot.index), std::exchange(slot.snapshots, {}));
   }
   cache_bytes_ = int64_t(cache_.bytes());
   cache_entries_ = int64_t(cache_.entries());

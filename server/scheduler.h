@@ -1,10 +1,18 @@
 #pragma once
 // The generation side of the server: a bounded queue of requests and one worker thread that owns
-// the engine. A request takes a slot (server/slot.h: its sequence's state and bookkeeping; one slot
-// today, each request runs to completion in turn), restores the longest cached prefix, prefills the
-// rest in chunks, samples, and streams events (text split into reasoning / content / tool calls,
-// logprobs, the finish) back to the HTTP thread of the request. Cancelling a job (its client went
-// away) stops it at the next prefill chunk or before the next token, and frees its slot.
+// the engine and runs continuous batching over its sequence slots (server/slot.h). Each turn of
+// the worker loop:
+//   1. admit: queued requests, oldest first, take free slots (at most --max-batch run at once); each
+//      restores the longest cached prefix into its slot (any slot) or starts it empty;
+//   2. prefill: sequences still in their prompt advance, oldest first, by whole pieces of their
+//      prompt (a piece ends at a snapshot point or after --prefill-chunk tokens; the split depends on
+//      the request alone), at most --prefill-chunk prompt tokens in all per turn: the bound on the
+//      prefill work between two decode steps. A prompt's last piece draws its first token;
+//   3. decode: every sequence past its prompt advances by one token in one Engine::decode_batch,
+//      each with its own sampler (parameters and seed), so its tokens do not depend on the others.
+// Tokens stream as events (text split into reasoning / content / tool calls, logprobs, the finish)
+// to the HTTP thread of each request. A sequence that finishes, is cancelled (its client went away:
+// noticed before each prefill piece and after each token) or fails leaves at once and frees its slot.
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -75,14 +83,16 @@ struct SchedulerOptions {
   size_t max_queue = 64;
   size_t prefix_cache_bytes = size_t(4) << 30;
   int64_t snapshot_block = 512;  // recurrent snapshots every this many prompt tokens
-  int64_t prefill_chunk = 512;   // prompt tokens per engine call; cancellation is checked between them
+  int64_t prefill_chunk = 512;   // prompt tokens per engine call, and per turn between decode steps
+  int max_batch = 16;            // sequences at once (capped by the engine's slots)
 };
 
 class Scheduler {
  public:
   Scheduler(cli::Engine& engine, const Tokenizer& tokenizer, std::vector<int32_t> stop_ids, SchedulerOptions options,
             Metrics& metrics, std::function<void(const std::string&)> log);
-  ~Scheduler();  // stops the worker after the running job; queued jobs fail with 503
+  // Error naming the option when max_batch, snapshot_block or prefill_chunk is below 1.
+  ~Scheduler();  // stops the worker after the running jobs; queued jobs fail with 503
   Scheduler(const Scheduler&) = delete;
   Scheduler& operator=(const Scheduler&) = delete;
 
@@ -97,9 +107,18 @@ class Scheduler {
   int64_t cache_entries() const { return cache_entries_; }
 
  private:
+  struct Running;  // a request in a slot: its prefill plan and streaming state (scheduler.cpp)
+
   void worker();
-  void run(Slot& slot);
-  void finish_cancelled_prefill(Slot& slot);
+  void start(Running& r);
+  void prefill_step();
+  void prefill_piece(Running& r);
+  void decode_step();
+  int32_t choose(Running& r);
+  void on_token(Running& r, int32_t next);
+  void finish(Running& r, const std::string& reason);
+  void finish_cancelled_prefill(Running& r);
+  void fail(Running& r, const std::exception& ex);
   void keep_in_cache(Slot& slot);
 
   cli::Engine& engine_;
@@ -110,7 +129,8 @@ class Scheduler {
   std::function<void(const std::string&)> log_;
   PrefixCache cache_;
   std::mt19937_64 rng_;  // seeds of unseeded requests and tool-call ids
-  SlotPool slots_{1};    // cli::Engine holds one sequence
+  SlotPool slots_;       // min(max_batch, the engine's slots)
+  std::vector<std::unique_ptr<Running>> running_;  // worker only; in admission order
 
   mutable std::mutex mutex_;
   std::condition_variable cv_;

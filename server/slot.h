@@ -2,10 +2,10 @@
 // Per-sequence slots of the scheduler. A slot is one sequence the engine can hold: the request
 // bound to it and the host side of that sequence's state (ids fed, position, sampling, recurrent
 // snapshots of its prefill). The device side (K/V rows, DeltaNet conv and recurrent state) is the
-// engine's sequence of the same index; cli::Engine holds one sequence, so the scheduler runs one
-// slot today, each request to completion in turn. Continuous batching steps several slots between
-// admissions. A request acquires a slot through a SlotLease, which gives it back when destroyed:
-// on finish, on cancel (the client went away) and on an error alike.
+// engine's sequence slot of the same index (cli::Engine: max_batch() slots); the pool has
+// min(--max-batch, engine slots) of them and the scheduler steps every slot in the decode phase
+// together. A request acquires a slot through a SlotLease, which gives it back when destroyed: on
+// finish, on cancel (the client went away) and on an error alike.
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
@@ -25,7 +25,7 @@ class Job;
 struct Slot {
   enum class Phase { Free, Prefill, Decode };
   int index = 0;                 // the engine's sequence this slot's device state lives in
-  Phase phase = Phase::Free;
+  Phase phase = Phase::Free;    // Prefill: its prompt still runs; Decode: one token per decode step
   std::shared_ptr<Job> job;      // the request bound to the slot (null when free)
   std::vector<int32_t> tokens;   // ids in the sequence: the prompt part computed so far, then generated ids
   int64_t cached = 0;            // tokens restored from the prefix cache

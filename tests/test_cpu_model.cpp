@@ -15,6 +15,7 @@
 #include "models/qwen35/cpu_model.h"
 #include "models/qwen35/weights.h"
 #include "runtime/core/error.h"
+#include "runtime/core/sampler.h"
 #include "runtime/io/safetensors.h"
 
 using namespace q35::qwen35;
@@ -283,4 +284,76 @@ TEST_CASE("CpuModel: context overflow, bad token ids and bad weights are Errors"
   HostWeights w = synthetic_weights(c);
   w.layers[1].attn.q_proj.shape = {c.num_heads * c.head_dim, c.hidden_size};  // no gate rows
   CHECK_THROWS_WITH_AS(CpuModel(c, std::move(w)), doctest::Contains("layers.1.self_attn.q_proj"), q35::Error);
+}
+
+TEST_CASE("CpuModel: a batched decode step == each sequence decoded alone") {
+  Config c = synthetic_config();
+  CpuModel model(c, synthetic_weights(c));
+  const int64_t V = c.vocab_size, D = 6;
+  // Five sequences at different positions (one prompt crosses a 64-token GDN chunk boundary).
+  const std::vector<int64_t> prompt_lengths = {1, 5, 17, 70, 33};
+  const int64_t B = int64_t(prompt_lengths.size());
+  std::vector<std::vector<int32_t>> tokens;  // per sequence: prompt then D decode inputs
+  std::vector<CpuState> alone, batched;
+  for (int64_t b = 0; b < B; ++b) {
+    std::vector<int32_t> t = synthetic_tokens(prompt_lengths[b] + D + 7 * b, V);
+    tokens.push_back(std::vector<int32_t>(t.begin() + 7 * b, t.end()));
+    CpuState s = model.new_state(prompt_lengths[b] + D);
+    model.forward(s, std::span(tokens[b]).first(prompt_lengths[b]), false);
+    alone.push_back(s);
+    batched.push_back(s);
+  }
+  int greedy_checked = 0;
+  for (int64_t step = 0; step < D; ++step) {
+    // The batch changes from step to step: all five, then sequence 1 leaves, in a rotated order.
+    std::vector<int64_t> members;
+    for (int64_t i = 0; i < B; ++i) {
+      const int64_t b = (i + step) % B;
+      if (step < 3 || b != 1) members.push_back(b);
+    }
+    std::vector<CpuState*> states;
+    std::vector<int32_t> inputs;
+    for (int64_t b : members) {
+      states.push_back(&batched[b]);
+      inputs.push_back(tokens[b][prompt_lengths[b] + step]);
+    }
+    std::vector<float> got = model.forward_batch(states, inputs);  // [members, V]
+    REQUIRE(int64_t(got.size()) == int64_t(members.size()) * V);
+    for (size_t m = 0; m < members.size(); ++m) {
+      const int64_t b = members[m];
+      CAPTURE(b);
+      CAPTURE(step);
+      std::vector<float> want = model.forward(alone[b], std::span(tokens[b]).subspan(prompt_lengths[b] + step, 1), false);
+      std::span<const float> row(got.data() + m * V, V);
+      CHECK(rel_err(row, want) <= 1e-6);
+      CHECK(q35::argmax(row) == q35::argmax(want));
+      ++greedy_checked;
+      CHECK(batched[b].pos == alone[b].pos);
+    }
+  }
+  CHECK(greedy_checked == 5 * 3 + 4 * 3);
+  // The states agree after the steps (sequence 1 stopped after 3).
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t l = 0; l < c.num_layers; ++l) {
+      if (c.layer_types[l] == LayerType::LinearAttention) {
+        CHECK(rel_err(batched[b].gdn_state[l], alone[b].gdn_state[l]) <= 1e-6);
+      } else {
+        CHECK(rel_err(batched[b].k_cache[l], alone[b].k_cache[l]) <= 1e-6);
+      }
+    }
+  }
+
+  // Errors leave every state as it was: a state twice, a full sequence, sizes that differ, no batch.
+  CpuState x = model.new_state(4), full = model.new_state(1);
+  model.forward(full, std::vector<int32_t>{3}, false);
+  std::vector<CpuState*> twice = {&x, &x}, with_full = {&x, &full}, one = {&x};
+  CHECK_THROWS_WITH_AS(model.forward_batch(twice, std::vector<int32_t>{1, 2}),
+                       doctest::Contains("share one state"), q35::Error);
+  CHECK_THROWS_WITH_AS(model.forward_batch(with_full, std::vector<int32_t>{1, 2}),
+                       doctest::Contains("context overflow"), q35::Error);
+  CHECK_THROWS_WITH_AS(model.forward_batch(one, std::vector<int32_t>{1, 2}), doctest::Contains("2 tokens for 1"),
+                       q35::Error);
+  CHECK_THROWS_AS(model.forward_batch({}, {}), q35::Error);
+  CHECK(x.pos == 0);
+  CHECK(full.pos == 1);
 }

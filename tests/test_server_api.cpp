@@ -7,6 +7,8 @@
 #include <doctest/doctest.h>
 #include <fmt/format.h>
 
+#include <algorithm>
+#include <atomic>
 #include <condition_variable>
 #include <cstring>
 #include <filesystem>
@@ -26,48 +28,102 @@ using json = nlohmann::json;
 namespace {
 
 // Logits that always pick the next token of `script` after the longest suffix of the fed tokens
-// that is a prefix of it (script[0] after a prompt).
+// that is a prefix of it (script[0] after a prompt). `slots` sequences, each fed on its own; every
+// engine call is logged (prefill pieces and decode steps, with their slots) for the batching tests.
 class ScriptedEngine final : public q35::cli::Engine {
  public:
-  ScriptedEngine(std::vector<int32_t> script, int32_t vocab) : script_(std::move(script)), vocab_(vocab) {}
+  ScriptedEngine(std::vector<int32_t> script, int32_t vocab, int slots = 1)
+      : script_(std::move(script)), vocab_(vocab), fed_(size_t(slots)) {}
   std::string device() const override { return "script"; }
-  int64_t position() const override { return int64_t(fed_.size()); }
+  int max_batch() const override { return int(fed_.size()); }
+  int64_t position(int slot) const override { return int64_t(fed_.at(size_t(slot)).size()); }
   int64_t max_context() const override { return 4096; }
-  std::vector<float> logits(std::span<const int32_t> tokens, bool all) override {
+  std::vector<float> logits(int slot, std::span<const int32_t> tokens, bool all) override {
     REQUIRE_FALSE(all);
+    record({Call::Prefill, {slot}, int64_t(tokens.size()), position(slot), tokens.empty() ? -1 : tokens[0]});
     if (on_feed) on_feed(tokens);  // runs on the scheduler's worker thread; may block or throw
-    fed_.insert(fed_.end(), tokens.begin(), tokens.end());
-    std::vector<float> l(size_t(vocab_), 0.0f);
-    l[size_t(next())] = 30.0f;
-    return l;
+    if (on_prefill) on_prefill(tokens);
+    return feed(slot, tokens);
   }
-  int32_t prefill(std::span<const int32_t> tokens, q35::Sampler& s) override { return s.sample(logits(tokens, false)); }
-  int32_t decode(int32_t token, q35::Sampler& s) override { return s.sample(logits({&token, 1}, false)); }
-  void reset() override { fed_.clear(); }
-  q35::cli::StateCopy save_recurrent() const override { return copy(); }
-  q35::cli::StateCopy save_kv() const override { return copy(); }
-  void restore(const q35::cli::StateCopy& kv, const q35::cli::StateCopy& recurrent) override {
-    fed_.resize(size_t(recurrent.pos));
-    std::memcpy(fed_.data(), kv.parts[0].data(), fed_.size() * 4);
+  int32_t prefill(int slot, std::span<const int32_t> tokens, q35::Sampler& s) override {
+    return s.sample(logits(slot, tokens, false));
+  }
+  std::vector<q35::cli::DecodeOutput> decode_batch(std::span<const q35::cli::DecodeEntry> batch) override {
+    Call c{Call::Decode, {}, int64_t(batch.size()), -1, -1};
+    std::vector<int32_t> tokens;
+    for (const auto& e : batch) {
+      c.slots.push_back(e.slot);
+      tokens.push_back(e.token);
+    }
+    record(c);
+    if (on_feed) on_feed(tokens);
+    if (on_decode) on_decode(batch.size());
+    std::vector<q35::cli::DecodeOutput> out;
+    for (const auto& e : batch) {
+      q35::cli::DecodeOutput o;
+      o.logits = feed(e.slot, std::span<const int32_t>(&e.token, 1));
+      if (e.sampler) o.id = e.sampler->sample(std::exchange(o.logits, {}));
+      out.push_back(std::move(o));
+    }
+    return out;
+  }
+  void reset(int slot) override { fed_.at(size_t(slot)).clear(); }
+  q35::cli::StateCopy save_recurrent(int slot) const override { return copy(slot); }
+  q35::cli::StateCopy save_kv(int slot) const override { return copy(slot); }
+  void restore(int slot, const q35::cli::StateCopy& kv, const q35::cli::StateCopy& recurrent) override {
+    std::vector<int32_t>& fed = fed_.at(size_t(slot));
+    fed.resize(size_t(recurrent.pos));
+    std::memcpy(fed.data(), kv.parts[0].data(), fed.size() * 4);
     ++restores;
+    std::lock_guard lock(mutex_);
+    restored_slots.push_back(slot);
   }
   int restores = 0;
-  std::function<void(std::span<const int32_t>)> on_feed;
+  std::function<void(std::span<const int32_t>)> on_feed;     // every call: the tokens fed
+  std::function<void(std::span<const int32_t>)> on_prefill;  // prompt pieces, after on_feed
+  std::function<void(size_t)> on_decode;                     // decode steps (sequences), after on_feed
+
+  struct Call {
+    enum Kind { Prefill, Decode } kind;
+    std::vector<int> slots;
+    int64_t tokens = 0;  // prefill: tokens fed; decode: sequences in the step
+    int64_t pos0 = -1;   // prefill: the slot's position before the piece
+    int32_t first = -1;  // prefill: the piece's first id
+  };
+  std::vector<Call> calls() const {
+    std::lock_guard lock(mutex_);
+    return calls_;
+  }
+  std::vector<int> restored_slots;  // guarded by mutex_
 
  private:
-  q35::cli::StateCopy copy() const {
-    std::vector<std::byte> b(fed_.size() * 4);
-    std::memcpy(b.data(), fed_.data(), b.size());
-    return {int64_t(fed_.size()), {b}};
+  void record(Call c) {
+    std::lock_guard lock(mutex_);
+    calls_.push_back(std::move(c));
   }
-  int32_t next() const {
-    for (size_t k = std::min(script_.size() - 1, fed_.size()); k > 0; --k)
-      if (std::equal(script_.begin(), script_.begin() + long(k), fed_.end() - long(k))) return script_[k];
+  std::vector<float> feed(int slot, std::span<const int32_t> tokens) {
+    std::vector<int32_t>& fed = fed_.at(size_t(slot));
+    fed.insert(fed.end(), tokens.begin(), tokens.end());
+    std::vector<float> l(size_t(vocab_), 0.0f);
+    l[size_t(next(fed))] = 30.0f;
+    return l;
+  }
+  q35::cli::StateCopy copy(int slot) const {
+    const std::vector<int32_t>& fed = fed_.at(size_t(slot));
+    std::vector<std::byte> b(fed.size() * 4);
+    std::memcpy(b.data(), fed.data(), b.size());
+    return {int64_t(fed.size()), {b}};
+  }
+  int32_t next(const std::vector<int32_t>& fed) const {
+    for (size_t k = std::min(script_.size() - 1, fed.size()); k > 0; --k)
+      if (std::equal(script_.begin(), script_.begin() + long(k), fed.end() - long(k))) return script_[k];
     return script_[0];
   }
   std::vector<int32_t> script_;
   int32_t vocab_;
-  std::vector<int32_t> fed_;
+  std::vector<std::vector<int32_t>> fed_;  // per slot
+  mutable std::mutex mutex_;
+  std::vector<Call> calls_;
 };
 
 struct Recorder final : ResponseWriter {
@@ -497,4 +553,242 @@ TEST_CASE("A client gone during a long prefill is noticed at the next prefill st
   expected.push_back(1);                     // two decode steps
   expected.push_back(1);
   CHECK(calls == expected);
+}
+
+namespace {
+
+// Every content delta of a job and its last event.
+std::pair<std::string, JobEvent> reply_of(Job& job) {
+  std::string text;
+  JobEvent e;
+  do {
+    REQUIRE(job.pop(e, std::chrono::seconds(10)));
+    text += e.delta.content;
+  } while (e.kind == JobEvent::Kind::Delta);
+  return {text, e};
+}
+
+}  // namespace
+
+TEST_CASE("Continuous batching: admission order, capacity, the prefill bound, per-sequence replies") {
+  SchedulerSetup setup;
+  ScriptedEngine engine(setup.script, 1536, 4);
+  Gate gate;
+  std::atomic<bool> gated = true;
+  engine.on_feed = [&](std::span<const int32_t>) {
+    if (gated) gate.pass();
+  };
+  Metrics metrics;
+  SchedulerOptions opts;
+  opts.max_batch = 3;  // below the engine's 4 slots: the pool has 3
+  opts.prefill_chunk = 16;
+  opts.snapshot_block = 1 << 20;
+  Scheduler scheduler(engine, setup.tok, q35::qwen35::stop_token_ids(setup.tok, setup.gen), opts, metrics,
+                      [](const std::string&) {});
+  CHECK(scheduler.slots().size() == 3);
+
+  // Prompt k starts with id 1000 + k (marks its first piece), then 39 ids of the text.
+  auto prompt = [&](int k) {
+    std::vector<int32_t> p = setup.prompt(40);
+    p[0] = 1000 + k;
+    return p;
+  };
+  const std::vector<int64_t> max_tokens = {30, 25, 1, 20, 12, 8};
+  // The replies alone, one request at a time (the scripted reply's first max_tokens tokens).
+  std::vector<std::string> alone;
+  gated = false;
+  for (size_t k = 0; k < max_tokens.size(); ++k) {
+    auto j = completion_job(fmt::format("alone{}", k), prompt(int(k)), max_tokens[k]);
+    scheduler.submit(j);
+    auto [text, e] = reply_of(*j);
+    REQUIRE(e.kind == JobEvent::Kind::Done);
+    CHECK(e.completion_tokens == max_tokens[k]);
+    alone.push_back(text);
+  }
+  CHECK(alone[0] != alone[1]);
+  const size_t calls_before = engine.calls().size();
+
+  // Job 0 holds the worker in its first piece while the others queue; then all run together.
+  // (The prompts differ from the cached ones in their first id, so none resumes from the cache.)
+  gated = true;
+  gate.close();
+  std::vector<std::shared_ptr<Job>> jobs;
+  auto fresh = [&](int k) {
+    std::vector<int32_t> p = prompt(k);
+    p[0] = 1100 + k;
+    return completion_job(fmt::format("j{}", k), p, max_tokens[size_t(k)]);
+  };
+  jobs.push_back(fresh(0));
+  scheduler.submit(jobs[0]);
+  REQUIRE(gate.wait_for_waiter());
+  for (int k = 1; k < 6; ++k) {
+    jobs.push_back(fresh(k));
+    scheduler.submit(jobs.back());
+  }
+  CHECK(scheduler.queue_length() == 5);
+  CHECK(scheduler.running() == 1);
+  gated = false;
+  gate.open();
+  for (size_t k = 0; k < jobs.size(); ++k) {
+    auto [text, e] = reply_of(*jobs[k]);
+    REQUIRE(e.kind == JobEvent::Kind::Done);
+    CHECK(e.finish_reason == "length");
+    CHECK(e.completion_tokens == max_tokens[k]);
+    CHECK(text == alone[k]);  // the same reply as alone, whatever ran beside it
+  }
+  CHECK(eventually([&] { return scheduler.running() == 0; }));
+  CHECK(scheduler.slots().available() == 3);
+
+  // Admission in submission order: the first pieces of the prompts.
+  const std::vector<ScriptedEngine::Call> calls = engine.calls();
+  std::vector<int32_t> first_pieces;
+  for (size_t i = calls_before; i < calls.size(); ++i)
+    if (calls[i].kind == ScriptedEngine::Call::Prefill && calls[i].pos0 == 0) first_pieces.push_back(calls[i].first);
+  CHECK(first_pieces == std::vector<int32_t>{1100, 1101, 1102, 1103, 1104, 1105});
+  // A sequence in two consecutive decode steps waited for at most --prefill-chunk prompt tokens.
+  int64_t prefill_since_decode = 0;
+  const ScriptedEngine::Call* last_decode = nullptr;
+  size_t widest = 0, bounded_gaps = 0;
+  bool decode_between_pieces = false;  // a decode step between two prompt pieces
+  for (size_t i = calls_before; i < calls.size(); ++i) {
+    const auto& c = calls[i];
+    if (c.kind == ScriptedEngine::Call::Prefill) {
+      CHECK(c.tokens <= 16);
+      prefill_since_decode += c.tokens;
+      continue;
+    }
+    if (last_decode && std::find_first_of(c.slots.begin(), c.slots.end(), last_decode->slots.begin(),
+                                          last_decode->slots.end()) != c.slots.end()) {
+      CHECK(prefill_since_decode <= 16);
+      bounded_gaps += prefill_since_decode > 0;
+    }
+    prefill_since_decode = 0;
+    last_decode = &c;
+    widest = std::max(widest, c.slots.size());
+    std::vector<int> sorted = c.slots;
+    std::sort(sorted.begin(), sorted.end());
+    CHECK(std::adjacent_find(sorted.begin(), sorted.end()) == sorted.end());  // distinct slots
+    for (int s : c.slots) CHECK((s >= 0 && s < 3));
+    if (i > calls_before && i + 1 < calls.size() && calls[i - 1].kind == ScriptedEngine::Call::Prefill &&
+        calls[i + 1].kind == ScriptedEngine::Call::Prefill)
+      decode_between_pieces = true;
+  }
+  CHECK(bounded_gaps > 5);  // prompts came in while others decoded
+  CHECK(widest == 3);  // three sequences decoded in one step, never more
+  CHECK(decode_between_pieces);
+}
+
+TEST_CASE("Continuous batching: a cancel or an engine error frees that slot while the others go on") {
+  SchedulerSetup setup;
+  ScriptedEngine engine(setup.script, 1536, 3);
+  Gate gate;
+  std::atomic<bool> gated = true;
+  std::shared_ptr<Job> to_cancel;
+  int decode_steps = 0;
+  engine.on_feed = [&](std::span<const int32_t>) {
+    if (gated) gate.pass();
+  };
+  engine.on_prefill = [&](std::span<const int32_t> tokens) {
+    if (tokens[0] == 1201) throw std::runtime_error("engine broke on job 1");
+  };
+  engine.on_decode = [&](size_t) {
+    if (++decode_steps == 3) to_cancel->cancel();
+  };
+  Metrics metrics;
+  SchedulerOptions opts;
+  opts.max_batch = 3;
+  opts.prefill_chunk = 64;
+  std::vector<std::string> log;
+  std::mutex log_mutex;
+  Scheduler scheduler(engine, setup.tok, q35::qwen35::stop_token_ids(setup.tok, setup.gen), opts, metrics,
+                      [&](const std::string& line) {
+                        std::lock_guard lock(log_mutex);
+                        log.push_back(line);
+                      });
+  auto job = [&](int k, int64_t max_tokens) {
+    std::vector<int32_t> p = setup.prompt(20);
+    p[0] = 1200 + k;
+    return completion_job(fmt::format("j{}", k), p, max_tokens);
+  };
+  // 0 runs long, 1 fails in its prefill, 2 is cancelled at the third decode step, 3 waits for a slot.
+  gate.close();
+  auto j0 = job(0, 10), j1 = job(1, 10), j2 = job(2, 40), j3 = job(3, 5);
+  to_cancel = j2;
+  scheduler.submit(j0);
+  REQUIRE(gate.wait_for_waiter());
+  scheduler.submit(j1);
+  scheduler.submit(j2);
+  scheduler.submit(j3);
+  gated = false;
+  gate.open();
+  auto [t1, e1] = reply_of(*j1);
+  REQUIRE(e1.kind == JobEvent::Kind::Failed);
+  CHECK(e1.error->status() == 500);
+  CHECK(std::string(e1.error->what()).find("engine broke on job 1") != std::string::npos);
+  auto [t2, e2] = reply_of(*j2);
+  CHECK(e2.finish_reason == "cancelled");
+  CHECK(e2.completion_tokens < 40);
+  auto [t0, e0] = reply_of(*j0);
+  CHECK(e0.finish_reason == "length");
+  CHECK(e0.completion_tokens == 10);
+  auto [t3, e3] = reply_of(*j3);
+  CHECK(e3.finish_reason == "length");
+  CHECK(e3.completion_tokens == 5);
+  CHECK(eventually([&] { return scheduler.running() == 0; }));
+  CHECK(scheduler.slots().available() == 3);
+  to_cancel.reset();
+  for (auto* j : {&j0, &j1, &j2, &j3}) CHECK(eventually([&] { return j->use_count() == 1; }));
+  // j3 took the slot j1 or j2 left while j0 still decoded: j0 finished after j3 started.
+  std::lock_guard lock(log_mutex);
+  auto at = [&](const std::string& prefix) {
+    for (size_t i = 0; i < log.size(); ++i)
+      if (log[i].starts_with(prefix)) return i;
+    return log.size();
+  };
+  CHECK(at("j1 failed") < at("j0 prompt"));
+  CHECK(at("j2 prompt") < at("j0 prompt"));
+  CHECK(at("j3 prompt") < at("j0 prompt"));
+  CHECK(at("j0 prompt") < log.size());
+}
+
+TEST_CASE("Prefix cache with many sequences: a cached prefix is restored into whichever slot is free") {
+  SchedulerSetup setup;
+  ScriptedEngine engine(setup.script, 1536, 2);
+  Gate gate;
+  std::atomic<bool> gated = false;
+  engine.on_feed = [&](std::span<const int32_t>) {
+    if (gated) gate.pass();
+  };
+  Metrics metrics;
+  SchedulerOptions opts;
+  opts.max_batch = 2;
+  opts.snapshot_block = 16;
+  Scheduler scheduler(engine, setup.tok, q35::qwen35::stop_token_ids(setup.tok, setup.gen), opts, metrics,
+                      [](const std::string&) {});
+  const std::vector<int32_t> p = setup.prompt(40);
+  auto first = completion_job("first", p, 3);
+  scheduler.submit(first);
+  auto [text, e] = reply_of(*first);  // ran in slot 0
+  REQUIRE(e.kind == JobEvent::Kind::Done);
+  CHECK(eventually([&] { return scheduler.running() == 0; }));
+
+  // A holder takes slot 0; the same prompt then resumes in slot 1 from the cached block at 32.
+  gated = true;
+  gate.close();
+  std::vector<int32_t> other = setup.prompt(30);
+  other[0] = 1300;
+  auto holder = completion_job("holder", other, 8);
+  scheduler.submit(holder);
+  REQUIRE(gate.wait_for_waiter());
+  auto again = completion_job("again", p, 3);
+  scheduler.submit(again);
+  gated = false;
+  gate.open();
+  auto [text2, e2] = reply_of(*again);
+  REQUIRE(e2.kind == JobEvent::Kind::Done);
+  CHECK(e2.cached_tokens == 32);
+  CHECK(text2 == text);
+  CHECK(reply_of(*holder).second.finish_reason == "length");
+  CHECK(engine.restores == 1);
+  CHECK(engine.restored_slots == std::vector<int>{1});
 }

@@ -97,13 +97,50 @@ CpuState CpuModel::new_state(int64_t max_context) const {
 std::vector<float> CpuModel::forward(CpuState& state, std::span<const int32_t> tokens, bool all_logits,
                                      GdnMode gdn_mode) const {
   const Config& c = config_;
-  const float eps = float(c.rms_norm_eps);
   int64_t T = int64_t(tokens.size()), H = c.hidden_size, V = c.vocab_size;
   if (T == 0) fail("CpuModel::forward: no tokens given");
   if (state.pos + T > state.max_context)
     fail("context overflow: {} tokens at position {} exceed max_context {}", T, state.pos, state.max_context);
-  if (int64_t(state.k_cache.size()) != c.num_layers)
-    fail("CpuModel::forward: state has {} layers, the model {}", state.k_cache.size(), c.num_layers);
+  const Seq seq{&state, 0, T};
+  std::vector<float> x = run_layers(std::span<const Seq>(&seq, 1), tokens, gdn_mode);  // [T, H]
+
+  int64_t rows = all_logits ? T : 1;
+  std::vector<float> logits(rows * V);  // [rows, V]
+  ref::lm_head(std::span<const float>(x).subspan((T - rows) * H), weights_.final_norm.data,
+               weights_.lm_head.data, logits, rows, H, V, float(c.rms_norm_eps));
+  return logits;
+}
+
+std::vector<float> CpuModel::forward_batch(std::span<CpuState* const> states, std::span<const int32_t> tokens) const {
+  const Config& c = config_;
+  const int64_t B = int64_t(states.size()), H = c.hidden_size, V = c.vocab_size;
+  if (B == 0) fail("CpuModel::forward_batch: no sequences given");
+  if (int64_t(tokens.size()) != B)
+    fail("CpuModel::forward_batch: {} tokens for {} sequences (one each)", tokens.size(), B);
+  std::vector<Seq> seqs;
+  for (int64_t b = 0; b < B; ++b) {
+    CpuState* s = states[b];
+    if (!s) fail("CpuModel::forward_batch: sequence {} has no state", b);
+    for (int64_t a = 0; a < b; ++a)
+      if (states[a] == s) fail("CpuModel::forward_batch: sequences {} and {} share one state", a, b);
+    if (s->pos + 1 > s->max_context)
+      fail("context overflow: sequence {} at position {} is full (max_context {})", b, s->pos, s->max_context);
+    seqs.push_back({s, b, 1});
+  }
+  std::vector<float> x = run_layers(seqs, tokens, GdnMode::Recurrent);  // [B, H]
+  std::vector<float> logits(B * V);                                      // [B, V]
+  ref::lm_head(x, weights_.final_norm.data, weights_.lm_head.data, logits, B, H, V, float(c.rms_norm_eps));
+  return logits;
+}
+
+std::vector<float> CpuModel::run_layers(std::span<const Seq> seqs, std::span<const int32_t> tokens,
+                                        GdnMode gdn_mode) const {
+  const Config& c = config_;
+  const float eps = float(c.rms_norm_eps);
+  int64_t T = int64_t(tokens.size()), H = c.hidden_size, V = c.vocab_size;
+  for (const Seq& s : seqs)
+    if (int64_t(s.state->k_cache.size()) != c.num_layers)
+      fail("CpuModel::forward: state has {} layers, the model {}", s.state->k_cache.size(), c.num_layers);
 
   std::vector<float> x(T * H), h(T * H);  // [T, H] residual stream, normalised input
   ref::embedding(weights_.embed_tokens.data, V, H, tokens, x);
@@ -111,31 +148,28 @@ std::vector<float> CpuModel::forward(CpuState& state, std::span<const int32_t> t
     const LayerWeights& l = weights_.layers[i];
     ref::rmsnorm(x, l.input_layernorm.data, h, T, H, eps);
     std::vector<float> mixed = l.type == LayerType::FullAttention
-        ? full_attention(l.attn, state.k_cache[i], state.v_cache[i], h, state.pos, T)
-        : linear_attention(l.linear, state.conv_state[i], state.gdn_state[i], h, T, gdn_mode);
+        ? full_attention(l.attn, i, seqs, h, T)
+        : linear_attention(l.linear, i, seqs, h, T, gdn_mode);
     ref::add_rmsnorm(x, mixed, l.post_attention_layernorm.data, h, T, H, eps);
     std::vector<float> ffn = moe(l.moe, h, T);
     for (int64_t j = 0; j < T * H; ++j) x[j] += ffn[j];
   }
-  state.pos += T;
-
-  int64_t rows = all_logits ? T : 1;
-  std::vector<float> logits(rows * V);  // [rows, V]
-  ref::lm_head(std::span<const float>(x).subspan((T - rows) * H), weights_.final_norm.data,
-               weights_.lm_head.data, logits, rows, H, V, eps);
-  return logits;
+  for (const Seq& s : seqs) s.state->pos += s.T;
+  return x;
 }
 
-// Gated full attention (spec §2.3). h [T, H] -> [T, H].
-std::vector<float> CpuModel::full_attention(const FullAttentionWeights& w, std::vector<float>& k_cache,
-                                            std::vector<float>& v_cache, std::span<const float> h,
-                                            int64_t pos0, int64_t T) const {
+// Gated full attention (spec §2.3). h [T, H] -> [T, H]; each sequence attends to its own cache.
+std::vector<float> CpuModel::full_attention(const FullAttentionWeights& w, int64_t layer, std::span<const Seq> seqs,
+                                            std::span<const float> h, int64_t T) const {
   const Config& c = config_;
   int64_t H = c.hidden_size, Hq = c.num_heads, Hkv = c.num_kv_heads, D = c.head_dim;
   int64_t q_cols = c.q_proj_rows(), kv = c.kv_dim(), per_head = q_cols / Hq;
   std::vector<float> qg(T * q_cols);                           // [T, Hq, D | D gate]
   std::vector<float> q(T * Hq * D), gate;                      // [T, Hq, D], [T, Hq*D] or empty
+  std::vector<float> k(T * kv), v(T * kv);                     // [T, Hkv, D]
   ref::matmul(h, w.q_proj.data, qg, T, q_cols, H);
+  ref::matmul(h, w.k_proj.data, k, T, kv, H);
+  ref::matmul(h, w.v_proj.data, v, T, kv, H);
   if (c.attn_output_gate) gate.resize(T * Hq * D);
   for (int64_t t = 0; t < T; ++t)
     for (int64_t hd = 0; hd < Hq; ++hd) {
@@ -143,25 +177,32 @@ std::vector<float> CpuModel::full_attention(const FullAttentionWeights& w, std::
       std::copy_n(src, D, q.data() + (t * Hq + hd) * D);
       if (c.attn_output_gate) std::copy_n(src + D, D, gate.data() + (t * Hq + hd) * D);
     }
-  // New k, v go straight into their cache rows pos0 .. pos0+T-1.
-  std::span<float> k_new(k_cache.data() + pos0 * kv, T * kv);  // [T, Hkv, D]
-  std::span<float> v_new(v_cache.data() + pos0 * kv, T * kv);  // [T, Hkv, D]
-  ref::matmul(h, w.k_proj.data, k_new, T, kv, H);
-  ref::matmul(h, w.v_proj.data, v_new, T, kv, H);
-  float eps = float(c.rms_norm_eps);
-  ref::qk_norm_rope(q, w.q_norm.data, T, Hq, D, c.rotary_dim, c.rope_theta, pos0, eps);
-  ref::qk_norm_rope(k_new, w.k_norm.data, T, Hkv, D, c.rotary_dim, c.rope_theta, pos0, eps);
-
+  const float eps = float(c.rms_norm_eps), scale = 1.0f / std::sqrt(float(D));
   std::vector<float> o(T * Hq * D), out(T * H);  // [T, Hq*D], [T, H]
-  ref::attention(q, k_cache, v_cache, gate, o, T, pos0, Hq, Hkv, D, 1.0f / std::sqrt(float(D)));
+  for (const Seq& s : seqs) {
+    const int64_t pos0 = s.state->pos, qd = Hq * D;
+    std::vector<float>& k_cache = s.state->k_cache[layer];  // [max_context, Hkv, D]
+    std::vector<float>& v_cache = s.state->v_cache[layer];  // [max_context, Hkv, D]
+    std::span<float> q_s(q.data() + s.row0 * qd, s.T * qd);
+    // The sequence's new k, v go into its cache rows pos0 .. pos0+T-1.
+    std::span<float> k_new(k_cache.data() + pos0 * kv, s.T * kv), v_new(v_cache.data() + pos0 * kv, s.T * kv);
+    std::copy_n(k.data() + s.row0 * kv, s.T * kv, k_new.data());
+    std::copy_n(v.data() + s.row0 * kv, s.T * kv, v_new.data());
+    ref::qk_norm_rope(q_s, w.q_norm.data, s.T, Hq, D, c.rotary_dim, c.rope_theta, pos0, eps);
+    ref::qk_norm_rope(k_new, w.k_norm.data, s.T, Hkv, D, c.rotary_dim, c.rope_theta, pos0, eps);
+    std::span<const float> gate_s = gate.empty() ? std::span<const float>() : std::span<const float>(gate).subspan(s.row0 * qd, s.T * qd);
+    ref::attention(q_s, k_cache, v_cache, gate_s, std::span<float>(o).subspan(s.row0 * qd, s.T * qd), s.T, pos0,
+                   Hq, Hkv, D, scale);
+  }
   ref::matmul(o, w.o_proj.data, out, T, H, Hq * D);
   return out;
 }
 
-// Gated DeltaNet (spec §2.4). h [T, H] -> [T, H].
-std::vector<float> CpuModel::linear_attention(const LinearAttentionWeights& w, std::vector<float>& conv_state,
-                                              std::vector<float>& gdn_state, std::span<const float> h,
-                                              int64_t T, GdnMode gdn_mode) const {
+// Gated DeltaNet (spec §2.4). h [T, H] -> [T, H]; each sequence continues its own conv and
+// recurrent state.
+std::vector<float> CpuModel::linear_attention(const LinearAttentionWeights& w, int64_t layer,
+                                              std::span<const Seq> seqs, std::span<const float> h, int64_t T,
+                                              GdnMode gdn_mode) const {
   const Config& c = config_;
   int64_t H = c.hidden_size, Hk = c.linear_num_key_heads, Hv = c.linear_num_value_heads;
   int64_t dk = c.linear_key_head_dim, dv = c.linear_value_head_dim;
@@ -172,7 +213,10 @@ std::vector<float> CpuModel::linear_attention(const LinearAttentionWeights& w, s
   ref::matmul(h, w.in_proj_z.data, z, T, vd, H);
   ref::matmul(h, w.in_proj_b.data, b, T, Hv, H);
   ref::matmul(h, w.in_proj_a.data, a, T, Hv, H);
-  ref::conv1d_causal(mixed, conv_state, w.conv1d.data, conv, T, C, c.linear_conv_kernel_dim);
+  for (const Seq& s : seqs)
+    ref::conv1d_causal(std::span<const float>(mixed).subspan(s.row0 * C, s.T * C), s.state->conv_state[layer],
+                       w.conv1d.data, std::span<float>(conv).subspan(s.row0 * C, s.T * C), s.T, C,
+                       c.linear_conv_kernel_dim);
 
   std::vector<float> q(T * kd), k(T * kd), v(T * vd);  // [T, Hk, dk], [T, Hk, dk], [T, Hv, dv]
   for (int64_t t = 0; t < T; ++t) {
@@ -187,10 +231,12 @@ std::vector<float> CpuModel::linear_attention(const LinearAttentionWeights& w, s
   ref::gdn_gates(a, b, w.A_log.data, w.dt_bias.data, g, beta, T, Hv);
 
   std::vector<float> o(T * vd), out(T * H);  // [T, Hv, dv], [T, H]
-  if (gdn_mode == GdnMode::Chunked && T > 1)
-    ref::gdn_chunked(q, k, v, g, beta, gdn_state, o, T, Hk, Hv, dk, dv);
-  else
-    ref::gdn_recurrent(q, k, v, g, beta, gdn_state, o, T, Hk, Hv, dk, dv);
+  for (const Seq& s : seqs) {
+    auto rows = [&](std::vector<float>& x, int64_t n) { return std::span<float>(x).subspan(s.row0 * n, s.T * n); };
+    auto gdn = gdn_mode == GdnMode::Chunked && s.T > 1 ? ref::gdn_chunked : ref::gdn_recurrent;
+    gdn(rows(q, kd), rows(k, kd), rows(v, vd), rows(g, Hv), rows(beta, Hv), s.state->gdn_state[layer], rows(o, vd),
+        s.T, Hk, Hv, dk, dv);
+  }
   ref::gated_rmsnorm(o, z, w.norm.data, o, T * Hv, dv, float(c.rms_norm_eps));
   ref::matmul(o, w.out_proj.data, out, T, H, vd);
   return out;

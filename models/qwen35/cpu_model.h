@@ -1,6 +1,11 @@
 #pragma once
 // The whole Qwen3.5-MoE forward pass on the CPU in fp32, built from reference_ops.h.
 // It is the oracle for the GPU forward and serves `--device cpu` for small models.
+// One forward call runs a batch of sequences: each brings its own state and a run of consecutive
+// tokens (a prompt chunk, or one token of a decode step). Row-wise work (norms, projections, the
+// MoE over every token of the batch together, lm_head) runs over all rows at once; what belongs to
+// a sequence (RoPE at its positions, attention over its own K/V rows, its conv and DeltaNet state)
+// runs per sequence. Each row's numbers do not depend on the other rows of the batch.
 //
 //   x = embed(tokens)                                        [T, H]
 //   per layer:  x += Mixer(rmsnorm_in(x))                    GatedDeltaNet or gated attention
@@ -43,14 +48,28 @@ class CpuModel {
   std::vector<float> forward(CpuState& state, std::span<const int32_t> tokens, bool all_logits,
                              GdnMode gdn_mode = GdnMode::Chunked) const;
 
+  // One decode step of B sequences: tokens[b] is fed to *states[b] at its position, which advances
+  // by one. Returns logits [B, vocab]; row b equals what forward(*states[b], {tokens[b]}) gives.
+  // Throws Error (every state unchanged) when B == 0, the sizes differ, a state appears twice, a
+  // sequence is full or an id is outside [0, vocab).
+  std::vector<float> forward_batch(std::span<CpuState* const> states, std::span<const int32_t> tokens) const;
+
  private:
-  // Each returns the mixer / MoE output delta [T, H] for normalised input h [T, H].
-  std::vector<float> full_attention(const FullAttentionWeights& w, std::vector<float>& k_cache,
-                                    std::vector<float>& v_cache, std::span<const float> h,
-                                    int64_t pos0, int64_t T) const;
-  std::vector<float> linear_attention(const LinearAttentionWeights& w, std::vector<float>& conv_state,
-                                      std::vector<float>& gdn_state, std::span<const float> h,
-                                      int64_t T, GdnMode gdn_mode) const;
+  // A sequence's part of a forward call: rows [row0, row0 + T) of the call's tokens, fed at
+  // state->pos .. state->pos + T - 1.
+  struct Seq {
+    CpuState* state;
+    int64_t row0, T;
+  };
+  // Runs `tokens` (every sequence's rows) through all layers, advances each state, and returns the
+  // final residual stream x [rows, H].
+  std::vector<float> run_layers(std::span<const Seq> seqs, std::span<const int32_t> tokens, GdnMode gdn_mode) const;
+  // Each returns the mixer / MoE output delta [rows, H] for normalised input h [rows, H]; `layer`
+  // picks the layer's part of each sequence's state.
+  std::vector<float> full_attention(const FullAttentionWeights& w, int64_t layer, std::span<const Seq> seqs,
+                                    std::span<const float> h, int64_t rows) const;
+  std::vector<float> linear_attention(const LinearAttentionWeights& w, int64_t layer, std::span<const Seq> seqs,
+                                      std::span<const float> h, int64_t rows, GdnMode gdn_mode) const;
   std::vector<float> moe(const MoeWeights& w, std::span<const float> h, int64_t T) const;
 
   Config config_;

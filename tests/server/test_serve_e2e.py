@@ -7,6 +7,7 @@ import re
 import socket
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -365,7 +366,8 @@ def test_concurrent_clients_are_queued_and_all_answered(client):
 
 
 def test_queue_full_is_503():
-    s = Server("--max-queue", "1")
+    # One slot: requests beyond the running one wait in the queue, and beyond --max-queue get 503.
+    s = Server("--max-queue", "1", "--max-batch", "1")
     try:
         statuses = []
 
@@ -534,3 +536,125 @@ def test_no_memory_growth_over_hundreds_of_requests():
         assert grown < 16 * 1024, f"RSS grew by {grown} KiB over 300 requests"
     finally:
         s.stop()
+
+
+# ------------------------------------------------------------------ continuous batching (--max-batch)
+
+@pytest.fixture(scope="module")
+def batch_server():
+    # No prefix cache: a restored prefix continues from state computed in other pieces, which may
+    # differ in the last bits; here the replies alone and in a batch must be the same tokens.
+    s = Server("--max-batch", "4", "--max-context", "1024", "--prefix-cache-gb", "0", "--prefill-chunk", "16")
+    yield s
+    s.stop()
+    assert s.proc.returncode == 0, s.log()
+
+
+@pytest.fixture(scope="module")
+def batch_client(batch_server):
+    from openai import OpenAI
+    return OpenAI(base_url=batch_server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+BATCH_CHATS = [  # (prompt, sampling): greedy and seeded, prompts of different lengths
+    ("hi", {"temperature": 0}),
+    ("Tell me about the sea. " * 6, {"temperature": 0}),
+    ("Count from one to twenty, slowly, and explain each number.", {"temperature": 0.9, "seed": 7}),
+    ("What is a prime? " * 3, {"temperature": 1.0, "top_p": 0.9, "seed": 123}),
+    ("Write a poem about batching.", {"temperature": 0.7, "extra_body": {"top_k": 20}, "seed": 5}),
+    ("x " * 40, {"temperature": 0}),
+]
+
+
+def stream_chat(client, prompt, sampling, max_tokens=40):
+    """Text (reasoning + content), finish reason and completion tokens of a streamed chat."""
+    stream = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": prompt}],
+                                            max_tokens=max_tokens, stream=True,
+                                            stream_options={"include_usage": True}, **sampling)
+    text, finish, tokens = "", None, None
+    for chunk in stream:
+        if chunk.usage:
+            tokens = chunk.usage.completion_tokens
+        for c in chunk.choices:
+            text += (getattr(c.delta, "reasoning_content", None) or "") + (c.delta.content or "")
+            finish = c.finish_reason or finish
+    return text, finish, tokens
+
+
+def test_concurrent_streams_get_the_replies_they_get_alone(batch_server, batch_client):
+    alone = [stream_chat(batch_client, p, s) for p, s in BATCH_CHATS]
+    # Mostly distinct replies (the random tiny model may give two prompts one greedy reply), so
+    # sequences whose outputs were mixed up would not compare equal.
+    assert len({a[0] for a in alone}) >= 4
+    together, errors = {}, []
+    barrier = threading.Barrier(len(BATCH_CHATS))
+
+    def ask(i):
+        try:
+            barrier.wait(30)
+            together[i] = stream_chat(batch_client, *BATCH_CHATS[i])
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(BATCH_CHATS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    assert not errors
+    for i, want in enumerate(alone):
+        assert together[i] == want, f"chat {i}: {together[i]} != {want}"
+    # Six requests on four slots: several sequences ran at once (slots above 0 were used).
+    slots = {int(m) for m in re.findall(r"finish \w+ \(slot (\d+)\)", batch_server.log())}
+    assert slots - {0}, batch_server.log()
+    assert max(slots) <= 3
+
+
+def test_cancel_mid_stream_frees_the_slot_while_others_go_on(batch_server, batch_client):
+    want = stream_chat(batch_client, *BATCH_CHATS[2], max_tokens=120)
+    other = {}
+    t = threading.Thread(target=lambda: other.update(r=stream_chat(batch_client, *BATCH_CHATS[2], max_tokens=120)))
+    with httpx.stream("POST", batch_server.url + "/v1/chat/completions", timeout=60, json={
+            "messages": [{"role": "user", "content": "a very long answer"}], "max_tokens": 900,
+            "stream": True}) as r:
+        it = r.iter_lines()
+        for _ in range(4):
+            next(it)
+        t.start()
+        for _ in range(4):
+            next(it)
+    # The client is gone: its slot frees while the other stream goes on to the same reply as alone.
+    t.join(120)
+    assert other["r"] == want
+    deadline = time.time() + 10
+    while metric(batch_server, "q35jit_running_requests") != 0 and time.time() < deadline:
+        time.sleep(0.05)
+    assert metric(batch_server, "q35jit_running_requests") == 0
+    assert "client disconnected" in batch_server.log()
+    assert re.search(r"finish cancelled \(slot \d\)", batch_server.log())
+
+
+def test_max_batch_flag_is_validated():
+    import subprocess
+    from conftest import BIN, MODEL
+    for bad in ["0", "-2", "many", "5000"]:
+        r = subprocess.run([str(BIN), "serve", "--model", str(MODEL), "--device", "cpu", "--max-batch", bad],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode != 0 and "--max-batch" in r.stderr, r.stderr
+
+
+def test_load_test_script_reports_throughput_and_percentiles(batch_server):
+    import subprocess
+    import sys
+    script = Path(__file__).resolve().parent / "load_test.py"
+    r = subprocess.run([sys.executable, str(script), "--url", batch_server.url, "--concurrency", "4",
+                        "--duration", "3", "--max-tokens", "12", "--json"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["errors"] == 0 and out["requests"] >= 4
+    assert out["completion_tokens"] == pytest.approx(12 * out["requests"], rel=0.5)
+    assert out["total_tok_s"] > 0
+    for key in ["per_stream_tok_s", "ttft_ms", "tbt_ms"]:
+        assert 0 < out[key]["p50"] <= out[key]["p95"], key
+    # The server counted what the client counted.
+    assert out["completion_tokens"] <= metric(batch_server, "q35jit_generation_tokens_total")

@@ -1,0 +1,124 @@
+#!/usr/bin/env python3
+"""Load test for `q35jit serve`: N concurrent streaming chats for a bounded time against a server URL.
+
+Each of --concurrency workers sends one streaming chat after another until --duration seconds have
+passed (a request under way then finishes). Reports, over the completed requests:
+  total tok/s       completion tokens of all requests / wall time
+  per-stream tok/s  each request's (completion tokens - 1) / (last chunk - first chunk), p50 / p95
+  TTFT              request sent -> first chunk with text, p50 / p95
+  TBT               time between consecutive text chunks of a stream, p50 / p95
+Token counts come from the server's usage (stream_options.include_usage). Prints a table, or one
+JSON object with --json.
+
+  .venv/bin/python tests/server/load_test.py --url http://127.0.0.1:8080 --concurrency 16 --duration 60
+"""
+import argparse
+import json
+import sys
+import threading
+import time
+
+import httpx
+
+
+def percentile(values, p):
+    """Nearest-rank percentile (p in [0, 100]) of a non-empty list."""
+    s = sorted(values)
+    k = max(0, min(len(s) - 1, int(round(p / 100.0 * len(s) + 0.5)) - 1))
+    return s[k]
+
+
+def one_chat(client, url, model, prompt, max_tokens, seed, headers):
+    """One streaming chat. Returns (completion_tokens, ttft_s, [chunk times], error or None)."""
+    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "seed": seed,
+            "stream": True, "stream_options": {"include_usage": True}}
+    if model:
+        body["model"] = model
+    t0 = time.perf_counter()
+    times, tokens = [], 0
+    with client.stream("POST", url + "/v1/chat/completions", json=body, headers=headers) as r:
+        if r.status_code != 200:
+            r.read()
+            return 0, None, [], f"HTTP {r.status_code}: {r.text[:200]}"
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+            for choice in event.get("choices", []):
+                delta = choice.get("delta", {})
+                if delta.get("content") or delta.get("reasoning_content") or delta.get("tool_calls"):
+                    times.append(time.perf_counter())
+    return tokens, (times[0] - t0) if times else None, times, None
+
+
+def run(url, concurrency, duration, max_tokens, model="", api_key=""):
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    results, errors, lock = [], [], threading.Lock()
+    start = time.perf_counter()
+    deadline = start + duration
+
+    def worker(w):
+        n = 0
+        with httpx.Client(timeout=max(60.0, duration * 4)) as client:
+            while time.perf_counter() < deadline:
+                prompt = f"Stream {w}, request {n}: tell me a story about the number {w * 1000 + n}."
+                try:
+                    res = one_chat(client, url, model, prompt, max_tokens, w * 1000 + n, headers)
+                except httpx.HTTPError as e:
+                    res = (0, None, [], repr(e))
+                with lock:
+                    (errors if res[3] else results).append(res[3] or res)
+                n += 1
+
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    tokens = sum(r[0] for r in results)
+    ttft = [r[1] for r in results if r[1] is not None]
+    tbt = [b - a for r in results for a, b in zip(r[2], r[2][1:])]
+    stream_tps = [(r[0] - 1) / (r[2][-1] - r[2][0]) for r in results if r[0] > 1 and len(r[2]) > 1 and r[2][-1] > r[2][0]]
+
+    def pcts(values, scale=1.0):
+        return {"p50": percentile(values, 50) * scale, "p95": percentile(values, 95) * scale} if values else None
+
+    return {"url": url, "concurrency": concurrency, "duration_s": duration, "wall_s": wall,
+            "requests": len(results), "errors": len(errors), "first_error": errors[0] if errors else None,
+            "completion_tokens": tokens, "total_tok_s": tokens / wall if wall > 0 else 0.0,
+            "per_stream_tok_s": pcts(stream_tps), "ttft_ms": pcts(ttft, 1000.0), "tbt_ms": pcts(tbt, 1000.0)}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--url", default="http://127.0.0.1:8080", help="server base URL (no /v1)")
+    ap.add_argument("--concurrency", type=int, default=8, help="concurrent chats (default 8)")
+    ap.add_argument("--duration", type=float, default=30.0, help="seconds to keep starting requests (default 30)")
+    ap.add_argument("--max-tokens", type=int, default=128, help="max_tokens of each chat (default 128)")
+    ap.add_argument("--model", default="", help="model name to send (default: none, the server's)")
+    ap.add_argument("--api-key", default="", help="bearer token, if the server wants one")
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    a = ap.parse_args()
+    if a.concurrency < 1 or a.duration <= 0 or a.max_tokens < 1:
+        ap.error("--concurrency and --max-tokens must be >= 1 and --duration > 0")
+    r = run(a.url, a.concurrency, a.duration, a.max_tokens, a.model, a.api_key)
+    if a.json:
+        print(json.dumps(r))
+    else:
+        def fmt(p, unit):
+            return f"p50 {p['p50']:.1f} {unit}, p95 {p['p95']:.1f} {unit}" if p else "n/a"
+        print(f"{r['requests']} requests ({r['errors']} errors) in {r['wall_s']:.1f} s, {r['concurrency']} streams")
+        print(f"total            {r['total_tok_s']:.1f} tok/s ({r['completion_tokens']} completion tokens)")
+        print(f"per stream       {fmt(r['per_stream_tok_s'], 'tok/s')}")
+        print(f"TTFT             {fmt(r['ttft_ms'], 'ms')}")
+        print(f"between tokens   {fmt(r['tbt_ms'], 'ms')}")
+        if r["first_error"]:
+            print(f"first error: {r['first_error']}", file=sys.stderr)
+    return 1 if r["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
