@@ -35,7 +35,6 @@ constexpr int kWgmmaMaxSmem = 227 * 1024;     // dynamic shared memory a block m
 //   ws:    `stages` x ksub x (A tile + bf16 B tile, or the raw INT4 B tile), for INT4 min(stages, 4)
 //          bf16 B tiles, and 2 mbarriers per stage.
 int wgmma_smem_bytes(int group, int bm, int bn, int stages, bool ws = false, int ksub = 1);
-inline int wgmma_smem_bytes(const struct WgmmaGemm& g);
 inline int wgmma_smem_bytes(const WgmmaGemm& g) {
   return wgmma_smem_bytes(g.group, g.bm, g.bn, g.stages, g.ws, g.ksub);
 }

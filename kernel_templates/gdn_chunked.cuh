@@ -78,6 +78,28 @@ __device__ __forceinline__ void gdn_mma2(float (&d)[4], const u32 (&a)[4], const
   const u32 bb[2] = {b[0], b[1]};
   gdn_mma_bf16(d, a, bb);
 }
+
+// The causal 64 x 64 product acc = X K^T (m <= i) of bf16 rows [64, DK] in shared memory (row
+// stride KS): warp = rows 16 r .., columns 32 hc .. as four n-tiles of 8; tiles above the diagonal
+// are skipped (left zero). The k k^T of gdn_chunk_prepare and the q k^T of gdn_chunk_output.
+template <int DK>
+__device__ __forceinline__ void gdn_causal_xkt(float (&acc)[4][4], const bf16* X, const bf16* Kb, int KS, int r, int hc,
+                                               int lane) {
+#pragma unroll 2
+  for (int k0 = 0; k0 < DK; k0 += 16) {
+    u32 a[4];
+    gdn_frag_a(a, X, KS, 16 * r, k0, lane);
+#pragma unroll
+    for (int jp = 0; jp < 2; ++jp) {
+      const int m0 = 32 * hc + 16 * jp;
+      if (m0 > 16 * r) continue;  // warp-uniform
+      u32 b[4];
+      gdn_frag_b2(b, Kb, KS, k0, m0, lane);
+      gdn_mma2(acc[2 * jp], a, b);
+      gdn_mma2(acc[2 * jp + 1], a, b + 2);
+    }
+  }
+}
 }  // namespace q35k
 
 // Dynamic shared memory (bytes): see gdn_chunk_prepare_smem_bytes (autotune/tiles_gdn.cpp).
@@ -145,20 +167,7 @@ gdn_chunk_prepare(const q35k::bf16* __restrict__ qkv, const float* __restrict__ 
   {  // A = beta_i (k k^T) exp(gam_i - gam_m), m < i: warp = rows 16 r .., columns 32 hc .. (tiles above the diagonal skipped)
     const int r = warp % 4, hc = warp / 4;
     float kk[4][4] = {};
-#pragma unroll 2
-    for (int k0 = 0; k0 < DK; k0 += 16) {
-      q35k::u32 a[4];
-      q35k::gdn_frag_a(a, Kb, KS, 16 * r, k0, lane);
-#pragma unroll
-      for (int jp = 0; jp < 2; ++jp) {
-        const int m0 = 32 * hc + 16 * jp;
-        if (m0 > 16 * r) continue;  // warp-uniform
-        q35k::u32 b[4];
-        q35k::gdn_frag_b2(b, Kb, KS, k0, m0, lane);
-        q35k::gdn_mma2(kk[2 * jp], a, b);
-        q35k::gdn_mma2(kk[2 * jp + 1], a, b + 2);
-      }
-    }
+    q35k::gdn_causal_xkt<DK>(kk, Kb, Kb, KS, r, hc, lane);
 #pragma unroll
     for (int jn = 0; jn < 4; ++jn) {
       if (32 * hc + 8 * jn > 16 * r + 15) continue;
@@ -522,20 +531,7 @@ gdn_chunk_output(const q35k::bf16* __restrict__ qkv, const float* __restrict__ g
 
   {  // QK = (q k^T) exp(gam_i - gam_m), m <= i: warp = rows 16 r .., columns 32 hc ..
     float qk[4][4] = {};
-#pragma unroll 2
-    for (int k0 = 0; k0 < DK; k0 += 16) {
-      q35k::u32 a[4];
-      q35k::gdn_frag_a(a, Qb, KS, 16 * r, k0, lane);
-#pragma unroll
-      for (int jp = 0; jp < 2; ++jp) {
-        const int m0 = 32 * hc + 16 * jp;
-        if (m0 > 16 * r) continue;  // warp-uniform
-        q35k::u32 b[4];
-        q35k::gdn_frag_b2(b, Kb, KS, k0, m0, lane);
-        q35k::gdn_mma2(qk[2 * jp], a, b);
-        q35k::gdn_mma2(qk[2 * jp + 1], a, b + 2);
-      }
-    }
+    q35k::gdn_causal_xkt<DK>(qk, Qb, Kb, KS, r, hc, lane);
 #pragma unroll
     for (int jn = 0; jn < 4; ++jn)
 #pragma unroll

@@ -51,6 +51,36 @@ __device__ __forceinline__ void dequant32(const uint4& q, bf16 scale, uint4 (&ou
   }
 }
 
+// Row of A that block row p reads (sets ok = false for rows that read zeros): routed gate|up
+// gathers token sorted_ids[p] / TOPK (padding -1), routed down reads h row p (its padding rows are
+// zeros), the shared expert and dense GEMMs read row p < T.
+template <int TOPK, bool GATE_UP, bool ROUTED>
+__device__ __forceinline__ long long moe_a_row(const int* sorted_ids, long long p, int T, bool& ok) {
+  if constexpr (ROUTED && GATE_UP) {
+    const int pair = sorted_ids[p];
+    ok = pair >= 0;
+    return ok ? pair / TOPK : 0;
+  } else if constexpr (ROUTED) {
+    ok = true;  // h rows of padding are zeros (written by the gate|up GEMM)
+    return p;
+  } else {
+    ok = p < T;
+    return ok ? p : 0;
+  }
+}
+
+// Weight row of row n of column block nb (BN rows): GATE_UP blocks alternate 8 gate rows (of the
+// first N / 2) and the matching 8 up rows, so silu(gate) * up pairs in registers.
+template <int N, int BN, bool GATE_UP>
+__device__ __forceinline__ int moe_w_row(int nb, int n) {
+  if constexpr (GATE_UP) {
+    const int t8 = n / 8;  // even: gate rows, odd: up rows
+    return nb * (BN / 2) + (t8 / 2) * 8 + n % 8 + (t8 % 2) * (N / 2);
+  } else {
+    return nb * BN + n;
+  }
+}
+
 }  // namespace q35k
 
 template <int GROUP, int N, int K, int TOPK, bool GATE_UP, bool ROUTED, int BM, int BN, int BK, int WM, int WN>
@@ -95,19 +125,7 @@ moe_gemm(const q35k::bf16* __restrict__ A, const void* __restrict__ W, const q35
 #pragma unroll
   for (int i = 0; i < A_CHUNKS; ++i) {
     const int idx = tid + i * THREADS, r = idx / (BK / 8), kc = idx % (BK / 8);
-    const size_t p = row0 + r;
-    long long src_row;
-    if constexpr (ROUTED && GATE_UP) {
-      const int pair = sorted_ids[p];
-      a_ok[i] = pair >= 0;
-      src_row = a_ok[i] ? pair / TOPK : 0;
-    } else if constexpr (ROUTED) {
-      a_ok[i] = true;  // h rows of padding are zeros (written by the gate_up GEMM)
-      src_row = p;
-    } else {
-      a_ok[i] = p < size_t(T);
-      src_row = a_ok[i] ? p : 0;
-    }
+    const long long src_row = q35k::moe_a_row<TOPK, GATE_UP, ROUTED>(sorted_ids, (long long)(row0 + r), T, a_ok[i]);
     a_src[i] = A + size_t(src_row) * K + kc * 8;
     a_dst[i] = r * LDS + kc * 8;
   }
@@ -122,13 +140,7 @@ moe_gemm(const q35k::bf16* __restrict__ A, const void* __restrict__ W, const q35
 #pragma unroll
     for (int i = 0; i < B_CHUNKS; ++i) {
       const int idx = tid + i * THREADS, n = idx / BCPR, kc = idx % BCPR;
-      int wrow;
-      if constexpr (GATE_UP) {
-        const int t8 = n / 8;  // even: gate rows, odd: up rows
-        wrow = nb * (BN / 2) + (t8 / 2) * 8 + n % 8 + (t8 % 2) * (N / 2);
-      } else {
-        wrow = nb * BN + n;
-      }
+      const int wrow = q35k::moe_w_row<N, BN, GATE_UP>(nb, n);
       if constexpr (GROUP == 0) {
         b_src[i] = Wm + (size_t(wrow) * K + kc * 8) * 2;
         b_scale[i] = nullptr;

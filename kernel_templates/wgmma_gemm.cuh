@@ -132,19 +132,7 @@ struct WgTileLoader {
 #pragma unroll
     for (int i = 0; i < A_CPT; ++i) {
       const int c = min(ltid + i * LT, A_CH - 1), r = c / (8 * KSUB), ch = c % (8 * KSUB);  // past A_CH: no copy
-      const long long p = row0 + r;
-      long long src;
-      if constexpr (ROUTED && GATE_UP) {
-        const int pair = sorted_ids[p];
-        a_ok[i] = pair >= 0;
-        src = a_ok[i] ? pair / TOPK : 0;
-      } else if constexpr (ROUTED) {
-        a_ok[i] = true;  // h rows of padding are zeros (written by the gate|up GEMM)
-        src = p;
-      } else {
-        a_ok[i] = p < T;
-        src = a_ok[i] ? p : 0;
-      }
+      const long long src = moe_a_row<TOPK, GATE_UP, ROUTED>(sorted_ids, row0 + r, T, a_ok[i]);
       a_k[i] = ch * 8;
       a_src[i] = A + src * K + ch * 8;
       a_off[i] = u32(ch / 8) * A_BYTES + sw128(r, ch % 8);
@@ -154,13 +142,7 @@ struct WgTileLoader {
     for (int i = 0; i < B_CPT; ++i) {
       const int c = ltid + i * LT;
       const int n = c / B_RCH, ch = c % B_RCH;
-      int wrow;
-      if constexpr (GATE_UP) {
-        const int t8 = n / 8;  // even: gate rows, odd: up rows
-        wrow = nb * (BN / 2) + (t8 / 2) * 8 + n % 8 + (t8 % 2) * (N / 2);
-      } else {
-        wrow = nb * BN + n;
-      }
+      const int wrow = moe_w_row<N, BN, GATE_UP>(nb, n);
       b_ok[i] = c < B_CH && wrow < N;
       const size_t r = expert_rows + (b_ok[i] ? wrow : 0);
       b_row[i] = n;
@@ -234,13 +216,7 @@ struct WgRowDequant {
   bf16 next;
   __device__ __forceinline__ void init(int t, int wg, int expert, int nb, const bf16* S) {
     n = 64 * wg + t / 2, half = t % 2;
-    int wrow;
-    if constexpr (GATE_UP) {
-      const int t8 = n / 8;  // even: gate rows, odd: up rows
-      wrow = nb * (BN / 2) + (t8 / 2) * 8 + n % 8 + (t8 % 2) * (N / 2);
-    } else {
-      wrow = nb * BN + n;
-    }
+    const int wrow = moe_w_row<N, BN, GATE_UP>(nb, n);
     ok = wrow < N;
     scale = S + (size_t(expert) * N + (ok ? wrow : 0)) * (K / GROUP);
   }

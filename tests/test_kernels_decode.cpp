@@ -22,6 +22,7 @@
 #include "models/qwen35/kernels.h"
 #include "runtime/jit/jit_engine.h"
 #include "tests/synthetic_checkpoint.h"
+#include "tests/ptxas_checks.h"
 #include "tests/test_util.h"
 
 using namespace q35;
@@ -74,45 +75,12 @@ DecodeSpecs fused_decode_specs() {
   return out;
 }
 
-// Stack frame + spill store + spill load bytes of a ptxas -v log (the log must have the line).
-int spill_bytes(const CompiledKernel& k, const std::string& what) {
-  CAPTURE(what);
-  static const std::regex re(R"((\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads)");
-  int found = 0, bytes = 0;
-  for (auto it = std::sregex_iterator(k.log.begin(), k.log.end(), re); it != std::sregex_iterator(); ++it) {
-    ++found;
-    bytes += std::stoi((*it)[1]) + std::stoi((*it)[2]) + std::stoi((*it)[3]);
-  }
-  CHECK(found >= 1);
-  return bytes;
-}
-
-
 int registers(const CompiledKernel& k) {
   static const std::regex re(R"(Used (\d+) registers)");
   std::smatch m;
   return std::regex_search(k.log, m, re) ? std::stoi(m[1]) : -1;
 }
 
-std::string sass_of(const CompiledKernel& k, const std::filesystem::path& dir) {
-  const char* tool = std::getenv("Q35_CUOBJDUMP");
-  REQUIRE_MESSAGE((tool && *tool && std::filesystem::exists(tool)),
-                  "set Q35_CUOBJDUMP to cuobjdump (make test takes it from PyPI's nvidia-cuda-cuobjdump in .venv)");
-  const std::filesystem::path cubin = dir / (k.key + ".cubin");
-  {
-    std::ofstream out(cubin, std::ios::binary);
-    out.write(reinterpret_cast<const char*>(k.cubin.data()), std::streamsize(k.cubin.size()));
-  }
-  const std::string cmd = fmt::format("'{}' -sass '{}' 2>&1", tool, cubin.string());
-  std::string text;
-  FILE* p = popen(cmd.c_str(), "r");
-  REQUIRE(p != nullptr);
-  char buf[4096];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof buf, p)) > 0) text.append(buf, n);
-  CHECK(pclose(p) == 0);
-  return text;
-}
 
 }  // namespace
 
@@ -150,7 +118,7 @@ TEST_CASE("the fused decode kernels compile for sm_90a and sm_80 without spills;
     REQUIRE(out.size() == specs.required.size());
     std::string regs;
     for (size_t i = 0; i < out.size(); ++i) {
-      CHECK_MESSAGE(spill_bytes(out[i], specs.required[i].str()) == 0, specs.required[i].str());
+      CHECK_MESSAGE(q35::test::spill_bytes(out[i], specs.required[i].str()) == 0, specs.required[i].str());
       regs += fmt::format("\n  {}: {} registers", specs.required[i].instantiation(), registers(out[i]));
     }
     MESSAGE(arch << ":" << regs);
@@ -160,7 +128,7 @@ TEST_CASE("the fused decode kernels compile for sm_90a and sm_80 without spills;
     REQUIRE(cand.size() == specs.candidates.size());
     std::string spilling;
     for (size_t i = 0; i < cand.size(); ++i)
-      if (const int bytes = spill_bytes(cand[i], specs.candidates[i].str()); bytes > 0)
+      if (const int bytes = q35::test::spill_bytes(cand[i], specs.candidates[i].str()); bytes > 0)
         spilling += fmt::format("\n  {}: {} bytes", specs.candidates[i].instantiation(), bytes);
     MESSAGE(arch << ", tuner GEMV tiles with spills (stack + stores + loads):" << (spilling.empty() ? " none" : spilling));
     // SASS of one instantiation per kernel: no local memory; griddepcontrol (ACQBULK / wait, PREEXIT /
@@ -169,7 +137,7 @@ TEST_CASE("the fused decode kernels compile for sm_90a and sm_80 without spills;
     for (size_t i = 0; i < out.size(); ++i) {
       if (!seen.insert(specs.required[i].kernel).second) continue;
       CAPTURE(specs.required[i].str());
-      const std::string sass = sass_of(out[i], cache.path());
+      const std::string sass = q35::test::sass_of(out[i], cache.path());
       CHECK_FALSE(contains(sass, "LDL"));
       CHECK_FALSE(contains(sass, "STL"));
       CHECK(contains(sass, "ATOMG"));  // the last-block ticket

@@ -16,6 +16,7 @@
 #include "models/qwen35/gpu/moe.h"
 #include "models/qwen35/kernels.h"
 #include "runtime/jit/jit_engine.h"
+#include "tests/ptxas_checks.h"
 #include "tests/test_util.h"
 #include "tests/synthetic_checkpoint.h"
 
@@ -29,40 +30,6 @@ namespace {
 
 bool is_wgmma(const KernelSpec& s) { return s.family == "wgmma_gemm"; }
 
-// Every "N bytes stack frame, N bytes spill stores, N bytes spill loads" of a ptxas -v log is zero
-// (and there is at least one).
-void check_no_spills(const CompiledKernel& k, const std::string& what) {
-  CAPTURE(what);
-  static const std::regex re(R"((\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads)");
-  int found = 0;
-  for (auto it = std::sregex_iterator(k.log.begin(), k.log.end(), re); it != std::sregex_iterator(); ++it) {
-    ++found;
-    CHECK((*it)[1] == "0");
-    CHECK((*it)[2] == "0");
-    CHECK((*it)[3] == "0");
-  }
-  CHECK(found >= 1);
-}
-
-// cuobjdump -sass of a cubin; "" (and a failed check) when cuobjdump is missing.
-std::string sass_of(const CompiledKernel& k, const std::filesystem::path& dir) {
-  const char* tool = std::getenv("Q35_CUOBJDUMP");
-  REQUIRE_MESSAGE((tool && *tool && std::filesystem::exists(tool)),
-                  "set Q35_CUOBJDUMP to cuobjdump (make test takes it from PyPI's nvidia-cuda-cuobjdump in .venv)");
-  const std::filesystem::path cubin = dir / (k.key + ".cubin");
-  {
-    std::ofstream out(cubin, std::ios::binary);
-    out.write(reinterpret_cast<const char*>(k.cubin.data()), std::streamsize(k.cubin.size()));
-  }
-  std::string cmd = fmt::format("'{}' -sass '{}' 2>&1", tool, cubin.string()), text;
-  FILE* p = popen(cmd.c_str(), "r");
-  REQUIRE(p != nullptr);
-  char buf[4096];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof buf, p)) > 0) text.append(buf, n);
-  CHECK(pclose(p) == 0);
-  return text;
-}
 
 }  // namespace
 
@@ -119,11 +86,11 @@ TEST_CASE("gemm_wgmma: every instantiation of the runner and the tuner compiles 
 
   const std::vector<CompiledKernel> out = jit.compile_all(specs, "sm_90a", 2);
   REQUIRE(out.size() == specs.size());
-  for (size_t i = 0; i < out.size(); ++i) check_no_spills(out[i], specs[i].str());
+  for (size_t i = 0; i < out.size(); ++i) CHECK(q35::test::spill_bytes(out[i], specs[i].str()) == 0);
   // SASS of a sample (cuobjdump is slow-ish): the runner's own kernels and a few of the space.
   for (size_t i = 0; i < out.size(); i += std::max<size_t>(1, out.size() / 12)) {
     CAPTURE(specs[i].str());
-    const std::string sass = sass_of(out[i], cache.path());
+    const std::string sass = q35::test::sass_of(out[i], cache.path());
     CHECK(contains(sass, "HGMMA.64x"));
     CHECK_FALSE(contains(sass, "LDL"));  // no local-memory traffic
   }
