@@ -105,47 +105,42 @@ __device__ __forceinline__ int decode_blocks_per_split(int blocks, int splits, i
 //   inv_freq_j = 1 / theta^(2j / ROTARY), angle = float(pos) * inv_freq_j (fp32, as the CPU
 //   reference), cos/sin computed once per block into shared memory.
 // k/v rows at positions >= max_context are not written (the runner keeps pos0 + T <= max_context).
+namespace q35k {
+namespace attn {
+// One token's q, k and v heads (the body of qk_norm_rope and qk_norm_rope_batch): row = the token's
+// qkv row, q_out = its [HQ, D] q row, k/v rows written at position pos of k_cache / v_cache (skipped
+// when !write_kv).
 template <int HQ, int HKV, int D, int ROTARY, int WARPS>
-__global__ void __launch_bounds__(WARPS * 32)
-qk_norm_rope(const q35k::bf16* __restrict__ qkv,       // [T, HQ*2D + 2*HKV*D]
-             const q35k::bf16* __restrict__ q_norm_w,  // [D]
-             const q35k::bf16* __restrict__ k_norm_w,  // [D]
-             q35k::bf16* __restrict__ q_out,           // [T, HQ, D]
-             q35k::bf16* __restrict__ k_cache,         // [max_context, HKV, D]
-             q35k::bf16* __restrict__ v_cache,         // [max_context, HKV, D]
-             const int* __restrict__ pos0_ptr,         // [1]
-             int max_context, float theta, float eps) {
-  using namespace q35k;
+__device__ __forceinline__ void qk_norm_rope_token(const bf16* __restrict__ row, const bf16* __restrict__ q_norm_w,
+                                                   const bf16* __restrict__ k_norm_w, bf16* __restrict__ q_out,
+                                                   bf16* __restrict__ k_cache, bf16* __restrict__ v_cache, int pos,
+                                                   bool write_kv, float theta, float eps) {
   static_assert(D % 8 == 0 && D <= 256, "qk_norm_rope: head_dim must be a multiple of 8, at most 256");
   static_assert(ROTARY % 16 == 0 && ROTARY <= D, "qk_norm_rope: rotary_dim must be a multiple of 16, <= head_dim");
-  constexpr int ROW = HQ * 2 * D + 2 * HKV * D;
   constexpr int LANES = D / 8;           // lanes holding data
   constexpr int HALF = ROTARY / 2;       // rotated pairs
   constexpr int HALF_LANES = ROTARY / 16;
   __shared__ float cos_s[HALF > 0 ? HALF : 1], sin_s[HALF > 0 ? HALF : 1];
-
-  attn::wait_for_predecessor();
-  attn::allow_dependents();
-  const int t = blockIdx.x;
-  const int pos = *pos0_ptr + t;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   for (int j = threadIdx.x; j < HALF; j += WARPS * 32) {
     const float inv_freq = 1.0f / powf(theta, float(2 * j) / float(ROTARY));
     const float a = float(pos) * inv_freq;
-    cos_s[j] = cosf(a);
-    sin_s[j] = sinf(a);
+    // sin / cos of the fp32 angle: reduced to [-pi, pi] in double (k 2 pi exact to ~1e-11 for any
+    // position), then the fast intrinsics (absolute error < 5e-7 there). sinf / cosf of the raw
+    // angle would carry their large-argument path (a local-memory stack frame in every kernel).
+    const double k = rint(double(a) * 0.15915494309189535);
+    const float r = float(fma(-k, 6.283185307179586, double(a)));
+    __sincosf(r, &sin_s[j], &cos_s[j]);
   }
   __syncthreads();
 
-  const bf16* row = qkv + size_t(t) * ROW;
   const bool has_data = lane < LANES;
   for (int head = warp; head < HQ + 2 * HKV; head += WARPS) {  // warp-uniform
     const bool is_q = head < HQ, is_k = !is_q && head < HQ + HKV;
     const int kv_head = is_q ? 0 : is_k ? head - HQ : head - HQ - HKV;
-    if (!is_q && pos >= max_context) continue;
+    if (!is_q && !write_kv) continue;
     const bf16* src = is_q ? row + head * 2 * D : row + HQ * 2 * D + (is_k ? 0 : HKV * D) + kv_head * D;
-    bf16* dst = is_q ? q_out + (size_t(t) * HQ + head) * D
-                     : (is_k ? k_cache : v_cache) + (size_t(pos) * HKV + kv_head) * D;
+    bf16* dst = is_q ? q_out + size_t(head) * D : (is_k ? k_cache : v_cache) + (size_t(pos) * HKV + kv_head) * D;
     float x[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
     if (has_data) unpack8(ld_global_16(src + lane * 8), x);
     if (is_q || is_k) {
@@ -175,6 +170,57 @@ qk_norm_rope(const q35k::bf16* __restrict__ qkv,       // [T, HQ*2D + 2*HKV*D]
     }
     if (has_data) st_global_16(dst + lane * 8, pack8(x));
   }
+}
+}  // namespace attn
+}  // namespace q35k
+
+template <int HQ, int HKV, int D, int ROTARY, int WARPS>
+__global__ void __launch_bounds__(WARPS * 32)
+qk_norm_rope(const q35k::bf16* __restrict__ qkv,       // [T, HQ*2D + 2*HKV*D]
+             const q35k::bf16* __restrict__ q_norm_w,  // [D]
+             const q35k::bf16* __restrict__ k_norm_w,  // [D]
+             q35k::bf16* __restrict__ q_out,           // [T, HQ, D]
+             q35k::bf16* __restrict__ k_cache,         // [max_context, HKV, D]
+             q35k::bf16* __restrict__ v_cache,         // [max_context, HKV, D]
+             const int* __restrict__ pos0_ptr,         // [1]
+             int max_context, float theta, float eps) {
+  using namespace q35k;
+  constexpr int ROW = HQ * 2 * D + 2 * HKV * D;
+  attn::wait_for_predecessor();
+  attn::allow_dependents();
+  const int t = blockIdx.x;
+  const int pos = *pos0_ptr + t;
+  attn::qk_norm_rope_token<HQ, HKV, D, ROTARY, WARPS>(qkv + size_t(t) * ROW, q_norm_w, k_norm_w,
+                                                      q_out + size_t(t) * HQ * D, k_cache, v_cache, pos,
+                                                      pos < max_context, theta, eps);
+}
+
+// qk_norm_rope_batch: one token of each of B sequences (a batched decode step), grid (B). Row b is
+// the token of sequence slot slots[b] at position pos[slots[b]]: its k / v rows go to that slot's
+// caches, k_cache + slot * slot_stride (slot_stride = max_context * HKV * D elements). A row with
+// slots[b] < 0 (padding of a graph bucket) writes nothing.
+template <int HQ, int HKV, int D, int ROTARY, int WARPS>
+__global__ void __launch_bounds__(WARPS * 32)
+qk_norm_rope_batch(const q35k::bf16* __restrict__ qkv,       // [B, HQ*2D + 2*HKV*D]
+                   const q35k::bf16* __restrict__ q_norm_w,  // [D]
+                   const q35k::bf16* __restrict__ k_norm_w,  // [D]
+                   q35k::bf16* __restrict__ q_out,           // [B, HQ, D]
+                   q35k::bf16* __restrict__ k_cache,         // [slots, max_context, HKV, D]
+                   q35k::bf16* __restrict__ v_cache,         // [slots, max_context, HKV, D]
+                   const int* __restrict__ slots,            // [B]
+                   const int* __restrict__ pos,              // [slots] tokens each slot holds
+                   long long slot_stride, int max_context, float theta, float eps) {
+  using namespace q35k;
+  constexpr int ROW = HQ * 2 * D + 2 * HKV * D;
+  attn::wait_for_predecessor();
+  attn::allow_dependents();
+  const int b = blockIdx.x, slot = slots[b];
+  if (slot < 0) return;
+  const int p = pos[slot];
+  attn::qk_norm_rope_token<HQ, HKV, D, ROTARY, WARPS>(qkv + size_t(b) * ROW, q_norm_w, k_norm_w,
+                                                      q_out + size_t(b) * HQ * D, k_cache + size_t(slot) * slot_stride,
+                                                      v_cache + size_t(slot) * slot_stride, p, p < max_context, theta,
+                                                      eps);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -383,17 +429,17 @@ attention_prefill(const q35k::bf16* __restrict__ q,        // [T, HQ, D] normed 
 //   part_o  [HKV * QG, splits, 8, D] fp32, unnormalised O relative to m
 //   part_ml [HKV * QG, splits, 8, 2] fp32, (m in raw score units, l)
 // Splits past the end of the KV length write nothing (the merge derives the same count).
-template <int HQ, int HKV, int D, int WARPS>
-__global__ void __launch_bounds__(WARPS * 32)
-attention_decode(const q35k::bf16* __restrict__ q,        // [T, HQ, D] normed + roped
-                 const q35k::bf16* __restrict__ k_cache,  // [>= pos0+T, HKV, D]
-                 const q35k::bf16* __restrict__ v_cache,  // [>= pos0+T, HKV, D]
-                 float* __restrict__ part_o,              // [HKV * QG, splits, 8, D]
-                 float* __restrict__ part_ml,             // [HKV * QG, splits, 8, 2]
-                 const int* __restrict__ pos0_ptr,        // [1]
-                 int T, float scale) {
-  using namespace q35k;
-  using namespace q35k::attn;
+namespace q35k {
+namespace attn {
+// The body of attention_decode (block vb = kvh * QG + qg, split `split` of `splits`) over the cache
+// rows 0 .. pos0+T-1 of one sequence; attention_decode_batch runs it per sequence.
+// LATE_V: load a key block's V rows after its scores (fewer registers live at once: sm_80 would
+// otherwise spill), instead of with its K rows.
+template <int HQ, int HKV, int D, int WARPS, bool LATE_V = false>
+__device__ __forceinline__ void attention_decode_block(const bf16* __restrict__ q, const bf16* __restrict__ k_cache,
+                                                       const bf16* __restrict__ v_cache, float* __restrict__ part_o,
+                                                       float* __restrict__ part_ml, int pos0, int T, float scale,
+                                                       int vb, int split, int splits) {
   static_assert(HQ % HKV == 0 && (HQ / HKV <= 8 || HQ / HKV % 8 == 0),
                 "attention_decode: q heads per kv head must be at most 8 or a multiple of 8");
   static_assert(D % 64 == 0, "attention_decode: head_dim must be a multiple of 64");
@@ -402,10 +448,7 @@ attention_decode(const q35k::bf16* __restrict__ q,        // [T, HQ, D] normed +
   __shared__ float sm_o[WARPS][8][D];
   __shared__ float sm_m[WARPS][8], sm_l[WARPS][8];
 
-  wait_for_predecessor();
-  allow_dependents();
-  const int vb = blockIdx.x, kvh = vb / QG, qg = vb % QG, split = blockIdx.y, splits = gridDim.y;
-  const int pos0 = *pos0_ptr;
+  const int kvh = vb / QG, qg = vb % QG;
   const int L = pos0 + T;
   const int blocks = (L + 15) / 16;
   const int per_split = decode_blocks_per_split(blocks, splits, WARPS);
@@ -458,7 +501,7 @@ attention_decode(const q35k::bf16* __restrict__ q,        // [T, HQ, D] normed +
   for (int b = b_begin + warp; b < b_end; b += WARPS) {
     const int k0 = b * 16;
     load_k(b);
-    load_v(b);
+    if constexpr (!LATE_V) load_v(b);
     float s[2][4];
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt) {
@@ -494,6 +537,7 @@ attention_decode(const q35k::bf16* __restrict__ q,        // [T, HQ, D] normed +
     l_run = l_run * alpha + sum;
     const float alpha_lo = __shfl_sync(0xffffffffu, alpha, 8 * c), alpha_hi = __shfl_sync(0xffffffffu, alpha, 8 * c + 4);
     const u32 pb0 = f32x2_to_bf16x2(p[0][0], p[0][1]), pb1 = f32x2_to_bf16x2(p[1][0], p[1][1]);
+    if constexpr (LATE_V) load_v(b);
 #pragma unroll
     for (int qd = 0; qd < QUADS; ++qd) {
       const u32 w0[4] = {vr[0][qd].x, vr[0][qd].y, vr[0][qd].z, vr[0][qd].w};
@@ -550,6 +594,56 @@ attention_decode(const q35k::bf16* __restrict__ q,        // [T, HQ, D] normed +
     }
   }
 }
+}  // namespace attn
+}  // namespace q35k
+
+template <int HQ, int HKV, int D, int WARPS>
+__global__ void __launch_bounds__(WARPS * 32)
+attention_decode(const q35k::bf16* __restrict__ q,        // [T, HQ, D] normed + roped
+                 const q35k::bf16* __restrict__ k_cache,  // [>= pos0+T, HKV, D]
+                 const q35k::bf16* __restrict__ v_cache,  // [>= pos0+T, HKV, D]
+                 float* __restrict__ part_o,              // [HKV * QG, splits, 8, D]
+                 float* __restrict__ part_ml,             // [HKV * QG, splits, 8, 2]
+                 const int* __restrict__ pos0_ptr,        // [1]
+                 int T, float scale) {
+  q35k::attn::wait_for_predecessor();
+  q35k::attn::allow_dependents();
+  q35k::attn::attention_decode_block<HQ, HKV, D, WARPS>(q, k_cache, v_cache, part_o, part_ml, *pos0_ptr, T, scale,
+                                                        blockIdx.x, blockIdx.y, gridDim.y);
+}
+
+// attention_decode_batch: one query token of each of B sequences (a batched decode step), grid
+// (HKV * QG, splits, B). Sequence b (blockIdx.z) is slot slots[b] with L = pos[slot] + 1 keys in its
+// own cache rows (k_cache + slot * slot_stride, slot_stride = max_context * HKV * D elements); q row
+// b; partials at part_o + b * HKV*QG*splits*8*D, part_ml + b * HKV*QG*splits*8*2. Rows with
+// slots[b] < 0 (bucket padding) write nothing. The split count is per launch (per graph bucket);
+// each sequence cuts its own length into those splits.
+template <int HQ, int HKV, int D, int WARPS>
+__global__ void __launch_bounds__(WARPS * 32)
+attention_decode_batch(const q35k::bf16* __restrict__ q,        // [B, HQ, D] normed + roped
+                       const q35k::bf16* __restrict__ k_cache,  // [slots, max_context, HKV, D]
+                       const q35k::bf16* __restrict__ v_cache,  // [slots, max_context, HKV, D]
+                       float* __restrict__ part_o,              // [B, HKV * QG, splits, 8, D]
+                       float* __restrict__ part_ml,             // [B, HKV * QG, splits, 8, 2]
+                       const int* __restrict__ slots,           // [B]
+                       const int* __restrict__ pos,             // [slots]
+                       long long slot_stride, float scale) {
+  constexpr int GROUP = HQ / HKV, QG = GROUP > 8 ? GROUP / 8 : 1;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  constexpr bool late_v = true;  // 255 registers on sm_80 otherwise: spills
+#else
+  constexpr bool late_v = false;
+#endif
+  q35k::attn::wait_for_predecessor();
+  q35k::attn::allow_dependents();
+  const int b = blockIdx.z, slot = slots[b];
+  if (slot < 0) return;
+  const size_t parts = size_t(HKV * QG) * gridDim.y * 8;
+  q35k::attn::attention_decode_block<HQ, HKV, D, WARPS, late_v>(
+      q + size_t(b) * HQ * D, k_cache + size_t(slot) * slot_stride, v_cache + size_t(slot) * slot_stride,
+      part_o + size_t(b) * parts * D, part_ml + size_t(b) * parts * 2, pos[slot], 1, scale, blockIdx.x, blockIdx.y,
+      gridDim.y);
+}
 
 // attention_decode_merge: grid (T * HQ, D / 64), block 256 (8 warps). Combines the partials of
 // the splits that attention_decode (with the same WARPS) wrote for output row (t, h), dims
@@ -558,26 +652,23 @@ attention_decode(const q35k::bf16* __restrict__ q,        // [T, HQ, D] normed +
 //                                         * sigmoid(gate[t, h, d])
 // Warp w takes splits w, w+8, ...; lane l dims 2l, 2l+1 of the slice; the warps' sums are combined
 // in shared memory.
+namespace q35k {
+namespace attn {
+// The body of attention_decode_merge for output row (t, h), dims 64 dy .. +63, of one sequence.
 template <int HQ, int HKV, int D, int WARPS>
-__global__ void __launch_bounds__(256)
-attention_decode_merge(const float* __restrict__ part_o,     // [HKV * QG, splits, 8, D]
-                       const float* __restrict__ part_ml,    // [HKV * QG, splits, 8, 2]
-                       const q35k::bf16* __restrict__ qkv,   // [T, HQ*2D + 2*HKV*D] (gate)
-                       q35k::bf16* __restrict__ out,         // [T, HQ*D]
-                       const int* __restrict__ pos0_ptr,     // [1]
-                       int T, int splits, float scale) {
-  using namespace q35k;
-  using namespace q35k::attn;
+__device__ __forceinline__ void attention_decode_merge_row(const float* __restrict__ part_o,
+                                                           const float* __restrict__ part_ml,
+                                                           const bf16* __restrict__ qkv, bf16* __restrict__ out,
+                                                           int pos0, int T, int splits, float scale, int t, int h,
+                                                           int dy) {
   static_assert(D % 64 == 0, "attention_decode_merge: head_dim must be a multiple of 64");
   constexpr int GROUP = HQ / HKV, QG = GROUP > 8 ? GROUP / 8 : 1, QPB = GROUP / QG;  // as attention_decode
   constexpr int ROW = HQ * 2 * D + 2 * HKV * D, MW = 8;
   __shared__ float sm_max[MW], sm_l[MW];
   __shared__ float2 sm_acc[MW][32];
-  wait_for_predecessor();
-  allow_dependents();
-  const int t = blockIdx.x / HQ, h = blockIdx.x % HQ, vb = h / QPB, r = t * QPB + h % QPB;
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, d = blockIdx.y * 64 + 2 * lane;
-  const int L = *pos0_ptr + T;
+  const int vb = h / QPB, r = t * QPB + h % QPB;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, d = dy * 64 + 2 * lane;
+  const int L = pos0 + T;
   const int blocks = (L + 15) / 16;
   const int per_split = decode_blocks_per_split(blocks, splits, WARPS);
   const int active = min(splits, (blocks + per_split - 1) / per_split);
@@ -623,4 +714,47 @@ attention_decode_merge(const float* __restrict__ part_o,     // [HKV * QG, split
   const u32 gw = *reinterpret_cast<const u32*>(qkv + size_t(t) * ROW + h * 2 * D + D + d);
   *reinterpret_cast<u32*>(out + size_t(t) * HQ * D + h * D + d) =
       f32x2_to_bf16x2(acc.x / lt * sigmoid(bf16x2_lo(gw)), acc.y / lt * sigmoid(bf16x2_hi(gw)));
+}
+}  // namespace attn
+}  // namespace q35k
+
+template <int HQ, int HKV, int D, int WARPS>
+__global__ void __launch_bounds__(256)
+attention_decode_merge(const float* __restrict__ part_o,     // [HKV * QG, splits, 8, D]
+                       const float* __restrict__ part_ml,    // [HKV * QG, splits, 8, 2]
+                       const q35k::bf16* __restrict__ qkv,   // [T, HQ*2D + 2*HKV*D] (gate)
+                       q35k::bf16* __restrict__ out,         // [T, HQ*D]
+                       const int* __restrict__ pos0_ptr,     // [1]
+                       int T, int splits, float scale) {
+  q35k::attn::wait_for_predecessor();
+  q35k::attn::allow_dependents();
+  q35k::attn::attention_decode_merge_row<HQ, HKV, D, WARPS>(part_o, part_ml, qkv, out, *pos0_ptr, T, splits, scale,
+                                                            blockIdx.x / HQ, blockIdx.x % HQ, blockIdx.y);
+}
+
+// attention_decode_merge_batch: grid (B * HQ, D / 64), block 256; combines attention_decode_batch's
+// partials of sequence b = blockIdx.x / HQ (slot slots[b], L = pos[slot] + 1) into out row b with
+// the gate of qkv row b. Padding rows (slots[b] < 0) write zeros.
+template <int HQ, int HKV, int D, int WARPS>
+__global__ void __launch_bounds__(256)
+attention_decode_merge_batch(const float* __restrict__ part_o,     // [B, HKV * QG, splits, 8, D]
+                             const float* __restrict__ part_ml,    // [B, HKV * QG, splits, 8, 2]
+                             const q35k::bf16* __restrict__ qkv,   // [B, HQ*2D + 2*HKV*D] (gate)
+                             q35k::bf16* __restrict__ out,         // [B, HQ*D]
+                             const int* __restrict__ slots,        // [B]
+                             const int* __restrict__ pos,          // [slots]
+                             int splits, float scale) {
+  constexpr int GROUP = HQ / HKV, QG = GROUP > 8 ? GROUP / 8 : 1, ROW = HQ * 2 * D + 2 * HKV * D;
+  q35k::attn::wait_for_predecessor();
+  q35k::attn::allow_dependents();
+  const int b = blockIdx.x / HQ, h = blockIdx.x % HQ, slot = slots[b];
+  q35k::bf16* row = out + size_t(b) * HQ * D;
+  if (slot < 0) {
+    if (threadIdx.x < 32) *reinterpret_cast<q35k::u32*>(row + h * D + blockIdx.y * 64 + 2 * threadIdx.x) = 0u;
+    return;
+  }
+  const size_t parts = size_t(HKV * QG) * splits * 8;
+  q35k::attn::attention_decode_merge_row<HQ, HKV, D, WARPS>(part_o + size_t(b) * parts * D,
+                                                            part_ml + size_t(b) * parts * 2, qkv + size_t(b) * ROW, row,
+                                                            pos[slot], 1, splits, scale, 0, h, blockIdx.y);
 }

@@ -151,12 +151,18 @@ gdn_recurrent(const q35k::bf16* __restrict__ qkv, const float* __restrict__ g, c
 // finish (atomic ticket counters[j], int32 [HV], zero before the first launch and after every one).
 // The state rows are loaded before the PDL wait: only this kernel writes them, and the launch that
 // wrote them last (the previous decode step) finished before the predecessor's wait returned.
+namespace q35k {
+// The body of gdn_decode for one token of one sequence (block (blockIdx.x, blockIdx.y) = value head
+// j, rows y ROWS ..): proj its projection row, ring / state its conv ring and recurrent state, pos0
+// its position (read after the PDL wait), out / y / counters its rows. gdn_decode_batch runs it per
+// sequence.
 template <int HK, int HV, int DK, int DV, int KC, int ROWS, int WARPS>
-__global__ void __launch_bounds__(WARPS * 32)
-gdn_decode(const q35k::bf16* __restrict__ proj, const q35k::bf16* __restrict__ conv_w,
-           const float* __restrict__ A_log, const float* __restrict__ dt_bias, q35k::bf16* ring,
-           const int* __restrict__ pos0_ptr, float* __restrict__ state, float* out,
-           const q35k::bf16* __restrict__ norm_w, q35k::bf16* __restrict__ y, int* counters, float eps) {
+__device__ __forceinline__ void gdn_decode_token(const bf16* __restrict__ proj, const bf16* __restrict__ conv_w,
+                                                 const float* __restrict__ A_log, const float* __restrict__ dt_bias,
+                                                 bf16* ring, const int* __restrict__ pos0_ptr,
+                                                 float* __restrict__ state, float* out,
+                                                 const bf16* __restrict__ norm_w, bf16* __restrict__ y,
+                                                 int* counters, float eps) {
   constexpr int C = 2 * HK * DK + HV * DV, RPW = ROWS / WARPS;
   static_assert(ROWS % WARPS == 0 && DV % ROWS == 0 && HV % HK == 0 && RPW <= 32, "gdn_decode: bad tiling");
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -164,33 +170,33 @@ gdn_decode(const q35k::bf16* __restrict__ proj, const q35k::bf16* __restrict__ c
   const int r0 = blockIdx.y * ROWS + warp * RPW;
   float* rows = state + (size_t(j) * DV + r0) * DK;
 
-  q35k::GdnKeyVec<DK> s[RPW];
-  q35k::gdn_load_state<DK, RPW>(s, rows, lane);
-  q35k::gdn_pdl_wait();
-  q35k::gdn_pdl_launch_dependents();
+  GdnKeyVec<DK> s[RPW];
+  gdn_load_state<DK, RPW>(s, rows, lane);
+  gdn_pdl_wait();
+  gdn_pdl_launch_dependents();
   const int pos0 = *pos0_ptr;
 
-  q35k::GdnKeyVec<DK> q, k;
+  GdnKeyVec<DK> q, k;
 #pragma unroll
-  for (int m = 0; m < q35k::GdnKeyVec<DK>::M; ++m)
+  for (int m = 0; m < GdnKeyVec<DK>::M; ++m)
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      const int i = kh * DK + q35k::GdnKeyVec<DK>::index(m, lane, e);
-      q.x[m][e] = q35k::gdn_conv_silu<C, KC>(proj, 0, ring, conv_w, pos0, 0, i);
-      k.x[m][e] = q35k::gdn_conv_silu<C, KC>(proj, 0, ring, conv_w, pos0, 0, HK * DK + i);
+      const int i = kh * DK + GdnKeyVec<DK>::index(m, lane, e);
+      q.x[m][e] = gdn_conv_silu<C, KC>(proj, 0, ring, conv_w, pos0, 0, i);
+      k.x[m][e] = gdn_conv_silu<C, KC>(proj, 0, ring, conv_w, pos0, 0, HK * DK + i);
     }
-  q35k::gdn_l2norm<DK>(q, rsqrtf(float(DK)));
-  q35k::gdn_l2norm<DK>(k, 1.f);
+  gdn_l2norm<DK>(q, rsqrtf(float(DK)));
+  gdn_l2norm<DK>(k, 1.f);
   const int cv = 2 * HK * DK + j * DV + r0;  // channel of the warp's first v row
   float v[RPW], o[RPW];
 #pragma unroll
-  for (int r = 0; r < RPW; ++r) v[r] = q35k::gdn_conv_silu<C, KC>(proj, 0, ring, conv_w, pos0, 0, cv + r);
-  const q35k::bf16* gates = proj + C + HV * DV;  // b [HV] | a [HV]
-  const float g = q35k::gdn_log_decay(q35k::bf16_to_f32(gates[HV + j]), A_log[j], dt_bias[j]);
-  const float beta = q35k::gdn_sigmoid(q35k::bf16_to_f32(gates[j]));
+  for (int r = 0; r < RPW; ++r) v[r] = gdn_conv_silu<C, KC>(proj, 0, ring, conv_w, pos0, 0, cv + r);
+  const bf16* gates = proj + C + HV * DV;  // b [HV] | a [HV]
+  const float g = gdn_log_decay(bf16_to_f32(gates[HV + j]), A_log[j], dt_bias[j]);
+  const float beta = gdn_sigmoid(bf16_to_f32(gates[j]));
 
   // This token's inputs into its ring slot (the reads above use the other KC-1 slots).
-  q35k::bf16* slot = ring + size_t(q35k::gdn_ring_slot<KC>(pos0)) * C;
+  bf16* slot = ring + size_t(gdn_ring_slot<KC>(pos0)) * C;
   if (lane < RPW) slot[cv + lane] = proj[cv + lane];
   if (j % (HV / HK) == 0 && blockIdx.y == 0 && warp == 0)
     for (int i = lane; i < DK; i += 32) {
@@ -198,11 +204,11 @@ gdn_decode(const q35k::bf16* __restrict__ proj, const q35k::bf16* __restrict__ c
       slot[HK * DK + kh * DK + i] = proj[HK * DK + kh * DK + i];
     }
 
-  q35k::gdn_step<DK, RPW>(s, q, k, v, g, beta, o);
+  gdn_step<DK, RPW>(s, q, k, v, g, beta, o);
 #pragma unroll
   for (int r = 0; r < RPW; ++r)
     if (lane == r % 32) out[size_t(j) * DV + r0 + r] = o[r];
-  q35k::gdn_store_state<DK, RPW>(s, rows, lane);
+  gdn_store_state<DK, RPW>(s, rows, lane);
 
   // The head's last block to finish applies the gated RMSNorm over its DV outputs.
   __shared__ int is_last;
@@ -213,5 +219,41 @@ gdn_decode(const q35k::bf16* __restrict__ proj, const q35k::bf16* __restrict__ c
   if (!is_last) return;
   if (threadIdx.x == 0) counters[j] = 0;
   __threadfence();
-  if (warp == 0) q35k::gated_rmsnorm_head<DV>(out + size_t(j) * DV, proj + C + size_t(j) * DV, norm_w, y + size_t(j) * DV, eps);
+  if (warp == 0) gated_rmsnorm_head<DV>(out + size_t(j) * DV, proj + C + size_t(j) * DV, norm_w, y + size_t(j) * DV, eps);
+}
+}  // namespace q35k
+
+template <int HK, int HV, int DK, int DV, int KC, int ROWS, int WARPS>
+__global__ void __launch_bounds__(WARPS * 32)
+gdn_decode(const q35k::bf16* __restrict__ proj, const q35k::bf16* __restrict__ conv_w,
+           const float* __restrict__ A_log, const float* __restrict__ dt_bias, q35k::bf16* ring,
+           const int* __restrict__ pos0_ptr, float* __restrict__ state, float* out,
+           const q35k::bf16* __restrict__ norm_w, q35k::bf16* __restrict__ y, int* counters, float eps) {
+  q35k::gdn_decode_token<HK, HV, DK, DV, KC, ROWS, WARPS>(proj, conv_w, A_log, dt_bias, ring, pos0_ptr, state, out,
+                                                          norm_w, y, counters, eps);
+}
+
+// gdn_decode_batch: one token of each of B sequences (a batched decode step), grid (HV, DV / ROWS,
+// B). Sequence b (blockIdx.z) is slot slots[b]: projection row proj + b * row_stride, its conv ring
+// ring + slot * KC*C, its state state + slot * HV*DV*DK, its position pos[slot]; out, y rows b and
+// counters + b * HV (int32 [B, HV], zero between launches). Padding rows (slots[b] < 0) write zeros
+// into their y rows and touch no state.
+template <int HK, int HV, int DK, int DV, int KC, int ROWS, int WARPS>
+__global__ void __launch_bounds__(WARPS * 32)
+gdn_decode_batch(const q35k::bf16* __restrict__ proj, int row_stride, const q35k::bf16* __restrict__ conv_w,
+                 const float* __restrict__ A_log, const float* __restrict__ dt_bias, q35k::bf16* ring,
+                 const int* __restrict__ slots, const int* __restrict__ pos, float* __restrict__ state, float* out,
+                 const q35k::bf16* __restrict__ norm_w, q35k::bf16* __restrict__ y, int* counters, float eps) {
+  constexpr int C = 2 * HK * DK + HV * DV;
+  const int b = blockIdx.z, slot = slots[b];
+  if (slot < 0) {  // after the wait: earlier kernels of the step may still read y
+    q35k::gdn_pdl_wait();
+    for (int i = threadIdx.x; i < ROWS; i += WARPS * 32)
+      y[size_t(b) * HV * DV + size_t(blockIdx.x) * DV + blockIdx.y * ROWS + i] = q35k::f32_to_bf16(0.f);
+    return;
+  }
+  q35k::gdn_decode_token<HK, HV, DK, DV, KC, ROWS, WARPS>(
+      proj + size_t(b) * row_stride, conv_w, A_log, dt_bias, ring + size_t(slot) * KC * C, pos + slot,
+      state + size_t(slot) * HV * DV * DK, out + size_t(b) * HV * DV, norm_w, y + size_t(b) * HV * DV,
+      counters + size_t(b) * HV, eps);
 }

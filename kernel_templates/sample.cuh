@@ -129,13 +129,13 @@ argmax_f32(const float* __restrict__ logits,  // [V]
   }
 }
 
+namespace q35k {
+// The body of sample_f32 for one row of logits; greedy_steps: whether a greedy draw advances the
+// step too (sample_f32 does; the batched kernel's greedy rows leave rng alone, like argmax_f32).
 template <int V, int THREADS>
-__global__ void __launch_bounds__(THREADS)
-sample_f32(const float* __restrict__ logits,  // [V]
-           int* __restrict__ out_id,          // [1]
-           unsigned long long* rng,           // [2]: seed, step (step is incremented)
-           float temperature, int top_k, float top_p) {
-  using namespace q35k;
+__device__ __forceinline__ void sample_row(const float* __restrict__ logits, int* __restrict__ out_id,
+                                           unsigned long long* rng, float temperature, int top_k, float top_p,
+                                           bool greedy_steps) {
   constexpr int PER = (V + THREADS - 1) / THREADS;  // contiguous ids per thread (id order = thread order)
   __shared__ float sv[THREADS / 32], scan[THREADS / 32];
   __shared__ int si[THREADS / 32];
@@ -152,7 +152,10 @@ sample_f32(const float* __restrict__ logits,  // [V]
     if (beats(logits[j], j, m, best)) m = logits[j], best = j;
   block_argmax<THREADS>(m, best, sv, si);
   if (temperature <= 0.f || top_k == 1) {
-    if (threadIdx.x == 0) *out_id = best, rng[1] += 1;
+    if (threadIdx.x == 0) {
+      *out_id = best;
+      if (greedy_steps) rng[1] += 1;
+    }
     return;
   }
   const float inv_t = 1.f / temperature;
@@ -265,4 +268,43 @@ sample_f32(const float* __restrict__ logits,  // [V]
     *out_id = chosen != 0x7fffffff ? chosen : best;
     rng[1] += 1;
   }
+}
+
+// Which kernel draws a row with these parameters (as the host picks for one sequence:
+// models/qwen35/gpu/sampling.h): 0 greedy, 1 top-k (topk_sample.cuh, 1 < top_k <= k_max), 2 the rest.
+__device__ __forceinline__ int sample_mode(float temperature, int top_k, int k_max) {
+  if (temperature <= 0.f || top_k == 1) return 0;
+  return top_k > 1 && top_k <= k_max ? 1 : 2;
+}
+}  // namespace q35k
+
+template <int V, int THREADS>
+__global__ void __launch_bounds__(THREADS)
+sample_f32(const float* __restrict__ logits,  // [V]
+           int* __restrict__ out_id,          // [1]
+           unsigned long long* rng,           // [2]: seed, step (step is incremented)
+           float temperature, int top_k, float top_p) {
+  q35k::sample_row<V, THREADS>(logits, out_id, rng, temperature, top_k, top_p, true);
+}
+
+// sample_batch_f32: one row of logits per sequence of a batched decode step, grid (B), each row
+// with its own parameters (temperature [B], top_k [B], top_p [B]) and its slot's rng {seed, step}
+// (rng + 2 * slots[b]). Draws the greedy rows (argmax, rng untouched) and the rows top-k sampling
+// does not serve (mode 2); the top-k rows (mode 1, 1 < top_k <= K_MAX) are left to
+// topk_partial_batch / topk_final_batch; padding rows (slots[b] < 0) are skipped.
+template <int V, int THREADS, int K_MAX>
+__global__ void __launch_bounds__(THREADS, 1)  // min 1 block: ptxas otherwise caps sm_80 at 32 registers and spills
+sample_batch_f32(const float* __restrict__ logits,      // [B, V]
+                 int* __restrict__ out_id,              // [B]
+                 unsigned long long* rng,               // [slots, 2]
+                 const int* __restrict__ slots,         // [B]
+                 const float* __restrict__ temperature,  // [B]
+                 const int* __restrict__ top_k,         // [B]
+                 const float* __restrict__ top_p) {     // [B]
+  const int b = blockIdx.x, slot = slots[b];
+  if (slot < 0) return;
+  const float t = temperature[b];
+  const int k = top_k[b];
+  if (q35k::sample_mode(t, k, K_MAX) == 1) return;
+  q35k::sample_row<V, THREADS>(logits + size_t(b) * V, out_id + b, rng + 2 * size_t(slot), t, k, top_p[b], false);
 }

@@ -67,10 +67,11 @@ __device__ __forceinline__ unsigned long long topk_mix(unsigned long long x) {
 
 }  // namespace q35k
 
-// logits [VOCAB] fp32 -> cand_v / cand_i [BLOCKS, K_MAX]: each block's top_k, in order.
+namespace q35k {
+// The body of topk_partial for slice blockIdx.x of one row of logits.
 template <int VOCAB, int BLOCKS, int K_MAX, int THREADS>
-__global__ void __launch_bounds__(THREADS)
-topk_partial(const float* __restrict__ logits, float* __restrict__ cand_v, int* __restrict__ cand_i, int top_k) {
+__device__ __forceinline__ void topk_partial_slice(const float* __restrict__ logits, float* __restrict__ cand_v,
+                                                   int* __restrict__ cand_i, int top_k) {
   constexpr int CHUNK = (VOCAB + BLOCKS - 1) / BLOCKS;
   __shared__ float vals[CHUNK];
   __shared__ float sv[THREADS / 32];
@@ -80,15 +81,15 @@ topk_partial(const float* __restrict__ logits, float* __restrict__ cand_v, int* 
   const int n = VOCAB - base < CHUNK ? (VOCAB - base > 0 ? VOCAB - base : 0) : CHUNK;
   for (int j = threadIdx.x; j < n; j += THREADS) vals[j] = logits[base + j];
   __syncthreads();
-  q35k::topk_extract<THREADS>(vals, n, [&](int j) { return base + j; }, top_k, cand_v + blockIdx.x * K_MAX,
-                              cand_i + blockIdx.x * K_MAX, sv, si, &taken);
+  topk_extract<THREADS>(vals, n, [&](int j) { return base + j; }, top_k, cand_v + blockIdx.x * K_MAX,
+                        cand_i + blockIdx.x * K_MAX, sv, si, &taken);
 }
 
-// cand_v / cand_i [BLOCKS, K_MAX] -> out_id [1]; rng u64 [2] = {seed, step}, step += 1.
+// The body of topk_final for one row: the global top_k of its candidates, then the draw.
 template <int BLOCKS, int K_MAX, int THREADS>
-__global__ void __launch_bounds__(THREADS)
-topk_final(const float* __restrict__ cand_v, const int* __restrict__ cand_i, int* __restrict__ out_id,
-           unsigned long long* __restrict__ rng, float temperature, int top_k, float top_p) {
+__device__ __forceinline__ void topk_final_row(const float* __restrict__ cand_v, const int* __restrict__ cand_i,
+                                               int* __restrict__ out_id, unsigned long long* __restrict__ rng,
+                                               float temperature, int top_k, float top_p) {
   __shared__ float vals[BLOCKS * K_MAX];
   __shared__ int ids[BLOCKS * K_MAX];
   __shared__ float best_v[K_MAX];
@@ -103,7 +104,7 @@ topk_final(const float* __restrict__ cand_v, const int* __restrict__ cand_i, int
     ids[j] = cand_i[b * K_MAX + r];
   }
   __syncthreads();
-  q35k::topk_extract<THREADS>(vals, n, [&](int j) { return ids[j]; }, top_k, best_v, best_i, sv, si, &taken);
+  topk_extract<THREADS>(vals, n, [&](int j) { return ids[j]; }, top_k, best_v, best_i, sv, si, &taken);
   if (threadIdx.x != 0) return;
   // Softmax at the temperature over the kept candidates (sorted), in double like the host.
   int kept = 0;
@@ -126,7 +127,7 @@ topk_final(const float* __restrict__ cand_v, const int* __restrict__ cand_i, int
   for (int r = 0; r < nucleus; ++r) kept_mass += exp((double(best_v[r]) - double(best_v[0])) / double(temperature));
   const unsigned long long step = rng[1];
   rng[1] = step + 1;
-  const double u = double(q35k::topk_mix(rng[0] ^ q35k::topk_mix(step)) >> 11) * (1.0 / 9007199254740992.0);
+  const double u = double(topk_mix(rng[0] ^ topk_mix(step)) >> 11) * (1.0 / 9007199254740992.0);
   double acc = 0;
   int pick = nucleus - 1;
   for (int r = 0; r < nucleus; ++r) {
@@ -137,4 +138,55 @@ topk_final(const float* __restrict__ cand_v, const int* __restrict__ cand_i, int
     }
   }
   out_id[0] = best_i[pick];
+}
+
+// A row of a batched step is drawn here when temperature > 0 and 1 < top_k <= K_MAX (as
+// models/qwen35/gpu/sampling.cpp topk_sample_serves) and it is not padding.
+__device__ __forceinline__ bool topk_row(const int* slots, const float* temperature, const int* top_k, int b,
+                                         int k_max) {
+  return slots[b] >= 0 && temperature[b] > 0.f && top_k[b] > 1 && top_k[b] <= k_max;
+}
+}  // namespace q35k
+
+// logits [VOCAB] fp32 -> cand_v / cand_i [BLOCKS, K_MAX]: each block's top_k, in order.
+template <int VOCAB, int BLOCKS, int K_MAX, int THREADS>
+__global__ void __launch_bounds__(THREADS)
+topk_partial(const float* __restrict__ logits, float* __restrict__ cand_v, int* __restrict__ cand_i, int top_k) {
+  q35k::topk_partial_slice<VOCAB, BLOCKS, K_MAX, THREADS>(logits, cand_v, cand_i, top_k);
+}
+
+// cand_v / cand_i [BLOCKS, K_MAX] -> out_id [1]; rng u64 [2] = {seed, step}, step += 1.
+template <int BLOCKS, int K_MAX, int THREADS>
+__global__ void __launch_bounds__(THREADS)
+topk_final(const float* __restrict__ cand_v, const int* __restrict__ cand_i, int* __restrict__ out_id,
+           unsigned long long* __restrict__ rng, float temperature, int top_k, float top_p) {
+  q35k::topk_final_row<BLOCKS, K_MAX, THREADS>(cand_v, cand_i, out_id, rng, temperature, top_k, top_p);
+}
+
+// Batched forms (one row per sequence of a batched decode step, each with its own parameters and
+// its slot's rng = rng + 2 * slots[b]); rows that are padding or not top-k rows exit at once.
+// topk_partial_batch: grid (BLOCKS, B), logits [B, VOCAB] -> cand_v / cand_i [B, BLOCKS, K_MAX].
+template <int VOCAB, int BLOCKS, int K_MAX, int THREADS>
+__global__ void __launch_bounds__(THREADS)
+topk_partial_batch(const float* __restrict__ logits, float* __restrict__ cand_v, int* __restrict__ cand_i,
+                   const int* __restrict__ slots, const float* __restrict__ temperature,
+                   const int* __restrict__ top_k) {
+  const int b = blockIdx.y;
+  if (!q35k::topk_row(slots, temperature, top_k, b, K_MAX)) return;
+  q35k::topk_partial_slice<VOCAB, BLOCKS, K_MAX, THREADS>(logits + size_t(b) * VOCAB, cand_v + size_t(b) * BLOCKS * K_MAX,
+                                                          cand_i + size_t(b) * BLOCKS * K_MAX, top_k[b]);
+}
+
+// topk_final_batch: grid (B), -> out_id [B]; rng [slots, 2], step += 1 per drawn row.
+template <int BLOCKS, int K_MAX, int THREADS>
+__global__ void __launch_bounds__(THREADS)
+topk_final_batch(const float* __restrict__ cand_v, const int* __restrict__ cand_i, int* __restrict__ out_id,
+                 unsigned long long* __restrict__ rng, const int* __restrict__ slots,
+                 const float* __restrict__ temperature, const int* __restrict__ top_k,
+                 const float* __restrict__ top_p) {
+  const int b = blockIdx.x;
+  if (!q35k::topk_row(slots, temperature, top_k, b, K_MAX)) return;
+  q35k::topk_final_row<BLOCKS, K_MAX, THREADS>(cand_v + size_t(b) * BLOCKS * K_MAX, cand_i + size_t(b) * BLOCKS * K_MAX,
+                                               out_id + b, rng + 2 * size_t(slots[b]), temperature[b], top_k[b],
+                                               top_p[b]);
 }

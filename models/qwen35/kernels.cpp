@@ -43,6 +43,12 @@ std::vector<q35::KernelSpec> required_kernels(const Config& cfg, int group, cons
   }
   const gpu::TopkSamplePlan topk = gpu::topk_sample_plan(cfg.vocab_size);
   add({topk.partial_spec(), topk.final_spec()});
+  // The batched decode step's: attention, DeltaNet, sampling and bookkeeping.
+  add(gpu::attention_batch_kernels(cfg, smem_limit_for(arch)));
+  add(gpu::gdn_batch_kernels(cfg));
+  const gpu::BatchSamplePlan batch = gpu::batch_sample_plan(cfg.vocab_size);
+  add({batch.topk.partial_batch_spec(), batch.topk.final_batch_spec(), batch.sample_spec(),
+       q35::KernelSpec{"step", "step_advance_batch", {}}});
   return specs;
 }
 

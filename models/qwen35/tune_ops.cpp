@@ -483,7 +483,8 @@ class GdnOpBase : public OpBase {
 
   std::vector<KernelSpec> all_kernels(const gpu::GdnTiles& t) const {
     return {gpu::gdn_prologue_spec(cfg_, t.prologue), gpu::gdn_recurrent_spec(cfg_, t.recurrent),
-            gpu::gdn_decode_spec(cfg_, t.recurrent),  gpu::gdn_chunk_prepare_spec(cfg_),
+            gpu::gdn_decode_spec(cfg_, t.recurrent),  gpu::gdn_decode_batch_spec(cfg_, t.recurrent),
+            gpu::gdn_chunk_prepare_spec(cfg_),
             gpu::gdn_chunk_state_spec(cfg_, t.chunk), gpu::gdn_chunk_output_spec(cfg_),
             gpu::gated_rmsnorm_spec(cfg_, t.norm)};
   }

@@ -14,6 +14,17 @@ KernelSpec AttentionPlan::prefill_spec() const { return q35::attention_prefill_s
 KernelSpec AttentionPlan::decode_spec() const { return q35::attention_decode_spec(hq, hkv, d, decode); }
 KernelSpec AttentionPlan::decode_merge_spec() const { return q35::attention_decode_merge_spec(hq, hkv, d, decode); }
 
+namespace {
+KernelSpec batch_form(KernelSpec s) {
+  s.kernel += "_batch";
+  return s;
+}
+}  // namespace
+
+KernelSpec AttentionPlan::qk_norm_rope_batch_spec() const { return batch_form(qk_norm_rope_spec()); }
+KernelSpec AttentionPlan::decode_batch_spec() const { return batch_form(decode_spec()); }
+KernelSpec AttentionPlan::decode_merge_batch_spec() const { return batch_form(decode_merge_spec()); }
+
 AttentionPlan attention_plan(const Config& cfg, int64_t smem_limit) {
   if (!cfg.attn_output_gate)
     fail("gated attention: config.json attn_output_gate = false is not supported (the kernels fuse the output gate)");
@@ -36,6 +47,13 @@ std::vector<KernelSpec> attention_kernels(const Config& cfg, int64_t smem_limit)
     return {};
   const AttentionPlan p = attention_plan(cfg, smem_limit);
   return {p.qk_norm_rope_spec(), p.prefill_spec(), p.decode_spec(), p.decode_merge_spec()};
+}
+
+std::vector<KernelSpec> attention_batch_kernels(const Config& cfg, int64_t smem_limit) {
+  if (std::find(cfg.layer_types.begin(), cfg.layer_types.end(), LayerType::FullAttention) == cfg.layer_types.end())
+    return {};
+  const AttentionPlan p = attention_plan(cfg, smem_limit);
+  return {p.qk_norm_rope_batch_spec(), p.decode_batch_spec(), p.decode_merge_batch_spec()};
 }
 
 int attention_decode_splits(const AttentionPlan& plan, int64_t max_context, int sm_count) {
@@ -87,6 +105,49 @@ void launch_attention_decode(const AttentionPlan& plan, const Function& decode, 
                 v_cache, part_o, part_ml, pos0, T, plan.scale);
   merge.launch({{unsigned(T * plan.hq), unsigned(plan.d / 64)}, {256}, 0, pdl}, stream, part_o, part_ml, qkv, out, pos0, T, splits,
                plan.scale);
+}
+
+int attention_decode_batch_splits(const AttentionPlan& plan, int B, int64_t max_context, int sm_count) {
+  if (B < 1) fail("attention_decode_batch: B = {} sequences is not positive", B);
+  if (max_context < 1) fail("attention_decode_batch: max_context = {} is not positive", max_context);
+  if (sm_count < 1) fail("attention_decode_batch: sm_count = {} is not positive", sm_count);
+  const int64_t blocks = plan.hkv * plan.decode_qgroups() * B;  // per split
+  const int64_t by_sms = (2 * int64_t(sm_count) + blocks - 1) / blocks;
+  const int64_t by_cache = (max_context + 16 * plan.decode.warps - 1) / (16 * plan.decode.warps);
+  return int(std::clamp<int64_t>(std::min(by_sms, by_cache), 1, 65535));
+}
+
+size_t attention_decode_batch_scratch_bytes(const AttentionPlan& plan, int B, int splits) {
+  return size_t(B) * attention_decode_scratch_bytes(plan, splits);
+}
+
+void launch_qk_norm_rope_batch(const AttentionPlan& plan, const Function& f, const Stream& stream, CUdeviceptr qkv,
+                               CUdeviceptr q_norm_w, CUdeviceptr k_norm_w, CUdeviceptr q, CUdeviceptr k_cache,
+                               CUdeviceptr v_cache, const AttentionBatch& batch, int B, bool pdl) {
+  if (B < 1) fail("qk_norm_rope_batch: B = {} sequences is not positive", B);
+  if (batch.max_context < 1) fail("qk_norm_rope_batch: max_context = {} is not positive", batch.max_context);
+  const long long slot_stride = (long long)batch.max_context * plan.hkv * plan.d;
+  f.launch({{unsigned(B)}, {unsigned(plan.rope.threads())}, 0, pdl}, stream, qkv, q_norm_w, k_norm_w, q, k_cache,
+           v_cache, batch.slots, batch.pos, slot_stride, batch.max_context, plan.theta, plan.eps);
+}
+
+void launch_attention_decode_batch(const AttentionPlan& plan, const Function& decode, const Function& merge,
+                                   const Stream& stream, CUdeviceptr q, CUdeviceptr k_cache, CUdeviceptr v_cache,
+                                   CUdeviceptr qkv, CUdeviceptr out, CUdeviceptr scratch, int splits,
+                                   const AttentionBatch& batch, int B, bool pdl) {
+  if (B < 1 || B > 65535) fail("attention_decode_batch: B = {} sequences is not in [1, 65535]", B);
+  if (splits < 1 || splits > 65535) fail("attention_decode_batch: splits = {} is not in [1, 65535]", splits);
+  if (plan.max_decode_tokens() < 1)
+    fail("attention_decode_batch: {} q heads per kv head do not fit one decode block", plan.hq / plan.hkv);
+  const int64_t blocks = plan.hkv * plan.decode_qgroups();  // per split and sequence
+  const CUdeviceptr part_o = scratch;
+  const CUdeviceptr part_ml =
+      scratch + size_t(B) * size_t(blocks) * size_t(splits) * AttentionDecodeTile::kRows * size_t(plan.d) * sizeof(float);
+  const long long slot_stride = (long long)batch.max_context * plan.hkv * plan.d;
+  decode.launch({{unsigned(blocks), unsigned(splits), unsigned(B)}, {unsigned(plan.decode.threads())}, 0, pdl}, stream,
+                q, k_cache, v_cache, part_o, part_ml, batch.slots, batch.pos, slot_stride, plan.scale);
+  merge.launch({{unsigned(B * plan.hq), unsigned(plan.d / 64)}, {256}, 0, pdl}, stream, part_o, part_ml, qkv, out,
+               batch.slots, batch.pos, splits, plan.scale);
 }
 
 }  // namespace q35::qwen35::gpu

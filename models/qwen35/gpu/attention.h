@@ -49,6 +49,10 @@ struct AttentionPlan {
   KernelSpec prefill_spec() const;
   KernelSpec decode_spec() const;
   KernelSpec decode_merge_spec() const;
+  // The batched decode step's forms (one token of each of B sequences, each in its own slot):
+  KernelSpec qk_norm_rope_batch_spec() const;
+  KernelSpec decode_batch_spec() const;
+  KernelSpec decode_merge_batch_spec() const;
 };
 
 // Default tiles for the config; smem_limit = the shared memory a block may use on the target
@@ -58,6 +62,8 @@ AttentionPlan attention_plan(const Config& cfg, int64_t smem_limit = kAttentionS
 
 // Every attention kernel the model needs (empty without full-attention layers).
 std::vector<KernelSpec> attention_kernels(const Config& cfg, int64_t smem_limit = kAttentionSmemLimitSm80);
+// The batched decode step's attention kernels (default tiles; empty without full-attention layers).
+std::vector<KernelSpec> attention_batch_kernels(const Config& cfg, int64_t smem_limit = kAttentionSmemLimitSm80);
 
 // Decode split count for a KV cache of max_context rows on a GPU with sm_count SMs: about two CTAs
 // per SM over the kv heads, no more than the cache has blocks of 16 keys per warp.
@@ -84,5 +90,30 @@ void launch_attention_decode(const AttentionPlan& plan, const Function& decode, 
                              const Stream& stream, CUdeviceptr q, CUdeviceptr k_cache, CUdeviceptr v_cache,
                              CUdeviceptr qkv, CUdeviceptr out, CUdeviceptr scratch, int splits, CUdeviceptr pos0,
                              int T, bool pdl = false);
+
+// The batched decode step (one token of each of B sequences; kernel_templates/attention.cuh
+// *_batch): row b belongs to sequence slot slots[b] (int32 [B] on the device, < 0: a padding row
+// that writes nothing), at position pos[slot] (int32 [slots]); the slots' caches are one buffer
+// each, slot s at k_cache + s * max_context * Hkv * D elements.
+struct AttentionBatch {
+  CUdeviceptr slots = 0;  // int32 [B]
+  CUdeviceptr pos = 0;    // int32 [slots]
+  int max_context = 0;    // rows per slot
+};
+// Split count of a batched decode over B sequences: about two CTAs per SM over (kv head blocks x B),
+// no more than a slot has blocks of 16 keys per warp.
+int attention_decode_batch_splits(const AttentionPlan& plan, int B, int64_t max_context, int sm_count);
+// Scratch of one batched decode launch of B sequences.
+size_t attention_decode_batch_scratch_bytes(const AttentionPlan& plan, int B, int splits);
+// q [B, Hq, D], the k / v rows of each sequence at its position in its slot. Grid (B).
+void launch_qk_norm_rope_batch(const AttentionPlan& plan, const Function& f, const Stream& stream, CUdeviceptr qkv,
+                               CUdeviceptr q_norm_w, CUdeviceptr k_norm_w, CUdeviceptr q, CUdeviceptr k_cache,
+                               CUdeviceptr v_cache, const AttentionBatch& batch, int B, bool pdl = false);
+// Each sequence's query over its own rows 0 .. pos[slot]: decode grid (Hkv * QG, splits, B), merge
+// grid (B * Hq, D / 64) -> out [B, Hq*D] with the gate of qkv row b (zeros for padding rows).
+void launch_attention_decode_batch(const AttentionPlan& plan, const Function& decode, const Function& merge,
+                                   const Stream& stream, CUdeviceptr q, CUdeviceptr k_cache, CUdeviceptr v_cache,
+                                   CUdeviceptr qkv, CUdeviceptr out, CUdeviceptr scratch, int splits,
+                                   const AttentionBatch& batch, int B, bool pdl = false);
 
 }  // namespace q35::qwen35::gpu

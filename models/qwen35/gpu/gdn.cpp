@@ -82,6 +82,12 @@ KernelSpec gdn_decode_spec(const Config& cfg, const GdnRecurrentTile& tile) {
   return {"gdn_recurrent", "gdn_decode", args};
 }
 
+KernelSpec gdn_decode_batch_spec(const Config& cfg, const GdnRecurrentTile& tile) {
+  KernelSpec s = gdn_decode_spec(cfg, tile);
+  s.kernel = "gdn_decode_batch";
+  return s;
+}
+
 KernelSpec gdn_chunk_prepare_spec(const Config& cfg) {
   const GdnShape s = gdn_shape(cfg);
   check_tile("gdn_chunk_prepare", default_gdn_chunk_tile(s), s);
@@ -115,6 +121,12 @@ std::vector<KernelSpec> gdn_kernels(const Config& cfg) {
   return {gdn_decode_spec(cfg, t.recurrent),  gated_rmsnorm_spec(cfg, t.norm),      gdn_prologue_spec(cfg, t.prologue),
           gdn_chunk_prepare_spec(cfg),        gdn_chunk_state_spec(cfg, t.chunk), gdn_chunk_output_spec(cfg),
           gdn_recurrent_spec(cfg, t.recurrent)};
+}
+
+std::vector<KernelSpec> gdn_batch_kernels(const Config& cfg) {
+  if (std::find(cfg.layer_types.begin(), cfg.layer_types.end(), LayerType::LinearAttention) == cfg.layer_types.end())
+    return {};
+  return {gdn_decode_batch_spec(cfg, GdnTiles::defaults(gdn_shape(cfg)).recurrent)};
 }
 
 size_t gdn_workspace_bytes(const Config& cfg, int64_t T) {
@@ -152,6 +164,7 @@ GdnKernels::GdnKernels(JitEngine& jit, const Context& ctx, const Config& cfg, co
       prologue_(load(jit, ctx, gdn_prologue_spec(cfg, tiles.prologue))),
       recurrent_(load(jit, ctx, gdn_recurrent_spec(cfg, tiles.recurrent))),
       decode_(load(jit, ctx, gdn_decode_spec(cfg, tiles.recurrent))),
+      decode_batch_(load(jit, ctx, gdn_decode_batch_spec(cfg, tiles.recurrent))),
       chunk_prepare_(load(jit, ctx, gdn_chunk_prepare_spec(cfg))),
       chunk_state_(load(jit, ctx, gdn_chunk_state_spec(cfg, tiles.chunk))),
       chunk_output_(load(jit, ctx, gdn_chunk_output_spec(cfg))),
@@ -176,6 +189,19 @@ void GdnKernels::decode(const Stream& stream, CUdeviceptr proj, int row_stride, 
   const GdnRecurrentTile& t = tiles_.recurrent;
   decode_.launch({{unsigned(shape_.hv), unsigned(shape_.dv / t.rows)}, {unsigned(32 * t.warps)}, 0, pdl}, stream, proj,
                  w.conv_w, w.A_log, w.dt_bias, st.conv, pos0, st.ssm, o, w.norm_w, y, counters, eps_);
+}
+
+void GdnKernels::decode_batch(const Stream& stream, CUdeviceptr proj, int row_stride, int B, CUdeviceptr slots,
+                              CUdeviceptr pos, const GdnLayerWeights& w, const GdnLayerState& st, CUdeviceptr o,
+                              CUdeviceptr y, CUdeviceptr counters, bool pdl) const {
+  check_proj(row_stride, B);
+  if (B > 65535) fail("gdn_decode_batch: B = {} sequences, at most 65535", B);
+  if (!counters) fail("gdn_decode_batch: the per-head counters (int32 [{}, {}], zeroed once) are not set", B, shape_.hv);
+  const GdnRecurrentTile& t = tiles_.recurrent;
+  decode_batch_.launch({{unsigned(shape_.hv), unsigned(shape_.dv / t.rows), unsigned(B)}, {unsigned(32 * t.warps)}, 0,
+                        pdl},
+                       stream, proj, row_stride, w.conv_w, w.A_log, w.dt_bias, st.conv, slots, pos, st.ssm, o, w.norm_w,
+                       y, counters, eps_);
 }
 
 void GdnKernels::prefill(const Stream& stream, CUdeviceptr proj, int row_stride, int T, CUdeviceptr pos0,

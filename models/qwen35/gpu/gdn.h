@@ -51,12 +51,16 @@ struct GdnTiles {
 KernelSpec gdn_prologue_spec(const Config& cfg, const GdnPrologueTile& tile);
 KernelSpec gdn_recurrent_spec(const Config& cfg, const GdnRecurrentTile& tile);
 KernelSpec gdn_decode_spec(const Config& cfg, const GdnRecurrentTile& tile);
+// gdn_decode's batched form (one token of each of B sequences, each with its slot's state).
+KernelSpec gdn_decode_batch_spec(const Config& cfg, const GdnRecurrentTile& tile);
 KernelSpec gdn_chunk_prepare_spec(const Config& cfg);
 KernelSpec gdn_chunk_state_spec(const Config& cfg, const GdnChunkTile& tile);
 KernelSpec gdn_chunk_output_spec(const Config& cfg);
 KernelSpec gated_rmsnorm_spec(const Config& cfg, const GatedRmsnormTile& tile);
 // Every GDN instantiation the model needs (default tiles); empty without linear-attention layers.
 std::vector<KernelSpec> gdn_kernels(const Config& cfg);
+// The batched decode step's (gdn_decode_batch, default tile); empty without linear-attention layers.
+std::vector<KernelSpec> gdn_batch_kernels(const Config& cfg);
 
 struct GdnLayerWeights {
   CUdeviceptr conv_w = 0;   // bf16 [C, Kc]
@@ -97,6 +101,14 @@ class GdnKernels {
   // proj [1, row_stride]; counters int32 [Hv], zeroed once (every launch leaves them zero).
   void decode(const Stream& stream, CUdeviceptr proj, int row_stride, CUdeviceptr pos0, const GdnLayerWeights& w,
               const GdnLayerState& st, CUdeviceptr o, CUdeviceptr y, CUdeviceptr counters, bool pdl = false) const;
+  // One decode token of each of B sequences (a batched decode step), one launch: row b of proj
+  // [B, row_stride] is sequence slot slots[b] (int32 [B], < 0: padding, its y row zeroed) at position
+  // pos[slot] (int32 [slots]); its conv ring and state are slot `slot` of st (st.conv + slot *
+  // gdn_conv_state_bytes, st.ssm + slot * gdn_ssm_state_bytes). o fp32 [B, Hv, dv] scratch, y [B, Hv dv];
+  // counters int32 [B, Hv], zeroed once.
+  void decode_batch(const Stream& stream, CUdeviceptr proj, int row_stride, int B, CUdeviceptr slots, CUdeviceptr pos,
+                    const GdnLayerWeights& w, const GdnLayerState& st, CUdeviceptr o, CUdeviceptr y,
+                    CUdeviceptr counters, bool pdl = false) const;
   // T >= 1 tokens of one layer: gdn_prologue, then the chunked kernels -> y (chunked = true), or the
   // token-by-token recurrence then gated_rmsnorm -> y [T, Hv dv] bf16. Both update the state.
   void prefill(const Stream& stream, CUdeviceptr proj, int row_stride, int T, CUdeviceptr pos0,
@@ -126,7 +138,7 @@ class GdnKernels {
   GdnShape shape_;
   GdnTiles tiles_;
   float eps_;
-  Function prologue_, recurrent_, decode_, chunk_prepare_, chunk_state_, chunk_output_, norm_;
+  Function prologue_, recurrent_, decode_, decode_batch_, chunk_prepare_, chunk_state_, chunk_output_, norm_;
 };
 
 }  // namespace q35::qwen35::gpu
