@@ -213,8 +213,9 @@ TEST_CASE("GPU memory need: 122B W4A16 fits one H200, 397B does not; the refusal
   CHECK(m397.weights < int64_t(215e9));
   CHECK(m122.total() < int64_t(139) * (int64_t(1) << 30));
   // K/V rows: 12 full-attention layers x K and V x 2 heads x 256 x bf16 per token.
+  // DeltaNet: the fp32 state and the runtime's conv ring of Kc inputs per channel (bf16), 36 layers.
   CHECK(m122.state == int64_t(32768) * 12 * 2 * 2 * 256 * 2 + ModelWork(c122, 128).gdn_state_bytes() +
-                          ModelWork(c122, 128).conv_state_bytes());
+                          36 * c122.linear_conv_kernel_dim * c122.linear_conv_dim() * 2);
   CHECK(gpu_memory_need(c122, 128, 32768, 2048, false).staging == 0);
   CHECK(m122.staging == 2 * c122.num_experts * 2 * c122.moe_intermediate_size * c122.hidden_size);  // fused experts
   const size_t h200_free = size_t(139) << 30, h200_total = size_t(141) << 30;

@@ -109,6 +109,23 @@ double ModelWork::expected_experts(int64_t L) const {
   return E * (1.0 - std::pow(1.0 - k / E, double(std::max<int64_t>(L, 0))));
 }
 
+double ModelWork::decode_batch_bytes(int64_t B, int64_t context) const {
+  if (B < 1) fail("decode batch floor: B = {} sequences must be positive", B);
+  if (context < 0) fail("decode batch floor: context {} must not be negative", context);
+  const Config& c = config_;
+  const double weights = double(weight_bytes_per_token() - part("routed experts").bytes) +
+                         double(c.num_layers) * expected_experts(B) * double(expert_bytes()) +
+                         double(B - 1) * double(c.hidden_size * 2);  // the other rows' embeddings
+  const double per_sequence =
+      double(2 * (gdn_state_bytes() + conv_state_bytes()) + kv_bytes_per_token() * (context + 1) + kv_bytes_per_token());
+  return weights + double(B) * per_sequence;
+}
+
+double ModelWork::decode_batch_floor_ms(int64_t B, int64_t context, double bandwidth) const {
+  if (bandwidth <= 0) fail("decode batch floor: bandwidth must be positive, got {}", bandwidth);
+  return decode_batch_bytes(B, context) / bandwidth * 1e3;
+}
+
 double ModelWork::prefill_weight_bytes(int64_t L) const {
   const Config& c = config_;
   const int64_t H = c.hidden_size;

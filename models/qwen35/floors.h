@@ -63,6 +63,12 @@ class ModelWork {
   // Expected number of distinct experts per layer that L tokens route to (top-k of E, uniform
   // routing): E (1 - (1 - k/E)^L).
   double expected_experts(int64_t L) const;
+  // Bytes one batched decode step of B sequences moves, each at `context` tokens already in its
+  // cache: the weights once (the routed experts: the union the B tokens route to, expected_experts(B)
+  // per layer under uniform routing, instead of k), B embedding rows, and per sequence its DeltaNet
+  // state read + written and its KV rows read (context + 1) and written (1). B = 1: decode_bytes.
+  double decode_batch_bytes(int64_t B, int64_t context) const;
+  double decode_batch_floor_ms(int64_t B, int64_t context, double bandwidth) const;
   // Weights a prompt of L tokens must read at least once: everything but the experts the
   // prompt does not route to and the embedding rows it does not look up.
   double prefill_weight_bytes(int64_t L) const;

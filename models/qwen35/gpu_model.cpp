@@ -17,6 +17,7 @@
 #include <thread>
 
 #include "autotune/tile_config.h"
+#include "models/qwen35/batch.h"
 #include "models/qwen35/gpu/attention.h"
 #include "models/qwen35/gpu/dense.h"
 #include "models/qwen35/gpu/gdn.h"
@@ -38,6 +39,7 @@ double ms_since(std::chrono::steady_clock::time_point t0) {
 }
 
 KernelSpec step_spec() { return {"step", "step_advance", {}}; }
+KernelSpec step_batch_spec() { return {"step", "step_advance_batch", {}}; }
 KernelSpec fill_normal_spec() { return {"fill", "fill_normal_bf16", {}}; }
 KernelSpec fill_uniform_spec() { return {"fill", "fill_uniform_f32", {}}; }
 
@@ -54,12 +56,14 @@ struct GpuModel::Impl {
       : kernels(jit, ctx),
         attn(c.num_layers_of(LayerType::FullAttention) ? gpu::attention_plan(c, smem_limit_for(ctx.device().arch()))
                                                         : gpu::AttentionPlan{}),
-        sample(gpu::sample_plan(c.vocab_size)), topk(gpu::topk_sample_plan(c.vocab_size)) {}
+        sample(gpu::sample_plan(c.vocab_size)), topk(gpu::topk_sample_plan(c.vocab_size)),
+        batch_sample(gpu::batch_sample_plan(c.vocab_size)) {}
 
   KernelSet kernels;
   gpu::AttentionPlan attn;
   gpu::SamplePlan sample;
   gpu::TopkSamplePlan topk;
+  gpu::BatchSamplePlan batch_sample;
   std::unique_ptr<gpu::TunedTiles> tuned;  // the tile of every kernel per call size
   // Kernels per set of tiles (the tuned tiles may differ between call sizes), loaded on first use:
   // always eagerly (a decode step runs once before it is captured).
@@ -90,15 +94,23 @@ struct GpuModel::Impl {
   // (format, group, N, K, fp32 out, M, residual epilogue)
   std::map<std::tuple<WeightFormat, int, int64_t, int64_t, bool, int, bool>, DensePlan> dense_plans;
 
-  // Per sequence: one K and V cache per full-attention layer, conv + fp32 state per DeltaNet layer.
-  std::vector<DeviceBuffer> k_cache, v_cache;  // bf16 [max_context, Hkv, D] (indexed by layer)
+  // Per slot: one K and V cache per full-attention layer, conv + fp32 state per DeltaNet layer;
+  // each buffer holds max_batch equal parts, slot s at s * the part's bytes.
+  std::vector<DeviceBuffer> k_cache, v_cache;  // bf16 [max_batch, max_context, Hkv, D] (indexed by layer)
   std::vector<DeviceBuffer> conv_state, ssm_state;
+  size_t kv_slot = 0, conv_slot = 0, ssm_slot = 0;  // bytes of one slot's part
+  std::vector<std::optional<SamplingParams>> rng_params;  // per slot: what its rng was seeded for
 
   // Scratch for chunks of up to max_chunk tokens.
   DeviceBuffer tokens;      // int32 [max_chunk]
-  DeviceBuffer pos;         // int32 [1]   position of the chunk's first token
+  DeviceBuffer pos;         // int32 [max_batch]   per slot: tokens it holds (its next position)
   DeviceBuffer next_id;     // int32 [1]
-  DeviceBuffer rng;         // u64 [2]     sampler {seed, step}
+  DeviceBuffer rng;         // u64 [max_batch, 2]  per slot: sampler {seed, step}
+  // The batched step's rows (B <= max_batch): slot per row (-1: padding), sampled ids, parameters.
+  DeviceBuffer batch_slots;   // int32 [max_batch]
+  DeviceBuffer batch_next;    // int32 [max_batch]
+  DeviceBuffer batch_params;  // temperature fp32 [max_batch] | top_k int32 [max_batch] | top_p fp32 [max_batch]
+  DeviceBuffer batch_topk_ws; // batch_sample.workspace_bytes(max_batch)
   DeviceBuffer argmax_ws;   // argmax workspace (zeroed once)
   DeviceBuffer topk_ws;     // top-k sampling candidates
   DeviceBuffer residual;    // fp32 [max_chunk, H]   the residual stream, kept in fp32
@@ -108,19 +120,26 @@ struct GpuModel::Impl {
   DeviceBuffer q;           // bf16 [max_chunk, Hq, D]
   DeviceBuffer mix;         // bf16 [max_chunk, max(Hq*D, Hv*dv)]  attention / DeltaNet output
   DeviceBuffer gdn_ws;      // gdn_workspace_bytes(max_chunk)
-  DeviceBuffer gdn_o;       // fp32 [1, Hv, dv] (decode)
+  DeviceBuffer gdn_o;       // fp32 [max_batch, Hv, dv] (decode)
   DeviceBuffer attn_scratch;
   DeviceBuffer moe_ws;      // moe_workspace_bytes(max_chunk) for the largest tuned block_m, zeroed once
   DeviceBuffer dequant;     // bf16 [max N*K] W4A16 weights dequantized for prefill GEMMs
-  DeviceBuffer logits;      // fp32 [16, vocab]
+  DeviceBuffer logits;      // fp32 [max(16, max_batch), vocab]
   // int32 tickets of the fused decode kernels, zeroed once (every launch leaves its own zero):
-  // [0] the residual epilogues (one launch at a time uses it), [1, 1 + Hv) gdn_decode's per head.
+  // [0] the residual epilogues (one launch at a time uses it), [1, 1 + max_batch * Hv) gdn_decode's
+  // per (row, head).
   DeviceBuffer tickets;
 
-  std::optional<GraphExec> decode_graph;
-  std::optional<GraphNodeCounts> decode_nodes;  // of the captured step
-  SamplingParams graph_sampling;
-  std::optional<SamplingParams> rng_params;  // what `rng` was seeded for
+  // The single-sequence decode step of each slot, captured for a sampling setting.
+  struct SlotGraph {
+    GraphExec exec;
+    SamplingParams sampling;
+  };
+  std::map<int, SlotGraph> decode_graphs;
+  std::optional<GraphNodeCounts> decode_nodes;  // of the last captured single-sequence step
+  // The batched step per bucket (rows), captured on its first use.
+  std::map<int, GraphExec> batch_graphs;
+  std::map<int, GraphNodeCounts> batch_nodes;
 };
 
 GpuModel::GpuModel(const Driver& driver, const Context& ctx, JitEngine& jit, const Config& config, const Checkpoint& ckpt,
@@ -140,7 +159,7 @@ GpuModel::GpuModel(const Driver& driver, const Context& ctx, JitEngine& jit, con
     options.log(fmt::format("weights on the GPU: {:.1f} MB ({}) in {:.0f} ms", weights_.bytes() / 1e6,
                             options.format == WeightFormat::BF16 ? "bf16" : fmt::format("w4a16 g{}", options.group),
                             ms_since(t0)));
-  reset();
+  for (int s = 0; s < options.max_batch; ++s) reset(s);
 }
 
 GpuModel::GpuModel(const Driver& driver, const Context& ctx, JitEngine& jit, const Config& config,
@@ -159,7 +178,7 @@ GpuModel::GpuModel(const Driver& driver, const Context& ctx, JitEngine& jit, con
         uniform.launch({{blocks}, {256}}, stream_, dst, (unsigned long long)n, (unsigned long long)s, lo, hi);
       }};
   weights_ = random_weights(driver_, stream_, config_, up, fill, seed);
-  reset();
+  for (int s = 0; s < options.max_batch; ++s) reset(s);
 }
 
 GpuModel::~GpuModel() = default;
@@ -184,9 +203,14 @@ void GpuModel::init(const GpuModelOptions& o) {
     fail("unsupported GPU: {} is sm_{}{}; q35jit needs sm_80 or newer (bf16 tensor cores)", dev.name, dev.cc_major,
          dev.cc_minor);
   if (o.max_context < 1) fail("--max-context must be at least 1");
+  if (o.max_batch < 1 || o.max_batch > kMaxBatch) fail("--max-batch {} is not in [1, {}]", o.max_batch, kMaxBatch);
+  if (o.max_batch > o.max_chunk)
+    fail("--max-batch {} exceeds the prefill chunk of {} rows the batched step's activations use", o.max_batch,
+         o.max_chunk);
   if (o.max_context > c.max_position_embeddings && c.max_position_embeddings > 0)
     fail("--max-context {} exceeds the model's max_position_embeddings {}", o.max_context, c.max_position_embeddings);
   impl_ = std::make_unique<Impl>(jit_, ctx_, c);
+  pos_.assign(size_t(o.max_batch), 0);
   Impl& m = *impl_;
   const int group = group_of(o);
 
@@ -205,6 +229,7 @@ void GpuModel::init(const GpuModelOptions& o) {
   }
   std::vector<KernelSpec> specs = required_kernels(c, group, ctx_.device().arch(), o.max_chunk);
   specs.push_back(step_spec());
+  specs.push_back(step_batch_spec());
   // The decode step's tuned kernels; those of other call sizes load on first use (from the JIT
   // caches: loading all of them here cost 2 s on the H100).
   if (m.tuned->tuned())
@@ -218,20 +243,29 @@ void GpuModel::init(const GpuModelOptions& o) {
 
   const int64_t H = c.hidden_size, T = o.max_chunk;
   auto alloc = [&](size_t bytes) { return DeviceBuffer(driver_, std::max<size_t>(bytes, 16)); };
+  const size_t slots = size_t(o.max_batch);
+  m.kv_slot = size_t(o.max_context * c.num_kv_heads * c.head_dim) * 2;
+  m.conv_slot = has_linear ? gpu::gdn_conv_state_bytes(c) : 0;
+  m.ssm_slot = has_linear ? gpu::gdn_ssm_state_bytes(c) : 0;
   for (LayerType t : c.layer_types) {
     const bool full = t == LayerType::FullAttention;
-    const size_t kv = full ? size_t(o.max_context * c.num_kv_heads * c.head_dim) * 2 : 0;
-    m.k_cache.push_back(full ? alloc(kv) : DeviceBuffer());
-    m.v_cache.push_back(full ? alloc(kv) : DeviceBuffer());
-    m.conv_state.push_back(full ? DeviceBuffer() : alloc(gpu::gdn_conv_state_bytes(c)));
-    m.ssm_state.push_back(full ? DeviceBuffer() : alloc(gpu::gdn_ssm_state_bytes(c)));
+    m.k_cache.push_back(full ? alloc(slots * m.kv_slot) : DeviceBuffer());
+    m.v_cache.push_back(full ? alloc(slots * m.kv_slot) : DeviceBuffer());
+    m.conv_state.push_back(full ? DeviceBuffer() : alloc(slots * m.conv_slot));
+    m.ssm_state.push_back(full ? DeviceBuffer() : alloc(slots * m.ssm_slot));
   }
+  m.rng_params.assign(slots, std::nullopt);
   const int64_t proj_cols = std::max(has_full ? m.attn.qkv_row() : 0, has_linear ? gpu::gdn_proj_columns(c) : 0);
   const int64_t mix_cols = std::max(has_full ? c.attn_out_dim() : 0, has_linear ? c.linear_value_dim() : 0);
   m.tokens = alloc(size_t(T) * 4);
-  m.pos = alloc(4);
+  m.pos = alloc(slots * 4);
+  m.pos.fill_bytes(0, stream_);
   m.next_id = alloc(4);
-  m.rng = alloc(16);
+  m.rng = alloc(slots * 16);
+  m.batch_slots = alloc(slots * 4);
+  m.batch_next = alloc(slots * 4);
+  m.batch_params = alloc(slots * 12);
+  m.batch_topk_ws = alloc(m.batch_sample.workspace_bytes(o.max_batch));
   m.argmax_ws = alloc(m.sample.argmax_workspace_bytes());
   m.argmax_ws.fill_bytes(0, stream_);
   m.topk_ws = alloc(m.topk.workspace_bytes());
@@ -243,13 +277,18 @@ void GpuModel::init(const GpuModelOptions& o) {
   m.mix = alloc(size_t(T * mix_cols) * 2);
   if (has_linear) {
     m.gdn_ws = alloc(gpu::gdn_workspace_bytes(c, T));
-    m.gdn_o = alloc(size_t(c.linear_value_dim()) * 4);
+    m.gdn_o = alloc(slots * size_t(c.linear_value_dim()) * 4);
   }
   if (has_full) {  // scratch for the most splits any decode tile takes (one warp per split)
     gpu::AttentionPlan widest = m.attn;
     widest.decode.warps = 1;
-    m.attn_scratch = alloc(gpu::attention_decode_scratch_bytes(
-        widest, gpu::attention_decode_splits(widest, o.max_context, ctx_.device().sm_count)));
+    size_t bytes = gpu::attention_decode_scratch_bytes(
+        widest, gpu::attention_decode_splits(widest, o.max_context, ctx_.device().sm_count));
+    for (int B : decode_buckets(o.max_batch))  // the batched step's buckets
+      bytes = std::max(bytes, gpu::attention_decode_batch_scratch_bytes(
+                                  widest, B, gpu::attention_decode_batch_splits(widest, B, o.max_context,
+                                                                                ctx_.device().sm_count)));
+    m.attn_scratch = alloc(bytes);
   }
   // Any tuned block_m fits: the largest pads the most rows, the smallest has the most blocks.
   gpu::MoeTiles largest = gpu::MoeTiles::defaults(m.moe_shape), smallest = largest;
@@ -264,8 +303,8 @@ void GpuModel::init(const GpuModelOptions& o) {
     if (has_linear) largest = std::max({largest, gpu::gdn_proj_columns(c) * H, H * c.linear_value_dim()});
     m.dequant = alloc(size_t(largest) * 2);
   }
-  m.logits = alloc(size_t(16 * c.vocab_size) * 4);
-  m.tickets = alloc(size_t(1 + (has_linear ? c.linear_num_value_heads : 0)) * 4);
+  m.logits = alloc(size_t(std::max(16, o.max_batch)) * size_t(c.vocab_size) * 4);
+  m.tickets = alloc((1 + slots * size_t(has_linear ? c.linear_num_value_heads : 0)) * 4);
   m.tickets.fill_bytes(0, stream_);
   stream_.synchronize();
 }
@@ -277,76 +316,96 @@ size_t GpuModel::state_bytes() const {
   return n;
 }
 
-void GpuModel::reset() {
-  for (size_t i = 0; i < impl_->conv_state.size(); ++i) {
-    if (impl_->conv_state[i].size()) impl_->conv_state[i].fill_bytes(0, stream_);
-    if (impl_->ssm_state[i].size()) impl_->ssm_state[i].fill_bytes(0, stream_);
+size_t GpuModel::checked(int slot) const {
+  if (slot < 0 || slot >= options_.max_batch)
+    fail("slot {} outside the model's {} sequence slots (--max-batch)", slot, options_.max_batch);
+  return size_t(slot);
+}
+
+int64_t GpuModel::position(int slot) const { return pos_[checked(slot)]; }
+
+void GpuModel::reset(int slot) {
+  Impl& m = *impl_;
+  const size_t s = checked(slot);
+  for (size_t i = 0; i < m.conv_state.size(); ++i) {
+    if (m.conv_state[i].size()) m.conv_state[i].fill_bytes(0, stream_, s * m.conv_slot, m.conv_slot);
+    if (m.ssm_state[i].size()) m.ssm_state[i].fill_bytes(0, stream_, s * m.ssm_slot, m.ssm_slot);
   }
-  pos_ = 0;
-  impl_->rng_params.reset();  // the next sample reseeds: a sequence's draws depend only on its seed
+  pos_[s] = 0;
+  m.rng_params[s].reset();  // the next sample reseeds: a sequence's draws depend only on its seed
   const int32_t zero = 0;
-  impl_->pos.upload(&zero, 4, stream_);
+  m.pos.upload(&zero, 4, stream_, s * 4);
   stream_.synchronize();
 }
 
-std::vector<std::vector<std::byte>> GpuModel::save_recurrent_state() const {
+std::vector<std::vector<std::byte>> GpuModel::save_recurrent_state(int slot) const {
+  const Impl& m = *impl_;
+  const size_t s = checked(slot);
   std::vector<std::vector<std::byte>> parts;
-  for (size_t i = 0; i < impl_->conv_state.size(); ++i)
-    for (const DeviceBuffer* b : {&impl_->conv_state[i], &impl_->ssm_state[i]}) {
-      parts.emplace_back(b->size());
-      if (b->size()) b->download(parts.back().data(), b->size(), stream_);
+  for (size_t i = 0; i < m.conv_state.size(); ++i)
+    for (const auto& [b, part] : {std::pair{&m.conv_state[i], m.conv_slot}, std::pair{&m.ssm_state[i], m.ssm_slot}}) {
+      const size_t n = b->size() ? part : 0;
+      parts.emplace_back(n);
+      if (n) b->download(parts.back().data(), n, stream_, s * part);
     }
   stream_.synchronize();
   return parts;
 }
 
-std::vector<std::vector<std::byte>> GpuModel::save_kv_rows(int64_t rows) const {
+std::vector<std::vector<std::byte>> GpuModel::save_kv_rows(int64_t rows, int slot) const {
+  const Impl& m = *impl_;
+  const size_t s = checked(slot);
   if (rows < 0 || rows > options_.max_context) fail("save_kv_rows: {} rows of a {}-row cache", rows, options_.max_context);
   const size_t row_bytes = size_t(config_.num_kv_heads * config_.head_dim) * 2;  // bf16 [Hkv, D]
   std::vector<std::vector<std::byte>> parts;
-  for (size_t i = 0; i < impl_->k_cache.size(); ++i)
-    for (const DeviceBuffer* b : {&impl_->k_cache[i], &impl_->v_cache[i]}) {
+  for (size_t i = 0; i < m.k_cache.size(); ++i)
+    for (const DeviceBuffer* b : {&m.k_cache[i], &m.v_cache[i]}) {
       const size_t n = b->size() ? row_bytes * size_t(rows) : 0;
       parts.emplace_back(n);
-      if (n) b->download(parts.back().data(), n, stream_);
+      if (n) b->download(parts.back().data(), n, stream_, s * m.kv_slot);
     }
   stream_.synchronize();
   return parts;
 }
 
 void GpuModel::restore_state(const std::vector<std::vector<std::byte>>& recurrent,
-                             const std::vector<std::vector<std::byte>>& kv, int64_t pos) {
-  const size_t layers = impl_->k_cache.size();
+                             const std::vector<std::vector<std::byte>>& kv, int64_t pos, int slot) {
+  Impl& m = *impl_;
+  const size_t s = checked(slot);
+  const size_t layers = m.k_cache.size();
   if (recurrent.size() != 2 * layers || kv.size() != 2 * layers)
     fail("restore_state: {} recurrent and {} K/V parts for a model of {} layers", recurrent.size(), kv.size(), layers);
   if (pos < 0 || pos > options_.max_context) fail("restore_state: position {} outside [0, {}]", pos, options_.max_context);
   const size_t row_bytes = size_t(config_.num_kv_heads * config_.head_dim) * 2;
   for (size_t i = 0; i < layers; ++i) {
-    DeviceBuffer* rec[2] = {&impl_->conv_state[i], &impl_->ssm_state[i]};
-    DeviceBuffer* cache[2] = {&impl_->k_cache[i], &impl_->v_cache[i]};
+    const std::pair<DeviceBuffer*, size_t> rec[2] = {{&m.conv_state[i], m.conv_slot}, {&m.ssm_state[i], m.ssm_slot}};
+    DeviceBuffer* cache[2] = {&m.k_cache[i], &m.v_cache[i]};
     for (int j = 0; j < 2; ++j) {
-      DeviceBuffer& r = *rec[j];
-      if (recurrent[2 * i + j].size() != r.size())
+      DeviceBuffer& r = *rec[j].first;
+      const size_t part = r.size() ? rec[j].second : 0;
+      if (recurrent[2 * i + j].size() != part)
         fail("restore_state: layer {} recurrent part of {} bytes, the model's is {}", i, recurrent[2 * i + j].size(),
-             r.size());
-      if (r.size()) r.upload(recurrent[2 * i + j].data(), r.size(), stream_);
+             part);
+      if (part) r.upload(recurrent[2 * i + j].data(), part, stream_, s * part);
       DeviceBuffer& c = *cache[j];
       const size_t n = c.size() ? row_bytes * size_t(pos) : 0;
       if (kv[2 * i + j].size() < n)
         fail("restore_state: layer {} K/V part of {} bytes, {} needed for {} rows", i, kv[2 * i + j].size(), n, pos);
-      if (n) c.upload(kv[2 * i + j].data(), n, stream_);
+      if (n) c.upload(kv[2 * i + j].data(), n, stream_, s * m.kv_slot);
     }
   }
-  pos_ = pos;
-  impl_->rng_params.reset();
+  pos_[s] = pos;
+  m.rng_params[s].reset();
   const int32_t p = int32_t(pos);
-  impl_->pos.upload(&p, 4, stream_);
+  m.pos.upload(&p, 4, stream_, s * 4);
   stream_.synchronize();
 }
 
-void GpuModel::check_fits(size_t T) const {
-  if (pos_ + int64_t(T) > options_.max_context)
-    fail("context overflow: {} tokens at position {} exceed --max-context {}", T, pos_, options_.max_context);
+void GpuModel::check_fits(size_t T, int slot) const {
+  const int64_t pos = pos_[checked(slot)];
+  if (pos + int64_t(T) > options_.max_context)
+    fail("context overflow: {} tokens at position {} of slot {} exceed --max-context {}", T, pos, slot,
+         options_.max_context);
 }
 
 namespace {
@@ -386,12 +445,18 @@ std::vector<KernelSpec> tuned_kernels(const Config& c, const gpu::TunedTiles& tt
     specs.push_back(p.prefill_spec());
     specs.push_back(p.decode_spec());
     specs.push_back(p.decode_merge_spec());
+    gpu::AttentionPlan one = attn;  // the batched step runs each sequence's token with the M = 1 tile
+    one.decode = tt.attention_decode(1);
+    specs.push_back(one.qk_norm_rope_batch_spec());
+    specs.push_back(one.decode_batch_spec());
+    specs.push_back(one.decode_merge_batch_spec());
   }
   if (c.num_layers_of(LayerType::LinearAttention) > 0) {
     const gpu::GdnTiles t = tt.gdn(m);
     specs.push_back(gpu::gdn_prologue_spec(c, t.prologue));
     specs.push_back(gpu::gdn_recurrent_spec(c, t.recurrent));
     specs.push_back(gpu::gdn_decode_spec(c, t.recurrent));
+    specs.push_back(gpu::gdn_decode_batch_spec(c, t.recurrent));
     specs.push_back(gpu::gdn_chunk_state_spec(c, t.chunk));
     specs.push_back(gpu::gdn_chunk_output_spec(c));
   }
@@ -492,14 +557,18 @@ const gpu::GdnKernels& GpuModel::gdn_kernels(int T) {
   return *it->second;
 }
 
-// The decoder layers and the final norm over the T tokens in impl_->tokens at position *pos.
-// Leaves normed [T, H] = final_norm(residual).
-void GpuModel::run_layers(int T, bool decode) {
+// The decoder layers and the final norm over the T tokens in impl_->tokens: T tokens of one slot at
+// its position (rows.batch false), or one token of each of T sequences (rows.batch: row b of slot
+// batch_slots[b] at pos[that slot]; decode only). Leaves normed [T, H] = final_norm(residual).
+void GpuModel::run_layers(int T, bool decode, Rows rows) {
   Impl& m = *impl_;
   const Config& c = config_;
   const int64_t H = c.hidden_size;
   const float eps = float(c.rms_norm_eps);
   KernelSet& ks = m.kernels;
+  if (rows.batch && !decode) fail("run_layers: the batched rows are a decode step");
+  const size_t slot = rows.batch ? 0 : checked(rows.slot);
+  const CUdeviceptr pos = m.pos.ptr() + slot * 4;  // the slot's position (single rows)
   // The embeddings go to `delta`, which the first norm adds to a zeroed fp32 residual stream.
   const EmbeddingTile et = default_embedding_tile(H);
   ks.get(embedding_spec(H, et)).launch({{unsigned(T)}, {unsigned(et.threads)}}, stream_, weights_.embed.ptr(),
@@ -528,6 +597,18 @@ void GpuModel::run_layers(int T, bool decode) {
   const Impl::Step& st = step_it->second;
   const gpu::AttentionPlan& attn = st.attn;
   const gpu::GdnKernels* gdn = st.gdn;
+  // The batched step: each row is one sequence's single token, so its attention runs the M = 1
+  // decode tile, split for T sequences at once.
+  gpu::AttentionPlan batch_attn = m.attn;
+  int batch_splits = 0;
+  if (rows.batch && c.num_layers_of(LayerType::FullAttention) > 0) {
+    batch_attn.decode = m.tuned->attention_decode(1);
+    batch_splits = gpu::attention_decode_batch_splits(batch_attn, T, options_.max_context, ctx_.device().sm_count);
+  }
+  const gpu::AttentionBatch ab{m.batch_slots.ptr(), m.pos.ptr(), int(options_.max_context)};
+  // Its DeltaNet decode likewise runs the M = 1 tiles (gdn_decode_batch = gdn_decode per sequence).
+  const gpu::GdnKernels* gdn_one =
+      rows.batch && c.num_layers_of(LayerType::LinearAttention) > 0 ? &gdn_kernels(1) : nullptr;
 
   // Calls of few tokens (decode steps; T <= kMoeDecodeMaxTokens) fold each residual add + RMSNorm
   // into the kernel that produces the sub-layer's output (kernel_templates/decode_fusion.cuh): the
@@ -554,28 +635,44 @@ void GpuModel::run_layers(int T, bool decode) {
 
     if (l.type == LayerType::FullAttention) {
       dense(l.qkv, m.normed.ptr(), m.proj.ptr(), T, false, pdl);
-      gpu::launch_qk_norm_rope(attn, ks.get(attn.qk_norm_rope_spec()), stream_, m.proj.ptr(), l.q_norm.ptr(),
-                               l.k_norm.ptr(), m.q.ptr(), m.k_cache[i].ptr(), m.v_cache[i].ptr(), m.pos.ptr(), T,
-                               int(options_.max_context), pdl);
-      if (decode && T <= attn.max_decode_tokens())
-        gpu::launch_attention_decode(attn, ks.get(attn.decode_spec()), ks.get(attn.decode_merge_spec()), stream_,
-                                     m.q.ptr(), m.k_cache[i].ptr(), m.v_cache[i].ptr(), m.proj.ptr(), m.mix.ptr(),
-                                     m.attn_scratch.ptr(), st.attn_splits, m.pos.ptr(), T, pdl);
-      else
-        gpu::launch_attention_prefill(attn, ks.get(attn.prefill_spec()), stream_, m.q.ptr(), m.k_cache[i].ptr(),
-                                      m.v_cache[i].ptr(), m.proj.ptr(), m.mix.ptr(), m.pos.ptr(), T);
+      if (rows.batch) {
+        gpu::launch_qk_norm_rope_batch(batch_attn, ks.get(batch_attn.qk_norm_rope_batch_spec()), stream_, m.proj.ptr(),
+                                       l.q_norm.ptr(), l.k_norm.ptr(), m.q.ptr(), m.k_cache[i].ptr(),
+                                       m.v_cache[i].ptr(), ab, T, pdl);
+        gpu::launch_attention_decode_batch(batch_attn, ks.get(batch_attn.decode_batch_spec()),
+                                           ks.get(batch_attn.decode_merge_batch_spec()), stream_, m.q.ptr(),
+                                           m.k_cache[i].ptr(), m.v_cache[i].ptr(), m.proj.ptr(), m.mix.ptr(),
+                                           m.attn_scratch.ptr(), batch_splits, ab, T, pdl);
+      } else {
+        const CUdeviceptr kc = m.k_cache[i].ptr() + slot * m.kv_slot, vc = m.v_cache[i].ptr() + slot * m.kv_slot;
+        gpu::launch_qk_norm_rope(attn, ks.get(attn.qk_norm_rope_spec()), stream_, m.proj.ptr(), l.q_norm.ptr(),
+                                 l.k_norm.ptr(), m.q.ptr(), kc, vc, pos, T, int(options_.max_context), pdl);
+        if (decode && T <= attn.max_decode_tokens())
+          gpu::launch_attention_decode(attn, ks.get(attn.decode_spec()), ks.get(attn.decode_merge_spec()), stream_,
+                                       m.q.ptr(), kc, vc, m.proj.ptr(), m.mix.ptr(), m.attn_scratch.ptr(),
+                                       st.attn_splits, pos, T, pdl);
+        else
+          gpu::launch_attention_prefill(attn, ks.get(attn.prefill_spec()), stream_, m.q.ptr(), kc, vc, m.proj.ptr(),
+                                        m.mix.ptr(), pos, T);
+      }
       out_proj(l.o_proj, m.mix.ptr());
     } else {
       const int stride = int(l.in_proj.N);
       dense(l.in_proj, m.normed.ptr(), m.proj.ptr(), T, false, pdl);
       const gpu::GdnLayerWeights gw{l.conv1d.ptr(), l.A_log.ptr(), l.dt_bias.ptr(), l.gdn_norm.ptr()};
-      const gpu::GdnLayerState st{m.conv_state[i].ptr(), m.ssm_state[i].ptr()};
-      if (decode && T == 1)
-        gdn->decode(stream_, m.proj.ptr(), stride, m.pos.ptr(), gw, st, m.gdn_o.ptr(), m.mix.ptr(),
-                    m.tickets.ptr() + 4, pdl);
-      else  // the chunked delta rule at every T (the recurrence when options_.chunked_gdn is off)
-        gdn->prefill(stream_, m.proj.ptr(), stride, T, m.pos.ptr(), gw, st, gpu::gdn_workspace(c, T, m.gdn_ws.ptr()),
+      if (rows.batch) {
+        const gpu::GdnLayerState all{m.conv_state[i].ptr(), m.ssm_state[i].ptr()};  // slot 0; the kernel offsets
+        gdn_one->decode_batch(stream_, m.proj.ptr(), stride, T, m.batch_slots.ptr(), m.pos.ptr(), gw, all, m.gdn_o.ptr(),
+                          m.mix.ptr(), m.tickets.ptr() + 4, pdl);
+      } else {
+        const gpu::GdnLayerState st{m.conv_state[i].ptr() + slot * m.conv_slot,
+                                    m.ssm_state[i].ptr() + slot * m.ssm_slot};
+        if (decode && T == 1)
+          gdn->decode(stream_, m.proj.ptr(), stride, pos, gw, st, m.gdn_o.ptr(), m.mix.ptr(), m.tickets.ptr() + 4, pdl);
+        else  // the chunked delta rule at every T (the recurrence when options_.chunked_gdn is off)
+          gdn->prefill(stream_, m.proj.ptr(), stride, T, pos, gw, st, gpu::gdn_workspace(c, T, m.gdn_ws.ptr()),
                        m.mix.ptr(), options_.chunked_gdn);
+      }
       out_proj(l.out_proj, m.mix.ptr());
     }
 
@@ -597,19 +694,19 @@ void GpuModel::lm_head(int T) {
   dense(weights_.lm_head, m.normed.ptr() + row, m.logits.ptr(), 1, true, ctx_.device().cc_major >= 9);
 }
 
-std::vector<float> GpuModel::forward(std::span<const int32_t> tokens, bool all_logits) {
+std::vector<float> GpuModel::forward(std::span<const int32_t> tokens, bool all_logits, int slot) {
   if (tokens.empty()) fail("forward: no tokens");
   for (size_t t = 0; t < tokens.size(); ++t)
     if (tokens[t] < 0 || tokens[t] >= config_.vocab_size)
       fail("token {} is id {}, outside the vocabulary [0, {})", t, tokens[t], config_.vocab_size);
-  check_fits(tokens.size());
+  check_fits(tokens.size(), slot);
   Impl& m = *impl_;
   const int64_t V = config_.vocab_size, H = config_.hidden_size;
   std::vector<float> out;
   for (size_t begin = 0; begin < tokens.size(); begin += size_t(options_.max_chunk)) {
     const int T = int(std::min<size_t>(size_t(options_.max_chunk), tokens.size() - begin));
     m.tokens.upload(tokens.data() + begin, size_t(T) * 4, stream_);
-    run_layers(T, /*decode=*/false);
+    run_layers(T, /*decode=*/false, Rows{slot, false});
     const bool last = begin + size_t(T) == tokens.size();
     if (all_logits) {
       for (int r0 = 0; r0 < T; r0 += 16) {  // lm_head in GEMV chunks of up to 16 rows
@@ -625,52 +722,68 @@ std::vector<float> GpuModel::forward(std::span<const int32_t> tokens, bool all_l
       out.resize(size_t(V));
       m.logits.download(out.data(), size_t(V) * 4, stream_);
     }
-    m.kernels.get(step_spec()).launch({{1}, {1}}, stream_, m.pos.ptr(), T, CUdeviceptr(0), CUdeviceptr(0));
+    m.kernels.get(step_spec()).launch({{1}, {1}}, stream_, m.pos.ptr() + size_t(slot) * 4, T, CUdeviceptr(0),
+                                      CUdeviceptr(0));
     stream_.synchronize();
-    pos_ += T;
+    pos_[size_t(slot)] += T;
   }
   return out;
 }
 
-void GpuModel::sample(const SamplingParams& sp) {
+void GpuModel::sample(const SamplingParams& sp, int slot) {
   Impl& m = *impl_;
+  const CUdeviceptr rng = m.rng.ptr() + size_t(slot) * 16;
   const bool greedy = sp.temperature <= 0.f || sp.top_k == 1;
   if (greedy)
     gpu::launch_argmax(m.sample, m.kernels.get(m.sample.argmax_spec()), stream_, m.logits.ptr(), m.next_id.ptr(),
                        m.argmax_ws.ptr());
   else if (gpu::topk_sample_serves(sp))
     gpu::launch_topk_sample(m.topk, m.kernels.get(m.topk.partial_spec()), m.kernels.get(m.topk.final_spec()), stream_,
-                            m.logits.ptr(), m.next_id.ptr(), m.rng.ptr(), m.topk_ws.ptr(), sp);
+                            m.logits.ptr(), m.next_id.ptr(), rng, m.topk_ws.ptr(), sp);
   else
-    gpu::launch_sample(m.sample, m.kernels.get(m.sample.sample_spec()), stream_, m.logits.ptr(), m.next_id.ptr(),
-                       m.rng.ptr(), sp);
+    gpu::launch_sample(m.sample, m.kernels.get(m.sample.sample_spec()), stream_, m.logits.ptr(), m.next_id.ptr(), rng,
+                       sp);
 }
 
-int32_t GpuModel::prefill(std::span<const int32_t> tokens, const SamplingParams& sp) {
+void GpuModel::seed(int slot, const SamplingParams& sp) {
   Impl& m = *impl_;
-  if (!m.rng_params || m.rng_params->seed != sp.seed) {  // (re)seed the device sampler
-    const uint64_t rng[2] = {sp.seed, 0};
-    m.rng.upload(rng, 16, stream_);
-    m.rng_params = sp;
-  }
-  forward(tokens, false);  // leaves the last row's logits in impl_->logits
-  sample(sp);
+  std::optional<SamplingParams>& seeded = m.rng_params[checked(slot)];
+  if (seeded && seeded->seed == sp.seed) return;
+  const uint64_t rng[2] = {sp.seed, 0};
+  m.rng.upload(rng, 16, stream_, size_t(slot) * 16);
+  seeded = sp;
+}
+
+int32_t GpuModel::prefill(std::span<const int32_t> tokens, const SamplingParams& sp, int slot) {
+  Impl& m = *impl_;
+  checked(slot);
+  seed(slot, sp);
+  forward(tokens, false, slot);  // leaves the last row's logits in impl_->logits
+  sample(sp, slot);
   int32_t id = 0;
   m.next_id.download(&id, 4, stream_);
   stream_.synchronize();
   return id;
 }
 
-int32_t GpuModel::decode(int32_t token, const SamplingParams& sp) { return decode_steps(token, 1, sp); }
+int32_t GpuModel::decode(int32_t token, const SamplingParams& sp, int slot) { return decode_steps(token, 1, sp, slot); }
 
 std::optional<GraphNodeCounts> GpuModel::decode_graph_nodes() const { return impl_->decode_nodes; }
 
-int32_t GpuModel::decode_steps(int32_t token, int64_t steps, const SamplingParams& sp) {
+std::optional<GraphNodeCounts> GpuModel::batch_graph_nodes(int bucket) const {
+  auto it = impl_->batch_nodes.find(bucket);
+  return it == impl_->batch_nodes.end() ? std::nullopt : std::optional<GraphNodeCounts>(it->second);
+}
+
+int32_t GpuModel::decode_steps(int32_t token, int64_t steps, const SamplingParams& sp, int slot,
+                               std::vector<double>* step_ms) {
   Impl& m = *impl_;
+  checked(slot);
   if (token < 0 || token >= config_.vocab_size)
     fail("token id {} is outside the vocabulary [0, {})", token, config_.vocab_size);
   if (steps < 1) fail("decode: steps = {} must be positive", steps);
-  check_fits(size_t(steps));
+  check_fits(size_t(steps), slot);
+  seed(slot, sp);
   const auto same = [](const SamplingParams& a, const SamplingParams& b) {
     return a.temperature == b.temperature && a.top_k == b.top_k && a.top_p == b.top_p;
   };
@@ -678,30 +791,171 @@ int32_t GpuModel::decode_steps(int32_t token, int64_t steps, const SamplingParam
   m.next_id.upload(&token, 4, stream_);
   auto step = [&] {
     m.tokens.copy_from(m.next_id, 4, stream_);
-    run_layers(1, /*decode=*/true);
+    run_layers(1, /*decode=*/true, Rows{slot, false});
     lm_head(1);
-    sample(sp);
-    m.kernels.get(step_spec()).launch({{1}, {1}}, stream_, m.pos.ptr(), 1, CUdeviceptr(0), CUdeviceptr(0));
+    sample(sp, slot);
+    m.kernels.get(step_spec()).launch({{1}, {1}}, stream_, m.pos.ptr() + size_t(slot) * 4, 1, CUdeviceptr(0),
+                                      CUdeviceptr(0));
   };
   int64_t done = 0;
-  if (!m.decode_graph || !same(m.graph_sampling, sp)) {
-    // The first step of a sampling setting runs eagerly (it also loads every decode kernel), then
-    // the step is captured; later steps replay it.
-    m.decode_graph.reset();
+  auto it = m.decode_graphs.find(slot);
+  if (it == m.decode_graphs.end() || !same(it->second.sampling, sp)) {
+    // The first step of a slot and sampling setting runs eagerly (it also loads every decode
+    // kernel), then the step is captured; later steps replay it.
+    if (it != m.decode_graphs.end()) m.decode_graphs.erase(it);
     step();
     stream_.synchronize();
     Graph g = Graph::capture(driver_, stream_, step);
     m.decode_nodes = g.node_counts();
-    m.decode_graph.emplace(g.instantiate());
-    m.graph_sampling = sp;
+    it = m.decode_graphs.emplace(slot, Impl::SlotGraph{g.instantiate(), sp}).first;
     done = 1;
   }
-  for (; done < steps; ++done) m.decode_graph->launch(stream_);
+  if (step_ms) {  // an event between every two replays
+    std::vector<Event> events;
+    events.emplace_back(driver_).record(stream_);
+    for (; done < steps; ++done) {
+      it->second.exec.launch(stream_);
+      events.emplace_back(driver_).record(stream_);
+    }
+    events.back().synchronize();
+    for (size_t i = 1; i < events.size(); ++i) step_ms->push_back(double(events[i].elapsed_ms_since(events[i - 1])));
+  } else {
+    for (; done < steps; ++done) it->second.exec.launch(stream_);
+  }
   int32_t id = 0;
   m.next_id.download(&id, 4, stream_);
   stream_.synchronize();
-  pos_ += steps;
+  pos_[size_t(slot)] += steps;
   return id;
+}
+
+void GpuModel::check_batch(std::span<const BatchEntry> batch) const {
+  if (batch.empty() || int(batch.size()) > options_.max_batch)
+    fail("decode_batch: {} sequences for {} slots (--max-batch {})", batch.size(), options_.max_batch,
+         options_.max_batch);
+  std::vector<bool> seen(size_t(options_.max_batch), false);
+  for (const BatchEntry& e : batch) {
+    const size_t s = checked(e.slot);
+    if (seen[s]) fail("decode_batch: slot {} appears twice in one step", e.slot);
+    seen[s] = true;
+    if (e.token < 0 || e.token >= config_.vocab_size)
+      fail("decode_batch: slot {}: token id {} is outside the vocabulary [0, {})", e.slot, e.token, config_.vocab_size);
+    gpu::check_sampling(e.sampling);
+  }
+}
+
+void GpuModel::run_batch(std::span<const BatchEntry> batch, int bucket, int64_t steps, std::vector<double>* step_ms) {
+  Impl& m = *impl_;
+  const size_t B = size_t(bucket), Bmax = size_t(options_.max_batch);
+  // Rows past the batch are padding: slot -1, token 0, greedy.
+  std::vector<int32_t> slots(B, -1), tokens(B, 0), params(3 * Bmax, 0);
+  float* temperature = reinterpret_cast<float*>(params.data());
+  int32_t* top_k = params.data() + Bmax;
+  float* top_p = reinterpret_cast<float*>(params.data() + 2 * Bmax);
+  for (size_t b = 0; b < B; ++b) top_p[b] = 1.f;
+  for (size_t b = 0; b < batch.size(); ++b) {
+    const BatchEntry& e = batch[b];
+    slots[b] = e.slot;
+    tokens[b] = e.token;
+    temperature[b] = e.want_logits ? 0.f : e.sampling.temperature;  // a logits row: drawn greedily, not returned
+    top_k[b] = e.want_logits ? 0 : e.sampling.top_k;
+    top_p[b] = e.want_logits ? 1.f : e.sampling.top_p;
+    if (!e.want_logits) seed(e.slot, e.sampling);
+  }
+  m.batch_slots.upload(slots.data(), B * 4, stream_);
+  m.tokens.upload(tokens.data(), B * 4, stream_);
+  m.batch_params.upload(params.data(), params.size() * 4, stream_);
+  const int64_t H = config_.hidden_size, V = config_.vocab_size;
+  const gpu::BatchSampleParams bp{m.batch_params.ptr(), m.batch_params.ptr() + Bmax * 4,
+                                  m.batch_params.ptr() + 2 * Bmax * 4};
+  auto step = [&] {
+    run_layers(bucket, /*decode=*/true, Rows{0, true});
+    const bool pdl = bucket <= kMoeDecodeMaxTokens && ctx_.device().cc_major >= 9;
+    for (int r0 = 0; r0 < bucket; r0 += 16) {  // lm_head in GEMV chunks of up to 16 rows
+      const int rows = std::min(16, bucket - r0);
+      dense(weights_.lm_head, m.normed.ptr() + size_t(r0 * H) * 2, m.logits.ptr() + size_t(r0) * size_t(V) * 4, rows,
+            true, pdl);
+    }
+    gpu::launch_sample_batch(m.batch_sample, m.kernels.get(m.batch_sample.topk.partial_batch_spec()),
+                             m.kernels.get(m.batch_sample.topk.final_batch_spec()),
+                             m.kernels.get(m.batch_sample.sample_spec()), stream_, m.logits.ptr(), m.batch_next.ptr(),
+                             m.rng.ptr(), m.batch_slots.ptr(), bp, m.batch_topk_ws.ptr(), bucket);
+    m.kernels.get(step_batch_spec())
+        .launch({{1}, {unsigned(std::min(bucket, 1024))}}, stream_, m.pos.ptr(), m.batch_slots.ptr(), bucket,
+                m.batch_next.ptr(), m.tokens.ptr());
+  };
+  int64_t done = 0;
+  auto it = m.batch_graphs.find(bucket);
+  if (it == m.batch_graphs.end()) {
+    // The first step of a bucket runs eagerly (it loads its kernels and plans), then it is captured.
+    step();
+    stream_.synchronize();
+    Graph g = Graph::capture(driver_, stream_, step);
+    m.batch_nodes[bucket] = g.node_counts();
+    it = m.batch_graphs.emplace(bucket, g.instantiate()).first;
+    done = 1;
+  }
+  if (step_ms) {  // an event between every two replays
+    std::vector<Event> events;
+    events.emplace_back(driver_).record(stream_);
+    for (; done < steps; ++done) {
+      it->second.launch(stream_);
+      events.emplace_back(driver_).record(stream_);
+    }
+    events.back().synchronize();
+    for (size_t i = 1; i < events.size(); ++i) step_ms->push_back(double(events[i].elapsed_ms_since(events[i - 1])));
+  } else {
+    for (; done < steps; ++done) it->second.launch(stream_);
+  }
+  for (const BatchEntry& e : batch) pos_[size_t(e.slot)] += steps;
+}
+
+GpuModel::BatchResult GpuModel::decode_batch(std::span<const BatchEntry> batch) {
+  check_batch(batch);
+  for (const BatchEntry& e : batch) check_fits(1, e.slot);
+  Impl& m = *impl_;
+  const int64_t V = config_.vocab_size;
+  BatchResult out;
+  out.ids.assign(batch.size(), -1);
+  out.logits.resize(batch.size());
+  if (batch.size() == 1) {  // one sequence: its slot's single-sequence graph (the fused fast path)
+    const BatchEntry& e = batch[0];
+    if (e.want_logits)
+      out.logits[0] = forward(std::span<const int32_t>(&e.token, 1), false, e.slot);
+    else
+      out.ids[0] = decode(e.token, e.sampling, e.slot);
+    return out;
+  }
+  run_batch(batch, decode_bucket(int(batch.size()), options_.max_batch), 1, nullptr);
+  std::vector<int32_t> ids(batch.size());
+  m.batch_next.download(ids.data(), ids.size() * 4, stream_);
+  for (size_t b = 0; b < batch.size(); ++b)
+    if (batch[b].want_logits) {
+      out.logits[b].resize(size_t(V));
+      m.logits.download(out.logits[b].data(), size_t(V) * 4, stream_, b * size_t(V) * 4);
+    }
+  stream_.synchronize();
+  for (size_t b = 0; b < batch.size(); ++b)
+    if (!batch[b].want_logits) out.ids[b] = ids[b];
+  return out;
+}
+
+std::vector<int32_t> GpuModel::decode_batch_steps(std::span<const BatchEntry> batch, int64_t steps,
+                                                  std::vector<double>* step_ms) {
+  check_batch(batch);
+  if (steps < 1) fail("decode_batch_steps: steps = {} must be positive", steps);
+  for (const BatchEntry& e : batch) check_fits(size_t(steps), e.slot);
+  if (batch.size() == 1) {
+    const BatchEntry& e = batch[0];
+    return {decode_steps(e.token, steps, e.sampling, e.slot, step_ms)};
+  }
+  std::vector<BatchEntry> rows(batch.begin(), batch.end());
+  for (BatchEntry& e : rows) e.want_logits = false;
+  run_batch(rows, decode_bucket(int(rows.size()), options_.max_batch), steps, step_ms);
+  std::vector<int32_t> ids(rows.size());
+  impl_->batch_next.download(ids.data(), ids.size() * 4, stream_);
+  stream_.synchronize();
+  return ids;
 }
 
 }  // namespace q35::qwen35

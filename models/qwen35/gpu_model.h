@@ -1,7 +1,9 @@
 #pragma once
 // The Qwen3.5 MoE forward pass on the GPU: the JIT kernels of every family chained per layer
-// (one screen per layer in gpu_model.cpp), the per-sequence state, and decode as one captured
-// CUDA graph replayed per token (input token, position and sampler step live on the device).
+// (one screen per layer in gpu_model.cpp), max_batch sequence slots (each its own K/V rows,
+// DeltaNet state, position and sampler rng; models/qwen35/batch.h), and decode as captured CUDA
+// graphs replayed per token (input token, position and sampler step live on the device): one per
+// slot for a single sequence, one per bucket of batch sizes for the batched step.
 #include <cstddef>
 #include <cstdint>
 #include <functional>
@@ -33,7 +35,8 @@ struct GpuModelOptions {
   WeightFormat format = WeightFormat::W4A16;
   int group = 128;                 // W4A16 group size
   bool prequantized = false;       // the checkpoint was written by `q35jit quantize`
-  int64_t max_context = 32768;     // KV cache rows; error when exceeded
+  int64_t max_context = 32768;     // KV cache rows per slot; error when exceeded
+  int max_batch = 1;               // sequence slots (models/qwen35/batch.h), 1..kMaxBatch
   int64_t max_chunk = 2048;        // prefill tokens per forward chunk (longer prompts run in chunks)
   bool chunked_gdn = true;         // chunked delta rule for prefill (else token-by-token recurrence)
   int compile_threads = 0;         // 0: hardware threads
@@ -58,48 +61,90 @@ class GpuModel {
   GpuModel& operator=(const GpuModel&) = delete;
 
   const Config& config() const { return config_; }
-  int64_t position() const { return pos_; }
+  int max_batch() const { return options_.max_batch; }
+  int64_t position(int slot = 0) const;
   int64_t max_context() const { return options_.max_context; }
   size_t weight_bytes() const { return weights_.bytes(); }
-  size_t state_bytes() const;
+  size_t state_bytes() const;  // every slot's
 
-  // Clears the sequence (KV caches, DeltaNet states, position).
-  void reset();
-  // Feeds `tokens` at the current position. Returns fp32 logits [T, vocab] for every position
+  // Single-sequence calls on one slot (0 where a command runs one sequence).
+  // Clears the slot (DeltaNet states, position; K/V rows past the position are never read).
+  void reset(int slot = 0);
+  // Feeds `tokens` at the slot's position. Returns fp32 logits [T, vocab] for every position
   // (all_logits) or [vocab] for the last one. Error on context overflow or a bad id.
-  std::vector<float> forward(std::span<const int32_t> tokens, bool all_logits);
+  std::vector<float> forward(std::span<const int32_t> tokens, bool all_logits, int slot = 0);
   // Feeds `tokens` and samples the next id on the GPU (prefill of a prompt).
-  int32_t prefill(std::span<const int32_t> tokens, const SamplingParams& sampling);
-  // Feeds one token and samples the next on the GPU: a captured CUDA graph, replayed.
-  int32_t decode(int32_t token, const SamplingParams& sampling);
+  int32_t prefill(std::span<const int32_t> tokens, const SamplingParams& sampling, int slot = 0);
+  // Feeds one token and samples the next on the GPU: a captured CUDA graph (one per slot), replayed.
+  int32_t decode(int32_t token, const SamplingParams& sampling, int slot = 0);
   // `steps` decode steps fed by `token`, each next input taken from the previous step's sample on
   // the device (graph replays back to back, no host round trip between them); returns the last
   // sampled id. decode(token) == decode_steps(token, 1).
-  int32_t decode_steps(int32_t token, int64_t steps, const SamplingParams& sampling);
+  // step_ms (optional): the GPU time of each replayed step (CUDA events between the replays).
+  int32_t decode_steps(int32_t token, int64_t steps, const SamplingParams& sampling, int slot = 0,
+                       std::vector<double>* step_ms = nullptr);
+
+  // The batched decode step: one token of each of B sequences (distinct slots) in one forward,
+  // each row sampled on the device with its own parameters and its slot's rng. B = 1 runs the
+  // single-sequence graph of that slot; more replay the graph of decode_bucket(B) (captured on its
+  // first use). Rows with want_logits return their fp32 logits [vocab] (their id is not drawn).
+  struct BatchEntry {
+    int slot = 0;
+    int32_t token = 0;
+    SamplingParams sampling;
+    bool want_logits = false;
+  };
+  struct BatchResult {
+    std::vector<int32_t> ids;                 // [B], -1 for want_logits rows
+    std::vector<std::vector<float>> logits;   // [B]: [vocab] for want_logits rows, else empty
+  };
+  BatchResult decode_batch(std::span<const BatchEntry> batch);
+  // `steps` batched steps, each row's next input its previous sample (graph replays back to back);
+  // returns the last step's ids. Every row samples (want_logits is ignored); one row runs
+  // decode_steps (the single-sequence graph). For benchmarks.
+  // step_ms (optional): the GPU time of each replayed step after the first (CUDA events between the
+  // graph launches; the first call of a bucket runs its first step eagerly and does not time it).
+  std::vector<int32_t> decode_batch_steps(std::span<const BatchEntry> batch, int64_t steps,
+                                          std::vector<double>* step_ms = nullptr);
 
   const Stream& stream() const { return stream_; }
-  // The nodes of the captured decode step (kernels = kernel launches per decoded token); empty
-  // before the first decode() / decode_steps() of the model.
+  // The nodes of the captured decode step of one sequence (kernels = kernel launches per decoded
+  // token); empty before the first decode() / decode_steps() of the model.
   std::optional<GraphNodeCounts> decode_graph_nodes() const;
+  // The nodes of the batched step's graph of `bucket` rows; empty before it was captured.
+  std::optional<GraphNodeCounts> batch_graph_nodes(int bucket) const;
 
-  // Host copies of the sequence state (a server's prefix cache). The DeltaNet conv and recurrent
-  // states of every layer (two parts per layer, empty for attention layers):
-  std::vector<std::vector<std::byte>> save_recurrent_state() const;
+  // Host copies of a slot's state (a server's prefix cache); a copy of any slot restores into any
+  // slot. The DeltaNet conv and recurrent states of every layer (two parts per layer, empty for
+  // attention layers):
+  std::vector<std::vector<std::byte>> save_recurrent_state(int slot = 0) const;
   // K and V cache rows [0, rows) of every layer (two parts per layer, empty for DeltaNet layers):
-  std::vector<std::vector<std::byte>> save_kv_rows(int64_t rows) const;
-  // Sets the sequence to `pos` tokens from such copies (`kv` holds at least `pos` rows). Error when
+  std::vector<std::vector<std::byte>> save_kv_rows(int64_t rows, int slot = 0) const;
+  // Sets the slot to `pos` tokens from such copies (`kv` holds at least `pos` rows). Error when
   // a part does not match the model's buffers.
   void restore_state(const std::vector<std::vector<std::byte>>& recurrent,
-                     const std::vector<std::vector<std::byte>>& kv, int64_t pos);
+                     const std::vector<std::vector<std::byte>>& kv, int64_t pos, int slot = 0);
 
  private:
   struct Impl;
+  // Where the T tokens of a forward come from and go to: one slot (single), or one token of each
+  // of T sequences whose slots the device array batch_slots holds (batch; T = a graph bucket).
+  struct Rows {
+    int slot = 0;
+    bool batch = false;
+  };
   void init(const GpuModelOptions& options);
   UploadOptions upload_options();
-  void run_layers(int T, bool decode);
+  void run_layers(int T, bool decode, Rows rows);
   void lm_head(int T);
-  void sample(const SamplingParams& sampling);
-  void check_fits(size_t T) const;
+  void sample(const SamplingParams& sampling, int slot);
+  void seed(int slot, const SamplingParams& sampling);  // (re)seeds the slot's device rng on a new seed
+  size_t checked(int slot) const;
+  void check_fits(size_t T, int slot) const;
+  void check_batch(std::span<const BatchEntry> batch) const;
+  // Uploads the rows (slots, tokens, sampling parameters; padding to `bucket`), then replays the
+  // bucket's graph `steps` times (the first use runs one step eagerly, then captures).
+  void run_batch(std::span<const BatchEntry> batch, int bucket, int64_t steps, std::vector<double>* step_ms);
   // y [M, N] = x [M, K] . W^T with the plan of (W's shape and format, M), resolved on first use.
   // pdl: programmatic dependent launch (GEMV only; the caller checks the predecessor is a kernel).
   void dense(const GpuMatrix& W, CUdeviceptr x, CUdeviceptr y, int M, bool out_f32 = false, bool pdl = false);
@@ -118,7 +163,7 @@ class GpuModel {
   Stream stream_;
   GpuWeights weights_;
   std::unique_ptr<Impl> impl_;
-  int64_t pos_ = 0;
+  std::vector<int64_t> pos_;  // per slot, mirrors the device positions
 };
 
 }  // namespace q35::qwen35
