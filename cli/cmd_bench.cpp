@@ -1,6 +1,7 @@
 // q35jit bench: the speed figures of a checkpoint, or of a published model's shapes with random
 // weights, on the GPU: time to first token at several prompt lengths, decode tok/s at several
-// contexts (CUDA graph), load time, JIT cold and warm start, peak GPU memory. Tuned and default
+// contexts (CUDA graph), batched decode throughput at several batch sizes (--batch), load time,
+// JIT cold and warm start, peak GPU memory. Tuned and default
 // tile configs run one after the other (never both resident) and print side by side, each figure
 // beside its floor: models/qwen35/floors from the config, with the copy bandwidth and bf16 mma
 // rate measured at the start of the same run (autotune/device_probe).
@@ -27,6 +28,7 @@
 #include "cli/args.h"
 #include "cli/commands.h"
 #include "cli/session.h"
+#include "models/qwen35/batch.h"
 #include "models/qwen35/floors.h"
 #include "models/qwen35/gpu_model.h"
 #include "models/qwen35/kernels.h"
@@ -54,7 +56,10 @@ const std::vector<FlagSpec> kBenchFlags = {
     {"group-size", "G", "W4A16 group size (default 128, or the largest dividing every K)"},
     {"prefill", "LIST", "prompt lengths to time, comma-separated (default 128,512,1024,2048,4096)"},
     {"decode-contexts", "LIST", "contexts to time decode at, comma-separated (default 128,1024,4096,16384)"},
-    {"decode-steps", "N", "decode steps timed per context, median reported (default 64)"},
+    {"decode-steps", "N", "decode steps timed per context and per batch size, median reported (default 64)"},
+    {"batch", "LIST", "batch sizes to time the batched decode step at, comma-separated, e.g. 1,4,16,64 (default: "
+                      "none); the model gets max(LIST) sequence slots"},
+    {"batch-context", "N", "tokens each sequence of --batch holds before the timed steps (default 512)"},
     {"repeats", "N", "prefill repeats per length after one warm-up, median reported (default 3)"},
     {"configs", "SETS", "tile configs to time: tuned,default (side by side, the default), tuned or default"},
     {"kernels", "", "also time every tunable kernel at every M bucket: tuned config vs default (same inputs)"},
@@ -210,6 +215,8 @@ JitFigures time_jit(const std::vector<KernelSpec>& specs, const std::string& arc
 struct Plan {
   std::vector<int64_t> prefill;   // prompt lengths
   std::vector<int64_t> contexts;  // decode contexts
+  std::vector<int64_t> batches;   // batched decode step sizes (--batch)
+  int64_t batch_context = 512;    // tokens each of their sequences holds first
   int64_t steps = 64;
   int repeats = 3;
   bool profile = false;  // timed prefills between cuProfilerStart / cuProfilerStop
@@ -226,6 +233,8 @@ struct SetFigures {
   std::vector<double> decode_ms;     // per Plan::contexts, per token: chained graph replays, CUDA events
   std::vector<double> decode_host_ms;  // per Plan::contexts, per token: one decode() call each (host round trip)
   GraphNodeCounts decode_nodes;        // the captured decode step's graph nodes (kernels = launches per token)
+  std::vector<double> batch_ms;        // per Plan::batches: one batched step (all B tokens), median over steps
+  std::vector<GraphNodeCounts> batch_nodes;  // per Plan::batches: its graph's nodes (B = 1: the single graph)
 };
 
 using BuildFn = std::function<std::unique_ptr<GpuModel>(JitEngine&, const GpuModelOptions&)>;
@@ -297,6 +306,28 @@ SetFigures run_set(const std::string& name, const Context& ctx, const BuildFn& b
     o.log(fmt::format("{}: decode at context {} {:.3f} ms/token (chained), {:.3f} ms (host loop)", name, c,
                       f.decode_ms.back(), f.decode_host_ms.back()));
   }
+  // Batched decode: B sequences of batch_context random tokens each (slots 0 .. B-1), two warm-up
+  // steps (eager + capture, first replay), then plan.steps replays timed one by one with CUDA events.
+  for (int64_t B : plan.batches) {
+    std::vector<GpuModel::BatchEntry> rows;
+    for (int64_t b = 0; b < B; ++b) {
+      model->reset(int(b));
+      const int32_t first =
+          model->prefill(random_tokens(model->config(), plan.batch_context, uint32_t(3 + b)), greedy, int(b));
+      rows.push_back({int(b), first, greedy, false});
+    }
+    std::vector<int32_t> next = model->decode_batch_steps(rows, 2);
+    for (size_t b = 0; b < rows.size(); ++b) rows[b].token = next[b];
+    std::vector<double> ms;
+    model->decode_batch_steps(rows, plan.steps + 1, &ms);
+    f.batch_ms.push_back(median(ms));
+    const std::optional<GraphNodeCounts> nodes =
+        B == 1 ? model->decode_graph_nodes() : model->batch_graph_nodes(qwen35::decode_bucket(int(B), model->max_batch()));
+    f.batch_nodes.push_back(nodes.value_or(GraphNodeCounts{}));
+    mem.sample();
+    o.log(fmt::format("{}: batched decode of {} sequences {:.3f} ms/step ({:.0f} tok/s)", name, B, f.batch_ms.back(),
+                      double(B) * 1000.0 / f.batch_ms.back()));
+  }
   f.peak_bytes = mem.peak() > before ? mem.peak() - before : 0;
   return f;
 }
@@ -335,9 +366,9 @@ int cmd_bench(int argc, char** argv) {
   if (args.help()) {
     std::printf(
         "usage: q35jit bench (--model DIR | --synthetic NAME) [flags]\n\n"
-        "Times prefill (time to first token), decode (CUDA graph), load, JIT cold/warm start and peak GPU\n"
-        "memory, for tuned and default tile configs, each beside its floor from the config and the GPU's\n"
-        "measured copy bandwidth and bf16 mma rate.\n\n%s",
+        "Times prefill (time to first token), decode (CUDA graph), the batched decode step (--batch), load,\n"
+        "JIT cold/warm start and peak GPU memory, for tuned and default tile configs, each beside its floor\n"
+        "from the config and the GPU's measured copy bandwidth and bf16 mma rate.\n\n%s",
         args.usage().c_str());
     return 0;
   }
@@ -345,6 +376,15 @@ int cmd_bench(int argc, char** argv) {
   plan.prefill = parse_list("prefill", args.get("prefill").value_or("128,512,1024,2048,4096"));
   plan.contexts = parse_list("decode-contexts", args.get("decode-contexts").value_or("128,1024,4096,16384"));
   plan.steps = args.get_int("decode-steps", 64, 1, 1 << 20);
+  if (auto b = args.get("batch")) {
+    plan.batches = parse_list("batch", *b);
+    for (int64_t B : plan.batches)
+      if (B > qwen35::kMaxBatch)
+        fail("q35jit bench: --batch {} is more sequences than the {} slots a model can hold", B, qwen35::kMaxBatch);
+  }
+  plan.batch_context = args.get_int("batch-context", 512, 1, int64_t(1) << 30);
+  if (args.has("batch-context") && plan.batches.empty())
+    fail("q35jit bench: --batch-context applies to --batch (give the batch sizes)");
   plan.repeats = int(args.get_int("repeats", 3, 1, 1000));
   plan.profile = args.flag("profile");
   const std::vector<std::string> sets = parse_configs(args.get("configs").value_or("tuned,default"));
@@ -370,10 +410,16 @@ int cmd_bench(int argc, char** argv) {
   o.group = w.group;
   o.prequantized = w.prequantized;
   o.max_context = std::max(longest, deepest + 2 * plan.steps + 2);
+  if (!plan.batches.empty()) {
+    o.max_context = std::max(o.max_context, plan.batch_context + plan.steps + 4);
+    o.max_batch = int(*std::max_element(plan.batches.begin(), plan.batches.end()));
+    o.max_chunk = std::max<int64_t>(o.max_chunk, o.max_batch);  // the batched step's rows share the chunk scratch
+  }
   o.max_chunk = std::min<int64_t>(longest, 4096);
   o.log = [](const std::string& line) { std::fprintf(stderr, "[q35jit] %s\n", line.c_str()); };
   if (config.max_position_embeddings > 0 && o.max_context > config.max_position_embeddings)
-    fail("q35jit bench: --prefill / --decode-contexts + --decode-steps need {} tokens of context; the model allows {}",
+    fail("q35jit bench: --prefill / --decode-contexts / --batch-context + --decode-steps need {} tokens of context; the "
+         "model allows {}",
          o.max_context, config.max_position_embeddings);
 
   Driver driver;
@@ -425,6 +471,10 @@ int cmd_bench(int argc, char** argv) {
                              work.prefill_memory_ms(L, rates.copy_bytes_per_s)});
   std::vector<double> decode_floor;
   for (int64_t c : plan.contexts) decode_floor.push_back(work.decode_floor_ms(c, rates.copy_bytes_per_s));
+  // Batched steps: each sequence's context in the middle of the timed steps.
+  const int64_t batch_ctx = plan.batch_context + 2 + plan.steps / 2;
+  std::vector<double> batch_floor;
+  for (int64_t B : plan.batches) batch_floor.push_back(work.decode_batch_floor_ms(B, batch_ctx, rates.copy_bytes_per_s));
 
   // ---- table ----
   const std::string model_name = info ? src.name() : "synthetic " + src.name();
@@ -502,6 +552,30 @@ int cmd_bench(int argc, char** argv) {
         },
         "", none);
   }
+  // Batched decode: the step's time, total and per-sequence tok/s; floor = the union of experts
+  // the B tokens route to (uniform routing) + every sequence's state and KV rows, over the copy rate.
+  for (size_t i = 0; i < plan.batches.size(); ++i) {
+    const int64_t B = plan.batches[i];
+    const auto cell = [B](double ms) {
+      return fmt::format("{}  {} tok/s ({} per seq)", fmt_ms(ms), with_commas(double(B) * 1000.0 / ms),
+                         with_commas(1000.0 / ms));
+    };
+    row(fmt::format("decode batch {} (step, ctx {})", B, batch_ctx),
+        [&](const SetFigures& f) { return cell(f.batch_ms[i]); }, cell(batch_floor[i]),
+        [&](const SetFigures& f) { return percent(batch_floor[i], f.batch_ms[i]); });
+  }
+  for (size_t i = 0; i < plan.batches.size(); ++i) {
+    const double bytes = work.decode_batch_bytes(plan.batches[i], batch_ctx);
+    row(fmt::format("decode batch {}: bytes / time", plan.batches[i]),
+        [&](const SetFigures& f) {
+          return fmt::format("{:.2f} GB / {:.2f} TB/s", bytes / 1e9, bytes / (f.batch_ms[i] * 1e-3) / 1e12);
+        },
+        fmt::format("{:.2f} TB/s (copy)", rates.copy_bytes_per_s / 1e12),
+        [&](const SetFigures& f) { return percent(batch_floor[i], f.batch_ms[i]); });
+  }
+  for (size_t i = 0; i < plan.batches.size(); ++i)
+    row(fmt::format("decode batch {}: launches per step", plan.batches[i]),
+        [&](const SetFigures& f) { return std::to_string(f.batch_nodes[i].kernels); }, "", none);
   for (size_t i = 0; i < plan.contexts.size(); ++i)
     row(fmt::format("decode at {} (host loop)", plan.contexts[i]),
         [&](const SetFigures& f) { return fmt_time_rate(f.decode_host_ms[i], 1); }, fmt_time_rate(decode_floor[i], 1),
@@ -517,6 +591,13 @@ int cmd_bench(int argc, char** argv) {
   }
   std::printf("floors: decode = bytes per token (weights, DeltaNet state read + written, KV read) / copy bandwidth; "
               "prefill = the larger of FLOPs / mma rate and the weights the prompt touches / copy bandwidth\n");
+  if (!plan.batches.empty())
+    std::printf("batched decode: B sequences of %lld random tokens each (slots 0..B-1), one token per sequence per "
+                "step; GPU time of each CUDA-graph replay by CUDA events, median of %lld steps after 2 warm-up steps "
+                "(B = 1: the single-sequence graph); floor = weights once (routed experts: the expected union of the "
+                "B tokens' top-k under uniform routing) + per sequence DeltaNet state read + written and KV rows, "
+                "over the copy bandwidth\n",
+                (long long)plan.batch_context, (long long)plan.steps);
 
   if (args.flag("kernels")) {
     std::printf("\nper kernel, tuned config vs default re-timed (median of graph replays, microseconds):\n%s",
@@ -539,7 +620,8 @@ int cmd_bench(int argc, char** argv) {
     j["synthetic"] = !info;
     j["weights"] = weights;
     j["settings"] = {{"decode_steps", plan.steps}, {"repeats", plan.repeats}, {"max_chunk", o.max_chunk},
-                     {"max_context", o.max_context}};
+                     {"max_context", o.max_context}, {"max_batch", o.max_batch},
+                     {"batch_context", plan.batch_context}};
     j["rates"] = {{"copy_bytes_per_s", rates.copy_bytes_per_s}, {"mma_flops_per_s", rates.mma_flops_per_s},
                   {"copy_buffer_bytes", rates.copy_bytes}, {"runs", rates.runs}};
     nlohmann::json parts = nlohmann::json::object();
@@ -571,6 +653,13 @@ int cmd_bench(int argc, char** argv) {
                                   {"ms_per_token", decode_floor[i]},
                                   {"tok_s", 1000.0 / decode_floor[i]},
                                   {"bytes_per_token", work.decode_bytes(plan.contexts[i])}});
+    for (size_t i = 0; i < plan.batches.size(); ++i)
+      floors["decode_batch"].push_back({{"batch", plan.batches[i]},
+                                        {"context", batch_ctx},
+                                        {"ms_per_step", batch_floor[i]},
+                                        {"tok_s", double(plan.batches[i]) * 1000.0 / batch_floor[i]},
+                                        {"expected_experts_per_layer", work.expected_experts(plan.batches[i])},
+                                        {"bytes_per_step", work.decode_batch_bytes(plan.batches[i], batch_ctx)}});
     j["floors"] = floors;
     for (const SetFigures& f : figures) {
       nlohmann::json s = {{"load_ms", f.load_ms},
@@ -594,6 +683,18 @@ int cmd_bench(int argc, char** argv) {
                                {"ms_per_token_host_loop", f.decode_host_ms[i]},
                                {"tok_s", 1000.0 / f.decode_ms[i]},
                                {"of_floor", decode_floor[i] / f.decode_ms[i]}});
+      for (size_t i = 0; i < plan.batches.size(); ++i) {
+        const double B = double(plan.batches[i]);
+        s["decode_batch"].push_back(
+            {{"batch", plan.batches[i]},
+             {"context", batch_ctx},
+             {"ms_per_step", f.batch_ms[i]},
+             {"tok_s", B * 1000.0 / f.batch_ms[i]},
+             {"tok_s_per_sequence", 1000.0 / f.batch_ms[i]},
+             {"achieved_bytes_per_s", work.decode_batch_bytes(plan.batches[i], batch_ctx) / (f.batch_ms[i] * 1e-3)},
+             {"of_floor", batch_floor[i] / f.batch_ms[i]},
+             {"kernels_per_step", f.batch_nodes[i].kernels}});
+      }
       j["configs"][f.name] = s;
     }
     for (const TuneRow& r : kernel_report.rows)

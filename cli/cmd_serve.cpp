@@ -41,8 +41,8 @@ std::vector<FlagSpec> serve_flags() {
        "prompt tokens per prefill step, and at most this many between two decode steps; a gone client is noticed "
        "between steps (default 512)"},
       {"max-batch", "N",
-       "sequences decoded together, 1..1024 (default 16; each takes a slot of --max-context tokens; the GPU engine "
-       "runs 1 until its batched kernels exist)"},
+       "sequences decoded together, 1..1024 (default 16; each takes a slot of --max-context tokens: on the GPU "
+       "all slots are allocated at start and must fit in free memory)"},
       {"max-request-bytes", "N", "largest request body; larger gets 413 (default 8388608)"},
       {"max-connections", "N", "open connections; more get 503 (default 256)"},
   };
@@ -133,16 +133,12 @@ int cmd_serve(int argc, char** argv) {
   } else {
     const qwen35::Config config = qwen35::Config::preset(*args.get("synthetic"));
     tok.emplace(load_tokenizer(*args.get("tokenizer")));
-    engine = make_synthetic_engine(args, config, 32768, log);
+    engine = make_synthetic_engine(args, config, 32768, log, sched.max_batch);
     name = "synthetic-" + *args.get("synthetic");
   }
   name = args.get("served-name").value_or(name);
   log(fmt::format("loaded {} in {:.0f} ms (device {}, context {})", name, ms_since(t_load), engine->device(),
                   engine->max_context()));
-  if (engine->max_batch() < sched.max_batch)
-    log(fmt::format("notice: --max-batch {}: the {} engine decodes {} sequence(s) at a time (batched GPU kernels are "
-                    "not implemented yet); requests beyond that wait in the queue",
-                    sched.max_batch, engine->device(), engine->max_batch()));
 
   server::Metrics metrics;
   server::Scheduler scheduler(*engine, *tok, qwen35::stop_token_ids(*tok, generation), sched, metrics, log);

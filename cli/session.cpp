@@ -181,6 +181,9 @@ class CpuEngine final : public Engine {
   std::vector<std::optional<qwen35::CpuState>> states_;  // [max_batch], empty until first used
 };
 
+// The GPU runner with options.max_batch sequence slots (fixed at start: their K/V rows and DeltaNet
+// states are allocated with the model, see models/qwen35/batch.h); a step of several slots is the
+// batched decode step, a step of one slot its single-sequence CUDA graph.
 class GpuEngine final : public Engine {
  public:
   GpuEngine(const ModelInfo& info, qwen35::GpuModelOptions options, bool tuned)
@@ -198,59 +201,50 @@ class GpuEngine final : public Engine {
   GpuEngine(const qwen35::Config& config, qwen35::GpuModelOptions options, bool tuned, uint64_t seed)
       : ctx_(driver_, 0), jit_(default_cache_dir()) {
     options.tuning = load_tuning(ctx_.device(), tuned, options.log);
+    qwen35::GpuModelOptions need = options;
+    need.prequantized = true;  // random weights are generated in place: no staging buffer
+    check_gpu_memory(ctx_, config, need, "synthetic " + std::to_string(config.num_layers) + "-layer model");
     model_ = std::make_unique<qwen35::GpuModel>(driver_, ctx_, jit_, config, options, seed);
   }
   std::string device() const override { return ctx_.device().name; }
-  // One sequence until the batched GPU kernels exist: the scheduler then runs one request at a time.
-  int max_batch() const override { return 1; }
+  int max_batch() const override { return model_->max_batch(); }
   int64_t max_context() const override { return model_->max_context(); }
-  int64_t position(int slot) const override {
-    checked(slot);
-    return model_->position();
-  }
+  int64_t position(int slot) const override { return model_->position(slot); }
   std::vector<float> logits(int slot, std::span<const int32_t> tokens, bool all) override {
-    checked(slot);
-    return model_->forward(tokens, all);
+    return model_->forward(tokens, all, slot);
   }
   int32_t prefill(int slot, std::span<const int32_t> tokens, Sampler& sampler) override {
-    checked(slot);
-    return model_->prefill(tokens, sampler.params());
+    return model_->prefill(tokens, sampler.params(), slot);
   }
-  // A batch of the one slot: the single-sequence decode step (CUDA graph, sampling on the device).
+  // Sampling on the device with each entry's parameters and seed (the slot's device rng); entries
+  // without a sampler get their logits.
   std::vector<DecodeOutput> decode_batch(std::span<const DecodeEntry> batch) override {
-    if (batch.size() != 1) fail("decode_batch: {} sequences for the GPU engine of 1 slot", batch.size());
-    const DecodeEntry& e = batch[0];
-    checked(e.slot);
-    DecodeOutput out;
-    if (e.sampler)
-      out.id = model_->decode(e.token, e.sampler->params());
-    else
-      out.logits = model_->forward(std::span<const int32_t>(&e.token, 1), false);
-    return {std::move(out)};
+    std::vector<qwen35::GpuModel::BatchEntry> rows;
+    rows.reserve(batch.size());
+    for (const DecodeEntry& e : batch)
+      rows.push_back({e.slot, e.token, e.sampler ? e.sampler->params() : SamplingParams{}, e.sampler == nullptr});
+    qwen35::GpuModel::BatchResult r = model_->decode_batch(rows);
+    std::vector<DecodeOutput> out(batch.size());
+    for (size_t b = 0; b < batch.size(); ++b) {
+      out[b].id = batch[b].sampler ? r.ids[b] : -1;
+      out[b].logits = std::move(r.logits[b]);
+    }
+    return out;
   }
-  void reset(int slot) override {
-    checked(slot);
-    model_->reset();
-  }
+  void reset(int slot) override { model_->reset(slot); }
   StateCopy save_recurrent(int slot) const override {
-    checked(slot);
-    return {model_->position(), model_->save_recurrent_state()};
+    return {model_->position(slot), model_->save_recurrent_state(slot)};
   }
   StateCopy save_kv(int slot) const override {
-    checked(slot);
-    return {model_->position(), model_->save_kv_rows(model_->position())};
+    return {model_->position(slot), model_->save_kv_rows(model_->position(slot), slot)};
   }
   void restore(int slot, const StateCopy& kv, const StateCopy& recurrent) override {
-    checked(slot);
     if (kv.pos < recurrent.pos)
       fail("restore: K/V rows for {} tokens cannot restore position {}", kv.pos, recurrent.pos);
-    model_->restore_state(recurrent.parts, kv.parts, recurrent.pos);
+    model_->restore_state(recurrent.parts, kv.parts, recurrent.pos, slot);
   }
 
  private:
-  static void checked(int slot) {
-    if (slot != 0) fail("slot {} outside the GPU engine's 1 slot", slot);
-  }
   Driver driver_;
   Context ctx_;
   JitEngine jit_;
@@ -271,11 +265,12 @@ bool gpu_present() {
 void check_gpu_memory(const Context& ctx, const qwen35::Config& config, const qwen35::GpuModelOptions& o,
                       const std::string& name) {
   const qwen35::MemoryNeed need =
-      qwen35::gpu_memory_need(config, o.group, o.max_context, o.max_chunk, !o.prequantized);
+      qwen35::gpu_memory_need(config, o.group, o.max_context, o.max_chunk, !o.prequantized, o.max_batch);
   const auto [free_bytes, total_bytes] = ctx.mem_info();
   qwen35::check_fits(need, free_bytes, total_bytes, ctx.device().name,
-                     fmt::format("{} ({}, {} tokens of context)", name,
-                                 o.group ? fmt::format("W4A16 g{}", o.group) : std::string("bf16"), o.max_context));
+                     fmt::format("{} ({}, {} tokens of context{})", name,
+                                 o.group ? fmt::format("W4A16 g{}", o.group) : std::string("bf16"), o.max_context,
+                                 o.max_batch > 1 ? fmt::format(" x {} slots (--max-batch)", o.max_batch) : ""));
 }
 
 ModelSource model_source(const Args& args) {
@@ -335,13 +330,15 @@ WeightChoice weight_choice(const Args& args, const qwen35::Config& config, const
 namespace {
 
 qwen35::GpuModelOptions gpu_options(const Args& args, const qwen35::Config& config, const fs::path& dir,
-                                    int64_t max_context, const std::function<void(const std::string&)>& log) {
+                                    int64_t max_context, const std::function<void(const std::string&)>& log,
+                                    int max_batch = 1) {
   const WeightChoice w = weight_choice(args, config, dir);
   qwen35::GpuModelOptions o;
   o.format = w.format;
   o.group = w.group;
   o.prequantized = w.prequantized;
   o.max_context = max_context;
+  o.max_batch = max_batch;
   o.verbose = args.flag("verbose");
   o.log = log;
   return o;
@@ -362,19 +359,19 @@ std::unique_ptr<Engine> make_engine(const Args& args, const ModelInfo& info, int
       fail("q35jit {}: --quant, --group-size and --no-tune apply to --device cuda (the CPU reference runs in fp32)", cmd);
     return std::make_unique<CpuEngine>(info, max_context, max_batch);
   }
-  return std::make_unique<GpuEngine>(info, gpu_options(args, info.config, info.dir, max_context, log),
+  return std::make_unique<GpuEngine>(info, gpu_options(args, info.config, info.dir, max_context, log, max_batch),
                                      !args.flag("no-tune"));
 }
 
 std::unique_ptr<Engine> make_synthetic_engine(const Args& args, const qwen35::Config& config,
                                               int64_t default_max_context,
-                                              const std::function<void(const std::string&)>& log) {
+                                              const std::function<void(const std::string&)>& log, int max_batch) {
   if (args.get("device").value_or("cuda") != "cuda")
     fail("q35jit {}: --synthetic runs on the GPU only (--device cuda)", args.command());
   const int64_t model_max = config.max_position_embeddings > 0 ? config.max_position_embeddings : 32768;
   const int64_t max_context = args.get_int("max-context", std::min(default_max_context, model_max), 1, model_max);
-  return std::make_unique<GpuEngine>(config, gpu_options(args, config, {}, max_context, log), !args.flag("no-tune"),
-                                     1234);
+  return std::make_unique<GpuEngine>(config, gpu_options(args, config, {}, max_context, log, max_batch),
+                                     !args.flag("no-tune"), 1234);
 }
 
 }  // namespace q35::cli

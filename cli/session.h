@@ -63,15 +63,16 @@ void check_gpu_memory(const Context& ctx, const qwen35::Config& config, const qw
 // The flags every command that loads weights shares.
 std::vector<FlagSpec> engine_flags();
 // Builds the engine the flags ask for: --device (default: cuda when a GPU is found, else cpu),
-// --quant, --group-size, --max-context, --verbose. `log` gets one-line notices. The CPU engine
-// holds `max_batch` sequence slots; the GPU engine holds one (max_batch() == 1) until the batched
-// GPU kernels exist.
+// --quant, --group-size, --max-context, --verbose. `log` gets one-line notices. Both engines hold
+// `max_batch` sequence slots (the CPU one allocates a slot's state on first use; the GPU one all of
+// them at start, after checking they fit in free memory: an error names --max-batch / --max-context).
 std::unique_ptr<Engine> make_engine(const Args& args, const ModelInfo& info, int64_t default_max_context,
                                     const std::function<void(const std::string&)>& log, int max_batch = 1);
 // Random weights of `config`'s shapes on the GPU (--synthetic); the same flags.
 std::unique_ptr<Engine> make_synthetic_engine(const Args& args, const qwen35::Config& config,
                                               int64_t default_max_context,
-                                              const std::function<void(const std::string&)>& log);
+                                              const std::function<void(const std::string&)>& log,
+                                              int max_batch = 1);
 
 // The folder of the running executable (/proc/self/exe), empty if unknown: shipped tune caches
 // live in its tune_cache/ subfolder.

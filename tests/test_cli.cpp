@@ -238,6 +238,26 @@ TEST_CASE("the family's synthetic names and the unsupported --quant fp8 are one 
   CHECK(count_lines(r.err) == 1);
 }
 
+TEST_CASE("bench --batch: the batch sizes are checked before any GPU work, one line each") {
+  Result r = q35jit("bench --synthetic 35b-a3b --batch 0");
+  CHECK(r.code == 1);
+  CHECK(r.err == "error: q35jit bench: --batch expects positive integers separated by commas, got '0'\n");
+  r = q35jit("bench --synthetic 35b-a3b --batch 1,4,x");
+  CHECK(r.err == "error: q35jit bench: --batch expects positive integers separated by commas, got 'x'\n");
+  r = q35jit("bench --synthetic 35b-a3b --batch 4,2048");
+  CHECK(r.code == 1);
+  CHECK(r.err == "error: q35jit bench: --batch 2048 is more sequences than the 1024 slots a model can hold\n");
+  r = q35jit("bench --synthetic 35b-a3b --batch-context 64");
+  CHECK(r.err == "error: q35jit bench: --batch-context applies to --batch (give the batch sizes)\n");
+  r = q35jit("bench --synthetic 35b-a3b --batch 4 --batch-context 0");
+  CHECK(r.err.find("--batch-context") != std::string::npos);
+  CHECK(count_lines(r.err) == 1);
+  r = q35jit("bench --help");
+  CHECK(r.code == 0);
+  CHECK(r.out.find("--batch LIST") != std::string::npos);
+  CHECK(r.out.find("--batch-context N") != std::string::npos);
+}
+
 TEST_CASE("--device cuda on a machine without a driver is one line") {
   if (fs::exists("/dev/nvidiactl")) return;  // a GPU machine: the GPU script covers this path
   Result r = q35jit("run --model " + kModel + " --prompt hi --device cuda");
