@@ -81,7 +81,7 @@ void attention_batch_case(Gpu& g, const Config& cfg, uint32_t salt) {
     if (s < 0) continue;
     CAPTURE(b);
     const int ps = pos[size_t(s)];
-    std::vector<float> q_in(size_t(p.hq * D)), k_in(size_t(p.hkv * D));
+    std::vector<float> q_in(static_cast<size_t>(p.hq * D)), k_in(static_cast<size_t>(p.hkv * D));
     for (int64_t h = 0; h < p.hq; ++h)
       for (int64_t d = 0; d < D; ++d) q_in[size_t(h * D + d)] = bf16_to_f32(qkv[size_t(b * row + h * 2 * D + d)]);
     for (int64_t i = 0; i < p.hkv * D; ++i) k_in[size_t(i)] = bf16_to_f32(qkv[size_t(b * row + p.hq * 2 * D + i)]);
@@ -123,7 +123,7 @@ void attention_batch_case(Gpu& g, const Config& cfg, uint32_t salt) {
       }
       const int ps = pos[size_t(s)];
       const size_t first = size_t(s * slot_elems), n = size_t(int64_t(ps + 1) * p.hkv * D);
-      std::vector<float> gate(size_t(p.hq * D)), want(size_t(p.hq * D));
+      std::vector<float> gate(static_cast<size_t>(p.hq * D)), want(static_cast<size_t>(p.hq * D));
       for (int64_t h = 0; h < p.hq; ++h)
         for (int64_t d = 0; d < D; ++d) gate[size_t(h * D + d)] = bf16_to_f32(qkv[size_t(b * row + h * 2 * D + D + d)]);
       const std::vector<uint16_t> q_row(q.begin() + b * p.hq * D, q.begin() + (b + 1) * p.hq * D);
@@ -224,13 +224,14 @@ void gdn_batch_case(Gpu& g, int64_t hk, int64_t hv, uint32_t salt) {
     const int p = pos[size_t(sl)];
     const uint16_t* x = proj.data() + b * stride;
     // Reference chain for one token from the slot's state before the step.
-    std::vector<float> conv_state(size_t(C * (K - 1)));  // [C, K-1], oldest first: positions p-3 .. p-1
+    std::vector<float> conv_state(static_cast<size_t>(C * (K - 1)));  // [C, K-1], oldest first: positions p-3 .. p-1
     for (int64_t c = 0; c < C; ++c)
       for (int64_t j = 0; j < K - 1; ++j) {
         const int64_t q = ((int64_t(p) - (K - 1) + j) % K + K) % K;
         conv_state[size_t(c * (K - 1) + j)] = bf16_to_f32(ring_before[sl * ring_elems + size_t(q * C + c)]);
       }
-    std::vector<float> xin(size_t(C)), act(size_t(C)), z(size_t(hv * dv)), a(size_t(hv)), bb(size_t(hv)), wf(conv_w.size());
+    const size_t nc = size_t(C), nz = size_t(hv * dv), nh = size_t(hv);
+    std::vector<float> xin(nc), act(nc), z(nz), a(nh), bb(nh), wf(conv_w.size());
     for (int64_t c = 0; c < C; ++c) xin[size_t(c)] = bf16_to_f32(x[c]);
     for (int64_t c = 0; c < hv * dv; ++c) z[size_t(c)] = bf16_to_f32(x[C + c]);
     for (int64_t h = 0; h < hv; ++h) {
@@ -244,7 +245,7 @@ void gdn_batch_case(Gpu& g, int64_t hk, int64_t hv, uint32_t salt) {
         v(act.begin() + 2 * qd, act.end());
     ref::l2norm(q, hk, dk, 1e-6f, 1.f / std::sqrt(float(dk)));
     ref::l2norm(k, hk, dk, 1e-6f, 1.f);
-    std::vector<float> gd(size_t(hv)), beta(size_t(hv)), o(size_t(hv * dv)), want(size_t(hv * dv)), nw(size_t(dv));
+    std::vector<float> gd(nh), beta(nh), o(nz), want(nz), nw(static_cast<size_t>(dv));
     ref::gdn_gates(a, bb, A_log, dt_bias, gd, beta, 1, hv);
     std::vector<float> state(ssm_elems);  // the reference's [hv, dk, dv] from the GPU's [hv, dv, dk]
     auto to_ref = [&](const std::vector<float>& src, size_t base, std::vector<float>& dst) {
@@ -321,7 +322,7 @@ void batched_equals_alone(GpuModel& model, const std::vector<std::vector<int32_t
   const int S = int(prompts.size());
   REQUIRE(2 * S <= model.max_batch());
   const SamplingParams greedy;
-  std::vector<int32_t> next(size_t(S));
+  std::vector<int32_t> next(static_cast<size_t>(S));
   for (int s = 0; s < S; ++s) {
     model.reset(s);
     model.reset(S + s);
@@ -410,14 +411,14 @@ TEST_CASE("GPU batch: batched sampling draws what the single-sequence kernels dr
     const int B = int(slots.size()), nslots = 6;
     std::vector<float> logits = random_f32(size_t(B * V), uint32_t(V), 2.f);
     for (int b : {0, 4}) logits[size_t(b * V + V / 3)] = logits[size_t(b * V + V / 3 + 1)] = 30.f;  // greedy rows: a tie on top
-    std::vector<float> temperature(size_t(B)), top_p(size_t(B));
-    std::vector<int> top_k(size_t(B));
+    std::vector<float> temperature(static_cast<size_t>(B)), top_p(static_cast<size_t>(B));
+    std::vector<int> top_k(static_cast<size_t>(B));
     for (int b = 0; b < B; ++b) {
       temperature[size_t(b)] = params[size_t(b)].temperature;
       top_k[size_t(b)] = params[size_t(b)].top_k;
       top_p[size_t(b)] = params[size_t(b)].top_p;
     }
-    std::vector<uint64_t> rng(size_t(2 * nslots));
+    std::vector<uint64_t> rng(static_cast<size_t>(2 * nslots));
     for (int s = 0; s < nslots; ++s) rng[size_t(2 * s)] = run_seed() + 977u * uint64_t(s), rng[size_t(2 * s + 1)] = uint64_t(s * 5);
     DeviceBuffer d_logits = to_device(*g, logits), d_slots = to_device(*g, slots), d_t = to_device(*g, temperature),
                  d_k = to_device(*g, top_k), d_p = to_device(*g, top_p), d_rng = to_device(*g, rng),
