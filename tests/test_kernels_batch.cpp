@@ -3,7 +3,9 @@
 // gdn_decode_batch, the batched sampling kernels and step_advance_batch, every instantiation the
 // runner uses at the tiny fixture's, the 35B and the 122B shapes (16 q heads per kv head: two decode
 // blocks per kv head), and gdn_decode_batch at every tile of the tuner's gdn_recurrent space, compile
-// for sm_90a and sm_80 with no register spills and no stack frame (ptxas -v).
+// for sm_90a and sm_80 with no register spills and no stack frame (ptxas -v); their SASS (cuobjdump,
+// $Q35_CUOBJDUMP as make test sets it) has no local memory traffic, and the kernels launched with
+// programmatic dependent launch wait for their predecessor on sm_90a.
 #include <doctest/doctest.h>
 #include <fmt/format.h>
 
@@ -85,6 +87,20 @@ TEST_CASE("the batched decode kernels compile for sm_90a and sm_80 without spill
     REQUIRE(out.size() == specs.size());
     for (size_t i = 0; i < out.size(); ++i)
       CHECK_MESSAGE(q35::test::spill_bytes(out[i], specs[i].str()) == 0, specs[i].str() << "\n" << out[i].log);
+    // SASS of one instantiation per kernel: no local memory; the kernels the runner launches with
+    // programmatic dependent launch wait for their predecessor (griddepcontrol.wait = ACQBULK) on sm_90a.
+    std::set<std::string> seen;
+    for (size_t i = 0; i < out.size(); ++i) {
+      if (!seen.insert(specs[i].kernel).second) continue;
+      CAPTURE(specs[i].str());
+      const std::string sass = q35::test::sass_of(out[i], cache.path());
+      CHECK_FALSE(q35::test::contains(sass, "LDL"));
+      CHECK_FALSE(q35::test::contains(sass, "STL"));
+      const bool pdl = specs[i].kernel == "qk_norm_rope_batch" || specs[i].kernel == "attention_decode_batch" ||
+                       specs[i].kernel == "attention_decode_merge_batch" || specs[i].kernel == "gdn_decode_batch";
+      if (pdl) CHECK(q35::test::contains(sass, "ACQBULK") == (arch == "sm_90a"));
+    }
+    CHECK(seen.size() == 8);
   }
 }
 

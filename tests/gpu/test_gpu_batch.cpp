@@ -314,9 +314,10 @@ std::vector<int32_t> golden_prompt() {
 
 // S sequences (prompts of different lengths) in slots 0 .. S-1, decoded in batched steps (rows in
 // reverse slot order, so row != slot), against the same prompts decoded alone in slots S .. 2S-1
-// (the single-sequence path): one step's logits within `tol`, then `steps` greedy steps with the
-// same ids. Then a copy of slot 0's state restored into slot S decodes to bit-identical logits in
-// one batched step with slot 0.
+// (the single-sequence path): one step's logits within `tol` (alone: a one-token forward), then
+// `steps` greedy steps with the same ids (alone: the single-sequence decode graph). Then a copy of
+// slot 0's state restored into slot S decodes to bit-identical logits in one batched step with
+// slot 0, and its device greedy draw in a batched step is the argmax of slot 0's logits row.
 void batched_equals_alone(GpuModel& model, const std::vector<std::vector<int32_t>>& prompts, int steps, double tol,
                           const std::string& what) {
   const int S = int(prompts.size());
@@ -346,20 +347,36 @@ void batched_equals_alone(GpuModel& model, const std::vector<std::vector<int32_t
     const double err = rel_l2(r.logits[size_t(i)], alone);
     worst = std::max(worst, err);
     CHECK(err <= tol);
-    CHECK(argmax(r.logits[size_t(i)]) == argmax(alone));
+    CHECK_MESSAGE(argmax(r.logits[size_t(i)]) == argmax(alone),
+                  what << ": first step slot " << s << ": batched id " << argmax(r.logits[size_t(i)]) << ", alone "
+                       << argmax(alone));
     next[size_t(s)] = argmax(alone);
   }
   MESSAGE(fmt::format("{}: {} sequences (bucket {}), batched vs alone logits: worst rel_l2 {:.2e}", what, S,
                       decode_bucket(S, model.max_batch()), worst));
-  // Greedy steps on the device: the same ids as each sequence alone.
+  // Greedy steps: the batched step's ids (the argmax of its logits rows) against each sequence
+  // decoded alone by its single-sequence graph (sampling on the device). A differing id is reported
+  // with the batched logits' margin between the two ids.
+  const double scale = [&] {
+    double m = 0;
+    for (float x : r.logits[0]) m = std::max(m, double(std::fabs(x)));
+    return m;
+  }();
   int differ = 0;
   for (int k = 0; k < steps; ++k) {
-    const GpuModel::BatchResult step = model.decode_batch(rows_of(false));
+    const GpuModel::BatchResult step = model.decode_batch(rows_of(true));
     for (int i = 0; i < S; ++i) {
       const int s = S - 1 - i;
+      const std::vector<float>& lb = step.logits[size_t(i)];
+      const int32_t batched = argmax(lb);
       const int32_t alone = model.decode(next[size_t(s)], greedy, S + s);
-      differ += step.ids[size_t(i)] != alone;
-      CHECK_MESSAGE(step.ids[size_t(i)] == alone, what << ": step " << k << " slot " << s);
+      if (batched != alone) {
+        ++differ;
+        MESSAGE(fmt::format("{}: step {} slot {}: batched id {} (logit {:.5f}), alone id {} (batched logit {:.5f}): "
+                            "margin {:.2e} of max |logit| {:.3f}",
+                            what, k, s, batched, lb[size_t(batched)], alone, lb[size_t(alone)],
+                            double(lb[size_t(batched)] - lb[size_t(alone)]) / scale, scale));
+      }
       next[size_t(s)] = alone;
     }
   }
@@ -368,12 +385,23 @@ void batched_equals_alone(GpuModel& model, const std::vector<std::vector<int32_t
     CHECK(model.position(s) == int64_t(prompts[size_t(s)].size()) + 1 + steps);
     CHECK(model.position(S + s) == model.position(s));
   }
-  // A state copied from slot 0 into slot S: the two rows of one batched step are bit-identical.
-  model.restore_state(model.save_recurrent_state(0), model.save_kv_rows(model.position(0), 0), model.position(0), S);
-  CHECK(model.position(S) == model.position(0));
-  const std::vector<GpuModel::BatchEntry> pair = {{0, next[0], greedy, true}, {S, next[0], greedy, true}};
-  const GpuModel::BatchResult twin = model.decode_batch(pair);
+  // A state copied from slot 0 into slot S: the two rows of one batched step are bit-identical; then
+  // (copied again) slot S's device greedy draw is the argmax of slot 0's logits row.
+  auto twin_state = [&] {
+    model.restore_state(model.save_recurrent_state(0), model.save_kv_rows(model.position(0), 0), model.position(0), S);
+    CHECK(model.position(S) == model.position(0));
+  };
+  twin_state();
+  const GpuModel::BatchResult twin = model.decode_batch(std::vector<GpuModel::BatchEntry>{{0, next[0], greedy, true},
+                                                                                          {S, next[0], greedy, true}});
   CHECK(twin.logits[0] == twin.logits[1]);
+  const int32_t t2 = argmax(twin.logits[0]);
+  twin_state();
+  std::vector<GpuModel::BatchEntry> rows = {{S, t2, greedy, false}, {0, t2, greedy, true}};
+  for (int s = 1; s < S; ++s) rows.push_back({s, next[size_t(s)], greedy, false});  // more device-greedy rows
+  const GpuModel::BatchResult drawn = model.decode_batch(rows);
+  CHECK(drawn.ids[0] == argmax(drawn.logits[1]));
+  CHECK(drawn.ids[1] == -1);
 }
 
 }  // namespace
