@@ -165,6 +165,11 @@ std::vector<MoeGemmTile> moe_gemm_candidates(const MoeShape& s, int64_t, bool wg
         for (int wn : {1, 2})
           for (int stages : {3, 4, 6, 8})
             for (bool ws : {false, true}) add(MoeGemmTile{64 * wm, bn, 64, wm, wn, stages, true, ws});
+  if (wgmma)  // persistent warp-specialised (W4A16): deeper rings, the bf16 tiles shrink past 4 stages
+    for (int wm : {1, 2})
+      for (int bn : {128, 256})
+        for (int wn : {1, 2})
+          for (int stages : {4, 5, 6, 8}) add(MoeGemmTile{64 * wm, bn, 64, wm, wn, stages, true, true, false, 1, true});
   if (wgmma)  // swapped (weights x tokens): few tokens per expert
     for (int bt : {8, 16, 32, 64})
       for (int wn : {1, 2})
@@ -239,6 +244,7 @@ json to_json(const MoeGemmTile& t) {
   if (t.ws) j["ws"] = true;
   if (t.swap) j["swap"] = true;
   if (t.ksub != 1) j["ksub"] = t.ksub;
+  if (t.persist) j["persist"] = true;
   return j;
 }
 json to_json(const AttentionPrefillTile& t) { return {{"warps", t.warps}, {"block_n", t.block_n}}; }
@@ -270,7 +276,7 @@ MoeGemmTile moe_gemm_from_json(const json& j) {
   return {field(j, kMoeGemm, "block_m"), field(j, kMoeGemm, "block_n"), field(j, kMoeGemm, "block_k"),
           field(j, kMoeGemm, "warps_m"), field(j, kMoeGemm, "warps_n"), field_or(j, kMoeGemm, "stages", 2),
           flag(j, kMoeGemm, "wgmma"), flag(j, kMoeGemm, "ws"), flag(j, kMoeGemm, "swap"),
-          field_or(j, kMoeGemm, "ksub", 1)};
+          field_or(j, kMoeGemm, "ksub", 1), flag(j, kMoeGemm, "persist")};
 }
 AttentionPrefillTile attention_prefill_from_json(const json& j) {
   return {field(j, kAttentionPrefill, "warps"), field(j, kAttentionPrefill, "block_n")};

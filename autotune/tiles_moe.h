@@ -56,6 +56,7 @@ struct MoeGemmTile {
   bool ws = false;      // wgmma, warp-specialised: + a producer warpgroup (gathers A, dequantizes B)
   bool swap = false;    // ws: weights x tokens, block_m = 8..64 tokens, block_n = 64 * warps_n weight rows
   int ksub = 1;         // swap: 64-k steps per pipeline stage
+  bool persist = false; // ws, W4A16: about one block per SM looping over the tiles (WgmmaGemm::persist)
   int threads() const { return 32 * warps_m * warps_n * (wgmma ? 4 : 1) + (ws ? 128 : 0); }
   int smem_bytes(int group) const;  // wgmma: dynamic; else static, 2 stages of padded rows
 };

@@ -366,7 +366,8 @@ class MoeGemmOp final : public MoeOpBase {
                                    fn(moe_router_topk_spec(s_)), st, s_, x(it), weights(), sc, m);
     gpu::launch_moe_align(fn(moe_align_spec(s_, t.gemm)), st, sc, m);
     for (MoeGemm g : {MoeGemm::RoutedGateUp, MoeGemm::SharedGateUp, MoeGemm::RoutedDown, MoeGemm::SharedDown})
-      gpu::launch_moe_gemm(fn(moe_gemm_spec(s_, g, t.gemm)), t.gemm, st, s_, g, x(it), weights(), sc, m);
+      gpu::launch_moe_gemm(fn(moe_gemm_spec(s_, g, t.gemm)), t.gemm, st, s_, g, x(it), weights(), sc, m,
+                           dev().ctx.device().sm_count);
     gpu::launch_moe_combine(fn(moe_combine_spec(s_)), st, sc, out_.ptr(), m);
   }
 

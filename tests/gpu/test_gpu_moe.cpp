@@ -275,6 +275,10 @@ void run_shapes(const MoeShape& base, std::initializer_list<int> groups, bool ti
       for (const MoeGemmTile& t : {MoeGemmTile{128, 128, 64, 2, 1, 3, true}, MoeGemmTile{64, 256, 64, 1, 2, 8, true},
                                    MoeGemmTile{64, 64, 64, 1, 1, 4, true}, MoeGemmTile{128, 256, 64, 2, 1, 4, true, true},
                                    MoeGemmTile{64, 128, 64, 1, 1, 3, true, true}, MoeGemmTile{64, 256, 64, 1, 2, 6, true, true},
+                                   // persistent (W4A16 only: a grid of one block per SM over the tiles)
+                                   MoeGemmTile{128, 256, 64, 2, 1, 4, true, true, false, 1, true},
+                                   MoeGemmTile{128, 256, 64, 2, 1, 6, true, true, false, 1, true},
+                                   MoeGemmTile{64, 128, 64, 1, 2, 3, true, true, false, 1, true},
                                    // swapped (weights x 8..64 tokens)
                                    MoeGemmTile{8, 64, 64, 1, 1, 8, true, true, true}, MoeGemmTile{16, 128, 64, 1, 2, 6, true, true, true},
                                    MoeGemmTile{64, 64, 64, 1, 1, 4, true, true, true},
@@ -292,6 +296,7 @@ void run_shapes(const MoeShape& base, std::initializer_list<int> groups, bool ti
         CAPTURE(t.stages);
         CAPTURE(t.ws);
         CAPTURE(t.ksub);
+        CAPTURE(t.persist);
         const MoeKernels kt(g->jit, g->ctx, s, tiles);
         Workspace wt(*g, kt, 2048);
         for (int64_t T : {37, 2048}) check_moe(*g, L, kt, wt.sc, T, MoePath::Prefill, salt++);
@@ -329,11 +334,11 @@ void run_shapes(const MoeShape& base, std::initializer_list<int> groups, bool ti
           const double us = time_graph(*g, 1, [&](int) { moe_forward(kk, g->stream, w, wk.sc, d_x.ptr(), d_out.ptr(), T); });
           const double gu = time_graph(*g, 1, [&](int) {
             launch_moe_gemm(kk.gemm(MoeGemm::RoutedGateUp), kk.tiles.gemm, g->stream, s, MoeGemm::RoutedGateUp, d_x.ptr(),
-                            w, wk.sc, T);
+                            w, wk.sc, T, kk.sm_count);
           });
           const double dn = time_graph(*g, 1, [&](int) {
             launch_moe_gemm(kk.gemm(MoeGemm::RoutedDown), kk.tiles.gemm, g->stream, s, MoeGemm::RoutedDown, d_x.ptr(), w,
-                            wk.sc, T);
+                            wk.sc, T, kk.sm_count);
           });
           lines += fmt::format("\n  {:<22} layer {:7.1f} us; routed gate_up {:6.1f} us ({:4.2f} TB/s), down {:6.1f} us "
                                "({:4.2f} TB/s)",
@@ -380,10 +385,22 @@ void run_shapes(const MoeShape& base, std::initializer_list<int> groups, bool ti
     std::vector<std::pair<std::string, MoeTiles>> timed = {{"default", k.tiles}};
     if (wgmma)
       for (const MoeGemmTile& t : {MoeGemmTile{128, 256, 64, 2, 1, 4, true, true}, MoeGemmTile{64, 256, 64, 1, 2, 4, true, true},
-                                   MoeGemmTile{64, 128, 64, 1, 1, 6, true, true}}) {
+                                   MoeGemmTile{64, 128, 64, 1, 1, 6, true, true},
+                                   MoeGemmTile{128, 256, 64, 2, 1, 4, true, true, false, 1, true},
+                                   MoeGemmTile{128, 256, 64, 2, 1, 3, true, true, false, 1, true},
+                                   MoeGemmTile{128, 256, 64, 2, 1, 5, true, true, false, 1, true},
+                                   MoeGemmTile{128, 256, 64, 2, 1, 6, true, true, false, 1, true},
+                                   MoeGemmTile{128, 128, 64, 2, 1, 8, true, true, false, 1, true},
+                                   MoeGemmTile{128, 128, 64, 2, 1, 4, true, true, false, 1, true},
+                                   MoeGemmTile{64, 256, 64, 1, 1, 4, true, true, false, 1, true}}) {
+        bool ok = true;
+        for (MoeGemm gm : {MoeGemm::RoutedGateUp, MoeGemm::RoutedDown, MoeGemm::SharedGateUp, MoeGemm::SharedDown})
+          ok = ok && why_invalid(t, s, gm).empty();
+        if (!ok) continue;  // persistent: W4A16 only
         MoeTiles tiles = k.tiles;
         tiles.gemm = t;
-        timed.emplace_back(fmt::format("ws {}x{} wg {}x{} stages {}", t.block_m, t.block_n, t.warps_m, t.warps_n, t.stages),
+        timed.emplace_back(fmt::format("ws {}x{} wg {}x{} stages {}{}", t.block_m, t.block_n, t.warps_m, t.warps_n,
+                                       t.stages, t.persist ? " persistent" : ""),
                            tiles);
       }
     for (const auto& [label, tiles] : timed) {
@@ -406,7 +423,7 @@ void run_shapes(const MoeShape& base, std::initializer_list<int> groups, bool ti
         launch_moe_align(k.align, g->stream, big.sc, T);
         ev[e++].record(g->stream);
         for (MoeGemm gm : {MoeGemm::RoutedGateUp, MoeGemm::SharedGateUp, MoeGemm::RoutedDown, MoeGemm::SharedDown}) {
-          launch_moe_gemm(k.gemm(gm), k.tiles.gemm, g->stream, s, gm, d_x.ptr(), w, big.sc, T);
+          launch_moe_gemm(k.gemm(gm), k.tiles.gemm, g->stream, s, gm, d_x.ptr(), w, big.sc, T, k.sm_count);
           ev[e++].record(g->stream);
         }
         launch_moe_combine(k.combine, g->stream, big.sc, d_out.ptr(), T);

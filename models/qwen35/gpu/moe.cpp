@@ -130,6 +130,7 @@ MoeScratch moe_scratch(const MoeShape& s, const MoeTiles& tiles, int64_t max_tok
 MoeKernels::MoeKernels(JitEngine& jit, const Context& ctx, const MoeShape& s, const MoeTiles& t)
     : shape(s),
       tiles(t),
+      sm_count(ctx.device().sm_count),
       router_one(jit.load(moe_router_spec(s, tiles.router_one), ctx)),
       router_decode(jit.load(moe_router_spec(s, tiles.router_decode), ctx)),
       router_prefill(jit.load(moe_router_spec(s, tiles.router_prefill), ctx)),
@@ -214,7 +215,7 @@ void launch_moe_align(const Function& f, const Stream& stream, const MoeScratch&
 }
 
 void launch_moe_gemm(const Function& f, const MoeGemmTile& tile, const Stream& stream, const MoeShape& s, MoeGemm g,
-                     CUdeviceptr x, const MoeWeights& w, const MoeScratch& sc, int64_t T) {
+                     CUdeviceptr x, const MoeWeights& w, const MoeScratch& sc, int64_t T, int sm_count) {
   check_tokens("moe_gemm", sc, T);
   CUdeviceptr A = 0, W = 0, S = 0, out = 0;
   switch (g) {
@@ -235,8 +236,16 @@ void launch_moe_gemm(const Function& f, const MoeGemmTile& tile, const Stream& s
   // Routed: the bound for T (blocks past num_blocks[0] exit at once).
   const unsigned row_blocks = routed ? unsigned(moe_max_blocks(s, tile.block_m, T)) : ceil_div(T, tile.block_m);
   const unsigned smem = tile.wgmma ? unsigned(tile.smem_bytes(s.group)) : 0;  // static for mma.sync
-  f.launch({{unsigned(moe_gemm_n(s, g) / tile.block_n), row_blocks}, {unsigned(tile.threads())}, smem}, stream, A, W, S,
-           out, sc.sorted_ids, sc.block_expert, sc.num_blocks, int(T));
+  const unsigned col_blocks = unsigned(moe_gemm_n(s, g) / tile.block_n);
+  if (tile.persist) {  // one block per SM (a block takes most of an SM's shared memory) over the tiles
+    if (sm_count < 1) fail("moe_gemm ({}): a persistent tile needs the SM count, got {}", name(g), sm_count);
+    const unsigned blocks = unsigned(std::min<int64_t>(int64_t(col_blocks) * row_blocks, sm_count));
+    f.launch({{blocks}, {unsigned(tile.threads())}, smem}, stream, A, W, S, out, sc.sorted_ids, sc.block_expert,
+             sc.num_blocks, int(T));
+    return;
+  }
+  f.launch({{col_blocks, row_blocks}, {unsigned(tile.threads())}, smem}, stream, A, W, S, out, sc.sorted_ids,
+           sc.block_expert, sc.num_blocks, int(T));
 }
 
 void launch_moe_combine(const Function& f, const Stream& stream, const MoeScratch& sc, CUdeviceptr out, int64_t T) {
@@ -257,7 +266,7 @@ void moe_forward(const MoeKernels& k, const Stream& stream, const MoeWeights& w,
   launch_moe_router_prefill(k.router_gemm, k.tiles.router_gemm, k.router_topk, stream, s, x, w, sc, T);
   launch_moe_align(k.align, stream, sc, T);
   for (MoeGemm g : {MoeGemm::RoutedGateUp, MoeGemm::SharedGateUp, MoeGemm::RoutedDown, MoeGemm::SharedDown})
-    launch_moe_gemm(k.gemm(g), k.tiles.gemm, stream, s, g, x, w, sc, T);
+    launch_moe_gemm(k.gemm(g), k.tiles.gemm, stream, s, g, x, w, sc, T, k.sm_count);
   launch_moe_combine(k.combine, stream, sc, out, T);
 }
 

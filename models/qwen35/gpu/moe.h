@@ -90,6 +90,7 @@ struct MoeKernels {
   MoeKernels(JitEngine& jit, const Context& ctx, const MoeShape& s, const MoeTiles& tiles);
   MoeShape shape;
   MoeTiles tiles;
+  int sm_count = 0;  // the device's SMs: the grid of persistent GEMM tiles
   Function router_one, router_decode, router_prefill;
   Function decode_gate_up, decode_down, decode_down_residual;
   Function align;
@@ -122,8 +123,9 @@ void launch_moe_decode_down(const Function& f, const MoeDownTile& tile, const St
 // Prefill. scratch.ids -> scratch.sorted_ids, block_expert, num_blocks.
 void launch_moe_align(const Function& f, const Stream& stream, const MoeScratch& sc, int64_t T);
 // Prefill GEMM `g`: RoutedGateUp x -> h, SharedGateUp x -> hs, RoutedDown h -> y, SharedDown hs -> ys.
+// sm_count: the device's SMs (a persistent tile runs min(tiles, sm_count) blocks).
 void launch_moe_gemm(const Function& f, const MoeGemmTile& tile, const Stream& stream, const MoeShape& s, MoeGemm g,
-                     CUdeviceptr x, const MoeWeights& w, const MoeScratch& sc, int64_t T);
+                     CUdeviceptr x, const MoeWeights& w, const MoeScratch& sc, int64_t T, int sm_count);
 // Prefill. scratch.y, ys, weights, shared_gate -> out [T, H] bf16.
 void launch_moe_combine(const Function& f, const Stream& stream, const MoeScratch& sc, CUdeviceptr out, int64_t T);
 
