@@ -6,6 +6,7 @@
 
 #include <atomic>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <sstream>
 #include <thread>
@@ -45,6 +46,9 @@ std::vector<FlagSpec> serve_flags() {
        "runs 1 until its batched kernels exist)"},
       {"max-request-bytes", "N", "largest request body; larger gets 413 (default 8388608)"},
       {"max-connections", "N", "open connections; more get 503 (default 256)"},
+      {"gpu", "N",
+       "which GPU, counted among those CUDA_VISIBLE_DEVICES shows (default 0); sets CUDA_VISIBLE_DEVICES before the "
+       "driver starts"},
   };
   for (FlagSpec f : engine_flags()) flags.push_back(std::move(f));
   return flags;
@@ -89,6 +93,18 @@ int cmd_serve(int argc, char** argv) {
   if (args.has("synthetic") != args.has("tokenizer"))
     fail("q35jit serve: --tokenizer DIR goes with --synthetic (a --model folder has its own tokenizer)");
   auto log = [](const std::string& line) { std::fprintf(stderr, "[q35jit] %s\n", line.c_str()); };
+  if (args.has("gpu")) {  // the engine opens device 0: make the chosen one the only visible device
+    const int64_t gpu = args.get_int("gpu", 0, 0, 1023);
+    std::vector<std::string> visible;
+    if (const char* v = std::getenv("CUDA_VISIBLE_DEVICES"); v && *v) {
+      std::stringstream ss(v);
+      for (std::string d; std::getline(ss, d, ',');) visible.push_back(d);
+      if (gpu >= int64_t(visible.size()))
+        fail("q35jit serve: --gpu {}: CUDA_VISIBLE_DEVICES={} shows {} device(s)", gpu, v, visible.size());
+    }
+    const std::string chosen = visible.empty() ? std::to_string(gpu) : visible[size_t(gpu)];
+    setenv("CUDA_VISIBLE_DEVICES", chosen.c_str(), 1);
+  }
 
   // Signals: blocked here, before any thread starts, so only the waiting thread below sees them.
   sigset_t signals;
