@@ -133,11 +133,17 @@ int cmd_serve(int argc, char** argv) {
   qwen35::GenerationConfig generation;
   std::unique_ptr<Engine> engine;
   std::optional<Tokenizer> tok;
+  double tokenizer_ms = 0;
+  auto load_tok = [&](const std::filesystem::path& dir) {
+    const auto t = std::chrono::steady_clock::now();
+    tok.emplace(load_tokenizer(dir));
+    tokenizer_ms = ms_since(t);
+  };
   std::string name;
   if (auto dir = args.get("model")) {
     info = load_model_info(*dir);
     generation = info->generation;
-    tok.emplace(load_tokenizer(info->dir));
+    load_tok(info->dir);
     auto tmpl = folder_chat_template(info->dir);
     if (!tmpl || !qwen35::is_qwen35_chat_template(*tmpl))
       log(fmt::format("notice: the chat template of {} {} the Qwen3.5 one; prompts are rendered in the Qwen3.5 "
@@ -148,13 +154,13 @@ int cmd_serve(int argc, char** argv) {
     if (name.empty()) name = std::filesystem::path(*dir).lexically_normal().parent_path().filename().string();
   } else {
     const qwen35::Config config = qwen35::Config::preset(*args.get("synthetic"));
-    tok.emplace(load_tokenizer(*args.get("tokenizer")));
+    load_tok(*args.get("tokenizer"));
     engine = make_synthetic_engine(args, config, 32768, log);
     name = "synthetic-" + *args.get("synthetic");
   }
   name = args.get("served-name").value_or(name);
-  log(fmt::format("loaded {} in {:.0f} ms (device {}, context {})", name, ms_since(t_load), engine->device(),
-                  engine->max_context()));
+  log(fmt::format("loaded {} in {:.0f} ms (tokenizer {:.0f} ms; device {}, context {})", name, ms_since(t_load),
+                  tokenizer_ms, engine->device(), engine->max_context()));
   if (engine->max_batch() < sched.max_batch)
     log(fmt::format("notice: --max-batch {}: the {} engine decodes {} sequence(s) at a time (batched GPU kernels are "
                     "not implemented yet); requests beyond that wait in the queue",

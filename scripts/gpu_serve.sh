@@ -9,13 +9,14 @@
 #      the prefix cache and as a new chat, and single-stream decode tok/s (512 tokens, greedy, ignore_eos)
 #   2. one start with --prefix-cache-gb 0: turn 2 without a prefix cache
 #   3. `q35jit bench` decode at the context in the middle of the server's decode stream, for comparison
+#   4. tests/server/load_test.py, 4 streams for 10 s (p50 / p95 TTFT and time between tokens)
 # Each server is stopped with SIGTERM and must exit 0. Prints one summary block (also $OUT/serve.md);
 # the JSON of every run, the bench JSON and the server logs go to $OUT. Exit status 1 on any problem.
 #   scripts/gpu_serve.sh            (or dist/gpu_serve.sh)      ~1-2 minutes on an H200 (at most ~4.5:
 #   each run has a time limit)
 # Environment: OUT (default ./gpu-report), SERVE_MODEL (server flags instead of the synthetic 35B, e.g.
 # "--model tests/fixtures/tiny-qwen35moe --device cpu"; bench is then skipped), SIZES (serve_bench.py
-# size flags), BENCH=0 (skip bench), CUDA_VISIBLE_DEVICES (which GPU: the runtime uses device 0).
+# size flags), BENCH=0 (skip bench), LOAD_TEST=0 (skip the load test), CUDA_VISIBLE_DEVICES (which GPU: the runtime uses device 0).
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 if [ -x "$HERE/q35jit" ]; then DIST=$HERE; else DIST=$(cd "$HERE/../dist" 2>/dev/null && pwd) || DIST=""; fi
@@ -89,6 +90,39 @@ if [ "$BENCH" = 1 ]; then
     tail -5 "$OUT/bench.log" | sed 's/^/  /' | tee -a "$OUT/serve.md"
   fi
   echo "- run 3 (bench decode at context $CTX): $((SECONDS - t0)) s" | tee -a "$OUT/serve.md"
+fi
+
+# 4. load_test.py (stdlib only) for 10 s with 4 streams, on a server started here: its p50 / p95 TTFT and
+#    time between tokens (the GPU engine runs one sequence at a time: the others queue).
+if [ "${LOAD_TEST:-1}" = 1 ]; then
+  t0=$SECONDS
+  LOADTEST=$DIST/load_test.py
+  [ -f "$LOADTEST" ] || LOADTEST=tests/server/load_test.py
+  # shellcheck disable=SC2086
+  Q35JIT_CACHE_DIR=$CACHE $SERVE 2> "$OUT/serve_load.log" > /dev/null &
+  pid=$!
+  port=""
+  for _ in $(seq 600); do  # the port from the "serving ... on http://127.0.0.1:PORT" line, 60 s at most
+    port=$(sed -n 's/.*serving .* on http:\/\/127\.0\.0\.1:\([0-9]*\).*/\1/p' "$OUT/serve_load.log" | head -1)
+    [ -n "$port" ] || ! kill -0 $pid 2>/dev/null && break
+    sleep 0.1
+  done
+  if [ -n "$port" ] && $PY -c "import sys,time,urllib.request as u
+for _ in range(300):
+    try:
+        sys.exit(0 if u.urlopen('http://127.0.0.1:$port/health', timeout=5).status == 200 else 1)
+    except OSError: time.sleep(0.1)
+sys.exit(1)"; then
+    timeout 60 $PY "$LOADTEST" --url "http://127.0.0.1:$port" --concurrency 4 --duration 10 --max-tokens 128 \
+      > "$WORK/load.txt" 2>&1 || status=1
+  else
+    echo "- load test: the server did not start (see $OUT/serve_load.log)" | tee -a "$OUT/serve.md"
+    status=1
+  fi
+  kill -TERM $pid 2>/dev/null
+  wait $pid || { status=1; echo "- load test: the server did not exit 0 after SIGTERM" | tee -a "$OUT/serve.md"; }
+  { echo "- load test (tests/server/load_test.py, 4 streams, 10 s, 128 tokens each): $((SECONDS - t0)) s"
+    sed 's/^/    /' "$WORK/load.txt" 2>/dev/null; } | tee -a "$OUT/serve.md"
 fi
 
 $PY "$CLIENT" --report "$OUT/serve_main.json" "$OUT/serve_nocache.json" "${BENCH_ARGS[@]}" | tee -a "$OUT/serve.md"

@@ -375,10 +375,13 @@ def first_token_after_start(server, client, log):
     r = client.stream("/v1/chat/completions", chat_body([{"role": "user", "content": "Hello, who are you?"}], 4))
     if r["t_first"] is None:
         raise BenchError("the first request streamed no text")
-    load = next((float(m.group(1)) for line in server.lines
-                 for m in [re.search(r"loaded .* in (\d+) ms", line)] if m), None)
+    loaded = next((m for line in server.lines
+                   for m in [re.search(r"loaded .*? in (\d+) ms(?: \(tokenizer (\d+) ms)?", line)] if m), None)
+    load = float(loaded.group(1)) if loaded else None
+    tokenizer = float(loaded.group(2)) if loaded and loaded.group(2) else None
     out = {"health_ms": (t_health - server.t_spawn) * 1e3, "first_token_ms": (r["t_first"] - server.t_spawn) * 1e3,
-           "first_request_ttft_ms": (r["t_first"] - r["t_sent"]) * 1e3, "load_ms_logged": load}
+           "first_request_ttft_ms": (r["t_first"] - r["t_sent"]) * 1e3, "load_ms_logged": load,
+           "tokenizer_ms_logged": tokenizer}
     log(f"start: /health ok after {out['health_ms']:.0f} ms, first token after {out['first_token_ms']:.0f} ms "
         f"(that request's TTFT {out['first_request_ttft_ms']:.1f} ms; the server logged its load as {fmt(load, 0)} ms)")
     return out
@@ -434,7 +437,8 @@ def report(runs, bench_json=None):
         for i, s in enumerate(r.get("starts", [])):
             kind = "cold" if s.get("cold") else "warm"
             lines.append(f"   start {i + 1} ({kind} kernel cache): /health {s['health_ms']:.0f} ms, first token "
-                         f"{s['first_token_ms']:.0f} ms after process start (load logged {fmt(s['load_ms_logged'], 0)} ms)")
+                         f"{s['first_token_ms']:.0f} ms after process start (load logged {fmt(s['load_ms_logged'], 0)} ms, "
+                         f"of which tokenizer {fmt(s.get('tokenizer_ms_logged'), 0)} ms)")
         if len(r.get("starts", [])) > 1:
             warm = [s["first_token_ms"] for s in r["starts"] if not s.get("cold")]
             if warm:

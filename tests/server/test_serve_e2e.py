@@ -643,6 +643,16 @@ def test_max_batch_flag_is_validated():
         assert r.returncode != 0 and "--max-batch" in r.stderr, r.stderr
 
 
+def test_gpu_flag_is_validated():
+    import os
+    import subprocess
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="0,1")
+    for bad, why in [("5", "shows 2 device(s)"), ("x", "integer"), ("-1", "--gpu")]:
+        r = subprocess.run([str(BIN), "serve", "--model", str(MODEL), "--device", "cpu", "--gpu", bad],
+                           capture_output=True, text=True, timeout=60, env=env)
+        assert r.returncode != 0 and "--gpu" in r.stderr and why in r.stderr, r.stderr
+
+
 def test_load_test_script_reports_throughput_and_percentiles(batch_server):
     import subprocess
     import sys
@@ -690,6 +700,7 @@ def test_serve_bench_measures_starts_turn2_and_decode(tmp_path):
     for s in res["starts"]:
         assert 0 < s["health_ms"] < s["first_token_ms"] < 120000
         assert s["load_ms_logged"] is not None and s["load_ms_logged"] <= s["health_ms"]
+        assert s["tokenizer_ms_logged"] is not None and s["tokenizer_ms_logged"] <= s["load_ms_logged"]
     # (a): the history and the message have the asked token counts (the server's tokenizer), turn 2
     # resumes from the cache at the start of turn 1's reply and prefills only the rest; the new chat
     # prefills everything; the server's counters saw the hits.
