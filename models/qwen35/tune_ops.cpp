@@ -305,7 +305,7 @@ class MoeRouterOp final : public MoeOpBase {
   int64_t m_ = 0;
 };
 
-// The decode path (router with its default tile, then the two expert GEMVs being tuned).
+// The decode path (router with its default tile fused into the gate_up GEMV being tuned, then down).
 class MoeDecodeOp final : public MoeOpBase {
  public:
   MoeDecodeOp(const TuneDevice* d, const MoeShape& s) : MoeOpBase(d, tune::kMoeDecode, tune::moe_signature(s), s) {}
@@ -316,7 +316,7 @@ class MoeDecodeOp final : public MoeOpBase {
   }
   std::vector<KernelSpec> kernels(const json& c, int64_t m) const override {
     const tune::MoeDecodeConfig d = tune::moe_decode_from_json(c);
-    return {moe_router_spec(s_, default_moe_router_tile(s_, m)), moe_decode_gate_up_spec(s_, d.gate_up),
+    return {moe_decode_route_gate_up_spec(s_, default_moe_router_tile(s_, m), d.gate_up),
             moe_decode_down_spec(s_, d.down)};
   }
   void setup(int64_t m, const Stream& st) override { setup_moe(m, st); }
@@ -325,8 +325,8 @@ class MoeDecodeOp final : public MoeOpBase {
     const gpu::MoeTiles tiles = gpu::MoeTiles::defaults(s_);
     const gpu::MoeScratch sc = gpu::moe_scratch(s_, tiles, m, ws_.ptr());
     const MoeRouterTile rt = default_moe_router_tile(s_, m);
-    gpu::launch_moe_router(fn(moe_router_spec(s_, rt)), rt, st, s_, x(it), weights(), sc, m);
-    gpu::launch_moe_decode_gate_up(fn(moe_decode_gate_up_spec(s_, d.gate_up)), d.gate_up, st, s_, x(it), weights(), sc, m);
+    gpu::launch_moe_decode_route_gate_up(fn(moe_decode_route_gate_up_spec(s_, rt, d.gate_up)), rt, d.gate_up, st, s_,
+                                         x(it), weights(), sc, m);
     gpu::launch_moe_decode_down(fn(moe_decode_down_spec(s_, d.down)), d.down, st, s_, weights(), sc, out_.ptr(), m);
   }
 };
