@@ -443,21 +443,26 @@ class AttentionDecodeOp final : public AttentionOpBase {
     return to_json_all(tune::attention_decode_candidates(plan_.hq, plan_.hkv, plan_.d));
   }
   json default_config(int64_t) const override { return tune::to_json(plan_.decode); }
-  std::vector<KernelSpec> kernels(const json& c, int64_t) const override {
-    const gpu::AttentionPlan p = with(c);
-    return {p.decode_spec(), p.decode_merge_spec()};
-  }
+  // The decode step's form: qk_norm_rope + split-K + merge in one launch (attention_decode_fused).
+  std::vector<KernelSpec> kernels(const json& c, int64_t) const override { return {with(c).decode_fused_spec()}; }
   void setup(int64_t m, const Stream& st) override {
     setup_attention(m, kAttentionDecodeContext + m, int32_t(kAttentionDecodeContext), st);
     gpu::AttentionPlan widest = plan_;
     widest.decode.warps = 1;
     scratch_ = alloc(gpu::attention_decode_scratch_bytes(widest, splits(widest, m)));
+    scratch_.fill_bytes(0, st);  // the fused kernel's sync words
+    norm_w_ = random_bf16(size_t(plan_.d), 0.f, 0.1f, st);
   }
   void run(const json& c, int64_t m, int it, const Stream& st) override {
     const gpu::AttentionPlan p = with(c);
     const size_t i = size_t(it) % k_.size();
-    gpu::launch_attention_decode(p, fn(p.decode_spec()), fn(p.decode_merge_spec()), st, q_.ptr(), k_[i].ptr(),
-                                 v_[i].ptr(), qkv_.ptr(), out_.ptr(), scratch_.ptr(), splits(p, m), pos_.ptr(), int(m));
+    gpu::launch_attention_decode_fused(p, fn(p.decode_fused_spec()), st, qkv_.ptr(), norm_w_.ptr(), norm_w_.ptr(),
+                                       k_[i].ptr(), v_[i].ptr(), out_.ptr(), scratch_.ptr(), splits(p, m), pos_.ptr(),
+                                       int(m), int(kAttentionDecodeContext + m), true);
+  }
+  void release() override {
+    AttentionOpBase::release();
+    norm_w_ = {};
   }
 
  private:
@@ -469,6 +474,7 @@ class AttentionDecodeOp final : public AttentionOpBase {
   int splits(const gpu::AttentionPlan& p, int64_t m) const {
     return gpu::attention_decode_splits(p, kAttentionDecodeContext + m, dev().ctx.device().sm_count);
   }
+  DeviceBuffer norm_w_;
 };
 
 // ---- Gated DeltaNet ----
