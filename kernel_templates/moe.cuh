@@ -486,8 +486,10 @@ moe_decode_gate_up(const q35k::bf16* __restrict__ x, const int* __restrict__ ids
 // the router's flag, only ever wait for blocks that are already running (no deadlock whatever the
 // residency). The shared expert's items do not wait; their weights and the router's are pulled into
 // L2 before griddepcontrol.wait.
-// Launch bounds (threads, 1): NVRTC's ptxas otherwise capped 256-thread blocks at 64 registers and
-// spilled. sync int32 [4], zero before the first launch and left zero by every launch (graph-safe):
+// Launch bounds: 128-thread blocks (the default KSPLIT = 4) at least 5 per SM (<= 102 registers:
+// the 35B's 576 + 33 blocks are resident at once on 132 SMs), 256-thread ones 2; without a minimum
+// NVRTC's ptxas capped 256-thread blocks at 64 registers and spilled, with 1 it took 118.
+// sync int32 [4], zero before the first launch and left zero by every launch (graph-safe):
 // [0] item ticket, [1] router items done, [2] router flag (ids / weights / shared_gate written),
 // [3] blocks done (the last one re-arms all four).
 namespace q35k {
@@ -501,7 +503,7 @@ __device__ __forceinline__ int ld_acquire_gpu(const int* p) {
 }  // namespace q35k
 
 template <int GROUP, int H, int E, int I, int IS, int TOPK, int KSPLIT, int M_TILE, int ROWS>
-__global__ void __launch_bounds__(KSPLIT * 32, 1)
+__global__ void __launch_bounds__(KSPLIT * 32, KSPLIT >= 4 && KSPLIT <= 20 ? 20 / KSPLIT : 1)
 moe_decode_route_gate_up(const q35k::bf16* __restrict__ x, const q35k::bf16* __restrict__ w_router,
                          const q35k::bf16* __restrict__ w_sg, float* logits, int* sync, int* ids, float* weights,
                          float* shared_gate, const void* __restrict__ gate_up_w,
