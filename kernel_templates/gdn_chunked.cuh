@@ -27,6 +27,10 @@
 //   O  = exp(gam) (q S_n) + QK Vn     q S as q S_hi + q S_lo, QK Vn as 3 products
 //   y  = bf16(O / sqrt(mean_DV(O^2) + eps) * w * silu(z))  -> y [T, HV DV] (gated_rmsnorm.cuh's math)
 //
+// gdn_chunk_fused / gdn_chunk_fused_cluster (below, the default after gdn_chunk_prepare) do the
+// work of gdn_chunk_state and gdn_chunk_output in one serial pass per (head, column slice), so h and
+// vn are never written; gdn_chunk_state -> gdn_chunk_output stay as the unfused form.
+//
 // Split bf16 ("3xBF16"): x = hi + lo with hi = bf16(x), lo = bf16(x - hi) keeps ~16 mantissa bits;
 // a product of two such operands drops only lo lo (2^-16 relative), and the tensor cores sum in
 // fp32, so every product is as accurate as fp32 CUDA-core math would be. Only differences of gam
