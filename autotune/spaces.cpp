@@ -204,12 +204,15 @@ std::vector<AttentionDecodeTile> attention_decode_candidates(int64_t hq, int64_t
 
 std::vector<GdnPrefillConfig> gdn_prefill_candidates(const GdnShape& s) {
   std::vector<GdnPrefillConfig> out;
+  // The chunk pass: fused state + output (the cluster form where the device has clusters, else the
+  // portable one), the portable fused form on every device, or the unfused state / output pair.
   for (int vs : {16, 32})
-    for (int tokens : {8, 16, 32})
-      for (int warps : {2, 4, 8}) {
-        GdnPrefillConfig c{GdnChunkTile{vs}, GdnPrologueTile{tokens, warps}};
-        if (why_invalid(c.chunk, s).empty() && why_invalid(c.prologue, s).empty()) out.push_back(c);
-      }
+    for (auto [fused, cluster] : {std::pair{true, true}, {true, false}, {false, false}})
+      for (int tokens : {8, 16, 32})
+        for (int warps : {2, 4, 8}) {
+          GdnPrefillConfig c{GdnChunkTile{vs, fused, cluster}, GdnPrologueTile{tokens, warps}};
+          if (why_invalid(c.chunk, s).empty() && why_invalid(c.prologue, s).empty()) out.push_back(c);
+        }
   return out;
 }
 
@@ -250,7 +253,10 @@ json to_json(const MoeGemmTile& t) {
 json to_json(const AttentionPrefillTile& t) { return {{"warps", t.warps}, {"block_n", t.block_n}}; }
 json to_json(const AttentionDecodeTile& t) { return {{"warps", t.warps}}; }
 json to_json(const GdnPrefillConfig& c) {
-  return {{"vs", c.chunk.vs}, {"prologue_tokens", c.prologue.tokens}, {"prologue_warps", c.prologue.warps}};
+  json j = {{"vs", c.chunk.vs}, {"prologue_tokens", c.prologue.tokens}, {"prologue_warps", c.prologue.warps}};
+  if (!c.chunk.fused) j["unfused"] = true;  // the default (absent) is the fused pass in its cluster form
+  else if (!c.chunk.cluster) j["no_cluster"] = true;
+  return j;
 }
 json to_json(const GdnRecurrentTile& t) { return {{"rows", t.rows}, {"warps", t.warps}}; }
 
@@ -283,7 +289,8 @@ AttentionPrefillTile attention_prefill_from_json(const json& j) {
 }
 AttentionDecodeTile attention_decode_from_json(const json& j) { return {field(j, kAttentionDecode, "warps")}; }
 GdnPrefillConfig gdn_prefill_from_json(const json& j) {
-  return {GdnChunkTile{field(j, kGdnPrefill, "vs")},
+  const bool fused = !flag(j, kGdnPrefill, "unfused");
+  return {GdnChunkTile{field(j, kGdnPrefill, "vs"), fused, fused && !flag(j, kGdnPrefill, "no_cluster")},
           GdnPrologueTile{field(j, kGdnPrefill, "prologue_tokens"), field(j, kGdnPrefill, "prologue_warps")}};
 }
 GdnRecurrentTile gdn_recurrent_from_json(const json& j) {

@@ -489,10 +489,17 @@ class GdnOpBase : public OpBase {
         cfg_(cfg), shape_(gpu::gdn_shape(cfg)), stride_((gpu::gdn_proj_columns(cfg) + 7) / 8 * 8) {}
 
   std::vector<KernelSpec> all_kernels(const gpu::GdnTiles& t) const {
-    return {gpu::gdn_prologue_spec(cfg_, t.prologue), gpu::gdn_recurrent_spec(cfg_, t.recurrent),
-            gpu::gdn_decode_spec(cfg_, t.recurrent),  gpu::gdn_chunk_prepare_spec(cfg_),
-            gpu::gdn_chunk_state_spec(cfg_, t.chunk), gpu::gdn_chunk_output_spec(cfg_),
-            gpu::gated_rmsnorm_spec(cfg_, t.norm)};
+    std::vector<KernelSpec> out = {gpu::gdn_prologue_spec(cfg_, t.prologue), gpu::gdn_recurrent_spec(cfg_, t.recurrent),
+                                   gpu::gdn_decode_spec(cfg_, t.recurrent), gpu::gdn_chunk_prepare_spec(cfg_),
+                                   gpu::gated_rmsnorm_spec(cfg_, t.norm)};
+    if (t.chunk.fused) {  // the form GdnKernels loads on this device
+      out.push_back(gpu::gdn_chunk_fused_spec(cfg_, t.chunk,
+                                              t.chunk.cluster && gdn_arch_has_cluster(dev().ctx.device().arch())));
+    } else {
+      out.push_back(gpu::gdn_chunk_state_spec(cfg_, t.chunk));
+      out.push_back(gpu::gdn_chunk_output_spec(cfg_));
+    }
+    return out;
   }
   const gpu::GdnKernels& variant(const gpu::GdnTiles& t) {
     const std::string key = t.key();
