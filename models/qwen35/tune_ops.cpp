@@ -482,11 +482,12 @@ class AttentionDecodeOp final : public AttentionOpBase {
 
 class GdnOpBase : public OpBase {
  protected:
-  GdnOpBase(const TuneDevice* d, const char* family, const Config& cfg)
+  GdnOpBase(const TuneDevice* d, const char* family, const Config& cfg, const std::string& arch)
       : OpBase(d, family, tune::gdn_signature(gpu::gdn_shape(cfg)),
                fmt::format("gated deltanet Hv{} dk{} dv{}", cfg.linear_num_value_heads, cfg.linear_key_head_dim,
                            cfg.linear_value_head_dim)),
-        cfg_(cfg), shape_(gpu::gdn_shape(cfg)), stride_((gpu::gdn_proj_columns(cfg) + 7) / 8 * 8) {}
+        cfg_(cfg), shape_(gpu::gdn_shape(cfg)), stride_((gpu::gdn_proj_columns(cfg) + 7) / 8 * 8),
+        cluster_(gdn_arch_has_cluster(arch)) {}
 
   std::vector<KernelSpec> all_kernels(const gpu::GdnTiles& t) const {
     std::vector<KernelSpec> out = {gpu::gdn_prologue_spec(cfg_, t.prologue), gpu::gdn_recurrent_spec(cfg_, t.recurrent),
@@ -494,7 +495,7 @@ class GdnOpBase : public OpBase {
                                    gpu::gated_rmsnorm_spec(cfg_, t.norm)};
     if (t.chunk.fused) {  // the form GdnKernels loads on this device
       out.push_back(gpu::gdn_chunk_fused_spec(cfg_, t.chunk,
-                                              t.chunk.cluster && gdn_arch_has_cluster(dev().ctx.device().arch())));
+                                              t.chunk.cluster && cluster_));
     } else {
       out.push_back(gpu::gdn_chunk_state_spec(cfg_, t.chunk));
       out.push_back(gpu::gdn_chunk_output_spec(cfg_));
@@ -557,6 +558,7 @@ class GdnOpBase : public OpBase {
   Config cfg_;
   GdnShape shape_;
   int64_t stride_;
+  bool cluster_;  // the device runs the fused pass's cluster form
   std::map<std::string, std::unique_ptr<gpu::GdnKernels>> variants_;
   DeviceBuffer conv_w_, a_log_, dt_bias_, norm_w_, ws_, o_, y_, pos_, counters_;
   std::vector<DeviceBuffer> proj_, conv_, ssm_;
@@ -564,7 +566,8 @@ class GdnOpBase : public OpBase {
 
 class GdnPrefillOp final : public GdnOpBase {
  public:
-  GdnPrefillOp(const TuneDevice* d, const Config& cfg) : GdnOpBase(d, tune::kGdnPrefill, cfg) {}
+  GdnPrefillOp(const TuneDevice* d, const Config& cfg, const std::string& arch)
+      : GdnOpBase(d, tune::kGdnPrefill, cfg, arch) {}
   bool serves(int64_t) const override { return true; }  // prefill of every length is chunked
   std::vector<json> candidates(int64_t) const override { return to_json_all(tune::gdn_prefill_candidates(shape_)); }
   json default_config(int64_t) const override {
@@ -587,7 +590,8 @@ class GdnPrefillOp final : public GdnOpBase {
 
 class GdnRecurrentOp final : public GdnOpBase {
  public:
-  GdnRecurrentOp(const TuneDevice* d, const Config& cfg) : GdnOpBase(d, tune::kGdnRecurrent, cfg) {}
+  GdnRecurrentOp(const TuneDevice* d, const Config& cfg, const std::string& arch)
+      : GdnOpBase(d, tune::kGdnRecurrent, cfg, arch) {}
   bool serves(int64_t m) const override { return m == 1; }  // decode (gdn_decode)
   std::vector<json> candidates(int64_t) const override { return to_json_all(tune::gdn_recurrent_candidates(shape_)); }
   json default_config(int64_t) const override { return tune::to_json(gpu::GdnTiles::defaults(shape_).recurrent); }
@@ -651,8 +655,8 @@ std::vector<std::unique_ptr<TuneOp>> tune_ops(const Config& cfg, int group, cons
     ops.push_back(std::make_unique<AttentionDecodeOp>(device, p));
   }
   if (cfg.num_layers_of(LayerType::LinearAttention) > 0) {
-    ops.push_back(std::make_unique<GdnPrefillOp>(device, cfg));
-    ops.push_back(std::make_unique<GdnRecurrentOp>(device, cfg));
+    ops.push_back(std::make_unique<GdnPrefillOp>(device, cfg, arch));
+    ops.push_back(std::make_unique<GdnRecurrentOp>(device, cfg, arch));
   }
   return ops;
 }
