@@ -165,6 +165,11 @@ std::vector<MoeGemmTile> moe_gemm_candidates(const MoeShape& s, int64_t, bool wg
         for (int wn : {1, 2})
           for (int stages : {3, 4, 6, 8})
             for (bool ws : {false, true}) add(MoeGemmTile{64 * wm, bn, 64, wm, wn, stages, true, ws});
+  if (wgmma)  // persistent warp-specialised (W4A16): deeper rings, the bf16 tiles shrink past 4 stages
+    for (int wm : {1, 2})
+      for (int bn : {128, 256})
+        for (int wn : {1, 2})
+          for (int stages : {4, 5, 6, 8}) add(MoeGemmTile{64 * wm, bn, 64, wm, wn, stages, true, true, false, 1, true});
   if (wgmma)  // swapped (weights x tokens): few tokens per expert
     for (int bt : {8, 16, 32, 64})
       for (int wn : {1, 2})
@@ -199,12 +204,15 @@ std::vector<AttentionDecodeTile> attention_decode_candidates(int64_t hq, int64_t
 
 std::vector<GdnPrefillConfig> gdn_prefill_candidates(const GdnShape& s) {
   std::vector<GdnPrefillConfig> out;
+  // The chunk pass: fused state + output (the cluster form where the device has clusters, else the
+  // portable one), the portable fused form on every device, or the unfused state / output pair.
   for (int vs : {16, 32})
-    for (int tokens : {8, 16, 32})
-      for (int warps : {2, 4, 8}) {
-        GdnPrefillConfig c{GdnChunkTile{vs}, GdnPrologueTile{tokens, warps}};
-        if (why_invalid(c.chunk, s).empty() && why_invalid(c.prologue, s).empty()) out.push_back(c);
-      }
+    for (auto [fused, cluster] : {std::pair{true, true}, {true, false}, {false, false}})
+      for (int tokens : {8, 16, 32})
+        for (int warps : {2, 4, 8}) {
+          GdnPrefillConfig c{GdnChunkTile{vs, fused, cluster}, GdnPrologueTile{tokens, warps}};
+          if (why_invalid(c.chunk, s).empty() && why_invalid(c.prologue, s).empty()) out.push_back(c);
+        }
   return out;
 }
 
@@ -239,12 +247,16 @@ json to_json(const MoeGemmTile& t) {
   if (t.ws) j["ws"] = true;
   if (t.swap) j["swap"] = true;
   if (t.ksub != 1) j["ksub"] = t.ksub;
+  if (t.persist) j["persist"] = true;
   return j;
 }
 json to_json(const AttentionPrefillTile& t) { return {{"warps", t.warps}, {"block_n", t.block_n}}; }
 json to_json(const AttentionDecodeTile& t) { return {{"warps", t.warps}}; }
 json to_json(const GdnPrefillConfig& c) {
-  return {{"vs", c.chunk.vs}, {"prologue_tokens", c.prologue.tokens}, {"prologue_warps", c.prologue.warps}};
+  json j = {{"vs", c.chunk.vs}, {"prologue_tokens", c.prologue.tokens}, {"prologue_warps", c.prologue.warps}};
+  if (!c.chunk.fused) j["unfused"] = true;  // the default (absent) is the fused pass in its cluster form
+  else if (!c.chunk.cluster) j["no_cluster"] = true;
+  return j;
 }
 json to_json(const GdnRecurrentTile& t) { return {{"rows", t.rows}, {"warps", t.warps}}; }
 
@@ -270,14 +282,15 @@ MoeGemmTile moe_gemm_from_json(const json& j) {
   return {field(j, kMoeGemm, "block_m"), field(j, kMoeGemm, "block_n"), field(j, kMoeGemm, "block_k"),
           field(j, kMoeGemm, "warps_m"), field(j, kMoeGemm, "warps_n"), field_or(j, kMoeGemm, "stages", 2),
           flag(j, kMoeGemm, "wgmma"), flag(j, kMoeGemm, "ws"), flag(j, kMoeGemm, "swap"),
-          field_or(j, kMoeGemm, "ksub", 1)};
+          field_or(j, kMoeGemm, "ksub", 1), flag(j, kMoeGemm, "persist")};
 }
 AttentionPrefillTile attention_prefill_from_json(const json& j) {
   return {field(j, kAttentionPrefill, "warps"), field(j, kAttentionPrefill, "block_n")};
 }
 AttentionDecodeTile attention_decode_from_json(const json& j) { return {field(j, kAttentionDecode, "warps")}; }
 GdnPrefillConfig gdn_prefill_from_json(const json& j) {
-  return {GdnChunkTile{field(j, kGdnPrefill, "vs")},
+  const bool fused = !flag(j, kGdnPrefill, "unfused");
+  return {GdnChunkTile{field(j, kGdnPrefill, "vs"), fused, fused && !flag(j, kGdnPrefill, "no_cluster")},
           GdnPrologueTile{field(j, kGdnPrefill, "prologue_tokens"), field(j, kGdnPrefill, "prologue_warps")}};
 }
 GdnRecurrentTile gdn_recurrent_from_json(const json& j) {

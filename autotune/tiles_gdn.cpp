@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <cstdlib>
 
 #include "runtime/core/error.h"
 
@@ -13,6 +14,7 @@ namespace {
 // Opt-in dynamic shared memory per block on sm_80 (A100); sm_90 allows 227 KiB. Staying under the
 // smaller limit keeps one cubin per tile valid on both.
 constexpr int kSmemLimit = 163 * 1024;
+constexpr int kSmemLimitSm90 = 227 * 1024;  // the cluster form of gdn_chunk_fused runs on sm_90+ only
 constexpr int kChunk = 64;  // q35k::kGdnChunk
 
 bool is_warp_count(int warps) { return warps >= 1 && warps <= 32; }
@@ -54,16 +56,29 @@ std::string why_invalid(const GdnRecurrentTile& tile, const GdnShape& s) {
 std::string why_invalid(const GdnChunkTile& tile, const GdnShape& s) {
   if (std::string why = why_unsupported(s); !why.empty()) return why;
   if (tile.vs != 16 && tile.vs != 32)
-    return fmt::format("vs = {} is not 16 or 32 (gdn_chunk_state's double-buffered inputs and state copy fit "
-                       "sm_80's shared memory up to 32 columns)",
+    return fmt::format("vs = {} is not 16 or 32 (the double-buffered inputs and the state copy of gdn_chunk_state / "
+                       "gdn_chunk_fused fit sm_80's shared memory up to 32 columns)",
                        tile.vs);
   if (s.dv % tile.vs != 0) return fmt::format("vs = {} does not divide dv = {}", tile.vs, s.dv);
   if (const int prep = gdn_chunk_prepare_smem_bytes(s); prep > kSmemLimit)
     return fmt::format("gdn_chunk_prepare needs {} B of shared memory, more than {} B", prep, kSmemLimit);
-  if (const int smem = gdn_chunk_state_smem_bytes(s, tile); smem > kSmemLimit)
-    return fmt::format("gdn_chunk_state needs {} B of shared memory, more than {} B", smem, kSmemLimit);
-  if (const int out = gdn_chunk_output_smem_bytes(s); out > kSmemLimit)
-    return fmt::format("gdn_chunk_output needs {} B of shared memory, more than {} B", out, kSmemLimit);
+  if (!tile.fused) {
+    if (tile.cluster) return "cluster = true needs fused = true (the cluster form is gdn_chunk_fused's)";
+    if (const int smem = gdn_chunk_state_smem_bytes(s, tile); smem > kSmemLimit)
+      return fmt::format("gdn_chunk_state needs {} B of shared memory, more than {} B", smem, kSmemLimit);
+    if (const int out = gdn_chunk_output_smem_bytes(s); out > kSmemLimit)
+      return fmt::format("gdn_chunk_output needs {} B of shared memory, more than {} B", out, kSmemLimit);
+    return {};
+  }
+  // The portable form must fit every arch: a cluster tile runs it where the arch has no clusters.
+  if (const int smem = gdn_chunk_fused_smem_bytes(s, tile, false); smem > kSmemLimit)
+    return fmt::format("gdn_chunk_fused needs {} B of shared memory, more than {} B", smem, kSmemLimit);
+  if (tile.cluster) {
+    if (s.dv / tile.vs > 8)
+      return fmt::format("dv / vs = {} CTAs per cluster exceeds the portable cluster size 8", s.dv / tile.vs);
+    if (const int smem = gdn_chunk_fused_smem_bytes(s, tile, true); smem > kSmemLimitSm90)
+      return fmt::format("gdn_chunk_fused_cluster needs {} B of shared memory, more than {} B", smem, kSmemLimitSm90);
+  }
   return {};
 }
 
@@ -88,9 +103,10 @@ GdnRecurrentTile default_gdn_recurrent_tile(const GdnShape& s) {
 }
 
 GdnChunkTile default_gdn_chunk_tile(const GdnShape& s) {
-  // One CTA per SM (150 KiB of shared memory at vs = 32): 32 columns when that still gives
-  // >= 64 CTAs (128 for 32 heads of 128, one wave on 132 SMs), else 16.
-  GdnChunkTile tile{s.hv * s.dv / 32 >= 64 ? 32 : 16};
+  // One CTA per SM (gdn_chunk_fused at vs = 32: 161.5 KiB portable, 216.5 KiB with the cluster): 32 columns when
+  // that still gives >= 64 CTAs (128 for 32 heads of 128, one wave on 132 SMs), else 16. The fused
+  // pass with the cluster norm (the portable form where the arch has no clusters).
+  GdnChunkTile tile{s.hv * s.dv / 32 >= 64 ? 32 : 16, true, true};
   if (std::string why = why_invalid(tile, s); !why.empty()) fail("gdn_chunk_state: unsupported shape: {}", why);
   return tile;
 }
@@ -120,6 +136,24 @@ int gdn_chunk_output_smem_bytes(const GdnShape& s) {
   // [2, dk, dv + 8], Vn hi, lo [2, 64, dv + 8].
   return int(3 * kChunk * 4 + (2 * kChunk * (s.dk + 8) + 2 * kChunk * (kChunk + 8) + 2 * s.dk * (s.dv + 8) +
                                2 * kChunk * (s.dv + 8)) * 2);
+}
+
+int gdn_chunk_fused_smem_bytes(const GdnShape& s, const GdnChunkTile& tile, bool cluster) {
+  // Two stages of {k bf16 [64, dk + 8], U fp32 [64, vs + 4], gam [64]}; one (portable) or two
+  // (cluster) stages of {W hi, lo and q bf16 [3, 64, dk + 8]}; S hi, lo bf16 [2, dk, vs + 8]; Vn and
+  // dcy Vn hi, lo bf16 [2, 64, vs + 8] each; QK hi, lo bf16 [2, 64, 72]; cluster: the row partial
+  // sums fp32 [2, 2 dv / vs, 64].
+  const int64_t ks = s.dk + 8, ss = tile.vs + 8;
+  const int64_t kug = kChunk * ks * 2 + kChunk * (tile.vs + 4) * 4 + kChunk * 4, wq = 3 * kChunk * ks * 2;
+  int64_t bytes = 2 * kug + (cluster ? 2 : 1) * wq + 2 * s.dk * ss * 2 + 2 * (2 * kChunk * ss * 2) +
+                  2 * kChunk * (kChunk + 8) * 2;
+  if (cluster) bytes += 2 * 2 * (s.dv / tile.vs) * kChunk * 4;
+  return int(bytes);
+}
+
+bool gdn_arch_has_cluster(const std::string& arch) {
+  if (arch.rfind("sm_", 0) != 0) return false;
+  return std::atoi(arch.c_str() + 3) >= 90;
 }
 
 }  // namespace q35

@@ -26,11 +26,20 @@ struct GdnRecurrentTile {
   int rows = 16;
   int warps = 4;
 };
-// gdn_chunk_state<..., VS>: grid (hv, dv / vs), block 256; a CTA owns vs value columns of a head's
-// state for the whole sequence (vs = 16 or 32; 64 needs more shared memory than sm_80 allows).
-// gdn_chunk_prepare and gdn_chunk_output (grid chunks x hv, block 256) have no tile.
+// The chunked delta rule after gdn_chunk_prepare (grid chunks x hv, block 256, no tile of its own):
+// fused (default): gdn_chunk_fused<..., VS> / gdn_chunk_fused_cluster<..., VS>, grid (hv, dv / vs),
+//   block 256: a CTA owns vs value columns of a head's state for the whole sequence and writes the
+//   output of its columns per chunk (h and vn never written). cluster: the gated RMSNorm inside, the
+//   dv / vs CTAs of a head a thread-block cluster exchanging row sums of squares through distributed
+//   shared memory (sm_90+; 227 KiB of shared memory); without (or on an arch without clusters, see
+//   gdn_arch_has_cluster): the portable form writes O fp32 and gated_rmsnorm follows (163 KiB).
+// !fused: gdn_chunk_state<..., VS> (grid (hv, dv / vs), writes h and vn) then gdn_chunk_output
+//   (grid chunks x hv, the gated RMSNorm fused).
+// vs = 16 or 32 (64 needs more shared memory than the forms allow).
 struct GdnChunkTile {
   int vs = 32;
+  bool fused = true;
+  bool cluster = true;  // fused only
 };
 // gated_rmsnorm<HV, DV, HEADS>: grid (T, hv / heads), block 32 * heads.
 struct GatedRmsnormTile {
@@ -55,5 +64,10 @@ GatedRmsnormTile default_gated_rmsnorm_tile(const GdnShape& s);
 int gdn_chunk_prepare_smem_bytes(const GdnShape& s);
 int gdn_chunk_state_smem_bytes(const GdnShape& s, const GdnChunkTile& tile);
 int gdn_chunk_output_smem_bytes(const GdnShape& s);
+// gdn_chunk_fused (cluster = false: W, q single-buffered) or gdn_chunk_fused_cluster (cluster = true:
+// W, q double-buffered, + the row-sum exchange buffers).
+int gdn_chunk_fused_smem_bytes(const GdnShape& s, const GdnChunkTile& tile, bool cluster);
+// Whether `arch` ("sm_90a", "sm_80", ...) runs the cluster form of gdn_chunk_fused (sm_90 and later).
+bool gdn_arch_has_cluster(const std::string& arch);
 
 }  // namespace q35

@@ -117,6 +117,7 @@ WgmmaGemm wgmma_of(const MoeGemmTile& t, const MoeShape& s, MoeGemm g) {
   w.gate_up = g == MoeGemm::RoutedGateUp || g == MoeGemm::SharedGateUp;
   w.routed = g == MoeGemm::RoutedGateUp || g == MoeGemm::RoutedDown;
   w.bm = t.block_m, w.bn = t.block_n, w.stages = t.stages, w.wgm = t.warps_m, w.wgn = t.warps_n, w.ws = t.ws, w.swap = t.swap, w.ksub = t.ksub;
+  w.persist = t.persist;
   return w;
 }
 }  // namespace
@@ -132,7 +133,7 @@ std::string why_invalid(const MoeGemmTile& t, const MoeShape& s, MoeGemm g) {
     if (t.block_k != kWgmmaBlockK) return fmt::format("wgmma: block_k = {} is not {}", t.block_k, kWgmmaBlockK);
     return why_invalid(wgmma_of(t, s, g));
   }
-  if (t.ws || t.swap || t.ksub != 1) return "warp specialisation needs a wgmma tile";
+  if (t.ws || t.swap || t.ksub != 1 || t.persist) return "warp specialisation needs a wgmma tile";
   if (t.stages != 2) return fmt::format("stages = {}: the mma.sync kernel has 2", t.stages);
   const int64_t n = moe_gemm_n(s, g), k = moe_gemm_k(s, g);
   if (t.warps_m < 1 || t.warps_n < 1 || t.threads() > 1024)
@@ -264,6 +265,23 @@ KernelSpec decode_spec(const char* kernel, const MoeShape& s, int ksplit) {
 KernelSpec moe_decode_gate_up_spec(const MoeShape& s, const MoeGemvTile& t) {
   require_valid(why_invalid_gate_up(t, s), "moe_decode_gate_up", s);
   return decode_spec("moe_decode_gate_up", s, t.ksplit);
+}
+
+KernelSpec moe_decode_route_gate_up_spec(const MoeShape& s, const MoeRouterTile& r, const MoeGemvTile& t) {
+  require_valid(why_invalid_gate_up(t, s), "moe_decode_route_gate_up", s);
+  MoeRouterTile rw = r;
+  rw.warps = t.ksplit;  // the router items run in gate_up's blocks
+  require_valid(why_invalid(rw, s), "moe_decode_route_gate_up", s);
+  KernelSpec spec = decode_spec("moe_decode_route_gate_up", s, t.ksplit);
+  spec.args.insert(spec.args.begin() + 2, {"E", str(s.experts)});
+  spec.args.push_back({"M_TILE", str(r.m_tile)});
+  spec.args.push_back({"ROWS", str(r.rows_per_warp)});
+  return spec;
+}
+
+int64_t moe_route_gate_up_blocks(const MoeShape& s, const MoeRouterTile& r, const MoeGemvTile& t, int64_t tokens) {
+  const int64_t router = (s.experts / r.rows_per_warp + 1 + t.ksplit - 1) / t.ksplit * ((tokens + r.m_tile - 1) / r.m_tile);
+  return router + (s.top_k * s.inter + s.shared_inter) / kMoeGateUpRows * tokens;
 }
 
 KernelSpec moe_decode_down_spec(const MoeShape& s, const MoeDownTile& t) {

@@ -56,6 +56,7 @@ struct MoeGemmTile {
   bool ws = false;      // wgmma, warp-specialised: + a producer warpgroup (gathers A, dequantizes B)
   bool swap = false;    // ws: weights x tokens, block_m = 8..64 tokens, block_n = 64 * warps_n weight rows
   int ksub = 1;         // swap: 64-k steps per pipeline stage
+  bool persist = false; // ws, W4A16: about one block per SM looping over the tiles (WgmmaGemm::persist)
   int threads() const { return 32 * warps_m * warps_n * (wgmma ? 4 : 1) + (ws ? 128 : 0); }
   int smem_bytes(int group) const;  // wgmma: dynamic; else static, 2 stages of padded rows
 };
@@ -98,6 +99,12 @@ int64_t moe_gemm_k(const MoeShape& s, MoeGemm gemm);
 
 KernelSpec moe_router_spec(const MoeShape& s, const MoeRouterTile& tile);
 KernelSpec moe_decode_gate_up_spec(const MoeShape& s, const MoeGemvTile& tile);
+// moe_decode_route_gate_up<GROUP, H, E, I, IS, TOPK, KSPLIT, M_TILE, ROWS>: moe_router (the router
+// tile's m_tile and rows_per_warp; its warps are gate_up's ksplit) and moe_decode_gate_up in one
+// launch of moe_route_gate_up_blocks(...) blocks of gate_up.threads().
+KernelSpec moe_decode_route_gate_up_spec(const MoeShape& s, const MoeRouterTile& router, const MoeGemvTile& gate_up);
+int64_t moe_route_gate_up_blocks(const MoeShape& s, const MoeRouterTile& router, const MoeGemvTile& gate_up,
+                                 int64_t tokens);
 KernelSpec moe_decode_down_spec(const MoeShape& s, const MoeDownTile& tile);
 // moe_decode_down with the decode residual add + RMSNorm epilogue (kernel_templates/decode_fusion.cuh).
 KernelSpec moe_decode_down_residual_spec(const MoeShape& s, const MoeDownTile& tile);

@@ -8,11 +8,13 @@
 
 namespace q35 {
 
+int wgmma_ws_bf16_tiles(int stages) { return stages <= 4 ? stages : stages == 5 ? 3 : 2; }
+
 int wgmma_smem_bytes(int group, int bm, int bn, int stages, bool ws, int ksub) {
   const int a = bm * 128, raw = group == 0 ? 0 : bn * 32;
   if (ws)
     return 1024 + stages * ksub * (a + (group == 0 ? bn * 128 : raw)) +
-           (group == 0 ? 0 : std::min(stages, 4) * bn * 128) + stages * 16;
+           (group == 0 ? 0 : wgmma_ws_bf16_tiles(stages) * bn * 128) + stages * 16;
   return 1024 + stages * (a + (group == 0 ? bn * 128 : raw)) + (group == 0 ? 0 : 3 * bn * 128);
 }
 
@@ -41,6 +43,9 @@ std::string why_invalid(const WgmmaGemm& g) {
   } else if (g.bm != 64 * g.wgm) {
     return fmt::format("bm = {} is not 64 * wgm = {}", g.bm, 64 * g.wgm);
   }
+  if (g.persist && (!g.ws || g.swap || g.group == 0))
+    return "persistent: the warp-specialised, not swapped, W4A16 form only (the bf16 producer's per-chunk "
+           "state leaves no registers for the tile loop)";
   const int wtn = g.bn % g.wgn == 0 ? g.bn / g.wgn : 0;
   if (wtn != 32 && wtn != 64 && wtn != 128 && wtn != 256)
     return fmt::format("bn / wgn = {} / {} is not 32, 64, 128 or 256 (the wgmma N)", g.bn, g.wgn);
@@ -81,7 +86,8 @@ KernelSpec wgmma_gemm_spec(const WgmmaGemm& g) {
            {"WGN", s(g.wgn)},
            {"WS", b(g.ws)},
            {"SWAP", b(g.swap)},
-           {"KSUB", s(g.ksub)}}};
+           {"KSUB", s(g.ksub)},
+           {"PERSIST", b(g.persist)}}};
 }
 
 bool arch_has_wgmma(const std::string& arch) { return arch == "sm_90a"; }

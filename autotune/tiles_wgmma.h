@@ -10,7 +10,7 @@
 
 namespace q35 {
 
-// gemm_wgmma<GROUP, N, K, TOPK, GATE_UP, ROUTED, OUT_F32, BM, BN, STAGES, WGM, WGN, WS>;
+// gemm_wgmma<GROUP, N, K, TOPK, GATE_UP, ROUTED, OUT_F32, BM, BN, STAGES, WGM, WGN, WS, SWAP, KSUB, PERSIST>;
 // grid (ceil(N / bn), row blocks), block threads(), dynamic smem wgmma_smem_bytes().
 // ws: warp-specialised (one more warpgroup loads and dequantizes; the others only issue wgmma).
 // swap (ws only, for few rows, e.g. the MoE's tokens per expert): the weights are wgmma's M side,
@@ -25,6 +25,9 @@ struct WgmmaGemm {
   bool ws = false;           // warp-specialised: + a producer warpgroup
   bool swap = false;         // weights x rows (see above)
   int ksub = 1;              // swap: 64-k steps per pipeline stage (1, 2, 4): longer runs of each weight row
+  bool persist = false;      // ws, not swapped, W4A16: a grid of about one block per SM loops over the tiles
+                             // (grid (blocks, 1)); the producer fills the next tile's stages during the
+                             // consumers' last steps and epilogue
   int threads() const { return 128 * (wgm * wgn + (ws ? 1 : 0)); }
 };
 
@@ -32,8 +35,10 @@ constexpr int kWgmmaBlockK = 64;              // K step: one 128-byte swizzled r
 constexpr int kWgmmaMaxSmem = 227 * 1024;     // dynamic shared memory a block may opt into on sm_90
 // Bytes of dynamic shared memory: 1 KiB alignment slack, then
 //   plain: `stages` x (A tile + B tile, or the raw INT4 B tile), and for INT4 three bf16 B tiles;
-//   ws:    `stages` x ksub x (A tile + bf16 B tile, or the raw INT4 B tile), for INT4 min(stages, 4)
-//          bf16 B tiles, and 2 mbarriers per stage.
+//   ws:    `stages` x ksub x (A tile + bf16 B tile, or the raw INT4 B tile), for INT4
+//          wgmma_ws_bf16_tiles(stages) bf16 B tiles, and 2 mbarriers per stage.
+// The bf16 B tiles of the warp-specialised W4A16 form: `stages` up to 4, then 3 (5 stages), 2 (more).
+int wgmma_ws_bf16_tiles(int stages);
 int wgmma_smem_bytes(int group, int bm, int bn, int stages, bool ws = false, int ksub = 1);
 inline int wgmma_smem_bytes(const WgmmaGemm& g) {
   return wgmma_smem_bytes(g.group, g.bm, g.bn, g.stages, g.ws, g.ksub);

@@ -66,6 +66,8 @@ const std::vector<FlagSpec> kBenchFlags = {
     {"json", "FILE", "also write every figure as JSON"},
     {"profile", "", "record only the timed prefills (after warm-up) in a profiler started with "
                     "`ncu --profile-from-start off` (scripts/gpu_profile.sh sums them per kernel)"},
+    {"profile-decode", "", "record only the first chained decode run of the first context (its "
+                           "decode-steps / 3 steps) in such a profiler (scripts/gpu_profile.sh decode)"},
 };
 
 // "128,512" -> {128, 512}; Error naming `flag` on anything but positive integers.
@@ -220,6 +222,7 @@ struct Plan {
   int64_t steps = 64;
   int repeats = 3;
   bool profile = false;  // timed prefills between cuProfilerStart / cuProfilerStop
+  bool profile_decode = false;  // the first chained decode run of the first context, likewise
 };
 
 // The figures of one config set.
@@ -294,10 +297,13 @@ SetFigures run_set(const std::string& name, const Context& ctx, const BuildFn& b
     for (int r = 0; r < 3; ++r) {
       const int64_t n = std::max<int64_t>(plan.steps / 3, 1);
       Event e0(ctx.driver()), e1(ctx.driver());
+      const bool recorded = plan.profile_decode && r == 0 && c == plan.contexts.front();
+      if (recorded) ctx.driver().check(ctx.driver().api().profiler_start(), "cuProfilerStart");
       e0.record(model->stream());
       next = model->decode_steps(next, n, greedy);
       e1.record(model->stream());
       e1.synchronize();
+      if (recorded) ctx.driver().check(ctx.driver().api().profiler_stop(), "cuProfilerStop");
       chained.push_back(double(e1.elapsed_ms_since(e0)) / double(n));
     }
     f.decode_ms.push_back(median(chained));
@@ -387,6 +393,7 @@ int cmd_bench(int argc, char** argv) {
     fail("q35jit bench: --batch-context applies to --batch (give the batch sizes)");
   plan.repeats = int(args.get_int("repeats", 3, 1, 1000));
   plan.profile = args.flag("profile");
+  plan.profile_decode = args.flag("profile-decode");
   const std::vector<std::string> sets = parse_configs(args.get("configs").value_or("tuned,default"));
 
   const ModelSource src = model_source(args);

@@ -6,6 +6,7 @@
 
 #include <atomic>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <sstream>
 #include <thread>
@@ -45,6 +46,9 @@ std::vector<FlagSpec> serve_flags() {
        "all slots are allocated at start and must fit in free memory)"},
       {"max-request-bytes", "N", "largest request body; larger gets 413 (default 8388608)"},
       {"max-connections", "N", "open connections; more get 503 (default 256)"},
+      {"gpu", "N",
+       "which GPU, counted among those CUDA_VISIBLE_DEVICES shows (default 0); sets CUDA_VISIBLE_DEVICES before the "
+       "driver starts"},
   };
   for (FlagSpec f : engine_flags()) flags.push_back(std::move(f));
   return flags;
@@ -89,6 +93,18 @@ int cmd_serve(int argc, char** argv) {
   if (args.has("synthetic") != args.has("tokenizer"))
     fail("q35jit serve: --tokenizer DIR goes with --synthetic (a --model folder has its own tokenizer)");
   auto log = [](const std::string& line) { std::fprintf(stderr, "[q35jit] %s\n", line.c_str()); };
+  if (args.has("gpu")) {  // the engine opens device 0: make the chosen one the only visible device
+    const int64_t gpu = args.get_int("gpu", 0, 0, 1023);
+    std::vector<std::string> visible;
+    if (const char* v = std::getenv("CUDA_VISIBLE_DEVICES"); v && *v) {
+      std::stringstream ss(v);
+      for (std::string d; std::getline(ss, d, ',');) visible.push_back(d);
+      if (gpu >= int64_t(visible.size()))
+        fail("q35jit serve: --gpu {}: CUDA_VISIBLE_DEVICES={} shows {} device(s)", gpu, v, visible.size());
+    }
+    const std::string chosen = visible.empty() ? std::to_string(gpu) : visible[size_t(gpu)];
+    setenv("CUDA_VISIBLE_DEVICES", chosen.c_str(), 1);
+  }
 
   // Signals: blocked here, before any thread starts, so only the waiting thread below sees them.
   sigset_t signals;
@@ -117,11 +133,17 @@ int cmd_serve(int argc, char** argv) {
   qwen35::GenerationConfig generation;
   std::unique_ptr<Engine> engine;
   std::optional<Tokenizer> tok;
+  double tokenizer_ms = 0;
+  auto load_tok = [&](const std::filesystem::path& dir) {
+    const auto t = std::chrono::steady_clock::now();
+    tok.emplace(load_tokenizer(dir));
+    tokenizer_ms = ms_since(t);
+  };
   std::string name;
   if (auto dir = args.get("model")) {
     info = load_model_info(*dir);
     generation = info->generation;
-    tok.emplace(load_tokenizer(info->dir));
+    load_tok(info->dir);
     auto tmpl = folder_chat_template(info->dir);
     if (!tmpl || !qwen35::is_qwen35_chat_template(*tmpl))
       log(fmt::format("notice: the chat template of {} {} the Qwen3.5 one; prompts are rendered in the Qwen3.5 "
@@ -132,13 +154,13 @@ int cmd_serve(int argc, char** argv) {
     if (name.empty()) name = std::filesystem::path(*dir).lexically_normal().parent_path().filename().string();
   } else {
     const qwen35::Config config = qwen35::Config::preset(*args.get("synthetic"));
-    tok.emplace(load_tokenizer(*args.get("tokenizer")));
+    load_tok(*args.get("tokenizer"));
     engine = make_synthetic_engine(args, config, 32768, log, sched.max_batch);
     name = "synthetic-" + *args.get("synthetic");
   }
   name = args.get("served-name").value_or(name);
-  log(fmt::format("loaded {} in {:.0f} ms (device {}, context {})", name, ms_since(t_load), engine->device(),
-                  engine->max_context()));
+  log(fmt::format("loaded {} in {:.0f} ms (tokenizer {:.0f} ms; device {}, context {})", name, ms_since(t_load),
+                  tokenizer_ms, engine->device(), engine->max_context()));
 
   server::Metrics metrics;
   server::Scheduler scheduler(*engine, *tok, qwen35::stop_token_ids(*tok, generation), sched, metrics, log);

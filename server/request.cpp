@@ -114,6 +114,7 @@ void parse_common(const ojson& body, const ServeContext& ctx, GenerationRequest&
     for (const auto& s : r.stop)
       if (s.empty()) bad_request("stop", "'stop' strings must not be empty");
   }
+  r.ignore_eos = get_bool(body, "ignore_eos").value_or(false);
   r.stream = get_bool(body, "stream").value_or(false);
   if (auto it = body.find("stream_options"); it != body.end() && !it->is_null()) {
     if (!it->is_object()) bad_request("stream_options", "'stream_options' must be an object, found {}", type_name(*it));

@@ -33,6 +33,7 @@ struct GenerationRequest {
   SamplingParams sampling;
   bool seeded = false;            // sampling.seed came from the request
   std::vector<std::string> stop;
+  bool ignore_eos = false;        // the model's stop ids do not end the reply (vLLM's ignore_eos; benchmarks)
   bool logprobs = false;
   int top_logprobs = 0;
   // chat only

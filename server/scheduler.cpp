@@ -217,9 +217,12 @@ void Scheduler::start(Running& r) {
 
   // Pieces end at snapshot points (block boundaries, the start of the last turn) and at most
   // prefill_chunk tokens apart; the last piece (the rest) gives the first token.
-  for (int64_t p = (cached / options_.snapshot_block + 1) * options_.snapshot_block; p < n; p += options_.snapshot_block)
-    r.snapshot_points.insert(p);
-  if (r.r.turn_start > cached && r.r.turn_start < n) r.snapshot_points.insert(r.r.turn_start);
+  // Without a prefix cache (--prefix-cache-gb 0) nothing is kept: no snapshots (device-to-host copies).
+  if (options_.prefix_cache_bytes > 0) {
+    for (int64_t p = (cached / options_.snapshot_block + 1) * options_.snapshot_block; p < n; p += options_.snapshot_block)
+      r.snapshot_points.insert(p);
+    if (r.r.turn_start > cached && r.r.turn_start < n) r.snapshot_points.insert(r.r.turn_start);
+  }
   std::set<int64_t> stops = r.snapshot_points;
   for (int64_t p = cached + options_.prefill_chunk; p < n; p += options_.prefill_chunk) stops.insert(p);
   r.stops.assign(stops.begin(), stops.end());
@@ -369,7 +372,7 @@ void Scheduler::on_token(Running& r, int32_t next) {
     for (auto& [id, v] : lp.top) t.top.push_back(entry(id, v));
     lps.push_back(std::move(t));
   }
-  if (std::find(stop_ids_.begin(), stop_ids_.end(), next) != stop_ids_.end()) {
+  if (!req.ignore_eos && std::find(stop_ids_.begin(), stop_ids_.end(), next) != stop_ids_.end()) {
     emit(std::exchange(r.pending, {}), std::move(lps));
     finish(r, "stop");
     return;
@@ -460,8 +463,9 @@ void Scheduler::fail(Running& r, const std::exception& ex) {
 }
 
 void Scheduler::keep_in_cache(Slot& slot) {
-  // Keep the sequence for later requests that share its prefix.
-  if (slot.position() > slot.cached && slot.position() == engine_.position(slot.index)) {
+  // Keep the sequence for later requests that share its prefix (nothing to copy without a cache).
+  if (options_.prefix_cache_bytes > 0 && slot.position() > slot.cached &&
+      slot.position() == engine_.position(slot.index)) {
     slot.snapshots.insert_or_assign(slot.position(), engine_.save_recurrent(slot.index));
     cache_.insert(std::exchange(slot.tokens, {}), engine_.save_kv(slot.index), std::exchange(slot.snapshots, {}));
   }

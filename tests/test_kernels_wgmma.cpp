@@ -120,7 +120,8 @@ TEST_CASE("gemm_wgmma refuses what its template cannot run, naming the reason") 
   WgmmaGemm sw = g;
   sw.ws = sw.swap = true, sw.wgm = 1, sw.wgn = 2, sw.bm = 16, sw.bn = 128, sw.stages = 8;
   CHECK(why_invalid(sw).empty());
-  CHECK(wgmma_smem_bytes(sw) == 1024 + 8 * (16 * 128 + 128 * 32) + 4 * 128 * 128 + 8 * 16);
+  CHECK(wgmma_ws_bf16_tiles(8) == 2);  // deep rings keep two bf16 B tiles
+  CHECK(wgmma_smem_bytes(sw) == 1024 + 8 * (16 * 128 + 128 * 32) + 2 * 128 * 128 + 8 * 16);
   bad = sw, bad.ws = false;
   CHECK(contains(why_invalid(bad), "warp-specialised only"));
   bad = sw, bad.bm = 24;
@@ -130,7 +131,7 @@ TEST_CASE("gemm_wgmma refuses what its template cannot run, naming the reason") 
   sw.ksub = 4, sw.stages = 4;
   CHECK(why_invalid(sw).empty());
   CHECK(wgmma_smem_bytes(sw) == 1024 + 4 * 4 * (16 * 128 + 128 * 32) + 4 * 128 * 128 + 4 * 16);
-  bad = sw, bad.stages = 8;  // 8 stages of 4 steps: too much shared memory
+  bad = sw, bad.stages = 10;  // 10 stages of 4 steps: too much shared memory
   CHECK(contains(why_invalid(bad), "shared memory"));
   bad = sw, bad.ksub = 3;
   CHECK(contains(why_invalid(bad), "1, 2 or 4"));
@@ -138,6 +139,20 @@ TEST_CASE("gemm_wgmma refuses what its template cannot run, naming the reason") 
   CHECK(contains(why_invalid(bad), "64 x ksub"));
   bad = g, bad.ksub = 2;
   CHECK(contains(why_invalid(bad), "swapped form's"));
+  // Persistent (one block per SM over the tiles): warp-specialised, not swapped, W4A16 only.
+  WgmmaGemm ps = g;
+  ps.ws = ps.persist = true, ps.bn = 256, ps.stages = 6;
+  CHECK(why_invalid(ps).empty());
+  CHECK(wgmma_smem_bytes(ps) == 1024 + 6 * (128 * 128 + 256 * 32) + 2 * 256 * 128 + 6 * 16);
+  CHECK(wgmma_gemm_spec(ps).args.back() == std::pair<std::string, std::string>{"PERSIST", "true"});
+  bad = ps, bad.group = 0;
+  CHECK(contains(why_invalid(bad), "persistent"));
+  bad = ps, bad.ws = false;
+  CHECK(contains(why_invalid(bad), "persistent"));
+  bad = sw, bad.persist = true;
+  CHECK(contains(why_invalid(bad), "persistent"));
+  bad = ps, bad.stages = 7;  // 7 x 24 KiB of ring + 2 bf16 tiles of 32 KiB
+  CHECK(contains(why_invalid(bad), "shared memory"));
   // W4A16 on wgmma: in the loop below kWgmmaDequantFirstM rows and only for whole 64-k steps.
   CHECK(qwen35::gpu::wgmma_gemm_group(32, 100, 2048) == 32);
   CHECK(qwen35::gpu::wgmma_gemm_group(32, 100, 2080) == 0);

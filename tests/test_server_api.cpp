@@ -229,6 +229,16 @@ TEST_CASE("Scripted replies through the scheduler and the API: tool calls, strea
   CHECK(nj["choices"][0]["finish_reason"] == "stop");
   CHECK(nj["choices"][0]["message"]["content"].get<std::string>().starts_with("<tool_call>"));
 
+  // ignore_eos: the reply goes on past <|im_end|> (a stop id) until max_tokens.
+  const size_t past = script.size() + 5;
+  Recorder ie = call("POST", "/v1/chat/completions",
+                     request + fmt::format(R"(,"tool_choice":"none","ignore_eos":true,"max_tokens":{}}})", past));
+  REQUIRE(ie.status == 200);
+  json iej = json::parse(ie.body);
+  CHECK(iej["choices"][0]["finish_reason"] == "length");
+  CHECK(iej["usage"]["completion_tokens"] == int64_t(past));
+  CHECK(call("POST", "/v1/chat/completions", request + R"(,"ignore_eos":1})").status == 400);
+
   // Stop strings end the reply before the call.
   Recorder st = call("POST", "/v1/chat/completions", request + R"(,"stop":["it up"]})");
   json sj = json::parse(st.body);

@@ -289,6 +289,7 @@ void GpuModel::init(const GpuModelOptions& o) {
                                   widest, B, gpu::attention_decode_batch_splits(widest, B, o.max_context,
                                                                                 ctx_.device().sm_count)));
     m.attn_scratch = alloc(bytes);
+    m.attn_scratch.fill_bytes(0, stream_);  // the fused decode kernel's sync words
   }
   // Any tuned block_m fits: the largest pads the most rows, the smallest has the most blocks.
   gpu::MoeTiles largest = gpu::MoeTiles::defaults(m.moe_shape), smallest = largest;
@@ -450,6 +451,7 @@ std::vector<KernelSpec> tuned_kernels(const Config& c, const gpu::TunedTiles& tt
     specs.push_back(one.qk_norm_rope_batch_spec());
     specs.push_back(one.decode_batch_spec());
     specs.push_back(one.decode_merge_batch_spec());
+    specs.push_back(p.decode_fused_spec());
   }
   if (c.num_layers_of(LayerType::LinearAttention) > 0) {
     const gpu::GdnTiles t = tt.gdn(m);
@@ -643,17 +645,17 @@ void GpuModel::run_layers(int T, bool decode, Rows rows) {
                                            ks.get(batch_attn.decode_merge_batch_spec()), stream_, m.q.ptr(),
                                            m.k_cache[i].ptr(), m.v_cache[i].ptr(), m.proj.ptr(), m.mix.ptr(),
                                            m.attn_scratch.ptr(), batch_splits, ab, T, pdl);
+      } else if (decode && T <= attn.max_decode_tokens()) {  // qk_norm_rope + split-K + merge in one launch
+        const CUdeviceptr kc = m.k_cache[i].ptr() + slot * m.kv_slot, vc = m.v_cache[i].ptr() + slot * m.kv_slot;
+        gpu::launch_attention_decode_fused(attn, ks.get(attn.decode_fused_spec()), stream_, m.proj.ptr(),
+                                           l.q_norm.ptr(), l.k_norm.ptr(), kc, vc, m.mix.ptr(), m.attn_scratch.ptr(),
+                                           st.attn_splits, pos, T, int(options_.max_context), pdl);
       } else {
         const CUdeviceptr kc = m.k_cache[i].ptr() + slot * m.kv_slot, vc = m.v_cache[i].ptr() + slot * m.kv_slot;
         gpu::launch_qk_norm_rope(attn, ks.get(attn.qk_norm_rope_spec()), stream_, m.proj.ptr(), l.q_norm.ptr(),
                                  l.k_norm.ptr(), m.q.ptr(), kc, vc, pos, T, int(options_.max_context), pdl);
-        if (decode && T <= attn.max_decode_tokens())
-          gpu::launch_attention_decode(attn, ks.get(attn.decode_spec()), ks.get(attn.decode_merge_spec()), stream_,
-                                       m.q.ptr(), kc, vc, m.proj.ptr(), m.mix.ptr(), m.attn_scratch.ptr(),
-                                       st.attn_splits, pos, T, pdl);
-        else
-          gpu::launch_attention_prefill(attn, ks.get(attn.prefill_spec()), stream_, m.q.ptr(), kc, vc, m.proj.ptr(),
-                                        m.mix.ptr(), pos, T);
+        gpu::launch_attention_prefill(attn, ks.get(attn.prefill_spec()), stream_, m.q.ptr(), kc, vc, m.proj.ptr(),
+                                      m.mix.ptr(), pos, T);
       }
       out_proj(l.o_proj, m.mix.ptr());
     } else {

@@ -32,7 +32,7 @@ std::vector<q35::KernelSpec> required_kernels(const Config& cfg, int group, cons
   const bool wgmma = arch_has_wgmma(arch);
   add(gpu::dense_kernels(cfg, {group, 1, prefill_tokens, wgmma}));
   add(gpu::attention_kernels(cfg, smem_limit_for(arch)));
-  add(gpu::gdn_kernels(cfg));
+  add(gpu::gdn_kernels(cfg, arch));
   add(gpu::moe_kernels(cfg, group, wgmma, prefill_tokens));
   if (wgmma && prefill_tokens >= kMoeWgmmaMinTokens) {
     // Shorter prompts' defaults too: the swapped wgmma tiles (a few tokens per expert) and the

@@ -305,7 +305,7 @@ class MoeRouterOp final : public MoeOpBase {
   int64_t m_ = 0;
 };
 
-// The decode path (router with its default tile, then the two expert GEMVs being tuned).
+// The decode path (router with its default tile fused into the gate_up GEMV being tuned, then down).
 class MoeDecodeOp final : public MoeOpBase {
  public:
   MoeDecodeOp(const TuneDevice* d, const MoeShape& s) : MoeOpBase(d, tune::kMoeDecode, tune::moe_signature(s), s) {}
@@ -316,7 +316,7 @@ class MoeDecodeOp final : public MoeOpBase {
   }
   std::vector<KernelSpec> kernels(const json& c, int64_t m) const override {
     const tune::MoeDecodeConfig d = tune::moe_decode_from_json(c);
-    return {moe_router_spec(s_, default_moe_router_tile(s_, m)), moe_decode_gate_up_spec(s_, d.gate_up),
+    return {moe_decode_route_gate_up_spec(s_, default_moe_router_tile(s_, m), d.gate_up),
             moe_decode_down_spec(s_, d.down)};
   }
   void setup(int64_t m, const Stream& st) override { setup_moe(m, st); }
@@ -325,8 +325,8 @@ class MoeDecodeOp final : public MoeOpBase {
     const gpu::MoeTiles tiles = gpu::MoeTiles::defaults(s_);
     const gpu::MoeScratch sc = gpu::moe_scratch(s_, tiles, m, ws_.ptr());
     const MoeRouterTile rt = default_moe_router_tile(s_, m);
-    gpu::launch_moe_router(fn(moe_router_spec(s_, rt)), rt, st, s_, x(it), weights(), sc, m);
-    gpu::launch_moe_decode_gate_up(fn(moe_decode_gate_up_spec(s_, d.gate_up)), d.gate_up, st, s_, x(it), weights(), sc, m);
+    gpu::launch_moe_decode_route_gate_up(fn(moe_decode_route_gate_up_spec(s_, rt, d.gate_up)), rt, d.gate_up, st, s_,
+                                         x(it), weights(), sc, m);
     gpu::launch_moe_decode_down(fn(moe_decode_down_spec(s_, d.down)), d.down, st, s_, weights(), sc, out_.ptr(), m);
   }
 };
@@ -366,7 +366,8 @@ class MoeGemmOp final : public MoeOpBase {
                                    fn(moe_router_topk_spec(s_)), st, s_, x(it), weights(), sc, m);
     gpu::launch_moe_align(fn(moe_align_spec(s_, t.gemm)), st, sc, m);
     for (MoeGemm g : {MoeGemm::RoutedGateUp, MoeGemm::SharedGateUp, MoeGemm::RoutedDown, MoeGemm::SharedDown})
-      gpu::launch_moe_gemm(fn(moe_gemm_spec(s_, g, t.gemm)), t.gemm, st, s_, g, x(it), weights(), sc, m);
+      gpu::launch_moe_gemm(fn(moe_gemm_spec(s_, g, t.gemm)), t.gemm, st, s_, g, x(it), weights(), sc, m,
+                           dev().ctx.device().sm_count);
     gpu::launch_moe_combine(fn(moe_combine_spec(s_)), st, sc, out_.ptr(), m);
   }
 
@@ -443,21 +444,26 @@ class AttentionDecodeOp final : public AttentionOpBase {
     return to_json_all(tune::attention_decode_candidates(plan_.hq, plan_.hkv, plan_.d));
   }
   json default_config(int64_t) const override { return tune::to_json(plan_.decode); }
-  std::vector<KernelSpec> kernels(const json& c, int64_t) const override {
-    const gpu::AttentionPlan p = with(c);
-    return {p.decode_spec(), p.decode_merge_spec()};
-  }
+  // The decode step's form: qk_norm_rope + split-K + merge in one launch (attention_decode_fused).
+  std::vector<KernelSpec> kernels(const json& c, int64_t) const override { return {with(c).decode_fused_spec()}; }
   void setup(int64_t m, const Stream& st) override {
     setup_attention(m, kAttentionDecodeContext + m, int32_t(kAttentionDecodeContext), st);
     gpu::AttentionPlan widest = plan_;
     widest.decode.warps = 1;
     scratch_ = alloc(gpu::attention_decode_scratch_bytes(widest, splits(widest, m)));
+    scratch_.fill_bytes(0, st);  // the fused kernel's sync words
+    norm_w_ = random_bf16(size_t(plan_.d), 0.f, 0.1f, st);
   }
   void run(const json& c, int64_t m, int it, const Stream& st) override {
     const gpu::AttentionPlan p = with(c);
     const size_t i = size_t(it) % k_.size();
-    gpu::launch_attention_decode(p, fn(p.decode_spec()), fn(p.decode_merge_spec()), st, q_.ptr(), k_[i].ptr(),
-                                 v_[i].ptr(), qkv_.ptr(), out_.ptr(), scratch_.ptr(), splits(p, m), pos_.ptr(), int(m));
+    gpu::launch_attention_decode_fused(p, fn(p.decode_fused_spec()), st, qkv_.ptr(), norm_w_.ptr(), norm_w_.ptr(),
+                                       k_[i].ptr(), v_[i].ptr(), out_.ptr(), scratch_.ptr(), splits(p, m), pos_.ptr(),
+                                       int(m), int(kAttentionDecodeContext + m), true);
+  }
+  void release() override {
+    AttentionOpBase::release();
+    norm_w_ = {};
   }
 
  private:
@@ -469,24 +475,32 @@ class AttentionDecodeOp final : public AttentionOpBase {
   int splits(const gpu::AttentionPlan& p, int64_t m) const {
     return gpu::attention_decode_splits(p, kAttentionDecodeContext + m, dev().ctx.device().sm_count);
   }
+  DeviceBuffer norm_w_;
 };
 
 // ---- Gated DeltaNet ----
 
 class GdnOpBase : public OpBase {
  protected:
-  GdnOpBase(const TuneDevice* d, const char* family, const Config& cfg)
+  GdnOpBase(const TuneDevice* d, const char* family, const Config& cfg, const std::string& arch)
       : OpBase(d, family, tune::gdn_signature(gpu::gdn_shape(cfg)),
                fmt::format("gated deltanet Hv{} dk{} dv{}", cfg.linear_num_value_heads, cfg.linear_key_head_dim,
                            cfg.linear_value_head_dim)),
-        cfg_(cfg), shape_(gpu::gdn_shape(cfg)), stride_((gpu::gdn_proj_columns(cfg) + 7) / 8 * 8) {}
+        cfg_(cfg), shape_(gpu::gdn_shape(cfg)), stride_((gpu::gdn_proj_columns(cfg) + 7) / 8 * 8),
+        cluster_(gdn_arch_has_cluster(arch)) {}
 
   std::vector<KernelSpec> all_kernels(const gpu::GdnTiles& t) const {
-    return {gpu::gdn_prologue_spec(cfg_, t.prologue), gpu::gdn_recurrent_spec(cfg_, t.recurrent),
-            gpu::gdn_decode_spec(cfg_, t.recurrent),  gpu::gdn_decode_batch_spec(cfg_, t.recurrent),
-            gpu::gdn_chunk_prepare_spec(cfg_),
-            gpu::gdn_chunk_state_spec(cfg_, t.chunk), gpu::gdn_chunk_output_spec(cfg_),
-            gpu::gated_rmsnorm_spec(cfg_, t.norm)};
+    std::vector<KernelSpec> out = {gpu::gdn_prologue_spec(cfg_, t.prologue), gpu::gdn_recurrent_spec(cfg_, t.recurrent),
+                                   gpu::gdn_decode_spec(cfg_, t.recurrent), gpu::gdn_decode_batch_spec(cfg_, t.recurrent),
+                                   gpu::gdn_chunk_prepare_spec(cfg_), gpu::gated_rmsnorm_spec(cfg_, t.norm)};
+    if (t.chunk.fused) {  // the form GdnKernels loads on this device
+      out.push_back(gpu::gdn_chunk_fused_spec(cfg_, t.chunk,
+                                              t.chunk.cluster && cluster_));
+    } else {
+      out.push_back(gpu::gdn_chunk_state_spec(cfg_, t.chunk));
+      out.push_back(gpu::gdn_chunk_output_spec(cfg_));
+    }
+    return out;
   }
   const gpu::GdnKernels& variant(const gpu::GdnTiles& t) {
     const std::string key = t.key();
@@ -544,6 +558,7 @@ class GdnOpBase : public OpBase {
   Config cfg_;
   GdnShape shape_;
   int64_t stride_;
+  bool cluster_;  // the device runs the fused pass's cluster form
   std::map<std::string, std::unique_ptr<gpu::GdnKernels>> variants_;
   DeviceBuffer conv_w_, a_log_, dt_bias_, norm_w_, ws_, o_, y_, pos_, counters_;
   std::vector<DeviceBuffer> proj_, conv_, ssm_;
@@ -551,7 +566,8 @@ class GdnOpBase : public OpBase {
 
 class GdnPrefillOp final : public GdnOpBase {
  public:
-  GdnPrefillOp(const TuneDevice* d, const Config& cfg) : GdnOpBase(d, tune::kGdnPrefill, cfg) {}
+  GdnPrefillOp(const TuneDevice* d, const Config& cfg, const std::string& arch)
+      : GdnOpBase(d, tune::kGdnPrefill, cfg, arch) {}
   bool serves(int64_t) const override { return true; }  // prefill of every length is chunked
   std::vector<json> candidates(int64_t) const override { return to_json_all(tune::gdn_prefill_candidates(shape_)); }
   json default_config(int64_t) const override {
@@ -574,7 +590,8 @@ class GdnPrefillOp final : public GdnOpBase {
 
 class GdnRecurrentOp final : public GdnOpBase {
  public:
-  GdnRecurrentOp(const TuneDevice* d, const Config& cfg) : GdnOpBase(d, tune::kGdnRecurrent, cfg) {}
+  GdnRecurrentOp(const TuneDevice* d, const Config& cfg, const std::string& arch)
+      : GdnOpBase(d, tune::kGdnRecurrent, cfg, arch) {}
   bool serves(int64_t m) const override { return m == 1; }  // decode (gdn_decode)
   std::vector<json> candidates(int64_t) const override { return to_json_all(tune::gdn_recurrent_candidates(shape_)); }
   json default_config(int64_t) const override { return tune::to_json(gpu::GdnTiles::defaults(shape_).recurrent); }
@@ -638,8 +655,8 @@ std::vector<std::unique_ptr<TuneOp>> tune_ops(const Config& cfg, int group, cons
     ops.push_back(std::make_unique<AttentionDecodeOp>(device, p));
   }
   if (cfg.num_layers_of(LayerType::LinearAttention) > 0) {
-    ops.push_back(std::make_unique<GdnPrefillOp>(device, cfg));
-    ops.push_back(std::make_unique<GdnRecurrentOp>(device, cfg));
+    ops.push_back(std::make_unique<GdnPrefillOp>(device, cfg, arch));
+    ops.push_back(std::make_unique<GdnRecurrentOp>(device, cfg, arch));
   }
   return ops;
 }

@@ -315,3 +315,119 @@ TEST_CASE("GPU attention: timing at the 35B shapes (prefill T = 4096, decode at 
                         ctx, splits, ms * 1e3, step_ms * 1e3, bytes / 3.0e12 * 1e6, bytes * 1e-6));
   }
 }
+
+namespace {
+
+// One decode call of T tokens at pos0 through attention_decode_fused against the three launches it
+// replaces (qk_norm_rope, attention_decode, attention_decode_merge) from the same caches: the caches
+// after it bit for bit (this call's k rows normed + roped, v rows copied, nothing else touched), out
+// against the CPU reference (on the unfused path's q and caches) and the unfused out; twice (the sync
+// words back at zero, the same bits).
+void check_fused_decode(Attn& a, const Function& fused, int pos0, int T, uint32_t salt) {
+  const AttentionPlan& p = a.p;
+  CAPTURE(pos0);
+  CAPTURE(T);
+  const std::vector<uint16_t> qkv = random_bf16(size_t(T) * p.qkv_row(), salt, 1.f);
+  DeviceBuffer d_qkv = to_device(a.g, qkv);
+  DeviceBuffer d_q = poisoned(a.g, size_t(T) * p.hq * p.d * 2), d_out = poisoned(a.g, size_t(T) * p.hq * p.d * 2);
+  const std::vector<uint16_t> k_before = to_host<uint16_t>(a.g, a.d_k_cache), v_before = to_host<uint16_t>(a.g, a.d_v_cache);
+  a.set_pos0(pos0);
+  const int splits = qwen35::gpu::attention_decode_splits(p, a.max_context, a.g.ctx.device().sm_count);
+  DeviceBuffer scratch(a.g.driver, qwen35::gpu::attention_decode_scratch_bytes(p, splits));
+  scratch.fill_bytes(0, a.g.stream);
+  qwen35::gpu::launch_qk_norm_rope(p, a.rope, a.g.stream, d_qkv.ptr(), a.d_q_norm_w.ptr(), a.d_k_norm_w.ptr(), d_q.ptr(),
+                                   a.d_k_cache.ptr(), a.d_v_cache.ptr(), a.d_pos0.ptr(), T, a.max_context);
+  qwen35::gpu::launch_attention_decode(p, a.decode, a.merge, a.g.stream, d_q.ptr(), a.d_k_cache.ptr(), a.d_v_cache.ptr(),
+                                       d_qkv.ptr(), d_out.ptr(), scratch.ptr(), splits, a.d_pos0.ptr(), T);
+  const std::vector<uint16_t> q_u = to_host<uint16_t>(a.g, d_q), out_u = to_host<uint16_t>(a.g, d_out);
+  const std::vector<uint16_t> k_u = to_host<uint16_t>(a.g, a.d_k_cache), v_u = to_host<uint16_t>(a.g, a.d_v_cache);
+  const std::vector<float> ref = reference_attention(p, qkv, q_u, k_u, v_u, pos0, T);
+  std::vector<uint16_t> first;
+  for (int run = 0; run < 2; ++run) {
+    CAPTURE(run);
+    a.d_k_cache.upload(k_before.data(), k_before.size() * 2, a.g.stream);
+    a.d_v_cache.upload(v_before.data(), v_before.size() * 2, a.g.stream);
+    d_out.fill_bytes(0xff, a.g.stream);
+    qwen35::gpu::launch_attention_decode_fused(p, fused, a.g.stream, d_qkv.ptr(), a.d_q_norm_w.ptr(), a.d_k_norm_w.ptr(),
+                                               a.d_k_cache.ptr(), a.d_v_cache.ptr(), d_out.ptr(), scratch.ptr(), splits,
+                                               a.d_pos0.ptr(), T, a.max_context, true);
+    const std::vector<uint16_t> out = to_host<uint16_t>(a.g, d_out);
+    CHECK(to_host<uint16_t>(a.g, a.d_k_cache) == k_u);
+    CHECK(to_host<uint16_t>(a.g, a.d_v_cache) == v_u);
+    const double err = rel_l2(to_f32(out), ref), err_u = rel_l2(to_f32(out), to_f32(out_u));
+    if (run == 0)
+      MESSAGE(fmt::format("fused decode HQ={} HKV={} pos0={} T={} splits={}: rel_l2 {:.2e} to the reference, {:.2e} to "
+                          "the unfused launches",
+                          p.hq, p.hkv, pos0, T, splits, err, err_u));
+    CHECK(err <= 1e-2);
+    CHECK(err_u <= 1e-2);
+    std::vector<int32_t> sync(4);
+    scratch.download(sync.data(), 16, a.g.stream);
+    a.g.stream.synchronize();
+    CHECK(sync == std::vector<int32_t>(4, 0));
+    if (run == 0) first = out;
+    else CHECK(out == first);
+  }
+}
+
+}  // namespace
+
+TEST_CASE("GPU fuse: attention decode with qk_norm_rope and the merge in one launch, tiny, 35B and 122B shapes") {
+  auto g = open_gpu();
+  MESSAGE("seed " << run_seed());
+  struct Case {
+    qwen35::Config cfg;
+    std::vector<int> contexts;
+  };
+  for (const Case& c : {Case{config_tiny(), {1, 2, 17, 100, 4096}}, Case{config_35b(), {1, 16, 100, 4096, 16384}},
+                        Case{qwen35::Config::preset("122b-a10b"), {1, 100, 4096}}}) {
+    CAPTURE(c.cfg.num_heads);
+    Attn a(*g, c.cfg, 16384, 40);
+    const Function fused = g->jit.load(a.p.decode_fused_spec(), g->ctx);
+    uint32_t salt = 800;
+    for (const int ctx : c.contexts) {
+      fill_cache(a, ctx - 1, salt++);
+      check_fused_decode(a, fused, ctx - 1, 1, salt++);
+    }
+    // Several tokens per call where the MMA rows allow it (tiny: 4), also across a 16-key block.
+    for (const int pos0 : {97, 13, 0})
+      if (a.p.max_decode_tokens() > 1) {
+        fill_cache(a, pos0, salt++);
+        check_fused_decode(a, fused, pos0, a.p.max_decode_tokens(), salt++);
+      }
+  }
+}
+
+TEST_CASE("GPU fuse: a captured fused attention decode step (PDL) replays at the position in device memory") {
+  auto g = open_gpu();
+  const qwen35::Config cfg = config_35b();
+  Attn a(*g, cfg, 4096, 50);
+  const AttentionPlan& p = a.p;
+  const Function fused = g->jit.load(p.decode_fused_spec(), g->ctx);
+  fill_cache(a, 4096, 900);
+  const std::vector<uint16_t> qkv = random_bf16(size_t(p.qkv_row()), 901, 1.f);
+  DeviceBuffer d_qkv = to_device(*g, qkv), d_q(g->driver, size_t(p.hq) * p.d * 2), d_out(g->driver, size_t(p.hq) * p.d * 2);
+  const int splits = qwen35::gpu::attention_decode_splits(p, a.max_context, g->ctx.device().sm_count);
+  DeviceBuffer scratch(g->driver, qwen35::gpu::attention_decode_scratch_bytes(p, splits));
+  scratch.fill_bytes(0, g->stream);
+  Graph graph = Graph::capture(g->driver, g->stream, [&] {
+    for (int rep = 0; rep < 3; ++rep)  // back to back: each launch re-arms the sync words for the next
+      qwen35::gpu::launch_attention_decode_fused(p, fused, g->stream, d_qkv.ptr(), a.d_q_norm_w.ptr(), a.d_k_norm_w.ptr(),
+                                                 a.d_k_cache.ptr(), a.d_v_cache.ptr(), d_out.ptr(), scratch.ptr(), splits,
+                                                 a.d_pos0.ptr(), 1, a.max_context, true);
+  });
+  GraphExec exec = graph.instantiate();
+  for (const int pos0 : {99, 4095}) {
+    CAPTURE(pos0);
+    d_out.fill_bytes(0xff, g->stream);
+    a.set_pos0(pos0);
+    exec.launch(g->stream);
+    // The unfused qk_norm_rope on the same input gives the q the reference uses.
+    qwen35::gpu::launch_qk_norm_rope(p, a.rope, g->stream, d_qkv.ptr(), a.d_q_norm_w.ptr(), a.d_k_norm_w.ptr(), d_q.ptr(),
+                                     a.d_k_cache.ptr(), a.d_v_cache.ptr(), a.d_pos0.ptr(), 1, a.max_context);
+    const std::vector<float> out = to_f32(to_host<uint16_t>(*g, d_out));
+    const std::vector<float> ref = reference_attention(p, qkv, to_host<uint16_t>(*g, d_q), to_host<uint16_t>(*g, a.d_k_cache),
+                                                       to_host<uint16_t>(*g, a.d_v_cache), pos0, 1);
+    CHECK(rel_l2(out, ref) <= 1e-2);
+  }
+}

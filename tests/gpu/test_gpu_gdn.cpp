@@ -5,7 +5,11 @@
 // the conv ring compared after every call. Each prefill is also checked against the fp32 recurrence
 // (ref::gdn_recurrent) run on the GPU's own prologue outputs (bf16 q, k, v; g, beta) from the GPU's
 // state before the call: that isolates the delta rule's error, which the chunked kernels' split-bf16
-// products keep at the fp32 level. Then per-kernel timings at the 35B shapes.
+// products keep at the fp32 level. Every chunked case runs each form of the chunked delta rule
+// (chunk_variants): the fused pass with its cluster gated RMSNorm (the default on sm_90), the same
+// at the other slice width, the portable fused pass (O fp32 + gated_rmsnorm) and the unfused
+// gdn_chunk_state -> gdn_chunk_output pair. Then per-kernel timings at the 35B shapes, the fused
+// pass beside the unfused pair.
 #include <doctest/doctest.h>
 #include <fmt/format.h>
 
@@ -35,6 +39,26 @@ qwen35::Config gdn_config(int64_t hk, int64_t hv) {
   return c;
 }
 
+// The forms of the chunked delta rule every chunked case runs (see gdn.h).
+struct ChunkVariant {
+  const char* name;
+  GdnChunkTile tile;
+};
+std::vector<ChunkVariant> chunk_variants(const qwen35::Config& cfg) {
+  const GdnChunkTile d = default_gdn_chunk_tile(gpu::gdn_shape(cfg));
+  const int other = d.vs == 32 ? 16 : 32;
+  return {{"fused + cluster norm (default)", d},
+          {"fused + cluster norm, other vs", {other, true, true}},
+          {"fused, portable (O fp32 + gated_rmsnorm)", {d.vs, true, false}},
+          {"gdn_chunk_state -> gdn_chunk_output", {d.vs, false, false}}};
+}
+
+gpu::GdnTiles tiles_with(const qwen35::Config& cfg, const GdnChunkTile& chunk) {
+  gpu::GdnTiles t = gpu::GdnTiles::defaults(gpu::gdn_shape(cfg));
+  t.chunk = chunk;
+  return t;
+}
+
 // One GDN layer: random bf16 weights, a projection of `total` tokens, the GPU state and the CPU
 // reference state, advanced call by call.
 struct Layer {
@@ -51,8 +75,8 @@ struct Layer {
   DeviceBuffer d_proj, d_conv_w, d_norm_w, d_A_log, d_dt_bias, d_conv, d_ssm, d_pos, d_counters;
   gpu::GdnKernels kernels;
 
-  Layer(Gpu& gpu_, const qwen35::Config& c, int64_t total_tokens, uint32_t salt)
-      : cfg(c), total(total_tokens), g(gpu_), kernels(gpu_.jit, gpu_.ctx, c) {
+  Layer(Gpu& gpu_, const qwen35::Config& c, int64_t total_tokens, uint32_t salt, const GdnChunkTile& chunk)
+      : cfg(c), total(total_tokens), g(gpu_), kernels(gpu_.jit, gpu_.ctx, c, tiles_with(c, chunk)) {
     proj = random_bf16(size_t(total * stride), salt + 1, 1.f);
     conv_w = random_bf16(size_t(C * K), salt + 2, 0.5f);
     norm_w = to_bf16(random_f32(size_t(s.dv), salt + 3, 0.2f));
@@ -218,13 +242,17 @@ TEST_CASE("GPU: gdn prefill (chunked) from zero at every length, then decode, ti
   auto g = open_gpu();
   for (auto [hk, hv] : {std::pair<int64_t, int64_t>{2, 4}, {16, 32}}) {
     CAPTURE(hv);
+    const qwen35::Config cfg = gdn_config(hk, hv);
     std::vector<int64_t> lengths;
     for (int64_t T = 1; T <= 17; ++T) lengths.push_back(T);
     for (int64_t T : {31, 63, 64, 65, 100, 128, 300}) lengths.push_back(T);
-    for (int64_t T : lengths) {
-      Layer layer(*g, gdn_config(hk, hv), T + 3, uint32_t(T * 7 + hv));
-      layer.call(T, Layer::Path::Chunked);
-      for (int step = 0; step < 3; ++step) layer.call(1, Layer::Path::Decode);
+    for (const ChunkVariant& v : chunk_variants(cfg)) {
+      CAPTURE(std::string(v.name));
+      for (int64_t T : lengths) {
+        Layer layer(*g, cfg, T + 3, uint32_t(T * 7 + hv), v.tile);
+        layer.call(T, Layer::Path::Chunked);
+        for (int step = 0; step < 3; ++step) layer.call(1, Layer::Path::Decode);
+      }
     }
   }
 }
@@ -233,12 +261,16 @@ TEST_CASE("GPU: gdn chunked prefill continuing a sequence at every length 1..17,
   auto g = open_gpu();
   for (auto [hk, hv] : {std::pair<int64_t, int64_t>{2, 4}, {16, 32}}) {
     CAPTURE(hv);
-    // 100 tokens first (a state far from zero), then calls of 1..17 tokens, a decode step, 130 tokens.
-    Layer layer(*g, gdn_config(hk, hv), 100 + 153 + 1 + 130, uint32_t(17 + hv));
-    layer.call(100, Layer::Path::Chunked);
-    for (int64_t T = 1; T <= 17; ++T) layer.call(T, Layer::Path::Chunked);
-    layer.call(1, Layer::Path::Decode);
-    layer.call(130, Layer::Path::Chunked);
+    const qwen35::Config cfg = gdn_config(hk, hv);
+    for (const ChunkVariant& v : chunk_variants(cfg)) {
+      CAPTURE(std::string(v.name));
+      // 100 tokens first (a state far from zero), then calls of 1..17 tokens, a decode step, 130 tokens.
+      Layer layer(*g, cfg, 100 + 153 + 1 + 130, uint32_t(17 + hv), v.tile);
+      layer.call(100, Layer::Path::Chunked);
+      for (int64_t T = 1; T <= 17; ++T) layer.call(T, Layer::Path::Chunked);
+      layer.call(1, Layer::Path::Decode);
+      layer.call(130, Layer::Path::Chunked);
+    }
   }
 }
 
@@ -246,15 +278,17 @@ TEST_CASE("GPU: gdn token-by-token prefill, and prefill chunk after chunk, tiny 
   auto g = open_gpu();
   for (auto [hk, hv] : {std::pair<int64_t, int64_t>{2, 4}, {16, 32}}) {
     CAPTURE(hv);
+    const qwen35::Config cfg = gdn_config(hk, hv);
     {
-      Layer layer(*g, gdn_config(hk, hv), 102, uint32_t(11 + hv));
+      Layer layer(*g, cfg, 102, uint32_t(11 + hv), default_gdn_chunk_tile(gpu::gdn_shape(cfg)));
       layer.call(100, Layer::Path::Recurrent);
       layer.call(1, Layer::Path::Decode);
       layer.call(1, Layer::Path::Recurrent);
     }
-    {
+    for (const ChunkVariant& v : chunk_variants(cfg)) {
+      CAPTURE(std::string(v.name));
       // Chunks that start mid-ring (positions not multiples of 4) and short chunks after long ones.
-      Layer layer(*g, gdn_config(hk, hv), 350, uint32_t(13 + hv));
+      Layer layer(*g, cfg, 350, uint32_t(13 + hv), v.tile);
       layer.call(2, Layer::Path::Chunked);
       layer.call(1, Layer::Path::Decode);
       layer.call(100, Layer::Path::Chunked);
@@ -276,7 +310,10 @@ TEST_CASE("GPU: gdn timings at the 35B shapes") {
   auto g = open_gpu();
   const qwen35::Config cfg = gdn_config(16, 32);
   const GdnShape s = gpu::gdn_shape(cfg);
-  gpu::GdnKernels k(g->jit, g->ctx, cfg);
+  gpu::GdnKernels k(g->jit, g->ctx, cfg);  // default tiles: the fused pass (its cluster form on sm_90)
+  const GdnChunkTile fused = default_gdn_chunk_tile(s);
+  gpu::GdnKernels k_portable(g->jit, g->ctx, cfg, tiles_with(cfg, {fused.vs, true, false}));
+  gpu::GdnKernels k_pair(g->jit, g->ctx, cfg, tiles_with(cfg, {fused.vs, false, false}));
   const int64_t stride = gpu::gdn_proj_columns(cfg), C = s.conv_dim();
   Event start(g->driver), stop(g->driver);
 
@@ -354,30 +391,47 @@ TEST_CASE("GPU: gdn timings at the 35B shapes") {
       return median(us);
     };
     const double pro = time_us([&] { k.prologue(g->stream, proj.ptr(), int(stride), T, pos.ptr(), w, st, ws); });
-    const double chk = time_us([&] { k.chunked(g->stream, proj.ptr(), int(stride), T, w, st, ws, y.ptr()); });
     const double prep = time_us([&] { k.chunk_prepare(g->stream, T, ws); });
-    const double state = time_us([&] { k.chunk_state(g->stream, T, st, ws); });
-    const double out = time_us([&] { k.chunk_output(g->stream, proj.ptr(), int(stride), T, norm_w.ptr(), ws, y.ptr()); });
+    // The fused pass (default tiles; the cluster form on sm_90), the portable fused pass + gated_rmsnorm.
+    const double chk = time_us([&] { k.chunked(g->stream, proj.ptr(), int(stride), T, w, st, ws, y.ptr()); });
+    const double fus = time_us([&] { k.chunk_fused(g->stream, proj.ptr(), int(stride), T, norm_w.ptr(), st, ws, y.ptr()); });
+    const double chk_p = time_us([&] { k_portable.chunked(g->stream, proj.ptr(), int(stride), T, w, st, ws, y.ptr()); });
+    const double fus_p =
+        time_us([&] { k_portable.chunk_fused(g->stream, proj.ptr(), int(stride), T, norm_w.ptr(), st, ws, y.ptr()); });
+    // The unfused pair.
+    const double chk_3 = time_us([&] { k_pair.chunked(g->stream, proj.ptr(), int(stride), T, w, st, ws, y.ptr()); });
+    const double state = time_us([&] { k_pair.chunk_state(g->stream, T, st, ws); });
+    const double out = time_us([&] { k_pair.chunk_output(g->stream, proj.ptr(), int(stride), T, norm_w.ptr(), ws, y.ptr()); });
     const double rec = time_us([&] { k.recurrent(g->stream, T, st, ws); });
     const double nrm = time_us([&] { k.gated_rmsnorm(g->stream, T, ws.o, proj.ptr(), int(stride), norm_w.ptr(), y.ptr()); });
     // Floors at 3.0 TB/s and 700 TFLOP/s (bf16 mma). The prologue reads qkv + gates of proj and
     // writes qkv bf16 + g, beta. Bytes per token and value head of the chunked kernels: prepare
     // k, v bf16 in, U fp32 + W hi/lo out; state U, W, k in, Vn hi/lo out, + h hi/lo per chunk;
-    // output q, k, Vn, z in, y out, + h per chunk. FLOPs as issued (split products counted).
+    // output q, k, Vn, z in, y out, + h per chunk; fused q, k, U, W, z in, y out (each once: the
+    // slices of a head share W, q, k through L2). FLOPs as issued (split products counted).
     const double hvt = double(T) * s.hv, hvc = hvt / 64;
     const double bytes_prep = hvt * (s.dk * 2 + s.dv * 2 + s.dv * 4 + s.dk * 4);
     const double bytes_state = hvt * (s.dv * 4 + s.dk * 4 + s.dk * 2 + s.dv * 4) + hvc * s.dk * s.dv * 4;
     const double bytes_out = hvt * (2 * s.dk * 2 + s.dv * 4 + s.dv * 2 + s.dv * 2) + hvc * s.dk * s.dv * 4;
-    const double flops_chunk = 2.0 * 64 * (64 * s.dk + 2 * 64 * (s.dk + s.dv)) +              // prepare
-                               2.0 * 64 * s.dk * s.dv * (3 + 2) +                            // state
-                               2.0 * 64 * (64 * s.dk + 2 * s.dk * s.dv + 3 * 64 * s.dv);    // output
+    const double bytes_fused = hvt * (2 * s.dk * 2 + s.dv * 4 + s.dk * 4 + s.dv * 2 + s.dv * 2);
+    const double flops_prep = 2.0 * 64 * (64 * s.dk + 2 * 64 * (s.dk + s.dv));
+    const double flops_chunk = flops_prep +                                                 // prepare
+                               2.0 * 64 * s.dk * s.dv * (3 + 2) +                          // state
+                               2.0 * 64 * (64 * s.dk + 2 * s.dk * s.dv + 3 * 64 * s.dv);  // output
     const double pro_floor = double(T) * (C * 2 * 2 + s.hv * 4 * 4) / 3.0e6;
-    const double chk_floor = std::max((bytes_prep + bytes_state + bytes_out) / 3.0e6, hvc * flops_chunk / 700e6);
-    MESSAGE(fmt::format("gdn prefill T = {} per layer: prologue {:.1f} us (floor {:.1f}); chunked {:.1f} us (floor {:.1f}): "
-                        "gdn_chunk_prepare {:.1f} us (bytes floor {:.1f}), gdn_chunk_state {:.1f} us ({:.1f}), "
-                        "gdn_chunk_output {:.1f} us ({:.1f}, gated RMSNorm fused); prologue + chunked {:.1f} us "
-                        "(target <= 300; FLA / FlashInfer 170-250); token-by-token {:.1f} us + gated_rmsnorm {:.1f} us",
-                        T, pro, pro_floor, chk, chk_floor, prep, bytes_prep / 3.0e6, state, bytes_state / 3.0e6, out,
-                        bytes_out / 3.0e6, pro + chk, rec, nrm));
+    const double chk3_floor = std::max((bytes_prep + bytes_state + bytes_out) / 3.0e6, hvc * flops_chunk / 700e6);
+    const double chk_floor = std::max((bytes_prep + bytes_fused) / 3.0e6, hvc * flops_chunk / 700e6);
+    MESSAGE(fmt::format("gdn prefill T = {} per layer: prologue {:.1f} us (floor {:.1f}), gdn_chunk_prepare {:.1f} us "
+                        "(bytes floor {:.1f}); then\n"
+                        "  fused (default tiles, {}): chunked {:.1f} us (floor {:.1f}) = prepare + {} {:.1f} us "
+                        "(bytes floor {:.1f}); prologue + chunked {:.1f} us (target <= 300; FLA / FlashInfer 170-250)\n"
+                        "  fused portable: chunked {:.1f} us = prepare + gdn_chunk_fused {:.1f} us + gated_rmsnorm\n"
+                        "  unfused: chunked {:.1f} us (floor {:.1f}) = prepare + gdn_chunk_state {:.1f} us ({:.1f}) + "
+                        "gdn_chunk_output {:.1f} us ({:.1f}, gated RMSNorm fused); prologue + chunked {:.1f} us\n"
+                        "  token-by-token {:.1f} us + gated_rmsnorm {:.1f} us",
+                        T, pro, pro_floor, prep, bytes_prep / 3.0e6, k.cluster() ? "cluster form" : "portable form", chk,
+                        chk_floor, k.cluster() ? "gdn_chunk_fused_cluster" : "gdn_chunk_fused + gated_rmsnorm", fus,
+                        bytes_fused / 3.0e6, pro + chk, chk_p, fus_p, chk_3, chk3_floor, state, bytes_state / 3.0e6, out,
+                        bytes_out / 3.0e6, pro + chk_3, rec, nrm));
   }
 }

@@ -8,17 +8,17 @@ passed (a request under way then finishes). Reports, over the completed requests
   TTFT              request sent -> first chunk with text, p50 / p95
   TBT               time between consecutive text chunks of a stream, p50 / p95
 Token counts come from the server's usage (stream_options.include_usage). Prints a table, or one
-JSON object with --json.
+JSON object with --json. Python standard library only (http.client): runs where nothing can be installed.
 
-  .venv/bin/python tests/server/load_test.py --url http://127.0.0.1:8080 --concurrency 16 --duration 60
+  python3 tests/server/load_test.py --url http://127.0.0.1:8080 --concurrency 16 --duration 60
 """
 import argparse
+import http.client
 import json
 import sys
 import threading
 import time
-
-import httpx
+import urllib.parse
 
 
 def percentile(values, p):
@@ -28,29 +28,44 @@ def percentile(values, p):
     return s[k]
 
 
-def one_chat(client, url, model, prompt, max_tokens, seed, headers):
-    """One streaming chat. Returns (completion_tokens, ttft_s, [chunk times], error or None)."""
+def one_chat(url, model, prompt, max_tokens, seed, headers, timeout):
+    """One streaming chat (http.client, the SSE lines read as they arrive). Returns (completion_tokens,
+    ttft_s, [chunk times], error or None)."""
     body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "seed": seed,
             "stream": True, "stream_options": {"include_usage": True}}
     if model:
         body["model"] = model
-    t0 = time.perf_counter()
-    times, tokens = [], 0
-    with client.stream("POST", url + "/v1/chat/completions", json=body, headers=headers) as r:
-        if r.status_code != 200:
-            r.read()
-            return 0, None, [], f"HTTP {r.status_code}: {r.text[:200]}"
-        for line in r.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
+    u = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port or 80, timeout=timeout)
+    try:
+        t0 = time.perf_counter()
+        conn.request("POST", "/v1/chat/completions", body=json.dumps(body),
+                     headers={"Content-Type": "application/json", **headers})
+        r = conn.getresponse()
+        if r.status != 200:
+            return 0, None, [], f"HTTP {r.status}: {r.read()[:200].decode('utf-8', 'replace')}"
+        times, tokens = [], 0
+        while True:
+            raw = r.readline()
+            if not raw:
+                break
+            line = raw.decode("utf-8", "replace").rstrip("\r\n")
+            if not line.startswith("data: "):
                 continue
+            if line == "data: [DONE]":
+                break
             event = json.loads(line[6:])
+            if "error" in event:
+                return 0, None, [], f"error in the stream: {json.dumps(event['error'])[:200]}"
             if event.get("usage"):
                 tokens = event["usage"]["completion_tokens"]
             for choice in event.get("choices", []):
                 delta = choice.get("delta", {})
                 if delta.get("content") or delta.get("reasoning_content") or delta.get("tool_calls"):
                     times.append(time.perf_counter())
-    return tokens, (times[0] - t0) if times else None, times, None
+        return tokens, (times[0] - t0) if times else None, times, None
+    finally:
+        conn.close()
 
 
 def run(url, concurrency, duration, max_tokens, model="", api_key=""):
@@ -61,16 +76,15 @@ def run(url, concurrency, duration, max_tokens, model="", api_key=""):
 
     def worker(w):
         n = 0
-        with httpx.Client(timeout=max(60.0, duration * 4)) as client:
-            while time.perf_counter() < deadline:
-                prompt = f"Stream {w}, request {n}: tell me a story about the number {w * 1000 + n}."
-                try:
-                    res = one_chat(client, url, model, prompt, max_tokens, w * 1000 + n, headers)
-                except httpx.HTTPError as e:
-                    res = (0, None, [], repr(e))
-                with lock:
-                    (errors if res[3] else results).append(res[3] or res)
-                n += 1
+        while time.perf_counter() < deadline:
+            prompt = f"Stream {w}, request {n}: tell me a story about the number {w * 1000 + n}."
+            try:
+                res = one_chat(url, model, prompt, max_tokens, w * 1000 + n, headers, max(60.0, duration * 4))
+            except (OSError, http.client.HTTPException, ValueError) as e:
+                res = (0, None, [], repr(e))
+            with lock:
+                (errors if res[3] else results).append(res[3] or res)
+            n += 1
 
     threads = [threading.Thread(target=worker, args=(w,)) for w in range(concurrency)]
     for t in threads:

@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import NAME, Server
+from conftest import BIN, MODEL, NAME, Server
 
 TOOLS = [
     {"type": "function", "function": {
@@ -643,11 +643,22 @@ def test_max_batch_flag_is_validated():
         assert r.returncode != 0 and "--max-batch" in r.stderr, r.stderr
 
 
+def test_gpu_flag_is_validated():
+    import os
+    import subprocess
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="0,1")
+    for bad, why in [("5", "shows 2 device(s)"), ("x", "integer"), ("-1", "--gpu")]:
+        r = subprocess.run([str(BIN), "serve", "--model", str(MODEL), "--device", "cpu", "--gpu", bad],
+                           capture_output=True, text=True, timeout=60, env=env)
+        assert r.returncode != 0 and "--gpu" in r.stderr and why in r.stderr, r.stderr
+
+
 def test_load_test_script_reports_throughput_and_percentiles(batch_server):
     import subprocess
     import sys
     script = Path(__file__).resolve().parent / "load_test.py"
-    r = subprocess.run([sys.executable, str(script), "--url", batch_server.url, "--concurrency", "4",
+    # -S: no site-packages, as on the GPU machine (Python standard library only).
+    r = subprocess.run([sys.executable, "-S", str(script), "--url", batch_server.url, "--concurrency", "4",
                         "--duration", "3", "--max-tokens", "12", "--json"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
@@ -658,3 +669,78 @@ def test_load_test_script_reports_throughput_and_percentiles(batch_server):
         assert 0 < out[key]["p50"] <= out[key]["p95"], key
     # The server counted what the client counted.
     assert out["completion_tokens"] <= metric(batch_server, "q35jit_generation_tokens_total")
+
+
+# ------------------------------------------------------------------ serve_bench.py (scripts/gpu_serve.sh's client)
+
+SERVE_BENCH = Path(__file__).resolve().parent / "serve_bench.py"
+SHORT = ["--history-tokens", "700", "--message-tokens", "20", "--reply-tokens", "4", "--repeats", "2",
+         "--decode-tokens", "24", "--decode-prompt-tokens", "32", "--decode-repeats", "2", "--quiet"]
+
+
+def serve_bench(*args, timeout=900):
+    import subprocess
+    import sys
+    # -S: no site-packages, as on the GPU machine (Python standard library only).
+    return subprocess.run([sys.executable, "-S", str(SERVE_BENCH), *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_serve_bench_measures_starts_turn2_and_decode(tmp_path):
+    out = tmp_path / "run.json"
+    r = serve_bench("--starts", "2", "--cold", "--cache-dir", str(tmp_path / "jit"), *SHORT, "--json", str(out),
+                    "--server-log", str(tmp_path / "server.log"), "--",
+                    str(BIN), "serve", "--model", str(MODEL), "--device", "cpu", "--port", "0",
+                    "--prefix-cache-block", "256")
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = json.loads(out.read_text())
+    assert res["problems"] == []
+    # (c): two starts, the first with the empty cache folder, each up before its first token.
+    assert [s["cold"] for s in res["starts"]] == [True, False]
+    for s in res["starts"]:
+        assert 0 < s["health_ms"] < s["first_token_ms"] < 120000
+        assert s["load_ms_logged"] is not None and s["load_ms_logged"] <= s["health_ms"]
+        assert s["tokenizer_ms_logged"] is not None and s["tokenizer_ms_logged"] <= s["load_ms_logged"]
+    # (a): the history and the message have the asked token counts (the server's tokenizer), turn 2
+    # resumes from the cache at the start of turn 1's reply and prefills only the rest; the new chat
+    # prefills everything; the server's counters saw the hits.
+    t = res["turn2"]
+    assert 700 <= t["history_tokens"] <= 704 and 20 <= t["message_tokens"] <= 22
+    hit, miss = t["hit"], t["miss"]
+    assert t["cache_hit_every_time"]
+    assert t["history_tokens"] - 16 <= hit["cached_tokens"] < t["history_tokens"]
+    assert hit["prefilled_tokens"] == hit["prompt_tokens"] - hit["cached_tokens"]
+    assert 20 < hit["prefilled_tokens"] < 20 + 4 * 8 + 32
+    assert miss["cached_tokens"] == 0 and miss["prefilled_tokens"] == miss["prompt_tokens"] == hit["prompt_tokens"]
+    assert hit["cache_hits"] >= 1 and hit["cache_hit_tokens"] == hit["cached_tokens"]
+    assert miss["cache_hits"] == 0
+    assert 0 < hit["server_ttft_ms"] <= hit["client_ttft_ms"]
+    assert 0 < miss["server_ttft_ms"] <= miss["client_ttft_ms"]
+    assert hit["server_ttft_ms"] < 0.6 * miss["server_ttft_ms"], (hit, miss)
+    # (b): every asked token generated and counted by the server (ignore_eos), rates from both sides.
+    d = res["decode"]
+    assert d["tokens"] == 24 and d["decode_tokens"] == 24 and 32 <= d["prompt_tokens"] <= 34
+    assert d["client_tok_s"] > 0 and d["server_tok_s"] > 0
+    assert 0.5 < d["client_tok_s"] / d["server_tok_s"] < 2.0, d
+    assert d["mid_context"] == d["prompt_tokens"] + 12
+    assert "stopped" in (tmp_path / "server.log").read_text()
+    # The summary block of the saved run.
+    rep = serve_bench("--report", str(out))
+    assert rep.returncode == 0, rep.stdout + rep.stderr
+    assert "prefix cache hit" in rep.stdout and "decode (24 tokens" in rep.stdout and "===== OK" in rep.stdout
+
+
+def test_serve_bench_fails_when_the_cache_is_not_hit(tmp_path):
+    s = Server("--prefix-cache-gb", "0")
+    try:
+        short = [*SHORT[:SHORT.index("--decode-tokens")], "--decode-tokens", "0", "--warmup", "0", "--quiet"]
+        r = serve_bench("--url", s.url, *short, "--json", str(tmp_path / "a.json"))
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert "not resumed from the prefix cache" in r.stdout
+        # Told that there is no cache: the same figures pass, with nothing restored.
+        r = serve_bench("--url", s.url, *short, "--no-expect-cache", "--json", str(tmp_path / "b.json"))
+        assert r.returncode == 0, r.stdout + r.stderr
+        res = json.loads((tmp_path / "b.json").read_text())
+        assert res["turn2"]["hit"]["cached_tokens"] == 0 and "no prefix cache" in r.stdout
+    finally:
+        s.stop()

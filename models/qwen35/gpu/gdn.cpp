@@ -54,8 +54,8 @@ GdnTiles GdnTiles::defaults(const GdnShape& s) {
 }
 
 std::string GdnTiles::key() const {
-  return fmt::format("{}/{}/{}/{}/{}/{}", prologue.tokens, prologue.warps, recurrent.rows, recurrent.warps, chunk.vs,
-                     norm.heads);
+  return fmt::format("{}/{}/{}/{}/{}{}{}/{}", prologue.tokens, prologue.warps, recurrent.rows, recurrent.warps, chunk.vs,
+                     chunk.fused ? "f" : "", chunk.cluster ? "c" : "", norm.heads);
 }
 
 KernelSpec gdn_prologue_spec(const Config& cfg, const GdnPrologueTile& tile) {
@@ -108,19 +108,35 @@ KernelSpec gdn_chunk_output_spec(const Config& cfg) {
   return {"gdn_chunked", "gdn_chunk_output", head_args(s)};
 }
 
+KernelSpec gdn_chunk_fused_spec(const Config& cfg, const GdnChunkTile& tile, bool cluster) {
+  const GdnShape s = gdn_shape(cfg);
+  check_tile("gdn_chunk_fused", tile, s);
+  if (!tile.fused) fail("gdn_chunk_fused: the chunk tile (vs = {}) is not fused", tile.vs);
+  auto args = head_args(s);
+  args.emplace_back("VS", str(tile.vs));
+  return {"gdn_chunked", cluster ? "gdn_chunk_fused_cluster" : "gdn_chunk_fused", args};
+}
+
 KernelSpec gated_rmsnorm_spec(const Config& cfg, const GatedRmsnormTile& tile) {
   const GdnShape s = gdn_shape(cfg);
   check_tile("gated_rmsnorm", tile, s);
   return {"gated_rmsnorm", "gated_rmsnorm", {{"HV", str(s.hv)}, {"DV", str(s.dv)}, {"HEADS", str(tile.heads)}}};
 }
 
-std::vector<KernelSpec> gdn_kernels(const Config& cfg) {
+std::vector<KernelSpec> gdn_kernels(const Config& cfg, const std::string& arch) {
   if (std::find(cfg.layer_types.begin(), cfg.layer_types.end(), LayerType::LinearAttention) == cfg.layer_types.end())
     return {};
   const GdnTiles t = GdnTiles::defaults(gdn_shape(cfg));
-  return {gdn_decode_spec(cfg, t.recurrent),  gated_rmsnorm_spec(cfg, t.norm),      gdn_prologue_spec(cfg, t.prologue),
-          gdn_chunk_prepare_spec(cfg),        gdn_chunk_state_spec(cfg, t.chunk), gdn_chunk_output_spec(cfg),
-          gdn_recurrent_spec(cfg, t.recurrent)};
+  std::vector<KernelSpec> out = {gdn_decode_spec(cfg, t.recurrent), gated_rmsnorm_spec(cfg, t.norm),
+                                 gdn_prologue_spec(cfg, t.prologue), gdn_chunk_prepare_spec(cfg)};
+  if (t.chunk.fused) {
+    out.push_back(gdn_chunk_fused_spec(cfg, t.chunk, t.chunk.cluster && gdn_arch_has_cluster(arch)));
+  } else {
+    out.push_back(gdn_chunk_state_spec(cfg, t.chunk));
+    out.push_back(gdn_chunk_output_spec(cfg));
+  }
+  out.push_back(gdn_recurrent_spec(cfg, t.recurrent));
+  return out;
 }
 
 std::vector<KernelSpec> gdn_batch_kernels(const Config& cfg) {
@@ -161,17 +177,23 @@ GdnKernels::GdnKernels(JitEngine& jit, const Context& ctx, const Config& cfg, co
     : shape_(gdn_shape(cfg)),
       tiles_(tiles),
       eps_(float(cfg.rms_norm_eps)),
+      cluster_(tiles.chunk.fused && tiles.chunk.cluster && gdn_arch_has_cluster(ctx.device().arch())),
       prologue_(load(jit, ctx, gdn_prologue_spec(cfg, tiles.prologue))),
       recurrent_(load(jit, ctx, gdn_recurrent_spec(cfg, tiles.recurrent))),
       decode_(load(jit, ctx, gdn_decode_spec(cfg, tiles.recurrent))),
       decode_batch_(load(jit, ctx, gdn_decode_batch_spec(cfg, tiles.recurrent))),
       chunk_prepare_(load(jit, ctx, gdn_chunk_prepare_spec(cfg))),
-      chunk_state_(load(jit, ctx, gdn_chunk_state_spec(cfg, tiles.chunk))),
-      chunk_output_(load(jit, ctx, gdn_chunk_output_spec(cfg))),
       norm_(load(jit, ctx, gated_rmsnorm_spec(cfg, tiles.norm))) {
   chunk_prepare_.set_max_dynamic_smem(gdn_chunk_prepare_smem_bytes(shape_));
-  chunk_state_.set_max_dynamic_smem(gdn_chunk_state_smem_bytes(shape_, tiles_.chunk));
-  chunk_output_.set_max_dynamic_smem(gdn_chunk_output_smem_bytes(shape_));
+  if (tiles_.chunk.fused) {
+    chunk_fused_.emplace(load(jit, ctx, gdn_chunk_fused_spec(cfg, tiles_.chunk, cluster_)));
+    chunk_fused_->set_max_dynamic_smem(gdn_chunk_fused_smem_bytes(shape_, tiles_.chunk, cluster_));
+  } else {
+    chunk_state_.emplace(load(jit, ctx, gdn_chunk_state_spec(cfg, tiles_.chunk)));
+    chunk_state_->set_max_dynamic_smem(gdn_chunk_state_smem_bytes(shape_, tiles_.chunk));
+    chunk_output_.emplace(load(jit, ctx, gdn_chunk_output_spec(cfg)));
+    chunk_output_->set_max_dynamic_smem(gdn_chunk_output_smem_bytes(shape_));
+  }
 }
 
 void GdnKernels::check_proj(int row_stride, int T) const {
@@ -236,8 +258,27 @@ void GdnKernels::recurrent(const Stream& stream, int T, const GdnLayerState& st,
 void GdnKernels::chunked(const Stream& stream, CUdeviceptr proj, int row_stride, int T, const GdnLayerWeights& w,
                          const GdnLayerState& st, const GdnWorkspace& ws, CUdeviceptr y, bool pdl) const {
   chunk_prepare(stream, T, ws, pdl);
-  chunk_state(stream, T, st, ws, pdl);
-  chunk_output(stream, proj, row_stride, T, w.norm_w, ws, y, pdl);
+  if (tiles_.chunk.fused) {
+    chunk_fused(stream, proj, row_stride, T, w.norm_w, st, ws, y, pdl);
+    if (!cluster_) gated_rmsnorm(stream, T, ws.o, proj, row_stride, w.norm_w, y, pdl);
+  } else {
+    chunk_state(stream, T, st, ws, pdl);
+    chunk_output(stream, proj, row_stride, T, w.norm_w, ws, y, pdl);
+  }
+}
+
+void GdnKernels::chunk_fused(const Stream& stream, CUdeviceptr proj, int row_stride, int T, CUdeviceptr norm_w,
+                             const GdnLayerState& st, const GdnWorkspace& ws, CUdeviceptr y, bool pdl) const {
+  if (!chunk_fused_) fail("gdn chunk_fused: the chunk tile (vs = {}) is not fused", tiles_.chunk.vs);
+  check_proj(row_stride, T);
+  const LaunchConfig lc{{unsigned(shape_.hv), unsigned(shape_.dv / tiles_.chunk.vs)}, {256},
+                        unsigned(gdn_chunk_fused_smem_bytes(shape_, tiles_.chunk, cluster_)), pdl};
+  if (cluster_) {
+    const CUdeviceptr z = proj + CUdeviceptr(shape_.conv_dim() * 2);
+    chunk_fused_->launch(lc, stream, ws.qkv, ws.gam, ws.u, ws.w, st.ssm, z, row_stride, norm_w, y, eps_, T);
+  } else {
+    chunk_fused_->launch(lc, stream, ws.qkv, ws.gam, ws.u, ws.w, st.ssm, ws.o, T);
+  }
 }
 
 void GdnKernels::chunk_prepare(const Stream& stream, int T, const GdnWorkspace& ws, bool pdl) const {
@@ -250,7 +291,8 @@ void GdnKernels::chunk_prepare(const Stream& stream, int T, const GdnWorkspace& 
 void GdnKernels::chunk_state(const Stream& stream, int T, const GdnLayerState& st, const GdnWorkspace& ws,
                              bool pdl) const {
   if (T < 1) fail("gdn chunk_state: T = {} tokens, expected >= 1", T);
-  chunk_state_.launch({{unsigned(shape_.hv), unsigned(shape_.dv / tiles_.chunk.vs)}, {256},
+  if (!chunk_state_) fail("gdn chunk_state: the chunk tile (vs = {}) is fused", tiles_.chunk.vs);
+  chunk_state_->launch({{unsigned(shape_.hv), unsigned(shape_.dv / tiles_.chunk.vs)}, {256},
                        unsigned(gdn_chunk_state_smem_bytes(shape_, tiles_.chunk)), pdl},
                       stream, ws.qkv, ws.gam, ws.u, ws.w, st.ssm, ws.h, ws.vn, T);
 }
@@ -258,9 +300,10 @@ void GdnKernels::chunk_state(const Stream& stream, int T, const GdnLayerState& s
 void GdnKernels::chunk_output(const Stream& stream, CUdeviceptr proj, int row_stride, int T, CUdeviceptr norm_w,
                               const GdnWorkspace& ws, CUdeviceptr y, bool pdl) const {
   check_proj(row_stride, T);
+  if (!chunk_output_) fail("gdn chunk_output: the chunk tile (vs = {}) is fused", tiles_.chunk.vs);
   const unsigned chunks = unsigned((T + kChunk - 1) / kChunk);
   const CUdeviceptr z = proj + CUdeviceptr(shape_.conv_dim() * 2);
-  chunk_output_.launch({{chunks, unsigned(shape_.hv)}, {256}, unsigned(gdn_chunk_output_smem_bytes(shape_)), pdl},
+  chunk_output_->launch({{chunks, unsigned(shape_.hv)}, {256}, unsigned(gdn_chunk_output_smem_bytes(shape_)), pdl},
                        stream, ws.qkv, ws.gam, ws.h, ws.vn, z, row_stride, norm_w, y, eps_, T);
 }
 

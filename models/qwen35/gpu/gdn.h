@@ -17,12 +17,17 @@
 //            its first token), so a decode step can be captured once in a CUDA graph.
 //   y        bf16 [T, Hv dv]: the gated RMSNorm output, the input of out_proj.
 //
-// Prefill runs gdn_prologue, then the chunked delta rule (gdn_chunk_prepare -> gdn_chunk_state ->
-// gdn_chunk_output, the gated RMSNorm fused into the last) at every T >= 1: its split-bf16 tensor-core
-// products are as accurate as the fp32 recurrence. The token-by-token recurrence (gdn_recurrent ->
-// gated_rmsnorm) stays as the reference path (prefill(chunked = false)).
+// Prefill runs gdn_prologue, then the chunked delta rule at every T >= 1 (its split-bf16 tensor-core
+// products are as accurate as the fp32 recurrence): gdn_chunk_prepare, then by the chunk tile
+//   fused + cluster (default), on an arch with clusters: gdn_chunk_fused_cluster (state, output and
+//     the gated RMSNorm in one pass) -> y;
+//   fused (or a cluster tile where the arch has none): gdn_chunk_fused -> ws.o, gated_rmsnorm -> y;
+//   !fused: gdn_chunk_state (-> ws.h, ws.vn) -> gdn_chunk_output (the gated RMSNorm fused) -> y.
+// The token-by-token recurrence (gdn_recurrent -> gated_rmsnorm) stays as the reference path
+// (prefill(chunked = false)).
 #include <cstddef>
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -45,7 +50,7 @@ struct GdnTiles {
   GdnChunkTile chunk;
   GatedRmsnormTile norm;
   static GdnTiles defaults(const GdnShape& s);
-  std::string key() const;  // distinct per set of tiles ("16/4/16/4/32/4")
+  std::string key() const;  // distinct per set of tiles ("16/4/16/4/32fc/4")
 };
 
 KernelSpec gdn_prologue_spec(const Config& cfg, const GdnPrologueTile& tile);
@@ -56,9 +61,13 @@ KernelSpec gdn_decode_batch_spec(const Config& cfg, const GdnRecurrentTile& tile
 KernelSpec gdn_chunk_prepare_spec(const Config& cfg);
 KernelSpec gdn_chunk_state_spec(const Config& cfg, const GdnChunkTile& tile);
 KernelSpec gdn_chunk_output_spec(const Config& cfg);
+// gdn_chunk_fused_cluster (cluster) or gdn_chunk_fused; the tile must be fused.
+KernelSpec gdn_chunk_fused_spec(const Config& cfg, const GdnChunkTile& tile, bool cluster);
 KernelSpec gated_rmsnorm_spec(const Config& cfg, const GatedRmsnormTile& tile);
-// Every GDN instantiation the model needs (default tiles); empty without linear-attention layers.
-std::vector<KernelSpec> gdn_kernels(const Config& cfg);
+// Every GDN instantiation the model needs on `arch` (default tiles): the fused chunk kernel in its
+// cluster form where gdn_arch_has_cluster(arch), else (and for an empty arch) the portable form;
+// empty without linear-attention layers.
+std::vector<KernelSpec> gdn_kernels(const Config& cfg, const std::string& arch = "");
 // The batched decode step's (gdn_decode_batch, default tile); empty without linear-attention layers.
 std::vector<KernelSpec> gdn_batch_kernels(const Config& cfg);
 
@@ -82,9 +91,11 @@ struct GdnWorkspace {
   CUdeviceptr gam = 0;   // fp32 [chunks, Hv, 64] cumsum of g within each chunk
   CUdeviceptr u = 0;     // fp32 [chunks, Hv, 64, dv]
   CUdeviceptr w = 0;     // bf16 [chunks, Hv, 2, 64, dk]: hi, lo planes
-  CUdeviceptr vn = 0;    // bf16 [chunks, Hv, 2, 64, dv]: hi, lo planes of U - W S
+  CUdeviceptr vn = 0;    // bf16 [chunks, Hv, 2, 64, dv]: hi, lo planes of U - W S (gdn_chunk_state)
   CUdeviceptr h = 0;     // bf16 [chunks, Hv, 2, dk, dv]: hi, lo planes of the state entering each chunk
-  CUdeviceptr o = 0;     // fp32 [T, Hv, dv]: the recurrence's output before the norm (the same bytes as h)
+                         // (gdn_chunk_state)
+  CUdeviceptr o = 0;     // fp32 [T, Hv, dv]: the output before the norm of the recurrence and of the
+                         // portable gdn_chunk_fused (the same bytes as h)
 };
 size_t gdn_workspace_bytes(const Config& cfg, int64_t T);
 GdnWorkspace gdn_workspace(const Config& cfg, int64_t T, CUdeviceptr base);
@@ -119,12 +130,17 @@ class GdnKernels {
   void prologue(const Stream& stream, CUdeviceptr proj, int row_stride, int T, CUdeviceptr pos0,
                 const GdnLayerWeights& w, const GdnLayerState& st, const GdnWorkspace& ws, bool pdl = false) const;
   void recurrent(const Stream& stream, int T, const GdnLayerState& st, const GdnWorkspace& ws, bool pdl = false) const;
-  // The three launches of the chunked delta rule after the prologue: gdn_chunk_prepare (ws.qkv, g,
-  // beta -> gam, u, w), gdn_chunk_state (-> state, ws.h, ws.vn), gdn_chunk_output (-> y, with the
-  // gated RMSNorm over z of proj and w.norm_w).
+  // The launches of the chunked delta rule after the prologue: gdn_chunk_prepare (ws.qkv, g, beta ->
+  // gam, u, w), then by the tile (see above) gdn_chunk_fused_cluster (-> state, y), gdn_chunk_fused
+  // (-> state, ws.o) + gated_rmsnorm, or gdn_chunk_state (-> state, ws.h, ws.vn) + gdn_chunk_output
+  // (-> y); the gated RMSNorm over z of proj and w.norm_w.
   void chunked(const Stream& stream, CUdeviceptr proj, int row_stride, int T, const GdnLayerWeights& w,
                const GdnLayerState& st, const GdnWorkspace& ws, CUdeviceptr y, bool pdl = false) const;
   void chunk_prepare(const Stream& stream, int T, const GdnWorkspace& ws, bool pdl = false) const;
+  // The fused pass alone (fused tiles): the cluster form writes y, the portable form ws.o.
+  void chunk_fused(const Stream& stream, CUdeviceptr proj, int row_stride, int T, CUdeviceptr norm_w,
+                   const GdnLayerState& st, const GdnWorkspace& ws, CUdeviceptr y, bool pdl = false) const;
+  // The unfused pair (!fused tiles).
   void chunk_state(const Stream& stream, int T, const GdnLayerState& st, const GdnWorkspace& ws, bool pdl = false) const;
   void chunk_output(const Stream& stream, CUdeviceptr proj, int row_stride, int T, CUdeviceptr norm_w,
                     const GdnWorkspace& ws, CUdeviceptr y, bool pdl = false) const;
@@ -132,13 +148,18 @@ class GdnKernels {
                      CUdeviceptr y, bool pdl = false) const;
 
   const GdnTiles& tiles() const { return tiles_; }
+  bool fused() const { return tiles_.chunk.fused; }
+  bool cluster() const { return cluster_; }  // the fused pass runs its cluster form (fused tile, arch with clusters)
 
  private:
   void check_proj(int row_stride, int T) const;
   GdnShape shape_;
   GdnTiles tiles_;
   float eps_;
-  Function prologue_, recurrent_, decode_, decode_batch_, chunk_prepare_, chunk_state_, chunk_output_, norm_;
+  bool cluster_;
+  Function prologue_, recurrent_, decode_, decode_batch_, chunk_prepare_, norm_;
+  // By the chunk tile: the fused pass, or the state / output pair.
+  std::optional<Function> chunk_fused_, chunk_state_, chunk_output_;
 };
 
 }  // namespace q35::qwen35::gpu

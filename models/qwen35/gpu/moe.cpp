@@ -21,7 +21,7 @@ void check_tokens(const char* what, const MoeScratch& sc, int64_t T) {
 
 // Offsets of the scratch buffers from the workspace start; the last entry is the total size.
 struct Layout {
-  size_t logits, counters, ids, weights, shared_gate, h, hs, y, ys, sorted_ids, block_expert, num_blocks, total;
+  size_t logits, counters, sync, ids, weights, shared_gate, h, hs, y, ys, sorted_ids, block_expert, num_blocks, total;
 };
 
 Layout layout(const MoeShape& s, const MoeTiles& tiles, int64_t max_tokens) {
@@ -38,6 +38,7 @@ Layout layout(const MoeShape& s, const MoeTiles& tiles, int64_t max_tokens) {
   };
   l.logits = take(size_t(T * (s.experts + 1)) * 4);
   l.counters = take(size_t(T) * 4);
+  l.sync = take(4 * 4);
   l.ids = take(size_t(T * k) * 4);
   l.weights = take(size_t(T * k) * 4);
   l.shared_gate = take(size_t(T) * 4);
@@ -85,6 +86,8 @@ std::vector<KernelSpec> moe_kernels(const MoeShape& s, const MoeTiles& t) {
           moe_router_spec(s, t.router_decode),
           moe_router_spec(s, t.router_prefill),
           moe_decode_gate_up_spec(s, t.gate_up),
+          moe_decode_route_gate_up_spec(s, t.router_one, t.gate_up),
+          moe_decode_route_gate_up_spec(s, t.router_decode, t.gate_up),
           moe_decode_down_spec(s, t.down),
           moe_decode_down_residual_spec(s, t.down),
           moe_align_spec(s, t.gemm),
@@ -114,6 +117,7 @@ MoeScratch moe_scratch(const MoeShape& s, const MoeTiles& tiles, int64_t max_tok
   sc.max_blocks = moe_max_blocks(s, tiles.gemm.block_m, max_tokens);
   sc.logits = ws + l.logits;
   sc.counters = ws + l.counters;
+  sc.sync = ws + l.sync;
   sc.ids = ws + l.ids;
   sc.weights = ws + l.weights;
   sc.shared_gate = ws + l.shared_gate;
@@ -130,12 +134,15 @@ MoeScratch moe_scratch(const MoeShape& s, const MoeTiles& tiles, int64_t max_tok
 MoeKernels::MoeKernels(JitEngine& jit, const Context& ctx, const MoeShape& s, const MoeTiles& t)
     : shape(s),
       tiles(t),
+      sm_count(ctx.device().sm_count),
       router_one(jit.load(moe_router_spec(s, tiles.router_one), ctx)),
       router_decode(jit.load(moe_router_spec(s, tiles.router_decode), ctx)),
       router_prefill(jit.load(moe_router_spec(s, tiles.router_prefill), ctx)),
       decode_gate_up(jit.load(moe_decode_gate_up_spec(s, tiles.gate_up), ctx)),
       decode_down(jit.load(moe_decode_down_spec(s, tiles.down), ctx)),
       decode_down_residual(jit.load(moe_decode_down_residual_spec(s, tiles.down), ctx)),
+      decode_route_gate_up_one(jit.load(moe_decode_route_gate_up_spec(s, tiles.router_one, tiles.gate_up), ctx)),
+      decode_route_gate_up_many(jit.load(moe_decode_route_gate_up_spec(s, tiles.router_decode, tiles.gate_up), ctx)),
       align(jit.load(moe_align_spec(s, tiles.gemm), ctx)),
       gemm_routed_gate_up(jit.load(moe_gemm_spec(s, MoeGemm::RoutedGateUp, tiles.gemm), ctx)),
       gemm_routed_down(jit.load(moe_gemm_spec(s, MoeGemm::RoutedDown, tiles.gemm), ctx)),
@@ -152,6 +159,10 @@ MoeKernels::MoeKernels(JitEngine& jit, const Context& ctx, const MoeShape& s, co
 
 const Function& MoeKernels::router(int64_t tokens) const {
   return tokens <= 1 ? router_one : tokens <= kMoeDecodeMaxTokens ? router_decode : router_prefill;
+}
+
+const Function& MoeKernels::decode_route_gate_up(int64_t tokens) const {
+  return tokens <= 1 ? decode_route_gate_up_one : decode_route_gate_up_many;
 }
 
 const Function& MoeKernels::gemm(MoeGemm g) const {
@@ -188,6 +199,17 @@ void launch_moe_decode_gate_up(const Function& f, const MoeGemvTile& tile, const
            w.gate_up, w.gate_up_scales, w.shared_gate_up, w.shared_gate_up_scales, sc.h, int(T));
 }
 
+void launch_moe_decode_route_gate_up(const Function& f, const MoeRouterTile& router, const MoeGemvTile& tile,
+                                     const Stream& stream, const MoeShape& s, CUdeviceptr x, const MoeWeights& w,
+                                     const MoeScratch& sc, int64_t T) {
+  check_tokens("moe_decode_route_gate_up", sc, T);
+  if (T > kMoeDecodeMaxTokens)
+    fail("moe_decode_route_gate_up: T = {} exceeds the decode path's {}", T, kMoeDecodeMaxTokens);
+  f.launch({{unsigned(moe_route_gate_up_blocks(s, router, tile, T))}, {unsigned(tile.threads())}, 0, true}, stream, x,
+           w.router, w.shared_gate, sc.logits, sc.sync, sc.ids, sc.weights, sc.shared_gate, w.gate_up,
+           w.gate_up_scales, w.shared_gate_up, w.shared_gate_up_scales, sc.h, int(T));
+}
+
 void launch_moe_decode_down(const Function& f, const MoeDownTile& tile, const Stream& stream, const MoeShape& s,
                             const MoeWeights& w, const MoeScratch& sc, CUdeviceptr out, int64_t T) {
   check_tokens("moe_decode_down", sc, T);
@@ -214,7 +236,7 @@ void launch_moe_align(const Function& f, const Stream& stream, const MoeScratch&
 }
 
 void launch_moe_gemm(const Function& f, const MoeGemmTile& tile, const Stream& stream, const MoeShape& s, MoeGemm g,
-                     CUdeviceptr x, const MoeWeights& w, const MoeScratch& sc, int64_t T) {
+                     CUdeviceptr x, const MoeWeights& w, const MoeScratch& sc, int64_t T, int sm_count) {
   check_tokens("moe_gemm", sc, T);
   CUdeviceptr A = 0, W = 0, S = 0, out = 0;
   switch (g) {
@@ -235,8 +257,16 @@ void launch_moe_gemm(const Function& f, const MoeGemmTile& tile, const Stream& s
   // Routed: the bound for T (blocks past num_blocks[0] exit at once).
   const unsigned row_blocks = routed ? unsigned(moe_max_blocks(s, tile.block_m, T)) : ceil_div(T, tile.block_m);
   const unsigned smem = tile.wgmma ? unsigned(tile.smem_bytes(s.group)) : 0;  // static for mma.sync
-  f.launch({{unsigned(moe_gemm_n(s, g) / tile.block_n), row_blocks}, {unsigned(tile.threads())}, smem}, stream, A, W, S,
-           out, sc.sorted_ids, sc.block_expert, sc.num_blocks, int(T));
+  const unsigned col_blocks = unsigned(moe_gemm_n(s, g) / tile.block_n);
+  if (tile.persist) {  // one block per SM (a block takes most of an SM's shared memory) over the tiles
+    if (sm_count < 1) fail("moe_gemm ({}): a persistent tile needs the SM count, got {}", name(g), sm_count);
+    const unsigned blocks = unsigned(std::min<int64_t>(int64_t(col_blocks) * row_blocks, sm_count));
+    f.launch({{blocks}, {unsigned(tile.threads())}, smem}, stream, A, W, S, out, sc.sorted_ids, sc.block_expert,
+             sc.num_blocks, int(T));
+    return;
+  }
+  f.launch({{col_blocks, row_blocks}, {unsigned(tile.threads())}, smem}, stream, A, W, S, out, sc.sorted_ids,
+           sc.block_expert, sc.num_blocks, int(T));
 }
 
 void launch_moe_combine(const Function& f, const Stream& stream, const MoeScratch& sc, CUdeviceptr out, int64_t T) {
@@ -249,23 +279,23 @@ void moe_forward(const MoeKernels& k, const Stream& stream, const MoeWeights& w,
   const MoeShape& s = k.shape;
   if (path == MoePath::Auto) path = T <= kMoeDecodeMaxTokens ? MoePath::Decode : MoePath::Prefill;
   if (path == MoePath::Decode) {
-    launch_moe_router(k.router(T), k.tiles.router(T), stream, s, x, w, sc, T);
-    launch_moe_decode_gate_up(k.decode_gate_up, k.tiles.gate_up, stream, s, x, w, sc, T);
+    launch_moe_decode_route_gate_up(k.decode_route_gate_up(T), k.tiles.router(T), k.tiles.gate_up, stream, s, x, w,
+                                    sc, T);
     launch_moe_decode_down(k.decode_down, k.tiles.down, stream, s, w, sc, out, T);
     return;
   }
   launch_moe_router_prefill(k.router_gemm, k.tiles.router_gemm, k.router_topk, stream, s, x, w, sc, T);
   launch_moe_align(k.align, stream, sc, T);
   for (MoeGemm g : {MoeGemm::RoutedGateUp, MoeGemm::SharedGateUp, MoeGemm::RoutedDown, MoeGemm::SharedDown})
-    launch_moe_gemm(k.gemm(g), k.tiles.gemm, stream, s, g, x, w, sc, T);
+    launch_moe_gemm(k.gemm(g), k.tiles.gemm, stream, s, g, x, w, sc, T, k.sm_count);
   launch_moe_combine(k.combine, stream, sc, out, T);
 }
 
 void moe_forward_decode(const MoeKernels& k, const Stream& stream, const MoeWeights& w, const MoeScratch& sc,
                         CUdeviceptr x, const ResidualNorm& r, int64_t T) {
   const MoeShape& s = k.shape;
-  launch_moe_router(k.router(T), k.tiles.router(T), stream, s, x, w, sc, T);
-  launch_moe_decode_gate_up(k.decode_gate_up, k.tiles.gate_up, stream, s, x, w, sc, T);
+  launch_moe_decode_route_gate_up(k.decode_route_gate_up(T), k.tiles.router(T), k.tiles.gate_up, stream, s, x, w, sc,
+                                  T);
   launch_moe_decode_down(k.decode_down_residual, k.tiles.down, stream, s, w, sc, r, T);
 }
 
