@@ -267,23 +267,6 @@ KernelSpec moe_decode_gate_up_spec(const MoeShape& s, const MoeGemvTile& t) {
   return decode_spec("moe_decode_gate_up", s, t.ksplit);
 }
 
-KernelSpec moe_decode_route_gate_up_spec(const MoeShape& s, const MoeRouterTile& r, const MoeGemvTile& t) {
-  require_valid(why_invalid_gate_up(t, s), "moe_decode_route_gate_up", s);
-  MoeRouterTile rw = r;
-  rw.warps = t.ksplit;  // the router items run in gate_up's blocks
-  require_valid(why_invalid(rw, s), "moe_decode_route_gate_up", s);
-  KernelSpec spec = decode_spec("moe_decode_route_gate_up", s, t.ksplit);
-  spec.args.insert(spec.args.begin() + 2, {"E", str(s.experts)});
-  spec.args.push_back({"M_TILE", str(r.m_tile)});
-  spec.args.push_back({"ROWS", str(r.rows_per_warp)});
-  return spec;
-}
-
-int64_t moe_route_gate_up_blocks(const MoeShape& s, const MoeRouterTile& r, const MoeGemvTile& t, int64_t tokens) {
-  const int64_t router = (s.experts / r.rows_per_warp + 1 + t.ksplit - 1) / t.ksplit * ((tokens + r.m_tile - 1) / r.m_tile);
-  return router + (s.top_k * s.inter + s.shared_inter) / kMoeGateUpRows * tokens;
-}
-
 KernelSpec moe_decode_down_spec(const MoeShape& s, const MoeDownTile& t) {
   require_valid(why_invalid(t, s), "moe_decode_down", s);
   return decode_spec("moe_decode_down", s, t.ksplit);

@@ -250,7 +250,6 @@ void GpuModel::init(const GpuModelOptions& o) {
     widest.decode.warps = 1;
     m.attn_scratch = alloc(gpu::attention_decode_scratch_bytes(
         widest, gpu::attention_decode_splits(widest, o.max_context, ctx_.device().sm_count)));
-    m.attn_scratch.fill_bytes(0, stream_);  // the fused decode kernel's sync words
   }
   // Any tuned block_m fits: the largest pads the most rows, the smallest has the most blocks.
   gpu::MoeTiles largest = gpu::MoeTiles::defaults(m.moe_shape), smallest = largest;
@@ -387,7 +386,6 @@ std::vector<KernelSpec> tuned_kernels(const Config& c, const gpu::TunedTiles& tt
     specs.push_back(p.prefill_spec());
     specs.push_back(p.decode_spec());
     specs.push_back(p.decode_merge_spec());
-    specs.push_back(p.decode_fused_spec());
   }
   if (c.num_layers_of(LayerType::LinearAttention) > 0) {
     const gpu::GdnTiles t = tt.gdn(m);
@@ -556,18 +554,16 @@ void GpuModel::run_layers(int T, bool decode) {
 
     if (l.type == LayerType::FullAttention) {
       dense(l.qkv, m.normed.ptr(), m.proj.ptr(), T, false, pdl);
-      if (decode && T <= attn.max_decode_tokens()) {  // qk_norm_rope + split-K + merge in one launch
-        gpu::launch_attention_decode_fused(attn, ks.get(attn.decode_fused_spec()), stream_, m.proj.ptr(),
-                                           l.q_norm.ptr(), l.k_norm.ptr(), m.k_cache[i].ptr(), m.v_cache[i].ptr(),
-                                           m.mix.ptr(), m.attn_scratch.ptr(), st.attn_splits, m.pos.ptr(), T,
-                                           int(options_.max_context), pdl);
-      } else {
-        gpu::launch_qk_norm_rope(attn, ks.get(attn.qk_norm_rope_spec()), stream_, m.proj.ptr(), l.q_norm.ptr(),
-                                 l.k_norm.ptr(), m.q.ptr(), m.k_cache[i].ptr(), m.v_cache[i].ptr(), m.pos.ptr(), T,
-                                 int(options_.max_context), pdl);
+      gpu::launch_qk_norm_rope(attn, ks.get(attn.qk_norm_rope_spec()), stream_, m.proj.ptr(), l.q_norm.ptr(),
+                               l.k_norm.ptr(), m.q.ptr(), m.k_cache[i].ptr(), m.v_cache[i].ptr(), m.pos.ptr(), T,
+                               int(options_.max_context), pdl);
+      if (decode && T <= attn.max_decode_tokens())
+        gpu::launch_attention_decode(attn, ks.get(attn.decode_spec()), ks.get(attn.decode_merge_spec()), stream_,
+                                     m.q.ptr(), m.k_cache[i].ptr(), m.v_cache[i].ptr(), m.proj.ptr(), m.mix.ptr(),
+                                     m.attn_scratch.ptr(), st.attn_splits, m.pos.ptr(), T, pdl);
+      else
         gpu::launch_attention_prefill(attn, ks.get(attn.prefill_spec()), stream_, m.q.ptr(), m.k_cache[i].ptr(),
                                       m.v_cache[i].ptr(), m.proj.ptr(), m.mix.ptr(), m.pos.ptr(), T);
-      }
       out_proj(l.o_proj, m.mix.ptr());
     } else {
       const int stride = int(l.in_proj.N);
