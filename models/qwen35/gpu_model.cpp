@@ -535,9 +535,9 @@ void GpuModel::run_layers(int T, bool decode) {
   // input norm, or the final norm). Larger calls, and bf16 output projections, run the rmsnorm
   // kernel between sub-layers. The decode kernels of fused calls use programmatic dependent launch
   // (sm_90): each waits (griddepcontrol.wait) before reading what its predecessor wrote.
-  const bool fuse = T <= kMoeDecodeMaxTokens;
+  const bool fuse = options_.fused_decode && T <= kMoeDecodeMaxTokens;
   const bool fuse_out = fuse && options_.format == WeightFormat::W4A16;
-  const bool pdl = fuse && ctx_.device().cc_major >= 9;
+  const bool pdl = T <= kMoeDecodeMaxTokens && options_.pdl && ctx_.device().cc_major >= 9;
   const int64_t layers = int64_t(weights_.layers.size());
   for (int64_t i = 0; i < layers; ++i) {
     const GpuLayer& l = weights_.layers[size_t(i)];
@@ -594,7 +594,7 @@ void GpuModel::run_layers(int T, bool decode) {
 void GpuModel::lm_head(int T) {
   Impl& m = *impl_;
   const size_t row = size_t(T - 1) * size_t(config_.hidden_size) * 2;
-  dense(weights_.lm_head, m.normed.ptr() + row, m.logits.ptr(), 1, true, ctx_.device().cc_major >= 9);
+  dense(weights_.lm_head, m.normed.ptr() + row, m.logits.ptr(), 1, true, options_.pdl && ctx_.device().cc_major >= 9);
 }
 
 std::vector<float> GpuModel::forward(std::span<const int32_t> tokens, bool all_logits) {

@@ -36,6 +36,10 @@ struct GpuModelOptions {
   int64_t max_context = 32768;     // KV cache rows; error when exceeded
   int64_t max_chunk = 2048;        // prefill tokens per forward chunk (longer prompts run in chunks)
   bool chunked_gdn = true;         // chunked delta rule for prefill (else token-by-token recurrence)
+  // Decode calls (T <= 8): residual add + RMSNorm folded into the output projection and MoE down
+  // kernels (else the rmsnorm kernel between sub-layers), and programmatic dependent launch (sm_90).
+  bool fused_decode = true;
+  bool pdl = true;
   int compile_threads = 0;         // 0: hardware threads
   // Tuned tile configs (`q35jit tune`); null or empty: the heuristic defaults everywhere. A kernel
   // with no tuned entry takes its default, and the first such miss is one notice through `log`.
