@@ -254,8 +254,8 @@ json to_json(const AttentionPrefillTile& t) { return {{"warps", t.warps}, {"bloc
 json to_json(const AttentionDecodeTile& t) { return {{"warps", t.warps}}; }
 json to_json(const GdnPrefillConfig& c) {
   json j = {{"vs", c.chunk.vs}, {"prologue_tokens", c.prologue.tokens}, {"prologue_warps", c.prologue.warps}};
-  if (!c.chunk.fused) j["unfused"] = true;  // the default (absent) is the fused pass in its cluster form
-  else if (!c.chunk.cluster) j["no_cluster"] = true;
+  if (c.chunk.fused) j["fused"] = true;  // absent: the state / output pair (entries tuned before the fused pass)
+  if (c.chunk.cluster) j["cluster"] = true;
   return j;
 }
 json to_json(const GdnRecurrentTile& t) { return {{"rows", t.rows}, {"warps", t.warps}}; }
@@ -289,8 +289,7 @@ AttentionPrefillTile attention_prefill_from_json(const json& j) {
 }
 AttentionDecodeTile attention_decode_from_json(const json& j) { return {field(j, kAttentionDecode, "warps")}; }
 GdnPrefillConfig gdn_prefill_from_json(const json& j) {
-  const bool fused = !flag(j, kGdnPrefill, "unfused");
-  return {GdnChunkTile{field(j, kGdnPrefill, "vs"), fused, fused && !flag(j, kGdnPrefill, "no_cluster")},
+  return {GdnChunkTile{field(j, kGdnPrefill, "vs"), flag(j, kGdnPrefill, "fused"), flag(j, kGdnPrefill, "cluster")},
           GdnPrologueTile{field(j, kGdnPrefill, "prologue_tokens"), field(j, kGdnPrefill, "prologue_warps")}};
 }
 GdnRecurrentTile gdn_recurrent_from_json(const json& j) {

@@ -138,22 +138,4 @@ KernelSpec attention_decode_merge_spec(int64_t hq, int64_t hkv, int64_t d, const
   return {"attention", "attention_decode_merge", std::move(args)};
 }
 
-KernelSpec attention_decode_fused_spec(int64_t hq, int64_t hkv, int64_t d, int64_t rotary,
-                                       const AttentionDecodeTile& tile) {
-  if (std::string why = why_invalid(tile, hq, hkv, d); !why.empty())
-    fail("attention_decode_fused {}: invalid tile: {}", heads_args(hq, hkv, d), why);
-  if (std::string why = why_invalid(QkNormRopeTile{1}, hq, hkv, d, rotary); !why.empty())
-    fail("attention_decode_fused {}: unsupported shape: {}", heads_args(hq, hkv, d), why);
-  // Static shared memory: sm_o (>= 2 warps: the queries and this call's k / v rows before the key
-  // loop), (m, l) per warp, cos / sin of 8 positions, the merge's per-warp sums.
-  const int64_t smem = std::max(tile.warps, 2) * 8 * d * 4 + tile.warps * 64 + 8 * std::max<int64_t>(rotary / 2, 1) * 8 +
-                       8 * 32 * 8 + 64 + 16;
-  if (smem > kStaticSmemLimit)
-    fail("attention_decode_fused {}: {} B of shared memory exceeds {} B", heads_args(hq, hkv, d), smem, kStaticSmemLimit);
-  auto args = head_params(hq, hkv, d);
-  args.emplace_back("ROTARY", std::to_string(rotary));
-  args.emplace_back("WARPS", std::to_string(tile.warps));
-  return {"attention", "attention_decode_fused", std::move(args)};
-}
-
 }  // namespace q35

@@ -59,8 +59,5 @@ KernelSpec qk_norm_rope_spec(int64_t hq, int64_t hkv, int64_t d, int64_t rotary,
 KernelSpec attention_prefill_spec(int64_t hq, int64_t hkv, int64_t d, const AttentionPrefillTile& tile);
 KernelSpec attention_decode_spec(int64_t hq, int64_t hkv, int64_t d, const AttentionDecodeTile& tile);
 KernelSpec attention_decode_merge_spec(int64_t hq, int64_t hkv, int64_t d, const AttentionDecodeTile& tile);
-// attention_decode_fused<HQ, HKV, D, ROTARY, WARPS>: qk_norm_rope + attention_decode + merge in one
-// launch; grid (hkv * qgroups * splits + T * hq * d / 64), block 32 * warps.
-KernelSpec attention_decode_fused_spec(int64_t hq, int64_t hkv, int64_t d, int64_t rotary, const AttentionDecodeTile& tile);
 
 }  // namespace q35

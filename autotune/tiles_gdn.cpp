@@ -103,10 +103,11 @@ GdnRecurrentTile default_gdn_recurrent_tile(const GdnShape& s) {
 }
 
 GdnChunkTile default_gdn_chunk_tile(const GdnShape& s) {
-  // One CTA per SM (gdn_chunk_fused at vs = 32: 161.5 KiB portable, 216.5 KiB with the cluster): 32 columns when
-  // that still gives >= 64 CTAs (128 for 32 heads of 128, one wave on 132 SMs), else 16. The fused
-  // pass with the cluster norm (the portable form where the arch has no clusters).
-  GdnChunkTile tile{s.hv * s.dv / 32 >= 64 ? 32 : 16, true, true};
+  // 32 columns per CTA when that still gives >= 64 CTAs (128 for 32 heads of 128, one wave on 132
+  // SMs), else 16. The unfused state / output pair: on the H200 at the 35B shapes, T = 4096, it ran
+  // 411 us against 365 + ~40 (gated_rmsnorm) for the portable fused pass and 861 us for the cluster
+  // form (2026-12-03, docs/perf-log.md); the tuner may pick a fused form where it wins.
+  GdnChunkTile tile{s.hv * s.dv / 32 >= 64 ? 32 : 16, false, false};
   if (std::string why = why_invalid(tile, s); !why.empty()) fail("gdn_chunk_state: unsupported shape: {}", why);
   return tile;
 }

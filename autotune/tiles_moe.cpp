@@ -208,8 +208,9 @@ MoeGemmTile default_moe_gemm_tile(const MoeShape& s, bool hopper, int64_t tokens
     // stages and one block per SM ran 823 us instead of 625 for W4A16 g128 routed gate|up at 4096).
     // W4A16: the warp-specialised form of that tile (H200, g128, T = 4096: 1067 us per layer against
     // 1213 for the plain one); bf16 weights need no dequantization and keep the plain one (962 vs 994).
-    if (tokens >= 3072 && s.group != 0 && valid(MoeGemmTile{128, 256, 64, 2, 1, 4, true, true}))
-      return MoeGemmTile{128, 256, 64, 2, 1, 4, true, true};
+    // Persistent (one block per SM over the tiles): 1028 us per layer against 1067 (H200, g128, T = 4096).
+    if (MoeGemmTile t{128, 256, 64, 2, 1, 4, true, true, false, 1, true}; tokens >= 3072 && s.group != 0 && valid(t))
+      return t;
     if (tokens >= 3072 && valid(MoeGemmTile{128, 256, 64, 2, 1, 4, true})) return MoeGemmTile{128, 256, 64, 2, 1, 4, true};
     for (MoeGemmTile t : {MoeGemmTile{64, 128, 64, 1, 2, 4, true}, MoeGemmTile{64, 64, 64, 1, 2, 4, true},
                           MoeGemmTile{64, 64, 64, 1, 1, 4, true}})
@@ -265,23 +266,6 @@ KernelSpec decode_spec(const char* kernel, const MoeShape& s, int ksplit) {
 KernelSpec moe_decode_gate_up_spec(const MoeShape& s, const MoeGemvTile& t) {
   require_valid(why_invalid_gate_up(t, s), "moe_decode_gate_up", s);
   return decode_spec("moe_decode_gate_up", s, t.ksplit);
-}
-
-KernelSpec moe_decode_route_gate_up_spec(const MoeShape& s, const MoeRouterTile& r, const MoeGemvTile& t) {
-  require_valid(why_invalid_gate_up(t, s), "moe_decode_route_gate_up", s);
-  MoeRouterTile rw = r;
-  rw.warps = t.ksplit;  // the router items run in gate_up's blocks
-  require_valid(why_invalid(rw, s), "moe_decode_route_gate_up", s);
-  KernelSpec spec = decode_spec("moe_decode_route_gate_up", s, t.ksplit);
-  spec.args.insert(spec.args.begin() + 2, {"E", str(s.experts)});
-  spec.args.push_back({"M_TILE", str(r.m_tile)});
-  spec.args.push_back({"ROWS", str(r.rows_per_warp)});
-  return spec;
-}
-
-int64_t moe_route_gate_up_blocks(const MoeShape& s, const MoeRouterTile& r, const MoeGemvTile& t, int64_t tokens) {
-  const int64_t router = (s.experts / r.rows_per_warp + 1 + t.ksplit - 1) / t.ksplit * ((tokens + r.m_tile - 1) / r.m_tile);
-  return router + (s.top_k * s.inter + s.shared_inter) / kMoeGateUpRows * tokens;
 }
 
 KernelSpec moe_decode_down_spec(const MoeShape& s, const MoeDownTile& t) {

@@ -99,12 +99,6 @@ int64_t moe_gemm_k(const MoeShape& s, MoeGemm gemm);
 
 KernelSpec moe_router_spec(const MoeShape& s, const MoeRouterTile& tile);
 KernelSpec moe_decode_gate_up_spec(const MoeShape& s, const MoeGemvTile& tile);
-// moe_decode_route_gate_up<GROUP, H, E, I, IS, TOPK, KSPLIT, M_TILE, ROWS>: moe_router (the router
-// tile's m_tile and rows_per_warp; its warps are gate_up's ksplit) and moe_decode_gate_up in one
-// launch of moe_route_gate_up_blocks(...) blocks of gate_up.threads().
-KernelSpec moe_decode_route_gate_up_spec(const MoeShape& s, const MoeRouterTile& router, const MoeGemvTile& gate_up);
-int64_t moe_route_gate_up_blocks(const MoeShape& s, const MoeRouterTile& router, const MoeGemvTile& gate_up,
-                                 int64_t tokens);
 KernelSpec moe_decode_down_spec(const MoeShape& s, const MoeDownTile& tile);
 // moe_decode_down with the decode residual add + RMSNorm epilogue (kernel_templates/decode_fusion.cuh).
 KernelSpec moe_decode_down_residual_spec(const MoeShape& s, const MoeDownTile& tile);

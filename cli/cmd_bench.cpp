@@ -66,6 +66,9 @@ const std::vector<FlagSpec> kBenchFlags = {
     {"json", "FILE", "also write every figure as JSON"},
     {"profile", "", "record only the timed prefills (after warm-up) in a profiler started with "
                     "`ncu --profile-from-start off` (scripts/gpu_profile.sh sums them per kernel)"},
+    {"fused-decode", "", "decode steps with the residual add + RMSNorm in the output projection and MoE down "
+                         "kernels (instead of the rmsnorm kernel between sub-layers)"},
+    {"no-pdl", "", "decode kernels without programmatic dependent launch"},
     {"profile-decode", "", "record only the first chained decode run of the first context (its "
                            "decode-steps / 3 steps) in such a profiler (scripts/gpu_profile.sh decode)"},
 };
@@ -423,6 +426,8 @@ int cmd_bench(int argc, char** argv) {
     o.max_chunk = std::max<int64_t>(o.max_chunk, o.max_batch);  // the batched step's rows share the chunk scratch
   }
   o.max_chunk = std::min<int64_t>(longest, 4096);
+  o.fused_decode = args.flag("fused-decode");
+  o.pdl = !args.flag("no-pdl");
   o.log = [](const std::string& line) { std::fprintf(stderr, "[q35jit] %s\n", line.c_str()); };
   if (config.max_position_embeddings > 0 && o.max_context > config.max_position_embeddings)
     fail("q35jit bench: --prefill / --decode-contexts / --batch-context + --decode-steps need {} tokens of context; the "

@@ -16,10 +16,6 @@
 // 3. attention_decode + attention_decode_merge: FlashDecoding for up to 8 query rows per block of a kv
 //    head (decode: T = 1): the KV length is split over CTAs, each writes a partial (m, l, o) in
 //    fp32, the merge combines them and applies the sigmoid gate.
-// 4. attention_decode_fused: 1 and 3 in one launch (what a decode step runs): the split blocks norm
-//    and rope their queries and this call's k / v rows themselves (and write the cache rows), the
-//    merge items wait for their splits' partials (atomic tickets; sm_90 PDL, L2 prefetch of the
-//    cached K/V rows before griddepcontrol.wait).
 // Query head h reads kv head h / (HQ / HKV) (GQA). Scores are kept in raw units; the softmax uses
 // exp2 with scale * log2(e) folded in.
 #include "common.cuh"
@@ -99,99 +95,85 @@ __device__ __forceinline__ int decode_blocks_per_split(int blocks, int splits, i
   return max(warps, (blocks + splits - 1) / splits);
 }
 
-// One head of qk_norm_rope, by one warp (lane l holds dims 8l .. 8l+7, D <= 256): dst = src after
-// the zero-centred RMSNorm over D with weights w_norm (1 + w) and NeoX RoPE on the first ROTARY dims
-// (cos_s / sin_s [ROTARY / 2] of the position); w_norm == nullptr copies src (v heads). The RoPE
-// partner of dim j < ROTARY/2 is j + ROTARY/2, held by lane l + ROTARY/16 (a shuffle). dst: global
-// or shared memory.
-template <int D, int ROTARY>
-__device__ __forceinline__ void norm_rope_head(const bf16* __restrict__ src, const bf16* __restrict__ w_norm,
-                                               const float* cos_s, const float* sin_s, float eps, bf16* dst) {
-  constexpr int LANES = D / 8;      // lanes holding data
-  constexpr int HALF = ROTARY / 2;  // rotated pairs
-  constexpr int HALF_LANES = ROTARY / 16;
-  const int lane = threadIdx.x % 32;
-  const bool has_data = lane < LANES;
-  float x[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-  if (has_data) unpack8(ld_global_16(src + lane * 8), x);
-  if (w_norm) {
-    float ss = 0.f;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) ss += x[i] * x[i];
-    const float inv_rms = 1.f / sqrtf(warp_sum(ss) / float(D) + eps);
-    float w[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    if (has_data) unpack8(ld_global_16(w_norm + lane * 8), w);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) x[i] = (x[i] * inv_rms) * (1.f + w[i]);
-    if constexpr (HALF_LANES > 0) {
-      // y_j = x_j cos - x_{j+h} sin (first half), y_{j+h} = x_{j+h} cos + x_j sin (second half).
-      const bool first = lane < HALF_LANES, rotated = lane < 2 * HALF_LANES;
-      const int partner = rotated ? (first ? lane + HALF_LANES : lane - HALF_LANES) : lane;
-      float other[8];
-#pragma unroll
-      for (int i = 0; i < 8; ++i) other[i] = __shfl_sync(0xffffffffu, x[i], partner);
-      if (rotated) {
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-          const int j = (lane * 8 + i) % HALF;
-          x[i] = first ? x[i] * cos_s[j] - other[i] * sin_s[j] : x[i] * cos_s[j] + other[i] * sin_s[j];
-        }
-      }
-    }
-  }
-  if (has_data) *reinterpret_cast<uint4*>(dst + lane * 8) = pack8(x);
-}
-
-// cos(a) and sin(a) of an fp32 angle (|a| < 2^20 * pi/2, i.e. any position below ~1.6M), rounded to
-// fp32 from double: Cody-Waite reduction by pi/2 (fdlibm's 33 + 53 bit split of pi/2: k * PIO2_HI is
-// exact for |k| < 2^20) and fdlibm's __kernel_sin / __kernel_cos polynomials on [-pi/4, pi/4]. No
-// local memory, and within an ulp of the correctly rounded values (the CPU reference's std::cos).
-__device__ __forceinline__ void rope_cos_sin(float a, float& c, float& s) {
-  const double x = a;
-  const double k = rint(x * 6.36619772367581382433e-01);  // 2 / pi
-  const double r = (x - k * 1.57079632673412561417e+00) - k * 6.07710050650619224932e-11;
-  const double z = r * r;
-  const double sr =
-      r + r * z *
-              (-1.66666666666666324348e-01 +
-               z * (8.33333333332248946124e-03 +
-                    z * (-1.98412698298579493134e-04 +
-                         z * (2.75573137070700676789e-06 + z * (-2.50507602534068634195e-08 + z * 1.58969099521155010221e-10)))));
-  const double cr =
-      1.0 - 0.5 * z +
-      z * z *
-          (4.16666666666666019037e-02 +
-           z * (-1.38888888888741095749e-03 +
-                z * (2.48015872894767294178e-05 +
-                     z * (-2.75573143513906633035e-07 + z * (2.08757232129817482790e-09 + z * -1.13596475577881948265e-11)))));
-  const int q = int(static_cast<long long>(k) & 3);
-  const double cq = q == 0 ? cr : q == 1 ? -sr : q == 2 ? -cr : sr;
-  const double sq = q == 0 ? sr : q == 1 ? cr : q == 2 ? -sr : -cr;
-  c = float(cq);
-  s = float(sq);
-}
-
-// RoPE's cos / sin [ROTARY / 2] at position pos: inv_freq_j = 1 / theta^(2j / ROTARY), angle =
-// float(pos) * inv_freq_j (fp32, as the CPU reference); entries j = from, from + step, ...
-// cos and sin of a are taken in double and rounded (rope_cos_sin): cosf / sinf keep a Payne-Hanek
-// path with a stack array for large arguments, which the fused decode kernel must not have.
-template <int ROTARY>
-__device__ __forceinline__ void rope_table(int pos, float theta, float* cos_s, float* sin_s, int from, int step) {
-  for (int j = from; j < ROTARY / 2; j += step) {
-    const float inv_freq = 1.0f / powf(theta, float(2 * j) / float(ROTARY));
-    const float a = float(pos) * inv_freq;
-    rope_cos_sin(a, cos_s[j], sin_s[j]);
-  }
-}
-
 }  // namespace attn
 }  // namespace q35k
 
 // ---------------------------------------------------------------------------------------------
 // qk_norm_rope: grid (T), block WARPS*32. One warp per head (looping over the HQ + 2*HKV heads:
-// q heads, then k heads, then v heads; attn::norm_rope_head); cos/sin computed once per block into
-// shared memory (attn::rope_table).
+// q heads, then k heads, then v heads); lane l holds dims 8l .. 8l+7 (D <= 256). The RoPE partner
+// of dim j < ROTARY/2 is j + ROTARY/2, held by lane l + ROTARY/16 (a shuffle).
+//   inv_freq_j = 1 / theta^(2j / ROTARY), angle = float(pos) * inv_freq_j (fp32, as the CPU
+//   reference), cos/sin computed once per block into shared memory.
 // k/v rows at positions >= max_context are not written (the runner keeps pos0 + T <= max_context).
+namespace q35k {
+namespace attn {
+// One token's q, k and v heads (the body of qk_norm_rope and qk_norm_rope_batch): row = the token's
+// qkv row, q_out = its [HQ, D] q row, k/v rows written at position pos of k_cache / v_cache (skipped
+// when !write_kv).
+template <int HQ, int HKV, int D, int ROTARY, int WARPS>
+__device__ __forceinline__ void qk_norm_rope_token(const bf16* __restrict__ row, const bf16* __restrict__ q_norm_w,
+                                                   const bf16* __restrict__ k_norm_w, bf16* __restrict__ q_out,
+                                                   bf16* __restrict__ k_cache, bf16* __restrict__ v_cache, int pos,
+                                                   bool write_kv, float theta, float eps) {
+  static_assert(D % 8 == 0 && D <= 256, "qk_norm_rope: head_dim must be a multiple of 8, at most 256");
+  static_assert(ROTARY % 16 == 0 && ROTARY <= D, "qk_norm_rope: rotary_dim must be a multiple of 16, <= head_dim");
+  constexpr int LANES = D / 8;           // lanes holding data
+  constexpr int HALF = ROTARY / 2;       // rotated pairs
+  constexpr int HALF_LANES = ROTARY / 16;
+  __shared__ float cos_s[HALF > 0 ? HALF : 1], sin_s[HALF > 0 ? HALF : 1];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  for (int j = threadIdx.x; j < HALF; j += WARPS * 32) {
+    const float inv_freq = 1.0f / powf(theta, float(2 * j) / float(ROTARY));
+    const float a = float(pos) * inv_freq;
+    // sin / cos of the fp32 angle: reduced to [-pi, pi] in double (k 2 pi exact to ~1e-11 for any
+    // position), then the fast intrinsics (absolute error < 5e-7 there). sinf / cosf of the raw
+    // angle would carry their large-argument path (a local-memory stack frame in every kernel).
+    const double k = rint(double(a) * 0.15915494309189535);
+    const float r = float(fma(-k, 6.283185307179586, double(a)));
+    __sincosf(r, &sin_s[j], &cos_s[j]);
+  }
+  __syncthreads();
+
+  const bool has_data = lane < LANES;
+  for (int head = warp; head < HQ + 2 * HKV; head += WARPS) {  // warp-uniform
+    const bool is_q = head < HQ, is_k = !is_q && head < HQ + HKV;
+    const int kv_head = is_q ? 0 : is_k ? head - HQ : head - HQ - HKV;
+    if (!is_q && !write_kv) continue;
+    const bf16* src = is_q ? row + head * 2 * D : row + HQ * 2 * D + (is_k ? 0 : HKV * D) + kv_head * D;
+    bf16* dst = is_q ? q_out + size_t(head) * D : (is_k ? k_cache : v_cache) + (size_t(pos) * HKV + kv_head) * D;
+    float x[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    if (has_data) unpack8(ld_global_16(src + lane * 8), x);
+    if (is_q || is_k) {
+      float ss = 0.f;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) ss += x[i] * x[i];
+      const float inv_rms = 1.f / sqrtf(warp_sum(ss) / float(D) + eps);
+      float w[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+      if (has_data) unpack8(ld_global_16((is_q ? q_norm_w : k_norm_w) + lane * 8), w);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) x[i] = (x[i] * inv_rms) * (1.f + w[i]);
+      if constexpr (HALF_LANES > 0) {
+        // y_j = x_j cos - x_{j+h} sin (first half), y_{j+h} = x_{j+h} cos + x_j sin (second half).
+        const bool first = lane < HALF_LANES, rotated = lane < 2 * HALF_LANES;
+        const int partner = rotated ? (first ? lane + HALF_LANES : lane - HALF_LANES) : lane;
+        float other[8];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) other[i] = __shfl_sync(0xffffffffu, x[i], partner);
+        if (rotated) {
+#pragma unroll
+          for (int i = 0; i < 8; ++i) {
+            const int j = (lane * 8 + i) % HALF;
+            x[i] = first ? x[i] * cos_s[j] - other[i] * sin_s[j] : x[i] * cos_s[j] + other[i] * sin_s[j];
+          }
+        }
+      }
+    }
+    if (has_data) st_global_16(dst + lane * 8, pack8(x));
+  }
+}
+}  // namespace attn
+}  // namespace q35k
+
 template <int HQ, int HKV, int D, int ROTARY, int WARPS>
 __global__ void __launch_bounds__(WARPS * 32)
 qk_norm_rope(const q35k::bf16* __restrict__ qkv,       // [T, HQ*2D + 2*HKV*D]
@@ -203,30 +185,42 @@ qk_norm_rope(const q35k::bf16* __restrict__ qkv,       // [T, HQ*2D + 2*HKV*D]
              const int* __restrict__ pos0_ptr,         // [1]
              int max_context, float theta, float eps) {
   using namespace q35k;
-  static_assert(D % 8 == 0 && D <= 256, "qk_norm_rope: head_dim must be a multiple of 8, at most 256");
-  static_assert(ROTARY % 16 == 0 && ROTARY <= D, "qk_norm_rope: rotary_dim must be a multiple of 16, <= head_dim");
   constexpr int ROW = HQ * 2 * D + 2 * HKV * D;
-  constexpr int HALF = ROTARY / 2;  // rotated pairs
-  __shared__ float cos_s[HALF > 0 ? HALF : 1], sin_s[HALF > 0 ? HALF : 1];
-
   attn::wait_for_predecessor();
   attn::allow_dependents();
   const int t = blockIdx.x;
   const int pos = *pos0_ptr + t;
-  const int warp = threadIdx.x / 32;
-  attn::rope_table<ROTARY>(pos, theta, cos_s, sin_s, threadIdx.x, WARPS * 32);
-  __syncthreads();
+  attn::qk_norm_rope_token<HQ, HKV, D, ROTARY, WARPS>(qkv + size_t(t) * ROW, q_norm_w, k_norm_w,
+                                                      q_out + size_t(t) * HQ * D, k_cache, v_cache, pos,
+                                                      pos < max_context, theta, eps);
+}
 
-  const bf16* row = qkv + size_t(t) * ROW;
-  for (int head = warp; head < HQ + 2 * HKV; head += WARPS) {  // warp-uniform
-    const bool is_q = head < HQ, is_k = !is_q && head < HQ + HKV;
-    const int kv_head = is_q ? 0 : is_k ? head - HQ : head - HQ - HKV;
-    if (!is_q && pos >= max_context) continue;
-    const bf16* src = is_q ? row + head * 2 * D : row + HQ * 2 * D + (is_k ? 0 : HKV * D) + kv_head * D;
-    bf16* dst = is_q ? q_out + (size_t(t) * HQ + head) * D
-                     : (is_k ? k_cache : v_cache) + (size_t(pos) * HKV + kv_head) * D;
-    attn::norm_rope_head<D, ROTARY>(src, is_q ? q_norm_w : is_k ? k_norm_w : nullptr, cos_s, sin_s, eps, dst);
-  }
+// qk_norm_rope_batch: one token of each of B sequences (a batched decode step), grid (B). Row b is
+// the token of sequence slot slots[b] at position pos[slots[b]]: its k / v rows go to that slot's
+// caches, k_cache + slot * slot_stride (slot_stride = max_context * HKV * D elements). A row with
+// slots[b] < 0 (padding of a graph bucket) writes nothing.
+template <int HQ, int HKV, int D, int ROTARY, int WARPS>
+__global__ void __launch_bounds__(WARPS * 32)
+qk_norm_rope_batch(const q35k::bf16* __restrict__ qkv,       // [B, HQ*2D + 2*HKV*D]
+                   const q35k::bf16* __restrict__ q_norm_w,  // [D]
+                   const q35k::bf16* __restrict__ k_norm_w,  // [D]
+                   q35k::bf16* __restrict__ q_out,           // [B, HQ, D]
+                   q35k::bf16* __restrict__ k_cache,         // [slots, max_context, HKV, D]
+                   q35k::bf16* __restrict__ v_cache,         // [slots, max_context, HKV, D]
+                   const int* __restrict__ slots,            // [B]
+                   const int* __restrict__ pos,              // [slots] tokens each slot holds
+                   long long slot_stride, int max_context, float theta, float eps) {
+  using namespace q35k;
+  constexpr int ROW = HQ * 2 * D + 2 * HKV * D;
+  attn::wait_for_predecessor();
+  attn::allow_dependents();
+  const int b = blockIdx.x, slot = slots[b];
+  if (slot < 0) return;
+  const int p = pos[slot];
+  attn::qk_norm_rope_token<HQ, HKV, D, ROTARY, WARPS>(qkv + size_t(b) * ROW, q_norm_w, k_norm_w,
+                                                      q_out + size_t(b) * HQ * D, k_cache + size_t(slot) * slot_stride,
+                                                      v_cache + size_t(slot) * slot_stride, p, p < max_context, theta,
+                                                      eps);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -437,35 +431,24 @@ attention_prefill(const q35k::bf16* __restrict__ q,        // [T, HQ, D] normed 
 // Splits past the end of the KV length write nothing (the merge derives the same count).
 namespace q35k {
 namespace attn {
-
-// Splits of `splits` that hold keys of a KV length L (the others write no partial).
-template <int WARPS>
-__device__ __forceinline__ int decode_active_splits(int L, int splits) {
-  const int blocks = (L + 15) / 16;
-  const int per_split = decode_blocks_per_split(blocks, splits, WARPS);
-  return min(splits, (blocks + per_split - 1) / per_split);
-}
-
-// The partial of split `split` of block vb (see above), by the whole block. Row r's query (bf16,
-// normed + roped) is at q0 + ((r / QPB) * q_tok + r % QPB) * D, in global or shared memory.
-// FRESH: the keys of this call (pos0 .. pos0+T-1) are not read from the caches: the blocks of 16 keys
-// stop at pos0, and the split whose blocks include key pos0 adds them as one more step (by the warp
-// that has that block) from k_new / v_new [T][D] in shared memory. sm_o: WARPS * 8 * D floats of
-// shared memory; it may alias q0, k_new and v_new (the block synchronises before writing it).
-// Returns at once for a split with no keys.
-template <int HQ, int HKV, int D, int WARPS, bool FRESH>
-__device__ __forceinline__ void decode_partial(const bf16* q0, int q_tok, const bf16* __restrict__ k_cache,
-                                               const bf16* __restrict__ v_cache, const bf16* k_new,
-                                               const bf16* v_new, float* sm_o, float (&sm_m)[WARPS][8],
-                                               float (&sm_l)[WARPS][8], float* __restrict__ part_o,
-                                               float* __restrict__ part_ml, int vb, int split, int splits, int pos0,
-                                               int T, float scale) {
+// The body of attention_decode (block vb = kvh * QG + qg, split `split` of `splits`) over the cache
+// rows 0 .. pos0+T-1 of one sequence; attention_decode_batch runs it per sequence.
+// LATE_V: load a key block's V rows after its scores (fewer registers live at once: sm_80 would
+// otherwise spill), instead of with its K rows.
+template <int HQ, int HKV, int D, int WARPS, bool LATE_V = false>
+__device__ __forceinline__ void attention_decode_block(const bf16* __restrict__ q, const bf16* __restrict__ k_cache,
+                                                       const bf16* __restrict__ v_cache, float* __restrict__ part_o,
+                                                       float* __restrict__ part_ml, int pos0, int T, float scale,
+                                                       int vb, int split, int splits) {
   static_assert(HQ % HKV == 0 && (HQ / HKV <= 8 || HQ / HKV % 8 == 0),
                 "attention_decode: q heads per kv head must be at most 8 or a multiple of 8");
   static_assert(D % 64 == 0, "attention_decode: head_dim must be a multiple of 64");
   constexpr int GROUP = HQ / HKV, QG = GROUP > 8 ? GROUP / 8 : 1, QPB = GROUP / QG;
   constexpr int THREADS = WARPS * 32, SLABS = D / 32, QUADS = D / 64;
-  const int kvh = vb / QG;
+  __shared__ float sm_o[WARPS][8][D];
+  __shared__ float sm_m[WARPS][8], sm_l[WARPS][8];
+
+  const int kvh = vb / QG, qg = vb % QG;
   const int L = pos0 + T;
   const int blocks = (L + 15) / 16;
   const int per_split = decode_blocks_per_split(blocks, splits, WARPS);
@@ -473,17 +456,12 @@ __device__ __forceinline__ void decode_partial(const bf16* q0, int q_tok, const 
   if (b_begin >= blocks) return;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, g = lane / 4, c = lane % 4;
   const int R = QPB * T;
-  // Keys read from the caches: below Lc (FRESH: this call's keys come last, from shared memory).
-  const int Lc = FRESH ? pos0 : L;
-  const int b_end_c = FRESH ? min(b_end, (Lc + 15) / 16) : b_end;
-  const bool tail = FRESH && pos0 / 16 >= b_begin && pos0 / 16 < b_end && warp == (pos0 / 16 - b_begin) % WARPS;
 
   // Q A-fragments of row g (rows g+8 are zero): qa[s] = dims 32s + 8c .. +8.
   uint4 qa[SLABS];
   const int limit = g < R ? pos0 + g / QPB + 1 : L;  // keys visible to row g
-  const int limit_c = min(limit, Lc);               // ... of those from the caches
   if (g < R) {
-    const bf16* qrow = q0 + (size_t(g / QPB) * q_tok + g % QPB) * D + 8 * c;
+    const bf16* qrow = q + (size_t(g / QPB) * HQ + kvh * GROUP + qg * QPB + g % QPB) * D + 8 * c;
 #pragma unroll
     for (int s = 0; s < SLABS; ++s) qa[s] = ld_global_16(qrow + 32 * s);
   } else {
@@ -507,7 +485,7 @@ __device__ __forceinline__ void decode_partial(const bf16* q0, int q_tok, const 
   auto load_k = [&](int blk) {
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt) {
-      const bf16* p = k_head + size_t(min(blk * 16 + 8 * nt + g, Lc - 1)) * kv_stride + 8 * c;
+      const bf16* p = k_head + size_t(min(blk * 16 + 8 * nt + g, L - 1)) * kv_stride + 8 * c;
 #pragma unroll
       for (int sb = 0; sb < SLABS; ++sb) kr[nt][sb] = ld_stream_16(p + 32 * sb);
     }
@@ -515,14 +493,15 @@ __device__ __forceinline__ void decode_partial(const bf16* q0, int q_tok, const 
   auto load_v = [&](int blk) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      const bf16* p = v_head + size_t(min(blk * 16 + 2 * c + (i & 1) + 8 * (i >> 1), Lc - 1)) * kv_stride + 8 * g;
+      const bf16* p = v_head + size_t(min(blk * 16 + 2 * c + (i & 1) + 8 * (i >> 1), L - 1)) * kv_stride + 8 * g;
 #pragma unroll
       for (int qd = 0; qd < QUADS; ++qd) vr[i][qd] = ld_stream_16(p + 64 * qd);
     }
   };
-  // One step: keys k0 .. k0+15 in kr (vr loaded, or loaded by late() once the scores are taken),
-  // those at or past lim (row g's) masked.
-  auto step = [&](int k0, int lim, auto&& late) {
+  for (int b = b_begin + warp; b < b_end; b += WARPS) {
+    const int k0 = b * 16;
+    load_k(b);
+    if constexpr (!LATE_V) load_v(b);
     float s[2][4];
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt) {
@@ -539,7 +518,7 @@ __device__ __forceinline__ void decode_partial(const bf16* q0, int q_tok, const 
     for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        if (k0 + 8 * nt + 2 * c + e >= lim) s[nt][e] = -attn::inf();
+        if (k0 + 8 * nt + 2 * c + e >= limit) s[nt][e] = -attn::inf();
         mx = fmaxf(mx, s[nt][e]);
       }
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
@@ -556,9 +535,9 @@ __device__ __forceinline__ void decode_partial(const bf16* q0, int q_tok, const 
         sum += p[nt][e];
       }
     l_run = l_run * alpha + sum;
-    late();
     const float alpha_lo = __shfl_sync(0xffffffffu, alpha, 8 * c), alpha_hi = __shfl_sync(0xffffffffu, alpha, 8 * c + 4);
     const u32 pb0 = f32x2_to_bf16x2(p[0][0], p[0][1]), pb1 = f32x2_to_bf16x2(p[1][0], p[1][1]);
+    if constexpr (LATE_V) load_v(b);
 #pragma unroll
     for (int qd = 0; qd < QUADS; ++qd) {
       const u32 w0[4] = {vr[0][qd].x, vr[0][qd].y, vr[0][qd].z, vr[0][qd].w};
@@ -576,37 +555,11 @@ __device__ __forceinline__ void decode_partial(const bf16* q0, int q_tok, const 
                  prmt(w2[j], w3[j], 0x7632u), pb0, pb1);
       }
     }
-  };
-  for (int b = b_begin + warp; b < b_end_c; b += WARPS) {
-    load_k(b);
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    load_v(b);
-    step(b * 16, limit_c, [] {});
-#else
-    // sm_80's ptxas needs K's registers free before V's loads (255 registers and spills otherwise).
-    step(b * 16, limit_c, [&] { load_v(b); });
-#endif
-  }
-  if (tail) {  // this call's keys pos0 .. pos0+T-1 (T <= 8; the rest of the step masked)
-#pragma unroll
-    for (int nt = 0; nt < 2; ++nt) {
-      const bf16* p = k_new + size_t(min(8 * nt + g, T - 1)) * D + 8 * c;
-#pragma unroll
-      for (int sb = 0; sb < SLABS; ++sb) kr[nt][sb] = *reinterpret_cast<const uint4*>(p + 32 * sb);
-    }
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const bf16* p = v_new + size_t(min(2 * c + (i & 1) + 8 * (i >> 1), T - 1)) * D + 8 * g;
-#pragma unroll
-      for (int qd = 0; qd < QUADS; ++qd) vr[i][qd] = *reinterpret_cast<const uint4*>(p + 64 * qd);
-    }
-    step(pos0, limit, [] {});
   }
 
   // Combine the warps: M = max over warps, O = sum exp(m_w - M) O_w, l likewise.
   l_run += __shfl_xor_sync(0xffffffffu, l_run, 1);
   l_run += __shfl_xor_sync(0xffffffffu, l_run, 2);
-  if (FRESH) __syncthreads();  // sm_o may alias the queries / new rows other warps still read
   if (c == 0) {
     sm_m[warp][g] = m_run;
     sm_l[warp][g] = l_run;
@@ -614,10 +567,10 @@ __device__ __forceinline__ void decode_partial(const bf16* q0, int q_tok, const 
 #pragma unroll
   for (int i = 0; i < D / 16; ++i) {
     const int d = 64 * (i / 4) + 8 * g + 2 * (i % 4);
-    sm_o[(warp * 8 + 2 * c) * D + d] = o[i][0];
-    sm_o[(warp * 8 + 2 * c + 1) * D + d] = o[i][1];
-    sm_o[(warp * 8 + 2 * c) * D + d + 1] = o[i][2];
-    sm_o[(warp * 8 + 2 * c + 1) * D + d + 1] = o[i][3];
+    sm_o[warp][2 * c][d] = o[i][0];
+    sm_o[warp][2 * c + 1][d] = o[i][1];
+    sm_o[warp][2 * c][d + 1] = o[i][2];
+    sm_o[warp][2 * c + 1][d + 1] = o[i][3];
   }
   __syncthreads();
   const size_t part = (size_t(vb) * splits + split) * 8;
@@ -631,7 +584,7 @@ __device__ __forceinline__ void decode_partial(const bf16* q0, int q_tok, const 
 #pragma unroll
     for (int w = 0; w < WARPS; ++w) {
       const float f = exp2f(sm_m[w][r] * sl - base);
-      acc += f * sm_o[(w * 8 + r) * D + d];
+      acc += f * sm_o[w][r][d];
       l += f * sm_l[w][r];
     }
     part_o[(part + r) * D + d] = acc;
@@ -641,77 +594,6 @@ __device__ __forceinline__ void decode_partial(const bf16* q0, int q_tok, const 
     }
   }
 }
-
-// Warps of attention_decode_merge (virtual: a block of fewer warps runs several in turn, in the same
-// order, so the sums are the same).
-constexpr int kMergeWarps = 8;
-
-// attention_decode_merge's output row (t, h), dims 64 * slice .. +63, by the whole block (THREADS
-// threads, at least 32): the partials of the active splits (read through L2: the fused kernel's other
-// blocks wrote them), then the gate from qkv.
-template <int HQ, int HKV, int D, int WARPS, int THREADS>
-__device__ __forceinline__ void decode_merge_slice(const float* part_o, const float* part_ml,
-                                                   const bf16* __restrict__ qkv, bf16* __restrict__ out, int t, int h,
-                                                   int slice, int L, int splits, float scale) {
-  constexpr int GROUP = HQ / HKV, QG = GROUP > 8 ? GROUP / 8 : 1, QPB = GROUP / QG;  // as attention_decode
-  constexpr int ROW = HQ * 2 * D + 2 * HKV * D, MW = kMergeWarps;
-  __shared__ float sm_max[MW], sm_l[MW];
-  __shared__ float2 sm_acc[MW][32];
-  const int vb = h / QPB, r = t * QPB + h % QPB;
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, d = slice * 64 + 2 * lane;
-  const int active = decode_active_splits<WARPS>(L, splits);
-  const float sl = scale * kLog2e;
-  const float* ml = part_ml + (size_t(vb) * splits * 8 + r) * 2;  // split s at ml[s * 16]
-  const float* po = part_o + (size_t(vb) * splits * 8 + r) * D + d;  // split s at po[s * 8 * D]
-
-  // Online merge per (virtual) warp (no separate max pass). A split may hold no visible key of this
-  // row (m = -inf, when T > 1); every row sees key 0 in split 0, so the final max is finite.
-  for (int vw = warp; vw < MW; vw += THREADS / 32) {
-    float m_w = -attn::inf(), l = 0.f;
-    float2 acc = make_float2(0.f, 0.f);
-#pragma unroll 4
-    for (int s = vw; s < active; s += MW) {
-      const float m_s = __ldcg(ml + size_t(s) * 16), l_s = __ldcg(ml + size_t(s) * 16 + 1);
-      const float2 v = __ldcg(reinterpret_cast<const float2*>(po + size_t(s) * 8 * D));
-      const float m_new = fmaxf(m_w, m_s);
-      const float base = m_new == -attn::inf() ? 0.f : m_new * sl;
-      const float a = exp2f(m_w * sl - base), f = exp2f(m_s * sl - base);
-      l = l * a + f * l_s;
-      acc.x = acc.x * a + f * v.x;
-      acc.y = acc.y * a + f * v.y;
-      m_w = m_new;
-    }
-    sm_acc[vw][lane] = acc;
-    if (lane == 0) {
-      sm_max[vw] = m_w;
-      sm_l[vw] = l;
-    }
-  }
-  __syncthreads();
-  if (warp != 0) return;
-  float M = -attn::inf();
-#pragma unroll
-  for (int w = 0; w < MW; ++w) M = fmaxf(M, sm_max[w]);
-  float lt = 0.f;
-  float2 acc = make_float2(0.f, 0.f);
-#pragma unroll
-  for (int w = 0; w < MW; ++w) {
-    const float f = exp2f((sm_max[w] - M) * sl);  // warps without splits: exp2(-inf) = 0
-    lt += f * sm_l[w];
-    acc.x += f * sm_acc[w][lane].x;
-    acc.y += f * sm_acc[w][lane].y;
-  }
-  const u32 gw = *reinterpret_cast<const u32*>(qkv + size_t(t) * ROW + h * 2 * D + D + d);
-  *reinterpret_cast<u32*>(out + size_t(t) * HQ * D + h * D + d) =
-      f32x2_to_bf16x2(acc.x / lt * sigmoid(bf16x2_lo(gw)), acc.y / lt * sigmoid(bf16x2_hi(gw)));
-}
-
-__device__ __forceinline__ int ld_acquire_gpu(const int* p) {
-  int v;
-  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-
 }  // namespace attn
 }  // namespace q35k
 
@@ -724,216 +606,18 @@ attention_decode(const q35k::bf16* __restrict__ q,        // [T, HQ, D] normed +
                  float* __restrict__ part_ml,             // [HKV * QG, splits, 8, 2]
                  const int* __restrict__ pos0_ptr,        // [1]
                  int T, float scale) {
-  using namespace q35k;
-  constexpr int GROUP = HQ / HKV, QG = GROUP > 8 ? GROUP / 8 : 1, QPB = GROUP / QG;
-  __shared__ float sm_o[WARPS * 8 * D];
-  __shared__ float sm_m[WARPS][8], sm_l[WARPS][8];
-
-  attn::wait_for_predecessor();
-  attn::allow_dependents();
-  const int vb = blockIdx.x, kvh = vb / QG, qg = vb % QG;
-  attn::decode_partial<HQ, HKV, D, WARPS, false>(q + size_t(kvh * GROUP + qg * QPB) * D, HQ, k_cache, v_cache, nullptr,
-                                                 nullptr, sm_o, sm_m, sm_l, part_o, part_ml, vb, blockIdx.y, gridDim.y,
-                                                 *pos0_ptr, T, scale);
+  q35k::attn::wait_for_predecessor();
+  q35k::attn::allow_dependents();
+  q35k::attn::attention_decode_block<HQ, HKV, D, WARPS>(q, k_cache, v_cache, part_o, part_ml, *pos0_ptr, T, scale,
+                                                        blockIdx.x, blockIdx.y, gridDim.y);
 }
 
-// attention_decode_merge: grid (T * HQ, D / 64), block 256 (8 warps). Combines the partials of
-// the splits that attention_decode (with the same WARPS) wrote for output row (t, h), dims
-// 64y .. 64y+63, then applies the gate:
-//   out [T, HQ*D] bf16, out[t, h*D + d] = (sum_s e^(m_s - M) o_s[d]) / (sum_s e^(m_s - M) l_s)
-//                                         * sigmoid(gate[t, h, d])
-// Warp w takes splits w, w+8, ...; lane l dims 2l, 2l+1 of the slice; the warps' sums are combined
-// in shared memory.
-template <int HQ, int HKV, int D, int WARPS>
-__global__ void __launch_bounds__(256)
-attention_decode_merge(const float* __restrict__ part_o,     // [HKV * QG, splits, 8, D]
-                       const float* __restrict__ part_ml,    // [HKV * QG, splits, 8, 2]
-                       const q35k::bf16* __restrict__ qkv,   // [T, HQ*2D + 2*HKV*D] (gate)
-                       q35k::bf16* __restrict__ out,         // [T, HQ*D]
-                       const int* __restrict__ pos0_ptr,     // [1]
-                       int T, int splits, float scale) {
-  using namespace q35k;
-  static_assert(D % 64 == 0, "attention_decode_merge: head_dim must be a multiple of 64");
-  attn::wait_for_predecessor();
-  attn::allow_dependents();
-  attn::decode_merge_slice<HQ, HKV, D, WARPS, 256>(part_o, part_ml, qkv, out, blockIdx.x / HQ, blockIdx.x % HQ,
-                                                   blockIdx.y, *pos0_ptr + T, splits, scale);
-}
-
-// ---------------------------------------------------------------------------------------------
-// attention_decode_fused: qk_norm_rope + attention_decode + attention_decode_merge in one launch
-// (decode, T <= 8 / QPB tokens at positions pos0 .. pos0+T-1), same results bit for bit.
-// Grid (HKV * QG * splits + T * HQ * D / 64), block WARPS*32. Blocks take their item by an atomic
-// ticket in the order they start: first the split items (split s of block vb = item % (HKV*QG)),
-// then the merge items (row (t, h), dims 64 * slice ..: those of attention_decode_merge), which wait
-// (spin) until every active split of their vb has written its partial. A merge item only ever waits
-// for items that are already running, so there is no deadlock whatever the residency.
-// A split item: its old K/V rows pulled into L2 before griddepcontrol.wait (the cache rows before
-// pos0 do not depend on the previous kernel); then its R query rows normed + roped from qkv into
-// shared memory, and, if its keys include this call's positions, their k (normed + roped) and v rows
-// into shared memory and (qg = 0) into the caches; then attention_decode's partial, reading this
-// call's keys from shared memory.
-// sync int32 [2 + HKV * QG], zero before the first launch and left zero by every launch: [0] item
-// ticket, [1] blocks done (the last one re-arms all), [2 + vb] splits of vb done.
-template <int HQ, int HKV, int D, int ROTARY, int WARPS>
-__global__ void __launch_bounds__(WARPS * 32, 1)
-attention_decode_fused(const q35k::bf16* __restrict__ qkv,       // [T, HQ*2D + 2*HKV*D]
-                       const q35k::bf16* __restrict__ q_norm_w,  // [D]
-                       const q35k::bf16* __restrict__ k_norm_w,  // [D]
-                       q35k::bf16* k_cache,                      // [max_context, HKV, D]
-                       q35k::bf16* v_cache,                      // [max_context, HKV, D]
-                       float* part_o,                            // [HKV * QG, splits, 8, D]
-                       float* part_ml,                           // [HKV * QG, splits, 8, 2]
-                       int* sync,                                // [2 + HKV * QG]
-                       q35k::bf16* __restrict__ out,             // [T, HQ*D]
-                       const int* __restrict__ pos0_ptr,         // [1]
-                       int T, int splits, int max_context, float theta, float eps, float scale) {
-  using namespace q35k;
-  static_assert(D % 64 == 0 && D <= 256, "attention_decode_fused: head_dim must be a multiple of 64, at most 256");
-  static_assert(ROTARY % 16 == 0 && ROTARY <= D, "attention_decode_fused: rotary_dim must be a multiple of 16, <= head_dim");
-  constexpr int GROUP = HQ / HKV, QG = GROUP > 8 ? GROUP / 8 : 1, QPB = GROUP / QG, NVB = HKV * QG;
-  constexpr int ROW = HQ * 2 * D + 2 * HKV * D, HALF = ROTARY / 2 > 0 ? ROTARY / 2 : 1;
-  constexpr int THREADS = WARPS * 32, LINES = D * 2 / 128;  // 128-byte lines per cache row
-  // sm_o (WARPS x 8 x D fp32) after the key loop; before it, the same memory holds the queries and
-  // this call's k and v rows, 8 x D bf16 each.
-  __shared__ __align__(16) float sm_o[(WARPS >= 2 ? WARPS : 2) * 8 * D];
-  __shared__ float sm_m[WARPS][8], sm_l[WARPS][8];
-  __shared__ float cos_s[8][HALF], sin_s[8][HALF];
-  __shared__ int item_s;
-  bf16* q_s = reinterpret_cast<bf16*>(sm_o);
-  bf16* kn_s = q_s + 8 * D;
-  bf16* vn_s = kn_s + 8 * D;
-
-  if (threadIdx.x == 0) item_s = atomicAdd(&sync[0], 1);
-  __syncthreads();
-  const int item = item_s;
-  const int pos0 = *pos0_ptr;  // written by the previous step, not by the previous kernel
-  const int L = pos0 + T;
-  const int warp = threadIdx.x / 32;
-
-  if (item < NVB * splits) {
-    const int vb = item % NVB, split = item / NVB, kvh = vb / QG, qg = vb % QG;
-    const int blocks = (L + 15) / 16;
-    const int per_split = attn::decode_blocks_per_split(blocks, splits, WARPS);
-    const int key_begin = split * per_split * 16, key_end = min((split * per_split + per_split) * 16, L);
-    if (key_begin < L) {
-      // Cached rows [key_begin, min(key_end, pos0)) of kv head kvh into L2.
-      const int cached = max(0, min(key_end, pos0) - key_begin);
-      for (int i = threadIdx.x; i < cached * LINES * 2; i += THREADS) {
-        const int key = key_begin + i / (2 * LINES), line = i % (2 * LINES);
-        const bf16* base = line < LINES ? k_cache : v_cache;
-        asm volatile("prefetch.global.L2 [%0];" ::"l"(base + (size_t(key) * HKV + kvh) * D + (line % LINES) * 64));
-      }
-      attn::wait_for_predecessor();
-      attn::allow_dependents();
-      // This call's rows: R queries, then the k and v rows of the new positions in [key_begin, key_end).
-      const int R = QPB * T, new_begin = max(key_begin, pos0), n_new = max(0, key_end - new_begin);
-      for (int t = 0; t < T; ++t) attn::rope_table<ROTARY>(pos0 + t, theta, cos_s[t], sin_s[t], threadIdx.x, THREADS);
-      __syncthreads();
-      for (int i = warp; i < R + 2 * n_new; i += WARPS) {  // warp-uniform
-        if (i < R) {
-          const int t = i / QPB, head = kvh * GROUP + qg * QPB + i % QPB;
-          attn::norm_rope_head<D, ROTARY>(qkv + size_t(t) * ROW + head * 2 * D, q_norm_w, cos_s[t], sin_s[t], eps,
-                                          q_s + i * D);
-        } else {
-          const int j = (i - R) / 2, t = new_begin + j - pos0;
-          const bool is_k = (i - R) % 2 == 0;
-          attn::norm_rope_head<D, ROTARY>(qkv + size_t(t) * ROW + HQ * 2 * D + (is_k ? 0 : HKV * D) + kvh * D,
-                                          is_k ? k_norm_w : nullptr, cos_s[t], sin_s[t], eps,
-                                          (is_k ? kn_s : vn_s) + t * D);
-        }
-      }
-      __syncthreads();
-      if (qg == 0)  // the caches get this call's rows once per kv head
-        for (int i = threadIdx.x; i < n_new * 2 * (D / 8); i += THREADS) {
-          const int j = i / (2 * (D / 8)), half = i % (2 * (D / 8)), pos = new_begin + j, t = pos - pos0;
-          const bool is_k = half < D / 8;
-          const int c8 = (half % (D / 8)) * 8;
-          if (pos < max_context)
-            *reinterpret_cast<uint4*>((is_k ? k_cache : v_cache) + (size_t(pos) * HKV + kvh) * D + c8) =
-                *reinterpret_cast<const uint4*>((is_k ? kn_s : vn_s) + t * D + c8);
-        }
-      attn::decode_partial<HQ, HKV, D, WARPS, true>(q_s, QPB, k_cache, v_cache, kn_s, vn_s, sm_o, sm_m, sm_l, part_o,
-                                                    part_ml, vb, split, splits, pos0, T, scale);
-      __threadfence();
-      __syncthreads();
-      if (threadIdx.x == 0) atomicAdd(&sync[2 + vb], 1);
-    } else {
-      attn::wait_for_predecessor();
-      attn::allow_dependents();
-    }
-  } else {
-    const int m = item - NVB * splits, x = m % (T * HQ), slice = m / (T * HQ), t = x / HQ, h = x % HQ;
-    attn::wait_for_predecessor();
-    attn::allow_dependents();
-    const int active = attn::decode_active_splits<WARPS>(L, splits);
-    if (threadIdx.x == 0)
-      while (attn::ld_acquire_gpu(&sync[2 + h / QPB]) < active) __nanosleep(32);
-    __syncthreads();
-    attn::decode_merge_slice<HQ, HKV, D, WARPS, THREADS>(part_o, part_ml, qkv, out, t, h, slice, L, splits, scale);
-  }
-
-  // Re-arm: the last block to finish (every block is past its wait) zeroes sync.
-  __shared__ int is_final;
-  __syncthreads();
-  if (threadIdx.x == 0) is_final = atomicAdd(&sync[1], 1) == int(gridDim.x) - 1;
-  __syncthreads();
-  if (is_final)
-    for (int i = threadIdx.x; i < 2 + NVB; i += THREADS) sync[i] = 0;
-}
-
-// ---------------------------------------------------------------------------------------------
-// The batched decode step: one query token of each of B sequences, each in its own slot. Row b is
-// sequence slot slots[b] (int32 [B]; < 0: a padding row of a graph bucket, which writes no cache row
-// and gets a zero output) at position pos[slot] (int32 [slots], the tokens the slot holds); the
-// slots' caches are one buffer each, slot s at k_cache + s * slot_stride (slot_stride = max_context
-// * HKV * D elements). The same per-row work as qk_norm_rope / attention_decode / _merge at T = 1
-// (the same device functions).
-
-// qk_norm_rope_batch: grid (B), block WARPS*32; q_out row b, k / v rows at pos[slot] of that slot.
-template <int HQ, int HKV, int D, int ROTARY, int WARPS>
-__global__ void __launch_bounds__(WARPS * 32)
-qk_norm_rope_batch(const q35k::bf16* __restrict__ qkv,       // [B, HQ*2D + 2*HKV*D]
-                   const q35k::bf16* __restrict__ q_norm_w,  // [D]
-                   const q35k::bf16* __restrict__ k_norm_w,  // [D]
-                   q35k::bf16* __restrict__ q_out,           // [B, HQ, D]
-                   q35k::bf16* __restrict__ k_cache,         // [slots, max_context, HKV, D]
-                   q35k::bf16* __restrict__ v_cache,         // [slots, max_context, HKV, D]
-                   const int* __restrict__ slots,            // [B]
-                   const int* __restrict__ pos,              // [slots]
-                   long long slot_stride, int max_context, float theta, float eps) {
-  using namespace q35k;
-  static_assert(D % 8 == 0 && D <= 256, "qk_norm_rope: head_dim must be a multiple of 8, at most 256");
-  static_assert(ROTARY % 16 == 0 && ROTARY <= D, "qk_norm_rope: rotary_dim must be a multiple of 16, <= head_dim");
-  constexpr int ROW = HQ * 2 * D + 2 * HKV * D;
-  constexpr int HALF = ROTARY / 2;
-  __shared__ float cos_s[HALF > 0 ? HALF : 1], sin_s[HALF > 0 ? HALF : 1];
-
-  attn::wait_for_predecessor();
-  attn::allow_dependents();
-  const int b = blockIdx.x, slot = slots[b];
-  if (slot < 0) return;
-  const int p = pos[slot];
-  const int warp = threadIdx.x / 32;
-  attn::rope_table<ROTARY>(p, theta, cos_s, sin_s, threadIdx.x, WARPS * 32);
-  __syncthreads();
-
-  const bf16* row = qkv + size_t(b) * ROW;
-  bf16* const kc = k_cache + size_t(slot) * size_t(slot_stride);
-  bf16* const vc = v_cache + size_t(slot) * size_t(slot_stride);
-  for (int head = warp; head < HQ + 2 * HKV; head += WARPS) {  // warp-uniform
-    const bool is_q = head < HQ, is_k = !is_q && head < HQ + HKV;
-    const int kv_head = is_q ? 0 : is_k ? head - HQ : head - HQ - HKV;
-    if (!is_q && p >= max_context) continue;
-    const bf16* src = is_q ? row + head * 2 * D : row + HQ * 2 * D + (is_k ? 0 : HKV * D) + kv_head * D;
-    bf16* dst = is_q ? q_out + (size_t(b) * HQ + head) * D : (is_k ? kc : vc) + (size_t(p) * HKV + kv_head) * D;
-    attn::norm_rope_head<D, ROTARY>(src, is_q ? q_norm_w : is_k ? k_norm_w : nullptr, cos_s, sin_s, eps, dst);
-  }
-}
-
-// attention_decode_batch: grid (HKV * QG, splits, B), block WARPS*32: attention_decode's partial of
-// split blockIdx.y of block blockIdx.x for sequence b = blockIdx.z over its L = pos[slot] + 1 keys;
-// partials at part_o + b * HKV*QG*splits*8*D, part_ml + b * HKV*QG*splits*8*2.
+// attention_decode_batch: one query token of each of B sequences (a batched decode step), grid
+// (HKV * QG, splits, B). Sequence b (blockIdx.z) is slot slots[b] with L = pos[slot] + 1 keys in its
+// own cache rows (k_cache + slot * slot_stride, slot_stride = max_context * HKV * D elements); q row
+// b; partials at part_o + b * HKV*QG*splits*8*D, part_ml + b * HKV*QG*splits*8*2. Rows with
+// slots[b] < 0 (bucket padding) write nothing. The split count is per launch (per graph bucket);
+// each sequence cuts its own length into those splits.
 template <int HQ, int HKV, int D, int WARPS>
 __global__ void __launch_bounds__(WARPS * 32)
 attention_decode_batch(const q35k::bf16* __restrict__ q,        // [B, HQ, D] normed + roped
@@ -944,25 +628,113 @@ attention_decode_batch(const q35k::bf16* __restrict__ q,        // [B, HQ, D] no
                        const int* __restrict__ slots,           // [B]
                        const int* __restrict__ pos,             // [slots]
                        long long slot_stride, float scale) {
-  using namespace q35k;
-  constexpr int GROUP = HQ / HKV, QG = GROUP > 8 ? GROUP / 8 : 1, QPB = GROUP / QG;
-  __shared__ float sm_o[WARPS * 8 * D];
-  __shared__ float sm_m[WARPS][8], sm_l[WARPS][8];
-
-  attn::wait_for_predecessor();
-  attn::allow_dependents();
+  constexpr int GROUP = HQ / HKV, QG = GROUP > 8 ? GROUP / 8 : 1;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  constexpr bool late_v = true;  // 255 registers on sm_80 otherwise: spills
+#else
+  constexpr bool late_v = false;
+#endif
+  q35k::attn::wait_for_predecessor();
+  q35k::attn::allow_dependents();
   const int b = blockIdx.z, slot = slots[b];
   if (slot < 0) return;
-  const int vb = blockIdx.x, kvh = vb / QG, qg = vb % QG;
-  const size_t parts = size_t(HKV * QG) * gridDim.y * 8;  // partial rows per sequence
-  attn::decode_partial<HQ, HKV, D, WARPS, false>(
-      q + (size_t(b) * HQ + kvh * GROUP + qg * QPB) * D, HQ, k_cache + size_t(slot) * size_t(slot_stride),
-      v_cache + size_t(slot) * size_t(slot_stride), nullptr, nullptr, sm_o, sm_m, sm_l, part_o + size_t(b) * parts * D,
-      part_ml + size_t(b) * parts * 2, vb, blockIdx.y, gridDim.y, pos[slot], 1, scale);
+  const size_t parts = size_t(HKV * QG) * gridDim.y * 8;
+  q35k::attn::attention_decode_block<HQ, HKV, D, WARPS, late_v>(
+      q + size_t(b) * HQ * D, k_cache + size_t(slot) * slot_stride, v_cache + size_t(slot) * slot_stride,
+      part_o + size_t(b) * parts * D, part_ml + size_t(b) * parts * 2, pos[slot], 1, scale, blockIdx.x, blockIdx.y,
+      gridDim.y);
 }
 
-// attention_decode_merge_batch: grid (B * HQ, D / 64), block 256: attention_decode_merge's row
-// (b, h) from sequence b's partials, with the gate of qkv row b, into out row b (zeros for padding).
+// attention_decode_merge: grid (T * HQ, D / 64), block 256 (8 warps). Combines the partials of
+// the splits that attention_decode (with the same WARPS) wrote for output row (t, h), dims
+// 64y .. 64y+63, then applies the gate:
+//   out [T, HQ*D] bf16, out[t, h*D + d] = (sum_s e^(m_s - M) o_s[d]) / (sum_s e^(m_s - M) l_s)
+//                                         * sigmoid(gate[t, h, d])
+// Warp w takes splits w, w+8, ...; lane l dims 2l, 2l+1 of the slice; the warps' sums are combined
+// in shared memory.
+namespace q35k {
+namespace attn {
+// The body of attention_decode_merge for output row (t, h), dims 64 dy .. +63, of one sequence.
+template <int HQ, int HKV, int D, int WARPS>
+__device__ __forceinline__ void attention_decode_merge_row(const float* __restrict__ part_o,
+                                                           const float* __restrict__ part_ml,
+                                                           const bf16* __restrict__ qkv, bf16* __restrict__ out,
+                                                           int pos0, int T, int splits, float scale, int t, int h,
+                                                           int dy) {
+  static_assert(D % 64 == 0, "attention_decode_merge: head_dim must be a multiple of 64");
+  constexpr int GROUP = HQ / HKV, QG = GROUP > 8 ? GROUP / 8 : 1, QPB = GROUP / QG;  // as attention_decode
+  constexpr int ROW = HQ * 2 * D + 2 * HKV * D, MW = 8;
+  __shared__ float sm_max[MW], sm_l[MW];
+  __shared__ float2 sm_acc[MW][32];
+  const int vb = h / QPB, r = t * QPB + h % QPB;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, d = dy * 64 + 2 * lane;
+  const int L = pos0 + T;
+  const int blocks = (L + 15) / 16;
+  const int per_split = decode_blocks_per_split(blocks, splits, WARPS);
+  const int active = min(splits, (blocks + per_split - 1) / per_split);
+  const float sl = scale * kLog2e;
+  const float* ml = part_ml + (size_t(vb) * splits * 8 + r) * 2;  // split s at ml[s * 16]
+  const float* po = part_o + (size_t(vb) * splits * 8 + r) * D + d;  // split s at po[s * 8 * D]
+
+  // Online merge per warp (no separate max pass). A split may hold no visible key of this row
+  // (m = -inf, when T > 1); every row sees key 0 in split 0, so the final max is finite.
+  float m_w = -attn::inf(), l = 0.f;
+  float2 acc = make_float2(0.f, 0.f);
+#pragma unroll 4
+  for (int s = warp; s < active; s += MW) {
+    const float m_s = ml[size_t(s) * 16], l_s = ml[size_t(s) * 16 + 1];
+    const float2 v = *reinterpret_cast<const float2*>(po + size_t(s) * 8 * D);
+    const float m_new = fmaxf(m_w, m_s);
+    const float base = m_new == -attn::inf() ? 0.f : m_new * sl;
+    const float a = exp2f(m_w * sl - base), f = exp2f(m_s * sl - base);
+    l = l * a + f * l_s;
+    acc.x = acc.x * a + f * v.x;
+    acc.y = acc.y * a + f * v.y;
+    m_w = m_new;
+  }
+  sm_acc[warp][lane] = acc;
+  if (lane == 0) {
+    sm_max[warp] = m_w;
+    sm_l[warp] = l;
+  }
+  __syncthreads();
+  if (warp != 0) return;
+  float M = -attn::inf();
+#pragma unroll
+  for (int w = 0; w < MW; ++w) M = fmaxf(M, sm_max[w]);
+  float lt = 0.f;
+  acc = make_float2(0.f, 0.f);
+#pragma unroll
+  for (int w = 0; w < MW; ++w) {
+    const float f = exp2f((sm_max[w] - M) * sl);  // warps without splits: exp2(-inf) = 0
+    lt += f * sm_l[w];
+    acc.x += f * sm_acc[w][lane].x;
+    acc.y += f * sm_acc[w][lane].y;
+  }
+  const u32 gw = *reinterpret_cast<const u32*>(qkv + size_t(t) * ROW + h * 2 * D + D + d);
+  *reinterpret_cast<u32*>(out + size_t(t) * HQ * D + h * D + d) =
+      f32x2_to_bf16x2(acc.x / lt * sigmoid(bf16x2_lo(gw)), acc.y / lt * sigmoid(bf16x2_hi(gw)));
+}
+}  // namespace attn
+}  // namespace q35k
+
+template <int HQ, int HKV, int D, int WARPS>
+__global__ void __launch_bounds__(256)
+attention_decode_merge(const float* __restrict__ part_o,     // [HKV * QG, splits, 8, D]
+                       const float* __restrict__ part_ml,    // [HKV * QG, splits, 8, 2]
+                       const q35k::bf16* __restrict__ qkv,   // [T, HQ*2D + 2*HKV*D] (gate)
+                       q35k::bf16* __restrict__ out,         // [T, HQ*D]
+                       const int* __restrict__ pos0_ptr,     // [1]
+                       int T, int splits, float scale) {
+  q35k::attn::wait_for_predecessor();
+  q35k::attn::allow_dependents();
+  q35k::attn::attention_decode_merge_row<HQ, HKV, D, WARPS>(part_o, part_ml, qkv, out, *pos0_ptr, T, splits, scale,
+                                                            blockIdx.x / HQ, blockIdx.x % HQ, blockIdx.y);
+}
+
+// attention_decode_merge_batch: grid (B * HQ, D / 64), block 256; combines attention_decode_batch's
+// partials of sequence b = blockIdx.x / HQ (slot slots[b], L = pos[slot] + 1) into out row b with
+// the gate of qkv row b. Padding rows (slots[b] < 0) write zeros.
 template <int HQ, int HKV, int D, int WARPS>
 __global__ void __launch_bounds__(256)
 attention_decode_merge_batch(const float* __restrict__ part_o,     // [B, HKV * QG, splits, 8, D]
@@ -972,19 +744,17 @@ attention_decode_merge_batch(const float* __restrict__ part_o,     // [B, HKV * 
                              const int* __restrict__ slots,        // [B]
                              const int* __restrict__ pos,          // [slots]
                              int splits, float scale) {
-  using namespace q35k;
-  static_assert(D % 64 == 0, "attention_decode_merge: head_dim must be a multiple of 64");
   constexpr int GROUP = HQ / HKV, QG = GROUP > 8 ? GROUP / 8 : 1, ROW = HQ * 2 * D + 2 * HKV * D;
-  attn::wait_for_predecessor();
-  attn::allow_dependents();
+  q35k::attn::wait_for_predecessor();
+  q35k::attn::allow_dependents();
   const int b = blockIdx.x / HQ, h = blockIdx.x % HQ, slot = slots[b];
-  bf16* const row = out + size_t(b) * HQ * D;
+  q35k::bf16* row = out + size_t(b) * HQ * D;
   if (slot < 0) {
-    if (threadIdx.x < 32) *reinterpret_cast<u32*>(row + h * D + blockIdx.y * 64 + 2 * threadIdx.x) = 0u;
+    if (threadIdx.x < 32) *reinterpret_cast<q35k::u32*>(row + h * D + blockIdx.y * 64 + 2 * threadIdx.x) = 0u;
     return;
   }
   const size_t parts = size_t(HKV * QG) * splits * 8;
-  attn::decode_merge_slice<HQ, HKV, D, WARPS, 256>(part_o + size_t(b) * parts * D, part_ml + size_t(b) * parts * 2,
-                                                   qkv + size_t(b) * ROW, row, 0, h, blockIdx.y, pos[slot] + 1, splits,
-                                                   scale);
+  q35k::attn::attention_decode_merge_row<HQ, HKV, D, WARPS>(part_o + size_t(b) * parts * D,
+                                                            part_ml + size_t(b) * parts * 2, qkv + size_t(b) * ROW, row,
+                                                            pos[slot], 1, splits, scale, 0, h, blockIdx.y);
 }

@@ -8,14 +8,12 @@
 // [N, K/8] and scales bf16 [N, K/GROUP]. A weight matrix is passed as (const void* w, const bf16* s)
 // with s unused for bf16. Experts add a leading [E] to both.
 //
-// Decode, T <= 8 tokens, 2 launches (router + gate_up, down), chained with programmatic dependent
+// Decode, T <= 8 tokens, 3 launches (router, gate_up, down), chained with programmatic dependent
 // launch (PDL, sm_90): each kernel prefetches the weights it knows before griddepcontrol.wait.
 //   moe_router          logits [T, E+1] fp32 (row E = shared_expert_gate), then softmax, top-k,
 //                       renormalise by the last block to finish -> ids, weights, shared_gate
 //   moe_decode_gate_up  h[t, s*I + i] = bf16(silu(gate_e . x_t) * (up_e . x_t)), e = ids[t, s], for
 //                       the k routed slots, and h[t, k*I + i] for the shared expert (Is values)
-//   moe_decode_route_gate_up  both in one launch (what the runner uses): router items first, the
-//                       routed gate|up items wait for the router's flag, the shared expert's do not
 //   moe_decode_down     out[t] = bf16( sum_s w[t,s] * down_e . h[t,s] + shared_gate[t] * down_sh . h[t,k] )
 //                       (moe_decode_down_residual: added to the fp32 residual stream instead, and the
 //                       next RMSNorm by the last block, decode_fusion.cuh)
@@ -400,32 +398,45 @@ moe_router_topk(const q35k::bf16* __restrict__ x, const q35k::bf16* __restrict__
 // Grid: ((TOPK*I + IS) / 8, T); block KSPLIT * 32. A block owns 8 consecutive h values of one token
 // (never straddling two slots): the 16 weight rows gate j..j+7 | up j..j+7 as one mma tile. Warp w
 // takes k in [w, w + 1) * H / KSPLIT; the block sums the KSPLIT partial sums in shared memory.
-namespace q35k {
-
-// Where block item `j0` (the first of its 8 h values of a token) reads its weights.
-template <int I, int IS, int TOPK>
-struct GateUpItem {
-  bool shared;  // the shared expert's rows (known before the router finished)
-  int slot;     // expert slot (TOPK = shared)
-  int n_inter;  // intermediate size of that expert
-  int jj;       // row within the expert's gate block
-  __device__ __forceinline__ explicit GateUpItem(int j0)
-      : shared(j0 >= TOPK * I), slot(shared ? TOPK : j0 / I), n_inter(shared ? IS : I),
-        jj(shared ? j0 - TOPK * I : j0 - slot * I) {}
-};
-
-// h[t, j0 .. j0+7] = bf16(silu(gate . x_t) * (up . x_t)) with the rows jj .. jj+7 (gate) and
-// n_inter + jj .. (up) of the weight matrix W, S (format GROUP). Called by every thread of the block.
 template <int GROUP, int H, int I, int IS, int TOPK, int KSPLIT>
-__device__ __forceinline__ void moe_gate_up_tile(const bf16* __restrict__ x, const void* W, const bf16* S,
-                                                 const GateUpItem<I, IS, TOPK>& it, int j0, int t,
-                                                 bf16* __restrict__ h) {
+__global__ void __launch_bounds__(KSPLIT * 32)
+moe_decode_gate_up(const q35k::bf16* __restrict__ x, const int* __restrict__ ids,
+                   const void* __restrict__ gate_up_w, const q35k::bf16* __restrict__ gate_up_s,
+                   const void* __restrict__ shared_w, const q35k::bf16* __restrict__ shared_s,
+                   q35k::bf16* __restrict__ h, int T) {
+  static_assert(I % 8 == 0 && IS % 8 == 0, "moe_decode_gate_up: I and IS must be multiples of 8");
+  static_assert(H % (32 * KSPLIT) == 0, "moe_decode_gate_up: H must be a multiple of 32 * KSPLIT");
+  using F = q35k::WeightFormat<GROUP>;
   constexpr int HW = TOPK * I + IS;  // h values per token
   constexpr int KLEN = H / KSPLIT;
   __shared__ float part[KSPLIT][16];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4;
+  const int j0 = blockIdx.x * 8;
+  const int t = blockIdx.y;
+  const int k0 = warp * KLEN;
+
+  const bool shared = j0 >= TOPK * I;
+  const int slot = shared ? TOPK : j0 / I;
+  const int n_inter = shared ? IS : I;
+  const int jj = shared ? j0 - TOPK * I : j0 - slot * I;  // row within the expert's gate block
+  constexpr int RB = q35k::row_bytes<GROUP, KLEN>();
+  if (shared)  // its weights are known before the router finished
+    q35k::prefetch_l2_rows16<RB>(shared_w, q35k::row_bytes<GROUP, H>(), jj, IS + jj, warp * RB);
+  q35k::moe_pdl_wait();
+  q35k::moe_pdl_launch_dependents();
+
+  const void* W;
+  const q35k::bf16* S;
+  if (shared) {
+    W = shared_w;
+    S = shared_s;
+  } else {
+    const int e = ids[size_t(t) * TOPK + slot];
+    W = F::template matrix<2 * I, H>(gate_up_w, e);
+    S = F::template scales<2 * I, H>(gate_up_s, e);
+  }
   float gate, up;
-  mma_rows16_dot<GROUP, H, KLEN>(W, S, it.jj + g, it.n_inter + it.jj + g, x + size_t(t) * H, warp * KLEN, gate, up);
+  q35k::mma_rows16_dot<GROUP, H, KLEN>(W, S, jj + g, n_inter + jj + g, x + size_t(t) * H, k0, gate, up);
   if (lane % 4 == 0) {
     part[warp][g] = gate;
     part[warp][8 + g] = up;
@@ -436,161 +447,8 @@ __device__ __forceinline__ void moe_gate_up_tile(const bf16* __restrict__ x, con
     float gs = 0.f, us = 0.f;
 #pragma unroll
     for (int w = 0; w < KSPLIT; ++w) gs += part[w][r], us += part[w][8 + r];
-    h[size_t(t) * HW + j0 + r] = f32_to_bf16(silu(gs) * us);
+    h[size_t(t) * HW + j0 + r] = q35k::f32_to_bf16(q35k::silu(gs) * us);
   }
-}
-
-// The shared expert's 16 rows of item `it` (warp w's k part) pulled into L2.
-template <int GROUP, int H, int I, int IS, int TOPK, int KSPLIT>
-__device__ __forceinline__ void moe_gate_up_prefetch_shared(const void* shared_w, const GateUpItem<I, IS, TOPK>& it) {
-  constexpr int RB = row_bytes<GROUP, H / KSPLIT>();
-  prefetch_l2_rows16<RB>(shared_w, row_bytes<GROUP, H>(), it.jj, IS + it.jj, int(threadIdx.x / 32) * RB);
-}
-
-}  // namespace q35k
-
-template <int GROUP, int H, int I, int IS, int TOPK, int KSPLIT>
-__global__ void __launch_bounds__(KSPLIT * 32)
-moe_decode_gate_up(const q35k::bf16* __restrict__ x, const int* __restrict__ ids,
-                   const void* __restrict__ gate_up_w, const q35k::bf16* __restrict__ gate_up_s,
-                   const void* __restrict__ shared_w, const q35k::bf16* __restrict__ shared_s,
-                   q35k::bf16* __restrict__ h, int T) {
-  static_assert(I % 8 == 0 && IS % 8 == 0, "moe_decode_gate_up: I and IS must be multiples of 8");
-  static_assert(H % (32 * KSPLIT) == 0, "moe_decode_gate_up: H must be a multiple of 32 * KSPLIT");
-  using F = q35k::WeightFormat<GROUP>;
-  const int j0 = blockIdx.x * 8;
-  const int t = blockIdx.y;
-  const q35k::GateUpItem<I, IS, TOPK> it(j0);
-  if (it.shared)  // its weights are known before the router finished
-    q35k::moe_gate_up_prefetch_shared<GROUP, H, I, IS, TOPK, KSPLIT>(shared_w, it);
-  q35k::moe_pdl_wait();
-  q35k::moe_pdl_launch_dependents();
-
-  const void* W = shared_w;
-  const q35k::bf16* S = shared_s;
-  if (!it.shared) {
-    const int e = ids[size_t(t) * TOPK + it.slot];
-    W = F::template matrix<2 * I, H>(gate_up_w, e);
-    S = F::template scales<2 * I, H>(gate_up_s, e);
-  }
-  q35k::moe_gate_up_tile<GROUP, H, I, IS, TOPK, KSPLIT>(x, W, S, it, j0, t, h);
-}
-
-// ---- decode: the router and gate|up in one launch (no separate router launch) ----
-// The work of moe_router (logits of E router rows + the shared gate for M_TILE tokens per item, the
-// softmax / top-k / renormalisation by the last router item to finish) and of moe_decode_gate_up
-// (one item per 8 h values of a token), with the same arguments and results as the two kernels.
-// Grid: (R + (TOPK*I + IS) / 8 * T), R = ceil((E / ROWS + 1) / KSPLIT) * ceil(T / M_TILE) router
-// items; block KSPLIT * 32. Blocks take their item by an atomic ticket in the order they start, so
-// the router items go to the first R blocks to run: the routed gate|up items, which wait (spin) for
-// the router's flag, only ever wait for blocks that are already running (no deadlock whatever the
-// residency). The shared expert's items do not wait; their weights and the router's are pulled into
-// L2 before griddepcontrol.wait.
-// Launch bounds: 128-thread blocks (the default KSPLIT = 4) at least 5 per SM (<= 102 registers:
-// the 35B's 576 + 33 blocks are resident at once on 132 SMs), 256-thread ones 2; without a minimum
-// NVRTC's ptxas capped 256-thread blocks at 64 registers and spilled, with 1 it took 118.
-// sync int32 [4], zero before the first launch and left zero by every launch (graph-safe):
-// [0] item ticket, [1] router items done, [2] router flag (ids / weights / shared_gate written),
-// [3] blocks done (the last one re-arms all four).
-namespace q35k {
-
-__device__ __forceinline__ int ld_acquire_gpu(const int* p) {
-  int v;
-  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-
-}  // namespace q35k
-
-template <int GROUP, int H, int E, int I, int IS, int TOPK, int KSPLIT, int M_TILE, int ROWS>
-__global__ void __launch_bounds__(KSPLIT * 32, KSPLIT >= 4 && KSPLIT <= 20 ? 20 / KSPLIT : 1)
-moe_decode_route_gate_up(const q35k::bf16* __restrict__ x, const q35k::bf16* __restrict__ w_router,
-                         const q35k::bf16* __restrict__ w_sg, float* logits, int* sync, int* ids, float* weights,
-                         float* shared_gate, const void* __restrict__ gate_up_w,
-                         const q35k::bf16* __restrict__ gate_up_s, const void* __restrict__ shared_w,
-                         const q35k::bf16* __restrict__ shared_s, q35k::bf16* __restrict__ h, int T) {
-  static_assert(I % 8 == 0 && IS % 8 == 0, "moe_decode_route_gate_up: I and IS must be multiples of 8");
-  static_assert(H % (32 * KSPLIT) == 0, "moe_decode_route_gate_up: H must be a multiple of 32 * KSPLIT");
-  static_assert(E % ROWS == 0, "moe_decode_route_gate_up: E must be a multiple of ROWS");
-  static_assert(TOPK >= 1 && TOPK <= E && TOPK <= 32, "moe_decode_route_gate_up: TOPK must be in [1, min(E, 32)]");
-  using F = q35k::WeightFormat<GROUP>;
-  constexpr int WARPS = KSPLIT;
-  constexpr int RX = (E / ROWS + 1 + WARPS - 1) / WARPS;  // router items per token tile
-  constexpr int ITEMS = (TOPK * I + IS) / 8;              // gate|up items per token
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int router_items = RX * ((T + M_TILE - 1) / M_TILE);
-
-  __shared__ int item_s;
-  if (threadIdx.x == 0) item_s = atomicAdd(&sync[0], 1);
-  __syncthreads();
-  const int item = item_s;
-
-  if (item < router_items) {
-    // ---- router item: rows of warp g, tokens t0 .. t0 + M_TILE - 1 (as moe_router) ----
-    const int g = (item % RX) * WARPS + warp, t0 = (item / RX) * M_TILE;
-    const bool active = g <= E / ROWS, is_sg = g == E / ROWS;
-    if (active)
-      q35k::prefetch_l2_warp(is_sg ? w_sg : w_router + size_t(g) * ROWS * H, (is_sg ? 1 : ROWS) * H * 2);
-    q35k::moe_pdl_wait();
-    q35k::moe_pdl_launch_dependents();
-    if (active) {
-      int rows[ROWS];
-#pragma unroll
-      for (int r = 0; r < ROWS; ++r) rows[r] = is_sg ? 0 : g * ROWS + r;
-      const q35k::bf16* xm[M_TILE];
-#pragma unroll
-      for (int m = 0; m < M_TILE; ++m) xm[m] = x + size_t(min(t0 + m, T - 1)) * H;
-      float out[M_TILE][ROWS];
-      q35k::warp_rows_dot<H, ROWS, M_TILE>(is_sg ? w_sg : w_router, rows, xm, out);
-#pragma unroll
-      for (int m = 0; m < M_TILE; ++m)
-#pragma unroll
-        for (int r = 0; r < ROWS; ++r)
-          if (lane == (m * ROWS + r) % 32 && t0 + m < T && (r == 0 || !is_sg))
-            logits[size_t(t0 + m) * (E + 1) + (is_sg ? E : g * ROWS + r)] = out[m][r];
-    }
-    // The last router item routes every token, then raises the flag.
-    __shared__ int is_last;
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) is_last = atomicAdd(&sync[1], 1) == router_items - 1;
-    __syncthreads();
-    if (is_last) {
-      __threadfence();
-      for (int t = warp; t < T; t += WARPS) {
-        const float* lt = logits + size_t(t) * (E + 1);
-        q35k::route_token<E, TOPK>(lt, __ldcg(lt + E), t, ids, weights, shared_gate);
-      }
-      __threadfence();
-      __syncthreads();
-      if (threadIdx.x == 0) atomicExch(&sync[2], 1);
-    }
-  } else {
-    // ---- gate|up item ----
-    const int j = item - router_items, t = j / ITEMS, j0 = (j % ITEMS) * 8;
-    const q35k::GateUpItem<I, IS, TOPK> it(j0);
-    if (it.shared) q35k::moe_gate_up_prefetch_shared<GROUP, H, I, IS, TOPK, KSPLIT>(shared_w, it);
-    q35k::moe_pdl_wait();
-    q35k::moe_pdl_launch_dependents();
-    const void* W = shared_w;
-    const q35k::bf16* S = shared_s;
-    if (!it.shared) {
-      if (threadIdx.x == 0)
-        while (q35k::ld_acquire_gpu(&sync[2]) == 0) __nanosleep(64);
-      __syncthreads();
-      const int e = __ldcg(ids + size_t(t) * TOPK + it.slot);
-      W = F::template matrix<2 * I, H>(gate_up_w, e);
-      S = F::template scales<2 * I, H>(gate_up_s, e);
-    }
-    q35k::moe_gate_up_tile<GROUP, H, I, IS, TOPK, KSPLIT>(x, W, S, it, j0, t, h);
-  }
-
-  // Re-arm: the last block to finish (every block has passed its wait by then) zeroes sync.
-  __shared__ int is_final;
-  __syncthreads();
-  if (threadIdx.x == 0) is_final = atomicAdd(&sync[3], 1) == int(gridDim.x) - 1;
-  __syncthreads();
-  if (is_final && threadIdx.x < 4) sync[threadIdx.x] = 0;
 }
 
 // ---- decode: down for the k routed experts and the shared expert, weighted sum, one write ----

@@ -25,18 +25,16 @@ namespace {
 
 }  // namespace
 
-TEST_CASE("attention_kernels lists the five attention instantiations with the config's shapes") {
+TEST_CASE("attention_kernels lists the four attention instantiations with the config's shapes") {
   std::vector<std::string> names;
   for (const KernelSpec& s : qwen35::gpu::attention_kernels(config_35b())) names.push_back(s.instantiation());
   CHECK(names == std::vector<std::string>{"qk_norm_rope<16, 2, 256, 64, 20>", "attention_prefill<16, 2, 256, 32, 8>",
-                                          "attention_decode<16, 2, 256, 4>", "attention_decode_merge<16, 2, 256, 4>",
-                                          "attention_decode_fused<16, 2, 256, 64, 4>"});
+                                          "attention_decode<16, 2, 256, 4>", "attention_decode_merge<16, 2, 256, 4>"});
   // Tiny fixture: 2 q heads, 1 kv head, head_dim 256, rotary 64: 4 heads -> 4 warps.
   names.clear();
   for (const KernelSpec& s : qwen35::gpu::attention_kernels(config_tiny())) names.push_back(s.instantiation());
   CHECK(names == std::vector<std::string>{"qk_norm_rope<2, 1, 256, 64, 4>", "attention_prefill<2, 1, 256, 32, 8>",
-                                          "attention_decode<2, 1, 256, 4>", "attention_decode_merge<2, 1, 256, 4>",
-                                          "attention_decode_fused<2, 1, 256, 64, 4>"});
+                                          "attention_decode<2, 1, 256, 4>", "attention_decode_merge<2, 1, 256, 4>"});
   // sm_90's shared memory takes 64-key prefill tiles.
   CHECK(qwen35::gpu::attention_kernels(config_35b(), kAttentionSmemLimitSm90)[1].instantiation() ==
         "attention_prefill<16, 2, 256, 64, 8>");
@@ -64,13 +62,13 @@ TEST_CASE("attention decode splits and scratch sizes") {
   CHECK(qwen35::gpu::attention_decode_splits(p, 1, 132) == 1);
   CHECK(error_of([&] { qwen35::gpu::attention_decode_splits(p, 0, 132); }).find("max_context = 0") != std::string::npos);
   // part_o [2, 132, 8, 256] + part_ml [2, 132, 8, 2], fp32.
-  CHECK(qwen35::gpu::attention_decode_scratch_bytes(p, 132) == 256 + size_t(2) * 132 * 8 * (256 + 2) * 4);
+  CHECK(qwen35::gpu::attention_decode_scratch_bytes(p, 132) == size_t(2) * 132 * 8 * (256 + 2) * 4);
   // 122B: 32 q heads over 2 kv heads = 4 decode blocks per split (8 q heads each), one token per call.
   const qwen35::gpu::AttentionPlan big = qwen35::gpu::attention_plan(qwen35::Config::preset("122b-a10b"));
   CHECK(big.decode_qgroups() == 2);
   CHECK(big.max_decode_tokens() == 1);
   CHECK(qwen35::gpu::attention_decode_splits(big, 262144, 132) == 66);
-  CHECK(qwen35::gpu::attention_decode_scratch_bytes(big, 66) == 256 + size_t(4) * 66 * 8 * (256 + 2) * 4);
+  CHECK(qwen35::gpu::attention_decode_scratch_bytes(big, 66) == size_t(4) * 66 * 8 * (256 + 2) * 4);
 }
 
 TEST_CASE("attention tile validity rules and defaults") {

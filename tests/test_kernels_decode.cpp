@@ -1,8 +1,7 @@
 // The fused decode kernels on the CPU (no GPU; their GPU tests against the CPU reference are in
 // tests/gpu/): gemv_w4a16_residual and moe_decode_down_residual (the residual add + RMSNorm epilogue of
-// kernel_templates/decode_fusion.cuh), moe_decode_route_gate_up (the router inside the gate_up
-// launch), attention_decode_fused (qk_norm_rope + split-K + merge in one launch) and gdn_decode
-// (prologue + recurrence + gated RMSNorm in one launch), every instantiation the runner and the tuner use at the tiny fixture's and the 35B shapes,
+// kernel_templates/decode_fusion.cuh) and gdn_decode (prologue + recurrence + gated RMSNorm in one
+// launch), every instantiation the runner and the tuner use at the tiny fixture's and the 35B shapes,
 // compile for sm_90a and sm_80 with no register spills and no stack frame (ptxas -v). Their SASS
 // (cuobjdump from PyPI's nvidia-cuda-cuobjdump, $Q35_CUOBJDUMP, set by `make test`) has no local
 // memory traffic, and the programmatic-dependent-launch instructions only on sm_90a.
@@ -17,7 +16,6 @@
 #include "autotune/spaces.h"
 #include "autotune/tiles_dense.h"
 #include "autotune/tiles_moe.h"
-#include "models/qwen35/gpu/attention.h"
 #include "models/qwen35/gpu/dense.h"
 #include "models/qwen35/gpu/gdn.h"
 #include "models/qwen35/gpu/moe.h"
@@ -53,22 +51,11 @@ DecodeSpecs fused_decode_specs() {
       if (s.kernel == "gdn_decode") add(out.required, s);
     for (const GdnRecurrentTile& t : tune::gdn_recurrent_candidates(gpu::gdn_shape(cfg)))
       add(out.required, gpu::gdn_decode_spec(cfg, t));
-    // qk_norm_rope + split-K + merge in one launch: the default decode tile and the tuner's.
-    const gpu::AttentionPlan ap = gpu::attention_plan(cfg);
-    add(out.required, ap.decode_fused_spec());
-    for (const AttentionDecodeTile& t : tune::attention_decode_candidates(ap.hq, ap.hkv, ap.d))
-      add(out.required, attention_decode_fused_spec(ap.hq, ap.hkv, ap.d, ap.rotary, t));
     for (int group : groups) {
       const MoeShape ms = gpu::moe_shape(cfg, group);
       add(out.required, moe_decode_down_residual_spec(ms, default_moe_down_tile(ms)));
       for (const tune::MoeDecodeConfig& c : tune::moe_decode_candidates(ms))
         add(out.required, moe_decode_down_residual_spec(ms, c.down));
-      // The router fused into gate_up: the router tiles of T = 1 and T = 2..8, every gate_up tile.
-      for (int64_t m : {1, 8}) {
-        add(out.required, moe_decode_route_gate_up_spec(ms, default_moe_router_tile(ms, m), default_moe_gate_up_tile(ms)));
-        for (const tune::MoeDecodeConfig& c : tune::moe_decode_candidates(ms))
-          add(out.required, moe_decode_route_gate_up_spec(ms, default_moe_router_tile(ms, m), c.gate_up));
-      }
       if (group == 0) continue;  // the GEMV epilogue is W4A16 only (bf16 output projections run the norm kernel)
       for (const gpu::DenseShape& d : gpu::dense_shapes(cfg)) {
         if (d.proj != gpu::DenseProj::AttnOut && d.proj != gpu::DenseProj::GdnOut) continue;
@@ -104,15 +91,12 @@ TEST_CASE("the runner's kernel list holds the fused decode kernels") {
     for (const KernelSpec& s : required_kernels(config_35b(), 128, arch)) kernels.insert(s.kernel);
     CHECK(kernels.count("gemv_w4a16_residual") == 1);
     CHECK(kernels.count("moe_decode_down_residual") == 1);
-    CHECK(kernels.count("moe_decode_route_gate_up") == 1);
-    CHECK(kernels.count("attention_decode_fused") == 1);
     CHECK(kernels.count("gdn_decode") == 1);
   }
   // A bf16 model: the MoE epilogue, no INT4 GEMV.
   std::set<std::string> bf16;
   for (const KernelSpec& s : required_kernels(config_35b(), 0, "sm_90a")) bf16.insert(s.kernel);
   CHECK(bf16.count("moe_decode_down_residual") == 1);
-  CHECK(bf16.count("moe_decode_route_gate_up") == 1);
   CHECK(bf16.count("gemv_w4a16_residual") == 0);
   // The epilogue's spec names its own kernel, without the fp32-output switch of the plain GEMV.
   const KernelSpec r = gemv_w4a16_residual_spec(2048, 4096, 128, default_w4_gemv_tile(2048, 4096, 128, 1));
@@ -160,6 +144,6 @@ TEST_CASE("the fused decode kernels compile for sm_90a and sm_80 without spills;
       CHECK(contains(sass, "ACQBULK") == (arch == "sm_90a"));
       CHECK(contains(sass, "PREEXIT") == (arch == "sm_90a"));
     }
-    CHECK(seen.size() == 5);
+    CHECK(seen.size() == 3);
   }
 }

@@ -32,18 +32,17 @@ namespace {
 
 }  // namespace
 
-TEST_CASE("gdn_kernels lists the six GDN instantiations, with the config's shapes and the arch's fused form") {
+TEST_CASE("gdn_kernels lists the GDN instantiations of the default tiles, with the config's shapes") {
   const qwen35::Config big = config_35b();
   for (const char* arch : {"", "sm_80", "sm_90a"}) {
     CAPTURE(std::string(arch));
     const std::vector<KernelSpec> specs = qwen35::gpu::gdn_kernels(big, arch);
     std::vector<std::string> names;
     for (const KernelSpec& s : specs) names.push_back(s.instantiation());
-    const std::string fused = std::string(arch) == "sm_90a" ? "gdn_chunk_fused_cluster<16, 32, 128, 128, 32>"
-                                                            : "gdn_chunk_fused<16, 32, 128, 128, 32>";
     CHECK(names == std::vector<std::string>{"gdn_decode<16, 32, 128, 128, 4, 16, 4>", "gated_rmsnorm<32, 128, 4>",
                                             "gdn_prologue<16, 32, 128, 128, 4, 16, 4>",
-                                            "gdn_chunk_prepare<16, 32, 128, 128>", fused,
+                                            "gdn_chunk_prepare<16, 32, 128, 128>", "gdn_chunk_state<16, 32, 128, 128, 32>",
+                                            "gdn_chunk_output<16, 32, 128, 128>",
                                             "gdn_recurrent<16, 32, 128, 128, 16, 4>"});
   }
   // The unfused pair, when asked for.
@@ -54,11 +53,16 @@ TEST_CASE("gdn_kernels lists the six GDN instantiations, with the config's shape
             .find("is not fused") != std::string::npos);
   // The tiny fixture: 2 key / 4 value heads of 128; 4 x 128 / 32 = 16 CTAs -> 16-column chunk tile.
   const std::vector<KernelSpec> tiny = qwen35::gpu::gdn_kernels(config_tiny(), "sm_90a");
-  REQUIRE(tiny.size() == 6);
+  REQUIRE(tiny.size() == 7);
   CHECK(arg(tiny[0], "HK") == "2");
   CHECK(arg(tiny[0], "HV") == "4");
-  CHECK(tiny[4].kernel == "gdn_chunk_fused_cluster");
+  CHECK(tiny[4].kernel == "gdn_chunk_state");
   CHECK(arg(tiny[4], "VS") == "16");
+  // The fused forms, by arch (the tuner's other choices).
+  CHECK(qwen35::gpu::gdn_chunk_fused_spec(big, GdnChunkTile{32, true, true}, true).instantiation() ==
+        "gdn_chunk_fused_cluster<16, 32, 128, 128, 32>");
+  CHECK(qwen35::gpu::gdn_chunk_fused_spec(big, GdnChunkTile{32, true, true}, false).instantiation() ==
+        "gdn_chunk_fused<16, 32, 128, 128, 32>");
   // No linear-attention layer, no GDN kernel.
   qwen35::Config full_only = big;
   full_only.layer_types.assign(4, qwen35::LayerType::FullAttention);
@@ -130,8 +134,8 @@ TEST_CASE("GDN tile validity rules and defaults") {
   CHECK(gdn_chunk_prepare_smem_bytes(s) == (2 * 64 * 68 + 3 * 16 * 17 + 3 * 64) * 4 + (2 * 64 * 136 + 4 * 64 * 72) * 2);
   CHECK(gdn_chunk_output_smem_bytes(s) == 3 * 64 * 4 + (2 * 64 * 136 + 2 * 64 * 72 + 2 * 128 * 136 + 2 * 64 * 136) * 2);
   CHECK(default_gdn_chunk_tile(s).vs == 32);
-  CHECK(default_gdn_chunk_tile(s).fused);
-  CHECK(default_gdn_chunk_tile(s).cluster);
+  CHECK_FALSE(default_gdn_chunk_tile(s).fused);  // the state / output pair (measured faster on the H200)
+  CHECK_FALSE(default_gdn_chunk_tile(s).cluster);
   CHECK(default_gdn_recurrent_tile(s).rows == 16);
   CHECK(error_of([] { default_gdn_recurrent_tile(GdnShape{2, 4, 64, 128, 4}); }).find("key head dim 64") != std::string::npos);
   qwen35::Config bad = config_35b();

@@ -289,7 +289,6 @@ void GpuModel::init(const GpuModelOptions& o) {
                                   widest, B, gpu::attention_decode_batch_splits(widest, B, o.max_context,
                                                                                 ctx_.device().sm_count)));
     m.attn_scratch = alloc(bytes);
-    m.attn_scratch.fill_bytes(0, stream_);  // the fused decode kernel's sync words
   }
   // Any tuned block_m fits: the largest pads the most rows, the smallest has the most blocks.
   gpu::MoeTiles largest = gpu::MoeTiles::defaults(m.moe_shape), smallest = largest;
@@ -451,7 +450,6 @@ std::vector<KernelSpec> tuned_kernels(const Config& c, const gpu::TunedTiles& tt
     specs.push_back(one.qk_norm_rope_batch_spec());
     specs.push_back(one.decode_batch_spec());
     specs.push_back(one.decode_merge_batch_spec());
-    specs.push_back(p.decode_fused_spec());
   }
   if (c.num_layers_of(LayerType::LinearAttention) > 0) {
     const gpu::GdnTiles t = tt.gdn(m);
@@ -618,9 +616,9 @@ void GpuModel::run_layers(int T, bool decode, Rows rows) {
   // input norm, or the final norm). Larger calls, and bf16 output projections, run the rmsnorm
   // kernel between sub-layers. The decode kernels of fused calls use programmatic dependent launch
   // (sm_90): each waits (griddepcontrol.wait) before reading what its predecessor wrote.
-  const bool fuse = T <= kMoeDecodeMaxTokens;
+  const bool fuse = options_.fused_decode && T <= kMoeDecodeMaxTokens;
   const bool fuse_out = fuse && options_.format == WeightFormat::W4A16;
-  const bool pdl = fuse && ctx_.device().cc_major >= 9;
+  const bool pdl = T <= kMoeDecodeMaxTokens && options_.pdl && ctx_.device().cc_major >= 9;
   const int64_t layers = int64_t(weights_.layers.size());
   for (int64_t i = 0; i < layers; ++i) {
     const GpuLayer& l = weights_.layers[size_t(i)];
@@ -645,17 +643,17 @@ void GpuModel::run_layers(int T, bool decode, Rows rows) {
                                            ks.get(batch_attn.decode_merge_batch_spec()), stream_, m.q.ptr(),
                                            m.k_cache[i].ptr(), m.v_cache[i].ptr(), m.proj.ptr(), m.mix.ptr(),
                                            m.attn_scratch.ptr(), batch_splits, ab, T, pdl);
-      } else if (decode && T <= attn.max_decode_tokens()) {  // qk_norm_rope + split-K + merge in one launch
-        const CUdeviceptr kc = m.k_cache[i].ptr() + slot * m.kv_slot, vc = m.v_cache[i].ptr() + slot * m.kv_slot;
-        gpu::launch_attention_decode_fused(attn, ks.get(attn.decode_fused_spec()), stream_, m.proj.ptr(),
-                                           l.q_norm.ptr(), l.k_norm.ptr(), kc, vc, m.mix.ptr(), m.attn_scratch.ptr(),
-                                           st.attn_splits, pos, T, int(options_.max_context), pdl);
       } else {
         const CUdeviceptr kc = m.k_cache[i].ptr() + slot * m.kv_slot, vc = m.v_cache[i].ptr() + slot * m.kv_slot;
         gpu::launch_qk_norm_rope(attn, ks.get(attn.qk_norm_rope_spec()), stream_, m.proj.ptr(), l.q_norm.ptr(),
                                  l.k_norm.ptr(), m.q.ptr(), kc, vc, pos, T, int(options_.max_context), pdl);
-        gpu::launch_attention_prefill(attn, ks.get(attn.prefill_spec()), stream_, m.q.ptr(), kc, vc, m.proj.ptr(),
-                                      m.mix.ptr(), pos, T);
+        if (decode && T <= attn.max_decode_tokens())
+          gpu::launch_attention_decode(attn, ks.get(attn.decode_spec()), ks.get(attn.decode_merge_spec()), stream_,
+                                       m.q.ptr(), kc, vc, m.proj.ptr(), m.mix.ptr(), m.attn_scratch.ptr(),
+                                       st.attn_splits, pos, T, pdl);
+        else
+          gpu::launch_attention_prefill(attn, ks.get(attn.prefill_spec()), stream_, m.q.ptr(), kc, vc, m.proj.ptr(),
+                                        m.mix.ptr(), pos, T);
       }
       out_proj(l.o_proj, m.mix.ptr());
     } else {
@@ -693,7 +691,7 @@ void GpuModel::run_layers(int T, bool decode, Rows rows) {
 void GpuModel::lm_head(int T) {
   Impl& m = *impl_;
   const size_t row = size_t(T - 1) * size_t(config_.hidden_size) * 2;
-  dense(weights_.lm_head, m.normed.ptr() + row, m.logits.ptr(), 1, true, ctx_.device().cc_major >= 9);
+  dense(weights_.lm_head, m.normed.ptr() + row, m.logits.ptr(), 1, true, options_.pdl && ctx_.device().cc_major >= 9);
 }
 
 std::vector<float> GpuModel::forward(std::span<const int32_t> tokens, bool all_logits, int slot) {
@@ -872,7 +870,7 @@ void GpuModel::run_batch(std::span<const BatchEntry> batch, int bucket, int64_t 
                                   m.batch_params.ptr() + 2 * Bmax * 4};
   auto step = [&] {
     run_layers(bucket, /*decode=*/true, Rows{0, true});
-    const bool pdl = bucket <= kMoeDecodeMaxTokens && ctx_.device().cc_major >= 9;
+    const bool pdl = bucket <= kMoeDecodeMaxTokens && options_.pdl && ctx_.device().cc_major >= 9;
     for (int r0 = 0; r0 < bucket; r0 += 16) {  // lm_head in GEMV chunks of up to 16 rows
       const int rows = std::min(16, bucket - r0);
       dense(weights_.lm_head, m.normed.ptr() + size_t(r0 * H) * 2, m.logits.ptr() + size_t(r0) * size_t(V) * 4, rows,

@@ -305,7 +305,7 @@ class MoeRouterOp final : public MoeOpBase {
   int64_t m_ = 0;
 };
 
-// The decode path (router with its default tile fused into the gate_up GEMV being tuned, then down).
+// The decode path (router with its default tile, then the two expert GEMVs being tuned).
 class MoeDecodeOp final : public MoeOpBase {
  public:
   MoeDecodeOp(const TuneDevice* d, const MoeShape& s) : MoeOpBase(d, tune::kMoeDecode, tune::moe_signature(s), s) {}
@@ -316,7 +316,7 @@ class MoeDecodeOp final : public MoeOpBase {
   }
   std::vector<KernelSpec> kernels(const json& c, int64_t m) const override {
     const tune::MoeDecodeConfig d = tune::moe_decode_from_json(c);
-    return {moe_decode_route_gate_up_spec(s_, default_moe_router_tile(s_, m), d.gate_up),
+    return {moe_router_spec(s_, default_moe_router_tile(s_, m)), moe_decode_gate_up_spec(s_, d.gate_up),
             moe_decode_down_spec(s_, d.down)};
   }
   void setup(int64_t m, const Stream& st) override { setup_moe(m, st); }
@@ -325,8 +325,8 @@ class MoeDecodeOp final : public MoeOpBase {
     const gpu::MoeTiles tiles = gpu::MoeTiles::defaults(s_);
     const gpu::MoeScratch sc = gpu::moe_scratch(s_, tiles, m, ws_.ptr());
     const MoeRouterTile rt = default_moe_router_tile(s_, m);
-    gpu::launch_moe_decode_route_gate_up(fn(moe_decode_route_gate_up_spec(s_, rt, d.gate_up)), rt, d.gate_up, st, s_,
-                                         x(it), weights(), sc, m);
+    gpu::launch_moe_router(fn(moe_router_spec(s_, rt)), rt, st, s_, x(it), weights(), sc, m);
+    gpu::launch_moe_decode_gate_up(fn(moe_decode_gate_up_spec(s_, d.gate_up)), d.gate_up, st, s_, x(it), weights(), sc, m);
     gpu::launch_moe_decode_down(fn(moe_decode_down_spec(s_, d.down)), d.down, st, s_, weights(), sc, out_.ptr(), m);
   }
 };
@@ -444,26 +444,21 @@ class AttentionDecodeOp final : public AttentionOpBase {
     return to_json_all(tune::attention_decode_candidates(plan_.hq, plan_.hkv, plan_.d));
   }
   json default_config(int64_t) const override { return tune::to_json(plan_.decode); }
-  // The decode step's form: qk_norm_rope + split-K + merge in one launch (attention_decode_fused).
-  std::vector<KernelSpec> kernels(const json& c, int64_t) const override { return {with(c).decode_fused_spec()}; }
+  std::vector<KernelSpec> kernels(const json& c, int64_t) const override {
+    const gpu::AttentionPlan p = with(c);
+    return {p.decode_spec(), p.decode_merge_spec()};
+  }
   void setup(int64_t m, const Stream& st) override {
     setup_attention(m, kAttentionDecodeContext + m, int32_t(kAttentionDecodeContext), st);
     gpu::AttentionPlan widest = plan_;
     widest.decode.warps = 1;
     scratch_ = alloc(gpu::attention_decode_scratch_bytes(widest, splits(widest, m)));
-    scratch_.fill_bytes(0, st);  // the fused kernel's sync words
-    norm_w_ = random_bf16(size_t(plan_.d), 0.f, 0.1f, st);
   }
   void run(const json& c, int64_t m, int it, const Stream& st) override {
     const gpu::AttentionPlan p = with(c);
     const size_t i = size_t(it) % k_.size();
-    gpu::launch_attention_decode_fused(p, fn(p.decode_fused_spec()), st, qkv_.ptr(), norm_w_.ptr(), norm_w_.ptr(),
-                                       k_[i].ptr(), v_[i].ptr(), out_.ptr(), scratch_.ptr(), splits(p, m), pos_.ptr(),
-                                       int(m), int(kAttentionDecodeContext + m), true);
-  }
-  void release() override {
-    AttentionOpBase::release();
-    norm_w_ = {};
+    gpu::launch_attention_decode(p, fn(p.decode_spec()), fn(p.decode_merge_spec()), st, q_.ptr(), k_[i].ptr(),
+                                 v_[i].ptr(), qkv_.ptr(), out_.ptr(), scratch_.ptr(), splits(p, m), pos_.ptr(), int(m));
   }
 
  private:
@@ -475,7 +470,6 @@ class AttentionDecodeOp final : public AttentionOpBase {
   int splits(const gpu::AttentionPlan& p, int64_t m) const {
     return gpu::attention_decode_splits(p, kAttentionDecodeContext + m, dev().ctx.device().sm_count);
   }
-  DeviceBuffer norm_w_;
 };
 
 // ---- Gated DeltaNet ----

@@ -2,16 +2,13 @@
 // fp32 CPU reference (ref::moe_router, ref::moe_experts, ref::shared_expert) on the same bf16 /
 // dequantized W4A16 weights, at the tiny fixture's shapes and the 35B shapes, through the decode
 // path (T = 1, 3, 8; also with the residual add + RMSNorm epilogue of moe_forward_decode) and the
-// prefill path (T = 1, 37, 512, 2048). Timing at the 35B shapes. "GPU fuse:" the router inside the
-// gate_up launch (moe_decode_route_gate_up) against the two launches it replaces and the reference.
+// prefill path (T = 1, 37, 512, 2048). Timing at the 35B shapes.
 #include <doctest/doctest.h>
 
 #include <algorithm>
 #include <cstring>
 #include <thread>
-#include <tuple>
 
-#include "autotune/spaces.h"
 #include "models/qwen35/config.h"
 #include "models/qwen35/gpu/moe.h"
 #include "models/qwen35/reference_ops.h"
@@ -373,21 +370,15 @@ void run_shapes(const MoeShape& base, std::initializer_list<int> groups, bool ti
         launch_moe_router(k.router_one, k.tiles.router_one, g->stream, s, xc, w, ws.sc, 1);
         launch_moe_decode_gate_up(k.decode_gate_up, k.tiles.gate_up, g->stream, s, xc, w, ws.sc, 1);
       });
-      const double us_fused = time_graph(*g, calls, [&](int c) {
-        launch_moe_decode_route_gate_up(k.decode_route_gate_up(1), k.tiles.router_one, k.tiles.gate_up, g->stream, s,
-                                        d_x.ptr() + size_t(c) * s.hidden * 2, w, ws.sc, 1);
-      });
       const double router_bytes = double(s.experts + 1) * s.hidden * 2;
       const double gate_up_bytes = double(s.top_k + 1) * 2 * s.inter * s.hidden * wbytes;
       const double down_bytes = double(s.top_k + 1) * s.inter * s.hidden * wbytes;
       const double bytes = router_bytes + gate_up_bytes + down_bytes;
       MESSAGE(fmt::format("moe decode T=1 {}: {:.2f} us per layer; floor {:.2f} us ({:.1f} MB / 3.0 TB/s)\n"
                           "  router alone {:.2f} us (floor {:.2f}), + gate_up {:.2f} us (floor {:.2f}), "
-                          "+ down {:.2f} us (floor {:.2f}); router + gate_up in one launch (the runner's) {:.2f} us "
-                          "against {:.2f} us as two, + down {:.2f} us",
+                          "+ down {:.2f} us (floor {:.2f})",
                           fmt_name, us, bytes / 3e6, bytes / 1e6, us_router, router_bytes / 3e6,
-                          us_router_gate_up - us_router, gate_up_bytes / 3e6, us - us_fused, down_bytes / 3e6, us_fused,
-                          us_router_gate_up, us - us_fused));
+                          us_router_gate_up - us_router, gate_up_bytes / 3e6, us - us_router_gate_up, down_bytes / 3e6));
     }
     // Prefill T = 4096: each launch timed with events, median of 20 runs; the default tiles, and on
     // sm_90a the warp-specialised tiles beside them.
@@ -480,100 +471,4 @@ TEST_CASE("GPU: moe at the 35B shapes, W4A16 g128, decode and prefill paths, tim
 
 TEST_CASE("GPU: moe at the 35B shapes, W4A16 g32, decode and prefill paths") {
   run_shapes(MoeShape{2048, 256, 8, 512, 512, 0}, {32}, true);
-}
-
-namespace {
-
-// The router inside the gate_up launch (moe_decode_route_gate_up, what the decode path runs) against
-// the two launches it replaces (moe_router, then moe_decode_gate_up): the same ids, routing weights,
-// shared gates and h bits (the same sums in the same order), and the sync words back at zero, at
-// T = 1..8 with every gate_up tile of the tuner's space; the decode path against the CPU reference
-// (check_moe); a graph of several launches with PDL replays to the same bits.
-void check_route_gate_up(const MoeShape& base, std::initializer_list<int> groups) {
-  auto g = open_gpu();
-  const MasterWeights master(base);
-  for (int group : groups) {
-    MoeShape s = base;
-    s.group = group;
-    CAPTURE(group);
-    const Layer L(*g, master, s);
-    const MoeWeights w = L.weights();
-    const int64_t HW = s.top_k * s.inter + s.shared_inter, K = s.top_k;
-    std::vector<MoeGemvTile> tiles = {default_moe_gate_up_tile(s)};
-    for (const tune::MoeDecodeConfig& c : tune::moe_decode_candidates(s))
-      if (std::none_of(tiles.begin(), tiles.end(), [&](const MoeGemvTile& t) { return t.ksplit == c.gate_up.ksplit; }))
-        tiles.push_back(c.gate_up);
-    uint32_t salt = 300;
-    for (const MoeGemvTile& tile : tiles) {
-      CAPTURE(tile.ksplit);
-      MoeTiles mt = MoeTiles::defaults(s);
-      mt.gate_up = tile;
-      const MoeKernels k(g->jit, g->ctx, s, mt);
-      Workspace ws(*g, k, kMoeDecodeMaxTokens);
-      const size_t off_ids = size_t(ws.sc.ids - ws.buf.ptr()), off_w = size_t(ws.sc.weights - ws.buf.ptr());
-      const size_t off_sg = size_t(ws.sc.shared_gate - ws.buf.ptr()), off_h = size_t(ws.sc.h - ws.buf.ptr());
-      for (int64_t T = 1; T <= kMoeDecodeMaxTokens; ++T) {
-        CAPTURE(T);
-        const std::vector<uint16_t> x = random_bf16(size_t(T * s.hidden), salt++, 1.f);
-        DeviceBuffer d_x = to_device(*g, x);
-        auto poison = [&] {
-          for (auto [off, bytes] : {std::pair{off_ids, size_t(T * K) * 4}, {off_w, size_t(T * K) * 4},
-                                    {off_sg, size_t(T) * 4}, {off_h, size_t(T * HW) * 2}})
-            ws.buf.fill_bytes(0xff, g->stream, off, bytes);
-        };
-        auto results = [&] {
-          return std::make_tuple(download<int32_t>(*g, ws.sc.ids, size_t(T * K)), download<float>(*g, ws.sc.weights, size_t(T * K)),
-                                 download<float>(*g, ws.sc.shared_gate, size_t(T)),
-                                 download<uint16_t>(*g, ws.sc.h, size_t(T * HW)));
-        };
-        poison();
-        launch_moe_router(k.router(T), k.tiles.router(T), g->stream, s, d_x.ptr(), w, ws.sc, T);
-        launch_moe_decode_gate_up(k.decode_gate_up, k.tiles.gate_up, g->stream, s, d_x.ptr(), w, ws.sc, T);
-        const auto want = results();
-        for (int run = 0; run < 2; ++run) {
-          CAPTURE(run);
-          poison();
-          launch_moe_decode_route_gate_up(k.decode_route_gate_up(T), k.tiles.router(T), k.tiles.gate_up, g->stream, s,
-                                          d_x.ptr(), w, ws.sc, T);
-          const auto got = results();
-          CHECK(std::get<0>(got) == std::get<0>(want));
-          CHECK(std::memcmp(std::get<1>(got).data(), std::get<1>(want).data(), size_t(T * K) * 4) == 0);
-          CHECK(std::memcmp(std::get<2>(got).data(), std::get<2>(want).data(), size_t(T) * 4) == 0);
-          CHECK(std::get<3>(got) == std::get<3>(want));
-          CHECK(download<int32_t>(*g, ws.sc.sync, 4) == std::vector<int32_t>(4, 0));
-        }
-      }
-      // The whole decode path (router + gate_up, down; with the residual epilogue) against the CPU reference.
-      for (int64_t T : {1, 3, 8}) check_moe(*g, L, k, ws.sc, T, MoePath::Decode, salt++);
-      // Captured with PDL: 4 layers' worth of launches on different inputs, replayed twice.
-      const int64_t T = 2, calls = 4;
-      const std::vector<uint16_t> x = random_bf16(size_t(calls * T * s.hidden), salt++, 1.f);
-      DeviceBuffer d_x = to_device(*g, x), d_out(g->driver, size_t(calls * T * s.hidden) * 2);
-      auto record = [&] {
-        for (int64_t c = 0; c < calls; ++c)
-          moe_forward(k, g->stream, w, ws.sc, d_x.ptr() + size_t(c * T * s.hidden) * 2,
-                      d_out.ptr() + size_t(c * T * s.hidden) * 2, T, MoePath::Decode);
-      };
-      record();
-      const std::vector<uint16_t> eager = to_host<uint16_t>(*g, d_out);
-      Graph graph = Graph::capture(g->driver, g->stream, record);
-      GraphExec exec = graph.instantiate();
-      for (int rep = 0; rep < 2; ++rep) {
-        d_out.fill_bytes(0xff, g->stream);
-        exec.launch(g->stream);
-        CHECK(to_host<uint16_t>(*g, d_out) == eager);
-        CHECK(download<int32_t>(*g, ws.sc.sync, 4) == std::vector<int32_t>(4, 0));
-      }
-    }
-  }
-}
-
-}  // namespace
-
-TEST_CASE("GPU fuse: moe router inside the gate_up launch, tiny fixture's shapes, bf16 and W4A16 g32 / g64") {
-  check_route_gate_up(moe_shape(q35::test::config_tiny(), 0), {0, 32, 64});
-}
-
-TEST_CASE("GPU fuse: moe router inside the gate_up launch, 35B shapes, bf16 and W4A16 g128 / g32") {
-  check_route_gate_up(MoeShape{2048, 256, 8, 512, 512, 0}, {0, 128, 32});
 }

@@ -13,9 +13,6 @@ KernelSpec AttentionPlan::qk_norm_rope_spec() const { return q35::qk_norm_rope_s
 KernelSpec AttentionPlan::prefill_spec() const { return q35::attention_prefill_spec(hq, hkv, d, prefill); }
 KernelSpec AttentionPlan::decode_spec() const { return q35::attention_decode_spec(hq, hkv, d, decode); }
 KernelSpec AttentionPlan::decode_merge_spec() const { return q35::attention_decode_merge_spec(hq, hkv, d, decode); }
-KernelSpec AttentionPlan::decode_fused_spec() const {
-  return q35::attention_decode_fused_spec(hq, hkv, d, rotary, decode);
-}
 
 namespace {
 KernelSpec batch_form(KernelSpec s) {
@@ -49,7 +46,7 @@ std::vector<KernelSpec> attention_kernels(const Config& cfg, int64_t smem_limit)
   if (std::find(cfg.layer_types.begin(), cfg.layer_types.end(), LayerType::FullAttention) == cfg.layer_types.end())
     return {};
   const AttentionPlan p = attention_plan(cfg, smem_limit);
-  return {p.qk_norm_rope_spec(), p.prefill_spec(), p.decode_spec(), p.decode_merge_spec(), p.decode_fused_spec()};
+  return {p.qk_norm_rope_spec(), p.prefill_spec(), p.decode_spec(), p.decode_merge_spec()};
 }
 
 std::vector<KernelSpec> attention_batch_kernels(const Config& cfg, int64_t smem_limit) {
@@ -69,8 +66,8 @@ int attention_decode_splits(const AttentionPlan& plan, int64_t max_context, int 
 }
 
 size_t attention_decode_scratch_bytes(const AttentionPlan& plan, int splits) {
-  return kAttentionDecodeSyncBytes + size_t(plan.hkv * plan.decode_qgroups()) * size_t(splits) *
-                                         AttentionDecodeTile::kRows * size_t(plan.d + 2) * sizeof(float);
+  return size_t(plan.hkv * plan.decode_qgroups()) * size_t(splits) * AttentionDecodeTile::kRows * size_t(plan.d + 2) *
+         sizeof(float);
 }
 
 void launch_qk_norm_rope(const AttentionPlan& plan, const Function& f, const Stream& stream, CUdeviceptr qkv,
@@ -100,10 +97,10 @@ void launch_attention_decode(const AttentionPlan& plan, const Function& decode, 
     fail("attention_decode: T = {} tokens is not in [1, {}] ({} q heads per kv head, {} rows per MMA)", T,
          plan.max_decode_tokens(), plan.hq / plan.hkv, AttentionDecodeTile::kRows);
   if (splits < 1 || splits > 65535) fail("attention_decode: splits = {} is not in [1, 65535]", splits);
-  const CUdeviceptr part_o = scratch + kAttentionDecodeSyncBytes;
+  const CUdeviceptr part_o = scratch;
   const int64_t blocks = plan.hkv * plan.decode_qgroups();  // per split
   const CUdeviceptr part_ml =
-      part_o + size_t(blocks) * size_t(splits) * AttentionDecodeTile::kRows * size_t(plan.d) * sizeof(float);
+      scratch + size_t(blocks) * size_t(splits) * AttentionDecodeTile::kRows * size_t(plan.d) * sizeof(float);
   decode.launch({{unsigned(blocks), unsigned(splits)}, {unsigned(plan.decode.threads())}, 0, pdl}, stream, q, k_cache,
                 v_cache, part_o, part_ml, pos0, T, plan.scale);
   merge.launch({{unsigned(T * plan.hq), unsigned(plan.d / 64)}, {256}, 0, pdl}, stream, part_o, part_ml, qkv, out, pos0, T, splits,
@@ -121,8 +118,7 @@ int attention_decode_batch_splits(const AttentionPlan& plan, int B, int64_t max_
 }
 
 size_t attention_decode_batch_scratch_bytes(const AttentionPlan& plan, int B, int splits) {
-  // The sync words the fused single-sequence kernel keeps at the front, then B sequences' partials.
-  return kAttentionDecodeSyncBytes + size_t(B) * (attention_decode_scratch_bytes(plan, splits) - kAttentionDecodeSyncBytes);
+  return size_t(B) * attention_decode_scratch_bytes(plan, splits);
 }
 
 void launch_qk_norm_rope_batch(const AttentionPlan& plan, const Function& f, const Stream& stream, CUdeviceptr qkv,
@@ -144,34 +140,14 @@ void launch_attention_decode_batch(const AttentionPlan& plan, const Function& de
   if (plan.max_decode_tokens() < 1)
     fail("attention_decode_batch: {} q heads per kv head do not fit one decode block", plan.hq / plan.hkv);
   const int64_t blocks = plan.hkv * plan.decode_qgroups();  // per split and sequence
-  const CUdeviceptr part_o = scratch + kAttentionDecodeSyncBytes;  // the fused kernel's sync words stay untouched
+  const CUdeviceptr part_o = scratch;
   const CUdeviceptr part_ml =
-      part_o + size_t(B) * size_t(blocks) * size_t(splits) * AttentionDecodeTile::kRows * size_t(plan.d) * sizeof(float);
+      scratch + size_t(B) * size_t(blocks) * size_t(splits) * AttentionDecodeTile::kRows * size_t(plan.d) * sizeof(float);
   const long long slot_stride = (long long)batch.max_context * plan.hkv * plan.d;
   decode.launch({{unsigned(blocks), unsigned(splits), unsigned(B)}, {unsigned(plan.decode.threads())}, 0, pdl}, stream,
                 q, k_cache, v_cache, part_o, part_ml, batch.slots, batch.pos, slot_stride, plan.scale);
   merge.launch({{unsigned(B * plan.hq), unsigned(plan.d / 64)}, {256}, 0, pdl}, stream, part_o, part_ml, qkv, out,
                batch.slots, batch.pos, splits, plan.scale);
-}
-
-void launch_attention_decode_fused(const AttentionPlan& plan, const Function& f, const Stream& stream, CUdeviceptr qkv,
-                                   CUdeviceptr q_norm_w, CUdeviceptr k_norm_w, CUdeviceptr k_cache,
-                                   CUdeviceptr v_cache, CUdeviceptr out, CUdeviceptr scratch, int splits,
-                                   CUdeviceptr pos0, int T, int max_context, bool pdl) {
-  if (T < 1 || T > plan.max_decode_tokens())
-    fail("attention_decode_fused: T = {} tokens is not in [1, {}] ({} q heads per kv head, {} rows per MMA)", T,
-         plan.max_decode_tokens(), plan.hq / plan.hkv, AttentionDecodeTile::kRows);
-  if (splits < 1 || splits > 65535) fail("attention_decode_fused: splits = {} is not in [1, 65535]", splits);
-  const int64_t blocks = plan.hkv * plan.decode_qgroups();  // per split
-  if (size_t(2 + blocks) * 4 > kAttentionDecodeSyncBytes)
-    fail("attention_decode_fused: {} kv head blocks need more than {} bytes of sync words", blocks,
-         kAttentionDecodeSyncBytes);
-  const CUdeviceptr part_o = scratch + kAttentionDecodeSyncBytes;
-  const CUdeviceptr part_ml =
-      part_o + size_t(blocks) * size_t(splits) * AttentionDecodeTile::kRows * size_t(plan.d) * sizeof(float);
-  const unsigned grid = unsigned(blocks * splits + int64_t(T) * plan.hq * (plan.d / 64));
-  f.launch({{grid}, {unsigned(plan.decode.threads())}, 0, pdl}, stream, qkv, q_norm_w, k_norm_w, k_cache, v_cache,
-           part_o, part_ml, scratch, out, pos0, T, splits, max_context, plan.theta, plan.eps, plan.scale);
 }
 
 }  // namespace q35::qwen35::gpu

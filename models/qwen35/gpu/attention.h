@@ -6,8 +6,7 @@
 //     launch_qk_norm_rope  -> q [T, Hq, D], K/V cache rows pos0 .. pos0+T-1
 //     launch_attention_prefill -> out [T, Hq*D]
 //   decode (T = 1; up to 8 / (Hq/Hkv) tokens):
-//     launch_qk_norm_rope, then launch_attention_decode (split kernel + merge kernel), or all three
-//     in one launch: launch_attention_decode_fused (what a decode step runs)
+//     launch_qk_norm_rope, then launch_attention_decode (split kernel + merge kernel)
 // then o_proj reads out. pos0 lives in device memory (int32), so a decode step captured in a CUDA
 // graph replays at any position; T and the decode split count are fixed per launch.
 //
@@ -54,7 +53,6 @@ struct AttentionPlan {
   KernelSpec qk_norm_rope_batch_spec() const;
   KernelSpec decode_batch_spec() const;
   KernelSpec decode_merge_batch_spec() const;
-  KernelSpec decode_fused_spec() const;  // qk_norm_rope + decode + merge in one launch
 };
 
 // Default tiles for the config; smem_limit = the shared memory a block may use on the target
@@ -70,10 +68,7 @@ std::vector<KernelSpec> attention_batch_kernels(const Config& cfg, int64_t smem_
 // Decode split count for a KV cache of max_context rows on a GPU with sm_count SMs: about two CTAs
 // per SM over the kv heads, no more than the cache has blocks of 16 keys per warp.
 int attention_decode_splits(const AttentionPlan& plan, int64_t max_context, int sm_count);
-// Scratch of one decode launch: the fused kernel's sync words (int32, kAttentionDecodeSyncBytes; zero
-// them once after allocating: every launch leaves them zero), then part_o fp32 [Hkv * qgroups, splits,
-// 8, D], then part_ml fp32 [Hkv * qgroups, splits, 8, 2].
-constexpr size_t kAttentionDecodeSyncBytes = 256;
+// Scratch of one decode launch: part_o fp32 [Hkv, splits, 8, D] then part_ml fp32 [Hkv, splits, 8, 2].
 size_t attention_decode_scratch_bytes(const AttentionPlan& plan, int splits);
 
 // q heads and k heads: zero-centred RMSNorm over D, NeoX RoPE on the first rotary dims at
@@ -108,8 +103,7 @@ struct AttentionBatch {
 // Split count of a batched decode over B sequences: about two CTAs per SM over (kv head blocks x B),
 // no more than a slot has blocks of 16 keys per warp.
 int attention_decode_batch_splits(const AttentionPlan& plan, int B, int64_t max_context, int sm_count);
-// Scratch of one batched decode launch of B sequences (after the fused kernel's sync words, which it
-// leaves alone: one scratch buffer serves both).
+// Scratch of one batched decode launch of B sequences.
 size_t attention_decode_batch_scratch_bytes(const AttentionPlan& plan, int B, int splits);
 // q [B, Hq, D], the k / v rows of each sequence at its position in its slot. Grid (B).
 void launch_qk_norm_rope_batch(const AttentionPlan& plan, const Function& f, const Stream& stream, CUdeviceptr qkv,
@@ -121,12 +115,5 @@ void launch_attention_decode_batch(const AttentionPlan& plan, const Function& de
                                    const Stream& stream, CUdeviceptr q, CUdeviceptr k_cache, CUdeviceptr v_cache,
                                    CUdeviceptr qkv, CUdeviceptr out, CUdeviceptr scratch, int splits,
                                    const AttentionBatch& batch, int B, bool pdl = false);
-// The decode step's form: qk_norm_rope + attention_decode + merge in one launch (f =
-// attention_decode_fused, plan.decode_fused_spec()), from qkv [T, qkv_row] to out [T, Hq*D] and the
-// cache rows pos0 .. pos0+T-1, the same bits as the three launches. scratch zeroed once (sync words).
-void launch_attention_decode_fused(const AttentionPlan& plan, const Function& f, const Stream& stream, CUdeviceptr qkv,
-                                   CUdeviceptr q_norm_w, CUdeviceptr k_norm_w, CUdeviceptr k_cache,
-                                   CUdeviceptr v_cache, CUdeviceptr out, CUdeviceptr scratch, int splits,
-                                   CUdeviceptr pos0, int T, int max_context, bool pdl = false);
 
 }  // namespace q35::qwen35::gpu

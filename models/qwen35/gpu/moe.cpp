@@ -21,7 +21,7 @@ void check_tokens(const char* what, const MoeScratch& sc, int64_t T) {
 
 // Offsets of the scratch buffers from the workspace start; the last entry is the total size.
 struct Layout {
-  size_t logits, counters, sync, ids, weights, shared_gate, h, hs, y, ys, sorted_ids, block_expert, num_blocks, total;
+  size_t logits, counters, ids, weights, shared_gate, h, hs, y, ys, sorted_ids, block_expert, num_blocks, total;
 };
 
 Layout layout(const MoeShape& s, const MoeTiles& tiles, int64_t max_tokens) {
@@ -38,7 +38,6 @@ Layout layout(const MoeShape& s, const MoeTiles& tiles, int64_t max_tokens) {
   };
   l.logits = take(size_t(T * (s.experts + 1)) * 4);
   l.counters = take(size_t(T) * 4);
-  l.sync = take(4 * 4);
   l.ids = take(size_t(T * k) * 4);
   l.weights = take(size_t(T * k) * 4);
   l.shared_gate = take(size_t(T) * 4);
@@ -86,8 +85,6 @@ std::vector<KernelSpec> moe_kernels(const MoeShape& s, const MoeTiles& t) {
           moe_router_spec(s, t.router_decode),
           moe_router_spec(s, t.router_prefill),
           moe_decode_gate_up_spec(s, t.gate_up),
-          moe_decode_route_gate_up_spec(s, t.router_one, t.gate_up),
-          moe_decode_route_gate_up_spec(s, t.router_decode, t.gate_up),
           moe_decode_down_spec(s, t.down),
           moe_decode_down_residual_spec(s, t.down),
           moe_align_spec(s, t.gemm),
@@ -117,7 +114,6 @@ MoeScratch moe_scratch(const MoeShape& s, const MoeTiles& tiles, int64_t max_tok
   sc.max_blocks = moe_max_blocks(s, tiles.gemm.block_m, max_tokens);
   sc.logits = ws + l.logits;
   sc.counters = ws + l.counters;
-  sc.sync = ws + l.sync;
   sc.ids = ws + l.ids;
   sc.weights = ws + l.weights;
   sc.shared_gate = ws + l.shared_gate;
@@ -141,8 +137,6 @@ MoeKernels::MoeKernels(JitEngine& jit, const Context& ctx, const MoeShape& s, co
       decode_gate_up(jit.load(moe_decode_gate_up_spec(s, tiles.gate_up), ctx)),
       decode_down(jit.load(moe_decode_down_spec(s, tiles.down), ctx)),
       decode_down_residual(jit.load(moe_decode_down_residual_spec(s, tiles.down), ctx)),
-      decode_route_gate_up_one(jit.load(moe_decode_route_gate_up_spec(s, tiles.router_one, tiles.gate_up), ctx)),
-      decode_route_gate_up_many(jit.load(moe_decode_route_gate_up_spec(s, tiles.router_decode, tiles.gate_up), ctx)),
       align(jit.load(moe_align_spec(s, tiles.gemm), ctx)),
       gemm_routed_gate_up(jit.load(moe_gemm_spec(s, MoeGemm::RoutedGateUp, tiles.gemm), ctx)),
       gemm_routed_down(jit.load(moe_gemm_spec(s, MoeGemm::RoutedDown, tiles.gemm), ctx)),
@@ -159,10 +153,6 @@ MoeKernels::MoeKernels(JitEngine& jit, const Context& ctx, const MoeShape& s, co
 
 const Function& MoeKernels::router(int64_t tokens) const {
   return tokens <= 1 ? router_one : tokens <= kMoeDecodeMaxTokens ? router_decode : router_prefill;
-}
-
-const Function& MoeKernels::decode_route_gate_up(int64_t tokens) const {
-  return tokens <= 1 ? decode_route_gate_up_one : decode_route_gate_up_many;
 }
 
 const Function& MoeKernels::gemm(MoeGemm g) const {
@@ -197,17 +187,6 @@ void launch_moe_decode_gate_up(const Function& f, const MoeGemvTile& tile, const
   const int64_t rows = s.top_k * s.inter + s.shared_inter;
   f.launch({{unsigned(rows / kMoeGateUpRows), unsigned(T)}, {unsigned(tile.threads())}, 0, true}, stream, x, sc.ids,
            w.gate_up, w.gate_up_scales, w.shared_gate_up, w.shared_gate_up_scales, sc.h, int(T));
-}
-
-void launch_moe_decode_route_gate_up(const Function& f, const MoeRouterTile& router, const MoeGemvTile& tile,
-                                     const Stream& stream, const MoeShape& s, CUdeviceptr x, const MoeWeights& w,
-                                     const MoeScratch& sc, int64_t T) {
-  check_tokens("moe_decode_route_gate_up", sc, T);
-  if (T > kMoeDecodeMaxTokens)
-    fail("moe_decode_route_gate_up: T = {} exceeds the decode path's {}", T, kMoeDecodeMaxTokens);
-  f.launch({{unsigned(moe_route_gate_up_blocks(s, router, tile, T))}, {unsigned(tile.threads())}, 0, true}, stream, x,
-           w.router, w.shared_gate, sc.logits, sc.sync, sc.ids, sc.weights, sc.shared_gate, w.gate_up,
-           w.gate_up_scales, w.shared_gate_up, w.shared_gate_up_scales, sc.h, int(T));
 }
 
 void launch_moe_decode_down(const Function& f, const MoeDownTile& tile, const Stream& stream, const MoeShape& s,
@@ -279,8 +258,8 @@ void moe_forward(const MoeKernels& k, const Stream& stream, const MoeWeights& w,
   const MoeShape& s = k.shape;
   if (path == MoePath::Auto) path = T <= kMoeDecodeMaxTokens ? MoePath::Decode : MoePath::Prefill;
   if (path == MoePath::Decode) {
-    launch_moe_decode_route_gate_up(k.decode_route_gate_up(T), k.tiles.router(T), k.tiles.gate_up, stream, s, x, w,
-                                    sc, T);
+    launch_moe_router(k.router(T), k.tiles.router(T), stream, s, x, w, sc, T);
+    launch_moe_decode_gate_up(k.decode_gate_up, k.tiles.gate_up, stream, s, x, w, sc, T);
     launch_moe_decode_down(k.decode_down, k.tiles.down, stream, s, w, sc, out, T);
     return;
   }
@@ -294,8 +273,8 @@ void moe_forward(const MoeKernels& k, const Stream& stream, const MoeWeights& w,
 void moe_forward_decode(const MoeKernels& k, const Stream& stream, const MoeWeights& w, const MoeScratch& sc,
                         CUdeviceptr x, const ResidualNorm& r, int64_t T) {
   const MoeShape& s = k.shape;
-  launch_moe_decode_route_gate_up(k.decode_route_gate_up(T), k.tiles.router(T), k.tiles.gate_up, stream, s, x, w, sc,
-                                  T);
+  launch_moe_router(k.router(T), k.tiles.router(T), stream, s, x, w, sc, T);
+  launch_moe_decode_gate_up(k.decode_gate_up, k.tiles.gate_up, stream, s, x, w, sc, T);
   launch_moe_decode_down(k.decode_down_residual, k.tiles.down, stream, s, w, sc, r, T);
 }
 

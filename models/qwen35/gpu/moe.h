@@ -5,8 +5,7 @@
 // which the runner adds to the residual in the next fused add + RMSNorm.
 //
 // Two paths, chosen by T (moe_forward does it):
-//   decode  (T <= kMoeDecodeMaxTokens): decode_route_gate_up (router + gate_up, one launch)
-//                                       -> decode_down                                     2 launches
+//   decode  (T <= kMoeDecodeMaxTokens): router -> decode_gate_up -> decode_down            3 launches
 //           (moe_forward_decode: decode_down adds into the residual stream and writes the next
 //           RMSNorm, kernel_templates/decode_fusion.cuh)
 //   prefill (larger T): router GEMM (logits on tensor cores) -> router top-k -> align
@@ -70,7 +69,6 @@ struct MoeScratch {
   int64_t max_blocks = 0;     // routed GEMM row blocks for max_tokens
   CUdeviceptr logits = 0;       // fp32 [max_T, E+1]   router logits, column E = shared gate logit
   CUdeviceptr counters = 0;     // int32 [max_T]       router tickets, zero between launches
-  CUdeviceptr sync = 0;         // int32 [4]           decode_route_gate_up's tickets and flag, zero between launches
   CUdeviceptr ids = 0;          // int32 [max_T, k]    selected experts, by decreasing probability
   CUdeviceptr weights = 0;      // fp32 [max_T, k]     renormalised routing weights
   CUdeviceptr shared_gate = 0;  // fp32 [max_T]        sigmoid(x . w_sg)
@@ -95,13 +93,11 @@ struct MoeKernels {
   int sm_count = 0;  // the device's SMs: the grid of persistent GEMM tiles
   Function router_one, router_decode, router_prefill;
   Function decode_gate_up, decode_down, decode_down_residual;
-  Function decode_route_gate_up_one, decode_route_gate_up_many;  // router tiles router_one / router_decode
   Function align;
   Function gemm_routed_gate_up, gemm_routed_down, gemm_shared_gate_up, gemm_shared_down;
   Function combine;
   Function router_gemm, router_topk;  // prefill router
   const Function& router(int64_t tokens) const;
-  const Function& decode_route_gate_up(int64_t tokens) const;
   const Function& gemm(MoeGemm g) const;
 };
 
@@ -118,12 +114,6 @@ void launch_moe_router_prefill(const Function& gemm, const GemmTile& tile, const
 // Decode. x [T, H] bf16, scratch.ids -> scratch.h [T, k*I + Is] bf16.
 void launch_moe_decode_gate_up(const Function& f, const MoeGemvTile& tile, const Stream& stream, const MoeShape& s,
                                CUdeviceptr x, const MoeWeights& w, const MoeScratch& sc, int64_t T);
-// Decode, the router and gate_up in one launch (f = moe_decode_route_gate_up with router tile
-// `router` and `tile`): x [T, H] bf16 -> scratch.ids, weights, shared_gate (as launch_moe_router)
-// and scratch.h (as launch_moe_decode_gate_up); uses logits and sync.
-void launch_moe_decode_route_gate_up(const Function& f, const MoeRouterTile& router, const MoeGemvTile& tile,
-                                     const Stream& stream, const MoeShape& s, CUdeviceptr x, const MoeWeights& w,
-                                     const MoeScratch& sc, int64_t T);
 // Decode. scratch.h, ids, weights, shared_gate -> out [T, H] bf16.
 void launch_moe_decode_down(const Function& f, const MoeDownTile& tile, const Stream& stream, const MoeShape& s,
                             const MoeWeights& w, const MoeScratch& sc, CUdeviceptr out, int64_t T);
@@ -145,7 +135,7 @@ enum class MoePath { Auto, Decode, Prefill };
 void moe_forward(const MoeKernels& k, const Stream& stream, const MoeWeights& w, const MoeScratch& sc, CUdeviceptr x,
                  CUdeviceptr out, int64_t T, MoePath path = MoePath::Auto);
 // The decode path (T <= kMoeDecodeMaxTokens) with the residual epilogue: residual += bf16(MoE(x)),
-// r.normed = RMSNorm(residual) (the next norm), in 2 launches: router + gate_up, down.
+// r.normed = RMSNorm(residual) (the next norm), in 3 launches: router, gate_up, down.
 void moe_forward_decode(const MoeKernels& k, const Stream& stream, const MoeWeights& w, const MoeScratch& sc,
                         CUdeviceptr x, const ResidualNorm& r, int64_t T);
 
