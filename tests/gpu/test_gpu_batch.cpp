@@ -7,7 +7,7 @@
 //            fixture's and the 35B shapes (attention also the 122B's 16 q heads per kv head).
 //   model    GpuModel::decode_batch: each sequence's logits in a batched step against the same
 //            sequence decoded alone (bf16 tolerance of the model tests, 2e-2) and identical greedy
-//            ids over several steps, in a fused bucket (<= 8 rows) and an unfused one (16 rows), at
+//            ids over several steps, in a decode-kernel bucket (<= 8 rows) and a GEMM one (16 rows), at
 //            the tiny fixture (bf16, W4A16) and a synthetic 35B-A3B (W4A16 g128); a state copied
 //            from one slot into another decodes the same; errors leave every slot where it was.
 #include <doctest/doctest.h>
@@ -510,7 +510,7 @@ TEST_CASE("GPU batch: tiny fixture, batched steps == each sequence alone; paddin
     o.max_batch = 24;  // buckets 1, 2, 4, 8, 16, 24
     GpuModel model(g->driver, g->ctx, g->jit, c, ckpt, o);
     const std::string what = group ? fmt::format("tiny W4A16 g{}", group) : "tiny bf16";
-    // 3 sequences: bucket 4 (one padding row), the fused decode kernels.
+    // 3 sequences: bucket 4 (one padding row), the decode kernels of M <= 8 (GEMV, MoE decode path).
     batched_equals_alone(model, {prefix(99), prefix(7), prefix(40)}, 6, 2e-2, what);
     // 11 sequences: bucket 16 (5 padding rows), the unfused path (GEMV M = 16, grouped MoE GEMMs).
     std::vector<std::vector<int32_t>> eleven;
