@@ -8,8 +8,9 @@
 //   model    GpuModel::decode_batch: each sequence's logits in a batched step against the same
 //            sequence decoded alone (bf16 tolerance of the model tests, 2e-2) and identical greedy
 //            ids over several steps, in a decode-kernel bucket (<= 8 rows) and a GEMM one (16 rows), at
-//            the tiny fixture (bf16, W4A16) and a synthetic 35B-A3B (W4A16 g128); a state copied
-//            from one slot into another decodes the same; errors leave every slot where it was.
+//            the tiny fixture (bf16; W4A16 with and without fused_decode) and a synthetic 35B-A3B (W4A16
+//            g128); a state copied from one slot into another decodes the same; errors leave every
+//            slot where it was.
 #include <doctest/doctest.h>
 #include <fmt/format.h>
 
@@ -500,16 +501,26 @@ TEST_CASE("GPU batch: tiny fixture, batched steps == each sequence alone; paddin
   Checkpoint ckpt(model_dir());
   const std::vector<int32_t> gold = golden_prompt();
   auto prefix = [&](size_t n) { return std::vector<int32_t>(gold.begin(), gold.begin() + std::min(n, gold.size())); };
-  for (const auto& [format, group] : {std::pair{WeightFormat::BF16, 0}, std::pair{WeightFormat::W4A16, 64}}) {
+  struct Setting {
+    WeightFormat format;
+    int group;
+    bool fused_decode;  // the residual epilogues in the decode kernels (W4A16 output projections)
+  };
+  for (const Setting& set : {Setting{WeightFormat::BF16, 0, false}, Setting{WeightFormat::W4A16, 64, false},
+                             Setting{WeightFormat::W4A16, 64, true}}) {
+    const int group = set.group;
     CAPTURE(group);
+    CAPTURE(set.fused_decode);
     GpuModelOptions o;
-    o.format = format;
+    o.format = set.format;
     o.group = group;
+    o.fused_decode = set.fused_decode;
     o.max_context = 256;
     o.max_chunk = 64;
     o.max_batch = 24;  // buckets 1, 2, 4, 8, 16, 24
     GpuModel model(g->driver, g->ctx, g->jit, c, ckpt, o);
-    const std::string what = group ? fmt::format("tiny W4A16 g{}", group) : "tiny bf16";
+    const std::string what = (group ? fmt::format("tiny W4A16 g{}", group) : std::string("tiny bf16")) +
+                             (set.fused_decode ? ", fused decode" : "");
     // 3 sequences: bucket 4 (one padding row), the decode kernels of M <= 8 (GEMV, MoE decode path).
     batched_equals_alone(model, {prefix(99), prefix(7), prefix(40)}, 6, 2e-2, what);
     // 11 sequences: bucket 16 (5 padding rows), the unfused path (GEMV M = 16, grouped MoE GEMMs).
