@@ -484,7 +484,7 @@ gemm_wgmma(const q35k::bf16* __restrict__ A, const void* __restrict__ W, const q
         }
         cp_async_wait<0>();
       } else {
-        int g = 0;  // global steps of the tiles done
+        int g = 0;  // stages of the block's earlier tiles
 #pragma unroll 1
         for (long long tile = first_tile; tile < n_tiles; tile += tile_step, g += KT) {
           int t_nb, t_expert;
@@ -522,9 +522,9 @@ gemm_wgmma(const q35k::bf16* __restrict__ A, const void* __restrict__ W, const q
         dq.init(tid % 128, wg, expert, nb, S);
         dq.load_scale(0);
       }
-      int g = 0;
+      int g = 0;  // stages of the block's earlier tiles (the producer's count)
 #pragma unroll 1
-      for (long long tile = first_tile; tile < n_tiles; tile += tile_step, g += KT * KSUB) {
+      for (long long tile = first_tile; tile < n_tiles; tile += tile_step, g += KT) {
         int t_nb, t_expert;
         long long t_row0;
         tile_coords(tile, t_nb, t_row0, t_expert);
@@ -533,7 +533,7 @@ gemm_wgmma(const q35k::bf16* __restrict__ A, const void* __restrict__ W, const q
         for (int i = 0; i < ACC; ++i) acc[i] = 0.f;
 #pragma unroll 1
         for (int kt = 0; kt < KT; ++kt) {
-          const int G = g / KSUB + kt;  // stage
+          const int G = g + kt;  // stage
           const u32 t = base + (G % STAGES) * STAGE_BYTES;
           mbar_wait(full + 8 * (G % STAGES), u32((G / STAGES) & 1));
 #pragma unroll
@@ -565,12 +565,12 @@ gemm_wgmma(const q35k::bf16* __restrict__ A, const void* __restrict__ W, const q
             fence_regs(acc);
             // 64-k step q - 1 has retired: the last of its stage frees the stage (the previous
             // tile's last stage was freed after its final wait)
-            if (q > g && (q - 1) % KSUB == KSUB - 1) mbar_arrive(empty + 8 * ((q - 1) / KSUB % STAGES));
+            if (q > g * KSUB && (q - 1) % KSUB == KSUB - 1) mbar_arrive(empty + 8 * ((q - 1) / KSUB % STAGES));
           }
         }
         wgmma_wait<0>();
         fence_regs(acc);
-        mbar_arrive(empty + 8 * ((g / KSUB + KT - 1) % STAGES));  // the tile's last stage has retired
+        mbar_arrive(empty + 8 * ((g + KT - 1) % STAGES));  // the tile's last stage has retired
         if constexpr (SWAP)
           wg_epilogue_swap<N, GATE_UP, ROUTED, OUT_F32, BN, BM>(acc, out, sorted_ids, row0, nb, wg, warp_in_wg, lane, T);
         else if (active)

@@ -618,7 +618,7 @@ void GpuModel::run_layers(int T, bool decode, Rows rows) {
   // (sm_90): each waits (griddepcontrol.wait) before reading what its predecessor wrote.
   const bool fuse = options_.fused_decode && T <= kMoeDecodeMaxTokens;
   const bool fuse_out = fuse && options_.format == WeightFormat::W4A16;
-  const bool pdl = T <= kMoeDecodeMaxTokens && options_.pdl && ctx_.device().cc_major >= 9;
+  const bool pdl = pdl_for(T);
   const int64_t layers = int64_t(weights_.layers.size());
   for (int64_t i = 0; i < layers; ++i) {
     const GpuLayer& l = weights_.layers[size_t(i)];
@@ -687,11 +687,15 @@ void GpuModel::run_layers(int T, bool decode, Rows rows) {
   if (!fuse) add_norm(weights_.final_norm.ptr());
 }
 
+bool GpuModel::pdl_for(int64_t rows) const {
+  return rows <= kMoeDecodeMaxTokens && options_.pdl && ctx_.device().cc_major >= 9;
+}
+
 // fp32 logits [vocab] of the last of T rows of normed, into impl_->logits.
 void GpuModel::lm_head(int T) {
   Impl& m = *impl_;
   const size_t row = size_t(T - 1) * size_t(config_.hidden_size) * 2;
-  dense(weights_.lm_head, m.normed.ptr() + row, m.logits.ptr(), 1, true, options_.pdl && ctx_.device().cc_major >= 9);
+  dense(weights_.lm_head, m.normed.ptr() + row, m.logits.ptr(), 1, true, pdl_for(1));
 }
 
 std::vector<float> GpuModel::forward(std::span<const int32_t> tokens, bool all_logits, int slot) {
@@ -870,7 +874,7 @@ void GpuModel::run_batch(std::span<const BatchEntry> batch, int bucket, int64_t 
                                   m.batch_params.ptr() + 2 * Bmax * 4};
   auto step = [&] {
     run_layers(bucket, /*decode=*/true, Rows{0, true});
-    const bool pdl = bucket <= kMoeDecodeMaxTokens && options_.pdl && ctx_.device().cc_major >= 9;
+    const bool pdl = pdl_for(bucket);
     for (int r0 = 0; r0 < bucket; r0 += 16) {  // lm_head in GEMV chunks of up to 16 rows
       const int rows = std::min(16, bucket - r0);
       dense(weights_.lm_head, m.normed.ptr() + size_t(r0 * H) * 2, m.logits.ptr() + size_t(r0) * size_t(V) * 4, rows,

@@ -143,6 +143,9 @@ class GpuModel {
   UploadOptions upload_options();
   void run_layers(int T, bool decode, Rows rows);
   void lm_head(int T);
+  // Whether calls of `rows` tokens launch their decode kernels with programmatic dependent launch
+  // (options_.pdl, sm_90, decode-sized calls).
+  bool pdl_for(int64_t rows) const;
   void sample(const SamplingParams& sampling, int slot);
   void seed(int slot, const SamplingParams& sampling);  // (re)seeds the slot's device rng on a new seed
   size_t checked(int slot) const;

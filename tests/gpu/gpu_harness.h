@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "models/qwen35/config.h"
 #include "runtime/core/error.h"
 #include "runtime/core/half.h"
 #include "runtime/cuda/driver.h"
@@ -32,6 +33,19 @@ struct Gpu {
   Stream stream{driver};
   JitEngine jit{default_cache_dir(), JitOptions{}};
 };
+
+// One Gated DeltaNet layer of hk key / hv value heads of 128, conv 4 (the GDN and batch tests).
+inline qwen35::Config gdn_layer_config(int64_t hk, int64_t hv) {
+  qwen35::Config c;
+  c.layer_types = {qwen35::LayerType::LinearAttention};
+  c.linear_num_key_heads = hk;
+  c.linear_num_value_heads = hv;
+  c.linear_key_head_dim = 128;
+  c.linear_value_head_dim = 128;
+  c.linear_conv_kernel_dim = 4;
+  c.rms_norm_eps = 1e-6;
+  return c;
+}
 
 inline std::unique_ptr<Gpu> open_gpu() {
   try {

@@ -140,24 +140,12 @@ void attention_batch_case(Gpu& g, const Config& cfg, uint32_t salt) {
 
 // ---------------------------------------------------------------- DeltaNet
 
-Config gdn_config(int64_t hk, int64_t hv) {
-  Config c;
-  c.layer_types = {LayerType::LinearAttention};
-  c.linear_num_key_heads = hk;
-  c.linear_num_value_heads = hv;
-  c.linear_key_head_dim = 128;
-  c.linear_value_head_dim = 128;
-  c.linear_conv_kernel_dim = 4;
-  c.rms_norm_eps = 1e-6;
-  return c;
-}
-
 // 5 slots brought to positions {0, 1, 5, 33, 70} by single-sequence prefills (tested against the
 // reference in test_gpu_gdn.cpp), then one batched step of rows {2, -1, 0, 4, 3} (slot 1 left out,
 // row 1 padding): each row against the reference chain from its slot's state before the step and
 // against gdn_decode of that sequence alone on a copy of the same state.
 void gdn_batch_case(Gpu& g, int64_t hk, int64_t hv, uint32_t salt) {
-  const Config cfg = gdn_config(hk, hv);
+  const Config cfg = gdn_layer_config(hk, hv);
   const GdnShape s = gpu::gdn_shape(cfg);
   const int64_t C = s.conv_dim(), K = s.kc, stride = gpu::gdn_proj_columns(cfg), dk = s.dk, dv = s.dv;
   const size_t conv_bytes = gpu::gdn_conv_state_bytes(cfg), ssm_bytes = gpu::gdn_ssm_state_bytes(cfg);

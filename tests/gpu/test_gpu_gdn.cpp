@@ -27,18 +27,6 @@ namespace ref = q35::qwen35::ref;
 
 namespace {
 
-qwen35::Config gdn_config(int64_t hk, int64_t hv) {
-  qwen35::Config c;
-  c.layer_types = {qwen35::LayerType::LinearAttention};
-  c.linear_num_key_heads = hk;
-  c.linear_num_value_heads = hv;
-  c.linear_key_head_dim = 128;
-  c.linear_value_head_dim = 128;
-  c.linear_conv_kernel_dim = 4;
-  c.rms_norm_eps = 1e-6;
-  return c;
-}
-
 // The forms of the chunked delta rule every chunked case runs (see gdn.h).
 struct ChunkVariant {
   const char* name;
@@ -242,7 +230,7 @@ TEST_CASE("GPU: gdn prefill (chunked) from zero at every length, then decode, ti
   auto g = open_gpu();
   for (auto [hk, hv] : {std::pair<int64_t, int64_t>{2, 4}, {16, 32}}) {
     CAPTURE(hv);
-    const qwen35::Config cfg = gdn_config(hk, hv);
+    const qwen35::Config cfg = gdn_layer_config(hk, hv);
     std::vector<int64_t> lengths;
     for (int64_t T = 1; T <= 17; ++T) lengths.push_back(T);
     for (int64_t T : {31, 63, 64, 65, 100, 128, 300}) lengths.push_back(T);
@@ -261,7 +249,7 @@ TEST_CASE("GPU: gdn chunked prefill continuing a sequence at every length 1..17,
   auto g = open_gpu();
   for (auto [hk, hv] : {std::pair<int64_t, int64_t>{2, 4}, {16, 32}}) {
     CAPTURE(hv);
-    const qwen35::Config cfg = gdn_config(hk, hv);
+    const qwen35::Config cfg = gdn_layer_config(hk, hv);
     for (const ChunkVariant& v : chunk_variants(cfg)) {
       CAPTURE(std::string(v.name));
       // 100 tokens first (a state far from zero), then calls of 1..17 tokens, a decode step, 130 tokens.
@@ -278,7 +266,7 @@ TEST_CASE("GPU: gdn token-by-token prefill, and prefill chunk after chunk, tiny 
   auto g = open_gpu();
   for (auto [hk, hv] : {std::pair<int64_t, int64_t>{2, 4}, {16, 32}}) {
     CAPTURE(hv);
-    const qwen35::Config cfg = gdn_config(hk, hv);
+    const qwen35::Config cfg = gdn_layer_config(hk, hv);
     {
       Layer layer(*g, cfg, 102, uint32_t(11 + hv), default_gdn_chunk_tile(gpu::gdn_shape(cfg)));
       layer.call(100, Layer::Path::Recurrent);
@@ -308,7 +296,7 @@ TEST_CASE("GPU: gdn token-by-token prefill, and prefill chunk after chunk, tiny 
 
 TEST_CASE("GPU: gdn timings at the 35B shapes") {
   auto g = open_gpu();
-  const qwen35::Config cfg = gdn_config(16, 32);
+  const qwen35::Config cfg = gdn_layer_config(16, 32);
   const GdnShape s = gpu::gdn_shape(cfg);
   gpu::GdnKernels k(g->jit, g->ctx, cfg);  // default tiles (the unfused state / output pair)
   const GdnChunkTile fused = default_gdn_chunk_tile(s);

@@ -28,6 +28,22 @@ def percentile(values, p):
     return s[k]
 
 
+def sse_events(response):
+    """The JSON events of an OpenAI-style SSE stream (http.client response), each with the
+    time.perf_counter() of its arrival, as they arrive, up to `data: [DONE]` or the end."""
+    while True:
+        raw = response.readline()
+        if not raw:
+            return
+        now = time.perf_counter()
+        line = raw.decode("utf-8", "replace").rstrip("\r\n")
+        if not line.startswith("data: "):
+            continue
+        if line == "data: [DONE]":
+            return
+        yield now, json.loads(line[6:])
+
+
 def one_chat(url, model, prompt, max_tokens, seed, headers, timeout):
     """One streaming chat (http.client, the SSE lines read as they arrive). Returns (completion_tokens,
     ttft_s, [chunk times], error or None)."""
@@ -45,16 +61,7 @@ def one_chat(url, model, prompt, max_tokens, seed, headers, timeout):
         if r.status != 200:
             return 0, None, [], f"HTTP {r.status}: {r.read()[:200].decode('utf-8', 'replace')}"
         times, tokens = [], 0
-        while True:
-            raw = r.readline()
-            if not raw:
-                break
-            line = raw.decode("utf-8", "replace").rstrip("\r\n")
-            if not line.startswith("data: "):
-                continue
-            if line == "data: [DONE]":
-                break
-            event = json.loads(line[6:])
+        for now, event in sse_events(r):
             if "error" in event:
                 return 0, None, [], f"error in the stream: {json.dumps(event['error'])[:200]}"
             if event.get("usage"):
@@ -62,7 +69,7 @@ def one_chat(url, model, prompt, max_tokens, seed, headers, timeout):
             for choice in event.get("choices", []):
                 delta = choice.get("delta", {})
                 if delta.get("content") or delta.get("reasoning_content") or delta.get("tool_calls"):
-                    times.append(time.perf_counter())
+                    times.append(now)
         return tokens, (times[0] - t0) if times else None, times, None
     finally:
         conn.close()

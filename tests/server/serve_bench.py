@@ -40,6 +40,9 @@ import threading
 import time
 import urllib.parse
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from load_test import percentile, sse_events  # noqa: E402  (beside this file, in tests/server and in dist/)
+
 WORDS = ("time person year way day thing man world life hand part child eye woman place work week case point "
          "government company number group problem fact water room mother area money story month lot right study "
          "book job word business issue side kind head house service friend father power hour game line end member "
@@ -55,13 +58,6 @@ def median(v):
         return None
     n = len(s)
     return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
-
-
-def percentile(values, p):
-    """Nearest-rank percentile (p in [0, 100]) of a non-empty list."""
-    s = sorted(values)
-    k = max(0, min(len(s) - 1, int(round(p / 100.0 * len(s) + 0.5)) - 1))
-    return s[k]
 
 
 class BenchError(Exception):
@@ -119,17 +115,7 @@ class Client:
                 raise BenchError(f"POST {path}: HTTP {r.status}: {r.read()[:300].decode('utf-8', 'replace')}")
             res = {"t_sent": t_sent, "t_first": None, "times": [], "t_end": None, "usage": None, "text": "",
                    "finish_reason": None}
-            while True:
-                raw = r.readline()
-                if not raw:
-                    break
-                now = time.perf_counter()
-                line = raw.decode("utf-8", "replace").rstrip("\r\n")
-                if not line.startswith("data: "):
-                    continue
-                if line == "data: [DONE]":
-                    break
-                event = json.loads(line[6:])
+            for now, event in sse_events(r):
                 if "error" in event:
                     raise BenchError(f"POST {path}: error in the stream: {json.dumps(event['error'])[:300]}")
                 if event.get("usage"):
