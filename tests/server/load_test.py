@@ -7,7 +7,9 @@ passed (a request under way then finishes). Reports, over the completed requests
   per-stream tok/s  each request's (completion tokens - 1) / (last chunk - first chunk), p50 / p95
   TTFT              request sent -> first chunk with text, p50 / p95
   TBT               time between consecutive text chunks of a stream, p50 / p95
-Token counts come from the server's usage (stream_options.include_usage). Prints a table, or one
+Token counts come from the server's usage (stream_options.include_usage). With --prompt-tokens N
+each prompt is about N tokens long (distinct from its first words on, so no prefix cache serves it):
+new long prompts then keep arriving while the other streams decode. Prints a table, or one
 JSON object with --json. Python standard library only (http.client): runs where nothing can be installed.
 
   python3 tests/server/load_test.py --url http://127.0.0.1:8080 --concurrency 16 --duration 60
@@ -75,7 +77,18 @@ def one_chat(url, model, prompt, max_tokens, seed, headers, timeout):
         conn.close()
 
 
-def run(url, concurrency, duration, max_tokens, model="", api_key=""):
+def make_prompt(w, n, prompt_tokens):
+    """Request n of worker w: a short question, or with prompt_tokens > 0 about that many tokens (one
+    short word and a space are about one token of the Qwen vocabulary) that differ from the first words on."""
+    head = f"Stream {w}, request {n}: tell me a story about the number {w * 1000 + n}."
+    if prompt_tokens <= 0:
+        return head
+    words = ["apple", "river", "stone", "cloud", "green", "light", "music", "table", "paper", "field"]
+    filler = " ".join(words[(i * 7 + w * 3 + n) % len(words)] for i in range(max(0, prompt_tokens - 24)))
+    return f"{head} Context: {filler}"
+
+
+def run(url, concurrency, duration, max_tokens, model="", api_key="", prompt_tokens=0):
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     results, errors, lock = [], [], threading.Lock()
     start = time.perf_counter()
@@ -84,7 +97,7 @@ def run(url, concurrency, duration, max_tokens, model="", api_key=""):
     def worker(w):
         n = 0
         while time.perf_counter() < deadline:
-            prompt = f"Stream {w}, request {n}: tell me a story about the number {w * 1000 + n}."
+            prompt = make_prompt(w, n, prompt_tokens)
             try:
                 res = one_chat(url, model, prompt, max_tokens, w * 1000 + n, headers, max(60.0, duration * 4))
             except (OSError, http.client.HTTPException, ValueError) as e:
@@ -107,7 +120,7 @@ def run(url, concurrency, duration, max_tokens, model="", api_key=""):
     def pcts(values, scale=1.0):
         return {"p50": percentile(values, 50) * scale, "p95": percentile(values, 95) * scale} if values else None
 
-    return {"url": url, "concurrency": concurrency, "duration_s": duration, "wall_s": wall,
+    return {"url": url, "concurrency": concurrency, "duration_s": duration, "wall_s": wall, "prompt_tokens": prompt_tokens,
             "requests": len(results), "errors": len(errors), "first_error": errors[0] if errors else None,
             "completion_tokens": tokens, "total_tok_s": tokens / wall if wall > 0 else 0.0,
             "per_stream_tok_s": pcts(stream_tps), "ttft_ms": pcts(ttft, 1000.0), "tbt_ms": pcts(tbt, 1000.0)}
@@ -119,13 +132,15 @@ def main():
     ap.add_argument("--concurrency", type=int, default=8, help="concurrent chats (default 8)")
     ap.add_argument("--duration", type=float, default=30.0, help="seconds to keep starting requests (default 30)")
     ap.add_argument("--max-tokens", type=int, default=128, help="max_tokens of each chat (default 128)")
+    ap.add_argument("--prompt-tokens", type=int, default=0,
+                    help="about this many prompt tokens per request (default 0: a one-line question)")
     ap.add_argument("--model", default="", help="model name to send (default: none, the server's)")
     ap.add_argument("--api-key", default="", help="bearer token, if the server wants one")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     a = ap.parse_args()
-    if a.concurrency < 1 or a.duration <= 0 or a.max_tokens < 1:
-        ap.error("--concurrency and --max-tokens must be >= 1 and --duration > 0")
-    r = run(a.url, a.concurrency, a.duration, a.max_tokens, a.model, a.api_key)
+    if a.concurrency < 1 or a.duration <= 0 or a.max_tokens < 1 or a.prompt_tokens < 0:
+        ap.error("--concurrency and --max-tokens must be >= 1, --prompt-tokens >= 0 and --duration > 0")
+    r = run(a.url, a.concurrency, a.duration, a.max_tokens, a.model, a.api_key, a.prompt_tokens)
     if a.json:
         print(json.dumps(r))
     else:

@@ -671,6 +671,24 @@ def test_load_test_script_reports_throughput_and_percentiles(batch_server):
     assert out["completion_tokens"] <= metric(batch_server, "q35jit_generation_tokens_total")
 
 
+def test_load_test_script_sends_long_prompts(batch_server):
+    import subprocess
+    import sys
+    script = Path(__file__).resolve().parent / "load_test.py"
+    before = metric(batch_server, "q35jit_prompt_tokens_total")
+    r = subprocess.run([sys.executable, "-S", str(script), "--url", batch_server.url, "--concurrency", "2",
+                        "--duration", "2", "--max-tokens", "4", "--prompt-tokens", "300", "--json"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["errors"] == 0 and out["requests"] >= 2 and out["prompt_tokens"] == 300
+    # Each request's prompt holds at least the asked-for tokens' worth of words (the chat template adds more).
+    sent = metric(batch_server, "q35jit_prompt_tokens_total") - before
+    assert sent >= 250 * out["requests"], (sent, out["requests"])
+    bad = subprocess.run([sys.executable, "-S", str(script), "--prompt-tokens", "-1"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "--prompt-tokens" in bad.stderr
+
+
 # ------------------------------------------------------------------ serve_bench.py (scripts/gpu_serve.sh's client)
 
 SERVE_BENCH = Path(__file__).resolve().parent / "serve_bench.py"
