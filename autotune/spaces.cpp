@@ -174,6 +174,10 @@ std::vector<MoeGemmTile> moe_gemm_candidates(const MoeShape& s, int64_t, bool wg
     for (int bt : {8, 16, 32, 64})
       for (int wn : {1, 2})
         for (auto [stages, ksub] : kSwapStages) add(MoeGemmTile{bt, 64 * wn, 64, 1, wn, stages, true, true, true, ksub});
+  if (wgmma)  // swapped with the weights in registers (W4A16): up to bm tokens of an expert per tile
+    for (int bt : {16, 32, 64, 128, 256})
+      for (int wn : {1, 2})
+        for (int stages : {4, 6}) add(MoeGemmTile{bt, 64 * wn, 64, 1, wn, stages, true, true, true, 1, false, true});
   for (int bm : {16, 32, 64, 128})
     for (int bn : {64, 128})
       for (int bk : {32, 64})
@@ -248,6 +252,7 @@ json to_json(const MoeGemmTile& t) {
   if (t.swap) j["swap"] = true;
   if (t.ksub != 1) j["ksub"] = t.ksub;
   if (t.persist) j["persist"] = true;
+  if (t.rs) j["rs"] = true;
   return j;
 }
 json to_json(const AttentionPrefillTile& t) { return {{"warps", t.warps}, {"block_n", t.block_n}}; }
@@ -282,7 +287,7 @@ MoeGemmTile moe_gemm_from_json(const json& j) {
   return {field(j, kMoeGemm, "block_m"), field(j, kMoeGemm, "block_n"), field(j, kMoeGemm, "block_k"),
           field(j, kMoeGemm, "warps_m"), field(j, kMoeGemm, "warps_n"), field_or(j, kMoeGemm, "stages", 2),
           flag(j, kMoeGemm, "wgmma"), flag(j, kMoeGemm, "ws"), flag(j, kMoeGemm, "swap"),
-          field_or(j, kMoeGemm, "ksub", 1), flag(j, kMoeGemm, "persist")};
+          field_or(j, kMoeGemm, "ksub", 1), flag(j, kMoeGemm, "persist"), flag(j, kMoeGemm, "rs")};
 }
 AttentionPrefillTile attention_prefill_from_json(const json& j) {
   return {field(j, kAttentionPrefill, "warps"), field(j, kAttentionPrefill, "block_n")};

@@ -118,11 +118,13 @@ WgmmaGemm wgmma_of(const MoeGemmTile& t, const MoeShape& s, MoeGemm g) {
   w.routed = g == MoeGemm::RoutedGateUp || g == MoeGemm::RoutedDown;
   w.bm = t.block_m, w.bn = t.block_n, w.stages = t.stages, w.wgm = t.warps_m, w.wgn = t.warps_n, w.ws = t.ws, w.swap = t.swap, w.ksub = t.ksub;
   w.persist = t.persist;
+  w.rs = t.rs;
   return w;
 }
 }  // namespace
 
 int MoeGemmTile::smem_bytes(int group) const {
+  if (wgmma && rs) return wgmma_rs_smem_bytes(block_m, block_n, stages);
   return wgmma ? wgmma_smem_bytes(group, block_m, block_n, stages, ws, ksub)
                : 2 * (block_m + block_n) * (block_k + 8) * 2;
 }
@@ -133,7 +135,7 @@ std::string why_invalid(const MoeGemmTile& t, const MoeShape& s, MoeGemm g) {
     if (t.block_k != kWgmmaBlockK) return fmt::format("wgmma: block_k = {} is not {}", t.block_k, kWgmmaBlockK);
     return why_invalid(wgmma_of(t, s, g));
   }
-  if (t.ws || t.swap || t.ksub != 1 || t.persist) return "warp specialisation needs a wgmma tile";
+  if (t.ws || t.swap || t.ksub != 1 || t.persist || t.rs) return "warp specialisation needs a wgmma tile";
   if (t.stages != 2) return fmt::format("stages = {}: the mma.sync kernel has 2", t.stages);
   const int64_t n = moe_gemm_n(s, g), k = moe_gemm_k(s, g);
   if (t.warps_m < 1 || t.warps_n < 1 || t.threads() > 1024)

@@ -57,6 +57,9 @@ struct MoeGemmTile {
   bool swap = false;    // ws: weights x tokens, block_m = 8..64 tokens, block_n = 64 * warps_n weight rows
   int ksub = 1;         // swap: 64-k steps per pipeline stage
   bool persist = false; // ws, W4A16: about one block per SM looping over the tiles (WgmmaGemm::persist)
+  bool rs = false;      // swap, W4A16: the weights as wgmma's register operand (WgmmaGemm::rs); block_m is
+                        // the most tokens of an expert per tile (8 .. 256), each tile computes its own
+                        // rows rounded up to 8, 16 or a multiple of 32
   int threads() const { return 32 * warps_m * warps_n * (wgmma ? 4 : 1) + (ws ? 128 : 0); }
   int smem_bytes(int group) const;  // wgmma: dynamic; else static, 2 stages of padded rows
 };

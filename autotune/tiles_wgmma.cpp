@@ -18,6 +18,30 @@ int wgmma_smem_bytes(int group, int bm, int bn, int stages, bool ws, int ksub) {
   return 1024 + stages * (a + (group == 0 ? bn * 128 : raw)) + (group == 0 ? 0 : 3 * bn * 128);
 }
 
+int wgmma_rs_smem_bytes(int bm, int bn, int stages) { return 1024 + stages * (bm * 128 + bn * 32) + stages * 16; }
+
+namespace {
+std::string why_invalid_rs(const WgmmaGemm& g) {
+  if (g.group == 0) return "register-sourced weights (rs) are W4A16 only";
+  if (!g.ws || !g.swap || g.persist || g.ksub != 1 || g.wgm != 1)
+    return "register-sourced weights (rs): warp-specialised and swapped, wgm 1, ksub 1, not persistent";
+  if (g.wgn != 1 && g.wgn != 2) return fmt::format("rs: wgn = {} consumer warpgroups is not 1 or 2", g.wgn);
+  if (g.bn != 64 * g.wgn) return fmt::format("rs: bn = {} must be 64 x wgn = {}", g.bn, 64 * g.wgn);
+  if (g.bm != 8 && g.bm != 16 && !(g.bm % 32 == 0 && g.bm >= 32 && g.bm <= 256))
+    return fmt::format("rs: bm = {} token rows is not 8, 16 or a multiple of 32 up to 256", g.bm);
+  // Two consumer warpgroups share the 168 registers a thread of a 384-thread block gets: up to 128
+  // token rows (64 accumulators); one consumer warpgroup (256 threads) up to 256.
+  if (g.wgn == 2 && g.bm > 128) return fmt::format("rs: bm = {} with 2 consumer warpgroups exceeds 128 rows (registers)", g.bm);
+  if (g.k % 128 != 0) return fmt::format("rs: K = {} is not a multiple of 128 (two 64-k steps per loop)", g.k);
+  if (g.n % g.bn != 0) return fmt::format("rs: N = {} is not a multiple of bn = {}", g.n, g.bn);
+  if (g.gate_up && g.out_f32) return "gate|up writes bf16";
+  if (g.stages < 2 || g.stages > 8) return fmt::format("rs: stages = {} is not in [2, 8]", g.stages);
+  if (const int smem = wgmma_rs_smem_bytes(g.bm, g.bn, g.stages); smem > kWgmmaMaxSmem)
+    return fmt::format("{} B of shared memory exceeds {} B", smem, kWgmmaMaxSmem);
+  return {};
+}
+}  // namespace
+
 std::string why_invalid(const WgmmaGemm& g) {
   if (g.group != 0 && g.group != 32 && g.group != 64 && g.group != 128)
     return fmt::format("weight group {} is not 0 (bf16), 32, 64 or 128", g.group);
@@ -26,6 +50,7 @@ std::string why_invalid(const WgmmaGemm& g) {
   if (g.group != 0 && (g.k % kWgmmaBlockK != 0 || g.k % g.group != 0))
     return fmt::format("W4A16: K = {} is not a multiple of 64 and of the group {}", g.k, g.group);
   if (g.topk < 1) return fmt::format("topk = {} is not positive", g.topk);
+  if (g.rs) return why_invalid_rs(g);
   if (g.wgm != 1 && g.wgm != 2) return fmt::format("wgm = {} warpgroups along M is not 1 or 2", g.wgm);
   if (g.wgn != 1 && g.wgn != 2) return fmt::format("wgn = {} warpgroups along N is not 1 or 2", g.wgn);
   if (g.swap) {
@@ -70,6 +95,19 @@ KernelSpec wgmma_gemm_spec(const WgmmaGemm& g) {
          g.group == 0 ? std::string("bf16") : fmt::format("W4A16 g{}", g.group), why);
   auto b = [](bool v) { return std::string(v ? "true" : "false"); };
   auto s = [](int64_t v) { return std::to_string(v); };
+  if (g.rs)
+    return {"wgmma_rs",
+            "gemm_wgmma_rs",
+            {{"GROUP", s(g.group)},
+             {"N", s(g.n)},
+             {"K", s(g.k)},
+             {"TOPK", s(g.topk)},
+             {"GATE_UP", b(g.gate_up)},
+             {"ROUTED", b(g.routed)},
+             {"OUT_F32", b(g.out_f32)},
+             {"BM", s(g.bm)},
+             {"WGN", s(g.wgn)},
+             {"STAGES", s(g.stages)}}};
   return {"wgmma_gemm",
           "gemm_wgmma",
           {{"GROUP", s(g.group)},

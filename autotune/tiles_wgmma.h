@@ -28,6 +28,11 @@ struct WgmmaGemm {
   bool persist = false;      // ws, not swapped, W4A16: a grid of about one block per SM loops over the tiles
                              // (grid (blocks, 1)); the producer fills the next tile's stages during the
                              // consumers' last steps and epilogue
+  bool rs = false;           // W4A16, swapped and warp-specialised with the weights as wgmma's register
+                             // operand: gemm_wgmma_rs of kernel_templates/wgmma_rs.cuh (the consumers
+                             // dequantize into registers; no bf16 weight tile). bm: the most token rows
+                             // of a tile (8, 16, 32 .. 256; a tile computes its real rows rounded up to
+                             // 8, 16 or a multiple of 32), bn = 64 * wgn weight rows, ksub 1
   int threads() const { return 128 * (wgm * wgn + (ws ? 1 : 0)); }
 };
 
@@ -40,8 +45,11 @@ constexpr int kWgmmaMaxSmem = 227 * 1024;     // dynamic shared memory a block m
 // The bf16 B tiles of the warp-specialised W4A16 form: `stages` up to 4, then 3 (5 stages), 2 (more).
 int wgmma_ws_bf16_tiles(int stages);
 int wgmma_smem_bytes(int group, int bm, int bn, int stages, bool ws = false, int ksub = 1);
+// gemm_wgmma_rs: 1 KiB alignment slack, `stages` x (bm token rows x 128 B + bn raw rows x 32 B), 2
+// mbarriers per stage.
+int wgmma_rs_smem_bytes(int bm, int bn, int stages);
 inline int wgmma_smem_bytes(const WgmmaGemm& g) {
-  return wgmma_smem_bytes(g.group, g.bm, g.bn, g.stages, g.ws, g.ksub);
+  return g.rs ? wgmma_rs_smem_bytes(g.bm, g.bn, g.stages) : wgmma_smem_bytes(g.group, g.bm, g.bn, g.stages, g.ws, g.ksub);
 }
 std::string why_invalid(const WgmmaGemm& g);
 KernelSpec wgmma_gemm_spec(const WgmmaGemm& g);  // Error naming the shape and reason when invalid

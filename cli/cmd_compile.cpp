@@ -1,12 +1,16 @@
 // q35jit compile: compile (and cache) every kernel a checkpoint needs, from config.json alone.
 // Needs no GPU and no weights.
 #include <chrono>
+#include <set>
 #include <cstdio>
 #include <thread>
 
 #include "cli/args.h"
 #include "cli/commands.h"
 #include "cli/session.h"
+#include "autotune/spaces.h"
+#include "autotune/tiles_wgmma.h"
+#include "models/qwen35/gpu/moe.h"
 #include "models/qwen35/kernels.h"
 #include "runtime/core/error.h"
 #include "runtime/cuda/driver.h"
@@ -24,6 +28,9 @@ const std::vector<FlagSpec> kCompileFlags = {
     {"quant", "bf16|w4a16", "weight format the kernels are for (default w4a16)"},
     {"group-size", "G", "W4A16 group size (default 128, or the largest dividing every K; a quantized checkpoint's own)"},
     {"cache-dir", "DIR", "kernel cache folder (default $Q35JIT_CACHE_DIR, $XDG_CACHE_HOME/q35jit, ~/.cache/q35jit)"},
+    {"moe-tiles", "KIND",
+     "also the MoE grouped-GEMM tiles of the tuner's space (what `q35jit tune` compiles), to carry their cubins to a "
+     "GPU machine: all, wgmma (the sm_90a ones) or rs (the register-sourced W4A16 ones)"},
     {"verbose", "", "list every kernel"},
 };
 
@@ -39,7 +46,7 @@ bool valid_arch(const std::string& a) {
 int cmd_compile(int argc, char** argv) {
   Args args("compile", kCompileFlags, argc, argv, 2);
   if (args.help()) {
-    std::printf("usage: q35jit compile (--model DIR | --synthetic NAME) [--arch sm_90a] [--threads N]\n\n%s",
+    std::printf("usage: q35jit compile (--model DIR | --synthetic NAME) [--arch sm_90a] [--threads N] [--moe-tiles KIND]\n\n%s",
                 args.usage().c_str());
     return 0;
   }
@@ -62,6 +69,26 @@ int cmd_compile(int argc, char** argv) {
 
   const int group = weight_choice(args, src.config, src.dir()).group;
   std::vector<KernelSpec> specs = qwen35::required_kernels(src.config, group, arch);
+  if (auto kind = args.get("moe-tiles")) {
+    if (*kind != "all" && *kind != "wgmma" && *kind != "rs")
+      fail("q35jit compile: --moe-tiles must be all, wgmma or rs, got '{}'", *kind);
+    const MoeShape s = qwen35::gpu::moe_shape(src.config, group);
+    std::set<std::string> seen;
+    for (const KernelSpec& k : specs) seen.insert(k.str());
+    auto add = [&](const KernelSpec& k) {
+      if (seen.insert(k.str()).second) specs.push_back(k);
+    };
+    for (const MoeGemmTile& t : tune::moe_gemm_candidates(s, 4096, arch_has_wgmma(arch))) {
+      if ((*kind == "wgmma" && !t.wgmma) || (*kind == "rs" && !t.rs)) continue;
+      bool ok = true;
+      for (MoeGemm g : {MoeGemm::RoutedGateUp, MoeGemm::RoutedDown, MoeGemm::SharedGateUp, MoeGemm::SharedDown})
+        ok = ok && why_invalid(t, s, g).empty();
+      if (!ok) continue;
+      add(moe_align_spec(s, t));
+      for (MoeGemm g : {MoeGemm::RoutedGateUp, MoeGemm::RoutedDown, MoeGemm::SharedGateUp, MoeGemm::SharedDown})
+        add(moe_gemm_spec(s, g, t));
+    }
+  }
   JitEngine jit(args.get("cache-dir") ? std::filesystem::path(*args.get("cache-dir")) : default_cache_dir());
 
   auto t0 = std::chrono::steady_clock::now();

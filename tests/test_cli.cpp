@@ -211,6 +211,14 @@ TEST_CASE("compile: every kernel of the fixture for sm_80 and sm_90a, then all c
     CHECK(warm.out.find(" 0 compiled") != std::string::npos);
   }
   CHECK(q35jit("compile --model " + kModel + " --arch sm90").err.find("--arch must look like") != std::string::npos);
+  // --moe-tiles: the tuner's MoE tiles too (the fixture's K = 64 admits no register-sourced tile: the
+  // same kernels, all cached); a bad kind is named.
+  Result rs = q35jit("compile --model " + kModel + " --arch sm_90a --moe-tiles rs --cache-dir " + cache.path().string());
+  REQUIRE_MESSAGE(rs.code == 0, rs.err);
+  CHECK(rs.out.find(" 0 compiled") != std::string::npos);
+  Result bad = q35jit("compile --model " + kModel + " --arch sm_90a --moe-tiles some");
+  CHECK(bad.code != 0);
+  CHECK(bad.err.find("--moe-tiles must be all, wgmma or rs") != std::string::npos);
 }
 
 TEST_CASE("compile: every kernel of the 122B-A10B and 397B-A17B configs for sm_90a and sm_80") {

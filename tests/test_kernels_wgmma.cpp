@@ -75,10 +75,11 @@ TEST_CASE("gemm_wgmma: every instantiation of the runner and the tuner compiles 
   for (int group : {0, 32, 64})
     for (const KernelSpec& s : required_kernels(config_tiny(), group, "sm_90a")) add(s);
   // The tuner's spaces at g128 (35B): the four MoE GEMMs and the DeltaNet in_proj (ragged N).
+  // (The register-sourced tiles, gemm_wgmma_rs, have their own test: ptxas takes seconds for each.)
   const MoeShape ms = gpu::moe_shape(config_35b(), 128);
   for (const MoeGemmTile& t : tune::moe_gemm_candidates(ms, 4096, true))
     for (MoeGemm g : {MoeGemm::RoutedGateUp, MoeGemm::RoutedDown, MoeGemm::SharedGateUp, MoeGemm::SharedDown})
-      add(moe_gemm_spec(ms, g, t));
+      if (!t.rs) add(moe_gemm_spec(ms, g, t));
   for (const GemmTile& t : tune::gemm_candidates(12352, 2048, 4096, true, 128))
     add(gpu::GemmPlan{12352, 2048, t, false, 128}.spec());
   MESSAGE(specs.size() << " gemm_wgmma instantiations");
@@ -161,4 +162,68 @@ TEST_CASE("gemm_wgmma refuses what its template cannot run, naming the reason") 
   CHECK_FALSE(arch_has_wgmma("sm_90"));
   CHECK_FALSE(arch_has_wgmma("sm_80"));
   CHECK_FALSE(arch_has_wgmma("sm_100a"));
+}
+
+TEST_CASE("gemm_wgmma_rs (weights as wgmma's register operand): the MoE GEMMs compile for sm_90a without spills, "
+          "with HGMMA in the SASS, and the tuner's space holds its tiles") {
+  q35::test::TempDir cache("wgmma-rs-jit");
+  JitEngine jit(cache.path(), JitOptions{.kernel_dir = std::nullopt, .extra_options = {"--ptxas-options=-v"}});
+  std::vector<KernelSpec> specs;
+  // The 35B's four GEMMs at g128 with two consumer warpgroups and 128 tokens (every tile variant
+  // 8 .. 128), and the routed gate|up at g32 with one consumer warpgroup and 256 tokens.
+  const MoeShape ms = gpu::moe_shape(config_35b(), 128);
+  const MoeGemmTile two{128, 128, 64, 1, 2, 4, true, true, true, 1, false, true};
+  for (MoeGemm g : {MoeGemm::RoutedGateUp, MoeGemm::RoutedDown, MoeGemm::SharedGateUp, MoeGemm::SharedDown}) {
+    REQUIRE(why_invalid(two, ms, g).empty());
+    specs.push_back(moe_gemm_spec(ms, g, two));
+  }
+  const MoeShape ms32 = gpu::moe_shape(config_35b(), 32);
+  const MoeGemmTile one{256, 64, 64, 1, 1, 3, true, true, true, 1, false, true};
+  REQUIRE(why_invalid(one, ms32, MoeGemm::RoutedGateUp).empty());
+  specs.push_back(moe_gemm_spec(ms32, MoeGemm::RoutedGateUp, one));
+  for (const KernelSpec& s : specs) CHECK(s.family == "wgmma_rs");
+  const std::vector<CompiledKernel> out = jit.compile_all(specs, "sm_90a", 2);
+  REQUIRE(out.size() == specs.size());
+  for (size_t i = 0; i < out.size(); ++i) {
+    CAPTURE(specs[i].str());
+    CHECK(q35::test::spill_bytes(out[i], specs[i].str()) == 0);
+    const std::string sass = q35::test::sass_of(out[i], cache.path());
+    CHECK(contains(sass, "HGMMA.64x128x16.F32.BF16"));  // the 128-token variant, A from registers
+    CHECK(contains(sass, "HGMMA.64x8x16.F32.BF16"));
+    CHECK_FALSE(contains(sass, "LDL"));
+  }
+  int rs = 0;
+  for (const MoeGemmTile& t : tune::moe_gemm_candidates(ms, 4096, true)) rs += t.rs;
+  CHECK(rs >= 8);
+  for (const MoeGemmTile& t : tune::moe_gemm_candidates(gpu::moe_shape(config_35b(), 0), 4096, true))
+    CHECK_FALSE(t.rs);  // bf16 weights: no register-sourced tiles
+}
+
+TEST_CASE("gemm_wgmma_rs refuses what its template cannot run, naming the reason") {
+  WgmmaGemm g;
+  g.n = 1024, g.k = 2048, g.group = 128, g.gate_up = true, g.routed = true, g.topk = 8;
+  g.ws = g.swap = g.rs = true, g.wgm = 1, g.wgn = 2, g.bm = 128, g.bn = 128, g.stages = 4;
+  CHECK(why_invalid(g).empty());
+  CHECK(wgmma_smem_bytes(g) == 1024 + 4 * (128 * 128 + 128 * 32) + 4 * 16);
+  CHECK(wgmma_gemm_spec(g).family == "wgmma_rs");
+  WgmmaGemm bad = g;
+  bad.group = 0;
+  CHECK(contains(why_invalid(bad), "W4A16 only"));
+  bad = g, bad.bm = 256;  // two consumer warpgroups: 128 rows at most
+  CHECK(contains(why_invalid(bad), "registers"));
+  bad.wgn = 1, bad.bn = 64;
+  CHECK(why_invalid(bad).empty());
+  bad = g, bad.bm = 48;
+  CHECK(contains(why_invalid(bad), "multiple of 32"));
+  bad = g, bad.k = 2048 + 64, bad.group = 64;  // two 64-k steps per loop
+  CHECK(contains(why_invalid(bad), "multiple of 128"));
+  bad = g, bad.bn = 64;
+  CHECK(contains(why_invalid(bad), "64 x wgn"));
+  bad = g, bad.ksub = 2;
+  CHECK(contains(why_invalid(bad), "ksub 1"));
+  bad = g, bad.stages = 12;
+  CHECK(contains(why_invalid(bad), "stages"));
+  bad = g, bad.wgn = 1, bad.bn = 64, bad.bm = 256, bad.stages = 7;
+  CHECK(contains(why_invalid(bad), "shared memory"));
+  CHECK(contains(test::error_of([&] { wgmma_gemm_spec(bad); }), "gemm_wgmma [N = 1024, K = 2048, W4A16 g128]"));
 }

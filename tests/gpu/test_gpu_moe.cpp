@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cstring>
 #include <thread>
+#include <tuple>
 
 #include "models/qwen35/config.h"
 #include "models/qwen35/gpu/moe.h"
@@ -284,7 +285,13 @@ void run_shapes(const MoeShape& base, std::initializer_list<int> groups, bool ti
                                    MoeGemmTile{64, 64, 64, 1, 1, 4, true, true, true},
                                    // and stages of 2 or 4 64-k steps
                                    MoeGemmTile{8, 64, 64, 1, 1, 4, true, true, true, 4},
-                                   MoeGemmTile{32, 128, 64, 1, 2, 6, true, true, true, 2}}) {
+                                   MoeGemmTile{32, 128, 64, 1, 2, 6, true, true, true, 2},
+                                   // the weights as wgmma's register operand (W4A16 only): up to bm tokens
+                                   // of an expert per tile, each tile its own wgmma N
+                                   MoeGemmTile{128, 128, 64, 1, 2, 4, true, true, true, 1, false, true},
+                                   MoeGemmTile{256, 64, 64, 1, 1, 4, true, true, true, 1, false, true},
+                                   MoeGemmTile{16, 128, 64, 1, 2, 6, true, true, true, 1, false, true},
+                                   MoeGemmTile{64, 64, 64, 1, 1, 4, true, true, true, 1, false, true}}) {
         MoeTiles tiles = MoeTiles::defaults(s, true);
         tiles.gemm = t;
         bool ok = true;
@@ -297,6 +304,7 @@ void run_shapes(const MoeShape& base, std::initializer_list<int> groups, bool ti
         CAPTURE(t.ws);
         CAPTURE(t.ksub);
         CAPTURE(t.persist);
+        CAPTURE(t.rs);
         const MoeKernels kt(g->jit, g->ctx, s, tiles);
         Workspace wt(*g, kt, 2048);
         for (int64_t T : {37, 2048}) check_moe(*g, L, kt, wt.sc, T, MoePath::Prefill, salt++);
@@ -318,6 +326,11 @@ void run_shapes(const MoeShape& base, std::initializer_list<int> groups, bool ti
             t.gemm = MoeGemmTile{bt, 64 * wn, 64, 1, wn, stages, true, true, true, ksub};
             sets.emplace_back(fmt::format("swap {}x{} st{} k{}", bt, 64 * wn, stages, 64 * ksub), t);
           }
+        for (auto [bt, wn, stages] : {std::tuple{16, 2, 4}, {32, 2, 4}, {64, 2, 4}, {32, 1, 6}, {128, 2, 4}}) {
+          MoeTiles t = k.tiles;
+          t.gemm = MoeGemmTile{bt, 64 * wn, 64, 1, wn, stages, true, true, true, 1, false, true};
+          sets.emplace_back(fmt::format("rs {}x{} st{}", bt, 64 * wn, stages), t);
+        }
         const std::vector<uint16_t> x = random_bf16(size_t(T * s.hidden), 9, 1.f);
         DeviceBuffer d_x = to_device(*g, x), d_out(g->driver, size_t(T * s.hidden) * 2);
         const MoeWeights w = L.weights();
@@ -390,15 +403,20 @@ void run_shapes(const MoeShape& base, std::initializer_list<int> groups, bool ti
                                    // st3 1296 us, st5 1093, 128x128 st8 1291, 64x256 st4 1342 per layer)
                                    MoeGemmTile{128, 256, 64, 2, 1, 4, true, true, false, 1, true},
                                    MoeGemmTile{128, 256, 64, 2, 1, 6, true, true, false, 1, true},
-                                   MoeGemmTile{128, 128, 64, 2, 1, 4, true, true, false, 1, true}}) {
+                                   MoeGemmTile{128, 128, 64, 2, 1, 4, true, true, false, 1, true},
+                                   // the weights as wgmma's register operand
+                                   MoeGemmTile{128, 128, 64, 1, 2, 4, true, true, true, 1, false, true},
+                                   MoeGemmTile{128, 128, 64, 1, 2, 6, true, true, true, 1, false, true},
+                                   MoeGemmTile{256, 64, 64, 1, 1, 4, true, true, true, 1, false, true},
+                                   MoeGemmTile{64, 128, 64, 1, 2, 4, true, true, true, 1, false, true}}) {
         bool ok = true;
         for (MoeGemm gm : {MoeGemm::RoutedGateUp, MoeGemm::RoutedDown, MoeGemm::SharedGateUp, MoeGemm::SharedDown})
           ok = ok && why_invalid(t, s, gm).empty();
         if (!ok) continue;  // persistent: W4A16 only
         MoeTiles tiles = k.tiles;
         tiles.gemm = t;
-        timed.emplace_back(fmt::format("ws {}x{} wg {}x{} stages {}{}", t.block_m, t.block_n, t.warps_m, t.warps_n,
-                                       t.stages, t.persist ? " persistent" : ""),
+        timed.emplace_back(fmt::format("{} {}x{} wg {}x{} stages {}{}", t.rs ? "rs" : "ws", t.block_m, t.block_n,
+                                       t.warps_m, t.warps_n, t.stages, t.persist ? " persistent" : ""),
                            tiles);
       }
     for (const auto& [label, tiles] : timed) {
