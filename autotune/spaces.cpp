@@ -174,10 +174,15 @@ std::vector<MoeGemmTile> moe_gemm_candidates(const MoeShape& s, int64_t, bool wg
     for (int bt : {8, 16, 32, 64})
       for (int wn : {1, 2})
         for (auto [stages, ksub] : kSwapStages) add(MoeGemmTile{bt, 64 * wn, 64, 1, wn, stages, true, true, true, ksub});
-  if (wgmma)  // swapped with the weights in registers (W4A16): up to bm tokens of an expert per tile
+  if (wgmma) {  // swapped with the weights in registers (W4A16): up to bm tokens of an expert per tile;
+               // two consumer warpgroups (one: short prompts only), persistent or not
     for (int bt : {16, 32, 64, 128, 256})
-      for (int wn : {1, 2})
-        for (int stages : {4, 6}) add(MoeGemmTile{bt, 64 * wn, 64, 1, wn, stages, true, true, true, 1, false, true});
+      for (int stages : {4, 6})
+        for (bool persist : {false, true})
+          add(MoeGemmTile{bt, 128, 64, 1, 2, stages, true, true, true, 1, persist, true});
+    for (int bt : {16, 32})
+      for (int stages : {4, 6}) add(MoeGemmTile{bt, 64, 64, 1, 1, stages, true, true, true, 1, false, true});
+  }
   for (int bm : {16, 32, 64, 128})
     for (int bn : {64, 128})
       for (int bk : {32, 64})

@@ -81,7 +81,7 @@ std::vector<AttentionDecodeTile> attention_decode_candidates(int64_t hq, int64_t
 std::vector<GdnPrefillConfig> gdn_prefill_candidates(const GdnShape& s);
 std::vector<GdnRecurrentTile> gdn_recurrent_candidates(const GdnShape& s);
 // Largest block_m among moe_gemm_candidates (sizes the MoE workspace for any tuned tile).
-constexpr int kMoeMaxBlockM = 128;
+constexpr int kMoeMaxBlockM = 256;  // the register-sourced wgmma tiles (up to 256 tokens of an expert)
 constexpr int kMoeMinBlockM = 8;  // the swapped wgmma tiles (weights x 8..64 tokens)
 
 // ---- JSON (objects of the fields named in the table above) ----

@@ -18,20 +18,17 @@ int wgmma_smem_bytes(int group, int bm, int bn, int stages, bool ws, int ksub) {
   return 1024 + stages * (a + (group == 0 ? bn * 128 : raw)) + (group == 0 ? 0 : 3 * bn * 128);
 }
 
-int wgmma_rs_smem_bytes(int bm, int bn, int stages) { return 1024 + stages * (bm * 128 + bn * 32) + stages * 16; }
+int wgmma_rs_smem_bytes(int bm, int bn, int stages) { return 1024 + stages * (bm * 128 + bn * 32) + stages * 16 + bm * 4; }
 
 namespace {
 std::string why_invalid_rs(const WgmmaGemm& g) {
   if (g.group == 0) return "register-sourced weights (rs) are W4A16 only";
-  if (!g.ws || !g.swap || g.persist || g.ksub != 1 || g.wgm != 1)
-    return "register-sourced weights (rs): warp-specialised and swapped, wgm 1, ksub 1, not persistent";
+  if (!g.ws || !g.swap || g.ksub != 1 || g.wgm != 1)
+    return "register-sourced weights (rs): warp-specialised and swapped, wgm 1, ksub 1";
   if (g.wgn != 1 && g.wgn != 2) return fmt::format("rs: wgn = {} consumer warpgroups is not 1 or 2", g.wgn);
   if (g.bn != 64 * g.wgn) return fmt::format("rs: bn = {} must be 64 x wgn = {}", g.bn, 64 * g.wgn);
   if (g.bm != 8 && g.bm != 16 && !(g.bm % 32 == 0 && g.bm >= 32 && g.bm <= 256))
     return fmt::format("rs: bm = {} token rows is not 8, 16 or a multiple of 32 up to 256", g.bm);
-  // Two consumer warpgroups share the 168 registers a thread of a 384-thread block gets: up to 128
-  // token rows (64 accumulators); one consumer warpgroup (256 threads) up to 256.
-  if (g.wgn == 2 && g.bm > 128) return fmt::format("rs: bm = {} with 2 consumer warpgroups exceeds 128 rows (registers)", g.bm);
   if (g.k % 128 != 0) return fmt::format("rs: K = {} is not a multiple of 128 (two 64-k steps per loop)", g.k);
   if (g.n % g.bn != 0) return fmt::format("rs: N = {} is not a multiple of bn = {}", g.n, g.bn);
   if (g.gate_up && g.out_f32) return "gate|up writes bf16";
@@ -107,7 +104,8 @@ KernelSpec wgmma_gemm_spec(const WgmmaGemm& g) {
              {"OUT_F32", b(g.out_f32)},
              {"BM", s(g.bm)},
              {"WGN", s(g.wgn)},
-             {"STAGES", s(g.stages)}}};
+             {"STAGES", s(g.stages)},
+             {"PERSIST", b(g.persist)}}};
   return {"wgmma_gemm",
           "gemm_wgmma",
           {{"GROUP", s(g.group)},

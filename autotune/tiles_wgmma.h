@@ -32,7 +32,8 @@ struct WgmmaGemm {
                              // operand: gemm_wgmma_rs of kernel_templates/wgmma_rs.cuh (the consumers
                              // dequantize into registers; no bf16 weight tile). bm: the most token rows
                              // of a tile (8, 16, 32 .. 256; a tile computes its real rows rounded up to
-                             // 8, 16 or a multiple of 32), bn = 64 * wgn weight rows, ksub 1
+                             // 8, 16 or a multiple of 32), bn = 64 * wgn weight rows, ksub 1; may be
+                             // persistent
   int threads() const { return 128 * (wgm * wgn + (ws ? 1 : 0)); }
 };
 
@@ -46,7 +47,7 @@ constexpr int kWgmmaMaxSmem = 227 * 1024;     // dynamic shared memory a block m
 int wgmma_ws_bf16_tiles(int stages);
 int wgmma_smem_bytes(int group, int bm, int bn, int stages, bool ws = false, int ksub = 1);
 // gemm_wgmma_rs: 1 KiB alignment slack, `stages` x (bm token rows x 128 B + bn raw rows x 32 B), 2
-// mbarriers per stage.
+// mbarriers per stage, bm ints (the producer's table of token rows).
 int wgmma_rs_smem_bytes(int bm, int bn, int stages);
 inline int wgmma_smem_bytes(const WgmmaGemm& g) {
   return g.rs ? wgmma_rs_smem_bytes(g.bm, g.bn, g.stages) : wgmma_smem_bytes(g.group, g.bm, g.bn, g.stages, g.ws, g.ksub);

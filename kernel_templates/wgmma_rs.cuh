@@ -28,9 +28,10 @@
 //              group (its fragments, in the other of two register sets, are then free) and frees
 //              that step's slot (empty).
 // Accumulators and epilogue: those of the swapped form (wg_epilogue_swap with BT = NV).
-// Grid: (N / BN, row blocks); block (WGN + 1) x 128 threads; dynamic shared memory
-// wgmma_rs_smem_bytes (autotune/tiles_wgmma.h): 1 KiB alignment, STAGES x (BM x 128 + BN x 32),
-// 2 mbarriers per stage.
+// Grid: (N / BN, row blocks), or PERSIST: (about one block per SM) looping over the tiles; block
+// (WGN + 1) x 128 threads; dynamic shared memory wgmma_rs_smem_bytes (autotune/tiles_wgmma.h):
+// 1 KiB alignment, STAGES x (BM x 128 + BN x 32), 2 mbarriers per stage, BM ints (the producer's
+// table of token rows).
 #include "wgmma_gemm.cuh"
 
 namespace q35k {
@@ -172,7 +173,8 @@ __device__ __forceinline__ int rs_real_rows(const int* sorted_ids, long long row
 }  // namespace sm90
 }  // namespace q35k
 
-template <int GROUP, int N, int K, int TOPK, bool GATE_UP, bool ROUTED, bool OUT_F32, int BM, int WGN, int STAGES>
+template <int GROUP, int N, int K, int TOPK, bool GATE_UP, bool ROUTED, bool OUT_F32, int BM, int WGN, int STAGES,
+          bool PERSIST>
 __global__ void __launch_bounds__((WGN + 1) * 128, 1)
 gemm_wgmma_rs(const q35k::bf16* __restrict__ A, const void* __restrict__ W, const q35k::bf16* __restrict__ S,
               void* __restrict__ out, const int* __restrict__ sorted_ids, const int* __restrict__ block_expert,
@@ -180,7 +182,7 @@ gemm_wgmma_rs(const q35k::bf16* __restrict__ A, const void* __restrict__ W, cons
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using namespace q35k;
   using namespace q35k::sm90;
-  constexpr int BN = 64 * WGN, KT = K / 64, CONSUMERS = WGN * 128;
+  constexpr int BN = 64 * WGN, KT = K / 64, CONSUMERS = WGN * 128, NB = N / BN;
   constexpr u32 A_BYTES = BM * 128, STAGE_BYTES = A_BYTES + BN * 32;
   static_assert(GROUP == 32 || GROUP == 64 || GROUP == 128, "gemm_wgmma_rs: W4A16 groups 32, 64, 128");
   static_assert(K % 128 == 0 && K % GROUP == 0, "gemm_wgmma_rs: K must be a multiple of 128 and of the group");
@@ -189,23 +191,29 @@ gemm_wgmma_rs(const q35k::bf16* __restrict__ A, const void* __restrict__ W, cons
   static_assert(BM == 8 || BM == 16 || (BM % 32 == 0 && BM >= 32 && BM <= 256), "gemm_wgmma_rs: BM 8, 16, 32 .. 256");
   static_assert(STAGES >= 2 && STAGES <= 8, "gemm_wgmma_rs: 2 to 8 stages");
   static_assert(!GATE_UP || !OUT_F32, "gemm_wgmma_rs: gate|up writes bf16");
-  static_assert(STAGE_BYTES % 1024 == 0 || BM % 8 == 0, "gemm_wgmma_rs: tiles of 8-row groups");
 
   extern __shared__ unsigned char smem_raw[];
   const u32 base = (u32(__cvta_generic_to_shared(smem_raw)) + 1023u) & ~1023u;
   const int tid = threadIdx.x, lane = tid % 32, wg = tid / 128, warp = (tid / 32) % 4;
-  const int nb = blockIdx.x, mb = blockIdx.y;
-  int expert = 0;
-  if constexpr (ROUTED) {
-    if (mb >= *num_blocks) return;
-    expert = block_expert[mb];
-  }
-  const long long row0 = (long long)mb * BM;
-  const int rows = rs_real_rows<ROUTED, BM>(sorted_ids, row0, T, lane);
-  const int nv = rs_tile_rows(rows);
-  // Stage s at base + s STAGE_BYTES: the token tile (BM x 128 B, 1024-aligned as STAGE_BYTES is a
-  // multiple of 1024 for BM >= 8 and BN = 64 WGN), then the BN raw rows of 32 bytes.
+  // Tiles: (row block mb, column block nb). Persistent: a block runs tiles blockIdx.x, + gridDim.x, ..
+  // (nb fastest: the column blocks of a row block run side by side and share its token rows), one
+  // ring and one step count across them, so the producer fills the next tile's stages while the
+  // consumers finish the last steps and the epilogue of the current one. Else one tile per block.
+  long long n_tiles = 1;
+  if constexpr (PERSIST) n_tiles = (ROUTED ? (long long)*num_blocks : ((long long)T + BM - 1) / BM) * NB;
+  else if (ROUTED && (int)blockIdx.y >= *num_blocks) return;
+  const long long first_tile = PERSIST ? (long long)blockIdx.x : 0, tile_step = PERSIST ? (long long)gridDim.x : 1;
+  auto tile_coords = [&](long long tile, int& nb, long long& row0, int& expert) {
+    const long long mb = PERSIST ? tile / NB : (long long)blockIdx.y;
+    nb = PERSIST ? int(tile % NB) : (int)blockIdx.x;
+    row0 = mb * BM;
+    expert = ROUTED ? block_expert[mb] : 0;
+  };
+  // Stage s at base + s STAGE_BYTES: the token tile (BM x 128 B; STAGE_BYTES is a multiple of 1024 for
+  // BM a multiple of 8 and BN = 64 WGN), then the BN raw rows of 32 bytes. Then the mbarriers and the
+  // producer's table of the tile's token rows (the A row each computed row reads; -1: zeros).
   const u32 full = base + STAGES * STAGE_BYTES, empty = full + 8 * STAGES;
+  int* const row_src = reinterpret_cast<int*>(smem_raw + (empty + 8 * STAGES - u32(__cvta_generic_to_shared(smem_raw))));
   if (tid == 0) {
     for (int s = 0; s < STAGES; ++s) {
       mbar_init(full + 8 * s, 128);
@@ -216,45 +224,57 @@ gemm_wgmma_rs(const q35k::bf16* __restrict__ A, const void* __restrict__ W, cons
   if (wg == WGN) {
     // ---- producer: only copies ----
     if constexpr (WGN == 2) regs_dec<56>();
-    const int ltid = tid - CONSUMERS;
-    constexpr int ACH = (BM * 8 + 127) / 128;  // token chunks per thread: rows ltid / 8 + 16 i, chunk ltid % 8
-    const int ch = ltid % 8;
-    int a_src[ACH];  // token row to read, -1: zeros, -2: past nv (not copied)
-#pragma unroll
-    for (int i = 0; i < ACH; ++i) {
-      const int r = ltid / 8 + 16 * i;
-      bool ok = false;
-      const long long src = r < nv ? moe_a_row<TOPK, GATE_UP, ROUTED>(sorted_ids, row0 + r, T, ok) : 0;
-      a_src[i] = r >= nv ? -2 : ok ? int(src) : -1;
-    }
-    constexpr int BCH = BN * 2 / 128;  // raw chunks per thread: chunk c = ltid + 128 i: row c / 2, half c % 2
-    const unsigned char* b_src[BCH];
-#pragma unroll
-    for (int i = 0; i < BCH; ++i) {
-      const int c = ltid + 128 * i;
-      const size_t wrow = size_t(expert) * N + moe_w_row<N, BN, GATE_UP>(nb, c / 2);
-      b_src[i] = static_cast<const unsigned char*>(W) + (wrow * K + (c % 2) * 32) / 2;
-    }
+    const int ltid = tid - CONSUMERS, ch = ltid % 8;  // token chunks: rows ltid / 8 + 16 i, chunk ch
+    int g = 0;  // steps of the block's earlier tiles
 #pragma unroll 1
-    for (int kt = 0; kt < KT; ++kt) {
-      if (kt >= STAGES) mbar_wait(empty + 8 * (kt % STAGES), u32((kt / STAGES - 1) & 1));
-      const u32 t = base + u32(kt % STAGES) * STAGE_BYTES;
-#pragma unroll
-      for (int i = 0; i < ACH; ++i) {
-        if (a_src[i] == -2) continue;
-        const int r = ltid / 8 + 16 * i;
-        const bool ok = a_src[i] >= 0;
-        cp_async_16_s(t + sw128(r, ch), ok ? A + size_t(a_src[i]) * K + kt * 64 + ch * 8 : A, ok);
+    for (long long tile = first_tile; tile < n_tiles; tile += tile_step, g += KT) {
+      int nb, expert;
+      long long row0;
+      tile_coords(tile, nb, row0, expert);
+      const int nv = rs_tile_rows(rs_real_rows<ROUTED, BM>(sorted_ids, row0, T, lane));
+      asm volatile("bar.sync 3, 128;" ::: "memory");  // the previous tile's table reads are done
+      for (int r = ltid; r < nv; r += 128) {
+        bool ok = false;
+        const long long src = moe_a_row<TOPK, GATE_UP, ROUTED>(sorted_ids, row0 + r, T, ok);
+        row_src[r] = ok ? int(src) : -1;
       }
+      asm volatile("bar.sync 3, 128;" ::: "memory");
+      constexpr int BCH = BN * 2 / 128;  // raw chunks per thread: chunk c = ltid + 128 i: row c / 2, half c % 2
+      const unsigned char* b_src[BCH];
 #pragma unroll
-      for (int i = 0; i < BCH; ++i) cp_async_16_s(t + A_BYTES + u32(ltid + 128 * i) * 16, b_src[i] + kt * 32, true);
-      cp_async_mbar_arrive(full + 8 * (kt % STAGES));
+      for (int i = 0; i < BCH; ++i) {
+        const int c = ltid + 128 * i;
+        const size_t wrow = size_t(expert) * N + moe_w_row<N, BN, GATE_UP>(nb, c / 2);
+        b_src[i] = static_cast<const unsigned char*>(W) + (wrow * K + (c % 2) * 32) / 2;
+      }
+#pragma unroll 1
+      for (int kt = 0; kt < KT; ++kt) {
+        const int G = g + kt;
+        if (G >= STAGES) mbar_wait(empty + 8 * (G % STAGES), u32((G / STAGES - 1) & 1));
+        const u32 t = base + u32(G % STAGES) * STAGE_BYTES;
+#pragma unroll 4
+        for (int r = ltid / 8; r < nv; r += 16) {
+          const int src = row_src[r];
+          cp_async_16_s(t + sw128(r, ch), src >= 0 ? A + size_t(src) * K + kt * 64 + ch * 8 : A, src >= 0);
+        }
+#pragma unroll
+        for (int i = 0; i < BCH; ++i) cp_async_16_s(t + A_BYTES + u32(ltid + 128 * i) * 16, b_src[i] + kt * 32, true);
+        cp_async_mbar_arrive(full + 8 * (G % STAGES));
+      }
     }
     cp_async_wait<0>();
   } else {
     if constexpr (WGN == 2) regs_inc<224>();
-    rs_consume_nv<GROUP, N, K, GATE_UP, ROUTED, OUT_F32, BM, BN, STAGES>(nv, base, full, empty, 0, S, expert, nb, wg,
-                                                                         warp, lane, out, sorted_ids, row0, T);
+    int g = 0;
+#pragma unroll 1
+    for (long long tile = first_tile; tile < n_tiles; tile += tile_step, g += KT) {
+      int nb, expert;
+      long long row0;
+      tile_coords(tile, nb, row0, expert);
+      const int nv = rs_tile_rows(rs_real_rows<ROUTED, BM>(sorted_ids, row0, T, lane));
+      rs_consume_nv<GROUP, N, K, GATE_UP, ROUTED, OUT_F32, BM, BN, STAGES>(nv, base, full, empty, g, S, expert, nb, wg,
+                                                                           warp, lane, out, sorted_ids, row0, T);
+    }
   }
 #else
   __trap();  // sm_90a only: the host picks this kernel only for sm_90a targets

@@ -14,11 +14,14 @@ git rev-parse --short HEAD > dist/COMMIT
 git diff --quiet || echo "(+ uncommitted changes)" >> dist/COMMIT
 Q35JIT_CACHE_DIR=$PWD/dist/jit-cache dist/q35jit compile --model tests/fixtures/tiny-qwen35moe --arch sm_90a --quant bf16 >/dev/null
 # The synthetic 35B's kernels (W4A16 g128 and g32), so bench / serve / test_gpu on the GPU machine load
-# them from the cache; PACK_MOE_TILES=all|wgmma|rs also the tuner's MoE tiles of that kind (the GPU
-# tests time some of them; ptxas takes seconds per register-sourced tile).
+# them from the cache; PACK_MOE_TILES=all|wgmma|rs also the tuner's MoE tiles of that kind at g128 (the
+# GPU tests time some of them; ptxas takes seconds per register-sourced tile).
 for g in 128 32; do
+  tiles=""
+  [ $g = 128 ] && [ -n "${PACK_MOE_TILES:-}" ] && tiles="--moe-tiles $PACK_MOE_TILES"
+  # shellcheck disable=SC2086
   Q35JIT_CACHE_DIR=$PWD/dist/jit-cache dist/q35jit compile --synthetic 35b-a3b --arch sm_90a --quant w4a16 \
-    --group-size $g ${PACK_MOE_TILES:+--moe-tiles $PACK_MOE_TILES} >/dev/null
+    --group-size $g $tiles >/dev/null
 done
 # The cubins compress about 4x: carried as dist/jit-cache.tgz (the transfer's 64 MiB limit), unpacked
 # into dist/jit-cache by the GPU scripts (or: mkdir -p dist/jit-cache && tar xzf dist/jit-cache.tgz -C dist/jit-cache).

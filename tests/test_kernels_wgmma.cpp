@@ -170,7 +170,7 @@ TEST_CASE("gemm_wgmma_rs (weights as wgmma's register operand): the MoE GEMMs co
   JitEngine jit(cache.path(), JitOptions{.kernel_dir = std::nullopt, .extra_options = {"--ptxas-options=-v"}});
   std::vector<KernelSpec> specs;
   // The 35B's four GEMMs at g128 with two consumer warpgroups and 128 tokens (every tile variant
-  // 8 .. 128), and the routed gate|up at g32 with one consumer warpgroup and 256 tokens.
+  // 8 .. 128), and the routed gate|up at g32, persistent, with 256 tokens (variants up to 256).
   const MoeShape ms = gpu::moe_shape(config_35b(), 128);
   const MoeGemmTile two{128, 128, 64, 1, 2, 4, true, true, true, 1, false, true};
   for (MoeGemm g : {MoeGemm::RoutedGateUp, MoeGemm::RoutedDown, MoeGemm::SharedGateUp, MoeGemm::SharedDown}) {
@@ -178,7 +178,7 @@ TEST_CASE("gemm_wgmma_rs (weights as wgmma's register operand): the MoE GEMMs co
     specs.push_back(moe_gemm_spec(ms, g, two));
   }
   const MoeShape ms32 = gpu::moe_shape(config_35b(), 32);
-  const MoeGemmTile one{256, 64, 64, 1, 1, 3, true, true, true, 1, false, true};
+  const MoeGemmTile one{256, 128, 64, 1, 2, 4, true, true, true, 1, true, true};
   REQUIRE(why_invalid(one, ms32, MoeGemm::RoutedGateUp).empty());
   specs.push_back(moe_gemm_spec(ms32, MoeGemm::RoutedGateUp, one));
   for (const KernelSpec& s : specs) CHECK(s.family == "wgmma_rs");
@@ -204,15 +204,14 @@ TEST_CASE("gemm_wgmma_rs refuses what its template cannot run, naming the reason
   g.n = 1024, g.k = 2048, g.group = 128, g.gate_up = true, g.routed = true, g.topk = 8;
   g.ws = g.swap = g.rs = true, g.wgm = 1, g.wgn = 2, g.bm = 128, g.bn = 128, g.stages = 4;
   CHECK(why_invalid(g).empty());
-  CHECK(wgmma_smem_bytes(g) == 1024 + 4 * (128 * 128 + 128 * 32) + 4 * 16);
+  CHECK(wgmma_smem_bytes(g) == 1024 + 4 * (128 * 128 + 128 * 32) + 4 * 16 + 128 * 4);
   CHECK(wgmma_gemm_spec(g).family == "wgmma_rs");
   WgmmaGemm bad = g;
   bad.group = 0;
   CHECK(contains(why_invalid(bad), "W4A16 only"));
-  bad = g, bad.bm = 256;  // two consumer warpgroups: 128 rows at most
-  CHECK(contains(why_invalid(bad), "registers"));
-  bad.wgn = 1, bad.bn = 64;
+  bad = g, bad.bm = 256, bad.persist = true;  // 256 token rows, persistent
   CHECK(why_invalid(bad).empty());
+  CHECK(wgmma_gemm_spec(bad).args.back() == std::pair<std::string, std::string>{"PERSIST", "true"});
   bad = g, bad.bm = 48;
   CHECK(contains(why_invalid(bad), "multiple of 32"));
   bad = g, bad.k = 2048 + 64, bad.group = 64;  // two 64-k steps per loop

@@ -538,6 +538,9 @@ TEST_CASE("GPU batch: synthetic 35B-A3B W4A16 g128, batched steps == each sequen
     for (size_t i = 0; i < n; ++i) p[i] = int32_t((i * 7919 + salt * 104729) % 248000);
     return p;
   };
+  // One sequence (the batched step of one row replays the single-sequence decode graph): the decode
+  // path against the one-token forward, the baseline of the batched comparisons below.
+  batched_equals_alone(model, {prompt(57, 3)}, 2, 2e-2, "35B W4A16 g128, one sequence");
   batched_equals_alone(model, {prompt(3, 1), prompt(200, 2), prompt(57, 3)}, 4, 2e-2, "35B W4A16 g128");
   std::vector<std::vector<int32_t>> ten;
   for (size_t i = 0; i < 10; ++i) ten.push_back(prompt(1 + 41 * i, 10 + i));

@@ -289,9 +289,11 @@ void run_shapes(const MoeShape& base, std::initializer_list<int> groups, bool ti
                                    // the weights as wgmma's register operand (W4A16 only): up to bm tokens
                                    // of an expert per tile, each tile its own wgmma N
                                    MoeGemmTile{128, 128, 64, 1, 2, 4, true, true, true, 1, false, true},
-                                   MoeGemmTile{256, 64, 64, 1, 1, 4, true, true, true, 1, false, true},
                                    MoeGemmTile{16, 128, 64, 1, 2, 6, true, true, true, 1, false, true},
-                                   MoeGemmTile{64, 64, 64, 1, 1, 4, true, true, true, 1, false, true}}) {
+                                   MoeGemmTile{32, 64, 64, 1, 1, 4, true, true, true, 1, false, true},
+                                   // and persistent (one block per SM over the tiles)
+                                   MoeGemmTile{256, 128, 64, 1, 2, 4, true, true, true, 1, true, true},
+                                   MoeGemmTile{32, 128, 64, 1, 2, 6, true, true, true, 1, true, true}}) {
         MoeTiles tiles = MoeTiles::defaults(s, true);
         tiles.gemm = t;
         bool ok = true;
@@ -326,10 +328,11 @@ void run_shapes(const MoeShape& base, std::initializer_list<int> groups, bool ti
             t.gemm = MoeGemmTile{bt, 64 * wn, 64, 1, wn, stages, true, true, true, ksub};
             sets.emplace_back(fmt::format("swap {}x{} st{} k{}", bt, 64 * wn, stages, 64 * ksub), t);
           }
-        for (auto [bt, wn, stages] : {std::tuple{16, 2, 4}, {32, 2, 4}, {64, 2, 4}, {32, 1, 6}, {128, 2, 4}}) {
+        for (auto [bt, wn, stages, persist] : {std::tuple{16, 2, 4, true}, {32, 2, 4, true}, {64, 2, 4, true},
+                                               {32, 1, 6, false}, {32, 2, 4, false}, {128, 2, 4, true}}) {
           MoeTiles t = k.tiles;
-          t.gemm = MoeGemmTile{bt, 64 * wn, 64, 1, wn, stages, true, true, true, 1, false, true};
-          sets.emplace_back(fmt::format("rs {}x{} st{}", bt, 64 * wn, stages), t);
+          t.gemm = MoeGemmTile{bt, 64 * wn, 64, 1, wn, stages, true, true, true, 1, persist, true};
+          sets.emplace_back(fmt::format("rs {}x{} st{}{}", bt, 64 * wn, stages, persist ? " persistent" : ""), t);
         }
         const std::vector<uint16_t> x = random_bf16(size_t(T * s.hidden), 9, 1.f);
         DeviceBuffer d_x = to_device(*g, x), d_out(g->driver, size_t(T * s.hidden) * 2);
@@ -405,10 +408,14 @@ void run_shapes(const MoeShape& base, std::initializer_list<int> groups, bool ti
                                    MoeGemmTile{128, 256, 64, 2, 1, 6, true, true, false, 1, true},
                                    MoeGemmTile{128, 128, 64, 2, 1, 4, true, true, false, 1, true},
                                    // the weights as wgmma's register operand
-                                   MoeGemmTile{128, 128, 64, 1, 2, 4, true, true, true, 1, false, true},
+                                   // (H200 2026-12-03, 3cb84e4, not persistent: 128x128 st4 1027 us, st6 1019;
+                                   // 256x64 with one consumer warpgroup 1544, 64x128 1219)
                                    MoeGemmTile{128, 128, 64, 1, 2, 6, true, true, true, 1, false, true},
-                                   MoeGemmTile{256, 64, 64, 1, 1, 4, true, true, true, 1, false, true},
-                                   MoeGemmTile{64, 128, 64, 1, 2, 4, true, true, true, 1, false, true}}) {
+                                   MoeGemmTile{256, 128, 64, 1, 2, 4, true, true, true, 1, false, true},
+                                   MoeGemmTile{256, 128, 64, 1, 2, 4, true, true, true, 1, true, true},
+                                   MoeGemmTile{256, 128, 64, 1, 2, 6, true, true, true, 1, true, true},
+                                   MoeGemmTile{128, 128, 64, 1, 2, 4, true, true, true, 1, true, true},
+                                   MoeGemmTile{128, 128, 64, 1, 2, 6, true, true, true, 1, true, true}}) {
         bool ok = true;
         for (MoeGemm gm : {MoeGemm::RoutedGateUp, MoeGemm::RoutedDown, MoeGemm::SharedGateUp, MoeGemm::SharedDown})
           ok = ok && why_invalid(t, s, gm).empty();
