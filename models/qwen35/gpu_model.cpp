@@ -924,10 +924,14 @@ GpuModel::BatchResult GpuModel::decode_batch(std::span<const BatchEntry> batch) 
   out.logits.resize(batch.size());
   if (batch.size() == 1) {  // one sequence: its slot's single-sequence graph (the fused fast path)
     const BatchEntry& e = batch[0];
-    if (e.want_logits)
-      out.logits[0] = forward(std::span<const int32_t>(&e.token, 1), false, e.slot);
-    else
-      out.ids[0] = decode(e.token, e.sampling, e.slot);
+    const int32_t id = decode(e.token, e.sampling, e.slot);
+    if (e.want_logits) {  // the step's logits (the graph's sample of them is discarded)
+      out.logits[0].resize(size_t(V));
+      m.logits.download(out.logits[0].data(), size_t(V) * 4, stream_);
+      stream_.synchronize();
+    } else {
+      out.ids[0] = id;
+    }
     return out;
   }
   run_batch(batch, decode_bucket(int(batch.size()), options_.max_batch), 1, nullptr);

@@ -93,7 +93,8 @@ class GpuModel {
   // The batched decode step: one token of each of B sequences (distinct slots) in one forward,
   // each row sampled on the device with its own parameters and its slot's rng. B = 1 runs the
   // single-sequence graph of that slot; more replay the graph of decode_bucket(B) (captured on its
-  // first use). Rows with want_logits return their fp32 logits [vocab] (their id is not drawn).
+  // first use). Rows with want_logits return their fp32 logits [vocab] and id -1 (with B = 1 the
+  // graph draws an id, which is discarded).
   struct BatchEntry {
     int slot = 0;
     int32_t token = 0;

@@ -303,7 +303,7 @@ std::vector<int32_t> golden_prompt() {
 
 // S sequences (prompts of different lengths) in slots 0 .. S-1, decoded in batched steps (rows in
 // reverse slot order, so row != slot), against the same prompts decoded alone in slots S .. 2S-1
-// (the single-sequence path): one step's logits within `tol` (alone: a one-token forward), then
+// (the single-sequence path): one step's logits within `tol` (alone: the single-sequence decode graph), then
 // `steps` greedy steps with the same ids (alone: the single-sequence decode graph). Then a copy of
 // slot 0's state restored into slot S decodes to bit-identical logits in one batched step with
 // slot 0, and its device greedy draw in a batched step is the argmax of slot 0's logits row.
@@ -333,8 +333,7 @@ void batched_equals_alone(GpuModel& model, const std::vector<std::vector<int32_t
     CAPTURE(s);
     REQUIRE(r.logits[size_t(i)].size() == size_t(model.config().vocab_size));
     CHECK(r.ids[size_t(i)] == -1);
-    // Alone: a batch of one row, which replays the single-sequence decode graph (the one-token
-    // forward is the prefill path, whose state update is not the decode step's).
+    // Alone: a batch of one row, which replays the single-sequence decode graph.
     const std::vector<GpuModel::BatchEntry> one = {{S + s, next[size_t(s)], greedy, true}};
     const std::vector<float> alone = model.decode_batch(one).logits[0];
     const double err = rel_l2(r.logits[size_t(i)], alone);
@@ -543,6 +542,19 @@ TEST_CASE("GPU batch: synthetic 35B-A3B W4A16 g128, batched steps == each sequen
     return p;
   };
   batched_equals_alone(model, {prompt(3, 1), prompt(200, 2), prompt(57, 3)}, 4, 2e-2, "35B W4A16 g128");
+  // The one-token forward (the prefill path) against the decode graph on the same state: reported
+  // (the two paths' kernels differ; issue 9 tracks the gap).
+  {
+    model.reset(0);
+    model.reset(1);
+    const std::vector<int32_t> p = prompt(57, 3);
+    const int32_t first = model.prefill(p, SamplingParams{}, 0);
+    model.prefill(p, SamplingParams{}, 1);
+    const std::vector<float> fwd = model.forward(std::span<const int32_t>(&first, 1), false, 0);
+    const std::vector<GpuModel::BatchEntry> one = {{1, first, SamplingParams{}, true}};
+    MESSAGE(fmt::format("35B W4A16 g128: one-token forward vs decode graph logits: rel_l2 {:.2e}",
+                        rel_l2(fwd, model.decode_batch(one).logits[0])));
+  }
   std::vector<std::vector<int32_t>> ten;
   for (size_t i = 0; i < 10; ++i) ten.push_back(prompt(1 + 41 * i, 10 + i));
   batched_equals_alone(model, ten, 3, 2e-2, "35B W4A16 g128");
