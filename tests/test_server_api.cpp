@@ -17,6 +17,7 @@
 #include <stdexcept>
 #include <thread>
 
+#include "cli/state_memory.h"
 #include "models/qwen35/chat.h"
 #include "runtime/core/error.h"
 #include "server/api.h"
@@ -33,7 +34,9 @@ namespace {
 class ScriptedEngine final : public q35::cli::Engine {
  public:
   ScriptedEngine(std::vector<int32_t> script, int32_t vocab, int slots = 1)
-      : script_(std::move(script)), vocab_(vocab), fed_(size_t(slots)) {}
+      : script_(std::move(script)), vocab_(vocab), fed_(size_t(slots)) {
+    memory_.set_capacity(0, size_t(64) << 20);
+  }
   std::string device() const override { return "script"; }
   int max_batch() const override { return int(fed_.size()); }
   int64_t position(int slot) const override { return int64_t(fed_.at(size_t(slot)).size()); }
@@ -68,15 +71,34 @@ class ScriptedEngine final : public q35::cli::Engine {
     return out;
   }
   void reset(int slot) override { fed_.at(size_t(slot)).clear(); }
-  q35::cli::StateCopy save_recurrent(int slot) const override { return copy(slot); }
-  q35::cli::StateCopy save_kv(int slot) const override { return copy(slot); }
-  void restore(int slot, const q35::cli::StateCopy& kv, const q35::cli::StateCopy& recurrent) override {
+  // Saved states hold the ids fed so far (both parts), in a "device" and a host tier of heap memory
+  // (the host tier's 64 MiB only, unless a test sets both).
+  void set_state_memory(size_t device_bytes, size_t host_bytes) override {
+    memory_.set_capacity(device_bytes, host_bytes);
+  }
+  size_t state_capacity(q35::cli::Tier t) const override { return memory_.capacity(t); }
+  size_t state_used(q35::cli::Tier t) const override { return memory_.used(t); }
+  size_t state_bytes(q35::cli::StatePart, int64_t pos) const override { return size_t(std::max<int64_t>(pos, 1)) * 4; }
+  q35::cli::SavedStatePtr save_state(int slot, q35::cli::StatePart part, q35::cli::Tier tier) override {
+    const std::vector<int32_t>& fed = fed_.at(size_t(slot));
+    auto s = memory_.allocate(part, int64_t(fed.size()), state_bytes(part, int64_t(fed.size())), tier);
+    if (s) std::memcpy(reinterpret_cast<void*>(uintptr_t(s->addr())), fed.data(), fed.size() * 4);
+    return s;
+  }
+  q35::cli::SavedStatePtr copy_state(const q35::cli::SavedState& from, q35::cli::Tier tier) override {
+    auto s = memory_.allocate(from.part, from.pos, from.bytes, tier);
+    if (s) std::memcpy(reinterpret_cast<void*>(uintptr_t(s->addr())), reinterpret_cast<const void*>(uintptr_t(from.addr())),
+                       from.bytes);
+    return s;
+  }
+  void restore(int slot, const q35::cli::SavedState& kv, const q35::cli::SavedState& recurrent) override {
     std::vector<int32_t>& fed = fed_.at(size_t(slot));
     fed.resize(size_t(recurrent.pos));
-    std::memcpy(fed.data(), kv.parts[0].data(), fed.size() * 4);
+    std::memcpy(fed.data(), reinterpret_cast<const void*>(uintptr_t(kv.addr())), fed.size() * 4);
     ++restores;
     std::lock_guard lock(mutex_);
     restored_slots.push_back(slot);
+    restored_tiers.push_back(kv.tier);
   }
   int restores = 0;
   std::function<void(std::span<const int32_t>)> on_feed;     // every call: the tokens fed
@@ -95,6 +117,7 @@ class ScriptedEngine final : public q35::cli::Engine {
     return calls_;
   }
   std::vector<int> restored_slots;  // guarded by mutex_
+  std::vector<q35::cli::Tier> restored_tiers;  // of the K/V rows; guarded by mutex_
 
  private:
   void record(Call c) {
@@ -108,12 +131,6 @@ class ScriptedEngine final : public q35::cli::Engine {
     l[size_t(next(fed))] = 30.0f;
     return l;
   }
-  q35::cli::StateCopy copy(int slot) const {
-    const std::vector<int32_t>& fed = fed_.at(size_t(slot));
-    std::vector<std::byte> b(fed.size() * 4);
-    std::memcpy(b.data(), fed.data(), b.size());
-    return {int64_t(fed.size()), {b}};
-  }
   int32_t next(const std::vector<int32_t>& fed) const {
     for (size_t k = std::min(script_.size() - 1, fed.size()); k > 0; --k)
       if (std::equal(script_.begin(), script_.begin() + long(k), fed.end() - long(k))) return script_[k];
@@ -124,6 +141,7 @@ class ScriptedEngine final : public q35::cli::Engine {
   std::vector<std::vector<int32_t>> fed_;  // per slot
   mutable std::mutex mutex_;
   std::vector<Call> calls_;
+  q35::cli::StateMemory memory_{q35::cli::heap_memory(), q35::cli::heap_memory(), size_t(1) << 20};
 };
 
 struct Recorder final : ResponseWriter {
@@ -358,7 +376,7 @@ TEST_CASE("SlotPool: acquire, release through the lease, and no leak") {
     CHECK((*a)->job == j1);
     (*a)->tokens = {1, 2, 3};
     (*a)->cached = 2;
-    (*a)->snapshots.emplace(2, q35::cli::StateCopy{2, {}});
+    (*a)->snapshots.emplace(2, std::make_shared<q35::cli::SavedState>());
     std::optional<SlotLease> b = pool.acquire(j2);
     REQUIRE(b.has_value());
     CHECK((*b)->index == 1);

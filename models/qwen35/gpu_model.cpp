@@ -324,6 +324,7 @@ size_t GpuModel::checked(int slot) const {
 
 int64_t GpuModel::position(int slot) const { return pos_[checked(slot)]; }
 
+// Asynchronous on the stream (memsets): the slot's next call runs after them.
 void GpuModel::reset(int slot) {
   Impl& m = *impl_;
   const size_t s = checked(slot);
@@ -333,10 +334,81 @@ void GpuModel::reset(int slot) {
   }
   pos_[s] = 0;
   m.rng_params[s].reset();  // the next sample reseeds: a sequence's draws depend only on its seed
-  const int32_t zero = 0;
-  m.pos.upload(&zero, 4, stream_, s * 4);
-  stream_.synchronize();
+  m.pos.fill_u32(0, stream_, s * 4, 1);
 }
+
+namespace {
+
+size_t align256(size_t n) { return (n + 255) / 256 * 256; }
+
+}  // namespace
+
+std::vector<GpuModel::StateSegment> GpuModel::kv_segments(size_t s, int64_t rows, int64_t block_rows) const {
+  const Impl& m = *impl_;
+  const size_t row_bytes = size_t(config_.num_kv_heads * config_.head_dim) * 2;  // bf16 [Hkv, D]
+  std::vector<StateSegment> out;
+  size_t offset = 0;
+  for (size_t i = 0; i < m.k_cache.size(); ++i)
+    for (const DeviceBuffer* b : {&m.k_cache[i], &m.v_cache[i]}) {
+      if (!b->size()) continue;
+      out.push_back({b->ptr() + s * m.kv_slot, offset, row_bytes * size_t(rows)});
+      offset += align256(row_bytes * size_t(block_rows));
+    }
+  return out;
+}
+
+std::vector<GpuModel::StateSegment> GpuModel::recurrent_segments(size_t s) const {
+  const Impl& m = *impl_;
+  std::vector<StateSegment> out;
+  size_t offset = 0;
+  for (size_t i = 0; i < m.conv_state.size(); ++i)
+    for (const auto& [b, part] : {std::pair{&m.conv_state[i], m.conv_slot}, std::pair{&m.ssm_state[i], m.ssm_slot}}) {
+      if (!b->size()) continue;
+      out.push_back({b->ptr() + s * part, offset, part});
+      offset += align256(part);
+    }
+  return out;
+}
+
+size_t GpuModel::kv_block_bytes(int64_t rows) const {
+  if (rows < 0 || rows > options_.max_context) fail("kv_block_bytes: {} rows of a {}-row cache", rows, options_.max_context);
+  const size_t row_bytes = size_t(config_.num_kv_heads * config_.head_dim) * 2;
+  return kv_block_copies() * align256(row_bytes * size_t(rows));
+}
+
+size_t GpuModel::recurrent_block_bytes() const {
+  size_t n = 0;
+  for (const StateSegment& g : recurrent_segments(0)) n += align256(g.bytes);
+  return n;
+}
+
+size_t GpuModel::kv_block_copies() const { return kv_segments(0, 0, 0).size(); }
+size_t GpuModel::recurrent_block_copies() const { return recurrent_segments(0).size(); }
+
+void GpuModel::save_kv_block(int slot, int64_t rows, uint64_t dst) const {
+  const size_t s = checked(slot);
+  if (rows < 0 || rows > pos_[s]) fail("save_kv_block: {} rows of slot {}, which holds {}", rows, slot, pos_[s]);
+  for (const StateSegment& g : kv_segments(s, rows, rows)) copy_async(driver_, dst + g.offset, g.at, g.bytes, stream_);
+}
+
+void GpuModel::save_recurrent_block(int slot, uint64_t dst) const {
+  const size_t s = checked(slot);
+  for (const StateSegment& g : recurrent_segments(s)) copy_async(driver_, dst + g.offset, g.at, g.bytes, stream_);
+}
+
+void GpuModel::restore_blocks(int slot, int64_t pos, uint64_t kv, int64_t kv_rows, uint64_t recurrent) {
+  Impl& m = *impl_;
+  const size_t s = checked(slot);
+  if (pos < 0 || pos > options_.max_context || kv_rows < pos || kv_rows > options_.max_context)
+    fail("restore_blocks: position {} from K/V rows of {} tokens (max context {})", pos, kv_rows, options_.max_context);
+  for (const StateSegment& g : recurrent_segments(s)) copy_async(driver_, g.at, recurrent + g.offset, g.bytes, stream_);
+  for (const StateSegment& g : kv_segments(s, pos, kv_rows)) copy_async(driver_, g.at, kv + g.offset, g.bytes, stream_);
+  pos_[s] = pos;
+  m.rng_params[s].reset();
+  m.pos.fill_u32(uint32_t(pos), stream_, s * 4, 1);
+}
+
+void GpuModel::copy_block(uint64_t dst, uint64_t src, size_t bytes) const { copy_async(driver_, dst, src, bytes, stream_); }
 
 std::vector<std::vector<std::byte>> GpuModel::save_recurrent_state(int slot) const {
   const Impl& m = *impl_;

@@ -70,6 +70,7 @@ class GpuModel {
   int max_batch() const { return options_.max_batch; }
   int64_t position(int slot = 0) const;
   int64_t max_context() const { return options_.max_context; }
+  int64_t max_chunk() const { return options_.max_chunk; }  // tokens per forward chunk
   size_t weight_bytes() const { return weights_.bytes(); }
   size_t state_bytes() const;  // every slot's
 
@@ -120,9 +121,29 @@ class GpuModel {
   // The nodes of the batched step's graph of `bucket` rows; empty before it was captured.
   std::optional<GraphNodeCounts> batch_graph_nodes(int bucket) const;
 
-  // Host copies of a slot's state (a server's prefix cache); a copy of any slot restores into any
-  // slot. The DeltaNet conv and recurrent states of every layer (two parts per layer, empty for
-  // attention layers):
+  // Saved states in one contiguous block each (a server's prefix cache, cli/engine.h); a block saved
+  // from any slot restores into any slot. Layouts (every part 256-byte aligned): K/V rows [0, rows)
+  // of every full-attention layer, K then V per layer; the recurrent state, the conv ring then the
+  // fp32 state of every DeltaNet layer. Blocks live in device memory or host memory (both addressed
+  // as unified addresses: a CUdeviceptr or a host pointer); the copies are issued on stream() and the
+  // calls return without synchronising (pinned host memory: asynchronous; pageable: the copy is done
+  // when the call returns). Everything later on the stream sees them, nothing waits for them.
+  size_t kv_block_bytes(int64_t rows) const;
+  size_t recurrent_block_bytes() const;
+  void save_kv_block(int slot, int64_t rows, uint64_t dst) const;
+  void save_recurrent_block(int slot, uint64_t dst) const;
+  // Sets the slot to `pos` tokens: K/V rows [0, pos) from the block at `kv` (saved with kv_rows >=
+  // pos rows), the recurrent state from the block at `recurrent`. Error on a bad pos / kv_rows.
+  void restore_blocks(int slot, int64_t pos, uint64_t kv, int64_t kv_rows, uint64_t recurrent);
+  // `bytes` from one block to another (device <-> device, device <-> host), on stream().
+  void copy_block(uint64_t dst, uint64_t src, size_t bytes) const;
+  // The copies a save or restore of one slot issues (one per layer and part: the layout's segments).
+  size_t kv_block_copies() const;
+  size_t recurrent_block_copies() const;
+
+  // Host copies of a slot's state (the tests); a copy of any slot restores into any slot. The
+  // DeltaNet conv and recurrent states of every layer (two parts per layer, empty for attention
+  // layers):
   std::vector<std::vector<std::byte>> save_recurrent_state(int slot = 0) const;
   // K and V cache rows [0, rows) of every layer (two parts per layer, empty for DeltaNet layers):
   std::vector<std::vector<std::byte>> save_kv_rows(int64_t rows, int slot = 0) const;
@@ -151,6 +172,14 @@ class GpuModel {
   size_t checked(int slot) const;
   void check_fits(size_t T, int slot) const;
   void check_batch(std::span<const BatchEntry> batch) const;
+  // The pieces of a block's layout: where in the slot's buffers (at) and in the block (offset).
+  struct StateSegment {
+    CUdeviceptr at = 0;
+    size_t offset = 0, bytes = 0;
+  };
+  // K/V rows [0, rows) of slot s in a block laid out for block_rows rows; the recurrent state of s.
+  std::vector<StateSegment> kv_segments(size_t s, int64_t rows, int64_t block_rows) const;
+  std::vector<StateSegment> recurrent_segments(size_t s) const;
   // Uploads the rows (slots, tokens, sampling parameters; padding to `bucket`), then replays the
   // bucket's graph `steps` times (the first use runs one step eagerly, then captures).
   void run_batch(std::span<const BatchEntry> batch, int bucket, int64_t steps, std::vector<double>* step_ms);
