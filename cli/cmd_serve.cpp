@@ -204,10 +204,10 @@ int cmd_serve(int argc, char** argv) {
   if (gpu_bytes + host_bytes == 0)
     log("prefix cache: off");
   else if (has_device)
-    log(fmt::format("prefix cache: {:.1f} GiB of GPU memory, then {:.1f} GiB of pinned host memory", double(gpu_bytes) / G,
+    log(fmt::format("prefix cache: {:.2f} GiB of GPU memory, then {:.2f} GiB of pinned host memory", double(gpu_bytes) / G,
                     double(host_bytes) / G));
   else
-    log(fmt::format("prefix cache: {:.1f} GiB of host memory", double(host_bytes) / G));
+    log(fmt::format("prefix cache: {:.2f} GiB of host memory", double(host_bytes) / G));
   log(fmt::format("loaded {} in {:.0f} ms (tokenizer {:.0f} ms; device {}, context {})", name, ms_since(t_load),
                   tokenizer_ms, engine->device(), engine->max_context()));
 

@@ -820,3 +820,138 @@ TEST_CASE("Prefix cache with many sequences: a cached prefix is restored into wh
   CHECK(engine.restores == 1);
   CHECK(engine.restored_slots == std::vector<int>{1});
 }
+
+namespace {
+
+std::shared_ptr<Job> turn_job(const std::string& id, std::vector<int32_t> prompt, int64_t turn_start, int64_t max_tokens) {
+  auto j = completion_job(id, std::move(prompt), max_tokens);
+  const_cast<GenerationRequest&>(j->request()).turn_start = turn_start;
+  return j;
+}
+
+// The prompt pieces (tokens per call) of slot-less prefill calls from call index `from` whose first
+// piece starts at `pos0`.
+std::vector<int64_t> pieces_since(const std::vector<ScriptedEngine::Call>& calls, size_t from) {
+  std::vector<int64_t> out;
+  for (size_t i = from; i < calls.size(); ++i)
+    if (calls[i].kind == ScriptedEngine::Call::Prefill) out.push_back(calls[i].tokens);
+  return out;
+}
+
+double metric_of(const std::string& text, const std::string& name) {
+  const size_t at = text.find("\n" + name + " ");
+  if (at == std::string::npos) return -1;
+  return std::stod(text.substr(at + name.size() + 2));
+}
+
+}  // namespace
+
+TEST_CASE("Prefix cache through the scheduler: snapshots at the turn start only, idle prefill pieces, tiers, metrics") {
+  SchedulerSetup setup;
+  ScriptedEngine engine(setup.script, 1536, 2);
+  // The scripted state is the ids fed (4 bytes each): a 300-token sequence's parts are 5 units of
+  // 256 bytes; the "device" tier holds two such sequences, the host tier four.
+  engine.set_state_memory(32 * 256, 64 * 256);
+  std::atomic<int> decodes{0};
+  std::shared_ptr<Job> late;  // submitted while another sequence decodes
+  Metrics metrics;
+  SchedulerOptions opts;
+  opts.prefill_chunk = 16;
+  opts.idle_prefill_chunk = 256;
+  std::vector<std::string> log;
+  std::mutex log_mutex;
+  std::unique_ptr<Scheduler> owner = std::make_unique<Scheduler>(
+      engine, setup.tok, q35::qwen35::stop_token_ids(setup.tok, setup.gen), opts, metrics, [&](const std::string& line) {
+        std::lock_guard lock(log_mutex);
+        log.push_back(line);
+      });
+  Scheduler& scheduler = *owner;
+  engine.on_decode = [&](size_t) {
+    if (++decodes == 2 && late) scheduler.submit(late);
+  };
+  auto last_log = [&] {
+    std::lock_guard lock(log_mutex);
+    return log.back();
+  };
+
+  // Turn 1 alone: nobody decodes, so the prompt runs in pieces of up to 256 tokens, cut only at the
+  // turn start (290); no snapshot at block boundaries.
+  const std::vector<int32_t> p1 = setup.prompt(300);
+  size_t mark = engine.calls().size();
+  auto a = turn_job("a", p1, 290, 3);
+  scheduler.submit(a);
+  JobEvent ea = finish_of(*a);
+  REQUIRE(ea.kind == JobEvent::Kind::Done);
+  CHECK(ea.cached_tokens == 0);
+  CHECK(pieces_since(engine.calls(), mark) == std::vector<int64_t>{256, 34, 10});
+  CHECK(eventually([&] { return last_log().find("(0 cached, 3 prefill calls)") != std::string::npos; }));
+  // Snapshots at 290 and 302, K/V rows of 302 (kept just after the reply's last event).
+  CHECK(eventually([&] { return engine.state_used(q35::cli::Tier::Device) == 15 * 256; }));
+  CHECK(engine.state_used(q35::cli::Tier::Host) == 0);
+
+  // Turn 2 (shares the first 295 ids): resumes at 290 from device memory, prefills the rest.
+  std::vector<int32_t> p2(p1.begin(), p1.begin() + 295);
+  for (int i = 0; i < 20; ++i) p2.push_back(1000 + i);
+  mark = engine.calls().size();
+  auto b = turn_job("b", p2, 310, 3);
+  scheduler.submit(b);
+  JobEvent eb = finish_of(*b);
+  CHECK(eb.cached_tokens == 290);
+  CHECK(pieces_since(engine.calls(), mark) == std::vector<int64_t>{20, 5});
+  REQUIRE(engine.restored_tiers.size() == 1);
+  CHECK(engine.restored_tiers[0] == q35::cli::Tier::Device);
+
+  // A long reply decodes while another prompt comes in: that prompt runs in pieces of
+  // --prefill-chunk (16) while the first decodes.
+  std::vector<int32_t> p3 = setup.prompt(40), p4 = setup.prompt(100);
+  p3[0] = 1400;
+  p4[0] = 1401;
+  decodes = 0;
+  late = completion_job("late", p4, 2);
+  mark = engine.calls().size();
+  auto c = completion_job("c", p3, 30);
+  scheduler.submit(c);
+  CHECK(finish_of(*c).completion_tokens == 30);
+  JobEvent el = finish_of(*late);
+  CHECK(el.completion_tokens == 2);
+  {
+    const auto calls = engine.calls();
+    std::vector<int64_t> late_pieces;
+    bool in_late = false;
+    for (size_t i = mark; i < calls.size(); ++i)
+      if (calls[i].kind == ScriptedEngine::Call::Prefill) {
+        if (calls[i].pos0 == 0) in_late = calls[i].first == 1401;
+        if (in_late) late_pieces.push_back(calls[i].tokens);
+      }
+    CHECK(late_pieces == std::vector<int64_t>{16, 16, 16, 16, 16, 16, 4});
+  }
+  // c and late need device room: the least recently used entry (a) moved to host memory.
+  CHECK(engine.state_used(q35::cli::Tier::Host) >= 15 * 256);
+  // Turn 2 again: a hit from the host tier.
+  auto b2 = turn_job("b2", p2, 310, 3);
+  scheduler.submit(b2);
+  CHECK(finish_of(*b2).cached_tokens > 0);
+  auto a2 = turn_job("a2", p1, 290, 3);
+  scheduler.submit(a2);
+  CHECK(finish_of(*a2).cached_tokens == 290);
+  REQUIRE(engine.restored_tiers.size() == 3);
+  CHECK(engine.restored_tiers[2] == q35::cli::Tier::Host);
+
+  // /metrics: lookups, hits and misses, bytes per tier, budgets, saved / restored / spilled bytes.
+  CHECK(eventually([&] { return scheduler.running() == 0; }));
+  const std::string m = metrics.render(0, 0);
+  CHECK(metric_of(m, "q35jit_prefix_cache_queries_total") == 6);
+  CHECK(metric_of(m, "q35jit_prefix_cache_hits_total") == 3);
+  CHECK(metric_of(m, "q35jit_prefix_cache_misses_total") == 3);
+  CHECK(metric_of(m, "q35jit_prefix_cache_spilled_bytes_total") >= 15 * 256);
+  CHECK(metric_of(m, "q35jit_prefix_cache_entries") >= 2);
+  CHECK(m.find("q35jit_prefix_cache_capacity_bytes{tier=\"device\"} 8192\n") != std::string::npos);
+  CHECK(m.find("q35jit_prefix_cache_capacity_bytes{tier=\"host\"} 16384\n") != std::string::npos);
+  CHECK(m.find("q35jit_prefix_cache_restored_bytes_total{tier=\"device\"} ") != std::string::npos);
+  CHECK(m.find("q35jit_prefix_cache_restored_bytes_total{tier=\"host\"} 0\n") == std::string::npos);
+  CHECK(m.find("q35jit_prefix_cache_saved_bytes_total{tier=\"device\"} 0\n") == std::string::npos);
+  const double held = metric_of(m, "q35jit_prefix_cache_bytes");
+  CHECK(held > 0);
+  CHECK(held <= 96 * 256);
+  owner.reset();  // the scheduler (and the cache's states) before the engine
+}
