@@ -234,14 +234,17 @@ class GpuEngine final : public Engine {
   int64_t max_context() const override { return model_->max_context(); }
   int64_t position(int slot) const override { return model_->position(slot); }
   std::vector<float> logits(int slot, std::span<const int32_t> tokens, bool all) override {
+    bind();
     return model_->forward(tokens, all, slot);
   }
   int32_t prefill(int slot, std::span<const int32_t> tokens, Sampler& sampler) override {
+    bind();
     return model_->prefill(tokens, sampler.params(), slot);
   }
   // Sampling on the device with each entry's parameters and seed (the slot's device rng); entries
   // without a sampler get their logits.
   std::vector<DecodeOutput> decode_batch(std::span<const DecodeEntry> batch) override {
+    bind();
     std::vector<qwen35::GpuModel::BatchEntry> rows;
     rows.reserve(batch.size());
     for (const DecodeEntry& e : batch)
@@ -254,7 +257,10 @@ class GpuEngine final : public Engine {
     }
     return out;
   }
-  void reset(int slot) override { model_->reset(slot); }
+  void reset(int slot) override {
+    bind();
+    model_->reset(slot);
+  }
   void set_state_memory(size_t device_bytes, size_t host_bytes) override {
     memory_.set_capacity(device_bytes, host_bytes);
   }
@@ -266,6 +272,7 @@ class GpuEngine final : public Engine {
   // The copies are issued on the model's stream and return at once (device to device, or device to
   // pinned host memory): no host synchronisation.
   SavedStatePtr save_state(int slot, StatePart part, Tier tier) override {
+    bind();  // the arena may reserve a segment (cuMemAlloc / cuMemHostAlloc) on this thread
     const int64_t pos = model_->position(slot);
     std::shared_ptr<SavedState> out = memory_.allocate(part, pos, state_bytes(part, pos), tier);
     if (!out) return nullptr;
@@ -276,6 +283,7 @@ class GpuEngine final : public Engine {
     return out;
   }
   SavedStatePtr copy_state(const SavedState& from, Tier tier) override {
+    bind();
     std::shared_ptr<SavedState> out = memory_.allocate(from.part, from.pos, from.bytes, tier);
     if (!out) return nullptr;
     model_->copy_block(out->addr(), from.addr(), from.bytes);  // one copy: the block is contiguous
@@ -288,9 +296,13 @@ class GpuEngine final : public Engine {
       fail("restore: K/V rows for {} tokens cannot restore position {}", kv.pos, recurrent.pos);
     if (kv.bytes != model_->kv_block_bytes(kv.pos) || recurrent.bytes != model_->recurrent_block_bytes())
       fail("restore: saved states of {} and {} bytes do not fit this model", kv.bytes, recurrent.bytes);
+    bind();
     model_->restore_blocks(slot, recurrent.pos, kv.addr(), kv.pos, recurrent.addr());
   }
-  size_t device_free_bytes() const override { return ctx_.mem_info().first; }
+  size_t device_free_bytes() const override {
+    bind();
+    return ctx_.mem_info().first;
+  }
   int64_t idle_prefill_tokens() const override { return model_->max_chunk(); }
   ~GpuEngine() override {
     try {
@@ -300,6 +312,15 @@ class GpuEngine final : public Engine {
   }
 
  private:
+  // The context current on the calling thread: the server calls the engine from its worker thread,
+  // and calls without a stream (cuMemAlloc, cuMemHostAlloc, cuMemGetInfo) need it.
+  void bind() const {
+    thread_local const GpuEngine* bound = nullptr;
+    if (bound != this) {
+      ctx_.make_current();
+      bound = this;
+    }
+  }
   // The tiers' memory: device segments (cuMemAlloc) and pinned host segments (cuMemHostAlloc),
   // reserved in 1 GiB pieces as the prefix cache first needs them; a failed reservation ends the
   // tier's growth with one notice.
