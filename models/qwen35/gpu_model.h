@@ -122,9 +122,11 @@ class GpuModel {
   std::optional<GraphNodeCounts> batch_graph_nodes(int bucket) const;
 
   // Saved states in one contiguous block each (a server's prefix cache, cli/engine.h); a block saved
-  // from any slot restores into any slot. Layouts (every part 256-byte aligned): K/V rows [0, rows)
-  // of every full-attention layer, K then V per layer; the recurrent state, the conv ring then the
-  // fp32 state of every DeltaNet layer. Blocks live in device memory or host memory (both addressed
+  // from any slot restores into any slot. Layouts (every layer's part 256-byte aligned): K rows
+  // [0, rows) of every full-attention layer, then their V rows; the conv rings of every DeltaNet
+  // layer, then their fp32 states. A save or restore is one 2D copy per kind (K, V, conv, state:
+  // the slot's parts of all layers of a kind are rows at one pitch in the model's buffers), or one
+  // copy per layer where that pitch passes the device's 2D-copy limit. Blocks live in device memory or host memory (both addressed
   // as unified addresses: a CUdeviceptr or a host pointer); the copies are issued on stream() and the
   // calls return without synchronising (pinned host memory: asynchronous; pageable: the copy is done
   // when the call returns). Everything later on the stream sees them, nothing waits for them.
@@ -137,7 +139,7 @@ class GpuModel {
   void restore_blocks(int slot, int64_t pos, uint64_t kv, int64_t kv_rows, uint64_t recurrent);
   // `bytes` from one block to another (device <-> device, device <-> host), on stream().
   void copy_block(uint64_t dst, uint64_t src, size_t bytes) const;
-  // The copies a save or restore of one slot issues (one per layer and part: the layout's segments).
+  // The copies a save or restore of one slot issues (2 each with 2D copies).
   size_t kv_block_copies() const;
   size_t recurrent_block_copies() const;
 
@@ -172,14 +174,17 @@ class GpuModel {
   size_t checked(int slot) const;
   void check_fits(size_t T, int slot) const;
   void check_batch(std::span<const BatchEntry> batch) const;
-  // The pieces of a block's layout: where in the slot's buffers (at) and in the block (offset).
+  // A piece of a block's layout: `rows` rows (one per layer of a kind) of `width` bytes, `pitch`
+  // apart in the slot buffers from `at`, `block_pitch` apart in the block from `offset`.
   struct StateSegment {
     CUdeviceptr at = 0;
-    size_t offset = 0, bytes = 0;
+    size_t pitch = 0, offset = 0, block_pitch = 0, width = 0, rows = 0;
   };
   // K/V rows [0, rows) of slot s in a block laid out for block_rows rows; the recurrent state of s.
   std::vector<StateSegment> kv_segments(size_t s, int64_t rows, int64_t block_rows) const;
   std::vector<StateSegment> recurrent_segments(size_t s) const;
+  size_t segment_copies(const StateSegment& g) const;  // 1 (a 2D copy) or one per row
+  void copy_segment(const StateSegment& g, uint64_t block, bool to_block) const;
   // Uploads the rows (slots, tokens, sampling parameters; padding to `bucket`), then replays the
   // bucket's graph `steps` times (the first use runs one step eagerly, then captures).
   void run_batch(std::span<const BatchEntry> batch, int bucket, int64_t steps, std::vector<double>* step_ms);

@@ -76,6 +76,7 @@ Driver::Driver(const std::string& library) : library_(library) {
     resolve("cuMemcpyDtoHAsync", api_.memcpy_dtoh_async);
     resolve("cuMemcpyDtoDAsync", api_.memcpy_dtod_async);
     resolve("cuMemcpyAsync", api_.memcpy_async);
+    resolve("cuMemcpy2DAsync", api_.memcpy_2d_async);
     resolve("cuMemsetD8Async", api_.memset_d8_async);
     resolve("cuMemsetD32Async", api_.memset_d32_async);
     resolve("cuMemHostAlloc", api_.mem_host_alloc);
@@ -153,6 +154,9 @@ DeviceInfo Driver::device_info(int ordinal) const {
   check(api_.device_get_attribute(&info.sm_count, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, dev),
         "cuDeviceGetAttribute(MULTIPROCESSOR_COUNT)");
   check(api_.device_total_mem(&info.total_mem, dev), "cuDeviceTotalMem");
+  int pitch = 0;
+  check(api_.device_get_attribute(&pitch, CU_DEVICE_ATTRIBUTE_MAX_PITCH, dev), "cuDeviceGetAttribute(MAX_PITCH)");
+  info.max_pitch = size_t(unsigned(pitch));
   return info;
 }
 
@@ -297,6 +301,26 @@ void copy_async(const Driver& driver, uint64_t dst, uint64_t src, size_t bytes, 
   if (bytes == 0) return;
   driver.check(driver.api().memcpy_async(CUdeviceptr(dst), CUdeviceptr(src), bytes, stream.handle()),
                "cuMemcpyAsync");
+}
+
+void copy_2d_async(const Driver& driver, uint64_t dst, size_t dst_pitch, uint64_t src, size_t src_pitch, size_t width,
+                   size_t height, const Stream& stream) {
+  if (width == 0 || height == 0) return;
+  CUDA_MEMCPY2D c = {};
+  c.srcMemoryType = CU_MEMORYTYPE_UNIFIED;
+  c.srcDevice = CUdeviceptr(src);
+  c.srcPitch = src_pitch;
+  c.dstMemoryType = CU_MEMORYTYPE_UNIFIED;
+  c.dstDevice = CUdeviceptr(dst);
+  c.dstPitch = dst_pitch;
+  c.WidthInBytes = width;
+  c.Height = height;
+  driver.check(driver.api().memcpy_2d_async(&c, stream.handle()), "cuMemcpy2DAsync");
+}
+
+void fill_async(const Driver& driver, uint64_t dst, uint8_t value, size_t bytes, const Stream& stream) {
+  if (bytes == 0) return;
+  driver.check(driver.api().memset_d8_async(CUdeviceptr(dst), value, bytes, stream.handle()), "cuMemsetD8Async");
 }
 
 // ---- Event ----

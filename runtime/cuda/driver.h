@@ -26,6 +26,7 @@ struct DeviceInfo {
   int cc_major = 0, cc_minor = 0;
   int sm_count = 0;
   size_t total_mem = 0;  // bytes
+  size_t max_pitch = 0;  // the largest row pitch a 2D copy takes (CU_DEVICE_ATTRIBUTE_MAX_PITCH)
   // NVRTC target: "sm_90a" for 9.0 (wgmma, setmaxnreg), else "sm_XY".
   std::string arch() const;
 };
@@ -70,6 +71,7 @@ class Driver {
     decltype(&::cuMemcpyDtoHAsync) memcpy_dtoh_async = nullptr;
     decltype(&::cuMemcpyDtoDAsync) memcpy_dtod_async = nullptr;
     decltype(&::cuMemcpyAsync) memcpy_async = nullptr;  // unified addressing: the direction from the pointers
+    decltype(&::cuMemcpy2DAsync) memcpy_2d_async = nullptr;
     decltype(&::cuMemsetD8Async) memset_d8_async = nullptr;
     decltype(&::cuMemsetD32Async) memset_d32_async = nullptr;
     decltype(&::cuMemHostAlloc) mem_host_alloc = nullptr;
@@ -207,6 +209,12 @@ class PinnedBuffer {
 // or pageable host memory: cuMemcpyAsync infers the direction; a pageable host side makes it
 // synchronous with respect to the host).
 void copy_async(const Driver& driver, uint64_t dst, uint64_t src, size_t bytes, const Stream& stream);
+// `height` rows of `width` bytes, rows `src_pitch` apart at src and `dst_pitch` apart at dst, in one
+// asynchronous 2D copy (unified addresses, as copy_async; pitches at most DeviceInfo::max_pitch).
+void copy_2d_async(const Driver& driver, uint64_t dst, size_t dst_pitch, uint64_t src, size_t src_pitch, size_t width,
+                   size_t height, const Stream& stream);
+// `bytes` of device memory at `dst` set to `value`, asynchronously.
+void fill_async(const Driver& driver, uint64_t dst, uint8_t value, size_t bytes, const Stream& stream);
 
 class Event {
  public:
