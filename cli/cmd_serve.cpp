@@ -3,8 +3,10 @@
 // SIGTERM in every thread and waits for them in one, so a signal stops the server cleanly.
 #include <pthread.h>
 #include <signal.h>
+#include <unistd.h>
 
 #include <atomic>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
@@ -36,11 +38,22 @@ std::vector<FlagSpec> serve_flags() {
       {"api-key", "KEY", "require 'Authorization: Bearer KEY' on /v1/* (default: no key)"},
       {"served-name", "NAME", "the model name clients send (default: the model folder's name)"},
       {"max-queue", "N", "requests that may wait for the engine; more get 503 (default 64)"},
-      {"prefix-cache-gb", "G", "host memory for the prefix cache in GiB, 0 = off (default 4)"},
-      {"prefix-cache-block", "N", "recurrent-state snapshots every N prompt tokens (default 512)"},
+      {"prefix-cache-gpu-gb", "G",
+       "GPU memory for the prefix cache in GiB, its first tier (default: half the GPU memory free once the model and "
+       "its slots are allocated; 0 = none; --device cuda only)"},
+      {"prefix-cache-gb", "G",
+       "host memory for the prefix cache in GiB (pinned on the GPU): where the GPU tier spills its least recently "
+       "used entries, and the CPU engine's only tier (default 4; with --prefix-cache-gpu-gb 0 too: no prefix cache)"},
+      {"prefix-cache-block", "N",
+       "also snapshot the recurrent state every N prompt tokens, for prompts that share a long start; each snapshot "
+       "ends a prefill step (default 0: only at the start of a chat's last turn and at the end of a sequence)"},
       {"prefill-chunk", "N",
-       "prompt tokens per prefill step, and at most this many between two decode steps; a gone client is noticed "
-       "between steps (default 512)"},
+       "prompt tokens per prefill step while other sequences decode, and at most this many between two of their "
+       "decode steps; a gone client is noticed between steps (default 512)"},
+      {"idle-prefill-chunk", "N",
+       "prompt tokens per prefill step while no sequence decodes (default 4096 on the GPU, capped by --max-context: "
+       "one long call is faster than several short ones, and the prefill scratch is sized for it; --prefill-chunk on "
+       "the CPU)"},
       {"max-batch", "N",
        "sequences decoded together, 1..1024 (default 16; each takes a slot of --max-context tokens: on the GPU "
        "all slots are allocated at start and must fit in free memory)"},
@@ -121,12 +134,25 @@ int cmd_serve(int argc, char** argv) {
   http.max_connections = size_t(args.get_int("max-connections", 256, 1, 1 << 16));
   server::SchedulerOptions sched;
   sched.max_queue = size_t(args.get_int("max-queue", 64, 0, 1 << 20));
-  const double cache_gb = args.get_double("prefix-cache-gb", 4.0);
-  if (!(cache_gb >= 0)) fail("q35jit serve: --prefix-cache-gb must be >= 0, got {}", cache_gb);
-  sched.prefix_cache_bytes = size_t(cache_gb * double(1ull << 30));
-  sched.snapshot_block = args.get_int("prefix-cache-block", 512, 1, int64_t(1) << 30);
+  // Prefix cache budgets (GiB): checked before loading; the GPU tier's default and its bound need the
+  // loaded model (the memory it leaves free).
+  auto gib = [&](const char* flag, double fallback) {
+    const double g = args.get_double(flag, fallback);
+    if (!(g >= 0) || !std::isfinite(g)) fail("q35jit serve: --{} must be a number of GiB >= 0, got {}", flag, g);
+    return g;
+  };
+  const double host_gb = gib("prefix-cache-gb", 4.0);
+  const std::optional<double> gpu_gb =
+      args.has("prefix-cache-gpu-gb") ? std::optional<double>(gib("prefix-cache-gpu-gb", 0.0)) : std::nullopt;
+  const double ram_gb = double(sysconf(_SC_PHYS_PAGES)) * double(sysconf(_SC_PAGE_SIZE)) / double(1ull << 30);
+  if (ram_gb > 0 && host_gb > ram_gb)
+    fail("q35jit serve: --prefix-cache-gb {} is more than this machine's {:.1f} GiB of memory", host_gb, ram_gb);
+  sched.snapshot_block = args.get_int("prefix-cache-block", 0, 0, int64_t(1) << 30);
   sched.prefill_chunk = args.get_int("prefill-chunk", 512, 1, int64_t(1) << 30);
+  const int64_t idle_chunk = args.get_int("idle-prefill-chunk", 0, 1, int64_t(1) << 30);  // 0: not given
   sched.max_batch = int(args.get_int("max-batch", 16, 1, 1024));
+  // The GPU's prefill scratch holds one call of --idle-prefill-chunk tokens (default 4096).
+  const int64_t gpu_chunk = std::max(idle_chunk > 0 ? idle_chunk : 4096, sched.prefill_chunk);
 
   auto t_load = std::chrono::steady_clock::now();
   std::optional<ModelInfo> info;
@@ -149,16 +175,39 @@ int cmd_serve(int argc, char** argv) {
       log(fmt::format("notice: the chat template of {} {} the Qwen3.5 one; prompts are rendered in the Qwen3.5 "
                       "format (models/qwen35/chat)",
                       *dir, tmpl ? "differs from" : "is missing, not"));
-    engine = make_engine(args, *info, 32768, log, sched.max_batch);
+    engine = make_engine(args, *info, 32768, log, sched.max_batch, gpu_chunk);
     name = std::filesystem::path(*dir).lexically_normal().filename().string();
     if (name.empty()) name = std::filesystem::path(*dir).lexically_normal().parent_path().filename().string();
   } else {
     const qwen35::Config config = qwen35::Config::preset(*args.get("synthetic"));
     load_tok(*args.get("tokenizer"));
-    engine = make_synthetic_engine(args, config, 32768, log, sched.max_batch);
+    engine = make_synthetic_engine(args, config, 32768, log, sched.max_batch, gpu_chunk);
     name = "synthetic-" + *args.get("synthetic");
   }
   name = args.get("served-name").value_or(name);
+  // The prefix cache's tiers: GPU memory first (default half of what the model and its slots left
+  // free), then host memory (pinned on the GPU), reserved as the cache fills.
+  const bool has_device = engine->device() != "cpu";
+  if (gpu_gb && *gpu_gb > 0 && !has_device)
+    fail("q35jit serve: --prefix-cache-gpu-gb applies to --device cuda; the CPU engine keeps its prefix cache in "
+         "host memory (--prefix-cache-gb)");
+  const size_t gpu_free = engine->device_free_bytes();
+  if (gpu_gb && *gpu_gb * double(1ull << 30) > double(gpu_free))
+    fail("q35jit serve: --prefix-cache-gpu-gb {} is more than the {:.1f} GiB of GPU memory free once the model and "
+         "its {} slots are allocated",
+         *gpu_gb, double(gpu_free) / double(1ull << 30), engine->max_batch());
+  const size_t gpu_bytes = gpu_gb ? size_t(*gpu_gb * double(1ull << 30)) : gpu_free / 2;
+  const size_t host_bytes = size_t(host_gb * double(1ull << 30));
+  engine->set_state_memory(gpu_bytes, host_bytes);
+  sched.idle_prefill_chunk = idle_chunk > 0 ? idle_chunk : engine->idle_prefill_tokens();
+  const double G = double(1ull << 30);
+  if (gpu_bytes + host_bytes == 0)
+    log("prefix cache: off");
+  else if (has_device)
+    log(fmt::format("prefix cache: {:.2f} GiB of GPU memory, then {:.2f} GiB of pinned host memory", double(gpu_bytes) / G,
+                    double(host_bytes) / G));
+  else
+    log(fmt::format("prefix cache: {:.2f} GiB of host memory", double(host_bytes) / G));
   log(fmt::format("loaded {} in {:.0f} ms (tokenizer {:.0f} ms; device {}, context {})", name, ms_since(t_load),
                   tokenizer_ms, engine->device(), engine->max_context()));
 

@@ -2,9 +2,11 @@
 
 #include <algorithm>
 #include <cstring>
+#include <map>
 #include <optional>
 #include <thread>
 
+#include "cli/state_memory.h"
 #include "models/qwen35/cpu_model.h"
 #include "models/qwen35/gpu_model.h"
 #include "models/qwen35/hf_quant.h"
@@ -110,40 +112,71 @@ class CpuEngine final : public Engine {
     for (auto& v : s.gdn_state) std::fill(v.begin(), v.end(), 0.0f);
     s.pos = 0;
   }
-  StateCopy save_recurrent(int slot) const override {
-    const qwen35::CpuState& s = state(slot);
-    StateCopy c{s.pos, {}};
-    for (size_t i = 0; i < s.conv_state.size(); ++i) {
-      c.parts.push_back(bytes_of(s.conv_state[i], s.conv_state[i].size()));
-      c.parts.push_back(bytes_of(s.gdn_state[i], s.gdn_state[i].size()));
-    }
-    return c;
+  void set_state_memory(size_t device_bytes, size_t host_bytes) override {
+    if (device_bytes > 0) fail("the CPU engine keeps saved states in host memory only (a device tier was asked)");
+    memory_.set_capacity(0, host_bytes);
   }
-  StateCopy save_kv(int slot) const override {
+  size_t state_capacity(Tier tier) const override { return memory_.capacity(tier); }
+  size_t state_used(Tier tier) const override { return memory_.used(tier); }
+  size_t state_bytes(StatePart part, int64_t pos) const override {
+    const qwen35::CpuState& s = *states_[0];  // every slot has the same shapes (slot 0 exists from the start)
+    size_t floats = 0;
+    for (size_t i = 0; i < s.k_cache.size(); ++i)
+      floats += part == StatePart::Recurrent ? s.conv_state[i].size() + s.gdn_state[i].size()
+                                             : 2 * s.k_cache[i].size() / size_t(s.max_context) * size_t(pos);
+    return floats * sizeof(float);
+  }
+  // Layout: per layer, K rows [0, pos) then V rows (KV); the conv inputs then the recurrent state
+  // (Recurrent). Copies in the calling thread: nothing is asynchronous on the CPU.
+  SavedStatePtr save_state(int slot, StatePart part, Tier tier) override {
     const qwen35::CpuState& s = state(slot);
-    StateCopy c{s.pos, {}};
+    std::shared_ptr<SavedState> out = memory_.allocate(part, s.pos, state_bytes(part, s.pos), tier);
+    if (!out) return nullptr;
+    float* dst = reinterpret_cast<float*>(uintptr_t(out->addr()));
+    auto put = [&](const std::vector<float>& v, size_t n) {
+      std::memcpy(dst, v.data(), n * sizeof(float));
+      dst += n;
+    };
     for (size_t i = 0; i < s.k_cache.size(); ++i) {
-      const size_t row = s.k_cache[i].size() / size_t(s.max_context);
-      c.parts.push_back(bytes_of(s.k_cache[i], row * size_t(s.pos)));
-      c.parts.push_back(bytes_of(s.v_cache[i], row * size_t(s.pos)));
+      if (part == StatePart::Recurrent) {
+        put(s.conv_state[i], s.conv_state[i].size());
+        put(s.gdn_state[i], s.gdn_state[i].size());
+      } else {
+        const size_t row = s.k_cache[i].size() / size_t(s.max_context);
+        put(s.k_cache[i], row * size_t(s.pos));
+        put(s.v_cache[i], row * size_t(s.pos));
+      }
     }
-    return c;
+    return out;
   }
-  void restore(int slot, const StateCopy& kv, const StateCopy& recurrent) override {
+  SavedStatePtr copy_state(const SavedState& from, Tier tier) override {
+    std::shared_ptr<SavedState> out = memory_.allocate(from.part, from.pos, from.bytes, tier);
+    if (!out) return nullptr;
+    std::memcpy(reinterpret_cast<void*>(uintptr_t(out->addr())), reinterpret_cast<const void*>(uintptr_t(from.addr())),
+                from.bytes);
+    return out;
+  }
+  void restore(int slot, const SavedState& kv, const SavedState& recurrent) override {
     qwen35::CpuState& s = state(slot);
-    const size_t layers = s.k_cache.size();
-    if (kv.parts.size() != 2 * layers || recurrent.parts.size() != 2 * layers)
-      fail("restore: state copies of {} and {} parts for a model of {} layers", kv.parts.size(),
-           recurrent.parts.size(), layers);
-    if (kv.pos < recurrent.pos || recurrent.pos > s.max_context)
+    if (kv.part != StatePart::KV || recurrent.part != StatePart::Recurrent)
+      fail("restore: the saved states are not a K/V part and a recurrent part");
+    if (kv.pos < recurrent.pos || recurrent.pos > s.max_context || recurrent.pos < 0)
       fail("restore: K/V rows for {} tokens cannot restore position {} (max context {})", kv.pos, recurrent.pos,
            s.max_context);
-    for (size_t i = 0; i < layers; ++i) {
-      copy_into(recurrent.parts[2 * i], s.conv_state[i], 0, s.conv_state[i].size());
-      copy_into(recurrent.parts[2 * i + 1], s.gdn_state[i], 0, s.gdn_state[i].size());
+    if (kv.bytes != state_bytes(StatePart::KV, kv.pos) || recurrent.bytes != state_bytes(StatePart::Recurrent, 0))
+      fail("restore: saved states of {} and {} bytes do not fit this model", kv.bytes, recurrent.bytes);
+    const float* rec = reinterpret_cast<const float*>(uintptr_t(recurrent.addr()));
+    const float* rows = reinterpret_cast<const float*>(uintptr_t(kv.addr()));
+    for (size_t i = 0; i < s.k_cache.size(); ++i) {
+      for (std::vector<float>* v : {&s.conv_state[i], &s.gdn_state[i]}) {
+        if (!v->empty()) std::memcpy(v->data(), rec, v->size() * sizeof(float));
+        rec += v->size();
+      }
       const size_t row = s.k_cache[i].size() / size_t(s.max_context);
-      copy_into(kv.parts[2 * i], s.k_cache[i], 0, row * size_t(recurrent.pos));
-      copy_into(kv.parts[2 * i + 1], s.v_cache[i], 0, row * size_t(recurrent.pos));
+      for (std::vector<float>* v : {&s.k_cache[i], &s.v_cache[i]}) {
+        if (row) std::memcpy(v->data(), rows, row * size_t(recurrent.pos) * sizeof(float));
+        rows += row * size_t(kv.pos);
+      }
     }
     s.pos = recurrent.pos;
   }
@@ -165,20 +198,10 @@ class CpuEngine final : public Engine {
     if (!s) fail("slot {} holds no sequence yet: reset or restore it first", slot);
     return *s;
   }
-  static std::vector<std::byte> bytes_of(const std::vector<float>& v, size_t n) {
-    const auto* p = reinterpret_cast<const std::byte*>(v.data());
-    return std::vector<std::byte>(p, p + n * sizeof(float));
-  }
-  // The first `n` floats of `src` into `dst`; `src` must hold at least that many.
-  static void copy_into(const std::vector<std::byte>& src, std::vector<float>& dst, size_t offset, size_t n) {
-    if (src.size() < n * sizeof(float) || offset + n > dst.size())
-      fail("restore: a state copy of {} bytes, {} needed", src.size(), n * sizeof(float));
-    if (n) std::memcpy(dst.data() + offset, src.data(), n * sizeof(float));
-  }
-
   std::unique_ptr<qwen35::CpuModel> model_;
   int64_t max_context_;
   std::vector<std::optional<qwen35::CpuState>> states_;  // [max_batch], empty until first used
+  StateMemory memory_{std::nullopt, heap_memory(), size_t(64) << 20};  // host tier only, 64 MiB pieces
 };
 
 // The GPU runner with options.max_batch sequence slots (fixed at start: their K/V rows and DeltaNet
@@ -187,7 +210,7 @@ class CpuEngine final : public Engine {
 class GpuEngine final : public Engine {
  public:
   GpuEngine(const ModelInfo& info, qwen35::GpuModelOptions options, bool tuned)
-      : ctx_(driver_, 0), jit_(default_cache_dir()) {
+      : ctx_(driver_, 0), jit_(default_cache_dir()), log_(options.log) {
     options.tuning = load_tuning(ctx_.device(), tuned, options.log);
     Checkpoint ckpt(info.dir);
     if (options.prequantized)
@@ -199,7 +222,7 @@ class GpuEngine final : public Engine {
   }
   // Random weights of `config`'s shapes (serve --synthetic).
   GpuEngine(const qwen35::Config& config, qwen35::GpuModelOptions options, bool tuned, uint64_t seed)
-      : ctx_(driver_, 0), jit_(default_cache_dir()) {
+      : ctx_(driver_, 0), jit_(default_cache_dir()), log_(options.log) {
     options.tuning = load_tuning(ctx_.device(), tuned, options.log);
     qwen35::GpuModelOptions need = options;
     need.prequantized = true;  // random weights are generated in place: no staging buffer
@@ -211,14 +234,17 @@ class GpuEngine final : public Engine {
   int64_t max_context() const override { return model_->max_context(); }
   int64_t position(int slot) const override { return model_->position(slot); }
   std::vector<float> logits(int slot, std::span<const int32_t> tokens, bool all) override {
+    bind();
     return model_->forward(tokens, all, slot);
   }
   int32_t prefill(int slot, std::span<const int32_t> tokens, Sampler& sampler) override {
+    bind();
     return model_->prefill(tokens, sampler.params(), slot);
   }
   // Sampling on the device with each entry's parameters and seed (the slot's device rng); entries
   // without a sampler get their logits.
   std::vector<DecodeOutput> decode_batch(std::span<const DecodeEntry> batch) override {
+    bind();
     std::vector<qwen35::GpuModel::BatchEntry> rows;
     rows.reserve(batch.size());
     for (const DecodeEntry& e : batch)
@@ -231,24 +257,109 @@ class GpuEngine final : public Engine {
     }
     return out;
   }
-  void reset(int slot) override { model_->reset(slot); }
-  StateCopy save_recurrent(int slot) const override {
-    return {model_->position(slot), model_->save_recurrent_state(slot)};
+  void reset(int slot) override {
+    bind();
+    model_->reset(slot);
   }
-  StateCopy save_kv(int slot) const override {
-    return {model_->position(slot), model_->save_kv_rows(model_->position(slot), slot)};
+  void set_state_memory(size_t device_bytes, size_t host_bytes) override {
+    memory_.set_capacity(device_bytes, host_bytes);
   }
-  void restore(int slot, const StateCopy& kv, const StateCopy& recurrent) override {
+  size_t state_capacity(Tier tier) const override { return memory_.capacity(tier); }
+  size_t state_used(Tier tier) const override { return memory_.used(tier); }
+  size_t state_bytes(StatePart part, int64_t pos) const override {
+    return part == StatePart::KV ? model_->kv_block_bytes(pos) : model_->recurrent_block_bytes();
+  }
+  // The copies are issued on the model's stream and return at once (device to device, or device to
+  // pinned host memory): no host synchronisation.
+  SavedStatePtr save_state(int slot, StatePart part, Tier tier) override {
+    bind();  // the arena may reserve a segment (cuMemAlloc / cuMemHostAlloc) on this thread
+    const int64_t pos = model_->position(slot);
+    std::shared_ptr<SavedState> out = memory_.allocate(part, pos, state_bytes(part, pos), tier);
+    if (!out) return nullptr;
+    if (part == StatePart::KV)
+      model_->save_kv_block(slot, pos, out->addr());
+    else
+      model_->save_recurrent_block(slot, out->addr());
+    return out;
+  }
+  SavedStatePtr copy_state(const SavedState& from, Tier tier) override {
+    bind();
+    std::shared_ptr<SavedState> out = memory_.allocate(from.part, from.pos, from.bytes, tier);
+    if (!out) return nullptr;
+    model_->copy_block(out->addr(), from.addr(), from.bytes);  // one copy: the block is contiguous
+    return out;
+  }
+  void restore(int slot, const SavedState& kv, const SavedState& recurrent) override {
+    if (kv.part != StatePart::KV || recurrent.part != StatePart::Recurrent)
+      fail("restore: the saved states are not a K/V part and a recurrent part");
     if (kv.pos < recurrent.pos)
       fail("restore: K/V rows for {} tokens cannot restore position {}", kv.pos, recurrent.pos);
-    model_->restore_state(recurrent.parts, kv.parts, recurrent.pos, slot);
+    if (kv.bytes != model_->kv_block_bytes(kv.pos) || recurrent.bytes != model_->recurrent_block_bytes())
+      fail("restore: saved states of {} and {} bytes do not fit this model", kv.bytes, recurrent.bytes);
+    bind();
+    model_->restore_blocks(slot, recurrent.pos, kv.addr(), kv.pos, recurrent.addr());
+  }
+  size_t device_free_bytes() const override {
+    bind();
+    return ctx_.mem_info().first;
+  }
+  int64_t idle_prefill_tokens() const override { return model_->max_chunk(); }
+  ~GpuEngine() override {
+    try {
+      model_->stream().synchronize();  // copies into or out of saved states finish before their memory goes
+    } catch (const Error&) {
+    }
   }
 
  private:
+  // The context current on the calling thread: the server calls the engine from its worker thread,
+  // and calls without a stream (cuMemAlloc, cuMemHostAlloc, cuMemGetInfo) need it.
+  void bind() const {
+    thread_local const GpuEngine* bound = nullptr;
+    if (bound != this) {
+      ctx_.make_current();
+      bound = this;
+    }
+  }
+  // The tiers' memory: device segments (cuMemAlloc) and pinned host segments (cuMemHostAlloc),
+  // reserved in 1 GiB pieces as the prefix cache first needs them; a failed reservation ends the
+  // tier's growth with one notice.
+  StateMemory make_memory() {
+    BlockArena::Memory device{[this](size_t bytes) -> uint64_t {
+                                try {
+                                  DeviceBuffer b(driver_, bytes);
+                                  const uint64_t a = b.ptr();
+                                  device_segments_.emplace(a, std::move(b));
+                                  return a;
+                                } catch (const Error& e) {
+                                  if (log_) log_(fmt::format("prefix cache: device tier stops growing: {}", e.what()));
+                                  return 0;
+                                }
+                              },
+                              [this](uint64_t a, size_t) { device_segments_.erase(a); }};
+    BlockArena::Memory host{[this](size_t bytes) -> uint64_t {
+                              try {
+                                PinnedBuffer b(driver_, bytes);
+                                const uint64_t a = uint64_t(reinterpret_cast<uintptr_t>(b.data()));
+                                host_segments_.emplace(a, std::move(b));
+                                return a;
+                              } catch (const Error& e) {
+                                if (log_) log_(fmt::format("prefix cache: host tier stops growing: {}", e.what()));
+                                return 0;
+                              }
+                            },
+                            [this](uint64_t a, size_t) { host_segments_.erase(a); }};
+    return StateMemory(std::move(device), std::move(host), size_t(1) << 30);
+  }
+
   Driver driver_;
   Context ctx_;
   JitEngine jit_;
   std::unique_ptr<qwen35::GpuModel> model_;
+  std::function<void(const std::string&)> log_;
+  std::map<uint64_t, DeviceBuffer> device_segments_;
+  std::map<uint64_t, PinnedBuffer> host_segments_;
+  StateMemory memory_ = make_memory();  // after the segments: destroyed first, releasing them
 };
 
 bool gpu_present() {
@@ -331,7 +442,7 @@ namespace {
 
 qwen35::GpuModelOptions gpu_options(const Args& args, const qwen35::Config& config, const fs::path& dir,
                                     int64_t max_context, const std::function<void(const std::string&)>& log,
-                                    int max_batch = 1) {
+                                    int max_batch, int64_t max_chunk) {
   const WeightChoice w = weight_choice(args, config, dir);
   qwen35::GpuModelOptions o;
   o.format = w.format;
@@ -339,6 +450,8 @@ qwen35::GpuModelOptions gpu_options(const Args& args, const qwen35::Config& conf
   o.prequantized = w.prequantized;
   o.max_context = max_context;
   o.max_batch = max_batch;
+  // The batched step's rows share the chunk's scratch, so it holds at least max_batch rows.
+  if (max_chunk > 0) o.max_chunk = std::max<int64_t>(std::min(max_chunk, max_context), max_batch);
   o.verbose = args.flag("verbose");
   o.log = log;
   return o;
@@ -346,8 +459,13 @@ qwen35::GpuModelOptions gpu_options(const Args& args, const qwen35::Config& conf
 
 }  // namespace
 
+std::unique_ptr<Engine> make_cpu_engine(const ModelInfo& info, int64_t max_context, int max_batch) {
+  return std::make_unique<CpuEngine>(info, max_context, max_batch);
+}
+
 std::unique_ptr<Engine> make_engine(const Args& args, const ModelInfo& info, int64_t default_max_context,
-                                    const std::function<void(const std::string&)>& log, int max_batch) {
+                                    const std::function<void(const std::string&)>& log, int max_batch,
+                                    int64_t max_chunk) {
   const std::string& cmd = args.command();
   std::string device = args.get("device").value_or("");
   if (device.empty()) device = gpu_present() ? "cuda" : "cpu";
@@ -359,18 +477,19 @@ std::unique_ptr<Engine> make_engine(const Args& args, const ModelInfo& info, int
       fail("q35jit {}: --quant, --group-size and --no-tune apply to --device cuda (the CPU reference runs in fp32)", cmd);
     return std::make_unique<CpuEngine>(info, max_context, max_batch);
   }
-  return std::make_unique<GpuEngine>(info, gpu_options(args, info.config, info.dir, max_context, log, max_batch),
-                                     !args.flag("no-tune"));
+  return std::make_unique<GpuEngine>(
+      info, gpu_options(args, info.config, info.dir, max_context, log, max_batch, max_chunk), !args.flag("no-tune"));
 }
 
 std::unique_ptr<Engine> make_synthetic_engine(const Args& args, const qwen35::Config& config,
                                               int64_t default_max_context,
-                                              const std::function<void(const std::string&)>& log, int max_batch) {
+                                              const std::function<void(const std::string&)>& log, int max_batch,
+                                              int64_t max_chunk) {
   if (args.get("device").value_or("cuda") != "cuda")
     fail("q35jit {}: --synthetic runs on the GPU only (--device cuda)", args.command());
   const int64_t model_max = config.max_position_embeddings > 0 ? config.max_position_embeddings : 32768;
   const int64_t max_context = args.get_int("max-context", std::min(default_max_context, model_max), 1, model_max);
-  return std::make_unique<GpuEngine>(config, gpu_options(args, config, {}, max_context, log, max_batch),
+  return std::make_unique<GpuEngine>(config, gpu_options(args, config, {}, max_context, log, max_batch, max_chunk),
                                      !args.flag("no-tune"), 1234);
 }
 

@@ -66,13 +66,19 @@ std::vector<FlagSpec> engine_flags();
 // --quant, --group-size, --max-context, --verbose. `log` gets one-line notices. Both engines hold
 // `max_batch` sequence slots (the CPU one allocates a slot's state on first use; the GPU one all of
 // them at start, after checking they fit in free memory: an error names --max-batch / --max-context).
+// max_chunk: the GPU's prefill tokens per forward call (its scratch is sized for them; 0: the
+// model's default, 2048), capped by the context.
 std::unique_ptr<Engine> make_engine(const Args& args, const ModelInfo& info, int64_t default_max_context,
-                                    const std::function<void(const std::string&)>& log, int max_batch = 1);
+                                    const std::function<void(const std::string&)>& log, int max_batch = 1,
+                                    int64_t max_chunk = 0);
 // Random weights of `config`'s shapes on the GPU (--synthetic); the same flags.
 std::unique_ptr<Engine> make_synthetic_engine(const Args& args, const qwen35::Config& config,
                                               int64_t default_max_context,
                                               const std::function<void(const std::string&)>& log,
-                                              int max_batch = 1);
+                                              int max_batch = 1, int64_t max_chunk = 0);
+// The CPU reference engine of a model folder (what --device cpu builds): max_batch slots of
+// max_context tokens.
+std::unique_ptr<Engine> make_cpu_engine(const ModelInfo& info, int64_t max_context, int max_batch = 1);
 
 // The folder of the running executable (/proc/self/exe), empty if unknown: shipped tune caches
 // live in its tune_cache/ subfolder.

@@ -7,12 +7,13 @@
 #      the others with that cache (warm): process start -> /health ok -> first streamed token; on the
 #      last one, the TTFT of turn 2 of a chat (4,000-token history + 50-token message) resumed from
 #      the prefix cache and as a new chat, and single-stream decode tok/s (512 tokens, greedy, ignore_eos)
-#   2. one start with --prefix-cache-gb 0: turn 2 without a prefix cache
+#   2. one start with --prefix-cache-gb 0 --prefix-cache-gpu-gb 0: turn 2 without a prefix cache; one start
+#      with --prefix-cache-gpu-gb 0: the cache in pinned host memory only (every hit restored from there)
 #   3. `q35jit bench` decode at the context in the middle of the server's decode stream, for comparison
 #   4. tests/server/load_test.py, 4 streams for 10 s (p50 / p95 TTFT and time between tokens)
 # Each server is stopped with SIGTERM and must exit 0. Prints one summary block (also $OUT/serve.md);
 # the JSON of every run, the bench JSON and the server logs go to $OUT. Exit status 1 on any problem.
-#   scripts/gpu_serve.sh            (or dist/gpu_serve.sh)      ~1-2 minutes on an H200 (at most ~4.5:
+#   scripts/gpu_serve.sh            (or dist/gpu_serve.sh)      ~2 minutes on an H200 (at most ~5.5:
 #   each run has a time limit)
 # Environment: OUT (default ./gpu-report), SERVE_MODEL (server flags instead of the synthetic 35B, e.g.
 # "--model tests/fixtures/tiny-qwen35moe --device cpu"; bench is then skipped), SIZES (serve_bench.py
@@ -74,8 +75,15 @@ t0=$SECONDS
 # shellcheck disable=SC2086
 Q35JIT_CACHE_DIR=$CACHE timeout 60 $PY "$CLIENT" --label "prefix cache off" --starts 1 --no-expect-cache $SIZES $LIMITS \
   --decode-tokens 0 --json "$OUT/serve_nocache.json" --server-log "$OUT/serve_nocache.log" -- $SERVE --prefix-cache-gb 0 \
-  > "$WORK/nocache.txt" || status=1
-echo "- run 2 (--prefix-cache-gb 0, turn 2): $((SECONDS - t0)) s" | tee -a "$OUT/serve.md"
+  --prefix-cache-gpu-gb 0 > "$WORK/nocache.txt" || status=1
+echo "- run 2 (--prefix-cache-gb 0 --prefix-cache-gpu-gb 0, turn 2): $((SECONDS - t0)) s" | tee -a "$OUT/serve.md"
+
+t0=$SECONDS
+# shellcheck disable=SC2086
+Q35JIT_CACHE_DIR=$CACHE timeout 60 $PY "$CLIENT" --label "prefix cache in pinned host memory only" --starts 1 $SIZES $LIMITS \
+  --decode-tokens 0 --json "$OUT/serve_hostcache.json" --server-log "$OUT/serve_hostcache.log" -- $SERVE \
+  --prefix-cache-gpu-gb 0 > "$WORK/hostcache.txt" || status=1
+echo "- run 2b (--prefix-cache-gpu-gb 0: hits from pinned host memory): $((SECONDS - t0)) s" | tee -a "$OUT/serve.md"
 
 BENCH_ARGS=()
 if [ "$BENCH" = 1 ]; then
@@ -125,7 +133,8 @@ sys.exit(1)"; then
     sed 's/^/    /' "$WORK/load.txt" 2>/dev/null; } | tee -a "$OUT/serve.md"
 fi
 
-$PY "$CLIENT" --report "$OUT/serve_main.json" "$OUT/serve_nocache.json" "${BENCH_ARGS[@]}" | tee -a "$OUT/serve.md"
+$PY "$CLIENT" --report "$OUT/serve_main.json" "$OUT/serve_nocache.json" "$OUT/serve_hostcache.json" "${BENCH_ARGS[@]}" \
+  | tee -a "$OUT/serve.md"
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 echo "- overall: $([ $status = 0 ] && echo PASS || echo FAIL)" | tee -a "$OUT/serve.md"
 exit $status

@@ -88,8 +88,7 @@ void Api::handle(const HttpRequest& req, ResponseWriter& out) {
     } else if (req.path == "/metrics") {
       need("GET");
       out.send(200, "text/plain; version=0.0.4",
-               metrics_.render(scheduler_.queue_length(), scheduler_.running(), scheduler_.cache_bytes(),
-                               scheduler_.cache_entries()));
+               metrics_.render(scheduler_.queue_length(), scheduler_.running()));
     } else if (req.path == "/v1/models") {
       need("GET");
       json models = {{"object", "list"},

@@ -58,7 +58,17 @@ void Metrics::prefix_lookup(bool hit) {
   cache_hits_ += hit;
 }
 
-std::string Metrics::render(int64_t queue_length, int64_t running, int64_t cache_bytes, int64_t cache_entries) const {
+void Metrics::prefix_restored(int tier, uint64_t bytes) {
+  std::lock_guard lock(mutex_);
+  restored_bytes_[tier == 0 ? 0 : 1] += bytes;
+}
+
+void Metrics::prefix_cache(const PrefixCacheStats& stats) {
+  std::lock_guard lock(mutex_);
+  cache_ = stats;
+}
+
+std::string Metrics::render(int64_t queue_length, int64_t running) const {
   std::lock_guard lock(mutex_);
   std::string out;
   out += "# HELP q35jit_requests_total HTTP requests by endpoint and status.\n# TYPE q35jit_requests_total counter\n";
@@ -75,10 +85,31 @@ std::string Metrics::render(int64_t queue_length, int64_t running, int64_t cache
   counter("q35jit_prefix_cache_hit_tokens_total", "Prompt tokens restored from the prefix cache.", cached_tokens_);
   counter("q35jit_prefix_cache_queries_total", "Prefix cache lookups.", cache_lookups_);
   counter("q35jit_prefix_cache_hits_total", "Prefix cache lookups that restored a prefix.", cache_hits_);
+  counter("q35jit_prefix_cache_misses_total", "Prefix cache lookups that found nothing to restore.",
+          cache_lookups_ - cache_hits_);
   gauge("q35jit_queue_length", "Requests waiting for the engine.", queue_length);
   gauge("q35jit_running_requests", "Requests being generated.", running);
-  gauge("q35jit_prefix_cache_bytes", "Host bytes held by the prefix cache.", cache_bytes);
-  gauge("q35jit_prefix_cache_entries", "Sequences held by the prefix cache.", cache_entries);
+  gauge("q35jit_prefix_cache_bytes", "Bytes of saved states held by the prefix cache (both tiers).",
+        cache_.bytes[0] + cache_.bytes[1]);
+  gauge("q35jit_prefix_cache_entries", "Sequences held by the prefix cache.", cache_.entries);
+  // Per tier: device memory, and host memory (pinned on the GPU).
+  auto tiers = [&](const char* name, const char* type, const char* help, auto values) {
+    out += fmt::format("# HELP {0} {1}\n# TYPE {0} {2}\n", name, help, type);
+    for (int t = 0; t < 2; ++t) out += fmt::format("{}{{tier=\"{}\"}} {}\n", name, t == 0 ? "device" : "host", values[t]);
+  };
+  tiers("q35jit_prefix_cache_tier_bytes", "gauge", "Bytes of saved states held by the prefix cache, per tier.",
+        cache_.bytes);
+  tiers("q35jit_prefix_cache_capacity_bytes", "gauge", "The prefix cache's budget per tier.", cache_.capacity);
+  tiers("q35jit_prefix_cache_saved_bytes_total", "counter", "Bytes of states saved into the prefix cache, per tier.",
+        cache_.saved_bytes);
+  tiers("q35jit_prefix_cache_restored_bytes_total", "counter",
+        "Bytes restored from the prefix cache into sequence slots, per tier they came from.", restored_bytes_);
+  counter("q35jit_prefix_cache_spilled_bytes_total", "Bytes moved from the device tier to the host tier.",
+          cache_.spilled_bytes);
+  counter("q35jit_prefix_cache_evicted_bytes_total", "Bytes dropped from the prefix cache to make room.",
+          cache_.evicted_bytes);
+  counter("q35jit_prefix_cache_evictions_total", "Entries dropped from the prefix cache to make room.",
+          cache_.evicted_entries);
   out += "# HELP q35jit_time_to_first_token_seconds From the start of generation to the first token.\n"
          "# TYPE q35jit_time_to_first_token_seconds histogram\n";
   out += ttft_.render("q35jit_time_to_first_token_seconds");

@@ -79,10 +79,11 @@ struct Scheduler::Running {
   std::optional<Sampler> sampler;  // the request's own: parameters, seed, random stream
   bool done = false;               // finished, cancelled or failed: leaves at the end of the step
 
-  // Prefill: the prompt runs in pieces ending at `stops` (ascending, < prompt size), then the rest.
+  // Prefill: the prompt runs in pieces of at most the turn's piece size that also end at the
+  // snapshot points `stops` (ascending, < prompt size); the last piece is the rest.
   std::vector<int64_t> stops;
-  std::set<int64_t> snapshot_points;
   size_t next_stop = 0;
+  int64_t pieces = 0;  // engine calls of the prefill (the log line says how many)
   int64_t pos = 0;  // prompt tokens fed
 
   // Decode.
@@ -102,12 +103,15 @@ struct Scheduler::Running {
 Scheduler::Scheduler(cli::Engine& engine, const Tokenizer& tokenizer, std::vector<int32_t> stop_ids,
                      SchedulerOptions options, Metrics& metrics, std::function<void(const std::string&)> log)
     : engine_(engine), tok_(tokenizer), stop_ids_(std::move(stop_ids)), options_(options), metrics_(metrics),
-      log_(std::move(log)), cache_(options.prefix_cache_bytes), rng_(std::random_device{}()),
+      log_(std::move(log)), cache_(engine), rng_(std::random_device{}()),
       slots_(size_t(std::clamp(options.max_batch, 1, std::max(1, engine.max_batch())))) {
   if (options_.max_batch < 1) q35::fail("Scheduler: max_batch (--max-batch) must be >= 1, got {}", options_.max_batch);
-  if (options_.snapshot_block < 1 || options_.prefill_chunk < 1)
-    q35::fail("Scheduler: snapshot_block and prefill_chunk must be >= 1, got {} and {}", options_.snapshot_block,
-              options_.prefill_chunk);
+  if (options_.prefill_chunk < 1)
+    q35::fail("Scheduler: prefill_chunk (--prefill-chunk) must be >= 1, got {}", options_.prefill_chunk);
+  if (options_.snapshot_block < 0 || options_.idle_prefill_chunk < 0)
+    q35::fail("Scheduler: snapshot_block and idle_prefill_chunk must be >= 0, got {} and {}", options_.snapshot_block,
+              options_.idle_prefill_chunk);
+  publish_cache();
   token_text_.resize(size_t(tok_.num_ids()));
   assigned_.resize(size_t(tok_.num_ids()), false);
   for (int32_t id = 0; id < tok_.num_ids(); ++id) {
@@ -203,28 +207,38 @@ void Scheduler::start(Running& r) {
   r.sampler.emplace(slot.sampling);
 
   // Resume from the longest cached prefix (at least one prompt token is left to compute logits),
-  // restored into this slot whichever slot it was saved from.
-  if (auto hit = cache_.lookup(prompt, n - 1)) {
+  // restored into this slot whichever slot it was saved from: copies from the cache's blocks (device
+  // memory or pinned host memory) that the engine issues without waiting for them.
+  std::optional<PrefixCache::Hit> hit;
+  if (cache_.enabled()) {
+    hit = cache_.lookup(prompt, n - 1);
+    metrics_.prefix_lookup(hit.has_value());
+  }
+  if (hit) {
     engine_.restore(slot.index, *hit->kv, *hit->recurrent);
     slot.cached = hit->pos;
+    metrics_.prefix_restored(int(hit->kv->tier), engine_.state_bytes(cli::StatePart::KV, hit->pos));
+    metrics_.prefix_restored(int(hit->recurrent->tier), hit->recurrent->bytes);
+    hit.reset();  // the blocks may be reused: the copies out of them run first on the engine's stream
   } else {
     engine_.reset(slot.index);
   }
   const int64_t cached = slot.cached;
   slot.tokens.assign(prompt.begin(), prompt.begin() + cached);
   r.pos = cached;
-  metrics_.prefix_lookup(cached > 0);
 
-  // Pieces end at snapshot points (block boundaries, the start of the last turn) and at most
-  // prefill_chunk tokens apart; the last piece (the rest) gives the first token.
-  // Without a prefix cache (--prefix-cache-gb 0) nothing is kept: no snapshots (device-to-host copies).
-  if (options_.prefix_cache_bytes > 0) {
-    for (int64_t p = (cached / options_.snapshot_block + 1) * options_.snapshot_block; p < n; p += options_.snapshot_block)
-      r.snapshot_points.insert(p);
-    if (r.r.turn_start > cached && r.r.turn_start < n) r.snapshot_points.insert(r.r.turn_start);
+  // Snapshot points, only where a later request can resume: the start of a chat's last turn (the
+  // next turn re-renders this turn's reply and so shares the prompt up to there), and block
+  // boundaries when --prefix-cache-block asks for them (prompts sharing a long start). Each ends a
+  // prefill piece; the end of the sequence is kept when it finishes. Without a prefix cache nothing
+  // is kept.
+  std::set<int64_t> stops;
+  if (cache_.enabled()) {
+    if (options_.snapshot_block > 0)
+      for (int64_t p = (cached / options_.snapshot_block + 1) * options_.snapshot_block; p < n; p += options_.snapshot_block)
+        stops.insert(p);
+    if (r.r.turn_start > cached && r.r.turn_start < n) stops.insert(r.r.turn_start);
   }
-  std::set<int64_t> stops = r.snapshot_points;
-  for (int64_t p = cached + options_.prefill_chunk; p < n; p += options_.prefill_chunk) stops.insert(p);
   r.stops.assign(stops.begin(), stops.end());
   r.host = r.r.logprobs || !r.r.name_choices.empty();
   r.name_done = r.r.name_choices.empty();
@@ -232,7 +246,13 @@ void Scheduler::start(Running& r) {
 }
 
 void Scheduler::prefill_step() {
-  int64_t budget = options_.prefill_chunk;  // prompt tokens left for this turn
+  // The piece size and the turn's budget: --prefill-chunk while a sequence decodes (it waits for
+  // this turn's prefill before its next token), else the engine's best call size.
+  const bool decoding = std::any_of(running_.begin(), running_.end(), [](const std::unique_ptr<Running>& r) {
+    return !r->done && r->slot().phase == Slot::Phase::Decode;
+  });
+  const int64_t limit = decoding ? options_.prefill_chunk : std::max(options_.prefill_chunk, options_.idle_prefill_chunk);
+  int64_t budget = limit;  // prompt tokens left for this turn
   for (auto& rp : running_) {
     Running& r = *rp;
     while (!r.done && r.slot().phase == Slot::Phase::Prefill) {
@@ -240,11 +260,12 @@ void Scheduler::prefill_step() {
         finish_cancelled_prefill(r);
         break;
       }
-      const int64_t end = r.next_stop < r.stops.size() ? r.stops[r.next_stop] : int64_t(r.r.prompt.size());
+      const int64_t stop = r.next_stop < r.stops.size() ? r.stops[r.next_stop] : int64_t(r.r.prompt.size());
+      const int64_t end = std::min(stop, r.pos + limit);
       if (end - r.pos > budget) return;  // the oldest prompt goes first; the rest waits for the next turn
       budget -= end - r.pos;
       try {
-        prefill_piece(r);
+        prefill_piece(r, end);
       } catch (const std::exception& ex) {
         fail(r, ex);
       }
@@ -252,15 +273,19 @@ void Scheduler::prefill_step() {
   }
 }
 
-void Scheduler::prefill_piece(Running& r) {
+void Scheduler::prefill_piece(Running& r, int64_t end) {
   Slot& slot = r.slot();
   const std::span<const int32_t> prompt(r.r.prompt);
-  if (r.next_stop < r.stops.size()) {
-    const int64_t p = r.stops[r.next_stop++];
-    engine_.logits(slot.index, prompt.subspan(size_t(r.pos), size_t(p - r.pos)), false);
-    slot.tokens.insert(slot.tokens.end(), prompt.begin() + r.pos, prompt.begin() + p);
-    r.pos = p;
-    if (r.snapshot_points.contains(p)) slot.snapshots.emplace(p, engine_.save_recurrent(slot.index));
+  ++r.pieces;
+  if (end < int64_t(prompt.size())) {
+    engine_.logits(slot.index, prompt.subspan(size_t(r.pos), size_t(end - r.pos)), false);
+    slot.tokens.insert(slot.tokens.end(), prompt.begin() + r.pos, prompt.begin() + end);
+    r.pos = end;
+    if (r.next_stop < r.stops.size() && r.stops[r.next_stop] == end) {  // a snapshot point
+      ++r.next_stop;
+      if (cli::SavedStatePtr s = save(slot, cli::StatePart::Recurrent)) slot.snapshots.emplace(end, std::move(s));
+      publish_cache();
+    }
     return;
   }
   // The last piece draws the first token: on the engine, or on the host from the logits.
@@ -428,8 +453,9 @@ void Scheduler::finish(Running& r, const std::string& reason) {
   const double decode_ms = ms_between(r.t_first, t_end);
   done.decode_tps = r.generated > 1 && decode_ms > 0 ? double(r.generated - 1) * 1000.0 / decode_ms : 0.0;
   metrics_.tokens(n, r.generated, cached);
-  log_(fmt::format("{} prompt {} tokens ({} cached), {} generated, ttft {:.1f} ms, {:.1f} tok/s, finish {} (slot {})",
-                   r.job->id(), n, cached, r.generated, r.ttft_ms, done.decode_tps, reason, r.slot().index));
+  log_(fmt::format(
+      "{} prompt {} tokens ({} cached, {} prefill calls), {} generated, ttft {:.1f} ms, {:.1f} tok/s, finish {} (slot {})",
+      r.job->id(), n, cached, r.pieces, r.generated, r.ttft_ms, done.decode_tps, reason, r.slot().index));
   r.job->push(std::move(done));
   r.done = true;
   keep_in_cache(r.slot());
@@ -463,14 +489,38 @@ void Scheduler::fail(Running& r, const std::exception& ex) {
 }
 
 void Scheduler::keep_in_cache(Slot& slot) {
-  // Keep the sequence for later requests that share its prefix (nothing to copy without a cache).
-  if (options_.prefix_cache_bytes > 0 && slot.position() > slot.cached &&
-      slot.position() == engine_.position(slot.index)) {
-    slot.snapshots.insert_or_assign(slot.position(), engine_.save_recurrent(slot.index));
-    cache_.insert(std::exchange(slot.tokens, {}), engine_.save_kv(slot.index), std::exchange(slot.snapshots, {}));
+  // Keep the sequence for later requests that share its prefix (nothing to copy without a cache):
+  // its end state and K/V rows, copied into the cache's blocks on the engine's stream without
+  // waiting, so the next request starts at once.
+  if (cache_.enabled() && slot.position() > slot.cached && slot.position() == engine_.position(slot.index)) {
+    if (cli::SavedStatePtr end = save(slot, cli::StatePart::Recurrent))
+      slot.snapshots.insert_or_assign(slot.position(), std::move(end));
+    if (!slot.snapshots.empty())
+      if (cli::SavedStatePtr kv = save(slot, cli::StatePart::KV))
+        cache_.insert(std::exchange(slot.tokens, {}), std::move(kv), std::exchange(slot.snapshots, {}));
   }
-  cache_bytes_ = int64_t(cache_.bytes());
-  cache_entries_ = int64_t(cache_.entries());
+  slot.snapshots.clear();
+  publish_cache();
+}
+
+cli::SavedStatePtr Scheduler::save(const Slot& slot, cli::StatePart part) {
+  const int index = slot.index;
+  return cache_.save(engine_.state_bytes(part, engine_.position(index)),
+                     [&](cli::Tier tier) { return engine_.save_state(index, part, tier); });
+}
+
+void Scheduler::publish_cache() {
+  PrefixCacheStats s;
+  s.entries = int64_t(cache_.entries());
+  for (cli::Tier t : {cli::Tier::Device, cli::Tier::Host}) {
+    s.bytes[int(t)] = int64_t(cache_.bytes(t));
+    s.capacity[int(t)] = int64_t(engine_.state_capacity(t));
+    s.saved_bytes[int(t)] = cache_.counters().saved_bytes[int(t)];
+  }
+  s.spilled_bytes = cache_.counters().spilled_bytes;
+  s.evicted_bytes = cache_.counters().evicted_bytes;
+  s.evicted_entries = cache_.counters().evicted_entries;
+  metrics_.prefix_cache(s);
 }
 
 }  // namespace q35::server

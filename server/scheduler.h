@@ -5,11 +5,17 @@
 //   1. admit: queued requests, oldest first, take free slots (at most --max-batch run at once); each
 //      restores the longest cached prefix into its slot (any slot) or starts it empty;
 //   2. prefill: sequences still in their prompt advance, oldest first, by whole pieces of their
-//      prompt (a piece ends at a snapshot point or after --prefill-chunk tokens; the split depends on
-//      the request alone), at most --prefill-chunk prompt tokens in all per turn: the bound on the
-//      prefill work between two decode steps. A prompt's last piece draws its first token;
+//      prompt (a piece ends at a snapshot point or after --prefill-chunk tokens), at most
+//      --prefill-chunk prompt tokens in all per turn: the bound on the prefill work between two
+//      decode steps. While no sequence is decoding there is nobody to keep waiting, and pieces (and
+//      the turn's budget) grow to --idle-prefill-chunk, the size the engine takes best (the GPU: one
+//      4,096-token call instead of eight of 512). A prompt's last piece draws its first token;
 //   3. decode: every sequence past its prompt advances by one token in one Engine::decode_batch,
 //      each with its own sampler (parameters and seed), so its tokens do not depend on the others.
+// The prefix cache (server/prefix_cache.h) lives in the engine's state memory: a request restores
+// the longest cached prefix into its slot, snapshots the recurrent state where a later request can
+// resume (the start of its last turn, block boundaries if asked), and leaves its sequence in the
+// cache when it ends; all of these are copies the engine issues without waiting for them.
 // Tokens stream as events (text split into reasoning / content / tool calls, logprobs, the finish)
 // to the HTTP thread of each request. A sequence that finishes, is cancelled (its client went away:
 // noticed before each prefill piece and after each token) or fails leaves at once and frees its slot.
@@ -79,19 +85,24 @@ class Job {
   std::deque<JobEvent> events_;
 };
 
+// The prefix cache's budgets are the engine's (Engine::set_state_memory); it is on when either is
+// above 0.
 struct SchedulerOptions {
   size_t max_queue = 64;
-  size_t prefix_cache_bytes = size_t(4) << 30;
-  int64_t snapshot_block = 512;  // recurrent snapshots every this many prompt tokens
-  int64_t prefill_chunk = 512;   // prompt tokens per engine call, and per turn between decode steps
-  int max_batch = 16;            // sequences at once (capped by the engine's slots)
+  // Recurrent snapshots also every this many prompt tokens (0: only at the start of a chat's last
+  // turn and at the end of a sequence). Each ends a prefill piece.
+  int64_t snapshot_block = 0;
+  int64_t prefill_chunk = 512;       // prompt tokens per engine call, and per turn between decode steps
+  int64_t idle_prefill_chunk = 0;    // the same while no sequence decodes (below prefill_chunk: prefill_chunk)
+  int max_batch = 16;                // sequences at once (capped by the engine's slots)
 };
 
 class Scheduler {
  public:
   Scheduler(cli::Engine& engine, const Tokenizer& tokenizer, std::vector<int32_t> stop_ids, SchedulerOptions options,
             Metrics& metrics, std::function<void(const std::string&)> log);
-  // Error naming the option when max_batch, snapshot_block or prefill_chunk is below 1.
+  // Error naming the option when max_batch or prefill_chunk is below 1, or snapshot_block or
+  // idle_prefill_chunk below 0.
   ~Scheduler();  // stops the worker after the running jobs; queued jobs fail with 503
   Scheduler(const Scheduler&) = delete;
   Scheduler& operator=(const Scheduler&) = delete;
@@ -102,9 +113,6 @@ class Scheduler {
   int64_t running() const { return int64_t(slots_.in_use()); }
   // The slots (counts only are safe to read from other threads).
   const SlotPool& slots() const { return slots_; }
-  // Prefix cache size for /metrics: bytes, entries (updated by the worker after each job).
-  int64_t cache_bytes() const { return cache_bytes_; }
-  int64_t cache_entries() const { return cache_entries_; }
 
  private:
   struct Running;  // a request in a slot: its prefill plan and streaming state (scheduler.cpp)
@@ -112,7 +120,7 @@ class Scheduler {
   void worker();
   void start(Running& r);
   void prefill_step();
-  void prefill_piece(Running& r);
+  void prefill_piece(Running& r, int64_t end);
   void decode_step();
   int32_t choose(Running& r);
   void on_token(Running& r, int32_t next);
@@ -120,6 +128,10 @@ class Scheduler {
   void finish_cancelled_prefill(Running& r);
   void fail(Running& r, const std::exception& ex);
   void keep_in_cache(Slot& slot);
+  // A recurrent snapshot or K/V rows of the slot's sequence, made room for in the cache; null when
+  // it fits nowhere.
+  cli::SavedStatePtr save(const Slot& slot, cli::StatePart part);
+  void publish_cache();  // the cache's state for /metrics
 
   cli::Engine& engine_;
   const Tokenizer& tok_;
@@ -136,7 +148,6 @@ class Scheduler {
   std::condition_variable cv_;
   std::deque<std::shared_ptr<Job>> queue_;
   bool stopping_ = false;
-  std::atomic<int64_t> cache_bytes_{0}, cache_entries_{0};
   std::vector<std::string> token_text_;  // bytes of every id (empty: special or unassigned)
   std::vector<bool> assigned_;           // ids the tokenizer can decode (a model's padded vocabulary has more)
   std::thread thread_;

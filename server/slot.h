@@ -30,7 +30,7 @@ struct Slot {
   std::vector<int32_t> tokens;   // ids in the sequence: the prompt part computed so far, then generated ids
   int64_t cached = 0;            // tokens restored from the prefix cache
   SamplingParams sampling;       // the request's, with its seed drawn when it gave none
-  std::map<int64_t, cli::StateCopy> snapshots;  // recurrent state at prefill snapshot points
+  std::map<int64_t, cli::SavedStatePtr> snapshots;  // recurrent state at prefill snapshot points
   int64_t position() const { return int64_t(tokens.size()); }
 };
 

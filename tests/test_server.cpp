@@ -1,6 +1,7 @@
 // The server's pieces without sockets: SSE framing, the stop-string matcher, the reasoning /
-// tool-call parser, the prefix cache's LRU, error bodies, request validation, the Python-compatible
-// JSON of the chat template, and a restored state continuing exactly like a full prefill.
+// tool-call parser, error bodies, request validation, the Python-compatible JSON of the chat
+// template, and a restored state continuing exactly like a full prefill. (The prefix cache's LRU and
+// tiers: test_prefix_cache.cpp.)
 #include <doctest/doctest.h>
 
 #include <cmath>
@@ -14,7 +15,6 @@
 #include "runtime/io/safetensors.h"
 #include "server/api_error.h"
 #include "server/chat_output.h"
-#include "server/prefix_cache.h"
 #include "server/request.h"
 #include "server/text_stream.h"
 
@@ -129,46 +129,6 @@ TEST_CASE("typed_value follows the JSON schema type and falls back to the string
   CHECK(typed_value("[1,2]", "array") == ojson::array({1, 2}));
   CHECK(typed_value("{\"a\":1}", "array") == "{\"a\":1}");
   CHECK(typed_value(" 7 ", "") == " 7 ");
-}
-
-TEST_CASE("Prefix cache: longest snapshot inside the common prefix, merging, LRU eviction by bytes") {
-  auto copy = [](int64_t pos, size_t bytes) { return q35::cli::StateCopy{pos, {std::vector<std::byte>(bytes)}}; };
-  PrefixCache cache(1000);
-  std::vector<int32_t> a = {1, 2, 3, 4, 5, 6, 7, 8};
-  cache.insert(a, copy(8, 100), {{4, copy(4, 100)}, {8, copy(8, 100)}});
-  CHECK(cache.bytes() == 300);
-  std::vector<int32_t> q = {1, 2, 3, 4, 5, 9};
-  auto hit = cache.lookup(q, int64_t(q.size()) - 1);
-  REQUIRE(hit);
-  CHECK(hit->pos == 4);
-  CHECK(hit->kv->pos == 8);
-  CHECK_FALSE(cache.lookup(std::vector<int32_t>{2, 2, 3}, 2));
-  auto full = cache.lookup(std::vector<int32_t>{1, 2, 3, 4, 5, 6, 7, 8, 9}, 8);
-  REQUIRE(full);
-  CHECK(full->pos == 8);
-  CHECK(cache.lookup(std::vector<int32_t>{1, 2, 3, 4, 5, 6, 7, 8}, 7)->pos == 4);  // one token must stay to feed
-
-  // A longer sequence that extends `a` absorbs it (its snapshots move over, its K/V rows go).
-  std::vector<int32_t> b = a;
-  b.push_back(9);
-  b.push_back(10);
-  cache.insert(b, copy(10, 120), {{10, copy(10, 100)}});
-  CHECK(cache.entries() == 1);
-  CHECK(cache.bytes() == 120 + 300);
-  CHECK(cache.lookup(std::vector<int32_t>{1, 2, 3, 4, 5, 0}, 5)->pos == 4);
-
-  // Unrelated entries; the least recently used goes first when the budget is exceeded.
-  cache.insert({50, 51}, copy(2, 200), {{2, copy(2, 100)}});
-  cache.lookup(b, 10);  // b is now the most recent
-  cache.insert({60, 61}, copy(2, 200), {{2, copy(2, 100)}});
-  CHECK(cache.bytes() <= 1000);
-  CHECK_FALSE(cache.lookup(std::vector<int32_t>{50, 51, 52}, 2));
-  CHECK(cache.lookup(std::vector<int32_t>{60, 61, 62}, 2));
-  CHECK(cache.lookup(b, 9));
-  // An entry larger than the whole budget is not kept.
-  cache.insert({70}, copy(1, 2000), {{1, copy(1, 1)}});
-  CHECK_FALSE(cache.lookup(std::vector<int32_t>{70, 71}, 1));
-  CHECK_THROWS_AS(cache.insert({1, 2}, copy(3, 1), {}), q35::Error);
 }
 
 TEST_CASE("Errors: OpenAI JSON bodies naming the field, with the status") {

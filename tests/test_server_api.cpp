@@ -17,6 +17,7 @@
 #include <stdexcept>
 #include <thread>
 
+#include "cli/state_memory.h"
 #include "models/qwen35/chat.h"
 #include "runtime/core/error.h"
 #include "server/api.h"
@@ -33,7 +34,9 @@ namespace {
 class ScriptedEngine final : public q35::cli::Engine {
  public:
   ScriptedEngine(std::vector<int32_t> script, int32_t vocab, int slots = 1)
-      : script_(std::move(script)), vocab_(vocab), fed_(size_t(slots)) {}
+      : script_(std::move(script)), vocab_(vocab), fed_(size_t(slots)) {
+    memory_.set_capacity(0, size_t(64) << 20);
+  }
   std::string device() const override { return "script"; }
   int max_batch() const override { return int(fed_.size()); }
   int64_t position(int slot) const override { return int64_t(fed_.at(size_t(slot)).size()); }
@@ -68,15 +71,34 @@ class ScriptedEngine final : public q35::cli::Engine {
     return out;
   }
   void reset(int slot) override { fed_.at(size_t(slot)).clear(); }
-  q35::cli::StateCopy save_recurrent(int slot) const override { return copy(slot); }
-  q35::cli::StateCopy save_kv(int slot) const override { return copy(slot); }
-  void restore(int slot, const q35::cli::StateCopy& kv, const q35::cli::StateCopy& recurrent) override {
+  // Saved states hold the ids fed so far (both parts), in a "device" and a host tier of heap memory
+  // (the host tier's 64 MiB only, unless a test sets both).
+  void set_state_memory(size_t device_bytes, size_t host_bytes) override {
+    memory_.set_capacity(device_bytes, host_bytes);
+  }
+  size_t state_capacity(q35::cli::Tier t) const override { return memory_.capacity(t); }
+  size_t state_used(q35::cli::Tier t) const override { return memory_.used(t); }
+  size_t state_bytes(q35::cli::StatePart, int64_t pos) const override { return size_t(std::max<int64_t>(pos, 1)) * 4; }
+  q35::cli::SavedStatePtr save_state(int slot, q35::cli::StatePart part, q35::cli::Tier tier) override {
+    const std::vector<int32_t>& fed = fed_.at(size_t(slot));
+    auto s = memory_.allocate(part, int64_t(fed.size()), state_bytes(part, int64_t(fed.size())), tier);
+    if (s) std::memcpy(reinterpret_cast<void*>(uintptr_t(s->addr())), fed.data(), fed.size() * 4);
+    return s;
+  }
+  q35::cli::SavedStatePtr copy_state(const q35::cli::SavedState& from, q35::cli::Tier tier) override {
+    auto s = memory_.allocate(from.part, from.pos, from.bytes, tier);
+    if (s) std::memcpy(reinterpret_cast<void*>(uintptr_t(s->addr())), reinterpret_cast<const void*>(uintptr_t(from.addr())),
+                       from.bytes);
+    return s;
+  }
+  void restore(int slot, const q35::cli::SavedState& kv, const q35::cli::SavedState& recurrent) override {
     std::vector<int32_t>& fed = fed_.at(size_t(slot));
     fed.resize(size_t(recurrent.pos));
-    std::memcpy(fed.data(), kv.parts[0].data(), fed.size() * 4);
+    std::memcpy(fed.data(), reinterpret_cast<const void*>(uintptr_t(kv.addr())), fed.size() * 4);
     ++restores;
     std::lock_guard lock(mutex_);
     restored_slots.push_back(slot);
+    restored_tiers.push_back(kv.tier);
   }
   int restores = 0;
   std::function<void(std::span<const int32_t>)> on_feed;     // every call: the tokens fed
@@ -95,6 +117,7 @@ class ScriptedEngine final : public q35::cli::Engine {
     return calls_;
   }
   std::vector<int> restored_slots;  // guarded by mutex_
+  std::vector<q35::cli::Tier> restored_tiers;  // of the K/V rows; guarded by mutex_
 
  private:
   void record(Call c) {
@@ -108,12 +131,6 @@ class ScriptedEngine final : public q35::cli::Engine {
     l[size_t(next(fed))] = 30.0f;
     return l;
   }
-  q35::cli::StateCopy copy(int slot) const {
-    const std::vector<int32_t>& fed = fed_.at(size_t(slot));
-    std::vector<std::byte> b(fed.size() * 4);
-    std::memcpy(b.data(), fed.data(), b.size());
-    return {int64_t(fed.size()), {b}};
-  }
   int32_t next(const std::vector<int32_t>& fed) const {
     for (size_t k = std::min(script_.size() - 1, fed.size()); k > 0; --k)
       if (std::equal(script_.begin(), script_.begin() + long(k), fed.end() - long(k))) return script_[k];
@@ -124,6 +141,7 @@ class ScriptedEngine final : public q35::cli::Engine {
   std::vector<std::vector<int32_t>> fed_;  // per slot
   mutable std::mutex mutex_;
   std::vector<Call> calls_;
+  q35::cli::StateMemory memory_{q35::cli::heap_memory(), q35::cli::heap_memory(), size_t(1) << 20};
 };
 
 struct Recorder final : ResponseWriter {
@@ -358,7 +376,7 @@ TEST_CASE("SlotPool: acquire, release through the lease, and no leak") {
     CHECK((*a)->job == j1);
     (*a)->tokens = {1, 2, 3};
     (*a)->cached = 2;
-    (*a)->snapshots.emplace(2, q35::cli::StateCopy{2, {}});
+    (*a)->snapshots.emplace(2, std::make_shared<q35::cli::SavedState>());
     std::optional<SlotLease> b = pool.acquire(j2);
     REQUIRE(b.has_value());
     CHECK((*b)->index == 1);
@@ -801,4 +819,139 @@ TEST_CASE("Prefix cache with many sequences: a cached prefix is restored into wh
   CHECK(reply_of(*holder).second.finish_reason == "length");
   CHECK(engine.restores == 1);
   CHECK(engine.restored_slots == std::vector<int>{1});
+}
+
+namespace {
+
+std::shared_ptr<Job> turn_job(const std::string& id, std::vector<int32_t> prompt, int64_t turn_start, int64_t max_tokens) {
+  auto j = completion_job(id, std::move(prompt), max_tokens);
+  const_cast<GenerationRequest&>(j->request()).turn_start = turn_start;
+  return j;
+}
+
+// The prompt pieces (tokens per call) of slot-less prefill calls from call index `from` whose first
+// piece starts at `pos0`.
+std::vector<int64_t> pieces_since(const std::vector<ScriptedEngine::Call>& calls, size_t from) {
+  std::vector<int64_t> out;
+  for (size_t i = from; i < calls.size(); ++i)
+    if (calls[i].kind == ScriptedEngine::Call::Prefill) out.push_back(calls[i].tokens);
+  return out;
+}
+
+double metric_of(const std::string& text, const std::string& name) {
+  const size_t at = text.find("\n" + name + " ");
+  if (at == std::string::npos) return -1;
+  return std::stod(text.substr(at + name.size() + 2));
+}
+
+}  // namespace
+
+TEST_CASE("Prefix cache through the scheduler: snapshots at the turn start only, idle prefill pieces, tiers, metrics") {
+  SchedulerSetup setup;
+  ScriptedEngine engine(setup.script, 1536, 2);
+  // The scripted state is the ids fed (4 bytes each): a 300-token sequence's parts are 5 units of
+  // 256 bytes; the "device" tier holds two such sequences, the host tier four.
+  engine.set_state_memory(32 * 256, 64 * 256);
+  std::atomic<int> decodes{0};
+  std::shared_ptr<Job> late;  // submitted while another sequence decodes
+  Metrics metrics;
+  SchedulerOptions opts;
+  opts.prefill_chunk = 16;
+  opts.idle_prefill_chunk = 256;
+  std::vector<std::string> log;
+  std::mutex log_mutex;
+  std::unique_ptr<Scheduler> owner = std::make_unique<Scheduler>(
+      engine, setup.tok, q35::qwen35::stop_token_ids(setup.tok, setup.gen), opts, metrics, [&](const std::string& line) {
+        std::lock_guard lock(log_mutex);
+        log.push_back(line);
+      });
+  Scheduler& scheduler = *owner;
+  engine.on_decode = [&](size_t) {
+    if (++decodes == 2 && late) scheduler.submit(late);
+  };
+  auto last_log = [&] {
+    std::lock_guard lock(log_mutex);
+    return log.back();
+  };
+
+  // Turn 1 alone: nobody decodes, so the prompt runs in pieces of up to 256 tokens, cut only at the
+  // turn start (290); no snapshot at block boundaries.
+  const std::vector<int32_t> p1 = setup.prompt(300);
+  size_t mark = engine.calls().size();
+  auto a = turn_job("a", p1, 290, 3);
+  scheduler.submit(a);
+  JobEvent ea = finish_of(*a);
+  REQUIRE(ea.kind == JobEvent::Kind::Done);
+  CHECK(ea.cached_tokens == 0);
+  CHECK(pieces_since(engine.calls(), mark) == std::vector<int64_t>{256, 34, 10});
+  CHECK(eventually([&] { return last_log().find("(0 cached, 3 prefill calls)") != std::string::npos; }));
+  // Snapshots at 290 and 302, K/V rows of 302 (kept just after the reply's last event).
+  CHECK(eventually([&] { return engine.state_used(q35::cli::Tier::Device) == 15 * 256; }));
+  CHECK(engine.state_used(q35::cli::Tier::Host) == 0);
+
+  // Turn 2 (shares the first 295 ids): resumes at 290 from device memory, prefills the rest.
+  std::vector<int32_t> p2(p1.begin(), p1.begin() + 295);
+  for (int i = 0; i < 20; ++i) p2.push_back(1000 + i);
+  mark = engine.calls().size();
+  auto b = turn_job("b", p2, 310, 3);
+  scheduler.submit(b);
+  JobEvent eb = finish_of(*b);
+  CHECK(eb.cached_tokens == 290);
+  CHECK(pieces_since(engine.calls(), mark) == std::vector<int64_t>{20, 5});
+  REQUIRE(engine.restored_tiers.size() == 1);
+  CHECK(engine.restored_tiers[0] == q35::cli::Tier::Device);
+
+  // A long reply decodes while another prompt comes in: that prompt runs in pieces of
+  // --prefill-chunk (16) while the first decodes.
+  std::vector<int32_t> p3 = setup.prompt(40), p4 = setup.prompt(100);
+  p3[0] = 1400;
+  p4[0] = 1401;
+  decodes = 0;
+  late = completion_job("late", p4, 2);
+  mark = engine.calls().size();
+  auto c = completion_job("c", p3, 30);
+  scheduler.submit(c);
+  CHECK(finish_of(*c).completion_tokens == 30);
+  JobEvent el = finish_of(*late);
+  CHECK(el.completion_tokens == 2);
+  {
+    const auto calls = engine.calls();
+    std::vector<int64_t> late_pieces;
+    bool in_late = false;
+    for (size_t i = mark; i < calls.size(); ++i)
+      if (calls[i].kind == ScriptedEngine::Call::Prefill) {
+        if (calls[i].pos0 == 0) in_late = calls[i].first == 1401;
+        if (in_late) late_pieces.push_back(calls[i].tokens);
+      }
+    CHECK(late_pieces == std::vector<int64_t>{16, 16, 16, 16, 16, 16, 4});
+  }
+  // c and late need device room: the least recently used entry (a) moved to host memory.
+  CHECK(engine.state_used(q35::cli::Tier::Host) >= 15 * 256);
+  // Turn 2 again: a hit from the host tier.
+  auto b2 = turn_job("b2", p2, 310, 3);
+  scheduler.submit(b2);
+  CHECK(finish_of(*b2).cached_tokens > 0);
+  auto a2 = turn_job("a2", p1, 290, 3);
+  scheduler.submit(a2);
+  CHECK(finish_of(*a2).cached_tokens == 290);
+  REQUIRE(engine.restored_tiers.size() == 3);
+  CHECK(engine.restored_tiers[2] == q35::cli::Tier::Host);
+
+  // /metrics: lookups, hits and misses, bytes per tier, budgets, saved / restored / spilled bytes.
+  CHECK(eventually([&] { return scheduler.running() == 0; }));
+  const std::string m = metrics.render(0, 0);
+  CHECK(metric_of(m, "q35jit_prefix_cache_queries_total") == 6);
+  CHECK(metric_of(m, "q35jit_prefix_cache_hits_total") == 3);
+  CHECK(metric_of(m, "q35jit_prefix_cache_misses_total") == 3);
+  CHECK(metric_of(m, "q35jit_prefix_cache_spilled_bytes_total") >= 15 * 256);
+  CHECK(metric_of(m, "q35jit_prefix_cache_entries") >= 2);
+  CHECK(m.find("q35jit_prefix_cache_capacity_bytes{tier=\"device\"} 8192\n") != std::string::npos);
+  CHECK(m.find("q35jit_prefix_cache_capacity_bytes{tier=\"host\"} 16384\n") != std::string::npos);
+  CHECK(m.find("q35jit_prefix_cache_restored_bytes_total{tier=\"device\"} ") != std::string::npos);
+  CHECK(m.find("q35jit_prefix_cache_restored_bytes_total{tier=\"host\"} 0\n") == std::string::npos);
+  CHECK(m.find("q35jit_prefix_cache_saved_bytes_total{tier=\"device\"} 0\n") == std::string::npos);
+  const double held = metric_of(m, "q35jit_prefix_cache_bytes");
+  CHECK(held > 0);
+  CHECK(held <= 96 * 256);
+  owner.reset();  // the scheduler (and the cache's states) before the engine
 }

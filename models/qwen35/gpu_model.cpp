@@ -95,10 +95,20 @@ struct GpuModel::Impl {
   std::map<std::tuple<WeightFormat, int, int64_t, int64_t, bool, int, bool>, DensePlan> dense_plans;
 
   // Per slot: one K and V cache per full-attention layer, conv + fp32 state per DeltaNet layer;
-  // each buffer holds max_batch equal parts, slot s at s * the part's bytes.
-  std::vector<DeviceBuffer> k_cache, v_cache;  // bf16 [max_batch, max_context, Hkv, D] (indexed by layer)
-  std::vector<DeviceBuffer> conv_state, ssm_state;
+  // each layer's buffer holds max_batch equal parts, slot s at s * the part's bytes. The layers of one
+  // kind are one allocation ([layer of the kind][max_batch][part]), so one slot's parts of every layer
+  // are rows at a constant pitch: a saved state's copy is one 2D copy per kind.
+  struct StateView {  // a layer's buffer inside its kind's allocation
+    CUdeviceptr p = 0;
+    size_t n = 0;
+    CUdeviceptr ptr() const { return p; }
+    size_t size() const { return n; }
+  };
+  DeviceBuffer k_all, v_all, conv_all, ssm_all;
+  std::vector<StateView> k_cache, v_cache;  // bf16 [max_batch, max_context, Hkv, D] (indexed by layer)
+  std::vector<StateView> conv_state, ssm_state;
   size_t kv_slot = 0, conv_slot = 0, ssm_slot = 0;  // bytes of one slot's part
+  size_t full_layers = 0, linear_layers = 0;
   std::vector<std::optional<SamplingParams>> rng_params;  // per slot: what its rng was seeded for
 
   // Scratch for chunks of up to max_chunk tokens.
@@ -247,12 +257,27 @@ void GpuModel::init(const GpuModelOptions& o) {
   m.kv_slot = size_t(o.max_context * c.num_kv_heads * c.head_dim) * 2;
   m.conv_slot = has_linear ? gpu::gdn_conv_state_bytes(c) : 0;
   m.ssm_slot = has_linear ? gpu::gdn_ssm_state_bytes(c) : 0;
+  m.full_layers = size_t(c.num_layers_of(LayerType::FullAttention));
+  m.linear_layers = size_t(c.num_layers_of(LayerType::LinearAttention));
+  m.k_all = alloc(m.full_layers * slots * m.kv_slot);
+  m.v_all = alloc(m.full_layers * slots * m.kv_slot);
+  m.conv_all = alloc(m.linear_layers * slots * m.conv_slot);
+  m.ssm_all = alloc(m.linear_layers * slots * m.ssm_slot);
+  size_t jf = 0, jl = 0;  // the layer's index among its kind
   for (LayerType t : c.layer_types) {
-    const bool full = t == LayerType::FullAttention;
-    m.k_cache.push_back(full ? alloc(slots * m.kv_slot) : DeviceBuffer());
-    m.v_cache.push_back(full ? alloc(slots * m.kv_slot) : DeviceBuffer());
-    m.conv_state.push_back(full ? DeviceBuffer() : alloc(slots * m.conv_slot));
-    m.ssm_state.push_back(full ? DeviceBuffer() : alloc(slots * m.ssm_slot));
+    if (t == LayerType::FullAttention) {
+      m.k_cache.push_back({m.k_all.ptr() + jf * slots * m.kv_slot, slots * m.kv_slot});
+      m.v_cache.push_back({m.v_all.ptr() + jf * slots * m.kv_slot, slots * m.kv_slot});
+      m.conv_state.push_back({});
+      m.ssm_state.push_back({});
+      ++jf;
+    } else {
+      m.k_cache.push_back({});
+      m.v_cache.push_back({});
+      m.conv_state.push_back({m.conv_all.ptr() + jl * slots * m.conv_slot, slots * m.conv_slot});
+      m.ssm_state.push_back({m.ssm_all.ptr() + jl * slots * m.ssm_slot, slots * m.ssm_slot});
+      ++jl;
+    }
   }
   m.rng_params.assign(slots, std::nullopt);
   const int64_t proj_cols = std::max(has_full ? m.attn.qkv_row() : 0, has_linear ? gpu::gdn_proj_columns(c) : 0);
@@ -324,19 +349,115 @@ size_t GpuModel::checked(int slot) const {
 
 int64_t GpuModel::position(int slot) const { return pos_[checked(slot)]; }
 
+// Asynchronous on the stream (memsets): the slot's next call runs after them.
 void GpuModel::reset(int slot) {
   Impl& m = *impl_;
   const size_t s = checked(slot);
   for (size_t i = 0; i < m.conv_state.size(); ++i) {
-    if (m.conv_state[i].size()) m.conv_state[i].fill_bytes(0, stream_, s * m.conv_slot, m.conv_slot);
-    if (m.ssm_state[i].size()) m.ssm_state[i].fill_bytes(0, stream_, s * m.ssm_slot, m.ssm_slot);
+    if (m.conv_state[i].size()) fill_async(driver_, m.conv_state[i].ptr() + s * m.conv_slot, 0, m.conv_slot, stream_);
+    if (m.ssm_state[i].size()) fill_async(driver_, m.ssm_state[i].ptr() + s * m.ssm_slot, 0, m.ssm_slot, stream_);
   }
   pos_[s] = 0;
   m.rng_params[s].reset();  // the next sample reseeds: a sequence's draws depend only on its seed
-  const int32_t zero = 0;
-  m.pos.upload(&zero, 4, stream_, s * 4);
-  stream_.synchronize();
+  m.pos.fill_u32(0, stream_, s * 4, 1);
 }
+
+namespace {
+
+size_t align256(size_t n) { return (n + 255) / 256 * 256; }
+
+}  // namespace
+
+// Block layouts: K rows of every full-attention layer (each layer's part 256-byte aligned, laid out
+// for the block's rows), then V rows; the conv rings of every DeltaNet layer, then their fp32 states.
+std::vector<GpuModel::StateSegment> GpuModel::kv_segments(size_t s, int64_t rows, int64_t block_rows) const {
+  const Impl& m = *impl_;
+  if (!m.full_layers) return {};
+  const size_t row_bytes = size_t(config_.num_kv_heads * config_.head_dim) * 2;  // bf16 [Hkv, D]
+  const size_t pitch = size_t(options_.max_batch) * m.kv_slot, part = align256(row_bytes * size_t(block_rows));
+  return {{m.k_all.ptr() + s * m.kv_slot, pitch, 0, part, row_bytes * size_t(rows), m.full_layers},
+          {m.v_all.ptr() + s * m.kv_slot, pitch, m.full_layers * part, part, row_bytes * size_t(rows), m.full_layers}};
+}
+
+std::vector<GpuModel::StateSegment> GpuModel::recurrent_segments(size_t s) const {
+  const Impl& m = *impl_;
+  if (!m.linear_layers) return {};
+  const size_t slots = size_t(options_.max_batch), conv = align256(m.conv_slot), ssm = align256(m.ssm_slot);
+  return {{m.conv_all.ptr() + s * m.conv_slot, slots * m.conv_slot, 0, conv, m.conv_slot, m.linear_layers},
+          {m.ssm_all.ptr() + s * m.ssm_slot, slots * m.ssm_slot, m.linear_layers * conv, ssm, m.ssm_slot,
+           m.linear_layers}};
+}
+
+size_t GpuModel::kv_block_bytes(int64_t rows) const {
+  if (rows < 0 || rows > options_.max_context) fail("kv_block_bytes: {} rows of a {}-row cache", rows, options_.max_context);
+  const size_t row_bytes = size_t(config_.num_kv_heads * config_.head_dim) * 2;
+  return 2 * impl_->full_layers * align256(row_bytes * size_t(rows));
+}
+
+size_t GpuModel::recurrent_block_bytes() const {
+  return impl_->linear_layers * (align256(impl_->conv_slot) + align256(impl_->ssm_slot));
+}
+
+// One 2D copy per segment, or one copy per row where a pitch passes the device's limit.
+size_t GpuModel::segment_copies(const StateSegment& g) const {
+  const size_t limit = ctx_.device().max_pitch;
+  return g.rows > 1 && (limit == 0 || std::max(g.pitch, g.block_pitch) > limit) ? g.rows : 1;
+}
+
+void GpuModel::copy_segment(const StateSegment& g, uint64_t block, bool to_block) const {
+  if (g.width == 0 || g.rows == 0) return;
+  const uint64_t slot_at = g.at, block_at = block + g.offset;
+  if (segment_copies(g) == 1) {
+    if (to_block)
+      copy_2d_async(driver_, block_at, g.block_pitch, slot_at, g.pitch, g.width, g.rows, stream_);
+    else
+      copy_2d_async(driver_, slot_at, g.pitch, block_at, g.block_pitch, g.width, g.rows, stream_);
+    return;
+  }
+  for (size_t r = 0; r < g.rows; ++r) {
+    if (to_block)
+      copy_async(driver_, block_at + r * g.block_pitch, slot_at + r * g.pitch, g.width, stream_);
+    else
+      copy_async(driver_, slot_at + r * g.pitch, block_at + r * g.block_pitch, g.width, stream_);
+  }
+}
+
+size_t GpuModel::kv_block_copies() const {
+  size_t n = 0;
+  for (const StateSegment& g : kv_segments(0, 1, 1)) n += segment_copies(g);
+  return n;
+}
+
+size_t GpuModel::recurrent_block_copies() const {
+  size_t n = 0;
+  for (const StateSegment& g : recurrent_segments(0)) n += segment_copies(g);
+  return n;
+}
+
+void GpuModel::save_kv_block(int slot, int64_t rows, uint64_t dst) const {
+  const size_t s = checked(slot);
+  if (rows < 0 || rows > pos_[s]) fail("save_kv_block: {} rows of slot {}, which holds {}", rows, slot, pos_[s]);
+  for (const StateSegment& g : kv_segments(s, rows, rows)) copy_segment(g, dst, true);
+}
+
+void GpuModel::save_recurrent_block(int slot, uint64_t dst) const {
+  const size_t s = checked(slot);
+  for (const StateSegment& g : recurrent_segments(s)) copy_segment(g, dst, true);
+}
+
+void GpuModel::restore_blocks(int slot, int64_t pos, uint64_t kv, int64_t kv_rows, uint64_t recurrent) {
+  Impl& m = *impl_;
+  const size_t s = checked(slot);
+  if (pos < 0 || pos > options_.max_context || kv_rows < pos || kv_rows > options_.max_context)
+    fail("restore_blocks: position {} from K/V rows of {} tokens (max context {})", pos, kv_rows, options_.max_context);
+  for (const StateSegment& g : recurrent_segments(s)) copy_segment(g, recurrent, false);
+  for (const StateSegment& g : kv_segments(s, pos, kv_rows)) copy_segment(g, kv, false);
+  pos_[s] = pos;
+  m.rng_params[s].reset();
+  m.pos.fill_u32(uint32_t(pos), stream_, s * 4, 1);
+}
+
+void GpuModel::copy_block(uint64_t dst, uint64_t src, size_t bytes) const { copy_async(driver_, dst, src, bytes, stream_); }
 
 std::vector<std::vector<std::byte>> GpuModel::save_recurrent_state(int slot) const {
   const Impl& m = *impl_;
@@ -346,7 +467,7 @@ std::vector<std::vector<std::byte>> GpuModel::save_recurrent_state(int slot) con
     for (const auto& [b, part] : {std::pair{&m.conv_state[i], m.conv_slot}, std::pair{&m.ssm_state[i], m.ssm_slot}}) {
       const size_t n = b->size() ? part : 0;
       parts.emplace_back(n);
-      if (n) b->download(parts.back().data(), n, stream_, s * part);
+      if (n) copy_async(driver_, uint64_t(reinterpret_cast<uintptr_t>(parts.back().data())), b->ptr() + s * part, n, stream_);
     }
   stream_.synchronize();
   return parts;
@@ -359,10 +480,12 @@ std::vector<std::vector<std::byte>> GpuModel::save_kv_rows(int64_t rows, int slo
   const size_t row_bytes = size_t(config_.num_kv_heads * config_.head_dim) * 2;  // bf16 [Hkv, D]
   std::vector<std::vector<std::byte>> parts;
   for (size_t i = 0; i < m.k_cache.size(); ++i)
-    for (const DeviceBuffer* b : {&m.k_cache[i], &m.v_cache[i]}) {
+    for (const Impl::StateView* b : {&m.k_cache[i], &m.v_cache[i]}) {
       const size_t n = b->size() ? row_bytes * size_t(rows) : 0;
       parts.emplace_back(n);
-      if (n) b->download(parts.back().data(), n, stream_, s * m.kv_slot);
+      if (n)
+        copy_async(driver_, uint64_t(reinterpret_cast<uintptr_t>(parts.back().data())), b->ptr() + s * m.kv_slot, n,
+                   stream_);
     }
   stream_.synchronize();
   return parts;
@@ -378,20 +501,22 @@ void GpuModel::restore_state(const std::vector<std::vector<std::byte>>& recurren
   if (pos < 0 || pos > options_.max_context) fail("restore_state: position {} outside [0, {}]", pos, options_.max_context);
   const size_t row_bytes = size_t(config_.num_kv_heads * config_.head_dim) * 2;
   for (size_t i = 0; i < layers; ++i) {
-    const std::pair<DeviceBuffer*, size_t> rec[2] = {{&m.conv_state[i], m.conv_slot}, {&m.ssm_state[i], m.ssm_slot}};
-    DeviceBuffer* cache[2] = {&m.k_cache[i], &m.v_cache[i]};
+    const std::pair<const Impl::StateView*, size_t> rec[2] = {{&m.conv_state[i], m.conv_slot},
+                                                               {&m.ssm_state[i], m.ssm_slot}};
+    const Impl::StateView* cache[2] = {&m.k_cache[i], &m.v_cache[i]};
+    auto host = [](const std::vector<std::byte>& v) { return uint64_t(reinterpret_cast<uintptr_t>(v.data())); };
     for (int j = 0; j < 2; ++j) {
-      DeviceBuffer& r = *rec[j].first;
+      const Impl::StateView& r = *rec[j].first;
       const size_t part = r.size() ? rec[j].second : 0;
       if (recurrent[2 * i + j].size() != part)
         fail("restore_state: layer {} recurrent part of {} bytes, the model's is {}", i, recurrent[2 * i + j].size(),
              part);
-      if (part) r.upload(recurrent[2 * i + j].data(), part, stream_, s * part);
-      DeviceBuffer& c = *cache[j];
+      if (part) copy_async(driver_, r.ptr() + s * part, host(recurrent[2 * i + j]), part, stream_);
+      const Impl::StateView& c = *cache[j];
       const size_t n = c.size() ? row_bytes * size_t(pos) : 0;
       if (kv[2 * i + j].size() < n)
         fail("restore_state: layer {} K/V part of {} bytes, {} needed for {} rows", i, kv[2 * i + j].size(), n, pos);
-      if (n) c.upload(kv[2 * i + j].data(), n, stream_, s * m.kv_slot);
+      if (n) copy_async(driver_, c.ptr() + s * m.kv_slot, host(kv[2 * i + j]), n, stream_);
     }
   }
   pos_[s] = pos;

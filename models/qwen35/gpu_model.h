@@ -70,6 +70,7 @@ class GpuModel {
   int max_batch() const { return options_.max_batch; }
   int64_t position(int slot = 0) const;
   int64_t max_context() const { return options_.max_context; }
+  int64_t max_chunk() const { return options_.max_chunk; }  // tokens per forward chunk
   size_t weight_bytes() const { return weights_.bytes(); }
   size_t state_bytes() const;  // every slot's
 
@@ -121,9 +122,31 @@ class GpuModel {
   // The nodes of the batched step's graph of `bucket` rows; empty before it was captured.
   std::optional<GraphNodeCounts> batch_graph_nodes(int bucket) const;
 
-  // Host copies of a slot's state (a server's prefix cache); a copy of any slot restores into any
-  // slot. The DeltaNet conv and recurrent states of every layer (two parts per layer, empty for
-  // attention layers):
+  // Saved states in one contiguous block each (a server's prefix cache, cli/engine.h); a block saved
+  // from any slot restores into any slot. Layouts (every layer's part 256-byte aligned): K rows
+  // [0, rows) of every full-attention layer, then their V rows; the conv rings of every DeltaNet
+  // layer, then their fp32 states. A save or restore is one 2D copy per kind (K, V, conv, state:
+  // the slot's parts of all layers of a kind are rows at one pitch in the model's buffers), or one
+  // copy per layer where that pitch passes the device's 2D-copy limit. Blocks live in device memory or host memory (both addressed
+  // as unified addresses: a CUdeviceptr or a host pointer); the copies are issued on stream() and the
+  // calls return without synchronising (pinned host memory: asynchronous; pageable: the copy is done
+  // when the call returns). Everything later on the stream sees them, nothing waits for them.
+  size_t kv_block_bytes(int64_t rows) const;
+  size_t recurrent_block_bytes() const;
+  void save_kv_block(int slot, int64_t rows, uint64_t dst) const;
+  void save_recurrent_block(int slot, uint64_t dst) const;
+  // Sets the slot to `pos` tokens: K/V rows [0, pos) from the block at `kv` (saved with kv_rows >=
+  // pos rows), the recurrent state from the block at `recurrent`. Error on a bad pos / kv_rows.
+  void restore_blocks(int slot, int64_t pos, uint64_t kv, int64_t kv_rows, uint64_t recurrent);
+  // `bytes` from one block to another (device <-> device, device <-> host), on stream().
+  void copy_block(uint64_t dst, uint64_t src, size_t bytes) const;
+  // The copies a save or restore of one slot issues (2 each with 2D copies).
+  size_t kv_block_copies() const;
+  size_t recurrent_block_copies() const;
+
+  // Host copies of a slot's state (the tests); a copy of any slot restores into any slot. The
+  // DeltaNet conv and recurrent states of every layer (two parts per layer, empty for attention
+  // layers):
   std::vector<std::vector<std::byte>> save_recurrent_state(int slot = 0) const;
   // K and V cache rows [0, rows) of every layer (two parts per layer, empty for DeltaNet layers):
   std::vector<std::vector<std::byte>> save_kv_rows(int64_t rows, int slot = 0) const;
@@ -152,6 +175,17 @@ class GpuModel {
   size_t checked(int slot) const;
   void check_fits(size_t T, int slot) const;
   void check_batch(std::span<const BatchEntry> batch) const;
+  // A piece of a block's layout: `rows` rows (one per layer of a kind) of `width` bytes, `pitch`
+  // apart in the slot buffers from `at`, `block_pitch` apart in the block from `offset`.
+  struct StateSegment {
+    CUdeviceptr at = 0;
+    size_t pitch = 0, offset = 0, block_pitch = 0, width = 0, rows = 0;
+  };
+  // K/V rows [0, rows) of slot s in a block laid out for block_rows rows; the recurrent state of s.
+  std::vector<StateSegment> kv_segments(size_t s, int64_t rows, int64_t block_rows) const;
+  std::vector<StateSegment> recurrent_segments(size_t s) const;
+  size_t segment_copies(const StateSegment& g) const;  // 1 (a 2D copy) or one per row
+  void copy_segment(const StateSegment& g, uint64_t block, bool to_block) const;
   // Uploads the rows (slots, tokens, sampling parameters; padding to `bucket`), then replays the
   // bucket's graph `steps` times (the first use runs one step eagerly, then captures).
   void run_batch(std::span<const BatchEntry> batch, int bucket, int64_t steps, std::vector<double>* step_ms);

@@ -75,7 +75,12 @@ Driver::Driver(const std::string& library) : library_(library) {
     resolve("cuMemcpyHtoDAsync", api_.memcpy_htod_async);
     resolve("cuMemcpyDtoHAsync", api_.memcpy_dtoh_async);
     resolve("cuMemcpyDtoDAsync", api_.memcpy_dtod_async);
+    resolve("cuMemcpyAsync", api_.memcpy_async);
+    resolve("cuMemcpy2DAsync", api_.memcpy_2d_async);
     resolve("cuMemsetD8Async", api_.memset_d8_async);
+    resolve("cuMemsetD32Async", api_.memset_d32_async);
+    resolve("cuMemHostAlloc", api_.mem_host_alloc);
+    resolve("cuMemFreeHost", api_.mem_free_host);
     resolve("cuStreamCreate", api_.stream_create);
     resolve("cuStreamDestroy", api_.stream_destroy);
     resolve("cuStreamSynchronize", api_.stream_synchronize);
@@ -149,6 +154,9 @@ DeviceInfo Driver::device_info(int ordinal) const {
   check(api_.device_get_attribute(&info.sm_count, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, dev),
         "cuDeviceGetAttribute(MULTIPROCESSOR_COUNT)");
   check(api_.device_total_mem(&info.total_mem, dev), "cuDeviceTotalMem");
+  int pitch = 0;
+  check(api_.device_get_attribute(&pitch, CU_DEVICE_ATTRIBUTE_MAX_PITCH, dev), "cuDeviceGetAttribute(MAX_PITCH)");
+  info.max_pitch = size_t(unsigned(pitch));
   return info;
 }
 
@@ -252,6 +260,67 @@ void DeviceBuffer::fill_bytes(uint8_t value, const Stream& stream, size_t offset
   if (bytes == 0) return;
   check_range("fill_bytes", offset, bytes);
   driver_->check(driver_->api().memset_d8_async(ptr_ + offset, value, bytes, stream.handle()), "cuMemsetD8Async");
+}
+
+void DeviceBuffer::fill_u32(uint32_t value, const Stream& stream, size_t offset, size_t count) {
+  if (count == 0) return;
+  if (offset % 4) fail("fill_u32: offset {} is not a multiple of 4", offset);
+  check_range("fill_u32", offset, count * 4);
+  driver_->check(driver_->api().memset_d32_async(ptr_ + offset, value, count, stream.handle()), "cuMemsetD32Async");
+}
+
+// ---- PinnedBuffer ----
+
+PinnedBuffer::PinnedBuffer(const Driver& driver, size_t bytes) : driver_(&driver), bytes_(bytes) {
+  if (bytes == 0) return;
+  CUresult r = driver.api().mem_host_alloc(&ptr_, bytes, 0);
+  if (r != CUDA_SUCCESS) {
+    ptr_ = nullptr;
+    fail("cuMemHostAlloc({} bytes of pinned host memory) failed: {}", bytes, driver.error_name(r));
+  }
+}
+
+PinnedBuffer::~PinnedBuffer() {
+  if (ptr_) driver_->api().mem_free_host(ptr_);
+}
+
+PinnedBuffer::PinnedBuffer(PinnedBuffer&& o) noexcept
+    : driver_(o.driver_), ptr_(std::exchange(o.ptr_, nullptr)), bytes_(std::exchange(o.bytes_, 0)) {}
+
+PinnedBuffer& PinnedBuffer::operator=(PinnedBuffer&& o) noexcept {
+  if (this != &o) {
+    if (ptr_) driver_->api().mem_free_host(ptr_);
+    driver_ = o.driver_;
+    ptr_ = std::exchange(o.ptr_, nullptr);
+    bytes_ = std::exchange(o.bytes_, 0);
+  }
+  return *this;
+}
+
+void copy_async(const Driver& driver, uint64_t dst, uint64_t src, size_t bytes, const Stream& stream) {
+  if (bytes == 0) return;
+  driver.check(driver.api().memcpy_async(CUdeviceptr(dst), CUdeviceptr(src), bytes, stream.handle()),
+               "cuMemcpyAsync");
+}
+
+void copy_2d_async(const Driver& driver, uint64_t dst, size_t dst_pitch, uint64_t src, size_t src_pitch, size_t width,
+                   size_t height, const Stream& stream) {
+  if (width == 0 || height == 0) return;
+  CUDA_MEMCPY2D c = {};
+  c.srcMemoryType = CU_MEMORYTYPE_UNIFIED;
+  c.srcDevice = CUdeviceptr(src);
+  c.srcPitch = src_pitch;
+  c.dstMemoryType = CU_MEMORYTYPE_UNIFIED;
+  c.dstDevice = CUdeviceptr(dst);
+  c.dstPitch = dst_pitch;
+  c.WidthInBytes = width;
+  c.Height = height;
+  driver.check(driver.api().memcpy_2d_async(&c, stream.handle()), "cuMemcpy2DAsync");
+}
+
+void fill_async(const Driver& driver, uint64_t dst, uint8_t value, size_t bytes, const Stream& stream) {
+  if (bytes == 0) return;
+  driver.check(driver.api().memset_d8_async(CUdeviceptr(dst), value, bytes, stream.handle()), "cuMemsetD8Async");
 }
 
 // ---- Event ----

@@ -26,6 +26,7 @@ struct DeviceInfo {
   int cc_major = 0, cc_minor = 0;
   int sm_count = 0;
   size_t total_mem = 0;  // bytes
+  size_t max_pitch = 0;  // the largest row pitch a 2D copy takes (CU_DEVICE_ATTRIBUTE_MAX_PITCH)
   // NVRTC target: "sm_90a" for 9.0 (wgmma, setmaxnreg), else "sm_XY".
   std::string arch() const;
 };
@@ -69,7 +70,12 @@ class Driver {
     decltype(&::cuMemcpyHtoDAsync) memcpy_htod_async = nullptr;
     decltype(&::cuMemcpyDtoHAsync) memcpy_dtoh_async = nullptr;
     decltype(&::cuMemcpyDtoDAsync) memcpy_dtod_async = nullptr;
+    decltype(&::cuMemcpyAsync) memcpy_async = nullptr;  // unified addressing: the direction from the pointers
+    decltype(&::cuMemcpy2DAsync) memcpy_2d_async = nullptr;
     decltype(&::cuMemsetD8Async) memset_d8_async = nullptr;
+    decltype(&::cuMemsetD32Async) memset_d32_async = nullptr;
+    decltype(&::cuMemHostAlloc) mem_host_alloc = nullptr;
+    decltype(&::cuMemFreeHost) mem_free_host = nullptr;
     decltype(&::cuStreamCreate) stream_create = nullptr;
     decltype(&::cuStreamDestroy) stream_destroy = nullptr;
     decltype(&::cuStreamSynchronize) stream_synchronize = nullptr;
@@ -167,6 +173,9 @@ class DeviceBuffer {
   void copy_from(const DeviceBuffer& src, size_t bytes, const Stream& stream);
   void fill_bytes(uint8_t value, const Stream& stream);
   void fill_bytes(uint8_t value, const Stream& stream, size_t offset, size_t bytes);  // a range
+  // `count` 32-bit words from `offset` (a multiple of 4) set to `value`, asynchronously (no host
+  // memory involved, unlike a small upload).
+  void fill_u32(uint32_t value, const Stream& stream, size_t offset, size_t count);
 
  private:
   void check_range(const char* what, size_t offset, size_t bytes) const;
@@ -174,6 +183,38 @@ class DeviceBuffer {
   CUdeviceptr ptr_ = 0;
   size_t bytes_ = 0;
 };
+
+// Page-locked host memory (cuMemHostAlloc): copies between it and the device are asynchronous, and
+// with unified addressing its address is also what a copy on the device side takes. Move-only.
+class PinnedBuffer {
+ public:
+  PinnedBuffer() = default;
+  PinnedBuffer(const Driver& driver, size_t bytes);  // Error naming the size when it cannot be had
+  ~PinnedBuffer();
+  PinnedBuffer(PinnedBuffer&& o) noexcept;
+  PinnedBuffer& operator=(PinnedBuffer&& o) noexcept;
+  PinnedBuffer(const PinnedBuffer&) = delete;
+  PinnedBuffer& operator=(const PinnedBuffer&) = delete;
+
+  void* data() const { return ptr_; }
+  size_t size() const { return bytes_; }
+
+ private:
+  const Driver* driver_ = nullptr;
+  void* ptr_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+// An asynchronous copy of `bytes` between two addresses of unified addressing (device memory, pinned
+// or pageable host memory: cuMemcpyAsync infers the direction; a pageable host side makes it
+// synchronous with respect to the host).
+void copy_async(const Driver& driver, uint64_t dst, uint64_t src, size_t bytes, const Stream& stream);
+// `height` rows of `width` bytes, rows `src_pitch` apart at src and `dst_pitch` apart at dst, in one
+// asynchronous 2D copy (unified addresses, as copy_async; pitches at most DeviceInfo::max_pitch).
+void copy_2d_async(const Driver& driver, uint64_t dst, size_t dst_pitch, uint64_t src, size_t src_pitch, size_t width,
+                   size_t height, const Stream& stream);
+// `bytes` of device memory at `dst` set to `value`, asynchronously.
+void fill_async(const Driver& driver, uint64_t dst, uint8_t value, size_t bytes, const Stream& stream);
 
 class Event {
  public:

@@ -96,7 +96,7 @@ class Client:
             raise BenchError(f"GET /metrics: HTTP {status}")
         out = {}
         for line in text.splitlines():
-            m = re.match(r"^([A-Za-z_:][A-Za-z0-9_:]*) (\S+)$", line)
+            m = re.match(r"^([A-Za-z_:][A-Za-z0-9_:]*(?:\{[^}]*\})?) (\S+)$", line)  # with labels: name{k="v"}
             if m:
                 out[m.group(1)] = float(m.group(2))
         return out
@@ -240,7 +240,11 @@ def measure_turn2(client, conv, repeats, reply_tokens, expect_cache, problems, l
                    "prompt_tokens": u["prompt_tokens"], "cached_tokens": cached,
                    "prefilled_tokens": u["prompt_tokens"] - cached,
                    "cache_hits": metric_delta(m0, m1, "q35jit_prefix_cache_hits_total"),
-                   "cache_hit_tokens": metric_delta(m0, m1, "q35jit_prefix_cache_hit_tokens_total")}
+                   "cache_hit_tokens": metric_delta(m0, m1, "q35jit_prefix_cache_hit_tokens_total"),
+                   # the restore's bytes by the tier they came from (GPU memory, host memory)
+                   "restored_mb_device": metric_delta(
+                       m0, m1, 'q35jit_prefix_cache_restored_bytes_total{tier="device"}') / 1e6,
+                   "restored_mb_host": metric_delta(m0, m1, 'q35jit_prefix_cache_restored_bytes_total{tier="host"}') / 1e6}
             rows[kind].append(row)
             log(f"turn 2 ({kind}) rep {rep + 1}: client TTFT {fmt(row['client_ttft_ms'])} ms, server "
                 f"{fmt(row['server_ttft_ms'])} ms, prompt {row['prompt_tokens']} tokens, {cached} cached")
@@ -440,9 +444,13 @@ def report(runs, bench_json=None):
                         what = "no prefix cache  " if kind == "hit" else "no cache, again  "
                     else:
                         what = "prefix cache hit " if kind == "hit" else "new chat (miss) "
+                    restored = ""
+                    if k.get("restored_mb_device") or k.get("restored_mb_host"):
+                        restored = (f"; restored {k.get('restored_mb_device', 0):.1f} MB from GPU memory, "
+                                    f"{k.get('restored_mb_host', 0):.1f} MB from host memory")
                     lines.append(f"     {what}: client {fmt(k['client_ttft_ms'])} ms, server {fmt(k['server_ttft_ms'])} ms; "
                                  f"prompt {k['prompt_tokens']:.0f}, cached {k['cached_tokens']:.0f}, prefilled "
-                                 f"{k['prefilled_tokens']:.0f} tokens")
+                                 f"{k['prefilled_tokens']:.0f} tokens{restored}")
         d = r.get("decode")
         if d:
             lines.append(f"   decode ({d['decode_tokens']} tokens after a {d['prompt_tokens']}-token prompt, median of "
@@ -486,7 +494,8 @@ def main():
     ap.add_argument("--reply-tokens", type=int, default=8, help="turn 1's reply tokens (default 8)")
     ap.add_argument("--repeats", type=int, default=5, help="turn-2 repetitions (default 5)")
     ap.add_argument("--no-expect-cache", dest="expect_cache", action="store_false",
-                    help="the server runs without a prefix cache (--prefix-cache-gb 0): no hit expected")
+                    help="the server runs without a prefix cache (--prefix-cache-gb 0 --prefix-cache-gpu-gb 0): no hit "
+                         "expected")
     ap.add_argument("--decode-tokens", type=int, default=512, help="tokens of the decode stream (default 512; 0: skip (b))")
     ap.add_argument("--decode-prompt-tokens", type=int, default=128, help="its prompt (default 128)")
     ap.add_argument("--decode-repeats", type=int, default=3, help="decode streams (default 3)")

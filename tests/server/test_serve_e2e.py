@@ -762,3 +762,100 @@ def test_serve_bench_fails_when_the_cache_is_not_hit(tmp_path):
         assert res["turn2"]["hit"]["cached_tokens"] == 0 and "no prefix cache" in r.stdout
     finally:
         s.stop()
+
+
+# ------------------------------------------------------------------ prefix cache memory, idle prefill (issue 10)
+
+def serve_fails(*flags):
+    import subprocess
+    r = subprocess.run([str(BIN), "serve", "--model", str(MODEL), "--device", "cpu", "--port", "0", *flags],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0, r.stderr
+    return r.stderr
+
+
+def test_prefix_cache_budget_flags_are_validated():
+    for bad in ["-1", "nan", "inf"]:
+        assert "--prefix-cache-gb must be a number of GiB >= 0" in serve_fails("--prefix-cache-gb", bad)
+        assert "--prefix-cache-gpu-gb must be a number of GiB >= 0" in serve_fails("--prefix-cache-gpu-gb", bad)
+    assert "--prefix-cache-gb expects a number, got 'lots'" in serve_fails("--prefix-cache-gb", "lots")
+    err = serve_fails("--prefix-cache-gb", "1000000")
+    assert "--prefix-cache-gb 1000000 is more than this machine's" in err and "GiB of memory" in err
+    err = serve_fails("--prefix-cache-gpu-gb", "1")
+    assert "--prefix-cache-gpu-gb applies to --device cuda" in err and "--prefix-cache-gb" in err
+    assert "--prefix-cache-block" in serve_fails("--prefix-cache-block", "-1")
+    assert "--idle-prefill-chunk" in serve_fails("--idle-prefill-chunk", "0")
+    for flag in ("--prefix-cache-gpu-gb", "--prefix-cache-gb", "--idle-prefill-chunk"):
+        import subprocess
+        h = subprocess.run([str(BIN), "serve", "--help"], capture_output=True, text=True, timeout=30).stdout
+        assert flag in h
+    assert "half the GPU memory free" in h
+
+
+def test_prefix_cache_metrics_count_hits_misses_and_bytes():
+    # The CPU engine's one tier: 0.05 GiB of host memory; no device tier. --prefix-cache-gpu-gb 0 is accepted.
+    s = Server("--prefix-cache-gb", "0.05", "--prefix-cache-gpu-gb", "0", "--max-batch", "2")
+    try:
+        assert any("prefix cache: 0.05 GiB of host memory" in line for line in s.lines), s.log()
+        msgs = [{"role": "system", "content": "cache me " * 120}, {"role": "user", "content": "hello"}]
+        body = {"messages": msgs, "max_tokens": 3, "temperature": 0, "enable_thinking": False}
+        m0 = httpx.get(s.url + "/metrics", timeout=10).text
+
+        def value(text, name):
+            m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+            assert m, f"{name} not in /metrics:\n{text}"
+            return float(m.group(1))
+
+        r1 = httpx.post(s.url + "/v1/chat/completions", json=body, timeout=60).json()
+        assert r1["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+        r2 = httpx.post(s.url + "/v1/chat/completions", json=body, timeout=60).json()
+        cached = r2["usage"]["prompt_tokens_details"]["cached_tokens"]
+        assert cached > 0
+        time.sleep(0.2)
+        m1 = httpx.get(s.url + "/metrics", timeout=10).text
+        d = lambda name: value(m1, name) - value(m0, name)  # noqa: E731
+        assert d("q35jit_prefix_cache_queries_total") == 2
+        assert d("q35jit_prefix_cache_misses_total") == 1 and d("q35jit_prefix_cache_hits_total") == 1
+        assert d("q35jit_prefix_cache_hit_tokens_total") == cached
+        assert value(m1, 'q35jit_prefix_cache_capacity_bytes{tier="host"}') == int(0.05 * 2 ** 30)
+        assert value(m1, 'q35jit_prefix_cache_capacity_bytes{tier="device"}') == 0
+        held = value(m1, "q35jit_prefix_cache_bytes")
+        assert held > 0 and value(m1, 'q35jit_prefix_cache_tier_bytes{tier="host"}') == held
+        assert value(m1, 'q35jit_prefix_cache_tier_bytes{tier="device"}') == 0
+        assert d('q35jit_prefix_cache_saved_bytes_total{tier="host"}') >= held
+        assert d('q35jit_prefix_cache_restored_bytes_total{tier="host"}') > 0
+        assert d('q35jit_prefix_cache_restored_bytes_total{tier="device"}') == 0
+        assert value(m1, "q35jit_prefix_cache_entries") >= 1
+    finally:
+        s.stop()
+    assert s.proc.returncode == 0, s.log()
+
+
+def test_idle_prefill_runs_in_large_pieces_and_snapshots_only_at_the_turn_start():
+    # --prefill-chunk 16 bounds the prefill only while other sequences decode; alone, a prompt runs in
+    # pieces of --idle-prefill-chunk, cut at the start of its last turn (the one snapshot point).
+    msgs = [{"role": "system", "content": "idle " * 150}, {"role": "user", "content": "a question"}]
+    body = {"messages": msgs, "max_tokens": 2, "temperature": 0, "enable_thinking": False}
+    calls = {}
+    for name, flags in [("idle", ("--idle-prefill-chunk", "4096")), ("bounded", ())]:
+        s = Server("--prefill-chunk", "16", *flags)
+        try:
+            r = httpx.post(s.url + "/v1/chat/completions", json=body, timeout=60).json()
+            n = r["usage"]["prompt_tokens"]
+            time.sleep(0.2)
+            line = [l for l in s.lines if r["id"] in l]
+            m = re.search(r"prompt (\d+) tokens \(0 cached, (\d+) prefill calls\)", line[0]) if line else None
+            assert m and int(m.group(1)) == n, s.log()
+            calls[name] = int(m.group(2))
+            # The next turn resumes at that snapshot (the last <|im_start|> of the prompt).
+            ids = tokenize(s, {"messages": msgs, "enable_thinking": False})["tokens"]
+            im_start = tokenize(s, {"prompt": "<|im_start|>"})["tokens"][0]
+            turn2 = msgs + [{"role": "assistant", "content": r["choices"][0]["message"]["content"]},
+                            {"role": "user", "content": "more"}]
+            r2 = httpx.post(s.url + "/v1/chat/completions", json=dict(body, messages=turn2), timeout=60).json()
+            assert r2["usage"]["prompt_tokens_details"]["cached_tokens"] == len(ids) - 1 - ids[::-1].index(im_start)
+        finally:
+            s.stop()
+    assert n > 150
+    assert calls["idle"] == 2, calls            # up to the turn start, then the rest
+    assert calls["bounded"] >= n // 16, calls    # pieces of 16 (the CPU engine's default)
