@@ -18,7 +18,9 @@ int wgmma_smem_bytes(int group, int bm, int bn, int stages, bool ws, int ksub) {
   return 1024 + stages * (a + (group == 0 ? bn * 128 : raw)) + (group == 0 ? 0 : 3 * bn * 128);
 }
 
-int wgmma_rs_smem_bytes(int bm, int bn, int stages) { return 1024 + stages * (bm * 128 + bn * 32) + stages * 16 + bm * 4; }
+int wgmma_rs_smem_bytes(int bm, int bn, int stages) {
+  return 1024 + stages * (bm * 128 + bn * 32) + stages * bn * 4 + stages * 16 + bm * 4;
+}
 
 namespace {
 std::string why_invalid_rs(const WgmmaGemm& g) {
@@ -30,6 +32,8 @@ std::string why_invalid_rs(const WgmmaGemm& g) {
   if (g.bm != 8 && g.bm != 16 && !(g.bm % 32 == 0 && g.bm >= 32 && g.bm <= 256))
     return fmt::format("rs: bm = {} token rows is not 8, 16 or a multiple of 32 up to 256", g.bm);
   if (g.k % 128 != 0) return fmt::format("rs: K = {} is not a multiple of 128 (two 64-k steps per loop)", g.k);
+  if ((g.k / g.group) % 2 != 0)
+    return fmt::format("rs: K = {} is not a multiple of two groups of {} (4-byte scale pairs)", g.k, g.group);
   if (g.n % g.bn != 0) return fmt::format("rs: N = {} is not a multiple of bn = {}", g.n, g.bn);
   if (g.gate_up && g.out_f32) return "gate|up writes bf16";
   if (g.stages < 2 || g.stages > 8) return fmt::format("rs: stages = {} is not in [2, 8]", g.stages);

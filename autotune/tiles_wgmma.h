@@ -46,8 +46,8 @@ constexpr int kWgmmaMaxSmem = 227 * 1024;     // dynamic shared memory a block m
 // The bf16 B tiles of the warp-specialised W4A16 form: `stages` up to 4, then 3 (5 stages), 2 (more).
 int wgmma_ws_bf16_tiles(int stages);
 int wgmma_smem_bytes(int group, int bm, int bn, int stages, bool ws = false, int ksub = 1);
-// gemm_wgmma_rs: 1 KiB alignment slack, `stages` x (bm token rows x 128 B + bn raw rows x 32 B), 2
-// mbarriers per stage, bm ints (the producer's table of token rows).
+// gemm_wgmma_rs: 1 KiB alignment slack, `stages` x (bm token rows x 128 B + bn raw rows x 32 B + bn
+// scale pairs x 4 B), 2 mbarriers per stage, bm ints (the producer's table of token rows).
 int wgmma_rs_smem_bytes(int bm, int bn, int stages);
 inline int wgmma_smem_bytes(const WgmmaGemm& g) {
   return g.rs ? wgmma_rs_smem_bytes(g.bm, g.bn, g.stages) : wgmma_smem_bytes(g.group, g.bm, g.bn, g.stages, g.ws, g.ksub);

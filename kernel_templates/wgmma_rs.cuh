@@ -30,8 +30,9 @@
 // Accumulators and epilogue: those of the swapped form (wg_epilogue_swap with BT = NV).
 // Grid: (N / BN, row blocks), or PERSIST: (about one block per SM) looping over the tiles; block
 // (WGN + 1) x 128 threads; dynamic shared memory wgmma_rs_smem_bytes (autotune/tiles_wgmma.h):
-// 1 KiB alignment, STAGES x (BM x 128 + BN x 32), 2 mbarriers per stage, BM ints (the producer's
-// table of token rows).
+// 1 KiB alignment, STAGES x (BM x 128 + BN x 32), STAGES x BN x 4 (each weight row's scale pair of
+// the step, copied by the producer), 2 mbarriers per stage, BM ints (the producer's table of token
+// rows).
 #include "wgmma_gemm.cuh"
 
 namespace q35k {
@@ -61,6 +62,15 @@ __device__ __forceinline__ void fence_frag(u32 (&f)[4][4]) {
 }
 
 __device__ __forceinline__ u32 bf16_pair(bf16 s) { return u32(s) | (u32(s) << 16); }
+__device__ __forceinline__ u32 ld_shared_u32(u32 addr) {
+  u32 v;
+  asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(addr));
+  return v;
+}
+// 4 bytes global -> shared (cp.async, L1-allocating form; 4-byte aligned both sides).
+__device__ __forceinline__ void cp_async_4(u32 dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(dst), "l"(src));
+}
 
 // One consumer warpgroup's tile of NV token rows: 64 weight rows (block rows 64 wg ..) x NV.
 // g: the block's global step count before this tile (the ring's position).
@@ -69,24 +79,14 @@ __device__ __forceinline__ void rs_consume(u32 base, u32 full, u32 empty, int g,
                                            int wg, int warp, int lane, void* out, const int* sorted_ids,
                                            long long row0, int T) {
   constexpr int KT = K / 64;
-  constexpr u32 A_BYTES = BM * 128, STAGE_BYTES = A_BYTES + BN * 32;
+  constexpr u32 A_BYTES = BM * 128, STAGE_BYTES = A_BYTES + BN * 32, SC_BYTES = BN * 4;
   constexpr int GPS = GROUP < 64 ? 64 / GROUP : 1;  // scale groups per 64-k step
+  const u32 scales = base + STAGES * STAGE_BYTES;   // ring of the steps' scale pairs (rs_scale_pair)
   float acc[NV / 2];
 #pragma unroll
   for (int i = 0; i < NV / 2; ++i) acc[i] = 0.f;
   const int n0 = 64 * wg + 16 * warp + lane / 4;  // this thread's block rows n0 and n0 + 8
   const u32 shift = 4u * u32(lane % 4);
-  const bf16* s0 = S + (size_t(expert) * N + moe_w_row<N, BN, GATE_UP>(nb, n0)) * (K / GROUP);
-  const bf16* s1 = S + (size_t(expert) * N + moe_w_row<N, BN, GATE_UP>(nb, n0 + 8)) * (K / GROUP);
-  u32 sc0[GPS], sc1[GPS];  // scale pairs of the current step
-  auto load_scales = [&](int kt) {
-#pragma unroll
-    for (int h = 0; h < GPS; ++h) {
-      sc0[h] = bf16_pair(s0[(kt * 64 + h * GROUP) / GROUP]);
-      sc1[h] = bf16_pair(s1[(kt * 64 + h * GROUP) / GROUP]);
-    }
-  };
-  load_scales(0);
   u32 fa[4][4], fb[4][4];
   auto step = [&](int kt, u32(&f)[4][4], u32(&prev)[4][4]) {
     const int G = g + kt;
@@ -97,6 +97,17 @@ __device__ __forceinline__ void rs_consume(u32 base, u32 full, u32 empty, int g,
     const uint4 a1 = ld_shared_16(raw + 8 * 32), b1 = ld_shared_16(raw + 8 * 32 + 16);
     const u32 r0[8] = {a0.x, a0.y, a0.z, a0.w, b0.x, b0.y, b0.z, b0.w};
     const u32 r1[8] = {a1.x, a1.y, a1.z, a1.w, b1.x, b1.y, b1.z, b1.w};
+    // The step's scales: rows n0 and n0 + 8 each hold the pair of groups (g & ~1, g | 1) of the step's
+    // first group g; group g + h is the half (g + h) & 1.
+    const u32 sp = scales + u32(G % STAGES) * SC_BYTES + u32(n0) * 4;
+    const u32 w0 = ld_shared_u32(sp), w1 = ld_shared_u32(sp + 8 * 4);
+    u32 sc0[GPS], sc1[GPS];
+#pragma unroll
+    for (int h = 0; h < GPS; ++h) {
+      const u32 half = u32((kt * 64 / GROUP + h) & 1) * 16u;
+      sc0[h] = bf16_pair(bf16((w0 >> half) & 0xffffu));
+      sc1[h] = bf16_pair(bf16((w1 >> half) & 0xffffu));
+    }
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
       // word j = 2 kk (+ 1) holds k 16 kk .. (+ 8 ..); its scale group within the step: 8 j / GROUP
@@ -106,7 +117,6 @@ __device__ __forceinline__ void rs_consume(u32 base, u32 full, u32 empty, int g,
       f[kk][2] = int4_pair_scaled(r0[2 * kk + 1], shift, sc0[h1]);
       f[kk][3] = int4_pair_scaled(r1[2 * kk + 1], shift, sc1[h1]);
     }
-    if (kt + 1 < KT) load_scales(kt + 1);
     fence_proxy_async();  // the producer's cp.async token rows (generic proxy) -> wgmma (async proxy)
     wgmma_fence();
 #pragma unroll
@@ -185,7 +195,8 @@ gemm_wgmma_rs(const q35k::bf16* __restrict__ A, const void* __restrict__ W, cons
   constexpr int BN = 64 * WGN, KT = K / 64, CONSUMERS = WGN * 128, NB = N / BN;
   constexpr u32 A_BYTES = BM * 128, STAGE_BYTES = A_BYTES + BN * 32;
   static_assert(GROUP == 32 || GROUP == 64 || GROUP == 128, "gemm_wgmma_rs: W4A16 groups 32, 64, 128");
-  static_assert(K % 128 == 0 && K % GROUP == 0, "gemm_wgmma_rs: K must be a multiple of 128 and of the group");
+  static_assert(K % 128 == 0 && K % GROUP == 0 && (K / GROUP) % 2 == 0,
+                "gemm_wgmma_rs: K must be a multiple of 128 and of two groups (4-byte scale pairs)");
   static_assert(N % BN == 0, "gemm_wgmma_rs: N must be a multiple of 64 WGN");
   static_assert(WGN == 1 || WGN == 2, "gemm_wgmma_rs: 1 or 2 consumer warpgroups");
   static_assert(BM == 8 || BM == 16 || (BM % 32 == 0 && BM >= 32 && BM <= 256), "gemm_wgmma_rs: BM 8, 16, 32 .. 256");
@@ -212,7 +223,8 @@ gemm_wgmma_rs(const q35k::bf16* __restrict__ A, const void* __restrict__ W, cons
   // Stage s at base + s STAGE_BYTES: the token tile (BM x 128 B; STAGE_BYTES is a multiple of 1024 for
   // BM a multiple of 8 and BN = 64 WGN), then the BN raw rows of 32 bytes. Then the mbarriers and the
   // producer's table of the tile's token rows (the A row each computed row reads; -1: zeros).
-  const u32 full = base + STAGES * STAGE_BYTES, empty = full + 8 * STAGES;
+  const u32 scales = base + STAGES * STAGE_BYTES;  // STAGES x BN scale pairs (4 bytes per weight row)
+  const u32 full = scales + STAGES * BN * 4, empty = full + 8 * STAGES;
   int* const row_src = reinterpret_cast<int*>(smem_raw + (empty + 8 * STAGES - u32(__cvta_generic_to_shared(smem_raw))));
   if (tid == 0) {
     for (int s = 0; s < STAGES; ++s) {
@@ -247,6 +259,8 @@ gemm_wgmma_rs(const q35k::bf16* __restrict__ A, const void* __restrict__ W, cons
         const size_t wrow = size_t(expert) * N + moe_w_row<N, BN, GATE_UP>(nb, c / 2);
         b_src[i] = static_cast<const unsigned char*>(W) + (wrow * K + (c % 2) * 32) / 2;
       }
+      // Scales: weight row n = ltid (< BN) copies the 4-byte pair of groups (g & ~1, g | 1) of each step.
+      const bf16* s_row = ltid < BN ? S + (size_t(expert) * N + moe_w_row<N, BN, GATE_UP>(nb, ltid)) * (K / GROUP) : S;
 #pragma unroll 1
       for (int kt = 0; kt < KT; ++kt) {
         const int G = g + kt;
@@ -259,6 +273,7 @@ gemm_wgmma_rs(const q35k::bf16* __restrict__ A, const void* __restrict__ W, cons
         }
 #pragma unroll
         for (int i = 0; i < BCH; ++i) cp_async_16_s(t + A_BYTES + u32(ltid + 128 * i) * 16, b_src[i] + kt * 32, true);
+        if (ltid < BN) cp_async_4(scales + u32(G % STAGES) * (BN * 4) + u32(ltid) * 4, s_row + ((kt * 64 / GROUP) & ~1));
         cp_async_mbar_arrive(full + 8 * (G % STAGES));
       }
     }

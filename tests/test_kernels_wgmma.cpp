@@ -204,7 +204,7 @@ TEST_CASE("gemm_wgmma_rs refuses what its template cannot run, naming the reason
   g.n = 1024, g.k = 2048, g.group = 128, g.gate_up = true, g.routed = true, g.topk = 8;
   g.ws = g.swap = g.rs = true, g.wgm = 1, g.wgn = 2, g.bm = 128, g.bn = 128, g.stages = 4;
   CHECK(why_invalid(g).empty());
-  CHECK(wgmma_smem_bytes(g) == 1024 + 4 * (128 * 128 + 128 * 32) + 4 * 16 + 128 * 4);
+  CHECK(wgmma_smem_bytes(g) == 1024 + 4 * (128 * 128 + 128 * 32) + 4 * 128 * 4 + 4 * 16 + 128 * 4);
   CHECK(wgmma_gemm_spec(g).family == "wgmma_rs");
   WgmmaGemm bad = g;
   bad.group = 0;
@@ -216,6 +216,8 @@ TEST_CASE("gemm_wgmma_rs refuses what its template cannot run, naming the reason
   CHECK(contains(why_invalid(bad), "multiple of 32"));
   bad = g, bad.k = 2048 + 64, bad.group = 64;  // two 64-k steps per loop
   CHECK(contains(why_invalid(bad), "multiple of 128"));
+  bad = g, bad.k = 2048 + 128;  // 17 groups of 128: the 4-byte scale pairs need an even count
+  CHECK(contains(why_invalid(bad), "two groups"));
   bad = g, bad.bn = 64;
   CHECK(contains(why_invalid(bad), "64 x wgn"));
   bad = g, bad.ksub = 2;
