@@ -29,16 +29,18 @@
 //                                the tile as the cache stores it (desc_mn_sw128), no transposed copy
 // Intra-warpgroup overlap: the loop issues S_j = Q K_j^T, then O += P_{j-1} V_{j-1}, waits for S_j only,
 // runs the softmax of S_j while the P V wgmma still runs, then waits for it, rescales O and turns S_j
-// into P_j. PINGPONG: the two consumer warpgroups also take turns issuing their wgmma (named
-// barriers), so one's softmax runs under the other's matrix products.
+// into P_j (sm90::pin_before_wait / pin_frag keep ptxas from hoisting the second wait above the
+// softmax; tests/test_kernels_attention.cpp checks the SASS order). PINGPONG: the two consumer
+// warpgroups also take turns issuing their wgmma (named barriers), so one's softmax runs under the
+// other's matrix products.
 // Both consumer warpgroups run every key tile of the block (warpgroup 0's rows may see none of the
 // last one: masked to -inf, p = 0), so their barrier counts match.
 // Epilogue: out = O / l * sigmoid(gate) for rows t < T, bf16, the layout attention_prefill writes.
 // Keys past pos0 + T (rows of the last tile) are zero-filled, never read from the cache; tile 0 holds
 // key 0, visible to every row, so every running max is finite from the first tile on.
 //
-// Grid (HQ, ceil(T / 128)); block 384; dynamic shared memory attention_wgmma_smem_bytes
-// (autotune/tiles_attention.h) = 1 KiB alignment + Smem::BYTES.
+// Grid (HQ, ceil(T / 128)); block 384; dynamic shared memory 1 KiB alignment + Smem::BYTES
+// (AttentionPrefillTile::smem_bytes, autotune/tiles_attention.h).
 #include "attention.cuh"
 #include "sm90_pipeline.cuh"
 #include "wgmma.cuh"
