@@ -192,13 +192,18 @@ std::vector<MoeGemmTile> moe_gemm_candidates(const MoeShape& s, int64_t, bool wg
   return out;
 }
 
-std::vector<AttentionPrefillTile> attention_prefill_candidates(int64_t hq, int64_t hkv, int64_t d, int64_t smem_limit) {
+std::vector<AttentionPrefillTile> attention_prefill_candidates(int64_t hq, int64_t hkv, int64_t d, int64_t smem_limit,
+                                                               bool wgmma) {
   std::vector<AttentionPrefillTile> out;
+  auto add = [&](const AttentionPrefillTile& t) {
+    if (why_invalid(t, hq, hkv, d, smem_limit).empty()) out.push_back(t);
+  };
+  if (wgmma)
+    for (int bn : {32, 48, 64, 80, 96, 112, 128})
+      for (int stages : {2, 3, 4})
+        for (bool pingpong : {false, true}) add(AttentionPrefillTile{8, bn, true, stages, pingpong});
   for (int warps : {2, 4, 8})
-    for (int bn : {16, 32, 64}) {
-      AttentionPrefillTile t{warps, bn};
-      if (why_invalid(t, hq, hkv, d, smem_limit).empty()) out.push_back(t);
-    }
+    for (int bn : {16, 32, 64}) add(AttentionPrefillTile{warps, bn});
   return out;
 }
 
@@ -260,7 +265,12 @@ json to_json(const MoeGemmTile& t) {
   if (t.rs) j["rs"] = true;
   return j;
 }
-json to_json(const AttentionPrefillTile& t) { return {{"warps", t.warps}, {"block_n", t.block_n}}; }
+json to_json(const AttentionPrefillTile& t) {
+  json j = {{"warps", t.warps}, {"block_n", t.block_n}};
+  if (t.wgmma) j["wgmma"] = true, j["stages"] = t.stages;
+  if (t.pingpong) j["pingpong"] = true;
+  return j;
+}
 json to_json(const AttentionDecodeTile& t) { return {{"warps", t.warps}}; }
 json to_json(const GdnPrefillConfig& c) {
   json j = {{"vs", c.chunk.vs}, {"prologue_tokens", c.prologue.tokens}, {"prologue_warps", c.prologue.warps}};
@@ -295,7 +305,9 @@ MoeGemmTile moe_gemm_from_json(const json& j) {
           field_or(j, kMoeGemm, "ksub", 1), flag(j, kMoeGemm, "persist"), flag(j, kMoeGemm, "rs")};
 }
 AttentionPrefillTile attention_prefill_from_json(const json& j) {
-  return {field(j, kAttentionPrefill, "warps"), field(j, kAttentionPrefill, "block_n")};
+  return {field(j, kAttentionPrefill, "warps"), field(j, kAttentionPrefill, "block_n"),
+          flag(j, kAttentionPrefill, "wgmma"), field_or(j, kAttentionPrefill, "stages", 2),
+          flag(j, kAttentionPrefill, "pingpong")};
 }
 AttentionDecodeTile attention_decode_from_json(const json& j) { return {field(j, kAttentionDecode, "warps")}; }
 GdnPrefillConfig gdn_prefill_from_json(const json& j) {

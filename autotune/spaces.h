@@ -10,7 +10,8 @@
 // moe_router          moe_router                             m_tile rows warps         all
 // moe_decode          moe_decode_gate_up + moe_decode_down   gate_up_ksplit down_ksplit <= 8
 // moe_gemm            moe_align + the four moe_gemm          block_m/n/k warps         > 8
-// attention_prefill   attention_prefill                      warps block_n             prefill
+// attention_prefill   attention_prefill[_wgmma]              warps block_n (wgmma      prefill
+//                                                            stages pingpong)
 // attention_decode    attention_decode (+ merge)             warps                     decode
 // gdn_prefill         gdn_prologue + gdn_chunk_*             vs prologue tokens/warps  prefill (>= 1)
 // gdn_recurrent       gdn_decode (gdn_recurrent)             rows warps                decode (1)
@@ -76,7 +77,9 @@ std::vector<MoeDecodeConfig> moe_decode_candidates(const MoeShape& s);
 // Valid for all four GEMMs (one tile serves them: the align kernel's BLOCK_M is the routed GEMMs');
 // the same space at every m (block_m up to kMoeMaxBlockM).
 std::vector<MoeGemmTile> moe_gemm_candidates(const MoeShape& s, int64_t m, bool wgmma = false);
-std::vector<AttentionPrefillTile> attention_prefill_candidates(int64_t hq, int64_t hkv, int64_t d, int64_t smem_limit);
+// wgmma: also the Hopper tiles (attention_prefill_wgmma, sm_90a).
+std::vector<AttentionPrefillTile> attention_prefill_candidates(int64_t hq, int64_t hkv, int64_t d, int64_t smem_limit,
+                                                               bool wgmma = false);
 std::vector<AttentionDecodeTile> attention_decode_candidates(int64_t hq, int64_t hkv, int64_t d);
 std::vector<GdnPrefillConfig> gdn_prefill_candidates(const GdnShape& s);
 std::vector<GdnRecurrentTile> gdn_recurrent_candidates(const GdnShape& s);

@@ -34,8 +34,36 @@ std::string why_invalid(const QkNormRopeTile& tile, int64_t hq, int64_t hkv, int
   return {};
 }
 
+int64_t AttentionPrefillTile::smem_bytes(int64_t d) const {
+  if (wgmma) return 1024 + 2 * d * (block_m() + 2 * int64_t(stages) * block_n) + 8 * (1 + 4 * int64_t(stages));
+  return 2 * d * (block_m() + 4 * int64_t(block_n));
+}
+
+namespace {
+
+// attention_prefill_wgmma's rules (its static_asserts, registers, shared memory).
+std::string why_invalid_wgmma(const AttentionPrefillTile& tile, int64_t d, int64_t smem_limit) {
+  if (d != 64 && d != 128 && d != 256)
+    return fmt::format("wgmma: head_dim = {} is not 64, 128 or 256 (rows split over the 128 producer threads)", d);
+  if (tile.warps != 8) return fmt::format("wgmma: warps = {} is not 8 (two consumer warpgroups of 64 rows)", tile.warps);
+  if (tile.block_n < 16 || tile.block_n > 128 || tile.block_n % 16 != 0)
+    return fmt::format("wgmma: block_n = {} is not a multiple of 16 in [16, 128] (the P V k-steps)", tile.block_n);
+  if (tile.stages < 2 || tile.stages > 4) return fmt::format("wgmma: stages = {} is not in [2, 4]", tile.stages);
+  // A consumer thread holds O (d / 2 fp32), S (block_n / 2 fp32) and P (block_n / 4 bf16 pairs) at
+  // once (the P V wgmma runs under the next tile's softmax) within its 240 registers.
+  if (d / 2 + 3 * tile.block_n / 4 > 192)
+    return fmt::format("wgmma: {} registers per thread for O, S and P (head_dim / 2 + 3 block_n / 4) exceeds 192",
+                       d / 2 + 3 * tile.block_n / 4);
+  if (tile.smem_bytes(d) > smem_limit)
+    return fmt::format("{} B of shared memory exceeds {} B", tile.smem_bytes(d), smem_limit);
+  return {};
+}
+
+}  // namespace
+
 std::string why_invalid(const AttentionPrefillTile& tile, int64_t hq, int64_t hkv, int64_t d, int64_t smem_limit) {
   if (std::string why = why_bad_heads(hq, hkv); !why.empty()) return why;
+  if (tile.wgmma) return why_invalid_wgmma(tile, d, smem_limit);
   if (d <= 0 || d % 64 != 0 || d > 256)
     return fmt::format("head_dim = {} is not a multiple of 64 in [64, 256] (swizzled 128-byte groups, "
                        "D/2 accumulator registers per thread)", d);
@@ -72,7 +100,18 @@ QkNormRopeTile default_qk_norm_rope_tile(int64_t hq, int64_t hkv, int64_t d, int
   return tile;
 }
 
-AttentionPrefillTile default_attention_prefill_tile(int64_t hq, int64_t hkv, int64_t d, int64_t smem_limit) {
+AttentionPrefillTile default_attention_prefill_wgmma_tile(int64_t hq, int64_t hkv, int64_t d) {
+  for (int block_n : {80, 64, 48, 32, 16}) {
+    const AttentionPrefillTile tile{8, block_n, true, 2, true};
+    if (why_invalid(tile, hq, hkv, d, kAttentionSmemLimitSm90).empty()) return tile;
+  }
+  fail("attention_prefill_wgmma {}: unsupported shape: {}", heads_args(hq, hkv, d),
+       why_invalid(AttentionPrefillTile{8, 16, true, 2, true}, hq, hkv, d, kAttentionSmemLimitSm90));
+}
+
+AttentionPrefillTile default_attention_prefill_tile(int64_t hq, int64_t hkv, int64_t d, int64_t smem_limit,
+                                                    bool hopper) {
+  if (hopper && kAttentionPrefillWgmmaDefault) return default_attention_prefill_wgmma_tile(hq, hkv, d);
   // 128 query rows (8 warps) share each K/V tile. 64 keys per tile measured fastest on the H100
   // (T = 4096: 235 TFLOP/s vs 207 with 32 keys) but needs 192 KiB at head_dim 256; 32 keys fit
   // sm_80's shared memory.
@@ -118,6 +157,11 @@ KernelSpec attention_prefill_spec(int64_t hq, int64_t hkv, int64_t d, const Atte
     fail("attention_prefill {}: invalid tile: {}", heads_args(hq, hkv, d), why);
   auto args = head_params(hq, hkv, d);
   args.emplace_back("BLOCK_N", std::to_string(tile.block_n));
+  if (tile.wgmma) {
+    args.emplace_back("STAGES", std::to_string(tile.stages));
+    args.emplace_back("PINGPONG", tile.pingpong ? "true" : "false");
+    return {"attention_wgmma", "attention_prefill_wgmma", std::move(args)};
+  }
   args.emplace_back("WARPS", std::to_string(tile.warps));
   return {"attention", "attention_prefill", std::move(args)};
 }

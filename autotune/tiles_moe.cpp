@@ -211,11 +211,10 @@ MoeGemmTile default_moe_gemm_tile(const MoeShape& s, bool hopper, int64_t tokens
     // W4A16: the warp-specialised form of that tile (H200, g128, T = 4096: 1067 us per layer against
     // 1213 for the plain one); bf16 weights need no dequantization and keep the plain one (962 vs 994).
     // Persistent (one block per SM over the tiles): 1028 us per layer against 1067 (H200, g128, T = 4096).
-    // W4A16 from 3072 tokens: the weights as wgmma's register operand (the Machete form), up to 256
-    // tokens of an expert per tile, persistent, 6 stages (H200, g128, T = 4096: 1013 us per layer
-    // against 1028 for the persistent warp-specialised 128x256 tile).
-    if (MoeGemmTile t{256, 128, 64, 1, 2, 6, true, true, true, 1, true, true}; tokens >= 3072 && s.group != 0 && valid(t))
-      return t;
+    // The register-sourced tiles (weights as wgmma's A operand, rs) are in the tuner's space, not the
+    // default: H200 g128 T = 4096, rs 256x128 st6 persistent 1013-1036 us per layer against
+    // 1028-1047 for this tile in the same runs (1-1.5%), but ptxas takes ~10 s per rs GEMM, which
+    // made a cold start 17 s instead of 7 (2026-12-03).
     if (MoeGemmTile t{128, 256, 64, 2, 1, 4, true, true, false, 1, true}; tokens >= 3072 && s.group != 0 && valid(t))
       return t;
     if (tokens >= 3072 && valid(MoeGemmTile{128, 256, 64, 2, 1, 4, true})) return MoeGemmTile{128, 256, 64, 2, 1, 4, true};

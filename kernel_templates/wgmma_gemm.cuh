@@ -40,62 +40,11 @@
 // its N side, so a block streams 64-row weight panels at wgmma m64n{BM} instead of padding the few
 // rows of an expert to 64.
 #include "moe_gemm.cuh"
+#include "sm90_pipeline.cuh"
 #include "wgmma.cuh"
 
 namespace q35k {
 namespace sm90 {
-
-__device__ __forceinline__ void cp_async_16_s(u32 dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ uint4 ld_shared_16(u32 addr) {
-  uint4 v;
-  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr));
-  return v;
-}
-__device__ __forceinline__ void st_shared_16(u32 addr, const uint4& v) {
-  asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};" ::"r"(addr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w));
-}
-// Byte offset of 16-byte chunk c of row r in a 128-byte-row, 128-byte-swizzled tile.
-__device__ __forceinline__ u32 sw128(int r, int c) { return u32(r) * 128u + (u32(c ^ (r & 7)) << 4); }
-
-// Keeps the compiler from moving accumulator reads or writes across the wgmma fences / waits.
-template <int R>
-__device__ __forceinline__ void fence_regs(float (&d)[R]) {
-#pragma unroll
-  for (int i = 0; i < R; ++i) asm volatile("" : "+f"(d[i])::"memory");
-}
-
-// mbarriers in shared memory (the warp-specialised pipeline): init by one thread before a block
-// barrier; arrive has release semantics, the parity wait acquire (CTA scope).
-__device__ __forceinline__ void mbar_init(u32 bar, int count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(u32 bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
-}
-__device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
-  asm volatile(
-      "{\n .reg .pred p;\n"
-      "WAIT_%=:\n"
-      " mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
-      " @!p bra WAIT_%=;\n}" ::"r"(bar), "r"(parity) : "memory");
-}
-// Arrives on the mbarrier once every prior cp.async of this thread has landed (the barrier's count
-// includes this arrival: .noinc). The thread itself does not wait.
-__device__ __forceinline__ void cp_async_mbar_arrive(u32 bar) {
-  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(bar) : "memory");
-}
-// Barrier of the 128 threads of warpgroup wg (0 or 1; named barriers 1 and 2, 0 is __syncthreads).
-__device__ __forceinline__ void warpgroup_sync(int wg) {
-  if (wg == 0) asm volatile("bar.sync 1, 128;" ::: "memory");
-  else asm volatile("bar.sync 2, 128;" ::: "memory");
-}
-// Warpgroup register budgets of the warp-specialised kernel (setmaxnreg: multiples of 8).
-template <int R>
-__device__ __forceinline__ void regs_dec() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(R)); }
-template <int R>
-__device__ __forceinline__ void regs_inc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(R)); }
 
 // The loads of one block's tiles, spread over LT threads (ltid = 0 .. LT-1): per stage of KSUB K
 // steps of 64, the A rows (gathered: routed gate|up reads A row sorted_ids[p] / TOPK) and the B rows

@@ -53,14 +53,6 @@ __device__ __forceinline__ u32 int4_pair_scaled(u32 word, u32 shift, u32 s2) {
   return r;
 }
 
-// Keeps the compiler from reusing fragment registers that a wgmma in flight still reads.
-__device__ __forceinline__ void fence_frag(u32 (&f)[4][4]) {
-#pragma unroll
-  for (int i = 0; i < 4; ++i)
-#pragma unroll
-    for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(f[i][j])::"memory");
-}
-
 __device__ __forceinline__ u32 bf16_pair(bf16 s) { return u32(s) | (u32(s) << 16); }
 __device__ __forceinline__ u32 ld_shared_u32(u32 addr) {
   u32 v;

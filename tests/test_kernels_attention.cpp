@@ -1,14 +1,22 @@
 // Gated full-attention kernels on the CPU (no GPU needed): every instantiation of
 // attention_kernels(cfg) for the tiny fixture and the 35B-A3B config compiles for sm_80 and sm_90a;
-// tile validity rules, defaults, decode splits and scratch sizes.
+// tile validity rules, defaults, decode splits and scratch sizes. The Hopper prefill kernel
+// (attention_prefill_wgmma): every tile the runner and the tuner use on sm_90a compiles without
+// spills, with HGMMA (V read MN-major) in its SASS and the softmax scheduled under the P V wgmma.
 #include <doctest/doctest.h>
 
+#include <algorithm>
+#include <regex>
+#include <set>
 #include <thread>
 
+#include "autotune/spaces.h"
 #include "autotune/tiles_attention.h"
 #include "models/qwen35/gpu/attention.h"
+#include "models/qwen35/kernels.h"
 #include "runtime/core/error.h"
 #include "runtime/jit/jit_engine.h"
+#include "tests/ptxas_checks.h"
 #include "tests/synthetic_checkpoint.h"
 #include "tests/test_util.h"
 
@@ -17,11 +25,26 @@ using q35::test::TempDir;
 
 using q35::test::config_35b;
 using q35::test::config_tiny;
+using q35::test::contains;
 using q35::test::error_of;
 
 namespace {
 
-
+// In the SASS of attention_prefill_wgmma: for every wait on the S wgmma with P V still in flight
+// (WARPGROUP.DEPBAR.LE gsb0, 0x1), the exponentials (MUFU.EX2) issued before the wait on P V
+// (DEPBAR.LE gsb0, 0x0); the smallest count over the loops (-1: no such wait).
+int exps_under_pv(const std::string& sass) {
+  int least = -1;
+  size_t at = 0;
+  while ((at = sass.find("WARPGROUP.DEPBAR.LE gsb0, 0x1", at)) != std::string::npos) {
+    const size_t end = sass.find("WARPGROUP.DEPBAR.LE gsb0, 0x0", at);
+    int n = 0;
+    for (size_t e = sass.find("MUFU.EX2", at); e < end; e = sass.find("MUFU.EX2", e + 1)) ++n;
+    least = least < 0 ? n : std::min(least, n);
+    at = end;
+  }
+  return least;
+}
 
 }  // namespace
 
@@ -129,5 +152,94 @@ TEST_CASE("every attention kernel of the fixture, the 35B and the 122B config co
       CHECK(done[i].cubin.size() > 1000);
       CHECK(!done[i].lowered_name.empty());
     }
+  }
+}
+
+TEST_CASE("attention_prefill_wgmma tiles: validity rules, shared memory, spec and defaults") {
+  const AttentionPrefillTile fa3{8, 80, true, 2, true};
+  // 1 KiB alignment + Q 128 x 256 + 2 stages x (K, V) 80 x 256, bf16, + 9 mbarriers.
+  CHECK(fa3.smem_bytes(256) == 1024 + 2 * 256 * (128 + 2 * 2 * 80) + 8 * 9);
+  CHECK(fa3.block_m() == 128);
+  CHECK(fa3.threads() == 384);
+  CHECK(why_invalid(fa3, 16, 2, 256, kAttentionSmemLimitSm90).empty());
+  CHECK(why_invalid(fa3, 32, 2, 256, kAttentionSmemLimitSm90).empty());
+  CHECK(why_invalid(fa3, 2, 1, 256, kAttentionSmemLimitSm90).empty());
+  CHECK(contains(why_invalid(fa3, 16, 2, 256), "of shared memory exceeds"));  // sm_80's limit
+  AttentionPrefillTile bad = fa3;
+  bad.stages = 3;  // 3 x 80 KiB of K / V
+  CHECK(contains(why_invalid(bad, 16, 2, 256, kAttentionSmemLimitSm90), "of shared memory exceeds"));
+  bad = fa3, bad.block_n = 96;  // O 128 + S 48 + P 24 registers
+  CHECK(contains(why_invalid(bad, 16, 2, 256, kAttentionSmemLimitSm90), "200 registers"));
+  CHECK(why_invalid(bad, 16, 2, 128, kAttentionSmemLimitSm90).empty());  // head_dim 128: 64 + 72
+  bad = fa3, bad.block_n = 40;
+  CHECK(contains(why_invalid(bad, 16, 2, 256, kAttentionSmemLimitSm90), "block_n = 40"));
+  bad = fa3, bad.warps = 4;
+  CHECK(contains(why_invalid(bad, 16, 2, 256, kAttentionSmemLimitSm90), "warps = 4"));
+  bad = fa3, bad.stages = 5;
+  CHECK(contains(why_invalid(bad, 16, 2, 256, kAttentionSmemLimitSm90), "stages = 5"));
+  CHECK(contains(why_invalid(fa3, 16, 2, 192, kAttentionSmemLimitSm90), "head_dim = 192"));
+
+  const KernelSpec spec = attention_prefill_spec(16, 2, 256, fa3);
+  CHECK(spec.family == "attention_wgmma");
+  CHECK(spec.instantiation() == "attention_prefill_wgmma<16, 2, 256, 80, 2, true>");
+  bad = fa3, bad.block_n = 40;
+  CHECK(contains(error_of([&] { attention_prefill_spec(16, 2, 256, bad); }), "attention_prefill [HQ = 16"));
+
+  const AttentionPrefillTile def = default_attention_prefill_wgmma_tile(16, 2, 256);
+  CHECK((def.wgmma && def.block_n == 80 && def.stages == 2 && def.pingpong));
+  CHECK(default_attention_prefill_wgmma_tile(16, 2, 128).block_n == 80);
+  // The runner's default on sm_90a follows kAttentionPrefillWgmmaDefault; never on other targets.
+  CHECK(default_attention_prefill_tile(16, 2, 256, kAttentionSmemLimitSm90, true).wgmma == kAttentionPrefillWgmmaDefault);
+  CHECK_FALSE(default_attention_prefill_tile(16, 2, 256, kAttentionSmemLimitSm90, false).wgmma);
+  bool hopper_lists_wgmma = false;
+  for (const KernelSpec& s : qwen35::required_kernels(config_35b(), 128, "sm_90a"))
+    hopper_lists_wgmma |= s.family == "attention_wgmma";
+  CHECK(hopper_lists_wgmma == kAttentionPrefillWgmmaDefault);
+  for (const KernelSpec& s : qwen35::required_kernels(config_35b(), 128, "sm_80")) CHECK(s.family != "attention_wgmma");
+}
+
+TEST_CASE("attention_prefill_wgmma: every tile of the runner and the tuner compiles for sm_90a without spills, "
+          "with HGMMA (V MN-major) in its SASS and the softmax under the P V wgmma") {
+  TempDir tmp("attn-wgmma-jit");
+  JitOptions opts;
+  opts.kernel_dir = std::nullopt;
+  opts.extra_options = {"--ptxas-options=-v"};
+  JitEngine jit(tmp / "cache", opts);
+  std::vector<KernelSpec> specs;
+  std::vector<AttentionPrefillTile> tiles;
+  std::set<std::string> seen;
+  auto add = [&](const qwen35::Config& cfg, const AttentionPrefillTile& t) {
+    const KernelSpec s = attention_prefill_spec(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, t);
+    if (seen.insert(s.str()).second) specs.push_back(s), tiles.push_back(t);
+  };
+  // The tuner's space on sm_90a for the 35B (16 / 2 heads) and the 122B (32 / 2); the default for
+  // the tiny fixture (2 / 1) with and without ping-pong.
+  for (const qwen35::Config& cfg : {config_35b(), qwen35::Config::preset("122b-a10b")})
+    for (const AttentionPrefillTile& t :
+         tune::attention_prefill_candidates(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, kAttentionSmemLimitSm90, true))
+      if (t.wgmma) add(cfg, t);
+  const qwen35::Config tiny = config_tiny();
+  AttentionPrefillTile t = default_attention_prefill_wgmma_tile(tiny.num_heads, tiny.num_kv_heads, tiny.head_dim);
+  add(tiny, t);
+  t.pingpong = !t.pingpong;
+  add(tiny, t);
+  MESSAGE(specs.size() << " attention_prefill_wgmma instantiations");
+  CHECK(specs.size() == 30);
+
+  const std::vector<CompiledKernel> out = jit.compile_all(specs, "sm_90a", int(std::max(2u, std::thread::hardware_concurrency())));
+  REQUIRE(out.size() == specs.size());
+  for (size_t i = 0; i < out.size(); ++i) {
+    CAPTURE(specs[i].str());
+    CHECK(q35::test::spill_bytes(out[i], specs[i].str()) == 0);
+    CHECK_FALSE(contains(out[i].log, "serializ"));  // ptxas did not serialize the wgmma
+    const std::string sass = q35::test::sass_of(out[i], tmp.path());
+    CHECK(contains(sass, "HGMMA.64x" + std::to_string(tiles[i].block_n) + "x16.F32.BF16"));  // S = Q K^T
+    // O += P V: P from registers, V MN-major (the descriptor's transpose bit).
+    static const std::regex pv(R"(HGMMA\.64x256x16\.F32\.BF16 R\d+, R\d+, gdesc\[UR\d+\]\.tnspB)");
+    CHECK(std::regex_search(sass, pv));
+    CHECK_FALSE(contains(sass, "LDL"));
+    CHECK_FALSE(contains(sass, "STL"));
+    // Every exponential of a tile (block_n / 2 per thread) runs while P V is in flight.
+    CHECK(exps_under_pv(sass) >= tiles[i].block_n / 2);
   }
 }

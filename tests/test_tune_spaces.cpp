@@ -309,3 +309,50 @@ TEST_CASE("relative_l2 and durations") {
   CHECK(format_duration(125) == "2m05s");
   CHECK(format_duration(7300) == "2h01m");
 }
+
+TEST_CASE("attention_prefill wgmma tiles: candidates on sm_90a only, JSON round trip, the tuned pick per arch") {
+  const std::vector<AttentionPrefillTile> hopper = tune::attention_prefill_candidates(16, 2, 256, kAttentionSmemLimitSm90, true);
+  // head_dim 256: 32 keys x 2..4 stages, 48 x 2..3, 64 x 2, 80 x 2 (96 keys: O, S and P exceed the
+  // registers), each with and without ping-pong; and the mma.sync tiles.
+  CHECK(std::count_if(hopper.begin(), hopper.end(), [](const AttentionPrefillTile& t) { return t.wgmma; }) == 14);
+  CHECK(std::count_if(hopper.begin(), hopper.end(), [](const AttentionPrefillTile& t) { return !t.wgmma; }) >= 3);
+  for (const AttentionPrefillTile& t : tune::attention_prefill_candidates(16, 2, 256, kAttentionSmemLimitSm90))
+    CHECK_FALSE(t.wgmma);
+  for (const AttentionPrefillTile& t : hopper) {
+    CHECK(why_invalid(t, 16, 2, 256, kAttentionSmemLimitSm90).empty());
+    CHECK(t.block_n <= 80);
+    const AttentionPrefillTile back = tune::attention_prefill_from_json(tune::to_json(t));
+    CHECK((back.warps == t.warps && back.block_n == t.block_n && back.wgmma == t.wgmma &&
+           back.stages == t.stages && back.pingpong == t.pingpong));
+  }
+  CHECK(tune::to_json(AttentionPrefillTile{8, 80, true, 2, true}) ==
+        json({{"warps", 8}, {"block_n", 80}, {"wgmma", true}, {"stages", 2}, {"pingpong", true}}));
+  CHECK(tune::to_json(AttentionPrefillTile{8, 64}) == json({{"warps", 8}, {"block_n", 64}}));  // as before
+  const AttentionPrefillTile old = tune::attention_prefill_from_json(json{{"warps", 8}, {"block_n", 64}});
+  CHECK((!old.wgmma && !old.pingpong && old.stages == 2));
+  CHECK(contains(tune::why_malformed(tune::kAttentionPrefill, json{{"warps", 8}, {"block_n", 80}, {"wgmma", 1}}), "wgmma"));
+
+  // A tuned wgmma entry runs on sm_90a; an sm_80 run falls back to the default with a notice.
+  const Config cfg = test::config_35b();
+  TuneFile f(TuneIdentity{"GPU X", "sm_90a", "13.0", "q35jit test"});
+  f.set(tune::kAttentionPrefill, tune::attention_signature(16, 2, 256), 4096,
+        TuneEntry{tune::to_json(AttentionPrefillTile{8, 64, true, 2, false}), 1, 2});
+  auto table = std::make_shared<const TuneTable>(std::vector<TuneTable::Layer>{{"test.json", f}});
+  std::vector<std::string> notices;
+  const gpu::TunedTiles h100(cfg, 128, "sm_90a", table, [&](const std::string& s) { notices.push_back(s); });
+  const AttentionPrefillTile picked = h100.attention_prefill(4096);
+  CHECK((picked.wgmma && picked.block_n == 64 && !picked.pingpong));
+  CHECK(notices.empty());
+  const gpu::TunedTiles a100(cfg, 128, "sm_80", table, [&](const std::string& s) { notices.push_back(s); });
+  CHECK_FALSE(a100.attention_prefill(4096).wgmma);
+  REQUIRE(notices.size() == 1);
+  CHECK(contains(notices[0], "sm_90a"));
+  // The sm_90a ops of the tuner hold the Hopper tiles; sm_80's do not.
+  for (const std::string arch : {"sm_90a", "sm_80"}) {
+    int wgmma = 0;
+    for (const auto& op : tune_ops(cfg, 128, arch, nullptr))
+      if (op->family() == tune::kAttentionPrefill)
+        for (const json& c : op->candidates(4096)) wgmma += tune::attention_prefill_from_json(c).wgmma;
+    CHECK(wgmma == (arch == "sm_90a" ? 14 : 0));
+  }
+}

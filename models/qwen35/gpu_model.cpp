@@ -17,6 +17,7 @@
 #include <thread>
 
 #include "autotune/tile_config.h"
+#include "autotune/tiles_wgmma.h"
 #include "models/qwen35/batch.h"
 #include "models/qwen35/gpu/attention.h"
 #include "models/qwen35/gpu/dense.h"
@@ -54,8 +55,9 @@ std::vector<KernelSpec> tuned_kernels(const Config& c, const gpu::TunedTiles& tt
 struct GpuModel::Impl {
   Impl(JitEngine& jit, const Context& ctx, const Config& c)
       : kernels(jit, ctx),
-        attn(c.num_layers_of(LayerType::FullAttention) ? gpu::attention_plan(c, smem_limit_for(ctx.device().arch()))
-                                                        : gpu::AttentionPlan{}),
+        attn(c.num_layers_of(LayerType::FullAttention)
+                 ? gpu::attention_plan(c, smem_limit_for(ctx.device().arch()), arch_has_wgmma(ctx.device().arch()))
+                 : gpu::AttentionPlan{}),
         sample(gpu::sample_plan(c.vocab_size)), topk(gpu::topk_sample_plan(c.vocab_size)),
         batch_sample(gpu::batch_sample_plan(c.vocab_size)) {}
 

@@ -31,7 +31,7 @@ std::vector<q35::KernelSpec> required_kernels(const Config& cfg, int group, cons
   add({embedding_spec(H, default_embedding_tile(H)), rmsnorm_spec(H, true, default_rmsnorm_tile(H), true)});
   const bool wgmma = arch_has_wgmma(arch);
   add(gpu::dense_kernels(cfg, {group, 1, prefill_tokens, wgmma}));
-  add(gpu::attention_kernels(cfg, smem_limit_for(arch)));
+  add(gpu::attention_kernels(cfg, smem_limit_for(arch), wgmma));
   add(gpu::gdn_kernels(cfg, arch));
   add(gpu::moe_kernels(cfg, group, wgmma, prefill_tokens));
   if (wgmma && prefill_tokens >= kMoeWgmmaMinTokens) {

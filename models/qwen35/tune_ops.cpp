@@ -411,11 +411,11 @@ class AttentionOpBase : public OpBase {
 
 class AttentionPrefillOp final : public AttentionOpBase {
  public:
-  AttentionPrefillOp(const TuneDevice* d, const gpu::AttentionPlan& p, int64_t smem_limit)
-      : AttentionOpBase(d, tune::kAttentionPrefill, p), smem_limit_(smem_limit) {}
+  AttentionPrefillOp(const TuneDevice* d, const gpu::AttentionPlan& p, int64_t smem_limit, bool wgmma)
+      : AttentionOpBase(d, tune::kAttentionPrefill, p), smem_limit_(smem_limit), wgmma_(wgmma) {}
   bool serves(int64_t m) const override { return m > plan_.max_decode_tokens(); }
   std::vector<json> candidates(int64_t) const override {
-    return to_json_all(tune::attention_prefill_candidates(plan_.hq, plan_.hkv, plan_.d, smem_limit_));
+    return to_json_all(tune::attention_prefill_candidates(plan_.hq, plan_.hkv, plan_.d, smem_limit_, wgmma_));
   }
   json default_config(int64_t) const override { return tune::to_json(plan_.prefill); }
   std::vector<KernelSpec> kernels(const json& c, int64_t) const override { return {with(c).prefill_spec()}; }
@@ -434,6 +434,7 @@ class AttentionPrefillOp final : public AttentionOpBase {
     return p;
   }
   int64_t smem_limit_;
+  bool wgmma_;  // sm_90a: the Hopper tiles too
 };
 
 class AttentionDecodeOp final : public AttentionOpBase {
@@ -644,8 +645,8 @@ std::vector<std::unique_ptr<TuneOp>> tune_ops(const Config& cfg, int group, cons
   ops.push_back(std::make_unique<MoeGemmOp>(device, ms, arch_has_wgmma(arch)));
   if (cfg.num_layers_of(LayerType::FullAttention) > 0) {
     const int64_t smem = smem_limit_for(arch);
-    const gpu::AttentionPlan p = gpu::attention_plan(cfg, smem);
-    ops.push_back(std::make_unique<AttentionPrefillOp>(device, p, smem));
+    const gpu::AttentionPlan p = gpu::attention_plan(cfg, smem, arch_has_wgmma(arch));
+    ops.push_back(std::make_unique<AttentionPrefillOp>(device, p, smem, arch_has_wgmma(arch)));
     ops.push_back(std::make_unique<AttentionDecodeOp>(device, p));
   }
   if (cfg.num_layers_of(LayerType::LinearAttention) > 0) {

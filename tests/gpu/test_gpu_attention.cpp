@@ -4,13 +4,19 @@
 //   qk_norm_rope -> q and the K/V cache rows; prefill from pos0 = 0 and a second chunk after it;
 //   decode (split-K + merge) at several context lengths; a captured decode step replayed at two
 //   positions. References run on the same bf16 values the kernels read (the GPU's q and cache).
-// Timing at the 35B shapes (not asserted): prefill T = 4096 against 700 TFLOP/s, decode at 4K and
-// 16K context against the KV bytes at 3.0 TB/s.
+// The Hopper prefill kernel (attention_prefill_wgmma, sm_90a GPUs only) against the CPU reference
+// (every row up to T = 128, sampled rows beyond) and against the mma.sync kernel (every row), at the
+// tiny, 35B and 122B shapes, T = 1 .. 4096 from position 0 and continuing after cached rows.
+// Timing at the 35B shapes (not asserted): prefill T = 4096 (mma.sync tiles, and on sm_90a the
+// wgmma tiles of the tuner's space) against 700 TFLOP/s, decode at 4K and 16K context against the
+// KV bytes at 3.0 TB/s.
 #include <doctest/doctest.h>
 
 #include <algorithm>
 #include <cstring>
+#include <thread>
 
+#include "autotune/spaces.h"
 #include "models/qwen35/config.h"
 #include "models/qwen35/gpu/attention.h"
 #include "models/qwen35/reference_ops.h"
@@ -101,6 +107,36 @@ std::vector<float> reference_attention(const AttentionPlan& p, const std::vector
   return out;
 }
 
+// Rows `rows` of ref::attention for a call at pos0: row t attends cache rows 0 .. pos0 + t (one
+// single-token reference call per row), gate from qkv. out [rows.size(), Hq*D].
+std::vector<float> reference_rows(const AttentionPlan& p, const std::vector<uint16_t>& qkv,
+                                  const std::vector<uint16_t>& q_gpu, const std::vector<uint16_t>& k_cache,
+                                  const std::vector<uint16_t>& v_cache, int pos0, const std::vector<int>& rows) {
+  const int64_t D = p.d, row = p.qkv_row(), HD = p.hq * D;
+  std::vector<float> out(rows.size() * HD);
+  for (size_t i = 0; i < rows.size(); ++i) {
+    const int t = rows[i];
+    std::vector<float> q(HD), gate(HD), o(HD);
+    for (int64_t h = 0; h < p.hq; ++h)
+      for (int64_t d = 0; d < D; ++d) {
+        q[h * D + d] = bf16_to_f32(q_gpu[(t * p.hq + h) * D + d]);
+        gate[h * D + d] = bf16_to_f32(qkv[t * row + h * 2 * D + D + d]);
+      }
+    const size_t keys = size_t(pos0 + t + 1) * p.hkv * D;
+    const std::vector<uint16_t> k(k_cache.begin(), k_cache.begin() + keys), v(v_cache.begin(), v_cache.begin() + keys);
+    qwen35::ref::attention(q, to_f32(k), to_f32(v), gate, o, 1, pos0 + t, p.hq, p.hkv, D, p.scale);
+    std::copy(o.begin(), o.end(), out.begin() + i * HD);
+  }
+  return out;
+}
+
+// Rows i of a [T, Hq*D] output.
+std::vector<float> pick_rows(const std::vector<float>& all, int64_t width, const std::vector<int>& rows) {
+  std::vector<float> out;
+  for (int t : rows) out.insert(out.end(), all.begin() + t * width, all.begin() + (t + 1) * width);
+  return out;
+}
+
 enum class Path { Prefill, Decode };
 
 // One call: T tokens at pos0 through qk_norm_rope and then prefill or decode; checks both steps.
@@ -175,6 +211,85 @@ TEST_CASE("GPU attention: qk_norm_rope + prefill from position 0 and a second ch
         run_and_check(a, Path::Prefill, 0, T, 100 + T);
         if (T == 200) run_and_check(a, Path::Prefill, 200, 77, 300);  // the next turn continues the cache
         if (T == 17) run_and_check(a, Path::Prefill, 17, 150, 301);   // crosses tiles at an odd offset
+      }
+    }
+  }
+}
+
+TEST_CASE("GPU attention: attention_prefill_wgmma (sm_90a) against the CPU reference and the mma.sync kernel, "
+          "tiny, 35B and 122B shapes, T = 1 .. 4096, from position 0 and after cached rows") {
+  auto g = open_gpu();
+  MESSAGE("seed " << run_seed());
+  const std::string arch = g->ctx.device().arch();
+  REQUIRE_MESSAGE(arch == "sm_90a", "attention_prefill_wgmma runs on sm_90a GPUs only; this one is " << arch);
+  struct Case {
+    int pos0, T;
+  };
+  const std::vector<Case> cases = {{0, 1},     {0, 37},  {0, 128},   {0, 1000},   {0, 4096},
+                                   {5, 1},     {200, 37}, {77, 128}, {3000, 1000}, {1000, 4096}};
+  for (const qwen35::Config& cfg : {config_tiny(), config_35b(), qwen35::Config::preset("122b-a10b")}) {
+    CAPTURE(cfg.num_heads);
+    Attn a(*g, cfg, 5120, 50);  // a.prefill: the mma.sync kernel of the sm_90 default tile
+    REQUIRE_FALSE(a.p.prefill.wgmma);
+    const AttentionPlan& p = a.p;
+    // The default Hopper tile and others of the tuner's space (fewer keys, deeper rings, no ping-pong).
+    const std::vector<AttentionPrefillTile> tiles = {default_attention_prefill_wgmma_tile(p.hq, p.hkv, p.d),
+                                                     {8, 64, true, 2, false},
+                                                     {8, 48, true, 3, true},
+                                                     {8, 32, true, 4, false}};
+    std::vector<AttentionPlan> plans;
+    std::vector<KernelSpec> specs;
+    for (const AttentionPrefillTile& t : tiles) {
+      plans.push_back(p);
+      plans.back().prefill = t;
+      specs.push_back(plans.back().prefill_spec());
+    }
+    g->jit.compile_all(specs, arch, int(std::max(2u, std::thread::hardware_concurrency())));
+    std::vector<Function> fns;
+    for (const KernelSpec& s : specs) fns.push_back(g->jit.load(s, g->ctx));
+    const int64_t width = p.hq * p.d;
+    for (const Case& c : cases) {
+      CAPTURE(c.pos0);
+      CAPTURE(c.T);
+      if (c.pos0 > 0) fill_cache(a, c.pos0, 900 + c.pos0);  // an earlier turn's rows
+      const std::vector<uint16_t> qkv = random_bf16(size_t(c.T) * p.qkv_row(), 950 + c.T, 1.f);
+      DeviceBuffer d_qkv = to_device(*g, qkv), d_q(g->driver, size_t(c.T) * width * 2);
+      a.set_pos0(c.pos0);
+      qwen35::gpu::launch_qk_norm_rope(p, a.rope, g->stream, d_qkv.ptr(), a.d_q_norm_w.ptr(), a.d_k_norm_w.ptr(),
+                                       d_q.ptr(), a.d_k_cache.ptr(), a.d_v_cache.ptr(), a.d_pos0.ptr(), c.T,
+                                       a.max_context);
+      DeviceBuffer d_mma = poisoned(*g, size_t(c.T) * width * 2);
+      qwen35::gpu::launch_attention_prefill(p, a.prefill, g->stream, d_q.ptr(), a.d_k_cache.ptr(), a.d_v_cache.ptr(),
+                                            d_qkv.ptr(), d_mma.ptr(), a.d_pos0.ptr(), c.T);
+      const std::vector<float> mma = to_f32(to_host<uint16_t>(*g, d_mma));
+      // Every row up to 128 tokens; beyond, the first and last rows of the first 128-row blocks, the
+      // middle, the end and a spread of others.
+      std::vector<int> rows;
+      if (c.T <= 128) {
+        for (int t = 0; t < c.T; ++t) rows.push_back(t);
+      } else {
+        for (int t : {0, 1, 63, 64, 127, 128, c.T / 2, c.T - 2, c.T - 1}) rows.push_back(t);
+        for (int i = 1; i <= 8; ++i) rows.push_back(int((int64_t(i) * 7919) % c.T));
+      }
+      const std::vector<float> cpu = reference_rows(p, qkv, to_host<uint16_t>(*g, d_q), to_host<uint16_t>(*g, a.d_k_cache),
+                                                    to_host<uint16_t>(*g, a.d_v_cache), c.pos0, rows);
+      CHECK(rel_l2(pick_rows(mma, width, rows), cpu) <= 1e-2);
+      for (size_t i = 0; i < tiles.size(); ++i) {
+        const AttentionPrefillTile& t = tiles[i];
+        CAPTURE(specs[i].str());
+        // 128 rows more than T: the kernel must leave them alone.
+        DeviceBuffer d_out = poisoned(*g, size_t(c.T + 128) * width * 2);
+        qwen35::gpu::launch_attention_prefill(plans[i], fns[i], g->stream, d_q.ptr(), a.d_k_cache.ptr(),
+                                              a.d_v_cache.ptr(), d_qkv.ptr(), d_out.ptr(), a.d_pos0.ptr(), c.T);
+        const std::vector<uint16_t> raw = to_host<uint16_t>(*g, d_out);
+        const std::vector<float> got = to_f32(std::vector<uint16_t>(raw.begin(), raw.begin() + size_t(c.T) * width));
+        const double vs_cpu = rel_l2(pick_rows(got, width, rows), cpu), vs_mma = rel_l2(got, mma);
+        MESSAGE(fmt::format("wgmma HQ={} HKV={} pos0={} T={} block_n={} stages={} pingpong={}: rel_l2 {:.2e} vs the "
+                            "CPU ({} rows), {:.2e} vs mma.sync",
+                            p.hq, p.hkv, c.pos0, c.T, t.block_n, t.stages, int(t.pingpong), vs_cpu, rows.size(), vs_mma));
+        CHECK(vs_cpu <= 1e-2);
+        CHECK(vs_mma <= 1e-2);
+        CHECK(std::all_of(raw.begin() + size_t(c.T) * width, raw.end(), [](uint16_t x) { return x == kPoison; }));
       }
     }
   }
@@ -267,6 +382,8 @@ TEST_CASE("GPU attention: timing at the 35B shapes (prefill T = 4096, decode at 
 
   // Causal FLOPs: QK^T and PV, 2 FLOPs per multiply-add, sum over t of (t + 1) keys.
   const double flops = 4.0 * p.hq * p.d * (double(T) * (T + 1) / 2);
+  constexpr int kPrefillReps = 50;  // median of 50 launches after a warm-up, CUDA events
+  double mma_default_ms = 0;
   for (const AttentionPrefillTile tile : {AttentionPrefillTile{8, 32}, AttentionPrefillTile{4, 64},
                                           AttentionPrefillTile{8, 64}, AttentionPrefillTile{4, 32}}) {
     AttentionPlan tp = p;
@@ -275,11 +392,45 @@ TEST_CASE("GPU attention: timing at the 35B shapes (prefill T = 4096, decode at 
     const double ms = time_ms([&] {
       qwen35::gpu::launch_attention_prefill(tp, f, g->stream, d_q.ptr(), a.d_k_cache.ptr(), a.d_v_cache.ptr(), d_qkv.ptr(),
                                             d_out.ptr(), a.d_pos0.ptr(), T);
-    }, 20);
-    MESSAGE(fmt::format("attention_prefill T={} warps={} block_n={}{}: {:.3f} ms, {:.0f} TFLOP/s; floor {:.3f} ms "
-                        "({:.1f} GFLOP at 700 TFLOP/s)", T, tile.warps, tile.block_n,
-                        tile.warps == p.prefill.warps && tile.block_n == p.prefill.block_n ? " (default)" : "", ms,
-                        flops / ms * 1e-9, flops / 700e12 * 1e3, flops * 1e-9));
+    }, kPrefillReps);
+    const bool is_default = tile.warps == p.prefill.warps && tile.block_n == p.prefill.block_n;
+    if (is_default) mma_default_ms = ms;
+    MESSAGE(fmt::format("attention_prefill (mma.sync) T={} warps={} block_n={}{}: {:.1f} us per layer, {:.0f} TFLOP/s; "
+                        "floor {:.3f} ms ({:.1f} GFLOP at 700 TFLOP/s)", T, tile.warps, tile.block_n,
+                        is_default ? " (default)" : "", ms * 1e3, flops / ms * 1e-9, flops / 700e12 * 1e3,
+                        flops * 1e-9));
+  }
+  // sm_90a: every Hopper tile of the tuner's space, beside the mma.sync default (target: 250 us).
+  const std::string arch = g->ctx.device().arch();
+  if (arch == "sm_90a") {
+    std::vector<AttentionPrefillTile> tiles;
+    std::vector<KernelSpec> specs;
+    for (const AttentionPrefillTile& t : tune::attention_prefill_candidates(p.hq, p.hkv, p.d, kAttentionSmemLimitSm90, true))
+      if (t.wgmma) {
+        AttentionPlan tp = p;
+        tp.prefill = t;
+        tiles.push_back(t);
+        specs.push_back(tp.prefill_spec());
+      }
+    g->jit.compile_all(specs, arch, int(std::max(2u, std::thread::hardware_concurrency())));
+    const AttentionPrefillTile def = default_attention_prefill_wgmma_tile(p.hq, p.hkv, p.d);
+    for (size_t i = 0; i < tiles.size(); ++i) {
+      AttentionPlan tp = p;
+      tp.prefill = tiles[i];
+      Function f = g->jit.load(specs[i], g->ctx);
+      const double ms = time_ms([&] {
+        qwen35::gpu::launch_attention_prefill(tp, f, g->stream, d_q.ptr(), a.d_k_cache.ptr(), a.d_v_cache.ptr(),
+                                              d_qkv.ptr(), d_out.ptr(), a.d_pos0.ptr(), T);
+      }, kPrefillReps);
+      const AttentionPrefillTile& t = tiles[i];
+      const bool is_default = t.block_n == def.block_n && t.stages == def.stages && t.pingpong == def.pingpong;
+      MESSAGE(fmt::format("attention_prefill_wgmma T={} block_n={} stages={} pingpong={}{}: {:.1f} us per layer, "
+                          "{:.0f} TFLOP/s ({:.2f}x the mma.sync default)",
+                          T, t.block_n, t.stages, int(t.pingpong), is_default ? " (wgmma default)" : "", ms * 1e3,
+                          flops / ms * 1e-9, mma_default_ms / ms));
+    }
+  } else {
+    MESSAGE("attention_prefill_wgmma not timed: " << arch << " is not sm_90a");
   }
 
   const int splits = qwen35::gpu::attention_decode_splits(p, a.max_context, g->ctx.device().sm_count);

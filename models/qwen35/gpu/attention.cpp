@@ -25,7 +25,7 @@ KernelSpec AttentionPlan::qk_norm_rope_batch_spec() const { return batch_form(qk
 KernelSpec AttentionPlan::decode_batch_spec() const { return batch_form(decode_spec()); }
 KernelSpec AttentionPlan::decode_merge_batch_spec() const { return batch_form(decode_merge_spec()); }
 
-AttentionPlan attention_plan(const Config& cfg, int64_t smem_limit) {
+AttentionPlan attention_plan(const Config& cfg, int64_t smem_limit, bool hopper) {
   if (!cfg.attn_output_gate)
     fail("gated attention: config.json attn_output_gate = false is not supported (the kernels fuse the output gate)");
   AttentionPlan p;
@@ -37,15 +37,15 @@ AttentionPlan attention_plan(const Config& cfg, int64_t smem_limit) {
   p.eps = float(cfg.rms_norm_eps);
   p.scale = 1.0f / std::sqrt(float(cfg.head_dim));
   p.rope = default_qk_norm_rope_tile(p.hq, p.hkv, p.d, p.rotary);
-  p.prefill = default_attention_prefill_tile(p.hq, p.hkv, p.d, smem_limit);
+  p.prefill = default_attention_prefill_tile(p.hq, p.hkv, p.d, smem_limit, hopper);
   p.decode = default_attention_decode_tile(p.hq, p.hkv, p.d);
   return p;
 }
 
-std::vector<KernelSpec> attention_kernels(const Config& cfg, int64_t smem_limit) {
+std::vector<KernelSpec> attention_kernels(const Config& cfg, int64_t smem_limit, bool hopper) {
   if (std::find(cfg.layer_types.begin(), cfg.layer_types.end(), LayerType::FullAttention) == cfg.layer_types.end())
     return {};
-  const AttentionPlan p = attention_plan(cfg, smem_limit);
+  const AttentionPlan p = attention_plan(cfg, smem_limit, hopper);
   return {p.qk_norm_rope_spec(), p.prefill_spec(), p.decode_spec(), p.decode_merge_spec()};
 }
 

@@ -56,12 +56,14 @@ struct AttentionPlan {
 };
 
 // Default tiles for the config; smem_limit = the shared memory a block may use on the target
-// (kAttentionSmemLimitSm90 on sm_90 picks a larger prefill tile). Error naming the config key when
-// the shape is unsupported (attn_output_gate = false, head_dim not a multiple of 64, ...).
-AttentionPlan attention_plan(const Config& cfg, int64_t smem_limit = kAttentionSmemLimitSm80);
+// (kAttentionSmemLimitSm90 on sm_90 picks a larger prefill tile); hopper = the target runs wgmma
+// (arch_has_wgmma: the Hopper prefill tile where kAttentionPrefillWgmmaDefault). Error naming the
+// config key when the shape is unsupported (attn_output_gate = false, head_dim not a multiple of 64, ...).
+AttentionPlan attention_plan(const Config& cfg, int64_t smem_limit = kAttentionSmemLimitSm80, bool hopper = false);
 
 // Every attention kernel the model needs (empty without full-attention layers).
-std::vector<KernelSpec> attention_kernels(const Config& cfg, int64_t smem_limit = kAttentionSmemLimitSm80);
+std::vector<KernelSpec> attention_kernels(const Config& cfg, int64_t smem_limit = kAttentionSmemLimitSm80,
+                                          bool hopper = false);
 // The batched decode step's attention kernels (default tiles; empty without full-attention layers).
 std::vector<KernelSpec> attention_batch_kernels(const Config& cfg, int64_t smem_limit = kAttentionSmemLimitSm80);
 
@@ -79,7 +81,9 @@ void launch_qk_norm_rope(const AttentionPlan& plan, const Function& f, const Str
                          CUdeviceptr v_cache, CUdeviceptr pos0, int T, int max_context, bool pdl = false);
 
 // Causal attention of q [T, Hq, D] over cache rows 0 .. pos0+T-1, out [T, Hq*D] = o * sigmoid(gate),
-// gate from qkv. Sets the function's dynamic shared memory (plan.prefill.smem_bytes(D)).
+// gate from qkv: attention_prefill, or attention_prefill_wgmma for a wgmma tile (sm_90a; `f` is the
+// function of plan.prefill_spec()). Grid (Hq, ceil(T / block_m)); sets the function's dynamic shared
+// memory (plan.prefill.smem_bytes(D)).
 void launch_attention_prefill(const AttentionPlan& plan, const Function& f, const Stream& stream, CUdeviceptr q,
                               CUdeviceptr k_cache, CUdeviceptr v_cache, CUdeviceptr qkv, CUdeviceptr out,
                               CUdeviceptr pos0, int T, bool pdl = false);

@@ -114,9 +114,12 @@ AttentionPrefillTile TunedTiles::attention_prefill(int64_t m) const {
   const int64_t hq = cfg_.num_heads, hkv = cfg_.num_kv_heads, d = cfg_.head_dim;
   return pick(
       tune::kAttentionPrefill, tune::attention_signature(hq, hkv, d), m,
-      default_attention_prefill_tile(hq, hkv, d, smem_limit_),
+      default_attention_prefill_tile(hq, hkv, d, smem_limit_, wgmma_),
       [](const nlohmann::json& j) { return tune::attention_prefill_from_json(j); },
-      [&](const AttentionPrefillTile& t) { return why_invalid(t, hq, hkv, d, smem_limit_); });
+      [&](const AttentionPrefillTile& t) {
+        if (t.wgmma && !wgmma_) return std::string("a wgmma tile needs an sm_90a device");
+        return why_invalid(t, hq, hkv, d, smem_limit_);
+      });
 }
 
 AttentionDecodeTile TunedTiles::attention_decode(int64_t m) const {
