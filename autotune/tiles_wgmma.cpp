@@ -96,38 +96,23 @@ KernelSpec wgmma_gemm_spec(const WgmmaGemm& g) {
          g.group == 0 ? std::string("bf16") : fmt::format("W4A16 g{}", g.group), why);
   auto b = [](bool v) { return std::string(v ? "true" : "false"); };
   auto s = [](int64_t v) { return std::to_string(v); };
-  if (g.rs)
-    return {"wgmma_rs",
-            "gemm_wgmma_rs",
-            {{"GROUP", s(g.group)},
-             {"N", s(g.n)},
-             {"K", s(g.k)},
-             {"TOPK", s(g.topk)},
-             {"GATE_UP", b(g.gate_up)},
-             {"ROUTED", b(g.routed)},
-             {"OUT_F32", b(g.out_f32)},
-             {"BM", s(g.bm)},
-             {"WGN", s(g.wgn)},
-             {"STAGES", s(g.stages)},
-             {"PERSIST", b(g.persist)}}};
-  return {"wgmma_gemm",
-          "gemm_wgmma",
-          {{"GROUP", s(g.group)},
-           {"N", s(g.n)},
-           {"K", s(g.k)},
-           {"TOPK", s(g.topk)},
-           {"GATE_UP", b(g.gate_up)},
-           {"ROUTED", b(g.routed)},
-           {"OUT_F32", b(g.out_f32)},
-           {"BM", s(g.bm)},
-           {"BN", s(g.bn)},
-           {"STAGES", s(g.stages)},
-           {"WGM", s(g.wgm)},
-           {"WGN", s(g.wgn)},
-           {"WS", b(g.ws)},
-           {"SWAP", b(g.swap)},
-           {"KSUB", s(g.ksub)},
-           {"PERSIST", b(g.persist)}}};
+  // The arguments both kernels take, then each one's own.
+  std::vector<std::pair<std::string, std::string>> args = {
+      {"GROUP", s(g.group)}, {"N", s(g.n)},         {"K", s(g.k)},    {"TOPK", s(g.topk)},
+      {"GATE_UP", b(g.gate_up)}, {"ROUTED", b(g.routed)}, {"OUT_F32", b(g.out_f32)}, {"BM", s(g.bm)}};
+  if (g.rs) {
+    args.insert(args.end(), {{"WGN", s(g.wgn)}, {"STAGES", s(g.stages)}, {"PERSIST", b(g.persist)}});
+    return {"wgmma_rs", "gemm_wgmma_rs", std::move(args)};
+  }
+  args.insert(args.end(), {{"BN", s(g.bn)},
+                           {"STAGES", s(g.stages)},
+                           {"WGM", s(g.wgm)},
+                           {"WGN", s(g.wgn)},
+                           {"WS", b(g.ws)},
+                           {"SWAP", b(g.swap)},
+                           {"KSUB", s(g.ksub)},
+                           {"PERSIST", b(g.persist)}});
+  return {"wgmma_gemm", "gemm_wgmma", std::move(args)};
 }
 
 bool arch_has_wgmma(const std::string& arch) { return arch == "sm_90a"; }

@@ -67,7 +67,7 @@ __device__ __forceinline__ void cp_async_4(u32 dst, const void* src) {
 // One consumer warpgroup's tile of NV token rows: 64 weight rows (block rows 64 wg ..) x NV.
 // g: the block's global step count before this tile (the ring's position).
 template <int GROUP, int N, int K, bool GATE_UP, bool ROUTED, bool OUT_F32, int BM, int BN, int STAGES, int NV>
-__device__ __forceinline__ void rs_consume(u32 base, u32 full, u32 empty, int g, const bf16* S, int expert, int nb,
+__device__ __forceinline__ void rs_consume(u32 base, u32 full, u32 empty, int g, int nb,
                                            int wg, int warp, int lane, void* out, const int* sorted_ids,
                                            long long row0, int T) {
   constexpr int KT = K / 64;
@@ -133,13 +133,13 @@ __device__ __forceinline__ void rs_consume(u32 base, u32 full, u32 empty, int g,
 
 // rs_consume for the variant nv (one of rs_tile_rows' values, <= BM).
 template <int GROUP, int N, int K, bool GATE_UP, bool ROUTED, bool OUT_F32, int BM, int BN, int STAGES>
-__device__ __forceinline__ void rs_consume_nv(int nv, u32 base, u32 full, u32 empty, int g, const bf16* S, int expert,
+__device__ __forceinline__ void rs_consume_nv(int nv, u32 base, u32 full, u32 empty, int g,
                                               int nb, int wg, int warp, int lane, void* out, const int* sorted_ids,
                                               long long row0, int T) {
 #define Q35_RS_CASE(V)                                                                                              \
   if constexpr (V <= BM) {                                                                                          \
     if (nv == V) {                                                                                                  \
-      rs_consume<GROUP, N, K, GATE_UP, ROUTED, OUT_F32, BM, BN, STAGES, V>(base, full, empty, g, S, expert, nb, wg,  \
+      rs_consume<GROUP, N, K, GATE_UP, ROUTED, OUT_F32, BM, BN, STAGES, V>(base, full, empty, g, nb, wg,  \
                                                                            warp, lane, out, sorted_ids, row0, T);   \
       return;                                                                                                       \
     }                                                                                                               \
@@ -279,7 +279,7 @@ gemm_wgmma_rs(const q35k::bf16* __restrict__ A, const void* __restrict__ W, cons
       long long row0;
       tile_coords(tile, nb, row0, expert);
       const int nv = rs_tile_rows(rs_real_rows<ROUTED, BM>(sorted_ids, row0, T, lane));
-      rs_consume_nv<GROUP, N, K, GATE_UP, ROUTED, OUT_F32, BM, BN, STAGES>(nv, base, full, empty, g, S, expert, nb, wg,
+      rs_consume_nv<GROUP, N, K, GATE_UP, ROUTED, OUT_F32, BM, BN, STAGES>(nv, base, full, empty, g, nb, wg,
                                                                            warp, lane, out, sorted_ids, row0, T);
     }
   }
