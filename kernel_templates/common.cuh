@@ -49,21 +49,6 @@ __device__ __forceinline__ uint4 pack8(const float (&f)[8]) {
   return v;
 }
 
-// ---- programmatic dependent launch (sm_90; no-ops below it, or when launched without PDL) ----
-// pdl_allow_dependents: the next kernel of the stream may start (its blocks run their prologue, then
-// wait in griddepcontrol.wait until this grid finished and its writes are visible).
-// pdl_wait: wait until the previous kernel of the stream finished; read nothing it writes before.
-__device__ __forceinline__ void pdl_allow_dependents() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void pdl_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-
 // ---- 16-byte global memory access (the address must be 16-byte aligned) ----
 
 __device__ __forceinline__ uint4 ld_global_16(const void* p) { return *static_cast<const uint4*>(p); }

@@ -482,13 +482,6 @@ __device__ __forceinline__ void moe_decode_down_block(const bf16* __restrict__ h
   if (s == TOPK) {  // the shared expert's weights are known before gate_up finished
     constexpr int RB = q35k::row_bytes<GROUP, IS / KSPLIT>();
     q35k::prefetch_l2_rows16<RB>(shared_w, q35k::row_bytes<GROUP, IS>(), n0, n0 + 8, kp * RB);
-  } else {
-    // So are the routed experts': the router wrote ids before gate_up's wait returned, and gate_up lets
-    // this kernel start only after that wait (moe_decode_gate_up), so ids are final here.
-    constexpr int RB = q35k::row_bytes<GROUP, I / KSPLIT>();
-    const int e = __ldcg(ids + size_t(t) * TOPK + s);
-    q35k::prefetch_l2_rows16<RB>(F::template matrix<H, I>(down_w, e), q35k::row_bytes<GROUP, I>(), n0, n0 + 8,
-                                 kp * RB);
   }
   q35k::moe_pdl_wait();
   q35k::moe_pdl_launch_dependents();

@@ -11,9 +11,6 @@
 // CPU reference. Also used per head (q_norm / k_norm over head_dim): rows = tokens * heads.
 // Grid: (rows), block: THREADS; each thread keeps up to CHUNKS * 8 values in registers. H need only
 // be a multiple of 8: when 8 * THREADS does not divide it, the last chunk is guarded.
-// PDL (decode steps launch it with programmatic dependent launch): it lets the next kernel start at
-// once, so that kernel's weight prefetch overlaps this norm and the kernel before it, then waits for
-// its own predecessor before reading anything. Launched without PDL both are no-ops.
 #include "common.cuh"
 
 template <int H, int THREADS, bool ADD_RESIDUAL, bool F32_RESIDUAL = false>
@@ -28,8 +25,6 @@ rmsnorm(const q35k::bf16* __restrict__ x,   // [rows, H]
   constexpr int CHUNKS = (H + 8 * THREADS - 1) / (8 * THREADS);  // 16-byte vectors per thread
   __shared__ float scratch[THREADS / 32];
   const size_t row = blockIdx.x;
-  q35k::pdl_allow_dependents();
-  q35k::pdl_wait();
 
   float h[CHUNKS][8];
   float sum_sq = 0.f;

@@ -703,11 +703,8 @@ void GpuModel::run_layers(int T, bool decode, Rows rows) {
   m.residual.fill_bytes(0, stream_, 0, size_t(T * H) * 4);
   const RmsnormTile nt = default_rmsnorm_tile(H);
   const Function& norm_add = ks.get(rmsnorm_spec(H, true, nt, /*f32_residual=*/true));
-  // residual += delta; normed = RMSNorm(residual). With PDL in decode steps (not after the residual's
-  // memset: programmatic edges join kernels only): the norm lets its successor start at once, so the
-  // successor's weight prefetch overlaps the norm (kernel_templates/rmsnorm.cuh).
-  auto add_norm = [&](CUdeviceptr w, bool with_pdl) {
-    norm_add.launch({{unsigned(T)}, {unsigned(nt.threads)}, 0, with_pdl}, stream_, m.delta.ptr(), m.residual.ptr(), w,
+  auto add_norm = [&](CUdeviceptr w) {  // residual += delta; normed = RMSNorm(residual)
+    norm_add.launch({{unsigned(T)}, {unsigned(nt.threads)}}, stream_, m.delta.ptr(), m.residual.ptr(), w,
                     m.normed.ptr(), eps);
   };
 
@@ -752,15 +749,15 @@ void GpuModel::run_layers(int T, bool decode, Rows rows) {
   const int64_t layers = int64_t(weights_.layers.size());
   for (int64_t i = 0; i < layers; ++i) {
     const GpuLayer& l = weights_.layers[size_t(i)];
-    if (i == 0 || !fuse) add_norm(l.input_norm.ptr(), pdl && i > 0);
+    if (i == 0 || !fuse) add_norm(l.input_norm.ptr());
     // The output projection W of the mixer, from x = its output: residual += x . W^T, normed = post_norm.
     auto out_proj = [&](const GpuMatrix& W, CUdeviceptr x) {
       if (fuse_out) {
         dense_residual(W, x, T, l.post_norm.ptr(), pdl);
         return;
       }
-      dense(W, x, m.delta.ptr(), T, false, pdl);  // its weights prefetched while the mixer finishes
-      add_norm(l.post_norm.ptr(), pdl);
+      dense(W, x, m.delta.ptr(), T);
+      add_norm(l.post_norm.ptr());
     };
 
     if (l.type == LayerType::FullAttention) {
@@ -814,7 +811,7 @@ void GpuModel::run_layers(int T, bool decode, Rows rows) {
       gpu::moe_forward(*st.moe, stream_, moe_weights(l), *st.moe_scratch, m.normed.ptr(), m.delta.ptr(), T);
     }
   }
-  if (!fuse) add_norm(weights_.final_norm.ptr(), pdl);
+  if (!fuse) add_norm(weights_.final_norm.ptr());
 }
 
 bool GpuModel::pdl_for(int64_t rows) const {
