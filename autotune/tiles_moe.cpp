@@ -2,6 +2,8 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
+
 #include "autotune/tiles_wgmma.h"
 #include "runtime/core/error.h"
 
@@ -77,6 +79,9 @@ std::string why_invalid_gate_up(const MoeGemvTile& t, const MoeShape& s) {
   if (t.ksplit < 1 || t.ksplit > 32) return fmt::format("ksplit = {} is not in [1, 32]", t.ksplit);
   if (s.hidden % (32 * t.ksplit) != 0)
     return fmt::format("H = {} is not a multiple of 32 * ksplit = {}", s.hidden, 32 * t.ksplit);
+  if (s.hidden / t.ksplit > kMoeDecodeMaxKPart)
+    return fmt::format("H / ksplit = {} exceeds {} (a warp's weights stay in registers)", s.hidden / t.ksplit,
+                       kMoeDecodeMaxKPart);
   return {};
 }
 
@@ -87,6 +92,12 @@ std::string why_invalid(const MoeDownTile& t, const MoeShape& s) {
     return fmt::format("ksplit = {} gives (k + 1) * ksplit = {} warps, not in [1, 32]", t.ksplit, t.warps(s.top_k));
   if (s.inter % (32 * t.ksplit) != 0 || s.shared_inter % (32 * t.ksplit) != 0)
     return fmt::format("I = {} and Is = {} must be multiples of 32 * ksplit = {}", s.inter, s.shared_inter, 32 * t.ksplit);
+  if (std::max(s.inter, s.shared_inter) / t.ksplit > kMoeDecodeMaxKPart)
+    return fmt::format("max(I, Is) / ksplit = {} exceeds {} (a warp's weights stay in registers)",
+                       std::max(s.inter, s.shared_inter) / t.ksplit, kMoeDecodeMaxKPart);
+  if (t.ksplit > 1 && s.top_k + 1 > 15)
+    return fmt::format("ksplit = {} needs a named barrier per expert group: k + 1 = {} groups exceed 15", t.ksplit,
+                       s.top_k + 1);
   return {};
 }
 
@@ -161,7 +172,7 @@ std::string why_invalid(const MoeGemmTile& t, const MoeShape& s, MoeGemm g) {
 MoeRouterTile default_moe_router_tile(const MoeShape& s, int64_t tokens) {
   if (tokens < 1) fail("moe_router: tokens = {} must be positive", tokens);
   MoeRouterTile t;
-  t.m_tile = tokens <= 1 ? 1 : tokens <= kMoeDecodeMaxTokens ? 8 : 16;
+  t.m_tile = tokens <= 1 ? 1 : tokens <= kMoeRouterSmallTokens ? 8 : 16;
   if (t.m_tile == 1) {
     // One row per warp, 2 warps per block: E + 1 = 257 warps in 129 blocks spread the 1 MB of
     // router weights over every SM, each lane with its 8 loads of the row in flight.
@@ -178,9 +189,10 @@ MoeRouterTile default_moe_router_tile(const MoeShape& s, int64_t tokens) {
 MoeGemvTile default_moe_gate_up_tile(const MoeShape& s) {
   // 4 warps split H = 2048 into 512-value parts: 8 INT4 16-byte loads per lane, all in flight (bf16:
   // 32, 16 at a time); (8 * 512 + 512) / 8 = 576 blocks of 128 threads fill the H100 in one wave.
+  // (Larger H: the fewest warps from 4 up whose part of H is at most kMoeDecodeMaxKPart.)
   MoeGemvTile t{1};
-  for (int ksplit : {4, 2})
-    if (s.hidden % (32 * ksplit) == 0) {
+  for (int ksplit : {4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32, 2, 1})
+    if (why_invalid_gate_up(MoeGemvTile{ksplit}, s).empty()) {
       t.ksplit = ksplit;
       break;
     }
@@ -191,7 +203,11 @@ MoeGemvTile default_moe_gate_up_tile(const MoeShape& s) {
 MoeDownTile default_moe_down_tile(const MoeShape& s) {
   // I = 512 in 2 parts: (k + 1) * 2 = 18 warps per block of 16 rows, 4 INT4 loads per lane in flight.
   MoeDownTile t{2};
-  if (!why_invalid(t, s).empty()) t.ksplit = 1;
+  for (int ksplit : {2, 1, 3, 4})
+    if (why_invalid(MoeDownTile{ksplit}, s).empty()) {
+      t.ksplit = ksplit;
+      break;
+    }
   require_valid(why_invalid(t, s), "moe_decode_down", s);
   return t;
 }
@@ -264,6 +280,7 @@ KernelSpec decode_spec(const char* kernel, const MoeShape& s, int ksplit) {
            {"H", str(s.hidden)},
            {"I", str(s.inter)},
            {"IS", str(s.shared_inter)},
+           {"E", str(s.experts)},
            {"TOPK", str(s.top_k)},
            {"KSPLIT", str(ksplit)}}};
 }

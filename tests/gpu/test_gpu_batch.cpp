@@ -106,7 +106,7 @@ void attention_batch_case(Gpu& g, const Config& cfg, uint32_t salt) {
   CHECK(untouched_wrong == 0);
 
   // Each row's attention over its own slot's rows 0 .. pos against ref::attention; padding: zeros.
-  const int auto_splits = gpu::attention_decode_batch_splits(p, B, max_context, g.ctx.device().sm_count);
+  const int auto_splits = gpu::attention_decode_splits(p, max_context, g.ctx.device().sm_count);
   for (int splits : {auto_splits, 1, 7}) {
     CAPTURE(splits);
     DeviceBuffer scratch(g.driver, gpu::attention_decode_batch_scratch_bytes(p, B, splits));
@@ -328,6 +328,7 @@ void batched_equals_alone(GpuModel& model, const std::vector<std::vector<int32_t
   // One step with the logits back.
   const GpuModel::BatchResult r = model.decode_batch(rows_of(true));
   double worst = 0;
+  int not_identical = 0;  // rows whose logits are not bit-identical to the sequence's alone
   for (int i = 0; i < S; ++i) {
     const int s = S - 1 - i;
     CAPTURE(s);
@@ -338,14 +339,18 @@ void batched_equals_alone(GpuModel& model, const std::vector<std::vector<int32_t
     const std::vector<float> alone = model.decode_batch(one).logits[0];
     const double err = rel_l2(r.logits[size_t(i)], alone);
     worst = std::max(worst, err);
+    not_identical += r.logits[size_t(i)] != alone;
     CHECK(err <= tol);
     CHECK_MESSAGE(argmax(r.logits[size_t(i)]) == argmax(alone),
                   what << ": first step slot " << s << ": batched id " << argmax(r.logits[size_t(i)]) << ", alone "
                        << argmax(alone));
     next[size_t(s)] = argmax(alone);
   }
-  MESSAGE(fmt::format("{}: {} sequences (bucket {}), batched vs alone logits: worst rel_l2 {:.2e}", what, S,
-                      decode_bucket(S, model.max_batch()), worst));
+  MESSAGE(fmt::format("{}: {} sequences (bucket {}), batched vs alone logits: worst rel_l2 {:.2e}, {} rows not "
+                      "bit-identical", what, S, decode_bucket(S, model.max_batch()), worst, not_identical));
+  // Every decode batch size runs the same per-row arithmetic (the decode GEMVs with the M = 1 K splits,
+  // the expert-grouped MoE, attention with the single-sequence splits): identical logits.
+  CHECK(not_identical == 0);
   // Greedy steps: the batched step's ids (the argmax of its logits rows) against each sequence
   // decoded alone by its single-sequence graph (sampling on the device). A differing id is reported
   // with the batched logits' margin between the two ids.
@@ -514,7 +519,7 @@ TEST_CASE("GPU batch: tiny fixture, batched steps == each sequence alone; paddin
                              (set.fused_decode ? ", fused decode" : "");
     // 3 sequences: bucket 4 (one padding row), the decode kernels of M <= 8 (GEMV, MoE decode path).
     batched_equals_alone(model, {prefix(99), prefix(7), prefix(40)}, 6, 2e-2, what);
-    // 11 sequences: bucket 16 (5 padding rows), the unfused path (GEMV M = 16, grouped MoE GEMMs).
+    // 11 sequences: bucket 16 (5 padding rows), the same decode kernels with more rows.
     std::vector<std::vector<int32_t>> eleven;
     for (size_t i = 0; i < 11; ++i) eleven.push_back(prefix(1 + 9 * i));
     batched_equals_alone(model, eleven, 4, 2e-2, what);
@@ -533,9 +538,9 @@ TEST_CASE("GPU batch: synthetic 35B-A3B W4A16 g128, batched steps == each sequen
   o.group = 128;
   o.max_context = 1024;
   o.max_chunk = 512;
-  o.max_batch = 20;
+  o.max_batch = 128;  // 64 sequences batched beside their 64 copies decoded alone
   GpuModel model(g->driver, g->ctx, g->jit, c, o, 42);
-  MESSAGE("35B-A3B synthetic, 20 slots of 1024 tokens: state " << model.state_bytes() / 1e9 << " GB");
+  MESSAGE("35B-A3B synthetic, 128 slots of 1024 tokens: state " << model.state_bytes() / 1e9 << " GB");
   auto prompt = [](size_t n, size_t salt) {
     std::vector<int32_t> p(n);
     for (size_t i = 0; i < n; ++i) p[i] = int32_t((i * 7919 + salt * 104729) % 248000);
@@ -555,9 +560,15 @@ TEST_CASE("GPU batch: synthetic 35B-A3B W4A16 g128, batched steps == each sequen
     MESSAGE(fmt::format("35B W4A16 g128: one-token forward vs decode graph logits: rel_l2 {:.2e}",
                         rel_l2(fwd, model.decode_batch(one).logits[0])));
   }
-  std::vector<std::vector<int32_t>> ten;
-  for (size_t i = 0; i < 10; ++i) ten.push_back(prompt(1 + 41 * i, 10 + i));
-  batched_equals_alone(model, ten, 3, 2e-2, "35B W4A16 g128");
+  // 10 and 16 sequences (bucket 16), 37 (bucket 64, 27 padding rows) and 64 (bucket 64): near-tied
+  // top-8 expert choices of the random weights flip under any other rounding, so these need the
+  // batched rows' arithmetic to be exactly the single sequence's.
+  for (size_t n : {size_t(10), size_t(16), size_t(37), size_t(64)}) {
+    CAPTURE(n);
+    std::vector<std::vector<int32_t>> prompts;
+    for (size_t i = 0; i < n; ++i) prompts.push_back(prompt(1 + (41 * i) % 300, 10 + i));
+    batched_equals_alone(model, prompts, 3, 2e-2, "35B W4A16 g128");
+  }
 }
 
 TEST_CASE("GPU batch: a bad batch is an error and leaves every slot where it was") {

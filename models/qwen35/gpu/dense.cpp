@@ -2,6 +2,7 @@
 
 #include <algorithm>
 
+#include "autotune/tiles_moe.h"
 #include "runtime/core/error.h"
 
 namespace q35::qwen35::gpu {
@@ -40,6 +41,13 @@ KernelSpec GemvBf16Plan::spec() const {
 
 GemvBf16Plan gemv_bf16_plan(int64_t n, int64_t k, int m, bool out_f32) {
   return {n, k, default_gemv_tile(n, k, m), out_f32};
+}
+
+W4GemvTile w4_decode_tile(const W4GemvTile& one, int64_t group, int M) {
+  if (M < 1 || M > kMoeDecodeMaxTokens) fail("gemv_w4a16: a decode step of {} rows is outside [1, {}]", M, kMoeDecodeMaxTokens);
+  W4GemvTile t = one;
+  t.m_tile = M == 1 ? 1 : int(8 * group / 128);
+  return t;
 }
 
 W4GemvPlan w4_gemv_plan(int64_t n, int64_t k, int64_t group, int m, bool out_f32) {
@@ -134,12 +142,17 @@ std::vector<KernelSpec> dense_kernels(const Config& cfg, const DenseOptions& opt
     const bool logits = s.proj == DenseProj::LmHead;  // fp32 out
     if (opt.group == 0) {
       add(gemv_bf16_plan(s.n, s.k, opt.decode_tokens, logits).spec());
+      add(gemv_bf16_plan(s.n, s.k, 16, logits).spec());  // batched decode steps of 16+ rows
     } else {
-      add(w4_gemv_plan(s.n, s.k, opt.group, opt.decode_tokens, logits).spec());
-      if (s.proj == DenseProj::AttnOut || s.proj == DenseProj::GdnOut) {  // with the decode residual epilogue
-        W4GemvPlan r = w4_gemv_plan(s.n, s.k, opt.group, opt.decode_tokens);
-        r.residual = true;
-        add(r.spec());
+      // The decode step's GEMV (M = 1) and the batched step's (more rows, the same K split).
+      for (int m : {1, 2}) {
+        W4GemvPlan p = w4_gemv_plan(s.n, s.k, opt.group, 1, logits);
+        p.tile = w4_decode_tile(p.tile, opt.group, m);
+        add(p.spec());
+        if (s.proj == DenseProj::AttnOut || s.proj == DenseProj::GdnOut) {  // with the decode residual epilogue
+          p.residual = true;
+          add(p.spec());
+        }
       }
       const QuantizePlan q = quantize_plan(s.k, opt.group);
       add(q.quantize_spec());
