@@ -824,6 +824,8 @@ void GpuModel::run_layers(int T, bool decode, Rows rows) {
   if (!fuse) add_norm(weights_.final_norm.ptr());
 }
 
+static_assert(kMaxStepRows <= kMoeDecodeMaxTokens, "a batched step's rows must fit the decode kernels");
+
 bool GpuModel::pdl_for(int64_t rows) const {
   return rows <= kMoeDecodeMaxTokens && options_.pdl && ctx_.device().cc_major >= 9;
 }
@@ -1065,17 +1067,21 @@ GpuModel::BatchResult GpuModel::decode_batch(std::span<const BatchEntry> batch) 
     }
     return out;
   }
-  run_batch(batch, decode_bucket(int(batch.size()), options_.max_batch), 1, nullptr);
-  std::vector<int32_t> ids(batch.size());
-  m.batch_next.download(ids.data(), ids.size() * 4, stream_);
-  for (size_t b = 0; b < batch.size(); ++b)
-    if (batch[b].want_logits) {
-      out.logits[b].resize(size_t(V));
-      m.logits.download(out.logits[b].data(), size_t(V) * 4, stream_, b * size_t(V) * 4);
-    }
-  stream_.synchronize();
-  for (size_t b = 0; b < batch.size(); ++b)
-    if (!batch[b].want_logits) out.ids[b] = ids[b];
+  // A step runs at most kMaxStepRows rows: larger batches run as consecutive steps (same results).
+  for (const auto& [first, count] : step_groups(int(batch.size()), options_.max_batch)) {
+    const std::span<const BatchEntry> group = batch.subspan(size_t(first), size_t(count));
+    run_batch(group, decode_bucket(count, options_.max_batch), 1, nullptr);
+    std::vector<int32_t> ids(group.size());
+    m.batch_next.download(ids.data(), ids.size() * 4, stream_);
+    for (size_t b = 0; b < group.size(); ++b)
+      if (group[b].want_logits) {
+        out.logits[size_t(first) + b].resize(size_t(V));
+        m.logits.download(out.logits[size_t(first) + b].data(), size_t(V) * 4, stream_, b * size_t(V) * 4);
+      }
+    stream_.synchronize();
+    for (size_t b = 0; b < group.size(); ++b)
+      if (!group[b].want_logits) out.ids[size_t(first) + b] = ids[b];
+  }
   return out;
 }
 
@@ -1090,10 +1096,15 @@ std::vector<int32_t> GpuModel::decode_batch_steps(std::span<const BatchEntry> ba
   }
   std::vector<BatchEntry> rows(batch.begin(), batch.end());
   for (BatchEntry& e : rows) e.want_logits = false;
-  run_batch(rows, decode_bucket(int(rows.size()), options_.max_batch), steps, step_ms);
+  // Groups of at most kMaxStepRows rows, each chained `steps` times (sequences are independent).
+  // step_ms: with several groups, each group's steps in turn.
   std::vector<int32_t> ids(rows.size());
-  impl_->batch_next.download(ids.data(), ids.size() * 4, stream_);
-  stream_.synchronize();
+  for (const auto& [first, count] : step_groups(int(rows.size()), options_.max_batch)) {
+    run_batch(std::span<const BatchEntry>(rows).subspan(size_t(first), size_t(count)),
+              decode_bucket(count, options_.max_batch), steps, step_ms);
+    impl_->batch_next.download(ids.data() + first, size_t(count) * 4, stream_);
+    stream_.synchronize();
+  }
   return ids;
 }
 
