@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "models/qwen35/config.h"
+#include "models/qwen35/gpu_model.h"
 #include "runtime/core/error.h"
 #include "runtime/core/half.h"
 #include "runtime/cuda/driver.h"
@@ -45,6 +46,18 @@ inline qwen35::Config gdn_layer_config(int64_t hk, int64_t hv) {
   c.linear_conv_kernel_dim = 4;
   c.rms_norm_eps = 1e-6;
   return c;
+}
+
+// The GpuModel options the model-level tests run the synthetic 35B-A3B with: W4A16 g128 and the
+// given context, prefill chunk and slots.
+inline qwen35::GpuModelOptions synthetic_35b_options(int64_t max_context, int64_t max_chunk, int max_batch = 1) {
+  qwen35::GpuModelOptions o;
+  o.format = qwen35::WeightFormat::W4A16;
+  o.group = 128;
+  o.max_context = max_context;
+  o.max_chunk = max_chunk;
+  o.max_batch = max_batch;
+  return o;
 }
 
 inline std::unique_ptr<Gpu> open_gpu() {

@@ -533,13 +533,8 @@ TEST_CASE("GPU batch: tiny fixture, batched steps == each sequence alone; paddin
 TEST_CASE("GPU batch: synthetic 35B-A3B W4A16 g128, batched steps == each sequence alone") {
   auto g = open_gpu();
   const Config c = Config::preset("35b-a3b");
-  GpuModelOptions o;
-  o.format = WeightFormat::W4A16;
-  o.group = 128;
-  o.max_context = 1024;
-  o.max_chunk = 512;
-  o.max_batch = 128;  // 64 sequences batched beside their 64 copies decoded alone
-  GpuModel model(g->driver, g->ctx, g->jit, c, o, 42);
+  // 128 slots: 64 sequences batched beside their 64 copies decoded alone.
+  GpuModel model(g->driver, g->ctx, g->jit, c, synthetic_35b_options(1024, 512, 128), 42);
   MESSAGE("35B-A3B synthetic, 128 slots of 1024 tokens: state " << model.state_bytes() / 1e9 << " GB");
   auto prompt = [](size_t n, size_t salt) {
     std::vector<int32_t> p(n);

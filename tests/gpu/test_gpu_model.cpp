@@ -204,12 +204,7 @@ TEST_CASE("GPU model: context overflow and bad ids are errors, and the model sta
 TEST_CASE("GPU model: synthetic 35B-A3B shapes, W4A16 g128, run end to end") {
   auto g = open_gpu();
   const Config c = Config::preset("35b-a3b");
-  GpuModelOptions o;
-  o.format = WeightFormat::W4A16;
-  o.group = 128;
-  o.max_context = 4096;
-  o.max_chunk = 512;
-  GpuModel model(g->driver, g->ctx, g->jit, c, o, 42);
+  GpuModel model(g->driver, g->ctx, g->jit, c, synthetic_35b_options(4096, 512), 42);
   MESSAGE("35B-A3B synthetic: weights " << model.weight_bytes() / 1e9 << " GB, state " << model.state_bytes() / 1e6 << " MB");
   std::vector<int32_t> prompt(600);
   for (size_t i = 0; i < prompt.size(); ++i) prompt[i] = int32_t((i * 7919) % 248000);

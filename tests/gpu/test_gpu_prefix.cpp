@@ -137,13 +137,7 @@ TEST_CASE("GPU prefix cache, tiny fixture: a restored prefix (device or pinned h
 TEST_CASE("GPU prefix cache, synthetic 35B-A3B W4A16 g128: save and restore of a 4,000-token prefix (timed)") {
   auto g = open_gpu();
   const Config c = Config::preset("35b-a3b");
-  GpuModelOptions o;
-  o.format = WeightFormat::W4A16;
-  o.group = 128;
-  o.max_context = 4608;
-  o.max_chunk = 4096;
-  o.max_batch = 2;
-  GpuModel model(g->driver, g->ctx, g->jit, c, o, 42);
+  GpuModel model(g->driver, g->ctx, g->jit, c, synthetic_35b_options(4608, 4096, 2), 42);
   const std::vector<int32_t> prefix = tokens_of(4000, 3, c.vocab_size), rest = tokens_of(50, 4, c.vocab_size);
   const int64_t p = int64_t(prefix.size());
   const size_t kv_bytes = model.kv_block_bytes(p), rec_bytes = model.recurrent_block_bytes();
