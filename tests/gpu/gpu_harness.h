@@ -5,6 +5,7 @@
 // the seed is printed); outputs are poisoned (NaN bit pattern) before every launch.
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
@@ -139,6 +140,18 @@ inline double rel_l2(const std::vector<float>& got, const std::vector<float>& wa
 }
 
 // bf16 values within one unit in the last place (output rounding of a differently ordered sum).
+// max |got - want| / max |want|; infinite when a value is not finite.
+inline double max_rel(const std::vector<float>& got, const std::vector<float>& want) {
+  REQUIRE(got.size() == want.size());
+  double d = 0, m = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    if (!std::isfinite(got[i])) return INFINITY;
+    d = std::max(d, double(std::fabs(got[i] - want[i])));
+    m = std::max(m, double(std::fabs(want[i])));
+  }
+  return d / std::max(m, 1e-30);
+}
+
 inline bool within_one_ulp(uint16_t got, uint16_t want) {
   return std::abs(int(got) - int(want)) <= 1 && ((got ^ want) & 0x8000) == 0;
 }

@@ -57,17 +57,6 @@ Goldens load_goldens() {
 // ||got - want|| / ||want|| over all values (the relative error the issue defines for bf16).
 double rel_fro(const std::vector<float>& got, const std::vector<float>& want) { return rel_l2(got, want); }
 
-// max |got - want| / max |want|.
-double max_rel(const std::vector<float>& got, const std::vector<float>& want) {
-  REQUIRE(got.size() == want.size());
-  double d = 0, m = 0;
-  for (size_t i = 0; i < got.size(); ++i) {
-    if (!std::isfinite(got[i])) return INFINITY;
-    d = std::max(d, double(std::fabs(got[i] - want[i])));
-    m = std::max(m, double(std::fabs(want[i])));
-  }
-  return d / m;
-}
 
 std::vector<int32_t> greedy_ids(GpuModel& model, const std::vector<int32_t>& prompt, size_t n) {
   const SamplingParams greedy;
