@@ -23,6 +23,7 @@
 #include "common.cuh"
 #include "decode_fusion.cuh"
 #include "int4.cuh"
+#include "moe_plan.cuh"
 
 namespace q35k {
 
@@ -283,9 +284,10 @@ namespace q35k {
 
 // One warp routes token t from its E router logits lt[0..E-1] (read with __ldcg: written by other
 // blocks of this grid or the previous kernel) and its shared-gate logit: softmax, top-k (ties: the
-// lower expert), renormalised weights -> ids, weights [t, :], shared_gate[t].
+// lower expert), renormalised weights -> ids, weights [t, :], shared_gate[t]. Returns the token's
+// k-th expert in lane k < TOPK (-1 in the other lanes).
 template <int E, int TOPK>
-__device__ __forceinline__ void route_token(const float* lt, float sg_logit, int t, int* __restrict__ ids,
+__device__ __forceinline__ int route_token(const float* lt, float sg_logit, int t, int* __restrict__ ids,
                                             float* __restrict__ weights, float* __restrict__ shared_gate) {
   constexpr int EPL = (E + 31) / 32;  // probabilities per lane in the top-k
   const float neg_inf = __int_as_float(0xff800000);
@@ -342,6 +344,11 @@ __device__ __forceinline__ void route_token(const float* lt, float sg_logit, int
       weights[size_t(t) * TOPK + k] = sel_p[k] / top_sum;
     }
   if (lane == 0) shared_gate[t] = 1.f / (1.f + expf(-sg_logit));
+  int mine = -1;
+#pragma unroll
+  for (int k = 0; k < TOPK; ++k)
+    if (lane == k) mine = sel_e[k];
+  return mine;
 }
 
 }  // namespace q35k
@@ -354,7 +361,9 @@ namespace q35k {
 //   plan[1 + E + u]         start of u's pairs in the pair list (u <= U; plan[1 + E + U] = T * TOPK)
 //   plan[2 + 2E + i]        pair list: pair index t * TOPK + s, grouped by expert, each expert's by
 //                           increasing token
-// Built by one block of THREADS threads from ids [T, TOPK] (written by this grid: read through L2).
+// Built by one block of THREADS threads from ids [T, TOPK] (written by this grid: read through L2), in
+// general; moe_router's fast path (T * TOPK <= 32, one routing block) builds the same plan in one
+// warp's registers (moe_plan.cuh moe_build_plan_warp).
 template <int E, int TOPK, int THREADS>
 __device__ __forceinline__ void moe_build_plan(const int* ids, int T, int* __restrict__ plan) {
   static_assert(TOPK >= 1 && TOPK <= 32, "moe_build_plan: TOPK must be in [1, 32]");
@@ -432,6 +441,11 @@ __device__ __forceinline__ void moe_build_plan(const int* ids, int T, int* __res
 // router rows g*ROWS .. +ROWS-1, warp E / ROWS the shared gate, for M_TILE tokens. The last block of a
 // token tile to finish (atomic ticket) runs softmax + top-k, one warp per token; the last of those
 // (a second ticket when there are several token tiles) builds the plan.
+// Fast path, T * TOPK <= 32 and one token tile (gridDim.y == 1, M_TILE >= T; T <= 4 at k = 8): the
+// routing warps leave their tokens' experts in shared memory and warp 0 builds the plan in registers
+// (moe_build_plan_warp: same layout and contents as moe_build_plan) after a warp barrier (T = 1: warp
+// 0 routed the only token) or one block barrier; no fence, no second ticket, no shared-memory atomics
+// or 256-expert scan. The general path (moe_build_plan) serves the rest.
 template <int H, int E, int TOPK, int M_TILE, int ROWS, int WARPS>
 __global__ void __launch_bounds__(WARPS * 32)
 moe_router(const q35k::bf16* __restrict__ x, const q35k::bf16* __restrict__ w_router,
@@ -477,11 +491,21 @@ moe_router(const q35k::bf16* __restrict__ x, const q35k::bf16* __restrict__ w_ro
   if (threadIdx.x == 0) counters[blockIdx.y] = 0;
   __threadfence();
 
+  const bool warp_plan = gridDim.y == 1 && T * TOPK <= 32;  // uniform
+  __shared__ int routed[32];                                 // warp_plan: ids [T, TOPK]
   for (int m = warp; m < M_TILE; m += WARPS) {
     const int t = t0 + m;
     if (t >= T) break;
     const float* lt = logits + size_t(t) * (E + 1);
-    q35k::route_token<E, TOPK>(lt, __ldcg(lt + E), t, ids, weights, shared_gate);
+    const int e = q35k::route_token<E, TOPK>(lt, __ldcg(lt + E), t, ids, weights, shared_gate);
+    if (warp_plan && lane < TOPK) routed[m * TOPK + lane] = e;  // t0 = 0, m < T: m * TOPK + lane < 32
+  }
+  if (warp_plan) {
+    // Token m was routed by warp m % WARPS: all by warp 0 when T == 1 (or one warp per block).
+    if (T == 1 || WARPS == 1) __syncwarp();
+    else __syncthreads();
+    if (warp == 0) q35k::moe_build_plan_warp<E>(lane < T * TOPK ? routed[lane] : 0, T * TOPK, lane, plan);
+    return;
   }
 
   // Every token routed (this tile's by this block; the others' before their ticket) -> the plan.
@@ -495,6 +519,17 @@ moe_router(const q35k::bf16* __restrict__ x, const q35k::bf16* __restrict__ w_ro
     __threadfence();
   }
   q35k::moe_build_plan<E, TOPK, WARPS * 32>(ids, T, plan);
+}
+
+// Test-only (tests/gpu/test_gpu_moe.cpp): both plan builders on the same ids [T, TOPK], T * TOPK <= 32
+// (any values in [0, E), a token's distinct): plan_block by moe_build_plan, plan_warp by
+// moe_build_plan_warp. Grid (1); block 64.
+template <int E, int TOPK>
+__global__ void __launch_bounds__(64)
+moe_plan_check(const int* __restrict__ ids, int T, int* __restrict__ plan_block, int* __restrict__ plan_warp) {
+  q35k::moe_build_plan<E, TOPK, 64>(ids, T, plan_block);
+  const int P = T * TOPK, lane = threadIdx.x % 32;
+  if (threadIdx.x < 32) q35k::moe_build_plan_warp<E>(lane < P ? ids[lane] : 0, P, lane, plan_warp);
 }
 
 // ---- router top-k after a GEMM (prefill): logits [T, E] fp32 from gemm_bf16 / gemm_wgmma (x . w_router^T) ----
