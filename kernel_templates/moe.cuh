@@ -250,9 +250,17 @@ struct WarpRows16 {
           mma_bf16_16816(d, f0, xv[w].x, xv[w].y);
           mma_bf16_16816(d, f1, xv[w].z, xv[w].w);
         }
-        // Scale indices clamped in range (a partial last step's missing chunks have zero sums).
-        const int last = k0 + KLEN - 32;
-        const int s0 = min(kb + GROUP * j0, last) / GROUP, s1 = min(kb + GROUP * j1, last) / GROUP;
+        // Scale indices clamped in range (a partial last step's missing chunks have zero sums). Whole
+        // steps (KLEN % 128 == 0) never clamp: k0 / GROUP + the step's and the slot's offsets, so the
+        // loads are one base pointer plus immediates.
+        int s0, s1;
+        if constexpr (KLEN % 128 == 0) {
+          s0 = k0 / GROUP + st * GPS + j0;
+          s1 = k0 / GROUP + st * GPS + j1;
+        } else {
+          const int last = k0 + KLEN - 32;
+          s0 = min(kb + GROUP * j0, last) / GROUP, s1 = min(kb + GROUP * j1, last) / GROUP;
+        }
         acc[0] += bf16_to_f32(s_lo[s0]) * d[0];
         acc[1] += bf16_to_f32(s_lo[s1]) * d[1];
         acc[2] += bf16_to_f32(s_hi[s0]) * d[2];
@@ -728,7 +736,11 @@ __device__ __forceinline__ void moe_decode_down_block(const bf16* __restrict__ h
         }
       }
     };
-    if (sh) {
+    if constexpr (I == IS) {  // one row shape: one inlined copy of the tiles, the pointers selected
+      const int e = sh ? 0 : plan[u];
+      tiles(Routed{}, sh ? shared_w : F::template matrix<H, I>(down_w, e),
+            sh ? shared_s : F::template scales<H, I>(down_s, e), kp * (I / KSPLIT));
+    } else if (sh) {
       tiles(Shared{}, shared_w, shared_s, kp * (IS / KSPLIT));
     } else {
       const int e = plan[u];
