@@ -85,6 +85,15 @@ __device__ __forceinline__ void prefetch_l2_rows16(const void* p, size_t stride,
   }
 }
 
+// A 4-byte load issued where it stands: a strong (relaxed, GPU-scope) load, which ptxas does not sink
+// past a branch that may skip its use (a plain or .nc load it does), served by L2; for data written by
+// a previous kernel (after griddepcontrol.wait).
+__device__ __forceinline__ int ld_now_s32(const int* p) {
+  int v;
+  asm volatile("ld.relaxed.gpu.global.s32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
 // Warp-wide max / min of unsigned values (sm_80+), every lane gets the result.
 __device__ __forceinline__ u32 warp_max_u32(u32 v) {
   u32 r;
@@ -573,6 +582,12 @@ moe_router_topk(const q35k::bf16* __restrict__ x, const q35k::bf16* __restrict__
 // count exit): the 16 weight rows gate 8j.. | up 8j.. as one mma tile, read once, times the expert's
 // tokens in column tiles of TOKENS. Warp w takes k in [w, w + 1) * H / KSPLIT; the block sums the
 // KSPLIT parts in warp order. A token's h values do not depend on which other tokens the call has.
+// Latency at T = 1 (576 blocks of 128 threads at the 35B shapes, one wave at any register count up to
+// 6 blocks per SM): the plan's count and the block's entries are read in one round trip (ld_now_s32),
+// and at T = 1 the token is 0 without the pair list, so the x loads wait on griddepcontrol.wait only.
+// Registers (ptxas, sm_90a, 35B W4A16 g128 ksplit 4): 75; 32 of them hold the warp's 16 rows x KLEN
+// (every weight load in flight before the first mma: the old per-token kernel's 46 came from ptxas
+// issuing them one 128-k step at a time).
 template <int GROUP, int H, int I, int IS, int E, int TOPK, int KSPLIT>
 __global__ void __launch_bounds__(KSPLIT * 32)
 moe_decode_gate_up(const q35k::bf16* __restrict__ x, const int* __restrict__ plan,
@@ -603,11 +618,14 @@ moe_decode_gate_up(const q35k::bf16* __restrict__ x, const int* __restrict__ pla
   const q35k::bf16* S = shared_s;
   int begin = 0, n = T;  // the expert's pairs [begin, begin + n) (shared: every token)
   if (!shared) {
+    // The expert's entries are read together with the count (one round trip, not two: entries past
+    // the count are stale, in bounds, and unused: u < min(E, T * TOPK)).
     const int u = int(blockIdx.y) - 1;
-    if (u >= plan[0]) return;
-    const int e = plan[1 + u];
-    begin = plan[1 + E + u];
-    n = plan[2 + E + u] - begin;
+    const int U = q35k::ld_now_s32(plan), e = q35k::ld_now_s32(plan + 1 + u);
+    begin = q35k::ld_now_s32(plan + 1 + E + u);
+    const int end = q35k::ld_now_s32(plan + 2 + E + u);
+    if (u >= U) return;
+    n = end - begin;
     W = F::template matrix<2 * I, H>(gate_up_w, e);
     S = F::template scales<2 * I, H>(gate_up_s, e);
   }
@@ -618,7 +636,8 @@ moe_decode_gate_up(const q35k::bf16* __restrict__ x, const int* __restrict__ pla
     Rows rows;
     rows.load(W, S, j0 + g, n_inter + j0 + g, warp * KLEN);
     const int i = c0 + g / Rows::GPS;  // this lane's column's token (position in the expert's list)
-    const int t = i < n ? (shared ? i : pairs[begin + i] / TOPK) : 0;
+    // (T == 1: token 0, without waiting for the pair list.)
+    const int t = i < n ? (shared || T == 1 ? i : pairs[begin + i] / TOPK) : 0;
     rows.dot(i < n ? x + size_t(t) * H : nullptr, [&](int tok, int r, float v) {
       if (c0 + tok < n) mine[(c0 + tok) * 16 + r] = v;
     });
@@ -646,6 +665,9 @@ moe_decode_gate_up(const q35k::bf16* __restrict__ x, const int* __restrict__ pla
 // KSPLIT warps one part of I each, with that expert's tokens in column tiles; per tile the group sums
 // its KSPLIT parts in warp order (named barrier 1 + q) into the block's per-(token, slot) sums. The
 // next expert's rows are pulled into L2 while a group computes. The block then combines each token.
+// The plan's count and each group's first expert's entries are read in one round trip (ld_now_s32).
+// Registers (ptxas, sm_90a, 35B W4A16 g128 ksplit 2): 91 (85 without that early read); one block of
+// 288 threads per SM either way (H / 16 = 128 blocks).
 namespace q35k {
 
 // Dynamic shared memory of moe_decode_down for T tokens: the per-(token, slot) sums [T][TOPK + 1][16]
@@ -692,11 +714,16 @@ __device__ __forceinline__ void moe_decode_down_block(const bf16* __restrict__ h
   q35k::moe_pdl_wait();
   q35k::moe_pdl_launch_dependents();
 
-  const int experts = 1 + plan[0];
+  // The count and the group's first expert's entries in one round trip (q <= TOPK: in bounds; unused
+  // when q is past the count, or for the shared expert).
+  const int experts = 1 + q35k::ld_now_s32(plan);
+  const int first_e = q35k::ld_now_s32(plan + q), first_begin = q35k::ld_now_s32(plan + E + q),
+            first_end = q35k::ld_now_s32(plan + E + q + 1);
   float* const mine = parts + (size_t(q) * KSPLIT + kp) * 8 * 16;
   for (int u = q; u < experts; u += GROUPS) {
-    const bool sh = u == 0;
-    const int begin = sh ? 0 : plan[E + u], n = sh ? T : plan[E + u + 1] - begin;
+    const bool sh = u == 0, first = u == q;
+    const int begin = sh ? 0 : first ? first_begin : plan[E + u];
+    const int n = sh ? T : (first ? first_end : plan[E + u + 1]) - begin;
     // The sum of token (list position) i goes to sums[t][slot] (the shared expert: slot TOPK).
     auto sum_at = [&](int i) {
       const int pair = sh ? 0 : pairs[begin + i];
@@ -737,13 +764,13 @@ __device__ __forceinline__ void moe_decode_down_block(const bf16* __restrict__ h
       }
     };
     if constexpr (I == IS) {  // one row shape: one inlined copy of the tiles, the pointers selected
-      const int e = sh ? 0 : plan[u];
+      const int e = sh ? 0 : first ? first_e : plan[u];
       tiles(Routed{}, sh ? shared_w : F::template matrix<H, I>(down_w, e),
             sh ? shared_s : F::template scales<H, I>(down_s, e), kp * (I / KSPLIT));
     } else if (sh) {
       tiles(Shared{}, shared_w, shared_s, kp * (IS / KSPLIT));
     } else {
-      const int e = plan[u];
+      const int e = first ? first_e : plan[u];
       tiles(Routed{}, F::template matrix<H, I>(down_w, e), F::template scales<H, I>(down_s, e), kp * (I / KSPLIT));
     }
   }
