@@ -5,8 +5,12 @@
 
 #include <fmt/format.h>
 
+#include <barrier>
+#include <bit>
+#include <random>
 #include <regex>
 #include <set>
+#include <thread>
 
 #include "autotune/spaces.h"
 #include "autotune/tiles_moe.h"
@@ -14,6 +18,7 @@
 #include "models/qwen35/gpu/moe.h"
 #include "runtime/core/error.h"
 #include "runtime/jit/jit_engine.h"
+#include "tests/moe_plan_ref.h"
 #include "tests/ptxas_checks.h"
 #include "tests/synthetic_checkpoint.h"
 #include "tests/test_util.h"
@@ -30,6 +35,122 @@ using q35::test::error_of;
 namespace {
 
 }  // namespace
+
+// ---- kernel_templates/moe_plan.cuh compiled for the host, run on an emulated warp ----
+// 32 threads in lockstep at every warp intrinsic: each lane posts its value, a barrier, each lane reads
+// what it needs, a barrier (so the slots can be reused by the next intrinsic).
+namespace hostwarp {
+struct Warp {
+  std::barrier<> bar{32};
+  int value[32] = {};
+};
+Warp* warp = nullptr;
+thread_local int lane = 0;
+}  // namespace hostwarp
+
+[[maybe_unused]] static unsigned __match_any_sync(unsigned, int v) {
+  hostwarp::warp->value[hostwarp::lane] = v;
+  hostwarp::warp->bar.arrive_and_wait();
+  unsigned m = 0;
+  for (int j = 0; j < 32; ++j) m |= unsigned(hostwarp::warp->value[j] == v) << j;
+  hostwarp::warp->bar.arrive_and_wait();
+  return m;
+}
+[[maybe_unused]] static unsigned __ballot_sync(unsigned, bool p) {
+  hostwarp::warp->value[hostwarp::lane] = p;
+  hostwarp::warp->bar.arrive_and_wait();
+  unsigned m = 0;
+  for (int j = 0; j < 32; ++j) m |= unsigned(hostwarp::warp->value[j] != 0) << j;
+  hostwarp::warp->bar.arrive_and_wait();
+  return m;
+}
+[[maybe_unused]] static int __shfl_sync(unsigned, int v, int src) {
+  hostwarp::warp->value[hostwarp::lane] = v;
+  hostwarp::warp->bar.arrive_and_wait();
+  const int r = hostwarp::warp->value[src % 32];
+  hostwarp::warp->bar.arrive_and_wait();
+  return r;
+}
+[[maybe_unused]] static int __popc(unsigned v) { return std::popcount(v); }
+#define __device__
+#define __forceinline__ inline
+#include "kernel_templates/moe_plan.cuh"
+#undef __device__
+#undef __forceinline__
+
+namespace {
+
+// moe_build_plan_warp<E> on the host: lane l < T*k holds ids[l], as moe_router's fast path passes them.
+template <int E>
+std::vector<int32_t> warp_plan_on_host(const std::vector<int32_t>& ids, int T, int k) {
+  std::vector<int32_t> plan(size_t(2 + 2 * E + T * k), -7);
+  hostwarp::Warp w;
+  hostwarp::warp = &w;
+  const int P = T * k;
+  {
+    std::vector<std::jthread> lanes;
+    for (int l = 0; l < 32; ++l)
+      lanes.emplace_back([&, l] {
+        hostwarp::lane = l;
+        q35k::moe_build_plan_warp<E>(l < P ? ids[size_t(l)] : 0, P, l, plan.data());
+      });
+  }
+  hostwarp::warp = nullptr;
+  return plan;
+}
+
+// ids [T, k]: each token's k distinct experts in [0, E), drawn from `pool` experts (small pools: many
+// tokens share experts), in a random order.
+std::vector<int32_t> random_ids(std::mt19937& rng, int T, int k, int E, int pool) {
+  std::vector<int> experts(static_cast<size_t>(E));
+  for (int e = 0; e < E; ++e) experts[size_t(e)] = e;
+  std::shuffle(experts.begin(), experts.end(), rng);
+  experts.resize(size_t(std::max(pool, k)));
+  std::vector<int32_t> ids;
+  for (int t = 0; t < T; ++t) {
+    std::shuffle(experts.begin(), experts.end(), rng);
+    ids.insert(ids.end(), experts.begin(), experts.begin() + k);
+  }
+  return ids;
+}
+
+template <int E>
+void check_warp_plans(std::mt19937& rng) {
+  for (int k : {1, 2, 3, 4, 8})
+    for (int T = 1; T * k <= 32; ++T)
+      for (int pool : {k, k + 1, 2 * k, E})
+        for (int rep = 0; rep < 1; ++rep) {
+          if (pool > E) continue;
+          CAPTURE(E);
+          CAPTURE(k);
+          CAPTURE(T);
+          CAPTURE(pool);
+          const std::vector<int32_t> ids = random_ids(rng, T, k, E, pool);
+          const std::vector<int32_t> want = q35::test::moe_plan_ref(ids, T, k, E);
+          CHECK(warp_plan_on_host<E>(ids, T, k) == want);
+        }
+  // The extremes: experts 0 and E - 1; one token; every token the same experts in another order.
+  std::vector<int32_t> ids = {E - 1, 0, E / 2, 1};
+  CHECK(warp_plan_on_host<E>(ids, 1, 4) == q35::test::moe_plan_ref(ids, 1, 4, E));
+  ids = {E - 1, 0, 3, 1, 0, E - 1, 1, 3, 1, 3, E - 1, 0, 3, 1, 0, E - 1};
+  CHECK(warp_plan_on_host<E>(ids, 4, 4) == q35::test::moe_plan_ref(ids, 4, 4, E));
+}
+
+}  // namespace
+
+// moe_router's fast path (T * k <= 32, one routing block) builds the plan in one warp's registers
+// (moe_plan.cuh); the decode GEMVs must see exactly what moe_build_plan writes (the host model
+// q35::test::moe_plan_ref: its counts, scan and token-order scatter). The GPU test compares the two
+// device builders and the router's plan at T = 1..4 (tests/gpu/test_gpu_moe.cpp).
+TEST_CASE("moe_build_plan_warp (host-emulated warp) writes the plan of moe_build_plan") {
+  std::mt19937 rng(1234);
+  check_warp_plans<16>(rng);
+  check_warp_plans<256>(rng);
+  // The host model on a hand-made case: experts 2 (pairs 1, 4), 5 (pairs 0, 3), 7 (pairs 2, 5).
+  const std::vector<int32_t> plan = q35::test::moe_plan_ref({5, 2, 7, 5, 2, 7}, 2, 3, 8);
+  const std::vector<int32_t> want = {3, 2, 5, 7, -7, -7, -7, -7, -7, 0, 2, 4, 6, -7, -7, -7, -7, -7, 1, 4, 0, 3, 2, 5};
+  CHECK(plan == want);
+}
 
 TEST_CASE("moe_shape reads the MoE sizes of the config") {
   const MoeShape tiny = moe_shape(config_tiny(), 32);

@@ -4,7 +4,8 @@
 // path (T = 1, 3, 8, 9, 16, 37, 64: the router's expert-grouped plan, gate_up and down reading each
 // touched expert once; also with the residual add + RMSNorm epilogue of moe_forward_decode; every
 // token of T = 16 and 64 bit-identical to that token alone) and the prefill path (T = 1, 37, 512,
-// 2048). Timing at the 35B shapes.
+// 2048). Timing at the 35B shapes. The router's plan: the one-warp builder of its fast path (T * k <= 32)
+// and moe_build_plan against the host model (tests/moe_plan_ref.h).
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -17,6 +18,7 @@
 #include "models/qwen35/reference_ops.h"
 #include "runtime/core/int4_format.h"
 #include "tests/gpu/gpu_harness.h"
+#include "tests/moe_plan_ref.h"
 
 using namespace q35;
 using namespace q35::gpu_test;
@@ -541,7 +543,92 @@ void run_shapes(const MoeShape& base, std::initializer_list<int> groups, bool ti
   }
 }
 
+// The entries of a plan that moe_build_plan writes (count, experts, starts, pairs) equal the host model's.
+int plan_mismatches(const std::vector<int32_t>& got, const std::vector<int32_t>& want, int E, int P) {
+  const int U = want[0];
+  if (got[0] != U) return 1;
+  int bad = 0;
+  for (int u = 0; u < U; ++u) bad += got[size_t(1 + u)] != want[size_t(1 + u)];
+  for (int u = 0; u <= U; ++u) bad += got[size_t(1 + E + u)] != want[size_t(1 + E + u)];
+  for (int i = 0; i < P; ++i) bad += got[size_t(2 + 2 * E + i)] != want[size_t(2 + 2 * E + i)];
+  return bad;
+}
+
+// moe_router's plan at T = 1 .. 32 / k + 1 with the runner's tiles (the one-warp fast path while
+// T * k <= 32: T <= 4 at the 35B shapes, 8 at the tiny ones; moe_build_plan past it) and with the
+// one-token tile (m_tile 1: T token tiles, the second ticket, moe_build_plan), against the host model
+// of the router's ids; the same routing through both tiles gives the same plan. Then moe_plan_check
+// (both device builders on the same ids) on the router's ids and on made-up ids: experts 0 and E - 1,
+// every token the same experts, few distinct experts.
+void check_router_plans(Gpu& g, const MoeShape& s) {
+  const int E = int(s.experts), K = int(s.top_k), H = int(s.hidden);
+  CAPTURE(E);
+  const MoeTiles tiles = MoeTiles::defaults(s);
+  const int64_t max_t = 32 / K + 1;
+  DeviceBuffer ws(g.driver, moe_workspace_bytes(s, tiles, max_t));
+  ws.fill_bytes(0, g.stream);
+  const MoeScratch sc = moe_scratch(s, tiles, max_t, ws.ptr());
+  MoeWeights w;
+  DeviceBuffer d_router = to_device(g, random_bf16(size_t(E) * size_t(H), 41, 0.02f));
+  DeviceBuffer d_sg = to_device(g, random_bf16(size_t(H), 42, 0.02f));
+  w.router = d_router.ptr();
+  w.shared_gate = d_sg.ptr();
+  const Function one = g.jit.load(moe_router_spec(s, tiles.router_one), g.ctx);
+  const Function small = g.jit.load(moe_router_spec(s, tiles.router_decode), g.ctx);
+  const Function large = g.jit.load(moe_router_spec(s, tiles.router_prefill), g.ctx);
+  const Function check = g.jit.load(KernelSpec{"moe", "moe_plan_check", {{"E", std::to_string(E)}, {"TOPK", std::to_string(K)}}}, g.ctx);
+  const size_t plan_ints = size_t(moe_plan_ints(s, max_t));
+  DeviceBuffer d_block = poisoned(g, plan_ints * 4), d_warp = poisoned(g, plan_ints * 4);
+  // Both builders on ids [T, K] (T * K <= 32): each against the host model.
+  auto both = [&](const std::vector<int32_t>& ids, int T) {
+    DeviceBuffer d_ids = to_device(g, ids);
+    check.launch({{1}, {64}}, g.stream, d_ids.ptr(), T, d_block.ptr(), d_warp.ptr());
+    const std::vector<int32_t> want = q35::test::moe_plan_ref(ids, T, K, E);
+    CHECK(plan_mismatches(download<int32_t>(g, d_block.ptr(), plan_ints), want, E, T * K) == 0);
+    CHECK(plan_mismatches(download<int32_t>(g, d_warp.ptr(), plan_ints), want, E, T * K) == 0);
+  };
+  for (int T = 1; T <= max_t; ++T) {
+    CAPTURE(T);
+    DeviceBuffer d_x = to_device(g, random_bf16(size_t(T) * size_t(H), uint32_t(300 + T), 1.f));
+    const bool fast = T * K <= 32;
+    launch_moe_router(T == 1 ? one : T <= kMoeRouterSmallTokens ? small : large, tiles.router(T), g.stream, s, d_x.ptr(), w, sc, T);
+    const std::vector<int32_t> ids = download<int32_t>(g, sc.ids, size_t(T * K));
+    const std::vector<int32_t> plan = download<int32_t>(g, sc.plan, plan_ints);
+    const std::vector<int32_t> want = q35::test::moe_plan_ref(ids, T, K, E);
+    MESSAGE(fmt::format("router plan E={} k={} T={} ({}): {} experts", E, K, T, fast ? "one warp" : "moe_build_plan", want[0]));
+    CHECK(plan_mismatches(plan, want, E, T * K) == 0);
+    CHECK(download<int32_t>(g, sc.counters, size_t(T))[0] == 0);
+    if (T > 1) {  // T token tiles of one token: moe_build_plan after the second ticket
+      launch_moe_router(one, tiles.router_one, g.stream, s, d_x.ptr(), w, sc, T);
+      CHECK(download<int32_t>(g, sc.ids, size_t(T * K)) == ids);
+      CHECK(plan_mismatches(download<int32_t>(g, sc.plan, plan_ints), want, E, T * K) == 0);
+      CHECK(download<int32_t>(g, sc.plan_ticket, 1)[0] == 0);
+    }
+    if (fast) both(ids, T);
+  }
+  // Made-up routings.
+  std::vector<int32_t> ids;
+  for (int i = 0; i < K; ++i) ids.push_back(i % 2 ? i / 2 : E - 1 - i / 2);  // 0, 1, .. and E - 1, E - 2, ..
+  both(ids, 1);
+  for (int T = 2; T * K <= 32; ++T) {
+    std::vector<int32_t> same;
+    for (int t = 0; t < T; ++t)  // every token the same experts, rotated
+      for (int i = 0; i < K; ++i) same.push_back(ids[size_t((i + t) % K)]);
+    both(same, T);
+    std::vector<int32_t> few;  // K + 1 distinct experts over all tokens
+    for (int t = 0; t < T; ++t)
+      for (int i = 0; i < K; ++i) few.push_back((3 * ((i + t) % (K + 1)) + 5) % E);
+    both(few, T);
+  }
+}
+
 }  // namespace
+
+TEST_CASE("GPU: moe at the tiny fixture's and the 35B shapes: the router's plan, one warp (T * k <= 32) and moe_build_plan") {
+  auto g = open_gpu();
+  check_router_plans(*g, moe_shape(q35::test::config_tiny(), 0));
+  check_router_plans(*g, MoeShape{2048, 256, 8, 512, 512, 128});
+}
 
 TEST_CASE("GPU: moe at the tiny fixture's shapes, bf16 and W4A16 g32 / g64, decode and prefill paths") {
   const Config cfg = q35::test::config_tiny();
