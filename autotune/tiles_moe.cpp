@@ -347,7 +347,9 @@ KernelSpec moe_router_topk_spec(const MoeShape& s) {
           {{"H", str(s.hidden)}, {"E", str(s.experts)}, {"TOPK", str(s.top_k)}, {"WARPS", str(kMoeRouterTopkWarps)}}};
 }
 
-int64_t moe_gate_up_smem_bytes(const MoeGemvTile& tile, int64_t tokens) { return int64_t(tile.ksplit) * tokens * 16 * 4; }
+int64_t moe_gate_up_smem_bytes(const MoeGemvTile& tile, int64_t tokens) {
+  return int64_t(tile.ksplit) * std::min(tokens, kMoeGateUpChunk) * 16 * 4;
+}
 
 int64_t moe_down_smem_bytes(const MoeShape& s, const MoeDownTile& tile, int64_t tokens) {
   return (tokens * (s.top_k + 1) * 16 + (s.top_k + 1) * tile.ksplit * 8 * 16) * 4;
@@ -366,9 +368,12 @@ int64_t moe_grouped_max_tokens(const MoeShape& s, const MoeGemvTile& gate_up, co
                                int64_t smem_limit) {
   const int64_t room = smem_limit - kMoeGroupedStaticSmemReserve;
   const int64_t fixed = moe_down_smem_bytes(s, down, 0);  // the parts
-  const int64_t per_down = moe_down_smem_bytes(s, down, 1) - fixed, per_gate_up = moe_gate_up_smem_bytes(gate_up, 1);
+  const int64_t per_down = moe_down_smem_bytes(s, down, 1) - fixed;
   if (room < fixed) return 0;
-  return std::min({kMoeGroupedMaxTokens, (room - fixed) / per_down, room / per_gate_up});
+  int64_t most = std::min(kMoeGroupedMaxTokens, (room - fixed) / per_down);
+  // gate_up's sums stop growing at kMoeGateUpChunk tokens: it bounds T only when one chunk does not fit.
+  if (moe_gate_up_smem_bytes(gate_up, most) > room) most = room / moe_gate_up_smem_bytes(gate_up, 1);
+  return most;
 }
 
 bool moe_grouped_for(int64_t T, int64_t grouped_max, std::optional<bool> tuned) {

@@ -98,8 +98,9 @@ constexpr int64_t kMoeGroupedDefaultMaxTokens = 128;
 // Shared memory the grouped kernels' static arrays may take beside their dynamic shared memory
 // (moe_decode_down_residual's last-block reduction: a few hundred bytes).
 constexpr int64_t kMoeGroupedStaticSmemReserve = 1024;
-// Dynamic shared memory of moe_decode_gate_up for T tokens: each warp's sums [ksplit][T][16] fp32
-// (the shared expert's block takes every token).
+// Dynamic shared memory of moe_decode_gate_up for T tokens: each warp's sums [ksplit][chunk][16] fp32,
+// chunk = min(T, kMoeGateUpChunk) (a block takes its expert's tokens in chunks of that many).
+constexpr int64_t kMoeGateUpChunk = 64;  // kernel_templates/moe.cuh MOE_GATE_UP_CHUNK
 int64_t moe_gate_up_smem_bytes(const MoeGemvTile& tile, int64_t tokens);
 // Dynamic shared memory of moe_decode_down for T tokens: the per-(token, slot) sums [T][k + 1][16] and
 // the groups' parts [k + 1][ksplit][8][16], fp32 (kernel_templates/moe.cuh moe_down_smem_bytes).

@@ -168,13 +168,15 @@ TEST_CASE("grouped path sizing: shared memory per arch, the token bound, the pat
   // T = 256, 35B: down 153 KiB (sums 144 KiB + parts 9 KiB), gate_up 64 KiB.
   CHECK(moe_down_smem_bytes(big, dn, 256) == (256 * 9 * 16 + 9 * 2 * 8 * 16) * 4);
   CHECK(moe_down_smem_bytes(big, dn, 256) == 156672);
-  CHECK(moe_gate_up_smem_bytes(gu, 256) == 4 * 256 * 16 * 4);
+  // gate_up takes an expert's tokens in chunks of 64: 16 KiB at any T >= 64.
+  CHECK(moe_gate_up_smem_bytes(gu, 256) == 4 * 64 * 16 * 4);
+  CHECK(moe_gate_up_smem_bytes(gu, 37) == 4 * 37 * 16 * 4);
   CHECK(moe_grouped_max_tokens(big, gu, dn, smem_optin_bytes("sm_90a")) == 256);
   CHECK(moe_grouped_max_tokens(big, gu, dn, smem_optin_bytes("sm_80")) == 256);  // 272 fit
   CHECK(moe_grouped_max_tokens(big, gu, dn, smem_optin_bytes("sm_86")) == 158);  // (99 Ki - 1 Ki - 9 Ki) / 576
   CHECK(moe_down_smem_bytes(big, dn, 158) + kMoeGroupedStaticSmemReserve <= 99 * 1024);
   CHECK(moe_down_smem_bytes(big, dn, 159) + kMoeGroupedStaticSmemReserve > 99 * 1024);
-  // gate_up bounds it when its split is wide: ksplit 16 at 48 KiB -> 47 tokens (down: 64).
+  // gate_up bounds it when its split is wide: ksplit 16 at 48 KiB -> 47 tokens (down: 64 would fit).
   CHECK(moe_grouped_max_tokens(big, MoeGemvTile{16}, MoeDownTile{1}, 48 * 1024) == (47 * 1024) / (16 * 64));
   CHECK(moe_grouped_max_tokens(tiny, default_moe_gate_up_tile(tiny), default_moe_down_tile(tiny), 99 * 1024) == 256);
   CHECK(moe_grouped_max_tokens(big, gu, dn, 8 * 1024) == 0);  // not even the parts fit
