@@ -96,8 +96,9 @@ constexpr int64_t kMoeGroupedMaxTokens = 256;
 // faster (family moe_path).
 constexpr int64_t kMoeGroupedDefaultMaxTokens = 128;
 // Shared memory the grouped kernels' static arrays may take beside their dynamic shared memory
-// (moe_decode_down_residual's last-block reduction: a few hundred bytes).
-constexpr int64_t kMoeGroupedStaticSmemReserve = 1024;
+// (moe_decode_down_residual's last-block reduction: 80 bytes; sm_90 builds also report the 1 KiB
+// each block reserves for the system: 1,104 bytes in all).
+constexpr int64_t kMoeGroupedStaticSmemReserve = 2048;
 // Dynamic shared memory of moe_decode_gate_up for T tokens: each warp's sums [ksplit][chunk][16] fp32,
 // chunk = min(T, kMoeGateUpChunk) (a block takes its expert's tokens in chunks of that many).
 constexpr int64_t kMoeGateUpChunk = 64;  // kernel_templates/moe.cuh MOE_GATE_UP_CHUNK

@@ -579,6 +579,7 @@ moe_decode_gate_up(const q35k::bf16* __restrict__ x, const int* __restrict__ pla
   float* const mine = part + size_t(warp) * chunk * 16;
   for (int base = 0; base < n; base += chunk) {
     const int cn = min(n - base, chunk);
+#pragma unroll 1  // cn <= 64 is known: unrolled, the column tiles' weight loads would stay live at once
     for (int c0 = 0; c0 < cn; c0 += Rows::TOKENS) {
       // The weights are loaded per column tile (from L2 after the first), so that their registers free
       // up as the steps consume them: the usual one tile (at most TOKENS tokens) reads them once.

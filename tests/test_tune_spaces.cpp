@@ -384,7 +384,7 @@ TEST_CASE("moe_path: tuned per bucket, default grouped up to 128 tokens, bounded
     std::vector<int64_t> served;
     for (int64_t m : default_tune_buckets())
       if (path->serves(m)) served.push_back(m);
-    // sm_86: down's shared memory holds 158 tokens (99 KiB per block).
+    // sm_86: down's shared memory holds 156 tokens (99 KiB per block).
     CHECK(served == (std::string(arch) == "sm_86" ? std::vector<int64_t>{96, 128} : std::vector<int64_t>{96, 128, 256}));
     for (int64_t m : served) {
       CHECK(path->candidates(m).size() == 2);
@@ -423,10 +423,10 @@ TEST_CASE("moe_path: tuned per bucket, default grouped up to 128 tokens, bounded
     const gpu::MoeTiles t = tt.moe(m);
     CHECK((t.gate_up.ksplit == 2 && t.down.ksplit == 1));
   }
-  CHECK(tt.moe_grouped_max() == 256);  // down_ksplit 1: (227 KiB - 1 KiB - 9 * 1 * 512) / 576 > 256
+  CHECK(tt.moe_grouped_max() == 256);  // down_ksplit 1: (227 KiB - 2 KiB - 9 * 1 * 512) / 576 > 256
   // sm_86 (99 KiB per block): the tuned "grouped" at 256 does not fit, so 200 takes the GEMM path.
   gpu::TunedTiles ada(cfg, 128, "sm_86", table, nullptr);
-  CHECK(ada.moe_grouped_max() == (99 * 1024 - 1024 - 9 * 1 * 8 * 16 * 4) / (9 * 16 * 4));
+  CHECK(ada.moe_grouped_max() == (99 * 1024 - 2048 - 9 * 1 * 8 * 16 * 4) / (9 * 16 * 4));
   CHECK(ada.moe_grouped(128) == false);  // nearest bucket 96: GEMM
   CHECK(!ada.moe_grouped(200));
   CHECK(notices.empty());
