@@ -176,7 +176,7 @@ TEST_CASE("grouped path sizing: shared memory per arch, the token bound, the pat
   CHECK(moe_grouped_max_tokens(big, gu, dn, smem_optin_bytes("sm_86")) == 156);  // (99 Ki - 2 Ki - 9 Ki) / 576
   CHECK(moe_down_smem_bytes(big, dn, 156) + kMoeGroupedStaticSmemReserve <= 99 * 1024);
   CHECK(moe_down_smem_bytes(big, dn, 157) + kMoeGroupedStaticSmemReserve > 99 * 1024);
-  // gate_up bounds it when its split is wide: ksplit 16 at 48 KiB -> 46 tokens (down: 71 would fit).
+  // gate_up bounds it when its split is wide: ksplit 16 at 48 KiB -> 46 tokens (down: 73 would fit).
   CHECK(moe_grouped_max_tokens(big, MoeGemvTile{16}, MoeDownTile{1}, 48 * 1024) == (46 * 1024) / (16 * 64));
   CHECK(moe_grouped_max_tokens(tiny, default_moe_gate_up_tile(tiny), default_moe_down_tile(tiny), 99 * 1024) == 256);
   CHECK(moe_grouped_max_tokens(big, gu, dn, 8 * 1024) == 0);  // not even the parts fit
