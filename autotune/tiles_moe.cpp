@@ -348,7 +348,7 @@ KernelSpec moe_router_topk_spec(const MoeShape& s) {
 }
 
 int64_t moe_gate_up_smem_bytes(const MoeGemvTile& tile, int64_t tokens) {
-  return int64_t(tile.ksplit) * std::min(tokens, kMoeGateUpChunk) * 16 * 4;
+  return int64_t(tile.ksplit) * tokens * 16 * 4;
 }
 
 int64_t moe_down_smem_bytes(const MoeShape& s, const MoeDownTile& tile, int64_t tokens) {
@@ -371,7 +371,6 @@ int64_t moe_grouped_max_tokens(const MoeShape& s, const MoeGemvTile& gate_up, co
   const int64_t per_down = moe_down_smem_bytes(s, down, 1) - fixed;
   if (room < fixed) return 0;
   int64_t most = std::min(kMoeGroupedMaxTokens, (room - fixed) / per_down);
-  // gate_up's sums stop growing at kMoeGateUpChunk tokens: it bounds T only when one chunk does not fit.
   if (moe_gate_up_smem_bytes(gate_up, most) > room) most = room / moe_gate_up_smem_bytes(gate_up, 1);
   return most;
 }

@@ -99,9 +99,9 @@ constexpr int64_t kMoeGroupedDefaultMaxTokens = 128;
 // (moe_decode_down_residual's last-block reduction: 80 bytes; sm_90 builds also report the 1 KiB
 // each block reserves for the system: 1,104 bytes in all).
 constexpr int64_t kMoeGroupedStaticSmemReserve = 2048;
-// Dynamic shared memory of moe_decode_gate_up for T tokens: each warp's sums [ksplit][chunk][16] fp32,
-// chunk = min(T, kMoeGateUpChunk) (a block takes its expert's tokens in chunks of that many).
-constexpr int64_t kMoeGateUpChunk = 64;  // kernel_templates/moe.cuh MOE_GATE_UP_CHUNK
+// Dynamic shared memory of moe_decode_gate_up for T tokens: each warp's sums [ksplit][T][16] fp32 (the
+// shared expert's block takes every token). (Taking an expert's tokens in chunks of 64 would hold it
+// at 16 KiB, but costs the kernel 127 registers instead of 80 on sm_90a: not done.)
 int64_t moe_gate_up_smem_bytes(const MoeGemvTile& tile, int64_t tokens);
 // Dynamic shared memory of moe_decode_down for T tokens: the per-(token, slot) sums [T][k + 1][16] and
 // the groups' parts [k + 1][ksplit][8][16], fp32 (kernel_templates/moe.cuh moe_down_smem_bytes).

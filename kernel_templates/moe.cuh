@@ -520,17 +520,12 @@ moe_router_topk(const q35k::bf16* __restrict__ x, const q35k::bf16* __restrict__
   q35k::route_token<E, TOPK>(logits + size_t(t) * E, sg, t, ids, weights, shared_gate);
 }
 
-namespace q35k {
-// moe_decode_gate_up's token chunk: its shared memory holds KSPLIT * min(T, this) * 16 fp32 sums.
-constexpr int MOE_GATE_UP_CHUNK = 64;
-}  // namespace q35k
-
 // ---- decode: gate|up, each touched expert once for all its tokens ----
 // x [T, H] bf16; plan (moe_build_plan); gate_up [E, 2I, H] (rows gate 0..I-1, up I..2I-1);
 // shared_gate_up [2IS, H] (rows gate | up); h [T, TOPK*I + IS] bf16 (slot s at s*I, shared at TOPK*I):
 //   h[t, s*I + i] = bf16(silu(gate_e . x_t) * (up_e . x_t)), e = ids[t, s]; the shared expert likewise.
 // Grid: (max(I, IS) / 8, 1 + min(E, T * TOPK)); block KSPLIT * 32; dynamic shared memory
-// KSPLIT * min(T, MOE_GATE_UP_CHUNK) * 16 * 4 bytes (an expert's tokens in chunks of that many). Block (j, u) owns h values 8j .. 8j + 7 of expert u (u = 0: the shared
+// KSPLIT * T * 16 * 4 bytes. Block (j, u) owns h values 8j .. 8j + 7 of expert u (u = 0: the shared
 // expert, which every token uses; u >= 1: the plan's routed expert u - 1; blocks past the plan's
 // count exit): the 16 weight rows gate 8j.. | up 8j.. as one mma tile, read once, times the expert's
 // tokens in column tiles of TOKENS. Warp w takes k in [w, w + 1) * H / KSPLIT; the block sums the
@@ -573,36 +568,27 @@ moe_decode_gate_up(const q35k::bf16* __restrict__ x, const int* __restrict__ pla
     W = F::template matrix<2 * I, H>(gate_up_w, e);
     S = F::template scales<2 * I, H>(gate_up_s, e);
   }
-  // The expert's tokens in chunks of at most MOE_GATE_UP_CHUNK (shared memory holds one chunk's sums,
-  // whatever T); a token's sums do not depend on its chunk.
-  const int chunk = min(T, q35k::MOE_GATE_UP_CHUNK);
-  float* const mine = part + size_t(warp) * chunk * 16;
-  for (int base = 0; base < n; base += chunk) {
-    const int cn = min(n - base, chunk);
-#pragma unroll 1  // cn <= 64 is known: unrolled, the column tiles' weight loads would stay live at once
-    for (int c0 = 0; c0 < cn; c0 += Rows::TOKENS) {
-      // The weights are loaded per column tile (from L2 after the first), so that their registers free
-      // up as the steps consume them: the usual one tile (at most TOKENS tokens) reads them once.
-      Rows rows;
-      rows.load(W, S, j0 + g, n_inter + j0 + g, warp * KLEN);
-      const int i = base + c0 + g / Rows::GPS;  // this lane's column's token (position in the expert's list)
-      const int t = i < n ? (shared ? i : pairs[begin + i] / TOPK) : 0;
-      rows.dot(i < n ? x + size_t(t) * H : nullptr, [&](int tok, int r, float v) {
-        if (c0 + tok < cn) mine[(c0 + tok) * 16 + r] = v;
-      });
-    }
-    __syncthreads();
-    for (int o = threadIdx.x; o < cn * 8; o += KSPLIT * 32) {
-      const int i = o / 8, r = o % 8;
-      float gs = 0.f, us = 0.f;
+  float* const mine = part + size_t(warp) * n * 16;
+  for (int c0 = 0; c0 < n; c0 += Rows::TOKENS) {
+    // The weights are loaded per column tile (from L2 after the first), so that their registers free
+    // up as the steps consume them: the usual one tile (at most TOKENS tokens) reads them once.
+    Rows rows;
+    rows.load(W, S, j0 + g, n_inter + j0 + g, warp * KLEN);
+    const int i = c0 + g / Rows::GPS;  // this lane's column's token (position in the expert's list)
+    const int t = i < n ? (shared ? i : pairs[begin + i] / TOPK) : 0;
+    rows.dot(i < n ? x + size_t(t) * H : nullptr, [&](int tok, int r, float v) {
+      if (c0 + tok < n) mine[(c0 + tok) * 16 + r] = v;
+    });
+  }
+  __syncthreads();
+  for (int o = threadIdx.x; o < n * 8; o += KSPLIT * 32) {
+    const int i = o / 8, r = o % 8;
+    float gs = 0.f, us = 0.f;
 #pragma unroll
-      for (int w = 0; w < KSPLIT; ++w)
-        gs += part[(size_t(w) * chunk + i) * 16 + r], us += part[(size_t(w) * chunk + i) * 16 + 8 + r];
-      const int pair = shared ? 0 : pairs[begin + base + i];
-      const int t = shared ? base + i : pair / TOPK, col = shared ? TOPK * I : pair % TOPK * I;
-      h[size_t(t) * HW + col + j0 + r] = q35k::f32_to_bf16(q35k::silu(gs) * us);
-    }
-    if (base + chunk < n) __syncthreads();  // the next chunk overwrites the sums
+    for (int w = 0; w < KSPLIT; ++w) gs += part[(size_t(w) * n + i) * 16 + r], us += part[(size_t(w) * n + i) * 16 + 8 + r];
+    const int pair = shared ? 0 : pairs[begin + i];
+    const int t = shared ? i : pair / TOPK, col = shared ? TOPK * I : pair % TOPK * I;
+    h[size_t(t) * HW + col + j0 + r] = q35k::f32_to_bf16(q35k::silu(gs) * us);
   }
 }
 

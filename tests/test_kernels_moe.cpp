@@ -168,8 +168,7 @@ TEST_CASE("grouped path sizing: shared memory per arch, the token bound, the pat
   // T = 256, 35B: down 153 KiB (sums 144 KiB + parts 9 KiB), gate_up 64 KiB.
   CHECK(moe_down_smem_bytes(big, dn, 256) == (256 * 9 * 16 + 9 * 2 * 8 * 16) * 4);
   CHECK(moe_down_smem_bytes(big, dn, 256) == 156672);
-  // gate_up takes an expert's tokens in chunks of 64: 16 KiB at any T >= 64.
-  CHECK(moe_gate_up_smem_bytes(gu, 256) == 4 * 64 * 16 * 4);
+  CHECK(moe_gate_up_smem_bytes(gu, 256) == 4 * 256 * 16 * 4);
   CHECK(moe_gate_up_smem_bytes(gu, 37) == 4 * 37 * 16 * 4);
   CHECK(moe_grouped_max_tokens(big, gu, dn, smem_optin_bytes("sm_90a")) == 256);
   CHECK(moe_grouped_max_tokens(big, gu, dn, smem_optin_bytes("sm_80")) == 256);  // 272 fit
