@@ -408,7 +408,7 @@ TEST_CASE("moe_path: tuned per bucket, default grouped up to 128 tokens, bounded
   TuneFile f(TuneIdentity{"GPU X", "sm_90", "13.0", "q35jit test"});
   f.set(tune::kMoePath, sig, 96, TuneEntry{json{{"grouped", 0}}, 1, 2});
   f.set(tune::kMoePath, sig, 256, TuneEntry{json{{"grouped", 1}}, 1, 2});
-  f.set(tune::kMoeDecode, sig, 1, TuneEntry{json{{"gate_up_ksplit", 2}, {"down_ksplit", 1}}, 1, 2});
+  f.set(tune::kMoeDecode, sig, 1, TuneEntry{json{{"gate_up_ksplit", 8}, {"down_ksplit", 1}}, 1, 2});
   auto table = std::make_shared<const TuneTable>(std::vector<TuneTable::Layer>{{"test.json", f}});
   std::vector<std::string> notices;
   gpu::TunedTiles tt(cfg, 128, "sm_90a", table, [&](const std::string& s) { notices.push_back(s); });
@@ -421,7 +421,7 @@ TEST_CASE("moe_path: tuned per bucket, default grouped up to 128 tokens, bounded
   for (int64_t m : {1, 64, 128, 256, 4096}) {
     CAPTURE(m);
     const gpu::MoeTiles t = tt.moe(m);
-    CHECK((t.gate_up.ksplit == 2 && t.down.ksplit == 1));
+    CHECK((t.gate_up.ksplit == 8 && t.down.ksplit == 1));
   }
   CHECK(tt.moe_grouped_max() == 256);  // down_ksplit 1: (227 KiB - 2 KiB - 9 * 1 * 512) / 576 > 256
   // sm_86 (99 KiB per block): the tuned "grouped" at 256 does not fit, so 200 takes the GEMM path.
@@ -429,5 +429,5 @@ TEST_CASE("moe_path: tuned per bucket, default grouped up to 128 tokens, bounded
   CHECK(ada.moe_grouped_max() == (99 * 1024 - 2048 - 9 * 1 * 8 * 16 * 4) / (9 * 16 * 4));
   CHECK(ada.moe_grouped(128) == false);  // nearest bucket 96: GEMM
   CHECK(!ada.moe_grouped(200));
-  CHECK(notices.empty());
+  for (const std::string& n : notices) CHECK(!contains(n, "not usable"));  // the router's miss notice only
 }
