@@ -146,7 +146,7 @@ TEST_CASE("moe scratch layout: sizes, alignment, no overlap") {
     const int64_t T256 = 256;
     const MoeScratch s256 = moe_scratch(s, t, T256, 0);
     CHECK(int64_t(s256.hs - s256.h) >= T256 * (8 * 512 + 512) * 2);
-    CHECK(int64_t(s256.ids - s256.plan) >= moe_plan_ints(s, T256) * 4);
+    CHECK(int64_t(s256.h - s256.plan) >= moe_plan_ints(s, T256) * 4);  // plan, then h
     const MoeScratch s100 = moe_scratch(s, t, 100, 0);  // max_tokens 100: h for 100 tokens
     CHECK(int64_t(s100.hs - s100.h) >= 100 * (8 * 512 + 512) * 2);
   }
