@@ -195,8 +195,11 @@ TEST_CASE("moe tile validity rules and defaults") {
   // down's expert groups each sum their K parts behind a named barrier: at most 15 groups (k <= 14).
   CHECK(contains(why_invalid(MoeDownTile{2}, MoeShape{2048, 256, 15, 512, 512, 128}), "k + 1 = 16 groups exceed 15"));
   CHECK(why_invalid(MoeDownTile{1}, MoeShape{2048, 256, 15, 512, 512, 128}).empty());
-  // The decode path serves every batched decode step (64 rows); the router's tiles keep their sizes.
-  CHECK(kMoeDecodeMaxTokens == 64);
+  // The grouped path serves every batched decode step (64 rows) and prompt chunks up to 256 tokens;
+  // the router's tiles keep their sizes.
+  CHECK(kDecodeStepMaxRows == 64);
+  CHECK(kMoeGroupedMaxTokens == 256);
+  CHECK(kMoeGroupedDefaultMaxTokens == 128);
   CHECK(default_moe_router_tile(big, 8).m_tile == 8);
   CHECK(default_moe_router_tile(big, 9).m_tile == 16);
   // Rows of 24 bf16 values are 3 vectors: neither a divisor nor a multiple of 32 lanes.
@@ -236,7 +239,7 @@ TEST_CASE("moe scratch layout: sizes, alignment, no overlap") {
   std::vector<Buf> bufs = {{sc.logits, size_t(T * 257 * 4)},
                            {sc.counters, size_t(T * 4)},
                            {sc.plan_ticket, 4},
-                           {sc.plan, size_t((2 + 2 * 256 + 64 * 8) * 4)},  // the decode path's T <= 64
+                           {sc.plan, size_t((2 + 2 * 256 + 256 * 8) * 4)},  // the grouped path's T <= 256
                            {sc.ids, size_t(T * 8 * 4)},
                            {sc.weights, size_t(T * 8 * 4)},
                            {sc.shared_gate, size_t(T * 4)},
@@ -258,7 +261,59 @@ TEST_CASE("moe scratch layout: sizes, alignment, no overlap") {
   // down's dynamic shared memory: per-(token, slot) sums [T][k + 1][16] + the groups' parts [k + 1][ksplit][8][16].
   CHECK(moe_down_smem_bytes(s, MoeDownTile{2}, 64) == (64 * 9 * 16 + 9 * 2 * 8 * 16) * 4);
   CHECK(moe_down_smem_bytes(s, MoeDownTile{2}, 64) <= 48 * 1024);
+  // The grouped path's h [T, k*I + Is] for T <= 256 fits beside the prefill's: a workspace of 256
+  // tokens holds it (the prefill GEMM's h is smaller there).
+  {
+    const int64_t T256 = 256;
+    const MoeScratch s256 = moe_scratch(s, t, T256, 0);
+    CHECK(int64_t(s256.hs - s256.h) >= T256 * (8 * 512 + 512) * 2);
+    CHECK(int64_t(s256.h - s256.plan) >= moe_plan_ints(s, T256) * 4);  // plan, then h
+    const MoeScratch s100 = moe_scratch(s, t, 100, 0);  // max_tokens 100: h for 100 tokens
+    CHECK(int64_t(s100.hs - s100.h) >= 100 * (8 * 512 + 512) * 2);
+  }
   CHECK(contains(error_of([&] { moe_workspace_bytes(s, t, 0); }), "max_tokens = 0"));
+}
+
+// How many tokens the grouped path takes: down's sums [T][k + 1][16] fp32 grow with T, gate_up's
+// [ksplit][T][16]; the per-arch opt-in limits cap T where 256 does not fit.
+TEST_CASE("grouped path sizing: shared memory per arch, the token bound, the path rule") {
+  const MoeShape big{2048, 256, 8, 512, 512, 128}, tiny{128, 16, 4, 64, 128, 32};
+  CHECK(smem_optin_bytes("sm_90a") == 227 * 1024);
+  CHECK(smem_optin_bytes("sm_80") == 163 * 1024);
+  CHECK(smem_optin_bytes("sm_86") == 99 * 1024);
+  CHECK(smem_optin_bytes("sm_89") == 99 * 1024);
+  CHECK(smem_optin_bytes("sm_100") == 227 * 1024);
+  const MoeGemvTile gu = default_moe_gate_up_tile(big);
+  const MoeDownTile dn = default_moe_down_tile(big);
+  REQUIRE((gu.ksplit == 4 && dn.ksplit == 2));
+  // T = 256, 35B: down 153 KiB (sums 144 KiB + parts 9 KiB), gate_up 64 KiB.
+  CHECK(moe_down_smem_bytes(big, dn, 256) == (256 * 9 * 16 + 9 * 2 * 8 * 16) * 4);
+  CHECK(moe_down_smem_bytes(big, dn, 256) == 156672);
+  CHECK(moe_gate_up_smem_bytes(gu, 256) == 4 * 256 * 16 * 4);
+  CHECK(moe_gate_up_smem_bytes(gu, 37) == 4 * 37 * 16 * 4);
+  CHECK(moe_grouped_max_tokens(big, gu, dn, smem_optin_bytes("sm_90a")) == 256);
+  CHECK(moe_grouped_max_tokens(big, gu, dn, smem_optin_bytes("sm_80")) == 256);  // 272 fit
+  CHECK(moe_grouped_max_tokens(big, gu, dn, smem_optin_bytes("sm_86")) == 156);  // (99 Ki - 2 Ki - 9 Ki) / 576
+  CHECK(moe_down_smem_bytes(big, dn, 156) + kMoeGroupedStaticSmemReserve <= 99 * 1024);
+  CHECK(moe_down_smem_bytes(big, dn, 157) + kMoeGroupedStaticSmemReserve > 99 * 1024);
+  // gate_up bounds it when its split is wide: ksplit 16 at 48 KiB -> 46 tokens (down: 73 would fit).
+  CHECK(moe_grouped_max_tokens(big, MoeGemvTile{16}, MoeDownTile{1}, 48 * 1024) == (46 * 1024) / (16 * 64));
+  CHECK(moe_grouped_max_tokens(tiny, default_moe_gate_up_tile(tiny), default_moe_down_tile(tiny), 99 * 1024) == 256);
+  CHECK(moe_grouped_max_tokens(big, gu, dn, 8 * 1024) == 0);  // not even the parts fit
+  // The rule: decode steps always grouped; prompt chunks by the tuned entry (default <= 128), within the bound.
+  for (int64_t T : {1, 2, 16, 63, 64}) {
+    CHECK(moe_grouped_for(T, 256));
+    CHECK(moe_grouped_for(T, 256, false));  // a decode step never takes the GEMM path
+  }
+  CHECK(moe_grouped_for(65, 256));
+  CHECK(moe_grouped_for(128, 256));
+  CHECK(!moe_grouped_for(129, 256));
+  CHECK(!moe_grouped_for(256, 256));
+  CHECK(moe_grouped_for(256, 256, true));
+  CHECK(!moe_grouped_for(96, 256, false));
+  CHECK(!moe_grouped_for(200, 158, true));  // sm_86: past what fits
+  CHECK(!moe_grouped_for(257, 256, true));
+  CHECK(!moe_grouped_for(128, 100));
 }
 
 TEST_CASE("every MoE kernel compiles for sm_80 and sm_90a, tiny and 35B, bf16 and W4A16") {
@@ -325,5 +380,46 @@ TEST_CASE("the expert-grouped decode kernels compile without spills, tiny and 35
                             std::regex_search(out[i].log, m, re) ? m[1].str() : std::string("?"));
     }
     MESSAGE(arch << ":" << regs);
+  }
+}
+
+// The grouped path's kernels as the runner loads them for the 35B (W4A16 g128 and bf16: default M = 1
+// tiles, the router's m_tile 16 tile that T > 8 takes): no spills on sm_90a and sm_80; their
+// instantiations do not depend on T (T is an argument), so these are the kernels of T = 256 too,
+// whose dynamic shared memory is reported beside the static.
+TEST_CASE("the grouped path's kernels for T up to 256 compile without spills, sm_90a and sm_80") {
+  q35::test::TempDir cache("moe-grouped-jit");
+  JitEngine jit(cache.path(), JitOptions{.kernel_dir = std::nullopt, .extra_options = {"--ptxas-options=-v"}});
+  std::vector<KernelSpec> specs;
+  std::vector<int64_t> dyn;  // dynamic shared memory at T = 256
+  for (int group : {128, 0}) {
+    const MoeShape s = moe_shape(config_35b(), group);
+    const MoeTiles t = MoeTiles::defaults(s);
+    specs.push_back(moe_router_spec(s, t.router(256)));
+    dyn.push_back(0);
+    specs.push_back(moe_decode_gate_up_spec(s, t.gate_up));
+    dyn.push_back(moe_gate_up_smem_bytes(t.gate_up, 256));
+    specs.push_back(moe_decode_down_spec(s, t.down));
+    dyn.push_back(moe_down_smem_bytes(s, t.down, 256));
+    specs.push_back(moe_decode_down_residual_spec(s, t.down));
+    dyn.push_back(moe_down_smem_bytes(s, t.down, 256));
+  }
+  for (const std::string arch : {"sm_90a", "sm_80"}) {
+    CAPTURE(arch);
+    const std::vector<CompiledKernel> out = jit.compile_all(specs, arch, 2);
+    REQUIRE(out.size() == specs.size());
+    std::string report;
+    for (size_t i = 0; i < out.size(); ++i) {
+      CHECK_MESSAGE(q35::test::spill_bytes(out[i], specs[i].str()) == 0, specs[i].str());
+      static const std::regex regs_re(R"(Used (\d+) registers)"), smem_re(R"((\d+) bytes smem)");
+      std::smatch m;
+      const std::string regs = std::regex_search(out[i].log, m, regs_re) ? m[1].str() : std::string("?");
+      const int64_t smem = std::regex_search(out[i].log, m, smem_re) ? std::stoll(m[1].str()) : 0;
+      CHECK(smem + dyn[i] <= smem_optin_bytes(arch));
+      if (specs[i].kernel != "moe_router") CHECK(smem <= kMoeGroupedStaticSmemReserve);
+      report += fmt::format("\n  {}: {} registers, {} B static smem, {} B dynamic at T = 256", specs[i].instantiation(),
+                            regs, smem, dyn[i]);
+    }
+    MESSAGE(arch << ":" << report);
   }
 }

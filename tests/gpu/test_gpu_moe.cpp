@@ -321,6 +321,10 @@ void run_shapes(const MoeShape& base, std::initializer_list<int> groups, bool ti
     if (!wgmma) {
       for (int64_t T : {1, 3, 8, 9, 16, 37, 64}) check_moe(*g, L, k, ws.sc, T, MoePath::Decode, salt++);
       for (int64_t T : {16, 64}) check_decode_alone(*g, L, k, ws.sc, T, salt++);
+      if (!timing) {  // the tiny shapes: the grouped path past a decode step too (the 35B: its own case)
+        for (int64_t T : {96, 128, 200, 256}) check_moe(*g, L, k, ws.sc, T, MoePath::Decode, salt++);
+        check_decode_alone(*g, L, k, ws.sc, 128, salt++);
+      }
     }
     for (int64_t T : {1, 37, 512, 2048}) check_moe(*g, L, k, ws.sc, T, MoePath::Prefill, salt++);
     if (wgmma) {  // other tiles of the tuner's space (block_m 128, stages 3 and 8, one warpgroup along N)
@@ -622,12 +626,88 @@ void check_router_plans(Gpu& g, const MoeShape& s) {
   }
 }
 
+// The grouped path for prompt chunks of 65..256 tokens (issue 8): accuracy against the CPU reference
+// (the decode cases' tolerance), a token's row at T = 128 bit-identical to the token alone, and the
+// per-layer time of the grouped path against the GEMM path (the tiles the runner defaults to at T)
+// at T = 64, 96, 128, 256: each a graph of one MoE call, median of 25 CUDA-event timed replays.
+void run_grouped(const MoeShape& s) {
+  auto g = open_gpu();
+  const MasterWeights master(s);
+  const Layer L(*g, master, s);
+  const bool hopper = g->ctx.device().arch() == "sm_90a";
+  const MoeKernels k(g->jit, g->ctx, s, MoeTiles::defaults(s, hopper));
+  MESSAGE(fmt::format("grouped path on {}: at most {} tokens (shared memory opt-in {} B; down {} B, gate_up {} B at "
+                      "that T)",
+                      g->ctx.device().arch(), k.grouped_max_tokens, k.smem_optin,
+                      moe_down_smem_bytes(s, k.tiles.down, k.grouped_max_tokens),
+                      moe_gate_up_smem_bytes(k.tiles.gate_up, k.grouped_max_tokens)));
+  Workspace ws(*g, k, kMoeGroupedMaxTokens);
+  uint32_t salt = 300;
+  for (int64_t T : {96, 128, 200, 256}) {
+    if (T > k.grouped_max_tokens) {
+      MESSAGE("T = " << T << " skipped: past this device's grouped bound");
+      continue;
+    }
+    check_moe(*g, L, k, ws.sc, T, MoePath::Decode, salt++);
+  }
+  check_decode_alone(*g, L, k, ws.sc, 128, salt++);
+  // Past the bound: a clear error, not a launch failure.
+  CHECK(q35::test::contains(q35::test::error_of([&] {
+          DeviceBuffer x(g->driver, size_t(300 * s.hidden) * 2), out(g->driver, size_t(300 * s.hidden) * 2);
+          Workspace big(*g, k, 300);
+          moe_forward(k, g->stream, L.weights(), big.sc, x.ptr(), out.ptr(), 300, MoePath::Decode);
+        }),
+        "grouped path takes at most"));
+
+  const double wbytes = s.group == 0 ? 2.0 : 0.5 + 2.0 / s.group;
+  const double router_bytes = double(s.experts + 1) * s.hidden * 2;
+  const MoeWeights w = L.weights();
+  std::string lines;
+  for (int64_t T : {64, 96, 128, 256}) {
+    if (T > k.grouped_max_tokens) continue;
+    const std::vector<uint16_t> x = random_bf16(size_t(T * s.hidden), 23, 1.f);
+    DeviceBuffer d_x = to_device(*g, x), d_out(g->driver, size_t(T * s.hidden) * 2);
+    const MoeRouterTile& rt = k.tiles.router(T);
+    const double router = time_graph(*g, 1, [&](int) { launch_moe_router(k.router(T), rt, g->stream, s, d_x.ptr(), w, ws.sc, T); });
+    const double router_gate_up = time_graph(*g, 1, [&](int) {
+      launch_moe_router(k.router(T), rt, g->stream, s, d_x.ptr(), w, ws.sc, T);
+      launch_moe_decode_gate_up(k.decode_gate_up, k.tiles.gate_up, g->stream, s, d_x.ptr(), w, ws.sc, T);
+    });
+    const double grouped = time_graph(*g, 1, [&](int) {
+      moe_forward(k, g->stream, w, ws.sc, d_x.ptr(), d_out.ptr(), T, MoePath::Decode);
+    });
+    const std::vector<int32_t> ids = download<int32_t>(*g, ws.sc.ids, size_t(T * s.top_k));
+    std::vector<int32_t> distinct(ids.begin(), ids.end());
+    std::sort(distinct.begin(), distinct.end());
+    const double touched = double(std::unique(distinct.begin(), distinct.end()) - distinct.begin());
+    const double bytes = router_bytes + (touched + 1) * 3 * s.inter * s.hidden * wbytes;
+    // The GEMM path with the tiles the runner defaults to at T.
+    const MoeKernels kg(g->jit, g->ctx, s, MoeTiles::defaults(s, hopper, T));
+    Workspace wg(*g, kg, T);
+    const double gemm = time_graph(*g, 1, [&](int) {
+      moe_forward(kg, g->stream, w, wg.sc, d_x.ptr(), d_out.ptr(), T, MoePath::Prefill);
+    });
+    lines += fmt::format("\n  moe T={}: grouped {:.1f} us per layer (router {:.1f}, gate_up {:.1f}, down {:.1f}; {:.0f} "
+                         "experts, {:.1f} MB -> {:.2f} TB/s), GEMM path {:.1f} us ({}{}x{}) -> {} {:.2f}x",
+                         T, grouped, router, router_gate_up - router, grouped - router_gate_up, touched, bytes / 1e6,
+                         bytes / grouped * 1e-6, gemm, kg.tiles.gemm.wgmma ? "wgmma " : "mma.sync ",
+                         kg.tiles.gemm.block_m, kg.tiles.gemm.block_n, grouped <= gemm ? "grouped" : "GEMM",
+                         std::max(grouped, gemm) / std::min(grouped, gemm));
+  }
+  MESSAGE(fmt::format("moe grouped vs GEMM path, H={} E={} k={} I={} {}:{}", s.hidden, s.experts, s.top_k, s.inter,
+                      s.group == 0 ? std::string("bf16") : fmt::format("W4A16 g{}", s.group), lines));
+}
+
 }  // namespace
 
 TEST_CASE("GPU: moe at the tiny fixture's and the 35B shapes: the router's plan, one warp (T * k <= 32) and moe_build_plan") {
   auto g = open_gpu();
   check_router_plans(*g, moe_shape(q35::test::config_tiny(), 0));
   check_router_plans(*g, MoeShape{2048, 256, 8, 512, 512, 128});
+}
+
+TEST_CASE("GPU: moe grouped path up to 256 tokens, 35B W4A16 g128: accuracy, batched == alone, vs the GEMM path") {
+  run_grouped(MoeShape{2048, 256, 8, 512, 512, 128});
 }
 
 TEST_CASE("GPU: moe at the tiny fixture's shapes, bf16 and W4A16 g32 / g64, decode and prefill paths") {

@@ -44,7 +44,7 @@ GemvBf16Plan gemv_bf16_plan(int64_t n, int64_t k, int m, bool out_f32) {
 }
 
 W4GemvTile w4_decode_tile(const W4GemvTile& one, int64_t group, int M) {
-  if (M < 1 || M > kMoeDecodeMaxTokens) fail("gemv_w4a16: a decode step of {} rows is outside [1, {}]", M, kMoeDecodeMaxTokens);
+  if (M < 1 || M > kDecodeStepMaxRows) fail("gemv_w4a16: a decode step of {} rows is outside [1, {}]", M, kDecodeStepMaxRows);
   W4GemvTile t = one;
   t.m_tile = M == 1 ? 1 : int(8 * group / 128);
   return t;

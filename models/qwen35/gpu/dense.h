@@ -155,7 +155,7 @@ void launch_sample(const SamplePlan& p, const Function& f, const Stream& stream,
 
 // ---- the kernel list ----
 
-// The W4A16 GEMV tile of a decode step of M rows (1 <= M <= kMoeDecodeMaxTokens) from the M = 1 tile
+// The W4A16 GEMV tile of a decode step of M rows (1 <= M <= kDecodeStepMaxRows) from the M = 1 tile
 // `one`: its K split and unroll for every M, so each row gets the arithmetic of a sequence decoded
 // alone; M_TILE = 8 / (128 / group) tokens fill one mma column tile, which keeps the M = 1 tile's
 // accumulator chains (gemv_w4a16.cuh). (A bf16 GEMV's sums do not depend on its tile, gemv_bf16.cuh.)
