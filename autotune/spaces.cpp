@@ -153,6 +153,16 @@ std::vector<MoeDecodeConfig> moe_decode_candidates(const MoeShape& s) {
   return out;
 }
 
+std::vector<MoeStreamTile> moe_stream_candidates() {
+  std::vector<MoeStreamTile> out;
+  for (int warps : {2, 4, 8}) {
+    MoeStreamTile t;
+    t.warps = warps;
+    if (why_invalid(t).empty()) out.push_back(t);
+  }
+  return out;
+}
+
 std::vector<MoeGemmTile> moe_gemm_candidates(const MoeShape& s, int64_t, bool wgmma) {
   std::vector<MoeGemmTile> out;
   auto add = [&](const MoeGemmTile& t) {

@@ -297,6 +297,35 @@ KernelSpec moe_decode_down_spec(const MoeShape& s, const MoeDownTile& t) {
   return decode_spec("moe_decode_down", s, t.ksplit);
 }
 
+std::string why_invalid(const MoeStreamTile& t) {
+  if (t.warps < 1 || t.warps > 32) return fmt::format("stream warps = {} is not in [1, 32]", t.warps);
+  if (t.min_tokens < 0) return fmt::format("stream min_tokens = {} is negative", t.min_tokens);
+  return {};
+}
+
+KernelSpec moe_stream_gate_up_spec(const MoeShape& s, const MoeGemvTile& gate_up, const MoeStreamTile& t) {
+  require_valid(why_invalid_gate_up(gate_up, s), "moe_stream_gate_up", s);
+  require_valid(why_invalid(t), "moe_stream_gate_up", s);
+  KernelSpec spec = decode_spec("moe_stream_gate_up", s, gate_up.ksplit);
+  spec.args.emplace_back("WARPS", str(t.warps));
+  return spec;
+}
+
+KernelSpec moe_stream_down_spec(const MoeShape& s, const MoeDownTile& down, const MoeStreamTile& t) {
+  require_valid(why_invalid(down, s), "moe_stream_down", s);
+  require_valid(why_invalid(t), "moe_stream_down", s);
+  KernelSpec spec = decode_spec("moe_stream_down", s, down.ksplit);
+  spec.args.emplace_back("WARPS", str(t.warps));
+  return spec;
+}
+
+KernelSpec moe_stream_combine_spec(const MoeShape& s) {
+  require_valid(why_invalid(s), "moe_stream_combine", s);
+  return {"moe",
+          "moe_stream_combine",
+          {{"H", str(s.hidden)}, {"TOPK", str(s.top_k)}, {"THREADS", str(kMoeStreamCombineThreads)}}};
+}
+
 KernelSpec moe_decode_down_residual_spec(const MoeShape& s, const MoeDownTile& t) {
   require_valid(why_invalid(t, s), "moe_decode_down_residual", s);
   if (s.hidden % 4 != 0) fail("moe_decode_down_residual: hidden size {} must be a multiple of 4", s.hidden);

@@ -52,6 +52,19 @@ struct MoeDownTile {
 };
 constexpr int kMoeDownRows = 16;  // output rows per down block
 
+// The grouped path's streaming form: moe_stream_gate_up<GROUP, H, I, IS, E, TOPK, KSPLIT, WARPS> and
+// moe_stream_down<..., KSPLIT, WARPS> (+ moe_stream_combine<H, TOPK, THREADS>) compute the sums of
+// moe_decode_gate_up / moe_decode_down with the same ksplit bit for bit, one warp per 16-row tile
+// with the next tile's weights in flight, persistent warps filling every SM once. The runner streams
+// calls of at least min_tokens tokens (0: never); a token's result is the same either way.
+struct MoeStreamTile {
+  int warps = 4;            // per block
+  int64_t min_tokens = 16;  // from this many tokens of a call (0: never)
+  int threads() const { return 32 * warps; }
+  bool serves(int64_t tokens) const { return min_tokens > 0 && tokens >= min_tokens; }
+};
+constexpr int kMoeStreamCombineThreads = 256;
+
 // moe_gemm<GROUP, N, K, TOPK, GATE_UP, ROUTED, BM, BN, BK, WM, WN>; grid (N / block_n, row blocks).
 // wgmma (sm_90a only): gemm_wgmma of kernel_templates/wgmma_gemm.cuh instead (autotune/tiles_wgmma.h):
 // warps_m x warps_n are warpgroups (block_m = 64 * warps_m), block_k = 64, `stages` deep, dynamic
@@ -131,6 +144,7 @@ std::string why_invalid(const MoeShape& s);  // sizes and format, independent of
 std::string why_invalid(const MoeRouterTile& tile, const MoeShape& s);
 std::string why_invalid_gate_up(const MoeGemvTile& tile, const MoeShape& s);
 std::string why_invalid(const MoeDownTile& tile, const MoeShape& s);
+std::string why_invalid(const MoeStreamTile& tile);
 std::string why_invalid(const MoeGemmTile& tile, const MoeShape& s, MoeGemm gemm);
 
 // Heuristic defaults (valid for the shape; Error naming the reason if the shape is unsupported).
@@ -152,6 +166,10 @@ KernelSpec moe_decode_gate_up_spec(const MoeShape& s, const MoeGemvTile& tile);
 KernelSpec moe_decode_down_spec(const MoeShape& s, const MoeDownTile& tile);
 // moe_decode_down with the decode residual add + RMSNorm epilogue (kernel_templates/decode_fusion.cuh).
 KernelSpec moe_decode_down_residual_spec(const MoeShape& s, const MoeDownTile& tile);
+// The streaming form with the decode GEMVs' splits (gate_up.ksplit, down.ksplit).
+KernelSpec moe_stream_gate_up_spec(const MoeShape& s, const MoeGemvTile& gate_up, const MoeStreamTile& tile);
+KernelSpec moe_stream_down_spec(const MoeShape& s, const MoeDownTile& down, const MoeStreamTile& tile);
+KernelSpec moe_stream_combine_spec(const MoeShape& s);
 KernelSpec moe_align_spec(const MoeShape& s, const MoeGemmTile& tile);
 KernelSpec moe_gemm_spec(const MoeShape& s, MoeGemm gemm, const MoeGemmTile& tile);
 KernelSpec moe_combine_spec(const MoeShape& s);

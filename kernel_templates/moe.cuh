@@ -188,6 +188,7 @@ struct WarpRows16 {
   static constexpr int GPS = GROUP == 0 ? 1 : 128 / GROUP;  // mma columns per token
   static constexpr int TOKENS = 8 / GPS;                    // tokens per mma column tile
   static constexpr int STEPS = GROUP == 0 ? KLEN / 32 : (KLEN + 127) / 128;
+  static constexpr int PART = KLEN;  // K values per warp (one part of K)
   uint4 lo[STEPS], hi[STEPS];
   const bf16* s_lo;
   const bf16* s_hi;
@@ -813,6 +814,265 @@ moe_decode_down_residual(const q35k::bf16* __restrict__ h, const int* __restrict
       h, plan, weights, shared_gate, down_w, down_s, shared_w, shared_s, T,
       [&](int t, int n, float v) { q35k::residual_add_bf16(residual, size_t(t) * H + n, v); });
   q35k::residual_rmsnorm_last_block<H, (TOPK + 1) * KSPLIT * 32>(residual, norm_w, normed, counter, eps, T);
+}
+
+// ---- grouped path, streaming form: the decode GEMVs' arithmetic on persistent warps ----
+// moe_decode_gate_up / moe_decode_down give each 16-row weight tile to a block of KSPLIT warps (one per
+// part of K) that reads its tile once and exits: at tens of tokens most of a block's life is spent
+// waiting on the plan, the token rows and the cross-warp sum, not streaming weights. The streaming
+// kernels compute the same sums bit for bit with one warp per tile: the warp runs the tile's KSPLIT
+// parts in order (each the WarpRows16 the decode kernel's warp kp would hold, KLEN = K / KSPLIT) and
+// adds them as the decode kernel's block does (0 + p0 + p1 + ...), while the next part's weights, or
+// the first part of the warp's next unit of work, are already in flight (two register buffers). A
+// unit is (tile, column tile of TOKENS tokens); warp w of the grid takes tiles w, w + the grid's
+// warps, ... over every touched expert (numbered expert by expert, so a block's warps share the
+// expert's token rows in L1); a tile with more tokens than one column tile runs one unit per column
+// tile (its weights again, from L2). Any grid size works (the runner fills the SMs once); no shared
+// memory, so the number of tokens is bounded only by the plan.
+namespace q35k {
+
+// This lane's share of a WarpRows16 column tile's sums, in the order dot() stores them: slot si of
+// value (tok, r) is si + 2 (r >= 8) with si = tok & 1 when GPS = 1 (tokens 2c, 2c + 1, rows g, g + 8)
+// and si = 0 otherwise (GPS 2: token c; GPS 4: token c / 2 in the even lanes): a lane's slots are
+// fixed, so the sums stay in registers. lane_token(si, c, tok): slot si's token, if this lane has one.
+template <int GPS>
+__device__ __forceinline__ bool lane_token(int si, int c, int& tok) {
+  if constexpr (GPS == 1) {
+    tok = 2 * c + si;
+    return true;
+  } else if constexpr (GPS == 2) {
+    tok = c;
+    return si == 0;
+  } else {
+    tok = c / 2;
+    return si == 0 && c % 2 == 0;
+  }
+}
+
+template <int GPS>
+__device__ __forceinline__ void add_slot(float (&acc)[4], int tok, int r, float v) {
+  if (GPS == 1 && (tok & 1)) {
+    if (r >= 8) acc[3] += v;
+    else acc[1] += v;
+  } else {
+    if (r >= 8) acc[2] += v;
+    else acc[0] += v;
+  }
+}
+
+}  // namespace q35k
+
+// gate|up, streaming: the h of moe_decode_gate_up<GROUP, H, I, IS, E, TOPK, KSPLIT> (same arguments;
+// T any number of tokens the plan holds). Tiles: the shared expert's IS / 8, then per routed expert of
+// the plan I / 8 (tile j: gate rows 8j.. | up rows 8j..). Grid: any; block WARPS * 32; registers
+// as ptxas likes them (__launch_bounds__ min 1 block: ~230 at the 35B g128 shapes, the loads of two
+// parts and their token rows hoisted; a cap of 128 or 168 spills).
+template <int GROUP, int H, int I, int IS, int E, int TOPK, int KSPLIT, int WARPS>
+__global__ void __launch_bounds__(WARPS * 32, 1)
+moe_stream_gate_up(const q35k::bf16* __restrict__ x, const int* __restrict__ plan,
+                   const void* __restrict__ gate_up_w, const q35k::bf16* __restrict__ gate_up_s,
+                   const void* __restrict__ shared_w, const q35k::bf16* __restrict__ shared_s,
+                   q35k::bf16* __restrict__ h, int T) {
+  static_assert(I % 8 == 0 && IS % 8 == 0, "moe_stream_gate_up: I and IS must be multiples of 8");
+  static_assert(H % (32 * KSPLIT) == 0, "moe_stream_gate_up: H must be a multiple of 32 * KSPLIT");
+  using F = q35k::WeightFormat<GROUP>;
+  constexpr int KLEN = H / KSPLIT;
+  using Rows = q35k::WarpRows16<GROUP, H, KLEN>;
+  constexpr int TOKENS = Rows::TOKENS, GPS = Rows::GPS;
+  constexpr int HW = TOPK * I + IS, JS = IS / 8, JR = I / 8;
+  const int lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
+  q35k::moe_pdl_wait();
+  q35k::moe_pdl_launch_dependents();
+  const int* const pairs = plan + 2 + 2 * E;
+  const int tiles = JS + q35k::ld_now_s32(plan) * JR;
+  const int stride = int(gridDim.x) * WARPS;
+  int tk = int(blockIdx.x) * WARPS + int(threadIdx.x / 32);
+  if (tk >= tiles) return;
+
+  struct Tile {
+    const void* W;
+    const q35k::bf16* S;
+    int j0, n_inter, begin, n;
+  };
+  auto tile_at = [&](int k) {
+    if (k < JS) return Tile{shared_w, shared_s, 8 * k, IS, 0, T};
+    const int u = (k - JS) / JR, e = plan[1 + u], begin = plan[1 + E + u];
+    return Tile{F::template matrix<2 * I, H>(gate_up_w, e), F::template scales<2 * I, H>(gate_up_s, e),
+                8 * ((k - JS) % JR), I, begin, plan[2 + E + u] - begin};
+  };
+  // The token of this lane's column in unit (tile k, column tile c0) (0 past the tile's tokens).
+  auto token_of = [&](int k, const Tile& t, int c0) {
+    const int i = c0 + g / GPS;
+    return i < t.n ? (k < JS || T == 1 ? i : pairs[t.begin + i] / TOPK) : -1;
+  };
+  // Two register buffers while a warp's 16 rows of one part take at most 64 registers (INT4; bf16 parts
+  // of 512 take 128: one buffer, each part loaded before its mmas).
+  constexpr bool PIPE = Rows::STEPS * 8 <= 64;
+  Tile cur = tile_at(tk);
+  int c0 = 0, tok = token_of(tk, cur, 0);
+  Rows buf[PIPE ? 2 : 1];
+  if constexpr (PIPE) buf[0].load(cur.W, cur.S, cur.j0 + g, cur.n_inter + cur.j0 + g, 0);
+  while (true) {
+    // The next unit: the tile's next column tile, or the warp's next tile.
+    int nk = tk, nc0 = c0 + TOKENS;
+    Tile nxt = cur;
+    if (nc0 >= cur.n) {
+      nk = tk + stride, nc0 = 0;
+      if (nk < tiles) nxt = tile_at(nk);
+    }
+    const bool more = nk < tiles;
+    const int ntok = more ? token_of(nk, nxt, nc0) : -1;
+    float sum[4] = {0.f, 0.f, 0.f, 0.f};  // gate (tok & 1), up 2 + (tok & 1)
+    const q35k::bf16* xg = tok >= 0 ? x + size_t(tok) * H : nullptr;
+#pragma unroll
+    for (int p = 0; p < KSPLIT; ++p) {
+      if constexpr (!PIPE) buf[0].load(cur.W, cur.S, cur.j0 + g, cur.n_inter + cur.j0 + g, p * KLEN);
+      else if (p + 1 < KSPLIT)
+        buf[(p + 1) % 2].load(cur.W, cur.S, cur.j0 + g, cur.n_inter + cur.j0 + g, (p + 1) * KLEN);
+      else if (more)
+        buf[(p + 1) % 2].load(nxt.W, nxt.S, nxt.j0 + g, nxt.n_inter + nxt.j0 + g, 0);
+      buf[PIPE ? p % 2 : 0].dot(xg, [&](int t, int r, float v) { q35k::add_slot<GPS>(sum, t, r, v); });
+    }
+#pragma unroll
+    for (int si = 0; si < 2; ++si) {
+      int t;
+      if (!q35k::lane_token<GPS>(si, c, t) || c0 + t >= cur.n) continue;
+      const int i = c0 + t;
+      const bool sh = tk < JS;
+      const int pair = sh ? 0 : pairs[cur.begin + i];
+      const int row = sh ? i : pair / TOPK, col = sh ? TOPK * I : pair % TOPK * I;
+      h[size_t(row) * HW + col + cur.j0 + g] = q35k::f32_to_bf16(q35k::silu(sum[si]) * sum[2 + si]);
+    }
+    if (!more) break;
+    if constexpr (PIPE && KSPLIT % 2 == 1) buf[0] = buf[1];
+    tk = nk, c0 = nc0, cur = nxt, tok = ntok;
+  }
+}
+
+// down, streaming: the per-(token, slot) sums of moe_decode_down<GROUP, H, I, IS, E, TOPK, KSPLIT>
+// into sums [T, TOPK + 1, H] fp32 (slot TOPK: the shared expert; each entry written once), combined
+// by moe_stream_combine. Tiles: per expert (the shared one first, then the plan's) H / 16 output row
+// tiles. Grid: any; block WARPS * 32.
+template <int GROUP, int H, int I, int IS, int E, int TOPK, int KSPLIT, int WARPS>
+__global__ void __launch_bounds__(WARPS * 32, 1)
+moe_stream_down(const q35k::bf16* __restrict__ h, const int* __restrict__ plan, const void* __restrict__ down_w,
+                const q35k::bf16* __restrict__ down_s, const void* __restrict__ shared_w,
+                const q35k::bf16* __restrict__ shared_s, float* __restrict__ sums, int T) {
+  static_assert(H % 16 == 0, "moe_stream_down: H must be a multiple of 16");
+  static_assert(I % (32 * KSPLIT) == 0 && IS % (32 * KSPLIT) == 0,
+                "moe_stream_down: I and IS must be multiples of 32 * KSPLIT");
+  using F = q35k::WeightFormat<GROUP>;
+  using Routed = q35k::WarpRows16<GROUP, I, I / KSPLIT>;
+  using Shared = q35k::WarpRows16<GROUP, IS, IS / KSPLIT>;
+  static_assert(Routed::TOKENS == Shared::TOKENS, "one column tile size");
+  constexpr int TOKENS = Routed::TOKENS, GPS = Routed::GPS;
+  constexpr int HW = TOPK * I + IS, NT = H / 16, GROUPS = TOPK + 1;
+  const int lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
+  q35k::moe_pdl_wait();
+  q35k::moe_pdl_launch_dependents();
+  const int* const pairs = plan + 2 + 2 * E;
+  const int tiles = (1 + q35k::ld_now_s32(plan)) * NT;
+  const int stride = int(gridDim.x) * WARPS;
+  int tk = int(blockIdx.x) * WARPS + int(threadIdx.x / 32);
+  if (tk >= tiles) return;
+
+  struct Tile {
+    const void* W;
+    const q35k::bf16* S;
+    int n0, begin, n;
+    bool sh;
+  };
+  auto tile_at = [&](int k) {
+    const int u = k / NT, n0 = 16 * (k % NT);
+    if (u == 0) return Tile{shared_w, shared_s, n0, 0, T, true};
+    const int e = plan[u], begin = plan[E + u];
+    return Tile{F::template matrix<H, I>(down_w, e), F::template scales<H, I>(down_s, e), n0, begin,
+                plan[E + u + 1] - begin, false};
+  };
+  // Column (token, slot) of list position i of a tile as t * (TOPK + 1) + slot (the shared expert:
+  // slot TOPK), the index of its row of sums.
+  auto column_of = [&](const Tile& t, int i) {
+    if (t.sh) return i * GROUPS + TOPK;
+    const int pair = pairs[t.begin + i];
+    return pair / TOPK * GROUPS + pair % TOPK;
+  };
+  // This lane's column in unit (tile, c0), -1 past the tile's tokens.
+  auto column_at = [&](const Tile& t, int c0) {
+    const int i = c0 + g / GPS;
+    return i < t.n ? column_of(t, i) : -1;
+  };
+  auto h_row = [&](int ts) {  // the h values column ts's expert reads
+    const int t = ts / GROUPS, slot = ts % GROUPS;
+    return h + size_t(t) * HW + size_t(slot) * I;  // slot TOPK: the shared expert's values at TOPK * I
+  };
+  // Units of one row shape (Rows: Routed or Shared): the tile's column tiles, then, while the next
+  // tile has the same shape, the next tile's (its first part loaded during the current unit's last).
+  Tile cur = tile_at(tk);
+  int c0 = 0, col = column_at(cur, 0);
+  auto run = [&](auto rows_type) {
+    using Rows = decltype(rows_type);
+    constexpr int KLEN = Rows::PART;
+    constexpr bool PIPE = Rows::STEPS * 8 <= 64;  // as in moe_stream_gate_up
+    Rows buf[PIPE ? 2 : 1];
+    if constexpr (PIPE) buf[0].load(cur.W, cur.S, cur.n0 + g, cur.n0 + 8 + g, 0);
+    while (true) {
+      int nk = tk, nc0 = c0 + TOKENS;
+      Tile nxt = cur;
+      if (nc0 >= cur.n) {
+        nk = tk + stride, nc0 = 0;
+        if (nk < tiles) nxt = tile_at(nk);
+      }
+      // Continue in this loop while the next unit has this row shape (always when I == IS).
+      const bool more = nk < tiles && (I == IS || nxt.sh == cur.sh);
+      const int ncol = nk < tiles ? column_at(nxt, nc0) : -1;
+      float acc[4] = {0.f, 0.f, 0.f, 0.f};  // (tok & 1) + 2 (r >= 8)
+      const q35k::bf16* hg = col >= 0 ? h_row(col) : nullptr;
+#pragma unroll
+      for (int p = 0; p < KSPLIT; ++p) {
+        if constexpr (!PIPE) buf[0].load(cur.W, cur.S, cur.n0 + g, cur.n0 + 8 + g, p * KLEN);
+        else if (p + 1 < KSPLIT)
+          buf[(p + 1) % 2].load(cur.W, cur.S, cur.n0 + g, cur.n0 + 8 + g, (p + 1) * KLEN);
+        else if (more)
+          buf[(p + 1) % 2].load(nxt.W, nxt.S, nxt.n0 + g, nxt.n0 + 8 + g, 0);
+        buf[PIPE ? p % 2 : 0].dot(hg, [&](int t, int r, float v) { q35k::add_slot<GPS>(acc, t, r, v); });
+      }
+#pragma unroll
+      for (int si = 0; si < 2; ++si) {
+        int t;
+        if (!q35k::lane_token<GPS>(si, c, t) || c0 + t >= cur.n) continue;
+        float* const dst = sums + size_t(column_of(cur, c0 + t)) * H + cur.n0;
+        dst[g] = acc[si];
+        dst[g + 8] = acc[2 + si];
+      }
+      const bool next_exists = nk < tiles;
+      tk = nk, c0 = nc0, cur = nxt, col = ncol;
+      if (!more) return next_exists;
+      if constexpr (PIPE && KSPLIT % 2 == 1) buf[0] = buf[1];
+    }
+  };
+  while (true) {
+    const bool go_on = cur.sh ? run(Shared{}) : run(Routed{});
+    if (!go_on) break;
+  }
+}
+
+// sums [T, TOPK + 1, H] fp32 (moe_stream_down), weights [T, TOPK] fp32, shared_gate [T] fp32 -> out [T, H]
+// bf16: out[t, n] = bf16(shared_gate[t] * sums[t, TOPK, n] + sum_s weights[t, s] * sums[t, s, n]), in
+// moe_decode_down's order (its block's combination, bit for bit). Grid (T, ceil(H / THREADS)); block
+// THREADS.
+template <int H, int TOPK, int THREADS>
+__global__ void __launch_bounds__(THREADS)
+moe_stream_combine(const float* __restrict__ sums, const float* __restrict__ weights,
+                   const float* __restrict__ shared_gate, q35k::bf16* __restrict__ out) {
+  q35k::moe_pdl_wait();
+  q35k::moe_pdl_launch_dependents();
+  const int t = blockIdx.x, n = blockIdx.y * THREADS + threadIdx.x;
+  if (n >= H) return;
+  const float* st = sums + size_t(t) * (TOPK + 1) * H + n;
+  float acc = shared_gate[t] * st[size_t(TOPK) * H];
+#pragma unroll
+  for (int s = 0; s < TOPK; ++s) acc += weights[size_t(t) * TOPK + s] * st[size_t(s) * H];
+  out[size_t(t) * H + n] = q35k::f32_to_bf16(acc);
 }
 
 // ---- prefill: sort the (token, slot) pairs by expert into BLOCK_M-row blocks ----

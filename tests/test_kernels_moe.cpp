@@ -327,9 +327,10 @@ TEST_CASE("every MoE kernel compiles for sm_80 and sm_90a, tiny and 35B, bf16 an
   };
   for (int group : {0, 32, 64}) add(moe_kernels(config_tiny(), group));
   for (int group : {0, 32, 128}) add(moe_kernels(config_35b(), group));
-  // Router (3 tiles), align, combine, prefill router GEMM + top-k per config; gate_up, down, down
-  // with the residual epilogue and 4 GEMMs per (config, format).
-  CHECK(specs.size() == 2 * (7 + 3 * 7));
+  // Router (3 tiles), align, combine, the streaming combine, prefill router GEMM + top-k per config;
+  // gate_up, down, down with the residual epilogue, their two streaming forms and 4 GEMMs per (config,
+  // format).
+  CHECK(specs.size() == 2 * (8 + 3 * 9));
   for (const std::string arch : {"sm_90a", "sm_80"}) {
     CAPTURE(arch);
     std::vector<CompiledKernel> out = jit.compile_all(specs, arch, 2);
@@ -363,6 +364,12 @@ TEST_CASE("the expert-grouped decode kernels compile without spills, tiny and 35
         add(moe_decode_down_spec(s, c.down));
         add(moe_decode_down_residual_spec(s, c.down));
       }
+      // The streaming forms of the default splits, every tile of the tuner's space.
+      for (const MoeStreamTile& st : tune::moe_stream_candidates()) {
+        add(moe_stream_gate_up_spec(s, default_moe_gate_up_tile(s), st));
+        add(moe_stream_down_spec(s, default_moe_down_tile(s), st));
+      }
+      add(moe_stream_combine_spec(s));
     }
   MESSAGE(specs.size() << " decode-path MoE instantiations");
   CHECK(specs.size() >= 40);
@@ -403,6 +410,11 @@ TEST_CASE("the grouped path's kernels for T up to 256 compile without spills, sm
     dyn.push_back(moe_down_smem_bytes(s, t.down, 256));
     specs.push_back(moe_decode_down_residual_spec(s, t.down));
     dyn.push_back(moe_down_smem_bytes(s, t.down, 256));
+    for (const KernelSpec& k : {moe_stream_gate_up_spec(s, t.gate_up, t.stream), moe_stream_down_spec(s, t.down, t.stream),
+                                moe_stream_combine_spec(s)}) {
+      specs.push_back(k);
+      dyn.push_back(0);  // the streaming form takes no shared memory at any T
+    }
   }
   for (const std::string arch : {"sm_90a", "sm_80"}) {
     CAPTURE(arch);

@@ -94,6 +94,7 @@ Driver::Driver(const std::string& library) : library_(library) {
     resolve("cuModuleUnload", api_.module_unload);
     resolve("cuFuncSetAttribute", api_.func_set_attribute);
     resolve("cuFuncGetAttribute", api_.func_get_attribute);
+    resolve("cuOccupancyMaxActiveBlocksPerMultiprocessor", api_.occupancy_max_active_blocks);
     resolve("cuLaunchKernelEx", api_.launch_kernel_ex);
     resolve("cuStreamBeginCapture", api_.stream_begin_capture);
     resolve("cuStreamEndCapture", api_.stream_end_capture);
@@ -381,6 +382,14 @@ int Function::attribute(CUfunction_attribute attr) const {
   int value = 0;
   module_->driver().check(module_->driver().api().func_get_attribute(&value, attr, function_), "cuFuncGetAttribute");
   return value;
+}
+
+int Function::max_active_blocks(int threads, size_t dynamic_smem) const {
+  int blocks = 0;
+  module_->driver().check(
+      module_->driver().api().occupancy_max_active_blocks(&blocks, function_, threads, dynamic_smem),
+      "cuOccupancyMaxActiveBlocksPerMultiprocessor");
+  return blocks;
 }
 
 void Function::launch_raw(const LaunchConfig& cfg, const Stream& stream, void** params) const {

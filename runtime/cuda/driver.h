@@ -89,6 +89,7 @@ class Driver {
     decltype(&::cuModuleUnload) module_unload = nullptr;
     decltype(&::cuFuncSetAttribute) func_set_attribute = nullptr;
     decltype(&::cuFuncGetAttribute) func_get_attribute = nullptr;
+    decltype(&::cuOccupancyMaxActiveBlocksPerMultiprocessor) occupancy_max_active_blocks = nullptr;
     decltype(&::cuLaunchKernelEx) launch_kernel_ex = nullptr;
     decltype(&::cuStreamBeginCapture) stream_begin_capture = nullptr;
     decltype(&::cuStreamEndCapture) stream_end_capture = nullptr;
@@ -272,6 +273,9 @@ class Function {
 
   void set_max_dynamic_smem(int bytes) const;  // opt-in above 48 KiB
   int attribute(CUfunction_attribute attr) const;
+  // Blocks of `threads` threads with `dynamic_smem` bytes of dynamic shared memory that one SM holds at
+  // once (cuOccupancyMaxActiveBlocksPerMultiprocessor).
+  int max_active_blocks(int threads, size_t dynamic_smem) const;
 
   // Arguments are passed by value, in the order of the kernel's parameters; their types must match
   // the kernel's (pointers as CUdeviceptr, ints as int, ...).

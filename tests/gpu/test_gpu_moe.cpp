@@ -13,6 +13,7 @@
 #include <thread>
 #include <tuple>
 
+#include "autotune/spaces.h"
 #include "models/qwen35/config.h"
 #include "models/qwen35/gpu/moe.h"
 #include "models/qwen35/reference_ops.h"
@@ -698,6 +699,78 @@ void run_grouped(const MoeShape& s) {
                       s.group == 0 ? std::string("bf16") : fmt::format("W4A16 g{}", s.group), lines));
 }
 
+// The grouped path's streaming form (moe_stream_gate_up / moe_stream_down + moe_stream_combine, every
+// tile of the tuner's space) against the decode kernels (moe_decode_gate_up / moe_decode_down): h and
+// out bit-identical at T = 1 .. 256, also when every token routes to the same experts (T identical
+// rows: each expert's tokens in T / TOKENS column tiles). timing: per-layer time of both forms (whole
+// MoE call: router, gate_up, down) at T = 1 .. 256, each a graph of one call, median of 25 replays.
+void run_stream(const MoeShape& s, bool timing) {
+  auto g = open_gpu();
+  const MasterWeights master(s);
+  const Layer L(*g, master, s);
+  const bool hopper = g->ctx.device().arch() == "sm_90a";
+  MoeTiles plain_tiles = MoeTiles::defaults(s, hopper);
+  plain_tiles.stream.min_tokens = 0;  // never: the decode kernels
+  const MoeKernels plain(g->jit, g->ctx, s, plain_tiles);
+  Workspace wp(*g, plain, kMoeGroupedMaxTokens);
+  const int64_t HW = s.top_k * s.inter + s.shared_inter;
+  const std::string fmt_name = s.group == 0 ? std::string("bf16") : fmt::format("W4A16 g{}", s.group);
+  const MoeWeights w = L.weights();
+  std::vector<int64_t> Ts;
+  for (int64_t T : {1, 3, 16, 37, 64, 128, 200, 256})
+    if (T <= plain.grouped_max_tokens) Ts.push_back(T);
+  std::string lines;
+  std::vector<double> plain_us;
+  if (timing)
+    for (int64_t T : Ts) {
+      const std::vector<uint16_t> x = random_bf16(size_t(T * s.hidden), 23, 1.f);
+      DeviceBuffer d_x = to_device(*g, x), d_out(g->driver, size_t(T * s.hidden) * 2);
+      plain_us.push_back(time_graph(*g, 1, [&](int) {
+        moe_forward(plain, g->stream, w, wp.sc, d_x.ptr(), d_out.ptr(), T, MoePath::Decode);
+      }));
+    }
+  for (const MoeStreamTile& st : tune::moe_stream_candidates()) {
+    CAPTURE(st.warps);
+    MoeTiles t = plain_tiles;
+    t.stream = st;
+    t.stream.min_tokens = 1;  // always
+    const MoeKernels k(g->jit, g->ctx, s, t);
+    Workspace ws(*g, k, kMoeGroupedMaxTokens);
+    uint32_t salt = 700;
+    for (int64_t T : Ts)
+      for (bool same : {false, true}) {
+        CAPTURE(T);
+        CAPTURE(same);
+        std::vector<uint16_t> x = random_bf16(size_t(T * s.hidden), salt++, 1.f);
+        if (same)  // every token the first one: the same experts, T tokens each
+          for (int64_t r = 1; r < T; ++r) std::copy_n(x.begin(), s.hidden, x.begin() + r * s.hidden);
+        DeviceBuffer d_x = to_device(*g, x), d_a = poisoned(*g, size_t(T * s.hidden) * 2),
+                     d_b = poisoned(*g, size_t(T * s.hidden) * 2);
+        moe_forward(plain, g->stream, w, wp.sc, d_x.ptr(), d_a.ptr(), T, MoePath::Decode);
+        moe_forward(k, g->stream, w, ws.sc, d_x.ptr(), d_b.ptr(), T, MoePath::Decode);
+        CHECK(download<uint16_t>(*g, ws.sc.h, size_t(T * HW)) == download<uint16_t>(*g, wp.sc.h, size_t(T * HW)));
+        CHECK(to_host<uint16_t>(*g, d_b) == to_host<uint16_t>(*g, d_a));
+      }
+    if (!timing) continue;
+    lines += fmt::format("\n  stream {} warps ({} + {} blocks):", st.warps, k.stream_gate_up_blocks, k.stream_down_blocks);
+    for (size_t i = 0; i < Ts.size(); ++i) {
+      const int64_t T = Ts[i];
+      const std::vector<uint16_t> x = random_bf16(size_t(T * s.hidden), 23, 1.f);
+      DeviceBuffer d_x = to_device(*g, x), d_out(g->driver, size_t(T * s.hidden) * 2);
+      const double us = time_graph(*g, 1, [&](int) {
+        moe_forward(k, g->stream, w, ws.sc, d_x.ptr(), d_out.ptr(), T, MoePath::Decode);
+      });
+      lines += fmt::format(" T={} {:.1f} us ({:.2f}x)", T, us, plain_us[i] / us);
+    }
+  }
+  if (timing) {
+    std::string base;
+    for (size_t i = 0; i < Ts.size(); ++i) base += fmt::format(" T={} {:.1f} us", Ts[i], plain_us[i]);
+    MESSAGE(fmt::format("moe grouped path per layer, H={} E={} k={} I={} {}: decode kernels{}{}", s.hidden, s.experts,
+                        s.top_k, s.inter, fmt_name, base, lines));
+  }
+}
+
 }  // namespace
 
 TEST_CASE("GPU: moe at the tiny fixture's and the 35B shapes: the router's plan, one warp (T * k <= 32) and moe_build_plan") {
@@ -708,6 +781,18 @@ TEST_CASE("GPU: moe at the tiny fixture's and the 35B shapes: the router's plan,
 
 TEST_CASE("GPU: moe grouped path up to 256 tokens, 35B W4A16 g128: accuracy, batched == alone, vs the GEMM path") {
   run_grouped(MoeShape{2048, 256, 8, 512, 512, 128});
+}
+
+TEST_CASE("GPU: moe streaming form == decode kernels, tiny (bf16, g32, g64) and 35B (g128 timed, bf16, g32)") {
+  const MoeShape tiny = moe_shape(q35::test::config_tiny(), 0);
+  for (int group : {0, 32, 64}) {
+    MoeShape s = tiny;
+    s.group = group;
+    run_stream(s, false);
+  }
+  run_stream(MoeShape{2048, 256, 8, 512, 512, 128}, true);
+  run_stream(MoeShape{2048, 256, 8, 512, 512, 0}, false);
+  run_stream(MoeShape{2048, 256, 8, 512, 512, 32}, false);
 }
 
 TEST_CASE("GPU: moe at the tiny fixture's shapes, bf16 and W4A16 g32 / g64, decode and prefill paths") {

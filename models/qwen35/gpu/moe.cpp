@@ -37,7 +37,7 @@ void check_grouped(const MoeKernels& k, int64_t T) {
 
 // Offsets of the scratch buffers from the workspace start; the last entry is the total size.
 struct Layout {
-  size_t logits, counters, plan_ticket, ids, weights, shared_gate, plan, h, hs, y, ys, sorted_ids, block_expert, num_blocks,
+  size_t logits, counters, plan_ticket, ids, weights, shared_gate, plan, sums, h, hs, y, ys, sorted_ids, block_expert, num_blocks,
       total;
 };
 
@@ -61,6 +61,7 @@ Layout layout(const MoeShape& s, const MoeTiles& tiles, int64_t max_tokens) {
   l.weights = take(size_t(T * k) * 4);
   l.shared_gate = take(size_t(T) * 4);
   l.plan = take(size_t(moe_plan_ints(s, T_decode)) * 4);
+  l.sums = take(size_t(T_decode * (k + 1) * s.hidden) * 4);
   l.h = take(size_t(std::max(h_decode, h_prefill)) * 2);
   l.hs = take(size_t(T * s.shared_inter) * 2);
   l.y = take(size_t(T * k * s.hidden) * 2);
@@ -87,6 +88,7 @@ MoeTiles MoeTiles::defaults(const MoeShape& s, bool hopper, int64_t tokens) {
           default_moe_router_tile(s, kMoeRouterSmallTokens + 1),
           default_moe_gate_up_tile(s),
           default_moe_down_tile(s),
+          MoeStreamTile{},
           default_moe_gemm_tile(s, hopper, tokens),
           default_gemm_tile(s.experts, s.hidden, 4096, hopper && s.experts % 8 == 0)};
 }
@@ -107,6 +109,9 @@ std::vector<KernelSpec> moe_kernels(const MoeShape& s, const MoeTiles& t) {
           moe_decode_gate_up_spec(s, t.gate_up),
           moe_decode_down_spec(s, t.down),
           moe_decode_down_residual_spec(s, t.down),
+          moe_stream_gate_up_spec(s, t.gate_up, t.stream),
+          moe_stream_down_spec(s, t.down, t.stream),
+          moe_stream_combine_spec(s),
           moe_align_spec(s, t.gemm),
           moe_gemm_spec(s, MoeGemm::RoutedGateUp, t.gemm),
           moe_gemm_spec(s, MoeGemm::RoutedDown, t.gemm),
@@ -141,6 +146,7 @@ MoeScratch moe_scratch(const MoeShape& s, const MoeTiles& tiles, int64_t max_tok
   sc.ids = ws + l.ids;
   sc.weights = ws + l.weights;
   sc.shared_gate = ws + l.shared_gate;
+  sc.sums = ws + l.sums;
   sc.h = ws + l.h;
   sc.hs = ws + l.hs;
   sc.y = ws + l.y;
@@ -163,6 +169,9 @@ MoeKernels::MoeKernels(JitEngine& jit, const Context& ctx, const MoeShape& s, co
       decode_gate_up(jit.load(moe_decode_gate_up_spec(s, tiles.gate_up), ctx)),
       decode_down(jit.load(moe_decode_down_spec(s, tiles.down), ctx)),
       decode_down_residual(jit.load(moe_decode_down_residual_spec(s, tiles.down), ctx)),
+      stream_gate_up(jit.load(moe_stream_gate_up_spec(s, tiles.gate_up, tiles.stream), ctx)),
+      stream_down(jit.load(moe_stream_down_spec(s, tiles.down, tiles.stream), ctx)),
+      stream_combine(jit.load(moe_stream_combine_spec(s), ctx)),
       align(jit.load(moe_align_spec(s, tiles.gemm), ctx)),
       gemm_routed_gate_up(jit.load(moe_gemm_spec(s, MoeGemm::RoutedGateUp, tiles.gemm), ctx)),
       gemm_routed_down(jit.load(moe_gemm_spec(s, MoeGemm::RoutedDown, tiles.gemm), ctx)),
@@ -180,6 +189,14 @@ MoeKernels::MoeKernels(JitEngine& jit, const Context& ctx, const MoeShape& s, co
   decode_gate_up.set_max_dynamic_smem(int(moe_gate_up_smem_bytes(tiles.gate_up, grouped_max_tokens)));
   for (const Function* f : {&decode_down, &decode_down_residual})
     f->set_max_dynamic_smem(int(moe_down_smem_bytes(s, tiles.down, grouped_max_tokens)));
+  // The streaming kernels: as many blocks as the SMs hold at once (persistent warps).
+  auto fill = [&](const Function& f) {
+    const int per_sm = f.max_active_blocks(tiles.stream.threads(), 0);
+    if (per_sm < 1) fail("moe: {} fits no block of {} threads on an SM", f.name(), tiles.stream.threads());
+    return unsigned(per_sm * sm_count);
+  };
+  stream_gate_up_blocks = fill(stream_gate_up);
+  stream_down_blocks = fill(stream_down);
   if (tiles.gemm.wgmma)
     for (const Function* f : {&gemm_routed_gate_up, &gemm_routed_down, &gemm_shared_gate_up, &gemm_shared_down})
       f->set_max_dynamic_smem(tiles.gemm.smem_bytes(s.group));
@@ -223,6 +240,27 @@ void launch_moe_decode_gate_up(const Function& f, const MoeGemvTile& tile, const
   const unsigned smem = unsigned(moe_gate_up_smem_bytes(tile, T));
   f.launch({{blocks_x, experts}, {unsigned(tile.threads())}, smem, true}, stream, x, sc.plan, w.gate_up,
            w.gate_up_scales, w.shared_gate_up, w.shared_gate_up_scales, sc.h, int(T));
+}
+
+void launch_moe_stream_gate_up(const Function& f, const MoeStreamTile& tile, unsigned blocks, const Stream& stream,
+                               const MoeShape& s, CUdeviceptr x, const MoeWeights& w, const MoeScratch& sc, int64_t T) {
+  check_tokens("moe_stream_gate_up", sc, T);
+  check_grouped("moe_stream_gate_up", T);
+  if (blocks < 1) fail("moe_stream_gate_up: no blocks");
+  f.launch({{blocks}, {unsigned(tile.threads())}, 0, true}, stream, x, sc.plan, w.gate_up, w.gate_up_scales,
+           w.shared_gate_up, w.shared_gate_up_scales, sc.h, int(T));
+}
+
+void launch_moe_stream_down(const Function& down, const Function& combine, const MoeStreamTile& tile, unsigned blocks,
+                            const Stream& stream, const MoeShape& s, const MoeWeights& w, const MoeScratch& sc,
+                            CUdeviceptr out, int64_t T) {
+  check_tokens("moe_stream_down", sc, T);
+  check_grouped("moe_stream_down", T);
+  if (blocks < 1) fail("moe_stream_down: no blocks");
+  down.launch({{blocks}, {unsigned(tile.threads())}, 0, true}, stream, sc.h, sc.plan, w.down, w.down_scales,
+              w.shared_down, w.shared_down_scales, sc.sums, int(T));
+  combine.launch({{unsigned(T), ceil_div(s.hidden, kMoeStreamCombineThreads)}, {unsigned(kMoeStreamCombineThreads)}, 0, true},
+                 stream, sc.sums, sc.weights, sc.shared_gate, out);
 }
 
 void launch_moe_decode_down(const Function& f, const MoeDownTile& tile, const Stream& stream, const MoeShape& s,
@@ -295,6 +333,12 @@ void moe_forward(const MoeKernels& k, const Stream& stream, const MoeWeights& w,
   if (path == MoePath::Decode) {
     check_grouped(k, T);
     launch_moe_router(k.router(T), k.tiles.router(T), stream, s, x, w, sc, T);
+    if (k.tiles.stream.serves(T)) {
+      launch_moe_stream_gate_up(k.stream_gate_up, k.tiles.stream, k.stream_gate_up_blocks, stream, s, x, w, sc, T);
+      launch_moe_stream_down(k.stream_down, k.stream_combine, k.tiles.stream, k.stream_down_blocks, stream, s, w, sc,
+                             out, T);
+      return;
+    }
     launch_moe_decode_gate_up(k.decode_gate_up, k.tiles.gate_up, stream, s, x, w, sc, T);
     launch_moe_decode_down(k.decode_down, k.tiles.down, stream, s, w, sc, out, T);
     return;

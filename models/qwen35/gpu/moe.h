@@ -9,6 +9,8 @@
 //           the device; every decode step, prompt chunks up to the tuned crossover):
 //           router (+ the expert-grouped plan) -> decode_gate_up
 //           -> decode_down, each touched expert's weights read once for all its tokens      3 launches
+//           (from tiles.stream.min_tokens tokens the streaming form of gate_up and down, same sums:
+//           4 launches)
 //           (moe_forward_decode: decode_down adds into the residual stream and writes the next
 //           RMSNorm, kernel_templates/decode_fusion.cuh)
 //   prefill (larger T): router GEMM (logits on tensor cores) -> router top-k -> align
@@ -40,6 +42,7 @@ struct MoeTiles {
   MoeRouterTile router_one, router_decode, router_prefill;  // m_tile 1 (T = 1), 8 (T <= 8), 16
   MoeGemvTile gate_up;                                      // decode GEMVs
   MoeDownTile down;
+  MoeStreamTile stream;                                     // the grouped path's streaming form
   MoeGemmTile gemm;                                         // prefill GEMMs (and align's BLOCK_M)
   GemmTile router_gemm;                                     // prefill router logits [T, E] = x . w_router^T
   // hopper: an sm_90a target (arch_has_wgmma): the prefill router's logits GEMM on wgmma, and the
@@ -77,6 +80,7 @@ struct MoeScratch {
   CUdeviceptr weights = 0;      // fp32 [max_T, k]     renormalised routing weights
   CUdeviceptr shared_gate = 0;  // fp32 [max_T]        sigmoid(x . w_sg)
   CUdeviceptr plan = 0;         // int32 [moe_plan_ints(min(max_T, kMoeGroupedMaxTokens))] grouped work by expert
+  CUdeviceptr sums = 0;         // fp32 [min(max_T, kMoeGroupedMaxTokens), k + 1, H]  moe_stream_down's sums
   CUdeviceptr h = 0;            // bf16 grouped [min(max_T, kMoeGroupedMaxTokens), k*I + Is] / prefill [max_blocks * BM, I]
   CUdeviceptr hs = 0;           // bf16 [max_T, Is]     prefill shared expert activations
   CUdeviceptr y = 0;            // bf16 [max_T * k, H]  prefill routed down outputs per (token, slot)
@@ -106,6 +110,8 @@ struct MoeKernels {
   int64_t grouped_max_tokens = 0;
   Function router_one, router_decode, router_prefill;
   Function decode_gate_up, decode_down, decode_down_residual;
+  Function stream_gate_up, stream_down, stream_combine;
+  unsigned stream_gate_up_blocks = 0, stream_down_blocks = 0;  // the streaming kernels' grids: every SM filled once
   Function align;
   Function gemm_routed_gate_up, gemm_routed_down, gemm_shared_gate_up, gemm_shared_down;
   Function combine;
@@ -128,6 +134,14 @@ void launch_moe_router_prefill(const Function& gemm, const GemmTile& tile, const
 // Decode. x [T, H] bf16, scratch.plan -> scratch.h [T, k*I + Is] bf16.
 void launch_moe_decode_gate_up(const Function& f, const MoeGemvTile& tile, const Stream& stream, const MoeShape& s,
                                CUdeviceptr x, const MoeWeights& w, const MoeScratch& sc, int64_t T);
+// The grouped path's streaming form (T >= 1, T <= kMoeGroupedMaxTokens): the same h / out as the two
+// launches above (bit for bit), gate_up in one launch, down in two (sums, then combine). blocks: the
+// grid (MoeKernels::stream_*_blocks).
+void launch_moe_stream_gate_up(const Function& f, const MoeStreamTile& tile, unsigned blocks, const Stream& stream,
+                               const MoeShape& s, CUdeviceptr x, const MoeWeights& w, const MoeScratch& sc, int64_t T);
+void launch_moe_stream_down(const Function& down, const Function& combine, const MoeStreamTile& tile, unsigned blocks,
+                            const Stream& stream, const MoeShape& s, const MoeWeights& w, const MoeScratch& sc,
+                            CUdeviceptr out, int64_t T);
 // Decode. scratch.h, plan, weights, shared_gate -> out [T, H] bf16.
 void launch_moe_decode_down(const Function& f, const MoeDownTile& tile, const Stream& stream, const MoeShape& s,
                             const MoeWeights& w, const MoeScratch& sc, CUdeviceptr out, int64_t T);
