@@ -863,8 +863,8 @@ __device__ __forceinline__ void add_slot(float (&acc)[4], int tok, int r, float 
 }  // namespace q35k
 
 // gate|up, streaming: the h of moe_decode_gate_up<GROUP, H, I, IS, E, TOPK, KSPLIT> (same arguments;
-// T any number of tokens the plan holds). Tiles: the shared expert's IS / 8, then per routed expert of
-// the plan I / 8 (tile j: gate rows 8j.. | up rows 8j..). Grid: any; block WARPS * 32; registers
+// T any number of tokens the plan holds). Tiles: the shared expert's IS / 8 per column tile of its T
+// tokens, then per routed expert of the plan I / 8 (tile j: gate rows 8j.. | up rows 8j..). Grid: any; block WARPS * 32; registers
 // as ptxas likes them (__launch_bounds__ min 1 block: ~230 at the 35B g128 shapes, the loads of two
 // parts and their token rows hoisted; a cap of 128 or 168 spills).
 template <int GROUP, int H, int I, int IS, int E, int TOPK, int KSPLIT, int WARPS>
@@ -884,7 +884,11 @@ moe_stream_gate_up(const q35k::bf16* __restrict__ x, const int* __restrict__ pla
   q35k::moe_pdl_wait();
   q35k::moe_pdl_launch_dependents();
   const int* const pairs = plan + 2 + 2 * E;
-  const int tiles = JS + q35k::ld_now_s32(plan) * JR;
+  // The shared expert's tiles, one per (column tile c, row tile j) (every token uses it: its column
+  // tiles run in parallel, c-major so that a block's warps share the token rows), then the routed
+  // experts' (u, j), each with its few tokens.
+  const int CTS = (T + TOKENS - 1) / TOKENS, shared_tiles = JS * CTS;
+  const int tiles = shared_tiles + q35k::ld_now_s32(plan) * JR;
   const int stride = int(gridDim.x) * WARPS;
   int tk = int(blockIdx.x) * WARPS + int(threadIdx.x / 32);
   if (tk >= tiles) return;
@@ -892,53 +896,64 @@ moe_stream_gate_up(const q35k::bf16* __restrict__ x, const int* __restrict__ pla
   struct Tile {
     const void* W;
     const q35k::bf16* S;
-    int j0, n_inter, begin, n;
+    int j0, n_inter, begin, n, c_begin, c_end;  // units: column tiles c_begin, c_begin + TOKENS, .. < c_end
+    bool sh;
   };
   auto tile_at = [&](int k) {
-    if (k < JS) return Tile{shared_w, shared_s, 8 * k, IS, 0, T};
-    const int u = (k - JS) / JR, e = plan[1 + u], begin = plan[1 + E + u];
+    if (k < shared_tiles) {
+      const int c0 = k / JS * TOKENS;
+      return Tile{shared_w, shared_s, 8 * (k % JS), IS, 0, T, c0, min(T, c0 + TOKENS), true};
+    }
+    const int u = (k - shared_tiles) / JR, e = plan[1 + u], begin = plan[1 + E + u], n = plan[2 + E + u] - begin;
     return Tile{F::template matrix<2 * I, H>(gate_up_w, e), F::template scales<2 * I, H>(gate_up_s, e),
-                8 * ((k - JS) % JR), I, begin, plan[2 + E + u] - begin};
+                8 * ((k - shared_tiles) % JR), I, begin, n, 0, n, false};
   };
-  // The token of this lane's column in unit (tile k, column tile c0) (0 past the tile's tokens).
-  auto token_of = [&](int k, const Tile& t, int c0) {
+  // The token of this lane's column in unit (tile t, column tile c0) (-1 past the tile's tokens).
+  auto token_of = [&](const Tile& t, int c0) {
     const int i = c0 + g / GPS;
-    return i < t.n ? (k < JS || T == 1 ? i : pairs[t.begin + i] / TOPK) : -1;
+    return i < t.n ? (t.sh || T == 1 ? i : pairs[t.begin + i] / TOPK) : -1;
   };
   // Two register buffers while a warp's 16 rows of one part take at most 64 registers (INT4; bf16 parts
   // of 512 take 128: one buffer, each part loaded before its mmas).
   constexpr bool PIPE = Rows::STEPS * 8 <= 64;
   Tile cur = tile_at(tk);
-  int c0 = 0, tok = token_of(tk, cur, 0);
+  int c0 = cur.c_begin, tok = token_of(cur, c0);
   Rows buf[PIPE ? 2 : 1];
   if constexpr (PIPE) buf[0].load(cur.W, cur.S, cur.j0 + g, cur.n_inter + cur.j0 + g, 0);
   while (true) {
     // The next unit: the tile's next column tile, or the warp's next tile.
     int nk = tk, nc0 = c0 + TOKENS;
     Tile nxt = cur;
-    if (nc0 >= cur.n) {
-      nk = tk + stride, nc0 = 0;
-      if (nk < tiles) nxt = tile_at(nk);
+    if (nc0 >= cur.c_end) {
+      nk = tk + stride;
+      if (nk < tiles) nxt = tile_at(nk), nc0 = nxt.c_begin;
     }
     const bool more = nk < tiles;
-    const int ntok = more ? token_of(nk, nxt, nc0) : -1;
+    const int ntok = more ? token_of(nxt, nc0) : -1;
     float sum[4] = {0.f, 0.f, 0.f, 0.f};  // gate (tok & 1), up 2 + (tok & 1)
     const q35k::bf16* xg = tok >= 0 ? x + size_t(tok) * H : nullptr;
+    if constexpr (PIPE) {
 #pragma unroll
-    for (int p = 0; p < KSPLIT; ++p) {
-      if constexpr (!PIPE) buf[0].load(cur.W, cur.S, cur.j0 + g, cur.n_inter + cur.j0 + g, p * KLEN);
-      else if (p + 1 < KSPLIT)
-        buf[(p + 1) % 2].load(cur.W, cur.S, cur.j0 + g, cur.n_inter + cur.j0 + g, (p + 1) * KLEN);
-      else if (more)
-        buf[(p + 1) % 2].load(nxt.W, nxt.S, nxt.j0 + g, nxt.n_inter + nxt.j0 + g, 0);
-      buf[PIPE ? p % 2 : 0].dot(xg, [&](int t, int r, float v) { q35k::add_slot<GPS>(sum, t, r, v); });
+      for (int p = 0; p < KSPLIT; ++p) {
+        if (p + 1 < KSPLIT)
+          buf[(p + 1) % 2].load(cur.W, cur.S, cur.j0 + g, cur.n_inter + cur.j0 + g, (p + 1) * KLEN);
+        else if (more)
+          buf[(p + 1) % 2].load(nxt.W, nxt.S, nxt.j0 + g, nxt.n_inter + nxt.j0 + g, 0);
+        buf[p % 2].dot(xg, [&](int t, int r, float v) { q35k::add_slot<GPS>(sum, t, r, v); });
+      }
+    } else {  // one part's registers live at a time
+#pragma unroll 1
+      for (int p = 0; p < KSPLIT; ++p) {
+        buf[0].load(cur.W, cur.S, cur.j0 + g, cur.n_inter + cur.j0 + g, p * KLEN);
+        buf[0].dot(xg, [&](int t, int r, float v) { q35k::add_slot<GPS>(sum, t, r, v); });
+      }
     }
 #pragma unroll
     for (int si = 0; si < 2; ++si) {
       int t;
       if (!q35k::lane_token<GPS>(si, c, t) || c0 + t >= cur.n) continue;
       const int i = c0 + t;
-      const bool sh = tk < JS;
+      const bool sh = cur.sh;
       const int pair = sh ? 0 : pairs[cur.begin + i];
       const int row = sh ? i : pair / TOPK, col = sh ? TOPK * I : pair % TOPK * I;
       h[size_t(row) * HW + col + cur.j0 + g] = q35k::f32_to_bf16(q35k::silu(sum[si]) * sum[2 + si]);
@@ -951,8 +966,8 @@ moe_stream_gate_up(const q35k::bf16* __restrict__ x, const int* __restrict__ pla
 
 // down, streaming: the per-(token, slot) sums of moe_decode_down<GROUP, H, I, IS, E, TOPK, KSPLIT>
 // into sums [T, TOPK + 1, H] fp32 (slot TOPK: the shared expert; each entry written once), combined
-// by moe_stream_combine. Tiles: per expert (the shared one first, then the plan's) H / 16 output row
-// tiles. Grid: any; block WARPS * 32.
+// by moe_stream_combine. Tiles: the shared expert's H / 16 output row tiles per column tile of its T
+// tokens, then per routed expert of the plan H / 16 row tiles. Grid: any; block WARPS * 32.
 template <int GROUP, int H, int I, int IS, int E, int TOPK, int KSPLIT, int WARPS>
 __global__ void __launch_bounds__(WARPS * 32, 1)
 moe_stream_down(const q35k::bf16* __restrict__ h, const int* __restrict__ plan, const void* __restrict__ down_w,
@@ -971,7 +986,10 @@ moe_stream_down(const q35k::bf16* __restrict__ h, const int* __restrict__ plan, 
   q35k::moe_pdl_wait();
   q35k::moe_pdl_launch_dependents();
   const int* const pairs = plan + 2 + 2 * E;
-  const int tiles = (1 + q35k::ld_now_s32(plan)) * NT;
+  // The shared expert's tiles, one per (column tile, row tile) (c-major: a block's warps share the
+  // token rows), then per routed expert its NT row tiles with all its tokens.
+  const int CTS = (T + TOKENS - 1) / TOKENS, shared_tiles = NT * CTS;
+  const int tiles = shared_tiles + q35k::ld_now_s32(plan) * NT;
   const int stride = int(gridDim.x) * WARPS;
   int tk = int(blockIdx.x) * WARPS + int(threadIdx.x / 32);
   if (tk >= tiles) return;
@@ -979,15 +997,17 @@ moe_stream_down(const q35k::bf16* __restrict__ h, const int* __restrict__ plan, 
   struct Tile {
     const void* W;
     const q35k::bf16* S;
-    int n0, begin, n;
+    int n0, begin, n, c_begin, c_end;  // units: column tiles c_begin, c_begin + TOKENS, .. < c_end
     bool sh;
   };
   auto tile_at = [&](int k) {
-    const int u = k / NT, n0 = 16 * (k % NT);
-    if (u == 0) return Tile{shared_w, shared_s, n0, 0, T, true};
-    const int e = plan[u], begin = plan[E + u];
-    return Tile{F::template matrix<H, I>(down_w, e), F::template scales<H, I>(down_s, e), n0, begin,
-                plan[E + u + 1] - begin, false};
+    if (k < shared_tiles) {
+      const int c0 = k / NT * TOKENS;
+      return Tile{shared_w, shared_s, 16 * (k % NT), 0, T, c0, min(T, c0 + TOKENS), true};
+    }
+    const int u = 1 + (k - shared_tiles) / NT, e = plan[u], begin = plan[E + u], n = plan[E + u + 1] - begin;
+    return Tile{F::template matrix<H, I>(down_w, e), F::template scales<H, I>(down_s, e),
+                16 * ((k - shared_tiles) % NT), begin, n, 0, n, false};
   };
   // Column (token, slot) of list position i of a tile as t * (TOPK + 1) + slot (the shared expert:
   // slot TOPK), the index of its row of sums.
@@ -1008,7 +1028,7 @@ moe_stream_down(const q35k::bf16* __restrict__ h, const int* __restrict__ plan, 
   // Units of one row shape (Rows: Routed or Shared): the tile's column tiles, then, while the next
   // tile has the same shape, the next tile's (its first part loaded during the current unit's last).
   Tile cur = tile_at(tk);
-  int c0 = 0, col = column_at(cur, 0);
+  int c0 = cur.c_begin, col = column_at(cur, c0);
   auto run = [&](auto rows_type) {
     using Rows = decltype(rows_type);
     constexpr int KLEN = Rows::PART;
@@ -1018,23 +1038,30 @@ moe_stream_down(const q35k::bf16* __restrict__ h, const int* __restrict__ plan, 
     while (true) {
       int nk = tk, nc0 = c0 + TOKENS;
       Tile nxt = cur;
-      if (nc0 >= cur.n) {
-        nk = tk + stride, nc0 = 0;
-        if (nk < tiles) nxt = tile_at(nk);
+      if (nc0 >= cur.c_end) {
+        nk = tk + stride;
+        if (nk < tiles) nxt = tile_at(nk), nc0 = nxt.c_begin;
       }
       // Continue in this loop while the next unit has this row shape (always when I == IS).
       const bool more = nk < tiles && (I == IS || nxt.sh == cur.sh);
       const int ncol = nk < tiles ? column_at(nxt, nc0) : -1;
       float acc[4] = {0.f, 0.f, 0.f, 0.f};  // (tok & 1) + 2 (r >= 8)
       const q35k::bf16* hg = col >= 0 ? h_row(col) : nullptr;
+      if constexpr (PIPE) {
 #pragma unroll
-      for (int p = 0; p < KSPLIT; ++p) {
-        if constexpr (!PIPE) buf[0].load(cur.W, cur.S, cur.n0 + g, cur.n0 + 8 + g, p * KLEN);
-        else if (p + 1 < KSPLIT)
-          buf[(p + 1) % 2].load(cur.W, cur.S, cur.n0 + g, cur.n0 + 8 + g, (p + 1) * KLEN);
-        else if (more)
-          buf[(p + 1) % 2].load(nxt.W, nxt.S, nxt.n0 + g, nxt.n0 + 8 + g, 0);
-        buf[PIPE ? p % 2 : 0].dot(hg, [&](int t, int r, float v) { q35k::add_slot<GPS>(acc, t, r, v); });
+        for (int p = 0; p < KSPLIT; ++p) {
+          if (p + 1 < KSPLIT)
+            buf[(p + 1) % 2].load(cur.W, cur.S, cur.n0 + g, cur.n0 + 8 + g, (p + 1) * KLEN);
+          else if (more)
+            buf[(p + 1) % 2].load(nxt.W, nxt.S, nxt.n0 + g, nxt.n0 + 8 + g, 0);
+          buf[p % 2].dot(hg, [&](int t, int r, float v) { q35k::add_slot<GPS>(acc, t, r, v); });
+        }
+      } else {  // one part's registers live at a time
+#pragma unroll 1
+        for (int p = 0; p < KSPLIT; ++p) {
+          buf[0].load(cur.W, cur.S, cur.n0 + g, cur.n0 + 8 + g, p * KLEN);
+          buf[0].dot(hg, [&](int t, int r, float v) { q35k::add_slot<GPS>(acc, t, r, v); });
+        }
       }
 #pragma unroll
       for (int si = 0; si < 2; ++si) {
