@@ -293,10 +293,13 @@ void GpuModel::init(const GpuModelOptions& o) {
   m.pos.fill_bytes(0, stream_);
   m.next_id = alloc(4);
   m.rng = alloc(slots * 16);
-  m.batch_slots = alloc(slots * 4);
-  m.batch_next = alloc(slots * 4);
-  m.batch_params = alloc(slots * 12);
-  m.batch_topk_ws = alloc(m.batch_sample.workspace_bytes(o.max_batch));
+  // The batched step's per-row buffers: a step runs at most kMaxStepRows rows (larger batches run as
+  // consecutive steps), whatever the slot count.
+  const size_t step_rows = size_t(std::min(o.max_batch, kMaxStepRows));
+  m.batch_slots = alloc(step_rows * 4);
+  m.batch_next = alloc(step_rows * 4);
+  m.batch_params = alloc(step_rows * 12);
+  m.batch_topk_ws = alloc(m.batch_sample.workspace_bytes(int(step_rows)));
   m.argmax_ws = alloc(m.sample.argmax_workspace_bytes());
   m.argmax_ws.fill_bytes(0, stream_);
   m.topk_ws = alloc(m.topk.workspace_bytes());
@@ -308,16 +311,16 @@ void GpuModel::init(const GpuModelOptions& o) {
   m.mix = alloc(size_t(T * mix_cols) * 2);
   if (has_linear) {
     m.gdn_ws = alloc(gpu::gdn_workspace_bytes(c, T));
-    m.gdn_o = alloc(slots * size_t(c.linear_value_dim()) * 4);
+    m.gdn_o = alloc(step_rows * size_t(c.linear_value_dim()) * 4);
   }
   if (has_full) {  // scratch for the most splits any decode tile takes (one warp per split)
     gpu::AttentionPlan widest = m.attn;
     widest.decode.warps = 1;
     size_t bytes = gpu::attention_decode_scratch_bytes(
         widest, gpu::attention_decode_splits(widest, o.max_context, ctx_.device().sm_count));
-    // The batched step: max_batch sequences with the single-sequence split count.
+    // The batched step: step_rows sequences with the single-sequence split count.
     bytes = std::max(bytes, gpu::attention_decode_batch_scratch_bytes(
-                                widest, o.max_batch,
+                                widest, int(step_rows),
                                 gpu::attention_decode_splits(widest, o.max_context, ctx_.device().sm_count)));
     m.attn_scratch = alloc(bytes);
   }
@@ -334,8 +337,8 @@ void GpuModel::init(const GpuModelOptions& o) {
     if (has_linear) largest = std::max({largest, gpu::gdn_proj_columns(c) * H, H * c.linear_value_dim()});
     m.dequant = alloc(size_t(largest) * 2);
   }
-  m.logits = alloc(size_t(std::max(16, o.max_batch)) * size_t(c.vocab_size) * 4);
-  m.tickets = alloc((1 + slots * size_t(has_linear ? c.linear_num_value_heads : 0)) * 4);
+  m.logits = alloc(std::max<size_t>(16, step_rows) * size_t(c.vocab_size) * 4);
+  m.tickets = alloc((1 + step_rows * size_t(has_linear ? c.linear_num_value_heads : 0)) * 4);
   m.tickets.fill_bytes(0, stream_);
   stream_.synchronize();
 }
@@ -997,7 +1000,8 @@ void GpuModel::check_batch(std::span<const BatchEntry> batch) const {
 
 void GpuModel::run_batch(std::span<const BatchEntry> batch, int bucket, int64_t steps, std::vector<double>* step_ms) {
   Impl& m = *impl_;
-  const size_t B = size_t(bucket), Bmax = size_t(options_.max_batch);
+  const size_t B = size_t(bucket), Bmax = size_t(std::min(options_.max_batch, kMaxStepRows));  // the buffers' rows
+  if (B > Bmax) fail("run_batch: a step of {} rows exceeds the {} rows of the batch buffers", B, Bmax);
   // Rows past the batch are padding: slot -1, token 0, greedy.
   std::vector<int32_t> slots(B, -1), tokens(B, 0), params(3 * Bmax, 0);
   float* temperature = reinterpret_cast<float*>(params.data());

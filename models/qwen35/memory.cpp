@@ -40,7 +40,7 @@ MemoryNeed gpu_memory_need(const Config& c, int group, int64_t max_context, int6
     // sequence with the single-sequence split count (~2 CTAs per SM over its kv head blocks, so at
     // most 2 x kSmBound + its kv head blocks; kSmBound bounds the SMs of the GPUs q35jit runs on).
     constexpr int64_t kSmBound = 160;
-    const int64_t rows = max_batch;
+    const int64_t rows = std::min(max_batch, kMaxStepRows);  // a step's rows (larger batches: several steps)
     const int64_t kv_blocks =
         std::max<int64_t>(1, c.num_kv_heads * std::max<int64_t>(1, c.num_heads / std::max<int64_t>(1, c.num_kv_heads) / 8));
     const int64_t blocks = rows * (2 * kSmBound + kv_blocks);
