@@ -319,6 +319,10 @@ MoeGemmTile moe_gemm_from_json(const json& j) {
 MoePathConfig moe_path_from_json(const json& j) {
   const int g = field(j, kMoePath, "grouped");
   if (g != 0 && g != 1) fail("tune config of {}: field \"grouped\" is {}, not 0 or 1", kMoePath, g);
+  if (j.contains("gemm")) {  // the GEMM arm's tile as measured (the runner takes moe_gemm's entry)
+    if (g == 1) fail("tune config of {}: the grouped path has no \"gemm\" tile", kMoePath);
+    moe_gemm_from_json(j["gemm"]);
+  }
   return {g == 1};
 }
 AttentionPrefillTile attention_prefill_from_json(const json& j) {

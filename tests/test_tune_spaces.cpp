@@ -370,6 +370,11 @@ TEST_CASE("moe_path: tuned per bucket, default grouped up to 128 tokens, bounded
   CHECK(tune::why_malformed(tune::kMoePath, json{{"grouped", 1}}).empty());
   CHECK(contains(tune::why_malformed(tune::kMoePath, json{{"grouped", 2}}), "not 0 or 1"));
   CHECK(contains(tune::why_malformed(tune::kMoePath, json::object()), "grouped"));
+  // The GEMM arm carries the tile it was measured with; the grouped path has none.
+  const json tile = tune::to_json(default_moe_gemm_tile(ms, true, 256));
+  CHECK(tune::why_malformed(tune::kMoePath, json{{"grouped", 0}, {"gemm", tile}}).empty());
+  CHECK(contains(tune::why_malformed(tune::kMoePath, json{{"grouped", 1}, {"gemm", tile}}), "no \"gemm\""));
+  CHECK(!tune::why_malformed(tune::kMoePath, json{{"grouped", 0}, {"gemm", json{{"block_m", 16}}}}).empty());
   CHECK(std::count(tune::families().begin(), tune::families().end(), std::string(tune::kMoePath)) == 1);
 
   // The op: buckets 96, 128, 256 (above a decode step, within the grouped bound), both paths.
@@ -386,11 +391,28 @@ TEST_CASE("moe_path: tuned per bucket, default grouped up to 128 tokens, bounded
       if (path->serves(m)) served.push_back(m);
     // sm_86: down's shared memory holds 156 tokens (99 KiB per block).
     CHECK(served == (std::string(arch) == "sm_86" ? std::vector<int64_t>{96, 128} : std::vector<int64_t>{96, 128, 256}));
+    const bool wgmma = std::string(arch) == "sm_90a";
     for (int64_t m : served) {
-      CHECK(path->candidates(m).size() == 2);
-      CHECK(path->default_config(m) == json{{"grouped", m <= kMoeGroupedDefaultMaxTokens ? 1 : 0}});
-      CHECK(path->kernels(json{{"grouped", 1}}, m).size() == 3);  // router, gate_up, down
+      CAPTURE(m);
+      // The grouped path, and the GEMM path with every tile of the moe_gemm space (the runner's GEMM
+      // path runs the tuned tile).
+      const std::vector<json> cands = path->candidates(m);
+      CHECK(cands.size() == 1 + tune::moe_gemm_candidates(ms, m, wgmma).size());
+      CHECK(cands[0] == json{{"grouped", 1}});
+      for (size_t i = 1; i < cands.size(); ++i) {
+        CHECK(cands[i]["grouped"] == 0);
+        CHECK(tune::why_malformed(tune::kMoePath, cands[i]).empty());
+      }
+      if (m <= kMoeGroupedDefaultMaxTokens) {
+        CHECK(path->default_config(m) == json{{"grouped", 1}});
+      } else {
+        CHECK(path->default_config(m) ==
+              json{{"grouped", 0}, {"gemm", tune::to_json(default_moe_gemm_tile(ms, wgmma, m))}});
+      }
+      // router, then the streaming gate_up, down and combine (the grouped path streams from 64 tokens)
+      CHECK(path->kernels(json{{"grouped", 1}}, m).size() == 4);
       CHECK(path->kernels(json{{"grouped", 0}}, m).size() == 8);  // router GEMM + top-k, align, combine, 4 GEMMs
+      CHECK(path->kernels(cands.back(), m).size() == 8);
     }
     for (const auto& op : ops) {  // the grouped path's router is tuned up to its bound
       if (op->family() == tune::kMoeRouter) CHECK((op->serves(256) && !op->serves(512)));

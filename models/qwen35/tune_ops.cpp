@@ -389,12 +389,14 @@ class MoeGemmOp final : public MoeOpBase {
 };
 
 // Which path a prompt chunk of m tokens takes (kDecodeStepMaxRows < m <= the grouped bound): the
-// grouped path (router + gate_up + down with the default M = 1 tiles) against the GEMM path (router
-// GEMM + top-k, align, the four grouped GEMMs with the default tile for m, combine), each timed
-// whole. The default is moe_grouped_for's (grouped up to kMoeGroupedDefaultMaxTokens); the tuner
-// records the other path only when it is faster by its min_gain. Both run the heuristic tiles (the
-// tune cache's moe_decode / moe_gemm entries are not visible to an op): the tuned GEMM tile at m is
-// usually within a few percent of its default below 1024 tokens.
+// grouped path (router + gate_up + down with the default M = 1 tiles, in the streaming form from its
+// default min_tokens, as moe_forward runs it) against the GEMM path (router GEMM + top-k, align, the
+// four grouped GEMMs, combine) with every GEMM tile of the moe_gemm space, each timed whole: the
+// runner's GEMM path runs the tuned moe_gemm tile at m, so the path must be decided against the best
+// tile, not the heuristic one (H200, 35B g128, m = 256: default tile 567 us, tuned 365, grouped 395).
+// A GEMM arm's config carries its tile ("gemm"); the runner reads only "grouped". The default is
+// moe_grouped_for's (grouped up to kMoeGroupedDefaultMaxTokens); the tuner records the other path
+// only when it is faster by its min_gain.
 class MoePathOp final : public MoeOpBase {
  public:
   MoePathOp(const TuneDevice* d, const MoeShape& s, bool wgmma, int64_t smem_optin)
@@ -402,14 +404,29 @@ class MoePathOp final : public MoeOpBase {
         wgmma_(wgmma),
         grouped_max_(moe_grouped_max_tokens(s, default_moe_gate_up_tile(s), default_moe_down_tile(s), smem_optin)) {}
   bool serves(int64_t m) const override { return m > kDecodeStepMaxRows && m <= grouped_max_; }
-  std::vector<json> candidates(int64_t) const override {
-    return {tune::to_json(tune::MoePathConfig{true}), tune::to_json(tune::MoePathConfig{false})};
+  std::vector<json> candidates(int64_t m) const override {
+    std::vector<json> out = {tune::to_json(tune::MoePathConfig{true})};
+    for (const MoeGemmTile& t : tune::moe_gemm_candidates(s_, m, wgmma_)) {
+      json c = tune::to_json(tune::MoePathConfig{false});
+      c["gemm"] = tune::to_json(t);
+      out.push_back(std::move(c));
+    }
+    return out;
   }
-  json default_config(int64_t m) const override { return tune::to_json(tune::MoePathConfig{moe_grouped_for(m, grouped_max_)}); }
+  json default_config(int64_t m) const override {
+    if (moe_grouped_for(m, grouped_max_)) return tune::to_json(tune::MoePathConfig{true});
+    json c = tune::to_json(tune::MoePathConfig{false});
+    c["gemm"] = tune::to_json(default_moe_gemm_tile(s_, wgmma_, m));
+    return c;
+  }
   std::vector<KernelSpec> kernels(const json& c, int64_t m) const override {
-    const gpu::MoeTiles t = tiles(m);
-    if (tune::moe_path_from_json(c).grouped)
+    const gpu::MoeTiles t = tiles(c, m);
+    if (tune::moe_path_from_json(c).grouped) {
+      if (t.stream.serves(m))
+        return {moe_router_spec(s_, t.router(m)), moe_stream_gate_up_spec(s_, t.gate_up, t.stream),
+                moe_stream_down_spec(s_, t.down, t.stream), moe_stream_combine_spec(s_)};
       return {moe_router_spec(s_, t.router(m)), moe_decode_gate_up_spec(s_, t.gate_up), moe_decode_down_spec(s_, t.down)};
+    }
     std::vector<KernelSpec> out = {gemm_bf16_spec(s_.experts, s_.hidden, t.router_gemm, true), moe_router_topk_spec(s_),
                                    moe_align_spec(s_, t.gemm), moe_combine_spec(s_)};
     for (MoeGemm g : {MoeGemm::RoutedGateUp, MoeGemm::RoutedDown, MoeGemm::SharedGateUp, MoeGemm::SharedDown})
@@ -418,8 +435,16 @@ class MoePathOp final : public MoeOpBase {
   }
   void setup(int64_t m, const Stream& st) override { setup_moe(m, st); }
   void prepare(const json& c, int64_t m) override {
-    const gpu::MoeTiles t = tiles(m);
+    const gpu::MoeTiles t = tiles(c, m);
     if (tune::moe_path_from_json(c).grouped) {
+      if (t.stream.serves(m)) {
+        const Function& gu = fn(moe_stream_gate_up_spec(s_, t.gate_up, t.stream));
+        const Function& dn = fn(moe_stream_down_spec(s_, t.down, t.stream));
+        const int sms = dev().ctx.device().sm_count;
+        gate_up_blocks_ = unsigned(gu.max_active_blocks(t.stream.threads(), 0) * sms);
+        down_blocks_ = unsigned(dn.max_active_blocks(t.stream.threads(), 0) * sms);
+        return;
+      }
       fn(moe_decode_gate_up_spec(s_, t.gate_up)).set_max_dynamic_smem(int(moe_gate_up_smem_bytes(t.gate_up, m)));
       fn(moe_decode_down_spec(s_, t.down)).set_max_dynamic_smem(int(moe_down_smem_bytes(s_, t.down, m)));
       return;
@@ -430,11 +455,18 @@ class MoePathOp final : public MoeOpBase {
       fn(moe_gemm_spec(s_, g, t.gemm)).set_max_dynamic_smem(t.gemm.smem_bytes(s_.group));
   }
   void run(const json& c, int64_t m, int it, const Stream& st) override {
-    const gpu::MoeTiles t = tiles(m);
+    const gpu::MoeTiles t = tiles(c, m);
     const gpu::MoeScratch sc = gpu::moe_scratch(s_, t, m, ws_.ptr());
     if (tune::moe_path_from_json(c).grouped) {
       const MoeRouterTile& rt = t.router(m);
       gpu::launch_moe_router(fn(moe_router_spec(s_, rt)), rt, st, s_, x(it), weights(), sc, m);
+      if (t.stream.serves(m)) {
+        gpu::launch_moe_stream_gate_up(fn(moe_stream_gate_up_spec(s_, t.gate_up, t.stream)), t.stream, gate_up_blocks_,
+                                       st, s_, x(it), weights(), sc, m);
+        gpu::launch_moe_stream_down(fn(moe_stream_down_spec(s_, t.down, t.stream)), fn(moe_stream_combine_spec(s_)),
+                                    t.stream, down_blocks_, st, s_, weights(), sc, out_.ptr(), m);
+        return;
+      }
       gpu::launch_moe_decode_gate_up(fn(moe_decode_gate_up_spec(s_, t.gate_up)), t.gate_up, st, s_, x(it), weights(), sc, m);
       gpu::launch_moe_decode_down(fn(moe_decode_down_spec(s_, t.down)), t.down, st, s_, weights(), sc, out_.ptr(), m);
       return;
@@ -449,9 +481,15 @@ class MoePathOp final : public MoeOpBase {
   }
 
  private:
-  gpu::MoeTiles tiles(int64_t m) const { return gpu::MoeTiles::defaults(s_, wgmma_, m); }
+  // The heuristic tiles at m, the GEMM arm's tile from its config.
+  gpu::MoeTiles tiles(const json& c, int64_t m) const {
+    gpu::MoeTiles t = gpu::MoeTiles::defaults(s_, wgmma_, m);
+    if (!tune::moe_path_from_json(c).grouped && c.contains("gemm")) t.gemm = tune::moe_gemm_from_json(c["gemm"]);
+    return t;
+  }
   bool wgmma_;
   int64_t grouped_max_;
+  unsigned gate_up_blocks_ = 0, down_blocks_ = 0;  // the streaming kernels' grids (prepare)
 };
 
 // ---- attention ----
