@@ -50,7 +50,7 @@ ModelSource model_source(const Args& args);
 // written by `q35jit quantize`, against its format note (empty `dir`: a synthetic model).
 struct WeightChoice {
   qwen35::WeightFormat format = qwen35::WeightFormat::W4A16;
-  int group = 0;             // W4A16 group size; 0 for bf16
+  int group = 0;             // the kernels' format code (runtime/core/weight_format.h): W4A16 group, 0 bf16, kFp8Group
   bool prequantized = false;
 };
 WeightChoice weight_choice(const Args& args, const qwen35::Config& config, const std::filesystem::path& dir);
