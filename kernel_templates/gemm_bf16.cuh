@@ -33,6 +33,16 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int PENDING>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(PENDING)); }
 
+// 16 bytes of shared memory at a shared-space address.
+__device__ __forceinline__ uint4 lds_16(u32 addr) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr));
+  return v;
+}
+__device__ __forceinline__ void sts_16(u32 addr, const uint4& v) {
+  asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};" ::"r"(addr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w));
+}
+
 __device__ __forceinline__ void ldmatrix_x4(u32 addr, u32& r0, u32& r1, u32& r2, u32& r3) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
                : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(addr));
@@ -141,13 +151,10 @@ gemm_bf16(const q35k::bf16* __restrict__ x,  // [M, K]
       for (int i = 0; i < RAW_CPT; ++i) {
         const int c = tid + i * THREADS, row = c / (BK / 16), ch = c % (BK / 16);
         if (RAW_CHUNKS % THREADS != 0 && c >= RAW_CHUNKS) continue;
-        uint4 q, v[2];
-        asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(q.x), "=r"(q.y), "=r"(q.z), "=r"(q.w) : "r"(raw + c * 16));
-        e4m3x16_dequant(q, scale[i], v);
-#pragma unroll
-        for (int j = 0; j < 2; ++j)
-          asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};" ::"r"(bs + swizzle<BK>(row, 2 * ch + j)), "r"(v[j].x),
-                       "r"(v[j].y), "r"(v[j].z), "r"(v[j].w));
+        uint4 v[2];
+        e4m3x16_dequant(lds_16(raw + c * 16), scale[i], v);
+        sts_16(bs + swizzle<BK>(row, 2 * ch), v[0]);
+        sts_16(bs + swizzle<BK>(row, 2 * ch + 1), v[1]);
       }
     }
   };
