@@ -15,7 +15,8 @@ struct MoeShape {
   int64_t top_k = 0;         // k
   int64_t inter = 0;         // I, routed expert intermediate size
   int64_t shared_inter = 0;  // Is, shared expert intermediate size
-  int group = 0;             // weight format of the experts and the shared expert: 0 = bf16, else W4A16 group
+  int group = 0;             // weight format of the experts and the shared expert (runtime/core/weight_format.h):
+                             // 0 = bf16, 32 / 64 / 128 = W4A16 group, kFp8Group = FP8
 };
 
 // moe_router<H, E, TOPK, M_TILE, ROWS, WARPS>; grid (ceil((E / rows_per_warp + 1) / warps), ceil(T / m_tile)).

@@ -3,10 +3,11 @@
 // once through CUDA-core GEMVs) and the glue of the prefill path (moe_align, moe_combine; the
 // grouped tensor-core GEMMs are in moe_gemm.cuh).
 //
-// Weights of the experts and the shared expert come in one of two formats, the template parameter
-// GROUP: 0 = bf16 [N, K]; 32 / 64 / 128 = W4A16 (runtime/core/int4_format.h) with qweight uint32
-// [N, K/8] and scales bf16 [N, K/GROUP]. A weight matrix is passed as (const void* w, const bf16* s)
-// with s unused for bf16. Experts add a leading [E] to both.
+// Weights of the experts and the shared expert come in one of the formats of weights.cuh, the
+// template parameter GROUP: 0 = bf16 [N, K]; 32 / 64 / 128 = W4A16 (runtime/core/int4_format.h) with
+// qweight uint32 [N, K/8] and scales bf16 [N, K/GROUP]; kFp8 = FP8 (runtime/core/fp8_format.h) with
+// codes uint8 [N, K] and scales fp32 [N, ceil(K/128)]. A weight matrix is passed as (const void* w,
+// const void* s) with s unused for bf16. Experts add a leading [E] to both.
 //
 // Decode, T <= 8 tokens, 3 launches (router, gate_up, down), chained with programmatic dependent
 // launch (PDL, sm_90): each kernel prefetches the weights it knows before griddepcontrol.wait.
@@ -22,25 +23,9 @@
 // Prefill: moe_router, moe_align, 4 x moe_gemm, moe_combine.
 #include "common.cuh"
 #include "decode_fusion.cuh"
-#include "int4.cuh"
+#include "weights.cuh"
 
 namespace q35k {
-
-// Addressing of expert stacks in format GROUP (a 16-byte vector holds 8 bf16 or 32 INT4 values; a
-// 32-value chunk lies in one scale group since GROUP is a multiple of 32).
-template <int GROUP>
-struct WeightFormat {
-  static_assert(GROUP == 0 || GROUP == 32 || GROUP == 64 || GROUP == 128, "GROUP must be 0 (bf16), 32, 64 or 128");
-  // Matrix `index` of a stack of [ROWS, K] matrices.
-  template <int ROWS, int K>
-  static __device__ __forceinline__ const void* matrix(const void* w, int index) {
-    return static_cast<const unsigned char*>(w) + size_t(index) * ROWS * K * (GROUP == 0 ? 2 : 1) / (GROUP == 0 ? 1 : 2);
-  }
-  template <int ROWS, int K>
-  static __device__ __forceinline__ const bf16* scales(const bf16* s, int index) {
-    return GROUP == 0 ? s : s + size_t(index) * ROWS * (K / (GROUP == 0 ? 1 : GROUP));
-  }
-};
 
 __device__ __forceinline__ float silu(float g) { return g / (1.f + __expf(-g)); }
 
@@ -154,21 +139,22 @@ __device__ __forceinline__ void warp_rows_dot(const bf16* __restrict__ W, const 
 
 // Bytes of KLEN weights of one row in format GROUP (scales not counted).
 template <int GROUP, int KLEN>
-__host__ __device__ constexpr int row_bytes() { return GROUP == 0 ? KLEN * 2 : KLEN / 2; }
+__device__ constexpr int row_bytes() { return int(WeightFormat<GROUP>::bytes(KLEN)); }
 
-// Dot products of 16 rows of a weight matrix W [*, K] (format GROUP) with x [K] bf16 over
+// Dot products of 16 rows of a weight matrix W [*, K] (format GROUP, scales S) with x [K] bf16 over
 // k in [k0, k0 + KLEN), by one warp on tensor cores. Lane quad g = lane / 4 names rows row_lo (its
 // mma row g) and row_hi (mma row g + 8); every lane of the quad returns their sums in lo and hi.
-// The reduction order inside an mma is free, so each lane's 16-byte weight vector is its A fragment
+// The reduction order inside an mma is free, so each lane's weight vectors are its A fragments
 // as loaded: lane c = lane % 4 supplies k-slots {2c, 2c+1, 2c+8, 2c+9} of every mma from its own
-// vector, and the B operand (x) follows the same k mapping.
+// vectors, and the B operand (x) follows the same k mapping.
 //   bf16: a step is 32 k (lane c: 8 k at 8c), 2 mmas; every B column is x, so D column 0 is the sum.
-//   INT4: a step is 128 k (lane c: the 32-value chunk c, one scale group), 8 mmas; B column n holds
-//         x only for chunk n (n < 4), so D[row][n] is chunk n's unscaled sum, scaled once per step.
-// Every weight load of the warp is issued before the first mma (KLEN / 32 16-byte vectors per lane
-// over both rows for INT4 with K % 128 == 0).
+//   W4A16 / FP8: a step is 128 k (lane c: the 32-value run c, in one scale group: 16 bytes of INT4
+//         or 32 of FP8 codes, weights.cuh Run32), 8 mmas; B column n holds x only for run n
+//         (n < 4), so D[row][n] is run n's unscaled sum, scaled once per step.
+// Every weight load of the warp is issued before the first mma (KLEN / 32 runs per lane over both
+// rows with K % 128 == 0).
 template <int GROUP, int K, int KLEN>
-__device__ __forceinline__ void mma_rows16_dot(const void* __restrict__ W, const bf16* __restrict__ S, int row_lo,
+__device__ __forceinline__ void mma_rows16_dot(const void* __restrict__ W, const void* __restrict__ S, int row_lo,
                                                int row_hi, const bf16* __restrict__ x, int k0, float& lo, float& hi) {
   static_assert(KLEN % 32 == 0 && K % KLEN == 0, "mma_rows16_dot: KLEN must be a multiple of 32 dividing K");
   const int lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
@@ -188,23 +174,24 @@ __device__ __forceinline__ void mma_rows16_dot(const void* __restrict__ W, const
     lo = d[0];
     hi = d[2];
   } else {
+    using F = WeightFormat<GROUP>;
     constexpr int STEPS = (KLEN + 127) / 128;
-    const u32* wl = static_cast<const u32*>(W) + size_t(row_lo) * (K / 8);
-    const u32* wh = static_cast<const u32*>(W) + size_t(row_hi) * (K / 8);
-    uint4 ql[STEPS], qh[STEPS];
+    const unsigned char* wl = static_cast<const unsigned char*>(W) + size_t(row_lo) * F::bytes(K);
+    const unsigned char* wh = static_cast<const unsigned char*>(W) + size_t(row_hi) * F::bytes(K);
+    Run32<GROUP> ql[STEPS], qh[STEPS];
 #pragma unroll
     for (int st = 0; st < STEPS; ++st) {
-      const int kc = k0 + st * 128 + 32 * c;  // this lane's chunk
-      ql[st] = qh[st] = uint4{0u, 0u, 0u, 0u};
+      const int kc = k0 + st * 128 + 32 * c;  // this lane's run
+      ql[st].zero();
+      qh[st].zero();
       if (KLEN % 128 == 0 || kc < k0 + KLEN) {
-        ql[st] = ld_stream_16(wl + kc / 8);
-        qh[st] = ld_stream_16(wh + kc / 8);
+        ql[st].load(wl + F::bytes(kc));
+        qh[st].load(wh + F::bytes(kc));
       }
     }
-    // D columns of this lane: chunks 2c, 2c+1 (zero for c >= 2; their scale index is clamped in range).
+    // D columns of this lane: runs 2c, 2c+1 (zero for c >= 2; their scale index is clamped in range).
     const int n0 = (2 * c) & 3, n1 = (2 * c + 1) & 3;
-    const bf16* sl = S + size_t(row_lo) * (K / GROUP);
-    const bf16* sh = S + size_t(row_hi) * (K / GROUP);
+    const size_t sl = size_t(row_lo) * F::scales_per_row(K), sh = size_t(row_hi) * F::scales_per_row(K);
     float acc_lo = 0.f, acc_hi = 0.f;
 #pragma unroll
     for (int st = 0; st < STEPS; ++st) {
@@ -214,21 +201,20 @@ __device__ __forceinline__ void mma_rows16_dot(const void* __restrict__ W, const
 #pragma unroll
         for (int w = 0; w < 4; ++w) xv[w] = ld_global_16(x + kc + 8 * w);
       }
-      const u32 wlo[4] = {ql[st].x, ql[st].y, ql[st].z, ql[st].w}, whi[4] = {qh[st].x, qh[st].y, qh[st].z, qh[st].w};
       float d[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
       for (int w = 0; w < 4; ++w) {
         u32 al[4], ah[4];
-        int4x8_to_bf16x2(wlo[w], al);
-        int4x8_to_bf16x2(whi[w], ah);
+        ql[st].pairs(w, al);
+        qh[st].pairs(w, ah);
         const u32 f0[4] = {al[0], ah[0], al[1], ah[1]}, f1[4] = {al[2], ah[2], al[3], ah[3]};
         mma_bf16_16816(d, f0, xv[w].x, xv[w].y);
         mma_bf16_16816(d, f1, xv[w].z, xv[w].w);
       }
       const int last = k0 + KLEN - 32;
-      const int s0 = min(kb + 32 * n0, last) / GROUP, s1 = min(kb + 32 * n1, last) / GROUP;
-      acc_lo += bf16_to_f32(sl[s0]) * d[0] + bf16_to_f32(sl[s1]) * d[1];
-      acc_hi += bf16_to_f32(sh[s0]) * d[2] + bf16_to_f32(sh[s1]) * d[3];
+      const int s0 = min(kb + 32 * n0, last) / F::SCALE_K, s1 = min(kb + 32 * n1, last) / F::SCALE_K;
+      acc_lo += F::scale(S, sl + s0) * d[0] + F::scale(S, sl + s1) * d[1];
+      acc_hi += F::scale(S, sh + s0) * d[2] + F::scale(S, sh + s1) * d[3];
     }
     acc_lo += __shfl_xor_sync(0xffffffffu, acc_lo, 1);
     acc_lo += __shfl_xor_sync(0xffffffffu, acc_lo, 2);
@@ -401,8 +387,8 @@ moe_router_topk(const q35k::bf16* __restrict__ x, const q35k::bf16* __restrict__
 template <int GROUP, int H, int I, int IS, int TOPK, int KSPLIT>
 __global__ void __launch_bounds__(KSPLIT * 32)
 moe_decode_gate_up(const q35k::bf16* __restrict__ x, const int* __restrict__ ids,
-                   const void* __restrict__ gate_up_w, const q35k::bf16* __restrict__ gate_up_s,
-                   const void* __restrict__ shared_w, const q35k::bf16* __restrict__ shared_s,
+                   const void* __restrict__ gate_up_w, const void* __restrict__ gate_up_s,
+                   const void* __restrict__ shared_w, const void* __restrict__ shared_s,
                    q35k::bf16* __restrict__ h, int T) {
   static_assert(I % 8 == 0 && IS % 8 == 0, "moe_decode_gate_up: I and IS must be multiples of 8");
   static_assert(H % (32 * KSPLIT) == 0, "moe_decode_gate_up: H must be a multiple of 32 * KSPLIT");
@@ -426,7 +412,7 @@ moe_decode_gate_up(const q35k::bf16* __restrict__ x, const int* __restrict__ ids
   q35k::moe_pdl_launch_dependents();
 
   const void* W;
-  const q35k::bf16* S;
+  const void* S;
   if (shared) {
     W = shared_w;
     S = shared_s;
@@ -465,9 +451,9 @@ template <int GROUP, int H, int I, int IS, int TOPK, int KSPLIT, typename Store>
 __device__ __forceinline__ void moe_decode_down_block(const bf16* __restrict__ h, const int* __restrict__ ids,
                                                       const float* __restrict__ weights,
                                                       const float* __restrict__ shared_gate,
-                                                      const void* __restrict__ down_w, const bf16* __restrict__ down_s,
+                                                      const void* __restrict__ down_w, const void* __restrict__ down_s,
                                                       const void* __restrict__ shared_w,
-                                                      const bf16* __restrict__ shared_s, Store&& store) {
+                                                      const void* __restrict__ shared_s, Store&& store) {
   static_assert(H % 16 == 0, "moe_decode_down: H must be a multiple of 16");
   static_assert(I % (32 * KSPLIT) == 0 && IS % (32 * KSPLIT) == 0,
                 "moe_decode_down: I and IS must be multiples of 32 * KSPLIT");
@@ -523,8 +509,8 @@ template <int GROUP, int H, int I, int IS, int TOPK, int KSPLIT>
 __global__ void __launch_bounds__((TOPK + 1) * KSPLIT * 32)
 moe_decode_down(const q35k::bf16* __restrict__ h, const int* __restrict__ ids, const float* __restrict__ weights,
                 const float* __restrict__ shared_gate, const void* __restrict__ down_w,
-                const q35k::bf16* __restrict__ down_s, const void* __restrict__ shared_w,
-                const q35k::bf16* __restrict__ shared_s, q35k::bf16* __restrict__ out, int T) {
+                const void* __restrict__ down_s, const void* __restrict__ shared_w,
+                const void* __restrict__ shared_s, q35k::bf16* __restrict__ out, int T) {
   q35k::moe_decode_down_block<GROUP, H, I, IS, TOPK, KSPLIT>(
       h, ids, weights, shared_gate, down_w, down_s, shared_w, shared_s,
       [&](int t, int n, float v) { out[size_t(t) * H + n] = q35k::f32_to_bf16(v); });
@@ -537,8 +523,8 @@ template <int GROUP, int H, int I, int IS, int TOPK, int KSPLIT>
 __global__ void __launch_bounds__((TOPK + 1) * KSPLIT * 32)
 moe_decode_down_residual(const q35k::bf16* __restrict__ h, const int* __restrict__ ids,
                          const float* __restrict__ weights, const float* __restrict__ shared_gate,
-                         const void* __restrict__ down_w, const q35k::bf16* __restrict__ down_s,
-                         const void* __restrict__ shared_w, const q35k::bf16* __restrict__ shared_s, float* residual,
+                         const void* __restrict__ down_w, const void* __restrict__ down_s,
+                         const void* __restrict__ shared_w, const void* __restrict__ shared_s, float* residual,
                          const q35k::bf16* __restrict__ norm_w, q35k::bf16* __restrict__ normed, int* counter,
                          float eps, int T) {
   q35k::moe_decode_down_block<GROUP, H, I, IS, TOPK, KSPLIT>(
