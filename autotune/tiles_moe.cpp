@@ -236,7 +236,7 @@ MoeGemmTile default_moe_gemm_tile(const MoeShape& s, bool hopper, int64_t tokens
     // made a cold start 17 s instead of 7 (2026-12-03).
     // FP8 (not measured yet): the warp-specialised tile like W4A16, not persistent (its producer
     // spills there), 3 stages (4 rings of 64-byte raw rows do not fit beside the bf16 tiles).
-    if (MoeGemmTile t{128, 256, 64, 2, 1, 4, true, true, false, 1, true}; tokens >= 3072 && s.group != 0 && valid(t))
+    if (MoeGemmTile t{128, 256, 64, 2, 1, 4, true, true, false, 1, true}; tokens >= 3072 && s.group > 0 && valid(t))
       return t;
     if (MoeGemmTile t{128, 256, 64, 2, 1, 3, true, true}; tokens >= 3072 && s.group == kFp8Group && valid(t))
       return t;

@@ -25,7 +25,9 @@ int wgmma_rs_smem_bytes(int bm, int bn, int stages) {
 
 namespace {
 std::string why_invalid_rs(const WgmmaGemm& g) {
-  if (g.group == 0) return "register-sourced weights (rs) are W4A16 only";
+  if (g.group <= 0)
+    return fmt::format("register-sourced weights (rs) are W4A16 only, not {} (the shared-memory tiles read bf16 and FP8)",
+                       weight_format_name(g.group));
   if (!g.ws || !g.swap || g.ksub != 1 || g.wgm != 1)
     return "register-sourced weights (rs): warp-specialised and swapped, wgm 1, ksub 1";
   if (g.wgn != 1 && g.wgn != 2) return fmt::format("rs: wgn = {} consumer warpgroups is not 1 or 2", g.wgn);

@@ -73,6 +73,10 @@ int cmd_compile(int argc, char** argv) {
   if (auto kind = args.get("moe-tiles")) {
     if (*kind != "all" && *kind != "wgmma" && *kind != "rs")
       fail("q35jit compile: --moe-tiles must be all, wgmma or rs, got '{}'", *kind);
+    if (*kind == "rs" && group <= 0)
+      fail("q35jit compile: --moe-tiles rs: the register-sourced MoE tiles read W4A16 weights only, not --quant {} (use "
+           "--moe-tiles wgmma or all)",
+           weight_format_name(group));
     const MoeShape s = qwen35::gpu::moe_shape(src.config, group);
     std::set<std::string> seen;
     for (const KernelSpec& k : specs) seen.insert(k.str());

@@ -219,6 +219,14 @@ TEST_CASE("compile: every kernel of the fixture for sm_80 and sm_90a, then all c
   Result bad = q35jit("compile --model " + kModel + " --arch sm_90a --moe-tiles some");
   CHECK(bad.code != 0);
   CHECK(bad.err.find("--moe-tiles must be all, wgmma or rs") != std::string::npos);
+  // The register-sourced tiles dequantize INT4 in registers: bf16 and FP8 weights have none.
+  for (const char* quant : {"fp8", "bf16"}) {
+    CAPTURE(quant);
+    Result r = q35jit("compile --model " + kModel + " --arch sm_90a --quant " + quant + " --moe-tiles rs");
+    CHECK(r.code == 1);
+    CHECK(r.err.find(std::string("--moe-tiles rs: the register-sourced MoE tiles read W4A16 weights only, not --quant ") +
+                     quant) != std::string::npos);
+  }
 }
 
 TEST_CASE("compile: every kernel of the 122B-A10B and 397B-A17B configs for sm_90a and sm_80") {

@@ -127,6 +127,13 @@ TEST_CASE("FP8 tile rules, defaults and signatures") {
   bad = w, bad.ws = bad.persist = true, bad.bn = 256;
   CHECK(contains(why_invalid(bad), "persistent"));
   CHECK(contains(error_of([&] { wgmma_gemm_spec(bad); }), "gemm_wgmma [N = 1024, K = 2048, FP8]"));
+  // No register-sourced (rs) form: gemm_wgmma_rs dequantizes INT4 nibbles in registers, so an FP8
+  // matrix there would be read as INT4. The same tile at W4A16 g128 is valid.
+  WgmmaGemm rs = w;
+  rs.ws = rs.swap = rs.rs = true, rs.wgm = 1, rs.wgn = 2, rs.bm = 128, rs.bn = 128, rs.stages = 4;
+  CHECK(contains(why_invalid(rs), "register-sourced weights (rs) are W4A16 only, not fp8"));
+  rs.group = 128;
+  CHECK(why_invalid(rs).empty());
   // MoE: FP8 experts; the grouped GEMMs' mma.sync B vectors hold 16 codes; from 3072 tokens on
   // sm_90a the warp-specialised tile (not the persistent one of W4A16).
   const MoeShape ms = gpu::moe_shape(config_35b(), kFp8Group);
@@ -136,6 +143,15 @@ TEST_CASE("FP8 tile rules, defaults and signatures") {
   const MoeGemmTile big = default_moe_gemm_tile(ms, true, 4096);
   CHECK((big.wgmma && big.ws && !big.persist && big.block_n == 256));
   CHECK(default_moe_gemm_tile(gpu::moe_shape(config_35b(), 128), true, 4096).persist);
+  // The tuner's space has register-sourced tiles at W4A16 only (a tune-cache entry with "rs" at an
+  // FP8 signature is refused by the same rule, TunedTiles::moe).
+  int rs_fp8 = 0, rs_w4 = 0;
+  for (const MoeGemmTile& t : tune::moe_gemm_candidates(ms, 4096, true)) rs_fp8 += t.rs;
+  for (const MoeGemmTile& t : tune::moe_gemm_candidates(gpu::moe_shape(config_35b(), 128), 4096, true)) rs_w4 += t.rs;
+  CHECK(rs_fp8 == 0);
+  CHECK(rs_w4 > 0);
+  CHECK(contains(why_invalid(MoeGemmTile{128, 128, 64, 1, 2, 4, true, true, true, 1, false, true}, ms, MoeGemm::RoutedGateUp),
+                 "W4A16 only, not fp8"));
   CHECK(contains(error_of([&] { moe_gemm_spec(ms, MoeGemm::RoutedDown, MoeGemmTile{64, 128, 24, 2, 2}); }),
                  "H = 2048, E = 256, k = 8, I = 512, Is = 512, FP8]"));
   // The tune cache keys name the format.
