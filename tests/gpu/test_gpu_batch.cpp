@@ -27,6 +27,7 @@
 #include "models/qwen35/gpu_model.h"
 #include "models/qwen35/kernels.h"
 #include "models/qwen35/reference_ops.h"
+#include "runtime/core/weight_format.h"
 #include "runtime/io/safetensors.h"
 #include "tests/gpu/gpu_harness.h"
 
@@ -486,7 +487,8 @@ TEST_CASE("GPU batch: batched sampling draws what the single-sequence kernels dr
   }
 }
 
-TEST_CASE("GPU batch: tiny fixture, batched steps == each sequence alone; padding rows; a state moved across slots") {
+TEST_CASE("GPU batch: tiny fixture, batched steps == each sequence alone; padding rows; a state moved across slots "
+          "(bf16, W4A16, FP8)") {
   auto g = open_gpu();
   const Config c = Config::from_file(model_dir() / "config.json");
   Checkpoint ckpt(model_dir());
@@ -495,10 +497,13 @@ TEST_CASE("GPU batch: tiny fixture, batched steps == each sequence alone; paddin
   struct Setting {
     WeightFormat format;
     int group;
-    bool fused_decode;  // the residual epilogues in the decode kernels (W4A16 output projections)
+    bool fused_decode;  // the residual epilogues in the decode kernels (W4A16 / FP8 output projections)
   };
+  // FP8: the same M-row kernels (gemv_fp8 and its residual epilogue, the FP8 MoE decode GEMVs and
+  // grouped GEMMs) over the bucket's rows.
   for (const Setting& set : {Setting{WeightFormat::BF16, 0, false}, Setting{WeightFormat::W4A16, 64, false},
-                             Setting{WeightFormat::W4A16, 64, true}}) {
+                             Setting{WeightFormat::W4A16, 64, true}, Setting{WeightFormat::FP8, kFp8Group, false},
+                             Setting{WeightFormat::FP8, kFp8Group, true}}) {
     const int group = set.group;
     CAPTURE(group);
     CAPTURE(set.fused_decode);
@@ -510,8 +515,7 @@ TEST_CASE("GPU batch: tiny fixture, batched steps == each sequence alone; paddin
     o.max_chunk = 64;
     o.max_batch = 24;  // buckets 1, 2, 4, 8, 16, 24
     GpuModel model(g->driver, g->ctx, g->jit, c, ckpt, o);
-    const std::string what = (group ? fmt::format("tiny W4A16 g{}", group) : std::string("tiny bf16")) +
-                             (set.fused_decode ? ", fused decode" : "");
+    const std::string what = "tiny " + weight_format_name(group) + (set.fused_decode ? ", fused decode" : "");
     // 3 sequences: bucket 4 (one padding row), the decode kernels of M <= 8 (GEMV, MoE decode path).
     batched_equals_alone(model, {prefix(99), prefix(7), prefix(40)}, 6, 2e-2, what);
     // 11 sequences: bucket 16 (5 padding rows), the unfused path (GEMV M = 16, grouped MoE GEMMs).
