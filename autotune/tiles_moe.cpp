@@ -15,7 +15,7 @@ namespace {
 constexpr int kStaticSmemLimit = 48 * 1024;  // bytes of static shared memory per block
 
 // warp_rows_dot (moe.cuh) spreads a row of K values over min(C, 32) lanes, C = 16-byte vectors per row
-// (bf16); the quantized rows are read in runs of 32 values (mma_rows16_dot).
+// (bf16); the quantized rows are read in runs of 32 values (WarpRows16).
 std::string why_bad_row(int64_t k, int group, const char* what) {
   const int vals = group == 0 ? 8 : 32;
   if (k <= 0 || k % vals != 0) return fmt::format("{} = {} is not a positive multiple of {}", what, k, vals);
@@ -23,6 +23,13 @@ std::string why_bad_row(int64_t k, int group, const char* what) {
   if (c % 32 != 0 && 32 % c != 0)
     return fmt::format("{} = {} is {} vectors of {} values: neither a divisor nor a multiple of 32", what, k, c, vals);
   return {};
+}
+
+// FP8 decode GEMVs (WarpRows16, moe.cuh): a warp's part of K is taken in 128-k steps, each scaled by
+// one 128-k block's scale, so a part must start on a block: a multiple of 128, or a divisor of 128.
+std::string why_bad_fp8_part(const MoeShape& s, int64_t part, const char* what) {
+  if (s.group != kFp8Group || part % 128 == 0 || 128 % part == 0) return {};
+  return fmt::format("FP8: {} = {} is neither a multiple nor a divisor of the 128-k scale block", what, part);
 }
 
 std::string describe(const MoeShape& s) {
@@ -85,10 +92,10 @@ std::string why_invalid_gate_up(const MoeGemvTile& t, const MoeShape& s) {
   if (t.ksplit < 1 || t.ksplit > 32) return fmt::format("ksplit = {} is not in [1, 32]", t.ksplit);
   if (s.hidden % (32 * t.ksplit) != 0)
     return fmt::format("H = {} is not a multiple of 32 * ksplit = {}", s.hidden, 32 * t.ksplit);
-  if (s.group == kFp8Group && s.hidden / t.ksplit > 1024)
-    return fmt::format("FP8: H / ksplit = {} weights per warp and row exceed 1024 (a lane loads all its 32-byte runs "
-                       "at once)",
-                       s.hidden / t.ksplit);
+  if (s.hidden / t.ksplit > kMoeDecodeMaxKPart)
+    return fmt::format("H / ksplit = {} exceeds {} (a warp's weights stay in registers)", s.hidden / t.ksplit,
+                       kMoeDecodeMaxKPart);
+  if (std::string why = why_bad_fp8_part(s, s.hidden / t.ksplit, "H / ksplit"); !why.empty()) return why;
   return {};
 }
 
@@ -99,10 +106,18 @@ std::string why_invalid(const MoeDownTile& t, const MoeShape& s) {
     return fmt::format("ksplit = {} gives (k + 1) * ksplit = {} warps, not in [1, 32]", t.ksplit, t.warps(s.top_k));
   if (s.inter % (32 * t.ksplit) != 0 || s.shared_inter % (32 * t.ksplit) != 0)
     return fmt::format("I = {} and Is = {} must be multiples of 32 * ksplit = {}", s.inter, s.shared_inter, 32 * t.ksplit);
-  if (s.group == kFp8Group && std::max(s.inter, s.shared_inter) / t.ksplit > 1024)
-    return fmt::format("FP8: I / ksplit = {} weights per warp and row exceed 1024 (a lane loads all its 32-byte runs "
-                       "at once)",
-                       std::max(s.inter, s.shared_inter) / t.ksplit);
+  if (std::max(s.inter, s.shared_inter) / t.ksplit > kMoeDecodeMaxKPart)
+    return fmt::format("max(I, Is) / ksplit = {} exceeds {} (a warp's weights stay in registers)",
+                       std::max(s.inter, s.shared_inter) / t.ksplit, kMoeDecodeMaxKPart);
+  for (auto [k, what] : {std::pair{s.inter, "I / ksplit"}, {s.shared_inter, "Is / ksplit"}})
+    if (std::string why = why_bad_fp8_part(s, k / t.ksplit, what); !why.empty()) return why;
+  if (s.group == kFp8Group && std::max(s.inter, s.shared_inter) / t.ksplit > kMoeDecodeFp8MaxDownPart)
+    return fmt::format("FP8: max(I, Is) / ksplit = {} exceeds {} (moe_decode_down's 32-byte FP8 runs and their "
+                       "conversion spill beyond it)",
+                       std::max(s.inter, s.shared_inter) / t.ksplit, kMoeDecodeFp8MaxDownPart);
+  if (t.ksplit > 1 && s.top_k + 1 > 15)
+    return fmt::format("ksplit = {} needs a named barrier per expert group: k + 1 = {} groups exceed 15", t.ksplit,
+                       s.top_k + 1);
   return {};
 }
 
@@ -180,7 +195,7 @@ std::string why_invalid(const MoeGemmTile& t, const MoeShape& s, MoeGemm g) {
 MoeRouterTile default_moe_router_tile(const MoeShape& s, int64_t tokens) {
   if (tokens < 1) fail("moe_router: tokens = {} must be positive", tokens);
   MoeRouterTile t;
-  t.m_tile = tokens <= 1 ? 1 : tokens <= kMoeDecodeMaxTokens ? 8 : 16;
+  t.m_tile = tokens <= 1 ? 1 : tokens <= kMoeRouterSmallTokens ? 8 : 16;
   if (t.m_tile == 1) {
     // One row per warp, 2 warps per block: E + 1 = 257 warps in 129 blocks spread the 1 MB of
     // router weights over every SM, each lane with its 8 loads of the row in flight.
@@ -197,9 +212,10 @@ MoeRouterTile default_moe_router_tile(const MoeShape& s, int64_t tokens) {
 MoeGemvTile default_moe_gate_up_tile(const MoeShape& s) {
   // 4 warps split H = 2048 into 512-value parts: 8 INT4 16-byte loads per lane, all in flight (bf16:
   // 32, 16 at a time); (8 * 512 + 512) / 8 = 576 blocks of 128 threads fill the H100 in one wave.
+  // (Larger H: the fewest warps from 4 up whose part of H is at most kMoeDecodeMaxKPart.)
   MoeGemvTile t{1};
-  for (int ksplit : {4, 2})
-    if (s.hidden % (32 * ksplit) == 0) {
+  for (int ksplit : {4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32, 2, 1})
+    if (why_invalid_gate_up(MoeGemvTile{ksplit}, s).empty()) {
       t.ksplit = ksplit;
       break;
     }
@@ -210,7 +226,11 @@ MoeGemvTile default_moe_gate_up_tile(const MoeShape& s) {
 MoeDownTile default_moe_down_tile(const MoeShape& s) {
   // I = 512 in 2 parts: (k + 1) * 2 = 18 warps per block of 16 rows, 4 INT4 loads per lane in flight.
   MoeDownTile t{2};
-  if (!why_invalid(t, s).empty()) t.ksplit = 1;
+  for (int ksplit : {2, 1, 3, 4})
+    if (why_invalid(MoeDownTile{ksplit}, s).empty()) {
+      t.ksplit = ksplit;
+      break;
+    }
   require_valid(why_invalid(t, s), "moe_decode_down", s);
   return t;
 }
@@ -287,6 +307,7 @@ KernelSpec decode_spec(const char* kernel, const MoeShape& s, int ksplit) {
            {"H", str(s.hidden)},
            {"I", str(s.inter)},
            {"IS", str(s.shared_inter)},
+           {"E", str(s.experts)},
            {"TOPK", str(s.top_k)},
            {"KSPLIT", str(ksplit)}}};
 }

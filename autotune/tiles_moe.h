@@ -28,16 +28,26 @@ struct MoeRouterTile {
   unsigned blocks_x(int64_t experts) const { return unsigned((experts / rows_per_warp + 1 + warps - 1) / warps); }
 };
 
-// moe_decode_gate_up<GROUP, H, I, IS, TOPK, KSPLIT>; grid ((k*I + Is) / kMoeGateUpRows, T). A block's
-// 8 h values are one 16-row mma tile (8 gate | 8 up rows); its `ksplit` warps split H.
+// moe_decode_gate_up<GROUP, H, I, IS, E, TOPK, KSPLIT>; grid (max(I, Is) / kMoeGateUpRows, 1 + min(E, T*k)):
+// a block's 8 h values of one touched expert are one 16-row mma tile (8 gate | 8 up rows) times the
+// expert's tokens; its `ksplit` warps split H. The split is part of each token's arithmetic: a decode
+// step uses one tile for every T (TunedTiles::moe), so a token's result does not depend on T.
 struct MoeGemvTile {
   int ksplit = 4;
   int threads() const { return 32 * ksplit; }
 };
 constexpr int kMoeGateUpRows = 8;  // h values per gate_up block
+// The most K values one warp of the decode GEMVs takes (its 16 rows' weights held in registers: 8
+// INT4, 16 FP8 or 32 bf16 16-byte vectors per lane); more spill. FP8 parts also start on a 128-k
+// scale block (a multiple or a divisor of 128).
+constexpr int64_t kMoeDecodeMaxKPart = 512;
+// FP8 moe_decode_down: at most 256 K values per warp (35B, I = 512: ksplit 1 spills 2.5 KB on sm_90a
+// in blocks of (k + 1) * 32 threads; ksplit 2 does not).
+constexpr int64_t kMoeDecodeFp8MaxDownPart = 256;
 
-// moe_decode_down<GROUP, H, I, IS, TOPK, KSPLIT>; grid (H / kMoeDownRows, T). A block's 16 output rows
-// are one mma tile; (k + 1) * ksplit warps: one per (expert slot, part of I).
+// moe_decode_down<GROUP, H, I, IS, E, TOPK, KSPLIT>; grid (H / kMoeDownRows). A block's 16 output rows
+// are one mma tile for every token; (k + 1) * ksplit warps: k + 1 groups taking the touched experts in
+// turn, one warp per part of I (ksplit > 1: one named barrier per group, so k + 1 <= 15).
 struct MoeDownTile {
   int ksplit = 2;
   int warps(int64_t top_k) const { return int(top_k + 1) * ksplit; }
@@ -73,8 +83,12 @@ const char* name(MoeGemm g);
 // g128: T = 4096 1.48 ms per layer against 1.70 for mma.sync); shorter ones to the mma.sync one,
 // whose small row blocks pad the few tokens per expert less. The tuner measures both kinds.
 constexpr int64_t kMoeWgmmaMinTokens = 1024;
-// Largest T that takes the decode path (gate_up + down GEMVs); more tokens take the prefill path.
-constexpr int64_t kMoeDecodeMaxTokens = 8;
+// Largest T that takes the decode path (router + expert-grouped gate_up + down GEMVs); more tokens take
+// the prefill path. A batched decode step of up to kMoeDecodeMaxTokens sequences runs it, so every row
+// of every batch size gets the arithmetic of a sequence decoded alone.
+constexpr int64_t kMoeDecodeMaxTokens = 64;
+// Router tiles: m_tile 1 for T = 1, 8 up to kMoeRouterSmallTokens, 16 above.
+constexpr int64_t kMoeRouterSmallTokens = 8;
 constexpr int kMoeAlignThreads = 1024;
 constexpr int kMoeCombineThreads = 256;
 // moe_router_topk<H, E, TOPK, WARPS> (prefill: after the router GEMM): one warp per token.
@@ -88,7 +102,7 @@ std::string why_invalid(const MoeDownTile& tile, const MoeShape& s);
 std::string why_invalid(const MoeGemmTile& tile, const MoeShape& s, MoeGemm gemm);
 
 // Heuristic defaults (valid for the shape; Error naming the reason if the shape is unsupported).
-// tokens: T of the call (the router's m_tile follows it: 1 for T = 1, 8 up to kMoeDecodeMaxTokens, 16 above).
+// tokens: T of the call (the router's m_tile follows it: 1 for T = 1, 8 up to kMoeRouterSmallTokens, 16 above).
 MoeRouterTile default_moe_router_tile(const MoeShape& s, int64_t tokens);
 MoeGemvTile default_moe_gate_up_tile(const MoeShape& s);
 MoeDownTile default_moe_down_tile(const MoeShape& s);

@@ -434,8 +434,10 @@ int cmd_bench(int argc, char** argv) {
   if (auto b = args.get("batch")) {
     plan.batches = parse_list("batch", *b);
     for (int64_t B : plan.batches)
-      if (B > qwen35::kMaxBatch)
-        fail("q35jit bench: --batch {} is more sequences than the {} slots a model can hold", B, qwen35::kMaxBatch);
+      if (B > qwen35::kMaxStepRows)
+        fail("q35jit bench: --batch {}: one batched step runs at most {} rows (larger batches run as consecutive "
+             "steps of at most {}; time those)",
+             B, qwen35::kMaxStepRows, qwen35::kMaxStepRows);
   }
   plan.batch_context = args.get_int("batch-context", 512, 1, int64_t(1) << 30);
   if (args.has("batch-context") && plan.batches.empty())

@@ -12,7 +12,9 @@
 //   warpgroup 2 (producer): cp.async of Q once and of the K and V tiles of BLOCK_N keys, into a
 //     STAGES-deep ring of shared memory, mbarriers full / empty per stage, K and V apart so that
 //     S = Q K^T may start while V is still landing.
-// setmaxnreg: the producer gives registers back (32), the consumers take 240 (no spills). Nothing
+// setmaxnreg: the producer gives registers back (24), the consumers take 240 (no spills): 128 x 24 +
+// 256 x 240 = 64,512 = the block's pool (168 registers x 384 threads at launch; a larger sum never
+// leaves setmaxnreg.inc). Nothing
 // computed before the split stays live across it (ptxas would spill it): each side reads pos0 itself.
 //
 // Per key tile j (0, 1, ..., the tile holding the block's last key) and consumer warpgroup:
@@ -49,7 +51,9 @@ namespace q35k {
 namespace attn90 {
 
 constexpr int kRows = 128;                   // query rows per block (two consumer warpgroups of 64)
-constexpr int kProducerRegs = 32, kConsumerRegs = 240;  // 128 x 32 + 256 x 240 = 64 Ki registers
+constexpr int kProducerRegs = 24, kConsumerRegs = 240;  // 128 x 24 + 256 x 240 = 64,512 = 168 x 384
+static_assert(128 * kProducerRegs + 256 * kConsumerRegs <= sm90::kRegisterPool<384>,
+              "attention_prefill_wgmma: the warpgroups' setmaxnreg budgets exceed the block's register pool");
 
 template <bool B>
 struct Masked {
@@ -81,6 +85,7 @@ struct Smem {
 // cp.async of R rows of D bf16 (row r from src + (first + r) * stride elements, zeros where
 // first + r >= limit) into the D / 64 swizzled chunks of `tile` (R * 128 bytes apart), by the 128
 // producer threads: thread p copies 16-byte chunk p % (D / 8) of rows p / (D / 8), + 128 / (D / 8), ...
+// Not unrolled: the producer runs in 24 registers.
 template <int D, int R>
 __device__ __forceinline__ void load_rows(u32 tile, const bf16* src, size_t stride, int first, int limit, int p) {
   constexpr int CPR = D / 8, RPP = 128 / CPR;  // 16-byte chunks per row, rows per pass
@@ -88,7 +93,7 @@ __device__ __forceinline__ void load_rows(u32 tile, const bf16* src, size_t stri
   const int c = p % CPR;
   const u32 dst = tile + u32(c / 8) * (R * 128);
   const bf16* col = src + c * 8;
-#pragma unroll 4
+#pragma unroll 1
   for (int r = p / CPR; r < R; r += RPP) {
     const int row = first + r;
     const bool ok = row < limit;
@@ -145,6 +150,7 @@ attention_prefill_wgmma(const q35k::bf16* __restrict__ q,        // [T, HQ, D] n
       mbar_init(v_full(s), 128);
       mbar_init(v_empty(s), 256);
     }
+    spin_trap_init();
   }
   __syncthreads();
 
@@ -161,14 +167,15 @@ attention_prefill_wgmma(const q35k::bf16* __restrict__ q,        // [T, HQ, D] n
     for (int j = 0; j < n_tiles; ++j) {
       const int s = j % STAGES;
       const u32 phase = u32((j / STAGES - 1) & 1);  // of the consumers' release of tile j - STAGES
-      if (j >= STAGES) mbar_wait(k_empty(s), phase);
+      if (j >= STAGES) mbar_wait(k_empty(s), phase, "k_empty", s);
       load_rows<D, BLOCK_N>(base + L::K + s * L::KV_BYTES, k_head, size_t(HKV) * D, j * BLOCK_N, kv_len, p);
       cp_async_mbar_arrive(k_full(s));
-      if (j >= STAGES) mbar_wait(v_empty(s), phase);
+      if (j >= STAGES) mbar_wait(v_empty(s), phase, "v_empty", s);
       load_rows<D, BLOCK_N>(base + L::V + s * L::KV_BYTES, v_head, size_t(HKV) * D, j * BLOCK_N, kv_len, p);
       cp_async_mbar_arrive(v_full(s));
     }
     attn::cp_async_wait<0>();
+    if (p == 0) spin_trap_watchdog(8);  // Q35_SPIN_TRAP only: the 8 consumer warps finish
   } else {
     // ---- consumers: warpgroup wg owns query rows m0 + 64 wg .. + 63 ----
     regs_inc<kConsumerRegs>();
@@ -189,14 +196,14 @@ attention_prefill_wgmma(const q35k::bf16* __restrict__ q,        // [T, HQ, D] n
 #pragma unroll
     for (int i = 0; i < BLOCK_N / 2; ++i) s[i] = 0.f;
     float m_run[2] = {-attn::inf(), -attn::inf()}, l_run[2] = {0.f, 0.f};  // rows g, g + 8 (raw score units)
-    mbar_wait(q_full, 0);
+    mbar_wait<false>(q_full, 0, "q_full");
 
     // Ping-pong: warpgroup 0 issues first; each issue point waits for the other warpgroup's previous
     // one (named barriers 1 + wg, 256 threads: 128 arrive, 128 sync). Both run n_tiles + 1 issue
     // points, so the arrivals and syncs pair up exactly.
     int turn = 0;
     auto issue_begin = [&]() {
-      if (PINGPONG && (wg == 1 || turn > 0)) named_bar_sync(1 + wg, 256);
+      if (PINGPONG && (wg == 1 || turn > 0)) named_bar_sync(1 + wg, 256, "ping-pong issue turn");
     };
     auto issue_end = [&]() {
       if (PINGPONG && (wg == 0 || turn < n_tiles)) named_bar_arrive(2 - wg, 256);
@@ -204,7 +211,7 @@ attention_prefill_wgmma(const q35k::bf16* __restrict__ q,        // [T, HQ, D] n
     };
     auto issue_s = [&](int j) {  // S = Q K_j^T
       const int st = j % STAGES;
-      mbar_wait(k_full(st), u32((j / STAGES) & 1));
+      mbar_wait<false>(k_full(st), u32((j / STAGES) & 1), "k_full", st);
       fence_proxy_async();  // the producer's cp.async writes (generic proxy) -> wgmma (async proxy)
       const u32 k_tile = base + L::K + st * L::KV_BYTES;
       wgmma_fence();
@@ -216,7 +223,7 @@ attention_prefill_wgmma(const q35k::bf16* __restrict__ q,        // [T, HQ, D] n
     };
     auto issue_pv = [&](int j) {  // O += P V_j
       const int st = j % STAGES;
-      mbar_wait(v_full(st), u32((j / STAGES) & 1));
+      mbar_wait<false>(v_full(st), u32((j / STAGES) & 1), "v_full", st);
       fence_proxy_async();
       const u32 v_tile = base + L::V + st * L::KV_BYTES;
       wgmma_fence();
@@ -309,6 +316,7 @@ attention_prefill_wgmma(const q35k::bf16* __restrict__ q,        // [T, HQ, D] n
     fence_regs(o);
     pin_frag(pf, never, base);
     mbar_arrive(v_empty((n_tiles - 1) % STAGES));
+    spin_trap_warp_done();
 
     // Epilogue: the 4 threads of a row hold disjoint columns of its sum.
 #pragma unroll

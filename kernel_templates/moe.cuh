@@ -9,7 +9,7 @@
 // codes uint8 [N, K] and scales fp32 [N, ceil(K/128)]. A weight matrix is passed as (const void* w,
 // const void* s) with s unused for bf16. Experts add a leading [E] to both.
 //
-// Decode, T <= 8 tokens, 3 launches (router, gate_up, down), chained with programmatic dependent
+// Decode, T <= 64 tokens (kMoeDecodeMaxTokens), 3 launches (router, gate_up, down), chained with programmatic dependent
 // launch (PDL, sm_90): each kernel prefetches the weights it knows before griddepcontrol.wait.
 //   moe_router          logits [T, E+1] fp32 (row E = shared_expert_gate), then softmax, top-k,
 //                       renormalise by the last block to finish -> ids, weights, shared_gate
@@ -18,8 +18,8 @@
 //   moe_decode_down     out[t] = bf16( sum_s w[t,s] * down_e . h[t,s] + shared_gate[t] * down_sh . h[t,k] )
 //                       (moe_decode_down_residual: added to the fp32 residual stream instead, and the
 //                       next RMSNorm by the last block, decode_fusion.cuh)
-// The two decode GEMVs run on tensor cores (mma_rows16_dot): a warp's 16 weight rows are the mma
-// A operand straight from the 16-byte loads, x is the B operand, fp32 accumulation.
+// The two decode GEMVs run on tensor cores (WarpRows16): a warp's 16 weight rows are the mma
+// A operand straight from the 16-byte loads, the tokens are the B operand, fp32 accumulation.
 // Prefill: moe_router, moe_align, 4 x moe_gemm, moe_combine.
 #include "common.cuh"
 #include "decode_fusion.cuh"
@@ -141,89 +141,162 @@ __device__ __forceinline__ void warp_rows_dot(const bf16* __restrict__ W, const 
 template <int GROUP, int KLEN>
 __device__ constexpr int row_bytes() { return int(WeightFormat<GROUP>::bytes(KLEN)); }
 
-// Dot products of 16 rows of a weight matrix W [*, K] (format GROUP, scales S) with x [K] bf16 over
-// k in [k0, k0 + KLEN), by one warp on tensor cores. Lane quad g = lane / 4 names rows row_lo (its
-// mma row g) and row_hi (mma row g + 8); every lane of the quad returns their sums in lo and hi.
-// The reduction order inside an mma is free, so each lane's weight vectors are its A fragments
+// 16 rows of a weight matrix W [*, K] (format GROUP) over k in [k0, k0 + KLEN), held in one warp's
+// registers and multiplied on tensor cores with any number of token vectors, TOKENS at a time (one mma
+// column tile). Lane quad g = lane / 4 names rows row_lo (mma row g) and row_hi (mma row g + 8).
+// The reduction order inside an mma is free, so each lane's 16-byte weight vector is its A fragment
 // as loaded: lane c = lane % 4 supplies k-slots {2c, 2c+1, 2c+8, 2c+9} of every mma from its own
-// vectors, and the B operand (x) follows the same k mapping.
-//   bf16: a step is 32 k (lane c: 8 k at 8c), 2 mmas; every B column is x, so D column 0 is the sum.
-//   W4A16 / FP8: a step is 128 k (lane c: the 32-value run c, in one scale group: 16 bytes of INT4
-//         or 32 of FP8 codes, weights.cuh Run32), 8 mmas; B column n holds x only for run n
-//         (n < 4), so D[row][n] is run n's unscaled sum, scaled once per step.
-// Every weight load of the warp is issued before the first mma (KLEN / 32 runs per lane over both
-// rows with K % 128 == 0).
+// vector, and the B operand (the tokens) follows the same k mapping; B column n is supplied by lane
+// quad n. One token's sums depend only on its own B column (an mma computes each D column from its
+// own B column), so they are the same whichever tokens share the tile and whatever column it takes:
+// a token's result does not depend on the other tokens of the call.
+//   bf16: a step is 32 k (lane c: 8 k at 8c), 2 mmas; column n = token n (TOKENS = 8).
+//   INT4: a step is 128 k (lane c: the 32-value chunk c), 8 mmas; GPS = 128 / GROUP group slots per
+//         step, column n = (token n / GPS, slot n % GPS) holds the token's x only in the chunks of its
+//         slot, so D[row][n] is one scale group's exact-product sum, scaled once per step (TOKENS =
+//         8 / GPS).
+//   FP8:  as INT4 with one 128-k scale block per step (GPS = 1, TOKENS = 8): lane c's chunk c is 32
+//         e4m3 codes (two 16-byte vectors, weights.cuh Run32), turned into exact bf16 operands; the
+//         step's fp32 block scale is applied once to each D column. A step must lie in one scale
+//         block: k0 a multiple of 128, or KLEN dividing 128 (tiles_moe.cpp checks the FP8 tiles).
+// load() issues every weight load of the warp (KLEN / 32 16-byte vectors per lane over both rows for
+// INT4, twice that for FP8) before any mma; dot() then streams the token vectors through L1.
+template <int GROUP>
+struct WarpRowsVec {  // a lane's weights of one step and row: 8 bf16 or a 32-value INT4 chunk
+  typedef uint4 type;
+};
+template <>
+struct WarpRowsVec<kFp8> {  // a 32-value chunk of FP8 codes
+  typedef Run32<kFp8> type;
+};
+
 template <int GROUP, int K, int KLEN>
-__device__ __forceinline__ void mma_rows16_dot(const void* __restrict__ W, const void* __restrict__ S, int row_lo,
-                                               int row_hi, const bf16* __restrict__ x, int k0, float& lo, float& hi) {
-  static_assert(KLEN % 32 == 0 && K % KLEN == 0, "mma_rows16_dot: KLEN must be a multiple of 32 dividing K");
-  const int lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
-  if constexpr (GROUP == 0) {
-    constexpr int STEPS = KLEN / 32;
-    const bf16* wl = static_cast<const bf16*>(W) + size_t(row_lo) * K + k0 + 8 * c;
-    const bf16* wh = static_cast<const bf16*>(W) + size_t(row_hi) * K + k0 + 8 * c;
-    const bf16* xc = x + k0 + 8 * c;
-    float d[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll 8
-    for (int st = 0; st < STEPS; ++st) {
-      const uint4 a = ld_stream_16(wl + 32 * st), b = ld_stream_16(wh + 32 * st), v = ld_global_16(xc + 32 * st);
-      const u32 f0[4] = {a.x, b.x, a.y, b.y}, f1[4] = {a.z, b.z, a.w, b.w};
-      mma_bf16_16816(d, f0, v.x, v.y);
-      mma_bf16_16816(d, f1, v.z, v.w);
-    }
-    lo = d[0];
-    hi = d[2];
-  } else {
-    using F = WeightFormat<GROUP>;
-    constexpr int STEPS = (KLEN + 127) / 128;
-    const unsigned char* wl = static_cast<const unsigned char*>(W) + size_t(row_lo) * F::bytes(K);
-    const unsigned char* wh = static_cast<const unsigned char*>(W) + size_t(row_hi) * F::bytes(K);
-    Run32<GROUP> ql[STEPS], qh[STEPS];
+struct WarpRows16 {
+  static_assert(KLEN % 32 == 0 && K % KLEN == 0, "WarpRows16: KLEN must be a multiple of 32 dividing K");
+  static_assert(GROUP != kFp8 || KLEN % 128 == 0 || 128 % KLEN == 0,
+                "WarpRows16: FP8 parts of K must start on a 128-k scale block (KLEN a multiple or a divisor of 128)");
+  using F = WeightFormat<GROUP>;
+  static constexpr int GPS = GROUP == 0 ? 1 : 128 / F::SCALE_K;  // mma columns per token
+  static constexpr int TOKENS = 8 / GPS;                         // tokens per mma column tile
+  static constexpr int STEPS = GROUP == 0 ? KLEN / 32 : (KLEN + 127) / 128;
+  typedef typename WarpRowsVec<GROUP>::type Vec;
+  typedef typename F::Scale Scale;  // bf16 (W4A16), fp32 (FP8)
+  Vec lo[STEPS], hi[STEPS];
+  const Scale* s_lo;
+  const Scale* s_hi;
+  int k0;
+
+  // Pairs 4w .. 4w + 3 of a quantized chunk as exact bf16x2 mma operands (before scaling).
+  static __device__ __forceinline__ void pairs(const uint4& v, int w, u32 (&p)[4]) {
+    int4x8_to_bf16x2(w == 0 ? v.x : w == 1 ? v.y : w == 2 ? v.z : v.w, p);
+  }
+  static __device__ __forceinline__ void pairs(const Run32<kFp8>& v, int w, u32 (&p)[4]) { v.pairs(w, p); }
+
+  __device__ __forceinline__ void load(const void* __restrict__ W, const void* __restrict__ S, int row_lo, int row_hi,
+                                       int k_begin) {
+    const int c = threadIdx.x % 4;
+    k0 = k_begin;
+    if constexpr (GROUP == 0) {
+      const bf16* wl = static_cast<const bf16*>(W) + size_t(row_lo) * K + k0 + 8 * c;
+      const bf16* wh = static_cast<const bf16*>(W) + size_t(row_hi) * K + k0 + 8 * c;
 #pragma unroll
-    for (int st = 0; st < STEPS; ++st) {
-      const int kc = k0 + st * 128 + 32 * c;  // this lane's run
-      ql[st].zero();
-      qh[st].zero();
-      if (KLEN % 128 == 0 || kc < k0 + KLEN) {
-        ql[st].load(wl + F::bytes(kc));
-        qh[st].load(wh + F::bytes(kc));
+      for (int st = 0; st < STEPS; ++st) lo[st] = ld_stream_16(wl + 32 * st), hi[st] = ld_stream_16(wh + 32 * st);
+    } else if constexpr (GROUP == kFp8) {
+      const unsigned char* wl = static_cast<const unsigned char*>(W) + size_t(row_lo) * K;
+      const unsigned char* wh = static_cast<const unsigned char*>(W) + size_t(row_hi) * K;
+#pragma unroll
+      for (int st = 0; st < STEPS; ++st) {
+        const int kc = k0 + st * 128 + 32 * c;  // this lane's chunk
+        lo[st].zero();
+        hi[st].zero();
+        if (KLEN % 128 == 0 || kc < k0 + KLEN) lo[st].load(wl + kc), hi[st].load(wh + kc);
       }
-    }
-    // D columns of this lane: runs 2c, 2c+1 (zero for c >= 2; their scale index is clamped in range).
-    const int n0 = (2 * c) & 3, n1 = (2 * c + 1) & 3;
-    const size_t sl = size_t(row_lo) * F::scales_per_row(K), sh = size_t(row_hi) * F::scales_per_row(K);
-    float acc_lo = 0.f, acc_hi = 0.f;
+      s_lo = static_cast<const Scale*>(S) + size_t(row_lo) * F::scales_per_row(K);
+      s_hi = static_cast<const Scale*>(S) + size_t(row_hi) * F::scales_per_row(K);
+    } else {
+      const u32* wl = static_cast<const u32*>(W) + size_t(row_lo) * (K / 8);
+      const u32* wh = static_cast<const u32*>(W) + size_t(row_hi) * (K / 8);
 #pragma unroll
-    for (int st = 0; st < STEPS; ++st) {
-      const int kb = k0 + st * 128, kc = kb + 32 * c;
-      uint4 xv[4] = {};
-      if (g == c && (KLEN % 128 == 0 || kc < k0 + KLEN)) {
-#pragma unroll
-        for (int w = 0; w < 4; ++w) xv[w] = ld_global_16(x + kc + 8 * w);
+      for (int st = 0; st < STEPS; ++st) {
+        const int kc = k0 + st * 128 + 32 * c;  // this lane's chunk
+        lo[st] = hi[st] = uint4{0u, 0u, 0u, 0u};
+        if (KLEN % 128 == 0 || kc < k0 + KLEN) lo[st] = ld_stream_16(wl + kc / 8), hi[st] = ld_stream_16(wh + kc / 8);
       }
+      s_lo = static_cast<const Scale*>(S) + size_t(row_lo) * (K / GROUP);
+      s_hi = static_cast<const Scale*>(S) + size_t(row_hi) * (K / GROUP);
+    }
+  }
+
+  // One column tile: this lane supplies column g = lane / 4 from xg (its token's vector [K]; nullptr:
+  // a zero column). store(token, row, v) gets each (token < TOKENS, row < 16) sum once, from one lane.
+  template <typename Store>
+  __device__ __forceinline__ void dot(const bf16* __restrict__ xg, Store&& store) const {
+    const int lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
+    if constexpr (GROUP == 0) {
       float d[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-      for (int w = 0; w < 4; ++w) {
-        u32 al[4], ah[4];
-        ql[st].pairs(w, al);
-        qh[st].pairs(w, ah);
-        const u32 f0[4] = {al[0], ah[0], al[1], ah[1]}, f1[4] = {al[2], ah[2], al[3], ah[3]};
-        mma_bf16_16816(d, f0, xv[w].x, xv[w].y);
-        mma_bf16_16816(d, f1, xv[w].z, xv[w].w);
+      for (int st = 0; st < STEPS; ++st) {
+        const uint4 v = xg ? ld_global_16(xg + k0 + 32 * st + 8 * c) : uint4{0u, 0u, 0u, 0u};
+        const u32 f0[4] = {lo[st].x, hi[st].x, lo[st].y, hi[st].y}, f1[4] = {lo[st].z, hi[st].z, lo[st].w, hi[st].w};
+        mma_bf16_16816(d, f0, v.x, v.y);
+        mma_bf16_16816(d, f1, v.z, v.w);
       }
-      const int last = k0 + KLEN - 32;
-      const int s0 = min(kb + 32 * n0, last) / F::SCALE_K, s1 = min(kb + 32 * n1, last) / F::SCALE_K;
-      acc_lo += F::scale(S, sl + s0) * d[0] + F::scale(S, sl + s1) * d[1];
-      acc_hi += F::scale(S, sh + s0) * d[2] + F::scale(S, sh + s1) * d[3];
+      store(2 * c, g, d[0]);
+      store(2 * c + 1, g, d[1]);
+      store(2 * c, g + 8, d[2]);
+      store(2 * c + 1, g + 8, d[3]);
+    } else {
+      // Column g carries x only in the chunks of its group slot g % GPS.
+      const bool on = xg != nullptr && c / (4 / GPS) == g % GPS;
+      // This lane's D columns 2c, 2c + 1: group slots j0, j1.
+      const int j0 = (2 * c) % GPS, j1 = (2 * c + 1) % GPS;
+      float acc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+      for (int st = 0; st < STEPS; ++st) {
+        const int kb = k0 + st * 128, kc = kb + 32 * c;
+        uint4 xv[4] = {};
+        if (on && (KLEN % 128 == 0 || kc < k0 + KLEN)) {
+#pragma unroll
+          for (int w = 0; w < 4; ++w) xv[w] = ld_global_16(xg + kc + 8 * w);
+        }
+        float d[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+        for (int w = 0; w < 4; ++w) {
+          u32 al[4], ah[4];
+          pairs(lo[st], w, al);
+          pairs(hi[st], w, ah);
+          const u32 f0[4] = {al[0], ah[0], al[1], ah[1]}, f1[4] = {al[2], ah[2], al[3], ah[3]};
+          mma_bf16_16816(d, f0, xv[w].x, xv[w].y);
+          mma_bf16_16816(d, f1, xv[w].z, xv[w].w);
+        }
+        // Scale indices clamped in range (a partial last step's missing chunks have zero sums).
+        const int last = k0 + KLEN - 32;
+        constexpr int SK = F::SCALE_K;
+        const int s0 = min(kb + SK * j0, last) / SK, s1 = min(kb + SK * j1, last) / SK;
+        acc[0] += F::scale(s_lo, s0) * d[0];
+        acc[1] += F::scale(s_lo, s1) * d[1];
+        acc[2] += F::scale(s_hi, s0) * d[2];
+        acc[3] += F::scale(s_hi, s1) * d[3];
+      }
+      if constexpr (GPS == 1) {
+        store(2 * c, g, acc[0]);
+        store(2 * c + 1, g, acc[1]);
+        store(2 * c, g + 8, acc[2]);
+        store(2 * c + 1, g + 8, acc[3]);
+      } else {
+        float vlo = acc[0] + acc[1], vhi = acc[2] + acc[3];  // columns 2c, 2c + 1: one token
+        if constexpr (GPS == 4) {  // the token's other two columns sit in lane c ^ 1
+          vlo += __shfl_xor_sync(0xffffffffu, vlo, 1);
+          vhi += __shfl_xor_sync(0xffffffffu, vhi, 1);
+        }
+        if (GPS == 2 || c % 2 == 0) {
+          store(2 * c / GPS, g, vlo);
+          store(2 * c / GPS, g + 8, vhi);
+        }
+      }
     }
-    acc_lo += __shfl_xor_sync(0xffffffffu, acc_lo, 1);
-    acc_lo += __shfl_xor_sync(0xffffffffu, acc_lo, 2);
-    acc_hi += __shfl_xor_sync(0xffffffffu, acc_hi, 1);
-    acc_hi += __shfl_xor_sync(0xffffffffu, acc_hi, 2);
-    lo = acc_lo;
-    hi = acc_hi;
   }
-}
+};
 
 }  // namespace q35k
 
@@ -294,20 +367,98 @@ __device__ __forceinline__ void route_token(const float* lt, float sg_logit, int
 
 }  // namespace q35k
 
+namespace q35k {
+
+// The decode path's work list, grouped by expert (built by moe_router, read by the decode GEMVs):
+//   plan[0]                 U, the routed experts the T tokens chose (distinct)
+//   plan[1 + u]             expert of u, u < U, in increasing expert order
+//   plan[1 + E + u]         start of u's pairs in the pair list (u <= U; plan[1 + E + U] = T * TOPK)
+//   plan[2 + 2E + i]        pair list: pair index t * TOPK + s, grouped by expert, each expert's by
+//                           increasing token
+// Built by one block of THREADS threads from ids [T, TOPK] (written by this grid: read through L2).
+template <int E, int TOPK, int THREADS>
+__device__ __forceinline__ void moe_build_plan(const int* ids, int T, int* __restrict__ plan) {
+  static_assert(TOPK >= 1 && TOPK <= 32, "moe_build_plan: TOPK must be in [1, 32]");
+  constexpr int EPL = (E + 31) / 32;  // experts per lane in the scan
+  __shared__ int count[E];            // pairs per expert, then each expert's next free position
+  const int tid = threadIdx.x, lane = tid % 32;
+  int* const expert = plan + 1;
+  int* const start = plan + 1 + E;
+  int* const pairs = plan + 2 + 2 * E;
+  for (int e = tid; e < E; e += THREADS) count[e] = 0;
+  __syncthreads();
+  const int P = T * TOPK;
+  for (int i = tid; i < P; i += THREADS) atomicAdd(&count[__ldcg(ids + i)], 1);
+  __syncthreads();
+  if (tid < 32) {  // one warp: each lane a run of EPL experts, then exclusive scans over the lanes
+    int own_u = 0, own_p = 0;
+#pragma unroll
+    for (int i = 0; i < EPL; ++i) {
+      const int e = lane * EPL + i;
+      if (e < E) own_u += count[e] > 0, own_p += count[e];
+    }
+    int inc_u = own_u, inc_p = own_p;
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) {
+      const int vu = __shfl_up_sync(0xffffffffu, inc_u, off), vp = __shfl_up_sync(0xffffffffu, inc_p, off);
+      if (lane >= off) inc_u += vu, inc_p += vp;
+    }
+    int u = inc_u - own_u, p = inc_p - own_p;
+#pragma unroll
+    for (int i = 0; i < EPL; ++i) {
+      const int e = lane * EPL + i;
+      if (e < E && count[e] > 0) {
+        expert[u] = e;
+        start[u] = p;
+        p += count[e];
+        count[e] = p - count[e];
+        ++u;
+      }
+    }
+    if (lane == 31) {
+      plan[0] = inc_u;
+      start[inc_u] = inc_p;
+    }
+    __syncwarp();
+    // Scatter in token order: a pass takes 32 / TOPK whole tokens (a token's experts are distinct);
+    // lanes of one pass with the same expert take consecutive places in lane order.
+    constexpr int PER = 32 / TOPK;
+    for (int t0 = 0; t0 < T; t0 += PER) {
+      const int t = t0 + lane / TOPK, s = lane % TOPK;
+      const bool on = lane < PER * TOPK && t < T;
+      const int e = on ? __ldcg(ids + t * TOPK + s) : -1 - lane;
+      const unsigned same = __match_any_sync(0xffffffffu, e);
+      const int rank = __popc(same & ((1u << lane) - 1u));
+      const int at = on ? count[e] + rank : 0;
+      __syncwarp();
+      if (on) {
+        pairs[at] = t * TOPK + s;
+        if (rank == __popc(same) - 1) count[e] = at + 1;
+      }
+      __syncwarp();
+    }
+  }
+}
+
+}  // namespace q35k
+
 // ---- router: logits, softmax, top-k, renormalise; plus the shared expert's sigmoid gate ----
 // x [T, H] bf16; w_router [E, H] bf16; w_sg [1, H] bf16 (shared_expert_gate);
 // logits [T, E+1] fp32 scratch; counters [ceil(T / M_TILE)] int32, zero before the first launch and
 // left zero by every launch (graph-safe); ids [T, TOPK] int32 and weights [T, TOPK] fp32, by
 // decreasing probability (equal probabilities: lower expert first), weights renormalised to sum 1;
-// shared_gate [T] fp32 = sigmoid(x . w_sg).
+// shared_gate [T] fp32 = sigmoid(x . w_sg); plan int32 [moe_plan_ints(E, T, TOPK)], the decode
+// path's expert-grouped work list (moe_build_plan); plan_ticket int32 [1], zero between launches.
 // Grid: (ceil((E / ROWS + 1) / WARPS), ceil(T / M_TILE)); block WARPS * 32. Warp g < E / ROWS computes
 // router rows g*ROWS .. +ROWS-1, warp E / ROWS the shared gate, for M_TILE tokens. The last block of a
-// token tile to finish (atomic ticket) runs softmax + top-k, one warp per token.
+// token tile to finish (atomic ticket) runs softmax + top-k, one warp per token; the last of those
+// (a second ticket when there are several token tiles) builds the plan.
 template <int H, int E, int TOPK, int M_TILE, int ROWS, int WARPS>
 __global__ void __launch_bounds__(WARPS * 32)
 moe_router(const q35k::bf16* __restrict__ x, const q35k::bf16* __restrict__ w_router,
            const q35k::bf16* __restrict__ w_sg, float* __restrict__ logits, int* __restrict__ counters,
-           int* __restrict__ ids, float* __restrict__ weights, float* __restrict__ shared_gate, int T) {
+           int* __restrict__ ids, float* __restrict__ weights, float* __restrict__ shared_gate,
+           int* __restrict__ plan, int* plan_ticket, int T) {
   static_assert(E % ROWS == 0, "moe_router: E must be a multiple of ROWS");
   static_assert(TOPK >= 1 && TOPK <= E && TOPK <= 32, "moe_router: TOPK must be in [1, min(E, 32)]");
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -353,6 +504,18 @@ moe_router(const q35k::bf16* __restrict__ x, const q35k::bf16* __restrict__ w_ro
     const float* lt = logits + size_t(t) * (E + 1);
     q35k::route_token<E, TOPK>(lt, __ldcg(lt + E), t, ids, weights, shared_gate);
   }
+
+  // Every token routed (this tile's by this block; the others' before their ticket) -> the plan.
+  __threadfence();
+  __syncthreads();
+  if (gridDim.y > 1) {
+    if (threadIdx.x == 0) is_last = atomicAdd(plan_ticket, 1) == int(gridDim.y) - 1;
+    __syncthreads();
+    if (!is_last) return;
+    if (threadIdx.x == 0) *plan_ticket = 0;
+    __threadfence();
+  }
+  q35k::moe_build_plan<E, TOPK, WARPS * 32>(ids, T, plan);
 }
 
 // ---- router top-k after a GEMM (prefill): logits [T, E] fp32 from gemm_bf16 / gemm_wgmma (x . w_router^T) ----
@@ -378,157 +541,223 @@ moe_router_topk(const q35k::bf16* __restrict__ x, const q35k::bf16* __restrict__
   q35k::route_token<E, TOPK>(logits + size_t(t) * E, sg, t, ids, weights, shared_gate);
 }
 
-// ---- decode: gate|up for the k routed experts and the shared expert ----
-// x [T, H] bf16; ids [T, TOPK]; gate_up [E, 2I, H] (rows gate 0..I-1, up I..2I-1);
-// shared_gate_up [2IS, H] (rows gate | up); h [T, TOPK*I + IS] bf16 (slot s at s*I, shared at TOPK*I).
-// Grid: ((TOPK*I + IS) / 8, T); block KSPLIT * 32. A block owns 8 consecutive h values of one token
-// (never straddling two slots): the 16 weight rows gate j..j+7 | up j..j+7 as one mma tile. Warp w
-// takes k in [w, w + 1) * H / KSPLIT; the block sums the KSPLIT partial sums in shared memory.
-template <int GROUP, int H, int I, int IS, int TOPK, int KSPLIT>
+// ---- decode: gate|up, each touched expert once for all its tokens ----
+// x [T, H] bf16; plan (moe_build_plan); gate_up [E, 2I, H] (rows gate 0..I-1, up I..2I-1);
+// shared_gate_up [2IS, H] (rows gate | up); h [T, TOPK*I + IS] bf16 (slot s at s*I, shared at TOPK*I):
+//   h[t, s*I + i] = bf16(silu(gate_e . x_t) * (up_e . x_t)), e = ids[t, s]; the shared expert likewise.
+// Grid: (max(I, IS) / 8, 1 + min(E, T * TOPK)); block KSPLIT * 32; dynamic shared memory
+// KSPLIT * T * 16 * 4 bytes. Block (j, u) owns h values 8j .. 8j + 7 of expert u (u = 0: the shared
+// expert, which every token uses; u >= 1: the plan's routed expert u - 1; blocks past the plan's
+// count exit): the 16 weight rows gate 8j.. | up 8j.. as one mma tile, read once, times the expert's
+// tokens in column tiles of TOKENS. Warp w takes k in [w, w + 1) * H / KSPLIT; the block sums the
+// KSPLIT parts in warp order. A token's h values do not depend on which other tokens the call has.
+template <int GROUP, int H, int I, int IS, int E, int TOPK, int KSPLIT>
 __global__ void __launch_bounds__(KSPLIT * 32)
-moe_decode_gate_up(const q35k::bf16* __restrict__ x, const int* __restrict__ ids,
+moe_decode_gate_up(const q35k::bf16* __restrict__ x, const int* __restrict__ plan,
                    const void* __restrict__ gate_up_w, const void* __restrict__ gate_up_s,
                    const void* __restrict__ shared_w, const void* __restrict__ shared_s,
                    q35k::bf16* __restrict__ h, int T) {
   static_assert(I % 8 == 0 && IS % 8 == 0, "moe_decode_gate_up: I and IS must be multiples of 8");
   static_assert(H % (32 * KSPLIT) == 0, "moe_decode_gate_up: H must be a multiple of 32 * KSPLIT");
   using F = q35k::WeightFormat<GROUP>;
+  using Rows = q35k::WarpRows16<GROUP, H, H / KSPLIT>;
   constexpr int HW = TOPK * I + IS;  // h values per token
   constexpr int KLEN = H / KSPLIT;
-  __shared__ float part[KSPLIT][16];
+  extern __shared__ float part[];  // [KSPLIT][tokens][16]: each warp's sums, gate rows 0..7, up 8..15
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4;
   const int j0 = blockIdx.x * 8;
-  const int t = blockIdx.y;
-  const int k0 = warp * KLEN;
-
-  const bool shared = j0 >= TOPK * I;
-  const int slot = shared ? TOPK : j0 / I;
+  const bool shared = blockIdx.y == 0;
   const int n_inter = shared ? IS : I;
-  const int jj = shared ? j0 - TOPK * I : j0 - slot * I;  // row within the expert's gate block
-  constexpr int RB = q35k::row_bytes<GROUP, KLEN>();
-  if (shared)  // its weights are known before the router finished
-    q35k::prefetch_l2_rows16<RB>(shared_w, q35k::row_bytes<GROUP, H>(), jj, IS + jj, warp * RB);
+  if (j0 >= n_inter) return;
+  if (shared) {  // its weights are known before the router finished
+    constexpr int RB = q35k::row_bytes<GROUP, KLEN>();
+    q35k::prefetch_l2_rows16<RB>(shared_w, q35k::row_bytes<GROUP, H>(), j0, IS + j0, warp * RB);
+  }
   q35k::moe_pdl_wait();
   q35k::moe_pdl_launch_dependents();
 
-  const void* W;
-  const void* S;
-  if (shared) {
-    W = shared_w;
-    S = shared_s;
-  } else {
-    const int e = ids[size_t(t) * TOPK + slot];
+  const int* const pairs = plan + 2 + 2 * E;
+  const void* W = shared_w;
+  const void* S = shared_s;
+  int begin = 0, n = T;  // the expert's pairs [begin, begin + n) (shared: every token)
+  if (!shared) {
+    const int u = int(blockIdx.y) - 1;
+    if (u >= plan[0]) return;
+    const int e = plan[1 + u];
+    begin = plan[1 + E + u];
+    n = plan[2 + E + u] - begin;
     W = F::template matrix<2 * I, H>(gate_up_w, e);
     S = F::template scales<2 * I, H>(gate_up_s, e);
   }
-  float gate, up;
-  q35k::mma_rows16_dot<GROUP, H, KLEN>(W, S, jj + g, n_inter + jj + g, x + size_t(t) * H, k0, gate, up);
-  if (lane % 4 == 0) {
-    part[warp][g] = gate;
-    part[warp][8 + g] = up;
+  float* const mine = part + size_t(warp) * n * 16;
+  for (int c0 = 0; c0 < n; c0 += Rows::TOKENS) {
+    // The weights are loaded per column tile (from L2 after the first), so that their registers free
+    // up as the steps consume them: the usual one tile (at most TOKENS tokens) reads them once.
+    Rows rows;
+    rows.load(W, S, j0 + g, n_inter + j0 + g, warp * KLEN);
+    const int i = c0 + g / Rows::GPS;  // this lane's column's token (position in the expert's list)
+    const int t = i < n ? (shared ? i : pairs[begin + i] / TOPK) : 0;
+    rows.dot(i < n ? x + size_t(t) * H : nullptr, [&](int tok, int r, float v) {
+      if (c0 + tok < n) mine[(c0 + tok) * 16 + r] = v;
+    });
   }
   __syncthreads();
-  if (threadIdx.x < 8) {
-    const int r = threadIdx.x;
+  for (int o = threadIdx.x; o < n * 8; o += KSPLIT * 32) {
+    const int i = o / 8, r = o % 8;
     float gs = 0.f, us = 0.f;
 #pragma unroll
-    for (int w = 0; w < KSPLIT; ++w) gs += part[w][r], us += part[w][8 + r];
-    h[size_t(t) * HW + j0 + r] = q35k::f32_to_bf16(q35k::silu(gs) * us);
+    for (int w = 0; w < KSPLIT; ++w) gs += part[(size_t(w) * n + i) * 16 + r], us += part[(size_t(w) * n + i) * 16 + 8 + r];
+    const int pair = shared ? 0 : pairs[begin + i];
+    const int t = shared ? i : pair / TOPK, col = shared ? TOPK * I : pair % TOPK * I;
+    h[size_t(t) * HW + col + j0 + r] = q35k::f32_to_bf16(q35k::silu(gs) * us);
   }
 }
 
-// ---- decode: down for the k routed experts and the shared expert, weighted sum, one write ----
-// h [T, TOPK*I + IS] bf16; ids [T, TOPK]; weights [T, TOPK] fp32; shared_gate [T] fp32;
-// down [E, H, I]; shared_down [H, IS]; out [T, H] bf16.
-// Grid: (H / 16, T); block (TOPK + 1) * KSPLIT * 32. A block owns 16 output rows of one token (one
-// mma tile); warp w takes expert slot w / KSPLIT (slot TOPK = shared) over the k part w % KSPLIT, so
-// every weight load of the block is independent. The block then sums the parts in slot order
-// (deterministic, no atomics) and writes each output once.
+// ---- decode: down, each touched expert once for all its tokens; weighted sum, one write ----
+// h [T, TOPK*I + IS] bf16; plan; weights [T, TOPK] fp32; shared_gate [T] fp32; down [E, H, I];
+// shared_down [H, IS]; out [T, H] bf16:
+//   out[t] = bf16( shared_gate[t] * down_sh . h[t, sh] + sum_s weights[t, s] * down_{ids[t,s]} . h[t, s] )
+// summed in that order (the shared expert, then the slots in order) over fp32 per-(token, slot) sums.
+// Grid: (H / 16); block (TOPK + 1) * KSPLIT * 32; dynamic shared memory moe_down_smem_bytes. A block
+// owns 16 output rows (one mma tile) for every token: warp group q = w / KSPLIT takes experts
+// u = q, q + TOPK + 1, ... (u = 0: the shared expert, u >= 1: the plan's routed expert u - 1), its
+// KSPLIT warps one part of I each, with that expert's tokens in column tiles; per tile the group sums
+// its KSPLIT parts in warp order (named barrier 1 + q) into the block's per-(token, slot) sums. The
+// next expert's rows are pulled into L2 while a group computes. The block then combines each token.
 namespace q35k {
 
-// The block's 16 outputs of one token; store(t, n, v) receives each (fp32 sum).
-template <int GROUP, int H, int I, int IS, int TOPK, int KSPLIT, typename Store>
-__device__ __forceinline__ void moe_decode_down_block(const bf16* __restrict__ h, const int* __restrict__ ids,
+// Dynamic shared memory of moe_decode_down for T tokens: the per-(token, slot) sums [T][TOPK + 1][16]
+// and the groups' parts [TOPK + 1][KSPLIT][8][16], fp32.
+__host__ __device__ constexpr int moe_down_smem_bytes(int T, int TOPK, int KSPLIT) {
+  return (T * (TOPK + 1) * 16 + (TOPK + 1) * KSPLIT * 8 * 16) * 4;
+}
+
+__device__ __forceinline__ void named_barrier(int id, int threads) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+
+// The block's 16 outputs of every token; store(t, n, v) receives each (fp32 sum).
+template <int GROUP, int H, int I, int IS, int E, int TOPK, int KSPLIT, typename Store>
+__device__ __forceinline__ void moe_decode_down_block(const bf16* __restrict__ h, const int* __restrict__ plan,
                                                       const float* __restrict__ weights,
                                                       const float* __restrict__ shared_gate,
                                                       const void* __restrict__ down_w, const void* __restrict__ down_s,
                                                       const void* __restrict__ shared_w,
-                                                      const void* __restrict__ shared_s, Store&& store) {
+                                                      const void* __restrict__ shared_s, int T, Store&& store) {
   static_assert(H % 16 == 0, "moe_decode_down: H must be a multiple of 16");
   static_assert(I % (32 * KSPLIT) == 0 && IS % (32 * KSPLIT) == 0,
                 "moe_decode_down: I and IS must be multiples of 32 * KSPLIT");
+  static_assert(KSPLIT == 1 || TOPK + 1 <= 15, "moe_decode_down: one named barrier per expert group (at most 15)");
   using F = q35k::WeightFormat<GROUP>;
+  using Routed = q35k::WarpRows16<GROUP, I, I / KSPLIT>;
+  using Shared = q35k::WarpRows16<GROUP, IS, IS / KSPLIT>;
+  static_assert(Routed::TOKENS == Shared::TOKENS, "one column tile size");
+  constexpr int TOKENS = Routed::TOKENS, GPS = Routed::GPS;
   constexpr int HW = TOPK * I + IS;
-  __shared__ float part[TOPK + 1][KSPLIT][16];  // per-expert rows, before the routing weight
+  constexpr int GROUPS = TOPK + 1;
+  extern __shared__ float smem[];
+  float* const sums = smem;                               // [T][TOPK + 1][16]
+  float* const parts = smem + size_t(T) * GROUPS * 16;  // [GROUPS][KSPLIT][8][16]
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4;
-  const int s = warp / KSPLIT, kp = warp % KSPLIT;
+  const int q = warp / KSPLIT, kp = warp % KSPLIT;
   const int n0 = blockIdx.x * 16;
-  const int t = blockIdx.y;
+  const int* const pairs = plan + 2 + 2 * E;
 
-  if (s == TOPK) {  // the shared expert's weights are known before gate_up finished
+  if (q == 0) {  // the shared expert's weights are known before gate_up finished
     constexpr int RB = q35k::row_bytes<GROUP, IS / KSPLIT>();
     q35k::prefetch_l2_rows16<RB>(shared_w, q35k::row_bytes<GROUP, IS>(), n0, n0 + 8, kp * RB);
   }
   q35k::moe_pdl_wait();
   q35k::moe_pdl_launch_dependents();
 
-  float lo, hi;
-  const q35k::bf16* hs = h + size_t(t) * HW + s * I;
-  if (s == TOPK) {
-    q35k::mma_rows16_dot<GROUP, IS, IS / KSPLIT>(shared_w, shared_s, n0 + g, n0 + 8 + g, hs, kp * (IS / KSPLIT), lo, hi);
-  } else {
-    const int e = ids[size_t(t) * TOPK + s];
-    q35k::mma_rows16_dot<GROUP, I, I / KSPLIT>(F::template matrix<H, I>(down_w, e), F::template scales<H, I>(down_s, e),
-                                               n0 + g, n0 + 8 + g, hs, kp * (I / KSPLIT), lo, hi);
-  }
-  if (lane % 4 == 0) {
-    part[s][kp][g] = lo;
-    part[s][kp][8 + g] = hi;
+  const int experts = 1 + plan[0];
+  float* const mine = parts + (size_t(q) * KSPLIT + kp) * 8 * 16;
+  for (int u = q; u < experts; u += GROUPS) {
+    const bool sh = u == 0;
+    const int begin = sh ? 0 : plan[E + u], n = sh ? T : plan[E + u + 1] - begin;
+    // The sum of token (list position) i goes to sums[t][slot] (the shared expert: slot TOPK).
+    auto sum_at = [&](int i) {
+      const int pair = sh ? 0 : pairs[begin + i];
+      return sh ? size_t(i) * GROUPS + TOPK : size_t(pair / TOPK) * GROUPS + pair % TOPK;
+    };
+    auto h_at = [&](int i) {
+      const int pair = sh ? 0 : pairs[begin + i];
+      return sh ? h + size_t(i) * HW + TOPK * I : h + size_t(pair / TOPK) * HW + size_t(pair % TOPK) * I;
+    };
+    if (u + GROUPS < experts) {  // the group's next expert into L2
+      constexpr int RB = q35k::row_bytes<GROUP, I / KSPLIT>();
+      const void* next = F::template matrix<H, I>(down_w, plan[u + GROUPS]);
+      q35k::prefetch_l2_rows16<RB>(next, q35k::row_bytes<GROUP, I>(), n0, n0 + 8, kp * RB);
+    }
+    // Per column tile: the weights (from L2 after the first tile, so their registers free up as the
+    // steps consume them), then the tokens.
+    auto tiles = [&](auto rows, const void* W, const void* S, int k0) {
+      for (int c0 = 0; c0 < n; c0 += TOKENS) {
+        rows.load(W, S, n0 + g, n0 + 8 + g, k0);
+        const int i = c0 + g / GPS;
+        if constexpr (KSPLIT == 1) {
+          rows.dot(i < n ? h_at(i) : nullptr, [&](int tok, int r, float v) {
+            if (c0 + tok < n) sums[sum_at(c0 + tok) * 16 + r] = v;
+          });
+        } else {
+          rows.dot(i < n ? h_at(i) : nullptr, [&](int tok, int r, float v) { mine[tok * 16 + r] = v; });
+          q35k::named_barrier(1 + q, KSPLIT * 32);
+          for (int o = kp * 32 + lane; o < TOKENS * 16; o += KSPLIT * 32) {
+            const int tok = o / 16, r = o % 16;
+            if (c0 + tok >= n) continue;
+            float v = 0.f;
+#pragma unroll
+            for (int k = 0; k < KSPLIT; ++k) v += parts[((size_t(q) * KSPLIT + k) * 8 + tok) * 16 + r];
+            sums[sum_at(c0 + tok) * 16 + r] = v;
+          }
+          q35k::named_barrier(1 + q, KSPLIT * 32);
+        }
+      }
+    };
+    if (sh) {
+      tiles(Shared{}, shared_w, shared_s, kp * (IS / KSPLIT));
+    } else {
+      const int e = plan[u];
+      tiles(Routed{}, F::template matrix<H, I>(down_w, e), F::template scales<H, I>(down_s, e), kp * (I / KSPLIT));
+    }
   }
   __syncthreads();
-  if (threadIdx.x < 16) {
-    const int r = threadIdx.x;
-    float sh = 0.f;
+  for (int o = threadIdx.x; o < T * 16; o += GROUPS * KSPLIT * 32) {
+    const int t = o / 16, r = o % 16;
+    const float* st = sums + size_t(t) * GROUPS * 16 + r;
+    float acc = shared_gate[t] * st[TOPK * 16];
 #pragma unroll
-    for (int k = 0; k < KSPLIT; ++k) sh += part[TOPK][k][r];
-    float acc = shared_gate[t] * sh;
-#pragma unroll
-    for (int e = 0; e < TOPK; ++e) {
-      float v = 0.f;
-#pragma unroll
-      for (int k = 0; k < KSPLIT; ++k) v += part[e][k][r];
-      acc += weights[size_t(t) * TOPK + e] * v;
-    }
+    for (int s = 0; s < TOPK; ++s) acc += weights[size_t(t) * TOPK + s] * st[s * 16];
     store(t, n0 + r, acc);
   }
 }
 
 }  // namespace q35k
 
-template <int GROUP, int H, int I, int IS, int TOPK, int KSPLIT>
-__global__ void __launch_bounds__((TOPK + 1) * KSPLIT * 32)
-moe_decode_down(const q35k::bf16* __restrict__ h, const int* __restrict__ ids, const float* __restrict__ weights,
+template <int GROUP, int H, int I, int IS, int E, int TOPK, int KSPLIT>
+__global__ void __launch_bounds__((TOPK + 1) * KSPLIT * 32, 1)
+moe_decode_down(const q35k::bf16* __restrict__ h, const int* __restrict__ plan, const float* __restrict__ weights,
                 const float* __restrict__ shared_gate, const void* __restrict__ down_w,
                 const void* __restrict__ down_s, const void* __restrict__ shared_w,
                 const void* __restrict__ shared_s, q35k::bf16* __restrict__ out, int T) {
-  q35k::moe_decode_down_block<GROUP, H, I, IS, TOPK, KSPLIT>(
-      h, ids, weights, shared_gate, down_w, down_s, shared_w, shared_s,
+  q35k::moe_decode_down_block<GROUP, H, I, IS, E, TOPK, KSPLIT>(
+      h, plan, weights, shared_gate, down_w, down_s, shared_w, shared_s, T,
       [&](int t, int n, float v) { out[size_t(t) * H + n] = q35k::f32_to_bf16(v); });
 }
 
 // moe_decode_down with the residual epilogue of decode_fusion.cuh: residual fp32 [T, H] += bf16(out),
 // then the last block writes normed [T, H] bf16 = RMSNorm(residual) with norm_w [H] bf16 (the next
 // layer's input norm, or the final norm); counter int32 [1], zero between launches.
-template <int GROUP, int H, int I, int IS, int TOPK, int KSPLIT>
-__global__ void __launch_bounds__((TOPK + 1) * KSPLIT * 32)
-moe_decode_down_residual(const q35k::bf16* __restrict__ h, const int* __restrict__ ids,
+template <int GROUP, int H, int I, int IS, int E, int TOPK, int KSPLIT>
+__global__ void __launch_bounds__((TOPK + 1) * KSPLIT * 32, 1)
+moe_decode_down_residual(const q35k::bf16* __restrict__ h, const int* __restrict__ plan,
                          const float* __restrict__ weights, const float* __restrict__ shared_gate,
                          const void* __restrict__ down_w, const void* __restrict__ down_s,
                          const void* __restrict__ shared_w, const void* __restrict__ shared_s, float* residual,
                          const q35k::bf16* __restrict__ norm_w, q35k::bf16* __restrict__ normed, int* counter,
                          float eps, int T) {
-  q35k::moe_decode_down_block<GROUP, H, I, IS, TOPK, KSPLIT>(
-      h, ids, weights, shared_gate, down_w, down_s, shared_w, shared_s,
+  q35k::moe_decode_down_block<GROUP, H, I, IS, E, TOPK, KSPLIT>(
+      h, plan, weights, shared_gate, down_w, down_s, shared_w, shared_s, T,
       [&](int t, int n, float v) { q35k::residual_add_bf16(residual, size_t(t) * H + n, v); });
   q35k::residual_rmsnorm_last_block<H, (TOPK + 1) * KSPLIT * 32>(residual, norm_w, normed, counter, eps, T);
 }

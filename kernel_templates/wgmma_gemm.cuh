@@ -410,6 +410,7 @@ gemm_wgmma(const q35k::bf16* __restrict__ A, const void* __restrict__ W, const v
         mbar_init(full + 8 * s, 128);
         mbar_init(empty + 8 * s, CONSUMERS);
       }
+      spin_trap_init();  // Q35_SPIN_TRAP only
     }
     __syncthreads();
     // PERSIST: a block runs tiles blockIdx.x, + gridDim.x, ... (row block mb = tile / NB, column block

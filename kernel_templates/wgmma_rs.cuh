@@ -223,6 +223,7 @@ gemm_wgmma_rs(const q35k::bf16* __restrict__ A, const void* __restrict__ W, cons
       mbar_init(full + 8 * s, 128);
       mbar_init(empty + 8 * s, CONSUMERS);
     }
+    spin_trap_init();  // Q35_SPIN_TRAP only
   }
   __syncthreads();
   if (wg == WGN) {

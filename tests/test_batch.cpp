@@ -5,6 +5,7 @@
 // experts a batch routes to).
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "models/qwen35/batch.h"
@@ -19,13 +20,14 @@ using q35::test::config_tiny;
 using q35::test::contains;
 using q35::test::error_of;
 
-TEST_CASE("batched decode graph buckets: powers of two below max_batch, then max_batch") {
+TEST_CASE("batched decode graph buckets: powers of two below min(max_batch, 64), then that bound") {
   CHECK(decode_buckets(1) == std::vector<int>{1});
   CHECK(decode_buckets(2) == std::vector<int>{1, 2});
   CHECK(decode_buckets(16) == std::vector<int>{1, 2, 4, 8, 16});
   CHECK(decode_buckets(64) == std::vector<int>{1, 2, 4, 8, 16, 32, 64});
   CHECK(decode_buckets(48) == std::vector<int>{1, 2, 4, 8, 16, 32, 48});
-  CHECK(decode_buckets(kMaxBatch).back() == kMaxBatch);
+  CHECK(decode_buckets(100) == std::vector<int>{1, 2, 4, 8, 16, 32, 64});  // a step runs at most 64 rows
+  CHECK(decode_buckets(kMaxBatch).back() == kMaxStepRows);
   // A step of n sequences replays the smallest bucket holding n rows (the rest are padding).
   CHECK(decode_bucket(1, 64) == 1);
   CHECK(decode_bucket(2, 64) == 2);
@@ -38,7 +40,7 @@ TEST_CASE("batched decode graph buckets: powers of two below max_batch, then max
   CHECK(decode_bucket(7, 7) == 7);
   for (int max_batch : {1, 3, 16, 48, 64, 100}) {
     int graphs = 0;
-    for (int n = 1; n <= max_batch; ++n) {
+    for (int n = 1; n <= std::min(max_batch, kMaxStepRows); ++n) {
       const int b = decode_bucket(n, max_batch);
       CHECK(b >= n);
       CHECK(b <= max_batch);
@@ -51,6 +53,28 @@ TEST_CASE("batched decode graph buckets: powers of two below max_batch, then max
   CHECK(contains(error_of([] { decode_buckets(1025); }), "--max-batch 1025"));
   CHECK(contains(error_of([] { decode_bucket(0, 8); }), "0 sequences for 8 slots (--max-batch 8)"));
   CHECK(contains(error_of([] { decode_bucket(9, 8); }), "9 sequences for 8 slots (--max-batch 8)"));
+  CHECK(contains(error_of([] { decode_bucket(65, 128); }), "a step of 65 rows is more than the 64"));
+}
+
+TEST_CASE("a batch of more sequences than one step runs splits into consecutive groups of at most 64 rows") {
+  using G = std::vector<std::pair<int, int>>;
+  CHECK(step_groups(1, 1) == G{{0, 1}});
+  CHECK(step_groups(64, 64) == G{{0, 64}});
+  CHECK(step_groups(65, 128) == G{{0, 64}, {64, 1}});
+  CHECK(step_groups(200, 1024) == G{{0, 64}, {64, 64}, {128, 64}, {192, 8}});
+  for (int n : {1, 63, 64, 65, 127, 128, 129, 1000}) {
+    int covered = 0;
+    for (const auto& [first, count] : step_groups(n, kMaxBatch)) {
+      CHECK(first == covered);
+      CHECK(count >= 1);
+      CHECK(count <= kMaxStepRows);
+      CHECK(decode_bucket(count, kMaxBatch) >= count);
+      covered += count;
+    }
+    CHECK(covered == n);
+  }
+  CHECK(contains(error_of([] { step_groups(0, 8); }), "0 sequences for 8 slots"));
+  CHECK(contains(error_of([] { step_groups(9, 8); }), "9 sequences for 8 slots"));
 }
 
 TEST_CASE("a slot's state: K/V rows of max_context tokens, DeltaNet conv ring and fp32 state") {

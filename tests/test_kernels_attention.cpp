@@ -5,7 +5,10 @@
 // spills, with HGMMA (V read MN-major) in its SASS and the softmax scheduled under the P V wgmma.
 #include <doctest/doctest.h>
 
+#include <fmt/format.h>
+
 #include <algorithm>
+#include <random>
 #include <regex>
 #include <set>
 #include <thread>
@@ -46,7 +49,186 @@ int exps_under_pv(const std::string& sass) {
   return least;
 }
 
+// A host model of attention_prefill_wgmma's synchronisation (kernel_templates/attention_wgmma.cuh),
+// one block: the producer warpgroup and the two consumer warpgroups as programs of the kernel's
+// barrier operations in its order, mbarriers with their init counts and phase parities (a wait
+// passes when the phase of its parity has completed, as mbarrier.try_wait.parity does, and must then
+// be the phase it means), the ping-pong named barriers (bar.sync / bar.arrive, 256 threads), and
+// setmaxnreg against the block's register pool (launch registers x 384). Runs the three programs
+// under random interleavings until all end; "" or what deadlocked / went wrong.
+struct ProtocolModel {
+  int T, pos0, block_n, stages;
+  bool pingpong;
+  int producer_regs, consumer_regs, launch_regs;
+};
+
+std::string simulate_block(const ProtocolModel& m, int m0, unsigned seed) {
+  enum Kind { Arrive, Wait, BarSync, BarArrive, RegsDec, RegsInc };
+  struct Op {
+    Kind kind;
+    int bar;    // mbarrier index or named barrier id; registers for Regs*
+    int phase;  // Wait: the phase index meant
+    std::string what;
+  };
+  // mbarriers: 0 q_full, then per stage k_full, k_empty, v_full, v_empty (the kernel's layout).
+  const int S = m.stages;
+  auto k_full = [&](int s) { return 1 + 4 * s; };
+  auto k_empty = [&](int s) { return 2 + 4 * s; };
+  auto v_full = [&](int s) { return 3 + 4 * s; };
+  auto v_empty = [&](int s) { return 4 + 4 * s; };
+  std::vector<int> init(1 + 4 * S);
+  init[0] = 128;
+  for (int s = 0; s < S; ++s) init[k_full(s)] = 128, init[k_empty(s)] = 256, init[v_full(s)] = 128, init[v_empty(s)] = 256;
+  const int n_tiles = (m.pos0 + std::min(m0 + 128, m.T) + m.block_n - 1) / m.block_n;
+  std::vector<std::vector<Op>> prog(3);
+  auto tag = [](const char* n, int j) { return std::string(n) + "(" + std::to_string(j) + ")"; };
+  // Producer (warpgroup 2).
+  std::vector<Op>& P = prog[2];
+  P.push_back({RegsDec, m.producer_regs, 0, "setmaxnreg.dec"});
+  P.push_back({Arrive, 0, 0, "q_full"});
+  for (int j = 0; j < n_tiles; ++j) {
+    const int s = j % S;
+    if (j >= S) P.push_back({Wait, k_empty(s), j / S - 1, tag("k_empty", j)});
+    P.push_back({Arrive, k_full(s), 0, tag("k_full", j)});
+    if (j >= S) P.push_back({Wait, v_empty(s), j / S - 1, tag("v_empty", j)});
+    P.push_back({Arrive, v_full(s), 0, tag("v_full", j)});
+  }
+  // Consumers: warpgroup wg, 128 threads each.
+  for (int wg = 0; wg < 2; ++wg) {
+    std::vector<Op>& C = prog[wg];
+    int turn = 0;
+    auto begin = [&] {
+      if (m.pingpong && (wg == 1 || turn > 0)) C.push_back({BarSync, 1 + wg, 0, "bar.sync " + std::to_string(1 + wg)});
+    };
+    auto end = [&] {
+      if (m.pingpong && (wg == 0 || turn < n_tiles)) C.push_back({BarArrive, 2 - wg, 0, "bar.arrive " + std::to_string(2 - wg)});
+      ++turn;
+    };
+    C.push_back({RegsInc, m.consumer_regs, 0, "setmaxnreg.inc"});
+    C.push_back({Wait, 0, 0, "q_full"});
+    begin();
+    C.push_back({Wait, k_full(0), 0, tag("k_full", 0)});
+    end();
+    C.push_back({Arrive, k_empty(0), 0, tag("k_empty", 0)});
+    for (int j = 1; j < n_tiles; ++j) {
+      begin();
+      C.push_back({Wait, k_full(j % S), j / S, tag("k_full", j)});
+      C.push_back({Wait, v_full((j - 1) % S), (j - 1) / S, tag("v_full", j - 1)});
+      end();
+      C.push_back({Arrive, k_empty(j % S), 0, tag("k_empty", j)});
+      C.push_back({Arrive, v_empty((j - 1) % S), 0, tag("v_empty", j - 1)});
+    }
+    begin();
+    C.push_back({Wait, v_full((n_tiles - 1) % S), (n_tiles - 1) / S, tag("v_full", n_tiles - 1)});
+    end();
+    C.push_back({Arrive, v_empty((n_tiles - 1) % S), 0, tag("v_empty", n_tiles - 1)});
+  }
+  std::vector<int> pending(init.size(), 0), phases(init.size(), 0);
+  int named[16] = {}, named_gen[16] = {};
+  std::vector<size_t> pc(3, 0);
+  std::vector<int> sync_gen(3, -1);  // BarSync: the generation it waits to complete
+  long pool = 0;
+  const char* const who[3] = {"consumer warpgroup 0", "consumer warpgroup 1", "producer"};
+  std::mt19937 rng(seed);
+  for (;;) {
+    std::vector<int> ready;
+    for (int g = 0; g < 3; ++g) {
+      if (pc[g] == prog[g].size()) continue;
+      const Op& op = prog[g][pc[g]];
+      bool ok = true;
+      if (sync_gen[g] >= 0) ok = named_gen[op.bar] > sync_gen[g];
+      else if (op.kind == Wait) ok = (phases[op.bar] & 1) != (op.phase & 1);
+      else if (op.kind == RegsInc) ok = pool >= long(op.bar - m.launch_regs) * 128;
+      if (ok) ready.push_back(g);
+    }
+    if (ready.empty()) break;
+    const int g = ready[rng() % ready.size()];
+    const Op& op = prog[g][pc[g]];
+    switch (op.kind) {
+      case Arrive:
+        if ((pending[op.bar] += 128) == init[op.bar]) pending[op.bar] = 0, ++phases[op.bar];
+        if (pending[op.bar] > init[op.bar]) return std::string(who[g]) + ": over-arrival on " + op.what;
+        break;
+      case Wait:
+        if (phases[op.bar] != op.phase + 1)
+          return fmt::format("{}: {} passed with {} phases complete, meant phase {}", who[g], op.what, phases[op.bar], op.phase);
+        break;
+      case BarSync:
+        if (sync_gen[g] >= 0) {  // released
+          sync_gen[g] = -1;
+          break;
+        }
+        sync_gen[g] = named_gen[op.bar];
+        [[fallthrough]];
+      case BarArrive:
+        if ((named[op.bar] += 128) == 256) named[op.bar] = 0, ++named_gen[op.bar];
+        if (op.kind == BarSync) continue;  // stays at this op until its generation completes
+        break;
+      case RegsDec: pool += long(m.launch_regs - op.bar) * 128; break;
+      case RegsInc: pool -= long(op.bar - m.launch_regs) * 128; break;
+    }
+    ++pc[g];
+  }
+  std::string stuck;
+  for (int g = 0; g < 3; ++g)
+    if (pc[g] < prog[g].size()) stuck += fmt::format("{} blocked at {}; ", who[g], prog[g][pc[g]].what);
+  for (int id : {1, 2})
+    if (named[id] != 0) stuck += fmt::format("named barrier {} left with {} threads arrived; ", id, named[id]);
+  for (size_t b = 0; b < pending.size(); ++b)
+    if (pending[b] != 0) stuck += fmt::format("mbarrier {} left with {} arrivals; ", b, pending[b]);
+  return stuck;
+}
+
+// Every row block of a call of T tokens at pos0, a few interleavings each.
+std::string simulate_call(ProtocolModel m) {
+  const int blocks = (m.T + 127) / 128;
+  for (int y = 0; y < blocks; ++y)
+    for (unsigned seed = 0; seed < 4; ++seed)
+      if (std::string why = simulate_block(m, y * 128, seed); !why.empty())
+        return fmt::format("T = {}, pos0 = {}, row block {}: {}", m.T, m.pos0, y, why);
+  return {};
+}
+
+// The setmaxnreg budgets in the SASS fit the block's register pool (ptxas's launch registers x 384
+// threads), and the barrier protocol runs to its end with them (T = 1, 37, 4096): the first H200 run
+// hung in setmaxnreg.inc with a producer of 32 and consumers of 240 registers (65,536 > 168 x 384).
+void check_register_pool(const std::string& log, const std::string& sass, const AttentionPrefillTile& t) {
+  std::smatch m;
+  REQUIRE(std::regex_search(log, m, std::regex(R"(Used (\d+) registers)")));
+  const int launch = std::stoi(m[1]);
+  static const std::regex dec(R"(USETMAXREG\.DEALLOC\.CTAPOOL 0x([0-9a-f]+))");
+  static const std::regex inc(R"(USETMAXREG\.TRY_ALLOC\.CTAPOOL UP\d, 0x([0-9a-f]+))");
+  std::smatch md, mi;
+  REQUIRE(std::regex_search(sass, md, dec));
+  REQUIRE(std::regex_search(sass, mi, inc));
+  const int producer = std::stoi(md[1], nullptr, 16), consumer = std::stoi(mi[1], nullptr, 16);
+  CAPTURE(launch);
+  CAPTURE(producer);
+  CAPTURE(consumer);
+  CHECK(128 * producer + 256 * consumer <= launch * 384);
+  for (int T : {1, 37, 4096})
+    CHECK(simulate_call({T, 0, t.block_n, t.stages, t.pingpong, producer, consumer, launch}) == "");
+}
+
 }  // namespace
+
+TEST_CASE("attention_prefill_wgmma's barrier protocol (host model): no deadlock, every wait sees its own phase") {
+  for (int T : {1, 37, 128, 129, 4096})
+    for (int pos0 : {0, 5, 1000})
+      for (int block_n : {16, 48, 80})
+        for (int stages : {2, 3, 4})
+          for (bool pp : {false, true}) {
+            CAPTURE(T);
+            CAPTURE(pos0);
+            CAPTURE(block_n);
+            CAPTURE(stages);
+            CAPTURE(pp);
+            CHECK(simulate_call({T, pos0, block_n, stages, pp, 24, 240, 168}) == "");
+          }
+  // The budgets of the first H200 run (producer 32, consumers 240: 65,536 > 168 x 384) never leave
+  // setmaxnreg.inc.
+  CHECK(contains(simulate_call({1, 0, 80, 2, true, 32, 240, 168}), "blocked at setmaxnreg.inc"));
+}
 
 TEST_CASE("attention_kernels lists the four attention instantiations with the config's shapes") {
   std::vector<std::string> names;
@@ -241,5 +423,31 @@ TEST_CASE("attention_prefill_wgmma: every tile of the runner and the tuner compi
     CHECK_FALSE(contains(sass, "STL"));
     // Every exponential of a tile (block_n / 2 per thread) runs while P V is in flight.
     CHECK(exps_under_pv(sass) >= tiles[i].block_n / 2);
+    check_register_pool(out[i].log, sass, tiles[i]);
   }
+}
+
+TEST_CASE("attention_prefill_wgmma: the spin-trap build (Q35_SPIN_TRAP) compiles for sm_90a with the same "
+          "setmaxnreg budgets, under its own cache key") {
+  TempDir tmp("attn-wgmma-trap");
+  JitOptions opts;
+  opts.kernel_dir = std::nullopt;
+  opts.extra_options = {"--ptxas-options=-v"};
+  opts.spin_trap = false;
+  JitEngine plain(tmp / "cache", opts);
+  opts.spin_trap = true;
+  JitEngine trap(tmp / "cache", opts);
+  const qwen35::Config tiny = config_tiny();
+  const AttentionPrefillTile t = default_attention_prefill_wgmma_tile(tiny.num_heads, tiny.num_kv_heads, tiny.head_dim);
+  const KernelSpec spec = attention_prefill_spec(tiny.num_heads, tiny.num_kv_heads, tiny.head_dim, t);
+  CHECK(plain.cache_key(spec, "sm_90a") != trap.cache_key(spec, "sm_90a"));
+  const std::vector<std::string> o = trap.compile_options("sm_90a");
+  CHECK(std::find(o.begin(), o.end(), "-DQ35_SPIN_TRAP=1") != o.end());
+  const CompiledKernel k = trap.compile(spec, "sm_90a");
+  // ptxas keeps the setmaxnreg budgets (a function call in a warpgroup's path can make it drop them:
+  // "'setmaxnreg' ignored"); the report's printf only serializes the wgmma.
+  CHECK_FALSE(contains(k.log, "setmaxnreg' ignored"));
+  const std::string sass = q35::test::sass_of(k, tmp.path());
+  CHECK(contains(sass, "BPT.TRAP"));
+  check_register_pool(k.log, sass, t);
 }

@@ -1,15 +1,21 @@
 // The MoE kernels on the CPU (no GPU): every spec of moe_kernels() compiles to CUBIN for sm_80 and
-// sm_90a at the tiny fixture's shapes and the 35B shapes, bf16 and W4A16; tile validity rules and
-// defaults; the scratch layout.
+// sm_90a at the tiny fixture's shapes and the 35B shapes, bf16 and W4A16, the decode path's tiles
+// without spills; tile validity rules and defaults; the scratch layout.
 #include <doctest/doctest.h>
 
+#include <fmt/format.h>
+
+#include <regex>
 #include <set>
 
+#include "autotune/spaces.h"
 #include "autotune/tiles_moe.h"
 #include "models/qwen35/config.h"
 #include "models/qwen35/gpu/moe.h"
 #include "runtime/core/error.h"
+#include "runtime/core/weight_format.h"
 #include "runtime/jit/jit_engine.h"
+#include "tests/ptxas_checks.h"
 #include "tests/synthetic_checkpoint.h"
 #include "tests/test_util.h"
 
@@ -66,6 +72,13 @@ TEST_CASE("moe tile validity rules and defaults") {
   CHECK(default_moe_down_tile(big).threads(big.top_k) == 18 * 32);  // 2 warps per routed expert + the shared one
   CHECK(default_moe_gate_up_tile(big).ksplit == 4);
   CHECK(default_moe_gate_up_tile(tiny).ksplit == 4);  // H = 128: 4 parts of 32
+  // down's expert groups each sum their K parts behind a named barrier: at most 15 groups (k <= 14).
+  CHECK(contains(why_invalid(MoeDownTile{2}, MoeShape{2048, 256, 15, 512, 512, 128}), "k + 1 = 16 groups exceed 15"));
+  CHECK(why_invalid(MoeDownTile{1}, MoeShape{2048, 256, 15, 512, 512, 128}).empty());
+  // The decode path serves every batched decode step (64 rows); the router's tiles keep their sizes.
+  CHECK(kMoeDecodeMaxTokens == 64);
+  CHECK(default_moe_router_tile(big, 8).m_tile == 8);
+  CHECK(default_moe_router_tile(big, 9).m_tile == 16);
   // Rows of 24 bf16 values are 3 vectors: neither a divisor nor a multiple of 32 lanes.
   CHECK(contains(why_invalid(MoeShape{128, 16, 4, 24, 128, 0}), "I = 24 is 3 vectors of 8 values"));
   CHECK(contains(why_invalid(MoeShape{128, 16, 20, 64, 128, 0}), "k = 20"));
@@ -102,6 +115,8 @@ TEST_CASE("moe scratch layout: sizes, alignment, no overlap") {
   const int64_t blocks = moe_max_blocks(s, t.gemm.block_m, T);
   std::vector<Buf> bufs = {{sc.logits, size_t(T * 257 * 4)},
                            {sc.counters, size_t(T * 4)},
+                           {sc.plan_ticket, 4},
+                           {sc.plan, size_t((2 + 2 * 256 + 64 * 8) * 4)},  // the decode path's T <= 64
                            {sc.ids, size_t(T * 8 * 4)},
                            {sc.weights, size_t(T * 8 * 4)},
                            {sc.shared_gate, size_t(T * 4)},
@@ -119,6 +134,10 @@ TEST_CASE("moe scratch layout: sizes, alignment, no overlap") {
   }
   CHECK(bufs.back().at + bufs.back().size <= (1 << 20) + bytes);
   CHECK(sc.max_tokens == T);
+  CHECK(moe_plan_ints(s, 64) == 2 + 2 * 256 + 64 * 8);
+  // down's dynamic shared memory: per-(token, slot) sums [T][k + 1][16] + the groups' parts [k + 1][ksplit][8][16].
+  CHECK(moe_down_smem_bytes(s, MoeDownTile{2}, 64) == (64 * 9 * 16 + 9 * 2 * 8 * 16) * 4);
+  CHECK(moe_down_smem_bytes(s, MoeDownTile{2}, 64) <= 48 * 1024);
   CHECK(contains(error_of([&] { moe_workspace_bytes(s, t, 0); }), "max_tokens = 0"));
 }
 
@@ -144,5 +163,48 @@ TEST_CASE("every MoE kernel compiles for sm_80 and sm_90a, tiny and 35B, bf16 an
       CHECK(k.cubin.size() > 64);
       CHECK(!k.lowered_name.empty());
     }
+  }
+}
+
+// The decode path's kernels (router with the plan, expert-grouped gate_up and down): the router's
+// default tiles and every gate_up / down tile of the tuner's space, at the tiny fixture's and the 35B
+// shapes, each weight format (FP8 too), compile for sm_90a with no register spills and no stack frame
+// (ptxas -v; sm_80 builds of the defaults: the test above, FP8's in test_kernels_fp8.cpp).
+TEST_CASE("the expert-grouped decode kernels compile without spills, tiny and 35B, bf16, W4A16 and FP8") {
+  q35::test::TempDir cache("moe-decode-jit");
+  JitEngine jit(cache.path(), JitOptions{.kernel_dir = std::nullopt, .extra_options = {"--ptxas-options=-v"}});
+  std::vector<KernelSpec> specs;
+  std::set<std::string> seen;
+  auto add = [&](const KernelSpec& s) {
+    if (seen.insert(s.str()).second) specs.push_back(s);
+  };
+  const std::pair<Config, std::vector<int>> configs[] = {{config_tiny(), {0, 32, 64, kFp8Group}},
+                                                         {config_35b(), {0, 32, 128, kFp8Group}}};
+  for (const auto& [cfg, groups] : configs)
+    for (int group : groups) {
+      const MoeShape s = moe_shape(cfg, group);
+      for (int64_t m : {int64_t(1), int64_t(8), int64_t(64)}) add(moe_router_spec(s, default_moe_router_tile(s, m)));
+      for (const tune::MoeDecodeConfig& c : tune::moe_decode_candidates(s)) {
+        add(moe_decode_gate_up_spec(s, c.gate_up));
+        add(moe_decode_down_spec(s, c.down));
+        add(moe_decode_down_residual_spec(s, c.down));
+      }
+    }
+  MESSAGE(specs.size() << " decode-path MoE instantiations");
+  CHECK(specs.size() >= 40);
+  for (const std::string arch : {"sm_90a"}) {
+    CAPTURE(arch);
+    const std::vector<CompiledKernel> out = jit.compile_all(specs, arch, 2);
+    REQUIRE(out.size() == specs.size());
+    std::string regs;
+    for (size_t i = 0; i < out.size(); ++i) {
+      CHECK_MESSAGE(q35::test::spill_bytes(out[i], specs[i].str()) == 0, specs[i].str());
+      static const std::regex re(R"(Used (\d+) registers)");
+      std::smatch m;
+      if (specs[i].kernel != "moe_router")
+        regs += fmt::format("\n  {}: {} registers", specs[i].instantiation(),
+                            std::regex_search(out[i].log, m, re) ? m[1].str() : std::string("?"));
+    }
+    MESSAGE(arch << ":" << regs);
   }
 }

@@ -11,8 +11,12 @@
 //            two below max_batch) and max_batch itself. A step of n sequences replays the smallest
 //            bucket >= n; the rows past n are padding (slot index -1: they read token 0, write no
 //            state, sample nothing), so a graph does not depend on which slots are active (the
-//            slot of each row is an int32 array the kernels read).
+//            slot of each row is an int32 array the kernels read). A step runs at most kMaxStepRows
+//            rows (the decode kernels' limit): more sequences run as consecutive steps of at most
+//            that many rows, and since every row's arithmetic is the same in any step of 1..64 rows,
+//            the split changes no result.
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "models/qwen35/config.h"
@@ -21,15 +25,22 @@ namespace q35::qwen35 {
 
 // serve --max-batch's upper bound, and the GPU runner's.
 constexpr int kMaxBatch = 1024;
+// The most rows one batched step (one graph replay) runs: the decode kernels' limit
+// (autotune/tiles_moe.h kMoeDecodeMaxTokens; gpu_model.cpp checks they agree).
+constexpr int kMaxStepRows = 64;
 
 // One slot's device state: K and V rows (bf16, max_context rows per full-attention layer), DeltaNet
 // conv ring (bf16 [Kc, conv_dim]) and fp32 recurrent state [Hv, dv, dk] per DeltaNet layer.
 int64_t slot_state_bytes(const Config& config, int64_t max_context);
 
-// The graph buckets for max_batch slots, ascending (the last is max_batch). Error naming --max-batch
-// outside [1, kMaxBatch].
+// The graph buckets for max_batch slots, ascending: powers of two below min(max_batch, kMaxStepRows),
+// then that bound. Error naming --max-batch outside [1, kMaxBatch].
 std::vector<int> decode_buckets(int max_batch);
-// The bucket a step of n sequences replays: the smallest >= n. Error when n is not in [1, max_batch].
+// The bucket a step of n rows replays: the smallest >= n. Error when n is not in [1, max_batch], or
+// above kMaxStepRows (the caller splits larger batches: step_groups).
 int decode_bucket(int n, int max_batch);
+// How a batch of n sequences splits into steps: consecutive groups of at most kMaxStepRows rows, as
+// {first, count} pairs. Error when n is not in [1, max_batch].
+std::vector<std::pair<int, int>> step_groups(int n, int max_batch);
 
 }  // namespace q35::qwen35

@@ -90,15 +90,16 @@ struct GpuModel::Impl {
     int attn_splits = 0;
   };
   std::map<int, Step> steps;
-  // A dense projection's plan and loaded kernel per (format, group, N, K, fp32 out, M).
+  // A dense projection's plan and loaded kernel per (format, group, N, K, fp32 out, M, residual, decode).
   struct DensePlan {
-    gpu::GemvBf16Plan bf16;  // M <= 16, bf16 weights
-    gpu::W4GemvPlan w4;      // M <= 16, W4A16 weights
-    gpu::GemmPlan gemm;      // M > 16
+    gpu::GemvBf16Plan bf16;  // GEMV rows (M <= 16, or a decode step), bf16 weights
+    gpu::W4GemvPlan w4;      // GEMV rows, W4A16 / FP8 weights
+    gpu::GemmPlan gemm;      // otherwise
+    bool gemv = true;
     const Function* f = nullptr;
   };
-  // (format, group, N, K, fp32 out, M, residual epilogue)
-  std::map<std::tuple<WeightFormat, int, int64_t, int64_t, bool, int, bool>, DensePlan> dense_plans;
+  // (format, group, N, K, fp32 out, M, residual epilogue, decode step)
+  std::map<std::tuple<WeightFormat, int, int64_t, int64_t, bool, int, bool, bool>, DensePlan> dense_plans;
 
   // Per slot: one K and V cache per full-attention layer, conv + fp32 state per DeltaNet layer;
   // each layer's buffer holds max_batch equal parts, slot s at s * the part's bytes. The layers of one
@@ -315,10 +316,10 @@ void GpuModel::init(const GpuModelOptions& o) {
     widest.decode.warps = 1;
     size_t bytes = gpu::attention_decode_scratch_bytes(
         widest, gpu::attention_decode_splits(widest, o.max_context, ctx_.device().sm_count));
-    for (int B : decode_buckets(o.max_batch))  // the batched step's buckets
-      bytes = std::max(bytes, gpu::attention_decode_batch_scratch_bytes(
-                                  widest, B, gpu::attention_decode_batch_splits(widest, B, o.max_context,
-                                                                                ctx_.device().sm_count)));
+    // The batched step: max_batch sequences with the single-sequence split count.
+    bytes = std::max(bytes, gpu::attention_decode_batch_scratch_bytes(
+                                widest, o.max_batch,
+                                gpu::attention_decode_splits(widest, o.max_context, ctx_.device().sm_count)));
     m.attn_scratch = alloc(bytes);
   }
   // Any tuned block_m fits: the largest pads the most rows, the smallest has the most blocks.
@@ -600,32 +601,36 @@ std::string key_of(const std::vector<KernelSpec>& specs) {
 
 }  // namespace
 
-// y [M, N] = x [M, K] · W^T: GEMV for M <= 16, else GEMM (W4A16 and FP8 dequantized into `dequant`
-// first unless the GEMM dequantizes them in its loop: wgmma below kWgmmaDequantFirstM rows, mma.sync FP8).
-void GpuModel::dense(const GpuMatrix& W, CUdeviceptr x, CUdeviceptr y, int M, bool out_f32, bool pdl) {
+// y [M, N] = x [M, K] · W^T: GEMV for M <= 16 and decode steps, else GEMM (W4A16 and FP8 dequantized
+// into `dequant` first unless the GEMM dequantizes them in its loop: wgmma below kWgmmaDequantFirstM
+// rows, mma.sync FP8).
+void GpuModel::dense(const GpuMatrix& W, CUdeviceptr x, CUdeviceptr y, int M, bool out_f32, bool pdl, bool decode) {
   Impl& m = *impl_;
-  const auto key = std::make_tuple(W.format, W.group, W.N, W.K, out_f32, M, false);
+  if (decode && (M < 1 || M > kMoeDecodeMaxTokens))
+    fail("dense [{} x {}]: a decode step of {} rows is outside [1, {}]", W.N, W.K, M, kMoeDecodeMaxTokens);
+  const auto key = std::make_tuple(W.format, W.group, W.N, W.K, out_f32, M, false, decode);
   auto it = m.dense_plans.find(key);
   if (it == m.dense_plans.end()) {
     Impl::DensePlan p;
     const gpu::TunedTiles& tt = *m.tuned;
-    if (M > 16) {
+    p.gemv = decode || M <= 16;
+    if (!p.gemv) {
       p.gemm = {W.N, W.K, tt.gemm(W.N, W.K, out_f32, M), out_f32};
       if (W.format != WeightFormat::BF16)  // wgmma: dequantized in the loop (small M) or first; mma.sync: FP8 in the loop
         p.gemm.group = p.gemm.tile.wgmma ? gpu::wgmma_gemm_group(W.group, M, W.K) : gpu::mma_gemm_group(W.group);
       p.f = &m.kernels.get(p.gemm.spec());
       gpu::prepare(p.gemm, *p.f);  // dynamic shared memory, once per loaded function (never inside a graph)
     } else if (W.format == WeightFormat::BF16) {
-      p.bf16 = {W.N, W.K, tt.gemv_bf16(W.N, W.K, out_f32, M), out_f32};
+      p.bf16 = {W.N, W.K, tt.gemv_bf16(W.N, W.K, out_f32, std::min(M, 16)), out_f32};
       p.f = &m.kernels.get(p.bf16.spec());
     } else {
-      p.w4 = {W.N, W.K, W.group, tt.w4_gemv(W.N, W.K, out_f32, M), out_f32};
+      p.w4 = {W.N, W.K, W.group, decode ? gpu::w4_decode_tile(tt.w4_gemv(W.N, W.K, out_f32, 1), W.group, M) : tt.w4_gemv(W.N, W.K, out_f32, M), out_f32};
       p.f = &m.kernels.get(p.w4.spec());
     }
     it = m.dense_plans.emplace(key, p).first;
   }
   const Impl::DensePlan& p = it->second;
-  if (M <= 16) {
+  if (p.gemv) {
     if (W.format == WeightFormat::BF16)
       gpu::launch(p.bf16, *p.f, stream_, W.w.ptr(), x, y, M);
     else
@@ -646,16 +651,16 @@ void GpuModel::dense(const GpuMatrix& W, CUdeviceptr x, CUdeviceptr y, int M, bo
   gpu::launch(p.gemm, *p.f, stream_, x, w, y, M);
 }
 
-void GpuModel::dense_residual(const GpuMatrix& W, CUdeviceptr x, int M, CUdeviceptr norm_w, bool pdl) {
+void GpuModel::dense_residual(const GpuMatrix& W, CUdeviceptr x, int M, CUdeviceptr norm_w, bool pdl, bool decode) {
   Impl& m = *impl_;
-  if (W.format == WeightFormat::BF16 || M > 16)
-    fail("dense_residual [{} x {}]: the residual epilogue needs W4A16 or FP8 weights and M <= 16 (M = {})", W.N, W.K,
-         M);
-  const auto key = std::make_tuple(W.format, W.group, W.N, W.K, false, M, true);
+  if (W.format == WeightFormat::BF16 || M > (decode ? kMoeDecodeMaxTokens : 16))
+    fail("dense_residual [{} x {}]: the residual epilogue needs W4A16 or FP8 weights and M <= {} (M = {})", W.N, W.K,
+         decode ? kMoeDecodeMaxTokens : 16, M);
+  const auto key = std::make_tuple(W.format, W.group, W.N, W.K, false, M, true, decode);
   auto it = m.dense_plans.find(key);
   if (it == m.dense_plans.end()) {
     Impl::DensePlan p;
-    p.w4 = {W.N, W.K, W.group, m.tuned->w4_gemv(W.N, W.K, false, M), false, true};
+    p.w4 = {W.N, W.K, W.group, decode ? gpu::w4_decode_tile(m.tuned->w4_gemv(W.N, W.K, false, 1), W.group, M) : m.tuned->w4_gemv(W.N, W.K, false, M), false, true};
     p.f = &m.kernels.get(p.w4.spec());
     it = m.dense_plans.emplace(key, p).first;
   }
@@ -729,25 +734,29 @@ void GpuModel::run_layers(int T, bool decode, Rows rows) {
   const gpu::AttentionPlan& attn = st.attn;
   const gpu::GdnKernels* gdn = st.gdn;
   // The batched step: each row is one sequence's single token, so its attention runs the M = 1
-  // decode tile, split for T sequences at once.
+  // decode tile with the single-sequence split count (a row's partials are those of the sequence
+  // decoded alone).
   gpu::AttentionPlan batch_attn = m.attn;
   int batch_splits = 0;
   if (rows.batch && c.num_layers_of(LayerType::FullAttention) > 0) {
     batch_attn.decode = m.tuned->attention_decode(1);
-    batch_splits = gpu::attention_decode_batch_splits(batch_attn, T, options_.max_context, ctx_.device().sm_count);
+    batch_splits = gpu::attention_decode_splits(batch_attn, options_.max_context, ctx_.device().sm_count);
   }
   const gpu::AttentionBatch ab{m.batch_slots.ptr(), m.pos.ptr(), int(options_.max_context)};
   // Its DeltaNet decode likewise runs the M = 1 tiles (gdn_decode_batch = gdn_decode per sequence).
   const gpu::GdnKernels* gdn_one =
       rows.batch && c.num_layers_of(LayerType::LinearAttention) > 0 ? &gdn_kernels(1) : nullptr;
 
-  // Calls of few tokens (decode steps; T <= kMoeDecodeMaxTokens) fold each residual add + RMSNorm
-  // into the kernel that produces the sub-layer's output (kernel_templates/decode_fusion.cuh): the
-  // W4A16 / FP8 output projection's GEMV (post-attention norm) and the MoE down GEMV (the next layer's
-  // input norm, or the final norm). Larger calls, and bf16 output projections, run the rmsnorm
-  // kernel between sub-layers. The decode kernels of fused calls use programmatic dependent launch
-  // (sm_90): each waits (griddepcontrol.wait) before reading what its predecessor wrote.
-  const bool fuse = options_.fused_decode && T <= kMoeDecodeMaxTokens;
+  // Decode steps (one sequence's token, or one token of each of T <= kMoeDecodeMaxTokens sequences) run
+  // the same kernels with the same per-row arithmetic at every T: the dense projections as GEMVs with
+  // the M = 1 tiles' K splits, the MoE's expert-grouped decode path. With fused_decode, calls of few
+  // tokens (decode steps, prefill pieces of <= 8) fold each residual add + RMSNorm into the kernel that
+  // produces the sub-layer's output (kernel_templates/decode_fusion.cuh): the W4A16 / FP8 output
+  // projection's GEMV (post-attention norm) and the MoE down GEMV (the next layer's input norm, or the
+  // final norm). Other calls, and bf16 output projections, run the rmsnorm kernel between sub-layers.
+  // The decode kernels use programmatic dependent launch (sm_90): each waits (griddepcontrol.wait)
+  // before reading what its predecessor wrote.
+  const bool fuse = options_.fused_decode && (decode || T <= kMoeRouterSmallTokens);
   const bool fuse_out = fuse && options_.format != WeightFormat::BF16;
   const bool pdl = pdl_for(T);
   const int64_t layers = int64_t(weights_.layers.size());
@@ -757,15 +766,15 @@ void GpuModel::run_layers(int T, bool decode, Rows rows) {
     // The output projection W of the mixer, from x = its output: residual += x . W^T, normed = post_norm.
     auto out_proj = [&](const GpuMatrix& W, CUdeviceptr x) {
       if (fuse_out) {
-        dense_residual(W, x, T, l.post_norm.ptr(), pdl);
+        dense_residual(W, x, T, l.post_norm.ptr(), pdl, decode);
         return;
       }
-      dense(W, x, m.delta.ptr(), T);
+      dense(W, x, m.delta.ptr(), T, false, false, decode);
       add_norm(l.post_norm.ptr());
     };
 
     if (l.type == LayerType::FullAttention) {
-      dense(l.qkv, m.normed.ptr(), m.proj.ptr(), T, false, pdl);
+      dense(l.qkv, m.normed.ptr(), m.proj.ptr(), T, false, pdl, decode);
       if (rows.batch) {
         gpu::launch_qk_norm_rope_batch(batch_attn, ks.get(batch_attn.qk_norm_rope_batch_spec()), stream_, m.proj.ptr(),
                                        l.q_norm.ptr(), l.k_norm.ptr(), m.q.ptr(), m.k_cache[i].ptr(),
@@ -789,7 +798,7 @@ void GpuModel::run_layers(int T, bool decode, Rows rows) {
       out_proj(l.o_proj, m.mix.ptr());
     } else {
       const int stride = int(l.in_proj.N);
-      dense(l.in_proj, m.normed.ptr(), m.proj.ptr(), T, false, pdl);
+      dense(l.in_proj, m.normed.ptr(), m.proj.ptr(), T, false, pdl, decode);
       const gpu::GdnLayerWeights gw{l.conv1d.ptr(), l.A_log.ptr(), l.dt_bias.ptr(), l.gdn_norm.ptr()};
       if (rows.batch) {
         const gpu::GdnLayerState all{m.conv_state[i].ptr(), m.ssm_state[i].ptr()};  // slot 0; the kernel offsets
@@ -818,6 +827,8 @@ void GpuModel::run_layers(int T, bool decode, Rows rows) {
   if (!fuse) add_norm(weights_.final_norm.ptr());
 }
 
+static_assert(kMaxStepRows <= kMoeDecodeMaxTokens, "a batched step's rows must fit the decode kernels");
+
 bool GpuModel::pdl_for(int64_t rows) const {
   return rows <= kMoeDecodeMaxTokens && options_.pdl && ctx_.device().cc_major >= 9;
 }
@@ -826,7 +837,7 @@ bool GpuModel::pdl_for(int64_t rows) const {
 void GpuModel::lm_head(int T) {
   Impl& m = *impl_;
   const size_t row = size_t(T - 1) * size_t(config_.hidden_size) * 2;
-  dense(weights_.lm_head, m.normed.ptr() + row, m.logits.ptr(), 1, true, pdl_for(1));
+  dense(weights_.lm_head, m.normed.ptr() + row, m.logits.ptr(), 1, true, pdl_for(1), /*decode=*/true);
 }
 
 std::vector<float> GpuModel::forward(std::span<const int32_t> tokens, bool all_logits, int slot) {
@@ -1000,17 +1011,11 @@ void GpuModel::run_batch(std::span<const BatchEntry> batch, int bucket, int64_t 
   m.batch_slots.upload(slots.data(), B * 4, stream_);
   m.tokens.upload(tokens.data(), B * 4, stream_);
   m.batch_params.upload(params.data(), params.size() * 4, stream_);
-  const int64_t H = config_.hidden_size, V = config_.vocab_size;
   const gpu::BatchSampleParams bp{m.batch_params.ptr(), m.batch_params.ptr() + Bmax * 4,
                                   m.batch_params.ptr() + 2 * Bmax * 4};
   auto step = [&] {
     run_layers(bucket, /*decode=*/true, Rows{0, true});
-    const bool pdl = pdl_for(bucket);
-    for (int r0 = 0; r0 < bucket; r0 += 16) {  // lm_head in GEMV chunks of up to 16 rows
-      const int rows = std::min(16, bucket - r0);
-      dense(weights_.lm_head, m.normed.ptr() + size_t(r0 * H) * 2, m.logits.ptr() + size_t(r0) * size_t(V) * 4, rows,
-            true, pdl);
-    }
+    dense(weights_.lm_head, m.normed.ptr(), m.logits.ptr(), bucket, true, pdl_for(bucket), /*decode=*/true);
     gpu::launch_sample_batch(m.batch_sample, m.kernels.get(m.batch_sample.topk.partial_batch_spec()),
                              m.kernels.get(m.batch_sample.topk.final_batch_spec()),
                              m.kernels.get(m.batch_sample.sample_spec()), stream_, m.logits.ptr(), m.batch_next.ptr(),
@@ -1065,17 +1070,21 @@ GpuModel::BatchResult GpuModel::decode_batch(std::span<const BatchEntry> batch) 
     }
     return out;
   }
-  run_batch(batch, decode_bucket(int(batch.size()), options_.max_batch), 1, nullptr);
-  std::vector<int32_t> ids(batch.size());
-  m.batch_next.download(ids.data(), ids.size() * 4, stream_);
-  for (size_t b = 0; b < batch.size(); ++b)
-    if (batch[b].want_logits) {
-      out.logits[b].resize(size_t(V));
-      m.logits.download(out.logits[b].data(), size_t(V) * 4, stream_, b * size_t(V) * 4);
-    }
-  stream_.synchronize();
-  for (size_t b = 0; b < batch.size(); ++b)
-    if (!batch[b].want_logits) out.ids[b] = ids[b];
+  // A step runs at most kMaxStepRows rows: larger batches run as consecutive steps (same results).
+  for (const auto& [first, count] : step_groups(int(batch.size()), options_.max_batch)) {
+    const std::span<const BatchEntry> group = batch.subspan(size_t(first), size_t(count));
+    run_batch(group, decode_bucket(count, options_.max_batch), 1, nullptr);
+    std::vector<int32_t> ids(group.size());
+    m.batch_next.download(ids.data(), ids.size() * 4, stream_);
+    for (size_t b = 0; b < group.size(); ++b)
+      if (group[b].want_logits) {
+        out.logits[size_t(first) + b].resize(size_t(V));
+        m.logits.download(out.logits[size_t(first) + b].data(), size_t(V) * 4, stream_, b * size_t(V) * 4);
+      }
+    stream_.synchronize();
+    for (size_t b = 0; b < group.size(); ++b)
+      if (!group[b].want_logits) out.ids[size_t(first) + b] = ids[b];
+  }
   return out;
 }
 
@@ -1090,10 +1099,15 @@ std::vector<int32_t> GpuModel::decode_batch_steps(std::span<const BatchEntry> ba
   }
   std::vector<BatchEntry> rows(batch.begin(), batch.end());
   for (BatchEntry& e : rows) e.want_logits = false;
-  run_batch(rows, decode_bucket(int(rows.size()), options_.max_batch), steps, step_ms);
+  // Groups of at most kMaxStepRows rows, each chained `steps` times (sequences are independent).
+  // step_ms: with several groups, each group's steps in turn.
   std::vector<int32_t> ids(rows.size());
-  impl_->batch_next.download(ids.data(), ids.size() * 4, stream_);
-  stream_.synchronize();
+  for (const auto& [first, count] : step_groups(int(rows.size()), options_.max_batch)) {
+    run_batch(std::span<const BatchEntry>(rows).subspan(size_t(first), size_t(count)),
+              decode_bucket(count, options_.max_batch), steps, step_ms);
+    impl_->batch_next.download(ids.data() + first, size_t(count) * 4, stream_);
+    stream_.synchronize();
+  }
   return ids;
 }
 

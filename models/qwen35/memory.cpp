@@ -36,10 +36,14 @@ MemoryNeed gpu_memory_need(const Config& c, int group, int64_t max_context, int6
   m.scratch = T * per_token + c.vocab_size * 4 * 2;  // + fp32 logits of the last row and sampling workspace
   if (max_batch > 1) {
     // fp32 logits rows past the 16 every model has, top-k candidates (64 slices x 64 x 8 bytes per
-    // row), attention partials: at most ~2 CTAs per SM of 8 rows x (D + 2) fp32 per (kv head, split,
-    // sequence) block, bounded here by one split per sequence and kv head block plus 4096 blocks.
+    // row), attention partials: 8 rows x (D + 2) fp32 per (kv head block, split, sequence), each
+    // sequence with the single-sequence split count (~2 CTAs per SM over its kv head blocks, so at
+    // most 2 x kSmBound + its kv head blocks; kSmBound bounds the SMs of the GPUs q35jit runs on).
+    constexpr int64_t kSmBound = 160;
     const int64_t rows = max_batch;
-    const int64_t blocks = rows * std::max<int64_t>(1, c.num_kv_heads * std::max<int64_t>(1, c.num_heads / std::max<int64_t>(1, c.num_kv_heads) / 8)) + 4096;
+    const int64_t kv_blocks =
+        std::max<int64_t>(1, c.num_kv_heads * std::max<int64_t>(1, c.num_heads / std::max<int64_t>(1, c.num_kv_heads) / 8));
+    const int64_t blocks = rows * (2 * kSmBound + kv_blocks);
     m.batch = std::max<int64_t>(0, rows - 16) * c.vocab_size * 4 + rows * 64 * 64 * 8 + blocks * 8 * (c.head_dim + 2) * 4;
   }
   m.reserve = int64_t(512) << 20;

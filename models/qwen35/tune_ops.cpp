@@ -333,7 +333,9 @@ class MoeRouterOp final : public MoeOpBase {
 class MoeDecodeOp final : public MoeOpBase {
  public:
   MoeDecodeOp(const TuneDevice* d, const MoeShape& s) : MoeOpBase(d, tune::kMoeDecode, tune::moe_signature(s), s) {}
-  bool serves(int64_t m) const override { return m <= kMoeDecodeMaxTokens; }
+  // The runner takes the M = 1 tiles for every decode T (their K splits are part of each token's
+  // arithmetic, gpu/tuned.cpp), so only M = 1 is tuned.
+  bool serves(int64_t m) const override { return m == 1; }
   std::vector<json> candidates(int64_t) const override { return to_json_all(tune::moe_decode_candidates(s_)); }
   json default_config(int64_t) const override {
     return tune::to_json(tune::MoeDecodeConfig{default_moe_gate_up_tile(s_), default_moe_down_tile(s_)});
@@ -344,6 +346,10 @@ class MoeDecodeOp final : public MoeOpBase {
             moe_decode_down_spec(s_, d.down)};
   }
   void setup(int64_t m, const Stream& st) override { setup_moe(m, st); }
+  void prepare(const json& c, int64_t) override {
+    const tune::MoeDecodeConfig d = tune::moe_decode_from_json(c);
+    fn(moe_decode_down_spec(s_, d.down)).set_max_dynamic_smem(gpu::moe_down_smem_bytes(s_, d.down, kMoeDecodeMaxTokens));
+  }
   void run(const json& c, int64_t m, int it, const Stream& st) override {
     const tune::MoeDecodeConfig d = tune::moe_decode_from_json(c);
     const gpu::MoeTiles tiles = gpu::MoeTiles::defaults(s_);

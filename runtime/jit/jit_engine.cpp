@@ -69,6 +69,11 @@ fs::path default_cache_dir() {
   fail("JIT cache folder: none of Q35JIT_CACHE_DIR, XDG_CACHE_HOME, HOME is set; set Q35JIT_CACHE_DIR");
 }
 
+bool default_spin_trap() {
+  const char* v = env("Q35JIT_SPIN_TRAP");
+  return v && std::string(v) != "0";
+}
+
 std::optional<fs::path> default_kernel_dir() {
   if (const char* dir = env("Q35JIT_KERNEL_DIR")) return fs::path(dir);
   return std::nullopt;
@@ -136,6 +141,7 @@ std::string JitEngine::translation_unit(const KernelSpec& spec) const {
 
 std::vector<std::string> JitEngine::compile_options(const std::string& arch) const {
   std::vector<std::string> opts = {"--gpu-architecture=" + arch, "-std=c++17", "-default-device", "-lineinfo"};
+  if (options_.spin_trap) opts.push_back("-DQ35_SPIN_TRAP=1");
   opts.insert(opts.end(), options_.extra_options.begin(), options_.extra_options.end());
   return opts;
 }

@@ -35,6 +35,9 @@ class Function;
 std::filesystem::path default_cache_dir();
 // $Q35JIT_KERNEL_DIR (dev flag: compile against the kernel_templates folder on disk), if set.
 std::optional<std::filesystem::path> default_kernel_dir();
+// $Q35JIT_SPIN_TRAP=1 (debug flag): compile with Q35_SPIN_TRAP defined (kernel_templates/
+// sm90_pipeline.cuh: mbarrier waits give up after 2^26 polls, print the block's barrier state and trap).
+bool default_spin_trap();
 
 // The kernel template files the JIT compiles against: the copy embedded in the binary, or every
 // *.cuh / *.cu file of a folder.
@@ -77,6 +80,7 @@ struct JitStats {
 struct JitOptions {
   std::optional<std::filesystem::path> kernel_dir = default_kernel_dir();  // nullopt: embedded
   std::vector<std::string> extra_options;  // appended to the NVRTC options (part of the key)
+  bool spin_trap = default_spin_trap();     // -DQ35_SPIN_TRAP=1 (a compile option: part of the key)
   // One-line notices (corrupt cache entries). Default: "q35jit: <text>" on stderr.
   std::function<void(const std::string&)> notice;
 };

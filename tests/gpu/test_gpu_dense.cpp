@@ -347,6 +347,71 @@ TEST_CASE("GPU dense: decode GEMVs (bf16, W4A16 G32/64/128) at every projection 
   }
 }
 
+// The decode step's GEMVs (GpuModel::dense with decode rows): W4A16 with w4_decode_tile (the M = 1
+// tile's K split at every T, M_TILE tokens in one mma column tile), bf16 with the tile of min(T, 16)
+// rows. Every projection shape, T = 1, 3, 8, 9, 16, 37, 64 against the CPU reference; and every row
+// of T = 16 and 64 bit-identical to that row computed alone (T = 1), which is what makes a batched
+// decode step give each sequence the logits it gets alone.
+TEST_CASE("GPU dense: decode-step GEMVs at every projection shape, T up to 64; rows of T = 16 / 64 == each row alone") {
+  auto g = open_gpu();
+  for (const DenseShape& s : all_shapes()) {
+    CAPTURE(s.name);
+    CAPTURE(s.n);
+    CAPTURE(s.k);
+    const bool logits = s.proj == DenseProj::LmHead;
+    const size_t out_bytes = logits ? 4 : 2;
+    const std::vector<uint16_t> W = fast_random_bf16(size_t(s.n * s.k), 41, 0.1f);
+    DeviceBuffer d_W = to_device(*g, W);
+    const std::vector<int64_t> ni = sample_indices(s.n, 2048, 42);
+    const std::vector<float> w_sub = rows_f32(W, s.k, ni);
+    const std::vector<uint16_t> x = fast_random_bf16(size_t(64 * s.k), 43, 2.f);
+    DeviceBuffer d_x = to_device(*g, x);
+    for (int64_t G : {0, 32, 64, 128}) {
+      CAPTURE(G);
+      DeviceBuffer d_q, d_s;
+      std::vector<float> w_ref = w_sub;
+      if (G > 0) {
+        QuantizePlan qp = quantize_plan(s.k, G);
+        d_q = DeviceBuffer(g->driver, size_t(s.n * s.k / 8) * 4);
+        d_s = DeviceBuffer(g->driver, size_t(s.n * s.k / G) * 2);
+        launch_quantize(qp, g->jit.load(qp.quantize_spec(), g->ctx), g->stream, d_W.ptr(), d_q.ptr(), d_s.ptr(), s.n);
+        int4::Quantized sub = int4::quantize(w_sub, int64_t(ni.size()), s.k, G);
+        w_ref = int4::dequantize(sub, int64_t(ni.size()), s.k, G);
+      }
+      // y [T, N] of the first T rows of x, as the runner's decode step computes it.
+      auto run = [&](int T, CUdeviceptr xp, const DeviceBuffer& y) {
+        if (G == 0) {
+          const GemvBf16Plan p = gemv_bf16_plan(s.n, s.k, std::min(T, 16), logits);
+          launch(p, g->jit.load(p.spec(), g->ctx), g->stream, d_W.ptr(), xp, y.ptr(), T);
+        } else {
+          W4GemvPlan p = w4_gemv_plan(s.n, s.k, G, 1, logits);
+          p.tile = w4_decode_tile(p.tile, G, T);
+          launch(p, g->jit.load(p.spec(), g->ctx), g->stream, d_q.ptr(), d_s.ptr(), xp, y.ptr(), T);
+        }
+      };
+      for (int T : {1, 3, 8, 9, 16, 37, 64}) {
+        CAPTURE(T);
+        DeviceBuffer d_y = poisoned(*g, size_t(T * s.n) * out_bytes);
+        run(T, d_x.ptr(), d_y);
+        const std::vector<float> y = download_f32_or_bf16(*g, d_y, logits);
+        std::vector<int64_t> mi(static_cast<size_t>(T));
+        std::iota(mi.begin(), mi.end(), 0);
+        CHECK(check_product(rows_f32(x, s.k, mi), w_ref, mi, ni, s.n, s.k, y) <= 1e-2);
+        if (T != 16 && T != 64) continue;
+        const std::vector<uint8_t> all = to_host<uint8_t>(*g, d_y);
+        DeviceBuffer d_one = poisoned(*g, size_t(s.n) * out_bytes);
+        int rows_differ = 0;
+        for (int r = 0; r < T; ++r) {
+          run(1, d_x.ptr() + size_t(r) * size_t(s.k) * 2, d_one);
+          const std::vector<uint8_t> one = to_host<uint8_t>(*g, d_one);
+          rows_differ += std::memcmp(one.data(), all.data() + size_t(r) * one.size(), one.size()) != 0;
+        }
+        CHECK(rows_differ == 0);
+      }
+    }
+  }
+}
+
 // gemv_w4a16_residual (the decode residual epilogue, kernel_templates/decode_fusion.cuh): the output
 // projections of the tiny fixture and the 35B shapes, W4A16 G32/64/128, M = 1, 2, 5, 8. The fp32
 // residual stream must come out bit-exact as residual0 + bf16(y) with y from the plain gemv_w4a16

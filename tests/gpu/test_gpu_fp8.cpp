@@ -218,6 +218,90 @@ TEST_CASE("GPU fp8: gemv_fp8 at every projection shape, M = 1, 2, 5, 16, and its
   }
 }
 
+// The decode step's FP8 GEMVs (GpuModel::dense with decode rows): gemv_fp8 with w4_decode_tile (the
+// M = 1 tile's K split at every T, 4 tokens per block in one mma column tile: one scale block per 128-k tile),
+// plain and with the residual epilogue, at every projection shape, T = 1, 3, 8, 9, 16, 37, 64 against
+// the CPU reference; every row of T = 16 and 64 bit-identical to that row alone (T = 1), which is what
+// makes a batched FP8 decode step give each sequence the logits it gets alone.
+TEST_CASE("GPU fp8: decode-step gemv_fp8 at every projection shape, T up to 64; rows of T = 16 / 64 == each row "
+          "alone") {
+  auto g = open_gpu();
+  std::vector<KernelSpec> specs;
+  for (const DenseShape& s : all_shapes())
+    for (int T : {1, 2}) {
+      W4GemvPlan p = w4_gemv_plan(s.n, s.k, kFp8Group, 1, s.proj == DenseProj::LmHead);
+      p.tile = w4_decode_tile(p.tile, kFp8Group, T);
+      specs.push_back(p.spec());
+      p.residual = true;
+      if (s.proj == DenseProj::AttnOut || s.proj == DenseProj::GdnOut) specs.push_back(p.spec());
+    }
+  precompile(*g, specs);
+  CHECK(w4_decode_tile(W4GemvTile{}, kFp8Group, 64).m_tile == 4);
+  DeviceBuffer counter(g->driver, 4);
+  counter.fill_bytes(0, g->stream);
+  const float eps = 1e-6f;
+  for (const DenseShape& s : all_shapes()) {
+    CAPTURE(s.name);
+    CAPTURE(s.n);
+    CAPTURE(s.k);
+    const bool logits = s.proj == DenseProj::LmHead;
+    const bool out_proj = s.proj == DenseProj::AttnOut || s.proj == DenseProj::GdnOut;
+    const size_t out_bytes = logits ? 4 : 2;
+    const std::vector<uint16_t> W = fast_random_bf16(size_t(s.n * s.k), 81, 0.1f);
+    const Fp8 q = to_fp8(W, s.n, s.k);
+    DeviceBuffer d_c = to_device(*g, q.codes), d_s = to_device(*g, q.scales);
+    const std::vector<int64_t> ni = sample_indices(s.n, 2048, 82);
+    const std::vector<float> w_ref = pick_rows(q.exact, s.k, ni);
+    const std::vector<uint16_t> x = fast_random_bf16(size_t(64 * s.k), 83, 2.f);
+    DeviceBuffer d_x = to_device(*g, x);
+    auto plan = [&](int T) {
+      W4GemvPlan p = w4_gemv_plan(s.n, s.k, kFp8Group, 1, logits);
+      p.tile = w4_decode_tile(p.tile, kFp8Group, T);
+      return p;
+    };
+    auto run = [&](int T, CUdeviceptr xp, const DeviceBuffer& y) {
+      const W4GemvPlan p = plan(T);
+      launch(p, g->jit.load(p.spec(), g->ctx), g->stream, d_c.ptr(), d_s.ptr(), xp, y.ptr(), T);
+    };
+    for (int T : {1, 3, 8, 9, 16, 37, 64}) {
+      CAPTURE(T);
+      DeviceBuffer d_y = poisoned(*g, size_t(T * s.n) * out_bytes);
+      run(T, d_x.ptr(), d_y);
+      const std::vector<float> y = logits ? to_host<float>(*g, d_y) : to_f32(to_host<uint16_t>(*g, d_y));
+      std::vector<int64_t> mi(static_cast<size_t>(T));
+      std::iota(mi.begin(), mi.end(), 0);
+      CHECK(check_product(rows_f32(x, s.k, mi), w_ref, mi, ni, s.n, s.k, y) <= 1e-2);
+      if (out_proj) {  // the residual epilogue: residual0 + bf16(y) exactly, then the RMSNorm
+        const std::vector<uint16_t> norm_w = random_bf16(size_t(s.n), 84, 0.5f);
+        const std::vector<float> res0 = random_f32(size_t(T * s.n), 85 + T, 3.f);
+        std::vector<float> want_res(res0.size()), want_normed(res0.size());
+        for (size_t i = 0; i < res0.size(); ++i) want_res[i] = res0[i] + y[i];
+        ref::rmsnorm(want_res, to_f32(norm_w), want_normed, T, s.n, eps);
+        W4GemvPlan fused = plan(T);
+        fused.residual = true;
+        DeviceBuffer d_nw = to_device(*g, norm_w), d_res = to_device(*g, res0),
+                     d_normed = poisoned(*g, size_t(T * s.n) * 2);
+        launch(fused, g->jit.load(fused.spec(), g->ctx), g->stream, d_c.ptr(), d_s.ptr(), d_x.ptr(),
+               ResidualNorm{d_res.ptr(), d_nw.ptr(), d_normed.ptr(), counter.ptr(), eps}, T);
+        const std::vector<float> got_res = to_host<float>(*g, d_res);
+        CHECK(std::memcmp(got_res.data(), want_res.data(), got_res.size() * 4) == 0);
+        CHECK(rel_l2(to_f32(to_host<uint16_t>(*g, d_normed)), want_normed) <= 2e-3);
+        CHECK(to_host<int32_t>(*g, counter)[0] == 0);
+      }
+      if (T != 16 && T != 64) continue;
+      const std::vector<uint8_t> all = to_host<uint8_t>(*g, d_y);
+      DeviceBuffer d_one = poisoned(*g, size_t(s.n) * out_bytes);
+      int rows_differ = 0;
+      for (int r = 0; r < T; ++r) {
+        run(1, d_x.ptr() + size_t(r) * size_t(s.k) * 2, d_one);
+        const std::vector<uint8_t> one = to_host<uint8_t>(*g, d_one);
+        rows_differ += std::memcmp(one.data(), all.data() + size_t(r) * one.size(), one.size()) != 0;
+      }
+      CHECK(rows_differ == 0);
+    }
+  }
+}
+
 TEST_CASE("GPU fp8: gemv_fp8 tiles of the tuner's space at the 35B shapes (M = 1, 16): each correct") {
   auto g = open_gpu();
   for (const DenseShape& s : dense_shapes(config_35b())) {

@@ -1,8 +1,10 @@
 // GPU: the sparse MoE + shared expert (spec §2.6; kernel_templates/moe.cuh, moe_gemm.cuh) against the
 // fp32 CPU reference (ref::moe_router, ref::moe_experts, ref::shared_expert) on the same bf16 /
 // dequantized W4A16 / FP8 weights, at the tiny fixture's shapes and the 35B shapes, through the decode
-// path (T = 1, 3, 8; also with the residual add + RMSNorm epilogue of moe_forward_decode) and the
-// prefill path (T = 1, 37, 512, 2048). Timing at the 35B shapes.
+// path (T = 1, 3, 8, 9, 16, 37, 64: the router's expert-grouped plan, gate_up and down reading each
+// touched expert once; also with the residual add + RMSNorm epilogue of moe_forward_decode; every
+// token of T = 16 and 64 bit-identical to that token alone) and the prefill path (T = 1, 37, 512,
+// 2048). Timing at the 35B shapes.
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -164,7 +166,8 @@ void check_moe(const Gpu& g, const Layer& L, const MoeKernels& k, const MoeScrat
   const std::vector<float> sgate = download<float>(g, sc.shared_gate, size_t(T));
 
   // Router: same experts in the same order and the same weights, except where probabilities tie
-  // within 1e-5 (fp32 sums in another order may swap those).
+  // within 1e-4 of their value (fp32 sums of the 2048-long logits in another order move a
+  // probability by ~1e-6 of itself; an absolute 1e-5 skipped 2 of 8 entries of a token at p ~ 0.004).
   std::vector<float> logits(size_t(T * E)), w_ref(size_t(T * K)), sg_logit(static_cast<size_t>(T));
   std::vector<int32_t> ids_ref(size_t(T * K));
   ref::matmul(xf, L.router, logits, T, E, H);
@@ -179,7 +182,8 @@ void check_moe(const Gpu& g, const Layer& L, const MoeKernels& k, const MoeScrat
     for (float& v : p) v /= sum;
     std::sort(p.begin(), p.end(), std::greater<float>());
     for (int64_t i = 0; i < K; ++i) {
-      const bool clear = (i == 0 || p[i - 1] - p[i] > 1e-5f) && (i + 1 >= E || p[i] - p[i + 1] > 1e-5f);
+      const float tie = 1e-4f * p[i];
+      const bool clear = (i == 0 || p[i - 1] - p[i] > tie) && (i + 1 >= E || p[i] - p[i + 1] > tie);
       if (!clear) continue;
       ++checked;
       id_bad += ids[t * K + i] != ids_ref[t * K + i];
@@ -208,6 +212,32 @@ void check_moe(const Gpu& g, const Layer& L, const MoeKernels& k, const MoeScrat
   CHECK(to_host<uint16_t>(g, d_out2) == out);
 
   if (path != MoePath::Decode) return;
+  // The plan: the distinct experts in increasing order, each with its (token, slot) pairs in token
+  // order, every pair once.
+  {
+    const std::vector<int32_t> plan = download<int32_t>(g, sc.plan, size_t(moe_plan_ints(s, T)));
+    const int U = plan[0];
+    std::vector<int32_t> distinct(ids.begin(), ids.end());
+    std::sort(distinct.begin(), distinct.end());
+    distinct.erase(std::unique(distinct.begin(), distinct.end()), distinct.end());
+    REQUIRE(U == int(distinct.size()));
+    CHECK(plan[size_t(1 + E)] == 0);
+    CHECK(plan[size_t(1 + E + U)] == T * K);
+    int bad = 0;
+    std::vector<int> seen(size_t(T * K), 0);
+    for (int u = 0; u < U; ++u) {
+      bad += plan[size_t(1 + u)] != distinct[size_t(u)];
+      for (int i = plan[size_t(1 + E + u)]; i < plan[size_t(2 + E + u)]; ++i) {
+        const int pair = plan[size_t(2 + 2 * E + i)];
+        bad += pair < 0 || pair >= T * K || ids[size_t(pair)] != distinct[size_t(u)];
+        if (pair >= 0 && pair < T * K) ++seen[size_t(pair)];
+        if (i > plan[size_t(1 + E + u)]) bad += plan[size_t(1 + 2 * E + i)] / K >= pair / K;  // increasing tokens
+      }
+    }
+    CHECK(bad == 0);
+    CHECK(std::all_of(seen.begin(), seen.end(), [](int c) { return c == 1; }));
+    CHECK(download<int32_t>(g, sc.plan_ticket, 1)[0] == 0);
+  }
   // The decode path with the residual epilogue (moe_decode_down_residual, decode_fusion.cuh): the
   // fp32 residual stream gets exactly + bf16(out) of the plain path (same sums), and the last block
   // writes its zero-centred RMSNorm as the CPU reference computes it. Twice: the ticket re-arms.
@@ -233,6 +263,24 @@ void check_moe(const Gpu& g, const Layer& L, const MoeKernels& k, const MoeScrat
     if (run == 0) first = normed;
     else CHECK(normed == first);
   }
+}
+
+// Every token of one decode call of T tokens gets the bits it gets alone (T = 1): a token's arithmetic
+// does not depend on the other tokens that share its experts, or on T.
+void check_decode_alone(const Gpu& g, const Layer& L, const MoeKernels& k, const MoeScratch& sc, int64_t T, uint32_t salt) {
+  const int64_t H = L.s.hidden;
+  CAPTURE(T);
+  const std::vector<uint16_t> x = random_bf16(size_t(T * H), salt, 1.f);
+  DeviceBuffer d_x = to_device(g, x), d_out = poisoned(g, size_t(T * H) * 2), d_one = poisoned(g, size_t(H) * 2);
+  moe_forward(k, g.stream, L.weights(), sc, d_x.ptr(), d_out.ptr(), T, MoePath::Decode);
+  const std::vector<uint16_t> out = to_host<uint16_t>(g, d_out);
+  int differ = 0;
+  for (int64_t t = 0; t < T; ++t) {
+    moe_forward(k, g.stream, L.weights(), sc, d_x.ptr() + size_t(t * H) * 2, d_one.ptr(), 1, MoePath::Decode);
+    const std::vector<uint16_t> one = to_host<uint16_t>(g, d_one);
+    differ += std::memcmp(one.data(), out.data() + t * H, size_t(H) * 2) != 0;
+  }
+  CHECK(differ == 0);
 }
 
 double median(std::vector<double> v) {
@@ -287,8 +335,10 @@ void run_shapes(const MoeShape& base, std::initializer_list<int> groups, bool ti
     const MoeKernels k(g->jit, g->ctx, s, MoeTiles::defaults(s, wgmma));
     Workspace ws(*g, k, 2048);
     uint32_t salt = 100;
-    if (!wgmma)
-      for (int64_t T : {1, 3, 8}) check_moe(*g, L, k, ws.sc, T, MoePath::Decode, salt++);
+    if (!wgmma) {
+      for (int64_t T : {1, 3, 8, 9, 16, 37, 64}) check_moe(*g, L, k, ws.sc, T, MoePath::Decode, salt++);
+      for (int64_t T : {16, 64}) check_decode_alone(*g, L, k, ws.sc, T, salt++);
+    }
     for (int64_t T : {1, 37, 512, 2048}) check_moe(*g, L, k, ws.sc, T, MoePath::Prefill, salt++);
     if (wgmma) {  // other tiles of the tuner's space (block_m 128, stages 3 and 8, one warpgroup along N)
       // and the warp-specialised form (a producer warpgroup; 1 or 2 consumer warpgroups along M or N)
@@ -414,6 +464,21 @@ void run_shapes(const MoeShape& base, std::initializer_list<int> groups, bool ti
                           "+ down {:.2f} us (floor {:.2f})",
                           fmt_name, us, bytes / 3e6, bytes / 1e6, us_router, router_bytes / 3e6,
                           us_router_gate_up - us_router, gate_up_bytes / 3e6, us - us_router_gate_up, down_bytes / 3e6));
+      // Batched decode (T = 16, 64 tokens in one call): each touched expert read once.
+      for (int64_t T : {16, 64}) {
+        const std::vector<uint16_t> xb = random_bf16(size_t(T * s.hidden), 17, 1.f);
+        DeviceBuffer d_xb = to_device(*g, xb), d_ob(g->driver, size_t(T * s.hidden) * 2);
+        const double us_b = time_graph(*g, 1, [&](int) {
+          moe_forward(k, g->stream, w, ws.sc, d_xb.ptr(), d_ob.ptr(), T, MoePath::Decode);
+        });
+        const std::vector<int32_t> ids = download<int32_t>(*g, ws.sc.ids, size_t(T * s.top_k));
+        std::vector<int32_t> distinct(ids.begin(), ids.end());
+        std::sort(distinct.begin(), distinct.end());
+        const double touched = double(std::unique(distinct.begin(), distinct.end()) - distinct.begin()) + 1;
+        const double b = router_bytes + touched * 3 * s.inter * s.hidden * wbytes;
+        MESSAGE(fmt::format("moe decode T={} {}: {:.2f} us per layer, {:.0f} experts touched, {:.1f} MB -> {:.2f} TB/s",
+                            T, fmt_name, us_b, touched, b / 1e6, b / us_b * 1e-6));
+      }
     }
     // Prefill T = 4096: each launch timed with events, median of 20 runs; the default tiles, and on
     // sm_90a the warp-specialised tiles beside them.

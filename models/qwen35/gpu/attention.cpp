@@ -107,16 +107,6 @@ void launch_attention_decode(const AttentionPlan& plan, const Function& decode, 
                plan.scale);
 }
 
-int attention_decode_batch_splits(const AttentionPlan& plan, int B, int64_t max_context, int sm_count) {
-  if (B < 1) fail("attention_decode_batch: B = {} sequences is not positive", B);
-  if (max_context < 1) fail("attention_decode_batch: max_context = {} is not positive", max_context);
-  if (sm_count < 1) fail("attention_decode_batch: sm_count = {} is not positive", sm_count);
-  const int64_t blocks = plan.hkv * plan.decode_qgroups() * B;  // per split
-  const int64_t by_sms = (2 * int64_t(sm_count) + blocks - 1) / blocks;
-  const int64_t by_cache = (max_context + 16 * plan.decode.warps - 1) / (16 * plan.decode.warps);
-  return int(std::clamp<int64_t>(std::min(by_sms, by_cache), 1, 65535));
-}
-
 size_t attention_decode_batch_scratch_bytes(const AttentionPlan& plan, int B, int splits) {
   return size_t(B) * attention_decode_scratch_bytes(plan, splits);
 }

@@ -68,7 +68,9 @@ std::vector<KernelSpec> attention_kernels(const Config& cfg, int64_t smem_limit 
 std::vector<KernelSpec> attention_batch_kernels(const Config& cfg, int64_t smem_limit = kAttentionSmemLimitSm80);
 
 // Decode split count for a KV cache of max_context rows on a GPU with sm_count SMs: about two CTAs
-// per SM over the kv heads, no more than the cache has blocks of 16 keys per warp.
+// per SM over the kv heads, no more than the cache has blocks of 16 keys per warp. The batched step
+// runs every sequence with this count too: the splits cut a sequence's keys into the partials the
+// merge sums, so the same count gives a row the arithmetic of the sequence decoded alone.
 int attention_decode_splits(const AttentionPlan& plan, int64_t max_context, int sm_count);
 // Scratch of one decode launch: part_o fp32 [Hkv, splits, 8, D] then part_ml fp32 [Hkv, splits, 8, 2].
 size_t attention_decode_scratch_bytes(const AttentionPlan& plan, int splits);
@@ -104,9 +106,6 @@ struct AttentionBatch {
   CUdeviceptr pos = 0;    // int32 [slots]
   int max_context = 0;    // rows per slot
 };
-// Split count of a batched decode over B sequences: about two CTAs per SM over (kv head blocks x B),
-// no more than a slot has blocks of 16 keys per warp.
-int attention_decode_batch_splits(const AttentionPlan& plan, int B, int64_t max_context, int sm_count);
 // Scratch of one batched decode launch of B sequences.
 size_t attention_decode_batch_scratch_bytes(const AttentionPlan& plan, int B, int splits);
 // q [B, Hq, D], the k / v rows of each sequence at its position in its slot. Grid (B).

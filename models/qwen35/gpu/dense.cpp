@@ -2,6 +2,7 @@
 
 #include <algorithm>
 
+#include "autotune/tiles_moe.h"
 #include "runtime/core/error.h"
 
 namespace q35::qwen35::gpu {
@@ -40,6 +41,21 @@ KernelSpec GemvBf16Plan::spec() const {
 
 GemvBf16Plan gemv_bf16_plan(int64_t n, int64_t k, int m, bool out_f32) {
   return {n, k, default_gemv_tile(n, k, m), out_f32};
+}
+
+W4GemvTile w4_decode_tile(const W4GemvTile& one, int64_t group, int M) {
+  if (M < 1 || M > kMoeDecodeMaxTokens)
+    fail("{}: a decode step of {} rows is outside [1, {}]", group == kFp8Group ? "gemv_fp8" : "gemv_w4a16", M,
+         kMoeDecodeMaxTokens);
+  if (group != kFp8Group && group != 32 && group != 64 && group != 128)
+    fail("gemv decode tile: weight group {} is not W4A16 (32, 64, 128) or FP8", group);
+  W4GemvTile t = one;
+  // One mma column tile of 8 columns: a column per (token, scale group of a 128-k tile). FP8 has one
+  // scale block per tile, so any M_TILE <= 8 keeps the M = 1 tile's single column tile and accumulator
+  // chains; it takes 4: at 8, ptxas spills 8 bytes of gemv_fp8 at the 35B qkv / in_proj default tiles
+  // (72 registers, sm_90a; 4 compiles clean).
+  t.m_tile = M == 1 ? 1 : group == kFp8Group ? 4 : int(8 * group / 128);
+  return t;
 }
 
 W4GemvPlan w4_gemv_plan(int64_t n, int64_t k, int64_t group, int m, bool out_f32) {
@@ -145,12 +161,17 @@ std::vector<KernelSpec> dense_kernels(const Config& cfg, const DenseOptions& opt
     const bool logits = s.proj == DenseProj::LmHead;  // fp32 out
     if (opt.group == 0) {
       add(gemv_bf16_plan(s.n, s.k, opt.decode_tokens, logits).spec());
+      add(gemv_bf16_plan(s.n, s.k, 16, logits).spec());  // batched decode steps of 16+ rows
     } else {
-      add(w4_gemv_plan(s.n, s.k, opt.group, opt.decode_tokens, logits).spec());
-      if (s.proj == DenseProj::AttnOut || s.proj == DenseProj::GdnOut) {  // with the decode residual epilogue
-        W4GemvPlan r = w4_gemv_plan(s.n, s.k, opt.group, opt.decode_tokens);
-        r.residual = true;
-        add(r.spec());
+      // The decode step's GEMV (M = 1) and the batched step's (more rows, the same K split).
+      for (int m : {1, 2}) {
+        W4GemvPlan p = w4_gemv_plan(s.n, s.k, opt.group, 1, logits);
+        p.tile = w4_decode_tile(p.tile, opt.group, m);
+        add(p.spec());
+        if (s.proj == DenseProj::AttnOut || s.proj == DenseProj::GdnOut) {  // with the decode residual epilogue
+          p.residual = true;
+          add(p.spec());
+        }
       }
       const QuantizePlan q = quantize_plan(s.k, opt.group);
       add(q.quantize_spec());

@@ -21,13 +21,15 @@ void check_tokens(const char* what, const MoeScratch& sc, int64_t T) {
 
 // Offsets of the scratch buffers from the workspace start; the last entry is the total size.
 struct Layout {
-  size_t logits, counters, ids, weights, shared_gate, h, hs, y, ys, sorted_ids, block_expert, num_blocks, total;
+  size_t logits, counters, plan_ticket, ids, weights, shared_gate, plan, h, hs, y, ys, sorted_ids, block_expert, num_blocks,
+      total;
 };
 
 Layout layout(const MoeShape& s, const MoeTiles& tiles, int64_t max_tokens) {
   if (max_tokens < 1) fail("moe workspace: max_tokens = {} must be positive", max_tokens);
   const int64_t T = max_tokens, k = s.top_k, blocks = moe_max_blocks(s, tiles.gemm.block_m, T);
-  const int64_t h_decode = std::min(T, kMoeDecodeMaxTokens) * (k * s.inter + s.shared_inter);
+  const int64_t T_decode = std::min(T, kMoeDecodeMaxTokens);
+  const int64_t h_decode = T_decode * (k * s.inter + s.shared_inter);
   const int64_t h_prefill = blocks * tiles.gemm.block_m * s.inter;
   Layout l{};
   size_t at = 0;
@@ -38,9 +40,11 @@ Layout layout(const MoeShape& s, const MoeTiles& tiles, int64_t max_tokens) {
   };
   l.logits = take(size_t(T * (s.experts + 1)) * 4);
   l.counters = take(size_t(T) * 4);
+  l.plan_ticket = take(4);
   l.ids = take(size_t(T * k) * 4);
   l.weights = take(size_t(T * k) * 4);
   l.shared_gate = take(size_t(T) * 4);
+  l.plan = take(size_t(moe_plan_ints(s, T_decode)) * 4);
   l.h = take(size_t(std::max(h_decode, h_prefill)) * 2);
   l.hs = take(size_t(T * s.shared_inter) * 2);
   l.y = take(size_t(T * k * s.hidden) * 2);
@@ -63,8 +67,8 @@ MoeShape moe_shape(const Config& cfg, int group) {
 
 MoeTiles MoeTiles::defaults(const MoeShape& s, bool hopper, int64_t tokens) {
   return {default_moe_router_tile(s, 1),
-          default_moe_router_tile(s, kMoeDecodeMaxTokens),
-          default_moe_router_tile(s, kMoeDecodeMaxTokens + 1),
+          default_moe_router_tile(s, kMoeRouterSmallTokens),
+          default_moe_router_tile(s, kMoeRouterSmallTokens + 1),
           default_moe_gate_up_tile(s),
           default_moe_down_tile(s),
           default_moe_gemm_tile(s, hopper, tokens),
@@ -72,7 +76,7 @@ MoeTiles MoeTiles::defaults(const MoeShape& s, bool hopper, int64_t tokens) {
 }
 
 const MoeRouterTile& MoeTiles::router(int64_t tokens) const {
-  return tokens <= 1 ? router_one : tokens <= kMoeDecodeMaxTokens ? router_decode : router_prefill;
+  return tokens <= 1 ? router_one : tokens <= kMoeRouterSmallTokens ? router_decode : router_prefill;
 }
 
 std::vector<KernelSpec> moe_kernels(const Config& cfg, int group, bool hopper, int64_t tokens) {
@@ -97,6 +101,13 @@ std::vector<KernelSpec> moe_kernels(const MoeShape& s, const MoeTiles& t) {
           moe_router_topk_spec(s)};
 }
 
+int64_t moe_plan_ints(const MoeShape& s, int64_t tokens) { return 2 + 2 * s.experts + tokens * s.top_k; }
+
+unsigned moe_down_smem_bytes(const MoeShape& s, const MoeDownTile& tile, int64_t tokens) {
+  // kernel_templates/moe.cuh moe_down_smem_bytes: sums [T][k + 1][16] and parts [k + 1][ksplit][8][16], fp32.
+  return unsigned((tokens * (s.top_k + 1) * 16 + (s.top_k + 1) * tile.ksplit * 8 * 16) * 4);
+}
+
 int64_t moe_max_blocks(const MoeShape& s, int block_m, int64_t tokens) {
   // sum_e ceil(c_e / BM) <= (T*k + (BM - 1) * experts hit) / BM, at most min(E, T*k) experts hit.
   const int64_t pairs = tokens * s.top_k, bm = block_m;
@@ -114,6 +125,8 @@ MoeScratch moe_scratch(const MoeShape& s, const MoeTiles& tiles, int64_t max_tok
   sc.max_blocks = moe_max_blocks(s, tiles.gemm.block_m, max_tokens);
   sc.logits = ws + l.logits;
   sc.counters = ws + l.counters;
+  sc.plan_ticket = ws + l.plan_ticket;
+  sc.plan = ws + l.plan;
   sc.ids = ws + l.ids;
   sc.weights = ws + l.weights;
   sc.shared_gate = ws + l.shared_gate;
@@ -146,13 +159,15 @@ MoeKernels::MoeKernels(JitEngine& jit, const Context& ctx, const MoeShape& s, co
       router_gemm(jit.load(gemm_bf16_spec(s.experts, s.hidden, tiles.router_gemm, true), ctx)),
       router_topk(jit.load(moe_router_topk_spec(s), ctx)) {
   router_gemm.set_max_dynamic_smem(tiles.router_gemm.smem_bytes());
+  for (const Function* f : {&decode_down, &decode_down_residual})
+    f->set_max_dynamic_smem(moe_down_smem_bytes(s, tiles.down, kMoeDecodeMaxTokens));
   if (tiles.gemm.wgmma)
     for (const Function* f : {&gemm_routed_gate_up, &gemm_routed_down, &gemm_shared_gate_up, &gemm_shared_down})
       f->set_max_dynamic_smem(tiles.gemm.smem_bytes(s.group));
 }
 
 const Function& MoeKernels::router(int64_t tokens) const {
-  return tokens <= 1 ? router_one : tokens <= kMoeDecodeMaxTokens ? router_decode : router_prefill;
+  return tokens <= 1 ? router_one : tokens <= kMoeRouterSmallTokens ? router_decode : router_prefill;
 }
 
 const Function& MoeKernels::gemm(MoeGemm g) const {
@@ -169,7 +184,7 @@ void launch_moe_router(const Function& f, const MoeRouterTile& tile, const Strea
                        CUdeviceptr x, const MoeWeights& w, const MoeScratch& sc, int64_t T) {
   check_tokens("moe_router", sc, T);
   f.launch({{tile.blocks_x(s.experts), ceil_div(T, tile.m_tile)}, {unsigned(tile.threads())}, 0, true}, stream, x, w.router,
-           w.shared_gate, sc.logits, sc.counters, sc.ids, sc.weights, sc.shared_gate, int(T));
+           w.shared_gate, sc.logits, sc.counters, sc.ids, sc.weights, sc.shared_gate, sc.plan, sc.plan_ticket, int(T));
 }
 
 void launch_moe_router_prefill(const Function& gemm, const GemmTile& tile, const Function& topk, const Stream& stream,
@@ -184,17 +199,19 @@ void launch_moe_decode_gate_up(const Function& f, const MoeGemvTile& tile, const
                                CUdeviceptr x, const MoeWeights& w, const MoeScratch& sc, int64_t T) {
   check_tokens("moe_decode_gate_up", sc, T);
   if (T > kMoeDecodeMaxTokens) fail("moe_decode_gate_up: T = {} exceeds the decode path's {}", T, kMoeDecodeMaxTokens);
-  const int64_t rows = s.top_k * s.inter + s.shared_inter;
-  f.launch({{unsigned(rows / kMoeGateUpRows), unsigned(T)}, {unsigned(tile.threads())}, 0, true}, stream, x, sc.ids,
-           w.gate_up, w.gate_up_scales, w.shared_gate_up, w.shared_gate_up_scales, sc.h, int(T));
+  const unsigned blocks_x = unsigned(std::max(s.inter, s.shared_inter) / kMoeGateUpRows);
+  const unsigned experts = unsigned(1 + std::min(s.experts, T * s.top_k));  // the shared one + at most T*k routed
+  const unsigned smem = unsigned(tile.ksplit * T * 16 * 4);
+  f.launch({{blocks_x, experts}, {unsigned(tile.threads())}, smem, true}, stream, x, sc.plan, w.gate_up,
+           w.gate_up_scales, w.shared_gate_up, w.shared_gate_up_scales, sc.h, int(T));
 }
 
 void launch_moe_decode_down(const Function& f, const MoeDownTile& tile, const Stream& stream, const MoeShape& s,
                             const MoeWeights& w, const MoeScratch& sc, CUdeviceptr out, int64_t T) {
   check_tokens("moe_decode_down", sc, T);
   if (T > kMoeDecodeMaxTokens) fail("moe_decode_down: T = {} exceeds the decode path's {}", T, kMoeDecodeMaxTokens);
-  f.launch({{unsigned(s.hidden / kMoeDownRows), unsigned(T)}, {unsigned(tile.threads(s.top_k))}, 0, true}, stream, sc.h,
-           sc.ids, sc.weights, sc.shared_gate, w.down, w.down_scales, w.shared_down, w.shared_down_scales, out, int(T));
+  f.launch({{unsigned(s.hidden / kMoeDownRows)}, {unsigned(tile.threads(s.top_k))}, moe_down_smem_bytes(s, tile, T), true},
+           stream, sc.h, sc.plan, sc.weights, sc.shared_gate, w.down, w.down_scales, w.shared_down, w.shared_down_scales, out, int(T));
 }
 
 void launch_moe_decode_down(const Function& f, const MoeDownTile& tile, const Stream& stream, const MoeShape& s,
@@ -204,8 +221,8 @@ void launch_moe_decode_down(const Function& f, const MoeDownTile& tile, const St
     fail("moe_decode_down_residual: T = {} exceeds the decode path's {}", T, kMoeDecodeMaxTokens);
   if (!r.residual || !r.norm_w || !r.normed || !r.counter)
     fail("moe_decode_down_residual: residual, norm_w, normed and counter must all be set");
-  f.launch({{unsigned(s.hidden / kMoeDownRows), unsigned(T)}, {unsigned(tile.threads(s.top_k))}, 0, true}, stream, sc.h,
-           sc.ids, sc.weights, sc.shared_gate, w.down, w.down_scales, w.shared_down, w.shared_down_scales, r.residual,
+  f.launch({{unsigned(s.hidden / kMoeDownRows)}, {unsigned(tile.threads(s.top_k))}, moe_down_smem_bytes(s, tile, T), true},
+           stream, sc.h, sc.plan, sc.weights, sc.shared_gate, w.down, w.down_scales, w.shared_down, w.shared_down_scales, r.residual,
            r.norm_w, r.normed, r.counter, r.eps, int(T));
 }
 

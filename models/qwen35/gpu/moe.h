@@ -5,7 +5,8 @@
 // which the runner adds to the residual in the next fused add + RMSNorm.
 //
 // Two paths, chosen by T (moe_forward does it):
-//   decode  (T <= kMoeDecodeMaxTokens): router -> decode_gate_up -> decode_down            3 launches
+//   decode  (T <= kMoeDecodeMaxTokens): router (+ the expert-grouped plan) -> decode_gate_up
+//           -> decode_down, each touched expert's weights read once for all its tokens      3 launches
 //           (moe_forward_decode: decode_down adds into the residual stream and writes the next
 //           RMSNorm, kernel_templates/decode_fusion.cuh)
 //   prefill (larger T): router GEMM (logits on tensor cores) -> router top-k -> align
@@ -71,9 +72,11 @@ struct MoeScratch {
   int64_t max_blocks = 0;     // routed GEMM row blocks for max_tokens
   CUdeviceptr logits = 0;       // fp32 [max_T, E+1]   router logits, column E = shared gate logit
   CUdeviceptr counters = 0;     // int32 [max_T]       router tickets, zero between launches
+  CUdeviceptr plan_ticket = 0;  // int32 [1]           the router's plan ticket, zero between launches
   CUdeviceptr ids = 0;          // int32 [max_T, k]    selected experts, by decreasing probability
   CUdeviceptr weights = 0;      // fp32 [max_T, k]     renormalised routing weights
   CUdeviceptr shared_gate = 0;  // fp32 [max_T]        sigmoid(x . w_sg)
+  CUdeviceptr plan = 0;         // int32 [moe_plan_ints(min(max_T, kMoeDecodeMaxTokens))] decode work by expert
   CUdeviceptr h = 0;            // bf16 decode [T, k*I + Is] / prefill [max_blocks * BM, I]
   CUdeviceptr hs = 0;           // bf16 [max_T, Is]     prefill shared expert activations
   CUdeviceptr y = 0;            // bf16 [max_T * k, H]  prefill routed down outputs per (token, slot)
@@ -83,6 +86,10 @@ struct MoeScratch {
   CUdeviceptr num_blocks = 0;   // int32 [1]
 };
 int64_t moe_max_blocks(const MoeShape& s, int block_m, int64_t tokens);  // routed GEMM row blocks for T tokens
+// int32 entries of the decode plan for T tokens (kernel_templates/moe.cuh moe_build_plan): 2 + 2E + T*k.
+int64_t moe_plan_ints(const MoeShape& s, int64_t tokens);
+// Dynamic shared memory of moe_decode_down for T tokens.
+unsigned moe_down_smem_bytes(const MoeShape& s, const MoeDownTile& tile, int64_t tokens);
 size_t moe_workspace_bytes(const MoeShape& s, const MoeTiles& tiles, int64_t max_tokens);
 MoeScratch moe_scratch(const MoeShape& s, const MoeTiles& tiles, int64_t max_tokens, CUdeviceptr workspace);
 
@@ -105,7 +112,8 @@ struct MoeKernels {
 
 // ---- launches (T = tokens of this call, 1 <= T <= scratch.max_tokens) ----
 
-// x [T, H] bf16 -> scratch.ids, weights, shared_gate (uses logits, counters). f = moe_router with `tile`.
+// x [T, H] bf16 -> scratch.ids, weights, shared_gate, plan (uses logits, counters, plan_ticket).
+// f = moe_router with `tile`.
 void launch_moe_router(const Function& f, const MoeRouterTile& tile, const Stream& stream, const MoeShape& s,
                        CUdeviceptr x, const MoeWeights& w, const MoeScratch& sc, int64_t T);
 // Prefill router: x [T, H] bf16 -> scratch.logits as [T, E] fp32 (router GEMM), then scratch.ids,
@@ -113,10 +121,10 @@ void launch_moe_router(const Function& f, const MoeRouterTile& tile, const Strea
 // gemm = gemm_bf16_spec(E, H, router_gemm tile, fp32 out) (dynamic smem opted in), topk = moe_router_topk.
 void launch_moe_router_prefill(const Function& gemm, const GemmTile& tile, const Function& topk, const Stream& stream,
                                const MoeShape& s, CUdeviceptr x, const MoeWeights& w, const MoeScratch& sc, int64_t T);
-// Decode. x [T, H] bf16, scratch.ids -> scratch.h [T, k*I + Is] bf16.
+// Decode. x [T, H] bf16, scratch.plan -> scratch.h [T, k*I + Is] bf16.
 void launch_moe_decode_gate_up(const Function& f, const MoeGemvTile& tile, const Stream& stream, const MoeShape& s,
                                CUdeviceptr x, const MoeWeights& w, const MoeScratch& sc, int64_t T);
-// Decode. scratch.h, ids, weights, shared_gate -> out [T, H] bf16.
+// Decode. scratch.h, plan, weights, shared_gate -> out [T, H] bf16.
 void launch_moe_decode_down(const Function& f, const MoeDownTile& tile, const Stream& stream, const MoeShape& s,
                             const MoeWeights& w, const MoeScratch& sc, CUdeviceptr out, int64_t T);
 // Decode with the residual epilogue: residual += bf16(out); r.normed = RMSNorm(residual) (dense.h).
@@ -132,7 +140,7 @@ void launch_moe_gemm(const Function& f, const MoeGemmTile& tile, const Stream& s
 void launch_moe_combine(const Function& f, const Stream& stream, const MoeScratch& sc, CUdeviceptr out, int64_t T);
 
 // The whole MoE block: x [T, H] bf16 -> out [T, H] bf16 (out must not alias x). Auto takes the decode
-// path for T <= kMoeDecodeMaxTokens, else prefill; either path works for any T (decode up to 8).
+// path for T <= kMoeDecodeMaxTokens, else prefill; either path works for any T (decode up to 64).
 enum class MoePath { Auto, Decode, Prefill };
 void moe_forward(const MoeKernels& k, const Stream& stream, const MoeWeights& w, const MoeScratch& sc, CUdeviceptr x,
                  CUdeviceptr out, int64_t T, MoePath path = MoePath::Auto);

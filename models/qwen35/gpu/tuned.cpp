@@ -88,8 +88,10 @@ MoeTiles TunedTiles::moe(int64_t m) const {
   t.router_one = t.router_decode = t.router_prefill = router;
   const std::string sig = tune::moe_signature(moe_);
   if (m <= kMoeDecodeMaxTokens) {
+    // The decode GEMVs' K splits are part of each token's arithmetic: the M = 1 tiles serve every T,
+    // so a token's result does not depend on how many tokens share the call (batched == alone).
     const tune::MoeDecodeConfig c = pick(
-        tune::kMoeDecode, sig, m, tune::MoeDecodeConfig{t.gate_up, t.down},
+        tune::kMoeDecode, sig, 1, tune::MoeDecodeConfig{t.gate_up, t.down},
         [](const nlohmann::json& j) { return tune::moe_decode_from_json(j); },
         [&](const tune::MoeDecodeConfig& d) {
           std::string why = why_invalid_gate_up(d.gate_up, moe_);
