@@ -48,9 +48,9 @@ bool flag(const json& j, const char* family, const char* key) {
 }  // namespace
 
 const std::vector<std::string>& families() {
-  static const std::vector<std::string> f = {kGemvW4,    kGemvFp8,          kGemvBf16,        kGemm,
-                                             kMoeRouter, kMoeDecode,        kMoeGemm,         kAttentionPrefill,
-                                             kAttentionDecode, kGdnPrefill, kGdnRecurrent};
+  static const std::vector<std::string> f = {kGemvW4,    kGemvFp8,   kGemvBf16, kGemm,
+                                             kMoeRouter, kMoeDecode, kMoeGemm,  kMoePath,
+                                             kAttentionPrefill, kAttentionDecode, kGdnPrefill, kGdnRecurrent};
   return f;
 }
 
@@ -256,6 +256,7 @@ json to_json(const GemmTile& t) {
   return j;
 }
 json to_json(const MoeRouterTile& t) { return {{"m_tile", t.m_tile}, {"rows_per_warp", t.rows_per_warp}, {"warps", t.warps}}; }
+json to_json(const MoePathConfig& c) { return {{"grouped", c.grouped ? 1 : 0}}; }
 json to_json(const MoeDecodeConfig& c) { return {{"gate_up_ksplit", c.gate_up.ksplit}, {"down_ksplit", c.down.ksplit}}; }
 json to_json(const MoeGemmTile& t) {
   json j = {{"block_m", t.block_m}, {"block_n", t.block_n}, {"block_k", t.block_k}, {"warps_m", t.warps_m},
@@ -307,6 +308,11 @@ MoeGemmTile moe_gemm_from_json(const json& j) {
           flag(j, kMoeGemm, "wgmma"), flag(j, kMoeGemm, "ws"), flag(j, kMoeGemm, "swap"),
           field_or(j, kMoeGemm, "ksub", 1), flag(j, kMoeGemm, "persist"), flag(j, kMoeGemm, "rs")};
 }
+MoePathConfig moe_path_from_json(const json& j) {
+  const int g = field(j, kMoePath, "grouped");
+  if (g != 0 && g != 1) fail("tune config of {}: field \"grouped\" is {}, not 0 or 1", kMoePath, g);
+  return {g == 1};
+}
 AttentionPrefillTile attention_prefill_from_json(const json& j) {
   return {field(j, kAttentionPrefill, "warps"), field(j, kAttentionPrefill, "block_n"),
           flag(j, kAttentionPrefill, "wgmma"), field_or(j, kAttentionPrefill, "stages", 2),
@@ -329,6 +335,7 @@ std::string why_malformed(const std::string& family, const json& config) {
     else if (family == kMoeRouter) moe_router_from_json(config);
     else if (family == kMoeDecode) moe_decode_from_json(config);
     else if (family == kMoeGemm) moe_gemm_from_json(config);
+    else if (family == kMoePath) moe_path_from_json(config);
     else if (family == kAttentionPrefill) attention_prefill_from_json(config);
     else if (family == kAttentionDecode) attention_decode_from_json(config);
     else if (family == kGdnPrefill) gdn_prefill_from_json(config);

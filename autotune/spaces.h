@@ -11,6 +11,7 @@
 // moe_router          moe_router                             m_tile rows warps         all
 // moe_decode          moe_decode_gate_up + moe_decode_down   gate_up_ksplit down_ksplit <= 8
 // moe_gemm            moe_align + the four moe_gemm          block_m/n/k warps         > 8
+// moe_path            grouped path or GEMM path per call     grouped (1 / 0)           65..256
 // attention_prefill   attention_prefill[_wgmma]              warps block_n (wgmma      prefill
 //                                                            stages pingpong)
 // attention_decode    attention_decode (+ merge)             warps                     decode
@@ -42,6 +43,10 @@ inline constexpr const char* kGemm = "gemm_bf16";
 inline constexpr const char* kMoeRouter = "moe_router";
 inline constexpr const char* kMoeDecode = "moe_decode";
 inline constexpr const char* kMoeGemm = "moe_gemm";
+// Which MoE path a prompt chunk of M tokens takes, kDecodeStepMaxRows < M <= kMoeGroupedMaxTokens
+// (autotune/tiles_moe.h moe_grouped_for): {"grouped": 1} the expert-grouped kernels (M = 1 tiles),
+// {"grouped": 0} the grouped-GEMM path. The tuner times both whole paths and keeps the faster.
+inline constexpr const char* kMoePath = "moe_path";
 inline constexpr const char* kAttentionPrefill = "attention_prefill";
 inline constexpr const char* kAttentionDecode = "attention_decode";
 inline constexpr const char* kGdnPrefill = "gdn_prefill";
@@ -63,6 +68,10 @@ int gemv_m_tile(int64_t m);
 struct MoeDecodeConfig {
   MoeGemvTile gate_up;
   MoeDownTile down;
+};
+// Config of the MoE path choice (moe_path).
+struct MoePathConfig {
+  bool grouped = true;
 };
 // Config of the GDN chunked prefill.
 struct GdnPrefillConfig {
@@ -102,6 +111,7 @@ nlohmann::json to_json(const GemmTile& t);
 nlohmann::json to_json(const MoeRouterTile& t);
 nlohmann::json to_json(const MoeDecodeConfig& c);
 nlohmann::json to_json(const MoeGemmTile& t);
+nlohmann::json to_json(const MoePathConfig& c);
 nlohmann::json to_json(const AttentionPrefillTile& t);
 nlohmann::json to_json(const AttentionDecodeTile& t);
 nlohmann::json to_json(const GdnPrefillConfig& c);
@@ -113,6 +123,7 @@ GemmTile gemm_from_json(const nlohmann::json& j);
 MoeRouterTile moe_router_from_json(const nlohmann::json& j);
 MoeDecodeConfig moe_decode_from_json(const nlohmann::json& j);
 MoeGemmTile moe_gemm_from_json(const nlohmann::json& j);
+MoePathConfig moe_path_from_json(const nlohmann::json& j);  // "grouped" must be 0 or 1
 AttentionPrefillTile attention_prefill_from_json(const nlohmann::json& j);
 AttentionDecodeTile attention_decode_from_json(const nlohmann::json& j);
 GdnPrefillConfig gdn_prefill_from_json(const nlohmann::json& j);

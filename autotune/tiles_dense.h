@@ -74,6 +74,10 @@ std::string why_invalid(const SampleTile& tile, int64_t vocab);
 GemmTile default_gemm_tile(int64_t n, int64_t k, int64_t m, bool wgmma = false);
 // wgmma defaults take the swapped warp-specialised tile up to this many rows.
 constexpr int64_t kGemmSwapMaxM = 128;
+// The most rows of one decode step: the decode GEMVs (w4_decode_tile: every row gets the M = 1
+// tile's arithmetic) and the batched step (models/qwen35/batch.h kMaxStepRows) run 1..this many
+// rows. The MoE's expert-grouped path takes more (autotune/tiles_moe.h kMoeGroupedMaxTokens).
+constexpr int64_t kDecodeStepMaxRows = 64;
 // m = tokens per call (1..16).
 W4GemvTile default_w4_gemv_tile(int64_t n, int64_t k, int64_t group, int m);
 QuantizeTile default_quantize_tile(int64_t k, int64_t group);

@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <cstdlib>
 
 #include "autotune/tiles_wgmma.h"
 #include "runtime/core/error.h"
@@ -371,6 +372,40 @@ KernelSpec moe_router_topk_spec(const MoeShape& s) {
   return {"moe",
           "moe_router_topk",
           {{"H", str(s.hidden)}, {"E", str(s.experts)}, {"TOPK", str(s.top_k)}, {"WARPS", str(kMoeRouterTopkWarps)}}};
+}
+
+int64_t moe_gate_up_smem_bytes(const MoeGemvTile& tile, int64_t tokens) {
+  return int64_t(tile.ksplit) * tokens * 16 * 4;
+}
+
+int64_t moe_down_smem_bytes(const MoeShape& s, const MoeDownTile& tile, int64_t tokens) {
+  return (tokens * (s.top_k + 1) * 16 + (s.top_k + 1) * tile.ksplit * 8 * 16) * 4;
+}
+
+int64_t smem_optin_bytes(const std::string& arch) {
+  const int sm = arch.rfind("sm_", 0) == 0 ? std::atoi(arch.c_str() + 3) : 0;
+  switch (sm) {
+    case 80: case 87: return 163 * 1024;
+    case 90: case 100: return 227 * 1024;
+    default: return 99 * 1024;  // sm_86, sm_89, sm_120, and whatever is not known
+  }
+}
+
+int64_t moe_grouped_max_tokens(const MoeShape& s, const MoeGemvTile& gate_up, const MoeDownTile& down,
+                               int64_t smem_limit) {
+  const int64_t room = smem_limit - kMoeGroupedStaticSmemReserve;
+  const int64_t fixed = moe_down_smem_bytes(s, down, 0);  // the parts
+  const int64_t per_down = moe_down_smem_bytes(s, down, 1) - fixed;
+  if (room < fixed) return 0;
+  int64_t most = std::min(kMoeGroupedMaxTokens, (room - fixed) / per_down);
+  if (moe_gate_up_smem_bytes(gate_up, most) > room) most = room / moe_gate_up_smem_bytes(gate_up, 1);
+  return most;
+}
+
+bool moe_grouped_for(int64_t T, int64_t grouped_max, std::optional<bool> tuned) {
+  if (T <= kDecodeStepMaxRows) return true;
+  if (T > grouped_max) return false;
+  return tuned.value_or(T <= kMoeGroupedDefaultMaxTokens);
 }
 
 }  // namespace q35

@@ -3,8 +3,10 @@
 // heuristic defaults and the KernelSpecs. Shapes come as a MoeShape (sizes of one MoE layer and the
 // weight format), so nothing here knows the model.
 #include <cstdint>
+#include <optional>
 #include <string>
 
+#include "autotune/tiles_dense.h"
 #include "runtime/jit/kernel_spec.h"
 
 namespace q35 {
@@ -83,10 +85,45 @@ const char* name(MoeGemm g);
 // g128: T = 4096 1.48 ms per layer against 1.70 for mma.sync); shorter ones to the mma.sync one,
 // whose small row blocks pad the few tokens per expert less. The tuner measures both kinds.
 constexpr int64_t kMoeWgmmaMinTokens = 1024;
-// Largest T that takes the decode path (router + expert-grouped gate_up + down GEMVs); more tokens take
-// the prefill path. A batched decode step of up to kMoeDecodeMaxTokens sequences runs it, so every row
-// of every batch size gets the arithmetic of a sequence decoded alone.
-constexpr int64_t kMoeDecodeMaxTokens = 64;
+// The expert-grouped ("decode") path: router (+ the per-expert plan), gate_up and down GEMVs that read
+// each touched expert once for all its tokens. It takes 1..kMoeGroupedMaxTokens tokens, every T with
+// the M = 1 tiles (gpu/tuned.cpp), so a token's result does not depend on the call's other tokens:
+// every decode step (<= kDecodeStepMaxRows rows, tiles_dense.h) runs it, and a prompt chunk of T
+// tokens runs it when moe_grouped_for(T) says so, else the grouped-GEMM ("prefill") path.
+// down's shared memory grows with T (moe_down_smem_bytes): where the device's opt-in limit holds
+// fewer tokens, the bound is lower (moe_grouped_max_tokens).
+constexpr int64_t kMoeGroupedMaxTokens = 256;
+// Default crossover for prompt chunks (when the tune cache has no moe_path entry at T's bucket):
+// grouped up to this many tokens, the GEMM path above. H200, 35B W4A16 g128, per layer: grouped 95 us
+// at T = 16, 198 us at T = 64 (224 experts, 1.84 TB/s); GEMM path ~350 us at T = 128 (mma.sync
+// moe_gemm 226 + 97 us + router, align, combine, shared expert). `q35jit tune` measures both paths at
+// the buckets between kDecodeStepMaxRows and kMoeGroupedMaxTokens (96, 128, 256) and records the
+// faster (family moe_path).
+constexpr int64_t kMoeGroupedDefaultMaxTokens = 128;
+// Shared memory the grouped kernels' static arrays may take beside their dynamic shared memory
+// (moe_decode_down_residual's last-block reduction: 80 bytes; sm_90 builds also report the 1 KiB
+// each block reserves for the system: 1,104 bytes in all).
+constexpr int64_t kMoeGroupedStaticSmemReserve = 2048;
+// Dynamic shared memory of moe_decode_gate_up for T tokens: each warp's sums [ksplit][T][16] fp32 (the
+// shared expert's block takes every token). (Taking an expert's tokens in chunks of 64 would hold it
+// at 16 KiB, but costs the kernel 127 registers instead of 80 on sm_90a: not done.)
+int64_t moe_gate_up_smem_bytes(const MoeGemvTile& tile, int64_t tokens);
+// Dynamic shared memory of moe_decode_down for T tokens: the per-(token, slot) sums [T][k + 1][16] and
+// the groups' parts [k + 1][ksplit][8][16], fp32 (kernel_templates/moe.cuh moe_down_smem_bytes).
+int64_t moe_down_smem_bytes(const MoeShape& s, const MoeDownTile& tile, int64_t tokens);
+// Shared memory one block may opt in to on `arch` (NVRTC target "sm_90a", "sm_86", ...): sm_80 / 87
+// 163 KiB, sm_86 / 89 / 120 99 KiB, sm_90 / 100 227 KiB; other targets 99 KiB (the smallest).
+int64_t smem_optin_bytes(const std::string& arch);
+// The most tokens the grouped path takes with these tiles when a block may use `smem_limit` bytes of
+// shared memory: min(kMoeGroupedMaxTokens, the largest T whose gate_up and down shared memory, plus
+// kMoeGroupedStaticSmemReserve, fit). 0 when not even one token fits.
+int64_t moe_grouped_max_tokens(const MoeShape& s, const MoeGemvTile& gate_up, const MoeDownTile& down,
+                               int64_t smem_limit);
+// Whether a call of T tokens takes the grouped path: always for T <= kDecodeStepMaxRows (decode steps:
+// a batched row = the row alone), never above grouped_max (what fits, moe_grouped_max_tokens), and in
+// between as `tuned` says (the tune cache's moe_path entry at T's bucket; none: T <=
+// kMoeGroupedDefaultMaxTokens).
+bool moe_grouped_for(int64_t T, int64_t grouped_max, std::optional<bool> tuned = std::nullopt);
 // Router tiles: m_tile 1 for T = 1, 8 up to kMoeRouterSmallTokens, 16 above.
 constexpr int64_t kMoeRouterSmallTokens = 8;
 constexpr int kMoeAlignThreads = 1024;

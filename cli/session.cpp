@@ -330,31 +330,32 @@ class GpuEngine final : public Engine {
   // reserved in 1 GiB pieces as the prefix cache first needs them; a failed reservation ends the
   // tier's growth with one notice.
   StateMemory make_memory() {
-    BlockArena::Memory device{[this](size_t bytes) -> uint64_t {
-                                try {
-                                  DeviceBuffer b(driver_, bytes);
-                                  const uint64_t a = b.ptr();
-                                  device_segments_.emplace(a, std::move(b));
-                                  return a;
-                                } catch (const Error& e) {
-                                  if (log_) log_(fmt::format("prefix cache: device tier stops growing: {}", e.what()));
-                                  return 0;
-                                }
-                              },
-                              [this](uint64_t a, size_t) { device_segments_.erase(a); }};
-    BlockArena::Memory host{[this](size_t bytes) -> uint64_t {
-                              try {
-                                PinnedBuffer b(driver_, bytes);
-                                const uint64_t a = uint64_t(reinterpret_cast<uintptr_t>(b.data()));
-                                host_segments_.emplace(a, std::move(b));
-                                return a;
-                              } catch (const Error& e) {
-                                if (log_) log_(fmt::format("prefix cache: host tier stops growing: {}", e.what()));
-                                return 0;
-                              }
-                            },
-                            [this](uint64_t a, size_t) { host_segments_.erase(a); }};
+    BlockArena::Memory device = tier(device_segments_, "device", [](const Driver& d, size_t bytes) {
+      DeviceBuffer b(d, bytes);
+      return std::pair{uint64_t(b.ptr()), std::move(b)};
+    });
+    BlockArena::Memory host = tier(host_segments_, "host", [](const Driver& d, size_t bytes) {
+      PinnedBuffer b(d, bytes);
+      return std::pair{uint64_t(reinterpret_cast<uintptr_t>(b.data())), std::move(b)};
+    });
     return StateMemory(std::move(device), std::move(host), size_t(1) << 30);
+  }
+
+  // A tier's memory: `make` allocates a segment (address, owning buffer), kept in `segments` until the
+  // arena frees it; a failed allocation ends the tier's growth with one notice (address 0).
+  template <class Buffer, class Make>
+  BlockArena::Memory tier(std::map<uint64_t, Buffer>& segments, const char* name, Make make) {
+    return {[this, &segments, name, make](size_t bytes) -> uint64_t {
+              try {
+                auto [a, b] = make(driver_, bytes);
+                segments.emplace(a, std::move(b));
+                return a;
+              } catch (const Error& e) {
+                if (log_) log_(fmt::format("prefix cache: {} tier stops growing: {}", name, e.what()));
+                return 0;
+              }
+            },
+            [&segments](uint64_t a, size_t) { segments.erase(a); }};
   }
 
   Driver driver_;

@@ -9,8 +9,9 @@
 // codes uint8 [N, K] and scales fp32 [N, ceil(K/128)]. A weight matrix is passed as (const void* w,
 // const void* s) with s unused for bf16. Experts add a leading [E] to both.
 //
-// Decode, T <= 64 tokens (kMoeDecodeMaxTokens), 3 launches (router, gate_up, down), chained with programmatic dependent
-// launch (PDL, sm_90): each kernel prefetches the weights it knows before griddepcontrol.wait.
+// Expert-grouped ("decode") path, T <= 256 tokens (kMoeGroupedMaxTokens: every decode step, short prompt
+// chunks), 3 launches (router, gate_up, down), chained with programmatic dependent launch (PDL, sm_90):
+// each kernel prefetches the weights it knows before griddepcontrol.wait.
 //   moe_router          logits [T, E+1] fp32 (row E = shared_expert_gate), then softmax, top-k,
 //                       renormalise by the last block to finish -> ids, weights, shared_gate
 //   moe_decode_gate_up  h[t, s*I + i] = bf16(silu(gate_e . x_t) * (up_e . x_t)), e = ids[t, s], for
@@ -23,6 +24,7 @@
 // Prefill: moe_router, moe_align, 4 x moe_gemm, moe_combine.
 #include "common.cuh"
 #include "decode_fusion.cuh"
+#include "moe_plan.cuh"
 #include "weights.cuh"
 
 namespace q35k {
@@ -67,6 +69,15 @@ __device__ __forceinline__ void prefetch_l2_rows16(const void* p, size_t stride,
     asm volatile("prefetch.global.L2 [%0];" ::"l"(static_cast<const unsigned char*>(p) + row * stride + offset +
                                                    (i % LINES) * 128));
   }
+}
+
+// A 4-byte load issued where it stands: a strong (relaxed, GPU-scope) load, which ptxas does not sink
+// past a branch that may skip its use (a plain or .nc load it does), served by L2; for data written by
+// a previous kernel (after griddepcontrol.wait).
+__device__ __forceinline__ int ld_now_s32(const int* p) {
+  int v;
+  asm volatile("ld.relaxed.gpu.global.s32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
 }
 
 // Warp-wide max / min of unsigned values (sm_80+), every lane gets the result.
@@ -269,10 +280,19 @@ struct WarpRows16 {
           mma_bf16_16816(d, f0, xv[w].x, xv[w].y);
           mma_bf16_16816(d, f1, xv[w].z, xv[w].w);
         }
-        // Scale indices clamped in range (a partial last step's missing chunks have zero sums).
-        const int last = k0 + KLEN - 32;
+        // Scale indices clamped in range (a partial last step's missing chunks have zero sums). Whole
+        // steps (KLEN % 128 == 0) never clamp: k0 / SCALE_K + the step's and the slot's offsets, so the
+        // loads are one base pointer plus immediates (k0 = warp * KLEN is then a multiple of 128: FP8's
+        // step st is scale block k0 / 128 + st).
         constexpr int SK = F::SCALE_K;
-        const int s0 = min(kb + SK * j0, last) / SK, s1 = min(kb + SK * j1, last) / SK;
+        int s0, s1;
+        if constexpr (KLEN % 128 == 0) {
+          s0 = k0 / SK + st * GPS + j0;
+          s1 = k0 / SK + st * GPS + j1;
+        } else {
+          const int last = k0 + KLEN - 32;
+          s0 = min(kb + SK * j0, last) / SK, s1 = min(kb + SK * j1, last) / SK;
+        }
         acc[0] += F::scale(s_lo, s0) * d[0];
         acc[1] += F::scale(s_lo, s1) * d[1];
         acc[2] += F::scale(s_hi, s0) * d[2];
@@ -304,9 +324,10 @@ namespace q35k {
 
 // One warp routes token t from its E router logits lt[0..E-1] (read with __ldcg: written by other
 // blocks of this grid or the previous kernel) and its shared-gate logit: softmax, top-k (ties: the
-// lower expert), renormalised weights -> ids, weights [t, :], shared_gate[t].
+// lower expert), renormalised weights -> ids, weights [t, :], shared_gate[t]. Returns the token's
+// k-th expert in lane k < TOPK (-1 in the other lanes).
 template <int E, int TOPK>
-__device__ __forceinline__ void route_token(const float* lt, float sg_logit, int t, int* __restrict__ ids,
+__device__ __forceinline__ int route_token(const float* lt, float sg_logit, int t, int* __restrict__ ids,
                                             float* __restrict__ weights, float* __restrict__ shared_gate) {
   constexpr int EPL = (E + 31) / 32;  // probabilities per lane in the top-k
   const float neg_inf = __int_as_float(0xff800000);
@@ -363,6 +384,11 @@ __device__ __forceinline__ void route_token(const float* lt, float sg_logit, int
       weights[size_t(t) * TOPK + k] = sel_p[k] / top_sum;
     }
   if (lane == 0) shared_gate[t] = 1.f / (1.f + expf(-sg_logit));
+  int mine = -1;
+#pragma unroll
+  for (int k = 0; k < TOPK; ++k)
+    if (lane == k) mine = sel_e[k];
+  return mine;
 }
 
 }  // namespace q35k
@@ -375,7 +401,9 @@ namespace q35k {
 //   plan[1 + E + u]         start of u's pairs in the pair list (u <= U; plan[1 + E + U] = T * TOPK)
 //   plan[2 + 2E + i]        pair list: pair index t * TOPK + s, grouped by expert, each expert's by
 //                           increasing token
-// Built by one block of THREADS threads from ids [T, TOPK] (written by this grid: read through L2).
+// Built by one block of THREADS threads from ids [T, TOPK] (written by this grid: read through L2), in
+// general; moe_router's fast path (T * TOPK <= 32, one routing block) builds the same plan in one
+// warp's registers (moe_plan.cuh moe_build_plan_warp).
 template <int E, int TOPK, int THREADS>
 __device__ __forceinline__ void moe_build_plan(const int* ids, int T, int* __restrict__ plan) {
   static_assert(TOPK >= 1 && TOPK <= 32, "moe_build_plan: TOPK must be in [1, 32]");
@@ -453,6 +481,11 @@ __device__ __forceinline__ void moe_build_plan(const int* ids, int T, int* __res
 // router rows g*ROWS .. +ROWS-1, warp E / ROWS the shared gate, for M_TILE tokens. The last block of a
 // token tile to finish (atomic ticket) runs softmax + top-k, one warp per token; the last of those
 // (a second ticket when there are several token tiles) builds the plan.
+// Fast path, T * TOPK <= 32 and one token tile (gridDim.y == 1, M_TILE >= T; T <= 4 at k = 8): the
+// routing warps leave their tokens' experts in shared memory and warp 0 builds the plan in registers
+// (moe_build_plan_warp: same layout and contents as moe_build_plan) after a warp barrier (T = 1: warp
+// 0 routed the only token) or one block barrier; no fence, no second ticket, no shared-memory atomics
+// or 256-expert scan. The general path (moe_build_plan) serves the rest.
 template <int H, int E, int TOPK, int M_TILE, int ROWS, int WARPS>
 __global__ void __launch_bounds__(WARPS * 32)
 moe_router(const q35k::bf16* __restrict__ x, const q35k::bf16* __restrict__ w_router,
@@ -498,11 +531,21 @@ moe_router(const q35k::bf16* __restrict__ x, const q35k::bf16* __restrict__ w_ro
   if (threadIdx.x == 0) counters[blockIdx.y] = 0;
   __threadfence();
 
+  const bool warp_plan = gridDim.y == 1 && T * TOPK <= 32;  // uniform
+  __shared__ int routed[32];                                 // warp_plan: ids [T, TOPK]
   for (int m = warp; m < M_TILE; m += WARPS) {
     const int t = t0 + m;
     if (t >= T) break;
     const float* lt = logits + size_t(t) * (E + 1);
-    q35k::route_token<E, TOPK>(lt, __ldcg(lt + E), t, ids, weights, shared_gate);
+    const int e = q35k::route_token<E, TOPK>(lt, __ldcg(lt + E), t, ids, weights, shared_gate);
+    if (warp_plan && lane < TOPK) routed[m * TOPK + lane] = e;  // t0 = 0, m < T: m * TOPK + lane < 32
+  }
+  if (warp_plan) {
+    // Token m was routed by warp m % WARPS: all by warp 0 when T == 1 (or one warp per block).
+    if (T == 1 || WARPS == 1) __syncwarp();
+    else __syncthreads();
+    if (warp == 0) q35k::moe_build_plan_warp<E>(lane < T * TOPK ? routed[lane] : 0, T * TOPK, lane, plan);
+    return;
   }
 
   // Every token routed (this tile's by this block; the others' before their ticket) -> the plan.
@@ -516,6 +559,17 @@ moe_router(const q35k::bf16* __restrict__ x, const q35k::bf16* __restrict__ w_ro
     __threadfence();
   }
   q35k::moe_build_plan<E, TOPK, WARPS * 32>(ids, T, plan);
+}
+
+// Test-only (tests/gpu/test_gpu_moe.cpp): both plan builders on the same ids [T, TOPK], T * TOPK <= 32
+// (any values in [0, E), a token's distinct): plan_block by moe_build_plan, plan_warp by
+// moe_build_plan_warp. Grid (1); block 64.
+template <int E, int TOPK>
+__global__ void __launch_bounds__(64)
+moe_plan_check(const int* __restrict__ ids, int T, int* __restrict__ plan_block, int* __restrict__ plan_warp) {
+  q35k::moe_build_plan<E, TOPK, 64>(ids, T, plan_block);
+  const int P = T * TOPK, lane = threadIdx.x % 32;
+  if (threadIdx.x < 32) q35k::moe_build_plan_warp<E>(lane < P ? ids[lane] : 0, P, lane, plan_warp);
 }
 
 // ---- router top-k after a GEMM (prefill): logits [T, E] fp32 from gemm_bf16 / gemm_wgmma (x . w_router^T) ----
@@ -551,6 +605,12 @@ moe_router_topk(const q35k::bf16* __restrict__ x, const q35k::bf16* __restrict__
 // count exit): the 16 weight rows gate 8j.. | up 8j.. as one mma tile, read once, times the expert's
 // tokens in column tiles of TOKENS. Warp w takes k in [w, w + 1) * H / KSPLIT; the block sums the
 // KSPLIT parts in warp order. A token's h values do not depend on which other tokens the call has.
+// Latency at T = 1 (576 blocks of 128 threads at the 35B shapes, one wave at any register count up to
+// 6 blocks per SM): the plan's count and the block's entries are read in one round trip (ld_now_s32),
+// and at T = 1 the token is 0 without the pair list, so the x loads wait on griddepcontrol.wait only.
+// Registers (ptxas, sm_90a, 35B W4A16 g128 ksplit 4): 75; 32 of them hold the warp's 16 rows x KLEN
+// (every weight load in flight before the first mma: the old per-token kernel's 46 came from ptxas
+// issuing them one 128-k step at a time).
 template <int GROUP, int H, int I, int IS, int E, int TOPK, int KSPLIT>
 __global__ void __launch_bounds__(KSPLIT * 32)
 moe_decode_gate_up(const q35k::bf16* __restrict__ x, const int* __restrict__ plan,
@@ -581,11 +641,14 @@ moe_decode_gate_up(const q35k::bf16* __restrict__ x, const int* __restrict__ pla
   const void* S = shared_s;
   int begin = 0, n = T;  // the expert's pairs [begin, begin + n) (shared: every token)
   if (!shared) {
+    // The expert's entries are read together with the count (one round trip, not two: entries past
+    // the count are stale, in bounds, and unused: u < min(E, T * TOPK)).
     const int u = int(blockIdx.y) - 1;
-    if (u >= plan[0]) return;
-    const int e = plan[1 + u];
-    begin = plan[1 + E + u];
-    n = plan[2 + E + u] - begin;
+    const int U = q35k::ld_now_s32(plan), e = q35k::ld_now_s32(plan + 1 + u);
+    begin = q35k::ld_now_s32(plan + 1 + E + u);
+    const int end = q35k::ld_now_s32(plan + 2 + E + u);
+    if (u >= U) return;
+    n = end - begin;
     W = F::template matrix<2 * I, H>(gate_up_w, e);
     S = F::template scales<2 * I, H>(gate_up_s, e);
   }
@@ -596,7 +659,8 @@ moe_decode_gate_up(const q35k::bf16* __restrict__ x, const int* __restrict__ pla
     Rows rows;
     rows.load(W, S, j0 + g, n_inter + j0 + g, warp * KLEN);
     const int i = c0 + g / Rows::GPS;  // this lane's column's token (position in the expert's list)
-    const int t = i < n ? (shared ? i : pairs[begin + i] / TOPK) : 0;
+    // (T == 1: token 0, without waiting for the pair list.)
+    const int t = i < n ? (shared || T == 1 ? i : pairs[begin + i] / TOPK) : 0;
     rows.dot(i < n ? x + size_t(t) * H : nullptr, [&](int tok, int r, float v) {
       if (c0 + tok < n) mine[(c0 + tok) * 16 + r] = v;
     });
@@ -624,6 +688,9 @@ moe_decode_gate_up(const q35k::bf16* __restrict__ x, const int* __restrict__ pla
 // KSPLIT warps one part of I each, with that expert's tokens in column tiles; per tile the group sums
 // its KSPLIT parts in warp order (named barrier 1 + q) into the block's per-(token, slot) sums. The
 // next expert's rows are pulled into L2 while a group computes. The block then combines each token.
+// The plan's count and each group's first expert's entries are read in one round trip (ld_now_s32).
+// Registers (ptxas, sm_90a, 35B W4A16 g128 ksplit 2): 91 (85 without that early read); one block of
+// 288 threads per SM either way (H / 16 = 128 blocks).
 namespace q35k {
 
 // Dynamic shared memory of moe_decode_down for T tokens: the per-(token, slot) sums [T][TOPK + 1][16]
@@ -670,11 +737,16 @@ __device__ __forceinline__ void moe_decode_down_block(const bf16* __restrict__ h
   q35k::moe_pdl_wait();
   q35k::moe_pdl_launch_dependents();
 
-  const int experts = 1 + plan[0];
+  // The count and the group's first expert's entries in one round trip (q <= TOPK: in bounds; unused
+  // when q is past the count, or for the shared expert).
+  const int experts = 1 + q35k::ld_now_s32(plan);
+  const int first_e = q35k::ld_now_s32(plan + q), first_begin = q35k::ld_now_s32(plan + E + q),
+            first_end = q35k::ld_now_s32(plan + E + q + 1);
   float* const mine = parts + (size_t(q) * KSPLIT + kp) * 8 * 16;
   for (int u = q; u < experts; u += GROUPS) {
-    const bool sh = u == 0;
-    const int begin = sh ? 0 : plan[E + u], n = sh ? T : plan[E + u + 1] - begin;
+    const bool sh = u == 0, first = u == q;
+    const int begin = sh ? 0 : first ? first_begin : plan[E + u];
+    const int n = sh ? T : (first ? first_end : plan[E + u + 1]) - begin;
     // The sum of token (list position) i goes to sums[t][slot] (the shared expert: slot TOPK).
     auto sum_at = [&](int i) {
       const int pair = sh ? 0 : pairs[begin + i];
@@ -714,10 +786,14 @@ __device__ __forceinline__ void moe_decode_down_block(const bf16* __restrict__ h
         }
       }
     };
-    if (sh) {
+    if constexpr (I == IS) {  // one row shape: one inlined copy of the tiles, the pointers selected
+      const int e = sh ? 0 : first ? first_e : plan[u];
+      tiles(Routed{}, sh ? shared_w : F::template matrix<H, I>(down_w, e),
+            sh ? shared_s : F::template scales<H, I>(down_s, e), kp * (I / KSPLIT));
+    } else if (sh) {
       tiles(Shared{}, shared_w, shared_s, kp * (IS / KSPLIT));
     } else {
-      const int e = plan[u];
+      const int e = first ? first_e : plan[u];
       tiles(Routed{}, F::template matrix<H, I>(down_w, e), F::template scales<H, I>(down_s, e), kp * (I / KSPLIT));
     }
   }

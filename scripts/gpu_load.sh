@@ -14,11 +14,9 @@
 # SERVE_MODEL (model flags instead of the synthetic 35B, e.g. "--model tests/fixtures/tiny-qwen35moe --device cpu").
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
-if [ -x "$HERE/q35jit" ]; then DIST=$HERE; else DIST=$(cd "$HERE/../dist" 2>/dev/null && pwd) || DIST=""; fi
-if [ -z "$DIST" ] || [ ! -x "$DIST/q35jit" ]; then
-  echo "gpu_load.sh: no dist/q35jit beside or above this script: run scripts/pack_gpu.sh first" >&2
-  exit 2
-fi
+# shellcheck source=scripts/gpu_lib.sh
+. "$HERE/gpu_lib.sh"
+q35_find_dist gpu_load.sh "$HERE"
 cd "$DIST/.."
 OUT="${OUT:-$PWD/gpu-report}"
 mkdir -p "$OUT"
@@ -29,12 +27,9 @@ MAX_BATCH=${MAX_BATCH:-16} STREAMS=${STREAMS:-16} PROMPT=${PROMPT:-2000} TOKENS=
 WORK=$(mktemp -d /tmp/q35-gpu-load.XXXXXX)
 trap 'rm -rf "$WORK"' EXIT
 TOK=$WORK/tokenizer
-mkdir -p "$TOK"
 if [ -n "${SERVE_MODEL:-}" ]; then
   MODEL_ARGS=$SERVE_MODEL
-elif [ -f "$DIST/qwen35-tokenizer.json.gz" ]; then
-  $PY -c "import gzip,shutil,sys; shutil.copyfileobj(gzip.open(sys.argv[1]), open(sys.argv[2], 'wb'))" \
-    "$DIST/qwen35-tokenizer.json.gz" "$TOK/tokenizer.json"
+elif q35_unpack_tokenizer "$TOK"; then
   MODEL_ARGS="--synthetic 35b-a3b --tokenizer $TOK --quant w4a16 --group-size 128"
 else
   echo "gpu_load.sh: no $DIST/qwen35-tokenizer.json.gz (scripts/pack_gpu.sh after make goldens)" >&2

@@ -20,11 +20,9 @@
 # size flags), BENCH=0 (skip bench), LOAD_TEST=0 (skip the load test), CUDA_VISIBLE_DEVICES (which GPU: the runtime uses device 0).
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
-if [ -x "$HERE/q35jit" ]; then DIST=$HERE; else DIST=$(cd "$HERE/../dist" 2>/dev/null && pwd) || DIST=""; fi
-if [ -z "$DIST" ] || [ ! -x "$DIST/q35jit" ]; then
-  echo "gpu_serve.sh: no dist/q35jit beside or above this script: run scripts/pack_gpu.sh first" >&2
-  exit 2
-fi
+# shellcheck source=scripts/gpu_lib.sh
+. "$HERE/gpu_lib.sh"
+q35_find_dist gpu_serve.sh "$HERE"
 cd "$DIST/.."
 OUT="${OUT:-$PWD/gpu-report}"
 mkdir -p "$OUT"
@@ -42,11 +40,8 @@ if [ -n "${SERVE_MODEL:-}" ]; then
 else
   # The real Qwen3.5 vocabulary (248,077 ids), so the synthetic model's tokens decode to text.
   TOK=$WORK/tokenizer
-  mkdir -p "$TOK"
-  if [ -f "$DIST/qwen35-tokenizer.json.gz" ]; then
-    $PY -c "import gzip,shutil,sys; shutil.copyfileobj(gzip.open(sys.argv[1]), open(sys.argv[2], 'wb'))" \
-      "$DIST/qwen35-tokenizer.json.gz" "$TOK/tokenizer.json"
-  else
+  if ! q35_unpack_tokenizer "$TOK"; then
+    mkdir -p "$TOK"
     echo "gpu_serve.sh: notice: no $DIST/qwen35-tokenizer.json.gz: using the tiny fixture's tokenizer (1,513 ids);" \
          "most generated ids then decode to nothing and stream no chunk" >&2
     cp tests/fixtures/tiny-qwen35moe/tokenizer.json "$TOK/"

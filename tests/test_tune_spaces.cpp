@@ -91,12 +91,12 @@ TEST_CASE("tune ops of the 35B: one per family and shape, each default among val
       }
     }
     CHECK(families.count(group ? tune::kGemvW4 : tune::kGemvBf16) == 1);
-    for (const char* f : {tune::kGemm, tune::kMoeRouter, tune::kMoeDecode, tune::kMoeGemm, tune::kAttentionPrefill,
+    for (const char* f : {tune::kGemm, tune::kMoeRouter, tune::kMoeDecode, tune::kMoeGemm, tune::kMoePath, tune::kAttentionPrefill,
                           tune::kAttentionDecode, tune::kGdnPrefill, tune::kGdnRecurrent})
       CHECK(families.count(f) == 1);
-    // q|k|v, o_proj = out_proj (same shape), in_proj, lm_head GEMVs; 3 GEMMs; 3 MoE; 2 attention; 2 GDN.
+    // q|k|v, o_proj = out_proj (same shape), in_proj, lm_head GEMVs; 3 GEMMs; 4 MoE; 2 attention; 2 GDN.
     // W4A16 on sm_90a: each GEMM twice (dequantized in the loop below kWgmmaDequantFirstM, first above).
-    CHECK(ops.size() == (group ? 17u : 14u));
+    CHECK(ops.size() == (group ? 18u : 15u));
   }
 }
 
@@ -355,4 +355,79 @@ TEST_CASE("attention_prefill wgmma tiles: candidates on sm_90a only, JSON round 
         for (const json& c : op->candidates(4096)) wgmma += tune::attention_prefill_from_json(c).wgmma;
     CHECK(wgmma == (arch == "sm_90a" ? 14 : 0));
   }
+}
+
+// The MoE path choice (issue 8): the grouped kernels for every decode step and for prompt chunks up
+// to the tuned crossover (default kMoeGroupedDefaultMaxTokens), the GEMM path above, never the grouped
+// path past what the target's shared memory holds; the grouped path runs the M = 1 tiles at every T.
+TEST_CASE("moe_path: tuned per bucket, default grouped up to 128 tokens, bounded by shared memory") {
+  const Config cfg = test::config_35b();
+  const MoeShape ms = gpu::moe_shape(cfg, 128);
+  const std::string sig = tune::moe_signature(ms);
+  // JSON
+  CHECK(tune::to_json(tune::MoePathConfig{true}) == json{{"grouped", 1}});
+  CHECK(tune::moe_path_from_json(json{{"grouped", 0}}).grouped == false);
+  CHECK(tune::why_malformed(tune::kMoePath, json{{"grouped", 1}}).empty());
+  CHECK(contains(tune::why_malformed(tune::kMoePath, json{{"grouped", 2}}), "not 0 or 1"));
+  CHECK(contains(tune::why_malformed(tune::kMoePath, json::object()), "grouped"));
+  CHECK(std::count(tune::families().begin(), tune::families().end(), std::string(tune::kMoePath)) == 1);
+
+  // The op: buckets 96, 128, 256 (above a decode step, within the grouped bound), both paths.
+  for (const char* arch : {"sm_90a", "sm_80", "sm_86"}) {
+    CAPTURE(arch);
+    const auto ops = tune_ops(cfg, 128, arch, nullptr);
+    const TuneOp* path = nullptr;
+    for (const auto& op : ops)
+      if (op->family() == tune::kMoePath) path = op.get();
+    REQUIRE(path != nullptr);
+    CHECK(path->signature() == sig);
+    std::vector<int64_t> served;
+    for (int64_t m : default_tune_buckets())
+      if (path->serves(m)) served.push_back(m);
+    // sm_86: down's shared memory holds 156 tokens (99 KiB per block).
+    CHECK(served == (std::string(arch) == "sm_86" ? std::vector<int64_t>{96, 128} : std::vector<int64_t>{96, 128, 256}));
+    for (int64_t m : served) {
+      CHECK(path->candidates(m).size() == 2);
+      CHECK(path->default_config(m) == json{{"grouped", m <= kMoeGroupedDefaultMaxTokens ? 1 : 0}});
+      CHECK(path->kernels(json{{"grouped", 1}}, m).size() == 3);  // router, gate_up, down
+      CHECK(path->kernels(json{{"grouped", 0}}, m).size() == 8);  // router GEMM + top-k, align, combine, 4 GEMMs
+    }
+    for (const auto& op : ops) {  // the grouped path's router is tuned up to its bound
+      if (op->family() == tune::kMoeRouter) CHECK((op->serves(256) && !op->serves(512)));
+      if (op->family() == tune::kMoeGemm) CHECK((op->serves(65) && !op->serves(64)));
+    }
+  }
+
+  // No table: grouped up to 128 tokens.
+  gpu::TunedTiles plain(cfg, 128, "sm_90a", nullptr, nullptr);
+  CHECK(plain.moe_grouped_max() == 256);
+  for (int64_t m : {1, 8, 64, 65, 96, 128}) CHECK(plain.moe_grouped(m));
+  for (int64_t m : {129, 200, 256, 512, 4096}) CHECK(!plain.moe_grouped(m));
+
+  // Tuned: GEMM at 96, grouped at 256; a decode entry at M = 1 serves the grouped path at every T.
+  TuneFile f(TuneIdentity{"GPU X", "sm_90", "13.0", "q35jit test"});
+  f.set(tune::kMoePath, sig, 96, TuneEntry{json{{"grouped", 0}}, 1, 2});
+  f.set(tune::kMoePath, sig, 256, TuneEntry{json{{"grouped", 1}}, 1, 2});
+  f.set(tune::kMoeDecode, sig, 1, TuneEntry{json{{"gate_up_ksplit", 8}, {"down_ksplit", 1}}, 1, 2});
+  auto table = std::make_shared<const TuneTable>(std::vector<TuneTable::Layer>{{"test.json", f}});
+  std::vector<std::string> notices;
+  gpu::TunedTiles tt(cfg, 128, "sm_90a", table, [&](const std::string& s) { notices.push_back(s); });
+  CHECK(tt.moe_grouped(64));    // a decode step: always grouped
+  CHECK(!tt.moe_grouped(96));
+  CHECK(!tt.moe_grouped(150));  // nearest bucket 96
+  CHECK(tt.moe_grouped(200));   // nearest bucket 256
+  CHECK(tt.moe_grouped(256));
+  CHECK(!tt.moe_grouped(300));  // past kMoeGroupedMaxTokens
+  for (int64_t m : {1, 64, 128, 256, 4096}) {
+    CAPTURE(m);
+    const gpu::MoeTiles t = tt.moe(m);
+    CHECK((t.gate_up.ksplit == 8 && t.down.ksplit == 1));
+  }
+  CHECK(tt.moe_grouped_max() == 256);  // down_ksplit 1: (227 KiB - 2 KiB - 9 * 1 * 512) / 576 > 256
+  // sm_86 (99 KiB per block): the tuned "grouped" at 256 does not fit, so 200 takes the GEMM path.
+  gpu::TunedTiles ada(cfg, 128, "sm_86", table, nullptr);
+  CHECK(ada.moe_grouped_max() == (99 * 1024 - 2048 - 9 * 1 * 8 * 16 * 4) / (9 * 16 * 4));
+  CHECK(ada.moe_grouped(128) == false);  // nearest bucket 96: GEMM
+  CHECK(!ada.moe_grouped(200));
+  for (const std::string& n : notices) CHECK(!contains(n, "not usable"));  // the router's miss notice only
 }

@@ -26,7 +26,7 @@ namespace q35::qwen35 {
 // serve --max-batch's upper bound, and the GPU runner's.
 constexpr int kMaxBatch = 1024;
 // The most rows one batched step (one graph replay) runs: the decode kernels' limit
-// (autotune/tiles_moe.h kMoeDecodeMaxTokens; gpu_model.cpp checks they agree).
+// (autotune/tiles_dense.h kDecodeStepMaxRows; gpu_model.cpp checks they agree).
 constexpr int kMaxStepRows = 64;
 
 // One slot's device state: K and V rows (bf16, max_context rows per full-attention layer), DeltaNet

@@ -85,6 +85,9 @@ struct GpuModel::Impl {
   struct Step {
     const gpu::MoeKernels* moe = nullptr;
     const gpu::MoeScratch* moe_scratch = nullptr;
+    // The MoE path of a call of T tokens: the grouped kernels for every decode step (T <=
+    // kDecodeStepMaxRows) and for prompt chunks up to the tuned crossover, else the grouped GEMMs.
+    gpu::MoePath moe_path = gpu::MoePath::Prefill;
     const gpu::GdnKernels* gdn = nullptr;
     gpu::AttentionPlan attn;
     int attn_splits = 0;
@@ -606,8 +609,8 @@ std::string key_of(const std::vector<KernelSpec>& specs) {
 // rows, mma.sync FP8).
 void GpuModel::dense(const GpuMatrix& W, CUdeviceptr x, CUdeviceptr y, int M, bool out_f32, bool pdl, bool decode) {
   Impl& m = *impl_;
-  if (decode && (M < 1 || M > kMoeDecodeMaxTokens))
-    fail("dense [{} x {}]: a decode step of {} rows is outside [1, {}]", W.N, W.K, M, kMoeDecodeMaxTokens);
+  if (decode && (M < 1 || M > kDecodeStepMaxRows))
+    fail("dense [{} x {}]: a decode step of {} rows is outside [1, {}]", W.N, W.K, M, kDecodeStepMaxRows);
   const auto key = std::make_tuple(W.format, W.group, W.N, W.K, out_f32, M, false, decode);
   auto it = m.dense_plans.find(key);
   if (it == m.dense_plans.end()) {
@@ -653,9 +656,9 @@ void GpuModel::dense(const GpuMatrix& W, CUdeviceptr x, CUdeviceptr y, int M, bo
 
 void GpuModel::dense_residual(const GpuMatrix& W, CUdeviceptr x, int M, CUdeviceptr norm_w, bool pdl, bool decode) {
   Impl& m = *impl_;
-  if (W.format == WeightFormat::BF16 || M > (decode ? kMoeDecodeMaxTokens : 16))
+  if (W.format == WeightFormat::BF16 || M > (decode ? kDecodeStepMaxRows : 16))
     fail("dense_residual [{} x {}]: the residual epilogue needs W4A16 or FP8 weights and M <= {} (M = {})", W.N, W.K,
-         decode ? kMoeDecodeMaxTokens : 16, M);
+         decode ? kDecodeStepMaxRows : 16, M);
   const auto key = std::make_tuple(W.format, W.group, W.N, W.K, false, M, true, decode);
   auto it = m.dense_plans.find(key);
   if (it == m.dense_plans.end()) {
@@ -721,6 +724,10 @@ void GpuModel::run_layers(int T, bool decode, Rows rows) {
   if (step_it == m.steps.end()) {
     Impl::Step st;
     st.moe = &moe_kernels(T, &st.moe_scratch);
+    st.moe_path = m.tuned->moe_grouped(T) && T <= st.moe->grouped_max_tokens ? gpu::MoePath::Decode : gpu::MoePath::Prefill;
+    if (decode && st.moe_path != gpu::MoePath::Decode)
+      fail("run_layers: a decode step of {} rows needs the MoE's grouped path (it takes {} tokens here)", T,
+           st.moe->grouped_max_tokens);
     if (c.num_layers_of(LayerType::LinearAttention) > 0) st.gdn = &gdn_kernels(T);
     st.attn = m.attn;
     if (c.num_layers_of(LayerType::FullAttention) > 0) {
@@ -747,7 +754,7 @@ void GpuModel::run_layers(int T, bool decode, Rows rows) {
   const gpu::GdnKernels* gdn_one =
       rows.batch && c.num_layers_of(LayerType::LinearAttention) > 0 ? &gdn_kernels(1) : nullptr;
 
-  // Decode steps (one sequence's token, or one token of each of T <= kMoeDecodeMaxTokens sequences) run
+  // Decode steps (one sequence's token, or one token of each of T <= kDecodeStepMaxRows sequences) run
   // the same kernels with the same per-row arithmetic at every T: the dense projections as GEMVs with
   // the M = 1 tiles' K splits, the MoE's expert-grouped decode path. With fused_decode, calls of few
   // tokens (decode steps, prefill pieces of <= 8) fold each residual add + RMSNorm into the kernel that
@@ -821,16 +828,17 @@ void GpuModel::run_layers(int T, bool decode, Rows rows) {
       const gpu::ResidualNorm r{m.residual.ptr(), next.ptr(), m.normed.ptr(), m.tickets.ptr(), eps};
       gpu::moe_forward_decode(*st.moe, stream_, moe_weights(l), *st.moe_scratch, m.normed.ptr(), r, T);
     } else {
-      gpu::moe_forward(*st.moe, stream_, moe_weights(l), *st.moe_scratch, m.normed.ptr(), m.delta.ptr(), T);
+      gpu::moe_forward(*st.moe, stream_, moe_weights(l), *st.moe_scratch, m.normed.ptr(), m.delta.ptr(), T, st.moe_path);
     }
   }
   if (!fuse) add_norm(weights_.final_norm.ptr());
 }
 
-static_assert(kMaxStepRows <= kMoeDecodeMaxTokens, "a batched step's rows must fit the decode kernels");
+static_assert(kMaxStepRows == kDecodeStepMaxRows, "a batched step's rows are the decode kernels' limit");
+static_assert(kDecodeStepMaxRows <= kMoeGroupedMaxTokens, "a decode step's rows must fit the MoE's grouped path");
 
 bool GpuModel::pdl_for(int64_t rows) const {
-  return rows <= kMoeDecodeMaxTokens && options_.pdl && ctx_.device().cc_major >= 9;
+  return rows <= kDecodeStepMaxRows && options_.pdl && ctx_.device().cc_major >= 9;
 }
 
 // fp32 logits [vocab] of the last of T rows of normed, into impl_->logits.

@@ -191,12 +191,12 @@ class GpuModel {
   void run_batch(std::span<const BatchEntry> batch, int bucket, int64_t steps, std::vector<double>* step_ms);
   // y [M, N] = x [M, K] . W^T with the plan of (W's shape and format, M), resolved on first use.
   // pdl: programmatic dependent launch (GEMV only; the caller checks the predecessor is a kernel).
-  // decode: a decode step of M <= kMoeDecodeMaxTokens rows (GEMV with decode_w4_tile: each row's
+  // decode: a decode step of M <= kDecodeStepMaxRows rows (GEMV with decode_w4_tile: each row's
   // result is the one it gets alone).
   void dense(const GpuMatrix& W, CUdeviceptr x, CUdeviceptr y, int M, bool out_f32 = false, bool pdl = false,
              bool decode = false);
   // A sub-layer's output projection with the residual epilogue (W4A16 / FP8, M <= 16, decode steps up
-  // to kMoeDecodeMaxTokens): residual += bf16(x . W^T), normed = RMSNorm(residual) with norm_w
+  // to kDecodeStepMaxRows): residual += bf16(x . W^T), normed = RMSNorm(residual) with norm_w
   // (kernel_templates/decode_fusion.cuh).
   void dense_residual(const GpuMatrix& W, CUdeviceptr x, int M, CUdeviceptr norm_w, bool pdl, bool decode);
   // The MoE / GDN kernels of the tiles for T tokens (loaded on first use) and the MoE scratch.

@@ -37,7 +37,7 @@ std::vector<q35::KernelSpec> required_kernels(const Config& cfg, int group, cons
   if (wgmma && prefill_tokens >= kMoeWgmmaMinTokens) {
     // Shorter prompts' defaults too: the swapped wgmma tiles (a few tokens per expert) and the
     // mma.sync grouped GEMMs (up to kMoeWgmmaMinTokens), and the swapped dense GEMMs (<= 128 rows).
-    add(gpu::moe_kernels(cfg, group, true, kMoeDecodeMaxTokens + 1));
+    add(gpu::moe_kernels(cfg, group, true, kDecodeStepMaxRows + 1));
     add(gpu::moe_kernels(cfg, group, true, kMoeWgmmaMinTokens - 1));
     add(gpu::dense_kernels(cfg, {group, 1, kGemmSwapMaxM, wgmma}));
   }

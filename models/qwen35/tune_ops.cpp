@@ -300,8 +300,9 @@ class MoeOpBase : public OpBase {
 class MoeRouterOp final : public MoeOpBase {
  public:
   MoeRouterOp(const TuneDevice* d, const MoeShape& s) : MoeOpBase(d, tune::kMoeRouter, tune::router_signature(s), s) {}
-  // Prefill (T > kMoeDecodeMaxTokens) routes through the router GEMM + moe_router_topk (in MoeGemmOp).
-  bool serves(int64_t m) const override { return m <= kMoeDecodeMaxTokens; }
+  // The grouped path's router (every decode step, prompt chunks up to kMoeGroupedMaxTokens); the GEMM
+  // path routes through the router GEMM + moe_router_topk (in MoeGemmOp).
+  bool serves(int64_t m) const override { return m <= kMoeGroupedMaxTokens; }
   std::vector<json> candidates(int64_t m) const override { return to_json_all(tune::moe_router_candidates(s_, m)); }
   json default_config(int64_t m) const override { return tune::to_json(default_moe_router_tile(s_, m)); }
   std::vector<KernelSpec> kernels(const json& c, int64_t) const override {
@@ -346,9 +347,10 @@ class MoeDecodeOp final : public MoeOpBase {
             moe_decode_down_spec(s_, d.down)};
   }
   void setup(int64_t m, const Stream& st) override { setup_moe(m, st); }
-  void prepare(const json& c, int64_t) override {
+  void prepare(const json& c, int64_t m) override {
     const tune::MoeDecodeConfig d = tune::moe_decode_from_json(c);
-    fn(moe_decode_down_spec(s_, d.down)).set_max_dynamic_smem(gpu::moe_down_smem_bytes(s_, d.down, kMoeDecodeMaxTokens));
+    fn(moe_decode_gate_up_spec(s_, d.gate_up)).set_max_dynamic_smem(int(moe_gate_up_smem_bytes(d.gate_up, m)));
+    fn(moe_decode_down_spec(s_, d.down)).set_max_dynamic_smem(int(moe_down_smem_bytes(s_, d.down, m)));
   }
   void run(const json& c, int64_t m, int it, const Stream& st) override {
     const tune::MoeDecodeConfig d = tune::moe_decode_from_json(c);
@@ -366,7 +368,7 @@ class MoeGemmOp final : public MoeOpBase {
  public:
   MoeGemmOp(const TuneDevice* d, const MoeShape& s, bool wgmma)
       : MoeOpBase(d, tune::kMoeGemm, tune::moe_signature(s), s), wgmma_(wgmma) {}
-  bool serves(int64_t m) const override { return m > kMoeDecodeMaxTokens; }
+  bool serves(int64_t m) const override { return m > kDecodeStepMaxRows; }
   std::vector<json> candidates(int64_t m) const override {
     return to_json_all(tune::moe_gemm_candidates(s_, m, wgmma_));
   }
@@ -408,6 +410,72 @@ class MoeGemmOp final : public MoeOpBase {
     return t;
   }
   bool wgmma_;
+};
+
+// Which path a prompt chunk of m tokens takes (kDecodeStepMaxRows < m <= the grouped bound): the
+// grouped path (router + gate_up + down with the default M = 1 tiles) against the GEMM path (router
+// GEMM + top-k, align, the four grouped GEMMs with the default tile for m, combine), each timed
+// whole. The default is moe_grouped_for's (grouped up to kMoeGroupedDefaultMaxTokens); the tuner
+// records the other path only when it is faster by its min_gain. Both run the heuristic tiles (the
+// tune cache's moe_decode / moe_gemm entries are not visible to an op): the tuned GEMM tile at m is
+// usually within a few percent of its default below 1024 tokens.
+class MoePathOp final : public MoeOpBase {
+ public:
+  MoePathOp(const TuneDevice* d, const MoeShape& s, bool wgmma, int64_t smem_optin)
+      : MoeOpBase(d, tune::kMoePath, tune::moe_signature(s), s),
+        wgmma_(wgmma),
+        grouped_max_(moe_grouped_max_tokens(s, default_moe_gate_up_tile(s), default_moe_down_tile(s), smem_optin)) {}
+  bool serves(int64_t m) const override { return m > kDecodeStepMaxRows && m <= grouped_max_; }
+  std::vector<json> candidates(int64_t) const override {
+    return {tune::to_json(tune::MoePathConfig{true}), tune::to_json(tune::MoePathConfig{false})};
+  }
+  json default_config(int64_t m) const override { return tune::to_json(tune::MoePathConfig{moe_grouped_for(m, grouped_max_)}); }
+  std::vector<KernelSpec> kernels(const json& c, int64_t m) const override {
+    const gpu::MoeTiles t = tiles(m);
+    if (tune::moe_path_from_json(c).grouped)
+      return {moe_router_spec(s_, t.router(m)), moe_decode_gate_up_spec(s_, t.gate_up), moe_decode_down_spec(s_, t.down)};
+    std::vector<KernelSpec> out = {gemm_bf16_spec(s_.experts, s_.hidden, t.router_gemm, true), moe_router_topk_spec(s_),
+                                   moe_align_spec(s_, t.gemm), moe_combine_spec(s_)};
+    for (MoeGemm g : {MoeGemm::RoutedGateUp, MoeGemm::RoutedDown, MoeGemm::SharedGateUp, MoeGemm::SharedDown})
+      out.push_back(moe_gemm_spec(s_, g, t.gemm));
+    return out;
+  }
+  void setup(int64_t m, const Stream& st) override { setup_moe(m, st); }
+  void prepare(const json& c, int64_t m) override {
+    const gpu::MoeTiles t = tiles(m);
+    if (tune::moe_path_from_json(c).grouped) {
+      fn(moe_decode_gate_up_spec(s_, t.gate_up)).set_max_dynamic_smem(int(moe_gate_up_smem_bytes(t.gate_up, m)));
+      fn(moe_decode_down_spec(s_, t.down)).set_max_dynamic_smem(int(moe_down_smem_bytes(s_, t.down, m)));
+      return;
+    }
+    fn(gemm_bf16_spec(s_.experts, s_.hidden, t.router_gemm, true)).set_max_dynamic_smem(t.router_gemm.smem_bytes());
+    if (!t.gemm.wgmma) return;
+    for (MoeGemm g : {MoeGemm::RoutedGateUp, MoeGemm::RoutedDown, MoeGemm::SharedGateUp, MoeGemm::SharedDown})
+      fn(moe_gemm_spec(s_, g, t.gemm)).set_max_dynamic_smem(t.gemm.smem_bytes(s_.group));
+  }
+  void run(const json& c, int64_t m, int it, const Stream& st) override {
+    const gpu::MoeTiles t = tiles(m);
+    const gpu::MoeScratch sc = gpu::moe_scratch(s_, t, m, ws_.ptr());
+    if (tune::moe_path_from_json(c).grouped) {
+      const MoeRouterTile& rt = t.router(m);
+      gpu::launch_moe_router(fn(moe_router_spec(s_, rt)), rt, st, s_, x(it), weights(), sc, m);
+      gpu::launch_moe_decode_gate_up(fn(moe_decode_gate_up_spec(s_, t.gate_up)), t.gate_up, st, s_, x(it), weights(), sc, m);
+      gpu::launch_moe_decode_down(fn(moe_decode_down_spec(s_, t.down)), t.down, st, s_, weights(), sc, out_.ptr(), m);
+      return;
+    }
+    gpu::launch_moe_router_prefill(fn(gemm_bf16_spec(s_.experts, s_.hidden, t.router_gemm, true)), t.router_gemm,
+                                   fn(moe_router_topk_spec(s_)), st, s_, x(it), weights(), sc, m);
+    gpu::launch_moe_align(fn(moe_align_spec(s_, t.gemm)), st, sc, m);
+    for (MoeGemm g : {MoeGemm::RoutedGateUp, MoeGemm::SharedGateUp, MoeGemm::RoutedDown, MoeGemm::SharedDown})
+      gpu::launch_moe_gemm(fn(moe_gemm_spec(s_, g, t.gemm)), t.gemm, st, s_, g, x(it), weights(), sc, m,
+                           dev().ctx.device().sm_count);
+    gpu::launch_moe_combine(fn(moe_combine_spec(s_)), st, sc, out_.ptr(), m);
+  }
+
+ private:
+  gpu::MoeTiles tiles(int64_t m) const { return gpu::MoeTiles::defaults(s_, wgmma_, m); }
+  bool wgmma_;
+  int64_t grouped_max_;
 };
 
 // ---- attention ----
@@ -673,6 +741,7 @@ std::vector<std::unique_ptr<TuneOp>> tune_ops(const Config& cfg, int group, cons
   ops.push_back(std::make_unique<MoeRouterOp>(device, ms));
   ops.push_back(std::make_unique<MoeDecodeOp>(device, ms));
   ops.push_back(std::make_unique<MoeGemmOp>(device, ms, arch_has_wgmma(arch)));
+  ops.push_back(std::make_unique<MoePathOp>(device, ms, arch_has_wgmma(arch), smem_optin_bytes(arch)));
   if (cfg.num_layers_of(LayerType::FullAttention) > 0) {
     const int64_t smem = smem_limit_for(arch);
     const gpu::AttentionPlan p = gpu::attention_plan(cfg, smem, arch_has_wgmma(arch));

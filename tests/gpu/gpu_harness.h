@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "models/qwen35/config.h"
+#include "models/qwen35/gpu_model.h"
 #include "models/qwen35/reference_ops.h"
 #include "runtime/core/error.h"
 #include "runtime/core/half.h"
@@ -48,6 +49,19 @@ inline qwen35::Config gdn_layer_config(int64_t hk, int64_t hv) {
   c.linear_conv_kernel_dim = 4;
   c.rms_norm_eps = 1e-6;
   return c;
+}
+
+// The GpuModel options the model-level tests run the synthetic 35B-A3B with: W4A16 g128 (or `format`)
+// and the given context, prefill chunk and slots.
+inline qwen35::GpuModelOptions synthetic_35b_options(int64_t max_context, int64_t max_chunk, int max_batch = 1,
+                                                     qwen35::WeightFormat format = qwen35::WeightFormat::W4A16) {
+  qwen35::GpuModelOptions o;
+  o.format = format;
+  o.group = 128;
+  o.max_context = max_context;
+  o.max_chunk = max_chunk;
+  o.max_batch = max_batch;
+  return o;
 }
 
 inline std::unique_ptr<Gpu> open_gpu() {
@@ -129,6 +143,18 @@ inline double rel_l2(const std::vector<float>& got, const std::vector<float>& wa
 }
 
 // bf16 values within one unit in the last place (output rounding of a differently ordered sum).
+// max |got - want| / max |want|; infinite when a value is not finite.
+inline double max_rel(const std::vector<float>& got, const std::vector<float>& want) {
+  REQUIRE(got.size() == want.size());
+  double d = 0, m = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    if (!std::isfinite(got[i])) return INFINITY;
+    d = std::max(d, double(std::fabs(got[i] - want[i])));
+    m = std::max(m, double(std::fabs(want[i])));
+  }
+  return d / std::max(m, 1e-30);
+}
+
 inline bool within_one_ulp(uint16_t got, uint16_t want) {
   return std::abs(int(got) - int(want)) <= 1 && ((got ^ want) & 0x8000) == 0;
 }

@@ -541,13 +541,8 @@ namespace {
 void batch_35b(WeightFormat format, const std::string& what) {
   auto g = open_gpu();
   const Config c = Config::preset("35b-a3b");
-  GpuModelOptions o;
-  o.format = format;
-  o.group = 128;  // (W4A16)
-  o.max_context = 1024;
-  o.max_chunk = 512;
-  o.max_batch = 128;  // 64 sequences batched beside their 64 copies decoded alone
-  GpuModel model(g->driver, g->ctx, g->jit, c, o, 42);
+  // 128 slots: 64 sequences batched beside their 64 copies decoded alone.
+  GpuModel model(g->driver, g->ctx, g->jit, c, synthetic_35b_options(1024, 512, 128, format), 42);
   MESSAGE("35B-A3B synthetic, 128 slots of 1024 tokens: state " << model.state_bytes() / 1e9 << " GB");
   auto prompt = [](size_t n, size_t salt) {
     std::vector<int32_t> p(n);

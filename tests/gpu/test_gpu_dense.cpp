@@ -257,6 +257,26 @@ TEST_CASE("GPU dense (sm_90a): gemm_wgmma, bf16 and W4A16 g32 / g128 in the loop
   }
 }
 
+// The weights of a dense shape as the GEMV under test reads them: G = 0 none (bf16, d_W itself), else
+// d_W quantized to W4A16 group G on the GPU; w_ref the reference rows w_sub (rows of W, `rows` of them)
+// as the kernel sees them (bf16, or quantized and dequantized on the CPU).
+struct QuantizedCopy {
+  DeviceBuffer qweight, scales;
+  std::vector<float> w_ref;
+};
+QuantizedCopy quantized_copy(Gpu& g, const DenseShape& s, const DeviceBuffer& d_W, const std::vector<float>& w_sub,
+                             int64_t rows, int64_t G) {
+  QuantizedCopy q;
+  q.w_ref = w_sub;
+  if (G == 0) return q;
+  QuantizePlan qp = quantize_plan(s.k, G);
+  q.qweight = DeviceBuffer(g.driver, size_t(s.n * s.k / 8) * 4);
+  q.scales = DeviceBuffer(g.driver, size_t(s.n * s.k / G) * 2);
+  launch_quantize(qp, g.jit.load(qp.quantize_spec(), g.ctx), g.stream, d_W.ptr(), q.qweight.ptr(), q.scales.ptr(), s.n);
+  q.w_ref = int4::dequantize(int4::quantize(w_sub, rows, s.k, G), rows, s.k, G);
+  return q;
+}
+
 TEST_CASE("GPU dense: decode GEMVs (bf16, W4A16 G32/64/128) at every projection shape, M = 1, 2, 5, 16") {
   auto g = open_gpu();
   const std::vector<DenseShape> shapes = all_shapes();
@@ -285,16 +305,9 @@ TEST_CASE("GPU dense: decode GEMVs (bf16, W4A16 G32/64/128) at every projection 
 
     for (int64_t G : {0, 32, 64, 128}) {
       CAPTURE(G);
-      DeviceBuffer d_q, d_s;
-      std::vector<float> w_ref = w_sub;  // bf16 weights, or the dequantized INT4 ones (same rows)
-      if (G > 0) {
-        QuantizePlan qp = quantize_plan(s.k, G);
-        d_q = DeviceBuffer(g->driver, size_t(s.n * s.k / 8) * 4);
-        d_s = DeviceBuffer(g->driver, size_t(s.n * s.k / G) * 2);
-        launch_quantize(qp, g->jit.load(qp.quantize_spec(), g->ctx), g->stream, d_W.ptr(), d_q.ptr(), d_s.ptr(), s.n);
-        int4::Quantized sub = int4::quantize(w_sub, int64_t(ni.size()), s.k, G);
-        w_ref = int4::dequantize(sub, int64_t(ni.size()), s.k, G);
-      }
+      const QuantizedCopy q = quantized_copy(*g, s, d_W, w_sub, int64_t(ni.size()), G);
+      const DeviceBuffer &d_q = q.qweight, &d_s = q.scales;
+      const std::vector<float>& w_ref = q.w_ref;
       for (int M : {1, 2, 5, 16}) {
         CAPTURE(M);
         std::vector<uint16_t> x = fast_random_bf16(size_t(M) * s.k, 33 + M, 2.f);
@@ -368,16 +381,9 @@ TEST_CASE("GPU dense: decode-step GEMVs at every projection shape, T up to 64; r
     DeviceBuffer d_x = to_device(*g, x);
     for (int64_t G : {0, 32, 64, 128}) {
       CAPTURE(G);
-      DeviceBuffer d_q, d_s;
-      std::vector<float> w_ref = w_sub;
-      if (G > 0) {
-        QuantizePlan qp = quantize_plan(s.k, G);
-        d_q = DeviceBuffer(g->driver, size_t(s.n * s.k / 8) * 4);
-        d_s = DeviceBuffer(g->driver, size_t(s.n * s.k / G) * 2);
-        launch_quantize(qp, g->jit.load(qp.quantize_spec(), g->ctx), g->stream, d_W.ptr(), d_q.ptr(), d_s.ptr(), s.n);
-        int4::Quantized sub = int4::quantize(w_sub, int64_t(ni.size()), s.k, G);
-        w_ref = int4::dequantize(sub, int64_t(ni.size()), s.k, G);
-      }
+      const QuantizedCopy q = quantized_copy(*g, s, d_W, w_sub, int64_t(ni.size()), G);
+      const DeviceBuffer &d_q = q.qweight, &d_s = q.scales;
+      const std::vector<float>& w_ref = q.w_ref;
       // y [T, N] of the first T rows of x, as the runner's decode step computes it.
       auto run = [&](int T, CUdeviceptr xp, const DeviceBuffer& y) {
         if (G == 0) {

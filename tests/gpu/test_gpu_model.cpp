@@ -57,17 +57,6 @@ Goldens load_goldens() {
 // ||got - want|| / ||want|| over all values (the relative error the issue defines for bf16).
 double rel_fro(const std::vector<float>& got, const std::vector<float>& want) { return rel_l2(got, want); }
 
-// max |got - want| / max |want|.
-double max_rel(const std::vector<float>& got, const std::vector<float>& want) {
-  REQUIRE(got.size() == want.size());
-  double d = 0, m = 0;
-  for (size_t i = 0; i < got.size(); ++i) {
-    if (!std::isfinite(got[i])) return INFINITY;
-    d = std::max(d, double(std::fabs(got[i] - want[i])));
-    m = std::max(m, double(std::fabs(want[i])));
-  }
-  return d / m;
-}
 
 std::vector<int32_t> greedy_ids(GpuModel& model, const std::vector<int32_t>& prompt, size_t n) {
   const SamplingParams greedy;
@@ -237,6 +226,15 @@ TEST_CASE("GPU model, tiny fixture, FP8: logits of the CPU reference on the same
     MESSAGE("fp8 greedy ids equal to the CPU reference's before the first difference: " << same << "/" << ids.size());
     CHECK(same >= 4);
   }
+  // The whole 99-token prompt as one chunk: past a decode step's 64 rows, so its MoE takes the
+  // expert-grouped kernels of prompt chunks (the default crossover, 128 tokens; no FP8 tune entries).
+  REQUIRE((gold.prompt.size() > 64 && gold.prompt.size() <= 128));
+  GpuModelOptions o = options(WeightFormat::FP8, 0);
+  o.max_chunk = 128;
+  GpuModel model(g->driver, g->ctx, g->jit, c, ckpt, o);
+  const std::vector<float> logits = model.forward(gold.prompt, true);
+  MESSAGE("fp8 one 99-token chunk (grouped MoE): ||dlogits||/||logits|| = " << rel_fro(logits, want));
+  CHECK(rel_fro(logits, want) <= 2e-2);
 }
 
 TEST_CASE("GPU model: context overflow and bad ids are errors, and the model stays usable") {
@@ -261,12 +259,7 @@ TEST_CASE("GPU model: synthetic 35B-A3B shapes, W4A16 g128 and FP8, run end to e
   const Config c = Config::preset("35b-a3b");
   for (WeightFormat format : {WeightFormat::W4A16, WeightFormat::FP8}) {
   CAPTURE(int(format));
-  GpuModelOptions o;
-  o.format = format;
-  o.group = 128;
-  o.max_context = 4096;
-  o.max_chunk = 512;
-  GpuModel model(g->driver, g->ctx, g->jit, c, o, 42);
+  GpuModel model(g->driver, g->ctx, g->jit, c, synthetic_35b_options(4096, 512, 1, format), 42);
   MESSAGE("35B-A3B synthetic: weights " << model.weight_bytes() / 1e9 << " GB, state " << model.state_bytes() / 1e6 << " MB");
   std::vector<int32_t> prompt(600);
   for (size_t i = 0; i < prompt.size(); ++i) prompt[i] = int32_t((i * 7919) % 248000);

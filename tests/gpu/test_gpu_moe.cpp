@@ -4,7 +4,8 @@
 // path (T = 1, 3, 8, 9, 16, 37, 64: the router's expert-grouped plan, gate_up and down reading each
 // touched expert once; also with the residual add + RMSNorm epilogue of moe_forward_decode; every
 // token of T = 16 and 64 bit-identical to that token alone) and the prefill path (T = 1, 37, 512,
-// 2048). Timing at the 35B shapes.
+// 2048). Timing at the 35B shapes. The router's plan: the one-warp builder of its fast path (T * k <= 32)
+// and moe_build_plan against the host model (tests/moe_plan_ref.h).
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -19,6 +20,7 @@
 #include "runtime/core/int4_format.h"
 #include "runtime/core/weight_format.h"
 #include "tests/gpu/gpu_harness.h"
+#include "tests/moe_plan_ref.h"
 
 using namespace q35;
 using namespace q35::gpu_test;
@@ -60,6 +62,9 @@ std::vector<float> widen(const std::vector<uint16_t>& b) {
   });
   return f;
 }
+
+// Bytes per weight of format `group` on the device, scales included (the timings' bandwidth figures).
+double weight_bytes(int group) { return group == 0 ? 2.0 : group == kFp8Group ? 1.0 + 4.0 / 128 : 0.5 + 2.0 / group; }
 
 // Uploads W [rows, K] (bf16 values) in format `group` into (dw, ds) and returns the fp32 weights the
 // kernels compute with: the bf16 values, or the dequantized INT4 / FP8 values (FP8: blocks [1, 128],
@@ -338,6 +343,10 @@ void run_shapes(const MoeShape& base, std::initializer_list<int> groups, bool ti
     if (!wgmma) {
       for (int64_t T : {1, 3, 8, 9, 16, 37, 64}) check_moe(*g, L, k, ws.sc, T, MoePath::Decode, salt++);
       for (int64_t T : {16, 64}) check_decode_alone(*g, L, k, ws.sc, T, salt++);
+      if (!timing) {  // the tiny shapes: the grouped path past a decode step too (the 35B: its own case)
+        for (int64_t T : {96, 128, 200, 256}) check_moe(*g, L, k, ws.sc, T, MoePath::Decode, salt++);
+        check_decode_alone(*g, L, k, ws.sc, 128, salt++);
+      }
     }
     for (int64_t T : {1, 37, 512, 2048}) check_moe(*g, L, k, ws.sc, T, MoePath::Prefill, salt++);
     if (wgmma) {  // other tiles of the tuner's space (block_m 128, stages 3 and 8, one warpgroup along N)
@@ -434,8 +443,7 @@ void run_shapes(const MoeShape& base, std::initializer_list<int> groups, bool ti
       }
 
     const std::string fmt_name = fmt::format("{} {}", weight_format_name(group), wgmma ? "wgmma" : "mma.sync");
-    const double wbytes =
-        group == 0 ? 2.0 : group == kFp8Group ? 1.0 + 4.0 / 128 : 0.5 + 2.0 / group;  // bytes per weight incl. scales
+    const double wbytes = weight_bytes(group);
     // Decode T = 1: 20 different tokens per graph, so most experts come from HBM (the router and
     // shared expert stay in L2 across calls).
     if (!wgmma) {
@@ -560,7 +568,172 @@ void run_shapes(const MoeShape& base, std::initializer_list<int> groups, bool ti
   }
 }
 
+// The entries of a plan that moe_build_plan writes (count, experts, starts, pairs) equal the host model's.
+int plan_mismatches(const std::vector<int32_t>& got, const std::vector<int32_t>& want, int E, int P) {
+  const int U = want[0];
+  if (got[0] != U) return 1;
+  int bad = 0;
+  for (int u = 0; u < U; ++u) bad += got[size_t(1 + u)] != want[size_t(1 + u)];
+  for (int u = 0; u <= U; ++u) bad += got[size_t(1 + E + u)] != want[size_t(1 + E + u)];
+  for (int i = 0; i < P; ++i) bad += got[size_t(2 + 2 * E + i)] != want[size_t(2 + 2 * E + i)];
+  return bad;
+}
+
+// moe_router's plan at T = 1 .. 32 / k + 1 with the runner's tiles (the one-warp fast path while
+// T * k <= 32: T <= 4 at the 35B shapes, 8 at the tiny ones; moe_build_plan past it) and with the
+// one-token tile (m_tile 1: T token tiles, the second ticket, moe_build_plan), against the host model
+// of the router's ids; the same routing through both tiles gives the same plan. Then moe_plan_check
+// (both device builders on the same ids) on the router's ids and on made-up ids: experts 0 and E - 1,
+// every token the same experts, few distinct experts.
+void check_router_plans(Gpu& g, const MoeShape& s) {
+  const int E = int(s.experts), K = int(s.top_k), H = int(s.hidden);
+  CAPTURE(E);
+  const MoeTiles tiles = MoeTiles::defaults(s);
+  const int64_t max_t = 32 / K + 1;
+  DeviceBuffer ws(g.driver, moe_workspace_bytes(s, tiles, max_t));
+  ws.fill_bytes(0, g.stream);
+  const MoeScratch sc = moe_scratch(s, tiles, max_t, ws.ptr());
+  MoeWeights w;
+  DeviceBuffer d_router = to_device(g, random_bf16(size_t(E) * size_t(H), 41, 0.02f));
+  DeviceBuffer d_sg = to_device(g, random_bf16(size_t(H), 42, 0.02f));
+  w.router = d_router.ptr();
+  w.shared_gate = d_sg.ptr();
+  const Function one = g.jit.load(moe_router_spec(s, tiles.router_one), g.ctx);
+  const Function small = g.jit.load(moe_router_spec(s, tiles.router_decode), g.ctx);
+  const Function large = g.jit.load(moe_router_spec(s, tiles.router_prefill), g.ctx);
+  const Function check = g.jit.load(KernelSpec{"moe", "moe_plan_check", {{"E", std::to_string(E)}, {"TOPK", std::to_string(K)}}}, g.ctx);
+  const size_t plan_ints = size_t(moe_plan_ints(s, max_t));
+  DeviceBuffer d_block = poisoned(g, plan_ints * 4), d_warp = poisoned(g, plan_ints * 4);
+  // Both builders on ids [T, K] (T * K <= 32): each against the host model.
+  auto both = [&](const std::vector<int32_t>& ids, int T) {
+    DeviceBuffer d_ids = to_device(g, ids);
+    check.launch({{1}, {64}}, g.stream, d_ids.ptr(), T, d_block.ptr(), d_warp.ptr());
+    const std::vector<int32_t> want = q35::test::moe_plan_ref(ids, T, K, E);
+    CHECK(plan_mismatches(download<int32_t>(g, d_block.ptr(), plan_ints), want, E, T * K) == 0);
+    CHECK(plan_mismatches(download<int32_t>(g, d_warp.ptr(), plan_ints), want, E, T * K) == 0);
+  };
+  for (int T = 1; T <= max_t; ++T) {
+    CAPTURE(T);
+    DeviceBuffer d_x = to_device(g, random_bf16(size_t(T) * size_t(H), uint32_t(300 + T), 1.f));
+    const bool fast = T * K <= 32;
+    launch_moe_router(T == 1 ? one : T <= kMoeRouterSmallTokens ? small : large, tiles.router(T), g.stream, s, d_x.ptr(), w, sc, T);
+    const std::vector<int32_t> ids = download<int32_t>(g, sc.ids, size_t(T * K));
+    const std::vector<int32_t> plan = download<int32_t>(g, sc.plan, plan_ints);
+    const std::vector<int32_t> want = q35::test::moe_plan_ref(ids, T, K, E);
+    MESSAGE(fmt::format("router plan E={} k={} T={} ({}): {} experts", E, K, T, fast ? "one warp" : "moe_build_plan", want[0]));
+    CHECK(plan_mismatches(plan, want, E, T * K) == 0);
+    CHECK(download<int32_t>(g, sc.counters, size_t(T))[0] == 0);
+    if (T > 1) {  // T token tiles of one token: moe_build_plan after the second ticket
+      launch_moe_router(one, tiles.router_one, g.stream, s, d_x.ptr(), w, sc, T);
+      CHECK(download<int32_t>(g, sc.ids, size_t(T * K)) == ids);
+      CHECK(plan_mismatches(download<int32_t>(g, sc.plan, plan_ints), want, E, T * K) == 0);
+      CHECK(download<int32_t>(g, sc.plan_ticket, 1)[0] == 0);
+    }
+    if (fast) both(ids, T);
+  }
+  // Made-up routings.
+  std::vector<int32_t> ids;
+  for (int i = 0; i < K; ++i) ids.push_back(i % 2 ? i / 2 : E - 1 - i / 2);  // 0, 1, .. and E - 1, E - 2, ..
+  both(ids, 1);
+  for (int T = 2; T * K <= 32; ++T) {
+    std::vector<int32_t> same;
+    for (int t = 0; t < T; ++t)  // every token the same experts, rotated
+      for (int i = 0; i < K; ++i) same.push_back(ids[size_t((i + t) % K)]);
+    both(same, T);
+    std::vector<int32_t> few;  // K + 1 distinct experts over all tokens
+    for (int t = 0; t < T; ++t)
+      for (int i = 0; i < K; ++i) few.push_back((3 * ((i + t) % (K + 1)) + 5) % E);
+    both(few, T);
+  }
+}
+
+// The grouped path for prompt chunks of 65..256 tokens (issue 8): accuracy against the CPU reference
+// (the decode cases' tolerance), a token's row at T = 128 bit-identical to the token alone, and the
+// per-layer time of the grouped path against the GEMM path (the tiles the runner defaults to at T)
+// at T = 64, 96, 128, 256: each a graph of one MoE call, median of 25 CUDA-event timed replays.
+void run_grouped(const MoeShape& s) {
+  auto g = open_gpu();
+  const MasterWeights master(s);
+  const Layer L(*g, master, s);
+  const bool hopper = g->ctx.device().arch() == "sm_90a";
+  const MoeKernels k(g->jit, g->ctx, s, MoeTiles::defaults(s, hopper));
+  MESSAGE(fmt::format("grouped path on {}: at most {} tokens (shared memory opt-in {} B; down {} B, gate_up {} B at "
+                      "that T)",
+                      g->ctx.device().arch(), k.grouped_max_tokens, k.smem_optin,
+                      moe_down_smem_bytes(s, k.tiles.down, k.grouped_max_tokens),
+                      moe_gate_up_smem_bytes(k.tiles.gate_up, k.grouped_max_tokens)));
+  Workspace ws(*g, k, kMoeGroupedMaxTokens);
+  uint32_t salt = 300;
+  for (int64_t T : {96, 128, 200, 256}) {
+    if (T > k.grouped_max_tokens) {
+      MESSAGE("T = " << T << " skipped: past this device's grouped bound");
+      continue;
+    }
+    check_moe(*g, L, k, ws.sc, T, MoePath::Decode, salt++);
+  }
+  check_decode_alone(*g, L, k, ws.sc, 128, salt++);
+  // Past the bound: a clear error, not a launch failure.
+  CHECK(q35::test::contains(q35::test::error_of([&] {
+          DeviceBuffer x(g->driver, size_t(300 * s.hidden) * 2), out(g->driver, size_t(300 * s.hidden) * 2);
+          Workspace big(*g, k, 300);
+          moe_forward(k, g->stream, L.weights(), big.sc, x.ptr(), out.ptr(), 300, MoePath::Decode);
+        }),
+        "grouped path takes at most"));
+
+  const double wbytes = weight_bytes(s.group);
+  const double router_bytes = double(s.experts + 1) * s.hidden * 2;
+  const MoeWeights w = L.weights();
+  std::string lines;
+  for (int64_t T : {64, 96, 128, 256}) {
+    if (T > k.grouped_max_tokens) continue;
+    const std::vector<uint16_t> x = random_bf16(size_t(T * s.hidden), 23, 1.f);
+    DeviceBuffer d_x = to_device(*g, x), d_out(g->driver, size_t(T * s.hidden) * 2);
+    const MoeRouterTile& rt = k.tiles.router(T);
+    const double router = time_graph(*g, 1, [&](int) { launch_moe_router(k.router(T), rt, g->stream, s, d_x.ptr(), w, ws.sc, T); });
+    const double router_gate_up = time_graph(*g, 1, [&](int) {
+      launch_moe_router(k.router(T), rt, g->stream, s, d_x.ptr(), w, ws.sc, T);
+      launch_moe_decode_gate_up(k.decode_gate_up, k.tiles.gate_up, g->stream, s, d_x.ptr(), w, ws.sc, T);
+    });
+    const double grouped = time_graph(*g, 1, [&](int) {
+      moe_forward(k, g->stream, w, ws.sc, d_x.ptr(), d_out.ptr(), T, MoePath::Decode);
+    });
+    const std::vector<int32_t> ids = download<int32_t>(*g, ws.sc.ids, size_t(T * s.top_k));
+    std::vector<int32_t> distinct(ids.begin(), ids.end());
+    std::sort(distinct.begin(), distinct.end());
+    const double touched = double(std::unique(distinct.begin(), distinct.end()) - distinct.begin());
+    const double bytes = router_bytes + (touched + 1) * 3 * s.inter * s.hidden * wbytes;
+    // The GEMM path with the tiles the runner defaults to at T.
+    const MoeKernels kg(g->jit, g->ctx, s, MoeTiles::defaults(s, hopper, T));
+    Workspace wg(*g, kg, T);
+    const double gemm = time_graph(*g, 1, [&](int) {
+      moe_forward(kg, g->stream, w, wg.sc, d_x.ptr(), d_out.ptr(), T, MoePath::Prefill);
+    });
+    lines += fmt::format("\n  moe T={}: grouped {:.1f} us per layer (router {:.1f}, gate_up {:.1f}, down {:.1f}; {:.0f} "
+                         "experts, {:.1f} MB -> {:.2f} TB/s), GEMM path {:.1f} us ({}{}x{}) -> {} {:.2f}x",
+                         T, grouped, router, router_gate_up - router, grouped - router_gate_up, touched, bytes / 1e6,
+                         bytes / grouped * 1e-6, gemm, kg.tiles.gemm.wgmma ? "wgmma " : "mma.sync ",
+                         kg.tiles.gemm.block_m, kg.tiles.gemm.block_n, grouped <= gemm ? "grouped" : "GEMM",
+                         std::max(grouped, gemm) / std::min(grouped, gemm));
+  }
+  MESSAGE(fmt::format("moe grouped vs GEMM path, H={} E={} k={} I={} {}:{}", s.hidden, s.experts, s.top_k, s.inter,
+                      weight_format_name(s.group), lines));
+}
+
 }  // namespace
+
+TEST_CASE("GPU: moe at the tiny fixture's and the 35B shapes: the router's plan, one warp (T * k <= 32) and moe_build_plan") {
+  auto g = open_gpu();
+  check_router_plans(*g, moe_shape(q35::test::config_tiny(), 0));
+  check_router_plans(*g, MoeShape{2048, 256, 8, 512, 512, 128});
+}
+
+TEST_CASE("GPU: moe grouped path up to 256 tokens, 35B W4A16 g128: accuracy, batched == alone, vs the GEMM path") {
+  run_grouped(MoeShape{2048, 256, 8, 512, 512, 128});
+}
+
+TEST_CASE("GPU: moe grouped path up to 256 tokens, 35B FP8: accuracy, batched == alone, vs the GEMM path") {
+  run_grouped(MoeShape{2048, 256, 8, 512, 512, kFp8Group});
+}
 
 TEST_CASE("GPU: moe at the tiny fixture's shapes, bf16 and W4A16 g32 / g64, decode and prefill paths") {
   const Config cfg = q35::test::config_tiny();

@@ -23,18 +23,6 @@ using namespace q35::qwen35;
 
 namespace {
 
-// max |got - want| / max |want|; infinite when a value is not finite.
-double max_rel_diff(const std::vector<float>& got, const std::vector<float>& want) {
-  REQUIRE(got.size() == want.size());
-  double d = 0, m = 0;
-  for (size_t i = 0; i < got.size(); ++i) {
-    if (!std::isfinite(got[i])) return INFINITY;
-    d = std::max(d, double(std::fabs(got[i] - want[i])));
-    m = std::max(m, double(std::fabs(want[i])));
-  }
-  return d / std::max(m, 1e-30);
-}
-
 uint64_t addr(const DeviceBuffer& b) { return b.ptr(); }
 uint64_t addr(const PinnedBuffer& b) { return uint64_t(reinterpret_cast<uintptr_t>(b.data())); }
 
@@ -62,7 +50,7 @@ double restored_vs_uncached(GpuModel& model, const std::vector<int32_t>& prefix,
   model.restore_blocks(to, p, addr(kv), p, addr(rec));
   CHECK(model.position(to) == p);
   const std::vector<float> got = model.forward(rest, true, to);
-  const double d = max_rel_diff(got, want);
+  const double d = max_rel(got, want);
   MESSAGE(fmt::format("{}: restored prefix of {} tokens into slot {}: max|dlogit|/max|logit| = {:.3g}{}", what, p, to, d,
                       got == want ? " (bit-identical)" : ""));
   return d;
@@ -116,8 +104,8 @@ TEST_CASE("GPU prefix cache, tiny fixture: a restored prefix (device or pinned h
     const std::vector<float> want = model.forward(rest, true, 0);
     model.restore_blocks(2, p, addr(kv2), p, addr(rec2));
     const std::vector<float> got = model.forward(rest, true, 2);
-    MESSAGE("after device -> pinned -> device: max|dlogit|/max|logit| = " << max_rel_diff(got, want));
-    CHECK(max_rel_diff(got, want) <= 1e-4);
+    MESSAGE("after device -> pinned -> device: max|dlogit|/max|logit| = " << max_rel(got, want));
+    CHECK(max_rel(got, want) <= 1e-4);
     // A shorter prefix from longer K/V rows (the cache resumes at a snapshot before the rows' end).
     model.reset(0);
     model.forward(std::span<const int32_t>(prefix).first(100), false, 0);
@@ -127,7 +115,7 @@ TEST_CASE("GPU prefix cache, tiny fixture: a restored prefix (device or pinned h
     model.restore_blocks(1, 100, addr(kv2), p, addr(rec100));
     CHECK(model.position(1) == 100);
     const std::vector<float> got100 = model.forward(std::span<const int32_t>(prefix).subspan(100), true, 1);
-    CHECK(max_rel_diff(got100, want100) <= 1e-4);
+    CHECK(max_rel(got100, want100) <= 1e-4);
     // Errors.
     CHECK(q35::test::error_of([&] { model.restore_blocks(1, p + 1, addr(kv2), p, addr(rec2)); }) != "");
     CHECK(q35::test::error_of([&] { model.save_kv_block(1, model.position(1) + 1, addr(kv2)); }) != "");
@@ -137,13 +125,7 @@ TEST_CASE("GPU prefix cache, tiny fixture: a restored prefix (device or pinned h
 TEST_CASE("GPU prefix cache, synthetic 35B-A3B W4A16 g128: save and restore of a 4,000-token prefix (timed)") {
   auto g = open_gpu();
   const Config c = Config::preset("35b-a3b");
-  GpuModelOptions o;
-  o.format = WeightFormat::W4A16;
-  o.group = 128;
-  o.max_context = 4608;
-  o.max_chunk = 4096;
-  o.max_batch = 2;
-  GpuModel model(g->driver, g->ctx, g->jit, c, o, 42);
+  GpuModel model(g->driver, g->ctx, g->jit, c, synthetic_35b_options(4608, 4096, 2), 42);
   const std::vector<int32_t> prefix = tokens_of(4000, 3, c.vocab_size), rest = tokens_of(50, 4, c.vocab_size);
   const int64_t p = int64_t(prefix.size());
   const size_t kv_bytes = model.kv_block_bytes(p), rec_bytes = model.recurrent_block_bytes();
@@ -206,12 +188,12 @@ TEST_CASE("GPU prefix cache, synthetic 35B-A3B W4A16 g128: save and restore of a
   // Slot 1, restored (last from pinned host memory), continues like slot 0.
   const std::vector<float> got = model.forward(rest, false, 1);
   MESSAGE(fmt::format("35B: logits of the 50 tokens after the restored prefix: max|dlogit|/max|logit| = {:.3g}{}",
-                      max_rel_diff(got, want), got == want ? " (bit-identical)" : ""));
-  CHECK(max_rel_diff(got, want) <= 1e-3);
+                      max_rel(got, want), got == want ? " (bit-identical)" : ""));
+  CHECK(max_rel(got, want) <= 1e-3);
   // And from device memory into slot 1 again.
   model.restore_blocks(1, p, addr(kv), p, addr(rec));
   const std::vector<float> got2 = model.forward(rest, false, 1);
-  CHECK(max_rel_diff(got2, want) <= 1e-3);
+  CHECK(max_rel(got2, want) <= 1e-3);
 
   // The first token of turn 2 as the server computes it: restore + a 75-token prefill (timed by the host).
   const std::vector<int32_t> turn = tokens_of(75, 5, c.vocab_size);

@@ -44,9 +44,9 @@ GemvBf16Plan gemv_bf16_plan(int64_t n, int64_t k, int m, bool out_f32) {
 }
 
 W4GemvTile w4_decode_tile(const W4GemvTile& one, int64_t group, int M) {
-  if (M < 1 || M > kMoeDecodeMaxTokens)
+  if (M < 1 || M > kDecodeStepMaxRows)
     fail("{}: a decode step of {} rows is outside [1, {}]", group == kFp8Group ? "gemv_fp8" : "gemv_w4a16", M,
-         kMoeDecodeMaxTokens);
+         kDecodeStepMaxRows);
   if (group != kFp8Group && group != 32 && group != 64 && group != 128)
     fail("gemv decode tile: weight group {} is not W4A16 (32, 64, 128) or FP8", group);
   W4GemvTile t = one;

@@ -169,10 +169,11 @@ void launch_sample(const SamplePlan& p, const Function& f, const Stream& stream,
 
 // ---- the kernel list ----
 
-// The W4A16 / FP8 GEMV tile of a decode step of M rows (1 <= M <= kMoeDecodeMaxTokens) from the M = 1
+// The W4A16 / FP8 GEMV tile of a decode step of M rows (1 <= M <= kDecodeStepMaxRows) from the M = 1
 // tile `one`: its K split and unroll for every M, so each row gets the arithmetic of a sequence decoded
 // alone; M_TILE = 8 / (128 / group) tokens fill one mma column tile (FP8, one scale block per 128-k
-// tile: 4 tokens, half a column tile), which keeps the M = 1 tile's accumulator chains (gemv_w4a16.cuh). (A bf16 GEMV's sums do not depend on its tile, gemv_bf16.cuh.)
+// tile: 4 tokens, half a column tile), which keeps the M = 1 tile's accumulator chains
+// (gemv_w4a16.cuh). (A bf16 GEMV's sums do not depend on its tile, gemv_bf16.cuh.)
 W4GemvTile w4_decode_tile(const W4GemvTile& one, int64_t group, int M);
 
 struct DenseOptions {

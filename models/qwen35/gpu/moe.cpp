@@ -19,6 +19,22 @@ void check_tokens(const char* what, const MoeScratch& sc, int64_t T) {
     fail("{}: T = {} tokens is outside [1, {}] (the MoE workspace's max_tokens)", what, T, sc.max_tokens);
 }
 
+// The grouped kernels' scratch (plan, h) holds kMoeGroupedMaxTokens tokens; their shared memory is
+// opted in for MoeKernels::grouped_max_tokens (moe_forward checks that bound).
+void check_grouped(const char* what, int64_t T) {
+  if (T > kMoeGroupedMaxTokens) fail("{}: T = {} exceeds the grouped path's {} tokens", what, T, kMoeGroupedMaxTokens);
+}
+
+// The grouped path on this device: T within what its shared memory holds.
+void check_grouped(const MoeKernels& k, int64_t T) {
+  if (T > k.grouped_max_tokens)
+    fail("moe: the grouped path takes at most {} tokens on this device (T = {}: moe_decode_down needs {} bytes of "
+         "shared memory per block, moe_decode_gate_up {}; the limit is {}, kMoeGroupedMaxTokens {}); use the "
+         "prefill path",
+         k.grouped_max_tokens, T, moe_down_smem_bytes(k.shape, k.tiles.down, T),
+         moe_gate_up_smem_bytes(k.tiles.gate_up, T), k.smem_optin, kMoeGroupedMaxTokens);
+}
+
 // Offsets of the scratch buffers from the workspace start; the last entry is the total size.
 struct Layout {
   size_t logits, counters, plan_ticket, ids, weights, shared_gate, plan, h, hs, y, ys, sorted_ids, block_expert, num_blocks,
@@ -28,7 +44,7 @@ struct Layout {
 Layout layout(const MoeShape& s, const MoeTiles& tiles, int64_t max_tokens) {
   if (max_tokens < 1) fail("moe workspace: max_tokens = {} must be positive", max_tokens);
   const int64_t T = max_tokens, k = s.top_k, blocks = moe_max_blocks(s, tiles.gemm.block_m, T);
-  const int64_t T_decode = std::min(T, kMoeDecodeMaxTokens);
+  const int64_t T_decode = std::min(T, kMoeGroupedMaxTokens);
   const int64_t h_decode = T_decode * (k * s.inter + s.shared_inter);
   const int64_t h_prefill = blocks * tiles.gemm.block_m * s.inter;
   Layout l{};
@@ -103,11 +119,6 @@ std::vector<KernelSpec> moe_kernels(const MoeShape& s, const MoeTiles& t) {
 
 int64_t moe_plan_ints(const MoeShape& s, int64_t tokens) { return 2 + 2 * s.experts + tokens * s.top_k; }
 
-unsigned moe_down_smem_bytes(const MoeShape& s, const MoeDownTile& tile, int64_t tokens) {
-  // kernel_templates/moe.cuh moe_down_smem_bytes: sums [T][k + 1][16] and parts [k + 1][ksplit][8][16], fp32.
-  return unsigned((tokens * (s.top_k + 1) * 16 + (s.top_k + 1) * tile.ksplit * 8 * 16) * 4);
-}
-
 int64_t moe_max_blocks(const MoeShape& s, int block_m, int64_t tokens) {
   // sum_e ceil(c_e / BM) <= (T*k + (BM - 1) * experts hit) / BM, at most min(E, T*k) experts hit.
   const int64_t pairs = tokens * s.top_k, bm = block_m;
@@ -144,6 +155,8 @@ MoeKernels::MoeKernels(JitEngine& jit, const Context& ctx, const MoeShape& s, co
     : shape(s),
       tiles(t),
       sm_count(ctx.device().sm_count),
+      smem_optin(smem_optin_bytes(ctx.device().arch())),
+      grouped_max_tokens(moe_grouped_max_tokens(s, t.gate_up, t.down, smem_optin)),
       router_one(jit.load(moe_router_spec(s, tiles.router_one), ctx)),
       router_decode(jit.load(moe_router_spec(s, tiles.router_decode), ctx)),
       router_prefill(jit.load(moe_router_spec(s, tiles.router_prefill), ctx)),
@@ -159,8 +172,14 @@ MoeKernels::MoeKernels(JitEngine& jit, const Context& ctx, const MoeShape& s, co
       router_gemm(jit.load(gemm_bf16_spec(s.experts, s.hidden, tiles.router_gemm, true), ctx)),
       router_topk(jit.load(moe_router_topk_spec(s), ctx)) {
   router_gemm.set_max_dynamic_smem(tiles.router_gemm.smem_bytes());
+  // The grouped kernels' shared memory grows with T: opted in for the most this device takes.
+  if (grouped_max_tokens < 1)
+    fail("moe: the grouped kernels' shared memory for one token ({} + {} bytes) exceeds this device's {} per block",
+         moe_gate_up_smem_bytes(tiles.gate_up, 1), moe_down_smem_bytes(s, tiles.down, 1),
+         smem_optin);
+  decode_gate_up.set_max_dynamic_smem(int(moe_gate_up_smem_bytes(tiles.gate_up, grouped_max_tokens)));
   for (const Function* f : {&decode_down, &decode_down_residual})
-    f->set_max_dynamic_smem(moe_down_smem_bytes(s, tiles.down, kMoeDecodeMaxTokens));
+    f->set_max_dynamic_smem(int(moe_down_smem_bytes(s, tiles.down, grouped_max_tokens)));
   if (tiles.gemm.wgmma)
     for (const Function* f : {&gemm_routed_gate_up, &gemm_routed_down, &gemm_shared_gate_up, &gemm_shared_down})
       f->set_max_dynamic_smem(tiles.gemm.smem_bytes(s.group));
@@ -198,10 +217,10 @@ void launch_moe_router_prefill(const Function& gemm, const GemmTile& tile, const
 void launch_moe_decode_gate_up(const Function& f, const MoeGemvTile& tile, const Stream& stream, const MoeShape& s,
                                CUdeviceptr x, const MoeWeights& w, const MoeScratch& sc, int64_t T) {
   check_tokens("moe_decode_gate_up", sc, T);
-  if (T > kMoeDecodeMaxTokens) fail("moe_decode_gate_up: T = {} exceeds the decode path's {}", T, kMoeDecodeMaxTokens);
+  check_grouped("moe_decode_gate_up", T);
   const unsigned blocks_x = unsigned(std::max(s.inter, s.shared_inter) / kMoeGateUpRows);
   const unsigned experts = unsigned(1 + std::min(s.experts, T * s.top_k));  // the shared one + at most T*k routed
-  const unsigned smem = unsigned(tile.ksplit * T * 16 * 4);
+  const unsigned smem = unsigned(moe_gate_up_smem_bytes(tile, T));
   f.launch({{blocks_x, experts}, {unsigned(tile.threads())}, smem, true}, stream, x, sc.plan, w.gate_up,
            w.gate_up_scales, w.shared_gate_up, w.shared_gate_up_scales, sc.h, int(T));
 }
@@ -209,19 +228,18 @@ void launch_moe_decode_gate_up(const Function& f, const MoeGemvTile& tile, const
 void launch_moe_decode_down(const Function& f, const MoeDownTile& tile, const Stream& stream, const MoeShape& s,
                             const MoeWeights& w, const MoeScratch& sc, CUdeviceptr out, int64_t T) {
   check_tokens("moe_decode_down", sc, T);
-  if (T > kMoeDecodeMaxTokens) fail("moe_decode_down: T = {} exceeds the decode path's {}", T, kMoeDecodeMaxTokens);
-  f.launch({{unsigned(s.hidden / kMoeDownRows)}, {unsigned(tile.threads(s.top_k))}, moe_down_smem_bytes(s, tile, T), true},
+  check_grouped("moe_decode_down", T);
+  f.launch({{unsigned(s.hidden / kMoeDownRows)}, {unsigned(tile.threads(s.top_k))}, unsigned(moe_down_smem_bytes(s, tile, T)), true},
            stream, sc.h, sc.plan, sc.weights, sc.shared_gate, w.down, w.down_scales, w.shared_down, w.shared_down_scales, out, int(T));
 }
 
 void launch_moe_decode_down(const Function& f, const MoeDownTile& tile, const Stream& stream, const MoeShape& s,
                             const MoeWeights& w, const MoeScratch& sc, const ResidualNorm& r, int64_t T) {
   check_tokens("moe_decode_down_residual", sc, T);
-  if (T > kMoeDecodeMaxTokens)
-    fail("moe_decode_down_residual: T = {} exceeds the decode path's {}", T, kMoeDecodeMaxTokens);
+  check_grouped("moe_decode_down_residual", T);
   if (!r.residual || !r.norm_w || !r.normed || !r.counter)
     fail("moe_decode_down_residual: residual, norm_w, normed and counter must all be set");
-  f.launch({{unsigned(s.hidden / kMoeDownRows)}, {unsigned(tile.threads(s.top_k))}, moe_down_smem_bytes(s, tile, T), true},
+  f.launch({{unsigned(s.hidden / kMoeDownRows)}, {unsigned(tile.threads(s.top_k))}, unsigned(moe_down_smem_bytes(s, tile, T)), true},
            stream, sc.h, sc.plan, sc.weights, sc.shared_gate, w.down, w.down_scales, w.shared_down, w.shared_down_scales, r.residual,
            r.norm_w, r.normed, r.counter, r.eps, int(T));
 }
@@ -273,8 +291,9 @@ void launch_moe_combine(const Function& f, const Stream& stream, const MoeScratc
 void moe_forward(const MoeKernels& k, const Stream& stream, const MoeWeights& w, const MoeScratch& sc, CUdeviceptr x,
                  CUdeviceptr out, int64_t T, MoePath path) {
   const MoeShape& s = k.shape;
-  if (path == MoePath::Auto) path = T <= kMoeDecodeMaxTokens ? MoePath::Decode : MoePath::Prefill;
+  if (path == MoePath::Auto) path = moe_grouped_for(T, k.grouped_max_tokens) ? MoePath::Decode : MoePath::Prefill;
   if (path == MoePath::Decode) {
+    check_grouped(k, T);
     launch_moe_router(k.router(T), k.tiles.router(T), stream, s, x, w, sc, T);
     launch_moe_decode_gate_up(k.decode_gate_up, k.tiles.gate_up, stream, s, x, w, sc, T);
     launch_moe_decode_down(k.decode_down, k.tiles.down, stream, s, w, sc, out, T);
@@ -290,6 +309,7 @@ void moe_forward(const MoeKernels& k, const Stream& stream, const MoeWeights& w,
 void moe_forward_decode(const MoeKernels& k, const Stream& stream, const MoeWeights& w, const MoeScratch& sc,
                         CUdeviceptr x, const ResidualNorm& r, int64_t T) {
   const MoeShape& s = k.shape;
+  check_grouped(k, T);
   launch_moe_router(k.router(T), k.tiles.router(T), stream, s, x, w, sc, T);
   launch_moe_decode_gate_up(k.decode_gate_up, k.tiles.gate_up, stream, s, x, w, sc, T);
   launch_moe_decode_down(k.decode_down_residual, k.tiles.down, stream, s, w, sc, r, T);

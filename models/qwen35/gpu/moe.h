@@ -4,8 +4,10 @@
 //   out [T, H] bf16 = sum_s w[t,s] * expert_{ids[t,s]}(x_t) + sigmoid(x_t . w_sg) * shared(x_t)
 // which the runner adds to the residual in the next fused add + RMSNorm.
 //
-// Two paths, chosen by T (moe_forward does it):
-//   decode  (T <= kMoeDecodeMaxTokens): router (+ the expert-grouped plan) -> decode_gate_up
+// Two paths, chosen by T (moe_forward's Auto, or the caller: autotune/tiles_moe.h moe_grouped_for):
+//   decode  (the expert-grouped path, T <= kMoeGroupedMaxTokens and what down's shared memory holds on
+//           the device; every decode step, prompt chunks up to the tuned crossover):
+//           router (+ the expert-grouped plan) -> decode_gate_up
 //           -> decode_down, each touched expert's weights read once for all its tokens      3 launches
 //           (moe_forward_decode: decode_down adds into the residual stream and writes the next
 //           RMSNorm, kernel_templates/decode_fusion.cuh)
@@ -76,8 +78,8 @@ struct MoeScratch {
   CUdeviceptr ids = 0;          // int32 [max_T, k]    selected experts, by decreasing probability
   CUdeviceptr weights = 0;      // fp32 [max_T, k]     renormalised routing weights
   CUdeviceptr shared_gate = 0;  // fp32 [max_T]        sigmoid(x . w_sg)
-  CUdeviceptr plan = 0;         // int32 [moe_plan_ints(min(max_T, kMoeDecodeMaxTokens))] decode work by expert
-  CUdeviceptr h = 0;            // bf16 decode [T, k*I + Is] / prefill [max_blocks * BM, I]
+  CUdeviceptr plan = 0;         // int32 [moe_plan_ints(min(max_T, kMoeGroupedMaxTokens))] grouped work by expert
+  CUdeviceptr h = 0;            // bf16 grouped [min(max_T, kMoeGroupedMaxTokens), k*I + Is] / prefill [max_blocks * BM, I]
   CUdeviceptr hs = 0;           // bf16 [max_T, Is]     prefill shared expert activations
   CUdeviceptr y = 0;            // bf16 [max_T * k, H]  prefill routed down outputs per (token, slot)
   CUdeviceptr ys = 0;           // bf16 [max_T, H]      prefill shared expert output before its gate
@@ -88,8 +90,8 @@ struct MoeScratch {
 int64_t moe_max_blocks(const MoeShape& s, int block_m, int64_t tokens);  // routed GEMM row blocks for T tokens
 // int32 entries of the decode plan for T tokens (kernel_templates/moe.cuh moe_build_plan): 2 + 2E + T*k.
 int64_t moe_plan_ints(const MoeShape& s, int64_t tokens);
-// Dynamic shared memory of moe_decode_down for T tokens.
-unsigned moe_down_smem_bytes(const MoeShape& s, const MoeDownTile& tile, int64_t tokens);
+// Dynamic shared memory of the grouped kernels for T tokens: autotune/tiles_moe.h
+// moe_gate_up_smem_bytes, moe_down_smem_bytes.
 size_t moe_workspace_bytes(const MoeShape& s, const MoeTiles& tiles, int64_t max_tokens);
 MoeScratch moe_scratch(const MoeShape& s, const MoeTiles& tiles, int64_t max_tokens, CUdeviceptr workspace);
 
@@ -100,6 +102,10 @@ struct MoeKernels {
   MoeShape shape;
   MoeTiles tiles;
   int sm_count = 0;  // the device's SMs: the grid of persistent GEMM tiles
+  int64_t smem_optin = 0;  // shared memory a block may opt in to on this device (smem_optin_bytes)
+  // The most tokens the grouped path takes on this device with these tiles (moe_grouped_max_tokens
+  // at the device's shared memory opt-in limit; gate_up and down are opted in for that many).
+  int64_t grouped_max_tokens = 0;
   Function router_one, router_decode, router_prefill;
   Function decode_gate_up, decode_down, decode_down_residual;
   Function align;
@@ -140,11 +146,13 @@ void launch_moe_gemm(const Function& f, const MoeGemmTile& tile, const Stream& s
 void launch_moe_combine(const Function& f, const Stream& stream, const MoeScratch& sc, CUdeviceptr out, int64_t T);
 
 // The whole MoE block: x [T, H] bf16 -> out [T, H] bf16 (out must not alias x). Auto takes the decode
-// path for T <= kMoeDecodeMaxTokens, else prefill; either path works for any T (decode up to 64).
+// (grouped) path when moe_grouped_for(T, k.grouped_max_tokens) (no tuned entry: T <=
+// kMoeGroupedDefaultMaxTokens), else prefill; the runner passes the tuned choice (TunedTiles::
+// moe_grouped). Prefill works for any T, decode up to k.grouped_max_tokens (else Error).
 enum class MoePath { Auto, Decode, Prefill };
 void moe_forward(const MoeKernels& k, const Stream& stream, const MoeWeights& w, const MoeScratch& sc, CUdeviceptr x,
                  CUdeviceptr out, int64_t T, MoePath path = MoePath::Auto);
-// The decode path (T <= kMoeDecodeMaxTokens) with the residual epilogue: residual += bf16(MoE(x)),
+// The decode path (T <= k.grouped_max_tokens) with the residual epilogue: residual += bf16(MoE(x)),
 // r.normed = RMSNorm(residual) (the next norm), in 3 launches: router, gate_up, down.
 void moe_forward_decode(const MoeKernels& k, const Stream& stream, const MoeWeights& w, const MoeScratch& sc,
                         CUdeviceptr x, const ResidualNorm& r, int64_t T);

@@ -14,6 +14,7 @@ TunedTiles::TunedTiles(const Config& cfg, int group, const std::string& arch, st
     : cfg_(cfg),
       group_(group),
       smem_limit_(smem_limit_for(arch)),
+      smem_optin_(smem_optin_bytes(arch)),
       wgmma_(arch_has_wgmma(arch)),
       moe_(gpu::moe_shape(cfg, group)),
       table_(std::move(table)),
@@ -87,9 +88,10 @@ MoeTiles TunedTiles::moe(int64_t m) const {
       [&](const MoeRouterTile& r) { return why_invalid(r, moe_); });
   t.router_one = t.router_decode = t.router_prefill = router;
   const std::string sig = tune::moe_signature(moe_);
-  if (m <= kMoeDecodeMaxTokens) {
-    // The decode GEMVs' K splits are part of each token's arithmetic: the M = 1 tiles serve every T,
-    // so a token's result does not depend on how many tokens share the call (batched == alone).
+  {
+    // The grouped GEMVs' K splits are part of each token's arithmetic: the M = 1 tiles serve every T
+    // (a decode step's or a prompt chunk's), so a token's result does not depend on how many tokens
+    // share the call (batched == alone).
     const tune::MoeDecodeConfig c = pick(
         tune::kMoeDecode, sig, 1, tune::MoeDecodeConfig{t.gate_up, t.down},
         [](const nlohmann::json& j) { return tune::moe_decode_from_json(j); },
@@ -98,7 +100,8 @@ MoeTiles TunedTiles::moe(int64_t m) const {
           return why.empty() ? why_invalid(d.down, moe_) : why;
         });
     t.gate_up = c.gate_up, t.down = c.down;
-  } else {
+  }
+  if (m > kDecodeStepMaxRows) {
     t.gemm = pick(
         tune::kMoeGemm, sig, m, t.gemm, [](const nlohmann::json& j) { return tune::moe_gemm_from_json(j); },
         [&](const MoeGemmTile& g) {
@@ -110,6 +113,21 @@ MoeTiles TunedTiles::moe(int64_t m) const {
         });
   }
   return t;
+}
+
+int64_t TunedTiles::moe_grouped_max() const {
+  const MoeTiles one = moe(1);
+  return moe_grouped_max_tokens(moe_, one.gate_up, one.down, smem_optin_);
+}
+
+bool TunedTiles::moe_grouped(int64_t m) const {
+  const int64_t most = moe_grouped_max();
+  if (m <= kDecodeStepMaxRows || m > most) return moe_grouped_for(m, most);
+  const tune::MoePathConfig def{moe_grouped_for(m, most)};
+  const tune::MoePathConfig c = pick(
+      tune::kMoePath, tune::moe_signature(moe_), m, def, [](const nlohmann::json& j) { return tune::moe_path_from_json(j); },
+      [](const tune::MoePathConfig&) { return std::string(); });
+  return moe_grouped_for(m, most, c.grouped);
 }
 
 AttentionPrefillTile TunedTiles::attention_prefill(int64_t m) const {

@@ -29,8 +29,14 @@ class TunedTiles {
   W4GemvTile w4_gemv(int64_t n, int64_t k, bool out_f32, int64_t m) const;
   GemvTile gemv_bf16(int64_t n, int64_t k, bool out_f32, int64_t m) const;
   GemmTile gemm(int64_t n, int64_t k, bool out_f32, int64_t m) const;
-  // Router tile for m tokens in all three router slots; decode GEMVs; prefill GEMM tile.
+  // Router tile for m tokens in all three router slots; the grouped path's GEMVs (the M = 1 tiles at
+  // every m); the prefill GEMM tile (tuned for m > kDecodeStepMaxRows).
   MoeTiles moe(int64_t m) const;
+  // Whether a call of m tokens takes the MoE's grouped path (moe_grouped_for with the tune cache's
+  // moe_path entry at m's bucket, within what the target's shared memory holds).
+  bool moe_grouped(int64_t m) const;
+  // The most tokens the grouped path takes on the target with the M = 1 tiles.
+  int64_t moe_grouped_max() const;
   AttentionPrefillTile attention_prefill(int64_t m) const;
   AttentionDecodeTile attention_decode(int64_t m) const;
   GdnTiles gdn(int64_t m) const;
@@ -49,6 +55,7 @@ class TunedTiles {
   Config cfg_;
   int group_;
   int64_t smem_limit_;
+  int64_t smem_optin_;  // shared memory per block a kernel may opt in to (smem_optin_bytes)
   bool wgmma_;
   MoeShape moe_;
   std::shared_ptr<const TuneTable> table_;
