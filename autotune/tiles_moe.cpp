@@ -26,11 +26,20 @@ std::string why_bad_row(int64_t k, int group, const char* what) {
   return {};
 }
 
-// FP8 decode GEMVs (WarpRows16, moe.cuh): a warp's part of K is taken in 128-k steps, each scaled by
-// one 128-k block's scale, so a part must start on a block: a multiple of 128, or a divisor of 128.
-std::string why_bad_fp8_part(const MoeShape& s, int64_t part, const char* what) {
-  if (s.group != kFp8Group || part % 128 == 0 || 128 % part == 0) return {};
-  return fmt::format("FP8: {} = {} is neither a multiple nor a divisor of the 128-k scale block", what, part);
+// The grouped decode GEMVs (WarpRows16, moe.cuh): warp w of a block takes k in [w * part, (w + 1) *
+// part) in 128-k steps from its start; in a step, each mma column sums one scale group's chunks (W4A16:
+// the group, 128 / group columns per token; FP8: the 128-k block, one) and is scaled by that group's
+// scale, so a part must start on a group: a multiple of the group (every warp's start is then on one),
+// or a divisor of it (each part lies inside one group). W4A16 g32 and bf16 take any part (a multiple of
+// 32); W4A16 g64 / g128 and FP8 are checked. `tile` names the tile ("ksplit = 4").
+std::string why_misaligned_part(const MoeShape& s, int64_t part, const char* what, const std::string& tile) {
+  const int64_t scale_k = s.group == kFp8Group ? 128 : s.group;
+  if (scale_k <= 32 || part % scale_k == 0 || scale_k % part == 0) return {};
+  return fmt::format("{}: {} = {} is neither a multiple nor a divisor of the {} ({}: a warp's part of K must start "
+                     "on a scale {})",
+                     s.group == kFp8Group ? std::string("FP8") : fmt::format("W4A16 g{}", s.group), what, part,
+                     s.group == kFp8Group ? std::string("128-k scale block") : fmt::format("scale group of {} k", scale_k),
+                     tile, s.group == kFp8Group ? "block" : "group");
 }
 
 std::string describe(const MoeShape& s) {
@@ -96,7 +105,9 @@ std::string why_invalid_gate_up(const MoeGemvTile& t, const MoeShape& s) {
   if (s.hidden / t.ksplit > kMoeDecodeMaxKPart)
     return fmt::format("H / ksplit = {} exceeds {} (a warp's weights stay in registers)", s.hidden / t.ksplit,
                        kMoeDecodeMaxKPart);
-  if (std::string why = why_bad_fp8_part(s, s.hidden / t.ksplit, "H / ksplit"); !why.empty()) return why;
+  if (std::string why = why_misaligned_part(s, s.hidden / t.ksplit, "H / ksplit", fmt::format("ksplit = {}", t.ksplit));
+      !why.empty())
+    return why;
   return {};
 }
 
@@ -111,7 +122,8 @@ std::string why_invalid(const MoeDownTile& t, const MoeShape& s) {
     return fmt::format("max(I, Is) / ksplit = {} exceeds {} (a warp's weights stay in registers)",
                        std::max(s.inter, s.shared_inter) / t.ksplit, kMoeDecodeMaxKPart);
   for (auto [k, what] : {std::pair{s.inter, "I / ksplit"}, {s.shared_inter, "Is / ksplit"}})
-    if (std::string why = why_bad_fp8_part(s, k / t.ksplit, what); !why.empty()) return why;
+    if (std::string why = why_misaligned_part(s, k / t.ksplit, what, fmt::format("ksplit = {}", t.ksplit)); !why.empty())
+      return why;
   if (s.group == kFp8Group && std::max(s.inter, s.shared_inter) / t.ksplit > kMoeDecodeFp8MaxDownPart)
     return fmt::format("FP8: max(I, Is) / ksplit = {} exceeds {} (moe_decode_down's 32-byte FP8 runs and their "
                        "conversion spill beyond it)",

@@ -40,8 +40,8 @@ struct MoeGemvTile {
 };
 constexpr int kMoeGateUpRows = 8;  // h values per gate_up block
 // The most K values one warp of the decode GEMVs takes (its 16 rows' weights held in registers: 8
-// INT4, 16 FP8 or 32 bf16 16-byte vectors per lane); more spill. FP8 parts also start on a 128-k
-// scale block (a multiple or a divisor of 128).
+// INT4, 16 FP8 or 32 bf16 16-byte vectors per lane); more spill. Quantized parts also start on a scale
+// group (a multiple or a divisor of the W4A16 group or of FP8's 128-k block: the tile rules check it).
 constexpr int64_t kMoeDecodeMaxKPart = 512;
 // FP8 moe_decode_down: at most 256 K values per warp (35B, I = 512: ksplit 1 spills 2.5 KB on sm_90a
 // in blocks of (k + 1) * 32 threads; ksplit 2 does not).

@@ -168,8 +168,10 @@ __device__ constexpr int row_bytes() { return int(WeightFormat<GROUP>::bytes(KLE
 //         8 / GPS).
 //   FP8:  as INT4 with one 128-k scale block per step (GPS = 1, TOKENS = 8): lane c's chunk c is 32
 //         e4m3 codes (two 16-byte vectors, weights.cuh Run32), turned into exact bf16 operands; the
-//         step's fp32 block scale is applied once to each D column. A step must lie in one scale
-//         block: k0 a multiple of 128, or KLEN dividing 128 (tiles_moe.cpp checks the FP8 tiles).
+//         step's fp32 block scale is applied once to each D column.
+// A column's chunks must lie in one scale group (W4A16) or block (FP8): KLEN a multiple of the group
+// (so k0 = warp * KLEN starts on one) or a divisor of it (the part lies inside one); tiles_moe.cpp
+// why_misaligned_part refuses other tiles.
 // load() issues every weight load of the warp (KLEN / 32 16-byte vectors per lane over both rows for
 // INT4, twice that for FP8) before any mma; dot() then streams the token vectors through L1.
 template <int GROUP>
@@ -184,9 +186,10 @@ struct WarpRowsVec<kFp8> {  // a 32-value chunk of FP8 codes
 template <int GROUP, int K, int KLEN>
 struct WarpRows16 {
   static_assert(KLEN % 32 == 0 && K % KLEN == 0, "WarpRows16: KLEN must be a multiple of 32 dividing K");
-  static_assert(GROUP != kFp8 || KLEN % 128 == 0 || 128 % KLEN == 0,
-                "WarpRows16: FP8 parts of K must start on a 128-k scale block (KLEN a multiple or a divisor of 128)");
   using F = WeightFormat<GROUP>;
+  static_assert(!F::quantized || KLEN % F::SCALE_K == 0 || F::SCALE_K % KLEN == 0,
+                "WarpRows16: a warp's part of K must start on a scale group (KLEN a multiple or a divisor of the "
+                "W4A16 group or of FP8's 128-k block; autotune/tiles_moe.cpp why_misaligned_part)");
   static constexpr int GPS = GROUP == 0 ? 1 : 128 / F::SCALE_K;  // mma columns per token
   static constexpr int TOKENS = 8 / GPS;                         // tokens per mma column tile
   static constexpr int STEPS = GROUP == 0 ? KLEN / 32 : (KLEN + 127) / 128;

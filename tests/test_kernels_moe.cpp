@@ -193,6 +193,38 @@ TEST_CASE("moe tile validity rules and defaults") {
   CHECK(default_moe_down_tile(big).threads(big.top_k) == 18 * 32);  // 2 warps per routed expert + the shared one
   CHECK(default_moe_gate_up_tile(big).ksplit == 4);
   CHECK(default_moe_gate_up_tile(tiny).ksplit == 4);  // H = 128: 4 parts of 32
+  // A warp's part of K starts on a scale group (WarpRows16 scales each mma column by one group's
+  // scale): a multiple or a divisor of the W4A16 group. H = 3072 in 16 parts of 192 straddles g128
+  // groups (the warp of k 192..383 crosses k = 256); g64 divides 192; g32 takes any part.
+  const MoeShape h3072{3072, 64, 8, 512, 512, 128};
+  CHECK(why_invalid(h3072).empty());
+  CHECK(why_invalid_gate_up(MoeGemvTile{8}, h3072).empty());  // 384 = 3 groups
+  CHECK(why_invalid_gate_up(MoeGemvTile{24}, h3072).empty());  // 128
+  CHECK(why_invalid_gate_up(MoeGemvTile{16}, h3072) ==
+        "W4A16 g128: H / ksplit = 192 is neither a multiple nor a divisor of the scale group of 128 k (ksplit = 16: "
+        "a warp's part of K must start on a scale group)");
+  CHECK(contains(error_of([&] { moe_decode_gate_up_spec(h3072, MoeGemvTile{16}); }),
+                 "moe_decode_gate_up [H = 3072, E = 64, k = 8, I = 512, Is = 512, W4A16 g128]: W4A16 g128: H / ksplit "
+                 "= 192 is neither"));
+  CHECK(why_invalid_gate_up(MoeGemvTile{16}, MoeShape{3072, 64, 8, 512, 512, 64}).empty());
+  CHECK(contains(why_invalid_gate_up(MoeGemvTile{32}, MoeShape{3072, 64, 8, 512, 512, 64}),
+                 "W4A16 g64: H / ksplit = 96 is neither a multiple nor a divisor of the scale group of 64 k (ksplit = 32"));
+  CHECK(why_invalid_gate_up(MoeGemvTile{32}, MoeShape{3072, 64, 8, 512, 512, 32}).empty());
+  CHECK(why_invalid_gate_up(MoeGemvTile{32}, MoeShape{3072, 64, 8, 512, 512, 0}).empty());
+  // down, one routed expert per token (so 16 parts fit in 32 warps): I or Is = 3072 in parts of 192.
+  const MoeShape i3072{2048, 16, 1, 3072, 3072, 128};
+  CHECK(why_invalid(i3072).empty());
+  CHECK(why_invalid(MoeDownTile{16}, i3072) ==
+        "W4A16 g128: I / ksplit = 192 is neither a multiple nor a divisor of the scale group of 128 k (ksplit = 16: a "
+        "warp's part of K must start on a scale group)");
+  CHECK(contains(error_of([&] { moe_decode_down_spec(i3072, MoeDownTile{16}); }),
+                 "moe_decode_down [H = 2048, E = 16, k = 1, I = 3072, Is = 3072, W4A16 g128]: W4A16 g128: I / ksplit"));
+  CHECK(contains(error_of([&] { moe_decode_down_residual_spec(i3072, MoeDownTile{16}); }),
+                 "moe_decode_down_residual [H = 2048"));
+  CHECK(contains(why_invalid(MoeDownTile{16}, MoeShape{2048, 16, 1, 1024, 3072, 128}), "Is / ksplit = 192 is neither"));
+  CHECK(why_invalid(MoeDownTile{8}, i3072).empty());   // 384 = 3 groups
+  CHECK(why_invalid(MoeDownTile{12}, i3072).empty());  // 256
+  CHECK(why_invalid(MoeDownTile{16}, MoeShape{2048, 16, 1, 3072, 3072, 64}).empty());  // 192 = 3 groups of 64
   // down's expert groups each sum their K parts behind a named barrier: at most 15 groups (k <= 14).
   CHECK(contains(why_invalid(MoeDownTile{2}, MoeShape{2048, 256, 15, 512, 512, 128}), "k + 1 = 16 groups exceed 15"));
   CHECK(why_invalid(MoeDownTile{1}, MoeShape{2048, 256, 15, 512, 512, 128}).empty());
