@@ -18,7 +18,12 @@ constexpr int kFp8BlockK = 128;  // k values per fp32 scale
 
 // The exact fp32 values of the four e4m3 codes of x (byte i -> f[i]): NaN for 0x7f / 0xff, signed
 // zeros and subnormals kept.
-//   sm_89+: cvt e4m3x2 -> f16x2 (exact; the low byte goes to the low half), then f16 -> f32.
+//   sm_89+: cvt e4m3x2 -> f16x2 (exact; the low byte goes to the low half), then f16 -> f32. The asm
+//     is volatile so the conversions stay where the source has them, between the (volatile) mmas that
+//     use them: otherwise the compiler schedules every conversion of a WarpRows16 column tile before
+//     its first mma, all operands live at once (35B moe_decode_gate_up ksplit 4 on sm_90a: 245 registers, 2
+//     blocks of 128 threads per SM; volatile: 125, 4 blocks). No other FP8 kernel changes its
+//     registers (gemv_fp8: the same loop, a few address instructions reordered).
 //   below (sm_80, sm_86, and the host test): the code's bits placed into an fp32, sign at bit 31,
 //     exponent and mantissa at bits 20..26, read as 2^-120 times the value (an fp32 subnormal when
 //     the e4m3 exponent is 0, as e4m3's subnormals), times 2^120 (an exact fp32 multiply: no flush to
@@ -26,11 +31,11 @@ constexpr int kFp8BlockK = 128;  // k values per fp32 scale
 __device__ __forceinline__ void e4m3x4_to_f32(u32 x, float (&f)[4]) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
   u32 h01, h23;
-  asm("{\n .reg .b16 lo, hi;\n mov.b32 {lo, hi}, %2;\n cvt.rn.f16x2.e4m3x2 %0, lo;\n cvt.rn.f16x2.e4m3x2 %1, hi;\n}"
+  asm volatile("{\n .reg .b16 lo, hi;\n mov.b32 {lo, hi}, %2;\n cvt.rn.f16x2.e4m3x2 %0, lo;\n cvt.rn.f16x2.e4m3x2 %1, hi;\n}"
       : "=r"(h01), "=r"(h23) : "r"(x));
-  asm("{\n .reg .b16 lo, hi;\n mov.b32 {lo, hi}, %2;\n cvt.f32.f16 %0, lo;\n cvt.f32.f16 %1, hi;\n}"
+  asm volatile("{\n .reg .b16 lo, hi;\n mov.b32 {lo, hi}, %2;\n cvt.f32.f16 %0, lo;\n cvt.f32.f16 %1, hi;\n}"
       : "=f"(f[0]), "=f"(f[1]) : "r"(h01));
-  asm("{\n .reg .b16 lo, hi;\n mov.b32 {lo, hi}, %2;\n cvt.f32.f16 %0, lo;\n cvt.f32.f16 %1, hi;\n}"
+  asm volatile("{\n .reg .b16 lo, hi;\n mov.b32 {lo, hi}, %2;\n cvt.f32.f16 %0, lo;\n cvt.f32.f16 %1, hi;\n}"
       : "=f"(f[2]), "=f"(f[3]) : "r"(h23));
 #else
 #pragma unroll

@@ -236,6 +236,10 @@ TEST_CASE("every FP8 kernel compiles for sm_90a and sm_80 at the fixture and 35B
       if (i < required.size()) {
         CAPTURE(specs[i].str());
         CHECK(bytes == 0);
+        // The grouped gate_up holds a warp's weights in registers: at most 128 keep 4 blocks of 128
+        // threads per SM (the 35B ksplit 4 tile took 245 on sm_90a before its conversions were
+        // ordered, fp8.cuh).
+        if (specs[i].kernel == "moe_decode_gate_up") CHECK(q35::test::registers(out[i]) <= 128);
       } else if (bytes != 0) {
         spilled += fmt::format("\n  {}: {} bytes", specs[i].str(), bytes);
         ++spilled_count;
