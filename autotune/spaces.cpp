@@ -6,6 +6,7 @@
 #include <utility>
 
 #include "runtime/core/error.h"
+#include "runtime/core/weight_format.h"
 
 namespace q35::tune {
 
@@ -47,19 +48,20 @@ bool flag(const json& j, const char* family, const char* key) {
 }  // namespace
 
 const std::vector<std::string>& families() {
-  static const std::vector<std::string> f = {kGemvW4,   kGemvBf16,         kGemm,           kMoeRouter,  kMoeDecode,
-                                             kMoeGemm,  kMoePath,          kAttentionPrefill, kAttentionDecode, kGdnPrefill,
-                                             kGdnRecurrent};
+  static const std::vector<std::string> f = {kGemvW4,    kGemvFp8,   kGemvBf16, kGemm,
+                                             kMoeRouter, kMoeDecode, kMoeGemm,  kMoePath,
+                                             kAttentionPrefill, kAttentionDecode, kGdnPrefill, kGdnRecurrent};
   return f;
 }
 
 std::string dense_signature(int64_t n, int64_t k, int64_t group, bool out_f32) {
-  return fmt::format("N{}_K{}{}_{}", n, k, group ? fmt::format("_G{}", group) : std::string(), out_f32 ? "f32" : "bf16");
+  const std::string format = group == kFp8Group ? "_FP8" : group ? fmt::format("_G{}", group) : std::string();
+  return fmt::format("N{}_K{}{}_{}", n, k, format, out_f32 ? "f32" : "bf16");
 }
 
 std::string moe_signature(const MoeShape& s) {
   return fmt::format("H{}_E{}_K{}_I{}_IS{}_{}", s.hidden, s.experts, s.top_k, s.inter, s.shared_inter,
-                     s.group ? fmt::format("G{}", s.group) : std::string("bf16"));
+                     s.group == kFp8Group ? std::string("FP8") : s.group ? fmt::format("G{}", s.group) : std::string("bf16"));
 }
 
 std::string router_signature(const MoeShape& s) { return fmt::format("H{}_E{}_K{}", s.hidden, s.experts, s.top_k); }
@@ -126,7 +128,7 @@ std::vector<GemmTile> gemm_candidates(int64_t n, int64_t k, int64_t m, bool wgmm
           for (int stages : {3, 4}) {
             if (bm > max_bm) continue;
             GemmTile t{bm, bn, bk, wm, wn, stages};
-            if (why_invalid(t, n, k).empty()) out.push_back(t);
+            if (why_invalid(t, n, k, group).empty()) out.push_back(t);
           }
   return out;
 }
@@ -341,7 +343,7 @@ GdnRecurrentTile gdn_recurrent_from_json(const json& j) {
 
 std::string why_malformed(const std::string& family, const json& config) {
   try {
-    if (family == kGemvW4) w4_gemv_from_json(config, 1);
+    if (family == kGemvW4 || family == kGemvFp8) w4_gemv_from_json(config, 1);
     else if (family == kGemvBf16) gemv_bf16_from_json(config, 1);
     else if (family == kGemm) gemm_from_json(config);
     else if (family == kMoeRouter) moe_router_from_json(config);

@@ -5,8 +5,9 @@
 //
 // family              kernel(s)                              tuned fields              used for M
 // gemv_w4a16          gemv_w4a16 (projections, lm_head)      row_warps k_warps unroll  1..16
+// gemv_fp8            gemv_fp8 (FP8 projections, lm_head)    row_warps k_warps unroll  1..16
 // gemv_bf16           gemv_bf16[_f32] (bf16 weights)         rows_per_warp warps       1..16
-// gemm_bf16           gemm_bf16 (prefill projections)        bm bn bk warps stages     > 16
+// gemm_bf16           gemm_bf16 / gemm_wgmma (prefill)       bm bn bk warps stages     > 16
 // moe_router          moe_router                             m_tile rows warps         all
 // moe_decode          moe_decode_gate_up + moe_decode_down   gate_up_ksplit down_ksplit <= 8
 // moe_gemm            moe_align + the four moe_gemm          block_m/n/k warps         > 8
@@ -17,6 +18,8 @@
 // gdn_prefill         gdn_prologue + gdn_chunk_*             vs prologue tokens/warps  prefill (>= 1)
 // gdn_recurrent       gdn_decode (gdn_recurrent)             rows warps                decode (1)
 //
+// Signatures name the weight format where it changes the kernel: "_G128" (W4A16 g128), "_FP8" (FP8:
+// "FP8" in the MoE signatures), nothing (dense bf16; "bf16" in the MoE ones).
 // The GEMV families take m_tile from M at run time (the smallest power of two >= M, at most 16),
 // so one tuned entry serves every M of its bucket; only the other fields are tuned.
 #include <cstdint>
@@ -34,6 +37,7 @@
 namespace q35::tune {
 
 inline constexpr const char* kGemvW4 = "gemv_w4a16";
+inline constexpr const char* kGemvFp8 = "gemv_fp8";
 inline constexpr const char* kGemvBf16 = "gemv_bf16";
 inline constexpr const char* kGemm = "gemm_bf16";
 inline constexpr const char* kMoeRouter = "moe_router";
@@ -51,8 +55,8 @@ inline constexpr const char* kGdnRecurrent = "gdn_recurrent";
 const std::vector<std::string>& families();
 
 // Shape signatures (keys of a family's map in the tune file).
-std::string dense_signature(int64_t n, int64_t k, int64_t group, bool out_f32);  // "N9216_K2048_G128_bf16"
-std::string moe_signature(const MoeShape& s);                                    // "H2048_E256_K8_I512_IS512_G128"
+std::string dense_signature(int64_t n, int64_t k, int64_t group, bool out_f32);  // "N9216_K2048_G128_bf16", "N9216_K2048_FP8_bf16"
+std::string moe_signature(const MoeShape& s);                                    // "H2048_E256_K8_I512_IS512_G128" / "..._FP8"
 std::string router_signature(const MoeShape& s);                                 // "H2048_E256_K8"
 std::string attention_signature(int64_t hq, int64_t hkv, int64_t d);             // "HQ16_HKV2_D256"
 std::string gdn_signature(const GdnShape& s);                                    // "HK16_HV32_DK128_DV128_KC4"
@@ -76,10 +80,12 @@ struct GdnPrefillConfig {
 };
 
 // ---- candidates (valid for the shape; the default is not necessarily among them) ----
+// group: a W4A16 group or kFp8Group (gemv_fp8 takes the same tiles).
 std::vector<W4GemvTile> w4_gemv_candidates(int64_t n, int64_t k, int64_t group, int64_t m);
 std::vector<GemvTile> gemv_bf16_candidates(int64_t n, int64_t k, int64_t m);
 // wgmma: the Hopper kernel's tiles (sm_90a) instead of the mma.sync ones.
-// group: W4A16 weights dequantized inside the wgmma GEMM (wgmma only; shared memory differs).
+// group: W4A16 weights dequantized inside the wgmma GEMM (wgmma only), or FP8 weights (both kinds);
+// shared memory differs.
 std::vector<GemmTile> gemm_candidates(int64_t n, int64_t k, int64_t m, bool wgmma = false, int group = 0);
 std::vector<MoeRouterTile> moe_router_candidates(const MoeShape& s, int64_t m);
 std::vector<MoeDecodeConfig> moe_decode_candidates(const MoeShape& s);
@@ -114,7 +120,7 @@ nlohmann::json to_json(const AttentionDecodeTile& t);
 nlohmann::json to_json(const GdnPrefillConfig& c);
 nlohmann::json to_json(const GdnRecurrentTile& t);
 
-W4GemvTile w4_gemv_from_json(const nlohmann::json& j, int64_t m);  // m_tile = gemv_m_tile(m)
+W4GemvTile w4_gemv_from_json(const nlohmann::json& j, int64_t m);  // m_tile = gemv_m_tile(m); also gemv_fp8's
 GemvTile gemv_bf16_from_json(const nlohmann::json& j, int64_t m);
 GemmTile gemm_from_json(const nlohmann::json& j);
 MoeRouterTile moe_router_from_json(const nlohmann::json& j);

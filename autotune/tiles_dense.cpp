@@ -6,6 +6,7 @@
 
 #include "autotune/tiles_wgmma.h"
 #include "runtime/core/error.h"
+#include "runtime/core/weight_format.h"
 
 namespace q35 {
 
@@ -19,8 +20,11 @@ constexpr int64_t kW4TargetWarps = 2048;
 
 std::string str(int64_t v) { return std::to_string(v); }
 
-// gemv_w4a16's mma column tiles of 8: one column per (token, group of a 128-k tile).
-int w4_column_tiles(int m_tile, int64_t group) { return int((m_tile * (128 / group) + 7) / 8); }
+// The GEMV's scale groups per 128-k tile: 128 / G for W4A16, 1 for FP8 (a scale per 128-k block).
+int64_t group_slots(int64_t group) { return group == kFp8Group ? 1 : 128 / group; }
+
+// gemv_w4a16's / gemv_fp8's mma column tiles of 8: one column per (token, group of a 128-k tile).
+int w4_column_tiles(int m_tile, int64_t group) { return int((m_tile * group_slots(group) + 7) / 8); }
 
 }  // namespace
 
@@ -34,7 +38,9 @@ WgmmaGemm wgmma_of(const GemmTile& t, int64_t n, int64_t k, bool out_f32, int gr
 }  // namespace
 
 int GemmTile::smem_bytes(int group) const {
-  return wgmma ? wgmma_smem_bytes(group, bm, bn, stages, ws, ksub) : stages * (bm + bn) * bk * 2;
+  if (wgmma) return wgmma_smem_bytes(group, bm, bn, stages, ws, ksub);
+  // FP8: the ring holds the raw codes (1 byte per weight), plus two bf16 B tiles.
+  return group == kFp8Group ? stages * (bm * 2 + bn) * bk + 2 * bn * bk * 2 : stages * (bm + bn) * bk * 2;
 }
 
 std::string why_invalid(const GemmTile& t, int64_t n, int64_t k, int group) {
@@ -43,9 +49,11 @@ std::string why_invalid(const GemmTile& t, int64_t n, int64_t k, int group) {
     return why_invalid(wgmma_of(t, n, k, false, group));
   }
   if (t.ws || t.swap || t.ksub != 1) return "warp specialisation needs a wgmma tile";
-  if (group != 0) return fmt::format("W4A16 g{} weights need a wgmma tile (the mma.sync GEMM reads bf16)", group);
+  if (group != 0 && group != kFp8Group)
+    return fmt::format("W4A16 g{} weights need a wgmma tile (the mma.sync GEMM reads bf16 or FP8)", group);
   if (n <= 0) return fmt::format("N = {} is not positive", n);
   if (k <= 0 || k % 8 != 0) return fmt::format("K = {} is not a positive multiple of 8 (16-byte rows)", k);
+  if (group == kFp8Group && k % 16 != 0) return fmt::format("FP8: K = {} is not a multiple of 16 (16-byte rows)", k);
   if (t.bk != 32 && t.bk != 64 && t.bk != 128) return fmt::format("bk = {} is not 32, 64 or 128", t.bk);
   if (t.warps_m < 1 || t.warps_n < 1 || t.threads() > 1024)
     return fmt::format("warps {} x {} is not a block of 1..32 warps", t.warps_m, t.warps_n);
@@ -53,27 +61,44 @@ std::string why_invalid(const GemmTile& t, int64_t n, int64_t k, int group) {
     return fmt::format("bm = {} is not a multiple of 16 * warps_m = {}", t.bm, 16 * t.warps_m);
   if (t.bn <= 0 || t.bn % (16 * t.warps_n) != 0)
     return fmt::format("bn = {} is not a multiple of 16 * warps_n = {}", t.bn, 16 * t.warps_n);
-  if ((t.bm * t.bk / 8) % t.threads() != 0 || (t.bn * t.bk / 8) % t.threads() != 0)
+  if ((t.bm * t.bk / 8) % t.threads() != 0 || (group == 0 && (t.bn * t.bk / 8) % t.threads() != 0))
     return fmt::format("{} threads do not split the {} x {} and {} x {} tiles into whole 16-byte chunks",
                        t.threads(), t.bm, t.bk, t.bn, t.bk);
   // Accumulators per thread: (bm / warps_m) * (bn / warps_n) / 32 fp32.
   const int acc = t.bm / t.warps_m * t.bn / t.warps_n / 32;
   if (acc > 128) return fmt::format("{} accumulators per thread exceeds 128 (registers)", acc);
+  if (group == kFp8Group) {
+    // Each thread also holds its 16-code chunks of the stage being dequantized and their scales
+    // (the bigger tiles spilled on sm_80, whose conversion takes more registers than sm_89+'s cvt).
+    const int raw = (t.bn * t.bk / 16 + t.threads() - 1) / t.threads();
+    if (raw > 2 || acc + 16 * raw > 144)
+      return fmt::format("FP8: {} accumulators and {} code chunks per thread exceed the registers (at most 2 chunks, "
+                         "accumulators + 16 x chunks <= 144)",
+                         acc, raw);
+  }
   if (t.stages < 2 || t.stages > 8) return fmt::format("stages = {} is not in [2, 8]", t.stages);
-  if (t.smem_bytes() > kMaxDynamicSmem)
-    return fmt::format("{} B of shared memory exceeds {} B", t.smem_bytes(), kMaxDynamicSmem);
+  if (t.smem_bytes(group) > kMaxDynamicSmem)
+    return fmt::format("{} B of shared memory exceeds {} B", t.smem_bytes(group), kMaxDynamicSmem);
   return {};
 }
 
 std::string why_invalid(const W4GemvTile& t, int64_t n, int64_t k, int64_t group) {
   if (n <= 0) return fmt::format("N = {} is not positive", n);
-  if (group != 32 && group != 64 && group != 128) return fmt::format("group size {} is not 32, 64 or 128", group);
-  if (k <= 0 || k % group != 0) return fmt::format("K = {} is not a positive multiple of the group size {}", k, group);
+  if (group == kFp8Group) {
+    if (k <= 0 || k % 64 != 0) return fmt::format("FP8: K = {} is not a positive multiple of 64", k);
+  } else {
+    if (group != 32 && group != 64 && group != 128) return fmt::format("group size {} is not 32, 64 or 128", group);
+    if (k <= 0 || k % group != 0) return fmt::format("K = {} is not a positive multiple of the group size {}", k, group);
+  }
   if (t.m_tile < 1 || t.m_tile > 16) return fmt::format("m_tile = {} is not in [1, 16]", t.m_tile);
   if (t.row_warps < 1 || t.k_warps < 1 || t.row_warps * t.k_warps > 32)
     return fmt::format("row_warps * k_warps = {} * {} is not a block of 1..32 warps", t.row_warps, t.k_warps);
   const int64_t tiles = (k + 127) / 128;
   if (t.k_warps > tiles) return fmt::format("k_warps = {} exceeds the {} 128-k tiles of K = {}", t.k_warps, tiles, k);
+  if (const int most = t.m_tile > 8 ? 8 : 16; group == kFp8Group && t.row_warps * t.k_warps > most)
+    return fmt::format("FP8: {} warps per block at m_tile {} (at most {}: the registers of a thread hold its 32-byte "
+                       "weight runs)",
+                       t.row_warps * t.k_warps, t.m_tile, most);
   if (t.unroll < 1 || t.unroll > 8) return fmt::format("unroll = {} is not in [1, 8]", t.unroll);
   if (t.unroll * w4_column_tiles(t.m_tile, group) > 8)
     return fmt::format("unroll * mma column tiles = {} * {} exceeds 8 (accumulator registers)", t.unroll,
@@ -83,6 +108,12 @@ std::string why_invalid(const W4GemvTile& t, int64_t n, int64_t k, int64_t group
 }
 
 std::string why_invalid(const QuantizeTile& t, int64_t k, int64_t group) {
+  if (group == kFp8Group) {
+    if (k <= 0 || k % 16 != 0) return fmt::format("FP8: K = {} is not a positive multiple of 16", k);
+    if (t.threads < 32 || t.threads > 1024 || t.threads % 32 != 0)
+      return fmt::format("threads = {} is not a multiple of 32 in [32, 1024]", t.threads);
+    return {};
+  }
   if (group <= 0 || group % 8 != 0 || 32 % (group / 8) != 0)
     return fmt::format("group size {} is not 8, 16, 32, 64, 128 or 256", group);
   if (k <= 0 || k % group != 0) return fmt::format("K = {} is not a positive multiple of the group size {}", k, group);
@@ -131,7 +162,8 @@ GemmTile default_gemm_tile(int64_t n, int64_t k, int64_t m, bool wgmma) {
 }
 
 W4GemvTile default_w4_gemv_tile(int64_t n, int64_t k, int64_t group, int m) {
-  if (m < 1 || m > 16) fail("gemv_w4a16: tokens per call m = {} is not in [1, 16]", m);
+  const char* kernel = group == kFp8Group ? "gemv_fp8" : "gemv_w4a16";
+  if (m < 1 || m > 16) fail("{}: tokens per call m = {} is not in [1, 16]", kernel, m);
   W4GemvTile t;
   t.m_tile = 1;
   while (t.m_tile < m) t.m_tile *= 2;
@@ -140,7 +172,8 @@ W4GemvTile default_w4_gemv_tile(int64_t n, int64_t k, int64_t group, int m) {
   // of 2 ran 3.8 us, 8 runs of 4 4.3 us, 4 runs of 8 6.0 us).
   const int64_t tiles = (k + 127) / 128, row_sets = (n + 15) / 16;
   // At most 8 warps (256 threads, 255 registers each) with 4+ mma column tiles (M = 16 at G32).
-  const int max_k_warps = w4_column_tiles(t.m_tile, group) >= 4 ? 8 : 16;
+  // FP8 at m_tile 16: at most 8 warps too (its 32-byte weight runs take twice the registers).
+  const int max_k_warps = w4_column_tiles(t.m_tile, group) >= 4 || (group == kFp8Group && t.m_tile > 8) ? 8 : 16;
   t.k_warps = 1;
   while (t.k_warps < max_k_warps && tiles % (2 * t.k_warps) == 0 && tiles / (2 * t.k_warps) >= 4) t.k_warps *= 2;
   if (row_sets * t.k_warps < kW4TargetWarps && t.k_warps < max_k_warps && tiles % (2 * t.k_warps) == 0)
@@ -156,14 +189,15 @@ W4GemvTile default_w4_gemv_tile(int64_t n, int64_t k, int64_t group, int m) {
   t.row_warps = 1;
   while (t.threads() < 128 && row_sets / (2 * t.row_warps) >= 512) t.row_warps *= 2;
   if (std::string why = why_invalid(t, n, k, group); !why.empty())
-    fail("gemv_w4a16 [N = {}, K = {}, G = {}]: unsupported shape: {}", n, k, group, why);
+    fail("{} [N = {}, K = {}, {}]: unsupported shape: {}", kernel, n, k, weight_format_name(int(group)), why);
   return t;
 }
 
 QuantizeTile default_quantize_tile(int64_t k, int64_t group) {
   QuantizeTile t;
   if (std::string why = why_invalid(t, k, group); !why.empty())
-    fail("quantize_w4 [K = {}, G = {}]: unsupported shape: {}", k, group, why);
+    fail("{} [K = {}, {}]: unsupported shape: {}", group == kFp8Group ? "quantize_fp8" : "quantize_w4", k,
+         weight_format_name(int(group)), why);
   return t;
 }
 
@@ -179,10 +213,11 @@ SampleTile default_sample_tile(int64_t vocab) {
 KernelSpec gemm_bf16_spec(int64_t n, int64_t k, const GemmTile& t, bool out_f32, int group) {
   if (t.wgmma) return wgmma_gemm_spec(wgmma_of(t, n, k, out_f32, group));
   if (std::string why = why_invalid(t, n, k, group); !why.empty())
-    fail("gemm_bf16 [N = {}, K = {}]: invalid tile: {}", n, k, why);
+    fail("gemm_bf16 [N = {}, K = {}, {}]: invalid tile: {}", n, k, weight_format_name(group), why);
   return {"gemm_bf16",
           "gemm_bf16",
-          {{"N", str(n)},
+          {{"GROUP", str(group)},
+           {"N", str(n)},
            {"K", str(k)},
            {"BM", str(t.bm)},
            {"BN", str(t.bn)},
@@ -194,6 +229,7 @@ KernelSpec gemm_bf16_spec(int64_t n, int64_t k, const GemmTile& t, bool out_f32,
 }
 
 KernelSpec gemv_w4a16_spec(int64_t n, int64_t k, int64_t group, const W4GemvTile& t, bool out_f32) {
+  if (group == kFp8Group) fail("gemv_w4a16 [N = {}, K = {}]: FP8 weights take gemv_fp8", n, k);
   if (std::string why = why_invalid(t, n, k, group); !why.empty())
     fail("gemv_w4a16 [N = {}, K = {}, G = {}]: invalid tile: {}", n, k, group, why);
   return {"gemv_w4a16",
@@ -212,6 +248,28 @@ KernelSpec gemv_w4a16_residual_spec(int64_t n, int64_t k, int64_t group, const W
   KernelSpec spec = gemv_w4a16_spec(n, k, group, t);
   if (n % 4 != 0) fail("gemv_w4a16_residual [N = {}, K = {}, G = {}]: N must be a multiple of 4", n, k, group);
   spec.kernel = "gemv_w4a16_residual";
+  spec.args.pop_back();  // OUT_F32: the output is the fp32 residual stream
+  return spec;
+}
+
+KernelSpec gemv_fp8_spec(int64_t n, int64_t k, const W4GemvTile& t, bool out_f32) {
+  if (std::string why = why_invalid(t, n, k, kFp8Group); !why.empty())
+    fail("gemv_fp8 [N = {}, K = {}]: invalid tile: {}", n, k, why);
+  return {"gemv_fp8",
+          "gemv_fp8",
+          {{"N", str(n)},
+           {"K", str(k)},
+           {"M_TILE", str(t.m_tile)},
+           {"ROW_WARPS", str(t.row_warps)},
+           {"K_WARPS", str(t.k_warps)},
+           {"UNROLL", str(t.unroll)},
+           {"OUT_F32", out_f32 ? "true" : "false"}}};
+}
+
+KernelSpec gemv_fp8_residual_spec(int64_t n, int64_t k, const W4GemvTile& t) {
+  KernelSpec spec = gemv_fp8_spec(n, k, t);
+  if (n % 4 != 0) fail("gemv_fp8_residual [N = {}, K = {}]: N must be a multiple of 4", n, k);
+  spec.kernel = "gemv_fp8_residual";
   spec.args.pop_back();  // OUT_F32: the output is the fp32 residual stream
   return spec;
 }
@@ -242,6 +300,18 @@ KernelSpec quantize_w4_spec(int64_t k, int64_t group, const QuantizeTile& t) {
 
 KernelSpec dequantize_w4_spec(int64_t k, int64_t group, const QuantizeTile& t) {
   return quantize_family_spec("dequantize_w4", k, group, t);
+}
+
+KernelSpec quantize_fp8_spec(int64_t k, const QuantizeTile& t) {
+  if (std::string why = why_invalid(t, k, kFp8Group); !why.empty())
+    fail("quantize_fp8 [K = {}]: invalid tile: {}", k, why);
+  return {"quantize_fp8", "quantize_fp8", {{"K", str(k)}, {"WARPS", str(t.threads / 32)}}};
+}
+
+KernelSpec dequantize_fp8_spec(int64_t k, const QuantizeTile& t) {
+  if (std::string why = why_invalid(t, k, kFp8Group); !why.empty())
+    fail("dequantize_fp8 [K = {}]: invalid tile: {}", k, why);
+  return {"quantize_fp8", "dequantize_fp8", {{"K", str(k)}, {"THREADS", str(t.threads)}}};
 }
 
 KernelSpec argmax_spec(int64_t vocab, const SampleTile& t) {

@@ -1,8 +1,10 @@
 #pragma once
-// Tile configurations of the dense-projection kernels (bf16 GEMM, W4A16 GEMV, INT4 quantize /
-// dequantize, argmax and sampling over the logits): the template parameters beyond the shapes,
-// the rule that says whether a config is valid for a shape, a heuristic default per (shape, M), and
-// the KernelSpec naming the instantiation. Shapes: y[M, N] = x[M, K] . W[N, K]^T.
+// Tile configurations of the dense-projection kernels (bf16 / FP8 GEMM, W4A16 and FP8 GEMV, INT4
+// and FP8 quantize / dequantize, argmax and sampling over the logits): the template parameters
+// beyond the shapes, the rule that says whether a config is valid for a shape, a heuristic default
+// per (shape, M), and the KernelSpec naming the instantiation. Shapes: y[M, N] = x[M, K] . W[N, K]^T.
+// Weight formats are named by `group` (runtime/core/weight_format.h: 0 bf16, 32 / 64 / 128 W4A16,
+// kFp8Group FP8).
 #include <cstdint>
 #include <string>
 
@@ -10,11 +12,12 @@
 
 namespace q35 {
 
-// kernel_templates/gemm_bf16.cuh: gemm_bf16<N, K, BM, BN, BK, WARPS_M, WARPS_N, STAGES, OUT_F32>;
-// grid (ceil(M / bm), ceil(N / bn)), block 32 * warps_m * warps_n, dynamic smem smem_bytes().
+// kernel_templates/gemm_bf16.cuh: gemm_bf16<GROUP, N, K, BM, BN, BK, WARPS_M, WARPS_N, STAGES, OUT_F32>
+// (GROUP: bf16 or FP8 weights, the latter dequantized in its main loop); grid (ceil(M / bm),
+// ceil(N / bn)), block 32 * warps_m * warps_n, dynamic smem smem_bytes(group).
 // wgmma (sm_90a only): kernel_templates/wgmma_gemm.cuh gemm_wgmma instead (autotune/tiles_wgmma.h):
 // warps_m x warps_n are then warpgroups of 4 warps (bm = 64 * warps_m), bk = 64, grid
-// (ceil(N / bn), ceil(M / bm)); W4A16 weights are dequantized inside its main loop.
+// (ceil(N / bn), ceil(M / bm)); W4A16 and FP8 weights are dequantized inside its main loop.
 struct GemmTile {
   int bm = 128, bn = 128, bk = 32;  // block tile (rows of x, rows of W, K step)
   int warps_m = 2, warps_n = 4;     // warp grid; a warp owns (bm / warps_m) x (bn / warps_n)
@@ -24,14 +27,16 @@ struct GemmTile {
   bool swap = false;                // ws: weights x rows, bm = 8..64 rows, bn = 64 * warps_n weight rows
   int ksub = 1;                     // swap: 64-k steps per pipeline stage
   int threads() const { return 32 * warps_m * warps_n * (wgmma ? 4 : 1) + (ws ? 128 : 0); }
-  // Dynamic shared memory with weights of `group` (0 = bf16; W4A16 only with wgmma).
+  // Dynamic shared memory with weights of `group` (0 = bf16, kFp8Group; W4A16 only with wgmma).
   int smem_bytes(int group = 0) const;
 };
 
 // kernel_templates/gemv_w4a16.cuh: gemv_w4a16<N, K, G, M_TILE, ROW_WARPS, K_WARPS, UNROLL, OUT_F32>;
+// the FP8 GEMV (gemv_fp8.cuh: gemv_fp8<N, K, M_TILE, ...>, the same body) takes the same tile.
 // grid (ceil(N / rows_per_block), ceil(T / m_tile)), block 32 * row_warps * k_warps.
 // A warp owns 16 rows of W (one mma.m16n8k16 A tile); the k_warps warps of a row set split K's
-// 128-k tiles into contiguous runs (reduced in shared memory); `unroll` tiles are loaded at once.
+// 128-k tiles into contiguous runs (reduced in shared memory); `unroll` tiles are loaded at once
+// (2 x 16 B per lane each for W4A16, 2 x 32 B for FP8).
 struct W4GemvTile {
   int m_tile = 1;     // tokens per block (1..16)
   int row_warps = 1;  // warps side by side over rows, 16 rows each
@@ -42,6 +47,9 @@ struct W4GemvTile {
 };
 // kernel_templates/quantize_w4.cuh: quantize_w4<K, G, THREADS> and dequantize_w4<K, G, THREADS>;
 // one thread per 8 values (one qweight word); grid ceil(rows * K / 8 / threads).
+// kernel_templates/quantize_fp8.cuh (group kFp8Group): quantize_fp8<K, WARPS = threads / 32>, one warp
+// per (row, 128-k block), grid ceil(rows * ceil(K / 128) / (threads / 32)); dequantize_fp8<K, THREADS>,
+// one thread per 16 codes, grid ceil(rows * K / 16 / threads).
 struct QuantizeTile {
   int threads = 256;
 };
@@ -54,7 +62,7 @@ struct SampleTile {
 };
 
 // Empty when valid, else why not.
-// group: the weights' W4A16 group (0 = bf16); W4A16 weights need a wgmma tile.
+// group: the weights' format (0 = bf16, W4A16 group, kFp8Group); W4A16 weights need a wgmma tile.
 std::string why_invalid(const GemmTile& tile, int64_t n, int64_t k, int group = 0);
 std::string why_invalid(const W4GemvTile& tile, int64_t n, int64_t k, int64_t group);
 std::string why_invalid(const QuantizeTile& tile, int64_t k, int64_t group);
@@ -77,15 +85,21 @@ SampleTile default_sample_tile(int64_t vocab);
 
 // The instantiations; Error naming the family, shape and reason when the tile is invalid.
 // out_f32: fp32 output (logits) instead of bf16.
-// A wgmma tile names gemm_wgmma with weights of `group` (0 = bf16); an mma.sync tile needs group 0.
+// A wgmma tile names gemm_wgmma with weights of `group` (0 = bf16); an mma.sync tile needs group 0
+// or kFp8Group.
 KernelSpec gemm_bf16_spec(int64_t n, int64_t k, const GemmTile& tile, bool out_f32 = false, int group = 0);
 KernelSpec gemv_w4a16_spec(int64_t n, int64_t k, int64_t group, const W4GemvTile& tile, bool out_f32 = false);
 // gemv_w4a16_residual: the same GEMV with the decode residual add + RMSNorm epilogue (n = hidden size,
 // a multiple of 4).
 KernelSpec gemv_w4a16_residual_spec(int64_t n, int64_t k, int64_t group, const W4GemvTile& tile);
+// kernel_templates/gemv_fp8.cuh: gemv_fp8 and gemv_fp8_residual (validity: why_invalid with kFp8Group).
+KernelSpec gemv_fp8_spec(int64_t n, int64_t k, const W4GemvTile& tile, bool out_f32 = false);
+KernelSpec gemv_fp8_residual_spec(int64_t n, int64_t k, const W4GemvTile& tile);
 // kernel_templates/gemv_bf16.cuh: gemv_bf16_f32 (fp32 output: the bf16 lm_head); tile as in tile_config.h.
 KernelSpec gemv_bf16_f32_spec(int64_t n, int64_t k, int m_tile, int rows_per_warp, int warps);
 KernelSpec quantize_w4_spec(int64_t k, int64_t group, const QuantizeTile& tile);
+KernelSpec quantize_fp8_spec(int64_t k, const QuantizeTile& tile);
+KernelSpec dequantize_fp8_spec(int64_t k, const QuantizeTile& tile);
 KernelSpec dequantize_w4_spec(int64_t k, int64_t group, const QuantizeTile& tile);
 KernelSpec argmax_spec(int64_t vocab, const SampleTile& tile);
 KernelSpec sample_spec(int64_t vocab, const SampleTile& tile);

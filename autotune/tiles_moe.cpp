@@ -7,6 +7,7 @@
 
 #include "autotune/tiles_wgmma.h"
 #include "runtime/core/error.h"
+#include "runtime/core/weight_format.h"
 
 namespace q35 {
 
@@ -14,7 +15,8 @@ namespace {
 
 constexpr int kStaticSmemLimit = 48 * 1024;  // bytes of static shared memory per block
 
-// warp_rows_dot (moe.cuh) spreads a row of K values over min(C, 32) lanes, C = 16-byte vectors per row.
+// warp_rows_dot (moe.cuh) spreads a row of K values over min(C, 32) lanes, C = 16-byte vectors per row
+// (bf16); the quantized rows are read in runs of 32 values (WarpRows16).
 std::string why_bad_row(int64_t k, int group, const char* what) {
   const int vals = group == 0 ? 8 : 32;
   if (k <= 0 || k % vals != 0) return fmt::format("{} = {} is not a positive multiple of {}", what, k, vals);
@@ -24,9 +26,28 @@ std::string why_bad_row(int64_t k, int group, const char* what) {
   return {};
 }
 
+// The grouped decode GEMVs (WarpRows16, moe.cuh): warp w of a block takes k in [w * part, (w + 1) *
+// part) in 128-k steps from its start; in a step, each mma column sums one scale group's chunks (W4A16:
+// the group, 128 / group columns per token; FP8: the 128-k block, one) and is scaled by that group's
+// scale, so a part must start on a group: a multiple of the group (every warp's start is then on one),
+// or a divisor of it (each part lies inside one group). W4A16 g32 and bf16 take any part (a multiple of
+// 32); W4A16 g64 / g128 and FP8 are checked. `tile` names the tile ("ksplit = 4").
+std::string why_misaligned_part(const MoeShape& s, int64_t part, const char* what, const std::string& tile) {
+  const int64_t scale_k = s.group == kFp8Group ? 128 : s.group;
+  if (scale_k <= 32 || part % scale_k == 0 || scale_k % part == 0) return {};
+  return fmt::format("{}: {} = {} is neither a multiple nor a divisor of the {} ({}: a warp's part of K must start "
+                     "on a scale {})",
+                     s.group == kFp8Group ? std::string("FP8") : fmt::format("W4A16 g{}", s.group), what, part,
+                     s.group == kFp8Group ? std::string("128-k scale block") : fmt::format("scale group of {} k", scale_k),
+                     tile, s.group == kFp8Group ? "block" : "group");
+}
+
 std::string describe(const MoeShape& s) {
   return fmt::format("H = {}, E = {}, k = {}, I = {}, Is = {}, {}", s.hidden, s.experts, s.top_k, s.inter,
-                     s.shared_inter, s.group == 0 ? std::string("bf16") : fmt::format("W4A16 g{}", s.group));
+                     s.shared_inter,
+                     s.group == 0           ? std::string("bf16")
+                     : s.group == kFp8Group ? std::string("FP8")
+                                            : fmt::format("W4A16 g{}", s.group));
 }
 
 void require_valid(const std::string& why, const char* kernel, const MoeShape& s) {
@@ -48,14 +69,15 @@ const char* name(MoeGemm g) {
 }
 
 std::string why_invalid(const MoeShape& s) {
-  if (s.group != 0 && s.group != 32 && s.group != 64 && s.group != 128)
-    return fmt::format("weight group {} is not 0 (bf16), 32, 64 or 128", s.group);
+  if (s.group != 0 && s.group != 32 && s.group != 64 && s.group != 128 && s.group != kFp8Group)
+    return fmt::format("weight group {} is not 0 (bf16), 32, 64, 128 or kFp8Group", s.group);
   if (s.experts < 1 || s.experts > 1024) return fmt::format("E = {} is not in [1, 1024]", s.experts);
   if (s.top_k < 1 || s.top_k > std::min<int64_t>(s.experts, 32))
     return fmt::format("k = {} is not in [1, min(E, 32)]", s.top_k);
   if (s.inter <= 0 || s.shared_inter <= 0) return fmt::format("I = {} and Is = {} must be positive", s.inter, s.shared_inter);
   for (auto [k, what] : {std::pair{s.hidden, "H"}, {s.inter, "I"}, {s.shared_inter, "Is"}}) {
-    if (s.group != 0 && k % s.group != 0) return fmt::format("{} = {} is not a multiple of the group {}", what, k, s.group);
+    if (s.group > 0 && k % s.group != 0) return fmt::format("{} = {} is not a multiple of the group {}", what, k, s.group);
+    if (s.group == kFp8Group && k % 64 != 0) return fmt::format("FP8: {} = {} is not a multiple of 64", what, k);
     if (std::string why = why_bad_row(k, s.group, what); !why.empty()) return why;
   }
   if (std::string why = why_bad_row(s.hidden, 0, "H (router)"); !why.empty()) return why;
@@ -83,6 +105,9 @@ std::string why_invalid_gate_up(const MoeGemvTile& t, const MoeShape& s) {
   if (s.hidden / t.ksplit > kMoeDecodeMaxKPart)
     return fmt::format("H / ksplit = {} exceeds {} (a warp's weights stay in registers)", s.hidden / t.ksplit,
                        kMoeDecodeMaxKPart);
+  if (std::string why = why_misaligned_part(s, s.hidden / t.ksplit, "H / ksplit", fmt::format("ksplit = {}", t.ksplit));
+      !why.empty())
+    return why;
   return {};
 }
 
@@ -96,6 +121,13 @@ std::string why_invalid(const MoeDownTile& t, const MoeShape& s) {
   if (std::max(s.inter, s.shared_inter) / t.ksplit > kMoeDecodeMaxKPart)
     return fmt::format("max(I, Is) / ksplit = {} exceeds {} (a warp's weights stay in registers)",
                        std::max(s.inter, s.shared_inter) / t.ksplit, kMoeDecodeMaxKPart);
+  for (auto [k, what] : {std::pair{s.inter, "I / ksplit"}, {s.shared_inter, "Is / ksplit"}})
+    if (std::string why = why_misaligned_part(s, k / t.ksplit, what, fmt::format("ksplit = {}", t.ksplit)); !why.empty())
+      return why;
+  if (s.group == kFp8Group && std::max(s.inter, s.shared_inter) / t.ksplit > kMoeDecodeFp8MaxDownPart)
+    return fmt::format("FP8: max(I, Is) / ksplit = {} exceeds {} (moe_decode_down's 32-byte FP8 runs and their "
+                       "conversion spill beyond it)",
+                       std::max(s.inter, s.shared_inter) / t.ksplit, kMoeDecodeFp8MaxDownPart);
   if (t.ksplit > 1 && s.top_k + 1 > 15)
     return fmt::format("ksplit = {} needs a named barrier per expert group: k + 1 = {} groups exceed 15", t.ksplit,
                        s.top_k + 1);
@@ -155,16 +187,19 @@ std::string why_invalid(const MoeGemmTile& t, const MoeShape& s, MoeGemm g) {
   if (t.block_m % (16 * t.warps_m) != 0 || t.block_n % (16 * t.warps_n) != 0)
     return fmt::format("block {} x {} does not split into {} x {} warp tiles of multiples of 16 x 16", t.block_m,
                        t.block_n, t.warps_m, t.warps_n);
-  if (t.block_k < 16 || t.block_k % (s.group == 0 ? 16 : 32) != 0)
-    return fmt::format("block_k = {} is not a positive multiple of {}", t.block_k, s.group == 0 ? 16 : 32);
+  const int step = s.group > 0 ? 32 : 16;  // INT4: whole 32-value vectors
+  if (t.block_k < 16 || t.block_k % step != 0)
+    return fmt::format("block_k = {} is not a positive multiple of {}", t.block_k, step);
   if (n % t.block_n != 0) return fmt::format("{}: N = {} is not a multiple of block_n = {}", name(g), n, t.block_n);
   if (k % t.block_k != 0) return fmt::format("{}: K = {} is not a multiple of block_k = {}", name(g), k, t.block_k);
-  const int vals = s.group == 0 ? 8 : 32;
+  const int vals = s.group == 0 ? 8 : s.group == kFp8Group ? 16 : 32;  // weights per 16-byte B vector
   if (t.block_m * t.block_k / 8 % t.threads() != 0 || t.block_n * t.block_k / vals % t.threads() != 0)
     return fmt::format("tiles {} x {} and {} x {} do not split into 16-byte vectors over {} threads", t.block_m,
                        t.block_k, t.block_n, t.block_k, t.threads());
   const int acc = t.block_m / t.warps_m * t.block_n / t.warps_n / 32;
   if (acc > 128) return fmt::format("{} fp32 accumulators per thread exceeds 128 (registers)", acc);
+  if (const int b = t.block_n * t.block_k / vals / t.threads(); s.group == kFp8Group && b > 4)
+    return fmt::format("FP8: {} B vectors in flight per thread exceeds 4 (registers)", b);
   if (t.smem_bytes(s.group) > kStaticSmemLimit)
     return fmt::format("{} B of shared memory exceeds {} B", t.smem_bytes(s.group), kStaticSmemLimit);
   return {};
@@ -232,7 +267,11 @@ MoeGemmTile default_moe_gemm_tile(const MoeShape& s, bool hopper, int64_t tokens
     // default: H200 g128 T = 4096, rs 256x128 st6 persistent 1013-1036 us per layer against
     // 1028-1047 for this tile in the same runs (1-1.5%), but ptxas takes ~10 s per rs GEMM, which
     // made a cold start 17 s instead of 7 (2026-12-03).
-    if (MoeGemmTile t{128, 256, 64, 2, 1, 4, true, true, false, 1, true}; tokens >= 3072 && s.group != 0 && valid(t))
+    // FP8 (not measured yet): the warp-specialised tile like W4A16, not persistent (its producer
+    // spills there), 3 stages (4 rings of 64-byte raw rows do not fit beside the bf16 tiles).
+    if (MoeGemmTile t{128, 256, 64, 2, 1, 4, true, true, false, 1, true}; tokens >= 3072 && s.group > 0 && valid(t))
+      return t;
+    if (MoeGemmTile t{128, 256, 64, 2, 1, 3, true, true}; tokens >= 3072 && s.group == kFp8Group && valid(t))
       return t;
     if (tokens >= 3072 && valid(MoeGemmTile{128, 256, 64, 2, 1, 4, true})) return MoeGemmTile{128, 256, 64, 2, 1, 4, true};
     for (MoeGemmTile t : {MoeGemmTile{64, 128, 64, 1, 2, 4, true}, MoeGemmTile{64, 64, 64, 1, 2, 4, true},

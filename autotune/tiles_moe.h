@@ -17,7 +17,8 @@ struct MoeShape {
   int64_t top_k = 0;         // k
   int64_t inter = 0;         // I, routed expert intermediate size
   int64_t shared_inter = 0;  // Is, shared expert intermediate size
-  int group = 0;             // weight format of the experts and the shared expert: 0 = bf16, else W4A16 group
+  int group = 0;             // weight format of the experts and the shared expert (runtime/core/weight_format.h):
+                             // 0 = bf16, 32 / 64 / 128 = W4A16 group, kFp8Group = FP8
 };
 
 // moe_router<H, E, TOPK, M_TILE, ROWS, WARPS>; grid (ceil((E / rows_per_warp + 1) / warps), ceil(T / m_tile)).
@@ -39,8 +40,12 @@ struct MoeGemvTile {
 };
 constexpr int kMoeGateUpRows = 8;  // h values per gate_up block
 // The most K values one warp of the decode GEMVs takes (its 16 rows' weights held in registers: 8
-// INT4 or 32 bf16 16-byte vectors per lane); more spill.
+// INT4, 16 FP8 or 32 bf16 16-byte vectors per lane); more spill. Quantized parts also start on a scale
+// group (a multiple or a divisor of the W4A16 group or of FP8's 128-k block: the tile rules check it).
 constexpr int64_t kMoeDecodeMaxKPart = 512;
+// FP8 moe_decode_down: at most 256 K values per warp (35B, I = 512: ksplit 1 spills 2.5 KB on sm_90a
+// in blocks of (k + 1) * 32 threads; ksplit 2 does not).
+constexpr int64_t kMoeDecodeFp8MaxDownPart = 256;
 
 // moe_decode_down<GROUP, H, I, IS, E, TOPK, KSPLIT>; grid (H / kMoeDownRows). A block's 16 output rows
 // are one mma tile for every token; (k + 1) * ksplit warps: k + 1 groups taking the touched experts in

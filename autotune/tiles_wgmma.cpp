@@ -5,13 +5,14 @@
 #include <algorithm>
 
 #include "runtime/core/error.h"
+#include "runtime/core/weight_format.h"
 
 namespace q35 {
 
 int wgmma_ws_bf16_tiles(int stages) { return stages <= 4 ? stages : stages == 5 ? 3 : 2; }
 
 int wgmma_smem_bytes(int group, int bm, int bn, int stages, bool ws, int ksub) {
-  const int a = bm * 128, raw = group == 0 ? 0 : bn * 32;
+  const int a = bm * 128, raw = group == 0 ? 0 : group == kFp8Group ? bn * 64 : bn * 32;
   if (ws)
     return 1024 + stages * ksub * (a + (group == 0 ? bn * 128 : raw)) +
            (group == 0 ? 0 : wgmma_ws_bf16_tiles(stages) * bn * 128) + stages * 16;
@@ -24,7 +25,9 @@ int wgmma_rs_smem_bytes(int bm, int bn, int stages) {
 
 namespace {
 std::string why_invalid_rs(const WgmmaGemm& g) {
-  if (g.group == 0) return "register-sourced weights (rs) are W4A16 only";
+  if (g.group <= 0)
+    return fmt::format("register-sourced weights (rs) are W4A16 only, not {} (the shared-memory tiles read bf16 and FP8)",
+                       weight_format_name(g.group));
   if (!g.ws || !g.swap || g.ksub != 1 || g.wgm != 1)
     return "register-sourced weights (rs): warp-specialised and swapped, wgm 1, ksub 1";
   if (g.wgn != 1 && g.wgn != 2) return fmt::format("rs: wgn = {} consumer warpgroups is not 1 or 2", g.wgn);
@@ -44,11 +47,13 @@ std::string why_invalid_rs(const WgmmaGemm& g) {
 }  // namespace
 
 std::string why_invalid(const WgmmaGemm& g) {
-  if (g.group != 0 && g.group != 32 && g.group != 64 && g.group != 128)
-    return fmt::format("weight group {} is not 0 (bf16), 32, 64 or 128", g.group);
+  if (g.group != 0 && g.group != 32 && g.group != 64 && g.group != 128 && g.group != kFp8Group)
+    return fmt::format("weight group {} is not 0 (bf16), 32, 64, 128 or kFp8Group", g.group);
   if (g.n <= 0 || g.n % 8 != 0) return fmt::format("N = {} is not a positive multiple of 8", g.n);
   if (g.k <= 0 || g.k % 8 != 0) return fmt::format("K = {} is not a positive multiple of 8", g.k);
-  if (g.group != 0 && (g.k % kWgmmaBlockK != 0 || g.k % g.group != 0))
+  if (g.group == kFp8Group && g.k % kWgmmaBlockK != 0)
+    return fmt::format("FP8: K = {} is not a multiple of 64", g.k);
+  if (g.group > 0 && (g.k % kWgmmaBlockK != 0 || g.k % g.group != 0))
     return fmt::format("W4A16: K = {} is not a multiple of 64 and of the group {}", g.k, g.group);
   if (g.topk < 1) return fmt::format("topk = {} is not positive", g.topk);
   if (g.rs) return why_invalid_rs(g);
@@ -69,8 +74,8 @@ std::string why_invalid(const WgmmaGemm& g) {
   } else if (g.bm != 64 * g.wgm) {
     return fmt::format("bm = {} is not 64 * wgm = {}", g.bm, 64 * g.wgm);
   }
-  if (g.persist && (!g.ws || g.swap || g.group == 0))
-    return "persistent: the warp-specialised, not swapped, W4A16 form only (the bf16 producer's per-chunk "
+  if (g.persist && (!g.ws || g.swap || g.group <= 0))
+    return "persistent: the warp-specialised, not swapped, W4A16 form only (the bf16 and FP8 producers' per-chunk "
            "state leaves no registers for the tile loop)";
   const int wtn = g.bn % g.wgn == 0 ? g.bn / g.wgn : 0;
   if (wtn != 32 && wtn != 64 && wtn != 128 && wtn != 256)
@@ -93,7 +98,8 @@ std::string why_invalid(const WgmmaGemm& g) {
 KernelSpec wgmma_gemm_spec(const WgmmaGemm& g) {
   if (std::string why = why_invalid(g); !why.empty())
     fail("gemm_wgmma [N = {}, K = {}, {}]: invalid config: {}", g.n, g.k,
-         g.group == 0 ? std::string("bf16") : fmt::format("W4A16 g{}", g.group), why);
+         g.group == 0 ? std::string("bf16") : g.group == kFp8Group ? std::string("FP8") : fmt::format("W4A16 g{}", g.group),
+         why);
   auto b = [](bool v) { return std::string(v ? "true" : "false"); };
   auto s = [](int64_t v) { return std::to_string(v); };
   // The arguments both kernels take, then each one's own.

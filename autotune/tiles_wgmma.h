@@ -16,7 +16,7 @@ namespace q35 {
 // swap (ws only, for few rows, e.g. the MoE's tokens per expert): the weights are wgmma's M side,
 // 64 rows per consumer warpgroup (bn = 64 * wgn, wgm = 1), the bm = 8..64 rows of A its N side.
 struct WgmmaGemm {
-  int group = 0;             // 0: bf16 weights, else W4A16 group 32 / 64 / 128
+  int group = 0;             // 0: bf16 weights, W4A16 group 32 / 64 / 128, or kFp8Group (FP8)
   int64_t n = 0, k = 0;      // W [n, k] (per expert)
   int64_t topk = 1;          // routed gate|up: A row = sorted pair / topk
   bool gate_up = false, routed = false, out_f32 = false;
@@ -40,10 +40,12 @@ struct WgmmaGemm {
 constexpr int kWgmmaBlockK = 64;              // K step: one 128-byte swizzled row of bf16
 constexpr int kWgmmaMaxSmem = 227 * 1024;     // dynamic shared memory a block may opt into on sm_90
 // Bytes of dynamic shared memory: 1 KiB alignment slack, then
-//   plain: `stages` x (A tile + B tile, or the raw INT4 B tile), and for INT4 three bf16 B tiles;
-//   ws:    `stages` x ksub x (A tile + bf16 B tile, or the raw INT4 B tile), for INT4
+//   plain: `stages` x (A tile + B tile, or the raw INT4 / FP8 B tile), and for INT4 / FP8 three bf16
+//          B tiles;
+//   ws:    `stages` x ksub x (A tile + bf16 B tile, or the raw INT4 / FP8 B tile), for INT4 / FP8
 //          wgmma_ws_bf16_tiles(stages) bf16 B tiles, and 2 mbarriers per stage.
-// The bf16 B tiles of the warp-specialised W4A16 form: `stages` up to 4, then 3 (5 stages), 2 (more).
+// A raw B tile is bn x 32 bytes per 64-k step for INT4, bn x 64 for FP8.
+// The bf16 B tiles of the warp-specialised W4A16 / FP8 form: `stages` up to 4, then 3 (5 stages), 2 (more).
 int wgmma_ws_bf16_tiles(int stages);
 int wgmma_smem_bytes(int group, int bm, int bn, int stages, bool ws = false, int ksub = 1);
 // gemm_wgmma_rs: 1 KiB alignment slack, `stages` x (bm token rows x 128 B + bn raw rows x 32 B + bn

@@ -36,6 +36,7 @@
 #include "models/qwen35/tune_ops.h"
 #include "models/qwen35/weights.h"
 #include "runtime/core/error.h"
+#include "runtime/core/weight_format.h"
 #include "runtime/cuda/driver.h"
 #include "runtime/cuda/kernel_trace.h"
 #include "runtime/io/safetensors.h"
@@ -53,7 +54,7 @@ using qwen35::GpuModelOptions;
 const std::vector<FlagSpec> kBenchFlags = {
     {"model", "DIR", "checkpoint folder"},
     {"synthetic", "NAME", "random weights of a published model's shapes instead: 35b-a3b, 122b-a10b, 397b-a17b"},
-    {"quant", "bf16|w4a16", "weight format (default w4a16)"},
+    {"quant", "bf16|w4a16|fp8", "weight format (default w4a16)"},
     {"group-size", "G", "W4A16 group size (default 128, or the largest dividing every K)"},
     {"prefill", "LIST", "prompt lengths to time, comma-separated (default 128,512,1024,2048,4096)"},
     {"decode-contexts", "LIST", "contexts to time decode at, comma-separated (default 128,1024,4096,16384)"},
@@ -468,8 +469,8 @@ int cmd_bench(int argc, char** argv) {
   const std::optional<ModelInfo>& info = src.info;
   const qwen35::Config& config = src.config;
   const WeightChoice w = weight_choice(args, config, src.dir());
-  const int group = w.group;  // 0 for bf16
-  const std::string weights = group ? fmt::format("w4a16 g{}", group) : "bf16";
+  const int group = w.group;  // the kernels' format code: 0 bf16, W4A16 group, kFp8Group
+  const std::string weights = weight_format_name(group);
   if (info) {  // headers only: a bad checkpoint fails before any timing
     Checkpoint ckpt(info->dir);
     if (w.prequantized)

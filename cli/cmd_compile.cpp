@@ -13,6 +13,7 @@
 #include "models/qwen35/gpu/moe.h"
 #include "models/qwen35/kernels.h"
 #include "runtime/core/error.h"
+#include "runtime/core/weight_format.h"
 #include "runtime/cuda/driver.h"
 #include "runtime/jit/jit_engine.h"
 
@@ -25,7 +26,7 @@ const std::vector<FlagSpec> kCompileFlags = {
     {"synthetic", "NAME", "a published model's shapes instead: 35b-a3b, 122b-a10b, 397b-a17b"},
     {"arch", "ARCH", "target, e.g. sm_90a or sm_80 (default: the GPU's, else sm_90a)"},
     {"threads", "N", "parallel NVRTC compiles (default: hardware threads)"},
-    {"quant", "bf16|w4a16", "weight format the kernels are for (default w4a16)"},
+    {"quant", "bf16|w4a16|fp8", "weight format the kernels are for (default w4a16)"},
     {"group-size", "G", "W4A16 group size (default 128, or the largest dividing every K; a quantized checkpoint's own)"},
     {"cache-dir", "DIR", "kernel cache folder (default $Q35JIT_CACHE_DIR, $XDG_CACHE_HOME/q35jit, ~/.cache/q35jit)"},
     {"moe-tiles", "KIND",
@@ -72,6 +73,10 @@ int cmd_compile(int argc, char** argv) {
   if (auto kind = args.get("moe-tiles")) {
     if (*kind != "all" && *kind != "wgmma" && *kind != "rs")
       fail("q35jit compile: --moe-tiles must be all, wgmma or rs, got '{}'", *kind);
+    if (*kind == "rs" && group <= 0)
+      fail("q35jit compile: --moe-tiles rs: the register-sourced MoE tiles read W4A16 weights only, not --quant {} (use "
+           "--moe-tiles wgmma or all)",
+           weight_format_name(group));
     const MoeShape s = qwen35::gpu::moe_shape(src.config, group);
     std::set<std::string> seen;
     for (const KernelSpec& k : specs) seen.insert(k.str());
@@ -100,7 +105,7 @@ int cmd_compile(int argc, char** argv) {
                   out[i].from_cache ? "  (cached)" : "");
   JitStats s = jit.stats();
   std::printf("compiled %zu kernels (%s) for %s in %.0f ms on %d threads: %d cache hits, %d compiled (NVRTC %s, cache %s)\n",
-              specs.size(), group ? fmt::format("w4a16 g{}", group).c_str() : "bf16", arch.c_str(), ms, threads, s.cache_hits(), s.compiled, JitEngine::nvrtc_version().c_str(),
+              specs.size(), weight_format_name(group).c_str(), arch.c_str(), ms, threads, s.cache_hits(), s.compiled, JitEngine::nvrtc_version().c_str(),
               jit.cache_dir().c_str());
   return 0;
 }

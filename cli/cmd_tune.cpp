@@ -17,6 +17,7 @@
 #include "cli/session.h"
 #include "models/qwen35/tune_ops.h"
 #include "runtime/core/error.h"
+#include "runtime/core/weight_format.h"
 #include "runtime/cuda/driver.h"
 #include "runtime/jit/jit_engine.h"
 #include "runtime/jit/kernel_set.h"
@@ -30,7 +31,7 @@ namespace fs = std::filesystem;
 const std::vector<FlagSpec> kTuneFlags = {
     {"model", "DIR", "checkpoint folder (only config.json is read)"},
     {"synthetic", "NAME", "the shapes of a published model instead: 35b-a3b, 122b-a10b, 397b-a17b"},
-    {"quant", "bf16|w4a16", "weight format to tune for (default w4a16)"},
+    {"quant", "bf16|w4a16|fp8", "weight format to tune for (default w4a16)"},
     {"group-size", "G", "W4A16 group size (default 128, or the largest dividing every K)"},
     {"sweep", "LO..HI", "token counts M to cover (default 1..4096)"},
     {"buckets", "LIST", "M buckets, comma-separated (default vLLM's 1,2,4,8,16,24,32,48,64,96,128,256,512,...,4096)"},
@@ -155,7 +156,7 @@ int cmd_tune(int argc, char** argv) {
   const qwen35::TuneDevice device{driver, ctx, jit, kernels};
   const auto ops = qwen35::tune_ops(config, w.group, ctx.device().arch(), &device);
   log(fmt::format("tuning {} kernel instances for {} ({}) at M in {}..{} ({} buckets), {} -> {}", ops.size(), id.gpu,
-                  w.group ? fmt::format("w4a16 g{}", w.group) : "bf16", buckets.front(), buckets.back(), buckets.size(),
+                  weight_format_name(w.group), buckets.front(), buckets.back(), buckets.size(),
                   src.name(), out.string()));
   Tuner tuner(driver, ctx, jit, kernels, opt);
   TuneReport report;

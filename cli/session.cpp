@@ -14,6 +14,7 @@
 #include "models/qwen35/quantized.h"
 #include "models/qwen35/weights.h"
 #include "runtime/core/error.h"
+#include "runtime/core/weight_format.h"
 #include "runtime/cuda/driver.h"
 #include "runtime/io/safetensors.h"
 #include "runtime/jit/jit_engine.h"
@@ -50,7 +51,9 @@ Tokenizer load_tokenizer(const fs::path& dir) {
 std::vector<FlagSpec> engine_flags() {
   return {
       {"device", "cpu|cuda", "where to run (default: cuda when a GPU is found, else cpu)"},
-      {"quant", "bf16|w4a16", "GPU weight format (default w4a16; a quantized checkpoint is w4a16)"},
+      {"quant", "bf16|w4a16|fp8",
+       "GPU weight format (default w4a16; a quantized checkpoint is w4a16; fp8: e4m3 weights, W8A16 kernels; "
+       "with --device cpu, fp8 runs the reference on the FP8-rounded weights)"},
       {"group-size", "G", "W4A16 group size 32|64|128 (default 128, or the largest dividing every K)"},
       {"max-context", "N", "tokens of context to allocate (default min(32768, the model's maximum))"},
       {"no-tune", "", "ignore tune caches: every kernel takes its heuristic default tile"},
@@ -65,12 +68,14 @@ namespace {
 // many requests run at once.
 class CpuEngine final : public Engine {
  public:
-  CpuEngine(const ModelInfo& info, int64_t max_context, int max_batch) : max_context_(max_context) {
+  // fp8: the weights the GPU holds with --quant fp8 (load_host_weights_fp8), else as stored.
+  CpuEngine(const ModelInfo& info, int64_t max_context, int max_batch, bool fp8) : max_context_(max_context) {
     if (max_batch < 1) fail("CpuEngine: max_batch must be >= 1, got {}", max_batch);
     // Float, FP8, GPTQ and `q35jit quantize` checkpoints all load as fp32 (dequantized exactly).
     Checkpoint ckpt(info.dir);
     qwen35::validate_checkpoint(info.config, ckpt);
-    model_ = std::make_unique<qwen35::CpuModel>(info.config, qwen35::load_host_weights(info.config, ckpt));
+    model_ = std::make_unique<qwen35::CpuModel>(info.config, fp8 ? qwen35::load_host_weights_fp8(info.config, ckpt)
+                                                                 : qwen35::load_host_weights(info.config, ckpt));
     states_.resize(size_t(max_batch));
     state(0);
   }
@@ -380,8 +385,7 @@ void check_gpu_memory(const Context& ctx, const qwen35::Config& config, const qw
       qwen35::gpu_memory_need(config, o.group, o.max_context, o.max_chunk, !o.prequantized, o.max_batch);
   const auto [free_bytes, total_bytes] = ctx.mem_info();
   qwen35::check_fits(need, free_bytes, total_bytes, ctx.device().name,
-                     fmt::format("{} ({}, {} tokens of context{})", name,
-                                 o.group ? fmt::format("W4A16 g{}", o.group) : std::string("bf16"), o.max_context,
+                     fmt::format("{} ({}, {} tokens of context{})", name, weight_format_name(o.group), o.max_context,
                                  o.max_batch > 1 ? fmt::format(" x {} slots (--max-batch)", o.max_batch) : ""));
 }
 
@@ -401,19 +405,31 @@ ModelSource model_source(const Args& args) {
 
 WeightChoice weight_choice(const Args& args, const qwen35::Config& config, const fs::path& dir) {
   const std::string quant = args.get("quant").value_or("w4a16");
-  if (quant == "fp8")
-    fail("q35jit {}: --quant fp8 (FP8 weights on the GPU, W8A16 kernels) is not implemented yet: use --quant w4a16 "
-         "(an FP8 checkpoint is dequantized exactly and quantized while loading) or --quant bf16",
-         args.command());
-  if (quant != "bf16" && quant != "w4a16")
-    fail("q35jit {}: --quant must be bf16 or w4a16, got '{}'", args.command(), quant);
+  if (quant != "bf16" && quant != "w4a16" && quant != "fp8")
+    fail("q35jit {}: --quant must be bf16, w4a16 or fp8, got '{}'", args.command(), quant);
   const std::optional<qwen35::QuantNote> note =
       dir.empty() ? std::nullopt : qwen35::read_quant_note(dir / "config.json");
   WeightChoice w;
   w.prequantized = note.has_value();
+  if (quant != "w4a16" && note)
+    fail("{} is a W4A16 checkpoint: it loads only with --quant w4a16", dir.string());
+  if (quant != "w4a16" && args.has("group-size"))
+    fail("q35jit {}: --group-size applies to --quant w4a16 (bf16 has no groups, fp8 a scale per 128 weights along K)",
+         args.command());
   if (quant == "bf16") {
-    if (note) fail("{} is a W4A16 checkpoint: it loads only with --quant w4a16", dir.string());
     w.format = qwen35::WeightFormat::BF16;
+    return w;
+  }
+  if (quant == "fp8") {
+    qwen35::check_fp8_shapes(config);
+    // An FP8 checkpoint keeps its codes and scales: its blocks must map onto 128-k blocks per row.
+    const qwen35::HfQuant hf = dir.empty() ? qwen35::HfQuant{} : qwen35::HfQuant::from_config(dir / "config.json");
+    if (hf.method == qwen35::QuantMethod::FP8 && hf.fp8_block_k % 128 != 0)
+      fail("{}: FP8 weight_block_size [{}, {}]: --quant fp8 keeps the checkpoint's scales and needs blocks of a "
+           "multiple of 128 along K: use --quant w4a16 or bf16",
+           dir.string(), hf.fp8_block_n, hf.fp8_block_k);
+    w.format = qwen35::WeightFormat::FP8;
+    w.group = kFp8Group;
     return w;
   }
   if (note) {
@@ -461,7 +477,7 @@ qwen35::GpuModelOptions gpu_options(const Args& args, const qwen35::Config& conf
 }  // namespace
 
 std::unique_ptr<Engine> make_cpu_engine(const ModelInfo& info, int64_t max_context, int max_batch) {
-  return std::make_unique<CpuEngine>(info, max_context, max_batch);
+  return std::make_unique<CpuEngine>(info, max_context, max_batch, /*fp8=*/false);
 }
 
 std::unique_ptr<Engine> make_engine(const Args& args, const ModelInfo& info, int64_t default_max_context,
@@ -474,9 +490,13 @@ std::unique_ptr<Engine> make_engine(const Args& args, const ModelInfo& info, int
   const int64_t model_max = info.config.max_position_embeddings > 0 ? info.config.max_position_embeddings : 32768;
   const int64_t max_context = args.get_int("max-context", std::min(default_max_context, model_max), 1, model_max);
   if (device == "cpu") {
-    if (args.has("quant") || args.has("group-size") || args.flag("no-tune"))
-      fail("q35jit {}: --quant, --group-size and --no-tune apply to --device cuda (the CPU reference runs in fp32)", cmd);
-    return std::make_unique<CpuEngine>(info, max_context, max_batch);
+    const bool fp8 = args.get("quant") == "fp8";
+    if ((args.has("quant") && !fp8) || args.has("group-size") || args.flag("no-tune"))
+      fail("q35jit {}: --quant bf16|w4a16, --group-size and --no-tune apply to --device cuda (the CPU reference runs "
+           "in fp32; --quant fp8 runs it on the weights rounded through FP8 as the GPU keeps them)",
+           cmd);
+    if (fp8) weight_choice(args, info.config, info.dir);  // the shapes, an FP8 checkpoint's blocks
+    return std::make_unique<CpuEngine>(info, max_context, max_batch, fp8);
   }
   return std::make_unique<GpuEngine>(
       info, gpu_options(args, info.config, info.dir, max_context, log, max_batch, max_chunk), !args.flag("no-tune"));

@@ -50,7 +50,7 @@ ModelSource model_source(const Args& args);
 // written by `q35jit quantize`, against its format note (empty `dir`: a synthetic model).
 struct WeightChoice {
   qwen35::WeightFormat format = qwen35::WeightFormat::W4A16;
-  int group = 0;             // W4A16 group size; 0 for bf16
+  int group = 0;             // the kernels' format code (runtime/core/weight_format.h): W4A16 group, 0 bf16, kFp8Group
   bool prequantized = false;
 };
 WeightChoice weight_choice(const Args& args, const qwen35::Config& config, const std::filesystem::path& dir);
@@ -76,8 +76,8 @@ std::unique_ptr<Engine> make_synthetic_engine(const Args& args, const qwen35::Co
                                               int64_t default_max_context,
                                               const std::function<void(const std::string&)>& log,
                                               int max_batch = 1, int64_t max_chunk = 0);
-// The CPU reference engine of a model folder (what --device cpu builds): max_batch slots of
-// max_context tokens.
+// The CPU reference engine of a model folder (what --device cpu builds without --quant fp8): max_batch
+// slots of max_context tokens, the weights as stored.
 std::unique_ptr<Engine> make_cpu_engine(const ModelInfo& info, int64_t max_context, int max_batch = 1);
 
 // The folder of the running executable (/proc/self/exe), empty if unknown: shipped tune caches

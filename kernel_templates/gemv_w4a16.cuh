@@ -1,22 +1,25 @@
 #pragma once
-// W4A16 GEMV for few tokens (decode): y[t, n] = sum_g s[n, g] * sum_{k in g} q[n, k] * x[t, k].
-//   qweight u32 [N, K / 8] and scales bf16 [N, K / G] in the runtime/core/int4_format.h layout,
-//   x [T, K] bf16, y [T, N] bf16 (or fp32 logits if OUT_F32). K % 32 == 0, G in {32, 64, 128}.
+// Quantized-weight GEMV for few tokens (decode): y[t, n] = sum_g s[n, g] * sum_{k in g} q[n, k] * x[t, k],
+// weights in format G (weights.cuh): W4A16 (G = 32, 64, 128: qweight u32 [N, K / 8] and scales bf16
+// [N, K / G], runtime/core/int4_format.h) or FP8 (G = kFp8: codes uint8 [N, K] and scales fp32
+// [N, ceil(K / 128)], runtime/core/fp8_format.h; the kernels gemv_fp8 / gemv_fp8_residual of
+// gemv_fp8.cuh). x [T, K] bf16, y [T, N] bf16 (or fp32 logits if OUT_F32). K % 32 == 0 (FP8: K % 64).
 //
 // Tensor cores, weights as the A operand of mma.m16n8k16 (kernels.md §1), straight from the
 // format (no repacking): a warp owns 16 rows; per 128-k "tile" lane (g = lane / 4, q = lane % 4)
-// loads one 16-byte chunk (32 k) of rows g and g + 8, chunk 4 * tile + q. Since a dot product may
-// visit k in any order as long as both operands agree, mma step s (0..7) of a tile takes from lane q
-// the k = 32 (4 tile + q) + 4 s + {0, 1} as A columns 2q, 2q + 1 and + {2, 3} as columns 2q + 8,
-// 2q + 9: word s / 2, bf16x2 pairs 2 (s % 2) and 2 (s % 2) + 1 of int4x8_to_bf16x2 (exact q, one
-// shift + lop3 + fma.bf16x2 per pair). The B operand (k x 8 columns) holds the same k of x.
+// loads one run of 32 k (16 bytes of INT4, 32 of FP8) of rows g and g + 8, run 4 * tile + q. Since a
+// dot product may visit k in any order as long as both operands agree, mma step s (0..7) of a tile
+// takes from lane q the k = 32 (4 tile + q) + 4 s + {0, 1} as A columns 2q, 2q + 1 and + {2, 3} as
+// columns 2q + 8, 2q + 9: bf16x2 pairs 2 (s % 2) and 2 (s % 2) + 1 of weights 8 (s / 2) .. of the run
+// (Run32::pairs, exact: INT4 q by one shift + lop3 + fma.bf16x2 per pair, FP8 codes by fp8.cuh).
+// The B operand (k x 8 columns) holds the same k of x.
 // Scales: a column is a (token m, group slot j) pair, n = m * GPS + j, GPS = 128 / G groups per
-// tile; B[k, n] = x[m, k] when k's chunk lies in group slot j of the tile, else 0. So after the 8
-// steps of a tile, D[row, n] is the exact-product fp32 sum over one group, and the lane adds
-// s[row, group] * D to its fp32 accumulator. The token's result is the sum over its GPS columns.
-// M_TILE * GPS columns take NT = ceil(M_TILE * GPS / 8) mma column tiles.
+// tile (1 for FP8: one scale per 128-k block); B[k, n] = x[m, k] when k's run lies in group slot j
+// of the tile, else 0. So after the 8 steps of a tile, D[row, n] is the exact-product fp32 sum over
+// one group, and the lane adds s[row, group] * D to its fp32 accumulator. The token's result is the
+// sum over its GPS columns. M_TILE * GPS columns take NT = ceil(M_TILE * GPS / 8) mma column tiles.
 // Split-K: the K_WARPS warps of a row set take contiguous runs of TPW tiles (UNROLL tiles of
-// weights in flight per lane: 2 * UNROLL x 16 B), reduced in shared memory in a fixed order
+// weights in flight per lane: 2 * UNROLL runs), reduced in shared memory in a fixed order
 // (deterministic); ROW_WARPS row sets of 16 rows sit side by side. The mma chains of the UNROLL
 // tiles (and column tiles) run interleaved, so a warp's compute after its loads land is short.
 // Weights are streamed (ld.global.nc.L1::no_allocate), activations take the normal cached path.
@@ -25,7 +28,7 @@
 // Grid: (ceil(N / (16 * ROW_WARPS)), ceil(T / M_TILE)), block 32 * ROW_WARPS * K_WARPS.
 #include "common.cuh"
 #include "decode_fusion.cuh"
-#include "int4.cuh"
+#include "weights.cuh"
 
 namespace q35k {
 
@@ -44,22 +47,27 @@ namespace q35k {
 // The GEMV of one block; store(t, n, v) receives every output once (fp32 sum). Weights are prefetched
 // into L2 before the programmatic-dependent-launch wait (they do not depend on the predecessor).
 template <int N, int K, int G, int M_TILE, int ROW_WARPS, int K_WARPS, int UNROLL, typename Store>
-__device__ __forceinline__ void gemv_w4a16_block(const u32* __restrict__ qweight, const bf16* __restrict__ scales,
+__device__ __forceinline__ void gemv_quant_block(const void* __restrict__ w, const void* __restrict__ scales,
                                                  const bf16* __restrict__ x, int T, Store&& store) {
-  static_assert(G == 32 || G == 64 || G == 128, "gemv_w4a16: group size must be 32, 64 or 128");
-  static_assert(K % G == 0 && K % 32 == 0, "gemv_w4a16: K must be a multiple of the group size and of 32");
-  static_assert(M_TILE >= 1 && M_TILE <= 16, "gemv_w4a16: M_TILE must be in [1, 16]");
-  static_assert(UNROLL >= 1 && UNROLL <= 8, "gemv_w4a16: UNROLL must be in [1, 8]");
-  constexpr int CHUNKS = K / 32;                       // 16-byte chunks (32 k) per row
+  using F = WeightFormat<G>;
+  static_assert(G == 32 || G == 64 || G == 128 || G == kFp8, "gemv: weights must be W4A16 (G 32, 64, 128) or FP8");
+  static_assert(K % F::SCALE_K == 0 || (G == kFp8 && K % 64 == 0),
+                "gemv: K must be a multiple of the group size (FP8: of 64) and of 32");
+  static_assert(K % 32 == 0, "gemv: K must be a multiple of 32");
+  static_assert(M_TILE >= 1 && M_TILE <= 16, "gemv: M_TILE must be in [1, 16]");
+  static_assert(UNROLL >= 1 && UNROLL <= 8, "gemv: UNROLL must be in [1, 8]");
+  constexpr int RUNS = K / 32;                          // runs of 32 k per row
   constexpr int TILES = (K + 127) / 128;               // 128-k tiles per row (the last may be partial)
   constexpr int TPW = (TILES + K_WARPS - 1) / K_WARPS;  // tiles per warp
-  constexpr int GPS = 128 / G;                          // group slots per tile
-  constexpr int GROUPS = K / G;
+  constexpr int GPS = 128 / F::SCALE_K;                 // group slots per tile
+  constexpr int GROUPS = F::scales_per_row(K);
   constexpr int COLS = M_TILE * GPS;
   constexpr int NT = (COLS + 7) / 8;  // mma column tiles
-  // Accumulator chains per (tile, column tile): two (even / odd steps) when there are few.
-  constexpr int CH = UNROLL * NT <= 2 ? 2 : 1;
-  static_assert(UNROLL * NT <= 8, "gemv_w4a16: UNROLL * column tiles must be at most 8 (registers)");
+  constexpr size_t ROW_BYTES = F::bytes(K), RUN_BYTES = Run32<G>::BYTES;
+  // Accumulator chains per (tile, column tile): two (even / odd steps) when there are few (FP8: only
+  // for a single tile and column tile; its weight runs need the registers).
+  constexpr int CH = (G == kFp8 ? UNROLL * NT <= 1 : UNROLL * NT <= 2) ? 2 : 1;
+  static_assert(UNROLL * NT <= 8, "gemv: UNROLL * column tiles must be at most 8 (registers)");
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int row_warp = warp / K_WARPS, k_warp = warp % K_WARPS;
   const int g = lane / 4, q = lane % 4;
@@ -68,20 +76,20 @@ __device__ __forceinline__ void gemv_w4a16_block(const u32* __restrict__ qweight
 
   // Rows past the end are clamped for loading (no branch in the loop) and not stored.
   const int r0 = min(n_base + g, N - 1), r1 = min(n_base + g + 8, N - 1);
-  const u32* w0 = qweight + size_t(r0) * (K / 8) + q * 4;
-  const u32* w1 = qweight + size_t(r1) * (K / 8) + q * 4;
-  const bf16* s0 = scales + size_t(r0) * GROUPS;
-  const bf16* s1 = scales + size_t(r1) * GROUPS;
+  const unsigned char* w0 = static_cast<const unsigned char*>(w) + size_t(r0) * ROW_BYTES;
+  const unsigned char* w1 = static_cast<const unsigned char*>(w) + size_t(r1) * ROW_BYTES;
+  const size_t s0 = size_t(r0) * GROUPS, s1 = size_t(r1) * GROUPS;
   {
     const int tb = k_warp * TPW;  // this warp's weight bytes: tiles [tb, tb + TPW) of rows r0 .. r0 + 7, r1 ..
-    const int from = min(tb * 64, K / 2), to = min((tb + TPW) * 64, K / 2);
-    if (to > from) decode_prefetch_rows16(qweight, size_t(K / 2), n_base, n_base + 8, N - 1, from, to - from);
+    constexpr int TILE_BYTES = 4 * RUN_BYTES;
+    const int from = min(tb * TILE_BYTES, int(ROW_BYTES)), to = min((tb + TPW) * TILE_BYTES, int(ROW_BYTES));
+    if (to > from) decode_prefetch_rows16(w, ROW_BYTES, n_base, n_base + 8, N - 1, from, to - from);
   }
   decode_pdl_wait();
   decode_pdl_launch_dependents();
   // The scale slots of this lane's accumulator columns 2q, 2q + 1 (of every column tile).
   const int j0 = (2 * q) % GPS, j1 = (2 * q + 1) % GPS;
-  // B operand: this lane supplies column g of each column tile from chunk 4 * tile + q.
+  // B operand: this lane supplies column g of each column tile from run 4 * tile + q.
   bool b_on[NT];
   const bf16* x_at[NT];
 #pragma unroll
@@ -95,20 +103,20 @@ __device__ __forceinline__ void gemv_w4a16_block(const u32* __restrict__ qweight
   const int tile_begin = k_warp * TPW;
 #pragma unroll 1
   for (int i0 = 0; i0 < TPW; i0 += UNROLL) {
-    uint4 wa[UNROLL], wb[UNROLL];
+    Run32<G> wa[UNROLL], wb[UNROLL];
     float sa[UNROLL][2], sb[UNROLL][2];
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
       const int tile = tile_begin + i0 + u;
-      const int chunk = min(tile * 4 + q, CHUNKS - 1) - q;  // clamped; zero B masks it
-      wa[u] = ld_stream_16(w0 + chunk * 4);
-      wb[u] = ld_stream_16(w1 + chunk * 4);
+      const int run = min(tile * 4 + q, RUNS - 1);  // clamped; zero B masks it
+      wa[u].load(w0 + run * RUN_BYTES);
+      wb[u].load(w1 + run * RUN_BYTES);
       const int ga = min(tile * GPS + j0, GROUPS - 1), gb = min(tile * GPS + j1, GROUPS - 1);
-      sa[u][0] = bf16_to_f32(s0[ga]);
-      sb[u][0] = bf16_to_f32(s1[ga]);
+      sa[u][0] = F::scale(scales, s0 + ga);
+      sb[u][0] = F::scale(scales, s1 + ga);
       if constexpr (GPS > 1) {
-        sa[u][1] = bf16_to_f32(s0[gb]);
-        sb[u][1] = bf16_to_f32(s1[gb]);
+        sa[u][1] = F::scale(scales, s0 + gb);
+        sb[u][1] = F::scale(scales, s1 + gb);
       } else {
         sa[u][1] = sa[u][0];
         sb[u][1] = sb[u][0];
@@ -124,15 +132,15 @@ __device__ __forceinline__ void gemv_w4a16_block(const u32* __restrict__ qweight
 #pragma unroll
         for (int c = 0; c < CH; ++c) d[u][nt][c][0] = d[u][nt][c][1] = d[u][nt][c][2] = d[u][nt][c][3] = 0.f;
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {  // word i: steps 2i, 2i + 1
+    for (int i = 0; i < 4; ++i) {  // weights 8i .. 8i + 7 of the runs: steps 2i, 2i + 1
 #pragma unroll
       for (int u = 0; u < UNROLL; ++u) {
         const int tile = tile_begin + i0 + u;
-        // Chunks past K and tiles past this warp's run (TPW % UNROLL != 0) get a zero B.
-        const bool chunk_ok = tile * 4 + q < CHUNKS && (TPW % UNROLL == 0 || i0 + u < TPW);
+        // Runs past K and tiles past this warp's run (TPW % UNROLL != 0) get a zero B.
+        const bool chunk_ok = tile * 4 + q < RUNS && (TPW % UNROLL == 0 || i0 + u < TPW);
         u32 pa[4], pb[4];
-        int4x8_to_bf16x2(i == 0 ? wa[u].x : i == 1 ? wa[u].y : i == 2 ? wa[u].z : wa[u].w, pa);
-        int4x8_to_bf16x2(i == 0 ? wb[u].x : i == 1 ? wb[u].y : i == 2 ? wb[u].z : wb[u].w, pb);
+        wa[u].pairs(i, pa);
+        wb[u].pairs(i, pb);
         // A fragments {row g k 0-1, row g+8 k 0-1, row g k 2-3, row g+8 k 2-3} of steps 2i, 2i + 1.
         const u32 a_even[4] = {pa[0], pb[0], pa[1], pb[1]};
         const u32 a_odd[4] = {pa[2], pb[2], pa[3], pb[3]};
@@ -196,6 +204,16 @@ __device__ __forceinline__ void gemv_w4a16_block(const u32* __restrict__ qweight
   }
 }
 
+// The GEMV's store: y [T, N] bf16, or fp32 if OUT_F32.
+template <int N, bool OUT_F32>
+__device__ __forceinline__ void gemv_store(void* y, int t, int n, float v) {
+  const size_t at = size_t(t) * N + n;
+  if constexpr (OUT_F32)
+    static_cast<float*>(y)[at] = v;
+  else
+    static_cast<bf16*>(y)[at] = f32_to_bf16(v);
+}
+
 }  // namespace q35k
 
 template <int N, int K, int G, int M_TILE, int ROW_WARPS, int K_WARPS, int UNROLL, bool OUT_F32>
@@ -205,13 +223,8 @@ gemv_w4a16(const q35k::u32* __restrict__ qweight,  // [N, K / 8]
            const q35k::bf16* __restrict__ x,       // [T, K]
            void* __restrict__ y,                   // [T, N] bf16, or fp32 if OUT_F32
            int T) {
-  q35k::gemv_w4a16_block<N, K, G, M_TILE, ROW_WARPS, K_WARPS, UNROLL>(qweight, scales, x, T, [&](int t, int n, float v) {
-    const size_t at = size_t(t) * N + n;
-    if constexpr (OUT_F32)
-      static_cast<float*>(y)[at] = v;
-    else
-      static_cast<q35k::bf16*>(y)[at] = q35k::f32_to_bf16(v);
-  });
+  q35k::gemv_quant_block<N, K, G, M_TILE, ROW_WARPS, K_WARPS, UNROLL>(
+      qweight, scales, x, T, [&](int t, int n, float v) { q35k::gemv_store<N, OUT_F32>(y, t, n, v); });
 }
 
 // The same GEMV with the residual epilogue of decode_fusion.cuh (a sub-layer's output projection in a
@@ -222,7 +235,7 @@ __global__ void __launch_bounds__(ROW_WARPS * K_WARPS * 32)
 gemv_w4a16_residual(const q35k::u32* __restrict__ qweight, const q35k::bf16* __restrict__ scales,
                     const q35k::bf16* __restrict__ x, float* residual, const q35k::bf16* __restrict__ norm_w,
                     q35k::bf16* __restrict__ normed, int* counter, float eps, int T) {
-  q35k::gemv_w4a16_block<N, K, G, M_TILE, ROW_WARPS, K_WARPS, UNROLL>(
+  q35k::gemv_quant_block<N, K, G, M_TILE, ROW_WARPS, K_WARPS, UNROLL>(
       qweight, scales, x, T, [&](int t, int n, float v) { q35k::residual_add_bf16(residual, size_t(t) * N + n, v); });
   q35k::residual_rmsnorm_last_block<N, ROW_WARPS * K_WARPS * 32>(residual, norm_w, normed, counter, eps, T);
 }

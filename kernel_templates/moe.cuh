@@ -3,13 +3,15 @@
 // once through CUDA-core GEMVs) and the glue of the prefill path (moe_align, moe_combine; the
 // grouped tensor-core GEMMs are in moe_gemm.cuh).
 //
-// Weights of the experts and the shared expert come in one of two formats, the template parameter
-// GROUP: 0 = bf16 [N, K]; 32 / 64 / 128 = W4A16 (runtime/core/int4_format.h) with qweight uint32
-// [N, K/8] and scales bf16 [N, K/GROUP]. A weight matrix is passed as (const void* w, const bf16* s)
-// with s unused for bf16. Experts add a leading [E] to both.
+// Weights of the experts and the shared expert come in one of the formats of weights.cuh, the
+// template parameter GROUP: 0 = bf16 [N, K]; 32 / 64 / 128 = W4A16 (runtime/core/int4_format.h) with
+// qweight uint32 [N, K/8] and scales bf16 [N, K/GROUP]; kFp8 = FP8 (runtime/core/fp8_format.h) with
+// codes uint8 [N, K] and scales fp32 [N, ceil(K/128)]. A weight matrix is passed as (const void* w,
+// const void* s) with s unused for bf16. Experts add a leading [E] to both.
 //
-// Decode, T <= 8 tokens, 3 launches (router, gate_up, down), chained with programmatic dependent
-// launch (PDL, sm_90): each kernel prefetches the weights it knows before griddepcontrol.wait.
+// Expert-grouped ("decode") path, T <= 256 tokens (kMoeGroupedMaxTokens: every decode step, short prompt
+// chunks), 3 launches (router, gate_up, down), chained with programmatic dependent launch (PDL, sm_90):
+// each kernel prefetches the weights it knows before griddepcontrol.wait.
 //   moe_router          logits [T, E+1] fp32 (row E = shared_expert_gate), then softmax, top-k,
 //                       renormalise by the last block to finish -> ids, weights, shared_gate
 //   moe_decode_gate_up  h[t, s*I + i] = bf16(silu(gate_e . x_t) * (up_e . x_t)), e = ids[t, s], for
@@ -17,31 +19,15 @@
 //   moe_decode_down     out[t] = bf16( sum_s w[t,s] * down_e . h[t,s] + shared_gate[t] * down_sh . h[t,k] )
 //                       (moe_decode_down_residual: added to the fp32 residual stream instead, and the
 //                       next RMSNorm by the last block, decode_fusion.cuh)
-// The two decode GEMVs run on tensor cores (mma_rows16_dot): a warp's 16 weight rows are the mma
-// A operand straight from the 16-byte loads, x is the B operand, fp32 accumulation.
+// The two decode GEMVs run on tensor cores (WarpRows16): a warp's 16 weight rows are the mma
+// A operand straight from the 16-byte loads, the tokens are the B operand, fp32 accumulation.
 // Prefill: moe_router, moe_align, 4 x moe_gemm, moe_combine.
 #include "common.cuh"
 #include "decode_fusion.cuh"
-#include "int4.cuh"
 #include "moe_plan.cuh"
+#include "weights.cuh"
 
 namespace q35k {
-
-// Addressing of expert stacks in format GROUP (a 16-byte vector holds 8 bf16 or 32 INT4 values; a
-// 32-value chunk lies in one scale group since GROUP is a multiple of 32).
-template <int GROUP>
-struct WeightFormat {
-  static_assert(GROUP == 0 || GROUP == 32 || GROUP == 64 || GROUP == 128, "GROUP must be 0 (bf16), 32, 64 or 128");
-  // Matrix `index` of a stack of [ROWS, K] matrices.
-  template <int ROWS, int K>
-  static __device__ __forceinline__ const void* matrix(const void* w, int index) {
-    return static_cast<const unsigned char*>(w) + size_t(index) * ROWS * K * (GROUP == 0 ? 2 : 1) / (GROUP == 0 ? 1 : 2);
-  }
-  template <int ROWS, int K>
-  static __device__ __forceinline__ const bf16* scales(const bf16* s, int index) {
-    return GROUP == 0 ? s : s + size_t(index) * ROWS * (K / (GROUP == 0 ? 1 : GROUP));
-  }
-};
 
 __device__ __forceinline__ float silu(float g) { return g / (1.f + __expf(-g)); }
 
@@ -164,7 +150,7 @@ __device__ __forceinline__ void warp_rows_dot(const bf16* __restrict__ W, const 
 
 // Bytes of KLEN weights of one row in format GROUP (scales not counted).
 template <int GROUP, int KLEN>
-__host__ __device__ constexpr int row_bytes() { return GROUP == 0 ? KLEN * 2 : KLEN / 2; }
+__device__ constexpr int row_bytes() { return int(WeightFormat<GROUP>::bytes(KLEN)); }
 
 // 16 rows of a weight matrix W [*, K] (format GROUP) over k in [k0, k0 + KLEN), held in one warp's
 // registers and multiplied on tensor cores with any number of token vectors, TOKENS at a time (one mma
@@ -180,21 +166,48 @@ __host__ __device__ constexpr int row_bytes() { return GROUP == 0 ? KLEN * 2 : K
 //         step, column n = (token n / GPS, slot n % GPS) holds the token's x only in the chunks of its
 //         slot, so D[row][n] is one scale group's exact-product sum, scaled once per step (TOKENS =
 //         8 / GPS).
+//   FP8:  as INT4 with one 128-k scale block per step (GPS = 1, TOKENS = 8): lane c's chunk c is 32
+//         e4m3 codes (two 16-byte vectors, weights.cuh Run32), turned into exact bf16 operands; the
+//         step's fp32 block scale is applied once to each D column.
+// A column's chunks must lie in one scale group (W4A16) or block (FP8): KLEN a multiple of the group
+// (so k0 = warp * KLEN starts on one) or a divisor of it (the part lies inside one); tiles_moe.cpp
+// why_misaligned_part refuses other tiles.
 // load() issues every weight load of the warp (KLEN / 32 16-byte vectors per lane over both rows for
-// INT4) before any mma; dot() then streams the token vectors through L1.
+// INT4, twice that for FP8) before any mma; dot() then streams the token vectors through L1.
+template <int GROUP>
+struct WarpRowsVec {  // a lane's weights of one step and row: 8 bf16 or a 32-value INT4 chunk
+  typedef uint4 type;
+};
+template <>
+struct WarpRowsVec<kFp8> {  // a 32-value chunk of FP8 codes
+  typedef Run32<kFp8> type;
+};
+
 template <int GROUP, int K, int KLEN>
 struct WarpRows16 {
   static_assert(KLEN % 32 == 0 && K % KLEN == 0, "WarpRows16: KLEN must be a multiple of 32 dividing K");
-  static constexpr int GPS = GROUP == 0 ? 1 : 128 / GROUP;  // mma columns per token
-  static constexpr int TOKENS = 8 / GPS;                    // tokens per mma column tile
+  using F = WeightFormat<GROUP>;
+  static_assert(!F::quantized || KLEN % F::SCALE_K == 0 || F::SCALE_K % KLEN == 0,
+                "WarpRows16: a warp's part of K must start on a scale group (KLEN a multiple or a divisor of the "
+                "W4A16 group or of FP8's 128-k block; autotune/tiles_moe.cpp why_misaligned_part)");
+  static constexpr int GPS = GROUP == 0 ? 1 : 128 / F::SCALE_K;  // mma columns per token
+  static constexpr int TOKENS = 8 / GPS;                         // tokens per mma column tile
   static constexpr int STEPS = GROUP == 0 ? KLEN / 32 : (KLEN + 127) / 128;
   static constexpr int PART = KLEN;  // K values per warp (one part of K)
-  uint4 lo[STEPS], hi[STEPS];
-  const bf16* s_lo;
-  const bf16* s_hi;
+  typedef typename WarpRowsVec<GROUP>::type Vec;
+  typedef typename F::Scale Scale;  // bf16 (W4A16), fp32 (FP8)
+  Vec lo[STEPS], hi[STEPS];
+  const Scale* s_lo;
+  const Scale* s_hi;
   int k0;
 
-  __device__ __forceinline__ void load(const void* __restrict__ W, const bf16* __restrict__ S, int row_lo, int row_hi,
+  // Pairs 4w .. 4w + 3 of a quantized chunk as exact bf16x2 mma operands (before scaling).
+  static __device__ __forceinline__ void pairs(const uint4& v, int w, u32 (&p)[4]) {
+    int4x8_to_bf16x2(w == 0 ? v.x : w == 1 ? v.y : w == 2 ? v.z : v.w, p);
+  }
+  static __device__ __forceinline__ void pairs(const Run32<kFp8>& v, int w, u32 (&p)[4]) { v.pairs(w, p); }
+
+  __device__ __forceinline__ void load(const void* __restrict__ W, const void* __restrict__ S, int row_lo, int row_hi,
                                        int k_begin) {
     const int c = threadIdx.x % 4;
     k0 = k_begin;
@@ -203,6 +216,18 @@ struct WarpRows16 {
       const bf16* wh = static_cast<const bf16*>(W) + size_t(row_hi) * K + k0 + 8 * c;
 #pragma unroll
       for (int st = 0; st < STEPS; ++st) lo[st] = ld_stream_16(wl + 32 * st), hi[st] = ld_stream_16(wh + 32 * st);
+    } else if constexpr (GROUP == kFp8) {
+      const unsigned char* wl = static_cast<const unsigned char*>(W) + size_t(row_lo) * K;
+      const unsigned char* wh = static_cast<const unsigned char*>(W) + size_t(row_hi) * K;
+#pragma unroll
+      for (int st = 0; st < STEPS; ++st) {
+        const int kc = k0 + st * 128 + 32 * c;  // this lane's chunk
+        lo[st].zero();
+        hi[st].zero();
+        if (KLEN % 128 == 0 || kc < k0 + KLEN) lo[st].load(wl + kc), hi[st].load(wh + kc);
+      }
+      s_lo = static_cast<const Scale*>(S) + size_t(row_lo) * F::scales_per_row(K);
+      s_hi = static_cast<const Scale*>(S) + size_t(row_hi) * F::scales_per_row(K);
     } else {
       const u32* wl = static_cast<const u32*>(W) + size_t(row_lo) * (K / 8);
       const u32* wh = static_cast<const u32*>(W) + size_t(row_hi) * (K / 8);
@@ -212,8 +237,8 @@ struct WarpRows16 {
         lo[st] = hi[st] = uint4{0u, 0u, 0u, 0u};
         if (KLEN % 128 == 0 || kc < k0 + KLEN) lo[st] = ld_stream_16(wl + kc / 8), hi[st] = ld_stream_16(wh + kc / 8);
       }
-      s_lo = S + size_t(row_lo) * (K / GROUP);
-      s_hi = S + size_t(row_hi) * (K / GROUP);
+      s_lo = static_cast<const Scale*>(S) + size_t(row_lo) * (K / GROUP);
+      s_hi = static_cast<const Scale*>(S) + size_t(row_hi) * (K / GROUP);
     }
   }
 
@@ -249,32 +274,33 @@ struct WarpRows16 {
 #pragma unroll
           for (int w = 0; w < 4; ++w) xv[w] = ld_global_16(xg + kc + 8 * w);
         }
-        const u32 wlo[4] = {lo[st].x, lo[st].y, lo[st].z, lo[st].w}, whi[4] = {hi[st].x, hi[st].y, hi[st].z, hi[st].w};
         float d[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
         for (int w = 0; w < 4; ++w) {
           u32 al[4], ah[4];
-          int4x8_to_bf16x2(wlo[w], al);
-          int4x8_to_bf16x2(whi[w], ah);
+          pairs(lo[st], w, al);
+          pairs(hi[st], w, ah);
           const u32 f0[4] = {al[0], ah[0], al[1], ah[1]}, f1[4] = {al[2], ah[2], al[3], ah[3]};
           mma_bf16_16816(d, f0, xv[w].x, xv[w].y);
           mma_bf16_16816(d, f1, xv[w].z, xv[w].w);
         }
         // Scale indices clamped in range (a partial last step's missing chunks have zero sums). Whole
-        // steps (KLEN % 128 == 0) never clamp: k0 / GROUP + the step's and the slot's offsets, so the
-        // loads are one base pointer plus immediates.
+        // steps (KLEN % 128 == 0) never clamp: k0 / SCALE_K + the step's and the slot's offsets, so the
+        // loads are one base pointer plus immediates (k0 = warp * KLEN is then a multiple of 128: FP8's
+        // step st is scale block k0 / 128 + st).
+        constexpr int SK = F::SCALE_K;
         int s0, s1;
         if constexpr (KLEN % 128 == 0) {
-          s0 = k0 / GROUP + st * GPS + j0;
-          s1 = k0 / GROUP + st * GPS + j1;
+          s0 = k0 / SK + st * GPS + j0;
+          s1 = k0 / SK + st * GPS + j1;
         } else {
           const int last = k0 + KLEN - 32;
-          s0 = min(kb + GROUP * j0, last) / GROUP, s1 = min(kb + GROUP * j1, last) / GROUP;
+          s0 = min(kb + SK * j0, last) / SK, s1 = min(kb + SK * j1, last) / SK;
         }
-        acc[0] += bf16_to_f32(s_lo[s0]) * d[0];
-        acc[1] += bf16_to_f32(s_lo[s1]) * d[1];
-        acc[2] += bf16_to_f32(s_hi[s0]) * d[2];
-        acc[3] += bf16_to_f32(s_hi[s1]) * d[3];
+        acc[0] += F::scale(s_lo, s0) * d[0];
+        acc[1] += F::scale(s_lo, s1) * d[1];
+        acc[2] += F::scale(s_hi, s0) * d[2];
+        acc[3] += F::scale(s_hi, s1) * d[3];
       }
       if constexpr (GPS == 1) {
         store(2 * c, g, acc[0]);
@@ -592,8 +618,8 @@ moe_router_topk(const q35k::bf16* __restrict__ x, const q35k::bf16* __restrict__
 template <int GROUP, int H, int I, int IS, int E, int TOPK, int KSPLIT>
 __global__ void __launch_bounds__(KSPLIT * 32)
 moe_decode_gate_up(const q35k::bf16* __restrict__ x, const int* __restrict__ plan,
-                   const void* __restrict__ gate_up_w, const q35k::bf16* __restrict__ gate_up_s,
-                   const void* __restrict__ shared_w, const q35k::bf16* __restrict__ shared_s,
+                   const void* __restrict__ gate_up_w, const void* __restrict__ gate_up_s,
+                   const void* __restrict__ shared_w, const void* __restrict__ shared_s,
                    q35k::bf16* __restrict__ h, int T) {
   static_assert(I % 8 == 0 && IS % 8 == 0, "moe_decode_gate_up: I and IS must be multiples of 8");
   static_assert(H % (32 * KSPLIT) == 0, "moe_decode_gate_up: H must be a multiple of 32 * KSPLIT");
@@ -616,7 +642,7 @@ moe_decode_gate_up(const q35k::bf16* __restrict__ x, const int* __restrict__ pla
 
   const int* const pairs = plan + 2 + 2 * E;
   const void* W = shared_w;
-  const q35k::bf16* S = shared_s;
+  const void* S = shared_s;
   int begin = 0, n = T;  // the expert's pairs [begin, begin + n) (shared: every token)
   if (!shared) {
     // The expert's entries are read together with the count (one round trip, not two: entries past
@@ -686,9 +712,9 @@ template <int GROUP, int H, int I, int IS, int E, int TOPK, int KSPLIT, typename
 __device__ __forceinline__ void moe_decode_down_block(const bf16* __restrict__ h, const int* __restrict__ plan,
                                                       const float* __restrict__ weights,
                                                       const float* __restrict__ shared_gate,
-                                                      const void* __restrict__ down_w, const bf16* __restrict__ down_s,
+                                                      const void* __restrict__ down_w, const void* __restrict__ down_s,
                                                       const void* __restrict__ shared_w,
-                                                      const bf16* __restrict__ shared_s, int T, Store&& store) {
+                                                      const void* __restrict__ shared_s, int T, Store&& store) {
   static_assert(H % 16 == 0, "moe_decode_down: H must be a multiple of 16");
   static_assert(I % (32 * KSPLIT) == 0 && IS % (32 * KSPLIT) == 0,
                 "moe_decode_down: I and IS must be multiples of 32 * KSPLIT");
@@ -741,7 +767,7 @@ __device__ __forceinline__ void moe_decode_down_block(const bf16* __restrict__ h
     }
     // Per column tile: the weights (from L2 after the first tile, so their registers free up as the
     // steps consume them), then the tokens.
-    auto tiles = [&](auto rows, const void* W, const bf16* S, int k0) {
+    auto tiles = [&](auto rows, const void* W, const void* S, int k0) {
       for (int c0 = 0; c0 < n; c0 += TOKENS) {
         rows.load(W, S, n0 + g, n0 + 8 + g, k0);
         const int i = c0 + g / GPS;
@@ -792,8 +818,8 @@ template <int GROUP, int H, int I, int IS, int E, int TOPK, int KSPLIT>
 __global__ void __launch_bounds__((TOPK + 1) * KSPLIT * 32, 1)
 moe_decode_down(const q35k::bf16* __restrict__ h, const int* __restrict__ plan, const float* __restrict__ weights,
                 const float* __restrict__ shared_gate, const void* __restrict__ down_w,
-                const q35k::bf16* __restrict__ down_s, const void* __restrict__ shared_w,
-                const q35k::bf16* __restrict__ shared_s, q35k::bf16* __restrict__ out, int T) {
+                const void* __restrict__ down_s, const void* __restrict__ shared_w,
+                const void* __restrict__ shared_s, q35k::bf16* __restrict__ out, int T) {
   q35k::moe_decode_down_block<GROUP, H, I, IS, E, TOPK, KSPLIT>(
       h, plan, weights, shared_gate, down_w, down_s, shared_w, shared_s, T,
       [&](int t, int n, float v) { out[size_t(t) * H + n] = q35k::f32_to_bf16(v); });
@@ -806,8 +832,8 @@ template <int GROUP, int H, int I, int IS, int E, int TOPK, int KSPLIT>
 __global__ void __launch_bounds__((TOPK + 1) * KSPLIT * 32, 1)
 moe_decode_down_residual(const q35k::bf16* __restrict__ h, const int* __restrict__ plan,
                          const float* __restrict__ weights, const float* __restrict__ shared_gate,
-                         const void* __restrict__ down_w, const q35k::bf16* __restrict__ down_s,
-                         const void* __restrict__ shared_w, const q35k::bf16* __restrict__ shared_s, float* residual,
+                         const void* __restrict__ down_w, const void* __restrict__ down_s,
+                         const void* __restrict__ shared_w, const void* __restrict__ shared_s, float* residual,
                          const q35k::bf16* __restrict__ norm_w, q35k::bf16* __restrict__ normed, int* counter,
                          float eps, int T) {
   q35k::moe_decode_down_block<GROUP, H, I, IS, E, TOPK, KSPLIT>(
@@ -870,8 +896,8 @@ __device__ __forceinline__ void add_slot(float (&acc)[4], int tok, int r, float 
 template <int GROUP, int H, int I, int IS, int E, int TOPK, int KSPLIT, int WARPS>
 __global__ void __launch_bounds__(WARPS * 32, 1)
 moe_stream_gate_up(const q35k::bf16* __restrict__ x, const int* __restrict__ plan,
-                   const void* __restrict__ gate_up_w, const q35k::bf16* __restrict__ gate_up_s,
-                   const void* __restrict__ shared_w, const q35k::bf16* __restrict__ shared_s,
+                   const void* __restrict__ gate_up_w, const void* __restrict__ gate_up_s,
+                   const void* __restrict__ shared_w, const void* __restrict__ shared_s,
                    q35k::bf16* __restrict__ h, int T) {
   static_assert(I % 8 == 0 && IS % 8 == 0, "moe_stream_gate_up: I and IS must be multiples of 8");
   static_assert(H % (32 * KSPLIT) == 0, "moe_stream_gate_up: H must be a multiple of 32 * KSPLIT");
@@ -895,7 +921,7 @@ moe_stream_gate_up(const q35k::bf16* __restrict__ x, const int* __restrict__ pla
 
   struct Tile {
     const void* W;
-    const q35k::bf16* S;
+    const void* S;
     int j0, n_inter, begin, n, c_begin, c_end;  // units: column tiles c_begin, c_begin + TOKENS, .. < c_end
     bool sh;
   };
@@ -971,8 +997,8 @@ moe_stream_gate_up(const q35k::bf16* __restrict__ x, const int* __restrict__ pla
 template <int GROUP, int H, int I, int IS, int E, int TOPK, int KSPLIT, int WARPS>
 __global__ void __launch_bounds__(WARPS * 32, 1)
 moe_stream_down(const q35k::bf16* __restrict__ h, const int* __restrict__ plan, const void* __restrict__ down_w,
-                const q35k::bf16* __restrict__ down_s, const void* __restrict__ shared_w,
-                const q35k::bf16* __restrict__ shared_s, float* __restrict__ sums, int T) {
+                const void* __restrict__ down_s, const void* __restrict__ shared_w,
+                const void* __restrict__ shared_s, float* __restrict__ sums, int T) {
   static_assert(H % 16 == 0, "moe_stream_down: H must be a multiple of 16");
   static_assert(I % (32 * KSPLIT) == 0 && IS % (32 * KSPLIT) == 0,
                 "moe_stream_down: I and IS must be multiples of 32 * KSPLIT");
@@ -996,7 +1022,7 @@ moe_stream_down(const q35k::bf16* __restrict__ h, const int* __restrict__ plan, 
 
   struct Tile {
     const void* W;
-    const q35k::bf16* S;
+    const void* S;
     int n0, begin, n, c_begin, c_end;  // units: column tiles c_begin, c_begin + TOKENS, .. < c_end
     bool sh;
   };

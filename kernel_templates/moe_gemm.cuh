@@ -9,12 +9,12 @@
 // tok(p) = sorted_ids[p] / TOPK, padding (-1) rows read zeros; blocks b >= num_blocks[0] exit.
 // !ROUTED: one weight matrix, rows t < T.
 //   A     [rows, K] bf16 (x [T, H] for GATE_UP, h / hs for down)
-//   W     [E, N, K] (one [N, K] if !ROUTED), bf16 or W4A16 (GROUP, see moe.cuh); GATE_UP: N = 2 * I
+//   W     [E, N, K] (one [N, K] if !ROUTED), bf16, W4A16 or FP8 (GROUP, weights.cuh); GATE_UP: N = 2 * I
 //         rows gate | up, output width N / 2
 //   out   GATE_UP: [num_blocks * BM (or T), N / 2] bf16; down: [T*TOPK (or T), N] bf16
 // Tiles: block BM x BN x BK, WM x WN warps, each warp (BM/WM) x (BN/WN) as 16 x 8 mma tiles. Two
-// shared-memory stages: A (and bf16 B) by cp.async, INT4 B through registers, dequantized to bf16
-// (q * scale rounded once) as it is stored. Rows of the smem tiles are padded by 16 bytes so
+// shared-memory stages: A (and bf16 B) by cp.async, INT4 / FP8 B through registers (16-byte vectors
+// of 32 INT4 or 16 FP8 weights), dequantized to bf16 (q * scale rounded once) as it is stored. Rows of the smem tiles are padded by 16 bytes so
 // ldmatrix is conflict-free. GATE_UP: the block's B rows alternate 8 gate rows, 8 up rows, so each
 // thread holds matching gate and up accumulators and applies silu(gate) * up in registers.
 // Grid: (N / BN, row blocks); block WM * WN * 32.
@@ -51,6 +51,15 @@ __device__ __forceinline__ void dequant32(const uint4& q, bf16 scale, uint4 (&ou
   }
 }
 
+// One raw 16-byte chunk of quantized weights times its scale -> bf16 in k order, rounded once: 32
+// INT4 weights (4 vectors, dequant32) or 16 FP8 codes (2 vectors, fp8.cuh).
+template <int GROUP>
+__device__ __forceinline__ void dequant_chunk(const uint4& q, typename WeightFormat<GROUP>::Scale scale,
+                                              uint4 (&out)[GROUP == kFp8 ? 2 : 4]) {
+  if constexpr (GROUP == kFp8) e4m3x16_dequant(q, scale, out);
+  else dequant32(q, scale, out);
+}
+
 // Row of A that block row p reads (sets ok = false for rows that read zeros): routed gate|up
 // gathers token sorted_ids[p] / TOPK (padding -1), routed down reads h row p (its padding rows are
 // zeros), the shared expert and dense GEMMs read row p < T.
@@ -85,7 +94,7 @@ __device__ __forceinline__ int moe_w_row(int nb, int n) {
 
 template <int GROUP, int N, int K, int TOPK, bool GATE_UP, bool ROUTED, int BM, int BN, int BK, int WM, int WN>
 __global__ void __launch_bounds__(WM * WN * 32)
-moe_gemm(const q35k::bf16* __restrict__ A, const void* __restrict__ W, const q35k::bf16* __restrict__ S,
+moe_gemm(const q35k::bf16* __restrict__ A, const void* __restrict__ W, const void* __restrict__ S,
          q35k::bf16* __restrict__ out, const int* __restrict__ sorted_ids, const int* __restrict__ block_expert,
          const int* __restrict__ num_blocks, int T) {
   using q35k::bf16;
@@ -95,12 +104,12 @@ moe_gemm(const q35k::bf16* __restrict__ A, const void* __restrict__ W, const q35
   constexpr int MT = WTM / 16, NT = WTN / 8;   // mma tiles per warp
   constexpr int LDS = BK + 8;                  // smem row stride (bf16): 16 bytes of padding
   constexpr int KT = K / BK;
-  static_assert(GROUP == 0 || GROUP == 32 || GROUP == 64 || GROUP == 128, "moe_gemm: GROUP must be 0, 32, 64 or 128");
+  using F = q35k::WeightFormat<GROUP>;
   static_assert(WTM % 16 == 0 && WTN % 16 == 0, "moe_gemm: warp tile must be a multiple of 16 x 16");
   static_assert(N % BN == 0 && K % BK == 0 && BK % 16 == 0, "moe_gemm: N % BN, K % BK, BK % 16 must be 0");
-  static_assert(GROUP == 0 || BK % 32 == 0, "moe_gemm: INT4 needs BK % 32 == 0");
+  static_assert(GROUP <= 0 || BK % 32 == 0, "moe_gemm: INT4 needs BK % 32 == 0");
   constexpr int A_CHUNKS = BM * BK / 8 / THREADS;                          // 16-byte A vectors per thread
-  constexpr int B_VALS = GROUP == 0 ? 8 : 32;                              // values per 16-byte B vector
+  constexpr int B_VALS = GROUP == 0 ? 8 : GROUP == q35k::kFp8 ? 16 : 32;   // values per 16-byte B vector
   constexpr int B_CHUNKS = BN * BK / B_VALS / THREADS;                     // B vectors per thread
   static_assert(A_CHUNKS * THREADS * 8 == BM * BK && B_CHUNKS * THREADS * B_VALS == BN * BK,
                 "moe_gemm: the tiles must split evenly over the threads");
@@ -133,28 +142,24 @@ moe_gemm(const q35k::bf16* __restrict__ A, const void* __restrict__ W, const q35
   // ---- B rows of this thread's vectors ----
   constexpr int BCPR = BK / B_VALS;  // B vectors per row per k-tile
   const unsigned char* b_src[B_CHUNKS];
-  const bf16* b_scale[B_CHUNKS];  // INT4: the row's scales
+  const void* const scales = F::template scales<N, K>(S, expert);  // INT4 / FP8: the expert's scales
+  int b_srow[B_CHUNKS];  // the row's first scale in `scales`
   int b_k[B_CHUNKS], b_dst[B_CHUNKS];
   {
-    const unsigned char* Wm = static_cast<const unsigned char*>(W) + size_t(expert) * N * K * (GROUP == 0 ? 2 : 1) / (GROUP == 0 ? 1 : 2);
+    const unsigned char* Wm = static_cast<const unsigned char*>(F::template matrix<N, K>(W, expert));
 #pragma unroll
     for (int i = 0; i < B_CHUNKS; ++i) {
       const int idx = tid + i * THREADS, n = idx / BCPR, kc = idx % BCPR;
       const int wrow = q35k::moe_w_row<N, BN, GATE_UP>(nb, n);
-      if constexpr (GROUP == 0) {
-        b_src[i] = Wm + (size_t(wrow) * K + kc * 8) * 2;
-        b_scale[i] = nullptr;
-      } else {
-        b_src[i] = Wm + (size_t(wrow) * K + kc * 32) / 2;
-        b_scale[i] = S + (size_t(expert) * N + wrow) * (K / (GROUP == 0 ? 1 : GROUP));
-      }
+      b_src[i] = Wm + F::bytes(size_t(wrow) * K + kc * B_VALS);
+      b_srow[i] = wrow * F::scales_per_row(K);
       b_k[i] = kc * B_VALS;
       b_dst[i] = n * LDS + kc * B_VALS;
     }
   }
 
-  uint4 bq[GROUP == 0 ? 1 : B_CHUNKS];  // INT4 B vectors in flight
-  bf16 bs[GROUP == 0 ? 1 : B_CHUNKS];
+  uint4 bq[GROUP == 0 ? 1 : B_CHUNKS];  // INT4 / FP8 B vectors in flight
+  typename F::Scale bs[GROUP == 0 ? 1 : B_CHUNKS];  // and their scales
   auto load_tile = [&](int kt, int stage) {
 #pragma unroll
     for (int i = 0; i < A_CHUNKS; ++i) q35k::cp_async_16(&sA[stage][a_dst[i]], a_src[i] + kt * BK, a_ok[i]);
@@ -164,20 +169,21 @@ moe_gemm(const q35k::bf16* __restrict__ A, const void* __restrict__ W, const q35
     } else {
 #pragma unroll
       for (int i = 0; i < B_CHUNKS; ++i) {
-        bq[i] = q35k::ld_stream_16(b_src[i] + size_t(kt) * BK / 2);
-        bs[i] = b_scale[i][(kt * BK + b_k[i]) / GROUP];
+        bq[i] = q35k::ld_stream_16(b_src[i] + F::bytes(size_t(kt) * BK));
+        bs[i] = F::stored_scale(scales, size_t(b_srow[i] + (kt * BK + b_k[i]) / F::SCALE_K));
       }
     }
     q35k::cp_async_commit();
   };
   auto store_b = [&](int stage) {
     if constexpr (GROUP != 0) {
+      constexpr int OUT = B_VALS / 8;  // bf16 vectors per B vector
 #pragma unroll
       for (int i = 0; i < B_CHUNKS; ++i) {
-        uint4 v[4];
-        q35k::dequant32(bq[i], bs[i], v);
+        uint4 v[OUT];
+        q35k::dequant_chunk<GROUP>(bq[i], bs[i], v);
 #pragma unroll
-        for (int j = 0; j < 4; ++j) *reinterpret_cast<uint4*>(&sB[stage][b_dst[i] + j * 8]) = v[j];
+        for (int j = 0; j < OUT; ++j) *reinterpret_cast<uint4*>(&sB[stage][b_dst[i] + j * 8]) = v[j];
       }
     }
   };

@@ -12,15 +12,17 @@
 //   ROUTED, GATE_UP     routed gate|up: block b covers sorted positions b*BM .. of expert
 //                       block_expert[b]; A row = sorted_ids[p] / TOPK (padding -1: zeros); out [p, N / 2]
 //   ROUTED, !GATE_UP    routed down: A = h [p, K]; out[sorted_ids[p], :] (padding rows not written)
-// W is [E, N, K] bf16 (GROUP 0) or W4A16 qweight u32 [E, N, K/8] (natural k order) with bf16 scales
-// [E, N, K/GROUP]; GATE_UP rows are gate (N/2) | up (N/2).
+// W is [E, N, K] bf16 (GROUP 0), W4A16 qweight u32 [E, N, K/8] (natural k order) with bf16 scales
+// [E, N, K/GROUP], or FP8 (GROUP kFp8) codes uint8 [E, N, K] with fp32 scales [E, N, ceil(K/128)]
+// (weights.cuh); GATE_UP rows are gate (N/2) | up (N/2).
 //
 // Block: WGM x WGN warpgroups (128 threads each); BM = 64 * WGM rows, BN columns, the warpgroup tile
 // is 64 x BN/WGN, one wgmma.m64n{BN/WGN}k16 per 16 k. K steps of 64 (128-byte rows) stream through
 // a STAGES-deep ring in dynamic shared memory filled by cp.async (A rows gathered per row, so the
-// routed rows need no permuted copy), 128-byte swizzled as wgmma's descriptors expect. INT4 weights
-// land raw in the ring and each thread dequantizes the chunk it copied (q * scale rounded to bf16
-// once, as moe_gemm) into a 3-deep ring of bf16 B tiles. Prefetch distance STAGES - 2: the slot
+// routed rows need no permuted copy), 128-byte swizzled as wgmma's descriptors expect. INT4 and FP8
+// weights land raw in the ring (a 64-k step of a row: 2 chunks of 16 bytes INT4, 4 FP8) and each
+// thread dequantizes the chunks it copied (q * scale rounded to bf16 once, as moe_gemm) into a
+// 3-deep ring of bf16 B tiles. Prefetch distance STAGES - 2: the slot
 // refilled at step kt was last read by the wgmma of step kt - 2, which every warpgroup has retired
 // (wgmma.wait_group 1) before the barrier of step kt.
 // GATE_UP: the block's B rows alternate 8 gate rows and 8 up rows, so accumulator column blocks
@@ -32,7 +34,7 @@
 //
 // WS (warp-specialised): one more warpgroup, the producer, does every load and dequantization; the
 // WGM x WGN consumer warpgroups only wait and issue wgmma. Stage s of the STAGES-deep ring holds the
-// A tile and the bf16 B tile or (W4A16) the raw INT4 B tile; full[s] / empty[s] mbarriers replace
+// A tile and the bf16 B tile or (W4A16, FP8) the raw B tile; full[s] / empty[s] mbarriers replace
 // the block barrier, so the producer runs STAGES - 2 steps ahead and dequantizes step kt while the
 // consumers multiply step kt - 1.
 // SWAP (WS only; few rows, e.g. the MoE's tokens per expert at short prompts): the weights are
@@ -48,17 +50,20 @@ namespace sm90 {
 
 // The loads of one block's tiles, spread over LT threads (ltid = 0 .. LT-1): per stage of KSUB K
 // steps of 64, the A rows (gathered: routed gate|up reads A row sorted_ids[p] / TOPK) and the B rows
-// (bf16, or raw INT4 dequantized by the thread that copied them when KSUB = 1). A stage holds KSUB
-// A tiles [BM x 64] (128-byte swizzled rows), then KSUB bf16 B tiles [BN x 64] or the raw INT4 rows
-// (row n: 32 KSUB bytes, chunk c of row n at 16 (2 KSUB n + c)). Used by every thread of gemm_wgmma,
-// and by the producer warpgroup of its warp-specialised form.
+// (bf16, or raw INT4 / FP8 dequantized by the thread that copied them when KSUB = 1). A stage holds
+// KSUB A tiles [BM x 64] (128-byte swizzled rows), then KSUB bf16 B tiles [BN x 64] or the raw rows
+// (row n: B_RCH 16-byte chunks of RAW_VALS weights, 32 KSUB bytes INT4 or 64 KSUB FP8, chunk c of
+// row n at 16 (B_RCH n + c)). Used by every thread of gemm_wgmma, and by the producer warpgroup of
+// its warp-specialised form.
 template <int GROUP, int N, int K, int TOPK, bool GATE_UP, bool ROUTED, int BM, int BN, int LT, int KSUB = 1>
 struct WgTileLoader {
+  using F = WeightFormat<GROUP>;
   static constexpr int BK = 64 * KSUB;  // K per stage
   static constexpr u32 A_BYTES = BM * 128;  // one A tile (64 k)
   static constexpr int A_CH = BM * 8 * KSUB;  // 16-byte chunks of the stage's A tiles
   static constexpr int A_CPT = (A_CH + LT - 1) / LT;
-  static constexpr int B_RCH = GROUP == 0 ? 8 * KSUB : 2 * KSUB;  // 16-byte chunks per B row
+  static constexpr int RAW_VALS = GROUP == kFp8 ? 16 : 32;  // weights per raw 16-byte chunk (INT4 / FP8)
+  static constexpr int B_RCH = GROUP == 0 ? 8 * KSUB : BK / RAW_VALS;  // 16-byte chunks per B row
   static constexpr int B_CH = BN * B_RCH;
   static constexpr int B_CPT = (B_CH + LT - 1) / LT;
   static_assert((A_CH % LT == 0 || A_CH < LT) && (GROUP != 0 || B_CH % LT == 0),
@@ -68,14 +73,14 @@ struct WgTileLoader {
   u32 a_off[A_CPT];
   int a_k[A_CPT];
   const unsigned char* b_src[B_CPT];
-  const bf16* b_scale[B_CPT];
+  const void* b_scale[B_CPT];
   bool b_ok[B_CPT];
   u32 b_off[B_CPT];
   int b_row[B_CPT], b_k[B_CPT];
-  bf16 scale_next[GROUP == 0 ? 1 : B_CPT];
+  typename F::Scale scale_next[GROUP == 0 ? 1 : B_CPT];
   int ltid;
 
-  __device__ __forceinline__ void init(int ltid_, const bf16* A, const void* W, const bf16* S, const int* sorted_ids,
+  __device__ __forceinline__ void init(int ltid_, const bf16* A, const void* W, const void* S, const int* sorted_ids,
                                        int expert, long long row0, int nb, int T) {
     ltid = ltid_;
 #pragma unroll
@@ -101,15 +106,15 @@ struct WgTileLoader {
         b_scale[i] = nullptr;
         b_off[i] = u32(ch / 8) * (BN * 128) + sw128(n, ch % 8);
       } else {
-        b_k[i] = ch * 32;
-        b_src[i] = static_cast<const unsigned char*>(W) + (r * K + ch * 32) / 2;
-        b_scale[i] = S + r * (K / (GROUP == 0 ? 1 : GROUP));
+        b_k[i] = ch * RAW_VALS;
+        b_src[i] = static_cast<const unsigned char*>(W) + F::bytes(r * K + ch * RAW_VALS);
+        b_scale[i] = F::scale_row(S, r, K);
         b_off[i] = u32(c) * 16;
       }
     }
   }
 
-  // cp.async of stage kt: A into a_tile, B into b_tile (bf16, swizzled) or raw INT4 (16 B per chunk).
+  // cp.async of stage kt: A into a_tile, B into b_tile (bf16, swizzled) or raw (16 B per chunk).
   __device__ __forceinline__ void load(u32 a_tile, u32 b_tile, int kt, const bf16* A, const void* W) const {
     const int k0 = kt * BK;
 #pragma unroll
@@ -126,7 +131,7 @@ struct WgTileLoader {
         const bool ok = b_ok[i] && (K % BK == 0 || k0 + b_k[i] < K);
         cp_async_16_s(b_tile + b_off[i], ok ? b_src[i] + size_t(k0) * 2 : W, ok);
       } else {
-        cp_async_16_s(b_tile + b_off[i], b_ok[i] ? b_src[i] + k0 / 2 : W, b_ok[i]);
+        cp_async_16_s(b_tile + b_off[i], b_ok[i] ? b_src[i] + F::bytes(k0) : W, b_ok[i]);
       }
     }
   }
@@ -134,48 +139,59 @@ struct WgTileLoader {
     if constexpr (GROUP != 0) {
 #pragma unroll
       for (int i = 0; i < B_CPT; ++i)
-        scale_next[i] = b_ok[i] ? b_scale[i][(kt * BK + b_k[i]) / GROUP] : bf16(0);
+        scale_next[i] =
+            b_ok[i] ? F::stored_scale(b_scale[i], (kt * BK + b_k[i]) / F::SCALE_K) : typename F::Scale(0);
     }
   }
-  // INT4, KSUB = 1: the raw chunks this thread copied -> bf16 B tile bs (zeros for rows past N).
+  // INT4 / FP8, KSUB = 1: the raw chunks this thread copied -> bf16 B tile bs (zeros for rows past N).
   __device__ __forceinline__ void dequant(u32 raw, u32 bs) const {
     static_assert(KSUB == 1, "gemm_wgmma: the copying thread dequantizes only single-step stages");
     if constexpr (GROUP != 0) {
+      constexpr int OUT = RAW_VALS / 8;  // bf16 16-byte chunks per raw chunk
 #pragma unroll
       for (int i = 0; i < B_CPT; ++i) {
         const int c = ltid + i * LT;
         if (B_CH % LT != 0 && c >= B_CH) continue;
-        uint4 v[4];
-        dequant32(ld_shared_16(raw + u32(c) * 16), scale_next[i], v);
+        uint4 v[OUT];
+        dequant_chunk<GROUP>(ld_shared_16(raw + u32(c) * 16), scale_next[i], v);
 #pragma unroll
-        for (int j = 0; j < 4; ++j) st_shared_16(bs + sw128(b_row[i], (c % 2) * 4 + j), v[j]);
+        for (int j = 0; j < OUT; ++j) st_shared_16(bs + sw128(b_row[i], (c % B_RCH) * OUT + j), v[j]);
       }
     }
   }
 };
 
-// Swapped form, W4A16: a consumer warpgroup dequantizes its own 64 B rows (64 wg ..) of raw INT4
-// (row n, 64-k step u of the stage: chunks 2 KSUB n + 2 u + half, 32 k-values each) into a bf16 B
-// tile, thread t of the warpgroup one chunk per 64-k step.
+// Swapped form, W4A16 / FP8: a consumer warpgroup dequantizes its own 64 B rows (64 wg ..) of raw
+// weights into a bf16 B tile, thread t of the warpgroup half a row's 64-k step (32 k-values) per
+// step: row n = 64 wg + t / 2, half t % 2; of 64-k step u of the stage, raw chunks
+// B_RCH n + (64 / RAW_VALS) u + PER_HALF half + i, i < PER_HALF (one INT4 chunk, two FP8 ones).
 template <int GROUP, int N, int K, bool GATE_UP, int BN, int KSUB>
 struct WgRowDequant {
+  using F = WeightFormat<GROUP>;
+  static constexpr int RAW_VALS = GROUP == kFp8 ? 16 : 32, PER_HALF = 32 / RAW_VALS, OUT = RAW_VALS / 8;
+  static constexpr int B_RCH = 64 * KSUB / RAW_VALS;
   int n, half;
   bool ok;
-  const bf16* scale;
-  bf16 next;
-  __device__ __forceinline__ void init(int t, int wg, int expert, int nb, const bf16* S) {
+  const void* scale;
+  typename F::Scale next;
+  __device__ __forceinline__ void init(int t, int wg, int expert, int nb, const void* S) {
     n = 64 * wg + t / 2, half = t % 2;
     const int wrow = moe_w_row<N, BN, GATE_UP>(nb, n);
     ok = wrow < N;
-    scale = S + (size_t(expert) * N + (ok ? wrow : 0)) * (K / GROUP);
+    scale = F::scale_row(S, size_t(expert) * N + (ok ? wrow : 0), K);
   }
   // q: the 64-k step (stage * KSUB + u)
-  __device__ __forceinline__ void load_scale(int q) { next = ok ? scale[(q * 64 + half * 32) / GROUP] : bf16(0); }
+  __device__ __forceinline__ void load_scale(int q) {
+    next = ok ? F::stored_scale(scale, (q * 64 + half * 32) / F::SCALE_K) : typename F::Scale(0);
+  }
   __device__ __forceinline__ void run(u32 raw, int u, u32 bs) const {
-    uint4 v[4];
-    dequant32(ld_shared_16(raw + u32(2 * KSUB * n + 2 * u + half) * 16), next, v);
 #pragma unroll
-    for (int j = 0; j < 4; ++j) st_shared_16(bs + sw128(n, half * 4 + j), v[j]);
+    for (int i = 0; i < PER_HALF; ++i) {
+      uint4 v[OUT];
+      dequant_chunk<GROUP>(ld_shared_16(raw + u32(B_RCH * n + (64 / RAW_VALS) * u + PER_HALF * half + i) * 16), next, v);
+#pragma unroll
+      for (int j = 0; j < OUT; ++j) st_shared_16(bs + sw128(n, half * 4 + i * OUT + j), v[j]);
+    }
   }
 };
 
@@ -268,7 +284,7 @@ __device__ __forceinline__ bool wg_rows_active(const int* sorted_ids, long long 
 template <int GROUP, int N, int K, int TOPK, bool GATE_UP, bool ROUTED, bool OUT_F32, int BM, int BN, int STAGES,
           int WGM, int WGN, bool WS, bool SWAP, int KSUB, bool PERSIST = false>
 __global__ void __launch_bounds__((WGM * WGN + (WS ? 1 : 0)) * 128, 1)
-gemm_wgmma(const q35k::bf16* __restrict__ A, const void* __restrict__ W, const q35k::bf16* __restrict__ S,
+gemm_wgmma(const q35k::bf16* __restrict__ A, const void* __restrict__ W, const void* __restrict__ S,
            void* __restrict__ out, const int* __restrict__ sorted_ids, const int* __restrict__ block_expert,
            const int* __restrict__ num_blocks, int T) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -279,7 +295,7 @@ gemm_wgmma(const q35k::bf16* __restrict__ A, const void* __restrict__ W, const q
   constexpr int WTN = BN / WGN;                // warpgroup tile: 64 x WTN (SWAP: 64 weight rows x BM tokens)
   constexpr int ACC = SWAP ? BM / 2 : WTN / 2;  // accumulator registers per thread
   constexpr int KT = (K + BK * KSUB - 1) / (BK * KSUB);  // stages of KSUB 64-k steps
-  constexpr u32 A_BYTES = BM * 128, BS_BYTES = BN * 128, RAW_BYTES = BN * 32;
+  constexpr u32 A_BYTES = BM * 128, BS_BYTES = BN * 128, RAW_BYTES = BN * (GROUP == kFp8 ? 64 : 32);
   static_assert(SWAP || BM == 64 * WGM, "gemm_wgmma: BM must be 64 * WGM");
   static_assert(SWAP || WTN == 32 || WTN == 64 || WTN == 128 || WTN == 256,
                 "gemm_wgmma: BN / WGN must be 32, 64, 128 or 256");
@@ -290,8 +306,8 @@ gemm_wgmma(const q35k::bf16* __restrict__ A, const void* __restrict__ W, const q
                 "gemm_wgmma: stages of several 64-k steps (longer runs of each weight row per copy) are the "
                 "swapped form's, with K a multiple of 64 KSUB");
   static_assert(K % 8 == 0 && N % 8 == 0, "gemm_wgmma: N and K must be multiples of 8");
-  static_assert(GROUP == 0 || (K % BK == 0 && K % GROUP == 0 && (GROUP == 32 || GROUP == 64 || GROUP == 128)),
-                "gemm_wgmma: W4A16 needs K a multiple of 64 and of the group (32, 64, 128)");
+  static_assert(GROUP == 0 || (K % BK == 0 && (GROUP == kFp8 || (K % GROUP == 0 && (GROUP == 32 || GROUP == 64 || GROUP == 128)))),
+                "gemm_wgmma: W4A16 needs K a multiple of 64 and of the group (32, 64, 128); FP8 K a multiple of 64");
   static_assert(!(GATE_UP || ROUTED) || N % BN == 0, "gemm_wgmma: MoE GEMMs need N % BN == 0");
   static_assert(!GATE_UP || (WTN % 16 == 0 && !OUT_F32), "gemm_wgmma: gate|up pairs 8-column blocks, bf16 out");
   static_assert(!PERSIST || (WS && !SWAP), "gemm_wgmma: the persistent form is the warp-specialised (not swapped) one");

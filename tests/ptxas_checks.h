@@ -30,6 +30,14 @@ inline int spill_bytes(const CompiledKernel& k, const std::string& what) {
   return bytes;
 }
 
+// Registers per thread from a ptxas -v log (the kernel's "Used N registers" line).
+inline int registers(const CompiledKernel& k) {
+  static const std::regex re(R"(Used (\d+) registers)");
+  std::smatch m;
+  REQUIRE(std::regex_search(k.log, m, re));
+  return std::stoi(m[1].str());
+}
+
 // cuobjdump -sass of a cubin (written to `dir`); stops the test when cuobjdump is missing.
 inline std::string sass_of(const CompiledKernel& k, const std::filesystem::path& dir) {
   const char* tool = std::getenv("Q35_CUOBJDUMP");

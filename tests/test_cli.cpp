@@ -219,6 +219,14 @@ TEST_CASE("compile: every kernel of the fixture for sm_80 and sm_90a, then all c
   Result bad = q35jit("compile --model " + kModel + " --arch sm_90a --moe-tiles some");
   CHECK(bad.code != 0);
   CHECK(bad.err.find("--moe-tiles must be all, wgmma or rs") != std::string::npos);
+  // The register-sourced tiles dequantize INT4 in registers: bf16 and FP8 weights have none.
+  for (const char* quant : {"fp8", "bf16"}) {
+    CAPTURE(quant);
+    Result r = q35jit("compile --model " + kModel + " --arch sm_90a --quant " + quant + " --moe-tiles rs");
+    CHECK(r.code == 1);
+    CHECK(r.err.find(std::string("--moe-tiles rs: the register-sourced MoE tiles read W4A16 weights only, not --quant ") +
+                     quant) != std::string::npos);
+  }
 }
 
 TEST_CASE("compile: every kernel of the 122B-A10B and 397B-A17B configs for sm_90a and sm_80") {
@@ -234,16 +242,46 @@ TEST_CASE("compile: every kernel of the 122B-A10B and 397B-A17B configs for sm_9
     }
 }
 
-TEST_CASE("the family's synthetic names and the unsupported --quant fp8 are one line each") {
+TEST_CASE("the family's synthetic names are one line each") {
   Result r = q35jit("compile --synthetic 1t --arch sm_80");
   CHECK(r.code == 1);
   CHECK(r.err == "error: unknown synthetic model '1t': known: 35b-a3b, 122b-a10b, 397b-a17b\n");
   r = q35jit("compile --model " + kModel + " --synthetic 35b-a3b --arch sm_80");
   CHECK(r.err == "error: q35jit compile: give --model DIR or --synthetic NAME\n");
-  r = q35jit("run --model " + kModel + " --prompt hi --device cuda --quant fp8");
+}
+
+TEST_CASE("--quant fp8: compile and tune --show take it; run --device cpu runs the FP8-rounded reference; bad values "
+          "are one line") {
+  TempDir cache("cli-fp8");
+  for (const char* arch : {"sm_80", "sm_90a"}) {
+    CAPTURE(arch);
+    Result r = q35jit("compile --model " + kModel + " --quant fp8 --arch " + arch + " --cache-dir " + cache.path().string());
+    CHECK_MESSAGE(r.code == 0, r.err);
+    CHECK(r.out.find("fp8") != std::string::npos);
+  }
+  // The tuner's FP8 families and signatures, without a GPU.
+  Result r = q35jit("tune --synthetic 35b-a3b --quant fp8 --show --gpu 'Some GPU' --sm sm_90 --sweep 1..1");
+  CHECK_MESSAGE(r.code == 0, r.err);
+  CHECK(r.out.find("gemv_fp8") != std::string::npos);
+  CHECK(r.out.find("N12352_K2048_FP8_bf16") != std::string::npos);
+  CHECK(r.out.find("H2048_E256_K8_I512_IS512_FP8") != std::string::npos);
+  CHECK(r.out.find("gemv_w4a16") == std::string::npos);
+  // The CPU reference on the weights the GPU keeps in FP8: text, and not the bf16 run's logits.
+  Result cpu = q35jit("run --model " + kModel + " --prompt 'The quick brown fox' --temperature 0 --max-new-tokens 8 "
+                      "--device cpu --quant fp8");
+  CHECK_MESSAGE(cpu.code == 0, cpu.err);
+  CHECK(!cpu.out.empty());
+  // Bad values and combinations: one line each.
+  r = q35jit("run --model " + kModel + " --prompt hi --device cuda --quant int8");
   CHECK(r.code == 1);
-  CHECK(r.err.find("--quant fp8 (FP8 weights on the GPU, W8A16 kernels) is not implemented yet") != std::string::npos);
+  CHECK(r.err == "error: q35jit run: --quant must be bf16, w4a16 or fp8, got 'int8'\n");
+  r = q35jit("compile --model " + kModel + " --quant fp8 --group-size 64 --arch sm_80");
+  CHECK(r.code == 1);
+  CHECK(r.err.find("--group-size applies to --quant w4a16") != std::string::npos);
   CHECK(count_lines(r.err) == 1);
+  r = q35jit("run --model " + kModel + " --prompt hi --device cpu --quant w4a16");
+  CHECK(r.code == 1);
+  CHECK(r.err.find("--quant fp8 runs it on the weights rounded through FP8") != std::string::npos);
 }
 
 TEST_CASE("bench --batch: the batch sizes are checked before any GPU work, one line each") {
@@ -252,14 +290,14 @@ TEST_CASE("bench --batch: the batch sizes are checked before any GPU work, one l
   CHECK(r.err == "error: q35jit bench: --batch expects positive integers separated by commas, got '0'\n");
   r = q35jit("bench --synthetic 35b-a3b --batch 1,4,x");
   CHECK(r.err == "error: q35jit bench: --batch expects positive integers separated by commas, got 'x'\n");
-  r = q35jit("bench --synthetic 35b-a3b --batch 4,2048");
+  // One batched step runs at most 64 rows (bench times one step per batch size).
+  r = q35jit("bench --synthetic 35b-a3b --batch 4,65");
   CHECK(r.code == 1);
-  CHECK(r.err ==
-        "error: q35jit bench: --batch 2048: one batched step runs at most 64 rows (larger batches run as consecutive "
-        "steps of at most 64; time those)\n");
-  r = q35jit("bench --synthetic 35b-a3b --batch 65");
+  CHECK(r.err == "error: q35jit bench: --batch 65: one batched step runs at most 64 rows (larger batches run as "
+                 "consecutive steps of at most 64; time those)\n");
+  r = q35jit("bench --synthetic 35b-a3b --batch 2048");
   CHECK(r.code == 1);
-  CHECK(r.err.find("--batch 65: one batched step runs at most 64 rows") != std::string::npos);
+  CHECK(r.err.find("--batch 2048: one batched step runs at most 64 rows") != std::string::npos);
   r = q35jit("bench --synthetic 35b-a3b --batch-context 64");
   CHECK(r.err == "error: q35jit bench: --batch-context applies to --batch (give the batch sizes)\n");
   r = q35jit("bench --synthetic 35b-a3b --batch 4 --batch-context 0");

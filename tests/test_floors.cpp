@@ -12,6 +12,7 @@
 #include "models/qwen35/memory.h"
 #include "models/qwen35/quantized.h"
 #include "models/qwen35/weights.h"
+#include "runtime/core/weight_format.h"
 #include "runtime/jit/jit_engine.h"
 #include "tests/synthetic_checkpoint.h"
 #include "tests/test_util.h"
@@ -164,7 +165,14 @@ TEST_CASE("tiny fixture: every figure worked out by hand") {
   CHECK(g64.prefill_weight_bytes(1000) ==
         doctest::Approx(double(g64.model_weight_bytes() - 1536 * 128 * 2 + 1000 * 128 * 2)));
 
-  CHECK(error_of([] { ModelWork(config_tiny(), -1); }).find("group size") != std::string::npos);
+  // FP8: a byte per quantized weight and an fp32 scale per row and 128-k block (K = 64 and 128: one
+  // block, K = 512: four): routed experts 4 x 4 x (128 x 132 + 128 x 68), shared expert 4 x (256 x 132
+  // + 128 x 132 + 256), router 4 x 16 x 128 x 2, GDN 3 x (1544 x 132 + 128 x 528), attention
+  // 1536 x 132 + 128 x 528, lm_head 1536 x 132.
+  const ModelWork fp8(config_tiny(), kFp8Group);
+  CHECK(fp8.weight_bytes_per_token() == 409600 + 203776 + 16384 + 814176 + 270336 + 202752 + 29024);
+
+  CHECK(error_of([] { ModelWork(config_tiny(), -2); }).find("group size") != std::string::npos);
   CHECK(error_of([&] { g64.decode_floor_ms(1, 0); }).find("bandwidth") != std::string::npos);
 }
 

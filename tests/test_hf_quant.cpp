@@ -218,6 +218,42 @@ TEST_CASE("FP8 checkpoint: block-scaled weights dequantized exactly; bf16 module
   CHECK(a.forward(sa, tokens, true) == b.forward(sb, tokens, true));
 }
 
+// The CPU reference of --quant fp8 (load_host_weights_fp8): what the GPU holds in FP8, blocks [1, 128].
+TEST_CASE("load_host_weights_fp8: FP8 tensors exact, the other projections and lm_head rounded through FP8, the rest as stored") {
+  const Config c = test::tiny_config();
+  test::TempDir dir("hfq-fp8-host");
+  const auto values = write_quantized(dir.path(), c, QuantMethod::FP8, 8, 1, 5, 128);
+  Checkpoint ckpt(dir.path());
+  const HostWeights plain = load_host_weights(c, ckpt), fp8w = load_host_weights_fp8(c, ckpt);
+  const std::string P = "model.language_model.layers.0.linear_attn.";
+  // in_proj_qkv is FP8 in the checkpoint: its exact values.
+  REQUIRE(ckpt.get(P + "in_proj_qkv.weight").info->dtype == DType::F8_E4M3);
+  CHECK(fp8w.layers[0].linear.in_proj_qkv.data == values.at(P + "in_proj_qkv.weight").data);
+  // in_proj_a and lm_head are bf16 there: quantized with blocks [1, 128] as the GPU does, dequantized.
+  auto round_trip = [](const HostTensor& t) {
+    const int64_t K = t.shape.back(), rows = t.numel() / K;
+    const fp8::Quantized q = fp8::quantize(t.data, rows, K, 1, 128);
+    return fp8::dequantize(q.codes, q.scale_inv, rows, K, 1, 128);
+  };
+  CHECK(fp8w.layers[0].linear.in_proj_a.data == round_trip(plain.layers[0].linear.in_proj_a));
+  CHECK(fp8w.lm_head.data == round_trip(plain.lm_head));
+  CHECK(fp8w.lm_head.data != plain.lm_head.data);
+  // Router, norms, conv, embeddings: as stored.
+  CHECK(fp8w.layers[1].moe.router.data == plain.layers[1].moe.router.data);
+  CHECK(fp8w.layers[0].linear.conv1d.data == plain.layers[0].linear.conv1d.data);
+  CHECK(fp8w.embed_tokens.data == plain.embed_tokens.data);
+  CHECK(fp8w.final_norm.data == plain.final_norm.data);
+  // The reference runs them: logits near those of the stored weights, not equal.
+  CpuModel a(c, HostWeights(plain)), b(c, HostWeights(fp8w));
+  CpuState sa = a.new_state(32), sb = b.new_state(32);
+  const std::vector<int32_t> tokens = {9, 2, 33, 71, 4};
+  const std::vector<float> la = a.forward(sa, tokens, true), lb = b.forward(sb, tokens, true);
+  double d = 0, n = 0;
+  for (size_t i = 0; i < la.size(); ++i) d += double(la[i] - lb[i]) * (la[i] - lb[i]), n += double(la[i]) * la[i];
+  CHECK(std::sqrt(d / n) > 1e-5);
+  CHECK(std::sqrt(d / n) < 0.1);
+}
+
 TEST_CASE("damaged quantization metadata: one error naming the tensor") {
   const Config c = test::tiny_config();
   const std::string X = "model.language_model.layers.1.mlp.experts.2.down_proj";

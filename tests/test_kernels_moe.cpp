@@ -17,6 +17,7 @@
 #include "models/qwen35/config.h"
 #include "models/qwen35/gpu/moe.h"
 #include "runtime/core/error.h"
+#include "runtime/core/weight_format.h"
 #include "runtime/jit/jit_engine.h"
 #include "tests/moe_plan_ref.h"
 #include "tests/ptxas_checks.h"
@@ -192,6 +193,38 @@ TEST_CASE("moe tile validity rules and defaults") {
   CHECK(default_moe_down_tile(big).threads(big.top_k) == 18 * 32);  // 2 warps per routed expert + the shared one
   CHECK(default_moe_gate_up_tile(big).ksplit == 4);
   CHECK(default_moe_gate_up_tile(tiny).ksplit == 4);  // H = 128: 4 parts of 32
+  // A warp's part of K starts on a scale group (WarpRows16 scales each mma column by one group's
+  // scale): a multiple or a divisor of the W4A16 group. H = 3072 in 16 parts of 192 straddles g128
+  // groups (the warp of k 192..383 crosses k = 256); g64 divides 192; g32 takes any part.
+  const MoeShape h3072{3072, 64, 8, 512, 512, 128};
+  CHECK(why_invalid(h3072).empty());
+  CHECK(why_invalid_gate_up(MoeGemvTile{8}, h3072).empty());  // 384 = 3 groups
+  CHECK(why_invalid_gate_up(MoeGemvTile{24}, h3072).empty());  // 128
+  CHECK(why_invalid_gate_up(MoeGemvTile{16}, h3072) ==
+        "W4A16 g128: H / ksplit = 192 is neither a multiple nor a divisor of the scale group of 128 k (ksplit = 16: "
+        "a warp's part of K must start on a scale group)");
+  CHECK(contains(error_of([&] { moe_decode_gate_up_spec(h3072, MoeGemvTile{16}); }),
+                 "moe_decode_gate_up [H = 3072, E = 64, k = 8, I = 512, Is = 512, W4A16 g128]: W4A16 g128: H / ksplit "
+                 "= 192 is neither"));
+  CHECK(why_invalid_gate_up(MoeGemvTile{16}, MoeShape{3072, 64, 8, 512, 512, 64}).empty());
+  CHECK(contains(why_invalid_gate_up(MoeGemvTile{32}, MoeShape{3072, 64, 8, 512, 512, 64}),
+                 "W4A16 g64: H / ksplit = 96 is neither a multiple nor a divisor of the scale group of 64 k (ksplit = 32"));
+  CHECK(why_invalid_gate_up(MoeGemvTile{32}, MoeShape{3072, 64, 8, 512, 512, 32}).empty());
+  CHECK(why_invalid_gate_up(MoeGemvTile{32}, MoeShape{3072, 64, 8, 512, 512, 0}).empty());
+  // down, one routed expert per token (so 16 parts fit in 32 warps): I or Is = 3072 in parts of 192.
+  const MoeShape i3072{2048, 16, 1, 3072, 3072, 128};
+  CHECK(why_invalid(i3072).empty());
+  CHECK(why_invalid(MoeDownTile{16}, i3072) ==
+        "W4A16 g128: I / ksplit = 192 is neither a multiple nor a divisor of the scale group of 128 k (ksplit = 16: a "
+        "warp's part of K must start on a scale group)");
+  CHECK(contains(error_of([&] { moe_decode_down_spec(i3072, MoeDownTile{16}); }),
+                 "moe_decode_down [H = 2048, E = 16, k = 1, I = 3072, Is = 3072, W4A16 g128]: W4A16 g128: I / ksplit"));
+  CHECK(contains(error_of([&] { moe_decode_down_residual_spec(i3072, MoeDownTile{16}); }),
+                 "moe_decode_down_residual [H = 2048"));
+  CHECK(contains(why_invalid(MoeDownTile{16}, MoeShape{2048, 16, 1, 1024, 3072, 128}), "Is / ksplit = 192 is neither"));
+  CHECK(why_invalid(MoeDownTile{8}, i3072).empty());   // 384 = 3 groups
+  CHECK(why_invalid(MoeDownTile{12}, i3072).empty());  // 256
+  CHECK(why_invalid(MoeDownTile{16}, MoeShape{2048, 16, 1, 3072, 3072, 64}).empty());  // 192 = 3 groups of 64
   // down's expert groups each sum their K parts behind a named barrier: at most 15 groups (k <= 14).
   CHECK(contains(why_invalid(MoeDownTile{2}, MoeShape{2048, 256, 15, 512, 512, 128}), "k + 1 = 16 groups exceed 15"));
   CHECK(why_invalid(MoeDownTile{1}, MoeShape{2048, 256, 15, 512, 512, 128}).empty());
@@ -344,9 +377,9 @@ TEST_CASE("every MoE kernel compiles for sm_80 and sm_90a, tiny and 35B, bf16 an
 
 // The decode path's kernels (router with the plan, expert-grouped gate_up and down): the router's
 // default tiles and every gate_up / down tile of the tuner's space, at the tiny fixture's and the 35B
-// shapes, each weight format, compile for sm_90a with no register spills and no stack frame (ptxas -v;
-// sm_80 builds of the defaults: the test above).
-TEST_CASE("the expert-grouped decode kernels compile without spills, tiny and 35B, bf16 and W4A16") {
+// shapes, each weight format (FP8 too), compile for sm_90a with no register spills and no stack frame
+// (ptxas -v; sm_80 builds of the defaults: the test above, FP8's in test_kernels_fp8.cpp).
+TEST_CASE("the expert-grouped decode kernels compile without spills, tiny and 35B, bf16, W4A16 and FP8") {
   q35::test::TempDir cache("moe-decode-jit");
   JitEngine jit(cache.path(), JitOptions{.kernel_dir = std::nullopt, .extra_options = {"--ptxas-options=-v"}});
   std::vector<KernelSpec> specs;
@@ -354,7 +387,8 @@ TEST_CASE("the expert-grouped decode kernels compile without spills, tiny and 35
   auto add = [&](const KernelSpec& s) {
     if (seen.insert(s.str()).second) specs.push_back(s);
   };
-  const std::pair<Config, std::vector<int>> configs[] = {{config_tiny(), {0, 32, 64}}, {config_35b(), {0, 32, 128}}};
+  const std::pair<Config, std::vector<int>> configs[] = {{config_tiny(), {0, 32, 64, kFp8Group}},
+                                                         {config_35b(), {0, 32, 128, kFp8Group}}};
   for (const auto& [cfg, groups] : configs)
     for (int group : groups) {
       const MoeShape s = moe_shape(cfg, group);
@@ -390,8 +424,8 @@ TEST_CASE("the expert-grouped decode kernels compile without spills, tiny and 35
   }
 }
 
-// The grouped path's kernels as the runner loads them for the 35B (W4A16 g128 and bf16: default M = 1
-// tiles, the router's m_tile 16 tile that T > 8 takes): no spills on sm_90a and sm_80; their
+// The grouped path's kernels as the runner loads them for the 35B (W4A16 g128, bf16 and FP8: default
+// M = 1 tiles, the router's m_tile 16 tile that T > 8 takes): no spills on sm_90a and sm_80; their
 // instantiations do not depend on T (T is an argument), so these are the kernels of T = 256 too,
 // whose dynamic shared memory is reported beside the static.
 TEST_CASE("the grouped path's kernels for T up to 256 compile without spills, sm_90a and sm_80") {
@@ -399,7 +433,7 @@ TEST_CASE("the grouped path's kernels for T up to 256 compile without spills, sm
   JitEngine jit(cache.path(), JitOptions{.kernel_dir = std::nullopt, .extra_options = {"--ptxas-options=-v"}});
   std::vector<KernelSpec> specs;
   std::vector<int64_t> dyn;  // dynamic shared memory at T = 256
-  for (int group : {128, 0}) {
+  for (int group : {128, 0, kFp8Group}) {
     const MoeShape s = moe_shape(config_35b(), group);
     const MoeTiles t = MoeTiles::defaults(s);
     specs.push_back(moe_router_spec(s, t.router(256)));

@@ -4,11 +4,13 @@
 #include <cmath>
 
 #include "runtime/core/error.h"
+#include "runtime/core/weight_format.h"
 
 namespace q35::qwen35 {
 
 ModelWork::ModelWork(const Config& config, int group) : config_(config), group_(group) {
-  if (group < 0) fail("weight group size must be 0 (bf16) or positive, got {}", group);
+  if (group < 0 && group != kFp8Group)
+    fail("weight group size must be 0 (bf16), positive (W4A16) or kFp8Group (FP8), got {}", group);
   const Config& c = config_;
   const int64_t H = c.hidden_size;
   const int64_t n_full = c.num_layers_of(LayerType::FullAttention);
@@ -34,6 +36,7 @@ ModelWork::ModelWork(const Config& config, int group) : config_(config), group_(
 
 int64_t ModelWork::matrix_bytes(int64_t N, int64_t K, bool quantized, int64_t count) const {
   if (!quantized || group_ == 0) return count * N * K * 2;
+  if (group_ == kFp8Group) return count * N * (K + (K + 127) / 128 * 4);  // a byte per weight, fp32 per 128-k block
   const int64_t packed = (K + 7) / 8 * 4;             // u32 per 8 weights
   const int64_t scales = (K + group_ - 1) / group_ * 2;  // bf16 per group
   return count * N * (packed + scales);

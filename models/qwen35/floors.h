@@ -10,9 +10,10 @@
 // the prompt touches once (with L tokens nearly every expert is hit).
 //
 // Storage as in the runtime (models/qwen35/gpu_weights.h): `group` = 0 keeps every weight bf16;
-// else W4A16, where the projections, experts and lm_head take 4 bits per weight plus one bf16
-// scale per `group` weights along K (0.5 + 2 / group bytes per parameter), and the router, the
-// shared-expert gate vector, norms, conv1d and embeddings stay bf16 (A_log, dt_bias fp32).
+// > 0 is W4A16, where the projections, experts and lm_head take 4 bits per weight plus one bf16
+// scale per `group` weights along K (0.5 + 2 / group bytes per parameter); kFp8Group is FP8, one
+// byte per weight plus an fp32 scale per 128 along K (1 + 4 / 128); the router, the shared-expert
+// gate vector, norms, conv1d and embeddings stay bf16 (A_log, dt_bias fp32).
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -33,7 +34,7 @@ struct WeightPart {
 
 class ModelWork {
  public:
-  // `group` = 0: bf16 weights; else the W4A16 group size (> 0; K need not be a multiple).
+  // `group` = 0: bf16 weights; > 0 the W4A16 group size (K need not be a multiple); kFp8Group: FP8.
   ModelWork(const Config& config, int group);
 
   const Config& config() const { return config_; }

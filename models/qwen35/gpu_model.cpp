@@ -28,6 +28,7 @@
 #include "models/qwen35/kernels.h"
 #include "models/qwen35/weights.h"
 #include "runtime/core/error.h"
+#include "runtime/core/weight_format.h"
 #include "runtime/io/safetensors.h"
 #include "runtime/jit/kernel_set.h"
 
@@ -44,7 +45,10 @@ KernelSpec step_batch_spec() { return {"step", "step_advance_batch", {}}; }
 KernelSpec fill_normal_spec() { return {"fill", "fill_normal_bf16", {}}; }
 KernelSpec fill_uniform_spec() { return {"fill", "fill_uniform_f32", {}}; }
 
-int group_of(const GpuModelOptions& o) { return o.format == WeightFormat::W4A16 ? o.group : 0; }
+// The kernels' weight-format code (runtime/core/weight_format.h) of the options.
+int group_of(const GpuModelOptions& o) {
+  return o.format == WeightFormat::W4A16 ? o.group : o.format == WeightFormat::FP8 ? kFp8Group : 0;
+}
 
 std::vector<KernelSpec> tuned_kernels(const Config& c, const gpu::TunedTiles& tt, const gpu::AttentionPlan& attn,
                                       int group, int64_t m);
@@ -92,7 +96,7 @@ struct GpuModel::Impl {
   // A dense projection's plan and loaded kernel per (format, group, N, K, fp32 out, M, residual, decode).
   struct DensePlan {
     gpu::GemvBf16Plan bf16;  // GEMV rows (M <= 16, or a decode step), bf16 weights
-    gpu::W4GemvPlan w4;      // GEMV rows, W4A16 weights
+    gpu::W4GemvPlan w4;      // GEMV rows, W4A16 / FP8 weights
     gpu::GemmPlan gemm;      // otherwise
     bool gemv = true;
     const Function* f = nullptr;
@@ -166,15 +170,14 @@ GpuModel::GpuModel(const Driver& driver, const Context& ctx, JitEngine& jit, con
   UploadOptions up = upload_options();
   if (options.verbose && options.log)
     up.report_error = [&](const std::string& kind, double e) {
-      options.log(fmt::format("W4A16 g{} {:<18} relative error {:.4f} (first 64 rows of each tensor)", options.group,
-                              kind, e));
+      options.log(fmt::format("{} {:<18} relative error {:.4f} (first 64 rows of each tensor)",
+                              weight_format_name(group_of(options)), kind, e));
     };
   weights_ = upload_weights(driver_, stream_, config_, ckpt, up);
   stream_.synchronize();
   if (options.log)
     options.log(fmt::format("weights on the GPU: {:.1f} MB ({}) in {:.0f} ms", weights_.bytes() / 1e6,
-                            options.format == WeightFormat::BF16 ? "bf16" : fmt::format("w4a16 g{}", options.group),
-                            ms_since(t0)));
+                            weight_format_name(group_of(options)), ms_since(t0)));
   for (int s = 0; s < options.max_batch; ++s) reset(s);
 }
 
@@ -199,7 +202,8 @@ GpuModel::GpuModel(const Driver& driver, const Context& ctx, JitEngine& jit, con
 
 GpuModel::~GpuModel() = default;
 
-// Weight format of the options; W4A16 quantizes on the GPU with the quantize_w4 kernel.
+// Weight format of the options; W4A16 and FP8 quantize on the GPU with the quantize_w4 / quantize_fp8
+// kernels.
 UploadOptions GpuModel::upload_options() {
   UploadOptions up;
   up.format = options_.format;
@@ -331,7 +335,7 @@ void GpuModel::init(const GpuModelOptions& o) {
   m.moe_ws = alloc(std::max(gpu::moe_workspace_bytes(m.moe_shape, largest, T),
                             gpu::moe_workspace_bytes(m.moe_shape, smallest, T)));
   m.moe_ws.fill_bytes(0, stream_);
-  if (o.format == WeightFormat::W4A16) {
+  if (o.format == WeightFormat::W4A16 || (o.format == WeightFormat::FP8 && arch_has_wgmma(ctx_.device().arch()))) {
     int64_t largest = 0;  // every dense matrix except lm_head (computed by GEMV chunks)
     if (has_full) largest = std::max({largest, (m.attn.qkv_row()) * H, H * c.attn_out_dim()});
     if (has_linear) largest = std::max({largest, gpu::gdn_proj_columns(c) * H, H * c.linear_value_dim()});
@@ -545,14 +549,12 @@ void GpuModel::check_fits(size_t T, int slot) const {
 namespace {
 
 gpu::MoeWeights moe_weights(const GpuLayer& l) {
-  auto main = [](const GpuMatrix& m) { return m.format == WeightFormat::BF16 ? m.w.ptr() : m.qweight.ptr(); };
-  auto scales = [](const GpuMatrix& m) { return m.format == WeightFormat::BF16 ? CUdeviceptr(0) : m.scales.ptr(); };
   return {l.router.ptr(),
           l.shared_expert_gate.ptr(),
-          main(l.experts_gate_up), scales(l.experts_gate_up),
-          main(l.experts_down), scales(l.experts_down),
-          main(l.shared_gate_up), scales(l.shared_gate_up),
-          main(l.shared_down), scales(l.shared_down)};
+          l.experts_gate_up.data(), l.experts_gate_up.scale_data(),
+          l.experts_down.data(), l.experts_down.scale_data(),
+          l.shared_gate_up.data(), l.shared_gate_up.scale_data(),
+          l.shared_down.data(), l.shared_down.scale_data()};
 }
 
 // The kernels the tuned tiles of a call of m tokens use (preloaded so no tuned kernel compiles mid-run).
@@ -567,9 +569,9 @@ std::vector<KernelSpec> tuned_kernels(const Config& c, const gpu::TunedTiles& tt
       if (group && (d.proj == gpu::DenseProj::AttnOut || d.proj == gpu::DenseProj::GdnOut))
         specs.push_back(gpu::W4GemvPlan{d.n, d.k, group, tt.w4_gemv(d.n, d.k, false, m), false, true}.spec());
     } else if (!f32)
-      specs.push_back(
-          gpu::GemmPlan{d.n, d.k, tt.gemm(d.n, d.k, false, m), false, tt.wgmma() ? gpu::wgmma_gemm_group(group, m, d.k) : 0}
-              .spec());
+      specs.push_back(gpu::GemmPlan{d.n, d.k, tt.gemm(d.n, d.k, false, m), false,
+                                    tt.wgmma() ? gpu::wgmma_gemm_group(group, m, d.k) : gpu::mma_gemm_group(group)}
+                          .spec());
   }
   for (KernelSpec& s : gpu::moe_kernels(tt.moe_shape(), tt.moe(m))) specs.push_back(std::move(s));
   if (c.num_layers_of(LayerType::FullAttention) > 0) {
@@ -605,8 +607,9 @@ std::string key_of(const std::vector<KernelSpec>& specs) {
 
 }  // namespace
 
-// y [M, N] = x [M, K] · W^T: GEMV for M <= 16 and decode steps, else GEMM (W4A16 dequantized into
-// `dequant` first, or in the GEMM's loop).
+// y [M, N] = x [M, K] · W^T: GEMV for M <= 16 and decode steps, else GEMM (W4A16 and FP8 dequantized
+// into `dequant` first unless the GEMM dequantizes them in its loop: wgmma below kWgmmaDequantFirstM
+// rows, mma.sync FP8).
 void GpuModel::dense(const GpuMatrix& W, CUdeviceptr x, CUdeviceptr y, int M, bool out_f32, bool pdl, bool decode) {
   Impl& m = *impl_;
   if (decode && (M < 1 || M > kDecodeStepMaxRows))
@@ -619,8 +622,8 @@ void GpuModel::dense(const GpuMatrix& W, CUdeviceptr x, CUdeviceptr y, int M, bo
     p.gemv = decode || M <= 16;
     if (!p.gemv) {
       p.gemm = {W.N, W.K, tt.gemm(W.N, W.K, out_f32, M), out_f32};
-      if (p.gemm.tile.wgmma && W.format == WeightFormat::W4A16)
-        p.gemm.group = gpu::wgmma_gemm_group(W.group, M, W.K);  // dequantized in the loop (small M) or first
+      if (W.format != WeightFormat::BF16)  // wgmma: dequantized in the loop (small M) or first; mma.sync: FP8 in the loop
+        p.gemm.group = p.gemm.tile.wgmma ? gpu::wgmma_gemm_group(W.group, M, W.K) : gpu::mma_gemm_group(W.group);
       p.f = &m.kernels.get(p.gemm.spec());
       gpu::prepare(p.gemm, *p.f);  // dynamic shared memory, once per loaded function (never inside a graph)
     } else if (W.format == WeightFormat::BF16) {
@@ -637,18 +640,18 @@ void GpuModel::dense(const GpuMatrix& W, CUdeviceptr x, CUdeviceptr y, int M, bo
     if (W.format == WeightFormat::BF16)
       gpu::launch(p.bf16, *p.f, stream_, W.w.ptr(), x, y, M);
     else
-      gpu::launch(p.w4, *p.f, stream_, W.qweight.ptr(), W.scales.ptr(), x, y, M, pdl);
+      gpu::launch(p.w4, *p.f, stream_, W.data(), W.scale_data(), x, y, M, pdl);
     return;
   }
   if (p.gemm.group != 0) {
-    gpu::launch(p.gemm, *p.f, stream_, x, W.qweight.ptr(), y, M, W.scales.ptr());
+    gpu::launch(p.gemm, *p.f, stream_, x, W.data(), y, M, W.scale_data());
     return;
   }
   CUdeviceptr w = W.w.ptr();
-  if (W.format == WeightFormat::W4A16) {
+  if (W.format != WeightFormat::BF16) {
     gpu::QuantizePlan q = gpu::quantize_plan(W.K, W.group);
-    gpu::launch_dequantize(q, m.kernels.get(q.dequantize_spec()), stream_, W.qweight.ptr(), W.scales.ptr(),
-                           m.dequant.ptr(), W.N);
+    gpu::launch_dequantize(q, m.kernels.get(q.dequantize_spec()), stream_, W.data(), W.scale_data(), m.dequant.ptr(),
+                           W.N);
     w = m.dequant.ptr();
   }
   gpu::launch(p.gemm, *p.f, stream_, x, w, y, M);
@@ -656,8 +659,8 @@ void GpuModel::dense(const GpuMatrix& W, CUdeviceptr x, CUdeviceptr y, int M, bo
 
 void GpuModel::dense_residual(const GpuMatrix& W, CUdeviceptr x, int M, CUdeviceptr norm_w, bool pdl, bool decode) {
   Impl& m = *impl_;
-  if (W.format != WeightFormat::W4A16 || M > (decode ? kDecodeStepMaxRows : 16))
-    fail("dense_residual [{} x {}]: the residual epilogue needs W4A16 weights and M <= {} (M = {})", W.N, W.K,
+  if (W.format == WeightFormat::BF16 || M > (decode ? kDecodeStepMaxRows : 16))
+    fail("dense_residual [{} x {}]: the residual epilogue needs W4A16 or FP8 weights and M <= {} (M = {})", W.N, W.K,
          decode ? kDecodeStepMaxRows : 16, M);
   const auto key = std::make_tuple(W.format, W.group, W.N, W.K, false, M, true, decode);
   auto it = m.dense_plans.find(key);
@@ -668,7 +671,7 @@ void GpuModel::dense_residual(const GpuMatrix& W, CUdeviceptr x, int M, CUdevice
     it = m.dense_plans.emplace(key, p).first;
   }
   const gpu::ResidualNorm r{m.residual.ptr(), norm_w, m.normed.ptr(), m.tickets.ptr(), float(config_.rms_norm_eps)};
-  gpu::launch(it->second.w4, *it->second.f, stream_, W.qweight.ptr(), W.scales.ptr(), x, r, M, pdl);
+  gpu::launch(it->second.w4, *it->second.f, stream_, W.data(), W.scale_data(), x, r, M, pdl);
 }
 
 const gpu::MoeKernels& GpuModel::moe_kernels(int T, const gpu::MoeScratch** scratch) {
@@ -758,13 +761,13 @@ void GpuModel::run_layers(int T, bool decode, Rows rows) {
   // the same kernels with the same per-row arithmetic at every T: the dense projections as GEMVs with
   // the M = 1 tiles' K splits, the MoE's expert-grouped decode path. With fused_decode, calls of few
   // tokens (decode steps, prefill pieces of <= 8) fold each residual add + RMSNorm into the kernel that
-  // produces the sub-layer's output (kernel_templates/decode_fusion.cuh): the W4A16 output
+  // produces the sub-layer's output (kernel_templates/decode_fusion.cuh): the W4A16 / FP8 output
   // projection's GEMV (post-attention norm) and the MoE down GEMV (the next layer's input norm, or the
   // final norm). Other calls, and bf16 output projections, run the rmsnorm kernel between sub-layers.
   // The decode kernels use programmatic dependent launch (sm_90): each waits (griddepcontrol.wait)
   // before reading what its predecessor wrote.
   const bool fuse = options_.fused_decode && (decode || T <= kMoeRouterSmallTokens);
-  const bool fuse_out = fuse && options_.format == WeightFormat::W4A16;
+  const bool fuse_out = fuse && options_.format != WeightFormat::BF16;
   const bool pdl = pdl_for(T);
   const int64_t layers = int64_t(weights_.layers.size());
   for (int64_t i = 0; i < layers; ++i) {

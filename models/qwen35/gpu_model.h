@@ -33,7 +33,7 @@ class GdnKernels;
 
 struct GpuModelOptions {
   WeightFormat format = WeightFormat::W4A16;
-  int group = 128;                 // W4A16 group size
+  int group = 128;                 // W4A16 group size (unused for bf16 and FP8)
   bool prequantized = false;       // the checkpoint was written by `q35jit quantize`
   int64_t max_context = 32768;     // KV cache rows per slot; error when exceeded
   int max_batch = 1;               // sequence slots (models/qwen35/batch.h), 1..kMaxBatch
@@ -195,8 +195,8 @@ class GpuModel {
   // result is the one it gets alone).
   void dense(const GpuMatrix& W, CUdeviceptr x, CUdeviceptr y, int M, bool out_f32 = false, bool pdl = false,
              bool decode = false);
-  // A sub-layer's output projection with the residual epilogue (W4A16, M <= 16, decode steps up to
-  // kDecodeStepMaxRows): residual += bf16(x . W^T), normed = RMSNorm(residual) with norm_w
+  // A sub-layer's output projection with the residual epilogue (W4A16 / FP8, M <= 16, decode steps up
+  // to kDecodeStepMaxRows): residual += bf16(x . W^T), normed = RMSNorm(residual) with norm_w
   // (kernel_templates/decode_fusion.cuh).
   void dense_residual(const GpuMatrix& W, CUdeviceptr x, int M, CUdeviceptr norm_w, bool pdl, bool decode);
   // The MoE / GDN kernels of the tiles for T tokens (loaded on first use) and the MoE scratch.

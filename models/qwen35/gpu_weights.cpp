@@ -9,8 +9,10 @@
 #include "models/qwen35/hf_quant.h"
 #include "models/qwen35/weights.h"
 #include "runtime/core/error.h"
+#include "runtime/core/fp8_format.h"
 #include "runtime/core/half.h"
 #include "runtime/core/int4_format.h"
+#include "runtime/core/weight_format.h"
 #include "runtime/io/safetensors.h"
 
 namespace q35::qwen35 {
@@ -66,6 +68,11 @@ GpuMatrix allocate_matrix(const Driver& driver, WeightFormat format, int group, 
   const size_t count = size_t(std::max<int64_t>(experts, 1));
   if (m.format == WeightFormat::BF16) {
     m.w = DeviceBuffer(driver, count * size_t(N * K) * 2);
+  } else if (m.format == WeightFormat::FP8) {
+    m.group = kFp8Group;
+    if (K % 64 != 0) fail("FP8: K = {} is not a multiple of 64 (the FP8 kernels' 64-k steps)", K);
+    m.codes = DeviceBuffer(driver, count * size_t(N * K));
+    m.scales = DeviceBuffer(driver, count * size_t(N * ((K + fp8::kGpuBlockK - 1) / fp8::kGpuBlockK)) * 4);
   } else {
     m.group = group;
     if (K % m.group != 0) fail("W4A16: K = {} is not a multiple of --group-size {}", K, m.group);
@@ -83,8 +90,8 @@ class CheckpointSource final : public WeightSource {
     for (const TensorSpec& t : specs) shapes_[t.name] = t.shape;
     if (options.prequantized && options.format != WeightFormat::W4A16)
       fail("{} is a W4A16 checkpoint: it loads only with --quant w4a16", ckpt.dir().string());
-    if (options.format == WeightFormat::W4A16 && !options.prequantized) {
-      if (!options.quantize) fail("upload_weights: W4A16 needs a quantize function");
+    if (options.format != WeightFormat::BF16 && !options.prequantized) {
+      if (!options.quantize) fail("upload_weights: W4A16 and FP8 need a quantize function");
       staging_ = DeviceBuffer(driver, max_tensor_bytes);
     }
   }
@@ -116,8 +123,9 @@ class CheckpointSource final : public WeightSource {
   void put(GpuMatrix& m, const std::string& name, int64_t expert, int64_t row0, int64_t,
            const std::string& kind) override {
     if (options_.prequantized) return put_quantized(m, name, expert, row0);
-    if (m.format == WeightFormat::W4A16 && check_weight(ckpt_, quant_, name, shape(name)) == Storage::GPTQ)
-      return put_gptq(m, name, expert, row0, kind);
+    const Storage storage = check_weight(ckpt_, quant_, name, shape(name));
+    if (m.format == WeightFormat::W4A16 && storage == Storage::GPTQ) return put_gptq(m, name, expert, row0, kind);
+    if (m.format == WeightFormat::FP8 && storage == Storage::FP8) return put_fp8(m, name, expert, row0);
     Bf16View v = read_bf16(ckpt_, quant_, name, shape(name));
     const size_t values = v.bytes.size() / 2;
     if (values % size_t(m.K) != 0) fail("tensor {}: {} values is not a multiple of K = {}", name, values, m.K);
@@ -127,11 +135,43 @@ class CheckpointSource final : public WeightSource {
       m.w.upload(v.bytes.data(), v.bytes.size(), stream_, size_t(base_row * m.K) * 2);
     } else {
       staging_.upload(v.bytes.data(), v.bytes.size(), stream_);
-      options_.quantize(staging_.ptr(), rows, m.K, m.group, m.qweight.ptr() + size_t(base_row * m.K / 8) * 4,
-                        m.scales.ptr() + size_t(base_row * m.K / m.group) * 2);
+      options_.quantize(staging_.ptr(), rows, m.K, m.group, quantized_at(m, base_row), scales_at(m, base_row));
       if (options_.report_error) sample_error(v, m.K, m.group, kind);
     }
     finish(v);
+  }
+
+  // An FP8 weight of an FP8 checkpoint: its codes byte for byte, its block scales repeated over the
+  // rows of their blocks (exact: fp8::row_scales). Experts stacked [E, N, K] convert one by one.
+  void put_fp8(GpuMatrix& m, const std::string& name, int64_t expert, int64_t row0) {
+    const std::vector<int64_t>& sh = shape(name);
+    const int64_t N = sh[sh.size() - 2], K = sh.back();
+    if (K != m.K) fail("tensor {}: K = {}, the FP8 matrix it loads into has K = {}", name, K, m.K);
+    int64_t batch = 1;
+    for (size_t i = 0; i + 2 < sh.size(); ++i) batch *= sh[i];
+    const std::string scale_name = (name.ends_with(".weight") ? name.substr(0, name.size() - 7) : name) + ".weight_scale_inv";
+    const TensorRef codes = ckpt_.get(name);
+    const std::vector<float> block_scales = to_f32(ckpt_.get(scale_name));
+    const size_t per_matrix = block_scales.size() / size_t(batch);
+    const int64_t base_row = std::max<int64_t>(expert, 0) * m.N + row0;
+    m.codes.upload(codes.bytes.data(), codes.bytes.size(), stream_, size_t(base_row * m.K));
+    for (int64_t b = 0; b < batch; ++b) {
+      const std::vector<float> rs = fp8::row_scales(std::span(block_scales).subspan(size_t(b) * per_matrix, per_matrix),
+                                                    N, K, quant_.fp8_block_n, quant_.fp8_block_k);
+      m.scales.upload(rs.data(), rs.size() * 4, stream_, size_t(base_row + b * N) * rs.size() / size_t(N) * 4);
+      stream_.synchronize();  // rs is freed at the end of the iteration
+    }
+    release_weight(ckpt_, name);
+  }
+
+  // Where rows from `row` of a quantized matrix start: its packed words / codes and its scales.
+  static CUdeviceptr quantized_at(const GpuMatrix& m, int64_t row) {
+    return m.format == WeightFormat::FP8 ? m.codes.ptr() + size_t(row * m.K) : m.qweight.ptr() + size_t(row * m.K / 8) * 4;
+  }
+  static CUdeviceptr scales_at(const GpuMatrix& m, int64_t row) {
+    return m.format == WeightFormat::FP8
+               ? m.scales.ptr() + size_t(row * ((m.K + fp8::kGpuBlockK - 1) / fp8::kGpuBlockK)) * 4
+               : m.scales.ptr() + size_t(row * m.K / m.group) * 2;
   }
 
   // A tensor already quantized on disk: its packed rows and scales are copied as they are.
@@ -178,14 +218,20 @@ class CheckpointSource final : public WeightSource {
     release_weight(ckpt_, name);
   }
 
-  // Relative Frobenius error of the INT4 quantization, per tensor kind, sampled on the first 64
-  // rows of every tensor (the CPU quantizer is bit-exact with the GPU one).
+  // Relative Frobenius error of the INT4 / FP8 quantization, per tensor kind, sampled on the first 64
+  // rows of every tensor (the CPU quantizers are bit-exact with the GPU ones).
   void sample_error(const Bf16View& v, int64_t K, int group, const std::string& kind) {
     const int64_t rows = std::min<int64_t>(64, int64_t(v.bytes.size() / 2) / K);
     std::vector<float> w(size_t(rows * K));
     const auto* src = reinterpret_cast<const uint16_t*>(v.bytes.data());
     for (size_t i = 0; i < w.size(); ++i) w[i] = bf16_to_f32(src[i]);
-    std::vector<float> back = int4::dequantize(int4::quantize(w, rows, K, group), rows, K, group);
+    std::vector<float> back;
+    if (group == kFp8Group) {
+      const fp8::Quantized q = fp8::quantize(w, rows, K, 1, fp8::kGpuBlockK);
+      back = fp8::dequantize(q.codes, q.scale_inv, rows, K, 1, fp8::kGpuBlockK);
+    } else {
+      back = int4::dequantize(int4::quantize(w, rows, K, group), rows, K, group);
+    }
     auto& e = errors_[kind];
     for (size_t i = 0; i < w.size(); ++i) {
       e.first += double(back[i] - w[i]) * (back[i] - w[i]);
@@ -226,7 +272,7 @@ class RandomSource final : public WeightSource {
   RandomSource(const Driver& driver, const Stream& stream, const UploadOptions& options, const RandomFill& fill,
                uint64_t seed, size_t max_tensor_bytes)
       : driver_(driver), stream_(stream), options_(options), fill_(fill), seed_(seed) {
-    if (options.format == WeightFormat::W4A16) staging_ = DeviceBuffer(driver, max_tensor_bytes);
+    if (options.format != WeightFormat::BF16) staging_ = DeviceBuffer(driver, max_tensor_bytes);
   }
   DeviceBuffer raw(const std::string& name, size_t count) override {
     DeviceBuffer b(driver_, count * 2);
@@ -252,8 +298,8 @@ class RandomSource final : public WeightSource {
       fill_.normal_bf16(m.w.ptr() + size_t(base_row * m.K) * 2, size_t(rows * m.K), next_seed(), 0.f, 0.02f);
     } else {
       fill_.normal_bf16(staging_.ptr(), size_t(rows * m.K), next_seed(), 0.f, 0.02f);
-      options_.quantize(staging_.ptr(), rows, m.K, m.group, m.qweight.ptr() + size_t(base_row * m.K / 8) * 4,
-                        m.scales.ptr() + size_t(base_row * m.K / m.group) * 2);
+      options_.quantize(staging_.ptr(), rows, m.K, m.group, CheckpointSource::quantized_at(m, base_row),
+                        CheckpointSource::scales_at(m, base_row));
     }
   }
 

@@ -10,7 +10,7 @@
 
 namespace q35::qwen35 {
 
-// `group` = 0 for bf16 weights, else the W4A16 group size; `arch` = the target ("sm_90a", "sm_80":
+// `group` = 0 for bf16 weights, the W4A16 group size or kFp8Group (runtime/core/weight_format.h); `arch` = the target ("sm_90a", "sm_80":
 // tiles that depend on shared memory follow it); `prefill_tokens` = the M the prefill GEMM tiles
 // are chosen for. Deduplicated, in first-use order.
 std::vector<q35::KernelSpec> required_kernels(const Config& cfg, int group, const std::string& arch = "sm_90a",

@@ -18,7 +18,7 @@ MemoryNeed gpu_memory_need(const Config& c, int group, int64_t max_context, int6
   const ModelWork work(c, group);
   MemoryNeed m;
   m.weights = work.model_weight_bytes();
-  if (group > 0 && quantize_on_load) {
+  if (group != 0 && quantize_on_load) {
     const int64_t H = c.hidden_size;
     m.staging = 2 * std::max({c.vocab_size * H, c.num_experts * 2 * c.moe_intermediate_size * H,
                               (c.linear_conv_dim() + c.linear_value_dim()) * H, c.q_proj_rows() * H});

@@ -4,7 +4,8 @@
 // the GPU has) instead of failing with an out-of-memory error half-way through the upload.
 //
 // weights  every weight as stored (floors.h ModelWork::model_weight_bytes: W4A16 = 4 bits + one
-//          bf16 scale per group for every projection, expert and lm_head; bf16 for the rest)
+//          bf16 scale per group, FP8 = 8 bits + one fp32 scale per 128, for every projection,
+//          expert and lm_head; bf16 for the rest)
 // staging  the bf16 staging buffer of on-load quantization: the largest tensor (0 when the
 //          checkpoint is already in the runtime's format, or for bf16 weights)
 // state    per sequence slot (models/qwen35/batch.h slot_state_bytes): K/V cache rows of every
@@ -29,7 +30,8 @@ struct MemoryNeed {
   int64_t total() const { return weights + staging + state + scratch + batch + reserve; }
 };
 
-// `group` = 0: bf16 weights; else the W4A16 group size. `quantize_on_load`: a bf16 staging buffer.
+// `group` = 0: bf16 weights; > 0 the W4A16 group size; kFp8Group FP8 (runtime/core/weight_format.h).
+// `quantize_on_load`: a bf16 staging buffer.
 // max_batch: sequence slots (each max_context tokens).
 MemoryNeed gpu_memory_need(const Config& config, int group, int64_t max_context, int64_t max_chunk,
                            bool quantize_on_load, int max_batch = 1);

@@ -90,6 +90,13 @@ void check_group_size(const Config& config, int group) {
            weight_kind(t.name));
 }
 
+void check_fp8_shapes(const Config& config) {
+  for (const TensorSpec& t : model_tensors(config, CheckpointLayout{"model.", ExpertLayout::Fused}))
+    if (is_quantized_weight(t.name) && t.shape.back() % 64 != 0)
+      fail("--quant fp8 needs K a multiple of 64, but {} has K = {}: use --quant w4a16 or bf16", weight_kind(t.name),
+           t.shape.back());
+}
+
 int default_group_size(const Config& config) {
   for (int g : {128, 64, 32}) {
     bool ok = true;

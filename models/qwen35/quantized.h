@@ -43,6 +43,9 @@ bool is_quantized_weight(const std::string& name);
 int default_group_size(const Config& config);
 // Error naming the first weight whose K the group size does not divide.
 void check_group_size(const Config& config, int group);
+// Error naming the first quantized weight whose K is not a multiple of 64 (the FP8 kernels' K step,
+// `--quant fp8`).
+void check_fp8_shapes(const Config& config);
 
 // Checks a quantized checkpoint: every expected tensor present, quantized ones as .qweight/.scales
 // of the right dtypes and shapes for `group`.

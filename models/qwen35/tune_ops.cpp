@@ -15,6 +15,7 @@
 #include "models/qwen35/kernels.h"
 #include "runtime/core/error.h"
 #include "runtime/core/half.h"
+#include "runtime/core/weight_format.h"
 
 namespace q35::qwen35 {
 
@@ -73,6 +74,16 @@ class OpBase : public TuneOp {
     for (int c = 0; c < copies; ++c) out.push_back(random_bf16(count, mean, scale, s));
     return out;
   }
+  // Random FP8 weights [rows, K] (codes uint8, scales fp32 [rows, ceil(K / 128)]): N(0, 0.02^2) bf16
+  // quantized on the GPU as a checkpoint is (random bits would hold NaN codes).
+  void random_fp8(DeviceBuffer& codes, DeviceBuffer& scales, int64_t rows, int64_t K, const Stream& s) {
+    const DeviceBuffer staging = random_bf16(size_t(rows * K), 0.f, 0.02f, s);
+    codes = alloc(size_t(rows * K));
+    scales = alloc(size_t(rows * ((K + 127) / 128)) * 4);
+    const gpu::QuantizePlan p = gpu::quantize_plan(K, kFp8Group);
+    gpu::launch_quantize(p, fn(p.quantize_spec()), s, staging.ptr(), codes.ptr(), scales.ptr(), rows);
+    s.synchronize();  // before the staging buffer goes
+  }
   // The output y: fp32 or bf16 values.
   static std::vector<float> download_out(const DeviceBuffer& y, bool f32, const Stream& s) {
     return f32 ? download_f32(y, y.size() / 4, s) : download_bf16(y, y.size() / 2, s);
@@ -100,21 +111,28 @@ class OpBase : public TuneOp {
 
 // ---- dense projections ----
 
-// W4A16 GEMV (M <= 16): projections and the lm_head.
+// W4A16 or FP8 GEMV (M <= 16): projections and the lm_head (families gemv_w4a16, gemv_fp8).
 class W4GemvOp final : public OpBase {
  public:
   W4GemvOp(const TuneDevice* d, int64_t n, int64_t k, int group, bool f32, const std::string& label)
-      : OpBase(d, tune::kGemvW4, tune::dense_signature(n, k, group, f32), label), n_(n), k_(k), g_(group), f32_(f32) {}
+      : OpBase(d, group == kFp8Group ? tune::kGemvFp8 : tune::kGemvW4, tune::dense_signature(n, k, group, f32), label),
+        n_(n), k_(k), g_(group), f32_(f32) {}
   bool serves(int64_t m) const override { return m <= 16; }
   std::vector<json> candidates(int64_t m) const override { return to_json_all(tune::w4_gemv_candidates(n_, k_, g_, m)); }
   json default_config(int64_t m) const override { return tune::to_json(default_w4_gemv_tile(n_, k_, g_, int(m))); }
   std::vector<KernelSpec> kernels(const json& c, int64_t m) const override { return {plan(c, m).spec()}; }
   void setup(int64_t m, const Stream& s) override {
     release();
-    const size_t qwords = size_t(n_ * k_ / 8), nscales = size_t(n_ * k_ / g_);
-    const int copies = copies_for(qwords * 4 + nscales * 2);
-    q_ = random_bf16_copies(copies, qwords * 2, 0.f, 1.f, s);  // random bits
-    sc_ = random_bf16_copies(copies, nscales, 0.f, 0.02f, s);
+    if (g_ == kFp8Group) {
+      const int copies = copies_for(size_t(n_ * k_));
+      q_.resize(size_t(copies)), sc_.resize(size_t(copies));
+      for (int c = 0; c < copies; ++c) random_fp8(q_[size_t(c)], sc_[size_t(c)], n_, k_, s);
+    } else {
+      const size_t qwords = size_t(n_ * k_ / 8), nscales = size_t(n_ * k_ / g_);
+      const int copies = copies_for(qwords * 4 + nscales * 2);
+      q_ = random_bf16_copies(copies, qwords * 2, 0.f, 1.f, s);  // random bits
+      sc_ = random_bf16_copies(copies, nscales, 0.f, 0.02f, s);
+    }
     x_ = random_bf16(size_t(m * k_), 0.f, 1.f, s);
     y_ = alloc(size_t(m * n_) * (f32_ ? 4 : 2));
   }
@@ -168,17 +186,17 @@ class Bf16GemvOp final : public OpBase {
 };
 
 // Prefill GEMM (M > 16). mma.sync (gemm_bf16): bf16 weights (W4A16 ones are dequantized into bf16
-// first, outside the timing). wgmma (sm_90a, gemm_wgmma): the checkpoint's format, W4A16 weights
-// dequantized inside the GEMM, so the signature carries the group.
-// A W4A16 checkpoint on sm_90a has two: in the loop for M < kWgmmaDequantFirstM, bf16 above.
+// first, outside the timing) or FP8 ones (read in its loop). wgmma (sm_90a, gemm_wgmma): the
+// checkpoint's format, W4A16 / FP8 weights dequantized inside the GEMM, so the signature carries
+// the format. A W4A16 checkpoint on sm_90a has two: in the loop for M < kWgmmaDequantFirstM, bf16 above.
 class GemmOp final : public OpBase {
  public:
   GemmOp(const TuneDevice* d, int64_t n, int64_t k, int group, bool wgmma, int64_t min_m, int64_t max_m,
          const std::string& label)
-      : OpBase(d, tune::kGemm, tune::dense_signature(n, k, wgmma ? group : 0, false), label),
+      : OpBase(d, tune::kGemm, tune::dense_signature(n, k, wgmma ? group : gpu::mma_gemm_group(group), false), label),
         n_(n),
         k_(k),
-        group_(wgmma ? group : 0),
+        group_(wgmma ? group : gpu::mma_gemm_group(group)),
         wgmma_(wgmma),
         min_m_(min_m),
         max_m_(max_m) {}
@@ -192,6 +210,10 @@ class GemmOp final : public OpBase {
     release();
     if (group_ == 0) {
       w_ = random_bf16_copies(copies_for(size_t(n_ * k_) * 2), size_t(n_ * k_), 0.f, 0.02f, s);
+    } else if (group_ == kFp8Group) {
+      const int copies = copies_for(size_t(n_ * k_));
+      w_.resize(size_t(copies)), scales_.resize(size_t(copies));
+      for (int c = 0; c < copies; ++c) random_fp8(w_[size_t(c)], scales_[size_t(c)], n_, k_, s);
     } else {  // random bits of the u32 words, scales of a realistic size
       const int copies = copies_for(size_t(n_ * k_) / 2);
       w_ = random_bf16_copies(copies, size_t(n_ * k_ / 4), 0.f, 1.f, s);
@@ -226,13 +248,15 @@ class MoeOpBase : public OpBase {
  protected:
   MoeOpBase(const TuneDevice* d, const char* family, std::string sig, const MoeShape& s)
       : OpBase(d, family, std::move(sig),
-               fmt::format("moe E{} k{} I{} {}", s.experts, s.top_k, s.inter, s.group ? fmt::format("g{}", s.group) : "bf16")),
+               fmt::format("moe E{} k{} I{} {}", s.experts, s.top_k, s.inter, weight_format_name(s.group))),
         s_(s) {}
 
   // A weight [rows, K] in the shape's format into (main, scales).
   void weight(DeviceBuffer& main, DeviceBuffer& scales, int64_t rows, int64_t K, const Stream& st) {
     if (s_.group == 0) {
       main = random_bf16(size_t(rows * K), 0.f, 0.02f, st);
+    } else if (s_.group == kFp8Group) {
+      random_fp8(main, scales, rows, K, st);
     } else {
       main = random_bf16(size_t(rows * K / 4), 0.f, 1.f, st);  // random bits of rows * K / 8 u32 words
       scales = random_bf16(size_t(rows * K / s_.group), 0.f, 0.003f, st);
@@ -744,11 +768,11 @@ std::vector<std::unique_ptr<TuneOp>> tune_ops(const Config& cfg, int group, cons
     const std::string name = fmt::format("{} [{} x {}]", d.name, d.n, d.k);
     const bool wgmma = arch_has_wgmma(arch);
     constexpr int64_t any = std::numeric_limits<int64_t>::max();
-    if (wgmma && group && d.k % 64 == 0) {
+    if (wgmma && group != 0 && d.k % 64 == 0) {
       add(std::make_unique<GemmOp>(device, d.n, d.k, group, true, 0, gpu::kWgmmaDequantFirstM, name), name);
       add(std::make_unique<GemmOp>(device, d.n, d.k, 0, true, gpu::kWgmmaDequantFirstM, any, name), name);
     } else {
-      add(std::make_unique<GemmOp>(device, d.n, d.k, 0, wgmma, 0, any, name), name);
+      add(std::make_unique<GemmOp>(device, d.n, d.k, wgmma ? 0 : gpu::mma_gemm_group(group), wgmma, 0, any, name), name);
     }
   }
   const MoeShape ms = gpu::moe_shape(cfg, group);

@@ -30,7 +30,7 @@ struct TuneDevice {
   KernelSet& kernels;
 };
 
-// `group`: 0 for bf16 weights, else the W4A16 group size. `device` may be null when only the
+// `group`: 0 for bf16 weights, the W4A16 group size, or kFp8Group (runtime/core/weight_format.h). `device` may be null when only the
 // families, signatures, candidates and defaults are wanted (setup() then fails).
 std::vector<std::unique_ptr<TuneOp>> tune_ops(const Config& cfg, int group, const std::string& arch,
                                               const TuneDevice* device);

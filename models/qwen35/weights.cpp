@@ -10,6 +10,9 @@
 #include <fmt/ranges.h>
 
 #include "models/qwen35/hf_quant.h"
+#include "models/qwen35/quantized.h"
+#include "runtime/core/fp8_format.h"
+#include "runtime/core/half.h"
 #include "runtime/core/error.h"
 #include "runtime/io/safetensors.h"
 
@@ -174,20 +177,38 @@ void validate_checkpoint(const Config& config, const Checkpoint& ckpt) {
   for (const TensorSpec& spec : expected_tensors(config, layout)) check_weight(ckpt, quant, spec.name, spec.shape);
 }
 
-HostWeights load_host_weights(const Config& c, const Checkpoint& ckpt) {
+namespace {
+
+// A weight [.., K] as the GPU's FP8 load makes it from bf16: rounded to bf16, quantized with blocks
+// [1, 128], dequantized.
+void round_through_fp8(HostTensor& t) {
+  const int64_t K = t.shape.back(), rows = t.numel() / K;
+  for (float& v : t.data) v = round_bf16(v);
+  const fp8::Quantized q = fp8::quantize(t.data, rows, K, 1, fp8::kGpuBlockK);
+  t.data = fp8::dequantize(q.codes, q.scale_inv, rows, K, 1, fp8::kGpuBlockK);
+}
+
+HostWeights load_weights(const Config& c, const Checkpoint& ckpt, bool fp8) {
   validate_checkpoint(c, ckpt);
   const CheckpointLayout layout = detect_layout(ckpt);
   const HfQuant quant = HfQuant::of(ckpt);
   const int64_t E = c.num_experts, I = c.moe_intermediate_size;
   std::map<std::string, std::vector<int64_t>> shapes;
   for (TensorSpec& t : expected_tensors(c, layout)) shapes[t.name] = std::move(t.shape);
-  auto get = [&](const std::string& name) { return load(ckpt, quant, name, shapes.at(name)); };
+  auto get = [&](const std::string& name) {
+    const std::vector<int64_t>& shape = shapes.at(name);
+    const bool round = fp8 && is_quantized_weight(name) && check_weight(ckpt, quant, name, shape) != Storage::FP8;
+    HostTensor t = load(ckpt, quant, name, shape);
+    if (round) round_through_fp8(t);
+    return t;
+  };
   const std::string& P = layout.prefix;
 
   HostWeights w;
   w.embed_tokens = get(P + "embed_tokens.weight");
   w.final_norm = get(P + "norm.weight");
   w.lm_head = c.tie_word_embeddings ? w.embed_tokens : get("lm_head.weight");
+  if (c.tie_word_embeddings && fp8) round_through_fp8(w.lm_head);  // the GPU quantizes its lm_head copy
   w.layers.resize(size_t(c.num_layers));
   for (int64_t i = 0; i < c.num_layers; ++i) {
     const std::string L = layer_prefix(layout, i);
@@ -232,6 +253,14 @@ HostWeights load_host_weights(const Config& c, const Checkpoint& ckpt) {
     m.shared_expert_gate = get(L + "mlp.shared_expert_gate.weight");
   }
   return w;
+}
+
+}  // namespace
+
+HostWeights load_host_weights(const Config& config, const Checkpoint& ckpt) { return load_weights(config, ckpt, false); }
+
+HostWeights load_host_weights_fp8(const Config& config, const Checkpoint& ckpt) {
+  return load_weights(config, ckpt, true);
 }
 
 }  // namespace q35::qwen35

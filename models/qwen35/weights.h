@@ -108,4 +108,12 @@ void validate_checkpoint(const Config& config, const Checkpoint& ckpt);
 // INT4: models/qwen35/hf_quant.h). For small models and the CPU reference.
 HostWeights load_host_weights(const Config& config, const Checkpoint& ckpt);
 
+// The values the GPU holds with `--quant fp8` (models/qwen35/gpu_weights.h), as fp32: every
+// projection, expert and lm_head (the tensors quantized.h is_quantized_weight names; a tied lm_head
+// too) in FP8 with blocks [1, 128] (runtime/core/fp8_format.h): an FP8 checkpoint's FP8 tensors
+// exactly, the others rounded to bf16 (the GPU's staging), quantized (fp8::quantize, bit-exact with
+// the GPU's quantize_fp8) and dequantized; the rest as load_host_weights. The CPU reference of the
+// FP8 GPU model (CpuModel runs them as any fp32 weights).
+HostWeights load_host_weights_fp8(const Config& config, const Checkpoint& ckpt);
+
 }  // namespace q35::qwen35

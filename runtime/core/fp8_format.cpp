@@ -68,4 +68,20 @@ std::vector<float> dequantize(std::span<const uint8_t> codes, std::span<const fl
   return w;
 }
 
+std::vector<float> row_scales(std::span<const float> scale_inv, int64_t N, int64_t K, int64_t bn, int64_t bk) {
+  check_shape(size_t(N * K), N, K, bn, bk);
+  if (bk % kGpuBlockK != 0 && K > bk)
+    fail("fp8: weight blocks of {}x{} do not map onto the GPU's per-row blocks of {} k: a {}-k block would straddle "
+         "two of them (--quant fp8 needs weight_block_size[1] a multiple of {}; use --quant w4a16 or bf16)",
+         bn, bk, kGpuBlockK, kGpuBlockK, kGpuBlockK);
+  const int64_t sk = ceil_div(K, bk), gk = ceil_div(K, kGpuBlockK);
+  if (scale_inv.size() != size_t(ceil_div(N, bn) * sk))
+    fail("fp8: {} block scales, expected [{}, {}] for N = {}, K = {}, blocks {}x{}", scale_inv.size(), ceil_div(N, bn),
+         sk, N, K, bn, bk);
+  std::vector<float> out(size_t(N * gk));
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t j = 0; j < gk; ++j) out[size_t(n * gk + j)] = scale_inv[size_t((n / bn) * sk + j * kGpuBlockK / bk)];
+  return out;
+}
+
 }  // namespace q35::fp8

@@ -11,12 +11,14 @@
 #include <cstdint>
 #include <cstdlib>
 #include <memory>
+#include <numeric>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "models/qwen35/config.h"
 #include "models/qwen35/gpu_model.h"
+#include "models/qwen35/reference_ops.h"
 #include "runtime/core/error.h"
 #include "runtime/core/half.h"
 #include "runtime/cuda/driver.h"
@@ -49,11 +51,12 @@ inline qwen35::Config gdn_layer_config(int64_t hk, int64_t hv) {
   return c;
 }
 
-// The GpuModel options the model-level tests run the synthetic 35B-A3B with: W4A16 g128 and the
-// given context, prefill chunk and slots.
-inline qwen35::GpuModelOptions synthetic_35b_options(int64_t max_context, int64_t max_chunk, int max_batch = 1) {
+// The GpuModel options the model-level tests run the synthetic 35B-A3B with: W4A16 g128 (or `format`)
+// and the given context, prefill chunk and slots.
+inline qwen35::GpuModelOptions synthetic_35b_options(int64_t max_context, int64_t max_chunk, int max_batch = 1,
+                                                     qwen35::WeightFormat format = qwen35::WeightFormat::W4A16) {
   qwen35::GpuModelOptions o;
-  o.format = qwen35::WeightFormat::W4A16;
+  o.format = format;
   o.group = 128;
   o.max_context = max_context;
   o.max_chunk = max_chunk;
@@ -154,6 +157,80 @@ inline double max_rel(const std::vector<float>& got, const std::vector<float>& w
 
 inline bool within_one_ulp(uint16_t got, uint16_t want) {
   return std::abs(int(got) - int(want)) <= 1 && ((got ^ want) & 0x8000) == 0;
+}
+
+// ---- dense products on a sample of rows and columns (the dense and FP8 tests) ----
+
+// Fast random bf16 (hashed counter, triangular in [-scale, scale]): the 35B lm_head has 508M values.
+inline std::vector<uint16_t> fast_random_bf16(size_t n, uint32_t salt, float scale) {
+  std::vector<uint16_t> v(n);
+  const uint64_t seed = (uint64_t(run_seed()) << 32) ^ (uint64_t(salt) * 0x9e3779b97f4a7c15ull);
+  for (size_t i = 0; i < n; ++i) {
+    uint64_t z = seed + i * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 31)) * 0x94d049bb133111ebull;
+    z ^= z >> 29;
+    const float a = float(uint32_t(z) >> 8) * 0x1p-24f, b = float(uint32_t(z >> 32) >> 8) * 0x1p-24f;
+    v[i] = f32_to_bf16((a - b) * scale);
+  }
+  return v;
+}
+
+// Indices checked of a dimension of size n: all when small, else the first 8, ~`count` random, the last 8.
+inline std::vector<int64_t> sample_indices(int64_t n, int64_t count, uint32_t salt) {
+  std::vector<int64_t> idx;
+  if (n <= count) {
+    idx.resize(size_t(n));
+    std::iota(idx.begin(), idx.end(), 0);
+    return idx;
+  }
+  std::mt19937 rng(run_seed() + salt);
+  for (int64_t i = 0; i < 8; ++i) idx.push_back(i), idx.push_back(n - 1 - i);
+  while (int64_t(idx.size()) < count) idx.push_back(int64_t(rng() % uint64_t(n)));
+  std::sort(idx.begin(), idx.end());
+  idx.erase(std::unique(idx.begin(), idx.end()), idx.end());
+  return idx;
+}
+
+// Rows `rows` of a row-major bf16 matrix [*, k] as fp32.
+inline std::vector<float> rows_f32(const std::vector<uint16_t>& m, int64_t k, const std::vector<int64_t>& rows) {
+  std::vector<float> out(rows.size() * size_t(k));
+  for (size_t i = 0; i < rows.size(); ++i)
+    for (int64_t j = 0; j < k; ++j) out[i * size_t(k) + j] = bf16_to_f32(m[size_t(rows[i] * k + j)]);
+  return out;
+}
+
+// rel_l2 of y (bf16 or fp32 [M, n] on the device) at rows m_idx x cols n_idx against
+// ref::matmul(x[m_idx], w_sub) where w_sub [n_idx.size(), k] fp32 holds the weights of n_idx.
+inline double check_product(const std::vector<float>& x_sub, const std::vector<float>& w_sub, const std::vector<int64_t>& m_idx,
+                     const std::vector<int64_t>& n_idx, int64_t n, int64_t k, const std::vector<float>& y_full) {
+  std::vector<float> ref(m_idx.size() * n_idx.size()), got(ref.size());
+  qwen35::ref::matmul(x_sub, w_sub, ref, int64_t(m_idx.size()), int64_t(n_idx.size()), k);
+  for (size_t i = 0; i < m_idx.size(); ++i)
+    for (size_t j = 0; j < n_idx.size(); ++j) got[i * n_idx.size() + j] = y_full[size_t(m_idx[i] * n + n_idx[j])];
+  return rel_l2(got, ref);
+}
+
+// Median time per launch of `launch(i)` recorded `per_graph` times into one CUDA graph, replayed
+// `reps` times after a warm-up.
+template <typename F>
+double graph_us(Gpu& g, int per_graph, F launch, int reps = 20) {
+  Graph graph = Graph::capture(g.driver, g.stream, [&] {
+    for (int i = 0; i < per_graph; ++i) launch(i);
+  });
+  GraphExec exec = graph.instantiate();
+  exec.launch(g.stream);
+  g.stream.synchronize();
+  std::vector<double> t;
+  Event a(g.driver), b(g.driver);
+  for (int r = 0; r < reps; ++r) {
+    a.record(g.stream);
+    exec.launch(g.stream);
+    b.record(g.stream);
+    b.synchronize();
+    t.push_back(b.elapsed_ms_since(a) * 1e3 / per_graph);
+  }
+  std::sort(t.begin(), t.end());
+  return t[t.size() / 2];
 }
 
 }  // namespace q35::gpu_test

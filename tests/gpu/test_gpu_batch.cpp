@@ -7,10 +7,10 @@
 //            fixture's and the 35B shapes (attention also the 122B's 16 q heads per kv head).
 //   model    GpuModel::decode_batch: each sequence's logits in a batched step against the same
 //            sequence decoded alone (bf16 tolerance of the model tests, 2e-2) and identical greedy
-//            ids over several steps, in a decode-kernel bucket (<= 8 rows) and a GEMM one (16 rows), at
-//            the tiny fixture (bf16; W4A16 with and without fused_decode) and a synthetic 35B-A3B (W4A16
-//            g128); a state copied from one slot into another decodes the same; errors leave every
-//            slot where it was.
+//            ids over several steps, in buckets of 4 and 16 rows (the decode kernels at every size), at
+//            the tiny fixture (bf16; W4A16 and FP8 with and without fused_decode) and a synthetic
+//            35B-A3B (W4A16 g128, FP8; up to 64 rows); a state copied from one slot into another
+//            decodes the same; errors leave every slot where it was.
 #include <doctest/doctest.h>
 #include <fmt/format.h>
 
@@ -27,6 +27,7 @@
 #include "models/qwen35/gpu_model.h"
 #include "models/qwen35/kernels.h"
 #include "models/qwen35/reference_ops.h"
+#include "runtime/core/weight_format.h"
 #include "runtime/io/safetensors.h"
 #include "tests/gpu/gpu_harness.h"
 
@@ -491,7 +492,8 @@ TEST_CASE("GPU batch: batched sampling draws what the single-sequence kernels dr
   }
 }
 
-TEST_CASE("GPU batch: tiny fixture, batched steps == each sequence alone; padding rows; a state moved across slots") {
+TEST_CASE("GPU batch: tiny fixture, batched steps == each sequence alone; padding rows; a state moved across slots "
+          "(bf16, W4A16, FP8)") {
   auto g = open_gpu();
   const Config c = Config::from_file(model_dir() / "config.json");
   Checkpoint ckpt(model_dir());
@@ -500,10 +502,13 @@ TEST_CASE("GPU batch: tiny fixture, batched steps == each sequence alone; paddin
   struct Setting {
     WeightFormat format;
     int group;
-    bool fused_decode;  // the residual epilogues in the decode kernels (W4A16 output projections)
+    bool fused_decode;  // the residual epilogues in the decode kernels (W4A16 / FP8 output projections)
   };
+  // FP8: the same decode kernels over the bucket's rows (gemv_fp8 with the M = 1 tile's K split and
+  // its residual epilogue, the FP8 expert-grouped MoE decode GEMVs).
   for (const Setting& set : {Setting{WeightFormat::BF16, 0, false}, Setting{WeightFormat::W4A16, 64, false},
-                             Setting{WeightFormat::W4A16, 64, true}}) {
+                             Setting{WeightFormat::W4A16, 64, true}, Setting{WeightFormat::FP8, kFp8Group, false},
+                             Setting{WeightFormat::FP8, kFp8Group, true}}) {
     const int group = set.group;
     CAPTURE(group);
     CAPTURE(set.fused_decode);
@@ -515,8 +520,7 @@ TEST_CASE("GPU batch: tiny fixture, batched steps == each sequence alone; paddin
     o.max_chunk = 64;
     o.max_batch = 24;  // buckets 1, 2, 4, 8, 16, 24
     GpuModel model(g->driver, g->ctx, g->jit, c, ckpt, o);
-    const std::string what = (group ? fmt::format("tiny W4A16 g{}", group) : std::string("tiny bf16")) +
-                             (set.fused_decode ? ", fused decode" : "");
+    const std::string what = "tiny " + weight_format_name(group) + (set.fused_decode ? ", fused decode" : "");
     // 3 sequences: bucket 4 (one padding row), the decode kernels of M <= 8 (GEMV, MoE decode path).
     batched_equals_alone(model, {prefix(99), prefix(7), prefix(40)}, 6, 2e-2, what);
     // 11 sequences: bucket 16 (5 padding rows), the same decode kernels with more rows.
@@ -530,18 +534,22 @@ TEST_CASE("GPU batch: tiny fixture, batched steps == each sequence alone; paddin
   }
 }
 
-TEST_CASE("GPU batch: synthetic 35B-A3B W4A16 g128, batched steps == each sequence alone") {
+namespace {
+
+// The synthetic 35B-A3B model in `format` (W4A16: g128): batched steps == each sequence alone, up to
+// 64 rows (one step's limit).
+void batch_35b(WeightFormat format, const std::string& what) {
   auto g = open_gpu();
   const Config c = Config::preset("35b-a3b");
   // 128 slots: 64 sequences batched beside their 64 copies decoded alone.
-  GpuModel model(g->driver, g->ctx, g->jit, c, synthetic_35b_options(1024, 512, 128), 42);
+  GpuModel model(g->driver, g->ctx, g->jit, c, synthetic_35b_options(1024, 512, 128, format), 42);
   MESSAGE("35B-A3B synthetic, 128 slots of 1024 tokens: state " << model.state_bytes() / 1e9 << " GB");
   auto prompt = [](size_t n, size_t salt) {
     std::vector<int32_t> p(n);
     for (size_t i = 0; i < n; ++i) p[i] = int32_t((i * 7919 + salt * 104729) % 248000);
     return p;
   };
-  batched_equals_alone(model, {prompt(3, 1), prompt(200, 2), prompt(57, 3)}, 4, 2e-2, "35B W4A16 g128");
+  batched_equals_alone(model, {prompt(3, 1), prompt(200, 2), prompt(57, 3)}, 4, 2e-2, what);
   // The one-token forward (the prefill path) against the decode graph on the same state: reported
   // (the two paths' kernels differ; issue 9 tracks the gap).
   {
@@ -552,7 +560,7 @@ TEST_CASE("GPU batch: synthetic 35B-A3B W4A16 g128, batched steps == each sequen
     model.prefill(p, SamplingParams{}, 1);
     const std::vector<float> fwd = model.forward(std::span<const int32_t>(&first, 1), false, 0);
     const std::vector<GpuModel::BatchEntry> one = {{1, first, SamplingParams{}, true}};
-    MESSAGE(fmt::format("35B W4A16 g128: one-token forward vs decode graph logits: rel_l2 {:.2e}",
+    MESSAGE(fmt::format("{}: one-token forward vs decode graph logits: rel_l2 {:.2e}", what,
                         rel_l2(fwd, model.decode_batch(one).logits[0])));
   }
   // 10 and 16 sequences (bucket 16), 37 (bucket 64, 27 padding rows) and 64 (bucket 64): near-tied
@@ -562,8 +570,19 @@ TEST_CASE("GPU batch: synthetic 35B-A3B W4A16 g128, batched steps == each sequen
     CAPTURE(n);
     std::vector<std::vector<int32_t>> prompts;
     for (size_t i = 0; i < n; ++i) prompts.push_back(prompt(1 + (41 * i) % 300, 10 + i));
-    batched_equals_alone(model, prompts, 3, 2e-2, "35B W4A16 g128");
+    batched_equals_alone(model, prompts, 3, 2e-2, what);
   }
+}
+
+}  // namespace
+
+TEST_CASE("GPU batch: synthetic 35B-A3B W4A16 g128, batched steps == each sequence alone") {
+  batch_35b(WeightFormat::W4A16, "35B W4A16 g128");
+}
+
+// FP8: gemv_fp8 with the M = 1 tiles' K split at every T, the FP8 expert-grouped MoE decode GEMVs.
+TEST_CASE("GPU batch: synthetic 35B-A3B FP8, batched steps == each sequence alone") {
+  batch_35b(WeightFormat::FP8, "35B FP8");
 }
 
 TEST_CASE("GPU batch: a bad batch is an error and leaves every slot where it was") {

@@ -68,3 +68,28 @@ TEST_CASE("GPU model: FP8 and GPTQ checkpoints at W4A16 equal their `q35jit quan
     for (float x : blogits) REQUIRE(std::isfinite(x));
   }
 }
+
+// --quant fp8 on an FP8 checkpoint (128 x 128 blocks, as the official ones): its FP8 tensors keep
+// their codes and scales (test_gpu_fp8.cpp checks the bytes), the bf16 ones (lm_head, in_proj_a/b)
+// are quantized on load; the CPU reference runs the same values (load_host_weights_fp8).
+TEST_CASE("GPU model: an FP8 checkpoint at --quant fp8 against the CPU reference on the same FP8 weights") {
+  auto g = open_gpu();
+  const Config c = q35::test::config_tiny();
+  const std::vector<int32_t> tokens = {1480, 17, 900, 33, 512, 77, 1203, 5, 64, 300, 11, 999};
+  q35::test::TempDir dir("gpu-hfq-fp8");
+  q35::test::write_quantized(dir.path(), c, QuantMethod::FP8, 32, 1, 9, 128);
+  Checkpoint ckpt(dir.path());
+  validate_checkpoint(c, ckpt);
+  GpuModelOptions o;
+  o.format = WeightFormat::FP8;
+  o.max_context = 64;
+  o.max_chunk = 64;
+  GpuModel model(g->driver, g->ctx, g->jit, c, ckpt, o);
+  const std::vector<float> logits = model.forward(tokens, true);
+  CpuModel ref(c, load_host_weights_fp8(c, ckpt));
+  CpuState st = ref.new_state(64);
+  const std::vector<float> want = ref.forward(st, tokens, true);
+  const double rel = rel_l2(logits, want);
+  MESSAGE("fp8 checkpoint, --quant fp8 on the GPU vs the CPU reference: ||d||/||ref|| = " << rel);
+  CHECK(rel <= 2e-2);
+}

@@ -1,6 +1,6 @@
 // GPU: the whole forward pass (models/qwen35/gpu_model) on the tiny fixture against the
 // transformers goldens, decode through the captured CUDA graph, W4A16 on the fly and from a
-// quantized checkpoint.
+// quantized checkpoint, FP8 against the CPU reference on the same FP8 weights.
 #include <doctest/doctest.h>
 
 #include <cmath>
@@ -173,6 +173,70 @@ TEST_CASE("GPU model, tiny fixture, W4A16: deltas reported; a quantized checkpoi
   }
 }
 
+// --quant fp8 from the bf16 fixture: the GPU quantizes every projection, expert and lm_head to FP8
+// (blocks [1, 128]); the CPU reference runs the same FP8 values (load_host_weights_fp8: the host
+// quantizer is bit-exact with the GPU's). Prefill logits, one-token decode steps (the plain step and
+// the residual epilogues), the captured decode graph's greedy ids, and the distance to transformers
+// fp32 (reported).
+TEST_CASE("GPU model, tiny fixture, FP8: logits of the CPU reference on the same FP8 weights, prefill and decode") {
+  auto g = open_gpu();
+  const Config c = Config::from_file(model_dir() / "config.json");
+  Checkpoint ckpt(model_dir());
+  const Goldens gold = load_goldens();
+  CpuModel cpu(c, load_host_weights_fp8(c, ckpt));
+  CpuState st = cpu.new_state(256);
+  const std::vector<float> want = cpu.forward(st, gold.prompt, true);
+  // Greedy ids and the logits of each decode step, from the CPU reference.
+  std::vector<int32_t> cpu_ids;
+  std::vector<float> cpu_steps;
+  {
+    CpuState s2 = cpu.new_state(256);
+    std::vector<float> last = cpu.forward(s2, gold.prompt, false);
+    for (int i = 0; i < 12; ++i) {
+      cpu_ids.push_back(argmax(last));
+      last = cpu.forward(s2, std::span<const int32_t>(&cpu_ids.back(), 1), false);
+      cpu_steps.insert(cpu_steps.end(), last.begin(), last.end());
+    }
+  }
+  for (bool fused_decode : {false, true}) {
+    CAPTURE(fused_decode);
+    GpuModelOptions o = options(WeightFormat::FP8, 0);
+    o.fused_decode = fused_decode;
+    GpuModel model(g->driver, g->ctx, g->jit, c, ckpt, o);
+    const std::vector<float> logits = model.forward(gold.prompt, true);
+    const double rel = rel_fro(logits, want);
+    MESSAGE("fp8 GPU vs fp8 CPU reference, " << gold.prompt.size() << " positions: ||dlogits||/||logits|| = " << rel
+                                             << "; vs transformers fp32 (bf16 weights): "
+                                             << rel_fro(logits, gold.prompt_logits));
+    CHECK(rel <= 2e-2);
+    // One token at a time after the prompt (decode-sized calls: GEMVs, MoE decode path).
+    model.reset();
+    model.forward(gold.prompt, false);
+    std::vector<float> steps;
+    for (int32_t id : cpu_ids) {
+      const std::vector<float> row = model.forward(std::span<const int32_t>(&id, 1), false);
+      steps.insert(steps.end(), row.begin(), row.end());
+    }
+    MESSAGE("fp8 decode steps (fused_decode " << fused_decode << "): ||dlogits||/||logits|| = " << rel_fro(steps, cpu_steps));
+    CHECK(rel_fro(steps, cpu_steps) <= 2e-2);
+    // The captured decode graph: the reference's greedy ids, up to near-ties.
+    const std::vector<int32_t> ids = greedy_ids(model, gold.prompt, cpu_ids.size());
+    size_t same = 0;
+    while (same < ids.size() && ids[same] == cpu_ids[same]) ++same;
+    MESSAGE("fp8 greedy ids equal to the CPU reference's before the first difference: " << same << "/" << ids.size());
+    CHECK(same >= 4);
+  }
+  // The whole 99-token prompt as one chunk: past a decode step's 64 rows, so its MoE takes the
+  // expert-grouped kernels of prompt chunks (the default crossover, 128 tokens; no FP8 tune entries).
+  REQUIRE((gold.prompt.size() > 64 && gold.prompt.size() <= 128));
+  GpuModelOptions o = options(WeightFormat::FP8, 0);
+  o.max_chunk = 128;
+  GpuModel model(g->driver, g->ctx, g->jit, c, ckpt, o);
+  const std::vector<float> logits = model.forward(gold.prompt, true);
+  MESSAGE("fp8 one 99-token chunk (grouped MoE): ||dlogits||/||logits|| = " << rel_fro(logits, want));
+  CHECK(rel_fro(logits, want) <= 2e-2);
+}
+
 TEST_CASE("GPU model: context overflow and bad ids are errors, and the model stays usable") {
   auto g = open_gpu();
   const Config c = Config::from_file(model_dir() / "config.json");
@@ -190,10 +254,12 @@ TEST_CASE("GPU model: context overflow and bad ids are errors, and the model sta
   CHECK(error_of([&] { model.decode(3, SamplingParams{}); }).find("context overflow") != std::string::npos);
 }
 
-TEST_CASE("GPU model: synthetic 35B-A3B shapes, W4A16 g128, run end to end") {
+TEST_CASE("GPU model: synthetic 35B-A3B shapes, W4A16 g128 and FP8, run end to end") {
   auto g = open_gpu();
   const Config c = Config::preset("35b-a3b");
-  GpuModel model(g->driver, g->ctx, g->jit, c, synthetic_35b_options(4096, 512), 42);
+  for (WeightFormat format : {WeightFormat::W4A16, WeightFormat::FP8}) {
+  CAPTURE(int(format));
+  GpuModel model(g->driver, g->ctx, g->jit, c, synthetic_35b_options(4096, 512, 1, format), 42);
   MESSAGE("35B-A3B synthetic: weights " << model.weight_bytes() / 1e9 << " GB, state " << model.state_bytes() / 1e6 << " MB");
   std::vector<int32_t> prompt(600);
   for (size_t i = 0; i < prompt.size(); ++i) prompt[i] = int32_t((i * 7919) % 248000);
@@ -219,6 +285,7 @@ TEST_CASE("GPU model: synthetic 35B-A3B shapes, W4A16 g128, run end to end") {
   CHECK(nodes->kernels == 1 + 8 * linear + 10 * full + 4);
   CHECK(nodes->memcpys == 1);  // the step's input token from the previous sample
   CHECK(nodes->memsets == 1);  // the residual stream
+  }
 }
 
 // The fused decode path (T <= 8: residual add + RMSNorm in the output-projection GEMV and the MoE down

@@ -1,6 +1,6 @@
 // GPU: the sparse MoE + shared expert (spec §2.6; kernel_templates/moe.cuh, moe_gemm.cuh) against the
 // fp32 CPU reference (ref::moe_router, ref::moe_experts, ref::shared_expert) on the same bf16 /
-// dequantized W4A16 weights, at the tiny fixture's shapes and the 35B shapes, through the decode
+// dequantized W4A16 / FP8 weights, at the tiny fixture's shapes and the 35B shapes, through the decode
 // path (T = 1, 3, 8, 9, 16, 37, 64: the router's expert-grouped plan, gate_up and down reading each
 // touched expert once; also with the residual add + RMSNorm epilogue of moe_forward_decode; every
 // token of T = 16 and 64 bit-identical to that token alone) and the prefill path (T = 1, 37, 512,
@@ -17,7 +17,9 @@
 #include "models/qwen35/config.h"
 #include "models/qwen35/gpu/moe.h"
 #include "models/qwen35/reference_ops.h"
+#include "runtime/core/fp8_format.h"
 #include "runtime/core/int4_format.h"
+#include "runtime/core/weight_format.h"
 #include "tests/gpu/gpu_harness.h"
 #include "tests/moe_plan_ref.h"
 
@@ -62,13 +64,33 @@ std::vector<float> widen(const std::vector<uint16_t>& b) {
   return f;
 }
 
+// Bytes per weight of format `group` on the device, scales included (the timings' bandwidth figures).
+double weight_bytes(int group) { return group == 0 ? 2.0 : group == kFp8Group ? 1.0 + 4.0 / 128 : 0.5 + 2.0 / group; }
+
 // Uploads W [rows, K] (bf16 values) in format `group` into (dw, ds) and returns the fp32 weights the
-// kernels compute with: the bf16 values, or the dequantized INT4 values.
+// kernels compute with: the bf16 values, or the dequantized INT4 / FP8 values (FP8: blocks [1, 128],
+// fp8::quantize as the GPU quantizes).
 std::vector<float> upload_weight(const Gpu& g, const std::vector<uint16_t>& w, int64_t rows, int64_t K, int group,
                                  DeviceBuffer& dw, DeviceBuffer& ds) {
   std::vector<float> f = widen(w);
   if (group == 0) {
     dw = to_device(g, w);
+    return f;
+  }
+  if (group == kFp8Group) {
+    const int64_t spr = (K + 127) / 128;
+    std::vector<uint8_t> codes(size_t(rows * K));
+    std::vector<float> sc(size_t(rows * spr));
+    parallel_for(size_t(rows), [&](size_t r0, size_t r1) {
+      const int64_t n = int64_t(r1 - r0);
+      const fp8::Quantized q = fp8::quantize(std::span<const float>(f.data() + r0 * K, size_t(n * K)), n, K, 1, 128);
+      const std::vector<float> deq = fp8::dequantize(q.codes, q.scale_inv, n, K, 1, 128);
+      std::copy(q.codes.begin(), q.codes.end(), codes.begin() + r0 * K);
+      std::copy(q.scale_inv.begin(), q.scale_inv.end(), sc.begin() + r0 * spr);
+      std::copy(deq.begin(), deq.end(), f.begin() + r0 * K);
+    });
+    dw = to_device(g, codes);
+    ds = to_device(g, sc);
     return f;
   }
   std::vector<uint32_t> qw(size_t(rows * K / 8));
@@ -187,7 +209,7 @@ void check_moe(const Gpu& g, const Layer& L, const MoeKernels& k, const MoeScrat
   for (size_t i = 0; i < want.size(); ++i) want[i] = routed[i] + shared[i];
   const double err = rel_l2(to_f32(out), want);
   MESSAGE(fmt::format("moe H={} E={} I={} Is={} {} T={} {}: rel_l2 {:.2e}", H, E, s.inter, s.shared_inter,
-                      s.group == 0 ? std::string("bf16") : fmt::format("W4A16 g{}", s.group), T,
+                      weight_format_name(s.group), T,
                       path_name, err));
   CHECK(err <= 1e-2);
 
@@ -394,7 +416,7 @@ void run_shapes(const MoeShape& base, std::initializer_list<int> groups, bool ti
         const std::vector<uint16_t> x = random_bf16(size_t(T * s.hidden), 9, 1.f);
         DeviceBuffer d_x = to_device(*g, x), d_out(g->driver, size_t(T * s.hidden) * 2);
         const MoeWeights w = L.weights();
-        const double wb = 0.5 + 2.0 / group;
+        const double wb = 0.5 + 2.0 / group;  // (W4A16 g128 only)
         const double gu_bytes = double(s.experts) * 2 * s.inter * s.hidden * wb, dn_bytes = gu_bytes / 2;
         std::string lines;
         for (const auto& [label, tiles] : sets) {
@@ -421,9 +443,8 @@ void run_shapes(const MoeShape& base, std::initializer_list<int> groups, bool ti
                             T, s.experts, gu_bytes / 1e6, dn_bytes / 1e6, lines));
       }
 
-    const std::string fmt_name = fmt::format("{} {}", group == 0 ? "bf16" : fmt::format("W4A16 g{}", group),
-                                             wgmma ? "wgmma" : "mma.sync");
-    const double wbytes = group == 0 ? 2.0 : 0.5 + 2.0 / group;  // bytes per weight incl. scales
+    const std::string fmt_name = fmt::format("{} {}", weight_format_name(group), wgmma ? "wgmma" : "mma.sync");
+    const double wbytes = weight_bytes(group);
     // Decode T = 1: 20 different tokens per graph, so most experts come from HBM (the router and
     // shared expert stay in L2 across calls).
     if (!wgmma) {
@@ -491,7 +512,7 @@ void run_shapes(const MoeShape& base, std::initializer_list<int> groups, bool ti
         bool ok = true;
         for (MoeGemm gm : {MoeGemm::RoutedGateUp, MoeGemm::RoutedDown, MoeGemm::SharedGateUp, MoeGemm::SharedDown})
           ok = ok && why_invalid(t, s, gm).empty();
-        if (!ok) continue;  // persistent: W4A16 only
+        if (!ok) continue;  // persistent: W4A16 only; FP8's 4-stage 128 x 256 warp-specialised tile: too large
         MoeTiles tiles = k.tiles;
         tiles.gemm = t;
         timed.emplace_back(fmt::format("{} {}x{} wg {}x{} stages {}{}", t.rs ? "rs" : "ws", t.block_m, t.block_n,
@@ -660,7 +681,7 @@ void run_grouped(const MoeShape& s) {
         }),
         "grouped path takes at most"));
 
-  const double wbytes = s.group == 0 ? 2.0 : 0.5 + 2.0 / s.group;
+  const double wbytes = weight_bytes(s.group);
   const double router_bytes = double(s.experts + 1) * s.hidden * 2;
   const MoeWeights w = L.weights();
   std::string lines;
@@ -696,7 +717,7 @@ void run_grouped(const MoeShape& s) {
                          std::max(grouped, gemm) / std::min(grouped, gemm));
   }
   MESSAGE(fmt::format("moe grouped vs GEMM path, H={} E={} k={} I={} {}:{}", s.hidden, s.experts, s.top_k, s.inter,
-                      s.group == 0 ? std::string("bf16") : fmt::format("W4A16 g{}", s.group), lines));
+                      weight_format_name(s.group), lines));
 }
 
 // The grouped path's streaming form (moe_stream_gate_up / moe_stream_down + moe_stream_combine, every
@@ -714,7 +735,7 @@ void run_stream(const MoeShape& s, bool timing) {
   const MoeKernels plain(g->jit, g->ctx, s, plain_tiles);
   Workspace wp(*g, plain, kMoeGroupedMaxTokens);
   const int64_t HW = s.top_k * s.inter + s.shared_inter;
-  const std::string fmt_name = s.group == 0 ? std::string("bf16") : fmt::format("W4A16 g{}", s.group);
+  const std::string fmt_name = weight_format_name(s.group);
   const MoeWeights w = L.weights();
   std::vector<int64_t> Ts;
   for (int64_t T : {1, 3, 16, 37, 64, 128, 200, 256})
@@ -783,7 +804,7 @@ TEST_CASE("GPU: moe grouped path up to 256 tokens, 35B W4A16 g128: accuracy, bat
   run_grouped(MoeShape{2048, 256, 8, 512, 512, 128});
 }
 
-TEST_CASE("GPU: moe streaming form == decode kernels, tiny (bf16, g32, g64) and 35B (g128 timed, bf16, g32)") {
+TEST_CASE("GPU: moe streaming form == decode kernels, tiny (bf16, g32, g64) and 35B (g128 timed, bf16, g32, FP8)") {
   const MoeShape tiny = moe_shape(q35::test::config_tiny(), 0);
   for (int group : {0, 32, 64}) {
     MoeShape s = tiny;
@@ -793,6 +814,11 @@ TEST_CASE("GPU: moe streaming form == decode kernels, tiny (bf16, g32, g64) and 
   run_stream(MoeShape{2048, 256, 8, 512, 512, 128}, true);
   run_stream(MoeShape{2048, 256, 8, 512, 512, 0}, false);
   run_stream(MoeShape{2048, 256, 8, 512, 512, 32}, false);
+  run_stream(MoeShape{2048, 256, 8, 512, 512, kFp8Group}, false);
+}
+
+TEST_CASE("GPU: moe grouped path up to 256 tokens, 35B FP8: accuracy, batched == alone, vs the GEMM path") {
+  run_grouped(MoeShape{2048, 256, 8, 512, 512, kFp8Group});
 }
 
 TEST_CASE("GPU: moe at the tiny fixture's shapes, bf16 and W4A16 g32 / g64, decode and prefill paths") {
@@ -811,4 +837,12 @@ TEST_CASE("GPU: moe at the 35B shapes, W4A16 g128, decode and prefill paths, tim
 
 TEST_CASE("GPU: moe at the 35B shapes, W4A16 g32, decode and prefill paths") {
   run_shapes(MoeShape{2048, 256, 8, 512, 512, 0}, {32}, true);
+}
+
+TEST_CASE("GPU: moe FP8 at the tiny fixture's shapes (K = 64 < 128: one partial scale block), decode and prefill") {
+  run_shapes(moe_shape(q35::test::config_tiny(), 0), {kFp8Group}, false);
+}
+
+TEST_CASE("GPU: moe FP8 at the 35B shapes, decode and prefill paths, timing") {
+  run_shapes(MoeShape{2048, 256, 8, 512, 512, 0}, {kFp8Group}, true);
 }

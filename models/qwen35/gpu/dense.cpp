@@ -32,7 +32,7 @@ std::vector<DenseShape> dense_shapes(const Config& cfg) {
 }
 
 GemmPlan gemm_plan(int64_t n, int64_t k, int64_t m, bool out_f32, bool wgmma, int group) {
-  return {n, k, default_gemm_tile(n, k, m, wgmma), out_f32, wgmma ? group : 0};
+  return {n, k, default_gemm_tile(n, k, m, wgmma), out_f32, wgmma ? group : mma_gemm_group(group)};
 }
 
 KernelSpec GemvBf16Plan::spec() const {
@@ -44,9 +44,17 @@ GemvBf16Plan gemv_bf16_plan(int64_t n, int64_t k, int m, bool out_f32) {
 }
 
 W4GemvTile w4_decode_tile(const W4GemvTile& one, int64_t group, int M) {
-  if (M < 1 || M > kDecodeStepMaxRows) fail("gemv_w4a16: a decode step of {} rows is outside [1, {}]", M, kDecodeStepMaxRows);
+  if (M < 1 || M > kDecodeStepMaxRows)
+    fail("{}: a decode step of {} rows is outside [1, {}]", group == kFp8Group ? "gemv_fp8" : "gemv_w4a16", M,
+         kDecodeStepMaxRows);
+  if (group != kFp8Group && group != 32 && group != 64 && group != 128)
+    fail("gemv decode tile: weight group {} is not W4A16 (32, 64, 128) or FP8", group);
   W4GemvTile t = one;
-  t.m_tile = M == 1 ? 1 : int(8 * group / 128);
+  // One mma column tile of 8 columns: a column per (token, scale group of a 128-k tile). FP8 has one
+  // scale block per tile, so any M_TILE <= 8 keeps the M = 1 tile's single column tile and accumulator
+  // chains; it takes 4: at 8, ptxas spills 8 bytes of gemv_fp8 at the 35B qkv / in_proj default tiles
+  // (72 registers, sm_90a; 4 compiles clean).
+  t.m_tile = M == 1 ? 1 : group == kFp8Group ? 4 : int(8 * group / 128);
   return t;
 }
 
@@ -63,7 +71,9 @@ void prepare(const GemmPlan& p, const Function& f) { f.set_max_dynamic_smem(p.ti
 void launch(const GemmPlan& p, const Function& f, const Stream& stream, CUdeviceptr x, CUdeviceptr W, CUdeviceptr y,
             int M, CUdeviceptr scales) {
   if (M < 1) fail("gemm_bf16 [N = {}, K = {}]: M = {} rows is not positive", p.n, p.k, M);
-  if (p.group != 0 && !scales) fail("gemm_wgmma [N = {}, K = {}]: W4A16 weights without scales", p.n, p.k);
+  if (p.group != 0 && !scales)
+    fail("{} [N = {}, K = {}]: {} weights without scales", p.tile.wgmma ? "gemm_wgmma" : "gemm_bf16", p.n, p.k,
+         weight_format_name(p.group));
   if (p.tile.wgmma) {
     const CUdeviceptr none = 0;  // sorted_ids, block_expert, num_blocks: MoE only
     f.launch({{blocks_for(p.n, p.tile.bn), blocks_for(M, p.tile.bm)}, {unsigned(p.tile.threads())},
@@ -72,8 +82,8 @@ void launch(const GemmPlan& p, const Function& f, const Stream& stream, CUdevice
     return;
   }
   f.launch({{blocks_for(M, p.tile.bm), blocks_for(p.n, p.tile.bn)}, {unsigned(p.tile.threads())},
-            unsigned(p.tile.smem_bytes())},
-           stream, x, W, y, M);
+            unsigned(p.tile.smem_bytes(p.group))},
+           stream, x, W, scales, y, M);
 }
 
 void launch(const GemvBf16Plan& p, const Function& f, const Stream& stream, CUdeviceptr W, CUdeviceptr x,
@@ -85,33 +95,42 @@ void launch(const GemvBf16Plan& p, const Function& f, const Stream& stream, CUde
 
 void launch(const W4GemvPlan& p, const Function& f, const Stream& stream, CUdeviceptr qweight, CUdeviceptr scales,
             CUdeviceptr x, CUdeviceptr y, int T, bool pdl) {
-  if (T < 1) fail("gemv_w4a16 [N = {}, K = {}]: T = {} tokens is not positive", p.n, p.k, T);
-  if (p.residual) fail("gemv_w4a16_residual [N = {}, K = {}]: launched without its residual buffers", p.n, p.k);
+  if (T < 1) fail("{} [N = {}, K = {}]: T = {} tokens is not positive", p.spec().kernel, p.n, p.k, T);
+  if (p.residual) fail("{} [N = {}, K = {}]: launched without its residual buffers", p.spec().kernel, p.n, p.k);
   f.launch({{blocks_for(p.n, p.tile.rows_per_block()), blocks_for(T, p.tile.m_tile)}, {unsigned(p.tile.threads())}, 0, pdl},
            stream, qweight, scales, x, y, T);
 }
 
 void launch(const W4GemvPlan& p, const Function& f, const Stream& stream, CUdeviceptr qweight, CUdeviceptr scales,
             CUdeviceptr x, const ResidualNorm& r, int T, bool pdl) {
-  if (T < 1) fail("gemv_w4a16_residual [N = {}, K = {}]: T = {} tokens is not positive", p.n, p.k, T);
-  if (!p.residual) fail("gemv_w4a16 [N = {}, K = {}]: a plan without the residual epilogue", p.n, p.k);
+  if (T < 1) fail("{} [N = {}, K = {}]: T = {} tokens is not positive", p.spec().kernel, p.n, p.k, T);
+  if (!p.residual) fail("{} [N = {}, K = {}]: a plan without the residual epilogue", p.spec().kernel, p.n, p.k);
   if (!r.residual || !r.norm_w || !r.normed || !r.counter)
-    fail("gemv_w4a16_residual [N = {}, K = {}]: residual, norm_w, normed and counter must all be set", p.n, p.k);
+    fail("{} [N = {}, K = {}]: residual, norm_w, normed and counter must all be set", p.spec().kernel, p.n, p.k);
   f.launch({{blocks_for(p.n, p.tile.rows_per_block()), blocks_for(T, p.tile.m_tile)}, {unsigned(p.tile.threads())}, 0, pdl},
            stream, qweight, scales, x, r.residual, r.norm_w, r.normed, r.counter, r.eps, T);
 }
 
 void launch_quantize(const QuantizePlan& p, const Function& f, const Stream& stream, CUdeviceptr w,
                      CUdeviceptr qweight, CUdeviceptr scales, int64_t rows) {
-  if (rows < 1 || rows > INT32_MAX) fail("quantize_w4 [K = {}]: rows = {} is not in [1, 2^31)", p.k, rows);
+  if (rows < 1 || rows > INT32_MAX) fail("{} [K = {}]: rows = {} is not in [1, 2^31)", p.quantize_spec().kernel, p.k, rows);
   const int r = int(rows);
+  if (p.group == kFp8Group) {  // one warp per (row, 128-k block)
+    const int64_t blocks = rows * ((p.k + 127) / 128);
+    f.launch({{blocks_for(blocks, p.tile.threads / 32)}, {unsigned(p.tile.threads)}}, stream, w, qweight, scales, r);
+    return;
+  }
   f.launch({{blocks_for(rows * p.k / 8, p.tile.threads)}, {unsigned(p.tile.threads)}}, stream, w, qweight, scales, r);
 }
 
 void launch_dequantize(const QuantizePlan& p, const Function& f, const Stream& stream, CUdeviceptr qweight,
                        CUdeviceptr scales, CUdeviceptr w, int64_t rows) {
-  if (rows < 1 || rows > INT32_MAX) fail("dequantize_w4 [K = {}]: rows = {} is not in [1, 2^31)", p.k, rows);
+  if (rows < 1 || rows > INT32_MAX) fail("{} [K = {}]: rows = {} is not in [1, 2^31)", p.dequantize_spec().kernel, p.k, rows);
   const int r = int(rows);
+  if (p.group == kFp8Group) {  // one thread per 16 codes
+    f.launch({{blocks_for(rows * p.k / 16, p.tile.threads)}, {unsigned(p.tile.threads)}}, stream, qweight, scales, w, r);
+    return;
+  }
   f.launch({{blocks_for(rows * p.k / 8, p.tile.threads)}, {unsigned(p.tile.threads)}}, stream, qweight, scales, w, r);
 }
 
@@ -156,12 +175,13 @@ std::vector<KernelSpec> dense_kernels(const Config& cfg, const DenseOptions& opt
       }
       const QuantizePlan q = quantize_plan(s.k, opt.group);
       add(q.quantize_spec());
-      add(q.dequantize_spec());
+      if (opt.group != kFp8Group || opt.wgmma) add(q.dequantize_spec());  // FP8: the large-M wgmma GEMMs
     }
-    // prefill (lm_head: eval logits); wgmma W4A16: dequantized first at large M, in the loop below that
-    add(gemm_plan(s.n, s.k, opt.prefill_tokens, logits, opt.wgmma, wgmma_gemm_group(opt.group, opt.prefill_tokens, s.k))
-            .spec());
-    if (opt.wgmma && opt.group && !logits && opt.prefill_tokens >= kWgmmaDequantFirstM && s.k % 64 == 0)
+    // prefill (lm_head: eval logits); wgmma W4A16 / FP8: dequantized first at large M, in the loop
+    // below that; mma.sync FP8: in the loop
+    const int group = opt.wgmma ? wgmma_gemm_group(opt.group, opt.prefill_tokens, s.k) : mma_gemm_group(opt.group);
+    add(gemm_plan(s.n, s.k, opt.prefill_tokens, logits, opt.wgmma, group).spec());
+    if (opt.wgmma && opt.group != 0 && !logits && opt.prefill_tokens >= kWgmmaDequantFirstM && s.k % 64 == 0)
       add(gemm_plan(s.n, s.k, 512, false, true, opt.group).spec());
   }
   const SamplePlan sp = sample_plan(cfg.vocab_size);

@@ -1,16 +1,18 @@
 #pragma once
 // Host side of the dense-projection kernels: y[M, N] = x[M, K] . W[N, K]^T for the model's
-// projections (bf16 or W4A16 weights), INT4 quantize / dequantize on the GPU, and the lm_head's
-// token selection (argmax, sampling).
+// projections (bf16, W4A16 or FP8 weights; `group` as in runtime/core/weight_format.h), INT4 and FP8
+// quantization on the GPU, and the lm_head's token selection (argmax, sampling).
 //
 // A *plan* is one kernel instantiation plus its launch geometry: plan.spec() is what the JIT
 // compiles, launch(plan, function, stream, buffers...) runs it. Buffers are device pointers
 // (CUdeviceptr), row-major, 16-byte aligned; shapes at every launch function.
 //
-// Decode (M = 1..16 tokens): gemv_bf16 (bf16 weights) or gemv_w4a16 (W4A16).
+// Decode (M = 1..16 tokens): gemv_bf16 (bf16 weights), gemv_w4a16 (W4A16) or gemv_fp8 (FP8).
 // Prefill (large M): gemm_bf16; W4A16 weights are first dequantized into a reused bf16 scratch
-// [N, K] (dequantize_w4), then the same gemm_bf16 runs (kernels.md §4). On sm_90a: gemm_wgmma
-// (warpgroup MMA), W4A16 weights dequantized inside its main loop below kWgmmaDequantFirstM rows.
+// [N, K] (dequantize_w4), then the same gemm_bf16 runs (kernels.md §4); FP8 weights are dequantized
+// inside gemm_bf16's main loop (GROUP kFp8Group). On sm_90a: gemm_wgmma (warpgroup MMA), W4A16 and
+// FP8 weights dequantized inside its main loop below kWgmmaDequantFirstM rows, first (dequantize_w4,
+// dequantize_fp8) above.
 // lm_head: gemv with fp32 logits [vocab] for the last position, then argmax (greedy) or sample;
 // eval: gemm_bf16 with fp32 output for every position.
 #include <cuda.h>
@@ -23,6 +25,7 @@
 #include "autotune/tiles_dense.h"
 #include "models/qwen35/config.h"
 #include "runtime/core/sampler.h"
+#include "runtime/core/weight_format.h"
 #include "runtime/cuda/driver.h"
 #include "runtime/jit/kernel_spec.h"
 
@@ -50,6 +53,7 @@ std::vector<DenseShape> dense_shapes(const Config& cfg);
 // gemm_bf16 (or, with a wgmma tile on sm_90a, gemm_wgmma): x [M, k] bf16, W [n, k] bf16 -> y [M, n]
 // bf16 (fp32 if out_f32). group > 0 (wgmma tiles only): W is W4A16 qweight u32 [n, k/8] with bf16
 // scales [n, k/group], dequantized inside the GEMM's main loop (the mma.sync path dequantizes first).
+// group kFp8Group (both kinds): W is FP8 codes uint8 [n, k] with fp32 scales [n, ceil(k/128)].
 struct GemmPlan {
   int64_t n = 0, k = 0;
   GemmTile tile;
@@ -61,14 +65,17 @@ struct GemmPlan {
 // the bf16 GEMM (faster at large M, H200: in_proj at M = 4096 470 us in the loop vs ~415 us); fewer
 // rows dequantize inside the GEMM's main loop (no extra pass over the weights).
 constexpr int64_t kWgmmaDequantFirstM = 1024;
-// The weight group a wgmma GEMM of m rows over W4A16 weights [n, k] of `group` runs with (0:
+// The weight group a wgmma GEMM of m rows over W4A16 or FP8 weights [n, k] of `group` runs with (0:
 // dequantized first, also whenever k is not a whole number of the kernel's 64-k steps).
 inline int wgmma_gemm_group(int group, int64_t m, int64_t k) {
   return m < kWgmmaDequantFirstM && k % 64 == 0 ? group : 0;
 }
+// The weight group the prefill GEMM of weights of `group` runs with on the mma.sync kernel: FP8 is
+// read in its loop, W4A16 dequantized first (0).
+inline int mma_gemm_group(int group) { return group == kFp8Group ? group : 0; }
 
 // m = the M the tile is chosen for (any M runs); wgmma: the Hopper kernel (then `group` is kept,
-// else the plan is for bf16 weights).
+// else the plan is for bf16 weights, or FP8 ones).
 GemmPlan gemm_plan(int64_t n, int64_t k, int64_t m, bool out_f32 = false, bool wgmma = false, int group = 0);
 
 // gemv_bf16: W [n, k] bf16, x [T, k] bf16 -> y [T, n] bf16 (fp32 if out_f32); T <= 16 per tile row.
@@ -80,14 +87,16 @@ struct GemvBf16Plan {
 };
 GemvBf16Plan gemv_bf16_plan(int64_t n, int64_t k, int m, bool out_f32 = false);
 
-// gemv_w4a16: qweight u32 [n, k/8], scales bf16 [n, k/group], x [T, k] bf16 -> y [T, n] bf16 (fp32 if out_f32).
-// residual: gemv_w4a16_residual (the output goes into the residual stream, see ResidualNorm).
+// gemv_w4a16: qweight u32 [n, k/8], scales bf16 [n, k/group], x [T, k] bf16 -> y [T, n] bf16 (fp32 if out_f32);
+// group kFp8Group: gemv_fp8 (the same tile and body): codes uint8 [n, k], scales fp32 [n, ceil(k/128)].
+// residual: gemv_w4a16_residual / gemv_fp8_residual (the output goes into the residual stream, see ResidualNorm).
 struct W4GemvPlan {
   int64_t n = 0, k = 0, group = 0;
   W4GemvTile tile;
   bool out_f32 = false;
   bool residual = false;
   KernelSpec spec() const {
+    if (group == kFp8Group) return residual ? gemv_fp8_residual_spec(n, k, tile) : gemv_fp8_spec(n, k, tile, out_f32);
     return residual ? gemv_w4a16_residual_spec(n, k, group, tile) : gemv_w4a16_spec(n, k, group, tile, out_f32);
   }
 };
@@ -102,12 +111,15 @@ struct ResidualNorm {
 };
 W4GemvPlan w4_gemv_plan(int64_t n, int64_t k, int64_t group, int m, bool out_f32 = false);
 
-// quantize_w4 / dequantize_w4 over rows of length k (rows chosen at launch; experts: rows = E * N).
+// quantize_w4 / dequantize_w4 over rows of length k (rows chosen at launch; experts: rows = E * N);
+// group kFp8Group: quantize_fp8 / dequantize_fp8.
 struct QuantizePlan {
   int64_t k = 0, group = 0;
   QuantizeTile tile;
-  KernelSpec quantize_spec() const { return quantize_w4_spec(k, group, tile); }
-  KernelSpec dequantize_spec() const { return dequantize_w4_spec(k, group, tile); }
+  KernelSpec quantize_spec() const { return group == kFp8Group ? quantize_fp8_spec(k, tile) : quantize_w4_spec(k, group, tile); }
+  KernelSpec dequantize_spec() const {
+    return group == kFp8Group ? dequantize_fp8_spec(k, tile) : dequantize_w4_spec(k, group, tile);
+  }
 };
 QuantizePlan quantize_plan(int64_t k, int64_t group);
 
@@ -126,7 +138,7 @@ SamplePlan sample_plan(int64_t vocab);
 
 // Once per loaded gemm_bf16 function, before its first launch: opts into its dynamic shared memory.
 void prepare(const GemmPlan& p, const Function& f);
-// y [M, n] = x [M, k] . W [n, k]^T (after prepare()); scales: W4A16 plans (group > 0) only.
+// y [M, n] = x [M, k] . W [n, k]^T (after prepare()); scales: W4A16 and FP8 plans (group != 0) only.
 void launch(const GemmPlan& p, const Function& f, const Stream& stream, CUdeviceptr x, CUdeviceptr W, CUdeviceptr y,
             int M, CUdeviceptr scales = 0);
 // y [T, n] = x [T, k] . W [n, k]^T.
@@ -138,10 +150,12 @@ void launch(const W4GemvPlan& p, const Function& f, const Stream& stream, CUdevi
 // residual += bf16(x [T, k] . dequant(qweight, scales)^T); normed = RMSNorm(residual) (a `residual` plan).
 void launch(const W4GemvPlan& p, const Function& f, const Stream& stream, CUdeviceptr qweight, CUdeviceptr scales,
             CUdeviceptr x, const ResidualNorm& r, int T, bool pdl = false);
-// w bf16 [rows, k] -> qweight u32 [rows, k/8], scales bf16 [rows, k/group] (bit-exact with int4::quantize).
+// w bf16 [rows, k] -> qweight u32 [rows, k/8], scales bf16 [rows, k/group] (bit-exact with int4::quantize),
+// or for FP8 codes uint8 [rows, k], scales fp32 [rows, ceil(k/128)] (bit-exact with fp8::quantize, blocks
+// [1, 128]).
 void launch_quantize(const QuantizePlan& p, const Function& f, const Stream& stream, CUdeviceptr w,
                      CUdeviceptr qweight, CUdeviceptr scales, int64_t rows);
-// qweight, scales -> w bf16 [rows, k] = bf16(q * scale).
+// qweight (FP8: codes), scales -> w bf16 [rows, k] = bf16(q * scale).
 void launch_dequantize(const QuantizePlan& p, const Function& f, const Stream& stream, CUdeviceptr qweight,
                        CUdeviceptr scales, CUdeviceptr w, int64_t rows);
 // logits fp32 [vocab] -> out_id int32 [1] (lowest id on ties); workspace: argmax_workspace_bytes(),
@@ -155,17 +169,18 @@ void launch_sample(const SamplePlan& p, const Function& f, const Stream& stream,
 
 // ---- the kernel list ----
 
-// The W4A16 GEMV tile of a decode step of M rows (1 <= M <= kDecodeStepMaxRows) from the M = 1 tile
-// `one`: its K split and unroll for every M, so each row gets the arithmetic of a sequence decoded
-// alone; M_TILE = 8 / (128 / group) tokens fill one mma column tile, which keeps the M = 1 tile's
-// accumulator chains (gemv_w4a16.cuh). (A bf16 GEMV's sums do not depend on its tile, gemv_bf16.cuh.)
+// The W4A16 / FP8 GEMV tile of a decode step of M rows (1 <= M <= kDecodeStepMaxRows) from the M = 1
+// tile `one`: its K split and unroll for every M, so each row gets the arithmetic of a sequence decoded
+// alone; M_TILE = 8 / (128 / group) tokens fill one mma column tile (FP8, one scale block per 128-k
+// tile: 4 tokens, half a column tile), which keeps the M = 1 tile's accumulator chains
+// (gemv_w4a16.cuh). (A bf16 GEMV's sums do not depend on its tile, gemv_bf16.cuh.)
 W4GemvTile w4_decode_tile(const W4GemvTile& one, int64_t group, int M);
 
 struct DenseOptions {
-  int group = 0;                  // 0: bf16 weights; 32 / 64 / 128: W4A16 with that group size
+  int group = 0;                  // 0: bf16 weights; 32 / 64 / 128: W4A16 with that group size; kFp8Group
   int decode_tokens = 1;          // M of the decode GEMVs
   int64_t prefill_tokens = 4096;  // M the prefill GEMM tiles are chosen for
-  bool wgmma = false;             // sm_90a: prefill GEMMs on gemm_wgmma (W4A16 dequantized in its loop)
+  bool wgmma = false;             // sm_90a: prefill GEMMs on gemm_wgmma (W4A16 / FP8 dequantized in its loop)
 };
 // Every instantiation the dense projections, the lm_head and token selection need, deduplicated.
 std::vector<KernelSpec> dense_kernels(const Config& cfg, const DenseOptions& opt = {});

@@ -20,8 +20,9 @@
 // can be captured in a CUDA graph. The router and the decode GEMVs are launched with programmatic
 // dependent launch (they wait for their predecessor in the kernel before reading its output).
 //
-// Weight format: `group` = 0 for bf16 weights, else the W4A16 group (32, 64, 128) of the expert and
-// shared-expert weights (router and shared_expert_gate stay bf16).
+// Weight format: `group` = 0 for bf16 weights, the W4A16 group (32, 64, 128) or kFp8Group (FP8,
+// runtime/core/weight_format.h) of the expert and shared-expert weights (router and
+// shared_expert_gate stay bf16).
 #include <cstdint>
 #include <vector>
 
@@ -58,7 +59,8 @@ std::vector<KernelSpec> moe_kernels(const Config& cfg, int group, bool hopper = 
 std::vector<KernelSpec> moe_kernels(const MoeShape& s, const MoeTiles& tiles);
 
 // One layer's weights (device pointers). "W" = bf16 [..., N, K], or for W4A16 qweight uint32
-// [..., N, K/8] with `*_scales` bf16 [..., N, K/group] (the *_scales pointers are ignored for bf16).
+// [..., N, K/8] with `*_scales` bf16 [..., N, K/group], or for FP8 codes uint8 [..., N, K] with
+// `*_scales` fp32 [..., N, ceil(K/128)] (the *_scales pointers are ignored for bf16).
 struct MoeWeights {
   CUdeviceptr router = 0;       // bf16 [E, H]                    mlp.gate.weight
   CUdeviceptr shared_gate = 0;  // bf16 [1, H]                    mlp.shared_expert_gate.weight

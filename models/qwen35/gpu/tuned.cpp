@@ -52,7 +52,7 @@ T TunedTiles::pick(const char* family, const std::string& signature, int64_t m, 
 W4GemvTile TunedTiles::w4_gemv(int64_t n, int64_t k, bool out_f32, int64_t m) const {
   const W4GemvTile def = default_w4_gemv_tile(n, k, group_, int(m));
   return pick(
-      tune::kGemvW4, tune::dense_signature(n, k, group_, out_f32), m, def,
+      group_ == kFp8Group ? tune::kGemvFp8 : tune::kGemvW4, tune::dense_signature(n, k, group_, out_f32), m, def,
       [&](const nlohmann::json& j) {
         // The tuned unroll may exceed what the register budget allows at this m_tile: lower it.
         W4GemvTile t = tune::w4_gemv_from_json(j, m);
@@ -71,12 +71,12 @@ GemvTile TunedTiles::gemv_bf16(int64_t n, int64_t k, bool out_f32, int64_t m) co
 
 GemmTile TunedTiles::gemm(int64_t n, int64_t k, bool out_f32, int64_t m) const {
   return pick(
-      tune::kGemm, tune::dense_signature(n, k, wgmma_ ? wgmma_gemm_group(group_, m, k) : 0, out_f32), m,
-      default_gemm_tile(n, k, m, wgmma_),
+      tune::kGemm, tune::dense_signature(n, k, wgmma_ ? wgmma_gemm_group(group_, m, k) : mma_gemm_group(group_), out_f32),
+      m, default_gemm_tile(n, k, m, wgmma_),
       [](const nlohmann::json& j) { return tune::gemm_from_json(j); },
       [&](const GemmTile& t) {
         if (t.wgmma && !wgmma_) return std::string("a wgmma tile needs an sm_90a device");
-        return why_invalid(t, n, k, t.wgmma ? wgmma_gemm_group(group_, m, k) : 0);
+        return why_invalid(t, n, k, t.wgmma ? wgmma_gemm_group(group_, m, k) : mma_gemm_group(group_));
       });
 }
 
