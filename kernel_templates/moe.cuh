@@ -861,6 +861,12 @@ namespace q35k {
 // value (tok, r) is si + 2 (r >= 8) with si = tok & 1 when GPS = 1 (tokens 2c, 2c + 1, rows g, g + 8)
 // and si = 0 otherwise (GPS 2: token c; GPS 4: token c / 2 in the even lanes): a lane's slots are
 // fixed, so the sums stay in registers. lane_token(si, c, tok): slot si's token, if this lane has one.
+// Registers a WarpRows16 holds its 16 rows' part of K in (lo and hi).
+template <typename Rows>
+__host__ __device__ constexpr int rows_registers() {
+  return int(2 * Rows::STEPS * sizeof(typename Rows::Vec) / 4);
+}
+
 template <int GPS>
 __device__ __forceinline__ bool lane_token(int si, int c, int& tok) {
   if constexpr (GPS == 1) {
@@ -939,9 +945,9 @@ moe_stream_gate_up(const q35k::bf16* __restrict__ x, const int* __restrict__ pla
     const int i = c0 + g / GPS;
     return i < t.n ? (t.sh || T == 1 ? i : pairs[t.begin + i] / TOPK) : -1;
   };
-  // Two register buffers while a warp's 16 rows of one part take at most 64 registers (INT4; bf16 parts
-  // of 512 take 128: one buffer, each part loaded before its mmas).
-  constexpr bool PIPE = Rows::STEPS * 8 <= 64;
+  // Two register buffers while a warp's 16 rows of one part take at most 32 registers (INT4 parts of 512;
+  // FP8's take 64, bf16's 128: one buffer, each part loaded before its mmas).
+  constexpr bool PIPE = q35k::rows_registers<Rows>() <= 32;
   Tile cur = tile_at(tk);
   int c0 = cur.c_begin, tok = token_of(cur, c0);
   Rows buf[PIPE ? 2 : 1];
@@ -1058,7 +1064,7 @@ moe_stream_down(const q35k::bf16* __restrict__ h, const int* __restrict__ plan, 
   auto run = [&](auto rows_type) {
     using Rows = decltype(rows_type);
     constexpr int KLEN = Rows::PART;
-    constexpr bool PIPE = Rows::STEPS * 8 <= 64;  // as in moe_stream_gate_up
+    constexpr bool PIPE = q35k::rows_registers<Rows>() <= 32;  // as in moe_stream_gate_up
     Rows buf[PIPE ? 2 : 1];
     if constexpr (PIPE) buf[0].load(cur.W, cur.S, cur.n0 + g, cur.n0 + 8 + g, 0);
     while (true) {
