@@ -13,7 +13,7 @@
 //                  the projection row and the ring conv state (each CTA recomputes the 2 DK q/k
 //                  channels of its key head and its own v rows; one CTA per key head writes the
 //                  q/k ring slot, every CTA the slots of its v rows), and the gated RMSNorm run
-//                  by the last CTA of each value head (gated_rmsnorm_head).
+//                  by the last CTA of each value head (GatedRmsnormHead).
 #include "gated_rmsnorm.cuh"
 #include "gdn_common.cuh"
 
@@ -149,13 +149,16 @@ gdn_recurrent(const q35k::bf16* __restrict__ qkv, const float* __restrict__ g, c
 // out [1, HV, DV] fp32 (the recurrence output, scratch); norm_w [DV] bf16; y [1, HV*DV] bf16 the
 // gated RMSNorm of out (gated_rmsnorm.cuh), written by the last of a head's DV / ROWS blocks to
 // finish (atomic ticket counters[j], int32 [HV], zero before the first launch and after every one).
-// The state rows are loaded before the PDL wait: only this kernel writes them, and the launch that
-// wrote them last (the previous decode step) finished before the predecessor's wait returned.
+//
+// Everything no predecessor kernel writes is loaded before the PDL wait: the state rows, the conv
+// ring (all KC slots of the block's channels: the position that picks KC - 1 of them is read after
+// the wait), the conv weights, A_log, dt_bias, norm_w. Only this kernel writes the state and the ring,
+// and the launch that wrote them last (the previous decode step) finished before the predecessor's
+// wait returned. After the wait: the position and the projection row, loaded together.
 namespace q35k {
 // The body of gdn_decode for one token of one sequence (block (blockIdx.x, blockIdx.y) = value head
 // j, rows y ROWS ..): proj its projection row, ring / state its conv ring and recurrent state, pos0
-// its position (read after the PDL wait), out / y / counters its rows. gdn_decode_batch runs it per
-// sequence.
+// its position, out / y / counters its rows. gdn_decode_batch runs it per sequence.
 template <int HK, int HV, int DK, int DV, int KC, int ROWS, int WARPS>
 __device__ __forceinline__ void gdn_decode_token(const bf16* __restrict__ proj, const bf16* __restrict__ conv_w,
                                                  const float* __restrict__ A_log, const float* __restrict__ dt_bias,
@@ -163,45 +166,72 @@ __device__ __forceinline__ void gdn_decode_token(const bf16* __restrict__ proj, 
                                                  float* __restrict__ state, float* out,
                                                  const bf16* __restrict__ norm_w, bf16* __restrict__ y,
                                                  int* counters, float eps) {
-  constexpr int C = 2 * HK * DK + HV * DV, RPW = ROWS / WARPS;
+  constexpr int C = 2 * HK * DK + HV * DV, RPW = ROWS / WARPS, M = GdnKeyVec<DK>::M;
   static_assert(ROWS % WARPS == 0 && DV % ROWS == 0 && HV % HK == 0 && RPW <= 32, "gdn_decode: bad tiling");
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int j = blockIdx.x, kh = j / (HV / HK);
   const int r0 = blockIdx.y * ROWS + warp * RPW;
   float* rows = state + (size_t(j) * DV + r0) * DK;
+  const int cv = 2 * HK * DK + j * DV + r0;   // channel of the warp's first v row
+  const int cl = cv + min(lane, RPW - 1);     // the v channel this lane convolves (lanes >= RPW: a copy)
 
+  // Before the wait.
   GdnKeyVec<DK> s[RPW];
   gdn_load_state<DK, RPW>(s, rows, lane);
+  GdnConv<C, KC, 4> qc[M], kc[M];  // the lane's 4 q / k channels kh DK + 128 m + 4 lane ..
+  GdnConv<C, KC, 1> vc;
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+    const int i = kh * DK + GdnKeyVec<DK>::index(m, lane, 0);
+    qc[m].load_weights_ring(conv_w, ring, i);
+    kc[m].load_weights_ring(conv_w, ring, HK * DK + i);
+  }
+  vc.load_weights_ring(conv_w, ring, cl);
+  const float a_log = A_log[j], dtb = dt_bias[j];
+  GatedRmsnormWeights<DV> nw;
+  nw.load(norm_w);
+
   gdn_pdl_wait();
   gdn_pdl_launch_dependents();
   const int pos0 = *pos0_ptr;
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+    const int i = kh * DK + GdnKeyVec<DK>::index(m, lane, 0);
+    qc[m].load_input(proj, i);
+    kc[m].load_input(proj, HK * DK + i);
+  }
+  vc.load_input(proj, cl);
+  const bf16* gates = proj + C + HV * DV;  // b [HV] | a [HV]
+  const bf16 gb = gates[j], ga = gates[HV + j];
 
+  const int p = gdn_ring_slot<KC>(pos0);
   GdnKeyVec<DK> q, k;
 #pragma unroll
-  for (int m = 0; m < GdnKeyVec<DK>::M; ++m)
+  for (int m = 0; m < M; ++m)
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      const int i = kh * DK + GdnKeyVec<DK>::index(m, lane, e);
-      q.x[m][e] = gdn_conv_silu<C, KC>(proj, 0, ring, conv_w, pos0, 0, i);
-      k.x[m][e] = gdn_conv_silu<C, KC>(proj, 0, ring, conv_w, pos0, 0, HK * DK + i);
+      q.x[m][e] = qc[m].silu(e, p);
+      k.x[m][e] = kc[m].silu(e, p);
     }
   gdn_l2norm<DK>(q, rsqrtf(float(DK)));
   gdn_l2norm<DK>(k, 1.f);
-  const int cv = 2 * HK * DK + j * DV + r0;  // channel of the warp's first v row
+  const float v_lane = vc.silu(0, p);
   float v[RPW], o[RPW];
 #pragma unroll
-  for (int r = 0; r < RPW; ++r) v[r] = gdn_conv_silu<C, KC>(proj, 0, ring, conv_w, pos0, 0, cv + r);
-  const bf16* gates = proj + C + HV * DV;  // b [HV] | a [HV]
-  const float g = gdn_log_decay(bf16_to_f32(gates[HV + j]), A_log[j], dt_bias[j]);
-  const float beta = gdn_sigmoid(bf16_to_f32(gates[j]));
+  for (int r = 0; r < RPW; ++r) v[r] = __shfl_sync(0xffffffffu, v_lane, r);
+  const float g = gdn_log_decay(bf16_to_f32(ga), a_log, dtb);
+  const float beta = gdn_sigmoid(bf16_to_f32(gb));
 
-  // This token's inputs into its ring slot (the reads above use the other KC-1 slots).
-  bf16* slot = ring + size_t(gdn_ring_slot<KC>(pos0)) * C;
-  if (lane < RPW) slot[cv + lane] = proj[cv + lane];
+  // This token's inputs into its ring slot (the math above used the other KC-1 slots): the v rows by
+  // their lanes, q and k by one block per key head.
+  bf16* slot = ring + size_t(p) * C;
+  if (lane < RPW) slot[cl] = bf16(vc.x[0]);
   if (j % (HV / HK) == 0 && blockIdx.y == 0 && warp == 0)
-    for (int i = lane; i < DK; i += 32) {
-      slot[kh * DK + i] = proj[kh * DK + i];
-      slot[HK * DK + kh * DK + i] = proj[HK * DK + kh * DK + i];
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      const int i = kh * DK + GdnKeyVec<DK>::index(m, lane, 0);
+      *reinterpret_cast<uint2*>(slot + i) = make_uint2(qc[m].x[0], qc[m].x[1]);
+      *reinterpret_cast<uint2*>(slot + HK * DK + i) = make_uint2(kc[m].x[0], kc[m].x[1]);
     }
 
   gdn_step<DK, RPW>(s, q, k, v, g, beta, o);
@@ -219,7 +249,11 @@ __device__ __forceinline__ void gdn_decode_token(const bf16* __restrict__ proj, 
   if (!is_last) return;
   if (threadIdx.x == 0) counters[j] = 0;
   __threadfence();
-  if (warp == 0) gated_rmsnorm_head<DV>(out + size_t(j) * DV, proj + C + size_t(j) * DV, norm_w, y + size_t(j) * DV, eps);
+  if (warp == 0) {
+    GatedRmsnormHead<DV> head;
+    head.load(out + size_t(j) * DV, proj + C + size_t(j) * DV);
+    head.store(nw, y + size_t(j) * DV, eps);
+  }
 }
 }  // namespace q35k
 

@@ -4,7 +4,9 @@
 // launch), every instantiation the runner and the tuner use at the tiny fixture's and the 35B shapes,
 // compile for sm_90a and sm_80 with no register spills and no stack frame (ptxas -v). Their SASS
 // (cuobjdump from PyPI's nvidia-cuda-cuobjdump, $Q35_CUOBJDUMP, set by `make test`) has no local
-// memory traffic, and the programmatic-dependent-launch instructions only on sm_90a.
+// memory traffic, the programmatic-dependent-launch instructions only on sm_90a, and gdn_decode's
+// loads of what no predecessor writes (state, conv ring and weights, gate and norm parameters)
+// before its PDL wait.
 #include <doctest/doctest.h>
 #include <fmt/format.h>
 
@@ -143,6 +145,24 @@ TEST_CASE("the fused decode kernels compile for sm_90a and sm_80 without spills;
       CHECK(contains(sass, "ATOMG"));  // the last-block ticket
       CHECK(contains(sass, "ACQBULK") == (arch == "sm_90a"));
       CHECK(contains(sass, "PREEXIT") == (arch == "sm_90a"));
+      if (specs.required[i].kernel == "gdn_decode" && arch == "sm_90a") {
+        // Global loads before / after griddepcontrol.wait (default tile, 4 rows a warp): before, the 4
+        // state float4s, the q and k conv weights (2 x 2 x 16 B) and ring slots (2 x 4 x 8 B), the v
+        // channel's weights (8 B) and ring slots (4 x 2 B), A_log, dt_bias and the norm weights; after,
+        // the position, the q / k / v inputs and the two gates, and the last block's o and z (the
+        // kernel before: 4 before, ~90 scalar loads after).
+        const size_t wait = sass.find("ACQBULK");
+        REQUIRE(wait != std::string::npos);
+        auto loads = [&](size_t from, size_t to) {
+          int n = 0;
+          for (size_t at = sass.find("LDG", from); at < to; at = sass.find("LDG", at + 3)) ++n;
+          return n;
+        };
+        const int before = loads(0, wait), after = loads(wait, sass.size());
+        MESSAGE("gdn_decode SASS: " << before << " global loads before the PDL wait, " << after << " after");
+        CHECK(before >= 20);
+        CHECK(after <= 8);
+      }
     }
     CHECK(seen.size() == 3);
   }
