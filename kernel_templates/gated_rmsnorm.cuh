@@ -5,8 +5,9 @@
 //   z [T, z_stride] bf16, head h at columns [h DV, (h+1) DV) (the z columns of the fused projection)
 //   w [DV] bf16 (plain weight), y [T, HV*DV] bf16 (feeds out_proj).
 // Grid: (T, HV / HEADS), block: HEADS warps, a warp per head (gated_rmsnorm_head). The same
-// per-head code (GatedRmsnormHead) runs in the last block of a head of gdn_decode and
-// gdn_decode_batch; a lane holds float4 groups at 128 m + 4 lane.
+// per-head code (GatedRmsnormHead) runs in the last block of a head of gdn_decode_norm and
+// gdn_decode_batch, and in every block of gemv_w4a16_gated for its input; a lane holds float4
+// groups at 128 m + 4 lane.
 #include "common.cuh"
 
 namespace q35k {
@@ -23,10 +24,11 @@ struct GatedRmsnormWeights {
   }
 };
 
-// One value head, by one warp, its weights loaded ahead (GatedRmsnormWeights: gdn_decode loads them
-// before its PDL wait): load() takes the lane's o (float4 groups at 128 m + 4 lane, read through L2:
-// gdn_decode's last block of a head reads what the head's other blocks wrote) and z; store() writes
-// yh [DV] = bf16(oh * inv_rms(oh) * w * silu(zh)). Every path to y runs this arithmetic.
+// One value head, by one warp, in two steps so that a caller can issue the loads of several heads
+// before the math of the first (gemv_w4a16_gated): load() takes the lane's o (float4 groups at
+// 128 m + 4 lane, read through L2: gdn_decode_norm's last block of a head reads what the head's other
+// blocks wrote) and z; store() writes yh [DV] = bf16(oh * inv_rms(oh) * w * silu(zh)) through any
+// pointer (global, or shared memory in gemv_w4a16_gated). Every path to y runs this arithmetic.
 template <int DV>
 struct GatedRmsnormHead {
   static constexpr int M = DV / 128;

@@ -12,8 +12,10 @@
 //   gdn_decode     one token, with the prologue fused: conv + SiLU + L2 norm + gates computed from
 //                  the projection row and the ring conv state (each CTA recomputes the 2 DK q/k
 //                  channels of its key head and its own v rows; one CTA per key head writes the
-//                  q/k ring slot, every CTA the slots of its v rows), and the gated RMSNorm run
-//                  by the last CTA of each value head (GatedRmsnormHead).
+//                  q/k ring slot, every CTA the slots of its v rows); writes the recurrence output
+//                  o, whose gated RMSNorm the out_proj GEMV applies to its input (gemv_w4a16_gated).
+//   gdn_decode_norm, gdn_decode_batch   the same with the gated RMSNorm run by the last CTA of each
+//                  value head (GatedRmsnormHead) -> y bf16.
 #include "gated_rmsnorm.cuh"
 #include "gdn_common.cuh"
 
@@ -143,12 +145,14 @@ gdn_recurrent(const q35k::bf16* __restrict__ qkv, const float* __restrict__ g, c
   q35k::gdn_store_state<DK, RPW>(s, rows, lane);
 }
 
-// One token with the prologue and the gated RMSNorm fused (see the top comment). proj [1, row_stride]
-// bf16 laid out as in gdn_prologue.cuh (z at column C); conv_w [C, KC] bf16; A_log, dt_bias [HV] fp32;
-// ring [KC, C] bf16 in/out; pos0 [1] int32 (the token's position); state [HV, DV, DK] fp32 in/out;
-// out [1, HV, DV] fp32 (the recurrence output, scratch); norm_w [DV] bf16; y [1, HV*DV] bf16 the
-// gated RMSNorm of out (gated_rmsnorm.cuh), written by the last of a head's DV / ROWS blocks to
-// finish (atomic ticket counters[j], int32 [HV], zero before the first launch and after every one).
+// One token with the prologue fused (see the top comment). proj [1, row_stride] bf16 laid out as in
+// gdn_prologue.cuh (z at column C); conv_w [C, KC] bf16; A_log, dt_bias [HV] fp32; ring [KC, C] bf16
+// in/out; pos0 [1] int32 (the token's position); state [HV, DV, DK] fp32 in/out; out [1, HV, DV] fp32
+// the recurrence output. NORM (gdn_decode_norm, gdn_decode_batch): also y [1, HV*DV] bf16, the gated
+// RMSNorm of out (gated_rmsnorm.cuh) with norm_w [DV] bf16, written by the last of a head's DV / ROWS
+// blocks to finish (atomic ticket counters[j], int32 [HV], zero before the first launch and after
+// every one). Without NORM (gdn_decode) the kernel ends with the state: the out_proj GEMV applies the
+// norm to its input (gemv_w4a16_gated), so no block waits for the others.
 //
 // Everything no predecessor kernel writes is loaded before the PDL wait: the state rows, the conv
 // ring (all KC slots of the block's channels: the position that picks KC - 1 of them is read after
@@ -159,7 +163,7 @@ namespace q35k {
 // The body of gdn_decode for one token of one sequence (block (blockIdx.x, blockIdx.y) = value head
 // j, rows y ROWS ..): proj its projection row, ring / state its conv ring and recurrent state, pos0
 // its position, out / y / counters its rows. gdn_decode_batch runs it per sequence.
-template <int HK, int HV, int DK, int DV, int KC, int ROWS, int WARPS>
+template <int HK, int HV, int DK, int DV, int KC, int ROWS, int WARPS, bool NORM>
 __device__ __forceinline__ void gdn_decode_token(const bf16* __restrict__ proj, const bf16* __restrict__ conv_w,
                                                  const float* __restrict__ A_log, const float* __restrict__ dt_bias,
                                                  bf16* ring, const int* __restrict__ pos0_ptr,
@@ -189,7 +193,7 @@ __device__ __forceinline__ void gdn_decode_token(const bf16* __restrict__ proj, 
   vc.load_weights_ring(conv_w, ring, cl);
   const float a_log = A_log[j], dtb = dt_bias[j];
   GatedRmsnormWeights<DV> nw;
-  nw.load(norm_w);
+  if constexpr (NORM) nw.load(norm_w);
 
   gdn_pdl_wait();
   gdn_pdl_launch_dependents();
@@ -240,38 +244,51 @@ __device__ __forceinline__ void gdn_decode_token(const bf16* __restrict__ proj, 
     if (lane == r % 32) out[size_t(j) * DV + r0 + r] = o[r];
   gdn_store_state<DK, RPW>(s, rows, lane);
 
-  // The head's last block to finish applies the gated RMSNorm over its DV outputs.
-  __shared__ int is_last;
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) is_last = atomicAdd(&counters[j], 1) == int(gridDim.y) - 1;
-  __syncthreads();
-  if (!is_last) return;
-  if (threadIdx.x == 0) counters[j] = 0;
-  __threadfence();
-  if (warp == 0) {
-    GatedRmsnormHead<DV> head;
-    head.load(out + size_t(j) * DV, proj + C + size_t(j) * DV);
-    head.store(nw, y + size_t(j) * DV, eps);
+  if constexpr (NORM) {  // the head's last block to finish applies the gated RMSNorm over its DV outputs
+    __shared__ int is_last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) is_last = atomicAdd(&counters[j], 1) == int(gridDim.y) - 1;
+    __syncthreads();
+    if (!is_last) return;
+    if (threadIdx.x == 0) counters[j] = 0;
+    __threadfence();
+    if (warp == 0) {
+      GatedRmsnormHead<DV> head;
+      head.load(out + size_t(j) * DV, proj + C + size_t(j) * DV);
+      head.store(nw, y + size_t(j) * DV, eps);
+    }
   }
 }
 }  // namespace q35k
 
+// gdn_decode: the recurrence output only (o -> out; gemv_w4a16_gated applies the gated RMSNorm).
 template <int HK, int HV, int DK, int DV, int KC, int ROWS, int WARPS>
 __global__ void __launch_bounds__(WARPS * 32)
 gdn_decode(const q35k::bf16* __restrict__ proj, const q35k::bf16* __restrict__ conv_w,
            const float* __restrict__ A_log, const float* __restrict__ dt_bias, q35k::bf16* ring,
-           const int* __restrict__ pos0_ptr, float* __restrict__ state, float* out,
-           const q35k::bf16* __restrict__ norm_w, q35k::bf16* __restrict__ y, int* counters, float eps) {
-  q35k::gdn_decode_token<HK, HV, DK, DV, KC, ROWS, WARPS>(proj, conv_w, A_log, dt_bias, ring, pos0_ptr, state, out,
-                                                          norm_w, y, counters, eps);
+           const int* __restrict__ pos0_ptr, float* __restrict__ state, float* out) {
+  q35k::gdn_decode_token<HK, HV, DK, DV, KC, ROWS, WARPS, false>(proj, conv_w, A_log, dt_bias, ring, pos0_ptr, state,
+                                                                 out, nullptr, nullptr, nullptr, 0.f);
+}
+
+// gdn_decode_norm: the same with the gated RMSNorm by each head's last block -> y (where the out_proj
+// GEMV reads a bf16 input: bf16 weights, the residual-epilogue GEMV).
+template <int HK, int HV, int DK, int DV, int KC, int ROWS, int WARPS>
+__global__ void __launch_bounds__(WARPS * 32)
+gdn_decode_norm(const q35k::bf16* __restrict__ proj, const q35k::bf16* __restrict__ conv_w,
+                const float* __restrict__ A_log, const float* __restrict__ dt_bias, q35k::bf16* ring,
+                const int* __restrict__ pos0_ptr, float* __restrict__ state, float* out,
+                const q35k::bf16* __restrict__ norm_w, q35k::bf16* __restrict__ y, int* counters, float eps) {
+  q35k::gdn_decode_token<HK, HV, DK, DV, KC, ROWS, WARPS, true>(proj, conv_w, A_log, dt_bias, ring, pos0_ptr, state,
+                                                                out, norm_w, y, counters, eps);
 }
 
 // gdn_decode_batch: one token of each of B sequences (a batched decode step), grid (HV, DV / ROWS,
-// B). Sequence b (blockIdx.z) is slot slots[b]: projection row proj + b * row_stride, its conv ring
-// ring + slot * KC*C, its state state + slot * HV*DV*DK, its position pos[slot]; out, y rows b and
-// counters + b * HV (int32 [B, HV], zero between launches). Padding rows (slots[b] < 0) write zeros
-// into their y rows and touch no state.
+// B), with the gated RMSNorm (as gdn_decode_norm). Sequence b (blockIdx.z) is slot slots[b]: projection
+// row proj + b * row_stride, its conv ring ring + slot * KC*C, its state state + slot * HV*DV*DK, its
+// position pos[slot]; out, y rows b and counters + b * HV (int32 [B, HV], zero between launches).
+// Padding rows (slots[b] < 0) write zeros into their y rows and touch no state.
 template <int HK, int HV, int DK, int DV, int KC, int ROWS, int WARPS>
 __global__ void __launch_bounds__(WARPS * 32)
 gdn_decode_batch(const q35k::bf16* __restrict__ proj, int row_stride, const q35k::bf16* __restrict__ conv_w,
@@ -286,7 +303,7 @@ gdn_decode_batch(const q35k::bf16* __restrict__ proj, int row_stride, const q35k
       y[size_t(b) * HV * DV + size_t(blockIdx.x) * DV + blockIdx.y * ROWS + i] = q35k::f32_to_bf16(0.f);
     return;
   }
-  q35k::gdn_decode_token<HK, HV, DK, DV, KC, ROWS, WARPS>(
+  q35k::gdn_decode_token<HK, HV, DK, DV, KC, ROWS, WARPS, true>(
       proj + size_t(b) * row_stride, conv_w, A_log, dt_bias, ring + size_t(slot) * KC * C, pos + slot,
       state + size_t(slot) * HV * DV * DK, out + size_t(b) * HV * DV, norm_w, y + size_t(b) * HV * DV,
       counters + size_t(b) * HV, eps);
