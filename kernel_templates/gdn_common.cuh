@@ -57,6 +57,25 @@ __device__ __forceinline__ void gdn_load_bf16s(const bf16* p, u32 (&w)[(n + 1) /
   }
 }
 
+// The inverse of gdn_load_bf16s: pairs w into n contiguous bf16 at p (the same alignment).
+template <int n>
+__device__ __forceinline__ void gdn_store_bf16s(bf16* p, const u32 (&w)[(n + 1) / 2]) {
+  if constexpr (n % 8 == 0) {
+#pragma unroll
+    for (int i = 0; i < n / 8; ++i)
+      *reinterpret_cast<uint4*>(p + 8 * i) = make_uint4(w[4 * i], w[4 * i + 1], w[4 * i + 2], w[4 * i + 3]);
+  } else if constexpr (n % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < n / 4; ++i) *reinterpret_cast<uint2*>(p + 4 * i) = make_uint2(w[2 * i], w[2 * i + 1]);
+  } else if constexpr (n % 2 == 0) {
+#pragma unroll
+    for (int i = 0; i < n / 2; ++i) *reinterpret_cast<u32*>(p + 2 * i) = w[i];
+  } else {
+#pragma unroll
+    for (int i = 0; i < n; ++i) p[i] = bf16(w[i / 2] >> (16 * (i % 2)));
+  }
+}
+
 // Element i of bf16 pairs as fp32.
 template <int n>
 __device__ __forceinline__ float gdn_bf16_at(const u32 (&w)[n], int i) {

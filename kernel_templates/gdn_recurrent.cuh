@@ -11,8 +11,9 @@
 //   gdn_recurrent  any T, inputs from gdn_prologue (q, k normalised, bf16 [T, C]; g, beta fp32).
 //   gdn_decode     one token, with the prologue fused: conv + SiLU + L2 norm + gates computed from
 //                  the projection row and the ring conv state (each CTA recomputes the 2 DK q/k
-//                  channels of its key head and its own v rows; one CTA per key head writes the
-//                  q/k ring slot, every CTA the slots of its v rows); writes the recurrence output
+//                  channels of its key head, split over its warps and shared through shared
+//                  memory, and its own v rows; one CTA per key head writes the q/k ring slot,
+//                  every CTA the slots of its v rows); writes the recurrence output
 //                  o, whose gated RMSNorm the out_proj GEMV applies to its input (gemv_w4a16_gated).
 //   gdn_decode_norm, gdn_decode_batch   the same with the gated RMSNorm run by the last CTA of each
 //                  value head (GatedRmsnormHead) -> y bf16.
@@ -171,25 +172,26 @@ __device__ __forceinline__ void gdn_decode_token(const bf16* __restrict__ proj, 
                                                  const bf16* __restrict__ norm_w, bf16* __restrict__ y,
                                                  int* counters, float eps) {
   constexpr int C = 2 * HK * DK + HV * DV, RPW = ROWS / WARPS, M = GdnKeyVec<DK>::M;
+  // The key head's 2 DK q | k channels are convolved once per block, QKN adjacent ones per lane
+  // (all q or all k), and shared through shared memory.
+  constexpr int QKN = 2 * DK / (32 * WARPS);
   static_assert(ROWS % WARPS == 0 && DV % ROWS == 0 && HV % HK == 0 && RPW <= 32, "gdn_decode: bad tiling");
+  static_assert(QKN >= 1 && QKN * 32 * WARPS == 2 * DK, "gdn_decode: WARPS must divide 2 DK / 32");
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int j = blockIdx.x, kh = j / (HV / HK);
   const int r0 = blockIdx.y * ROWS + warp * RPW;
   float* rows = state + (size_t(j) * DV + r0) * DK;
-  const int cv = 2 * HK * DK + j * DV + r0;   // channel of the warp's first v row
-  const int cl = cv + min(lane, RPW - 1);     // the v channel this lane convolves (lanes >= RPW: a copy)
+  const int qk0 = threadIdx.x * QKN;                              // the lane's first q | k channel in the
+  const int cqk = (qk0 < DK ? 0 : HK * DK - DK) + kh * DK + qk0;  // key head, and its channel in proj
+  const int cv = 2 * HK * DK + j * DV + r0;  // channel of the warp's first v row
+  const int cl = cv + min(lane, RPW - 1);    // the v channel this lane convolves (lanes >= RPW: a copy)
 
   // Before the wait.
   GdnKeyVec<DK> s[RPW];
   gdn_load_state<DK, RPW>(s, rows, lane);
-  GdnConv<C, KC, 4> qc[M], kc[M];  // the lane's 4 q / k channels kh DK + 128 m + 4 lane ..
+  GdnConv<C, KC, QKN> qkc;
   GdnConv<C, KC, 1> vc;
-#pragma unroll
-  for (int m = 0; m < M; ++m) {
-    const int i = kh * DK + GdnKeyVec<DK>::index(m, lane, 0);
-    qc[m].load_weights_ring(conv_w, ring, i);
-    kc[m].load_weights_ring(conv_w, ring, HK * DK + i);
-  }
+  qkc.load_weights_ring(conv_w, ring, cqk);
   vc.load_weights_ring(conv_w, ring, cl);
   const float a_log = A_log[j], dtb = dt_bias[j];
   GatedRmsnormWeights<DV> nw;
@@ -198,45 +200,38 @@ __device__ __forceinline__ void gdn_decode_token(const bf16* __restrict__ proj, 
   gdn_pdl_wait();
   gdn_pdl_launch_dependents();
   const int pos0 = *pos0_ptr;
-#pragma unroll
-  for (int m = 0; m < M; ++m) {
-    const int i = kh * DK + GdnKeyVec<DK>::index(m, lane, 0);
-    qc[m].load_input(proj, i);
-    kc[m].load_input(proj, HK * DK + i);
-  }
+  qkc.load_input(proj, cqk);
   vc.load_input(proj, cl);
   const bf16* gates = proj + C + HV * DV;  // b [HV] | a [HV]
   const bf16 gb = gates[j], ga = gates[HV + j];
 
   const int p = gdn_ring_slot<KC>(pos0);
-  GdnKeyVec<DK> q, k;
+  __shared__ __align__(16) float qk_s[2 * DK];  // q | k after the conv
 #pragma unroll
-  for (int m = 0; m < M; ++m)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      q.x[m][e] = qc[m].silu(e, p);
-      k.x[m][e] = kc[m].silu(e, p);
-    }
-  gdn_l2norm<DK>(q, rsqrtf(float(DK)));
-  gdn_l2norm<DK>(k, 1.f);
+  for (int e = 0; e < QKN; ++e) qk_s[qk0 + e] = qkc.silu(e, p);
   const float v_lane = vc.silu(0, p);
   float v[RPW], o[RPW];
 #pragma unroll
   for (int r = 0; r < RPW; ++r) v[r] = __shfl_sync(0xffffffffu, v_lane, r);
   const float g = gdn_log_decay(bf16_to_f32(ga), a_log, dtb);
   const float beta = gdn_sigmoid(bf16_to_f32(gb));
+  __syncthreads();
+  GdnKeyVec<DK> q, k;
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+    const int i = GdnKeyVec<DK>::index(m, lane, 0);
+    const float4 qf = *reinterpret_cast<const float4*>(qk_s + i), kf = *reinterpret_cast<const float4*>(qk_s + DK + i);
+    q.x[m][0] = qf.x; q.x[m][1] = qf.y; q.x[m][2] = qf.z; q.x[m][3] = qf.w;
+    k.x[m][0] = kf.x; k.x[m][1] = kf.y; k.x[m][2] = kf.z; k.x[m][3] = kf.w;
+  }
+  gdn_l2norm<DK>(q, rsqrtf(float(DK)));
+  gdn_l2norm<DK>(k, 1.f);
 
   // This token's inputs into its ring slot (the math above used the other KC-1 slots): the v rows by
-  // their lanes, q and k by one block per key head.
+  // their lanes, q and k by the first block of each key head.
   bf16* slot = ring + size_t(p) * C;
   if (lane < RPW) slot[cl] = bf16(vc.x[0]);
-  if (j % (HV / HK) == 0 && blockIdx.y == 0 && warp == 0)
-#pragma unroll
-    for (int m = 0; m < M; ++m) {
-      const int i = kh * DK + GdnKeyVec<DK>::index(m, lane, 0);
-      *reinterpret_cast<uint2*>(slot + i) = make_uint2(qc[m].x[0], qc[m].x[1]);
-      *reinterpret_cast<uint2*>(slot + HK * DK + i) = make_uint2(kc[m].x[0], kc[m].x[1]);
-    }
+  if (j % (HV / HK) == 0 && blockIdx.y == 0) gdn_store_bf16s<QKN>(slot + cqk, qkc.x);
 
   gdn_step<DK, RPW>(s, q, k, v, g, beta, o);
 #pragma unroll

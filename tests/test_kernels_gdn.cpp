@@ -95,6 +95,9 @@ TEST_CASE("GDN tile validity rules and defaults") {
   CHECK(why_invalid(GdnRecurrentTile{48, 4}, s).find("does not divide dv = 128") != std::string::npos);
   CHECK(why_invalid(GdnRecurrentTile{128, 4}, s).find("128 state values per lane") != std::string::npos);
   CHECK(why_invalid(GdnRecurrentTile{64, 4}, s).empty());
+  // gdn_decode's q / k conv: the 2 x 128 channels over the warps, whole lanes (8 warps at most).
+  CHECK(why_invalid(GdnRecurrentTile{16, 8}, s).empty());
+  CHECK(why_invalid(GdnRecurrentTile{16, 16}, s).find("warps = 16 does not divide 2 dk / 32 = 8") != std::string::npos);
   CHECK(why_invalid(GdnPrologueTile{2, 4}, s).find("tokens = 2") != std::string::npos);
   CHECK(why_invalid(GdnChunkTile{24}, s).find("vs = 24") != std::string::npos);
   CHECK(why_invalid(GdnChunkTile{64}, s).find("vs = 64 is not 16 or 32") != std::string::npos);  // old tune entries
