@@ -14,6 +14,8 @@ namespace {
 
 // Dynamic shared memory a block may opt into: sm_80 has 163 KiB, sm_90 227 KiB; stay under both.
 constexpr int kMaxDynamicSmem = 160 * 1024;
+// Static shared memory of a block (no opt-in).
+constexpr int64_t kMaxStaticSmem = 48 * 1024;
 // W4A16 decode GEMV warps wanted (each with 4 to 8 x 16 B loads in flight per lane): ~16 per SM
 // on a 132-SM H100, so the whole weight matrix of a small projection is requested at once.
 constexpr int64_t kW4TargetWarps = 2048;
@@ -104,6 +106,21 @@ std::string why_invalid(const W4GemvTile& t, int64_t n, int64_t k, int64_t group
     return fmt::format("unroll * mma column tiles = {} * {} exceeds 8 (accumulator registers)", t.unroll,
                        w4_column_tiles(t.m_tile, group));
   // (The reduction buffer, float [k_warps][m_tile][16 * row_warps], is then at most 32 KiB.)
+  return {};
+}
+
+std::string why_invalid_gated(const W4GemvTile& t, int64_t n, int64_t k, int64_t group, int64_t dv) {
+  if (group != 32 && group != 64 && group != 128)
+    return fmt::format("weight format {} is not W4A16 (group 32, 64 or 128): the gated-norm GEMV is W4A16 only", group);
+  if (std::string why = why_invalid(t, n, k, group); !why.empty()) return why;
+  if (t.m_tile != 1)
+    return fmt::format("m_tile = {} is not 1 (the gated-norm input is one token's row per block)", t.m_tile);
+  if (dv <= 0 || dv % 128 != 0) return fmt::format("value head dim {} is not a positive multiple of 128", dv);
+  if (k % dv != 0) return fmt::format("K = {} is not a whole number of value heads of {}", k, dv);
+  const int64_t smem = k * 2 + int64_t(t.k_warps) * t.m_tile * 16 * t.row_warps * 4;
+  if (smem > kMaxStaticSmem)
+    return fmt::format("the x row of K = {} bf16 and the reduction buffer take {} B of shared memory, over {} B", k,
+                       smem, kMaxStaticSmem);
   return {};
 }
 
@@ -271,6 +288,15 @@ KernelSpec gemv_fp8_residual_spec(int64_t n, int64_t k, const W4GemvTile& t) {
   if (n % 4 != 0) fail("gemv_fp8_residual [N = {}, K = {}]: N must be a multiple of 4", n, k);
   spec.kernel = "gemv_fp8_residual";
   spec.args.pop_back();  // OUT_F32: the output is the fp32 residual stream
+  return spec;
+}
+
+KernelSpec gemv_w4a16_gated_spec(int64_t n, int64_t k, int64_t group, const W4GemvTile& t, int64_t dv) {
+  if (std::string why = why_invalid_gated(t, n, k, group, dv); !why.empty())
+    fail("gemv_w4a16_gated [N = {}, K = {}, G = {}, dv = {}]: invalid tile: {}", n, k, group, dv, why);
+  KernelSpec spec = gemv_w4a16_spec(n, k, group, t);
+  spec.kernel = "gemv_w4a16_gated";
+  spec.args.back() = {"DV", str(dv)};  // in place of OUT_F32: the output is bf16
   return spec;
 }
 

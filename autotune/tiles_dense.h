@@ -65,6 +65,10 @@ struct SampleTile {
 // group: the weights' format (0 = bf16, W4A16 group, kFp8Group); W4A16 weights need a wgmma tile.
 std::string why_invalid(const GemmTile& tile, int64_t n, int64_t k, int group = 0);
 std::string why_invalid(const W4GemvTile& tile, int64_t n, int64_t k, int64_t group);
+// gemv_w4a16_gated (its x the gated RMSNorm over value heads of dv, built per block in shared memory):
+// the gemv_w4a16 rule, plus one token per block (m_tile 1), k a whole number of heads of dv (a
+// multiple of 128), and the x row (k bf16) with the reduction buffer within 48 KiB of static shared memory.
+std::string why_invalid_gated(const W4GemvTile& tile, int64_t n, int64_t k, int64_t group, int64_t dv);
 std::string why_invalid(const QuantizeTile& tile, int64_t k, int64_t group);
 std::string why_invalid(const SampleTile& tile, int64_t vocab);
 
@@ -95,6 +99,8 @@ KernelSpec gemv_w4a16_residual_spec(int64_t n, int64_t k, int64_t group, const W
 // kernel_templates/gemv_fp8.cuh: gemv_fp8 and gemv_fp8_residual (validity: why_invalid with kFp8Group).
 KernelSpec gemv_fp8_spec(int64_t n, int64_t k, const W4GemvTile& tile, bool out_f32 = false);
 KernelSpec gemv_fp8_residual_spec(int64_t n, int64_t k, const W4GemvTile& tile);
+// gemv_w4a16_gated: the GEMV with the gated-RMSNorm input (value heads of dv), bf16 output.
+KernelSpec gemv_w4a16_gated_spec(int64_t n, int64_t k, int64_t group, const W4GemvTile& tile, int64_t dv);
 // kernel_templates/gemv_bf16.cuh: gemv_bf16_f32 (fp32 output: the bf16 lm_head); tile as in tile_config.h.
 KernelSpec gemv_bf16_f32_spec(int64_t n, int64_t k, int m_tile, int rows_per_warp, int warps);
 KernelSpec quantize_w4_spec(int64_t k, int64_t group, const QuantizeTile& tile);

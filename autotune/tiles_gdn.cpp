@@ -47,6 +47,10 @@ std::string why_invalid(const GdnRecurrentTile& tile, const GdnShape& s) {
   if (tile.rows <= 0 || tile.rows % tile.warps != 0)
     return fmt::format("rows = {} is not a positive multiple of warps = {}", tile.rows, tile.warps);
   if (s.dv % tile.rows != 0) return fmt::format("rows = {} does not divide dv = {}", tile.rows, s.dv);
+  // gdn_decode splits the 2 dk q / k channels of a key head over the block's warps, whole lanes.
+  if ((2 * s.dk) % (32 * tile.warps) != 0)
+    return fmt::format("warps = {} does not divide 2 dk / 32 = {} (gdn_decode's q / k conv is split over the warps)",
+                       tile.warps, 2 * s.dk / 32);
   // A lane keeps rows / warps state rows of dk / 32 fp32 values.
   const int64_t per_lane = tile.rows / tile.warps * s.dk / 32;
   if (per_lane > 64) return fmt::format("{} state values per lane exceeds 64 (registers)", per_lane);

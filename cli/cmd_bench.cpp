@@ -71,6 +71,7 @@ const std::vector<FlagSpec> kBenchFlags = {
     {"fused-decode", "", "decode steps with the residual add + RMSNorm in the output projection and MoE down "
                          "kernels (instead of the rmsnorm kernel between sub-layers)"},
     {"no-pdl", "", "decode kernels without programmatic dependent launch"},
+    {"no-gdn-out-pdl", "", "the DeltaNet out_proj GEMV of a decode step without programmatic dependent launch"},
     {"profile-decode", "", "record only the first chained decode run of the first context (its "
                            "decode-steps / 3 steps) in such a profiler (scripts/gpu_profile.sh decode)"},
     {"trace", "WHAT", "kernel timeline through CUPTI (libcupti.so, or Q35JIT_CUPTI): decode (the first chained "
@@ -494,6 +495,7 @@ int cmd_bench(int argc, char** argv) {
   o.max_chunk = std::min<int64_t>(longest, 4096);
   o.fused_decode = args.flag("fused-decode");
   o.pdl = !args.flag("no-pdl");
+  o.gdn_out_pdl = !args.flag("no-gdn-out-pdl");
   o.log = [](const std::string& line) { std::fprintf(stderr, "[q35jit] %s\n", line.c_str()); };
   if (config.max_position_embeddings > 0 && o.max_context > config.max_position_embeddings)
     fail("q35jit bench: --prefill / --decode-contexts / --batch-context + --decode-steps need {} tokens of context; the "

@@ -29,25 +29,97 @@ __device__ __forceinline__ int gdn_ring_slot(int p) {
   return ((p % KC) + KC) % KC;
 }
 
-// Pre-conv input of channel c at token s of this call (s < 0: from the ring at position pos0+s).
-// x [T, row_stride] bf16 (the qkv columns first), ring [KC, C] bf16.
-template <int C, int KC>
-__device__ __forceinline__ float gdn_conv_input(const bf16* __restrict__ x, int row_stride,
-                                                const bf16* ring, int pos0, int s, int c) {
-  return s >= 0 ? bf16_to_f32(x[size_t(s) * row_stride + c])
-                : bf16_to_f32(ring[size_t(gdn_ring_slot<KC>(pos0 + s)) * C + c]);
+// n contiguous bf16 at p into pairs w[(n + 1) / 2] (element 2i in the low half), in the widest
+// loads the alignment allows: p must be a multiple of min(16, the largest power of two dividing 2n)
+// bytes (a group of n values at a multiple of n, as the conv weights and ring channels below are).
+template <int n>
+__device__ __forceinline__ void gdn_load_bf16s(const bf16* p, u32 (&w)[(n + 1) / 2]) {
+  if constexpr (n % 8 == 0) {
+#pragma unroll
+    for (int i = 0; i < n / 8; ++i) {
+      const uint4 v = *reinterpret_cast<const uint4*>(p + 8 * i);
+      w[4 * i] = v.x; w[4 * i + 1] = v.y; w[4 * i + 2] = v.z; w[4 * i + 3] = v.w;
+    }
+  } else if constexpr (n % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < n / 4; ++i) {
+      const uint2 v = *reinterpret_cast<const uint2*>(p + 4 * i);
+      w[2 * i] = v.x; w[2 * i + 1] = v.y;
+    }
+  } else if constexpr (n % 2 == 0) {
+#pragma unroll
+    for (int i = 0; i < n / 2; ++i) w[i] = *reinterpret_cast<const u32*>(p + 2 * i);
+  } else {
+#pragma unroll
+    for (int i = 0; i < (n + 1) / 2; ++i) w[i] = 0u;
+#pragma unroll
+    for (int i = 0; i < n; ++i) w[i / 2] |= u32(p[i]) << (16 * (i % 2));
+  }
 }
 
-// silu(sum_d w[c, d] * input(t - KC + 1 + d)) for channel c at token t; w [C, KC] bf16.
-template <int C, int KC>
-__device__ __forceinline__ float gdn_conv_silu(const bf16* __restrict__ x, int row_stride, const bf16* ring,
-                                               const bf16* __restrict__ w, int pos0, int t, int c) {
-  float acc = 0.f;
+// The inverse of gdn_load_bf16s: pairs w into n contiguous bf16 at p (the same alignment).
+template <int n>
+__device__ __forceinline__ void gdn_store_bf16s(bf16* p, const u32 (&w)[(n + 1) / 2]) {
+  if constexpr (n % 8 == 0) {
 #pragma unroll
-  for (int d = 0; d < KC; ++d)
-    acc += bf16_to_f32(w[c * KC + d]) * gdn_conv_input<C, KC>(x, row_stride, ring, pos0, t - KC + 1 + d, c);
-  return gdn_silu(acc);
+    for (int i = 0; i < n / 8; ++i)
+      *reinterpret_cast<uint4*>(p + 8 * i) = make_uint4(w[4 * i], w[4 * i + 1], w[4 * i + 2], w[4 * i + 3]);
+  } else if constexpr (n % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < n / 4; ++i) *reinterpret_cast<uint2*>(p + 4 * i) = make_uint2(w[2 * i], w[2 * i + 1]);
+  } else if constexpr (n % 2 == 0) {
+#pragma unroll
+    for (int i = 0; i < n / 2; ++i) *reinterpret_cast<u32*>(p + 2 * i) = w[i];
+  } else {
+#pragma unroll
+    for (int i = 0; i < n; ++i) p[i] = bf16(w[i / 2] >> (16 * (i % 2)));
+  }
 }
+
+// Element i of bf16 pairs as fp32.
+template <int n>
+__device__ __forceinline__ float gdn_bf16_at(const u32 (&w)[n], int i) {
+  return i % 2 ? bf16x2_hi(w[i / 2]) : bf16x2_lo(w[i / 2]);
+}
+
+// The causal conv + SiLU of one decode token over N adjacent channels c0 .. c0 + N - 1 (c0 a
+// multiple of N), in three steps so that what no predecessor kernel writes is read before the PDL
+// wait and the position is needed only for the math:
+//   load_weights_ring: the channels' conv weights (conv_w [C, KC]: N KC contiguous bf16) and their
+//     values in all KC ring slots (ring [KC, C]; the slot of this token's own position is read too
+//     and not used, which is what lets these loads go before the position is known);
+//   load_input: this token's pre-conv inputs (the projection row, the predecessor's output);
+//   silu(e, p): silu(sum_d w[c0 + e, d] x_d) for channel c0 + e, x_0 .. x_{KC-2} the ring taps of
+//     positions pos - KC + 1 .. pos - 1 (slot (p + 1 + d) % KC, p = the slot of pos), x_{KC-1} the
+//     input; fp32 sums in that order (gdn_prologue's order too).
+template <int C, int KC, int N>
+struct GdnConv {
+  static constexpr int P = (N + 1) / 2;  // bf16 pairs of N channels
+  u32 w[(N * KC + 1) / 2];               // flat e KC + d
+  u32 ring[KC][P];
+  u32 x[P];
+
+  __device__ __forceinline__ void load_weights_ring(const bf16* __restrict__ conv_w, const bf16* ring_p, int c0) {
+    gdn_load_bf16s<N * KC>(conv_w + size_t(c0) * KC, w);
+#pragma unroll
+    for (int s = 0; s < KC; ++s) gdn_load_bf16s<N>(ring_p + size_t(s) * C + c0, ring[s]);
+  }
+  __device__ __forceinline__ void load_input(const bf16* __restrict__ proj, int c0) { gdn_load_bf16s<N>(proj + c0, x); }
+
+  __device__ __forceinline__ float silu(int e, int p) const {
+    float acc = 0.f;
+#pragma unroll
+    for (int d = 0; d < KC - 1; ++d) {
+      const int slot = p + 1 + d < KC ? p + 1 + d : p + 1 + d - KC;
+      u32 tap = ring[0][e / 2];
+#pragma unroll
+      for (int s = 1; s < KC; ++s) tap = slot == s ? ring[s][e / 2] : tap;
+      acc += gdn_bf16_at<(N * KC + 1) / 2>(w, e * KC + d) * (e % 2 ? bf16x2_hi(tap) : bf16x2_lo(tap));
+    }
+    acc += gdn_bf16_at<(N * KC + 1) / 2>(w, e * KC + KC - 1) * gdn_bf16_at<P>(x, e);
+    return gdn_silu(acc);
+  }
+};
 
 // Programmatic dependent launch: let the next kernel start its prologue, and wait for the
 // previous kernel's results (both no-ops when launched without PDL).

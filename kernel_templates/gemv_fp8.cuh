@@ -16,8 +16,9 @@ gemv_fp8(const unsigned char* __restrict__ codes,  // [N, K]
          const q35k::bf16* __restrict__ x,         // [T, K]
          void* __restrict__ y,                     // [T, N] bf16, or fp32 if OUT_F32
          int T) {
+  const q35k::GemvInputRows<K> in{x};
   q35k::gemv_quant_block<N, K, q35k::kFp8, M_TILE, ROW_WARPS, K_WARPS, UNROLL>(
-      codes, scales, x, T, [&](int t, int n, float v) { q35k::gemv_store<N, OUT_F32>(y, t, n, v); });
+      codes, scales, in, T, [&](int t, int n, float v) { q35k::gemv_store<N, OUT_F32>(y, t, n, v); });
 }
 
 // residual fp32 [T, N] += bf16(y), then the last block writes normed [T, N] bf16 = RMSNorm(residual)
@@ -27,7 +28,8 @@ __global__ void __launch_bounds__(ROW_WARPS * K_WARPS * 32)
 gemv_fp8_residual(const unsigned char* __restrict__ codes, const float* __restrict__ scales,
                   const q35k::bf16* __restrict__ x, float* residual, const q35k::bf16* __restrict__ norm_w,
                   q35k::bf16* __restrict__ normed, int* counter, float eps, int T) {
+  const q35k::GemvInputRows<K> in{x};
   q35k::gemv_quant_block<N, K, q35k::kFp8, M_TILE, ROW_WARPS, K_WARPS, UNROLL>(
-      codes, scales, x, T, [&](int t, int n, float v) { q35k::residual_add_bf16(residual, size_t(t) * N + n, v); });
+      codes, scales, in, T, [&](int t, int n, float v) { q35k::residual_add_bf16(residual, size_t(t) * N + n, v); });
   q35k::residual_rmsnorm_last_block<N, ROW_WARPS * K_WARPS * 32>(residual, norm_w, normed, counter, eps, T);
 }

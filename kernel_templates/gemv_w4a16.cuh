@@ -25,9 +25,14 @@
 // Weights are streamed (ld.global.nc.L1::no_allocate), activations take the normal cached path.
 // PDL: each warp prefetches its weights into L2, then waits for the predecessor (decode_fusion.cuh).
 // gemv_w4a16_residual: the same GEMV with the residual add + RMSNorm epilogue (decode_fusion.cuh).
+// gemv_w4a16_gated: the same GEMV whose x is the gated RMSNorm of the DeltaNet recurrence output
+// (gated_rmsnorm.cuh), computed by every block into shared memory after the first weight loads are
+// in flight (GemvInputGatedNorm): the decode step's out_proj without a norm launch or a last-block
+// tail in gdn_decode. Bit for bit the product of gated_rmsnorm's y.
 // Grid: (ceil(N / (16 * ROW_WARPS)), ceil(T / M_TILE)), block 32 * ROW_WARPS * K_WARPS.
 #include "common.cuh"
 #include "decode_fusion.cuh"
+#include "gated_rmsnorm.cuh"
 #include "weights.cuh"
 
 namespace q35k {
@@ -44,11 +49,61 @@ __device__ __forceinline__ void w4_mma_16816(float (&d)[4], const u32 (&a)[4], u
 
 namespace q35k {
 
-// The GEMV of one block; store(t, n, v) receives every output once (fp32 sum). Weights are prefetched
-// into L2 before the programmatic-dependent-launch wait (they do not depend on the predecessor).
-template <int N, int K, int G, int M_TILE, int ROW_WARPS, int K_WARPS, int UNROLL, typename Store>
+// Where a block's x comes from (the B operand): row(t) points at x[t, 0 .. K) bf16, 16-byte aligned,
+// in global or shared memory; prepare(t0) runs once in every thread of the block, after the PDL wait
+// and the first weight loads, before the first read of x (it may synchronise the block).
+template <int K>
+struct GemvInputRows {  // x [T, K] bf16 as the predecessor wrote it
+  const bf16* __restrict__ x;
+  __device__ __forceinline__ void prepare(int) const {}
+  __device__ __forceinline__ const bf16* row(int t) const { return x + size_t(t) * K; }
+};
+
+// x = the gated RMSNorm of one token (M_TILE = 1: t0 is the block's token) into xs [K] bf16 shared:
+// per value head h (K / DV of them, dealt over the block's warps) xs[h DV ..] = bf16(o[t0, h] *
+// inv_rms * w * silu(z[t0, h])), the arithmetic of gated_rmsnorm_head. A warp loads up to HB heads
+// at once before their math (the 35B's 32 heads over 16 warps: one pass of 2). o [T, K] fp32 (the
+// recurrence output), z [T, z_stride] bf16 (head h at columns h DV ..), w [DV] bf16.
+template <int K, int DV, int THREADS>
+struct GemvInputGatedNorm {
+  static_assert(K % DV == 0, "gemv_w4a16_gated: K must be a whole number of value heads of DV");
+  static constexpr int HEADS = K / DV, WARPS = THREADS / 32, HPW = (HEADS + WARPS - 1) / WARPS;
+  static constexpr int HB = HPW < 4 ? HPW : 4;  // heads in flight per warp (registers: 6 M per head)
+  const float* o;
+  const bf16* __restrict__ z;
+  int z_stride;
+  const bf16* __restrict__ w;
+  float eps;
+  bf16* xs;
+  __device__ __forceinline__ void prepare(int t0) const {
+    const int warp = threadIdx.x / 32;
+    GatedRmsnormWeights<DV> wl;
+    wl.load(w);
+#pragma unroll 1
+    for (int i0 = 0; i0 < HPW; i0 += HB) {
+      GatedRmsnormHead<DV> head[HB];
+#pragma unroll
+      for (int i = 0; i < HB; ++i) {
+        const int h = warp + (i0 + i) * WARPS;
+        if (h < HEADS) head[i].load(o + size_t(t0) * K + h * DV, z + size_t(t0) * z_stride + h * DV);
+      }
+#pragma unroll
+      for (int i = 0; i < HB; ++i) {
+        const int h = warp + (i0 + i) * WARPS;
+        if (h < HEADS) head[i].store(wl, xs + h * DV, eps);
+      }
+    }
+    __syncthreads();
+  }
+  __device__ __forceinline__ const bf16* row(int) const { return xs; }
+};
+
+// The GEMV of one block; store(t, n, v) receives every output once (fp32 sum); in gives x (above).
+// Weights are prefetched into L2 before the programmatic-dependent-launch wait (they do not depend
+// on the predecessor).
+template <int N, int K, int G, int M_TILE, int ROW_WARPS, int K_WARPS, int UNROLL, typename Input, typename Store>
 __device__ __forceinline__ void gemv_quant_block(const void* __restrict__ w, const void* __restrict__ scales,
-                                                 const bf16* __restrict__ x, int T, Store&& store) {
+                                                 const Input& in, int T, Store&& store) {
   using F = WeightFormat<G>;
   static_assert(G == 32 || G == 64 || G == 128 || G == kFp8, "gemv: weights must be W4A16 (G 32, 64, 128) or FP8");
   static_assert(K % F::SCALE_K == 0 || (G == kFp8 && K % 64 == 0),
@@ -96,7 +151,7 @@ __device__ __forceinline__ void gemv_quant_block(const void* __restrict__ w, con
   for (int nt = 0; nt < NT; ++nt) {
     const int col = nt * 8 + g, m = col / GPS;
     b_on[nt] = col < COLS && t0 + m < T && col % GPS == q / (4 / GPS);
-    x_at[nt] = x + size_t(min(t0 + m, T - 1)) * K + q * 32;
+    x_at[nt] = in.row(min(t0 + m, T - 1)) + q * 32;
   }
 
   float acc[NT][4] = {};
@@ -122,6 +177,7 @@ __device__ __forceinline__ void gemv_quant_block(const void* __restrict__ w, con
         sb[u][1] = sb[u][0];
       }
     }
+    if (i0 == 0) in.prepare(t0);  // x, with the first weights in flight
     // The UNROLL x NT (x CH) mma chains are independent: word i of every tile is consumed before
     // word i + 1, so the chains interleave instead of running one after another.
     float d[UNROLL][NT][CH][4];
@@ -136,7 +192,8 @@ __device__ __forceinline__ void gemv_quant_block(const void* __restrict__ w, con
 #pragma unroll
       for (int u = 0; u < UNROLL; ++u) {
         const int tile = tile_begin + i0 + u;
-        // Runs past K and tiles past this warp's run (TPW % UNROLL != 0) get a zero B.
+        // Runs past K and tiles past this warp's run (TPW % UNROLL != 0) get a zero B. (x_at may
+        // point into shared memory: ld_global_16 is a plain 16-byte dereference.)
         const bool chunk_ok = tile * 4 + q < RUNS && (TPW % UNROLL == 0 || i0 + u < TPW);
         u32 pa[4], pb[4];
         wa[u].pairs(i, pa);
@@ -223,8 +280,9 @@ gemv_w4a16(const q35k::u32* __restrict__ qweight,  // [N, K / 8]
            const q35k::bf16* __restrict__ x,       // [T, K]
            void* __restrict__ y,                   // [T, N] bf16, or fp32 if OUT_F32
            int T) {
+  const q35k::GemvInputRows<K> in{x};
   q35k::gemv_quant_block<N, K, G, M_TILE, ROW_WARPS, K_WARPS, UNROLL>(
-      qweight, scales, x, T, [&](int t, int n, float v) { q35k::gemv_store<N, OUT_F32>(y, t, n, v); });
+      qweight, scales, in, T, [&](int t, int n, float v) { q35k::gemv_store<N, OUT_F32>(y, t, n, v); });
 }
 
 // The same GEMV with the residual epilogue of decode_fusion.cuh (a sub-layer's output projection in a
@@ -235,7 +293,24 @@ __global__ void __launch_bounds__(ROW_WARPS * K_WARPS * 32)
 gemv_w4a16_residual(const q35k::u32* __restrict__ qweight, const q35k::bf16* __restrict__ scales,
                     const q35k::bf16* __restrict__ x, float* residual, const q35k::bf16* __restrict__ norm_w,
                     q35k::bf16* __restrict__ normed, int* counter, float eps, int T) {
+  const q35k::GemvInputRows<K> in{x};
   q35k::gemv_quant_block<N, K, G, M_TILE, ROW_WARPS, K_WARPS, UNROLL>(
-      qweight, scales, x, T, [&](int t, int n, float v) { q35k::residual_add_bf16(residual, size_t(t) * N + n, v); });
+      qweight, scales, in, T, [&](int t, int n, float v) { q35k::residual_add_bf16(residual, size_t(t) * N + n, v); });
   q35k::residual_rmsnorm_last_block<N, ROW_WARPS * K_WARPS * 32>(residual, norm_w, normed, counter, eps, T);
+}
+
+// The decode step's DeltaNet out_proj with the gated RMSNorm as its input (GemvInputGatedNorm):
+// y [T, N] bf16 = x . dequant(W)^T, x [T, K = HV DV] = bf16(gated_rmsnorm(o, z, norm_w)) per value
+// head of DV; o [T, K] fp32 (gdn_decode's output), z [T, z_stride] bf16 (the projection's z columns),
+// norm_w [DV] bf16. One token per block (M_TILE = 1; x of the block's token in shared memory).
+template <int N, int K, int G, int M_TILE, int ROW_WARPS, int K_WARPS, int UNROLL, int DV>
+__global__ void __launch_bounds__(ROW_WARPS * K_WARPS * 32)
+gemv_w4a16_gated(const q35k::u32* __restrict__ qweight, const q35k::bf16* __restrict__ scales, const float* o,
+                 const q35k::bf16* __restrict__ z, int z_stride, const q35k::bf16* __restrict__ norm_w, float eps,
+                 q35k::bf16* __restrict__ y, int T) {
+  static_assert(M_TILE == 1, "gemv_w4a16_gated: one token per block (its x row in shared memory)");
+  __shared__ __align__(16) q35k::bf16 xs[K];
+  const q35k::GemvInputGatedNorm<K, DV, ROW_WARPS * K_WARPS * 32> in{o, z, z_stride, norm_w, eps, xs};
+  q35k::gemv_quant_block<N, K, G, M_TILE, ROW_WARPS, K_WARPS, UNROLL>(
+      qweight, scales, in, T, [&](int t, int n, float v) { y[size_t(t) * N + n] = q35k::f32_to_bf16(v); });
 }

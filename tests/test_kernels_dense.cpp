@@ -3,12 +3,14 @@
 // validity rules and defaults; the projection shapes derived from the config.
 #include <doctest/doctest.h>
 
+#include <cmath>
 #include <set>
 
 #include "autotune/tiles_dense.h"
 #include "models/qwen35/config.h"
 #include "models/qwen35/gpu/dense.h"
 #include "runtime/core/error.h"
+#include "runtime/core/half.h"
 #include "runtime/jit/jit_engine.h"
 #include "tests/synthetic_checkpoint.h"
 #include "tests/test_util.h"
@@ -93,6 +95,25 @@ TEST_CASE("dense tile validity rules and defaults") {
   CHECK(default_w4_gemv_tile(248320, 2048, 32, 1).threads() == 128);
   CHECK(error_of([] { default_w4_gemv_tile(2048, 2048, 32, 17); }).find("m = 17") != std::string::npos);
 
+  // W4A16 GEMV with the gated-norm input (the DeltaNet out_proj of a decode step).
+  CHECK(why_invalid_gated(o, 2048, 4096, 128, 128).empty());
+  CHECK(why_invalid_gated(W4GemvTile{1, 1, 2, 2}, 128, 512, 64, 128).empty());  // the tiny fixture's shape
+  CHECK(why_invalid_gated(W4GemvTile{8, 1, 16, 2}, 2048, 4096, 128, 128).find("m_tile = 8 is not 1") != std::string::npos);
+  CHECK(why_invalid_gated(o, 2048, 4096, 128, 96).find("value head dim 96") != std::string::npos);
+  CHECK(why_invalid_gated(o, 2048, 4224, 128, 256).find("K = 4224 is not a whole number of value heads of 256") !=
+        std::string::npos);
+  // The x row lives in static shared memory: K = 24576 (48 KiB of bf16) leaves no room for the reduction.
+  CHECK(why_invalid_gated(W4GemvTile{1, 1, 16, 2}, 2048, 24576, 128, 128).find("shared memory") != std::string::npos);
+  CHECK(why_invalid_gated(W4GemvTile{1, 1, 16, 2}, 2048, 16384, 128, 128).empty());
+  CHECK(why_invalid_gated(W4GemvTile{1, 1, 4, 9}, 2048, 4096, 128, 128).find("unroll = 9") != std::string::npos);
+  const KernelSpec gated = gemv_w4a16_gated_spec(2048, 4096, 128, o, 128);
+  CHECK(gated.kernel == "gemv_w4a16_gated");
+  CHECK(gated.instantiation() == "gemv_w4a16_gated<2048, 4096, 128, 1, 1, 16, 2, 128>");
+  CHECK(error_of([] { gemv_w4a16_gated_spec(2048, 4096, 128, W4GemvTile{2, 1, 16, 2}, 128); })
+            .find("gemv_w4a16_gated [N = 2048, K = 4096, G = 128, dv = 128]: invalid tile: m_tile = 2") != std::string::npos);
+  const W4GemvPlan gated_plan{2048, 4096, 128, o, false, false, 128};
+  CHECK(gated_plan.spec() == gated);
+
   // quantize / sample
   CHECK(why_invalid(QuantizeTile{}, 2048, 128).empty());
   CHECK(why_invalid(QuantizeTile{}, 2048, 24).find("group size 24") != std::string::npos);
@@ -117,8 +138,9 @@ TEST_CASE("every dense kernel compiles for sm_80 and sm_90a at the fixture and 3
           if (std::find(specs.begin(), specs.end(), s) == specs.end()) specs.push_back(std::move(s));
       }
   for (const KernelSpec& s : specs) names.insert(s.kernel);
-  CHECK(names == std::set<std::string>{"gemv_bf16", "gemv_bf16_f32", "gemv_w4a16", "gemv_w4a16_residual", "gemm_bf16",
-                                       "quantize_w4", "dequantize_w4", "argmax_f32", "sample_f32"});
+  CHECK(names == std::set<std::string>{"gemv_bf16", "gemv_bf16_f32", "gemv_w4a16", "gemv_w4a16_residual",
+                                       "gemv_w4a16_gated", "gemm_bf16", "quantize_w4", "dequantize_w4", "argmax_f32",
+                                       "sample_f32"});
   MESSAGE(specs.size() << " dense kernel instantiations");
   for (const std::string arch : {"sm_90a", "sm_80"}) {
     std::vector<CompiledKernel> out = jit.compile_all(specs, arch, 2);
@@ -128,4 +150,47 @@ TEST_CASE("every dense kernel compiles for sm_80 and sm_90a at the fixture and 3
       CHECK(!k.lowered_name.empty());
     }
   }
+}
+
+// The CPU reference of gemv_w4a16_gated's input: per value head, bf16(o * rsqrt(mean(o^2) + eps) *
+// w * silu(z)), z read from rows of z_stride elements. A head of equal values c has mean(o^2) = c^2,
+// so x = c / sqrt(c^2 + eps) * w * silu(z) in closed form.
+TEST_CASE("gated_norm_input: the gated RMSNorm per value head, z from strided rows, rounded to bf16") {
+  const int64_t T = 2, hv = 3, dv = 4, z_stride = hv * dv + 5;
+  const float eps = 1e-6f;
+  std::vector<float> o(size_t(T * hv * dv));
+  std::vector<uint16_t> z(size_t(T * z_stride), f32_to_bf16(1000.f));  // the 5 columns past a row's z: never read
+  const std::vector<uint16_t> w = {f32_to_bf16(1.f), f32_to_bf16(0.5f), f32_to_bf16(-2.f), f32_to_bf16(1.25f)};
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t h = 0; h < hv; ++h)
+      for (int64_t i = 0; i < dv; ++i) {
+        o[size_t((t * hv + h) * dv + i)] = float(1 + t + 2 * h);  // each head constant
+        z[size_t(t * z_stride + h * dv + i)] = f32_to_bf16(0.25f * float(i + h) - float(t));
+      }
+  const std::vector<float> x = gated_norm_input(o, z, z_stride, w, T, hv, dv, eps);
+  REQUIRE(x.size() == o.size());
+  int wrong = 0;
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t h = 0; h < hv; ++h)
+      for (int64_t i = 0; i < dv; ++i) {
+        const double c = 1 + t + 2 * h, zz = 0.25 * double(i + h) - double(t), wi = bf16_to_f32(w[size_t(i)]);
+        const double want = c / std::sqrt(c * c + eps) * wi * (zz / (1 + std::exp(-zz)));
+        const float got = x[size_t((t * hv + h) * dv + i)];
+        wrong += got != round_bf16(got) || std::fabs(got - want) > 4e-3 * std::fabs(want);
+      }
+  CHECK(wrong == 0);
+  // One value of head 1 of token 0 doubled: that head's dv outputs change (its mean square), no other.
+  std::vector<float> o2 = o;
+  o2[size_t(dv)] *= 2.f;
+  const std::vector<float> x2 = gated_norm_input(o2, z, z_stride, w, T, hv, dv, eps);
+  int changed_outside = 0, changed_inside = 0;
+  for (size_t i = 0; i < x.size(); ++i) {
+    const bool inside = i >= size_t(dv) && i < size_t(2 * dv);
+    (inside ? changed_inside : changed_outside) += x2[i] != x[i];
+  }
+  CHECK(changed_outside == 0);
+  CHECK(changed_inside == dv);
+  CHECK(error_of([&] { gated_norm_input(o, z, hv * dv - 1, w, T, hv, dv, eps); }).find("z_stride") != std::string::npos);
+  CHECK(error_of([&] { gated_norm_input(o, z, z_stride, w, T + 1, hv, dv, eps); }).find("o has 24 values (expected 36)") !=
+        std::string::npos);
 }

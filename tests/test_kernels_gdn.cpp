@@ -39,7 +39,8 @@ TEST_CASE("gdn_kernels lists the GDN instantiations of the default tiles, with t
     const std::vector<KernelSpec> specs = qwen35::gpu::gdn_kernels(big, arch);
     std::vector<std::string> names;
     for (const KernelSpec& s : specs) names.push_back(s.instantiation());
-    CHECK(names == std::vector<std::string>{"gdn_decode<16, 32, 128, 128, 4, 16, 4>", "gated_rmsnorm<32, 128, 4>",
+    CHECK(names == std::vector<std::string>{"gdn_decode<16, 32, 128, 128, 4, 16, 4>",
+                                            "gdn_decode_norm<16, 32, 128, 128, 4, 16, 4>", "gated_rmsnorm<32, 128, 4>",
                                             "gdn_prologue<16, 32, 128, 128, 4, 16, 4>",
                                             "gdn_chunk_prepare<16, 32, 128, 128>", "gdn_chunk_state<16, 32, 128, 128, 32>",
                                             "gdn_chunk_output<16, 32, 128, 128>",
@@ -53,11 +54,13 @@ TEST_CASE("gdn_kernels lists the GDN instantiations of the default tiles, with t
             .find("is not fused") != std::string::npos);
   // The tiny fixture: 2 key / 4 value heads of 128; 4 x 128 / 32 = 16 CTAs -> 16-column chunk tile.
   const std::vector<KernelSpec> tiny = qwen35::gpu::gdn_kernels(config_tiny(), "sm_90a");
-  REQUIRE(tiny.size() == 7);
+  REQUIRE(tiny.size() == 8);
   CHECK(arg(tiny[0], "HK") == "2");
   CHECK(arg(tiny[0], "HV") == "4");
-  CHECK(tiny[4].kernel == "gdn_chunk_state");
-  CHECK(arg(tiny[4], "VS") == "16");
+  CHECK(tiny[1].kernel == "gdn_decode_norm");
+  CHECK(tiny[1].args == tiny[0].args);
+  CHECK(tiny[5].kernel == "gdn_chunk_state");
+  CHECK(arg(tiny[5], "VS") == "16");
   // The fused forms, by arch (the tuner's other choices).
   CHECK(qwen35::gpu::gdn_chunk_fused_spec(big, GdnChunkTile{32, true, true}, true).instantiation() ==
         "gdn_chunk_fused_cluster<16, 32, 128, 128, 32>");
@@ -92,6 +95,9 @@ TEST_CASE("GDN tile validity rules and defaults") {
   CHECK(why_invalid(GdnRecurrentTile{48, 4}, s).find("does not divide dv = 128") != std::string::npos);
   CHECK(why_invalid(GdnRecurrentTile{128, 4}, s).find("128 state values per lane") != std::string::npos);
   CHECK(why_invalid(GdnRecurrentTile{64, 4}, s).empty());
+  // gdn_decode's q / k conv: the 2 x 128 channels over the warps, whole lanes (8 warps at most).
+  CHECK(why_invalid(GdnRecurrentTile{16, 8}, s).empty());
+  CHECK(why_invalid(GdnRecurrentTile{16, 16}, s).find("warps = 16 does not divide 2 dk / 32 = 8") != std::string::npos);
   CHECK(why_invalid(GdnPrologueTile{2, 4}, s).find("tokens = 2") != std::string::npos);
   CHECK(why_invalid(GdnChunkTile{24}, s).find("vs = 24") != std::string::npos);
   CHECK(why_invalid(GdnChunkTile{64}, s).find("vs = 64 is not 16 or 32") != std::string::npos);  // old tune entries

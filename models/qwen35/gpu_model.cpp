@@ -93,7 +93,10 @@ struct GpuModel::Impl {
     int attn_splits = 0;
   };
   std::map<int, Step> steps;
-  // A dense projection's plan and loaded kernel per (format, group, N, K, fp32 out, M, residual, decode).
+  // A dense projection's plan and loaded kernel per (format, group, N, K, fp32 out, M, form, decode).
+  // The GEMV's input and output forms: plain x -> y, the residual epilogue (dense_residual), the
+  // gated-norm input (dense_gated).
+  enum class DenseForm { Plain, Residual, GatedInput };
   struct DensePlan {
     gpu::GemvBf16Plan bf16;  // GEMV rows (M <= 16, or a decode step), bf16 weights
     gpu::W4GemvPlan w4;      // GEMV rows, W4A16 / FP8 weights
@@ -101,8 +104,8 @@ struct GpuModel::Impl {
     bool gemv = true;
     const Function* f = nullptr;
   };
-  // (format, group, N, K, fp32 out, M, residual epilogue, decode step)
-  std::map<std::tuple<WeightFormat, int, int64_t, int64_t, bool, int, bool, bool>, DensePlan> dense_plans;
+  // (format, group, N, K, fp32 out, M, form, decode step)
+  std::map<std::tuple<WeightFormat, int, int64_t, int64_t, bool, int, DenseForm, bool>, DensePlan> dense_plans;
 
   // Per slot: one K and V cache per full-attention layer, conv + fp32 state per DeltaNet layer;
   // each layer's buffer holds max_batch equal parts, slot s at s * the part's bytes. The layers of one
@@ -146,8 +149,8 @@ struct GpuModel::Impl {
   DeviceBuffer dequant;     // bf16 [max N*K] W4A16 weights dequantized for prefill GEMMs
   DeviceBuffer logits;      // fp32 [max(16, max_batch), vocab]
   // int32 tickets of the fused decode kernels, zeroed once (every launch leaves its own zero):
-  // [0] the residual epilogues (one launch at a time uses it), [1, 1 + max_batch * Hv) gdn_decode's
-  // per (row, head).
+  // [0] the residual epilogues (one launch at a time uses it), [1, 1 + max_batch * Hv) gdn_decode_norm's
+  // and gdn_decode_batch's per (row, head).
   DeviceBuffer tickets;
 
   // The single-sequence decode step of each slot, captured for a sampling setting.
@@ -568,6 +571,9 @@ std::vector<KernelSpec> tuned_kernels(const Config& c, const gpu::TunedTiles& tt
                             : gpu::GemvBf16Plan{d.n, d.k, tt.gemv_bf16(d.n, d.k, f32, m), f32}.spec());
       if (group && (d.proj == gpu::DenseProj::AttnOut || d.proj == gpu::DenseProj::GdnOut))
         specs.push_back(gpu::W4GemvPlan{d.n, d.k, group, tt.w4_gemv(d.n, d.k, false, m), false, true}.spec());
+      if (group && d.proj == gpu::DenseProj::GdnOut && m == 1)
+        specs.push_back(
+            gpu::W4GemvPlan{d.n, d.k, group, tt.w4_gemv(d.n, d.k, false, 1), false, false, c.linear_value_head_dim}.spec());
     } else if (!f32)
       specs.push_back(gpu::GemmPlan{d.n, d.k, tt.gemm(d.n, d.k, false, m), false,
                                     tt.wgmma() ? gpu::wgmma_gemm_group(group, m, d.k) : gpu::mma_gemm_group(group)}
@@ -592,6 +598,7 @@ std::vector<KernelSpec> tuned_kernels(const Config& c, const gpu::TunedTiles& tt
     specs.push_back(gpu::gdn_prologue_spec(c, t.prologue));
     specs.push_back(gpu::gdn_recurrent_spec(c, t.recurrent));
     specs.push_back(gpu::gdn_decode_spec(c, t.recurrent));
+    specs.push_back(gpu::gdn_decode_norm_spec(c, t.recurrent));
     specs.push_back(gpu::gdn_decode_batch_spec(c, t.recurrent));
     specs.push_back(gpu::gdn_chunk_state_spec(c, t.chunk));
     specs.push_back(gpu::gdn_chunk_output_spec(c));
@@ -614,7 +621,7 @@ void GpuModel::dense(const GpuMatrix& W, CUdeviceptr x, CUdeviceptr y, int M, bo
   Impl& m = *impl_;
   if (decode && (M < 1 || M > kDecodeStepMaxRows))
     fail("dense [{} x {}]: a decode step of {} rows is outside [1, {}]", W.N, W.K, M, kDecodeStepMaxRows);
-  const auto key = std::make_tuple(W.format, W.group, W.N, W.K, out_f32, M, false, decode);
+  const auto key = std::make_tuple(W.format, W.group, W.N, W.K, out_f32, M, Impl::DenseForm::Plain, decode);
   auto it = m.dense_plans.find(key);
   if (it == m.dense_plans.end()) {
     Impl::DensePlan p;
@@ -662,7 +669,7 @@ void GpuModel::dense_residual(const GpuMatrix& W, CUdeviceptr x, int M, CUdevice
   if (W.format == WeightFormat::BF16 || M > (decode ? kDecodeStepMaxRows : 16))
     fail("dense_residual [{} x {}]: the residual epilogue needs W4A16 or FP8 weights and M <= {} (M = {})", W.N, W.K,
          decode ? kDecodeStepMaxRows : 16, M);
-  const auto key = std::make_tuple(W.format, W.group, W.N, W.K, false, M, true, decode);
+  const auto key = std::make_tuple(W.format, W.group, W.N, W.K, false, M, Impl::DenseForm::Residual, decode);
   auto it = m.dense_plans.find(key);
   if (it == m.dense_plans.end()) {
     Impl::DensePlan p;
@@ -672,6 +679,22 @@ void GpuModel::dense_residual(const GpuMatrix& W, CUdeviceptr x, int M, CUdevice
   }
   const gpu::ResidualNorm r{m.residual.ptr(), norm_w, m.normed.ptr(), m.tickets.ptr(), float(config_.rms_norm_eps)};
   gpu::launch(it->second.w4, *it->second.f, stream_, W.data(), W.scale_data(), x, r, M, pdl);
+}
+
+void GpuModel::dense_gated(const GpuMatrix& W, const gpu::GatedNormInput& x, CUdeviceptr y, bool pdl) {
+  Impl& m = *impl_;
+  if (W.format != WeightFormat::W4A16)
+    fail("dense_gated [{} x {}]: the gated-norm input GEMV needs W4A16 weights", W.N, W.K);
+  const auto key = std::make_tuple(W.format, W.group, W.N, W.K, false, 1, Impl::DenseForm::GatedInput, true);
+  auto it = m.dense_plans.find(key);
+  if (it == m.dense_plans.end()) {
+    Impl::DensePlan p;
+    p.w4 = {W.N, W.K, W.group, gpu::w4_decode_tile(m.tuned->w4_gemv(W.N, W.K, false, 1), W.group, 1)};
+    p.w4.gated_dv = config_.linear_value_head_dim;
+    p.f = &m.kernels.get(p.w4.spec());
+    it = m.dense_plans.emplace(key, p).first;
+  }
+  gpu::launch(it->second.w4, *it->second.f, stream_, W.qweight.ptr(), W.scales.ptr(), x, y, 1, pdl);
 }
 
 const gpu::MoeKernels& GpuModel::moe_kernels(int T, const gpu::MoeScratch** scratch) {
@@ -753,7 +776,7 @@ void GpuModel::run_layers(int T, bool decode, Rows rows) {
     batch_splits = gpu::attention_decode_splits(batch_attn, options_.max_context, ctx_.device().sm_count);
   }
   const gpu::AttentionBatch ab{m.batch_slots.ptr(), m.pos.ptr(), int(options_.max_context)};
-  // Its DeltaNet decode likewise runs the M = 1 tiles (gdn_decode_batch = gdn_decode per sequence).
+  // Its DeltaNet decode likewise runs the M = 1 tiles (gdn_decode_batch = gdn_decode_norm per sequence).
   const gpu::GdnKernels* gdn_one =
       rows.batch && c.num_layers_of(LayerType::LinearAttention) > 0 ? &gdn_kernels(1) : nullptr;
 
@@ -768,6 +791,9 @@ void GpuModel::run_layers(int T, bool decode, Rows rows) {
   // before reading what its predecessor wrote.
   const bool fuse = options_.fused_decode && (decode || T <= kMoeRouterSmallTokens);
   const bool fuse_out = fuse && options_.format != WeightFormat::BF16;
+  // A single sequence's decode step without the residual epilogue: the DeltaNet out_proj (W4A16)
+  // takes the gated RMSNorm as its input (gemv_w4a16_gated), and gdn_decode ends with the state.
+  const bool gated_out = options_.format == WeightFormat::W4A16 && !fuse_out;
   const bool pdl = pdl_for(T);
   const int64_t layers = int64_t(weights_.layers.size());
   for (int64_t i = 0; i < layers; ++i) {
@@ -810,20 +836,28 @@ void GpuModel::run_layers(int T, bool decode, Rows rows) {
       const int stride = int(l.in_proj.N);
       dense(l.in_proj, m.normed.ptr(), m.proj.ptr(), T, false, pdl, decode);
       const gpu::GdnLayerWeights gw{l.conv1d.ptr(), l.A_log.ptr(), l.dt_bias.ptr(), l.gdn_norm.ptr()};
-      if (rows.batch) {
-        const gpu::GdnLayerState all{m.conv_state[i].ptr(), m.ssm_state[i].ptr()};  // slot 0; the kernel offsets
-        gdn_one->decode_batch(stream_, m.proj.ptr(), stride, T, m.batch_slots.ptr(), m.pos.ptr(), gw, all, m.gdn_o.ptr(),
-                          m.mix.ptr(), m.tickets.ptr() + 4, pdl);
+      const gpu::GdnLayerState st{m.conv_state[i].ptr() + slot * m.conv_slot, m.ssm_state[i].ptr() + slot * m.ssm_slot};
+      if (gated_out && !rows.batch && decode && T == 1) {
+        // o fp32 only; out_proj applies the gated RMSNorm to its input (no norm tail in gdn_decode).
+        gdn->decode(stream_, m.proj.ptr(), stride, pos, gw, st, m.gdn_o.ptr(), pdl);
+        const CUdeviceptr z = m.proj.ptr() + CUdeviceptr(c.linear_conv_dim() * 2);
+        dense_gated(l.out_proj, {m.gdn_o.ptr(), z, l.gdn_norm.ptr(), stride, eps}, m.delta.ptr(),
+                    pdl && options_.gdn_out_pdl);
+        add_norm(l.post_norm.ptr());
       } else {
-        const gpu::GdnLayerState st{m.conv_state[i].ptr() + slot * m.conv_slot,
-                                    m.ssm_state[i].ptr() + slot * m.ssm_slot};
-        if (decode && T == 1)
-          gdn->decode(stream_, m.proj.ptr(), stride, pos, gw, st, m.gdn_o.ptr(), m.mix.ptr(), m.tickets.ptr() + 4, pdl);
-        else  // the chunked delta rule at every T (the recurrence when options_.chunked_gdn is off)
+        if (rows.batch) {
+          const gpu::GdnLayerState all{m.conv_state[i].ptr(), m.ssm_state[i].ptr()};  // slot 0; the kernel offsets
+          gdn_one->decode_batch(stream_, m.proj.ptr(), stride, T, m.batch_slots.ptr(), m.pos.ptr(), gw, all,
+                                m.gdn_o.ptr(), m.mix.ptr(), m.tickets.ptr() + 4, pdl);
+        } else if (decode && T == 1) {
+          gdn->decode_norm(stream_, m.proj.ptr(), stride, pos, gw, st, m.gdn_o.ptr(), m.mix.ptr(), m.tickets.ptr() + 4,
+                           pdl);
+        } else {  // the chunked delta rule at every T (the recurrence when options_.chunked_gdn is off)
           gdn->prefill(stream_, m.proj.ptr(), stride, T, pos, gw, st, gpu::gdn_workspace(c, T, m.gdn_ws.ptr()),
                        m.mix.ptr(), options_.chunked_gdn);
+        }
+        out_proj(l.out_proj, m.mix.ptr());
       }
-      out_proj(l.out_proj, m.mix.ptr());
     }
 
     if (fuse) {  // residual += MoE(normed); normed = the next layer's input norm (or the final norm)

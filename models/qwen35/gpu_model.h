@@ -29,6 +29,7 @@ namespace gpu {
 struct MoeKernels;
 struct MoeScratch;
 class GdnKernels;
+struct GatedNormInput;
 }  // namespace gpu
 
 struct GpuModelOptions {
@@ -45,6 +46,10 @@ struct GpuModelOptions {
   // plain one (2026-12-03, docs/perf-log.md); the last block's norm is a serial tail per sub-layer.
   bool fused_decode = false;
   bool pdl = true;  // programmatic dependent launch of the decode kernels (sm_90)
+  // With pdl: the single-sequence step's DeltaNet out_proj (gemv_w4a16_gated) launched with PDL, its
+  // blocks prefetching their weights into L2 while gdn_decode runs (an A/B switch: c900076's PDL on
+  // every out_proj slowed the gdn_decode of the time, which then had a last-block tail).
+  bool gdn_out_pdl = true;
   int compile_threads = 0;         // 0: hardware threads
   // Tuned tile configs (`q35jit tune`); null or empty: the heuristic defaults everywhere. A kernel
   // with no tuned entry takes its default, and the first such miss is one notice through `log`.
@@ -199,6 +204,9 @@ class GpuModel {
   // to kDecodeStepMaxRows): residual += bf16(x . W^T), normed = RMSNorm(residual) with norm_w
   // (kernel_templates/decode_fusion.cuh).
   void dense_residual(const GpuMatrix& W, CUdeviceptr x, int M, CUdeviceptr norm_w, bool pdl, bool decode);
+  // The DeltaNet out_proj of a single-sequence decode step (W4A16, one token) with the gated RMSNorm
+  // as its input (gemv_w4a16_gated): y [1, N] = bf16(gated_norm(x) . W^T).
+  void dense_gated(const GpuMatrix& W, const gpu::GatedNormInput& x, CUdeviceptr y, bool pdl);
   // The MoE / GDN kernels of the tiles for T tokens (loaded on first use) and the MoE scratch.
   const gpu::MoeKernels& moe_kernels(int T, const gpu::MoeScratch** scratch);
   const gpu::GdnKernels& gdn_kernels(int T);

@@ -622,7 +622,8 @@ class GdnOpBase : public OpBase {
 
   std::vector<KernelSpec> all_kernels(const gpu::GdnTiles& t) const {
     std::vector<KernelSpec> out = {gpu::gdn_prologue_spec(cfg_, t.prologue), gpu::gdn_recurrent_spec(cfg_, t.recurrent),
-                                   gpu::gdn_decode_spec(cfg_, t.recurrent), gpu::gdn_decode_batch_spec(cfg_, t.recurrent),
+                                   gpu::gdn_decode_spec(cfg_, t.recurrent), gpu::gdn_decode_norm_spec(cfg_, t.recurrent),
+                                   gpu::gdn_decode_batch_spec(cfg_, t.recurrent),
                                    gpu::gdn_chunk_prepare_spec(cfg_), gpu::gated_rmsnorm_spec(cfg_, t.norm)};
     if (t.chunk.fused) {  // the form GdnKernels loads on this device
       out.push_back(gpu::gdn_chunk_fused_spec(cfg_, t.chunk,
@@ -661,8 +662,6 @@ class GdnOpBase : public OpBase {
     y_ = alloc(size_t(m * shape_.hv * shape_.dv) * 2);
     pos_ = alloc(4);
     pos_.fill_bytes(0, st);
-    counters_ = alloc(size_t(hv) * 4);  // gdn_decode's per-head tickets, re-armed by every launch
-    counters_.fill_bytes(0, st);
   }
   // One call of m tokens on copy `it` (its state zeroed first when it = 0: the checked run).
   void run_gdn(const gpu::GdnTiles& t, int64_t m, int it, bool chunked, const Stream& st) {
@@ -672,13 +671,13 @@ class GdnOpBase : public OpBase {
     const gpu::GdnLayerWeights w{conv_w_.ptr(), a_log_.ptr(), dt_bias_.ptr(), norm_w_.ptr()};
     const gpu::GdnLayerState s{conv_[i].ptr(), ssm_[i].ptr()};
     if (m == 1 && !chunked)
-      k.decode(st, proj_[i].ptr(), int(stride_), pos_.ptr(), w, s, o_.ptr(), y_.ptr(), counters_.ptr());
+      k.decode(st, proj_[i].ptr(), int(stride_), pos_.ptr(), w, s, o_.ptr());  // o only: the runner's decode step
     else
       k.prefill(st, proj_[i].ptr(), int(stride_), int(m), pos_.ptr(), w, s, gpu::gdn_workspace(cfg_, m, ws_.ptr()),
                 y_.ptr(), chunked);
   }
   void release() override {
-    conv_w_ = {}, a_log_ = {}, dt_bias_ = {}, norm_w_ = {}, ws_ = {}, o_ = {}, y_ = {}, pos_ = {}, counters_ = {};
+    conv_w_ = {}, a_log_ = {}, dt_bias_ = {}, norm_w_ = {}, ws_ = {}, o_ = {}, y_ = {}, pos_ = {};
     proj_.clear(), conv_.clear(), ssm_.clear();
   }
   std::vector<float> output(const Stream& st) override { return download_bf16(y_, y_.size() / 2, st); }
@@ -691,7 +690,7 @@ class GdnOpBase : public OpBase {
   int64_t stride_;
   bool cluster_;  // the device runs the fused pass's cluster form
   std::map<std::string, std::unique_ptr<gpu::GdnKernels>> variants_;
-  DeviceBuffer conv_w_, a_log_, dt_bias_, norm_w_, ws_, o_, y_, pos_, counters_;
+  DeviceBuffer conv_w_, a_log_, dt_bias_, norm_w_, ws_, o_, y_, pos_;
   std::vector<DeviceBuffer> proj_, conv_, ssm_;
 };
 
@@ -730,6 +729,9 @@ class GdnRecurrentOp final : public GdnOpBase {
   void setup(int64_t m, const Stream& st) override { setup_gdn(m, st); }
   void prepare(const json& c, int64_t) override { variant(tiles(c)); }
   void run(const json& c, int64_t m, int it, const Stream& st) override { run_gdn(tiles(c), m, it, false, st); }
+  // gdn_decode's output, the recurrence's o fp32 [Hv, dv] (the same for every tile: a row's sums do not
+  // depend on the tile).
+  std::vector<float> output(const Stream& st) override { return download_f32(o_, o_.size() / 4, st); }
 
  private:
   gpu::GdnTiles tiles(const json& c) const {

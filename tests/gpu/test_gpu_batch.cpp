@@ -144,7 +144,7 @@ void attention_batch_case(Gpu& g, const Config& cfg, uint32_t salt) {
 // 5 slots brought to positions {0, 1, 5, 33, 70} by single-sequence prefills (tested against the
 // reference in test_gpu_gdn.cpp), then one batched step of rows {2, -1, 0, 4, 3} (slot 1 left out,
 // row 1 padding): each row against the reference chain from its slot's state before the step and
-// against gdn_decode of that sequence alone on a copy of the same state.
+// against gdn_decode_norm of that sequence alone on a copy of the same state.
 void gdn_batch_case(Gpu& g, int64_t hk, int64_t hv, uint32_t salt) {
   const Config cfg = gdn_layer_config(hk, hv);
   const GdnShape s = gpu::gdn_shape(cfg);
@@ -263,15 +263,16 @@ void gdn_batch_case(Gpu& g, int64_t hk, int64_t hv, uint32_t salt) {
       }
     CHECK(ring_bad == 0);
 
-    // The same token alone through gdn_decode on a copy of the slot's state: the same numbers.
+    // The same token alone through gdn_decode_norm (the single-sequence form) on a copy of the slot's
+    // state: the same numbers.
     DeviceBuffer a_conv(g.driver, conv_bytes), a_ssm(g.driver, ssm_bytes), a_pos = to_device(g, std::vector<int>{p});
     a_conv.upload(ring_before.data() + sl * ring_elems, conv_bytes, g.stream);
     a_ssm.upload(ssm_before.data() + sl * ssm_elems, ssm_bytes, g.stream);
     DeviceBuffer a_proj = to_device(g, std::vector<uint16_t>(x, x + stride)), a_o(g.driver, size_t(hv * dv) * 4),
                  a_y = poisoned(g, size_t(hv * dv) * 2), a_cnt(g.driver, size_t(hv) * 4);
     a_cnt.fill_bytes(0, g.stream);
-    kernels.decode(g.stream, a_proj.ptr(), int(stride), a_pos.ptr(), w, {a_conv.ptr(), a_ssm.ptr()}, a_o.ptr(), a_y.ptr(),
-                   a_cnt.ptr());
+    kernels.decode_norm(g.stream, a_proj.ptr(), int(stride), a_pos.ptr(), w, {a_conv.ptr(), a_ssm.ptr()}, a_o.ptr(),
+                        a_y.ptr(), a_cnt.ptr());
     const std::vector<uint16_t> y_alone = to_host<uint16_t>(g, a_y);
     const std::vector<float> ssm_alone = to_host<float>(g, a_ssm);
     int y_far = 0;
@@ -411,7 +412,7 @@ TEST_CASE("GPU batch: qk_norm_rope_batch + attention_decode_batch, sequences at 
   attention_batch_case(*g, Config::preset("122b-a10b"), 300);  // two decode blocks per kv head
 }
 
-TEST_CASE("GPU batch: gdn_decode_batch, sequences at different positions, vs ref and vs gdn_decode alone") {
+TEST_CASE("GPU batch: gdn_decode_batch, sequences at different positions, vs ref and vs gdn_decode_norm alone") {
   auto g = open_gpu();
   gdn_batch_case(*g, 2, 4, 400);    // the tiny fixture's heads
   gdn_batch_case(*g, 16, 32, 500);  // the 35B's

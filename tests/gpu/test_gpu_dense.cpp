@@ -17,6 +17,7 @@
 #include "autotune/tiles_dense.h"
 #include "models/qwen35/config.h"
 #include "models/qwen35/gpu/dense.h"
+#include "models/qwen35/gpu/gdn.h"
 #include "models/qwen35/reference_ops.h"
 #include "runtime/core/int4_format.h"
 #include "runtime/core/sampler.h"
@@ -503,6 +504,98 @@ TEST_CASE("GPU dense: gemv_w4a16_residual (residual add + RMSNorm epilogue) at t
         }
         CHECK(runs[0] == runs[1]);
         CHECK(runs[0] == runs[2]);
+      }
+    }
+  }
+}
+
+// gemv_w4a16_gated (the single-sequence decode step's DeltaNet out_proj, the gated RMSNorm of the
+// recurrence output o as its input, computed per block): the out_proj shapes of the tiny fixture and
+// the 35B (value heads of 128), W4A16 G32/64/128, T = 1 and 3 (one token per block), with the default
+// tile, the shipped H200 one (k_warps 16) and tiles that deal several heads to one warp (k_warps 1 / 2,
+// up to 16 heads a warp at the 35B) or spread them over row warps. Against the CPU reference of its
+// input (gated_norm_input, then ref::matmul on the dequantized weights), and bit for bit against the
+// two launches it replaces: the gated_rmsnorm kernel's y (the same per-head code), then gemv_w4a16
+// with the same tile; again as a graph with the gated GEMV launched with PDL after gated_rmsnorm.
+TEST_CASE("GPU dense: gemv_w4a16_gated == gated_rmsnorm + gemv_w4a16 bit for bit, and the CPU reference, tiny and 35B") {
+  auto g = open_gpu();
+  const float eps = 1e-6f;
+  for (const Config& cfg : {config_tiny(), config_35b()}) {
+    const int64_t hv = cfg.linear_num_value_heads, dv = cfg.linear_value_head_dim;
+    const auto shapes = dense_shapes(cfg);
+    const DenseShape s =
+        *std::find_if(shapes.begin(), shapes.end(), [](const DenseShape& d) { return d.proj == DenseProj::GdnOut; });
+    CAPTURE(s.n);
+    CAPTURE(s.k);
+    REQUIRE(s.k == hv * dv);
+    const int64_t z_stride = s.k + 36;  // z inside wider rows, as in the projection (a multiple of 4)
+    const GatedRmsnormTile nt = default_gated_rmsnorm_tile(gpu::gdn_shape(cfg));
+    const Function norm = g->jit.load(gpu::gated_rmsnorm_spec(cfg, nt), g->ctx);
+    const std::vector<uint16_t> W = fast_random_bf16(size_t(s.n * s.k), 51, 0.1f);
+    DeviceBuffer d_W = to_device(*g, W);
+    std::vector<int64_t> all_rows(static_cast<size_t>(s.n));
+    std::iota(all_rows.begin(), all_rows.end(), 0);
+    const std::vector<float> w_f32 = rows_f32(W, s.k, all_rows);
+    std::vector<uint16_t> norm_w = to_bf16(random_f32(size_t(dv), 52, 0.2f));
+    for (auto& w : norm_w) w = f32_to_bf16(1.f + bf16_to_f32(w));
+    DeviceBuffer d_nw = to_device(*g, norm_w);
+    for (int64_t G : {32, 64, 128}) {
+      CAPTURE(G);
+      const QuantizedCopy q = quantized_copy(*g, s, d_W, w_f32, s.n, G);
+      std::vector<W4GemvTile> tiles = {default_w4_gemv_tile(s.n, s.k, G, 1)};
+      for (const W4GemvTile& t :
+           {W4GemvTile{1, 1, 16, 2}, W4GemvTile{1, 1, 1, 2}, W4GemvTile{1, 2, 2, 1}, W4GemvTile{1, 4, 2, 2}})
+        if (why_invalid_gated(t, s.n, s.k, G, dv).empty()) tiles.push_back(t);
+      for (const W4GemvTile& tile : tiles) {
+        CAPTURE(tile.row_warps);
+        CAPTURE(tile.k_warps);
+        CAPTURE(tile.unroll);
+        const W4GemvPlan plain{s.n, s.k, G, tile};
+        W4GemvPlan gated = plain;
+        gated.gated_dv = dv;
+        const Function f_plain = g->jit.load(plain.spec(), g->ctx), f_gated = g->jit.load(gated.spec(), g->ctx);
+        for (int T : {1, 3}) {
+          CAPTURE(T);
+          // Heads of different scales (the norm is per head), z over silu's useful range.
+          std::vector<float> o = random_f32(size_t(T * s.k), 53 + T, 1.f);
+          for (size_t i = 0; i < o.size(); ++i) o[i] *= 0.05f + float((i / size_t(dv)) % 7);
+          const std::vector<uint16_t> z = random_bf16(size_t(T * z_stride), 54 + T, 2.f);
+          DeviceBuffer d_o = to_device(*g, o), d_z = to_device(*g, z);
+          DeviceBuffer d_x = poisoned(*g, size_t(T * s.k) * 2), d_y = poisoned(*g, size_t(T * s.n) * 2),
+                       d_yg = poisoned(*g, size_t(T * s.n) * 2);
+          auto launch_norm = [&] {
+            norm.launch({{unsigned(T), unsigned(hv / nt.heads)}, {unsigned(32 * nt.heads)}}, g->stream, d_o.ptr(),
+                        d_z.ptr(), int(z_stride), d_nw.ptr(), d_x.ptr(), eps);
+          };
+          const GatedNormInput in{d_o.ptr(), d_z.ptr(), d_nw.ptr(), int(z_stride), eps};
+          launch_norm();
+          launch(plain, f_plain, g->stream, q.qweight.ptr(), q.scales.ptr(), d_x.ptr(), d_y.ptr(), T);
+          launch(gated, f_gated, g->stream, q.qweight.ptr(), q.scales.ptr(), in, d_yg.ptr(), T);
+          const std::vector<uint16_t> y = to_host<uint16_t>(*g, d_y), yg = to_host<uint16_t>(*g, d_yg);
+          CHECK(std::memcmp(y.data(), yg.data(), y.size() * 2) == 0);
+          // The input against its CPU reference: the same bf16 values but for a rounding flipped by
+          // expf / the order of the head's sum (one unit in the last place at most).
+          const std::vector<float> x_ref = gated_norm_input(o, z, z_stride, norm_w, T, hv, dv, eps);
+          const std::vector<uint16_t> x = to_host<uint16_t>(*g, d_x);
+          int far = 0, flipped = 0;
+          for (size_t i = 0; i < x.size(); ++i) {
+            far += !within_one_ulp(x[i], f32_to_bf16(x_ref[i]));
+            flipped += x[i] != f32_to_bf16(x_ref[i]);
+          }
+          CHECK(far == 0);
+          CHECK(flipped * 100 <= int(x.size()));
+          std::vector<int64_t> mi(static_cast<size_t>(T));
+          std::iota(mi.begin(), mi.end(), 0);
+          CHECK(check_product(x_ref, q.w_ref, mi, all_rows, s.n, s.k, to_f32(yg)) <= 1e-2);
+          // The decode step's form: a graph, the gated GEMV launched with PDL behind its predecessor.
+          DeviceBuffer d_yp = poisoned(*g, size_t(T * s.n) * 2);
+          Graph graph = Graph::capture(g->driver, g->stream, [&] {
+            launch_norm();
+            launch(gated, f_gated, g->stream, q.qweight.ptr(), q.scales.ptr(), in, d_yp.ptr(), T, true);
+          });
+          graph.instantiate().launch(g->stream);
+          CHECK(to_host<uint16_t>(*g, d_yp) == yg);
+        }
       }
     }
   }

@@ -8,16 +8,20 @@
 // products keep at the fp32 level. Every chunked case runs each form of the chunked delta rule
 // (chunk_variants): the fused pass with its cluster gated RMSNorm (the default on sm_90), the same
 // at the other slice width, the portable fused pass (O fp32 + gated_rmsnorm) and the unfused
-// gdn_chunk_state -> gdn_chunk_output pair. Then per-kernel timings at the 35B shapes, the fused
-// pass beside the unfused pair.
+// gdn_chunk_state -> gdn_chunk_output pair. A decode step is gdn_decode's o through gated_rmsnorm;
+// the decode step's mixer as the runner chains it (gdn_decode + the out_proj GEMV with the gated
+// norm as its input) is compared bit for bit with the two-kernel path (gdn_decode_norm + GEMV). Then
+// per-kernel timings at the 35B shapes, the fused pass beside the unfused pair.
 #include <doctest/doctest.h>
 #include <fmt/format.h>
 
 #include <algorithm>
 #include <cmath>
 
+#include "models/qwen35/gpu/dense.h"
 #include "models/qwen35/gpu/gdn.h"
 #include "models/qwen35/reference_ops.h"
+#include "runtime/core/int4_format.h"
 #include "tests/gpu/gpu_harness.h"
 
 using namespace q35;
@@ -60,7 +64,7 @@ struct Layer {
   std::vector<float> ref_conv, ref_ssm;
   int64_t pos = 0;
   Gpu& g;
-  DeviceBuffer d_proj, d_conv_w, d_norm_w, d_A_log, d_dt_bias, d_conv, d_ssm, d_pos, d_counters;
+  DeviceBuffer d_proj, d_conv_w, d_norm_w, d_A_log, d_dt_bias, d_conv, d_ssm, d_pos;
   gpu::GdnKernels kernels;
 
   Layer(Gpu& gpu_, const qwen35::Config& c, int64_t total_tokens, uint32_t salt, const GdnChunkTile& chunk)
@@ -86,8 +90,6 @@ struct Layer {
     d_conv.fill_bytes(0, g.stream);
     d_ssm.fill_bytes(0, g.stream);
     d_pos = DeviceBuffer(g.driver, 4);
-    d_counters = DeviceBuffer(g.driver, size_t(s.hv) * 4);  // gdn_decode's per-head tickets
-    d_counters.fill_bytes(0, g.stream);
   }
 
   gpu::GdnLayerWeights weights() const { return {d_conv_w.ptr(), d_A_log.ptr(), d_dt_bias.ptr(), d_norm_w.ptr()}; }
@@ -187,10 +189,11 @@ struct Layer {
     d_pos.upload(&p0, 4, g.stream);
     DeviceBuffer y = poisoned(g, size_t(T * s.hv * s.dv) * 2);
     const CUdeviceptr proj_at = d_proj.ptr() + CUdeviceptr(pos * stride * 2);
-    if (path == Path::Decode) {
+    if (path == Path::Decode) {  // gdn_decode's o, then the gated RMSNorm the out_proj GEMV applies
       REQUIRE(T == 1);
       DeviceBuffer o = poisoned(g, size_t(s.hv * s.dv) * 4);
-      kernels.decode(g.stream, proj_at, int(stride), d_pos.ptr(), weights(), state(), o.ptr(), y.ptr(), d_counters.ptr());
+      kernels.decode(g.stream, proj_at, int(stride), d_pos.ptr(), weights(), state(), o.ptr());
+      kernels.gated_rmsnorm(g.stream, 1, o.ptr(), proj_at, int(stride), d_norm_w.ptr(), y.ptr());
       g.stream.synchronize();
     } else {
       const std::vector<float> ssm_before = to_host<float>(g, d_ssm);
@@ -294,6 +297,82 @@ TEST_CASE("GPU: gdn token-by-token prefill, and prefill chunk after chunk, tiny 
   }
 }
 
+// The single-sequence decode step's DeltaNet mixer as the runner chains it with W4A16 weights:
+// gdn_decode -> o, then the out_proj GEMV with the gated RMSNorm as its input (gemv_w4a16_gated), in
+// a graph with both launched as the decode step launches them (the GEMV with PDL), against the
+// two-kernel path it replaced: gdn_decode_norm -> y (each head's last block runs the norm), then
+// gemv_w4a16. Two copies of one layer (same weights, projection rows and state) after a 5-token
+// prefill, 6 decode steps (positions 5..10: every ring phase), tiny fixture and 35B shapes: o, the
+// state, the ring and the out_proj output bit-identical at every step; the old path's y against the
+// CPU reference chain and the new path's output against ref::matmul of the reference y.
+TEST_CASE("GPU: decode step mixer, gdn_decode + gemv_w4a16_gated == gdn_decode_norm + gemv_w4a16 bit for bit, tiny and 35B") {
+  auto g = open_gpu();
+  for (auto [hk, hv] : {std::pair<int64_t, int64_t>{2, 4}, {16, 32}}) {
+    CAPTURE(hv);
+    const qwen35::Config cfg = gdn_layer_config(hk, hv);
+    const GdnChunkTile chunk = default_gdn_chunk_tile(gpu::gdn_shape(cfg));
+    const uint32_t salt = uint32_t(29 + hv);
+    Layer old_path(*g, cfg, 11, salt, chunk), new_path(*g, cfg, 11, salt, chunk);
+    old_path.call(5, Layer::Path::Chunked);
+    new_path.call(5, Layer::Path::Chunked);
+    const GdnShape& s = old_path.s;
+    const int64_t K = s.hv * s.dv, hidden = hv == 32 ? 2048 : 128, group = hv == 32 ? 128 : 64;
+    const float eps = float(cfg.rms_norm_eps);
+    // out_proj [hidden, K], W4A16.
+    const std::vector<uint16_t> W = random_bf16(size_t(hidden * K), salt + 7, 0.05f);
+    DeviceBuffer d_W = to_device(*g, W), d_q(g->driver, size_t(hidden * K / 8) * 4),
+                 d_s(g->driver, size_t(hidden * K / group) * 2);
+    const gpu::QuantizePlan qp = gpu::quantize_plan(K, group);
+    gpu::launch_quantize(qp, g->jit.load(qp.quantize_spec(), g->ctx), g->stream, d_W.ptr(), d_q.ptr(), d_s.ptr(), hidden);
+    const std::vector<float> w_ref = int4::dequantize(int4::quantize(to_f32(W), hidden, K, group), hidden, K, group);
+    const gpu::W4GemvPlan plain = gpu::w4_gemv_plan(hidden, K, group, 1);
+    gpu::W4GemvPlan gated = plain;
+    gated.gated_dv = s.dv;
+    const Function f_plain = g->jit.load(plain.spec(), g->ctx), f_gated = g->jit.load(gated.spec(), g->ctx);
+    DeviceBuffer counters(g->driver, size_t(s.hv) * 4);
+    counters.fill_bytes(0, g->stream);
+    for (int step = 0; step < 6; ++step) {
+      CAPTURE(step);
+      REQUIRE(old_path.pos == new_path.pos);
+      const int p0 = int(old_path.pos);
+      old_path.d_pos.upload(&p0, 4, g->stream);
+      new_path.d_pos.upload(&p0, 4, g->stream);
+      const CUdeviceptr row = CUdeviceptr(old_path.pos * old_path.stride * 2);
+      const CUdeviceptr proj_a = old_path.d_proj.ptr() + row, proj_b = new_path.d_proj.ptr() + row;
+      DeviceBuffer o_a = poisoned(*g, size_t(K) * 4), y_a = poisoned(*g, size_t(K) * 2),
+                   out_a = poisoned(*g, size_t(hidden) * 2);
+      DeviceBuffer o_b = poisoned(*g, size_t(K) * 4), out_b = poisoned(*g, size_t(hidden) * 2);
+      old_path.kernels.decode_norm(g->stream, proj_a, int(old_path.stride), old_path.d_pos.ptr(), old_path.weights(),
+                                   old_path.state(), o_a.ptr(), y_a.ptr(), counters.ptr());
+      gpu::launch(plain, f_plain, g->stream, d_q.ptr(), d_s.ptr(), y_a.ptr(), out_a.ptr(), 1);
+      const gpu::GatedNormInput in{o_b.ptr(), proj_b + CUdeviceptr(s.conv_dim() * 2), new_path.d_norm_w.ptr(),
+                                   int(new_path.stride), eps};
+      Graph graph = Graph::capture(g->driver, g->stream, [&] {
+        new_path.kernels.decode(g->stream, proj_b, int(new_path.stride), new_path.d_pos.ptr(), new_path.weights(),
+                                new_path.state(), o_b.ptr());
+        gpu::launch(gated, f_gated, g->stream, d_q.ptr(), d_s.ptr(), in, out_b.ptr(), 1, true);
+      });
+      graph.instantiate().launch(g->stream);
+      CHECK(to_host<uint32_t>(*g, o_a) == to_host<uint32_t>(*g, o_b));
+      const std::vector<uint16_t> got_a = to_host<uint16_t>(*g, out_a), got_b = to_host<uint16_t>(*g, out_b);
+      CHECK(got_a == got_b);
+      CHECK(to_host<uint32_t>(*g, old_path.d_ssm) == to_host<uint32_t>(*g, new_path.d_ssm));
+      CHECK(to_host<uint16_t>(*g, old_path.d_conv) == to_host<uint16_t>(*g, new_path.d_conv));
+      CHECK(to_host<int32_t>(*g, counters) == std::vector<int32_t>(size_t(s.hv), 0));  // re-armed
+      // The CPU reference of this token (the old path's reference state advances; both positions do).
+      const std::vector<float> y_ref = old_path.reference(1);
+      std::vector<float> out_ref(static_cast<size_t>(hidden));
+      ref::matmul(y_ref, w_ref, out_ref, 1, hidden, K);
+      const double err_y = rel_l2(to_f32(to_host<uint16_t>(*g, y_a)), y_ref), err_out = rel_l2(to_f32(got_b), out_ref);
+      INFO(fmt::format("rel_l2 y {:.2e}, out_proj {:.2e}", err_y, err_out));
+      CHECK(err_y <= 1e-2);
+      CHECK(err_out <= 1e-2);
+      ++old_path.pos;
+      ++new_path.pos;
+    }
+  }
+}
+
 TEST_CASE("GPU: gdn timings at the 35B shapes") {
   auto g = open_gpu();
   const qwen35::Config cfg = gdn_layer_config(16, 32);
@@ -324,11 +403,17 @@ TEST_CASE("GPU: gdn timings at the 35B shapes") {
     auto layer_state = [&](int l) {
       return gpu::GdnLayerState{conv.ptr() + gpu::gdn_conv_state_bytes(cfg) * l, ssm.ptr() + gpu::gdn_ssm_state_bytes(cfg) * l};
     };
-    for (bool with_norm : {false, true}) {
+    const double state_mb = 2.0 * double(gpu::gdn_ssm_state_bytes(cfg)) / 1e6;
+    // gdn_decode (o only: the decode step's form), gdn_decode_norm (+ the last-block gated RMSNorm),
+    // gated_rmsnorm alone.
+    for (int form : {0, 1, 2}) {
       Graph graph = Graph::capture(g->driver, g->stream, [&] {
         for (int l = 0; l < kLayers; ++l) {
-          if (with_norm) k.decode(g->stream, proj.ptr(), int(stride), pos.ptr(), w, layer_state(l), o.ptr(), y.ptr(), counters.ptr(), true);
-          else k.gated_rmsnorm(g->stream, 1, o.ptr(), proj.ptr(), int(stride), norm_w.ptr(), y.ptr(), true);
+          if (form == 0) k.decode(g->stream, proj.ptr(), int(stride), pos.ptr(), w, layer_state(l), o.ptr(), true);
+          if (form == 1)
+            k.decode_norm(g->stream, proj.ptr(), int(stride), pos.ptr(), w, layer_state(l), o.ptr(), y.ptr(),
+                          counters.ptr(), true);
+          if (form == 2) k.gated_rmsnorm(g->stream, 1, o.ptr(), proj.ptr(), int(stride), norm_w.ptr(), y.ptr(), true);
         }
       });
       GraphExec exec = graph.instantiate();
@@ -341,11 +426,13 @@ TEST_CASE("GPU: gdn timings at the 35B shapes") {
         stop.synchronize();
         us.push_back(stop.elapsed_ms_since(start) * 1e3 / kLayers);
       }
-      const double state_mb = 2.0 * double(gpu::gdn_ssm_state_bytes(cfg)) / 1e6;
-      if (with_norm)
-        MESSAGE(fmt::format("gdn decode (one launch: gdn_decode with the gated RMSNorm fused) per layer: {:.2f} us; floor {:.2f} us "
+      if (form == 0)
+        MESSAGE(fmt::format("gdn_decode (o only, the decode step's form) per layer: {:.2f} us; floor {:.2f} us "
                             "(state {:.1f} MB read+written + conv w/ring {:.2f} MB at 3.0 TB/s); anchor ~3.7 us",
                             median(us), (state_mb + 0.15) / 3.0, state_mb, 0.15));
+      else if (form == 1)
+        MESSAGE(fmt::format("gdn_decode_norm (+ the gated RMSNorm by each head's last block) per layer: {:.2f} us",
+                            median(us)));
       else
         MESSAGE(fmt::format("gated_rmsnorm alone (T = 1) per layer: {:.2f} us", median(us)));
     }

@@ -274,8 +274,8 @@ TEST_CASE("GPU model: synthetic 35B-A3B shapes, W4A16 g128 and FP8, run end to e
   }
   CHECK(model.position() == 604);
   // Kernel launches per decode step (the captured graph's kernel nodes; the default, unfused step):
-  // embedding; per DeltaNet layer input norm, in_proj, gdn_decode (gated norm fused), out_proj,
-  // post norm, router, gate_up, down; per attention layer input norm, qkv, qk_norm_rope, decode,
+  // embedding; per DeltaNet layer input norm, in_proj, gdn_decode, out_proj (the gated norm as its
+  // input), post norm, router, gate_up, down; per attention layer input norm, qkv, qk_norm_rope, decode,
   // merge, o_proj, post norm, router, gate_up, down; then the final norm, lm_head, argmax, step.
   const std::optional<GraphNodeCounts> nodes = model.decode_graph_nodes();
   REQUIRE(nodes.has_value());
@@ -289,7 +289,7 @@ TEST_CASE("GPU model: synthetic 35B-A3B shapes, W4A16 g128 and FP8, run end to e
 }
 
 // The fused decode path (T <= 8: residual add + RMSNorm in the output-projection GEMV and the MoE down
-// epilogues, the gated norm inside gdn_decode, PDL) against the unfused one (a long forward call) on
+// epilogues, the gated norm inside gdn_decode_norm, PDL) against the unfused one (a long forward call) on
 // the same W4A16 weights, and decode_steps (graph replays chained on the device) == decode one by one.
 TEST_CASE("GPU model, tiny fixture, W4A16: fused decode path == unfused prefill path; decode_steps == decode") {
   auto g = open_gpu();

@@ -3,6 +3,8 @@
 #include <algorithm>
 
 #include "autotune/tiles_moe.h"
+#include "models/qwen35/reference_ops.h"
+#include "runtime/core/half.h"
 #include "runtime/core/error.h"
 
 namespace q35::qwen35::gpu {
@@ -97,6 +99,7 @@ void launch(const W4GemvPlan& p, const Function& f, const Stream& stream, CUdevi
             CUdeviceptr x, CUdeviceptr y, int T, bool pdl) {
   if (T < 1) fail("{} [N = {}, K = {}]: T = {} tokens is not positive", p.spec().kernel, p.n, p.k, T);
   if (p.residual) fail("{} [N = {}, K = {}]: launched without its residual buffers", p.spec().kernel, p.n, p.k);
+  if (p.gated_dv) fail("{} [N = {}, K = {}]: launched with a bf16 x instead of its gated-norm input", p.spec().kernel, p.n, p.k);
   f.launch({{blocks_for(p.n, p.tile.rows_per_block()), blocks_for(T, p.tile.m_tile)}, {unsigned(p.tile.threads())}, 0, pdl},
            stream, qweight, scales, x, y, T);
 }
@@ -104,11 +107,43 @@ void launch(const W4GemvPlan& p, const Function& f, const Stream& stream, CUdevi
 void launch(const W4GemvPlan& p, const Function& f, const Stream& stream, CUdeviceptr qweight, CUdeviceptr scales,
             CUdeviceptr x, const ResidualNorm& r, int T, bool pdl) {
   if (T < 1) fail("{} [N = {}, K = {}]: T = {} tokens is not positive", p.spec().kernel, p.n, p.k, T);
-  if (!p.residual) fail("{} [N = {}, K = {}]: a plan without the residual epilogue", p.spec().kernel, p.n, p.k);
+  if (!p.residual || p.gated_dv) fail("{} [N = {}, K = {}]: a plan without the residual epilogue", p.spec().kernel, p.n, p.k);
   if (!r.residual || !r.norm_w || !r.normed || !r.counter)
     fail("{} [N = {}, K = {}]: residual, norm_w, normed and counter must all be set", p.spec().kernel, p.n, p.k);
   f.launch({{blocks_for(p.n, p.tile.rows_per_block()), blocks_for(T, p.tile.m_tile)}, {unsigned(p.tile.threads())}, 0, pdl},
            stream, qweight, scales, x, r.residual, r.norm_w, r.normed, r.counter, r.eps, T);
+}
+
+void launch(const W4GemvPlan& p, const Function& f, const Stream& stream, CUdeviceptr qweight, CUdeviceptr scales,
+            const GatedNormInput& x, CUdeviceptr y, int T, bool pdl) {
+  if (T < 1) fail("gemv_w4a16_gated [N = {}, K = {}]: T = {} tokens is not positive", p.n, p.k, T);
+  if (!p.gated_dv) fail("gemv_w4a16 [N = {}, K = {}]: a plan without the gated-norm input", p.n, p.k);
+  if (!x.o || !x.z || !x.norm_w) fail("gemv_w4a16_gated [N = {}, K = {}]: o, z and norm_w must all be set", p.n, p.k);
+  // o is read as float4, z and norm_w as 8-byte groups of 4.
+  if (x.o % 16 != 0 || x.z % 8 != 0 || x.norm_w % 8 != 0 || x.z_stride < p.k || x.z_stride % 4 != 0)
+    fail("gemv_w4a16_gated [N = {}, K = {}]: o must be 16-byte aligned, z and norm_w 8-byte aligned, and the z row "
+         "stride ({}) a multiple of 4 of at least K",
+         p.n, p.k, x.z_stride);
+  f.launch({{blocks_for(p.n, p.tile.rows_per_block()), blocks_for(T, p.tile.m_tile)}, {unsigned(p.tile.threads())}, 0, pdl},
+           stream, qweight, scales, x.o, x.z, x.z_stride, x.norm_w, x.eps, y, T);
+}
+
+std::vector<float> gated_norm_input(const std::vector<float>& o, const std::vector<uint16_t>& z, int64_t z_stride,
+                                    const std::vector<uint16_t>& norm_w, int64_t T, int64_t hv, int64_t dv, float eps) {
+  const int64_t k = hv * dv;
+  if (T < 1 || hv < 1 || dv < 1 || z_stride < k)
+    fail("gated_norm_input: T = {}, hv = {}, dv = {}, z_stride = {} (expected positive sizes and z_stride >= hv dv)", T,
+         hv, dv, z_stride);
+  if (int64_t(o.size()) != T * k || int64_t(z.size()) < (T - 1) * z_stride + k || int64_t(norm_w.size()) != dv)
+    fail("gated_norm_input: o has {} values (expected {}), z {} (at least {}), norm_w {} (expected {})", o.size(), T * k,
+         z.size(), (T - 1) * z_stride + k, norm_w.size(), dv);
+  std::vector<float> zf(static_cast<size_t>(T * k)), w(static_cast<size_t>(dv)), y(static_cast<size_t>(T * k));
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t c = 0; c < k; ++c) zf[size_t(t * k + c)] = bf16_to_f32(z[size_t(t * z_stride + c)]);
+  for (int64_t i = 0; i < dv; ++i) w[size_t(i)] = bf16_to_f32(norm_w[size_t(i)]);
+  ref::gated_rmsnorm(o, zf, w, y, T * hv, dv, eps);
+  for (float& v : y) v = bf16_to_f32(f32_to_bf16(v));
+  return y;
 }
 
 void launch_quantize(const QuantizePlan& p, const Function& f, const Stream& stream, CUdeviceptr w,
@@ -168,6 +203,11 @@ std::vector<KernelSpec> dense_kernels(const Config& cfg, const DenseOptions& opt
         W4GemvPlan p = w4_gemv_plan(s.n, s.k, opt.group, 1, logits);
         p.tile = w4_decode_tile(p.tile, opt.group, m);
         add(p.spec());
+        if (s.proj == DenseProj::GdnOut && m == 1) {  // the single-sequence step's, with the gated-norm input
+          W4GemvPlan gated = p;
+          gated.gated_dv = cfg.linear_value_head_dim;
+          add(gated.spec());
+        }
         if (s.proj == DenseProj::AttnOut || s.proj == DenseProj::GdnOut) {  // with the decode residual epilogue
           p.residual = true;
           add(p.spec());

@@ -90,16 +90,33 @@ GemvBf16Plan gemv_bf16_plan(int64_t n, int64_t k, int m, bool out_f32 = false);
 // gemv_w4a16: qweight u32 [n, k/8], scales bf16 [n, k/group], x [T, k] bf16 -> y [T, n] bf16 (fp32 if out_f32);
 // group kFp8Group: gemv_fp8 (the same tile and body): codes uint8 [n, k], scales fp32 [n, ceil(k/128)].
 // residual: gemv_w4a16_residual / gemv_fp8_residual (the output goes into the residual stream, see ResidualNorm).
+// gated_dv > 0 (W4A16 only): gemv_w4a16_gated, x the gated RMSNorm over value heads of gated_dv (GatedNormInput).
 struct W4GemvPlan {
   int64_t n = 0, k = 0, group = 0;
   W4GemvTile tile;
   bool out_f32 = false;
   bool residual = false;
+  int64_t gated_dv = 0;
   KernelSpec spec() const {
+    if (gated_dv > 0) return gemv_w4a16_gated_spec(n, k, group, tile, gated_dv);  // W4A16 only (its rule)
     if (group == kFp8Group) return residual ? gemv_fp8_residual_spec(n, k, tile) : gemv_fp8_spec(n, k, tile, out_f32);
     return residual ? gemv_w4a16_residual_spec(n, k, group, tile) : gemv_w4a16_spec(n, k, group, tile, out_f32);
   }
 };
+// The DeltaNet out_proj's input as gemv_w4a16_gated takes it (the gated RMSNorm, gated_rmsnorm.cuh,
+// applied per block): o fp32 [T, k] the recurrence output (gdn_decode), z bf16 rows of z_stride
+// elements holding the k gate values of each token (the projection's z columns: proj + conv_dim),
+// norm_w bf16 [dv]. x [t, h dv + i] = bf16(o * rsqrt(mean over head h of o^2 + eps) * norm_w[i] * silu(z)).
+struct GatedNormInput {
+  CUdeviceptr o = 0, z = 0, norm_w = 0;
+  int z_stride = 0;
+  float eps = 0.f;
+};
+// The same x on the host (bf16 values as fp32, [T, hv dv]) from fp32 o [T, hv dv], the bf16 z of
+// each token at z[t z_stride + h dv + i] and norm_w [dv]: what gemv_w4a16_gated multiplies, up to the
+// rounding of expf and the order of the head's sum of squares (the CPU reference of its input).
+std::vector<float> gated_norm_input(const std::vector<float>& o, const std::vector<uint16_t>& z, int64_t z_stride,
+                                    const std::vector<uint16_t>& norm_w, int64_t T, int64_t hv, int64_t dv, float eps);
 
 // The decode residual epilogue (kernel_templates/decode_fusion.cuh) of a kernel producing a
 // sub-layer's output y [T, H]: residual fp32 [T, H] += bf16(y), then normed bf16 [T, H] =
@@ -150,6 +167,9 @@ void launch(const W4GemvPlan& p, const Function& f, const Stream& stream, CUdevi
 // residual += bf16(x [T, k] . dequant(qweight, scales)^T); normed = RMSNorm(residual) (a `residual` plan).
 void launch(const W4GemvPlan& p, const Function& f, const Stream& stream, CUdeviceptr qweight, CUdeviceptr scales,
             CUdeviceptr x, const ResidualNorm& r, int T, bool pdl = false);
+// y [T, n] bf16 = gated_norm(x) [T, k] . dequant(qweight, scales)^T (a `gated_dv` plan, W4A16).
+void launch(const W4GemvPlan& p, const Function& f, const Stream& stream, CUdeviceptr qweight, CUdeviceptr scales,
+            const GatedNormInput& x, CUdeviceptr y, int T, bool pdl = false);
 // w bf16 [rows, k] -> qweight u32 [rows, k/8], scales bf16 [rows, k/group] (bit-exact with int4::quantize),
 // or for FP8 codes uint8 [rows, k], scales fp32 [rows, ceil(k/128)] (bit-exact with fp8::quantize, blocks
 // [1, 128]).

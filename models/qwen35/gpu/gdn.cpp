@@ -82,6 +82,12 @@ KernelSpec gdn_decode_spec(const Config& cfg, const GdnRecurrentTile& tile) {
   return {"gdn_recurrent", "gdn_decode", args};
 }
 
+KernelSpec gdn_decode_norm_spec(const Config& cfg, const GdnRecurrentTile& tile) {
+  KernelSpec s = gdn_decode_spec(cfg, tile);
+  s.kernel = "gdn_decode_norm";
+  return s;
+}
+
 KernelSpec gdn_decode_batch_spec(const Config& cfg, const GdnRecurrentTile& tile) {
   KernelSpec s = gdn_decode_spec(cfg, tile);
   s.kernel = "gdn_decode_batch";
@@ -127,7 +133,8 @@ std::vector<KernelSpec> gdn_kernels(const Config& cfg, const std::string& arch) 
   if (std::find(cfg.layer_types.begin(), cfg.layer_types.end(), LayerType::LinearAttention) == cfg.layer_types.end())
     return {};
   const GdnTiles t = GdnTiles::defaults(gdn_shape(cfg));
-  std::vector<KernelSpec> out = {gdn_decode_spec(cfg, t.recurrent), gated_rmsnorm_spec(cfg, t.norm),
+  std::vector<KernelSpec> out = {gdn_decode_spec(cfg, t.recurrent), gdn_decode_norm_spec(cfg, t.recurrent),
+                                 gated_rmsnorm_spec(cfg, t.norm),
                                  gdn_prologue_spec(cfg, t.prologue), gdn_chunk_prepare_spec(cfg)};
   if (t.chunk.fused) {
     out.push_back(gdn_chunk_fused_spec(cfg, t.chunk, t.chunk.cluster && gdn_arch_has_cluster(arch)));
@@ -181,6 +188,7 @@ GdnKernels::GdnKernels(JitEngine& jit, const Context& ctx, const Config& cfg, co
       prologue_(load(jit, ctx, gdn_prologue_spec(cfg, tiles.prologue))),
       recurrent_(load(jit, ctx, gdn_recurrent_spec(cfg, tiles.recurrent))),
       decode_(load(jit, ctx, gdn_decode_spec(cfg, tiles.recurrent))),
+      decode_norm_(load(jit, ctx, gdn_decode_norm_spec(cfg, tiles.recurrent))),
       decode_batch_(load(jit, ctx, gdn_decode_batch_spec(cfg, tiles.recurrent))),
       chunk_prepare_(load(jit, ctx, gdn_chunk_prepare_spec(cfg))),
       norm_(load(jit, ctx, gated_rmsnorm_spec(cfg, tiles.norm))) {
@@ -204,13 +212,21 @@ void GdnKernels::check_proj(int row_stride, int T) const {
 }
 
 void GdnKernels::decode(const Stream& stream, CUdeviceptr proj, int row_stride, CUdeviceptr pos0,
-                        const GdnLayerWeights& w, const GdnLayerState& st, CUdeviceptr o, CUdeviceptr y,
-                        CUdeviceptr counters, bool pdl) const {
+                        const GdnLayerWeights& w, const GdnLayerState& st, CUdeviceptr o, bool pdl) const {
   check_proj(row_stride, 1);
-  if (!counters) fail("gdn_decode: the per-head counters (int32 [{}], zeroed once) are not set", shape_.hv);
   const GdnRecurrentTile& t = tiles_.recurrent;
   decode_.launch({{unsigned(shape_.hv), unsigned(shape_.dv / t.rows)}, {unsigned(32 * t.warps)}, 0, pdl}, stream, proj,
-                 w.conv_w, w.A_log, w.dt_bias, st.conv, pos0, st.ssm, o, w.norm_w, y, counters, eps_);
+                 w.conv_w, w.A_log, w.dt_bias, st.conv, pos0, st.ssm, o);
+}
+
+void GdnKernels::decode_norm(const Stream& stream, CUdeviceptr proj, int row_stride, CUdeviceptr pos0,
+                             const GdnLayerWeights& w, const GdnLayerState& st, CUdeviceptr o, CUdeviceptr y,
+                             CUdeviceptr counters, bool pdl) const {
+  check_proj(row_stride, 1);
+  if (!counters) fail("gdn_decode_norm: the per-head counters (int32 [{}], zeroed once) are not set", shape_.hv);
+  const GdnRecurrentTile& t = tiles_.recurrent;
+  decode_norm_.launch({{unsigned(shape_.hv), unsigned(shape_.dv / t.rows)}, {unsigned(32 * t.warps)}, 0, pdl}, stream,
+                      proj, w.conv_w, w.A_log, w.dt_bias, st.conv, pos0, st.ssm, o, w.norm_w, y, counters, eps_);
 }
 
 void GdnKernels::decode_batch(const Stream& stream, CUdeviceptr proj, int row_stride, int B, CUdeviceptr slots,

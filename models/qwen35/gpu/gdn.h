@@ -17,6 +17,11 @@
 //            its first token), so a decode step can be captured once in a CUDA graph.
 //   y        bf16 [T, Hv dv]: the gated RMSNorm output, the input of out_proj.
 //
+// Decode (one token of one sequence): gdn_decode writes only the recurrence output o fp32 [Hv, dv];
+// the out_proj GEMV applies the gated RMSNorm to its input (gemv_w4a16_gated, W4A16 weights).
+// gdn_decode_norm also writes y (each head's last block runs the norm): bf16 out_proj weights, and the
+// residual-epilogue GEMV of fused_decode. The batched step's gdn_decode_batch writes y like it.
+//
 // Prefill runs gdn_prologue, then the chunked delta rule at every T >= 1 (its split-bf16 tensor-core
 // products are as accurate as the fp32 recurrence): gdn_chunk_prepare, then by the chunk tile
 //   fused + cluster (default), on an arch with clusters: gdn_chunk_fused_cluster (state, output and
@@ -56,7 +61,9 @@ struct GdnTiles {
 KernelSpec gdn_prologue_spec(const Config& cfg, const GdnPrologueTile& tile);
 KernelSpec gdn_recurrent_spec(const Config& cfg, const GdnRecurrentTile& tile);
 KernelSpec gdn_decode_spec(const Config& cfg, const GdnRecurrentTile& tile);
-// gdn_decode's batched form (one token of each of B sequences, each with its slot's state).
+// gdn_decode with the gated RMSNorm by each head's last block (-> y).
+KernelSpec gdn_decode_norm_spec(const Config& cfg, const GdnRecurrentTile& tile);
+// gdn_decode_norm's batched form (one token of each of B sequences, each with its slot's state).
 KernelSpec gdn_decode_batch_spec(const Config& cfg, const GdnRecurrentTile& tile);
 KernelSpec gdn_chunk_prepare_spec(const Config& cfg);
 KernelSpec gdn_chunk_state_spec(const Config& cfg, const GdnChunkTile& tile);
@@ -107,11 +114,16 @@ class GdnKernels {
   GdnKernels(JitEngine& jit, const Context& ctx, const Config& cfg)
       : GdnKernels(jit, ctx, cfg, GdnTiles::defaults(gdn_shape(cfg))) {}
 
-  // One decode token of one layer in one launch: gdn_decode (prologue fused, state updated, o ->
-  // o [1, Hv, dv] fp32 scratch, and the gated RMSNorm by each head's last block -> y [1, Hv dv] bf16).
-  // proj [1, row_stride]; counters int32 [Hv], zeroed once (every launch leaves them zero).
+  // One decode token of one layer in one launch: gdn_decode (prologue fused, state updated) -> o
+  // [1, Hv, dv] fp32, the recurrence output before the gated RMSNorm (gemv_w4a16_gated's input).
+  // proj [1, row_stride].
   void decode(const Stream& stream, CUdeviceptr proj, int row_stride, CUdeviceptr pos0, const GdnLayerWeights& w,
-              const GdnLayerState& st, CUdeviceptr o, CUdeviceptr y, CUdeviceptr counters, bool pdl = false) const;
+              const GdnLayerState& st, CUdeviceptr o, bool pdl = false) const;
+  // The same, gdn_decode_norm: also the gated RMSNorm by each head's last block -> y [1, Hv dv] bf16;
+  // counters int32 [Hv], zeroed once (every launch leaves them zero).
+  void decode_norm(const Stream& stream, CUdeviceptr proj, int row_stride, CUdeviceptr pos0, const GdnLayerWeights& w,
+                   const GdnLayerState& st, CUdeviceptr o, CUdeviceptr y, CUdeviceptr counters,
+                   bool pdl = false) const;
   // One decode token of each of B sequences (a batched decode step), one launch: row b of proj
   // [B, row_stride] is sequence slot slots[b] (int32 [B], < 0: padding, its y row zeroed) at position
   // pos[slot] (int32 [slots]); its conv ring and state are slot `slot` of st (st.conv + slot *
@@ -157,7 +169,7 @@ class GdnKernels {
   GdnTiles tiles_;
   float eps_;
   bool cluster_;
-  Function prologue_, recurrent_, decode_, decode_batch_, chunk_prepare_, norm_;
+  Function prologue_, recurrent_, decode_, decode_norm_, decode_batch_, chunk_prepare_, norm_;
   // By the chunk tile: the fused pass, or the state / output pair.
   std::optional<Function> chunk_fused_, chunk_state_, chunk_output_;
 };
