@@ -203,7 +203,8 @@ std::vector<KernelSpec> dense_kernels(const Config& cfg, const DenseOptions& opt
         W4GemvPlan p = w4_gemv_plan(s.n, s.k, opt.group, 1, logits);
         p.tile = w4_decode_tile(p.tile, opt.group, m);
         add(p.spec());
-        if (s.proj == DenseProj::GdnOut && m == 1) {  // the single-sequence step's, with the gated-norm input
+        if (s.proj == DenseProj::GdnOut && m == 1 && opt.group != kFp8Group) {  // the single-sequence step's,
+                                                                                 // with the gated-norm input (W4A16)
           W4GemvPlan gated = p;
           gated.gated_dv = cfg.linear_value_head_dim;
           add(gated.spec());
