@@ -90,7 +90,8 @@ std::vector<GemmTile> gemm_candidates(int64_t n, int64_t k, int64_t m, bool wgmm
 std::vector<MoeRouterTile> moe_router_candidates(const MoeShape& s, int64_t m);
 std::vector<MoeDecodeConfig> moe_decode_candidates(const MoeShape& s);
 // The grouped path's streaming form: warps per block (min_tokens as the default's: the tiles change the
-// speed, not the sums).
+// speed, not the sums). Not a tune family yet: the CPU tests compile these and `GPU: moe streaming
+// form*` times them against the decode kernels.
 std::vector<MoeStreamTile> moe_stream_candidates();
 // Valid for all four GEMMs (one tile serves them: the align kernel's BLOCK_M is the routed GEMMs');
 // the same space at every m (block_m up to kMoeMaxBlockM).

@@ -342,20 +342,24 @@ std::string why_invalid(const MoeStreamTile& t) {
   return {};
 }
 
-KernelSpec moe_stream_gate_up_spec(const MoeShape& s, const MoeGemvTile& gate_up, const MoeStreamTile& t) {
-  require_valid(why_invalid_gate_up(gate_up, s), "moe_stream_gate_up", s);
-  require_valid(why_invalid(t), "moe_stream_gate_up", s);
-  KernelSpec spec = decode_spec("moe_stream_gate_up", s, gate_up.ksplit);
+namespace {
+// A streaming kernel: the decode spec with the decode kernel's ksplit, plus WARPS.
+KernelSpec stream_spec(const char* kernel, const MoeShape& s, int ksplit, const MoeStreamTile& t) {
+  require_valid(why_invalid(t), kernel, s);
+  KernelSpec spec = decode_spec(kernel, s, ksplit);
   spec.args.emplace_back("WARPS", str(t.warps));
   return spec;
+}
+}  // namespace
+
+KernelSpec moe_stream_gate_up_spec(const MoeShape& s, const MoeGemvTile& gate_up, const MoeStreamTile& t) {
+  require_valid(why_invalid_gate_up(gate_up, s), "moe_stream_gate_up", s);
+  return stream_spec("moe_stream_gate_up", s, gate_up.ksplit, t);
 }
 
 KernelSpec moe_stream_down_spec(const MoeShape& s, const MoeDownTile& down, const MoeStreamTile& t) {
   require_valid(why_invalid(down, s), "moe_stream_down", s);
-  require_valid(why_invalid(t), "moe_stream_down", s);
-  KernelSpec spec = decode_spec("moe_stream_down", s, down.ksplit);
-  spec.args.emplace_back("WARPS", str(t.warps));
-  return spec;
+  return stream_spec("moe_stream_down", s, down.ksplit, t);
 }
 
 KernelSpec moe_stream_combine_spec(const MoeShape& s) {

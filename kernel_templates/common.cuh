@@ -64,6 +64,16 @@ __device__ __forceinline__ uint4 ld_stream_16(const void* p) {
 
 __device__ __forceinline__ void st_global_16(void* p, const uint4& v) { *static_cast<uint4*>(p) = v; }
 
+// 16 bytes of shared memory at a shared-space address (cvta.to.shared / __cvta_generic_to_shared).
+__device__ __forceinline__ uint4 lds_16(u32 addr) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr));
+  return v;
+}
+__device__ __forceinline__ void sts_16(u32 addr, const uint4& v) {
+  asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};" ::"r"(addr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w));
+}
+
 // ---- reductions ----
 
 __device__ __forceinline__ float warp_sum(float v) {

@@ -892,6 +892,46 @@ __device__ __forceinline__ void add_slot(float (&acc)[4], int tok, int r, float 
   }
 }
 
+// The part loop of a streaming kernel's warp: a unit (16-row tile x one column tile) is its KSPLIT
+// parts in order, each the WarpRows16 of the decode kernel's warp kp, its dot over the unit's column
+// (xg) added into acc (add_slot: 0 + p0 + p1 + ..., the decode kernels' order). PIPE (a part's rows
+// take at most 32 registers: INT4 parts of 512; FP8's take 64, bf16's 128): two buffers, part p + 1
+// (after the last part, with `more`, the next unit's part 0) in flight during part p's mmas; else
+// each part is loaded before its mmas, one part's registers live at a time. load(rows, next, part)
+// loads part `part` of the current unit (next false) or of the next one (next true).
+template <typename Rows, int KSPLIT, int GPS>
+struct StreamParts {
+  static constexpr bool PIPE = rows_registers<Rows>() <= 32;
+  Rows buf[PIPE ? 2 : 1];
+
+  // The warp's first unit's part 0 (PIPE: loaded ahead; else unit() loads it).
+  template <typename Load>
+  __device__ __forceinline__ void first(Load&& load) {
+    if constexpr (PIPE) load(buf[0], false, 0);
+  }
+  template <typename Load>
+  __device__ __forceinline__ void unit(const bf16* xg, bool more, Load&& load, float (&acc)[4]) {
+    if constexpr (PIPE) {
+#pragma unroll
+      for (int p = 0; p < KSPLIT; ++p) {
+        if (p + 1 < KSPLIT)
+          load(buf[(p + 1) % 2], false, p + 1);
+        else if (more)
+          load(buf[(p + 1) % 2], true, 0);
+        buf[p % 2].dot(xg, [&](int t, int r, float v) { add_slot<GPS>(acc, t, r, v); });
+      }
+      if constexpr (KSPLIT % 2 == 1)  // the next unit's part 0 landed in buf[1]
+        if (more) buf[0] = buf[1];
+    } else {
+#pragma unroll 1
+      for (int p = 0; p < KSPLIT; ++p) {
+        load(buf[0], false, p);
+        buf[0].dot(xg, [&](int t, int r, float v) { add_slot<GPS>(acc, t, r, v); });
+      }
+    }
+  }
+};
+
 }  // namespace q35k
 
 // gate|up, streaming: the h of moe_decode_gate_up<GROUP, H, I, IS, E, TOPK, KSPLIT> (same arguments;
@@ -945,13 +985,10 @@ moe_stream_gate_up(const q35k::bf16* __restrict__ x, const int* __restrict__ pla
     const int i = c0 + g / GPS;
     return i < t.n ? (t.sh || T == 1 ? i : pairs[t.begin + i] / TOPK) : -1;
   };
-  // Two register buffers while a warp's 16 rows of one part take at most 32 registers (INT4 parts of 512;
-  // FP8's take 64, bf16's 128: one buffer, each part loaded before its mmas).
-  constexpr bool PIPE = q35k::rows_registers<Rows>() <= 32;
   Tile cur = tile_at(tk);
   int c0 = cur.c_begin, tok = token_of(cur, c0);
-  Rows buf[PIPE ? 2 : 1];
-  if constexpr (PIPE) buf[0].load(cur.W, cur.S, cur.j0 + g, cur.n_inter + cur.j0 + g, 0);
+  q35k::StreamParts<Rows, KSPLIT, GPS> parts;
+  parts.first([&](Rows& r, bool, int) { r.load(cur.W, cur.S, cur.j0 + g, cur.n_inter + cur.j0 + g, 0); });
   while (true) {
     // The next unit: the tile's next column tile, or the warp's next tile.
     int nk = tk, nc0 = c0 + TOKENS;
@@ -964,22 +1001,10 @@ moe_stream_gate_up(const q35k::bf16* __restrict__ x, const int* __restrict__ pla
     const int ntok = more ? token_of(nxt, nc0) : -1;
     float sum[4] = {0.f, 0.f, 0.f, 0.f};  // gate (tok & 1), up 2 + (tok & 1)
     const q35k::bf16* xg = tok >= 0 ? x + size_t(tok) * H : nullptr;
-    if constexpr (PIPE) {
-#pragma unroll
-      for (int p = 0; p < KSPLIT; ++p) {
-        if (p + 1 < KSPLIT)
-          buf[(p + 1) % 2].load(cur.W, cur.S, cur.j0 + g, cur.n_inter + cur.j0 + g, (p + 1) * KLEN);
-        else if (more)
-          buf[(p + 1) % 2].load(nxt.W, nxt.S, nxt.j0 + g, nxt.n_inter + nxt.j0 + g, 0);
-        buf[p % 2].dot(xg, [&](int t, int r, float v) { q35k::add_slot<GPS>(sum, t, r, v); });
-      }
-    } else {  // one part's registers live at a time
-#pragma unroll 1
-      for (int p = 0; p < KSPLIT; ++p) {
-        buf[0].load(cur.W, cur.S, cur.j0 + g, cur.n_inter + cur.j0 + g, p * KLEN);
-        buf[0].dot(xg, [&](int t, int r, float v) { q35k::add_slot<GPS>(sum, t, r, v); });
-      }
-    }
+    parts.unit(xg, more, [&](Rows& r, bool next, int p) {
+      const Tile& t = next ? nxt : cur;
+      r.load(t.W, t.S, t.j0 + g, t.n_inter + t.j0 + g, p * KLEN);
+    }, sum);
 #pragma unroll
     for (int si = 0; si < 2; ++si) {
       int t;
@@ -991,7 +1016,6 @@ moe_stream_gate_up(const q35k::bf16* __restrict__ x, const int* __restrict__ pla
       h[size_t(row) * HW + col + cur.j0 + g] = q35k::f32_to_bf16(q35k::silu(sum[si]) * sum[2 + si]);
     }
     if (!more) break;
-    if constexpr (PIPE && KSPLIT % 2 == 1) buf[0] = buf[1];
     tk = nk, c0 = nc0, cur = nxt, tok = ntok;
   }
 }
@@ -1064,9 +1088,8 @@ moe_stream_down(const q35k::bf16* __restrict__ h, const int* __restrict__ plan, 
   auto run = [&](auto rows_type) {
     using Rows = decltype(rows_type);
     constexpr int KLEN = Rows::PART;
-    constexpr bool PIPE = q35k::rows_registers<Rows>() <= 32;  // as in moe_stream_gate_up
-    Rows buf[PIPE ? 2 : 1];
-    if constexpr (PIPE) buf[0].load(cur.W, cur.S, cur.n0 + g, cur.n0 + 8 + g, 0);
+    q35k::StreamParts<Rows, KSPLIT, GPS> parts;
+    parts.first([&](Rows& r, bool, int) { r.load(cur.W, cur.S, cur.n0 + g, cur.n0 + 8 + g, 0); });
     while (true) {
       int nk = tk, nc0 = c0 + TOKENS;
       Tile nxt = cur;
@@ -1079,22 +1102,10 @@ moe_stream_down(const q35k::bf16* __restrict__ h, const int* __restrict__ plan, 
       const int ncol = nk < tiles ? column_at(nxt, nc0) : -1;
       float acc[4] = {0.f, 0.f, 0.f, 0.f};  // (tok & 1) + 2 (r >= 8)
       const q35k::bf16* hg = col >= 0 ? h_row(col) : nullptr;
-      if constexpr (PIPE) {
-#pragma unroll
-        for (int p = 0; p < KSPLIT; ++p) {
-          if (p + 1 < KSPLIT)
-            buf[(p + 1) % 2].load(cur.W, cur.S, cur.n0 + g, cur.n0 + 8 + g, (p + 1) * KLEN);
-          else if (more)
-            buf[(p + 1) % 2].load(nxt.W, nxt.S, nxt.n0 + g, nxt.n0 + 8 + g, 0);
-          buf[p % 2].dot(hg, [&](int t, int r, float v) { q35k::add_slot<GPS>(acc, t, r, v); });
-        }
-      } else {  // one part's registers live at a time
-#pragma unroll 1
-        for (int p = 0; p < KSPLIT; ++p) {
-          buf[0].load(cur.W, cur.S, cur.n0 + g, cur.n0 + 8 + g, p * KLEN);
-          buf[0].dot(hg, [&](int t, int r, float v) { q35k::add_slot<GPS>(acc, t, r, v); });
-        }
-      }
+      parts.unit(hg, more, [&](Rows& r, bool next, int p) {
+        const Tile& t = next ? nxt : cur;
+        r.load(t.W, t.S, t.n0 + g, t.n0 + 8 + g, p * KLEN);
+      }, acc);
 #pragma unroll
       for (int si = 0; si < 2; ++si) {
         int t;
@@ -1106,7 +1117,6 @@ moe_stream_down(const q35k::bf16* __restrict__ h, const int* __restrict__ plan, 
       const bool next_exists = nk < tiles;
       tk = nk, c0 = nc0, cur = nxt, col = ncol;
       if (!more) return next_exists;
-      if constexpr (PIPE && KSPLIT % 2 == 1) buf[0] = buf[1];
     }
   };
   while (true) {

@@ -10,14 +10,6 @@ namespace sm90 {
 __device__ __forceinline__ void cp_async_16_s(u32 dst, const void* src, bool valid) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
 }
-__device__ __forceinline__ uint4 ld_shared_16(u32 addr) {
-  uint4 v;
-  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr));
-  return v;
-}
-__device__ __forceinline__ void st_shared_16(u32 addr, const uint4& v) {
-  asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};" ::"r"(addr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w));
-}
 // Byte offset of 16-byte chunk c of row r in a 128-byte-row, 128-byte-swizzled tile.
 __device__ __forceinline__ u32 sw128(int r, int c) { return u32(r) * 128u + (u32(c ^ (r & 7)) << 4); }
 

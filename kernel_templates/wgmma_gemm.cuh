@@ -153,9 +153,9 @@ struct WgTileLoader {
         const int c = ltid + i * LT;
         if (B_CH % LT != 0 && c >= B_CH) continue;
         uint4 v[OUT];
-        dequant_chunk<GROUP>(ld_shared_16(raw + u32(c) * 16), scale_next[i], v);
+        dequant_chunk<GROUP>(lds_16(raw + u32(c) * 16), scale_next[i], v);
 #pragma unroll
-        for (int j = 0; j < OUT; ++j) st_shared_16(bs + sw128(b_row[i], (c % B_RCH) * OUT + j), v[j]);
+        for (int j = 0; j < OUT; ++j) sts_16(bs + sw128(b_row[i], (c % B_RCH) * OUT + j), v[j]);
       }
     }
   }
@@ -188,9 +188,9 @@ struct WgRowDequant {
 #pragma unroll
     for (int i = 0; i < PER_HALF; ++i) {
       uint4 v[OUT];
-      dequant_chunk<GROUP>(ld_shared_16(raw + u32(B_RCH * n + (64 / RAW_VALS) * u + PER_HALF * half + i) * 16), next, v);
+      dequant_chunk<GROUP>(lds_16(raw + u32(B_RCH * n + (64 / RAW_VALS) * u + PER_HALF * half + i) * 16), next, v);
 #pragma unroll
-      for (int j = 0; j < OUT; ++j) st_shared_16(bs + sw128(n, half * 4 + i * OUT + j), v[j]);
+      for (int j = 0; j < OUT; ++j) sts_16(bs + sw128(n, half * 4 + i * OUT + j), v[j]);
     }
   }
 };

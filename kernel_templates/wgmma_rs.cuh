@@ -85,8 +85,8 @@ __device__ __forceinline__ void rs_consume(u32 base, u32 full, u32 empty, int g,
     const u32 t = base + u32(G % STAGES) * STAGE_BYTES;
     mbar_wait(full + 8 * (G % STAGES), u32((G / STAGES) & 1));
     const u32 raw = t + A_BYTES + u32(n0) * 32;
-    const uint4 a0 = ld_shared_16(raw), b0 = ld_shared_16(raw + 16);
-    const uint4 a1 = ld_shared_16(raw + 8 * 32), b1 = ld_shared_16(raw + 8 * 32 + 16);
+    const uint4 a0 = lds_16(raw), b0 = lds_16(raw + 16);
+    const uint4 a1 = lds_16(raw + 8 * 32), b1 = lds_16(raw + 8 * 32 + 16);
     const u32 r0[8] = {a0.x, a0.y, a0.z, a0.w, b0.x, b0.y, b0.z, b0.w};
     const u32 r1[8] = {a1.x, a1.y, a1.z, a1.w, b1.x, b1.y, b1.z, b1.w};
     // The step's scales: rows n0 and n0 + 8 each hold the pair of groups (g & ~1, g | 1) of the step's

@@ -280,6 +280,30 @@ class MoeOpBase : public OpBase {
     ws_ = alloc(std::max(gpu::moe_workspace_bytes(s_, widest, m), gpu::moe_workspace_bytes(s_, narrowest, m)));
     ws_.fill_bytes(0, st);
   }
+  // The GEMM ("prefill") path with tiles t: its kernels, their shared memory opted in, and its launches
+  // as moe_forward makes them (router GEMM + top-k, align, the four grouped GEMMs, combine).
+  std::vector<KernelSpec> gemm_path_kernels(const gpu::MoeTiles& t) const {
+    std::vector<KernelSpec> out = {gemm_bf16_spec(s_.experts, s_.hidden, t.router_gemm, true), moe_router_topk_spec(s_),
+                                   moe_align_spec(s_, t.gemm), moe_combine_spec(s_)};
+    for (MoeGemm g : {MoeGemm::RoutedGateUp, MoeGemm::RoutedDown, MoeGemm::SharedGateUp, MoeGemm::SharedDown})
+      out.push_back(moe_gemm_spec(s_, g, t.gemm));
+    return out;
+  }
+  void prepare_gemm_path(const gpu::MoeTiles& t) {
+    fn(gemm_bf16_spec(s_.experts, s_.hidden, t.router_gemm, true)).set_max_dynamic_smem(t.router_gemm.smem_bytes());
+    if (!t.gemm.wgmma) return;
+    for (MoeGemm g : {MoeGemm::RoutedGateUp, MoeGemm::RoutedDown, MoeGemm::SharedGateUp, MoeGemm::SharedDown})
+      fn(moe_gemm_spec(s_, g, t.gemm)).set_max_dynamic_smem(t.gemm.smem_bytes(s_.group));
+  }
+  void run_gemm_path(const gpu::MoeTiles& t, const gpu::MoeScratch& sc, int64_t m, int it, const Stream& st) {
+    gpu::launch_moe_router_prefill(fn(gemm_bf16_spec(s_.experts, s_.hidden, t.router_gemm, true)), t.router_gemm,
+                                   fn(moe_router_topk_spec(s_)), st, s_, x(it), weights(), sc, m);
+    gpu::launch_moe_align(fn(moe_align_spec(s_, t.gemm)), st, sc, m);
+    for (MoeGemm g : {MoeGemm::RoutedGateUp, MoeGemm::SharedGateUp, MoeGemm::RoutedDown, MoeGemm::SharedDown})
+      gpu::launch_moe_gemm(fn(moe_gemm_spec(s_, g, t.gemm)), t.gemm, st, s_, g, x(it), weights(), sc, m,
+                           dev().ctx.device().sm_count);
+    gpu::launch_moe_combine(fn(moe_combine_spec(s_)), st, sc, out_.ptr(), m);
+  }
   gpu::MoeWeights weights() const {
     return {router_.ptr(), shared_gate_.ptr(), gate_up_.ptr(), gate_up_s_.ptr(), down_.ptr(), down_s_.ptr(),
             sgu_.ptr(),    sgu_s_.ptr(),       sd_.ptr(),      sd_s_.ptr()};
@@ -377,30 +401,17 @@ class MoeGemmOp final : public MoeOpBase {
   }
   void prepare(const json& c, int64_t) override {
     const gpu::MoeTiles t = tiles(c);
-    fn(gemm_bf16_spec(s_.experts, s_.hidden, t.router_gemm, true)).set_max_dynamic_smem(t.router_gemm.smem_bytes());
-    if (!t.gemm.wgmma) return;
-    for (MoeGemm g : {MoeGemm::RoutedGateUp, MoeGemm::RoutedDown, MoeGemm::SharedGateUp, MoeGemm::SharedDown})
-      fn(moe_gemm_spec(s_, g, t.gemm)).set_max_dynamic_smem(t.gemm.smem_bytes(s_.group));
+    prepare_gemm_path(t);
   }
   std::vector<KernelSpec> kernels(const json& c, int64_t m) const override {
     gpu::MoeTiles t = tiles(c);
-    std::vector<KernelSpec> out = {gemm_bf16_spec(s_.experts, s_.hidden, t.router_gemm, true),
-                                   moe_router_topk_spec(s_), moe_align_spec(s_, t.gemm), moe_combine_spec(s_)};
-    for (MoeGemm g : {MoeGemm::RoutedGateUp, MoeGemm::RoutedDown, MoeGemm::SharedGateUp, MoeGemm::SharedDown})
-      out.push_back(moe_gemm_spec(s_, g, t.gemm));
-    return out;
+    return gemm_path_kernels(t);
   }
   void setup(int64_t m, const Stream& st) override { setup_moe(m, st); }
   void run(const json& c, int64_t m, int it, const Stream& st) override {
     const gpu::MoeTiles t = tiles(c);
     const gpu::MoeScratch sc = gpu::moe_scratch(s_, t, m, ws_.ptr());
-    gpu::launch_moe_router_prefill(fn(gemm_bf16_spec(s_.experts, s_.hidden, t.router_gemm, true)), t.router_gemm,
-                                   fn(moe_router_topk_spec(s_)), st, s_, x(it), weights(), sc, m);
-    gpu::launch_moe_align(fn(moe_align_spec(s_, t.gemm)), st, sc, m);
-    for (MoeGemm g : {MoeGemm::RoutedGateUp, MoeGemm::SharedGateUp, MoeGemm::RoutedDown, MoeGemm::SharedDown})
-      gpu::launch_moe_gemm(fn(moe_gemm_spec(s_, g, t.gemm)), t.gemm, st, s_, g, x(it), weights(), sc, m,
-                           dev().ctx.device().sm_count);
-    gpu::launch_moe_combine(fn(moe_combine_spec(s_)), st, sc, out_.ptr(), m);
+    run_gemm_path(t, sc, m, it, st);
   }
 
  private:
@@ -451,11 +462,7 @@ class MoePathOp final : public MoeOpBase {
                 moe_stream_down_spec(s_, t.down, t.stream), moe_stream_combine_spec(s_)};
       return {moe_router_spec(s_, t.router(m)), moe_decode_gate_up_spec(s_, t.gate_up), moe_decode_down_spec(s_, t.down)};
     }
-    std::vector<KernelSpec> out = {gemm_bf16_spec(s_.experts, s_.hidden, t.router_gemm, true), moe_router_topk_spec(s_),
-                                   moe_align_spec(s_, t.gemm), moe_combine_spec(s_)};
-    for (MoeGemm g : {MoeGemm::RoutedGateUp, MoeGemm::RoutedDown, MoeGemm::SharedGateUp, MoeGemm::SharedDown})
-      out.push_back(moe_gemm_spec(s_, g, t.gemm));
-    return out;
+    return gemm_path_kernels(t);
   }
   void setup(int64_t m, const Stream& st) override { setup_moe(m, st); }
   void prepare(const json& c, int64_t m) override {
@@ -464,19 +471,15 @@ class MoePathOp final : public MoeOpBase {
       if (t.stream.serves(m)) {
         const Function& gu = fn(moe_stream_gate_up_spec(s_, t.gate_up, t.stream));
         const Function& dn = fn(moe_stream_down_spec(s_, t.down, t.stream));
-        const int sms = dev().ctx.device().sm_count;
-        gate_up_blocks_ = unsigned(gu.max_active_blocks(t.stream.threads(), 0) * sms);
-        down_blocks_ = unsigned(dn.max_active_blocks(t.stream.threads(), 0) * sms);
+        gate_up_blocks_ = gpu::moe_stream_blocks(gu, t.stream, dev().ctx.device().sm_count);
+        down_blocks_ = gpu::moe_stream_blocks(dn, t.stream, dev().ctx.device().sm_count);
         return;
       }
       fn(moe_decode_gate_up_spec(s_, t.gate_up)).set_max_dynamic_smem(int(moe_gate_up_smem_bytes(t.gate_up, m)));
       fn(moe_decode_down_spec(s_, t.down)).set_max_dynamic_smem(int(moe_down_smem_bytes(s_, t.down, m)));
       return;
     }
-    fn(gemm_bf16_spec(s_.experts, s_.hidden, t.router_gemm, true)).set_max_dynamic_smem(t.router_gemm.smem_bytes());
-    if (!t.gemm.wgmma) return;
-    for (MoeGemm g : {MoeGemm::RoutedGateUp, MoeGemm::RoutedDown, MoeGemm::SharedGateUp, MoeGemm::SharedDown})
-      fn(moe_gemm_spec(s_, g, t.gemm)).set_max_dynamic_smem(t.gemm.smem_bytes(s_.group));
+    prepare_gemm_path(t);
   }
   void run(const json& c, int64_t m, int it, const Stream& st) override {
     const gpu::MoeTiles t = tiles(c, m);
@@ -495,13 +498,7 @@ class MoePathOp final : public MoeOpBase {
       gpu::launch_moe_decode_down(fn(moe_decode_down_spec(s_, t.down)), t.down, st, s_, weights(), sc, out_.ptr(), m);
       return;
     }
-    gpu::launch_moe_router_prefill(fn(gemm_bf16_spec(s_.experts, s_.hidden, t.router_gemm, true)), t.router_gemm,
-                                   fn(moe_router_topk_spec(s_)), st, s_, x(it), weights(), sc, m);
-    gpu::launch_moe_align(fn(moe_align_spec(s_, t.gemm)), st, sc, m);
-    for (MoeGemm g : {MoeGemm::RoutedGateUp, MoeGemm::SharedGateUp, MoeGemm::RoutedDown, MoeGemm::SharedDown})
-      gpu::launch_moe_gemm(fn(moe_gemm_spec(s_, g, t.gemm)), t.gemm, st, s_, g, x(it), weights(), sc, m,
-                           dev().ctx.device().sm_count);
-    gpu::launch_moe_combine(fn(moe_combine_spec(s_)), st, sc, out_.ptr(), m);
+    run_gemm_path(t, sc, m, it, st);
   }
 
  private:

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstring>
 #include <cstdint>
 #include <cstdlib>
 #include <memory>
@@ -127,6 +128,21 @@ std::vector<T> to_host(const Gpu& g, const DeviceBuffer& b) {
   b.download(host.data(), b.size(), g.stream);
   g.stream.synchronize();
   return host;
+}
+
+// The rows of one call of T rows whose bytes (all: the call's output, row_bytes per row) differ from
+// that row computed alone: run_one(r, out) computes row r by itself into `out` (row_bytes, poisoned).
+template <typename F>
+int rows_unlike_alone(const Gpu& g, const std::vector<uint8_t>& all, size_t row_bytes, int T, F&& run_one) {
+  REQUIRE(all.size() >= size_t(T) * row_bytes);
+  DeviceBuffer d_one = poisoned(g, row_bytes);
+  int differ = 0;
+  for (int r = 0; r < T; ++r) {
+    run_one(r, d_one);
+    const std::vector<uint8_t> one = to_host<uint8_t>(g, d_one);
+    differ += std::memcmp(one.data(), all.data() + size_t(r) * row_bytes, row_bytes) != 0;
+  }
+  return differ;
 }
 
 // ||got - want|| / ||want|| (L2); infinite if any value is not finite.

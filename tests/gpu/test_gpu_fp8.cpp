@@ -300,15 +300,9 @@ TEST_CASE("GPU fp8: decode-step gemv_fp8 at every projection shape, T up to 64; 
         CHECK(to_host<int32_t>(*g, counter)[0] == 0);
       }
       if (T != 16 && T != 64) continue;
-      const std::vector<uint8_t> all = to_host<uint8_t>(*g, d_y);
-      DeviceBuffer d_one = poisoned(*g, size_t(s.n) * out_bytes);
-      int rows_differ = 0;
-      for (int r = 0; r < T; ++r) {
-        run(1, d_x.ptr() + size_t(r) * size_t(s.k) * 2, d_one);
-        const std::vector<uint8_t> one = to_host<uint8_t>(*g, d_one);
-        rows_differ += std::memcmp(one.data(), all.data() + size_t(r) * one.size(), one.size()) != 0;
-      }
-      CHECK(rows_differ == 0);
+      CHECK(rows_unlike_alone(*g, to_host<uint8_t>(*g, d_y), size_t(s.n) * out_bytes, int(T), [&](int r, DeviceBuffer& one) {
+              run(1, d_x.ptr() + size_t(r) * size_t(s.k) * 2, one);
+            }) == 0);
     }
   }
 }

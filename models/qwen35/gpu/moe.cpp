@@ -189,14 +189,8 @@ MoeKernels::MoeKernels(JitEngine& jit, const Context& ctx, const MoeShape& s, co
   decode_gate_up.set_max_dynamic_smem(int(moe_gate_up_smem_bytes(tiles.gate_up, grouped_max_tokens)));
   for (const Function* f : {&decode_down, &decode_down_residual})
     f->set_max_dynamic_smem(int(moe_down_smem_bytes(s, tiles.down, grouped_max_tokens)));
-  // The streaming kernels: as many blocks as the SMs hold at once (persistent warps).
-  auto fill = [&](const Function& f) {
-    const int per_sm = f.max_active_blocks(tiles.stream.threads(), 0);
-    if (per_sm < 1) fail("moe: {} fits no block of {} threads on an SM", f.name(), tiles.stream.threads());
-    return unsigned(per_sm * sm_count);
-  };
-  stream_gate_up_blocks = fill(stream_gate_up);
-  stream_down_blocks = fill(stream_down);
+  stream_gate_up_blocks = moe_stream_blocks(stream_gate_up, tiles.stream, sm_count);
+  stream_down_blocks = moe_stream_blocks(stream_down, tiles.stream, sm_count);
   if (tiles.gemm.wgmma)
     for (const Function* f : {&gemm_routed_gate_up, &gemm_routed_down, &gemm_shared_gate_up, &gemm_shared_down})
       f->set_max_dynamic_smem(tiles.gemm.smem_bytes(s.group));
@@ -240,6 +234,12 @@ void launch_moe_decode_gate_up(const Function& f, const MoeGemvTile& tile, const
   const unsigned smem = unsigned(moe_gate_up_smem_bytes(tile, T));
   f.launch({{blocks_x, experts}, {unsigned(tile.threads())}, smem, true}, stream, x, sc.plan, w.gate_up,
            w.gate_up_scales, w.shared_gate_up, w.shared_gate_up_scales, sc.h, int(T));
+}
+
+unsigned moe_stream_blocks(const Function& f, const MoeStreamTile& tile, int sm_count) {
+  const int per_sm = f.max_active_blocks(tile.threads(), 0);
+  if (per_sm < 1) fail("moe: {} fits no block of {} threads on an SM", f.name(), tile.threads());
+  return unsigned(per_sm * sm_count);
 }
 
 void launch_moe_stream_gate_up(const Function& f, const MoeStreamTile& tile, unsigned blocks, const Stream& stream,

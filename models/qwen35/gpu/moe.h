@@ -139,6 +139,9 @@ void launch_moe_decode_gate_up(const Function& f, const MoeGemvTile& tile, const
 // The grouped path's streaming form (T >= 1, T <= kMoeGroupedMaxTokens): the same h / out as the two
 // launches above (bit for bit), gate_up in one launch, down in two (sums, then combine). blocks: the
 // grid (MoeKernels::stream_*_blocks).
+// The streaming kernel f's grid: as many blocks as the device's sm_count SMs hold at once (its warps are
+// persistent). Error when not one block fits.
+unsigned moe_stream_blocks(const Function& f, const MoeStreamTile& tile, int sm_count);
 void launch_moe_stream_gate_up(const Function& f, const MoeStreamTile& tile, unsigned blocks, const Stream& stream,
                                const MoeShape& s, CUdeviceptr x, const MoeWeights& w, const MoeScratch& sc, int64_t T);
 void launch_moe_stream_down(const Function& down, const Function& combine, const MoeStreamTile& tile, unsigned blocks,
