@@ -17,8 +17,11 @@
 #include "autotune/tiles_moe.h"
 #include "autotune/tiles_wgmma.h"
 #include "models/qwen35/gpu/dense.h"
+#include "models/qwen35/gpu/attention.h"
 #include "models/qwen35/gpu/moe.h"
+#include "models/qwen35/gpu/tuned.h"
 #include "models/qwen35/kernels.h"
+#include "models/qwen35/quantized.h"
 #include "runtime/core/weight_format.h"
 #include "runtime/jit/jit_engine.h"
 #include "tests/ptxas_checks.h"
@@ -213,6 +216,33 @@ TEST_CASE("the runner's FP8 kernel lists: GEMVs, in-loop GEMMs (wgmma on sm_90a)
     CHECK(kernels.count("gemm_wgmma") == (arch == "sm_90a" ? 1u : 0u));
     CHECK(fp8_gemms >= 4 + 4);  // the four dense projections and the four MoE GEMMs
   }
+}
+
+TEST_CASE("the tuned kernels a run preloads exist in every format: the gated-norm out_proj GEMV for W4A16 only") {
+  // A non-empty tune table makes the runner preload tuned_kernels (an FP8 run once asked it for the
+  // W4A16-only gated-norm GEMV and failed at load).
+  TuneFile f(TuneIdentity{"GPU X", "sm_90", "13.0", "q35jit test"});
+  f.set(tune::kGemvW4, tune::dense_signature(9216, 2048, 128, false), 1,
+        TuneEntry{nlohmann::json{{"row_warps", 1}, {"k_warps", 4}, {"unroll", 2}}, 4.0, 5.0});
+  auto table = std::make_shared<const TuneTable>(std::vector<TuneTable::Layer>{{"test.json", f}});
+  for (const Config& cfg : {config_tiny(), config_35b()})
+    for (const std::string arch : {"sm_90a", "sm_80"})
+      for (const int group : {0, default_group_size(cfg), kFp8Group}) {
+        CAPTURE(cfg.hidden_size);
+        CAPTURE(arch);
+        CAPTURE(group);
+        gpu::TunedTiles tt(cfg, group, arch, table, [](const std::string&) {});
+        REQUIRE(tt.tuned());
+        const gpu::AttentionPlan attn = gpu::attention_plan(cfg, smem_limit_for(arch), arch == "sm_90a");
+        for (const int64_t m : {1, 2, 16, 64, 512}) {
+          CAPTURE(m);
+          std::vector<KernelSpec> specs;
+          REQUIRE_NOTHROW(specs = gpu::tuned_kernels(cfg, tt, attn, group, m));
+          int gated = 0;
+          for (const KernelSpec& s : specs) gated += s.kernel == "gemv_w4a16_gated";
+          CHECK(gated == (group > 0 && m == 1 ? 1 : 0));
+        }
+      }
 }
 
 TEST_CASE("every FP8 kernel compiles for sm_90a and sm_80 at the fixture and 35B shapes with no spills; the tuner's "

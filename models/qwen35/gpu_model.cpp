@@ -50,9 +50,6 @@ int group_of(const GpuModelOptions& o) {
   return o.format == WeightFormat::W4A16 ? o.group : o.format == WeightFormat::FP8 ? kFp8Group : 0;
 }
 
-std::vector<KernelSpec> tuned_kernels(const Config& c, const gpu::TunedTiles& tt, const gpu::AttentionPlan& attn,
-                                      int group, int64_t m);
-
 }  // namespace
 
 // Everything the forward pass needs besides the weights: kernels, per-sequence state, scratch.
@@ -256,7 +253,7 @@ void GpuModel::init(const GpuModelOptions& o) {
   // The decode step's tuned kernels; those of other call sizes load on first use (from the JIT
   // caches: loading all of them here cost 2 s on the H100).
   if (m.tuned->tuned())
-    for (KernelSpec& s : tuned_kernels(c, *m.tuned, m.attn, group, 1)) specs.push_back(std::move(s));
+    for (KernelSpec& s : gpu::tuned_kernels(c, *m.tuned, m.attn, group, 1)) specs.push_back(std::move(s));
   m.kernels.preload(specs, threads);
   if (o.log) {
     JitStats s = jit_.stats();
@@ -558,52 +555,6 @@ gpu::MoeWeights moe_weights(const GpuLayer& l) {
           l.experts_down.data(), l.experts_down.scale_data(),
           l.shared_gate_up.data(), l.shared_gate_up.scale_data(),
           l.shared_down.data(), l.shared_down.scale_data()};
-}
-
-// The kernels the tuned tiles of a call of m tokens use (preloaded so no tuned kernel compiles mid-run).
-std::vector<KernelSpec> tuned_kernels(const Config& c, const gpu::TunedTiles& tt, const gpu::AttentionPlan& attn,
-                                      int group, int64_t m) {
-  std::vector<KernelSpec> specs;
-  for (const gpu::DenseShape& d : gpu::dense_shapes(c)) {
-    const bool f32 = d.proj == gpu::DenseProj::LmHead;
-    if (m <= 16) {
-      specs.push_back(group ? gpu::W4GemvPlan{d.n, d.k, group, tt.w4_gemv(d.n, d.k, f32, m), f32}.spec()
-                            : gpu::GemvBf16Plan{d.n, d.k, tt.gemv_bf16(d.n, d.k, f32, m), f32}.spec());
-      if (group && (d.proj == gpu::DenseProj::AttnOut || d.proj == gpu::DenseProj::GdnOut))
-        specs.push_back(gpu::W4GemvPlan{d.n, d.k, group, tt.w4_gemv(d.n, d.k, false, m), false, true}.spec());
-      if (group && d.proj == gpu::DenseProj::GdnOut && m == 1)
-        specs.push_back(
-            gpu::W4GemvPlan{d.n, d.k, group, tt.w4_gemv(d.n, d.k, false, 1), false, false, c.linear_value_head_dim}.spec());
-    } else if (!f32)
-      specs.push_back(gpu::GemmPlan{d.n, d.k, tt.gemm(d.n, d.k, false, m), false,
-                                    tt.wgmma() ? gpu::wgmma_gemm_group(group, m, d.k) : gpu::mma_gemm_group(group)}
-                          .spec());
-  }
-  for (KernelSpec& s : gpu::moe_kernels(tt.moe_shape(), tt.moe(m))) specs.push_back(std::move(s));
-  if (c.num_layers_of(LayerType::FullAttention) > 0) {
-    gpu::AttentionPlan p = attn;
-    p.prefill = tt.attention_prefill(m);
-    p.decode = tt.attention_decode(m);
-    specs.push_back(p.prefill_spec());
-    specs.push_back(p.decode_spec());
-    specs.push_back(p.decode_merge_spec());
-    gpu::AttentionPlan one = attn;  // the batched step runs each sequence's token with the M = 1 tile
-    one.decode = tt.attention_decode(1);
-    specs.push_back(one.qk_norm_rope_batch_spec());
-    specs.push_back(one.decode_batch_spec());
-    specs.push_back(one.decode_merge_batch_spec());
-  }
-  if (c.num_layers_of(LayerType::LinearAttention) > 0) {
-    const gpu::GdnTiles t = tt.gdn(m);
-    specs.push_back(gpu::gdn_prologue_spec(c, t.prologue));
-    specs.push_back(gpu::gdn_recurrent_spec(c, t.recurrent));
-    specs.push_back(gpu::gdn_decode_spec(c, t.recurrent));
-    specs.push_back(gpu::gdn_decode_norm_spec(c, t.recurrent));
-    specs.push_back(gpu::gdn_decode_batch_spec(c, t.recurrent));
-    specs.push_back(gpu::gdn_chunk_state_spec(c, t.chunk));
-    specs.push_back(gpu::gdn_chunk_output_spec(c));
-  }
-  return specs;
 }
 
 std::string key_of(const std::vector<KernelSpec>& specs) {

@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include "autotune/tiles_wgmma.h"
+#include "models/qwen35/gpu/attention.h"
 #include "models/qwen35/gpu/dense.h"
 #include "models/qwen35/kernels.h"
 #include "runtime/core/error.h"
@@ -168,6 +169,51 @@ GdnTiles TunedTiles::gdn(int64_t m) const {
       tune::kGdnRecurrent, sig, m, t.recurrent, [](const nlohmann::json& j) { return tune::gdn_recurrent_from_json(j); },
       [&](const GdnRecurrentTile& r) { return why_invalid(r, s); });
   return t;
+}
+
+std::vector<KernelSpec> tuned_kernels(const Config& c, const TunedTiles& tt, const AttentionPlan& attn, int group,
+                                      int64_t m) {
+  std::vector<KernelSpec> specs;
+  for (const DenseShape& d : dense_shapes(c)) {
+    const bool f32 = d.proj == DenseProj::LmHead;
+    if (m <= 16) {
+      specs.push_back(group ? W4GemvPlan{d.n, d.k, group, tt.w4_gemv(d.n, d.k, f32, m), f32}.spec()
+                            : GemvBf16Plan{d.n, d.k, tt.gemv_bf16(d.n, d.k, f32, m), f32}.spec());
+      if (group && (d.proj == DenseProj::AttnOut || d.proj == DenseProj::GdnOut))
+        specs.push_back(W4GemvPlan{d.n, d.k, group, tt.w4_gemv(d.n, d.k, false, m), false, true}.spec());
+      if (group > 0 && d.proj == DenseProj::GdnOut && m == 1)  // W4A16 only (gpu_model run_layers: gated_out)
+        specs.push_back(
+            W4GemvPlan{d.n, d.k, group, tt.w4_gemv(d.n, d.k, false, 1), false, false, c.linear_value_head_dim}.spec());
+    } else if (!f32)
+      specs.push_back(GemmPlan{d.n, d.k, tt.gemm(d.n, d.k, false, m), false,
+                                    tt.wgmma() ? wgmma_gemm_group(group, m, d.k) : mma_gemm_group(group)}
+                          .spec());
+  }
+  for (KernelSpec& s : moe_kernels(tt.moe_shape(), tt.moe(m))) specs.push_back(std::move(s));
+  if (c.num_layers_of(LayerType::FullAttention) > 0) {
+    AttentionPlan p = attn;
+    p.prefill = tt.attention_prefill(m);
+    p.decode = tt.attention_decode(m);
+    specs.push_back(p.prefill_spec());
+    specs.push_back(p.decode_spec());
+    specs.push_back(p.decode_merge_spec());
+    AttentionPlan one = attn;  // the batched step runs each sequence's token with the M = 1 tile
+    one.decode = tt.attention_decode(1);
+    specs.push_back(one.qk_norm_rope_batch_spec());
+    specs.push_back(one.decode_batch_spec());
+    specs.push_back(one.decode_merge_batch_spec());
+  }
+  if (c.num_layers_of(LayerType::LinearAttention) > 0) {
+    const GdnTiles t = tt.gdn(m);
+    specs.push_back(gdn_prologue_spec(c, t.prologue));
+    specs.push_back(gdn_recurrent_spec(c, t.recurrent));
+    specs.push_back(gdn_decode_spec(c, t.recurrent));
+    specs.push_back(gdn_decode_norm_spec(c, t.recurrent));
+    specs.push_back(gdn_decode_batch_spec(c, t.recurrent));
+    specs.push_back(gdn_chunk_state_spec(c, t.chunk));
+    specs.push_back(gdn_chunk_output_spec(c));
+  }
+  return specs;
 }
 
 }  // namespace q35::qwen35::gpu

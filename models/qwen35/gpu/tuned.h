@@ -9,6 +9,7 @@
 #include <memory>
 #include <set>
 #include <string>
+#include <vector>
 
 #include "autotune/spaces.h"
 #include "autotune/tune_cache.h"
@@ -63,5 +64,12 @@ class TunedTiles {
   mutable bool miss_noticed_ = false;
   mutable std::set<std::string> bad_noticed_;
 };
+
+struct AttentionPlan;
+
+// The kernels the tuned tiles of a call of m tokens use, in format `group` (0 bf16, W4A16 group, kFp8Group):
+// preloaded at start so that no tuned kernel compiles mid-run. `attn`: the model's attention plan.
+std::vector<KernelSpec> tuned_kernels(const Config& c, const TunedTiles& tt, const AttentionPlan& attn, int group,
+                                      int64_t m);
 
 }  // namespace q35::qwen35::gpu
